@@ -1,0 +1,24 @@
+# trio-bridge tasks. `just --list` shows them.
+
+python := env_var_or_default("PYTHON", "python")
+
+# Run the test suite (the README's test command).
+test *args:
+    {{python}} -m pytest -q {{args}}
+
+# Only the tests that start real worker processes.
+test-real *args:
+    {{python}} -m pytest -q -m real_process {{args}}
+
+# Regenerate the betterproto2 code from proto/ (ruff must be on PATH: the plugin formats with it).
+proto:
+    rm -rf trio_bridge/_wire/generated
+    mkdir -p trio_bridge/_wire/generated
+    {{python}} -m grpc_tools.protoc -I proto --python_betterproto2_out=trio_bridge/_wire/generated --python_betterproto2_opt=client_generation=async,server_generation=async proto/trio_bridge/v1/bridge.proto
+
+# The benchmark harness: prints a table and writes benchmarks/results.json.
+bench *args:
+    {{python}} -m benchmarks.bench {{args}}
+
+lint:
+    ruff check trio_bridge tests benchmarks

@@ -1,0 +1,111 @@
+"""Adapters used by the real-process tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from trio_bridge.worker import Adapter, SessionContext, tool
+
+
+class Unencodable:
+    pass
+
+
+class Echo(Adapter):
+    def setup(self) -> None:
+        self.produced = 0
+        self.stopped_at: int | None = None
+        self.marker_dir = os.environ.get("TEST_MARKER_DIR", "")
+
+    @tool(description="Return the arguments as given")
+    def echo(self, value: object = None) -> object:
+        return value
+
+    @tool
+    def add(self, a: int, b: int = 2) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first term.
+            b: the second term.
+        """
+        return a + b
+
+    @tool
+    def pid(self) -> int:
+        return os.getpid()
+
+    @tool
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    @tool
+    def unencodable(self) -> dict:
+        return {"items": [1, 2, 3, Unencodable()]}
+
+    @tool
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    @tool
+    def cooperative_sleep(self, seconds: float, ctx: SessionContext) -> bool:
+        """Sleep in a thread, returning early when the call is cancelled."""
+        cancelled = ctx.wait_cancelled(seconds)
+        self._mark("cooperative_sleep", "cancelled" if cancelled else "finished")
+        return cancelled
+
+    @tool
+    async def async_sleep(self, seconds: float) -> float:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self._mark("async_sleep", "cancelled")
+            raise
+        return seconds
+
+    @tool
+    def count(self, n: int, delay: float = 0.0):
+        """Yield 0 .. n-1, recording how far it got."""
+        self.produced = 0
+        try:
+            for i in range(n):
+                if delay:
+                    time.sleep(delay)
+                self.produced = i + 1
+                yield i
+        finally:
+            self._mark("count", str(self.produced))
+
+    @tool
+    def produced_so_far(self) -> int:
+        return self.produced
+
+    @tool
+    async def async_count(self, n: int, delay: float = 0.0):
+        for i in range(n):
+            if delay:
+                await asyncio.sleep(delay)
+            yield {"i": i}
+
+    @tool
+    def fail_midway(self, n: int):
+        for i in range(n):
+            yield i
+        raise RuntimeError(f"broke after {n}")
+
+    @tool
+    def exit_now(self, code: int) -> None:
+        os._exit(code)
+
+    def _mark(self, name: str, text: str) -> None:
+        if self.marker_dir:
+            with open(os.path.join(self.marker_dir, f"{name}.{os.getpid()}"), "w") as f:
+                f.write(text)
+
+
+class BrokenSetup(Adapter):
+    def setup(self) -> None:
+        raise RuntimeError("the model file is missing")

@@ -1,0 +1,153 @@
+"""The one error hierarchy of trio-bridge, rooted at :class:`TrioBridgeError`.
+
+Errors are grouped by what the caller can do about them (httpcore-style):
+
+* the pool refused the call: :class:`PoolSaturatedError` (retry later), :class:`PoolClosedError`;
+* the call was wrong: :class:`ToolNotFoundError`, :class:`InvalidArgumentError`,
+  :class:`EncodeError` (fix the call);
+* the tool ran and failed: :class:`ToolError` (remote type, message and traceback);
+* a worker went away: :class:`WorkerStartError`, :class:`WorkerCrashedError`.
+
+This module is import-light: worker processes import it too.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+
+
+class TrioBridgeError(Exception):
+    """Base class of every error trio-bridge raises on purpose."""
+
+
+class PoolClosedError(TrioBridgeError):
+    """The pool is shutting down or closed; it accepts no new calls."""
+
+
+class PoolSaturatedError(TrioBridgeError):
+    """Every worker is busy and the wait queue already holds ``max_queue`` calls.
+
+    Raised at once, never after a wait: back off, or open the pool with a larger ``max_queue``
+    or ``size``.
+    """
+
+
+class ToolNotFoundError(TrioBridgeError):
+    """The adapter has no tool of that name.
+
+    Attributes:
+        tool: the name asked for.
+        available: the names of the tools that do exist, sorted.
+    """
+
+    def __init__(self, tool: str, available: list[str] | tuple[str, ...]) -> None:
+        self.tool = tool
+        self.available = tuple(sorted(available))
+        super().__init__(
+            f"no tool named {tool!r}; available tools: {', '.join(self.available) or '(none)'}"
+        )
+
+
+class InvalidArgumentError(TrioBridgeError):
+    """The arguments do not fit the tool's parameters (missing, unknown or mistyped).
+
+    Raised before the tool runs, so it had no side effects.
+    """
+
+
+class EncodeError(TrioBridgeError, TypeError):
+    """A value cannot travel on the wire; the message names the offending path,
+    e.g. ``result["items"][3]: object of type Foo is not serializable``."""
+
+
+class ToolError(TrioBridgeError):
+    """The tool raised an exception in the worker (or the host, for host tools).
+
+    Attributes:
+        tool: the tool's name.
+        remote_type: the remote exception's type name, e.g. ``"ValueError"``.
+        remote_message: ``str()`` of the remote exception.
+        remote_traceback: the remote traceback as text (may be empty).
+    """
+
+    def __init__(self, tool: str, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
+        self.tool = tool
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"tool {tool!r} raised {remote_type}: {remote_message}")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class DeadlineExceededError(TrioBridgeError):
+    """The worker gave up on a call because the deadline sent with it passed.
+
+    A host's own cancel scope normally fires first and raises :class:`trio.Cancelled`
+    instead; this one is seen only when the worker's clock got there before the host's.
+    """
+
+
+class WorkerError(TrioBridgeError):
+    """Base class for a worker process that failed to start or died.
+
+    Attributes:
+        worker_id: the pool's id of the worker, e.g. ``"w3"``.
+        pid: its process id, or ``None`` if it never started.
+        exit_code: its exit status (negative: killed by a signal), or ``None`` if unknown.
+        signal: the name of the signal that killed it (``"SIGKILL"``), or ``None``.
+        stderr_tail: the last lines it wrote to stderr.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker_id: str,
+        pid: int | None = None,
+        exit_code: int | None = None,
+        stderr_tail: str = "",
+    ) -> None:
+        self.worker_id = worker_id
+        self.pid = pid
+        self.exit_code = exit_code
+        self.signal = _signal_name(exit_code)
+        self.stderr_tail = stderr_tail
+        details = []
+        if pid is not None:
+            details.append(f"pid {pid}")
+        if self.signal is not None:
+            details.append(f"killed by {self.signal}")
+        elif exit_code is not None:
+            details.append(f"exit code {exit_code}")
+        text = f"worker {worker_id}: {message}"
+        if details:
+            text += f" ({', '.join(details)})"
+        if stderr_tail.strip():
+            text += "\n--- worker stderr (last lines) ---\n" + stderr_tail.rstrip()
+        super().__init__(text)
+
+
+class WorkerStartError(WorkerError):
+    """A worker did not become ready: its adapter failed to import or its ``setup()`` raised,
+    the process exited, or no ready line came within the pool's ``startup_timeout``."""
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker serving this call died (or stopped answering) before the call finished.
+
+    Only the calls that worker was serving fail; the pool starts a replacement.
+    """
+
+
+def _signal_name(exit_code: int | None) -> str | None:
+    if exit_code is None or exit_code >= 0:
+        return None
+    try:
+        return _signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"

@@ -1,0 +1,1 @@
+"""The host side (Trio): pool, worker handles, dispatch, host service."""

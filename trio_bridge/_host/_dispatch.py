@@ -1,0 +1,134 @@
+"""Slots and the wait queue: which worker serves the next call (pure Trio, no I/O).
+
+Each ready worker offers ``concurrency`` slots. A call takes a free slot at once when nobody is
+queued; otherwise it joins a bounded FIFO queue and is handed the next slot that frees. Among
+free workers the least busy wins, ties going to the one idle longest, so a burst of calls fans
+out over all workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from trio_bridge._errors import PoolClosedError, PoolSaturatedError
+
+
+class Slotted(Protocol):
+    concurrency: int
+    busy: int
+
+
+W = TypeVar("W", bound=Slotted)
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[W]):
+    event: trio.Event = field(default_factory=trio.Event)
+    worker: W | None = None
+    error: BaseException | None = None
+
+
+class Dispatcher(Generic[W]):
+    """Hands out worker slots to calls, FIFO, with a bounded queue.
+
+    Args:
+        max_queue: how many calls may wait for a slot; one more raises
+            :class:`PoolSaturatedError` at once.
+    """
+
+    def __init__(self, max_queue: int) -> None:
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.max_queue = max_queue
+        self._workers: dict[W, int] = {}  # worker -> tick of its last hand-out
+        self._waiters: collections.deque[_Waiter[W]] = collections.deque()
+        self._ticks = itertools.count()
+        self._closed: str | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def add(self, worker: W) -> None:
+        """A worker became ready: its free slots go to waiting calls first."""
+        self._workers[worker] = next(self._ticks)
+        self._hand_over()
+
+    def remove(self, worker: W) -> None:
+        """A worker stopped serving (died, recycled, shutting down)."""
+        self._workers.pop(worker, None)
+
+    async def acquire(self) -> W:
+        """Take a slot, waiting in the queue if none is free.
+
+        Raises:
+            PoolSaturatedError: the queue is full.
+            PoolClosedError: the pool is closing.
+        """
+        if self._closed is not None:
+            raise PoolClosedError(self._closed)
+        if not self._waiters:
+            worker = self._pick()
+            if worker is not None:
+                self._take(worker)
+                return worker
+        if len(self._waiters) >= self.max_queue:
+            raise PoolSaturatedError(
+                f"all workers are busy and {len(self._waiters)} call(s) are already queued "
+                f"(max_queue={self.max_queue}); retry later or enlarge the pool"
+            )
+        waiter: _Waiter[W] = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.worker is not None:  # handed a slot just as we were cancelled
+                self.release(waiter.worker)
+            else:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.worker is not None
+        return waiter.worker
+
+    def release(self, worker: W) -> None:
+        """Give back a slot taken by :meth:`acquire`."""
+        worker.busy -= 1
+        self._hand_over()
+
+    def close(self, reason: str) -> None:
+        """Refuse new calls and fail the queued ones with :class:`PoolClosedError`."""
+        self._closed = reason
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = PoolClosedError(reason)
+            waiter.event.set()
+
+    def _pick(self) -> W | None:
+        best = None
+        for worker, tick in self._workers.items():
+            if worker.busy < worker.concurrency and (
+                best is None or (worker.busy, tick) < (best.busy, self._workers[best])
+            ):
+                best = worker
+        return best
+
+    def _take(self, worker: W) -> None:
+        worker.busy += 1
+        self._workers[worker] = next(self._ticks)
+
+    def _hand_over(self) -> None:
+        while self._waiters:
+            worker = self._pick()
+            if worker is None:
+                return
+            waiter = self._waiters.popleft()
+            self._take(worker)
+            waiter.worker = worker
+            waiter.event.set()

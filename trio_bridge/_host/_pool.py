@@ -1,0 +1,488 @@
+"""The pool: worker supervision, dispatch, calls, streams, health and shutdown."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, final
+
+import trio
+
+from trio_bridge._errors import (
+    PoolClosedError,
+    TrioBridgeError,
+    WorkerCrashedError,
+    WorkerStartError,
+)
+from trio_bridge._host import _aio
+from trio_bridge._host._dispatch import Dispatcher
+from trio_bridge._host._host_service import HostService
+from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
+from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.errors import exception_from
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+
+_LATENCY_WINDOW = 4096  # calls kept for the latency percentiles
+_STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
+
+
+@final
+@dataclass(frozen=True)
+class PoolStatistics:
+    """A snapshot from :meth:`Pool.statistics`. Latencies are in seconds, over the last 4,096
+    completed calls (``None`` before the first)."""
+
+    size: int
+    workers_ready: int
+    queued: int
+    in_flight: int
+    calls_completed: int
+    calls_failed: int
+    calls_cancelled: int
+    restarts: int
+    latency_p50: float | None
+    latency_p90: float | None
+    latency_p99: float | None
+
+
+@final
+@dataclass(frozen=True)
+class ParameterInfo:
+    name: str
+    type: str
+    required: bool
+    default: Any
+    description: str
+
+
+@final
+@dataclass(frozen=True)
+class ToolInfo:
+    """A tool as listed by :meth:`Pool.tools`. ``side`` is ``"worker"`` (host tools come later)."""
+
+    name: str
+    description: str
+    parameters: tuple[ParameterInfo, ...]
+    streaming: bool
+    side: str = "worker"
+
+
+@final
+class Pool:
+    """A pool of worker processes hosting one adapter. Made by :func:`open_pool`, not by users."""
+
+    def __init__(
+        self,
+        *,
+        spec: WorkerSpec,
+        size: int,
+        max_queue: int,
+        boundary: _aio.Boundary,
+        shutdown_timeout: float,
+        cancel_grace: float,
+        health_check_interval: float,
+        restart_backoff: tuple[float, float],
+    ) -> None:
+        self._spec = spec
+        self.size = size
+        self._boundary = boundary
+        self._dispatcher: Dispatcher[WorkerHandle] = Dispatcher(max_queue)
+        self._shutdown_timeout = shutdown_timeout
+        self._cancel_grace = cancel_grace
+        self._health_check_interval = health_check_interval
+        self._restart_backoff = restart_backoff
+        self._handles: dict[int, WorkerHandle] = {}
+        self._worker_ids = itertools.count()
+        self._call_ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+        self._closing = False
+        self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        self._completed = 0
+        self._failed = 0
+        self._cancelled = 0
+        self._restarts = 0
+
+    def __repr__(self) -> str:
+        ready = sum(h.state == "ready" for h in self._handles.values())
+        state = "closing" if self._closing else "open"
+        return f"<Pool {self._spec.adapter} {state} ready={ready}/{self.size} queued={self._dispatcher.queued}>"
+
+    # ---- public API ----
+    async def execute(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run ``tool`` on a free worker and return its result.
+
+        The caller's cancel scope is the timeout: its deadline is sent to the worker, and
+        cancelling the call cancels it in the worker (async tools are cancelled, sync tools see
+        ``ctx.cancelled``). A worker that does not free its slot within ``cancel_grace`` seconds
+        after a cancellation is recycled.
+
+        Args:
+            tool: the tool's name.
+            arguments: keyword arguments, encodable values (see ``trio_bridge._wire.codec``).
+
+        Raises:
+            ToolNotFoundError, InvalidArgumentError, EncodeError: the call was wrong; nothing ran.
+            ToolError: the tool raised; carries the remote type, message and traceback.
+            WorkerCrashedError: the worker died during the call (exit code, signal, stderr tail).
+            PoolSaturatedError: the wait queue is full. PoolClosedError: the pool is closing.
+        """
+        request = self._request(tool, arguments)
+        worker = await self._dispatcher.acquire()
+        started = trio.current_time()
+        finished = False
+        try:
+            reply = await worker.call(lambda stub: stub.execute_tool(request))
+            finished = True
+            if reply.error is not None:
+                self._failed += 1
+                worker.calls_failed += 1
+                raise exception_from(reply.error, tool)
+            result = decode(reply.result)
+            self._completed += 1
+            worker.calls_served += 1
+            self._latencies.append(trio.current_time() - started)
+            return result
+        except WorkerCrashedError:
+            finished = True
+            self._failed += 1
+            raise
+        finally:
+            self._finish_call(worker, request.call_id, finished)
+
+    @asynccontextmanager
+    async def stream(
+        self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """Run a streaming tool; the block gets an async iterator over its chunks::
+
+            async with pool.stream("train", {"epochs": 5}) as chunks:
+                async for chunk in chunks:
+                    ...
+
+        Chunks reach the block through a bounded Trio memory channel of ``buffer_size`` chunks:
+        a slow consumer pauses the worker's generator (backpressure; memory stays flat). Leaving
+        the block early cancels the stream and stops the generator at its current ``yield``.
+
+        Raises:
+            The errors of :meth:`execute`, from the iterator; a tool error ends the iteration
+            after the chunks produced before it.
+        """
+        request = self._request(tool, arguments)
+        worker = await self._dispatcher.acquire()
+        send, receive = trio.open_memory_channel[Any](buffer_size)
+        done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_stream, worker, request, send, done)
+                async with receive:
+                    yield _Chunks(receive)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish_call(worker, request.call_id, done.is_set())
+
+    def workers(self) -> list[WorkerInfo]:
+        """A snapshot of each slot's current worker, ordered by slot."""
+        return [self._handles[slot].info() for slot in sorted(self._handles)]
+
+    def statistics(self) -> PoolStatistics:
+        """Queue length, calls in flight, totals, restarts and latency percentiles."""
+        latencies = sorted(self._latencies)
+        return PoolStatistics(
+            size=self.size,
+            workers_ready=sum(h.state == "ready" for h in self._handles.values()),
+            queued=self._dispatcher.queued,
+            in_flight=sum(h.busy for h in self._handles.values()),
+            calls_completed=self._completed,
+            calls_failed=self._failed,
+            calls_cancelled=self._cancelled,
+            restarts=self._restarts,
+            latency_p50=_percentile(latencies, 0.50),
+            latency_p90=_percentile(latencies, 0.90),
+            latency_p99=_percentile(latencies, 0.99),
+        )
+
+    def tools(self) -> list[ToolInfo]:
+        """The adapter's tools as its workers reported them, sorted by name."""
+        for handle in self._handles.values():
+            if handle.tools:
+                return [_tool_info(spec) for _, spec in sorted(handle.tools.items())]
+        return []
+
+    # ---- calls ----
+    def _request(self, tool: str, arguments: dict[str, Any] | None) -> pb.ExecuteToolRequest:
+        if self._closing:
+            raise PoolClosedError("the pool is closed")
+        deadline = trio.current_effective_deadline()
+        timeout = 0.0 if math.isinf(deadline) else max(deadline - trio.current_time(), 1e-3)
+        return pb.ExecuteToolRequest(
+            tool_name=tool,
+            arguments=encode({} if arguments is None else arguments, path="arguments"),
+            call_id=f"c{next(self._call_ids)}",
+            timeout_seconds=timeout,
+        )
+
+    def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
+        if finished or not worker.alive:
+            self._dispatcher.release(worker)
+            return
+        # Cancelled mid-call: the slot stays taken until the worker really lets go of the call.
+        self._cancelled += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._hold_until_released, worker, call_id)
+
+    async def _hold_until_released(self, worker: WorkerHandle, call_id: str) -> None:
+        try:
+            with trio.move_on_after(self._cancel_grace) as grace:
+                delay = 0.005
+                while worker.alive:
+                    try:
+                        with trio.fail_after(max(self._cancel_grace, 1)):
+                            reply = await worker.call(lambda stub: stub.ping(pb.PingRequest()))
+                    except (WorkerCrashedError, trio.TooSlowError):
+                        break
+                    if call_id not in reply.active_calls:
+                        break
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+            if grace.cancelled_caught:
+                worker.kill(f"it did not free its slot within {self._cancel_grace:g} s after call {call_id} was cancelled")
+        finally:
+            self._dispatcher.release(worker)
+
+    async def _pump_stream(
+        self, worker: WorkerHandle, request: pb.ExecuteToolRequest, send: trio.MemorySendChannel[Any], done: trio.Event
+    ) -> None:
+        async with send:
+            try:
+                async with worker.open_stream(request) as receive:
+                    while True:
+                        batch = await worker.receive_batch(receive)
+                        if batch is None:
+                            break
+                        for chunk in batch.chunks:
+                            await send.send(decode(chunk))
+                        if batch.error is not None:
+                            raise exception_from(batch.error, request.tool_name)
+                worker.calls_served += 1
+                self._completed += 1
+            except TrioBridgeError as exc:
+                self._failed += 1
+                worker.calls_failed += 1
+                done.set()
+                await send.send(_Failure(exc))
+                return
+            done.set()
+
+    # ---- supervision ----
+    async def _start(self) -> None:
+        assert self._nursery is not None
+        errors: list[WorkerStartError] = []
+
+        async def start_one(slot: int) -> None:
+            try:
+                await self._nursery.start(self._supervise, slot)  # type: ignore[union-attr]
+            except WorkerStartError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as starters:  # all workers start at once
+            for slot in range(self.size):
+                starters.start_soon(start_one, slot)
+        if errors:
+            if len(errors) > 1:
+                errors[0].add_note(f"({len(errors)} of {self.size} workers failed to start)")
+            raise errors[0]
+        self._nursery.start_soon(self._health_check)
+
+    async def _supervise(self, slot: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the worker of one slot: start it, and restart it with backoff when it dies."""
+        failures = 0
+        first = True
+        while not self._closing:
+            handle = WorkerHandle(f"w{next(self._worker_ids)}", slot, self._spec, self._boundary)
+            self._handles[slot] = handle
+            lived_from = trio.current_time()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(handle.run)
+                    if first:
+                        task_status.started()
+                        first = False
+                    self._dispatcher.add(handle)
+                    await handle.exited.wait()
+            except WorkerStartError as exc:
+                if first:
+                    raise
+                _log(f"restart of slot {slot} failed: {exc}")
+            finally:
+                self._dispatcher.remove(handle)
+            if self._closing:
+                return
+            self._restarts += 1
+            failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
+            low, high = self._restart_backoff
+            await trio.sleep(min(low * 2 ** (failures - 1), high))
+
+    async def _health_check(self) -> None:
+        if self._health_check_interval <= 0:
+            return
+        while True:
+            await trio.sleep(self._health_check_interval)
+            for handle in list(self._handles.values()):
+                if handle.state == "ready":
+                    self._nursery.start_soon(self._ping, handle)  # type: ignore[union-attr]
+
+    async def _ping(self, handle: WorkerHandle) -> None:
+        try:
+            with trio.fail_after(self._health_check_interval):
+                await handle.call(lambda stub: stub.ping(pb.PingRequest()))
+        except (trio.TooSlowError, WorkerCrashedError):
+            handle.kill("it failed its health check")
+
+    def _heartbeat(self, message: pb.HeartbeatRequest) -> bool:
+        return any(h.id == message.worker_id and h.alive for h in self._handles.values())
+
+    async def _shutdown(self) -> None:
+        """Drain (workers finish their calls), then terminate, then kill."""
+        self._closing = True
+        self._dispatcher.close("the pool is closed")
+        async with trio.open_nursery() as nursery:
+            for handle in list(self._handles.values()):
+                nursery.start_soon(handle.shutdown, self._shutdown_timeout)
+
+
+@asynccontextmanager
+async def open_pool(
+    adapter: str,
+    *,
+    size: int | None = None,
+    concurrency: int = 1,
+    max_queue: int = 1024,
+    startup_timeout: float = 60.0,
+    shutdown_timeout: float = 5.0,
+    cancel_grace: float = 5.0,
+    health_check_interval: float = 10.0,
+    heartbeat_interval: float = 5.0,
+    restart_backoff: tuple[float, float] = (0.1, 5.0),
+    transport: str = "unix",
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Pool]:
+    """Start a pool of worker processes hosting ``adapter`` and yield it.
+
+    All workers start at once; the block runs when every one of them is ready. Leaving the block
+    -- normally, by error, by cancellation or Ctrl-C -- drains the workers (up to
+    ``shutdown_timeout``), then terminates and kills what is left, and removes the socket files.
+
+    Args:
+        adapter: ``"package.module:ClassName"`` of an :class:`~trio_bridge.worker.Adapter`.
+        size: number of worker processes (default: one per CPU core).
+        concurrency: calls each worker serves at once (its thread pool size).
+        max_queue: calls that may wait for a free worker; beyond it, ``PoolSaturatedError``.
+        startup_timeout: seconds a worker may take to import its adapter, run ``setup()`` and
+            report ready.
+        shutdown_timeout: seconds workers get to finish their calls when the pool closes.
+        cancel_grace: seconds a worker gets to free its slot after a call was cancelled before
+            it is recycled.
+        health_check_interval: seconds between pings of each worker (0 disables them); a worker
+            that does not answer within that time is recycled.
+        heartbeat_interval: seconds between the workers' heartbeats to the host.
+        restart_backoff: (first, longest) delay in seconds before restarting a crashed worker;
+            it doubles on each failure in a row.
+        transport: ``"unix"`` (a socket in a private 0700 directory) or ``"tcp"`` (loopback).
+        python: the interpreter for workers (default: the host's).
+        env: extra environment variables for the workers.
+
+    Raises:
+        WorkerStartError: a worker could not start (bad adapter path, ``setup()`` raised, no
+            ready line in time); carries the worker's stderr tail, e.g. the ImportError.
+    """
+    if transport not in ("unix", "tcp"):
+        raise ValueError(f"transport must be 'unix' or 'tcp', not {transport!r}")
+    size = size if size is not None else (os.cpu_count() or 1)
+    if size < 1 or concurrency < 1:
+        raise ValueError("size and concurrency must be at least 1")
+    socket_dir = tempfile.mkdtemp(prefix="trio-bridge-")  # created 0700
+    try:
+        async with _aio.open_loop() as loop:
+            boundary = _aio.Boundary(loop)
+            secret = secrets.token_urlsafe(32)
+            host_socket = os.path.join(socket_dir, "host.sock")
+            spec = WorkerSpec(
+                adapter=adapter, python=python or sys.executable, concurrency=concurrency,
+                transport=transport, socket_dir=socket_dir, secret=secret,
+                host_address=f"unix:{host_socket}", env=dict(env or {}),
+                startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval,
+            )
+            pool = Pool(
+                spec=spec, size=size, max_queue=max_queue, boundary=boundary,
+                shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace,
+                health_check_interval=health_check_interval, restart_backoff=restart_backoff,
+            )
+            async with boundary.serve([HostService(pool._heartbeat)], host_socket, secret):
+                async with trio.open_nursery() as nursery:
+                    pool._nursery = nursery
+                    try:
+                        await pool._start()
+                        yield pool
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await pool._shutdown()
+                        nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Chunks:
+    """The async iterator :meth:`Pool.stream` yields."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if type(item) is _Failure:
+            raise item.error
+        return item
+
+
+def _tool_info(spec: pb.ToolSpec) -> ToolInfo:
+    return ToolInfo(
+        name=spec.name,
+        description=spec.description,
+        parameters=tuple(
+            ParameterInfo(p.name, p.type, p.required, None if p.required else decode(p.default), p.description)
+            for p in spec.parameters
+        ),
+        streaming=spec.streaming,
+    )
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _log(message: str) -> None:
+    print(f"trio-bridge: {message}", file=sys.stderr)

@@ -1,0 +1,336 @@
+"""One worker process as the host sees it: spawn, readiness, calls, death.
+
+A :class:`WorkerHandle` is owned by the pool's supervisor task for its slot (see ``_pool.py``);
+:func:`run_worker` runs the process inside that task's nursery, so the process never outlives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar, final
+
+import trio
+
+from trio_bridge._errors import WorkerCrashedError, WorkerStartError
+from trio_bridge._host._aio import Boundary, TransportError
+from trio_bridge._wire.auth import SECRET_ENV
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge.worker._server import HOST_ADDRESS_ENV, READY_PREFIX, WORKER_ID_ENV
+
+T = TypeVar("T")
+
+_STDERR_TAIL_LINES = 40
+_EXIT_REPORT_WAIT = 2.0  # seconds to wait for a dying worker's exit status
+
+
+@final
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A snapshot of one worker, from :meth:`Pool.workers`.
+
+    Attributes:
+        id: the pool's id for this process, e.g. ``"w3"`` (a replacement gets a new id).
+        slot: the pool slot it fills (0 .. size-1).
+        pid: the process id.
+        state: ``"starting"``, ``"ready"``, ``"draining"``, ``"stopping"`` or ``"dead"``.
+        address: where it listens, ``"unix:/path"`` or ``"tcp:host:port"``.
+        calls_served: calls that returned a result (or a tool error) on this worker.
+        calls_failed: calls that ended with an error.
+        in_flight: calls it is serving now, including cancelled ones it has not yet freed.
+        started_at: ``trio.current_time()`` when it became ready.
+    """
+
+    id: str
+    slot: int
+    pid: int | None
+    state: str
+    address: str
+    calls_served: int
+    calls_failed: int
+    in_flight: int
+    started_at: float | None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start workers; the same for every slot of a pool."""
+
+    adapter: str
+    python: str
+    concurrency: int
+    transport: str  # "unix" or "tcp"
+    socket_dir: str
+    secret: str
+    host_address: str
+    env: dict[str, str]
+    startup_timeout: float
+    heartbeat_interval: float
+
+
+class WorkerHandle:
+    """The host's view of one worker process. Not constructed by users."""
+
+    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, boundary: Boundary) -> None:
+        self.id = worker_id
+        self.slot = slot
+        self.spec = spec
+        self.concurrency = spec.concurrency
+        self.busy = 0  # slots taken (managed by the Dispatcher)
+        self.state = "starting"
+        self.pid: int | None = None
+        self.address = ""
+        self.tools: dict[str, pb.ToolSpec] = {}
+        self.calls_served = 0
+        self.calls_failed = 0
+        self.started_at: float | None = None
+        self.exit_code: int | None = None
+        self.exited = trio.Event()
+        self.stderr_closed = trio.Event()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._boundary = boundary
+        self._process: trio.Process | None = None
+        self._stub: pb.WorkerServiceStub | None = None
+        self._call_scopes: set[trio.CancelScope] = set()
+        self._death_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.id} pid={self.pid} {self.state} busy={self.busy}/{self.concurrency}>"
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            id=self.id, slot=self.slot, pid=self.pid, state=self.state, address=self.address,
+            calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
+            started_at=self.started_at,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    # ---- calls ----
+    async def call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
+        """Run one RPC on this worker (``method(stub)`` returns the asyncio coroutine).
+
+        Raises:
+            WorkerCrashedError: the worker died, or stopped answering, during the call.
+        """
+        if self._stub is None or not self.alive:
+            raise self.crashed_error()
+        with trio.CancelScope() as scope:
+            self._call_scopes.add(scope)
+            try:
+                return await self._boundary.run(method(self._stub))
+            except TransportError as exc:
+                await self._settle_after_transport_error(str(exc))
+                raise self.crashed_error() from exc
+            finally:
+                self._call_scopes.discard(scope)
+        raise self.crashed_error()  # our scope was cancelled: the process died mid-call
+
+    def open_stream(self, request: pb.ExecuteToolRequest) -> Any:
+        """An async context manager yielding ``receive()`` for the tool's chunk batches."""
+        if self._stub is None or not self.alive:
+            raise self.crashed_error()
+        stub = self._stub
+        return self._boundary.open_stream(lambda: stub.execute_streaming_tool(request))
+
+    async def receive_batch(self, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
+        """The next batch of a stream opened with :meth:`open_stream`; ``None`` at its end."""
+        with trio.CancelScope() as scope:
+            self._call_scopes.add(scope)
+            try:
+                return await receive()
+            except StopAsyncIteration:
+                return None
+            except TransportError as exc:
+                await self._settle_after_transport_error(str(exc))
+                raise self.crashed_error() from exc
+            finally:
+                self._call_scopes.discard(scope)
+        raise self.crashed_error()
+
+    async def _settle_after_transport_error(self, reason: str) -> None:
+        # Give the process a moment to be reaped so the error can carry its exit status.
+        with trio.move_on_after(_EXIT_REPORT_WAIT):
+            await self.exited.wait()
+        if self.alive:
+            self.kill(f"its connection failed ({reason})")
+        with trio.move_on_after(0.5):
+            await self.stderr_closed.wait()
+
+    def crashed_error(self) -> WorkerCrashedError:
+        message = "died during the call" if self.exited.is_set() else "is not running"
+        if self._death_reason:
+            message += f": the pool stopped it because {self._death_reason}"
+        return WorkerCrashedError(
+            message, worker_id=self.id, pid=self.pid, exit_code=self.exit_code,
+            stderr_tail="\n".join(self.stderr_tail),
+        )
+
+    def kill(self, reason: str) -> None:
+        """Stop the process at once (SIGKILL); calls on it fail with :class:`WorkerCrashedError`."""
+        if self._process is not None and self.alive:
+            self._death_reason = self._death_reason or reason
+            self.state = "dead"
+            try:
+                self._process.kill()
+            except ProcessLookupError:
+                pass
+
+    # ---- life cycle ----
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Spawn the process, wait until it is ready, then serve until it exits.
+
+        ``task_status.started()`` is called once it is ready. The process is killed if this task
+        is cancelled, so it never outlives its owner.
+
+        Raises:
+            WorkerStartError: it exited, or printed no ready line within ``startup_timeout``.
+        """
+        spec = self.spec
+        if spec.transport == "unix":
+            listen = f"unix:{os.path.join(spec.socket_dir, self.id + '.sock')}"
+        else:
+            listen = "tcp:127.0.0.1:0"
+        env = dict(os.environ)
+        env.update(spec.env)
+        env[SECRET_ENV] = spec.secret
+        env[WORKER_ID_ENV] = self.id
+        env[HOST_ADDRESS_ENV] = spec.host_address
+        # The worker must import what the host can: the host's cwd first, then its PYTHONPATH.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+        command = [
+            spec.python, "-m", "trio_bridge.worker", "--adapter", spec.adapter, "--listen", listen,
+            "--concurrency", str(spec.concurrency), "--heartbeat-interval", str(spec.heartbeat_interval),
+        ]
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the host only; it shuts workers down
+        )
+        self._process = process
+        self.pid = process.pid
+        channel = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_stderr, process.stderr)
+                nursery.start_soon(self._wait_exit, process)
+                with trio.move_on_after(spec.startup_timeout) as timeout_scope:
+                    self.address = await self._read_ready_line(process.stdout)
+                if timeout_scope.cancelled_caught:
+                    self.kill("it was not ready in time")
+                    raise await self._start_error(f"printed no ready line within {spec.startup_timeout:g} s")
+                nursery.start_soon(_drain, process.stdout)
+                channel, self._stub = self._boundary.worker_stub(self.address, spec.secret)
+                with trio.move_on_after(spec.startup_timeout) as timeout_scope:
+                    try:
+                        described = await self._boundary.run(self._stub.describe(pb.DescribeRequest()))
+                    except TransportError as exc:
+                        raise await self._start_error(f"did not answer Describe ({exc})") from None
+                if timeout_scope.cancelled_caught:
+                    raise await self._start_error("did not answer Describe in time")
+                self.tools = {t.name: t for t in described.tools}
+                self.state = "ready"
+                self.started_at = trio.current_time()
+                task_status.started()
+                await self.exited.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if channel is not None:
+                    self._boundary.close_channel(channel)
+                await self._stop_process(process)
+                for stream in (process.stdin, process.stdout, process.stderr):
+                    if stream is not None:
+                        await stream.aclose()
+
+    async def _read_ready_line(self, stdout: Any) -> str:
+        buffer = b""
+        while True:
+            data = await stdout.receive_some(4096)
+            if not data:
+                raise await self._start_error("exited before it was ready")
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                text = line.decode(errors="replace").strip()
+                if text.startswith(READY_PREFIX):
+                    return text[len(READY_PREFIX):]
+                if text:
+                    self.stderr_tail.append(f"[stdout] {text}")
+
+    async def _start_error(self, message: str) -> WorkerStartError:
+        with trio.move_on_after(_EXIT_REPORT_WAIT):
+            await self.exited.wait()
+        with trio.move_on_after(0.5):
+            await self.stderr_closed.wait()
+        return WorkerStartError(
+            f"{message} (adapter {self.spec.adapter!r})", worker_id=self.id, pid=self.pid,
+            exit_code=self.exit_code, stderr_tail="\n".join(self.stderr_tail),
+        )
+
+    async def _read_stderr(self, stderr: Any) -> None:
+        pending = b""
+        try:
+            while True:
+                data = await stderr.receive_some(65536)
+                if not data:
+                    break
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    text = line.decode(errors="replace")
+                    self.stderr_tail.append(text)
+                    if self.spec.env.get("TRIO_BRIDGE_ECHO_STDERR"):
+                        print(f"[{self.id}] {text}", file=sys.stderr)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            if pending:
+                self.stderr_tail.append(pending.decode(errors="replace"))
+            self.stderr_closed.set()
+
+    async def _wait_exit(self, process: trio.Process) -> None:
+        self.exit_code = await process.wait()
+        self.state = "dead"
+        self.exited.set()
+        for scope in list(self._call_scopes):
+            scope.cancel()
+
+    async def _stop_process(self, process: trio.Process) -> None:
+        """Terminate, then kill: nothing outlives the handle."""
+        if process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(2):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        self.exit_code = process.returncode
+        self.state = "dead"
+        self.exited.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Ask the worker to finish its calls (at most ``grace`` seconds) and exit."""
+        if self._stub is None or not self.alive:
+            return
+        self.state = "draining"
+        try:
+            await self._boundary.run(self._stub.shutdown(pb.ShutdownRequest(grace_seconds=grace)))
+        except TransportError:
+            return
+        with trio.move_on_after(grace + 1):
+            await self.exited.wait()
+
+
+async def _drain(stream: Any) -> None:
+    """Read and drop a pipe so the writer can never block on it."""
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+

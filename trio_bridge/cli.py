@@ -1,0 +1,205 @@
+"""The ``trio-bridge`` command: ``run`` a tool (or the built-in example) and list ``tools``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.pretty import pprint
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
+console = Console()
+err_console = Console(stderr=True)
+
+EXAMPLE_ADAPTER = "trio_bridge.examples.digits:Digits"
+EXIT_INTERRUPTED = 130
+
+
+@app.command()
+def run(
+    adapter: Annotated[str | None, typer.Argument(help="package.module:ClassName (default: the built-in digits example)")] = None,
+    tool: Annotated[str | None, typer.Argument(help="the tool to run")] = None,
+    arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable)")] = None,
+    json_args: Annotated[str | None, typer.Option("--json", help="arguments as a JSON object")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-w", help="worker processes (default: one per core for the example, else 1)")] = None,
+) -> None:
+    """Run a tool of an adapter and print its result (or its chunks as they arrive).
+
+    With no arguments, run the built-in example: train a digits classifier in a worker, streaming
+    its progress, then classify the held-out images across all workers.
+    """
+    import trio
+
+    from trio_bridge import TrioBridgeError
+
+    if adapter is None:
+        main: Any = lambda: _run_example(workers or os.cpu_count() or 1)  # noqa: E731
+    else:
+        if tool is None:
+            raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
+        main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1)  # noqa: E731
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: the pool was shut down")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except TrioBridgeError as exc:
+        err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName")]) -> None:
+    """List an adapter's tools: parameters (with types and defaults), streaming flag, description.
+
+    The adapter is imported here but its setup() is not run.
+    """
+    from trio_bridge._host._pool import _tool_info
+    from trio_bridge.worker._adapter import collect_tools, load_adapter_class
+    from trio_bridge.worker._server import _tool_spec
+
+    try:
+        cls = load_adapter_class(adapter)
+    except (ImportError, AttributeError, ValueError) as exc:
+        err_console.print(f"[red]error[/]: cannot load adapter {adapter!r}: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"tools of {adapter}")
+    table.add_column("tool", style="bold")
+    table.add_column("streaming")
+    table.add_column("parameters")
+    table.add_column("description")
+    for definition in sorted(collect_tools(cls()).values(), key=lambda d: d.name):
+        info = _tool_info(_tool_spec(definition))
+        params = []
+        for p in info.parameters:
+            text = f"{p.name}: {p.type or 'any'}"
+            if not p.required:
+                text += f" = {p.default!r}"
+            params.append(text)
+        table.add_row(info.name, "yes" if info.streaming else "", "\n".join(params), info.description)
+    console.print(table)
+
+
+def _parse_arguments(pairs: list[str], json_args: str | None, parameters: dict[str, str]) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    if json_args:
+        try:
+            loaded = json.loads(json_args)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"--json is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise typer.BadParameter("--json must be a JSON object")
+        arguments.update(loaded)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--arg must be key=value, got {pair!r}")
+        arguments[key] = _coerce(text, parameters.get(key, ""))
+    return arguments
+
+
+def _coerce(text: str, annotation: str) -> Any:
+    """Read ``text`` as the parameter's type: a str parameter keeps the text, others parse it as
+    JSON (so ``3``, ``1.5``, ``true``, ``[1, 2]`` work), falling back to the text."""
+    if annotation == "str":
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+async def _run_tool(adapter: str, tool: str, pairs: list[str], json_args: str | None, workers: int) -> None:
+    import trio_bridge
+
+    async with trio_bridge.open_pool(adapter, size=workers) as pool:
+        specs = {t.name: t for t in pool.tools()}
+        spec = specs.get(tool)
+        if spec is None:
+            raise trio_bridge.ToolNotFoundError(tool, list(specs))
+        arguments = _parse_arguments(pairs, json_args, {p.name: p.type for p in spec.parameters})
+        if spec.streaming:
+            async with pool.stream(tool, arguments) as chunks:
+                async for chunk in chunks:
+                    pprint(chunk, console=console, expand_all=False)
+        else:
+            pprint(await pool.execute(tool, arguments), console=console)
+
+
+async def _run_example(workers: int) -> None:
+    import numpy as np
+    import trio
+
+    import trio_bridge
+
+    console.print(f"[bold]trio-bridge example[/]: handwritten digits, {workers} worker(s)")
+    started = time.perf_counter()
+    async with trio_bridge.open_pool(EXAMPLE_ADAPTER, size=workers) as pool:
+        console.print(f"pool ready in {time.perf_counter() - started:.2f} s (each worker loaded the data set in setup())")
+        model = None
+        with Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), console=console,
+        ) as progress:
+            task = progress.add_task("train", total=None, status="")
+            async with pool.stream("train", {}) as chunks:
+                async for chunk in chunks:
+                    if "model" in chunk:
+                        model = chunk["model"]
+                        continue
+                    progress.update(
+                        task, total=chunk["epochs"], completed=chunk["epoch"],
+                        status=f"loss {chunk['loss']:.4f}  validation accuracy {chunk['val_accuracy']:.3f}",
+                    )
+        assert model is not None, "the train tool ended without yielding a model"
+
+        held_out = await pool.execute("held_out")
+        images, labels = held_out["images"], held_out["labels"]
+        batch_size = max(1, -(-len(images) // (4 * workers)))  # about four batches per worker
+        batches = [(start, images[start:start + batch_size]) for start in range(0, len(images), batch_size)]
+        predictions = np.empty(len(images), np.int64)
+
+        async def classify(start: int, batch: np.ndarray) -> None:
+            predictions[start:start + len(batch)] = await pool.execute("predict", {"images": batch, "model": model})
+
+        before = {w.id: w.calls_served for w in pool.workers()}
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for start, batch in batches:
+                nursery.start_soon(classify, start, batch)
+        elapsed = time.perf_counter() - t0
+
+        accuracy = float((predictions == labels).mean())
+        console.print(
+            f"classified {len(images)} held-out images in {len(batches)} batches: "
+            f"[bold]accuracy {accuracy:.4f}[/], {len(images) / elapsed:,.0f} images/s ({elapsed * 1e3:.1f} ms)"
+        )
+        table = Table(title="calls served per worker")
+        for column in ("worker", "pid", "predict calls", "calls served in all"):
+            table.add_column(column)
+        for w in pool.workers():
+            table.add_row(w.id, str(w.pid), str(w.calls_served - before.get(w.id, 0)), str(w.calls_served))
+        console.print(table)
+        stats = pool.statistics()
+        console.print(
+            f"pool: {stats.calls_completed} calls, {stats.restarts} restarts, "
+            f"latency p50 {_ms(stats.latency_p50)} p99 {_ms(stats.latency_p99)}"
+        )
+        if accuracy < 0.9:
+            console.print("[red]accuracy below 0.90[/]")
+            sys.exit(1)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Adapters that ``trio-bridge run`` uses out of the box."""

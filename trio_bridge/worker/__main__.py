@@ -1,0 +1,3 @@
+from trio_bridge.worker._server import main
+
+main()

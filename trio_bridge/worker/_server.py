@@ -1,0 +1,388 @@
+"""The worker process: an asyncio grpclib server hosting one adapter instance.
+
+Started by the host as ``python -m trio_bridge.worker --adapter module:Class --listen unix:PATH``.
+Start-up order: lifeline first (so a worker never outlives its host, even during a slow
+``setup()``), then import the adapter, run ``setup()``, bind, and print one ready line
+``TRIO_BRIDGE_READY <address>`` on stdout. After that stdout is pointed at stderr, so a tool's
+``print`` can never block on a pipe nobody reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import select
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpclib.const
+import grpclib.server
+from grpclib.exceptions import GRPCError
+
+from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
+from trio_bridge._wire import errors as wire_errors
+from trio_bridge._wire.auth import SECRET_ENV, SECRET_METADATA, require_secret
+from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge.worker._adapter import Adapter, ToolDefinition, collect_tools, load_adapter_class
+from trio_bridge.worker._context import SessionContext
+from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
+
+READY_PREFIX = "TRIO_BRIDGE_READY "
+HOST_ADDRESS_ENV = "TRIO_BRIDGE_HOST_ADDRESS"
+WORKER_ID_ENV = "TRIO_BRIDGE_WORKER_ID"
+
+EXIT_ADAPTER_IMPORT = 3
+EXIT_ADAPTER_SETUP = 4
+EXIT_HOST_GONE = 5
+
+_MAX_BATCH = 256            # chunks per stream message
+_STREAM_BUFFER = 256        # chunks a generator may run ahead of the sender
+_DEADLINE_SLACK = 0.5       # seconds; the host's own cancel normally arrives first
+_STREAM_PATH = "/trio_bridge.v1.WorkerService/ExecuteStreamingTool"
+
+
+class WorkerService(pb.WorkerServiceBase):
+    """Serves one adapter's tools. Every call occupies one of ``concurrency`` slots until it has
+    really finished (a cancelled sync tool keeps its slot until its thread returns)."""
+
+    def __init__(self, adapter_path: str, adapter: Adapter, concurrency: int) -> None:
+        self.adapter_path = adapter_path
+        self.adapter = adapter
+        self.tools = collect_tools(adapter)
+        self.concurrency = concurrency
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tool")
+        self.active: dict[str, SessionContext] = {}
+        self.sessions: dict[str, dict[str, str]] = {}
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+
+    # ---- bookkeeping ----
+    def _begin(self, request: pb.ExecuteToolRequest, *, streaming: bool) -> tuple[ToolDefinition, dict[str, Any], SessionContext]:
+        if self.draining:
+            raise _ShuttingDown("the worker is shutting down")
+        definition = self.tools.get(request.tool_name)
+        if definition is None:
+            raise ToolNotFoundError(request.tool_name, list(self.tools))
+        if definition.streaming != streaming:
+            hint = "pool.stream()" if definition.streaming else "pool.execute()"
+            kind = "a streaming" if definition.streaming else "not a streaming"
+            raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
+        try:
+            arguments = decode(request.arguments)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"tool {definition.name!r}: malformed arguments: {exc}") from None
+        arguments = definition.check_arguments(arguments)
+        deadline = time.monotonic() + request.timeout_seconds if request.timeout_seconds > 0 else None
+        ctx = SessionContext(request.session_id, request.call_id, deadline)
+        if definition.context_parameter:
+            arguments[definition.context_parameter] = ctx
+        self.active[request.call_id] = ctx
+        self._idle.clear()
+        return definition, arguments, ctx
+
+    def _release(self, call_id: str) -> None:
+        self.active.pop(call_id, None)
+        if not self.active:
+            self._idle.set()
+
+    def _release_threadsafe(self, call_id: str) -> None:
+        self._loop.call_soon_threadsafe(self._release, call_id)
+
+    def _watch_deadline(self, ctx: SessionContext) -> asyncio.TimerHandle | None:
+        remaining = ctx.time_remaining()
+        return None if remaining is None else self._loop.call_later(max(remaining, 0), ctx._cancel)
+
+    # ---- RPCs ----
+    async def ping(self, message: pb.PingRequest) -> pb.PingResponse:
+        return pb.PingResponse(
+            pid=os.getpid(), uptime_seconds=time.monotonic() - self._started, active_calls=list(self.active)
+        )
+
+    async def describe(self, message: pb.DescribeRequest) -> pb.DescribeResponse:
+        return pb.DescribeResponse(
+            adapter=self.adapter_path,
+            tools=[_tool_spec(t) for t in self.tools.values()],
+            pid=os.getpid(),
+            python_version=sys.version.split()[0],
+            concurrency=self.concurrency,
+        )
+
+    async def execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        try:
+            definition, arguments, ctx = self._begin(message, streaming=False)
+        except (TrioBridgeError, _ShuttingDown) as exc:
+            return pb.ExecuteToolResponse(error=_error_info(exc))
+        timer = self._watch_deadline(ctx)
+        released_by_thread = definition.kind == "sync"
+        try:
+            remaining = ctx.time_remaining()
+            async with asyncio.timeout(None if remaining is None else remaining + _DEADLINE_SLACK) as scope:
+                try:
+                    if released_by_thread:
+                        result = await self._loop.run_in_executor(
+                            self.executor, self._run_sync, definition, arguments, message.call_id
+                        )
+                    else:
+                        result = await definition.function(**arguments)
+                except asyncio.CancelledError:
+                    ctx._cancel()
+                    raise
+                except Exception as exc:
+                    if isinstance(exc, TimeoutError) and scope.expired():
+                        raise
+                    return pb.ExecuteToolResponse(error=wire_errors.error_info(exc, kind=wire_errors.TOOL_ERROR))
+        except TimeoutError:
+            ctx._cancel()
+            return pb.ExecuteToolResponse(error=_deadline_error())
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not released_by_thread:
+                self._release(message.call_id)
+        try:
+            return pb.ExecuteToolResponse(result=encode(result, path="result"))
+        except EncodeError as exc:
+            return pb.ExecuteToolResponse(error=_error_info(exc))
+
+    def _run_sync(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
+        try:
+            return definition.function(**arguments)
+        finally:
+            self._release_threadsafe(call_id)
+
+    async def _serve_stream(self, stream: grpclib.server.Stream) -> None:
+        message = await stream.recv_message()
+        assert message is not None
+        try:
+            definition, arguments, ctx = self._begin(message, streaming=True)
+        except (TrioBridgeError, _ShuttingDown) as exc:
+            await stream.send_message(pb.ToolChunkBatch(error=_error_info(exc)))
+            return
+        timer = self._watch_deadline(ctx)
+        call_id = message.call_id
+        if definition.kind == "async_generator":
+            source: Any = AsyncGeneratorSource(definition.function(**arguments), _STREAM_BUFFER)
+        else:
+            source = ThreadGeneratorSource(
+                definition.function(**arguments), _STREAM_BUFFER, self.executor,
+                lambda: self._release_threadsafe(call_id),
+            )
+        index = 0
+        try:
+            remaining = ctx.time_remaining()
+            async with asyncio.timeout(None if remaining is None else remaining + _DEADLINE_SLACK):
+                while True:
+                    try:
+                        items, finished = await source.next_batch(_MAX_BATCH)
+                    except Exception as exc:
+                        await stream.send_message(
+                            pb.ToolChunkBatch(error=wire_errors.error_info(exc, kind=wire_errors.TOOL_ERROR))
+                        )
+                        return
+                    chunks = []
+                    for item in items:
+                        try:
+                            chunks.append(encode(item, path=f"chunk[{index}]"))
+                        except EncodeError as exc:
+                            await stream.send_message(pb.ToolChunkBatch(chunks=chunks, error=_error_info(exc)))
+                            return
+                        index += 1
+                    await stream.send_message(pb.ToolChunkBatch(chunks=chunks))
+                    if finished:
+                        return
+        except TimeoutError:
+            ctx._cancel()
+            await stream.send_message(pb.ToolChunkBatch(error=_deadline_error()))
+        except asyncio.CancelledError:
+            ctx._cancel()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            await source.aclose()
+            if definition.kind == "async_generator":
+                self._release(call_id)
+
+    async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
+        self.sessions[message.session_id] = dict(message.metadata)
+        return pb.InitializeSessionResponse()
+
+    async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
+        self.sessions.pop(message.session_id, None)
+        return pb.CleanupSessionResponse()
+
+    async def shutdown(self, message: pb.ShutdownRequest) -> pb.ShutdownResponse:
+        self.draining = True
+        self._loop.create_task(self._drain(message.grace_seconds))
+        return pb.ShutdownResponse()
+
+    async def _drain(self, grace: float) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=max(grace, 0) or None)
+        except TimeoutError:
+            print(f"trio-bridge worker: {len(self.active)} call(s) still running after the "
+                  f"{grace:.1f} s drain grace; exiting anyway", file=sys.stderr)
+        self.stopped.set()
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping = super().__mapping__()
+        old = mapping[_STREAM_PATH]
+        # Our own handler sends each batch itself, so cancellation lands inside our try/finally.
+        mapping[_STREAM_PATH] = grpclib.const.Handler(self._serve_stream, old.cardinality, old.request_type, old.reply_type)
+        return mapping
+
+
+class _ShuttingDown(Exception):
+    pass
+
+
+def _error_info(exc: BaseException) -> pb.ErrorInfo:
+    if isinstance(exc, _ShuttingDown):
+        return wire_errors.error_info(exc, kind=wire_errors.SHUTTING_DOWN)
+    return wire_errors.error_info(exc)
+
+
+def _deadline_error() -> pb.ErrorInfo:
+    return pb.ErrorInfo(kind=wire_errors.DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
+
+
+def _tool_spec(definition: ToolDefinition) -> pb.ToolSpec:
+    parameters = []
+    for p in definition.parameters:
+        try:
+            default = None if p.required else encode(p.default, path=f"{definition.name}.{p.name} default")
+        except EncodeError:
+            default = encode(repr(p.default))
+        parameters.append(pb.ParameterSpec(name=p.name, type=p.type, required=p.required, default=default, description=p.description))
+    return pb.ToolSpec(name=definition.name, description=definition.description, parameters=parameters, streaming=definition.streaming)
+
+
+# ---------------------------------------------------------------------------------------------
+# process entry point
+
+
+def _start_lifeline(parent_pid: int) -> None:
+    """Exit at once when the host goes away: EOF on stdin (the host holds the pipe's only write
+    end, which the kernel closes even on SIGKILL), or a changed parent pid as a backup."""
+
+    def watch() -> None:
+        stdin = sys.stdin.fileno()
+        while True:
+            readable, _, _ = select.select([stdin], [], [], 1.0)
+            if readable and not os.read(stdin, 4096):
+                break
+            if os.getppid() != parent_pid:
+                break
+        os._exit(EXIT_HOST_GONE)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
+async def _heartbeat(address: str, secret: str, worker_id: str, service: WorkerService, interval: float) -> None:
+    """Tell the host we are alive; exit if it says it no longer knows us."""
+    from grpclib.client import Channel
+
+    channel = _channel_for(address, Channel)
+    stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: secret})
+    try:
+        while True:
+            try:
+                reply = await stub.heartbeat(
+                    pb.HeartbeatRequest(worker_id=worker_id, pid=os.getpid(), in_flight=len(service.active)),
+                    timeout=max(interval, 1.0),
+                )
+                if not reply.known:
+                    print(f"trio-bridge worker {worker_id}: the host no longer knows this worker; exiting", file=sys.stderr)
+                    os._exit(EXIT_HOST_GONE)
+            except (OSError, GRPCError, TimeoutError, asyncio.TimeoutError):
+                pass  # the lifeline decides whether the host is gone
+            await asyncio.sleep(interval)
+    finally:
+        channel.close()
+
+
+def _channel_for(address: str, channel_cls: Any) -> Any:
+    scheme, _, rest = address.partition(":")
+    if scheme == "unix":
+        return channel_cls(path=rest)
+    host, _, port = rest.rpartition(":")
+    return channel_cls(host=host, port=int(port))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    try:
+        cls = load_adapter_class(args.adapter)
+    except BaseException:
+        print(f"trio-bridge worker: cannot load adapter {args.adapter!r}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return EXIT_ADAPTER_IMPORT
+    try:
+        adapter = cls()
+        result = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)
+        if asyncio.iscoroutine(result):
+            await result
+        service = WorkerService(args.adapter, adapter, args.concurrency)
+    except BaseException:
+        print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return EXIT_ADAPTER_SETUP
+
+    server = grpclib.server.Server([service])
+    secret = os.environ.get(SECRET_ENV, "")
+    if secret:
+        require_secret(server, secret)
+    scheme, _, rest = args.listen.partition(":")
+    if scheme == "unix":
+        await server.start(path=rest)
+        address = args.listen
+    elif scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        await server.start(host=host, port=int(port))
+        bound = server._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        address = f"tcp:{bound[0]}:{bound[1]}"
+    else:
+        print(f"trio-bridge worker: --listen must be unix:PATH or tcp:HOST:PORT, got {args.listen!r}", file=sys.stderr)
+        return 2
+    sys.stdout.write(READY_PREFIX + address + "\n")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    tasks = []
+    host_address = os.environ.get(HOST_ADDRESS_ENV)
+    if host_address:
+        worker_id = os.environ.get(WORKER_ID_ENV, "")
+        tasks.append(asyncio.create_task(_heartbeat(host_address, secret, worker_id, service, args.heartbeat_interval)))
+    try:
+        await service.stopped.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        server.close()
+        await server.wait_closed()
+        service.executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trio_bridge.worker", description="Run one trio-bridge worker.")
+    parser.add_argument("--adapter", required=True, help="package.module:ClassName")
+    parser.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT (port 0: any free port)")
+    parser.add_argument("--concurrency", type=int, default=1, help="calls served at once (default 1)")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between heartbeats to the host")
+    parser.add_argument("--no-lifeline", action="store_true", help="do not exit when stdin closes (manual runs)")
+    args = parser.parse_args(argv)
+    if not args.no_lifeline:
+        _start_lifeline(os.getppid())
+    code = asyncio.run(_serve(args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Sync tools still running in threads after the drain grace must not keep the process alive.
+    os._exit(code)

@@ -1,0 +1,150 @@
+"""Feeding a streaming tool's chunks to the gRPC sender, with backpressure and batching.
+
+A producer (an asyncio task for async generators, a pool thread for sync generators) pushes
+chunks into a bounded buffer; the sender takes everything ready at once (up to a batch size) and
+sends it as one message. When the host reads slowly, HTTP/2 flow control stalls the sender, the
+buffer fills and the producer pauses at its next ``yield``: memory stays flat. Closing a source
+stops the generator at its current ``yield`` (``GeneratorExit``), so its side effects stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from concurrent.futures import Executor
+from typing import Any, AsyncGenerator, Callable, Generator
+
+_END = object()
+
+
+class AsyncGeneratorSource:
+    """Chunks of an async generator, produced by a task on the worker's loop."""
+
+    def __init__(self, agen: AsyncGenerator[Any, None], buffer_size: int) -> None:
+        self._agen = agen
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=buffer_size)
+        self._error: BaseException | None = None
+        self._task = asyncio.get_running_loop().create_task(self._produce())
+
+    async def _produce(self) -> None:
+        try:
+            async for item in self._agen:
+                await self._queue.put(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._error = exc
+        finally:
+            await self._agen.aclose()
+        await self._queue.put(_END)
+
+    async def next_batch(self, max_items: int) -> tuple[list[Any], bool]:
+        """Wait for at least one chunk; return ``(chunks, finished)``. Raises the generator's error
+        once its earlier chunks were taken."""
+        items = [await self._queue.get()]
+        while len(items) < max_items and not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        if items[-1] is _END:
+            items.pop()
+            if self._error is not None and not items:
+                raise self._error
+            return items, self._error is None
+        return items, False
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+
+
+class ThreadGeneratorSource:
+    """Chunks of a sync generator that runs in a pool thread.
+
+    ``on_exit`` is called in the thread when the generator has finished or been closed: that is
+    when the call really frees its slot.
+    """
+
+    def __init__(
+        self,
+        gen: Generator[Any, None, None],
+        buffer_size: int,
+        executor: Executor,
+        on_exit: Callable[[], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._items: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._buffer_size = buffer_size
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._finished = False
+        self._error: BaseException | None = None
+        self._gen = gen
+        self._on_exit = on_exit
+        executor.submit(self._run)
+
+    # --- the producer thread ---
+    def _run(self) -> None:
+        try:
+            for item in self._gen:
+                if not self._put(item):
+                    break
+        except BaseException as exc:  # reported to the host as the tool's error
+            self._finish(exc)
+        else:
+            self._finish(None)
+        finally:
+            self._gen.close()  # stops the generator at its yield if we left early
+            self._on_exit()
+
+    def _put(self, item: Any) -> bool:
+        with self._not_full:
+            while len(self._items) >= self._buffer_size and not self._closed:
+                self._not_full.wait()
+            if self._closed:
+                return False
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+        return True
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._finished = True
+            self._error = error
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    # --- the loop side ---
+    async def next_batch(self, max_items: int) -> tuple[list[Any], bool]:
+        while True:
+            with self._lock:
+                if self._items:
+                    n = min(max_items, len(self._items))
+                    items = [self._items.popleft() for _ in range(n)]
+                    self._not_full.notify()
+                    return items, self._finished and not self._items and self._error is None
+                if self._finished:
+                    if self._error is not None:
+                        raise self._error
+                    return [], True
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._not_full.notify_all()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
