@@ -22,6 +22,11 @@ class Slotted(Protocol):
     concurrency: int
     busy: int
 
+    @property
+    def accepting(self) -> bool:
+        """False once the worker is being stopped: its free slots are not handed out."""
+        ...
+
 
 W = TypeVar("W", bound=Slotted)
 
@@ -113,7 +118,7 @@ class Dispatcher(Generic[W]):
     def _pick(self) -> W | None:
         best = None
         for worker, tick in self._workers.items():
-            if worker.busy < worker.concurrency and (
+            if worker.busy < worker.concurrency and worker.accepting and (
                 best is None or (worker.busy, tick) < (best.busy, self._workers[best])
             ):
                 best = worker

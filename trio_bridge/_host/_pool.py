@@ -10,9 +10,9 @@ import secrets
 import shutil
 import sys
 import tempfile
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, final
+from typing import Any, AsyncIterator, Iterator, final
 
 import trio
 
@@ -180,11 +180,12 @@ class Pool:
         send, receive = trio.open_memory_channel[Any](buffer_size)
         done = trio.Event()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_stream, worker, request, send, done)
-                async with receive:
-                    yield _Chunks(receive)
-                nursery.cancel_scope.cancel()
+            with _collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_stream, worker, request, send, done)
+                    async with receive:
+                        yield _Chunks(receive)
+                    nursery.cancel_scope.cancel()
         finally:
             self._finish_call(worker, request.call_id, done.is_set())
 
@@ -289,8 +290,11 @@ class Pool:
         async def start_one(slot: int) -> None:
             try:
                 await self._nursery.start(self._supervise, slot)  # type: ignore[union-attr]
-            except WorkerStartError as exc:
-                errors.append(exc)
+            except BaseException as exc:
+                error = _only_start_error(exc)
+                if error is None:
+                    raise
+                errors.append(error)
 
         async with trio.open_nursery() as starters:  # all workers start at once
             for slot in range(self.size):
@@ -317,10 +321,13 @@ class Pool:
                         first = False
                     self._dispatcher.add(handle)
                     await handle.exited.wait()
-            except WorkerStartError as exc:
-                if first:
+            except BaseException as exc:
+                error = _only_start_error(exc)
+                if error is None:
                     raise
-                _log(f"restart of slot {slot} failed: {exc}")
+                if first:
+                    raise error from None
+                _log(f"restart of slot {slot} failed: {error}")
             finally:
                 self._dispatcher.remove(handle)
             if self._closing:
@@ -411,31 +418,32 @@ async def open_pool(
         raise ValueError("size and concurrency must be at least 1")
     socket_dir = tempfile.mkdtemp(prefix="trio-bridge-")  # created 0700
     try:
-        async with _aio.open_loop() as loop:
-            boundary = _aio.Boundary(loop)
-            secret = secrets.token_urlsafe(32)
-            host_socket = os.path.join(socket_dir, "host.sock")
-            spec = WorkerSpec(
-                adapter=adapter, python=python or sys.executable, concurrency=concurrency,
-                transport=transport, socket_dir=socket_dir, secret=secret,
-                host_address=f"unix:{host_socket}", env=dict(env or {}),
-                startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval,
-            )
-            pool = Pool(
-                spec=spec, size=size, max_queue=max_queue, boundary=boundary,
-                shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace,
-                health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-            )
-            async with boundary.serve([HostService(pool._heartbeat)], host_socket, secret):
-                async with trio.open_nursery() as nursery:
-                    pool._nursery = nursery
-                    try:
-                        await pool._start()
-                        yield pool
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await pool._shutdown()
-                        nursery.cancel_scope.cancel()
+        with _collapse_groups():
+            async with _aio.open_loop() as loop:
+                boundary = _aio.Boundary(loop)
+                secret = secrets.token_urlsafe(32)
+                host_socket = os.path.join(socket_dir, "host.sock")
+                spec = WorkerSpec(
+                    adapter=adapter, python=python or sys.executable, concurrency=concurrency,
+                    transport=transport, socket_dir=socket_dir, secret=secret,
+                    host_address=f"unix:{host_socket}", env=dict(env or {}),
+                    startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval,
+                )
+                pool = Pool(
+                    spec=spec, size=size, max_queue=max_queue, boundary=boundary,
+                    shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace,
+                    health_check_interval=health_check_interval, restart_backoff=restart_backoff,
+                )
+                async with boundary.serve([HostService(pool._heartbeat)], host_socket, secret):
+                    async with trio.open_nursery() as nursery:
+                        pool._nursery = nursery
+                        try:
+                            await pool._start()
+                            yield pool
+                        finally:
+                            with trio.CancelScope(shield=True):
+                                await pool._shutdown()
+                            nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
 
@@ -476,6 +484,47 @@ def _tool_info(spec: pb.ToolSpec) -> ToolInfo:
         ),
         streaming=spec.streaming,
     )
+
+
+@contextmanager
+def _collapse_groups() -> Iterator[None]:
+    """Re-raise a group holding a single exception as that exception.
+
+    The exception a user's block raises (or one start error) should not reach them wrapped in
+    groups just because the pool, and trio-asyncio, run background tasks in nurseries.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        single = _single_exception(group)
+        if single is None:
+            raise
+        raise single from single.__cause__
+
+
+def _single_exception(group: BaseExceptionGroup) -> BaseException | None:
+    leaves = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else _only_start_error(group)
+
+
+def _only_start_error(exc: BaseException) -> WorkerStartError | None:
+    """The WorkerStartError that ``exc`` is, or that a group holding nothing else wraps."""
+    if isinstance(exc, WorkerStartError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(WorkerStartError)
+        if matched is not None and rest is None:
+            while isinstance(matched, BaseExceptionGroup):
+                matched = matched.exceptions[0]
+            return matched  # type: ignore[return-value]
+    return None
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

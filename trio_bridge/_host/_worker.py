@@ -108,6 +108,10 @@ class WorkerHandle:
         )
 
     @property
+    def accepting(self) -> bool:
+        return self.state == "ready"
+
+    @property
     def alive(self) -> bool:
         return not self.exited.is_set()
 

@@ -53,9 +53,7 @@ class CleanupSessionRequest(betterproto2.Message):
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "CleanupSessionRequest", CleanupSessionRequest
-)
+default_message_pool.register_message("trio_bridge.v1", "CleanupSessionRequest", CleanupSessionRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -63,9 +61,7 @@ class CleanupSessionResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "CleanupSessionResponse", CleanupSessionResponse
-)
+default_message_pool.register_message("trio_bridge.v1", "CleanupSessionResponse", CleanupSessionResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -73,9 +69,7 @@ class DescribeRequest(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "DescribeRequest", DescribeRequest
-)
+default_message_pool.register_message("trio_bridge.v1", "DescribeRequest", DescribeRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -85,9 +79,7 @@ class DescribeResponse(betterproto2.Message):
     "package.module:ClassName"
     """
 
-    tools: "list[ToolSpec]" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    tools: "list[ToolSpec]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
 
     pid: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
 
@@ -96,9 +88,7 @@ class DescribeResponse(betterproto2.Message):
     concurrency: "int" = betterproto2.field(5, betterproto2.TYPE_INT32)
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "DescribeResponse", DescribeResponse
-)
+default_message_pool.register_message("trio_bridge.v1", "DescribeResponse", DescribeResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -125,9 +115,7 @@ class ErrorInfo(betterproto2.Message):
     remote traceback text, if any
     """
 
-    available: "list[str]" = betterproto2.field(
-        5, betterproto2.TYPE_STRING, repeated=True
-    )
+    available: "list[str]" = betterproto2.field(5, betterproto2.TYPE_STRING, repeated=True)
     """
     for tool_not_found: the tools that do exist
     """
@@ -140,9 +128,7 @@ default_message_pool.register_message("trio_bridge.v1", "ErrorInfo", ErrorInfo)
 class ExecuteToolRequest(betterproto2.Message):
     tool_name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
-    arguments: "Payload | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    arguments: "Payload | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
     a dict of argument name -> value
     """
@@ -157,9 +143,7 @@ class ExecuteToolRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "ExecuteToolRequest", ExecuteToolRequest
-)
+default_message_pool.register_message("trio_bridge.v1", "ExecuteToolRequest", ExecuteToolRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -171,18 +155,12 @@ class ExecuteToolResponse(betterproto2.Message):
         - outcome:
     """
 
-    result: "Payload | None" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, optional=True, group="outcome"
-    )
+    result: "Payload | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True, group="outcome")
 
-    error: "ErrorInfo | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True, group="outcome"
-    )
+    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True, group="outcome")
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "ExecuteToolResponse", ExecuteToolResponse
-)
+default_message_pool.register_message("trio_bridge.v1", "ExecuteToolResponse", ExecuteToolResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -198,9 +176,7 @@ class HeartbeatRequest(betterproto2.Message):
     in_flight: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "HeartbeatRequest", HeartbeatRequest
-)
+default_message_pool.register_message("trio_bridge.v1", "HeartbeatRequest", HeartbeatRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -211,9 +187,7 @@ class HeartbeatResponse(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "HeartbeatResponse", HeartbeatResponse
-)
+default_message_pool.register_message("trio_bridge.v1", "HeartbeatResponse", HeartbeatResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -221,17 +195,11 @@ class InitializeSessionRequest(betterproto2.Message):
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     metadata: "dict[str, str]" = betterproto2.field(
-        2,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(
-            betterproto2.TYPE_STRING, betterproto2.TYPE_STRING
-        ),
+        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "InitializeSessionRequest", InitializeSessionRequest
-)
+default_message_pool.register_message("trio_bridge.v1", "InitializeSessionRequest", InitializeSessionRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -239,9 +207,7 @@ class InitializeSessionResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "InitializeSessionResponse", InitializeSessionResponse
-)
+default_message_pool.register_message("trio_bridge.v1", "InitializeSessionResponse", InitializeSessionResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -255,9 +221,7 @@ class ParameterSpec(betterproto2.Message):
 
     required: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
 
-    default: "Payload | None" = betterproto2.field(
-        4, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    default: "Payload | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
     """
     absent when required
     """
@@ -300,9 +264,7 @@ class PingResponse(betterproto2.Message):
 
     uptime_seconds: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
 
-    active_calls: "list[str]" = betterproto2.field(
-        3, betterproto2.TYPE_STRING, repeated=True
-    )
+    active_calls: "list[str]" = betterproto2.field(3, betterproto2.TYPE_STRING, repeated=True)
     """
     call ids still occupying a slot
     """
@@ -319,9 +281,7 @@ class ShutdownRequest(betterproto2.Message):
     """
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "ShutdownRequest", ShutdownRequest
-)
+default_message_pool.register_message("trio_bridge.v1", "ShutdownRequest", ShutdownRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -329,9 +289,7 @@ class ShutdownResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "ShutdownResponse", ShutdownResponse
-)
+default_message_pool.register_message("trio_bridge.v1", "ShutdownResponse", ShutdownResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -340,21 +298,15 @@ class ToolChunkBatch(betterproto2.Message):
     One message of a tool's stream. Several chunks ready at once travel in one message.
     """
 
-    chunks: "list[Payload]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    chunks: "list[Payload]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
-    error: "ErrorInfo | None" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
     set on the last message when the generator raised
     """
 
 
-default_message_pool.register_message(
-    "trio_bridge.v1", "ToolChunkBatch", ToolChunkBatch
-)
+default_message_pool.register_message("trio_bridge.v1", "ToolChunkBatch", ToolChunkBatch)
 
 
 @dataclass(eq=False, repr=False)
@@ -363,9 +315,7 @@ class ToolSpec(betterproto2.Message):
 
     description: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
 
-    parameters: "list[ParameterSpec]" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    parameters: "list[ParameterSpec]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
 
     streaming: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
 
@@ -533,9 +483,7 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def __rpc_heartbeat(
-        self, stream: "grpclib.server.Stream[HeartbeatRequest, HeartbeatResponse]"
-    ) -> None:
+    async def __rpc_heartbeat(self, stream: "grpclib.server.Stream[HeartbeatRequest, HeartbeatResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.heartbeat(request)
@@ -561,28 +509,20 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def execute_tool(
-        self, message: "ExecuteToolRequest"
-    ) -> "ExecuteToolResponse":
+    async def execute_tool(self, message: "ExecuteToolRequest") -> "ExecuteToolResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def execute_streaming_tool(
-        self, message: "ExecuteToolRequest"
-    ) -> "AsyncIterator[ToolChunkBatch]":
+    async def execute_streaming_tool(self, message: "ExecuteToolRequest") -> "AsyncIterator[ToolChunkBatch]":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield ToolChunkBatch()
 
-    async def initialize_session(
-        self, message: "InitializeSessionRequest"
-    ) -> "InitializeSessionResponse":
+    async def initialize_session(self, message: "InitializeSessionRequest") -> "InitializeSessionResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def cleanup_session(
-        self, message: "CleanupSessionRequest"
-    ) -> "CleanupSessionResponse":
+    async def cleanup_session(self, message: "CleanupSessionRequest") -> "CleanupSessionResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -590,17 +530,13 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def __rpc_ping(
-        self, stream: "grpclib.server.Stream[PingRequest, PingResponse]"
-    ) -> None:
+    async def __rpc_ping(self, stream: "grpclib.server.Stream[PingRequest, PingResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.ping(request)
         await stream.send_message(response)
 
-    async def __rpc_describe(
-        self, stream: "grpclib.server.Stream[DescribeRequest, DescribeResponse]"
-    ) -> None:
+    async def __rpc_describe(self, stream: "grpclib.server.Stream[DescribeRequest, DescribeResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.describe(request)
@@ -626,8 +562,7 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         )
 
     async def __rpc_initialize_session(
-        self,
-        stream: "grpclib.server.Stream[InitializeSessionRequest, InitializeSessionResponse]",
+        self, stream: "grpclib.server.Stream[InitializeSessionRequest, InitializeSessionResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -635,17 +570,14 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         await stream.send_message(response)
 
     async def __rpc_cleanup_session(
-        self,
-        stream: "grpclib.server.Stream[CleanupSessionRequest, CleanupSessionResponse]",
+        self, stream: "grpclib.server.Stream[CleanupSessionRequest, CleanupSessionResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.cleanup_session(request)
         await stream.send_message(response)
 
-    async def __rpc_shutdown(
-        self, stream: "grpclib.server.Stream[ShutdownRequest, ShutdownResponse]"
-    ) -> None:
+    async def __rpc_shutdown(self, stream: "grpclib.server.Stream[ShutdownRequest, ShutdownResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.shutdown(request)

@@ -1,0 +1,118 @@
+"""Tool definitions derived from adapter methods, and argument checks before a tool runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from trio_bridge import InvalidArgumentError
+from trio_bridge.worker import Adapter, SessionContext, tool
+from trio_bridge.worker._adapter import collect_tools, load_adapter_class
+
+
+class Sample(Adapter):
+    @tool(description="Add numbers")
+    def add(self, a: int, b: float = 1.5, *, label: str | None = None) -> float:
+        return a + b
+
+    @tool
+    def documented(self, ctx: SessionContext, text: str, times: int = 2) -> str:
+        """Repeat a text.
+
+        Longer explanation that is not the summary.
+
+        Args:
+            text: what to repeat.
+            times (int): how many times,
+                at least one.
+        """
+        return text * times
+
+    @tool(name="stream-it")
+    def gen(self, n: int):
+        yield from range(n)
+
+    @tool
+    async def agen(self, n: int):
+        yield n
+
+    @tool
+    async def coro(self, payload: dict, **extra) -> dict:
+        return payload
+
+    def not_a_tool(self) -> None:
+        pass
+
+
+def tools():
+    return collect_tools(Sample())
+
+
+def test_tools_are_the_marked_methods_with_their_names():
+    assert sorted(tools()) == ["add", "agen", "coro", "documented", "stream-it"]
+
+
+def test_kinds_and_streaming_flags():
+    t = tools()
+    assert [(n, t[n].kind, t[n].streaming) for n in sorted(t)] == [
+        ("add", "sync", False),
+        ("agen", "async_generator", True),
+        ("coro", "async", False),
+        ("documented", "sync", False),
+        ("stream-it", "generator", True),
+    ]
+
+
+def test_parameters_come_from_signature_hints_and_docstring():
+    add = tools()["add"]
+    assert add.description == "Add numbers"
+    assert [(p.name, p.type, p.required, p.default) for p in add.parameters] == [
+        ("a", "int", True, None),
+        ("b", "float", False, 1.5),
+        ("label", "str | None", False, None),
+    ]
+    documented = tools()["documented"]
+    assert documented.description == "Repeat a text."
+    assert documented.context_parameter == "ctx"
+    assert [(p.name, p.description) for p in documented.parameters] == [
+        ("text", "what to repeat."),
+        ("times", "how many times, at least one."),
+    ]
+
+
+def test_check_arguments_fills_defaults():
+    assert tools()["add"].check_arguments({"a": 1}) == {"a": 1, "b": 1.5, "label": None}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({}, "missing required argument(s) 'a'"),
+        ({"a": 1, "c": 2}, "unknown argument(s) 'c'; it takes 'a', 'b', 'label'"),
+        ({"a": "1"}, "argument 'a' must be int, not str"),
+        ({"a": True}, "argument 'a' must be int, not bool"),
+        ({"a": 1, "b": "x"}, "argument 'b' must be float, not str"),
+        ({"a": 1, "label": 3}, "argument 'label' must be str | None, not int"),
+        ([1], "arguments must be a dict"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_clear_error(arguments, message):
+    with pytest.raises(InvalidArgumentError, match=message.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+        tools()["add"].check_arguments(arguments)
+
+
+def test_int_is_accepted_for_float_and_none_for_optional():
+    assert tools()["add"].check_arguments({"a": 1, "b": 2, "label": None})["b"] == 2
+
+
+def test_var_keyword_tools_accept_unknown_arguments():
+    assert tools()["coro"].check_arguments({"payload": {}, "anything": 1}) == {"payload": {}, "anything": 1}
+
+
+def test_load_adapter_class_errors_are_clear():
+    with pytest.raises(ValueError, match="package.module:ClassName"):
+        load_adapter_class("no_colon_here")
+    with pytest.raises(ModuleNotFoundError):
+        load_adapter_class("no_such_module_xyz:Thing")
+    with pytest.raises(ValueError, match="not a subclass"):
+        load_adapter_class("tests.test_adapter:tools")
+    assert load_adapter_class("tests.test_adapter:Sample") is Sample

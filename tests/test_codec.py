@@ -1,0 +1,116 @@
+"""The value codec: every supported value round-trips exactly; bad values name their path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from trio_bridge import EncodeError
+from trio_bridge._wire.codec import decode, encode
+
+_dtypes = st.one_of(
+    hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(), hnp.complex_number_dtypes(),
+    hnp.boolean_dtypes(), hnp.byte_string_dtypes(max_len=4), hnp.unicode_string_dtypes(max_len=4),
+    hnp.datetime64_dtypes(), hnp.timedelta64_dtypes(),
+)
+arrays = hnp.arrays(_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(), st.binary(),
+)
+keys = st.one_of(st.text(max_size=8), st.just("\x00tb"), st.sampled_from(["b", "i", "a", "d", "s", "v"]))
+values = st.recursive(
+    st.one_of(scalars, arrays),
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.tuples(children, children),
+        st.dictionaries(keys, children, max_size=5),
+    ),
+    max_leaves=25,
+)
+
+
+def assert_same(expected, actual, path="value"):
+    """Equality that also checks types, NaN, the sign of zero, and array dtype and shape."""
+    if isinstance(expected, np.ndarray):
+        assert isinstance(actual, np.ndarray), path
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
+        assert actual.tobytes() == expected.tobytes(), path
+        assert actual.flags.writeable, path
+    elif isinstance(expected, (list, tuple)):
+        assert type(actual) is list and len(actual) == len(expected), path
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert_same(e, a, f"{path}[{i}]")
+    elif isinstance(expected, dict):
+        assert type(actual) is dict and list(actual) == list(expected), path
+        for k in expected:
+            assert_same(expected[k], actual[k], f"{path}[{k!r}]")
+    elif isinstance(expected, float):
+        assert type(actual) is float, path
+        if math.isnan(expected):
+            assert math.isnan(actual), path
+        else:
+            assert actual == expected and math.copysign(1, actual) == math.copysign(1, expected), path
+    else:
+        assert type(actual) is type(expected) and actual == expected, path
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_every_supported_value_round_trips(value):
+    payload = encode(value)
+    assert_same(value, decode(type(payload).parse(bytes(payload))))
+
+
+@given(hnp.arrays(hnp.floating_dtypes(sizes=(32, 64)), hnp.array_shapes(min_dims=1, max_dims=2, min_side=8, max_side=32)))
+def test_arrays_travel_as_raw_bytes_not_json(array):
+    payload = encode({"x": array})
+    assert payload.blobs == [array.tobytes()]
+    assert len(payload.json) < 100  # only the tag with dtype and shape, never the numbers
+
+
+def test_non_contiguous_arrays_keep_their_values():
+    array = np.arange(24, dtype=np.int16).reshape(4, 6)[:, ::2].T
+    assert_same(np.ascontiguousarray(array), decode(encode(array)))
+
+
+def test_numpy_scalars_become_python_scalars():
+    assert_same([1, 2.5, True], decode(encode([np.int64(1), np.float32(2.5), np.bool_(True)])))
+
+
+class Foo:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"items": [1, 2, 3, Foo()]}, 'result["items"][3]: object of type Foo is not serializable'),
+        ({"a": {1: "x"}}, 'result["a"]: dict keys must be str, not int (1)'),
+        ([np.array([object()])], "result[0]: numpy arrays of dtype object are not serializable"),
+        ({"s": {1, 2}}, 'result["s"]: object of type set is not serializable'),
+    ],
+)
+def test_unencodable_values_name_their_path(value, message):
+    with pytest.raises(EncodeError) as info:
+        encode(value, path="result")
+    assert str(info.value).startswith(message)
+
+
+def test_self_containing_value_is_refused_not_crashing():
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(EncodeError, match="nested too deeply"):
+        encode(loop)
+
+
+def test_malformed_payload_is_a_value_error():
+    payload = encode({"b": b"x"})
+    payload.blobs = []
+    with pytest.raises(ValueError, match="malformed"):
+        decode(payload)
