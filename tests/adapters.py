@@ -92,9 +92,13 @@ class Echo(Adapter):
 
     @tool
     def fail_midway(self, n: int):
-        for i in range(n):
-            yield i
+        yield from range(n)
         raise RuntimeError(f"broke after {n}")
+
+    @tool
+    async def block_loop(self, seconds: float) -> None:
+        """Misbehave: block the worker's event loop (it cannot answer health checks)."""
+        time.sleep(seconds)
 
     @tool
     def exit_now(self, code: int) -> None:
@@ -104,6 +108,11 @@ class Echo(Adapter):
         if self.marker_dir:
             with open(os.path.join(self.marker_dir, f"{name}.{os.getpid()}"), "w") as f:
                 f.write(text)
+
+
+class SlowSetup(Adapter):
+    def setup(self) -> None:
+        time.sleep(60)
 
 
 class BrokenSetup(Adapter):

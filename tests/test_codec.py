@@ -44,7 +44,7 @@ def assert_same(expected, actual, path="value"):
         assert actual.flags.writeable, path
     elif isinstance(expected, (list, tuple)):
         assert type(actual) is list and len(actual) == len(expected), path
-        for i, (e, a) in enumerate(zip(expected, actual)):
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             assert_same(e, a, f"{path}[{i}]")
     elif isinstance(expected, dict):
         assert type(actual) is dict and list(actual) == list(expected), path

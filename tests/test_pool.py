@@ -86,6 +86,14 @@ async def test_failing_setup_fails_open_pool_with_its_traceback():
             pass
 
 
+async def test_worker_without_ready_line_in_time_fails_open_pool_and_is_killed():
+    with pytest.raises(WorkerStartError, match="no ready line within 0.5 s") as info:
+        async with trio_bridge.open_pool("tests.adapters:SlowSetup", size=1, startup_timeout=0.5):
+            pass
+    assert info.value.signal in ("SIGKILL", "SIGTERM")
+    assert not _running(info.value.pid)
+
+
 async def test_stream_yields_chunks_in_order_then_ends():
     async with trio_bridge.open_pool(ECHO, size=1) as pool:
         async with pool.stream("count", {"n": 1000}) as chunks:
@@ -114,6 +122,22 @@ async def test_leaving_a_stream_early_stops_the_generator(marker_dir):
         stopped_at = int(marks(marker_dir, "count")[0])
         assert 20 < stopped_at < 5000  # its finally ran: it was closed at a yield, not run to the end
         assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_cancel_scope_around_a_stream_stops_the_generator(marker_dir):
+    async with trio_bridge.open_pool(ECHO, size=1) as pool:
+        pid = await pool.execute("pid")
+        received = 0
+        with trio.move_on_after(0.5) as scope:
+            async with pool.stream("count", {"n": 10_000_000, "delay": 0.001}) as chunks:
+                async for _ in chunks:
+                    received += 1
+        assert scope.cancelled_caught and received > 0
+        await wait_for(lambda: marks(marker_dir, "count"))
+        stopped_at = int(marks(marker_dir, "count")[0])
+        await trio.sleep(0.2)
+        assert int(marks(marker_dir, "count")[0]) == stopped_at < 5000  # no more side effects
+        assert await pool.execute("pid") == pid  # and the same worker serves the next call
 
 
 async def test_slow_consumer_pauses_the_generator():
@@ -207,6 +231,15 @@ async def test_worker_exit_code_and_stderr_tail_are_reported():
         assert info.value.exit_code == 7 and info.value.signal is None
         assert "exit code 7" in str(info.value)
         assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_worker_failing_its_health_check_is_recycled():
+    async with trio_bridge.open_pool(ECHO, size=1, health_check_interval=0.3, restart_backoff=(0.05, 0.5)) as pool:
+        pid = await pool.execute("pid")
+        with pytest.raises(WorkerCrashedError, match="failed its health check"):
+            await pool.execute("block_loop", {"seconds": 30})
+        assert await pool.execute("pid") != pid
+        assert not _running(pid)
 
 
 async def test_full_queue_raises_pool_saturated_at_once():

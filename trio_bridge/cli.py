@@ -16,7 +16,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
 
 EXAMPLE_ADAPTER = "trio_bridge.examples.digits:Digits"
 EXIT_INTERRUPTED = 130

@@ -9,8 +9,9 @@ into :class:`TransportError`, which callers turn into the public error that fits
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import grpclib.client
 import grpclib.exceptions
@@ -19,8 +20,8 @@ import h2.exceptions
 import trio
 import trio_asyncio
 
-from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.auth import SECRET_METADATA, require_secret
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 T = TypeVar("T")
 

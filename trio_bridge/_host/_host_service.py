@@ -5,7 +5,7 @@ For now: Heartbeat. Handlers only read plain pool state, so they need no Trio cr
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 

@@ -10,9 +10,10 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, final
+from typing import Any, final
 
 import trio
 

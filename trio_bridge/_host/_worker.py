@@ -10,8 +10,9 @@ import collections
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar, final
+from typing import Any, TypeVar, final
 
 import trio
 

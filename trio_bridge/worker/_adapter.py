@@ -13,8 +13,9 @@ import inspect
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from trio_bridge._errors import InvalidArgumentError
 
@@ -41,7 +42,7 @@ class Adapter:
     tools run on the worker's asyncio loop; generators and async generators are streaming tools.
     """
 
-    def setup(self) -> None:  # noqa: B027 - optional hook
+    def setup(self) -> None:
         """Load models and data once per worker process. May also be ``async def``."""
 
 

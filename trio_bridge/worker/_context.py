@@ -21,7 +21,7 @@ class SessionContext:
     generators are closed, so they need no such check.
     """
 
-    __slots__ = ("session_id", "call_id", "deadline", "_cancelled")
+    __slots__ = ("_cancelled", "call_id", "deadline", "session_id")
 
     def __init__(self, session_id: str, call_id: str, deadline: float | None) -> None:
         self.session_id = session_id

@@ -304,7 +304,7 @@ async def _heartbeat(address: str, secret: str, worker_id: str, service: WorkerS
                 if not reply.known:
                     print(f"trio-bridge worker {worker_id}: the host no longer knows this worker; exiting", file=sys.stderr)
                     os._exit(EXIT_HOST_GONE)
-            except (OSError, GRPCError, TimeoutError, asyncio.TimeoutError):
+            except (OSError, GRPCError, TimeoutError):
                 pass  # the lifeline decides whether the host is gone
             await asyncio.sleep(interval)
     finally:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import Executor
-from typing import Any, AsyncGenerator, Callable, Generator
+from typing import Any
 
 _END = object()
 

@@ -1,0 +1,65 @@
+"""The `trio-bridge` command as a user runs it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from trio_bridge.cli import app
+
+runner = CliRunner()
+
+
+def test_tools_lists_parameters_types_defaults_and_streaming_flags():
+    result = runner.invoke(app, ["tools", "tests.adapters:Echo"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows: dict[str, list[str]] = {}
+    name = ""
+    for line in result.output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 4:
+            name = cells[0] or name  # a parameter on a continuation line belongs to the row above
+            rows.setdefault(name, []).append(cells)
+    add = rows["add"]
+    assert [c[2] for c in add] == ["a: int", "b: int = 2"] and add[0][3] == "Add two integers."
+    assert rows["count"][0][1] == "yes" and add[0][1] == ""
+    assert rows["count"][0][2] == "n: int"
+
+
+def test_tools_with_a_bad_adapter_path_says_why():
+    result = runner.invoke(app, ["tools", "no_such_module_xyz:Thing"])
+    assert result.exit_code == 1
+    assert "No module named 'no_such_module_xyz'" in result.output
+
+
+@pytest.mark.real_process
+def test_run_a_tool_with_typed_arguments():
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add", "--arg", "a=40", "--json", '{"b": 2}'])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "42"
+
+
+@pytest.mark.real_process
+def test_run_a_streaming_tool_prints_each_chunk():
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "async_count", "--arg", "n=3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["{'i':", "0}", "{'i':", "1}", "{'i':", "2}"]
+
+
+@pytest.mark.real_process
+def test_run_reports_tool_errors_and_exits_1():
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "fail", "--arg", "message=boom"])
+    assert result.exit_code == 1
+    assert "ToolError" in result.output and "boom" in result.output
+
+
+@pytest.mark.real_process
+def test_the_built_in_example_trains_and_classifies_accurately():
+    result = runner.invoke(app, ["run", "--workers", "2"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    accuracy = float(re.search(r"accuracy (\d\.\d+)", result.output).group(1))
+    assert accuracy >= 0.9
+    served = re.findall(r"│ w\d+\s+│ \d+\s+│ (\d+)\s+│", result.output)
+    assert len(served) == 2 and all(int(n) > 0 for n in served)  # both workers classified batches
