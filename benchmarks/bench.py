@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ from rich.table import Table
 import trio_bridge
 
 ADAPTER = "benchmarks.adapters:Bench"
-console = Console()
+console = Console(width=110)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -44,39 +45,90 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-# ---- the floor: bare grpclib, asyncio -> asyncio, same worker process and request ----
-def bare_grpclib_floor(n: int, tool: str) -> dict[str, float]:
-    from grpclib.client import Channel
+# ---- the floor: bare grpclib, asyncio -> asyncio, same worker code and request ----
+class Floor:
+    """A bare worker process and a grpclib client on a plain asyncio loop in its own thread.
 
-    from trio_bridge._wire.codec import encode
-    from trio_bridge._wire.generated.trio_bridge import v1 as pb
+    Measured in rounds interleaved with the pool's, while Trio waits idle, so that the machine's
+    drift (often ±25% between runs here) does not masquerade as overhead.
+    """
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.sock")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "trio_bridge.worker", "--adapter", ADAPTER, "--listen", f"unix:{path}"],
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self._tmp.name, "w.sock")
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "trio_bridge.worker", "--adapter", ADAPTER, "--listen", f"unix:{self.path}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
-        try:
-            assert worker.stdout is not None
-            worker.stdout.readline()
+        assert self.worker.stdout is not None
+        self.worker.stdout.readline()
+        self.loop = asyncio.SelectorEventLoop()  # not asyncio.new_event_loop(): trio-asyncio patches that
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
 
-            async def run() -> list[float]:
-                channel = Channel(path=path)
-                stub = pb.WorkerServiceStub(channel)
-                samples = []
-                for i in range(n + n // 10):
-                    request = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": i}), call_id=str(i))
+    async def measure(self, tool: str, n: int) -> list[float]:
+        from grpclib.client import Channel
+
+        from trio_bridge._wire.codec import encode
+        from trio_bridge._wire.generated.trio_bridge import v1 as pb
+
+        async def run() -> list[float]:
+            channel = Channel(path=self.path)
+            stub = pb.WorkerServiceStub(channel)
+            samples = []
+            for i in range(n):
+                request = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": i}), call_id=str(i))
+                t0 = time.perf_counter()
+                await stub.execute_tool(request)
+                samples.append(time.perf_counter() - t0)
+            channel.close()
+            return samples
+
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        return await trio.to_thread.run_sync(future.result)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.worker.kill()
+        self.worker.wait()
+        self._tmp.cleanup()
+
+
+async def unary_latency(tool: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    floor = Floor()
+    try:
+        async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
+            pool_samples: list[float] = []
+            floor_samples: list[float] = []
+            crossing_samples: list[float] = []
+            # The stack's own cost, for reference: the same request on the pool's worker through
+            # one raw trio-asyncio crossing, without the pool (internals: harness only).
+            from trio_bridge._wire.codec import encode
+            from trio_bridge._wire.generated.trio_bridge import v1 as pb
+
+            handle = pool._handles[0]
+            raw = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": 1}), call_id="raw")
+            await floor.measure(tool, per_round // 2)  # warm-up
+            for i in range(per_round // 2):
+                await pool.execute(tool, {"x": i})
+            for _ in range(rounds):
+                for i in range(per_round):
                     t0 = time.perf_counter()
-                    await stub.execute_tool(request)
-                    samples.append(time.perf_counter() - t0)
-                channel.close()
-                return samples[n // 10:]
-
-            return percentiles(asyncio.run(run()))
-        finally:
-            worker.kill()
-            worker.wait()
+                    await pool.execute(tool, {"x": i})
+                    pool_samples.append(time.perf_counter() - t0)
+                floor_samples += await floor.measure(tool, per_round)
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    await pool._boundary.loop.run_aio_coroutine(handle._stub.execute_tool(raw))
+                    crossing_samples.append(time.perf_counter() - t0)
+    finally:
+        floor.close()
+    return {
+        "pool": percentiles(pool_samples),
+        "floor": percentiles(floor_samples),
+        "crossing": percentiles(crossing_samples),
+    }
 
 
 def process_pool_executor(n: int) -> dict[str, float]:
@@ -105,25 +157,17 @@ async def trio_parallel_run_sync(n: int) -> dict[str, float]:
     return percentiles(samples[n // 10:])
 
 
-async def pool_unary(n: int, tool: str) -> dict[str, float]:
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
-        samples = []
-        for i in range(n + n // 10):
-            t0 = time.perf_counter()
-            await pool.execute(tool, {"x": i})
-            samples.append(time.perf_counter() - t0)
-    return percentiles(samples[n // 10:])
-
-
-async def pool_throughput(in_flight: int, seconds: float) -> float:
-    async with trio_bridge.open_pool(ADAPTER, size=2, max_queue=256, health_check_interval=0) as pool:
+async def pool_throughput(in_flight: int, seconds: float, concurrency: int, tool: str) -> float:
+    async with trio_bridge.open_pool(
+        ADAPTER, size=2, concurrency=concurrency, max_queue=256, health_check_interval=0
+    ) as pool:
         done = 0
         deadline = trio.current_time() + seconds
 
         async def caller() -> None:
             nonlocal done
             while trio.current_time() < deadline:
-                await pool.execute("noop", {"x": 1})
+                await pool.execute(tool, {"x": 1})
                 done += 1
 
         t0 = time.perf_counter()
@@ -182,19 +226,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, 100,000 chunks for the memory run")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results.json"))
     args = parser.parse_args()
-    n = 500 if args.quick else 3000
+    n = 500 if args.quick else 2000
     seconds = 1.0 if args.quick else 3.0
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     console.print("[bold]trio-bridge benchmarks[/] (this takes a minute or two)")
-    results["bare_grpclib_floor_sync_tool"] = bare_grpclib_floor(n, "noop")
-    results["bare_grpclib_floor_async_tool"] = bare_grpclib_floor(n, "anoop")
-    results["pool_execute_sync_tool"] = trio.run(pool_unary, n, "noop")
-    results["pool_execute_async_tool"] = trio.run(pool_unary, n, "anoop")
+    rounds, per_round = (3, 200) if args.quick else (10, 300)
+    for kind, tool in (("sync_tool", "noop"), ("async_tool", "anoop")):
+        measured = trio.run(unary_latency, tool, rounds, per_round)
+        results[f"bare_grpclib_floor_{kind}"] = measured["floor"]
+        results[f"pool_execute_{kind}"] = measured["pool"]
+        results[f"raw_trio_asyncio_crossing_{kind}"] = measured["crossing"]
     results["trio_parallel_run_sync"] = trio.run(trio_parallel_run_sync, n)
     results["process_pool_executor"] = process_pool_executor(n)
-    results["throughput_calls_per_s"] = {str(k): trio.run(pool_throughput, k, seconds) for k in (1, 8, 64)}
+    results["throughput_calls_per_s"] = {
+        f"{k} in flight, concurrency 1, sync tool": trio.run(pool_throughput, k, seconds, 1, "noop") for k in (1, 8, 64)
+    }
+    results["throughput_calls_per_s"].update({
+        f"{k} in flight, concurrency 16, async tool": trio.run(pool_throughput, k, seconds, 16, "anoop")
+        for k in (8, 64)
+    })
     results["stream_chunks_per_s"] = {
         "sync_generator": trio.run(stream_rate, "count", 100_000 if args.quick else 300_000),
         "async_generator": trio.run(stream_rate, "acount", 100_000 if args.quick else 300_000),
@@ -221,14 +273,15 @@ def main() -> None:
 def show(r: dict[str, Any]) -> None:
     table = Table(title=f"trio-bridge benchmarks ({r['machine']['cpus']} cores, Python {r['machine']['python']})")
     table.add_column("measure")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", no_wrap=True)
     for key in (
-        "bare_grpclib_floor_sync_tool", "pool_execute_sync_tool", "bare_grpclib_floor_async_tool",
-        "pool_execute_async_tool", "trio_parallel_run_sync", "process_pool_executor",
+        "bare_grpclib_floor_sync_tool", "raw_trio_asyncio_crossing_sync_tool", "pool_execute_sync_tool",
+        "bare_grpclib_floor_async_tool", "raw_trio_asyncio_crossing_async_tool", "pool_execute_async_tool",
+        "trio_parallel_run_sync", "process_pool_executor",
     ):
         table.add_row(f"unary round trip: {key}", f"p50 {r[key]['p50_us']:.0f} µs   p99 {r[key]['p99_us']:.0f} µs")
     for k, v in r["throughput_calls_per_s"].items():
-        table.add_row(f"throughput, {k} in flight, 2 workers", f"{v:,.0f} calls/s")
+        table.add_row(f"throughput, 2 workers, {k}", f"{v:,.0f} calls/s")
     for k, v in r["stream_chunks_per_s"].items():
         table.add_row(f"stream into Trio, {k}", f"{v:,.0f} chunks/s")
     m = r["stream_memory"]
