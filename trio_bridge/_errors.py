@@ -92,6 +92,49 @@ class DeadlineExceededError(TrioBridgeError):
     """
 
 
+class WorkerBusyError(TrioBridgeError):
+    """The session's worker is busy and its affinity is ``"strict_fail_fast"``."""
+
+
+class SessionNotFoundError(TrioBridgeError, KeyError):
+    """No session has that id (it was never created, was cleaned up, or expired)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class QuotaExceededError(TrioBridgeError):
+    """A configured limit would be exceeded: sessions, variables per session, or value bytes."""
+
+
+class VariableError(TrioBridgeError):
+    """Base class for refused variable operations. A refused write changes nothing."""
+
+
+class VariableNotFoundError(VariableError, KeyError):
+    """No variable has that name or id in the session."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidVariableError(VariableError, ValueError):
+    """A value does not fit the variable's type or constraints, or the type, name or
+    constraints given at registration are invalid."""
+
+
+class VersionConflictError(VariableError):
+    """``expected_version`` did not match the variable's current version."""
+
+
+class DependencyCycleError(VariableError):
+    """Adding the dependency would make the dependency graph cyclic."""
+
+
+class VariableLockedError(VariableError):
+    """Another optimizer holds the variable's optimization lock."""
+
+
 class WorkerError(TrioBridgeError):
     """Base class for a worker process that failed to start or died.
 

@@ -1,0 +1,156 @@
+"""VariableStore (pure): versions, refused writes that change nothing, batches, history,
+rollback, dependencies and optimization locks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_bridge import (
+    DependencyCycleError,
+    InvalidVariableError,
+    QuotaExceededError,
+    VariableLockedError,
+    VariableNotFoundError,
+    VersionConflictError,
+)
+from trio_bridge._state.variables import VariableStore
+
+
+def store(**kwargs) -> VariableStore:
+    s = VariableStore(**kwargs)
+    s.register("temperature", "float", 0.7, constraints={"min": 0, "max": 2})
+    s.register("model", "choice", "small", constraints={"choices": ["small", "large"]})
+    return s
+
+
+def test_versions_start_at_zero_and_count_changes():
+    s = store()
+    assert s.get("temperature").version == 0
+    v, change = s.set("temperature", 0.9)
+    assert v.version == 1 and change.old_value == 0.7 and change.new_value == 0.9
+    assert s.get(v.id).version == 1  # by id too
+
+
+def test_setting_an_equal_value_changes_nothing():
+    s = store()
+    v, change = s.set("temperature", 0.7)
+    assert change is None and v.version == 0
+
+
+@given(st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans()))
+def test_a_refused_write_leaves_value_and_version(value):
+    s = store()
+    before = s.get("temperature")
+    try:
+        s.set("temperature", value)
+    except InvalidVariableError:
+        after = s.get("temperature")
+        assert (after.value, after.version) == (before.value, before.version)
+        assert len(s.history("temperature")) == 1
+    else:
+        assert 0 <= value <= 2
+
+
+def test_stale_expected_version_is_refused():
+    s = store()
+    s.set("temperature", 1.0, expected_version=0)
+    with pytest.raises(VersionConflictError, match="at version 1, not the expected 0"):
+        s.set("temperature", 1.5, expected_version=0)
+    assert s.get("temperature").value == 1.0
+
+
+def test_atomic_batch_with_one_bad_value_changes_nothing():
+    s = store()
+    with pytest.raises(InvalidVariableError, match="model"):
+        s.set_many({"temperature": 1.0, "model": "huge"}, atomic=True)
+    assert s.get("temperature").value == 0.7 and s.get("temperature").version == 0
+    results, changes = s.set_many({"temperature": 1.0, "model": "large"}, atomic=True)
+    assert {n: v.version for n, v in results.items()} == {"temperature": 1, "model": 1} and len(changes) == 2
+
+
+def test_non_atomic_batch_reports_errors_per_key():
+    s = store()
+    results, changes = s.set_many({"temperature": 1.0, "model": "huge", "missing": 1}, atomic=False)
+    assert results["temperature"].value == 1.0
+    assert isinstance(results["model"], InvalidVariableError)
+    assert isinstance(results["missing"], VariableNotFoundError)
+    assert [c.name for c in changes] == ["temperature"]
+
+
+def test_list_by_glob_and_delete():
+    s = store()
+    s.register("temp_max", "float", 1.0)
+    assert [v.name for v in s.list("temp*")] == ["temp_max", "temperature"]
+    s.delete("temp_max")
+    assert [v.name for v in s.list()] == ["model", "temperature"]
+    with pytest.raises(VariableNotFoundError):
+        s.get("temp_max")
+
+
+def test_history_is_bounded_and_rollback_makes_a_new_version():
+    s = store(history_limit=3)
+    for value in (1.0, 1.1, 1.2, 1.3):
+        s.set("temperature", value)
+    assert [e.version for e in s.history("temperature")] == [2, 3, 4]
+    v, _ = s.rollback("temperature", 2)
+    assert v.value == 1.1 and v.version == 5
+    with pytest.raises(VariableNotFoundError, match="no version 0 in its history"):
+        s.rollback("temperature", 0)
+
+
+def test_dependencies_refuse_cycles():
+    s = store()
+    s.register("prompt", "string", "hi")
+    s.add_dependency("prompt", "temperature")
+    s.add_dependency("temperature", "model")
+    assert s.get("prompt").depends_on == ("temperature",)
+    with pytest.raises(DependencyCycleError):
+        s.add_dependency("model", "prompt")
+    with pytest.raises(DependencyCycleError):
+        s.add_dependency("model", "model")
+    s.delete("temperature")
+    assert s.get("prompt").depends_on == ()
+
+
+def test_optimization_lock_refuses_other_writers_until_released():
+    s = store()
+    s.start_optimization("temperature", "grid")
+    with pytest.raises(VariableLockedError, match="'grid'"):
+        s.set("temperature", 1.0)
+    with pytest.raises(VariableLockedError):
+        s.start_optimization("temperature", "other")
+    s.set("temperature", 1.0, optimizer_id="grid")
+    s.release_optimizer("grid")
+    assert s.set("temperature", 1.5)[0].version == 2
+
+
+def test_quotas():
+    s = store(max_variables=2, max_value_bytes=1000)
+    with pytest.raises(QuotaExceededError, match="max_variables"):
+        s.register("third", "boolean", True)
+    s2 = VariableStore(max_value_bytes=1000)
+    s2.register("t", "tensor", np.zeros(10))
+    with pytest.raises(QuotaExceededError, match="over the limit of 1,000"):
+        s2.set("t", np.zeros(1000))
+    assert s2.get("t").value.shape == (10,)
+
+
+def test_registration_errors():
+    s = store()
+    with pytest.raises(InvalidVariableError, match="already exists"):
+        s.register("temperature", "float", 1.0)
+    with pytest.raises(InvalidVariableError, match="invalid variable name"):
+        s.register("has space", "float", 1.0)
+    with pytest.raises(InvalidVariableError, match="above the maximum"):
+        s.register("t2", "float", 5.0, constraints={"max": 1})
+
+
+def test_stored_arrays_are_copies():
+    s = VariableStore()
+    array = np.zeros(3, np.float32)
+    s.register("e", "embedding", array)
+    array[0] = 9
+    assert s.get("e").value[0] == 0

@@ -1,0 +1,376 @@
+"""Typed, versioned variables of one session (pure, synchronous, sans-IO).
+
+Each operation either changes the store and returns what changed, or raises and changes nothing.
+The async backend turns the returned :class:`Change` records into watch notifications.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import itertools
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from trio_bridge._errors import (
+    DependencyCycleError,
+    InvalidVariableError,
+    QuotaExceededError,
+    VariableLockedError,
+    VariableNotFoundError,
+    VersionConflictError,
+)
+from trio_bridge._state.types import check_constraints, check_value, values_equal
+
+__all__ = ["Change", "HistoryEntry", "Variable", "VariableStore"]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A snapshot of one variable.
+
+    Attributes:
+        id: stable id, unique in the process (``"var_12"``); get and set accept it instead of the name.
+        name: the name.
+        type: one of ``float, integer, string, boolean, choice, module, embedding, tensor``.
+        value: the current value.
+        constraints: the normalized constraints.
+        metadata: free-form metadata given at registration or with a write.
+        version: 0 at registration, +1 per change.
+        created_at, updated_at: wall-clock times (seconds since the epoch).
+        source: who made the last change, e.g. ``"host"`` or ``"worker:w2"``.
+        optimizer_id: the holder of the optimization lock, or ``None``.
+        depends_on: names of the variables this one depends on.
+    """
+
+    id: str
+    name: str
+    type: str
+    value: Any
+    constraints: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+    version: int
+    created_at: float
+    updated_at: float
+    source: str = "host"
+    optimizer_id: str | None = None
+    depends_on: tuple[str, ...] = ()
+
+    @property
+    def optimizing(self) -> bool:
+        return self.optimizer_id is not None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One past value of a variable: the value it had at ``version``."""
+
+    version: int
+    value: Any
+    updated_at: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a write did, for watchers. ``kind`` is ``"change"`` or ``"delete"``."""
+
+    name: str
+    old_value: Any
+    new_value: Any
+    version: int
+    source: str
+    kind: str
+
+
+@dataclass
+class _Slot:
+    variable: Variable
+    history: collections.deque[HistoryEntry] = field(default_factory=collections.deque)
+
+
+class VariableStore:
+    """The variables of one session.
+
+    Args:
+        max_variables: how many variables it may hold (``QuotaExceededError`` beyond).
+        max_value_bytes: the largest encoded value accepted, in bytes.
+        history_limit: how many past values each variable keeps (oldest dropped first).
+        clock: wall-clock source for timestamps.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_variables: int = 1000,
+        max_value_bytes: int = 64 * 2**20,
+        history_limit: int = 50,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_variables = max_variables
+        self.max_value_bytes = max_value_bytes
+        self.history_limit = history_limit
+        self._clock = clock
+        self._slots: dict[str, _Slot] = {}
+        self._by_id: dict[str, str] = {}
+        self._depends_on: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    # ---- reads ----
+    def get(self, key: str) -> Variable:
+        """By name or id. Raises VariableNotFoundError."""
+        return self._slot(key).variable
+
+    def list(self, pattern: str = "*") -> list[Variable]:
+        """Variables whose names match a glob ``pattern`` (``*``, ``?``, ``[...]``), sorted by name."""
+        return [self._slots[name].variable for name in sorted(self._slots) if fnmatch.fnmatchcase(name, pattern)]
+
+    def history(self, key: str) -> list[HistoryEntry]:
+        """Past and current values, oldest first, at most ``history_limit`` of them."""
+        return list(self._slot(key).history)
+
+    # ---- writes ----
+    def register(
+        self,
+        name: str,
+        type_name: str,
+        value: Any,
+        *,
+        constraints: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        source: str = "host",
+    ) -> Variable:
+        """Create a variable at version 0.
+
+        Raises:
+            InvalidVariableError: bad name, type, constraints or value; or the name is taken.
+            QuotaExceededError: the session has ``max_variables`` already, or the value is too big.
+        """
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidVariableError(
+                f"invalid variable name {name!r}: use letters, digits, '_', '.', '-' "
+                "(starting with a letter or '_'), at most 128 characters"
+            )
+        if name in self._slots:
+            raise InvalidVariableError(f"a variable named {name!r} already exists in this session")
+        if len(self._slots) >= self.max_variables:
+            raise QuotaExceededError(f"the session already has {self.max_variables} variables (max_variables)")
+        normalized = check_constraints(type_name, constraints)
+        value = check_value(type_name, value, normalized)
+        self._check_size(name, value)
+        now = self._clock()
+        variable = Variable(
+            id=f"var_{next(_ids)}", name=name, type=type_name, value=value, constraints=normalized,
+            metadata=dict(metadata or {}), version=0, created_at=now, updated_at=now, source=source,
+        )
+        slot = _Slot(variable, collections.deque(maxlen=self.history_limit))
+        slot.history.append(HistoryEntry(0, value, now, source))
+        self._slots[name] = slot
+        self._by_id[variable.id] = name
+        return variable
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        source: str = "host",
+        optimizer_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[Variable, Change | None]:
+        """Set a value. Setting an equal value changes nothing (same version, no Change).
+
+        Raises:
+            VariableNotFoundError, InvalidVariableError, QuotaExceededError,
+            VersionConflictError: ``expected_version`` is not the current version.
+            VariableLockedError: an optimizer other than ``optimizer_id`` holds the lock.
+        """
+        slot = self._slot(key)
+        value = self._validate_write(slot.variable, value, expected_version, optimizer_id)
+        return self._apply(slot, value, source, metadata)
+
+    def set_many(
+        self,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool,
+        source: str = "host",
+        optimizer_id: str | None = None,
+    ) -> tuple[dict[str, Variable | Exception], list[Change]]:
+        """Set several variables.
+
+        With ``atomic=True`` every value is validated first and either all are written or none
+        (the first error is raised). With ``atomic=False`` each is written on its own and the
+        result maps each name to its new Variable or to the error that refused it.
+        """
+        results: dict[str, Variable | Exception] = {}
+        changes: list[Change] = []
+        if atomic:
+            checked = []
+            for key, value in updates.items():
+                slot = self._slot(key)
+                checked.append((slot, self._validate_write(slot.variable, value, None, optimizer_id)))
+            for slot, value in checked:
+                variable, change = self._apply(slot, value, source, None)
+                results[variable.name] = variable
+                if change:
+                    changes.append(change)
+            return results, changes
+        for key, value in updates.items():
+            try:
+                variable, change = self.set(key, value, source=source, optimizer_id=optimizer_id)
+            except (InvalidVariableError, VariableNotFoundError, VariableLockedError, QuotaExceededError) as exc:
+                results[key] = exc
+                continue
+            results[key] = variable
+            if change:
+                changes.append(change)
+        return results, changes
+
+    def delete(self, key: str, *, source: str = "host") -> Change:
+        """Remove a variable and its dependency edges. Raises VariableNotFoundError;
+        VariableLockedError while an optimizer holds it."""
+        slot = self._slot(key)
+        variable = slot.variable
+        if variable.optimizer_id is not None:
+            raise VariableLockedError(f"variable {variable.name!r} is being optimized by {variable.optimizer_id!r}")
+        del self._slots[variable.name]
+        del self._by_id[variable.id]
+        self._depends_on.pop(variable.name, None)
+        for deps in self._depends_on.values():
+            deps.discard(variable.name)
+        for other in self._slots.values():
+            if variable.name in other.variable.depends_on:
+                other.variable = replace(other.variable, depends_on=tuple(d for d in other.variable.depends_on if d != variable.name))
+        return Change(variable.name, variable.value, None, variable.version + 1, source, "delete")
+
+    def rollback(self, key: str, version: int, *, source: str = "host", optimizer_id: str | None = None) -> tuple[Variable, Change | None]:
+        """Set the value the variable had at ``version`` (a new version; history is kept).
+
+        Raises:
+            VariableNotFoundError: unknown variable, or ``version`` is no longer in the history.
+        """
+        slot = self._slot(key)
+        for entry in slot.history:
+            if entry.version == version:
+                break
+        else:
+            kept = [e.version for e in slot.history]
+            raise VariableNotFoundError(
+                f"variable {slot.variable.name!r} has no version {version} in its history (kept: {kept[0]}..{kept[-1]})"
+            )
+        value = self._validate_write(slot.variable, entry.value, None, optimizer_id)
+        return self._apply(slot, value, source, {"rolled_back_to": version})
+
+    def add_dependency(self, dependent: str, dependency: str) -> Variable:
+        """Record that ``dependent`` depends on ``dependency``.
+
+        Raises:
+            VariableNotFoundError: either does not exist.
+            DependencyCycleError: the edge would close a cycle (including a self-dependency).
+        """
+        dependent_slot, dependency_slot = self._slot(dependent), self._slot(dependency)
+        a, b = dependent_slot.variable.name, dependency_slot.variable.name
+        if a == b or self._reaches(b, a):
+            raise DependencyCycleError(f"{a!r} -> {b!r} would make a dependency cycle")
+        self._depends_on.setdefault(a, set()).add(b)
+        dependent_slot.variable = replace(dependent_slot.variable, depends_on=tuple(sorted(self._depends_on[a])))
+        return dependent_slot.variable
+
+    def start_optimization(self, key: str, optimizer_id: str) -> Variable:
+        """Take the variable's optimization lock. Re-entrant for the same optimizer.
+
+        Raises:
+            VariableLockedError: another optimizer holds it.
+        """
+        slot = self._slot(key)
+        holder = slot.variable.optimizer_id
+        if holder is not None and holder != optimizer_id:
+            raise VariableLockedError(f"variable {slot.variable.name!r} is already being optimized by {holder!r}")
+        slot.variable = replace(slot.variable, optimizer_id=optimizer_id)
+        return slot.variable
+
+    def stop_optimization(self, key: str, optimizer_id: str) -> Variable:
+        """Release the lock if ``optimizer_id`` holds it (idempotent)."""
+        slot = self._slot(key)
+        if slot.variable.optimizer_id == optimizer_id:
+            slot.variable = replace(slot.variable, optimizer_id=None)
+        return slot.variable
+
+    def release_optimizer(self, optimizer_id: str) -> None:
+        """Release every lock ``optimizer_id`` holds (it went away)."""
+        for slot in self._slots.values():
+            if slot.variable.optimizer_id == optimizer_id:
+                slot.variable = replace(slot.variable, optimizer_id=None)
+
+    # ---- internals ----
+    def _slot(self, key: str) -> _Slot:
+        name = key if key in self._slots else self._by_id.get(key)
+        if name is None:
+            raise VariableNotFoundError(f"no variable named {key!r} in this session")
+        return self._slots[name]
+
+    def _validate_write(self, variable: Variable, value: Any, expected_version: int | None, optimizer_id: str | None) -> Any:
+        if expected_version is not None and expected_version != variable.version:
+            raise VersionConflictError(
+                f"variable {variable.name!r} is at version {variable.version}, not the expected {expected_version}"
+            )
+        if variable.optimizer_id is not None and variable.optimizer_id != optimizer_id:
+            raise VariableLockedError(
+                f"variable {variable.name!r} is being optimized by {variable.optimizer_id!r}; "
+                "only that optimizer may write it until it stops"
+            )
+        try:
+            value = check_value(variable.type, value, dict(variable.constraints))
+        except InvalidVariableError as exc:
+            raise InvalidVariableError(f"variable {variable.name!r} ({variable.type}): {exc}") from None
+        self._check_size(variable.name, value)
+        return value
+
+    def _check_size(self, name: str, value: Any) -> None:
+        size = _encoded_size(value)
+        if size > self.max_value_bytes:
+            raise QuotaExceededError(
+                f"value for {name!r} is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
+            )
+
+    def _apply(self, slot: _Slot, value: Any, source: str, metadata: dict[str, Any] | None) -> tuple[Variable, Change | None]:
+        old = slot.variable
+        if values_equal(old.value, value):
+            return old, None
+        now = self._clock()
+        new_metadata = {**old.metadata, **metadata} if metadata else old.metadata
+        slot.variable = replace(old, value=value, version=old.version + 1, updated_at=now, source=source, metadata=new_metadata)
+        slot.history.append(HistoryEntry(slot.variable.version, value, now, source))
+        return slot.variable, Change(old.name, old.value, value, slot.variable.version, source, "change")
+
+    def _reaches(self, start: str, target: str) -> bool:
+        stack, seen = [start], set()
+        while stack:
+            node = stack.pop()
+            if node == target:
+                return True
+            if node not in seen:
+                seen.add(node)
+                stack.extend(self._depends_on.get(node, ()))
+        return False
+
+
+def _encoded_size(value: Any) -> int:
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, (bool, int, float)) or value is None:
+        return 8
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    return len(repr(value))
