@@ -106,8 +106,10 @@ class Echo(Adapter):
 
     def _mark(self, name: str, text: str) -> None:
         if self.marker_dir:
-            with open(os.path.join(self.marker_dir, f"{name}.{os.getpid()}"), "w") as f:
+            path = os.path.join(self.marker_dir, f"{name}.{os.getpid()}")
+            with open(path + ".tmp", "w") as f:
                 f.write(text)
+            os.replace(path + ".tmp", path)  # readers never see a half-written mark
 
 
 class SlowSetup(Adapter):

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_bridge import PoolClosedError, PoolSaturatedError
+from trio_bridge import PoolClosedError, PoolSaturatedError, WorkerBusyError
 from trio_bridge._host._dispatch import Dispatcher
 
 
@@ -135,3 +135,68 @@ async def test_close_fails_queued_and_new_calls():
             d.close("closing for the test")
     with pytest.raises(PoolClosedError, match="closing for the test"):
         await d.acquire()
+
+
+async def test_prefer_takes_the_session_worker_when_free_else_any():
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)
+    assert await d.acquire(home, "prefer") is home
+    assert await d.acquire(home, "prefer") is other  # home is busy: any free worker
+
+
+async def test_strict_waits_for_its_worker_without_holding_up_others(autojump_clock):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)
+    await d.acquire(home, "strict")
+    await d.acquire(other)
+    got = []
+
+    async def call(name: str, worker: FakeWorker | None, affinity: str) -> None:
+        got.append((name, await d.acquire(worker, affinity)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "strict", home, "strict")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(call, "any", None, "prefer")
+        await trio.testing.wait_all_tasks_blocked()
+        d.release(other)  # the call behind the strict one gets it
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [("any", other)]
+        d.release(home)
+    assert got == [("any", other), ("strict", home)]
+
+
+async def test_strict_fail_fast_raises_when_its_worker_is_busy():
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)
+    await d.acquire(home, "strict_fail_fast")
+    with pytest.raises(WorkerBusyError, match="busy"):
+        await d.acquire(home, "strict_fail_fast")
+
+
+async def test_calls_bound_to_a_worker_that_left_go_to_another(autojump_clock):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)
+    await d.acquire(home)
+    await d.acquire(other)
+    got = []
+
+    async def call() -> None:
+        got.append(await d.acquire(home, "strict"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        d.remove(home)  # it died while the call waited for it
+        d.release(other)
+    assert got == [other]
+    d.release(other)
+    assert await d.acquire(home, "strict_fail_fast") is other  # home is gone: no busy error

@@ -35,7 +35,7 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> 
 
 
 def marks(marker_dir, name: str) -> list[str]:
-    return [p.read_text() for p in marker_dir.glob(f"{name}.*")]
+    return [p.read_text() for p in marker_dir.glob(f"{name}.*") if p.suffix != ".tmp"]
 
 
 async def test_execute_round_trips_values_including_arrays():

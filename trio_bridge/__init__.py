@@ -33,28 +33,39 @@ from trio_bridge._errors import (
 
 if TYPE_CHECKING:
     from trio_bridge._host._pool import ParameterInfo, Pool, PoolStatistics, ToolInfo, open_pool
+    from trio_bridge._host._session import Optimization, Session
     from trio_bridge._host._worker import WorkerInfo
+    from trio_bridge._state.backend import MemoryBackend, SessionInfo, StateBackend
+    from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 
 __all__ = [
     "DeadlineExceededError",
     "DependencyCycleError",
     "EncodeError",
+    "HistoryEntry",
     "InvalidArgumentError",
     "InvalidVariableError",
+    "MemoryBackend",
+    "Optimization",
     "ParameterInfo",
     "Pool",
     "PoolClosedError",
     "PoolSaturatedError",
     "PoolStatistics",
     "QuotaExceededError",
+    "Session",
+    "SessionInfo",
     "SessionNotFoundError",
+    "StateBackend",
     "ToolError",
     "ToolInfo",
     "ToolNotFoundError",
     "TrioBridgeError",
+    "Variable",
     "VariableError",
     "VariableLockedError",
     "VariableNotFoundError",
+    "VariableUpdate",
     "VersionConflictError",
     "WorkerBusyError",
     "WorkerCrashedError",
@@ -65,6 +76,14 @@ __all__ = [
 ]
 
 _LAZY = {
+    "Session": "trio_bridge._host._session",
+    "Optimization": "trio_bridge._host._session",
+    "Variable": "trio_bridge._state.variables",
+    "VariableUpdate": "trio_bridge._state.variables",
+    "HistoryEntry": "trio_bridge._state.variables",
+    "SessionInfo": "trio_bridge._state.backend",
+    "StateBackend": "trio_bridge._state.backend",
+    "MemoryBackend": "trio_bridge._state.backend",
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
     "PoolStatistics": "trio_bridge._host._pool",

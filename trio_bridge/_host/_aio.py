@@ -62,6 +62,10 @@ class Boundary:
         channel = _open_channel(address)
         return channel, pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: secret})
 
+    async def call_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """From asyncio code (a HostService handler): run a Trio async function and await it."""
+        return await trio_asyncio.trio_as_aio(fn, loop=self.loop)(*args)
+
     @staticmethod
     def close_channel(channel: grpclib.client.Channel) -> None:
         channel.close()

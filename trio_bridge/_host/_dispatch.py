@@ -4,6 +4,14 @@ Each ready worker offers ``concurrency`` slots. A call takes a free slot at once
 queued; otherwise it joins a bounded FIFO queue and is handed the next slot that frees. Among
 free workers the least busy wins, ties going to the one idle longest, so a burst of calls fans
 out over all workers.
+
+Session affinity (``acquire(worker=..., affinity=...)``):
+
+* ``"prefer"``: that worker if it has a free slot, else any worker (the seeds' default);
+* ``"strict"``: wait for that worker; calls for other workers queued behind are not held up;
+* ``"strict_fail_fast"``: that worker now, or :class:`WorkerBusyError` at once.
+
+A call bound to a worker that leaves the pool (it died) is handed any worker instead.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
-from trio_bridge._errors import PoolClosedError, PoolSaturatedError
+from trio_bridge._errors import PoolClosedError, PoolSaturatedError, WorkerBusyError
+
+AFFINITIES = ("prefer", "strict", "strict_fail_fast")
 
 
 class Slotted(Protocol):
@@ -33,6 +43,7 @@ W = TypeVar("W", bound=Slotted)
 
 @dataclass(eq=False)
 class _Waiter(Generic[W]):
+    only: W | None = None  # strict affinity: this worker and no other
     event: trio.Event = field(default_factory=trio.Event)
     worker: W | None = None
     error: BaseException | None = None
@@ -65,29 +76,50 @@ class Dispatcher(Generic[W]):
         self._hand_over()
 
     def remove(self, worker: W) -> None:
-        """A worker stopped serving (died, recycled, shutting down)."""
+        """A worker stopped serving (died, recycled, shutting down). Calls waiting for it
+        specifically are re-queued for any worker."""
         self._workers.pop(worker, None)
+        for waiter in self._waiters:
+            if waiter.only is worker:
+                waiter.only = None
+        self._hand_over()
 
-    async def acquire(self) -> W:
+    def has(self, worker: W) -> bool:
+        return worker in self._workers
+
+    async def acquire(self, worker: W | None = None, affinity: str = "prefer") -> W:
         """Take a slot, waiting in the queue if none is free.
+
+        Args:
+            worker: the worker this call has affinity to (a session's worker), if any.
+            affinity: ``"prefer"``, ``"strict"`` or ``"strict_fail_fast"`` (see the module doc).
 
         Raises:
             PoolSaturatedError: the queue is full.
             PoolClosedError: the pool is closing.
+            WorkerBusyError: ``strict_fail_fast`` and ``worker`` has no free slot.
         """
         if self._closed is not None:
             raise PoolClosedError(self._closed)
-        if not self._waiters:
-            worker = self._pick()
-            if worker is not None:
-                self._take(worker)
-                return worker
+        if worker is not None and worker not in self._workers:
+            worker = None  # it left the pool: any worker will do
+        if worker is not None and self._free(worker):
+            self._take(worker)
+            return worker
+        if worker is not None and affinity == "strict_fail_fast":
+            raise WorkerBusyError(f"the session's worker {worker!r} is busy (affinity 'strict_fail_fast')")
+        only = worker if affinity == "strict" else None
+        if only is None and not self._waiters:
+            free = self._pick()
+            if free is not None:
+                self._take(free)
+                return free
         if len(self._waiters) >= self.max_queue:
             raise PoolSaturatedError(
                 f"all workers are busy and {len(self._waiters)} call(s) are already queued "
                 f"(max_queue={self.max_queue}); retry later or enlarge the pool"
             )
-        waiter: _Waiter[W] = _Waiter()
+        waiter: _Waiter[W] = _Waiter(only=only)
         self._waiters.append(waiter)
         try:
             await waiter.event.wait()
@@ -115,12 +147,14 @@ class Dispatcher(Generic[W]):
             waiter.error = PoolClosedError(reason)
             waiter.event.set()
 
+    @staticmethod
+    def _free(worker: W) -> bool:
+        return worker.busy < worker.concurrency and worker.accepting
+
     def _pick(self) -> W | None:
         best = None
         for worker, tick in self._workers.items():
-            if worker.busy < worker.concurrency and worker.accepting and (
-                best is None or (worker.busy, tick) < (best.busy, self._workers[best])
-            ):
+            if self._free(worker) and (best is None or (worker.busy, tick) < (best.busy, self._workers[best])):
                 best = worker
         return best
 
@@ -129,11 +163,20 @@ class Dispatcher(Generic[W]):
         self._workers[worker] = next(self._ticks)
 
     def _hand_over(self) -> None:
-        while self._waiters:
-            worker = self._pick()
+        # FIFO, except that a call waiting for one busy worker does not hold up the others.
+        served = []
+        for waiter in self._waiters:
+            if waiter.only is not None:
+                worker = waiter.only if self._free(waiter.only) else None
+            else:
+                worker = self._pick()
             if worker is None:
-                return
-            waiter = self._waiters.popleft()
+                if waiter.only is None:
+                    break  # no free worker at all
+                continue
             self._take(worker)
             waiter.worker = worker
             waiter.event.set()
+            served.append(waiter)
+        for waiter in served:
+            self._waiters.remove(waiter)

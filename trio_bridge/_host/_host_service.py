@@ -1,18 +1,233 @@
-"""HostService: what the host serves to its workers (asyncio handlers on the trio-asyncio loop).
+"""HostService: what the host serves to its workers.
 
-For now: Heartbeat. Handlers only read plain pool state, so they need no Trio crossing.
+Handlers are asyncio coroutines on the trio-asyncio loop; each crosses into Trio once to reach
+the state backend. Every request is validated: an unknown session, a malformed value or a
+refused write comes back as an in-band ``ErrorInfo`` (and changes nothing), never as a crash of
+the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
+import grpclib.const
+import grpclib.server
+import trio
+
+from trio_bridge._errors import InvalidArgumentError, TrioBridgeError
+from trio_bridge._state.backend import StateBackend
+from trio_bridge._wire.codec import decode
+from trio_bridge._wire.errors import error_info
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to_wire
+
+if TYPE_CHECKING:
+    from trio_bridge._host._aio import Boundary
+
+WORKER_METADATA = "x-trio-bridge-worker"
+_DEFAULT_WATCH_HEARTBEAT = 10.0  # seconds
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("trio_bridge_caller", default="")
 
 
 class HostService(pb.HostServiceBase):
-    def __init__(self, on_heartbeat: Callable[[pb.HeartbeatRequest], bool]) -> None:
+    """Args:
+    boundary: the trio-asyncio boundary (handlers cross into Trio through it).
+    state: the state backend.
+    on_heartbeat: returns whether the host still knows the worker that sent the heartbeat.
+    """
+
+    def __init__(self, boundary: Boundary, state: StateBackend, on_heartbeat: Callable[[pb.HeartbeatRequest], bool]) -> None:
+        self._boundary = boundary
+        self._state = state
         self._on_heartbeat = on_heartbeat
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse(known=self._on_heartbeat(message))
+
+    # ---- sessions ----
+    async def get_session(self, message: pb.GetSessionRequest) -> pb.SessionReply:
+        try:
+            info = await self._boundary.call_trio(self._state.get_session, message.session_id)
+        except TrioBridgeError as exc:
+            return pb.SessionReply(error=error_info(exc))
+        return pb.SessionReply(
+            id=info.id, ttl=info.ttl or 0.0, metadata=_encode_metadata(info.metadata),
+            variable_count=info.variable_count, state_version=info.state_version,
+        )
+
+    # ---- variables ----
+    async def register_variable(self, m: pb.RegisterVariableRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            variable, version = await self._state.register_variable(
+                m.session_id, m.name, m.type, _decode(m.value, "value"), constraints=_decode(m.constraints, "constraints"),
+                metadata=_decode(m.metadata, "metadata"), source=source,
+            )
+            return pb.VariableReply(variables=[variable_to_wire(variable)], state_version=version)
+
+        source = _source()
+        return await self._run(op)
+
+    async def get_variable(self, m: pb.GetVariablesRequest) -> pb.VariableReply:
+        if not m.names:
+            return pb.VariableReply(error=error_info(InvalidArgumentError("GetVariable needs a name")))
+        return await self.get_variables(pb.GetVariablesRequest(session_id=m.session_id, names=m.names[:1]))
+
+    async def get_variables(self, m: pb.GetVariablesRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            found, version = await self._state.get_variables(m.session_id, None if m.all else list(m.names))
+            return pb.VariableReply(variables=[variable_to_wire(v) for v in found.values()], state_version=version)
+
+        return await self._run(op)
+
+    async def set_variable(self, m: pb.SetVariableRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            variable, version = await self._state.set_variable(
+                m.session_id, m.name, _decode(m.value, "value"), expected_version=m.expected_version,
+                source=source, optimizer_id=m.optimizer_id or None, metadata=_decode(m.metadata, "metadata"),
+            )
+            return pb.VariableReply(variables=[variable_to_wire(variable)], state_version=version)
+
+        source = _source()
+        return await self._run(op)
+
+    async def set_variables(self, m: pb.SetVariablesRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            updates = _decode(m.updates, "updates")
+            if not isinstance(updates, dict):
+                raise InvalidArgumentError("updates must be a dict of name -> value")
+            results, version = await self._state.set_variables(
+                m.session_id, updates, atomic=m.atomic, source=source, optimizer_id=m.optimizer_id or None
+            )
+            return pb.VariableReply(
+                variables=[variable_to_wire(r) for r in results.values() if not isinstance(r, Exception)],
+                errors={k: error_info(r) for k, r in results.items() if isinstance(r, Exception)},
+                state_version=version,
+            )
+
+        source = _source()
+        return await self._run(op)
+
+    async def list_variables(self, m: pb.ListVariablesRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            found = await self._state.list_variables(m.session_id, m.pattern or "*")
+            return pb.VariableReply(variables=[variable_to_wire(v) for v in found])
+
+        return await self._run(op)
+
+    async def delete_variable(self, m: pb.VariableRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            return pb.VariableReply(state_version=await self._state.delete_variable(m.session_id, m.name, source=source))
+
+        source = _source()
+        return await self._run(op)
+
+    async def variable_history(self, m: pb.VariableRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            entries = await self._state.variable_history(m.session_id, m.name)
+            return pb.VariableReply(history=[history_to_wire(e) for e in entries])
+
+        return await self._run(op)
+
+    async def rollback_variable(self, m: pb.RollbackVariableRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            variable, version = await self._state.rollback_variable(
+                m.session_id, m.name, m.version, source=source, optimizer_id=m.optimizer_id or None
+            )
+            return pb.VariableReply(variables=[variable_to_wire(variable)], state_version=version)
+
+        source = _source()
+        return await self._run(op)
+
+    async def add_dependency(self, m: pb.AddDependencyRequest) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            variable = await self._state.add_dependency(m.session_id, m.dependent, m.dependency)
+            return pb.VariableReply(variables=[variable_to_wire(variable)])
+
+        return await self._run(op)
+
+    async def start_optimization(self, m: pb.OptimizationRequest) -> pb.VariableReply:
+        return await self._optimization(m, active=True)
+
+    async def stop_optimization(self, m: pb.OptimizationRequest) -> pb.VariableReply:
+        return await self._optimization(m, active=False)
+
+    async def _optimization(self, m: pb.OptimizationRequest, *, active: bool) -> pb.VariableReply:
+        async def op() -> pb.VariableReply:
+            if not m.optimizer_id:
+                raise InvalidArgumentError("an optimizer_id is required")
+            variable = await self._state.set_optimization(m.session_id, m.name, m.optimizer_id, active=active)
+            return pb.VariableReply(variables=[variable_to_wire(variable)])
+
+        return await self._run(op)
+
+    async def _run(self, op: Callable[[], Awaitable[pb.VariableReply]]) -> pb.VariableReply:
+        try:
+            return await self._boundary.call_trio(op)
+        except TrioBridgeError as exc:
+            return pb.VariableReply(error=error_info(exc))
+
+    # ---- watching ----
+    async def _serve_watch(self, stream: grpclib.server.Stream) -> None:
+        message = await stream.recv_message()
+        assert message is not None
+        await self._boundary.call_trio(self._watch, message, stream)
+
+    async def _watch(self, m: pb.WatchVariablesRequest, stream: grpclib.server.Stream) -> None:
+        """Trio side of a watch: one message per batch of updates, a heartbeat (an empty batch)
+        when nothing happened for ``heartbeat_seconds``; ends when the session ends."""
+        heartbeat = m.heartbeat_seconds if m.heartbeat_seconds > 0 else _DEFAULT_WATCH_HEARTBEAT
+        send = self._boundary.run
+        try:
+            watch = self._state.watch(m.session_id, list(m.names), include_initial=m.include_initial)
+            async with watch as watcher:
+                while True:
+                    with trio.move_on_after(heartbeat):
+                        batch = await watcher.next_batch()
+                        if not batch:
+                            return  # the session ended
+                        await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u) for u in batch])))
+                        continue
+                    await send(stream.send_message(pb.WatchBatch()))
+        except TrioBridgeError as exc:
+            await send(stream.send_message(pb.WatchBatch(error=error_info(exc))))
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping = super().__mapping__()
+        watch_path = "/trio_bridge.v1.HostService/WatchVariables"
+        for path, handler in mapping.items():
+            function = self._serve_watch if path == watch_path else handler.func
+            mapping[path] = grpclib.const.Handler(_with_caller(function), handler.cardinality, handler.request_type, handler.reply_type)
+        return mapping
+
+
+def _with_caller(function: Callable[[grpclib.server.Stream], Awaitable[None]]) -> Callable[[grpclib.server.Stream], Awaitable[None]]:
+    """Remember which worker is calling (from its metadata) for the ``source`` of its writes."""
+
+    async def handler(stream: grpclib.server.Stream) -> None:
+        worker = stream.metadata.get(WORKER_METADATA, "") if stream.metadata else ""
+        token = _caller.set(f"worker:{worker}" if worker else "worker")
+        try:
+            await function(stream)
+        finally:
+            _caller.reset(token)
+
+    return handler
+
+
+def _source() -> str:
+    return _caller.get() or "worker"
+
+
+def _decode(payload: pb.Payload | None, what: str) -> Any:
+    try:
+        return decode(payload)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"malformed {what}: {exc}") from None
+
+
+def _encode_metadata(metadata: Any) -> pb.Payload:
+    from trio_bridge._wire.codec import encode
+
+    return encode(dict(metadata))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import math
 import os
 import secrets
@@ -18,19 +19,24 @@ from typing import Any, final
 import trio
 
 from trio_bridge._errors import (
+    InvalidArgumentError,
     PoolClosedError,
     TrioBridgeError,
     WorkerCrashedError,
     WorkerStartError,
 )
 from trio_bridge._host import _aio
-from trio_bridge._host._dispatch import Dispatcher
+from trio_bridge._host._dispatch import AFFINITIES, Dispatcher
 from trio_bridge._host._host_service import HostService
+from trio_bridge._host._session import Session
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
+from trio_bridge._state.backend import MemoryBackend, StateBackend
+from trio_bridge._state.sessions import SessionStore
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
+_logger = logging.getLogger("trio_bridge")
 _LATENCY_WINDOW = 4096  # calls kept for the latency percentiles
 _STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
 
@@ -91,8 +97,10 @@ class Pool:
         cancel_grace: float,
         health_check_interval: float,
         restart_backoff: tuple[float, float],
+        state: StateBackend,
     ) -> None:
         self._spec = spec
+        self._state = state
         self.size = size
         self._boundary = boundary
         self._dispatcher: Dispatcher[WorkerHandle] = Dispatcher(max_queue)
@@ -135,8 +143,11 @@ class Pool:
             WorkerCrashedError: the worker died during the call (exit code, signal, stderr tail).
             PoolSaturatedError: the wait queue is full. PoolClosedError: the pool is closing.
         """
-        request = self._request(tool, arguments)
-        worker = await self._dispatcher.acquire()
+        return await self._execute(tool, arguments, None)
+
+    async def _execute(self, tool: str, arguments: dict[str, Any] | None, session: Session | None) -> Any:
+        request = await self._request(tool, arguments, session)
+        worker = await self._acquire(session)
         started = trio.current_time()
         finished = False
         try:
@@ -158,10 +169,7 @@ class Pool:
         finally:
             self._finish_call(worker, request.call_id, finished)
 
-    @asynccontextmanager
-    async def stream(
-        self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64
-    ) -> AsyncIterator[AsyncIterator[Any]]:
+    def stream(self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64) -> Any:
         """Run a streaming tool; the block gets an async iterator over its chunks::
 
             async with pool.stream("train", {"epochs": 5}) as chunks:
@@ -176,8 +184,14 @@ class Pool:
             The errors of :meth:`execute`, from the iterator; a tool error ends the iteration
             after the chunks produced before it.
         """
-        request = self._request(tool, arguments)
-        worker = await self._dispatcher.acquire()
+        return self._stream(tool, arguments, buffer_size, None)
+
+    @asynccontextmanager
+    async def _stream(
+        self, tool: str, arguments: dict[str, Any] | None, buffer_size: int, session: Session | None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        request = await self._request(tool, arguments, session)
+        worker = await self._acquire(session)
         send, receive = trio.open_memory_channel[Any](buffer_size)
         done = trio.Event()
         try:
@@ -189,6 +203,65 @@ class Pool:
                     nursery.cancel_scope.cancel()
         finally:
             self._finish_call(worker, request.call_id, done.is_set())
+
+    @asynccontextmanager
+    async def session(
+        self,
+        session_id: str | None = None,
+        *,
+        ttl: float | None = None,
+        affinity: str = "prefer",
+        metadata: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Session]:
+        """Open a session for the block: typed variables shared with the workers, and calls
+        that stick to one worker.
+
+        Args:
+            session_id: reuse this id (an existing session is joined and left as it is at the
+                end; a new one is created and cleaned up at the end). Default: a random id.
+            ttl: seconds without use after which the session expires (default: none).
+            affinity: ``"prefer"`` (its worker when free, else any), ``"strict"`` (wait for its
+                worker) or ``"strict_fail_fast"`` (``WorkerBusyError`` when it is busy).
+            metadata: free-form, kept with the session.
+
+        Raises:
+            QuotaExceededError: the pool has ``max_sessions`` sessions.
+        """
+        if affinity not in AFFINITIES:
+            raise ValueError(f"affinity must be one of {', '.join(AFFINITIES)}, not {affinity!r}")
+        if self._closing:
+            raise PoolClosedError("the pool is closed")
+        owned = True
+        try:
+            info = await self._state.create_session(session_id, ttl=ttl, metadata=metadata)
+        except InvalidArgumentError:
+            if session_id is None:
+                raise
+            info = await self._state.get_session(session_id)  # join the existing session
+            owned = False
+        session = Session(self, self._state, info.id, affinity)
+        try:
+            yield session
+        finally:
+            if owned:
+                with trio.CancelScope(shield=True):
+                    await self._state.cleanup_session(session.id)
+
+    def _session_ended(self, session_id: str) -> None:
+        """Tell the workers (so they drop per-session objects and caches)."""
+        if self._nursery is None:
+            return
+        request = pb.CleanupSessionRequest(session_id=session_id)
+        for handle in list(self._handles.values()):
+            if handle.state == "ready":
+                self._nursery.start_soon(self._cleanup_on, handle, request)
+
+    async def _cleanup_on(self, handle: WorkerHandle, request: pb.CleanupSessionRequest) -> None:
+        with trio.move_on_after(5):
+            try:
+                await handle.call(lambda stub: stub.cleanup_session(request))
+            except WorkerCrashedError:
+                pass
 
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of each slot's current worker, ordered by slot."""
@@ -219,17 +292,35 @@ class Pool:
         return []
 
     # ---- calls ----
-    def _request(self, tool: str, arguments: dict[str, Any] | None) -> pb.ExecuteToolRequest:
+    async def _request(self, tool: str, arguments: dict[str, Any] | None, session: Session | None) -> pb.ExecuteToolRequest:
         if self._closing:
             raise PoolClosedError("the pool is closed")
+        payload = encode({} if arguments is None else arguments, path="arguments")  # bad input fails before any wait
+        session_id, state_version = "", 0
+        if session is not None:
+            info = await self._state.touch_session(session.id)  # SessionNotFoundError once it ended
+            session_id, state_version = info.id, info.state_version
         deadline = trio.current_effective_deadline()
         timeout = 0.0 if math.isinf(deadline) else max(deadline - trio.current_time(), 1e-3)
         return pb.ExecuteToolRequest(
-            tool_name=tool,
-            arguments=encode({} if arguments is None else arguments, path="arguments"),
-            call_id=f"c{next(self._call_ids)}",
-            timeout_seconds=timeout,
+            tool_name=tool, arguments=payload, call_id=f"c{next(self._call_ids)}", timeout_seconds=timeout,
+            session_id=session_id, session_state_version=state_version,
         )
+
+    async def _acquire(self, session: Session | None) -> WorkerHandle:
+        if session is None:
+            return await self._dispatcher.acquire()
+        home = session._worker
+        worker = await self._dispatcher.acquire(home, session.affinity)
+        if home is None or (home is not worker and not self._dispatcher.has(home)):
+            if home is not None:
+                session.moves += 1
+                _logger.warning(
+                    "session %s moved from worker %s, which is gone (exit code %s), to worker %s",
+                    session.id, home.id, home.exit_code, worker.id,
+                )
+            session._worker = worker
+        return worker
 
     def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
         if finished or not worker.alive:
@@ -382,6 +473,11 @@ async def open_pool(
     transport: str = "unix",
     python: str | None = None,
     env: dict[str, str] | None = None,
+    state: StateBackend | None = None,
+    max_sessions: int = 10_000,
+    max_variables_per_session: int = 1000,
+    max_value_bytes: int = 64 * 2**20,
+    history_limit: int = 50,
 ) -> AsyncIterator[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it.
 
@@ -407,6 +503,10 @@ async def open_pool(
         transport: ``"unix"`` (a socket in a private 0700 directory) or ``"tcp"`` (loopback).
         python: the interpreter for workers (default: the host's).
         env: extra environment variables for the workers.
+        state: where sessions and variables live (default: a new in-memory backend with the
+            quotas below; a shared backend lets several hosts share sessions).
+        max_sessions, max_variables_per_session, max_value_bytes (encoded), history_limit
+            (past values kept per variable): quotas of the default in-memory backend.
 
     Raises:
         WorkerStartError: a worker could not start (bad adapter path, ``setup()`` raised, no
@@ -430,14 +530,21 @@ async def open_pool(
                     host_address=f"unix:{host_socket}", env=dict(env or {}),
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval,
                 )
+                if state is None:
+                    state = MemoryBackend(SessionStore(
+                        max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
+                        max_value_bytes=max_value_bytes, history_limit=history_limit,
+                    ))
                 pool = Pool(
                     spec=spec, size=size, max_queue=max_queue, boundary=boundary,
                     shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace,
-                    health_check_interval=health_check_interval, restart_backoff=restart_backoff,
+                    health_check_interval=health_check_interval, restart_backoff=restart_backoff, state=state,
                 )
-                async with boundary.serve([HostService(pool._heartbeat)], host_socket, secret):
+                state.on_session_end.append(pool._session_ended)
+                async with boundary.serve([HostService(boundary, state, pool._heartbeat)], host_socket, secret):
                     async with trio.open_nursery() as nursery:
                         pool._nursery = nursery
+                        await nursery.start(state.run)
                         try:
                             await pool._start()
                             yield pool

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from trio_bridge._state.sessions import SessionRecord, SessionStore
-from trio_bridge._state.variables import Change, HistoryEntry, Variable
+from trio_bridge._state.variables import Change, HistoryEntry, Variable, VariableUpdate
 
 __all__ = ["MemoryBackend", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
 
@@ -35,26 +35,6 @@ class SessionInfo:
     metadata: Mapping[str, Any]
     variable_count: int
     state_version: int
-
-
-@dataclass(frozen=True)
-class VariableUpdate:
-    """One notification from :meth:`StateBackend.watch`.
-
-    Attributes:
-        kind: ``"initial"`` (the value when watching began), ``"change"`` or ``"delete"``.
-        coalesced: how many earlier updates of this variable were folded into this one because
-            the watcher was slower than the writers (0 when it kept up).
-    """
-
-    name: str
-    old_value: Any
-    new_value: Any
-    version: int
-    source: str
-    kind: str
-    timestamp: float
-    coalesced: int = 0
 
 
 class Watcher:
@@ -127,7 +107,8 @@ class StateBackend(abc.ABC):
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionInfo: ...
     @abc.abstractmethod
-    async def touch_session(self, session_id: str) -> None: ...
+    async def touch_session(self, session_id: str) -> SessionInfo:
+        """Mark the session used now (its TTL restarts) and return it."""
     @abc.abstractmethod
     async def cleanup_session(self, session_id: str) -> bool: ...
     @abc.abstractmethod
@@ -178,8 +159,8 @@ class MemoryBackend(StateBackend):
     async def get_session(self, session_id: str) -> SessionInfo:
         return _info(self.sessions.get(session_id))
 
-    async def touch_session(self, session_id: str) -> None:
-        self.sessions.touch(session_id, trio.current_time())
+    async def touch_session(self, session_id: str) -> SessionInfo:
+        return _info(self.sessions.touch(session_id, trio.current_time()))
 
     async def cleanup_session(self, session_id: str) -> bool:
         record = self.sessions.remove(session_id)

@@ -25,7 +25,7 @@ from trio_bridge._errors import (
 )
 from trio_bridge._state.types import check_constraints, check_value, values_equal
 
-__all__ = ["Change", "HistoryEntry", "Variable", "VariableStore"]
+__all__ = ["Change", "HistoryEntry", "Variable", "VariableStore", "VariableUpdate"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _ids = itertools.count(1)
@@ -87,6 +87,26 @@ class Change:
     version: int
     source: str
     kind: str
+
+
+@dataclass(frozen=True)
+class VariableUpdate:
+    """One notification from :meth:`StateBackend.watch`.
+
+    Attributes:
+        kind: ``"initial"`` (the value when watching began), ``"change"`` or ``"delete"``.
+        coalesced: how many earlier updates of this variable were folded into this one because
+            the watcher was slower than the writers (0 when it kept up).
+    """
+
+    name: str
+    old_value: Any
+    new_value: Any
+    version: int
+    source: str
+    kind: str
+    timestamp: float
+    coalesced: int = 0
 
 
 @dataclass

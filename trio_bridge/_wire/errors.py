@@ -9,12 +9,20 @@ import traceback as _traceback
 
 from trio_bridge._errors import (
     DeadlineExceededError,
+    DependencyCycleError,
     EncodeError,
     InvalidArgumentError,
+    InvalidVariableError,
     PoolClosedError,
+    QuotaExceededError,
+    SessionNotFoundError,
     ToolError,
     ToolNotFoundError,
     TrioBridgeError,
+    VariableLockedError,
+    VariableNotFoundError,
+    VersionConflictError,
+    WorkerBusyError,
 )
 from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo
 
@@ -25,13 +33,25 @@ INVALID_ARGUMENT = "invalid_argument"
 ENCODE_ERROR = "encode_error"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 SHUTTING_DOWN = "shutting_down"
+STATE = "state"  # a refused session or variable operation; ErrorInfo.type names the class
+
+# Errors that travel by class name: the receiver raises the same class with the same message.
+_BY_NAME: dict[str, type[TrioBridgeError]] = {
+    cls.__name__: cls
+    for cls in (
+        SessionNotFoundError, QuotaExceededError, VariableNotFoundError, InvalidVariableError,
+        VersionConflictError, DependencyCycleError, VariableLockedError, WorkerBusyError,
+    )
+}
 
 
 def error_info(exc: BaseException, *, kind: str | None = None, available: list[str] | None = None) -> ErrorInfo:
     """Describe ``exc`` for the wire. Without ``kind``, our own errors map to theirs and any other
     exception is a tool error carrying its traceback."""
     if kind is None:
-        if isinstance(exc, ToolNotFoundError):
+        if type(exc).__name__ in _BY_NAME:
+            kind = STATE
+        elif isinstance(exc, ToolNotFoundError):
             kind, available = TOOL_NOT_FOUND, list(exc.available)
         elif isinstance(exc, InvalidArgumentError):
             kind = INVALID_ARGUMENT
@@ -60,6 +80,8 @@ def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
         return EncodeError(f"tool {tool!r}: {info.message}")
     if kind == DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"tool {tool!r}: {info.message}")
+    if kind == STATE and info.type in _BY_NAME:
+        return _BY_NAME[info.type](info.message)
     if kind == SHUTTING_DOWN:
         return PoolClosedError(f"tool {tool!r}: {info.message}")
     return ToolError(tool, info.type, info.message, info.traceback)

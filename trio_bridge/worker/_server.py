@@ -26,11 +26,12 @@ from grpclib.exceptions import GRPCError
 
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
-from trio_bridge._wire.auth import SECRET_ENV, SECRET_METADATA, require_secret
+from trio_bridge._wire.auth import SECRET_ENV, require_secret
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge.worker._adapter import Adapter, ToolDefinition, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext
+from trio_bridge.worker._host_client import HostClient
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
 READY_PREFIX = "TRIO_BRIDGE_READY "
@@ -51,8 +52,9 @@ class WorkerService(pb.WorkerServiceBase):
     """Serves one adapter's tools. Every call occupies one of ``concurrency`` slots until it has
     really finished (a cancelled sync tool keeps its slot until its thread returns)."""
 
-    def __init__(self, adapter_path: str, adapter: Adapter, concurrency: int) -> None:
+    def __init__(self, adapter_path: str, adapter: Adapter, concurrency: int, host: HostClient | None = None) -> None:
         self.adapter_path = adapter_path
+        self.host = host
         self.adapter = adapter
         self.tools = collect_tools(adapter)
         self.concurrency = concurrency
@@ -83,12 +85,18 @@ class WorkerService(pb.WorkerServiceBase):
             raise InvalidArgumentError(f"tool {definition.name!r}: malformed arguments: {exc}") from None
         arguments = definition.check_arguments(arguments)
         deadline = time.monotonic() + request.timeout_seconds if request.timeout_seconds > 0 else None
-        ctx = SessionContext(request.session_id, request.call_id, deadline)
+        link = self.host.link(request.session_id) if request.session_id and self.host is not None else None
+        ctx = SessionContext(request.session_id, request.call_id, deadline, link)
         if definition.context_parameter:
             arguments[definition.context_parameter] = ctx
         self.active[request.call_id] = ctx
         self._idle.clear()
         return definition, arguments, ctx
+
+    async def _refresh(self, definition: ToolDefinition, request: pb.ExecuteToolRequest) -> None:
+        """Before a tool that can read variables runs: make its session's cache current."""
+        if definition.context_parameter and request.session_id and self.host is not None:
+            await self.host.refresh(request.session_id, request.session_state_version)
 
     def _release(self, call_id: str) -> None:
         self.active.pop(call_id, None)
@@ -122,6 +130,13 @@ class WorkerService(pb.WorkerServiceBase):
             definition, arguments, ctx = self._begin(message, streaming=False)
         except (TrioBridgeError, _ShuttingDown) as exc:
             return pb.ExecuteToolResponse(error=_error_info(exc))
+        try:
+            await self._refresh(definition, message)
+        except BaseException as exc:
+            self._release(message.call_id)
+            if isinstance(exc, TrioBridgeError):
+                return pb.ExecuteToolResponse(error=_error_info(exc))
+            raise
         timer = self._watch_deadline(ctx)
         released_by_thread = definition.kind == "sync"
         try:
@@ -168,6 +183,14 @@ class WorkerService(pb.WorkerServiceBase):
         except (TrioBridgeError, _ShuttingDown) as exc:
             await stream.send_message(pb.ToolChunkBatch(error=_error_info(exc)))
             return
+        try:
+            await self._refresh(definition, message)
+        except BaseException as exc:
+            self._release(message.call_id)
+            if isinstance(exc, TrioBridgeError):
+                await stream.send_message(pb.ToolChunkBatch(error=_error_info(exc)))
+                return
+            raise
         timer = self._watch_deadline(ctx)
         call_id = message.call_id
         if definition.kind == "async_generator":
@@ -219,6 +242,8 @@ class WorkerService(pb.WorkerServiceBase):
 
     async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
         self.sessions.pop(message.session_id, None)
+        if self.host is not None:
+            self.host.forget(message.session_id)
         return pb.CleanupSessionResponse()
 
     async def shutdown(self, message: pb.ShutdownRequest) -> pb.ShutdownResponse:
@@ -288,35 +313,20 @@ def _start_lifeline(parent_pid: int) -> None:
     threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
-async def _heartbeat(address: str, secret: str, worker_id: str, service: WorkerService, interval: float) -> None:
+async def _heartbeat(host: HostClient, service: WorkerService, interval: float) -> None:
     """Tell the host we are alive; exit if it says it no longer knows us."""
-    from grpclib.client import Channel
-
-    channel = _channel_for(address, Channel)
-    stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: secret})
-    try:
-        while True:
-            try:
-                reply = await stub.heartbeat(
-                    pb.HeartbeatRequest(worker_id=worker_id, pid=os.getpid(), in_flight=len(service.active)),
-                    timeout=max(interval, 1.0),
-                )
-                if not reply.known:
-                    print(f"trio-bridge worker {worker_id}: the host no longer knows this worker; exiting", file=sys.stderr)
-                    os._exit(EXIT_HOST_GONE)
-            except (OSError, GRPCError, TimeoutError):
-                pass  # the lifeline decides whether the host is gone
-            await asyncio.sleep(interval)
-    finally:
-        channel.close()
-
-
-def _channel_for(address: str, channel_cls: Any) -> Any:
-    scheme, _, rest = address.partition(":")
-    if scheme == "unix":
-        return channel_cls(path=rest)
-    host, _, port = rest.rpartition(":")
-    return channel_cls(host=host, port=int(port))
+    while True:
+        try:
+            reply = await host.stub.heartbeat(
+                pb.HeartbeatRequest(worker_id=host.worker_id, pid=os.getpid(), in_flight=len(service.active)),
+                timeout=max(interval, 1.0),
+            )
+            if not reply.known:
+                print(f"trio-bridge worker {host.worker_id}: the host no longer knows this worker; exiting", file=sys.stderr)
+                os._exit(EXIT_HOST_GONE)
+        except (OSError, GRPCError, TimeoutError):
+            pass  # the lifeline decides whether the host is gone
+        await asyncio.sleep(interval)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -330,7 +340,11 @@ async def _serve(args: argparse.Namespace) -> int:
         result = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)
         if asyncio.iscoroutine(result):
             await result
-        service = WorkerService(args.adapter, adapter, args.concurrency)
+        host_address = os.environ.get(HOST_ADDRESS_ENV)
+        host = None
+        if host_address:
+            host = HostClient(host_address, os.environ.get(SECRET_ENV, ""), os.environ.get(WORKER_ID_ENV, ""), asyncio.get_running_loop())
+        service = WorkerService(args.adapter, adapter, args.concurrency, host)
     except BaseException:
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
@@ -356,10 +370,8 @@ async def _serve(args: argparse.Namespace) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
     tasks = []
-    host_address = os.environ.get(HOST_ADDRESS_ENV)
-    if host_address:
-        worker_id = os.environ.get(WORKER_ID_ENV, "")
-        tasks.append(asyncio.create_task(_heartbeat(host_address, secret, worker_id, service, args.heartbeat_interval)))
+    if host is not None:
+        tasks.append(asyncio.create_task(_heartbeat(host, service, args.heartbeat_interval)))
     try:
         await service.stopped.wait()
     finally:
@@ -367,6 +379,8 @@ async def _serve(args: argparse.Namespace) -> int:
             task.cancel()
         server.close()
         await server.wait_closed()
+        if host is not None:
+            host.close()
         service.executor.shutdown(wait=False, cancel_futures=True)
     return 0
 

@@ -4,6 +4,7 @@
 # This file has been @generated
 
 __all__ = (
+    "AddDependencyRequest",
     "CleanupSessionRequest",
     "CleanupSessionResponse",
     "DescribeRequest",
@@ -11,20 +12,36 @@ __all__ = (
     "ErrorInfo",
     "ExecuteToolRequest",
     "ExecuteToolResponse",
+    "GetSessionRequest",
+    "GetVariablesRequest",
     "HeartbeatRequest",
     "HeartbeatResponse",
+    "HistoryEntry",
     "HostServiceBase",
     "HostServiceStub",
     "InitializeSessionRequest",
     "InitializeSessionResponse",
+    "ListVariablesRequest",
+    "OptimizationRequest",
     "ParameterSpec",
     "Payload",
     "PingRequest",
     "PingResponse",
+    "RegisterVariableRequest",
+    "RollbackVariableRequest",
+    "SessionReply",
+    "SetVariableRequest",
+    "SetVariablesRequest",
     "ShutdownRequest",
     "ShutdownResponse",
     "ToolChunkBatch",
     "ToolSpec",
+    "Variable",
+    "VariableReply",
+    "VariableRequest",
+    "VariableUpdate",
+    "WatchBatch",
+    "WatchVariablesRequest",
     "WorkerServiceBase",
     "WorkerServiceStub",
 )
@@ -46,6 +63,18 @@ if TYPE_CHECKING:
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+@dataclass(eq=False, repr=False)
+class AddDependencyRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    dependent: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    dependency: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "AddDependencyRequest", AddDependencyRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -142,6 +171,12 @@ class ExecuteToolRequest(betterproto2.Message):
     remaining time of the caller's deadline; 0 means none
     """
 
+    session_state_version: "int" = betterproto2.field(6, betterproto2.TYPE_UINT64)
+    """
+    The session's state version when the call started: a worker whose cached variables are
+    older refetches them before the tool runs (read-your-writes without TTLs).
+    """
+
 
 default_message_pool.register_message("trio_bridge.v1", "ExecuteToolRequest", ExecuteToolRequest)
 
@@ -164,11 +199,33 @@ default_message_pool.register_message("trio_bridge.v1", "ExecuteToolResponse", E
 
 
 @dataclass(eq=False, repr=False)
-class HeartbeatRequest(betterproto2.Message):
+class GetSessionRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "GetSessionRequest", GetSessionRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetVariablesRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    names: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
     """
-    ---- HostService ----
+    names or ids
     """
 
+    all: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
+    """
+    every variable of the session (names ignored)
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "GetVariablesRequest", GetVariablesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class HeartbeatRequest(betterproto2.Message):
     worker_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     pid: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
@@ -191,6 +248,20 @@ default_message_pool.register_message("trio_bridge.v1", "HeartbeatResponse", Hea
 
 
 @dataclass(eq=False, repr=False)
+class HistoryEntry(betterproto2.Message):
+    version: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
+
+    value: "Payload | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+    updated_at: "float" = betterproto2.field(3, betterproto2.TYPE_DOUBLE)
+
+    source: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "HistoryEntry", HistoryEntry)
+
+
+@dataclass(eq=False, repr=False)
 class InitializeSessionRequest(betterproto2.Message):
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
@@ -208,6 +279,31 @@ class InitializeSessionResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("trio_bridge.v1", "InitializeSessionResponse", InitializeSessionResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListVariablesRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    pattern: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    glob; "" means "*"
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "ListVariablesRequest", ListVariablesRequest)
+
+
+@dataclass(eq=False, repr=False)
+class OptimizationRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    optimizer_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "OptimizationRequest", OptimizationRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -274,6 +370,94 @@ default_message_pool.register_message("trio_bridge.v1", "PingResponse", PingResp
 
 
 @dataclass(eq=False, repr=False)
+class RegisterVariableRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    type: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    value: "Payload | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
+
+    constraints: "Payload | None" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, optional=True)
+
+    metadata: "Payload | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "RegisterVariableRequest", RegisterVariableRequest)
+
+
+@dataclass(eq=False, repr=False)
+class RollbackVariableRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    version: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+
+    optimizer_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "RollbackVariableRequest", RollbackVariableRequest)
+
+
+@dataclass(eq=False, repr=False)
+class SessionReply(betterproto2.Message):
+    id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    ttl: "float" = betterproto2.field(2, betterproto2.TYPE_DOUBLE)
+    """
+    0: no TTL
+    """
+
+    metadata: "Payload | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
+
+    variable_count: "int" = betterproto2.field(4, betterproto2.TYPE_INT64)
+
+    state_version: "int" = betterproto2.field(5, betterproto2.TYPE_UINT64)
+
+    error: "ErrorInfo | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "SessionReply", SessionReply)
+
+
+@dataclass(eq=False, repr=False)
+class SetVariableRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    value: "Payload | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
+
+    expected_version: "int | None" = betterproto2.field(4, betterproto2.TYPE_INT64, optional=True)
+
+    optimizer_id: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    metadata: "Payload | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "SetVariableRequest", SetVariableRequest)
+
+
+@dataclass(eq=False, repr=False)
+class SetVariablesRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    updates: "Payload | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    a dict of name -> value
+    """
+
+    atomic: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
+
+    optimizer_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "SetVariablesRequest", SetVariablesRequest)
+
+
+@dataclass(eq=False, repr=False)
 class ShutdownRequest(betterproto2.Message):
     grace_seconds: "float" = betterproto2.field(1, betterproto2.TYPE_DOUBLE)
     """
@@ -323,6 +507,161 @@ class ToolSpec(betterproto2.Message):
 default_message_pool.register_message("trio_bridge.v1", "ToolSpec", ToolSpec)
 
 
+@dataclass(eq=False, repr=False)
+class Variable(betterproto2.Message):
+    """
+    ---- HostService ----
+
+    ---- state (sessions and variables), served by the host ----
+    """
+
+    id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    type: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    float, integer, string, boolean, choice, module, embedding, tensor
+    """
+
+    value: "Payload | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
+
+    constraints: "Payload | None" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    a dict
+    """
+
+    metadata: "Payload | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    a dict
+    """
+
+    version: "int" = betterproto2.field(7, betterproto2.TYPE_INT64)
+
+    created_at: "float" = betterproto2.field(8, betterproto2.TYPE_DOUBLE)
+    """
+    seconds since the epoch
+    """
+
+    updated_at: "float" = betterproto2.field(9, betterproto2.TYPE_DOUBLE)
+
+    source: "str" = betterproto2.field(10, betterproto2.TYPE_STRING)
+    """
+    who made the last change: "host", "worker:w2", ...
+    """
+
+    optimizer_id: "str" = betterproto2.field(11, betterproto2.TYPE_STRING)
+    """
+    "" when not being optimized
+    """
+
+    depends_on: "list[str]" = betterproto2.field(12, betterproto2.TYPE_STRING, repeated=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "Variable", Variable)
+
+
+@dataclass(eq=False, repr=False)
+class VariableReply(betterproto2.Message):
+    """
+    The reply of every variable RPC. `error` set: nothing changed.
+    """
+
+    variables: "list[Variable]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+    errors: "dict[str, ErrorInfo]" = betterproto2.field(
+        3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_MESSAGE)
+    )
+    """
+    non-atomic batch writes: per-name refusals
+    """
+
+    state_version: "int" = betterproto2.field(4, betterproto2.TYPE_UINT64)
+    """
+    the session's state version after the operation
+    """
+
+    history: "list[HistoryEntry]" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "VariableReply", VariableReply)
+
+
+@dataclass(eq=False, repr=False)
+class VariableRequest(betterproto2.Message):
+    """
+    delete, history
+    """
+
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_bridge.v1", "VariableRequest", VariableRequest)
+
+
+@dataclass(eq=False, repr=False)
+class VariableUpdate(betterproto2.Message):
+    name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    old_value: "Payload | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+    new_value: "Payload | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
+
+    version: "int" = betterproto2.field(4, betterproto2.TYPE_INT64)
+
+    source: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    kind: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    "initial", "change", "delete"
+    """
+
+    timestamp: "float" = betterproto2.field(7, betterproto2.TYPE_DOUBLE)
+
+    coalesced: "int" = betterproto2.field(8, betterproto2.TYPE_INT64)
+    """
+    earlier updates folded into this one (slow watcher)
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "VariableUpdate", VariableUpdate)
+
+
+@dataclass(eq=False, repr=False)
+class WatchBatch(betterproto2.Message):
+    """
+    A message of the watch stream: updates, a heartbeat (no updates), or a final error.
+    """
+
+    updates: "list[VariableUpdate]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "WatchBatch", WatchBatch)
+
+
+@dataclass(eq=False, repr=False)
+class WatchVariablesRequest(betterproto2.Message):
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    names: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
+
+    include_initial: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
+
+    heartbeat_seconds: "float" = betterproto2.field(4, betterproto2.TYPE_DOUBLE)
+    """
+    0: the host's default
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "WatchVariablesRequest", WatchVariablesRequest)
+
+
 class HostServiceStub(betterproto2_grpclib.ServiceStub):
     async def heartbeat(
         self,
@@ -341,6 +680,262 @@ class HostServiceStub(betterproto2_grpclib.ServiceStub):
             deadline=deadline,
             metadata=metadata,
         )
+
+    async def get_session(
+        self,
+        message: "GetSessionRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "SessionReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/GetSession",
+            message,
+            SessionReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def register_variable(
+        self,
+        message: "RegisterVariableRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/RegisterVariable",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_variable(
+        self,
+        message: "GetVariablesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+        """
+        the first of `names`
+        """
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/GetVariable",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def get_variables(
+        self,
+        message: "GetVariablesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/GetVariables",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def set_variable(
+        self,
+        message: "SetVariableRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/SetVariable",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def set_variables(
+        self,
+        message: "SetVariablesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/SetVariables",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def list_variables(
+        self,
+        message: "ListVariablesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/ListVariables",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def delete_variable(
+        self,
+        message: "VariableRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/DeleteVariable",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def variable_history(
+        self,
+        message: "VariableRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/VariableHistory",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def rollback_variable(
+        self,
+        message: "RollbackVariableRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/RollbackVariable",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def add_dependency(
+        self,
+        message: "AddDependencyRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/AddDependency",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def start_optimization(
+        self,
+        message: "OptimizationRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/StartOptimization",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def stop_optimization(
+        self,
+        message: "OptimizationRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "VariableReply":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/StopOptimization",
+            message,
+            VariableReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def watch_variables(
+        self,
+        message: "WatchVariablesRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[WatchBatch]":
+
+        async for response in self._unary_stream(
+            "/trio_bridge.v1.HostService/WatchVariables",
+            message,
+            WatchBatch,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
 
 
 class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
@@ -483,11 +1078,166 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def get_session(self, message: "GetSessionRequest") -> "SessionReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def register_variable(self, message: "RegisterVariableRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_variable(self, message: "GetVariablesRequest") -> "VariableReply":
+        """
+        the first of `names`
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def get_variables(self, message: "GetVariablesRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def set_variable(self, message: "SetVariableRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def set_variables(self, message: "SetVariablesRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def list_variables(self, message: "ListVariablesRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def delete_variable(self, message: "VariableRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def variable_history(self, message: "VariableRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def rollback_variable(self, message: "RollbackVariableRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def add_dependency(self, message: "AddDependencyRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def start_optimization(self, message: "OptimizationRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def stop_optimization(self, message: "OptimizationRequest") -> "VariableReply":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def watch_variables(self, message: "WatchVariablesRequest") -> "AsyncIterator[WatchBatch]":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield WatchBatch()
+
     async def __rpc_heartbeat(self, stream: "grpclib.server.Stream[HeartbeatRequest, HeartbeatResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.heartbeat(request)
         await stream.send_message(response)
+
+    async def __rpc_get_session(self, stream: "grpclib.server.Stream[GetSessionRequest, SessionReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_session(request)
+        await stream.send_message(response)
+
+    async def __rpc_register_variable(
+        self, stream: "grpclib.server.Stream[RegisterVariableRequest, VariableReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.register_variable(request)
+        await stream.send_message(response)
+
+    async def __rpc_get_variable(self, stream: "grpclib.server.Stream[GetVariablesRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_variable(request)
+        await stream.send_message(response)
+
+    async def __rpc_get_variables(self, stream: "grpclib.server.Stream[GetVariablesRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.get_variables(request)
+        await stream.send_message(response)
+
+    async def __rpc_set_variable(self, stream: "grpclib.server.Stream[SetVariableRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.set_variable(request)
+        await stream.send_message(response)
+
+    async def __rpc_set_variables(self, stream: "grpclib.server.Stream[SetVariablesRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.set_variables(request)
+        await stream.send_message(response)
+
+    async def __rpc_list_variables(self, stream: "grpclib.server.Stream[ListVariablesRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_variables(request)
+        await stream.send_message(response)
+
+    async def __rpc_delete_variable(self, stream: "grpclib.server.Stream[VariableRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.delete_variable(request)
+        await stream.send_message(response)
+
+    async def __rpc_variable_history(self, stream: "grpclib.server.Stream[VariableRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.variable_history(request)
+        await stream.send_message(response)
+
+    async def __rpc_rollback_variable(
+        self, stream: "grpclib.server.Stream[RollbackVariableRequest, VariableReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.rollback_variable(request)
+        await stream.send_message(response)
+
+    async def __rpc_add_dependency(self, stream: "grpclib.server.Stream[AddDependencyRequest, VariableReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.add_dependency(request)
+        await stream.send_message(response)
+
+    async def __rpc_start_optimization(
+        self, stream: "grpclib.server.Stream[OptimizationRequest, VariableReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.start_optimization(request)
+        await stream.send_message(response)
+
+    async def __rpc_stop_optimization(
+        self, stream: "grpclib.server.Stream[OptimizationRequest, VariableReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.stop_optimization(request)
+        await stream.send_message(response)
+
+    async def __rpc_watch_variables(self, stream: "grpclib.server.Stream[WatchVariablesRequest, WatchBatch]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await self._call_rpc_handler_server_stream(
+            self.watch_variables,
+            stream,
+            request,
+        )
 
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
@@ -496,6 +1246,90 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 HeartbeatRequest,
                 HeartbeatResponse,
+            ),
+            "/trio_bridge.v1.HostService/GetSession": grpclib.const.Handler(
+                self.__rpc_get_session,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetSessionRequest,
+                SessionReply,
+            ),
+            "/trio_bridge.v1.HostService/RegisterVariable": grpclib.const.Handler(
+                self.__rpc_register_variable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                RegisterVariableRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/GetVariable": grpclib.const.Handler(
+                self.__rpc_get_variable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetVariablesRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/GetVariables": grpclib.const.Handler(
+                self.__rpc_get_variables,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                GetVariablesRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/SetVariable": grpclib.const.Handler(
+                self.__rpc_set_variable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                SetVariableRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/SetVariables": grpclib.const.Handler(
+                self.__rpc_set_variables,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                SetVariablesRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/ListVariables": grpclib.const.Handler(
+                self.__rpc_list_variables,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListVariablesRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/DeleteVariable": grpclib.const.Handler(
+                self.__rpc_delete_variable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                VariableRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/VariableHistory": grpclib.const.Handler(
+                self.__rpc_variable_history,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                VariableRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/RollbackVariable": grpclib.const.Handler(
+                self.__rpc_rollback_variable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                RollbackVariableRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/AddDependency": grpclib.const.Handler(
+                self.__rpc_add_dependency,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                AddDependencyRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/StartOptimization": grpclib.const.Handler(
+                self.__rpc_start_optimization,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                OptimizationRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/StopOptimization": grpclib.const.Handler(
+                self.__rpc_stop_optimization,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                OptimizationRequest,
+                VariableReply,
+            ),
+            "/trio_bridge.v1.HostService/WatchVariables": grpclib.const.Handler(
+                self.__rpc_watch_variables,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                WatchVariablesRequest,
+                WatchBatch,
             ),
         }
 

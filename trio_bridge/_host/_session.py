@@ -1,0 +1,171 @@
+"""Sessions as the host application sees them: variables, watching, optimization, calls."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, final
+
+import trio
+
+from trio_bridge._errors import SessionNotFoundError
+from trio_bridge._state.backend import SessionInfo, StateBackend, Watcher
+from trio_bridge._state.variables import HistoryEntry, Variable
+
+if TYPE_CHECKING:
+    from trio_bridge._host._pool import Pool
+    from trio_bridge._host._worker import WorkerHandle
+
+_SOURCE = "host"
+
+
+@final
+class Session:
+    """A session of a pool: typed variables shared with its workers, and calls with affinity.
+
+    Made by :meth:`Pool.session`, not by users. Variable methods raise the errors of
+    :class:`~trio_bridge._state.variables.VariableStore` (``InvalidVariableError``,
+    ``VersionConflictError``, ``VariableLockedError``, ``VariableNotFoundError``,
+    ``DependencyCycleError``, ``QuotaExceededError``), and :class:`SessionNotFoundError` once
+    the session has ended; a refused write changes nothing.
+
+    Attributes:
+        id: the session id.
+        affinity: ``"prefer"``, ``"strict"`` or ``"strict_fail_fast"``.
+        worker_id: the id of the worker that serves it, once a call has run.
+        moves: how many times it moved to another worker because its worker died.
+    """
+
+    def __init__(self, pool: Pool, state: StateBackend, session_id: str, affinity: str) -> None:
+        self._pool = pool
+        self._state = state
+        self.id = session_id
+        self.affinity = affinity
+        self._worker: WorkerHandle | None = None
+        self.moves = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} affinity={self.affinity} worker={self.worker_id}>"
+
+    @property
+    def worker_id(self) -> str | None:
+        return None if self._worker is None else self._worker.id
+
+    async def info(self) -> SessionInfo:
+        return await self._state.get_session(self.id)
+
+    # ---- calls ----
+    async def execute(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+        """:meth:`Pool.execute` in this session: on its worker when the affinity allows, and with
+        its variables visible to the tool (a tool that starts after a write returned sees it)."""
+        return await self._pool._execute(tool, arguments, self)
+
+    def stream(self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64) -> Any:
+        """:meth:`Pool.stream` in this session."""
+        return self._pool._stream(tool, arguments, buffer_size, self)
+
+    # ---- variables ----
+    async def register_variable(
+        self, name: str, type: str, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+    ) -> Variable:
+        """Create a variable at version 0.
+
+        Args:
+            name: letters, digits, ``_ . -``; starting with a letter or ``_``.
+            type: ``float, integer, string, boolean, choice, module, embedding, tensor``.
+            value: its initial value, checked against the type and constraints.
+            constraints: per type (see ``trio_bridge._state.types``), checked here too.
+        """
+        variable, _ = await self._state.register_variable(
+            self.id, name, type, value, constraints=constraints, metadata=metadata, source=_SOURCE
+        )
+        return variable
+
+    async def get_variable(self, name: str) -> Variable:
+        """By name or id."""
+        found, _ = await self._state.get_variables(self.id, [name])
+        return next(iter(found.values()))
+
+    async def get_variables(self, names: list[str]) -> dict[str, Any]:
+        """Values by name, in one call."""
+        found, _ = await self._state.get_variables(self.id, list(names))
+        return {name: variable.value for name, variable in found.items()}
+
+    async def set_variable(self, name: str, value: Any, *, expected_version: int | None = None, metadata: dict[str, Any] | None = None) -> Variable:
+        """Set a value; ``expected_version`` makes it conditional (``VersionConflictError``).
+        Setting an equal value changes nothing and notifies nobody."""
+        variable, _ = await self._state.set_variable(
+            self.id, name, value, expected_version=expected_version, source=_SOURCE, optimizer_id=None, metadata=metadata
+        )
+        return variable
+
+    async def set_variables(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, Variable | Exception]:
+        """Set several variables. ``atomic=True``: all or nothing (the first error is raised).
+        ``atomic=False``: each on its own; the result maps names to Variables or to errors."""
+        results, _ = await self._state.set_variables(self.id, dict(updates), atomic=atomic, source=_SOURCE, optimizer_id=None)
+        return results
+
+    async def list_variables(self, pattern: str = "*") -> list[str]:
+        """Names matching a glob pattern (``"temp*"``), sorted."""
+        return [v.name for v in await self._state.list_variables(self.id, pattern)]
+
+    async def delete_variable(self, name: str) -> None:
+        await self._state.delete_variable(self.id, name, source=_SOURCE)
+
+    async def variable_history(self, name: str) -> list[HistoryEntry]:
+        """Past values, oldest first (bounded: 50 by default)."""
+        return await self._state.variable_history(self.id, name)
+
+    async def rollback_variable(self, name: str, *, version: int) -> Variable:
+        """Set the value the variable had at ``version``; this makes a new version."""
+        variable, _ = await self._state.rollback_variable(self.id, name, version, source=_SOURCE, optimizer_id=None)
+        return variable
+
+    async def add_dependency(self, dependent: str, dependency: str) -> Variable:
+        """Record that ``dependent`` depends on ``dependency``; a cycle raises DependencyCycleError."""
+        return await self._state.add_dependency(self.id, dependent, dependency)
+
+    @asynccontextmanager
+    async def optimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:
+        """Hold the variable's optimization lock for the block: writes by anyone else are
+        refused with ``VariableLockedError`` until it ends (or the session ends).
+
+        Raises:
+            VariableLockedError: another optimizer holds it.
+        """
+        await self._state.set_optimization(self.id, name, optimizer_id, active=True)
+        try:
+            yield Optimization(self, name, optimizer_id)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._state.set_optimization(self.id, name, optimizer_id, active=False)
+                except SessionNotFoundError:
+                    pass  # the session ended: its locks went with it
+
+    @asynccontextmanager
+    async def watch_variables(self, names: list[str], *, include_initial: bool = True) -> AsyncIterator[Watcher]:
+        """Watch variables: the block gets an async iterator of ``VariableUpdate`` (``.name
+        .old_value .new_value .version .source .kind .coalesced``): initial values first, then
+        every change, none lost between the two. A slow reader never blocks writers: it gets
+        the latest value of each variable, with ``coalesced`` counting what it skipped.
+        Iteration ends when the session ends."""
+        async with self._state.watch(self.id, list(names), include_initial=include_initial) as watcher:
+            yield watcher
+
+
+@final
+class Optimization:
+    """The holder's handle inside :meth:`Session.optimizing`."""
+
+    def __init__(self, session: Session, name: str, optimizer_id: str) -> None:
+        self._session = session
+        self.name = name
+        self.optimizer_id = optimizer_id
+
+    async def set(self, value: Any) -> Variable:
+        variable, _ = await self._session._state.set_variable(
+            self._session.id, self.name, value, expected_version=None,
+            source=f"optimizer:{self.optimizer_id}", optimizer_id=self.optimizer_id, metadata=None,
+        )
+        return variable
