@@ -87,7 +87,7 @@ async def test_failing_setup_fails_open_pool_with_its_traceback():
 
 
 async def test_worker_without_ready_line_in_time_fails_open_pool_and_is_killed():
-    with pytest.raises(WorkerStartError, match="no ready line within 0.5 s") as info:
+    with pytest.raises(WorkerStartError, match=r"no ready line within 0\.5 s") as info:
         async with trio_bridge.open_pool("tests.adapters:SlowSetup", size=1, startup_timeout=0.5):
             pass
     assert info.value.signal in ("SIGKILL", "SIGTERM")

@@ -104,3 +104,14 @@ async def test_state_version_counts_changes_only():
     _, v2 = await backend.set_variable("a", "t", 1.0, expected_version=None, source="host", optimizer_id=None, metadata=None)
     _, v3 = await backend.set_variable("a", "t", 2.0, expected_version=None, source="host", optimizer_id=None, metadata=None)
     assert (v1, v2, v3) == (1, 1, 2)
+
+
+async def test_the_backend_keeps_the_quotas_it_was_given():
+    backend = MemoryBackend(SessionStore(max_sessions=2, max_variables_per_session=1))
+    await backend.create_session("a", ttl=None, metadata=None)
+    await backend.create_session("b", ttl=None, metadata=None)
+    with pytest.raises(QuotaExceededError, match="2 sessions"):
+        await backend.create_session("c", ttl=None, metadata=None)
+    await backend.register_variable("a", "x", "boolean", True, constraints=None, metadata=None, source="host")
+    with pytest.raises(QuotaExceededError, match="max_variables"):
+        await backend.register_variable("a", "y", "boolean", True, constraints=None, metadata=None, source="host")

@@ -59,7 +59,7 @@ def test_string_lengths(text, low, high):
     if low <= len(text) <= high:
         assert check_value("string", text, constraints) == text
     else:
-        with pytest.raises(InvalidVariableError, match="min_length|max_length"):
+        with pytest.raises(InvalidVariableError, match=r"min_length|max_length"):
             check_value("string", text, constraints)
 
 

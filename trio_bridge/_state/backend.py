@@ -145,7 +145,7 @@ class MemoryBackend(StateBackend):
     use ``trio.testing.MockClock``."""
 
     def __init__(self, sessions: SessionStore | None = None) -> None:
-        self.sessions = sessions or SessionStore()
+        self.sessions = sessions if sessions is not None else SessionStore()  # an empty store is falsy
         self.on_session_end = []
         self._watchers: dict[str, set[Watcher]] = collections.defaultdict(set)
         self._reaper_wakeup = trio.Event()

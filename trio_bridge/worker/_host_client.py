@@ -47,6 +47,7 @@ class HostClient:
         self.loop = loop
         self.worker_id = worker_id
         self.caches: dict[str, SessionCache] = {}
+        self.refreshes = 0  # round trips made to refresh caches (for tests and benchmarks)
 
     def close(self) -> None:
         self.channel.close()
@@ -58,6 +59,7 @@ class HostClient:
         if cache.version >= at_least and cache.version >= 0:
             return
         reply = await self.stub.get_variables(pb.GetVariablesRequest(session_id=session_id, all=True))
+        self.refreshes += 1
         raise_for(reply.error)
         cache.variables = {v.name: v for v in map(variable_from_wire, reply.variables)}
         cache.version = reply.state_version

@@ -244,6 +244,12 @@ class WorkerService(pb.WorkerServiceBase):
         self.sessions.pop(message.session_id, None)
         if self.host is not None:
             self.host.forget(message.session_id)
+        try:
+            result = self.adapter.on_session_end(message.session_id)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            traceback.print_exc()  # the adapter's bug: report it, keep serving
         return pb.CleanupSessionResponse()
 
     async def shutdown(self, message: pb.ShutdownRequest) -> pb.ShutdownResponse:
