@@ -63,3 +63,12 @@ def test_the_built_in_example_trains_and_classifies_accurately():
     assert accuracy >= 0.9
     served = re.findall(r"│ w\d+\s+│ \d+\s+│ (\d+)\s+│", result.output)
     assert len(served) == 2 and all(int(n) > 0 for n in served)  # both workers classified batches
+
+
+@pytest.mark.real_process
+def test_the_sweep_example_shows_every_call_used_the_current_value():
+    result = runner.invoke(app, ["run", "--example", "sweep", "--workers", "2"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    used, total = map(int, re.search(r"(\d+)/(\d+) calls used the value current at their start", result.output).groups())
+    assert used == total == 56
+    assert "VariableLockedError" in result.output

@@ -29,18 +29,22 @@ def run(
     arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable)")] = None,
     json_args: Annotated[str | None, typer.Option("--json", help="arguments as a JSON object")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="worker processes (default: one per core for the example, else 1)")] = None,
+    example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits or sweep")] = "digits",
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
 
     With no arguments, run the built-in example: train a digits classifier in a worker, streaming
-    its progress, then classify the held-out images across all workers.
+    its progress, then classify the held-out images across all workers. `--example sweep` runs
+    the session-variables example: a Trio optimizer sweeps `temperature` while workers use it.
     """
     import trio
 
     from trio_bridge import TrioBridgeError
 
     if adapter is None:
-        main: Any = lambda: _run_example(workers or os.cpu_count() or 1)  # noqa: E731
+        if example not in EXAMPLES:
+            raise typer.BadParameter(f"--example must be one of {', '.join(EXAMPLES)}, not {example!r}")
+        main: Any = lambda: EXAMPLES[example](workers or os.cpu_count() or 1)  # noqa: E731
     else:
         if tool is None:
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
@@ -195,6 +199,17 @@ async def _run_example(workers: int) -> None:
         if accuracy < 0.9:
             console.print("[red]accuracy below 0.90[/]")
             sys.exit(1)
+
+
+async def _run_sweep(workers: int) -> None:
+    from trio_bridge.examples import sweep
+
+    if not await sweep.run(console, workers):
+        console.print("[red]some calls did not see the value current at their start[/]")
+        sys.exit(1)
+
+
+EXAMPLES = {"digits": lambda workers: _run_example(workers), "sweep": lambda workers: _run_sweep(workers)}
 
 
 def _ms(seconds: float | None) -> str:

@@ -76,17 +76,25 @@ class SessionContext:
         variable (sync tools only: async tools ``await ctx.aset_variable(...)``)."""
         return Variables(self)
 
-    def get_variable(self, name: str) -> Variable:
-        """The variable (``.value``, ``.version``, ``.type``, ...) by name or id.
+    def get_variable(self, name: str, *, fresh: bool = False) -> Variable:
+        """The variable (``.value``, ``.version``, ``.type``, ...) by name or id, as of the
+        call's start (no round trip); with ``fresh=True``, as of now (one round trip; sync tools
+        only -- async tools ``await ctx.aget_variable(name)``).
 
         Raises:
-            VariableNotFoundError: the session had no such variable when the call started.
+            VariableNotFoundError: no such variable (when the call started, or now if fresh).
         """
+        if fresh:
+            return self._blocking(self._session().get_variable(name))
         cache = self._session().cache
         variable = cache.variables.get(name) or next((v for v in cache.variables.values() if v.id == name), None)
         if variable is None:
             raise VariableNotFoundError(f"no variable named {name!r} in session {self.session_id!r}")
         return variable
+
+    async def aget_variable(self, name: str) -> Variable:
+        """The variable as of now, from the host (one round trip), for async tools."""
+        return await self._session().get_variable(name)
 
     def list_variables(self, pattern: str = "*") -> list[str]:
         """Names of the session's variables matching a glob ``pattern``, sorted."""

@@ -91,6 +91,13 @@ class SessionLink:
             self.cache.version = reply.state_version
         return variables
 
+    async def get_variable(self, name: str) -> Variable:
+        reply = await self.client.stub.get_variable(pb.GetVariablesRequest(session_id=self.session_id, names=[name]))
+        raise_for(reply.error)
+        variable = variable_from_wire(reply.variables[0])
+        self.cache.variables[variable.name] = variable
+        return variable
+
     async def set_variable(self, name: str, value: Any, expected_version: int | None) -> Variable:
         request = pb.SetVariableRequest(
             session_id=self.session_id, name=name, value=encode(value, path=f"variable {name!r}"),
