@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from trio_bridge.worker import Adapter, tool
+import time
+
+from trio_bridge.worker import Adapter, SessionContext, tool
 
 
 class Bench(Adapter):
@@ -22,6 +24,18 @@ class Bench(Adapter):
     async def acount(self, n: int):
         for i in range(n):
             yield i
+
+
+    @tool
+    def time_reads(self, ctx: SessionContext, name: str, n: int, fresh: bool) -> list[float]:
+        """Seconds per ``ctx.get_variable`` from a sync tool: cached (as of the call's start)
+        or fresh (a round trip to the host)."""
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            ctx.get_variable(name, fresh=fresh)
+            samples.append(time.perf_counter() - t0)
+        return samples
 
 
 def noop(x: int = 0) -> int:

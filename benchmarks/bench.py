@@ -212,6 +212,47 @@ async def stream_memory(n: int) -> dict[str, float]:
     }
 
 
+async def state(n: int, watchers: int, rounds: int) -> dict[str, Any]:
+    """Variables: reads in a worker tool (cached, fresh), writes from the host, watch fan-out."""
+    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool, pool.session() as session:
+        await session.register_variable("temperature", "float", 0.5)
+        cached = await session.execute("time_reads", {"name": "temperature", "n": n, "fresh": False})
+        fresh = await session.execute("time_reads", {"name": "temperature", "n": n, "fresh": True})
+        writes = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await session.set_variable("temperature", (i % 100) / 100 + 0.001)
+            writes.append(time.perf_counter() - t0)
+
+        fan_out = []
+        received = trio.Semaphore(0)
+
+        async def watcher(ready: trio.Event) -> None:
+            async with session.watch_variables(["temperature"], include_initial=False) as updates:
+                ready.set()
+                async for _ in updates:
+                    received.release()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(watchers):
+                ready = trio.Event()
+                nursery.start_soon(watcher, ready)
+                await ready.wait()
+            for i in range(rounds):
+                t0 = time.perf_counter()
+                await session.set_variable("temperature", 2.0 + i / 1000)
+                for _ in range(watchers):
+                    await received.acquire()
+                fan_out.append(time.perf_counter() - t0)
+            nursery.cancel_scope.cancel()
+    return {
+        "get_variable_cached_in_worker": percentiles(cached),
+        "get_variable_fresh_in_worker": percentiles(fresh),
+        "set_variable_from_host": percentiles(writes),
+        f"watch_fan_out_to_{watchers}_watchers": percentiles(fan_out),
+    }
+
+
 async def time_to_ready(size: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -253,6 +294,7 @@ def main() -> None:
     }
     results["stream_memory"] = trio.run(stream_memory, 100_000 if args.quick else 1_000_000)
     results["time_to_ready_s"] = {str(k): trio.run(time_to_ready, k, 3) for k in (1, 8)}
+    results["state"] = trio.run(state, 500 if args.quick else 2000, 100, 20 if args.quick else 100)
     ready1, ready8 = results["time_to_ready_s"]["1"], results["time_to_ready_s"]["8"]
     results["targets"] = {
         "pool_unary_p50_over_floor_sync_tool": results["pool_execute_sync_tool"]["p50_us"]
@@ -289,6 +331,8 @@ def show(r: dict[str, Any]) -> None:
         f"host RSS, {m['chunks']:,} chunks to a slow consumer",
         f"{m['rss_first_mib']:.1f} → max {m['rss_max_mib']:.1f} → {m['rss_last_mib']:.1f} MiB",
     )
+    for k, v in r["state"].items():
+        table.add_row(f"variables: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.1f} µs   p99 {v['p99_us']:.1f} µs")
     for k, v in r["time_to_ready_s"].items():
         table.add_row(f"time to ready, {k} worker(s)", f"{v:.2f} s")
     t = r["targets"]

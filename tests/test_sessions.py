@@ -96,6 +96,11 @@ async def test_a_worker_watches_changes_made_by_the_host_while_its_tool_runs():
                     await trio.sleep(0.1)
         assert result["seen"] == [["initial", 0.0], ["change", 0.5], ["change", 1.5]]
 
+        async def watch_closed() -> bool:  # the tool returned mid-iteration: its watch ended too
+            return not pool._state._watchers.get(session.id)
+
+        await wait_for(watch_closed)
+
 
 async def test_version_conflicts_locks_history_rollback_and_arrays_through_the_session_api():
     async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:

@@ -39,7 +39,7 @@ class SessionContext:
     generators are closed, so they need no such check.
     """
 
-    __slots__ = ("_cancelled", "_link", "call_id", "deadline", "session_id")
+    __slots__ = ("_cancelled", "_link", "_watches", "call_id", "deadline", "session_id")
 
     def __init__(self, session_id: str, call_id: str, deadline: float | None, link: SessionLink | None = None) -> None:
         self.session_id = session_id
@@ -47,6 +47,7 @@ class SessionContext:
         self.deadline = deadline
         self._cancelled = threading.Event()
         self._link = link
+        self._watches: list[Any] = []  # closed when the call ends
 
     # ---- cancellation and deadline ----
     @property
@@ -148,7 +149,14 @@ class SessionContext:
         """Updates of ``names`` as they happen (async tools): initial values first when
         ``include_initial``, then every change. Ends when the session ends; stops when the
         tool's call ends."""
-        return self._session().watch(names, include_initial)
+        watch = self._session().watch(names, include_initial)
+        self._watches.append(watch)
+        return watch
+
+    async def _close_watches(self) -> None:
+        for watch in self._watches:
+            await watch.aclose()
+        self._watches.clear()
 
     # ---- internals ----
     def _session(self) -> SessionLink:

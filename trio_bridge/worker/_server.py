@@ -162,6 +162,7 @@ class WorkerService(pb.WorkerServiceBase):
         finally:
             if timer is not None:
                 timer.cancel()
+            await ctx._close_watches()
             if not released_by_thread:
                 self._release(message.call_id)
         try:
@@ -233,6 +234,7 @@ class WorkerService(pb.WorkerServiceBase):
             if timer is not None:
                 timer.cancel()
             await source.aclose()
+            await ctx._close_watches()
             if definition.kind == "async_generator":
                 self._release(call_id)
 
