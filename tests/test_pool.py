@@ -267,10 +267,14 @@ async def test_closing_leaves_no_process_and_no_socket_file():
 
 
 async def test_cancelling_the_pool_block_shuts_everything_down():
-    with trio.move_on_after(1.0):
+    with trio.CancelScope() as scope:
         async with trio_bridge.open_pool(ECHO, size=2) as pool:
             pids = [w.pid for w in pool.workers()]
-            await pool.execute("sleep", {"seconds": 30})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pool.execute, "sleep", {"seconds": 30})
+                await wait_for(lambda: pool.statistics().in_flight == 1)
+                scope.cancel()  # mid-call, as a Ctrl-C or an outer timeout would
+    assert scope.cancelled_caught
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
