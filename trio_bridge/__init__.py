@@ -32,8 +32,9 @@ from trio_bridge._errors import (
 )
 
 if TYPE_CHECKING:
-    from trio_bridge._host._pool import ParameterInfo, Pool, PoolStatistics, ToolInfo, open_pool
+    from trio_bridge._host._pool import Pool, PoolStatistics, open_pool
     from trio_bridge._host._session import Optimization, Session
+    from trio_bridge._host._tools import ParameterInfo, ToolInfo
     from trio_bridge._host._worker import WorkerInfo
     from trio_bridge._state.backend import MemoryBackend, SessionInfo, StateBackend
     from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
@@ -87,8 +88,8 @@ _LAZY = {
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
     "PoolStatistics": "trio_bridge._host._pool",
-    "ToolInfo": "trio_bridge._host._pool",
-    "ParameterInfo": "trio_bridge._host._pool",
+    "ToolInfo": "trio_bridge._host._tools",
+    "ParameterInfo": "trio_bridge._host._tools",
     "WorkerInfo": "trio_bridge._host._worker",
 }
 

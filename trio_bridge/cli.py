@@ -65,9 +65,9 @@ def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName"
 
     The adapter is imported here but its setup() is not run.
     """
-    from trio_bridge._host._pool import _tool_info
+    from trio_bridge._host._tools import tool_info
+    from trio_bridge._wire.tool_spec import tool_spec
     from trio_bridge.worker._adapter import collect_tools, load_adapter_class
-    from trio_bridge.worker._server import _tool_spec
 
     try:
         cls = load_adapter_class(adapter)
@@ -80,7 +80,7 @@ def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName"
     table.add_column("parameters")
     table.add_column("description")
     for definition in sorted(collect_tools(cls()).values(), key=lambda d: d.name):
-        info = _tool_info(_tool_spec(definition))
+        info = tool_info(tool_spec(definition))
         params = []
         for p in info.parameters:
             text = f"{p.name}: {p.type or 'any'}"

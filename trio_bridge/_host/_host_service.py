@@ -9,6 +9,7 @@ the host.
 from __future__ import annotations
 
 import contextvars
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,15 +17,18 @@ import grpclib.const
 import grpclib.server
 import trio
 
-from trio_bridge._errors import InvalidArgumentError, TrioBridgeError
+from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
+from trio_bridge._host._tools import iterate_host_tool, run_host_tool
 from trio_bridge._state.backend import StateBackend
-from trio_bridge._wire.codec import decode
-from trio_bridge._wire.errors import error_info
+from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.errors import DEADLINE_EXCEEDED, TOOL_ERROR, error_info
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to_wire
+from trio_bridge._wire.tool_spec import tool_spec
 
 if TYPE_CHECKING:
     from trio_bridge._host._aio import Boundary
+    from trio_bridge._host._pool import Pool
 
 WORKER_METADATA = "x-trio-bridge-worker"
 _DEFAULT_WATCH_HEARTBEAT = 10.0  # seconds
@@ -35,16 +39,110 @@ class HostService(pb.HostServiceBase):
     """Args:
     boundary: the trio-asyncio boundary (handlers cross into Trio through it).
     state: the state backend.
-    on_heartbeat: returns whether the host still knows the worker that sent the heartbeat.
+    pool: the pool (heartbeats, host tools, routed calls).
     """
 
-    def __init__(self, boundary: Boundary, state: StateBackend, on_heartbeat: Callable[[pb.HeartbeatRequest], bool]) -> None:
+    def __init__(self, boundary: Boundary, state: StateBackend, pool: Pool) -> None:
         self._boundary = boundary
         self._state = state
-        self._on_heartbeat = on_heartbeat
+        self._pool = pool
+        self._tools = pool._tools
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self._on_heartbeat(message))
+        return pb.HeartbeatResponse(known=self._pool._heartbeat(message))
+
+    # ---- tools ----
+    async def list_host_tools(self, m: pb.ListHostToolsRequest) -> pb.ListHostToolsReply:
+        return pb.ListHostToolsReply(tools=[tool_spec(t.definition) for t in self._tools.host_tools(m.session_id or None)])
+
+    async def execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        return await self._boundary.call_trio(self._execute_host_tool, m)
+
+    async def _execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        try:
+            tool = self._tools.host_tool(m.tool_name, m.session_id)
+            if tool.definition.streaming:
+                raise InvalidArgumentError(f"host tool {m.tool_name!r} is a streaming tool; call it with stream_host_tool()")
+            arguments = tool.definition.check_arguments(_decode(m.arguments, "arguments"))
+        except TrioBridgeError as exc:
+            return pb.ExecuteToolResponse(error=error_info(exc))
+        with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+            try:
+                result = await run_host_tool(tool, arguments)
+            except Exception as exc:
+                return pb.ExecuteToolResponse(error=error_info(exc, kind=TOOL_ERROR))
+            return _result(result)
+        assert deadline.cancelled_caught
+        return pb.ExecuteToolResponse(error=_deadline_error("host tool", m.tool_name))
+
+    async def execute_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        return await self._boundary.call_trio(self._route, m)
+
+    async def _route(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """A worker's call of another worker's tool, in the caller's session if it has one."""
+        with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+            try:
+                arguments = _decode(m.arguments, "arguments")
+                session = self._pool._session_for(m.session_id) if m.session_id else None
+                result = await self._pool._execute(m.tool_name, arguments, session)
+            except TrioBridgeError as exc:
+                return pb.ExecuteToolResponse(error=error_info(exc))
+            return _result(result)
+        assert deadline.cancelled_caught
+        return pb.ExecuteToolResponse(error=_deadline_error("tool", m.tool_name))
+
+    async def _serve_streaming_host_tool(self, stream: grpclib.server.Stream) -> None:
+        message = await stream.recv_message()
+        assert message is not None
+        await self._boundary.call_trio(self._stream_host_tool, message, stream)
+
+    async def _stream_host_tool(self, m: pb.ExecuteToolRequest, stream: grpclib.server.Stream) -> None:
+        """Trio side: chunks go through a bounded channel; each message carries every chunk
+        ready at the time (so a fast generator is not held back by one crossing per chunk)."""
+        send = self._boundary.run
+        try:
+            tool = self._tools.host_tool(m.tool_name, m.session_id)
+            if not tool.definition.streaming:
+                raise InvalidArgumentError(f"host tool {m.tool_name!r} is not a streaming tool; call it with call_host_tool()")
+            arguments = tool.definition.check_arguments(_decode(m.arguments, "arguments"))
+        except TrioBridgeError as exc:
+            await send(stream.send_message(pb.ToolChunkBatch(error=error_info(exc))))
+            return
+        chunks_in, chunks_out = trio.open_memory_channel[Any](_STREAM_BUFFER)
+        failure: list[pb.ErrorInfo] = []
+
+        async def produce() -> None:
+            async with chunks_in:
+                try:
+                    async for chunk in iterate_host_tool(tool, arguments):
+                        await chunks_in.send(chunk)
+                except Exception as exc:
+                    failure.append(error_info(exc, kind=TOOL_ERROR))
+
+        with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                index = 0
+                async with chunks_out:
+                    async for first in chunks_out:
+                        batch = [first]
+                        while len(batch) < _STREAM_BATCH:
+                            try:
+                                batch.append(chunks_out.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        try:
+                            encoded = [encode(chunk, path=f"chunk[{index + i}]") for i, chunk in enumerate(batch)]
+                        except EncodeError as exc:
+                            nursery.cancel_scope.cancel()
+                            failure.append(error_info(exc))
+                            break
+                        index += len(batch)
+                        await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))
+            if failure:
+                await send(stream.send_message(pb.ToolChunkBatch(error=failure[0])))
+        if deadline.cancelled_caught:
+            await send(stream.send_message(pb.ToolChunkBatch(error=_deadline_error("host tool", m.tool_name))))
 
     # ---- sessions ----
     async def get_session(self, message: pb.GetSessionRequest) -> pb.SessionReply:
@@ -195,9 +293,13 @@ class HostService(pb.HostServiceBase):
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
-        watch_path = "/trio_bridge.v1.HostService/WatchVariables"
+        # Server streams we send ourselves, so cancellation lands inside our code.
+        own = {
+            "/trio_bridge.v1.HostService/WatchVariables": self._serve_watch,
+            "/trio_bridge.v1.HostService/ExecuteStreamingHostTool": self._serve_streaming_host_tool,
+        }
         for path, handler in mapping.items():
-            function = self._serve_watch if path == watch_path else handler.func
+            function = own.get(path, handler.func)
             mapping[path] = grpclib.const.Handler(_with_caller(function), handler.cardinality, handler.request_type, handler.reply_type)
         return mapping
 
@@ -216,6 +318,25 @@ def _with_caller(function: Callable[[grpclib.server.Stream], Awaitable[None]]) -
     return handler
 
 
+_STREAM_BUFFER = 256  # chunks a streaming host tool may run ahead of the sender
+_STREAM_BATCH = 256   # chunks per message
+
+
+def _timeout(m: pb.ExecuteToolRequest) -> float:
+    return m.timeout_seconds if m.timeout_seconds > 0 else math.inf
+
+
+def _result(value: Any) -> pb.ExecuteToolResponse:
+    try:
+        return pb.ExecuteToolResponse(result=encode(value, path="result"))
+    except EncodeError as exc:
+        return pb.ExecuteToolResponse(error=error_info(exc))
+
+
+def _deadline_error(what: str, name: str) -> pb.ErrorInfo:
+    return pb.ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message=f"{what} {name!r} did not finish before the caller's deadline")
+
+
 def _source() -> str:
     return _caller.get() or "worker"
 
@@ -228,6 +349,4 @@ def _decode(payload: pb.Payload | None, what: str) -> Any:
 
 
 def _encode_metadata(metadata: Any) -> pb.Payload:
-    from trio_bridge._wire.codec import encode
-
     return encode(dict(metadata))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import math
 import os
@@ -11,7 +12,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, final
@@ -21,6 +22,7 @@ import trio
 from trio_bridge._errors import (
     InvalidArgumentError,
     PoolClosedError,
+    PoolSaturatedError,
     TrioBridgeError,
     WorkerCrashedError,
     WorkerStartError,
@@ -29,6 +31,7 @@ from trio_bridge._host import _aio
 from trio_bridge._host._dispatch import AFFINITIES, Dispatcher
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._session import Session
+from trio_bridge._host._tools import ToolInfo, ToolRegistry, in_worker_callback, tool_info
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
@@ -58,28 +61,6 @@ class PoolStatistics:
     latency_p50: float | None
     latency_p90: float | None
     latency_p99: float | None
-
-
-@final
-@dataclass(frozen=True)
-class ParameterInfo:
-    name: str
-    type: str
-    required: bool
-    default: Any
-    description: str
-
-
-@final
-@dataclass(frozen=True)
-class ToolInfo:
-    """A tool as listed by :meth:`Pool.tools`. ``side`` is ``"worker"`` (host tools come later)."""
-
-    name: str
-    description: str
-    parameters: tuple[ParameterInfo, ...]
-    streaming: bool
-    side: str = "worker"
 
 
 @final
@@ -118,6 +99,9 @@ class Pool:
         self._failed = 0
         self._cancelled = 0
         self._restarts = 0
+        self._tools = ToolRegistry()
+        self._open_sessions: dict[str, Session] = {}
+        self._parked_calls: collections.Counter[str] = collections.Counter()
 
     def __repr__(self) -> str:
         ready = sum(h.state == "ready" for h in self._handles.values())
@@ -240,15 +224,18 @@ class Pool:
             info = await self._state.get_session(session_id)  # join the existing session
             owned = False
         session = Session(self, self._state, info.id, affinity)
+        self._open_sessions[session.id] = session
         try:
             yield session
         finally:
+            self._open_sessions.pop(session.id, None)
             if owned:
                 with trio.CancelScope(shield=True):
                     await self._state.cleanup_session(session.id)
 
     def _session_ended(self, session_id: str) -> None:
-        """Tell the workers (so they drop per-session objects and caches)."""
+        """Drop its host tools, and tell the workers (so they drop per-session objects and caches)."""
+        self._tools.drop_session(session_id)
         if self._nursery is None:
             return
         request = pb.CleanupSessionRequest(session_id=session_id)
@@ -285,11 +272,40 @@ class Pool:
         )
 
     def tools(self) -> list[ToolInfo]:
-        """The adapter's tools as its workers reported them, sorted by name."""
-        for handle in self._handles.values():
-            if handle.tools:
-                return [_tool_info(spec) for _, spec in sorted(handle.tools.items())]
-        return []
+        """Worker tools (as the workers reported them) and global host tools, sorted by name.
+        ``ToolInfo.side`` tells them apart."""
+        tools = [tool_info(spec) for spec in self._tools.worker_tools.values()]
+        tools += [t.info() for t in self._tools.host_tools(None)]
+        return sorted(tools, key=lambda t: t.name)
+
+    def host_tool(
+        self,
+        function: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        streaming: bool | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """Register a host tool that workers can call (``ctx.call_host_tool(name, ...)``). Use as
+        ``@pool.host_tool`` or ``@pool.host_tool(description=...)``, or call it with the function.
+
+        Host tools may be ``async def`` (run on the Trio loop), plain functions (run in a thread)
+        or (async) generators (streaming: workers use ``ctx.stream_host_tool``). Parameters are
+        derived from the signature and checked before each call. A host tool may call the pool
+        itself; a call that could only deadlock (every worker slot is held by calls waiting on
+        host tools) raises :class:`PoolSaturatedError` instead of hanging.
+
+        Raises:
+            InvalidArgumentError: bad or duplicate name, over-long description or metadata, or a
+                ``streaming`` flag that contradicts the callable.
+        """
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._tools.register(fn, name=name, description=description, streaming=streaming, metadata=metadata)
+            return fn
+
+        return register(function) if function is not None else register
 
     # ---- calls ----
     async def _request(self, tool: str, arguments: dict[str, Any] | None, session: Session | None) -> pb.ExecuteToolRequest:
@@ -307,7 +323,37 @@ class Pool:
             session_id=session_id, session_state_version=state_version,
         )
 
+    @contextmanager
+    def _parked(self, call_id: str) -> Iterator[None]:
+        """While a worker's call ``call_id`` waits on the host (a host tool, a routed call), its
+        slot cannot free; pool calls made meanwhile from there are re-entrant."""
+        self._parked_calls[call_id] += 1
+        token = in_worker_callback.set(True)
+        try:
+            yield
+        finally:
+            in_worker_callback.reset(token)
+            self._parked_calls[call_id] -= 1
+            if not self._parked_calls[call_id]:
+                del self._parked_calls[call_id]
+
+    def _check_reentrancy(self) -> None:
+        if not in_worker_callback.get():
+            return
+        capacity = sum(h.concurrency for h in self._handles.values() if h.accepting)
+        if len(self._parked_calls) >= capacity:
+            raise PoolSaturatedError(
+                f"a host tool (or a worker-to-worker call) called the pool while all {capacity} worker slot(s) "
+                "are held by calls waiting on the host: waiting would deadlock. Open the pool with more "
+                "workers or a higher concurrency, or do not call the pool from this host tool."
+            )
+
+    def _session_for(self, session_id: str) -> Session:
+        session = self._open_sessions.get(session_id)
+        return session if session is not None else Session(self, self._state, session_id, "prefer")
+
     async def _acquire(self, session: Session | None) -> WorkerHandle:
+        self._check_reentrancy()
         if session is None:
             return await self._dispatcher.acquire()
         home = session._worker
@@ -408,6 +454,7 @@ class Pool:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(handle.run)
+                    self._tools.worker_tools = handle.tools
                     if first:
                         task_status.started()
                         first = False
@@ -473,6 +520,7 @@ async def open_pool(
     transport: str = "unix",
     python: str | None = None,
     env: dict[str, str] | None = None,
+    adapter_options: dict[str, Any] | None = None,
     state: StateBackend | None = None,
     max_sessions: int = 10_000,
     max_variables_per_session: int = 1000,
@@ -503,6 +551,8 @@ async def open_pool(
         transport: ``"unix"`` (a socket in a private 0700 directory) or ``"tcp"`` (loopback).
         python: the interpreter for workers (default: the host's).
         env: extra environment variables for the workers.
+        adapter_options: JSON-able options the adapter reads as ``self.options`` (set before
+            ``setup()``), e.g. ``{"allow": ["numpy"]}`` for ``PythonAdapter``.
         state: where sessions and variables live (default: a new in-memory backend with the
             quotas below; a shared backend lets several hosts share sessions).
         max_sessions, max_variables_per_session, max_value_bytes (encoded), history_limit
@@ -529,6 +579,7 @@ async def open_pool(
                     transport=transport, socket_dir=socket_dir, secret=secret,
                     host_address=f"unix:{host_socket}", env=dict(env or {}),
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval,
+                    adapter_options=json.dumps(adapter_options or {}),
                 )
                 if state is None:
                     state = MemoryBackend(SessionStore(
@@ -541,7 +592,7 @@ async def open_pool(
                     health_check_interval=health_check_interval, restart_backoff=restart_backoff, state=state,
                 )
                 state.on_session_end.append(pool._session_ended)
-                async with boundary.serve([HostService(boundary, state, pool._heartbeat)], host_socket, secret):
+                async with boundary.serve([HostService(boundary, state, pool)], host_socket, secret):
                     async with trio.open_nursery() as nursery:
                         pool._nursery = nursery
                         await nursery.start(state.run)
@@ -580,18 +631,6 @@ class _Chunks:
         if type(item) is _Failure:
             raise item.error
         return item
-
-
-def _tool_info(spec: pb.ToolSpec) -> ToolInfo:
-    return ToolInfo(
-        name=spec.name,
-        description=spec.description,
-        parameters=tuple(
-            ParameterInfo(p.name, p.type, p.required, None if p.required else decode(p.default), p.description)
-            for p in spec.parameters
-        ),
-        streaming=spec.streaming,
-    )
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, final
 
@@ -14,6 +14,7 @@ from trio_bridge._state.variables import HistoryEntry, Variable
 
 if TYPE_CHECKING:
     from trio_bridge._host._pool import Pool
+    from trio_bridge._host._tools import ToolInfo
     from trio_bridge._host._worker import WorkerHandle
 
 _SOURCE = "host"
@@ -63,6 +64,27 @@ class Session:
     def stream(self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64) -> Any:
         """:meth:`Pool.stream` in this session."""
         return self._pool._stream(tool, arguments, buffer_size, self)
+
+    # ---- tools ----
+    def register_host_tool(
+        self,
+        function: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        streaming: bool | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Register a host tool that only this session's calls can see (see
+        :meth:`Pool.host_tool`); it goes away with the session."""
+        self._pool._tools.register(
+            function, name=name, description=description, streaming=streaming, metadata=metadata, session_id=self.id
+        )
+
+    def tools(self) -> list[ToolInfo]:
+        """What this session's calls can use: the pool's tools and this session's host tools."""
+        own = [t.info() for t in self._pool._tools.host_tools(self.id) if t.session_id == self.id]
+        return sorted([*self._pool.tools(), *own], key=lambda t: t.name)
 
     # ---- variables ----
     async def register_variable(

@@ -20,7 +20,7 @@ from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._aio import Boundary, TransportError
 from trio_bridge._wire.auth import SECRET_ENV
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge.worker._server import HOST_ADDRESS_ENV, READY_PREFIX, WORKER_ID_ENV
+from trio_bridge.worker._server import ADAPTER_OPTIONS_ENV, HOST_ADDRESS_ENV, READY_PREFIX, WORKER_ID_ENV
 
 T = TypeVar("T")
 
@@ -70,6 +70,7 @@ class WorkerSpec:
     env: dict[str, str]
     startup_timeout: float
     heartbeat_interval: float
+    adapter_options: str = "{}"  # JSON
 
 
 class WorkerHandle:
@@ -206,6 +207,7 @@ class WorkerHandle:
         env[SECRET_ENV] = spec.secret
         env[WORKER_ID_ENV] = self.id
         env[HOST_ADDRESS_ENV] = spec.host_address
+        env[ADAPTER_OPTIONS_ENV] = spec.adapter_options
         # The worker must import what the host can: the host's cwd first, then its PYTHONPATH.
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
         command = [

@@ -48,6 +48,8 @@ _BY_NAME: dict[str, type[TrioBridgeError]] = {
 def error_info(exc: BaseException, *, kind: str | None = None, available: list[str] | None = None) -> ErrorInfo:
     """Describe ``exc`` for the wire. Without ``kind``, our own errors map to theirs and any other
     exception is a tool error carrying its traceback."""
+    if isinstance(exc, ToolError):  # passing on another side's tool error: keep its origin
+        return ErrorInfo(kind=TOOL_ERROR, type=exc.remote_type, message=exc.remote_message, traceback=exc.remote_traceback)
     if kind is None:
         if type(exc).__name__ in _BY_NAME:
             kind = STATE

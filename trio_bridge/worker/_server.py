@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import select
 import sys
@@ -29,7 +30,8 @@ from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire.auth import SECRET_ENV, require_secret
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge.worker._adapter import Adapter, ToolDefinition, collect_tools, load_adapter_class
+from trio_bridge._wire.tool_spec import ToolDefinition, tool_spec
+from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext
 from trio_bridge.worker._host_client import HostClient
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
@@ -37,6 +39,7 @@ from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorS
 READY_PREFIX = "TRIO_BRIDGE_READY "
 HOST_ADDRESS_ENV = "TRIO_BRIDGE_HOST_ADDRESS"
 WORKER_ID_ENV = "TRIO_BRIDGE_WORKER_ID"
+ADAPTER_OPTIONS_ENV = "TRIO_BRIDGE_ADAPTER_OPTIONS"  # JSON object -> Adapter.options
 
 EXIT_ADAPTER_IMPORT = 3
 EXIT_ADAPTER_SETUP = 4
@@ -119,7 +122,7 @@ class WorkerService(pb.WorkerServiceBase):
     async def describe(self, message: pb.DescribeRequest) -> pb.DescribeResponse:
         return pb.DescribeResponse(
             adapter=self.adapter_path,
-            tools=[_tool_spec(t) for t in self.tools.values()],
+            tools=[tool_spec(t) for t in self.tools.values()],
             pid=os.getpid(),
             python_version=sys.version.split()[0],
             concurrency=self.concurrency,
@@ -289,17 +292,6 @@ def _deadline_error() -> pb.ErrorInfo:
     return pb.ErrorInfo(kind=wire_errors.DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
 
 
-def _tool_spec(definition: ToolDefinition) -> pb.ToolSpec:
-    parameters = []
-    for p in definition.parameters:
-        try:
-            default = None if p.required else encode(p.default, path=f"{definition.name}.{p.name} default")
-        except EncodeError:
-            default = encode(repr(p.default))
-        parameters.append(pb.ParameterSpec(name=p.name, type=p.type, required=p.required, default=default, description=p.description))
-    return pb.ToolSpec(name=definition.name, description=definition.description, parameters=parameters, streaming=definition.streaming)
-
-
 # ---------------------------------------------------------------------------------------------
 # process entry point
 
@@ -345,6 +337,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return EXIT_ADAPTER_IMPORT
     try:
         adapter = cls()
+        adapter.options = json.loads(os.environ.get(ADAPTER_OPTIONS_ENV) or "{}")
         result = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)
         if asyncio.iscoroutine(result):
             await result

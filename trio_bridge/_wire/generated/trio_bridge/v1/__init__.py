@@ -21,6 +21,8 @@ __all__ = (
     "HostServiceStub",
     "InitializeSessionRequest",
     "InitializeSessionResponse",
+    "ListHostToolsReply",
+    "ListHostToolsRequest",
     "ListVariablesRequest",
     "OptimizationRequest",
     "ParameterSpec",
@@ -279,6 +281,31 @@ class InitializeSessionResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("trio_bridge.v1", "InitializeSessionResponse", InitializeSessionResponse)
+
+
+@dataclass(eq=False, repr=False)
+class ListHostToolsReply(betterproto2.Message):
+    tools: "list[ToolSpec]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "ListHostToolsReply", ListHostToolsReply)
+
+
+@dataclass(eq=False, repr=False)
+class ListHostToolsRequest(betterproto2.Message):
+    """
+    ---- tools, served by the host ----
+    """
+
+    session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    "": global host tools only
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "ListHostToolsRequest", ListHostToolsRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -937,6 +964,86 @@ class HostServiceStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def list_host_tools(
+        self,
+        message: "ListHostToolsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListHostToolsReply":
+        """
+        Host tools. In ExecuteToolRequest, call_id is the calling worker's own call, and
+        timeout_seconds the time left of its deadline.
+        """
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/ListHostTools",
+            message,
+            ListHostToolsReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def execute_host_tool(
+        self,
+        message: "ExecuteToolRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ExecuteToolResponse":
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/ExecuteHostTool",
+            message,
+            ExecuteToolResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def execute_streaming_host_tool(
+        self,
+        message: "ExecuteToolRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[ToolChunkBatch]":
+
+        async for response in self._unary_stream(
+            "/trio_bridge.v1.HostService/ExecuteStreamingHostTool",
+            message,
+            ToolChunkBatch,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def execute_tool(
+        self,
+        message: "ExecuteToolRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ExecuteToolResponse":
+        """
+        A tool of any worker of the pool, routed by the host (in the caller's session, if any).
+        """
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/ExecuteTool",
+            message,
+            ExecuteToolResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
     async def ping(
@@ -1138,6 +1245,30 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield WatchBatch()
 
+    async def list_host_tools(self, message: "ListHostToolsRequest") -> "ListHostToolsReply":
+        """
+        Host tools. In ExecuteToolRequest, call_id is the calling worker's own call, and
+        timeout_seconds the time left of its deadline.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def execute_host_tool(self, message: "ExecuteToolRequest") -> "ExecuteToolResponse":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def execute_streaming_host_tool(self, message: "ExecuteToolRequest") -> "AsyncIterator[ToolChunkBatch]":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield ToolChunkBatch()
+
+    async def execute_tool(self, message: "ExecuteToolRequest") -> "ExecuteToolResponse":
+        """
+        A tool of any worker of the pool, routed by the host (in the caller's session, if any).
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_heartbeat(self, stream: "grpclib.server.Stream[HeartbeatRequest, HeartbeatResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -1239,6 +1370,41 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
+    async def __rpc_list_host_tools(
+        self, stream: "grpclib.server.Stream[ListHostToolsRequest, ListHostToolsReply]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_host_tools(request)
+        await stream.send_message(response)
+
+    async def __rpc_execute_host_tool(
+        self, stream: "grpclib.server.Stream[ExecuteToolRequest, ExecuteToolResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.execute_host_tool(request)
+        await stream.send_message(response)
+
+    async def __rpc_execute_streaming_host_tool(
+        self, stream: "grpclib.server.Stream[ExecuteToolRequest, ToolChunkBatch]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await self._call_rpc_handler_server_stream(
+            self.execute_streaming_host_tool,
+            stream,
+            request,
+        )
+
+    async def __rpc_execute_tool(
+        self, stream: "grpclib.server.Stream[ExecuteToolRequest, ExecuteToolResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.execute_tool(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/trio_bridge.v1.HostService/Heartbeat": grpclib.const.Handler(
@@ -1330,6 +1496,30 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 WatchVariablesRequest,
                 WatchBatch,
+            ),
+            "/trio_bridge.v1.HostService/ListHostTools": grpclib.const.Handler(
+                self.__rpc_list_host_tools,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListHostToolsRequest,
+                ListHostToolsReply,
+            ),
+            "/trio_bridge.v1.HostService/ExecuteHostTool": grpclib.const.Handler(
+                self.__rpc_execute_host_tool,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ExecuteToolRequest,
+                ExecuteToolResponse,
+            ),
+            "/trio_bridge.v1.HostService/ExecuteStreamingHostTool": grpclib.const.Handler(
+                self.__rpc_execute_streaming_host_tool,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                ExecuteToolRequest,
+                ToolChunkBatch,
+            ),
+            "/trio_bridge.v1.HostService/ExecuteTool": grpclib.const.Handler(
+                self.__rpc_execute_tool,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ExecuteToolRequest,
+                ExecuteToolResponse,
             ),
         }
 
