@@ -85,7 +85,8 @@ def tool_info(spec: pb.ToolSpec, *, side: str = "worker", session_id: str | None
 
 class ToolRegistry:
     """Worker tools and host tools by name. Host tools live in one namespace per session on top
-    of the global one; a name may not be used twice where a caller could see both."""
+    of the global one; a name may not be used twice where a caller could see both. Worker tools
+    are a namespace of their own."""
 
     def __init__(self) -> None:
         self.worker_tools: dict[str, pb.ToolSpec] = {}
@@ -106,7 +107,8 @@ class ToolRegistry:
 
         Raises:
             InvalidArgumentError: bad name (``^[A-Za-z][A-Za-z0-9_.-]{0,63}$``), a name already
-                taken (by a host tool the same callers see, or by a worker tool), a description
+                taken by a host tool the same callers can see (worker tools are a separate
+                namespace: they are called with ``execute``/``call_tool``), a description
                 over 4,096 characters, metadata over 16 KiB encoded, or a ``streaming`` flag
                 that contradicts the callable (streaming tools are generators).
         """
@@ -130,8 +132,6 @@ class ToolRegistry:
         encoded = encode(metadata, path=f"tool {name!r} metadata")
         if len(encoded.json) + sum(map(len, encoded.blobs)) > MAX_METADATA_BYTES:
             raise InvalidArgumentError(f"tool {name!r}: metadata is over {MAX_METADATA_BYTES:,} bytes encoded")
-        if name in self.worker_tools:
-            raise InvalidArgumentError(f"a worker tool is already named {name!r}")
         clashes = [self._global] if session_id is not None else [self._global, *self._sessions.values()]
         if session_id is not None:
             clashes.append(self._sessions.get(session_id, {}))

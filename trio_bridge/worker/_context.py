@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fnmatch
+import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -12,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from trio_bridge._errors import TrioBridgeError, VariableNotFoundError
 from trio_bridge._state.variables import Variable, VariableUpdate
+from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 if TYPE_CHECKING:
-    from trio_bridge.worker._host_client import SessionLink
+    from trio_bridge.worker._host_client import HostClient, SessionLink
 
 __all__ = ["SessionContext"]
 
@@ -39,15 +43,24 @@ class SessionContext:
     generators are closed, so they need no such check.
     """
 
-    __slots__ = ("_cancelled", "_link", "_watches", "call_id", "deadline", "session_id")
+    __slots__ = ("_cancelled", "_host", "_link", "_pending", "_watches", "call_id", "deadline", "session_id")
 
-    def __init__(self, session_id: str, call_id: str, deadline: float | None, link: SessionLink | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        call_id: str,
+        deadline: float | None,
+        link: SessionLink | None = None,
+        host: HostClient | None = None,
+    ) -> None:
         self.session_id = session_id
         self.call_id = call_id
         self.deadline = deadline
         self._cancelled = threading.Event()
         self._link = link
+        self._host = host
         self._watches: list[Any] = []  # closed when the call ends
+        self._pending: set[concurrent.futures.Future[Any]] = set()  # blocking calls, cancelled with the call
 
     # ---- cancellation and deadline ----
     @property
@@ -69,6 +82,8 @@ class SessionContext:
 
     def _cancel(self) -> None:
         self._cancelled.set()
+        for future in list(self._pending):
+            future.cancel()  # cancels the host call (and so the host tool) a sync tool waits on
 
     # ---- variables: reads (from the cache; work in sync and async tools) ----
     @property
@@ -158,6 +173,78 @@ class SessionContext:
             await watch.aclose()
         self._watches.clear()
 
+    # ---- tools in both directions ----
+    def call_host_tool(self, name: str, /, **arguments: Any) -> Any:
+        """Call a host tool (registered with ``pool.host_tool`` or ``session.register_host_tool``)
+        and return its result. Sync tools only; async tools ``await ctx.acall_host_tool(...)``.
+        Cancelling this tool's call cancels the host tool; the call's deadline applies to it.
+
+        Raises:
+            ToolNotFoundError: no such host tool (the message lists the available ones).
+            InvalidArgumentError: the arguments do not fit its parameters.
+            ToolError: the host tool raised (with the host's traceback).
+        """
+        return self._blocking(self._client().call(True, self._request(name, arguments)))
+
+    async def acall_host_tool(self, name: str, /, **arguments: Any) -> Any:
+        """:meth:`call_host_tool` for async tools."""
+        return await self._client().call(True, self._request(name, arguments))
+
+    def stream_host_tool(self, name: str, /, **arguments: Any) -> Iterator[Any]:
+        """Iterate over a streaming host tool's chunks (sync tools)."""
+        batches = self._client().stream_host_tool(self._request(name, arguments))
+        try:
+            while True:
+                try:
+                    batch = self._blocking(batches.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield from batch
+        finally:
+            asyncio.run_coroutine_threadsafe(batches.aclose(), self._client().loop)
+
+    async def astream_host_tool(self, name: str, /, **arguments: Any) -> AsyncIterator[Any]:
+        """Iterate over a streaming host tool's chunks (async tools)."""
+        batches = self._client().stream_host_tool(self._request(name, arguments))
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    def call_tool(self, name: str, /, **arguments: Any) -> Any:
+        """Call a tool of any worker of the pool (routed by the host, in this call's session).
+        Sync tools only; async tools ``await ctx.acall_tool(...)``."""
+        return self._blocking(self._client().call(False, self._request(name, arguments)))
+
+    async def acall_tool(self, name: str, /, **arguments: Any) -> Any:
+        """:meth:`call_tool` for async tools."""
+        return await self._client().call(False, self._request(name, arguments))
+
+    @property
+    def host_tools(self) -> HostTools:
+        """The host tools as functions: ``ctx.host_tools.lookup(word="cat")``, each with the
+        tool's ``__doc__`` and ``__signature__``; ``ctx.host_tools["name.with.dots"]`` works too.
+        Sync tools only (listing them is a round trip); async tools ``await ctx.ahost_tools()``."""
+        return HostTools(self, self._blocking(self._client().list_host_tools(self.session_id)), asynchronous=False)
+
+    async def ahost_tools(self) -> HostTools:
+        """:attr:`host_tools` for async tools: its functions are coroutine functions."""
+        return HostTools(self, await self._client().list_host_tools(self.session_id), asynchronous=True)
+
+    def _request(self, name: str, arguments: dict[str, Any]) -> pb.ExecuteToolRequest:
+        remaining = self.time_remaining()
+        return pb.ExecuteToolRequest(
+            tool_name=name, arguments=encode(arguments, path="arguments"), session_id=self.session_id,
+            call_id=self.call_id, timeout_seconds=0.0 if remaining is None else max(remaining, 1e-3),
+        )
+
+    def _client(self) -> HostClient:
+        if self._host is None:
+            raise TrioBridgeError("this worker has no connection to a host (it was not started by a pool)")
+        return self._host
+
     # ---- internals ----
     def _session(self) -> SessionLink:
         if self._link is None:
@@ -168,22 +255,78 @@ class SessionContext:
         return self._link
 
     def _blocking(self, coro: Any) -> Any:
-        link = self._session()
+        loop = self._client().loop
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is link.loop:
+        if running is loop:
             coro.close()
             raise RuntimeError(
                 "this SessionContext method blocks, and async tools run on the worker's event loop: "
-                "use its awaitable form (e.g. `await ctx.aset_variable(...)`)"
+                "use its awaitable form (e.g. `await ctx.aset_variable(...)`, `await ctx.acall_host_tool(...)`)"
             )
-        return asyncio.run_coroutine_threadsafe(coro, link.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        self._pending.add(future)
+        try:
+            return future.result()
+        finally:
+            self._pending.discard(future)
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "active"
         return f"<SessionContext session={self.session_id!r} call={self.call_id!r} {state}>"
+
+
+class HostTools:
+    """``ctx.host_tools``: the host tools this call can see, as functions."""
+
+    def __init__(self, ctx: SessionContext, specs: list[pb.ToolSpec], *, asynchronous: bool) -> None:
+        self._tools = {spec.name: _proxy(ctx, spec, asynchronous) for spec in specs}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._tools[name]
+        except KeyError:
+            raise AttributeError(
+                f"no host tool named {name!r}; available: {', '.join(sorted(self._tools)) or '(none)'}"
+            ) from None
+
+    __getitem__ = __getattr__
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._tools)
+
+    def __repr__(self) -> str:
+        return f"<HostTools {', '.join(sorted(self._tools))}>"
+
+
+def _proxy(ctx: SessionContext, spec: pb.ToolSpec, asynchronous: bool) -> Any:
+    if spec.streaming:
+        function: Any = ctx.astream_host_tool if asynchronous else ctx.stream_host_tool
+    else:
+        function = ctx.acall_host_tool if asynchronous else ctx.call_host_tool
+
+    if asynchronous and not spec.streaming:
+        async def proxy(**arguments: Any) -> Any:
+            return await function(spec.name, **arguments)
+    else:
+        def proxy(**arguments: Any) -> Any:
+            return function(spec.name, **arguments)
+
+    parameters = [
+        inspect.Parameter(
+            p.name, inspect.Parameter.KEYWORD_ONLY,
+            default=inspect.Parameter.empty if p.required else decode(p.default),
+            annotation=p.type or inspect.Parameter.empty,
+        )
+        for p in spec.parameters
+    ]
+    proxy.__name__ = proxy.__qualname__ = spec.name
+    proxy.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    described = [f"{p.name}: {p.description}" for p in spec.parameters if p.description]
+    proxy.__doc__ = spec.description + ("\n\nArgs:\n    " + "\n    ".join(described) if described else "")
+    return proxy
 
 
 class Variables(Mapping[str, Any]):

@@ -11,7 +11,7 @@ from grpclib.client import Channel
 
 from trio_bridge._state.variables import Variable, VariableUpdate
 from trio_bridge._wire.auth import SECRET_METADATA
-from trio_bridge._wire.codec import encode
+from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire, variable_from_wire
@@ -63,6 +63,28 @@ class HostClient:
         raise_for(reply.error)
         cache.variables = {v.name: v for v in map(variable_from_wire, reply.variables)}
         cache.version = reply.state_version
+
+    # ---- tools ----
+    async def list_host_tools(self, session_id: str) -> list[pb.ToolSpec]:
+        reply = await self.stub.list_host_tools(pb.ListHostToolsRequest(session_id=session_id))
+        raise_for(reply.error)
+        return list(reply.tools)
+
+    async def call(self, host_tool: bool, request: pb.ExecuteToolRequest) -> Any:
+        """A host tool (``host_tool``) or a tool of any worker, routed by the host."""
+        method = self.stub.execute_host_tool if host_tool else self.stub.execute_tool
+        reply = await method(request)
+        if reply.error is not None:
+            raise exception_from(reply.error, request.tool_name)
+        return decode(reply.result)
+
+    async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncIterator[list[Any]]:
+        """The host tool's chunks, a message's worth (a list) at a time."""
+        async for batch in self.stub.execute_streaming_host_tool(request):
+            if batch.chunks:
+                yield [decode(chunk) for chunk in batch.chunks]
+            if batch.error is not None:
+                raise exception_from(batch.error, request.tool_name)
 
     def forget(self, session_id: str) -> None:
         self.caches.pop(session_id, None)

@@ -89,7 +89,7 @@ class WorkerService(pb.WorkerServiceBase):
         arguments = definition.check_arguments(arguments)
         deadline = time.monotonic() + request.timeout_seconds if request.timeout_seconds > 0 else None
         link = self.host.link(request.session_id) if request.session_id and self.host is not None else None
-        ctx = SessionContext(request.session_id, request.call_id, deadline, link)
+        ctx = SessionContext(request.session_id, request.call_id, deadline, link, self.host)
         if definition.context_parameter:
             arguments[definition.context_parameter] = ctx
         self.active[request.call_id] = ctx
