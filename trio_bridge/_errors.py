@@ -135,6 +135,10 @@ class VariableLockedError(VariableError):
     """Another optimizer holds the variable's optimization lock."""
 
 
+class StoredObjectLostError(TrioBridgeError):
+    """An object a session stored in a worker (``store_as``) went away with that worker."""
+
+
 class WorkerError(TrioBridgeError):
     """Base class for a worker process that failed to start or died.
 

@@ -129,9 +129,17 @@ class Pool:
         """
         return await self._execute(tool, arguments, None)
 
-    async def _execute(self, tool: str, arguments: dict[str, Any] | None, session: Session | None) -> Any:
+    async def call(self, target: str, *args: Any, **kwargs: Any) -> Any:
+        """With the ``PythonAdapter``: call (or read) ``target``, a dotted path in an allowed
+        module, and return the result: ``await pool.call("numpy.linalg.norm", [3, 4])``. To keep
+        objects in a worker, use :meth:`Session.call` with ``store_as``."""
+        return await self._execute("call", {"target": target, "args": list(args), "kwargs": kwargs}, None)
+
+    async def _execute(
+        self, tool: str, arguments: dict[str, Any] | None, session: Session | None, affinity: str | None = None
+    ) -> Any:
         request = await self._request(tool, arguments, session)
-        worker = await self._acquire(session)
+        worker = await self._acquire(session, affinity)
         started = trio.current_time()
         finished = False
         try:
@@ -352,12 +360,12 @@ class Pool:
         session = self._open_sessions.get(session_id)
         return session if session is not None else Session(self, self._state, session_id, "prefer")
 
-    async def _acquire(self, session: Session | None) -> WorkerHandle:
+    async def _acquire(self, session: Session | None, affinity: str | None = None) -> WorkerHandle:
         self._check_reentrancy()
         if session is None:
             return await self._dispatcher.acquire()
         home = session._worker
-        worker = await self._dispatcher.acquire(home, session.affinity)
+        worker = await self._dispatcher.acquire(home, affinity or session.affinity)
         if home is None or (home is not worker and not self._dispatcher.has(home)):
             if home is not None:
                 session.moves += 1

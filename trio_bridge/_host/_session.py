@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, final
 
 import trio
 
-from trio_bridge._errors import SessionNotFoundError
+from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError
+from trio_bridge._errors import _signal_name as _signal_of
 from trio_bridge._state.backend import SessionInfo, StateBackend, Watcher
 from trio_bridge._state.variables import HistoryEntry, Variable
 
@@ -44,6 +46,7 @@ class Session:
         self.affinity = affinity
         self._worker: WorkerHandle | None = None
         self.moves = 0
+        self._stored_on: dict[str, WorkerHandle] = {}  # PythonAdapter objects: name -> the worker keeping it
 
     def __repr__(self) -> str:
         return f"<Session {self.id} affinity={self.affinity} worker={self.worker_id}>"
@@ -64,6 +67,63 @@ class Session:
     def stream(self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64) -> Any:
         """:meth:`Pool.stream` in this session."""
         return self._pool._stream(tool, arguments, buffer_size, self)
+
+    # ---- "call any Python" (the PythonAdapter) ----
+    async def call(self, target: str, *args: Any, store_as: str | None = None, **kwargs: Any) -> Any:
+        """Call (or read) ``target`` in this session's worker: a dotted path in an allowed module,
+        or ``"stored.NAME[.method]"``. With ``store_as``, keep the result there under that name
+        and return ``{"stored": name, "type": ...}``. Calls go to the session's worker only
+        (affinity ``"strict"``), since that is where its objects live.
+
+        Raises:
+            StoredObjectLostError: a stored object it needs went away with its worker.
+            ToolError: the call raised (``PermissionError`` for a module outside the allowlist).
+        """
+        step = {"target": target, "args": list(args), "kwargs": kwargs, "store_as": store_as}
+        return await self._python("call", step, [store_as] if store_as else [])
+
+    async def pipeline(self, steps: list[dict[str, Any]]) -> list[Any]:
+        """Run several steps in one round trip: each ``{"call": target, "args": [...],
+        "kwargs": {...}, "store_as": name}``; later steps may use what earlier ones stored."""
+        return await self._python("pipeline", {"steps": steps}, [s["store_as"] for s in steps if s.get("store_as")])
+
+    async def retrieve(self, name: str) -> Any:
+        """A stored object's value (when it can be encoded)."""
+        return await self._python("retrieve", {"name": name}, [])
+
+    async def list_stored(self) -> dict[str, str]:
+        """This session's stored objects: name -> type."""
+        return await self._python("list_stored", {}, [])
+
+    async def delete_stored(self, name: str) -> bool:
+        self._stored_on.pop(name, None)
+        return await self._python("delete_stored", {"name": name}, [])
+
+    async def _python(self, tool: str, arguments: dict[str, Any], storing: list[str]) -> Any:
+        try:
+            result = await self._pool._execute(tool, arguments, self, affinity="strict")
+        except ToolError as exc:
+            if exc.remote_type == "StoredObjectNotFoundError":
+                self._raise_if_lost(exc)
+            raise
+        for name in storing:
+            assert self._worker is not None
+            self._stored_on[name] = self._worker
+        return result
+
+    def _raise_if_lost(self, exc: ToolError) -> None:
+        match = re.search(r"named '(\w+)'", exc.remote_message)
+        keeper = self._stored_on.get(match.group(1)) if match else None
+        if keeper is not None and keeper is not self._worker:
+            lost = sorted(n for n, w in self._stored_on.items() if w is keeper)
+            for name in lost:
+                del self._stored_on[name]
+            died = f"killed by {keeper_signal}" if (keeper_signal := _signal_of(keeper.exit_code)) else f"exit code {keeper.exit_code}"
+            raise StoredObjectLostError(
+                f"stored object(s) {', '.join(map(repr, lost))} of session {self.id} were kept by worker "
+                f"{keeper.id}, which is gone ({died}); objects stored in a worker do not survive it: "
+                "create them again"
+            ) from exc
 
     # ---- tools ----
     def register_host_tool(

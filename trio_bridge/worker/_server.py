@@ -158,7 +158,7 @@ class WorkerService(pb.WorkerServiceBase):
                 except Exception as exc:
                     if isinstance(exc, TimeoutError) and scope.expired():
                         raise
-                    return pb.ExecuteToolResponse(error=wire_errors.error_info(exc, kind=wire_errors.TOOL_ERROR))
+                    return pb.ExecuteToolResponse(error=_tool_failure(exc))
         except TimeoutError:
             ctx._cancel()
             return pb.ExecuteToolResponse(error=_deadline_error())
@@ -213,7 +213,7 @@ class WorkerService(pb.WorkerServiceBase):
                         items, finished = await source.next_batch(_MAX_BATCH)
                     except Exception as exc:
                         await stream.send_message(
-                            pb.ToolChunkBatch(error=wire_errors.error_info(exc, kind=wire_errors.TOOL_ERROR))
+                            pb.ToolChunkBatch(error=_tool_failure(exc))
                         )
                         return
                     chunks = []
@@ -286,6 +286,13 @@ def _error_info(exc: BaseException) -> pb.ErrorInfo:
     if isinstance(exc, _ShuttingDown):
         return wire_errors.error_info(exc, kind=wire_errors.SHUTTING_DOWN)
     return wire_errors.error_info(exc)
+
+
+def _tool_failure(exc: BaseException) -> pb.ErrorInfo:
+    """What a tool raised: a ToolError, unless it deliberately said the call itself was wrong."""
+    if isinstance(exc, (InvalidArgumentError, EncodeError)):
+        return wire_errors.error_info(exc)
+    return wire_errors.error_info(exc, kind=wire_errors.TOOL_ERROR)
 
 
 def _deadline_error() -> pb.ErrorInfo:
