@@ -38,5 +38,26 @@ class Bench(Adapter):
         return samples
 
 
+    @tool
+    def time_host_tool_calls(self, ctx: SessionContext, n: int) -> list[float]:
+        """Seconds per call of the host tool ``echo`` from a sync tool."""
+        samples = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            ctx.call_host_tool("echo", x=i)
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+    @tool
+    def time_worker_calls(self, ctx: SessionContext, n: int) -> list[float]:
+        """Seconds per call of another worker's ``noop`` through the host."""
+        samples = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            ctx.call_tool("noop", x=i)
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+
 def noop(x: int = 0) -> int:
     return x

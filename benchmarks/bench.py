@@ -253,6 +253,19 @@ async def state(n: int, watchers: int, rounds: int) -> dict[str, Any]:
     }
 
 
+async def tools(n: int) -> dict[str, Any]:
+    """Calls from a worker tool: to a host tool, and to another worker's tool."""
+    async with trio_bridge.open_pool(ADAPTER, size=2, health_check_interval=0) as pool:
+
+        @pool.host_tool
+        async def echo(x: int) -> int:
+            return x
+
+        to_host = await pool.execute("time_host_tool_calls", {"n": n})
+        to_worker = await pool.execute("time_worker_calls", {"n": n})
+    return {"worker_to_host_tool": percentiles(to_host), "worker_to_worker_tool": percentiles(to_worker)}
+
+
 async def time_to_ready(size: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -295,6 +308,7 @@ def main() -> None:
     results["stream_memory"] = trio.run(stream_memory, 100_000 if args.quick else 1_000_000)
     results["time_to_ready_s"] = {str(k): trio.run(time_to_ready, k, 3) for k in (1, 8)}
     results["state"] = trio.run(state, 500 if args.quick else 2000, 100, 20 if args.quick else 100)
+    results["tools"] = trio.run(tools, 300 if args.quick else 1000)
     ready1, ready8 = results["time_to_ready_s"]["1"], results["time_to_ready_s"]["8"]
     results["targets"] = {
         "pool_unary_p50_over_floor_sync_tool": results["pool_execute_sync_tool"]["p50_us"]
@@ -333,6 +347,8 @@ def show(r: dict[str, Any]) -> None:
     )
     for k, v in r["state"].items():
         table.add_row(f"variables: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.1f} µs   p99 {v['p99_us']:.1f} µs")
+    for k, v in r["tools"].items():
+        table.add_row(f"tools: {k.replace('_', ' ')} call", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
     for k, v in r["time_to_ready_s"].items():
         table.add_row(f"time to ready, {k} worker(s)", f"{v:.2f} s")
     t = r["targets"]

@@ -72,3 +72,21 @@ def test_the_sweep_example_shows_every_call_used_the_current_value():
     used, total = map(int, re.search(r"(\d+)/(\d+) calls used the value current at their start", result.output).groups())
     assert used == total == 56
     assert "VariableLockedError" in result.output
+
+
+@pytest.mark.real_process
+def test_the_tools_example_and_host_tools_from_the_command_line():
+    result = runner.invoke(app, ["run", "--example", "tools", "--workers", "2"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "host   streaming tool tail" in result.output and "worker tool research" in result.output
+    result = runner.invoke(app, [
+        "run", "trio_bridge.examples.agent:Researcher", "research", "--arg", "topic=dog", "--workers", "2",
+        "--host-tools", "trio_bridge.examples.agent:lookup,trio_bridge.examples.agent:tail",
+    ], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "'related': ['canine', 'puppy', 'hound', 'wolf', 'terrier']" in result.output
+
+
+def test_host_tools_option_says_what_it_cannot_load():
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "pid", "--host-tools", "trio_bridge.examples.agent:nope"])
+    assert result.exit_code == 2 and "cannot load 'trio_bridge.examples.agent:nope'" in result.output

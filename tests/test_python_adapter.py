@@ -20,7 +20,7 @@ ALLOW = {"allow": ["numpy", "sklearn"]}
 
 async def test_nothing_is_allowed_until_configured():
     async with trio_bridge.open_pool(PYTHON, size=1) as pool:
-        with pytest.raises(ToolError, match="no module is allowed yet.*adapter_options=") as info:
+        with pytest.raises(ToolError, match=r"no module is allowed yet.*adapter_options=") as info:
             await pool.call("numpy.linalg.norm", [3, 4])
         assert info.value.remote_type == "PermissionError"
 

@@ -29,13 +29,15 @@ def run(
     arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable)")] = None,
     json_args: Annotated[str | None, typer.Option("--json", help="arguments as a JSON object")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="worker processes (default: one per core for the example, else 1)")] = None,
-    example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits or sweep")] = "digits",
+    example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep or tools")] = "digits",
+    host_tools: Annotated[str | None, typer.Option("--host-tools", help="host tools for the workers: module:function,...")] = None,
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
 
     With no arguments, run the built-in example: train a digits classifier in a worker, streaming
     its progress, then classify the held-out images across all workers. `--example sweep` runs
     the session-variables example: a Trio optimizer sweeps `temperature` while workers use it.
+    `--example tools`: worker tools calling host tools and each other.
     """
     import trio
 
@@ -48,7 +50,8 @@ def run(
     else:
         if tool is None:
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
-        main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1)  # noqa: E731
+        functions = _load_host_tools(host_tools)
+        main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1, functions)  # noqa: E731
     try:
         trio.run(main)
     except KeyboardInterrupt:
@@ -120,11 +123,29 @@ def _coerce(text: str, annotation: str) -> Any:
         return text
 
 
-async def _run_tool(adapter: str, tool: str, pairs: list[str], json_args: str | None, workers: int) -> None:
+def _load_host_tools(spec: str | None) -> list[Any]:
+    """``"module:function,module:function"`` -> the functions."""
+    import importlib
+
+    functions = []
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        module_name, sep, name = item.partition(":")
+        if not sep:
+            raise typer.BadParameter(f"--host-tools takes module:function items, got {item!r}")
+        try:
+            functions.append(getattr(importlib.import_module(module_name), name))
+        except (ImportError, AttributeError) as exc:
+            raise typer.BadParameter(f"--host-tools: cannot load {item!r}: {type(exc).__name__}: {exc}") from None
+    return functions
+
+
+async def _run_tool(adapter: str, tool: str, pairs: list[str], json_args: str | None, workers: int, host_tools: list[Any]) -> None:
     import trio_bridge
 
     async with trio_bridge.open_pool(adapter, size=workers) as pool:
-        specs = {t.name: t for t in pool.tools()}
+        for function in host_tools:
+            pool.host_tool(function)
+        specs = {t.name: t for t in pool.tools() if t.side == "worker"}
         spec = specs.get(tool)
         if spec is None:
             raise trio_bridge.ToolNotFoundError(tool, list(specs))
@@ -209,7 +230,19 @@ async def _run_sweep(workers: int) -> None:
         sys.exit(1)
 
 
-EXAMPLES = {"digits": lambda workers: _run_example(workers), "sweep": lambda workers: _run_sweep(workers)}
+async def _run_tools_example(workers: int) -> None:
+    from trio_bridge.examples import agent
+
+    if not await agent.run(console, workers):
+        console.print("[red]a research call came back incomplete[/]")
+        sys.exit(1)
+
+
+EXAMPLES = {
+    "digits": lambda workers: _run_example(workers),
+    "sweep": lambda workers: _run_sweep(workers),
+    "tools": lambda workers: _run_tools_example(workers),
+}
 
 
 def _ms(seconds: float | None) -> str:
