@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from trio_bridge._state.sessions import SessionRecord, SessionStore
-from trio_bridge._state.variables import Change, HistoryEntry, Variable, VariableUpdate
+from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 
 __all__ = ["MemoryBackend", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
 
@@ -190,7 +190,7 @@ class MemoryBackend(StateBackend):
         record = self._touch(session_id)
         variable = record.variables.register(name, type_name, value, constraints=constraints, metadata=metadata, source=source)
         record.state_version += 1
-        self._notify(record, [Change(name, None, variable.value, 0, source, "change")])
+        self._notify(record, [VariableUpdate(name, None, variable.value, 0, source, "change", variable.created_at)])
         return variable, record.state_version
 
     async def get_variables(self, session_id, keys):  # type: ignore[no-untyped-def]
@@ -271,15 +271,13 @@ class MemoryBackend(StateBackend):
     def _touch(self, session_id: str) -> SessionRecord:
         return self.sessions.touch(session_id, trio.current_time())
 
-    def _notify(self, record: SessionRecord, changes: list[Change]) -> None:
+    def _notify(self, record: SessionRecord, updates: list[VariableUpdate]) -> None:
         watchers = self._watchers.get(record.id)
         if not watchers:
             return
-        now = time.time()
-        for change in changes:
-            update = VariableUpdate(change.name, change.old_value, change.new_value, change.version, change.source, change.kind, now)
+        for update in updates:
             for watcher in watchers:
-                if change.name in watcher.names:
+                if update.name in watcher.names:
                     watcher.push(update)
 
 

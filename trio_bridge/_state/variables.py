@@ -1,7 +1,7 @@
 """Typed, versioned variables of one session (pure, synchronous, sans-IO).
 
-Each operation either changes the store and returns what changed, or raises and changes nothing.
-The async backend turns the returned :class:`Change` records into watch notifications.
+Each operation either changes the store and returns what changed (as :class:`VariableUpdate`
+records, which the async backend hands to watchers), or raises and changes nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from trio_bridge._errors import (
 )
 from trio_bridge._state.types import check_constraints, check_value, values_equal
 
-__all__ = ["Change", "HistoryEntry", "Variable", "VariableStore", "VariableUpdate"]
+__all__ = ["HistoryEntry", "Variable", "VariableStore", "VariableUpdate"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _ids = itertools.count(1)
@@ -75,18 +75,6 @@ class HistoryEntry:
     value: Any
     updated_at: float
     source: str
-
-
-@dataclass(frozen=True)
-class Change:
-    """What a write did, for watchers. ``kind`` is ``"change"`` or ``"delete"``."""
-
-    name: str
-    old_value: Any
-    new_value: Any
-    version: int
-    source: str
-    kind: str
 
 
 @dataclass(frozen=True)
@@ -206,8 +194,8 @@ class VariableStore:
         source: str = "host",
         optimizer_id: str | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> tuple[Variable, Change | None]:
-        """Set a value. Setting an equal value changes nothing (same version, no Change).
+    ) -> tuple[Variable, VariableUpdate | None]:
+        """Set a value. Setting an equal value changes nothing (same version, no update).
 
         Raises:
             VariableNotFoundError, InvalidVariableError, QuotaExceededError,
@@ -225,7 +213,7 @@ class VariableStore:
         atomic: bool,
         source: str = "host",
         optimizer_id: str | None = None,
-    ) -> tuple[dict[str, Variable | Exception], list[Change]]:
+    ) -> tuple[dict[str, Variable | Exception], list[VariableUpdate]]:
         """Set several variables.
 
         With ``atomic=True`` every value is validated first and either all are written or none
@@ -233,7 +221,7 @@ class VariableStore:
         result maps each name to its new Variable or to the error that refused it.
         """
         results: dict[str, Variable | Exception] = {}
-        changes: list[Change] = []
+        changes: list[VariableUpdate] = []
         if atomic:
             checked = []
             for key, value in updates.items():
@@ -256,7 +244,7 @@ class VariableStore:
                 changes.append(change)
         return results, changes
 
-    def delete(self, key: str, *, source: str = "host") -> Change:
+    def delete(self, key: str, *, source: str = "host") -> VariableUpdate:
         """Remove a variable and its dependency edges. Raises VariableNotFoundError;
         VariableLockedError while an optimizer holds it."""
         slot = self._slot(key)
@@ -271,9 +259,9 @@ class VariableStore:
         for other in self._slots.values():
             if variable.name in other.variable.depends_on:
                 other.variable = replace(other.variable, depends_on=tuple(d for d in other.variable.depends_on if d != variable.name))
-        return Change(variable.name, variable.value, None, variable.version + 1, source, "delete")
+        return VariableUpdate(variable.name, variable.value, None, variable.version + 1, source, "delete", self._clock())
 
-    def rollback(self, key: str, version: int, *, source: str = "host", optimizer_id: str | None = None) -> tuple[Variable, Change | None]:
+    def rollback(self, key: str, version: int, *, source: str = "host", optimizer_id: str | None = None) -> tuple[Variable, VariableUpdate | None]:
         """Set the value the variable had at ``version`` (a new version; history is kept).
 
         Raises:
@@ -363,7 +351,7 @@ class VariableStore:
                 f"value for {name!r} is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
             )
 
-    def _apply(self, slot: _Slot, value: Any, source: str, metadata: dict[str, Any] | None) -> tuple[Variable, Change | None]:
+    def _apply(self, slot: _Slot, value: Any, source: str, metadata: dict[str, Any] | None) -> tuple[Variable, VariableUpdate | None]:
         old = slot.variable
         if values_equal(old.value, value):
             return old, None
@@ -371,7 +359,7 @@ class VariableStore:
         new_metadata = {**old.metadata, **metadata} if metadata else old.metadata
         slot.variable = replace(old, value=value, version=old.version + 1, updated_at=now, source=source, metadata=new_metadata)
         slot.history.append(HistoryEntry(slot.variable.version, value, now, source))
-        return slot.variable, Change(old.name, old.value, value, slot.variable.version, source, "change")
+        return slot.variable, VariableUpdate(old.name, old.value, value, slot.variable.version, source, "change", now)
 
     def _reaches(self, start: str, target: str) -> bool:
         stack, seen = [start], set()
