@@ -266,6 +266,18 @@ async def test_closing_leaves_no_process_and_no_socket_file():
         await pool.execute("add", {"a": 1})
 
 
+async def test_closing_a_pool_whose_worker_hangs_is_bounded():
+    started = trio.current_time()
+    async with trio_bridge.open_pool(ECHO, size=1, shutdown_timeout=0.5, health_check_interval=0) as pool:
+        pid = await pool.execute("pid")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.execute, "block_loop", {"seconds": 60})  # its event loop stops answering
+            await wait_for(lambda: pool.statistics().in_flight == 1)
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - started < 20
+    assert not _running(pid)
+
+
 async def test_cancelling_the_pool_block_shuts_everything_down():
     with trio.CancelScope() as scope:
         async with trio_bridge.open_pool(ECHO, size=2) as pool:

@@ -325,11 +325,12 @@ class WorkerHandle:
         if self._stub is None or not self.alive:
             return
         self.state = "draining"
-        try:
-            await self._boundary.run(self._stub.shutdown(pb.ShutdownRequest(grace_seconds=grace)))
-        except TransportError:
-            return
+        # Bounded even if the worker no longer answers: the pool then terminates it.
         with trio.move_on_after(grace + 1):
+            try:
+                await self._boundary.run(self._stub.shutdown(pb.ShutdownRequest(grace_seconds=grace)))
+            except TransportError:
+                return
             await self.exited.wait()
 
 
