@@ -49,3 +49,34 @@ async def test_bad_requests_get_clear_errors_and_change_nothing():
                 assert await pool.execute("pid") > 0  # the host still serves
         finally:
             channel.close()
+
+
+async def test_the_callers_deadline_bounds_host_tools_and_routed_calls():
+    import trio
+
+    async with trio_bridge.open_pool("tests.adapters:Echo", size=2) as pool:
+        cancelled = []
+
+        @pool.host_tool
+        async def slow(seconds: float) -> str:
+            try:
+                await trio.sleep(seconds)
+            except trio.Cancelled:
+                cancelled.append(True)
+                raise
+            return "done"
+
+        run = pool._boundary.loop.run_aio_coroutine
+        channel = Channel(path=pool._spec.host_address.removeprefix("unix:"))
+        try:
+            stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
+            started = trio.current_time()
+            request = pb.ExecuteToolRequest(tool_name="slow", arguments=encode({"seconds": 30}), call_id="c-x", timeout_seconds=0.3)
+            reply = await run(stub.execute_host_tool(request))
+            assert reply.error.kind == "deadline_exceeded" and "deadline" in reply.error.message
+            assert trio.current_time() - started < 5 and cancelled == [True]
+            routed = pb.ExecuteToolRequest(tool_name="sleep", arguments=encode({"seconds": 30}), call_id="c-y", timeout_seconds=0.3)
+            reply = await run(stub.execute_tool(routed))
+            assert reply.error.kind == "deadline_exceeded"
+        finally:
+            channel.close()

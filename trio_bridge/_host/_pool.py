@@ -474,7 +474,7 @@ class Pool:
                     raise
                 if first:
                     raise error from None
-                _log(f"restart of slot {slot} failed: {error}")
+                _logger.warning("restart of slot %d failed: %s", slot, error)
             finally:
                 self._dispatcher.remove(handle)
             if self._closing:
@@ -686,7 +686,3 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _log(message: str) -> None:
-    print(f"trio-bridge: {message}", file=sys.stderr)

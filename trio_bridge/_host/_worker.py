@@ -7,9 +7,9 @@ A :class:`WorkerHandle` is owned by the pool's supervisor task for its slot (see
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, final
@@ -25,6 +25,8 @@ from trio_bridge.worker._server import ADAPTER_OPTIONS_ENV, HOST_ADDRESS_ENV, RE
 T = TypeVar("T")
 
 _STDERR_TAIL_LINES = 40
+# What workers write to stderr (tracebacks, tools' print()s): INFO records, "[w3] line".
+_worker_log = logging.getLogger("trio_bridge.worker")
 _EXIT_REPORT_WAIT = 2.0  # seconds to wait for a dying worker's exit status
 
 
@@ -291,8 +293,7 @@ class WorkerHandle:
                 for line in lines:
                     text = line.decode(errors="replace")
                     self.stderr_tail.append(text)
-                    if self.spec.env.get("TRIO_BRIDGE_ECHO_STDERR"):
-                        print(f"[{self.id}] {text}", file=sys.stderr)
+                    _worker_log.info("[%s] %s", self.id, text)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         finally:
