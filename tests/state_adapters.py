@@ -11,6 +11,10 @@ from trio_bridge.worker import Adapter, SessionContext, tool
 class Stateful(Adapter):
     def setup(self) -> None:
         self.ended: list[str] = []
+        self.started: list[list] = []
+
+    def on_session_start(self, session_id: str, metadata: dict) -> None:
+        self.started.append([session_id, metadata])
 
     def on_session_end(self, session_id: str) -> None:
         self.ended.append(session_id)
@@ -58,6 +62,10 @@ class Stateful(Adapter):
         except RuntimeError as exc:
             return str(exc)
         return "no error"
+
+    @tool
+    def started_sessions(self) -> list:
+        return list(self.started)
 
     @tool
     def ended_sessions(self) -> list:

@@ -150,10 +150,12 @@ async def test_a_session_whose_worker_died_moves_and_says_so(caplog):
     assert any("moved from worker" in r.getMessage() and first in r.getMessage() for r in caplog.records)
 
 
-async def test_workers_are_told_when_a_session_ends_and_it_is_gone_for_good():
+async def test_workers_are_told_when_a_session_starts_and_ends_and_it_is_gone_for_good():
     async with trio_bridge.open_pool(STATEFUL, size=1) as pool:
-        async with pool.session("job-1") as session:
+        async with pool.session("job-1", metadata={"user": "ada", "priority": 2}) as session:
             await session.execute("pid")
+            await session.execute("pid")
+            assert await session.execute("started_sessions") == [["job-1", {"user": "ada", "priority": 2}]]  # once
         async def told() -> bool:
             return "job-1" in await pool.execute("ended_sessions")
 

@@ -143,6 +143,7 @@ class Pool:
         started = trio.current_time()
         finished = False
         try:
+            await self._enter_session(worker, session)
             reply = await worker.call(lambda stub: stub.execute_tool(request))
             finished = True
             if reply.error is not None:
@@ -187,6 +188,7 @@ class Pool:
         send, receive = trio.open_memory_channel[Any](buffer_size)
         done = trio.Event()
         try:
+            await self._enter_session(worker, session)
             with _collapse_groups():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_stream, worker, request, send, done)
@@ -248,8 +250,10 @@ class Pool:
             return
         request = pb.CleanupSessionRequest(session_id=session_id)
         for handle in list(self._handles.values()):
-            if handle.state == "ready":
-                self._nursery.start_soon(self._cleanup_on, handle, request)
+            if session_id in handle.sessions:
+                handle.sessions.discard(session_id)
+                if handle.alive:
+                    self._nursery.start_soon(self._cleanup_on, handle, request)
 
     async def _cleanup_on(self, handle: WorkerHandle, request: pb.CleanupSessionRequest) -> None:
         with trio.move_on_after(5):
@@ -355,6 +359,15 @@ class Pool:
                 "are held by calls waiting on the host: waiting would deadlock. Open the pool with more "
                 "workers or a higher concurrency, or do not call the pool from this host tool."
             )
+
+    async def _enter_session(self, worker: WorkerHandle, session: Session | None) -> None:
+        """Before a session's first call on a worker: InitializeSession, with its metadata."""
+        if session is None or session.id in worker.sessions:
+            return
+        info = await self._state.get_session(session.id)
+        request = pb.InitializeSessionRequest(session_id=session.id, metadata=encode(dict(info.metadata), path="session metadata"))
+        await worker.call(lambda stub: stub.initialize_session(request))
+        worker.sessions.add(session.id)
 
     def _session_for(self, session_id: str) -> Session:
         session = self._open_sessions.get(session_id)

@@ -90,6 +90,7 @@ class WorkerHandle:
         self.tools: dict[str, pb.ToolSpec] = {}
         self.calls_served = 0
         self.calls_failed = 0
+        self.sessions: set[str] = set()  # sessions initialized on this worker
         self.started_at: float | None = None
         self.exit_code: int | None = None
         self.exited = trio.Event()

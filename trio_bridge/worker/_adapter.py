@@ -42,6 +42,10 @@ class Adapter:
     def setup(self) -> None:
         """Load models and data once per worker process. May also be ``async def``."""
 
+    def on_session_start(self, session_id: str, metadata: dict[str, Any]) -> None:
+        """Called before a session's first call on this worker, with the session's metadata.
+        May also be ``async def``. Runs on the worker's event loop: keep it quick."""
+
     def on_session_end(self, session_id: str) -> None:
         """Called when a session ends (cleaned up or expired): drop what you kept for it.
         May also be ``async def``. Runs on the worker's event loop: keep it quick."""

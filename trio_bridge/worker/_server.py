@@ -63,7 +63,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.concurrency = concurrency
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tool")
         self.active: dict[str, SessionContext] = {}
-        self.sessions: dict[str, dict[str, str]] = {}
+        self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
@@ -242,19 +242,25 @@ class WorkerService(pb.WorkerServiceBase):
                 self._release(call_id)
 
     async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
-        self.sessions[message.session_id] = dict(message.metadata)
+        if message.session_id not in self.sessions:
+            metadata = decode(message.metadata) or {}
+            self.sessions[message.session_id] = metadata
+            await self._adapter_hook(self.adapter.on_session_start, message.session_id, metadata)
         return pb.InitializeSessionResponse()
+
+    async def _adapter_hook(self, hook: Any, *args: Any) -> None:
+        try:
+            result = hook(*args)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            traceback.print_exc()  # the adapter's bug: report it (stderr reaches the host's log), keep serving
 
     async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
         self.sessions.pop(message.session_id, None)
         if self.host is not None:
             self.host.forget(message.session_id)
-        try:
-            result = self.adapter.on_session_end(message.session_id)
-            if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            traceback.print_exc()  # the adapter's bug: report it, keep serving
+        await self._adapter_hook(self.adapter.on_session_end, message.session_id)
         return pb.CleanupSessionResponse()
 
     async def shutdown(self, message: pb.ShutdownRequest) -> pb.ShutdownResponse:

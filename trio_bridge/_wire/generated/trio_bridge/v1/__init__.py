@@ -81,6 +81,10 @@ default_message_pool.register_message("trio_bridge.v1", "AddDependencyRequest", 
 
 @dataclass(eq=False, repr=False)
 class CleanupSessionRequest(betterproto2.Message):
+    """
+    Sent when a session ends, to the workers it was initialized on.
+    """
+
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -265,11 +269,16 @@ default_message_pool.register_message("trio_bridge.v1", "HistoryEntry", HistoryE
 
 @dataclass(eq=False, repr=False)
 class InitializeSessionRequest(betterproto2.Message):
+    """
+    Sent before a session's first call on a worker.
+    """
+
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
-    metadata: "dict[str, str]" = betterproto2.field(
-        2, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
-    )
+    metadata: "Payload | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    the session's metadata (a dict)
+    """
 
 
 default_message_pool.register_message("trio_bridge.v1", "InitializeSessionRequest", InitializeSessionRequest)
