@@ -22,6 +22,7 @@ import trio_asyncio
 
 from trio_bridge._wire.auth import SECRET_METADATA, require_secret
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.transport import open_channel
 
 T = TypeVar("T")
 
@@ -59,7 +60,7 @@ class Boundary:
             raise TransportError(_describe(exc)) from exc
 
     def worker_stub(self, address: str, secret: str) -> tuple[grpclib.client.Channel, pb.WorkerServiceStub]:
-        channel = _open_channel(address)
+        channel = open_channel(address)
         return channel, pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: secret})
 
     async def call_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -102,14 +103,6 @@ class Boundary:
                 server.close()
                 with trio.move_on_after(2):
                     await self.loop.run_aio_coroutine(server.wait_closed())
-
-
-def _open_channel(address: str) -> grpclib.client.Channel:
-    scheme, _, rest = address.partition(":")
-    if scheme == "unix":
-        return grpclib.client.Channel(path=rest)
-    host, _, port = rest.rpartition(":")
-    return grpclib.client.Channel(host=host, port=int(port))
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from grpclib.client import Channel
-
 from trio_bridge._state.variables import Variable, VariableUpdate
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire, variable_from_wire
+from trio_bridge._wire.transport import open_channel
 
 WORKER_METADATA = "x-trio-bridge-worker"  # who is calling: the source of its writes
 
@@ -37,12 +36,7 @@ class HostClient:
     """Calls to the host, from the worker's event loop."""
 
     def __init__(self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        scheme, _, rest = address.partition(":")
-        if scheme == "unix":
-            self.channel = Channel(path=rest)
-        else:
-            host, _, port = rest.rpartition(":")
-            self.channel = Channel(host=host, port=int(port))
+        self.channel = open_channel(address)
         self.stub = pb.HostServiceStub(self.channel, metadata={SECRET_METADATA: secret, WORKER_METADATA: worker_id})
         self.loop = loop
         self.worker_id = worker_id

@@ -31,6 +31,7 @@ from trio_bridge._wire.auth import SECRET_ENV, require_secret
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import ToolDefinition, tool_spec
+from trio_bridge._wire.transport import parse_address
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext
 from trio_bridge.worker._host_client import HostClient
@@ -367,18 +368,18 @@ async def _serve(args: argparse.Namespace) -> int:
     secret = os.environ.get(SECRET_ENV, "")
     if secret:
         require_secret(server, secret)
-    scheme, _, rest = args.listen.partition(":")
+    try:
+        scheme, where, port = parse_address(args.listen)
+    except ValueError as exc:
+        print(f"trio-bridge worker: --listen: {exc}", file=sys.stderr)
+        return 2
     if scheme == "unix":
-        await server.start(path=rest)
+        await server.start(path=where)
         address = args.listen
-    elif scheme == "tcp":
-        host, _, port = rest.rpartition(":")
-        await server.start(host=host, port=int(port))
+    else:
+        await server.start(host=where, port=port)
         bound = server._server.sockets[0].getsockname()  # type: ignore[union-attr]
         address = f"tcp:{bound[0]}:{bound[1]}"
-    else:
-        print(f"trio-bridge worker: --listen must be unix:PATH or tcp:HOST:PORT, got {args.listen!r}", file=sys.stderr)
-        return 2
     sys.stdout.write(READY_PREFIX + address + "\n")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
