@@ -17,6 +17,10 @@ class Bench(Adapter):
         return x
 
     @tool
+    def echo(self, value: object) -> object:
+        return value
+
+    @tool
     def count(self, n: int):
         yield from range(n)
 

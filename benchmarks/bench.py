@@ -6,7 +6,8 @@ Measures: unary round trip p50/p99 through ``pool.execute`` from Trio; the same 
 grpclib stub (asyncio -> asyncio, Unix socket; the floor); ``trio_parallel.run_sync`` and
 ``ProcessPoolExecutor`` as peers; throughput with 1, 8 and 64 calls in flight on 2 workers;
 stream chunks/s into a Trio consumer; host memory while 1,000,000 chunks stream to a slow
-consumer; time to ready for 1 and 8 workers. Prints a table and writes JSON.
+consumer; time to ready for 1 and 8 workers; variables; tool calls; bulk arrays with and
+without shared memory. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -266,6 +267,19 @@ async def tools(n: int) -> dict[str, Any]:
     return {"worker_to_host_tool": percentiles(to_host), "worker_to_worker_tool": percentiles(to_worker)}
 
 
+async def bulk(mib: int, repeats: int, threshold: int | None) -> float:
+    """MiB/s moved by echoing a ``mib`` MiB float64 array (both directions counted)."""
+    import numpy as np
+
+    array = np.ones(mib * 2**20 // 8)
+    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0, shared_memory_threshold=threshold) as pool:
+        await pool.execute("echo", {"value": array[:10]})
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            await pool.execute("echo", {"value": array})
+        return 2 * mib * repeats / (time.perf_counter() - t0)
+
+
 async def time_to_ready(size: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -309,6 +323,10 @@ def main() -> None:
     results["time_to_ready_s"] = {str(k): trio.run(time_to_ready, k, 3) for k in (1, 8)}
     results["state"] = trio.run(state, 500 if args.quick else 2000, 100, 20 if args.quick else 100)
     results["tools"] = trio.run(tools, 300 if args.quick else 1000)
+    results["bulk_mib_per_s"] = {
+        "50 MiB array echo, shared memory": trio.run(bulk, 50, 3 if args.quick else 5, 1 << 20),
+        "50 MiB array echo, in the gRPC stream": trio.run(bulk, 50, 2 if args.quick else 3, None),
+    }
     ready1, ready8 = results["time_to_ready_s"]["1"], results["time_to_ready_s"]["8"]
     results["targets"] = {
         "pool_unary_p50_over_floor_sync_tool": results["pool_execute_sync_tool"]["p50_us"]
@@ -349,6 +367,8 @@ def show(r: dict[str, Any]) -> None:
         table.add_row(f"variables: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.1f} µs   p99 {v['p99_us']:.1f} µs")
     for k, v in r["tools"].items():
         table.add_row(f"tools: {k.replace('_', ' ')} call", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
+    for k, v in r["bulk_mib_per_s"].items():
+        table.add_row(f"bulk: {k}", f"{v:,.0f} MiB/s")
     for k, v in r["time_to_ready_s"].items():
         table.add_row(f"time to ready, {k} worker(s)", f"{v:.2f} s")
     t = r["targets"]

@@ -80,6 +80,11 @@ class Echo(Adapter):
             self._mark("count", str(self.produced))
 
     @tool
+    def echo_chunks(self, value: object, times: int):
+        for _ in range(times):
+            yield value
+
+    @tool
     def produced_so_far(self) -> int:
         return self.produced
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from trio_bridge import EncodeError
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.generated.trio_bridge.v1 import Payload
 
 _dtypes = st.one_of(
     hnp.integer_dtypes(), hnp.unsigned_integer_dtypes(), hnp.floating_dtypes(), hnp.complex_number_dtypes(),
@@ -114,3 +116,38 @@ def test_malformed_payload_is_a_value_error():
     payload.blobs = []
     with pytest.raises(ValueError, match="malformed"):
         decode(payload)
+
+
+@pytest.fixture
+def plane(tmp_path):
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane
+
+    return SharedMemoryPlane(str(tmp_path), threshold=1024)
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(hnp.scalar_dtypes(), hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=40)))
+def test_arrays_round_trip_through_shared_memory_and_their_files_are_removed(tmp_path_factory, array):
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane
+
+    plane = SharedMemoryPlane(str(tmp_path_factory.mktemp("shm")), threshold=256)
+    payload = encode({"a": array, "small": np.arange(3)}, plane=plane)
+    big = array.nbytes >= 256
+    assert (b'"m"' in payload.json) == big and len(payload.blobs) == (1 if big else 2)
+    assert_same({"a": array, "small": np.arange(3)}, decode(payload, plane=plane))
+    assert os.listdir(plane.directory) == []
+
+
+def test_shared_memory_references_are_refused_without_a_plane_or_outside_it(plane):
+    payload = encode(np.zeros(1000), plane=plane)
+    with pytest.raises(ValueError, match="this side has none"):
+        decode(payload, plane=None)
+    forged = Payload(json=b'{"\\u0000tb":"m","n":"../../etc/passwd","d":"<f8","s":[1]}')
+    with pytest.raises(ValueError, match="malformed shared-memory name"):
+        decode(forged, plane=plane)
+
+
+def test_sweep_removes_only_old_unread_files(plane):
+    encode(np.zeros(1000), plane=plane)
+    assert plane.sweep(max_age=60) == 0 and len(os.listdir(plane.directory)) == 1
+    assert plane.sweep(max_age=-1) == 1 and os.listdir(plane.directory) == []

@@ -363,3 +363,25 @@ async def test_ctrl_c_in_the_cli_exits_130_and_leaves_no_process():
         assert not _running(worker)
     finally:
         await _reap(cli)
+
+
+async def test_large_arrays_go_through_shared_memory_and_leave_no_file():
+    big = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
+    async with trio_bridge.open_pool(ECHO, size=1) as pool:
+        directory = pool._plane.directory
+        result = await pool.execute("echo", {"value": {"big": big, "small": np.arange(3)}})
+        assert result["big"].dtype == np.float32 and np.array_equal(result["big"], big)
+        async with pool.stream("echo_chunks", {"value": big, "times": 3}) as chunks:
+            assert [np.array_equal(chunk, big) async for chunk in chunks] == [True] * 3
+        async with pool.session() as session:
+            await session.register_variable("weights", "tensor", big, constraints={"dtype": "float32"})
+            assert await session.execute("echo", {"value": 1}) == 1
+        assert os.listdir(directory) == []  # every file was read and removed
+    assert not os.path.exists(directory)  # and the directory goes with the pool
+
+
+async def test_tcp_pools_send_large_arrays_in_band():
+    big = np.ones(300_000)
+    async with trio_bridge.open_pool(ECHO, size=1, transport="tcp") as pool:
+        assert pool._plane is None
+        assert np.array_equal(await pool.execute("echo", {"value": big}), big)

@@ -47,6 +47,7 @@ class HostService(pb.HostServiceBase):
         self._state = state
         self._pool = pool
         self._tools = pool._tools
+        self._plane = pool._plane
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse(known=self._pool._heartbeat(message))
@@ -63,7 +64,7 @@ class HostService(pb.HostServiceBase):
             tool = self._tools.host_tool(m.tool_name, m.session_id)
             if tool.definition.streaming:
                 raise InvalidArgumentError(f"host tool {m.tool_name!r} is a streaming tool; call it with stream_host_tool()")
-            arguments = tool.definition.check_arguments(_decode(m.arguments, "arguments"))
+            arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
         except TrioBridgeError as exc:
             return pb.ExecuteToolResponse(error=error_info(exc))
         with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
@@ -71,7 +72,7 @@ class HostService(pb.HostServiceBase):
                 result = await run_host_tool(tool, arguments)
             except Exception as exc:
                 return pb.ExecuteToolResponse(error=error_info(exc, kind=TOOL_ERROR))
-            return _result(result)
+            return self._result(result)
         assert deadline.cancelled_caught
         return pb.ExecuteToolResponse(error=_deadline_error("host tool", m.tool_name))
 
@@ -82,12 +83,12 @@ class HostService(pb.HostServiceBase):
         """A worker's call of another worker's tool, in the caller's session if it has one."""
         with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
             try:
-                arguments = _decode(m.arguments, "arguments")
+                arguments = self._decode(m.arguments, "arguments")
                 session = self._pool._session_for(m.session_id) if m.session_id else None
                 result = await self._pool._execute(m.tool_name, arguments, session)
             except TrioBridgeError as exc:
                 return pb.ExecuteToolResponse(error=error_info(exc))
-            return _result(result)
+            return self._result(result)
         assert deadline.cancelled_caught
         return pb.ExecuteToolResponse(error=_deadline_error("tool", m.tool_name))
 
@@ -104,7 +105,7 @@ class HostService(pb.HostServiceBase):
             tool = self._tools.host_tool(m.tool_name, m.session_id)
             if not tool.definition.streaming:
                 raise InvalidArgumentError(f"host tool {m.tool_name!r} is not a streaming tool; call it with call_host_tool()")
-            arguments = tool.definition.check_arguments(_decode(m.arguments, "arguments"))
+            arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
         except TrioBridgeError as exc:
             await send(stream.send_message(pb.ToolChunkBatch(error=error_info(exc))))
             return
@@ -132,7 +133,7 @@ class HostService(pb.HostServiceBase):
                             except (trio.WouldBlock, trio.EndOfChannel):
                                 break
                         try:
-                            encoded = [encode(chunk, path=f"chunk[{index + i}]") for i, chunk in enumerate(batch)]
+                            encoded = [encode(chunk, path=f"chunk[{index + i}]", plane=self._plane) for i, chunk in enumerate(batch)]
                         except EncodeError as exc:
                             nursery.cancel_scope.cancel()
                             failure.append(error_info(exc))
@@ -159,10 +160,10 @@ class HostService(pb.HostServiceBase):
     async def register_variable(self, m: pb.RegisterVariableRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             variable, version = await self._state.register_variable(
-                m.session_id, m.name, m.type, _decode(m.value, "value"), constraints=_decode(m.constraints, "constraints"),
-                metadata=_decode(m.metadata, "metadata"), source=source,
+                m.session_id, m.name, m.type, self._decode(m.value, "value"), constraints=self._decode(m.constraints, "constraints"),
+                metadata=self._decode(m.metadata, "metadata"), source=source,
             )
-            return pb.VariableReply(variables=[variable_to_wire(variable)], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], state_version=version)
 
         source = _source()
         return await self._run(op)
@@ -175,31 +176,31 @@ class HostService(pb.HostServiceBase):
     async def get_variables(self, m: pb.GetVariablesRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             found, version = await self._state.get_variables(m.session_id, None if m.all else list(m.names))
-            return pb.VariableReply(variables=[variable_to_wire(v) for v in found.values()], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(v, self._plane) for v in found.values()], state_version=version)
 
         return await self._run(op)
 
     async def set_variable(self, m: pb.SetVariableRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             variable, version = await self._state.set_variable(
-                m.session_id, m.name, _decode(m.value, "value"), expected_version=m.expected_version,
-                source=source, optimizer_id=m.optimizer_id or None, metadata=_decode(m.metadata, "metadata"),
+                m.session_id, m.name, self._decode(m.value, "value"), expected_version=m.expected_version,
+                source=source, optimizer_id=m.optimizer_id or None, metadata=self._decode(m.metadata, "metadata"),
             )
-            return pb.VariableReply(variables=[variable_to_wire(variable)], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], state_version=version)
 
         source = _source()
         return await self._run(op)
 
     async def set_variables(self, m: pb.SetVariablesRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
-            updates = _decode(m.updates, "updates")
+            updates = self._decode(m.updates, "updates")
             if not isinstance(updates, dict):
                 raise InvalidArgumentError("updates must be a dict of name -> value")
             results, version = await self._state.set_variables(
                 m.session_id, updates, atomic=m.atomic, source=source, optimizer_id=m.optimizer_id or None
             )
             return pb.VariableReply(
-                variables=[variable_to_wire(r) for r in results.values() if not isinstance(r, Exception)],
+                variables=[variable_to_wire(r, self._plane) for r in results.values() if not isinstance(r, Exception)],
                 errors={k: error_info(r) for k, r in results.items() if isinstance(r, Exception)},
                 state_version=version,
             )
@@ -210,7 +211,7 @@ class HostService(pb.HostServiceBase):
     async def list_variables(self, m: pb.ListVariablesRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             found = await self._state.list_variables(m.session_id, m.pattern or "*")
-            return pb.VariableReply(variables=[variable_to_wire(v) for v in found])
+            return pb.VariableReply(variables=[variable_to_wire(v, self._plane) for v in found])
 
         return await self._run(op)
 
@@ -224,7 +225,7 @@ class HostService(pb.HostServiceBase):
     async def variable_history(self, m: pb.VariableRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             entries = await self._state.variable_history(m.session_id, m.name)
-            return pb.VariableReply(history=[history_to_wire(e) for e in entries])
+            return pb.VariableReply(history=[history_to_wire(e, self._plane) for e in entries])
 
         return await self._run(op)
 
@@ -233,7 +234,7 @@ class HostService(pb.HostServiceBase):
             variable, version = await self._state.rollback_variable(
                 m.session_id, m.name, m.version, source=source, optimizer_id=m.optimizer_id or None
             )
-            return pb.VariableReply(variables=[variable_to_wire(variable)], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], state_version=version)
 
         source = _source()
         return await self._run(op)
@@ -241,7 +242,7 @@ class HostService(pb.HostServiceBase):
     async def add_dependency(self, m: pb.AddDependencyRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             variable = await self._state.add_dependency(m.session_id, m.dependent, m.dependency)
-            return pb.VariableReply(variables=[variable_to_wire(variable)])
+            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)])
 
         return await self._run(op)
 
@@ -256,7 +257,7 @@ class HostService(pb.HostServiceBase):
             if not m.optimizer_id:
                 raise InvalidArgumentError("an optimizer_id is required")
             variable = await self._state.set_optimization(m.session_id, m.name, m.optimizer_id, active=active)
-            return pb.VariableReply(variables=[variable_to_wire(variable)])
+            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)])
 
         return await self._run(op)
 
@@ -285,11 +286,23 @@ class HostService(pb.HostServiceBase):
                         batch = await watcher.next_batch()
                         if not batch:
                             return  # the session ended
-                        await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u) for u in batch])))
+                        await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u, self._plane) for u in batch])))
                         continue
                     await send(stream.send_message(pb.WatchBatch()))
         except TrioBridgeError as exc:
             await send(stream.send_message(pb.WatchBatch(error=error_info(exc))))
+
+    def _decode(self, payload: pb.Payload | None, what: str) -> Any:
+        try:
+            return decode(payload, plane=self._plane)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"malformed {what}: {exc}") from None
+
+    def _result(self, value: Any) -> pb.ExecuteToolResponse:
+        try:
+            return pb.ExecuteToolResponse(result=encode(value, path="result", plane=self._plane))
+        except EncodeError as exc:
+            return pb.ExecuteToolResponse(error=error_info(exc))
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
@@ -326,26 +339,12 @@ def _timeout(m: pb.ExecuteToolRequest) -> float:
     return m.timeout_seconds if m.timeout_seconds > 0 else math.inf
 
 
-def _result(value: Any) -> pb.ExecuteToolResponse:
-    try:
-        return pb.ExecuteToolResponse(result=encode(value, path="result"))
-    except EncodeError as exc:
-        return pb.ExecuteToolResponse(error=error_info(exc))
-
-
 def _deadline_error(what: str, name: str) -> pb.ErrorInfo:
     return pb.ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message=f"{what} {name!r} did not finish before the caller's deadline")
 
 
 def _source() -> str:
     return _caller.get() or "worker"
-
-
-def _decode(payload: pb.Payload | None, what: str) -> Any:
-    try:
-        return decode(payload)
-    except ValueError as exc:
-        raise InvalidArgumentError(f"malformed {what}: {exc}") from None
 
 
 def _encode_metadata(metadata: Any) -> pb.Payload:

@@ -38,10 +38,13 @@ from trio_bridge._state.sessions import SessionStore
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
 _LATENCY_WINDOW = 4096  # calls kept for the latency percentiles
 _STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
+_SWEEP_INTERVAL = 60.0  # seconds between sweeps of unread shared-memory files
+_SWEEP_AGE = 600.0      # seconds after which an unread shared-memory file is removed
 
 
 @final
@@ -79,9 +82,11 @@ class Pool:
         health_check_interval: float,
         restart_backoff: tuple[float, float],
         state: StateBackend,
+        plane: SharedMemoryPlane | None,
     ) -> None:
         self._spec = spec
         self._state = state
+        self._plane = plane
         self.size = size
         self._boundary = boundary
         self._dispatcher: Dispatcher[WorkerHandle] = Dispatcher(max_queue)
@@ -150,7 +155,7 @@ class Pool:
                 self._failed += 1
                 worker.calls_failed += 1
                 raise exception_from(reply.error, tool)
-            result = decode(reply.result)
+            result = decode(reply.result, plane=self._plane)
             self._completed += 1
             worker.calls_served += 1
             self._latencies.append(trio.current_time() - started)
@@ -323,7 +328,7 @@ class Pool:
     async def _request(self, tool: str, arguments: dict[str, Any] | None, session: Session | None) -> pb.ExecuteToolRequest:
         if self._closing:
             raise PoolClosedError("the pool is closed")
-        payload = encode({} if arguments is None else arguments, path="arguments")  # bad input fails before any wait
+        payload = encode({} if arguments is None else arguments, path="arguments", plane=self._plane)  # fails before any wait
         session_id, state_version = "", 0
         if session is not None:
             info = await self._state.touch_session(session.id)  # SessionNotFoundError once it ended
@@ -428,7 +433,7 @@ class Pool:
                         if batch is None:
                             break
                         for chunk in batch.chunks:
-                            await send.send(decode(chunk))
+                            await send.send(decode(chunk, plane=self._plane))
                         if batch.error is not None:
                             raise exception_from(batch.error, request.tool_name)
                 worker.calls_served += 1
@@ -463,6 +468,8 @@ class Pool:
                 errors[0].add_note(f"({len(errors)} of {self.size} workers failed to start)")
             raise errors[0]
         self._nursery.start_soon(self._health_check)
+        if self._plane is not None:
+            self._nursery.start_soon(self._sweep_shared_memory)
 
     async def _supervise(self, slot: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the worker of one slot: start it, and restart it with backoff when it dies."""
@@ -496,6 +503,13 @@ class Pool:
             failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
             low, high = self._restart_backoff
             await trio.sleep(min(low * 2 ** (failures - 1), high))
+
+    async def _sweep_shared_memory(self) -> None:
+        """Files of messages nobody read (cancelled calls) must not pile up."""
+        assert self._plane is not None
+        while True:
+            await trio.sleep(_SWEEP_INTERVAL)
+            self._plane.sweep(_SWEEP_AGE)
 
     async def _health_check(self) -> None:
         if self._health_check_interval <= 0:
@@ -542,6 +556,7 @@ async def open_pool(
     python: str | None = None,
     env: dict[str, str] | None = None,
     adapter_options: dict[str, Any] | None = None,
+    shared_memory_threshold: int | None = 1 << 20,
     state: StateBackend | None = None,
     max_sessions: int = 10_000,
     max_variables_per_session: int = 1000,
@@ -574,6 +589,8 @@ async def open_pool(
         env: extra environment variables for the workers.
         adapter_options: JSON-able options the adapter reads as ``self.options`` (set before
             ``setup()``), e.g. ``{"allow": ["numpy"]}`` for ``PythonAdapter``.
+        shared_memory_threshold: numpy arrays of at least this many bytes travel through files
+            on ``/dev/shm`` instead of the gRPC stream (Unix transport only; ``None`` disables).
         state: where sessions and variables live (default: a new in-memory backend with the
             quotas below; a shared backend lets several hosts share sessions).
         max_sessions, max_variables_per_session, max_value_bytes (encoded), history_limit
@@ -589,6 +606,9 @@ async def open_pool(
     if size < 1 or concurrency < 1:
         raise ValueError("size and concurrency must be at least 1")
     socket_dir = tempfile.mkdtemp(prefix="trio-bridge-")  # created 0700
+    plane = None
+    if transport == "unix" and shared_memory_threshold is not None:
+        plane = SharedMemoryPlane.create(shared_memory_threshold)
     try:
         with _collapse_groups():
             async with _aio.open_loop() as loop:
@@ -598,7 +618,7 @@ async def open_pool(
                 spec = WorkerSpec(
                     adapter=adapter, python=python or sys.executable, concurrency=concurrency,
                     transport=transport, socket_dir=socket_dir, secret=secret,
-                    host_address=f"unix:{host_socket}", env=dict(env or {}),
+                    host_address=f"unix:{host_socket}", env={**(env or {}), **(plane.environment() if plane else {})},
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval,
                     adapter_options=json.dumps(adapter_options or {}),
                 )
@@ -611,6 +631,7 @@ async def open_pool(
                     spec=spec, size=size, max_queue=max_queue, boundary=boundary,
                     shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace,
                     health_check_interval=health_check_interval, restart_backoff=restart_backoff, state=state,
+                    plane=plane,
                 )
                 state.on_session_end.append(pool._session_ended)
                 async with boundary.serve([HostService(boundary, state, pool)], host_socket, secret):
@@ -626,6 +647,8 @@ async def open_pool(
                             nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
+        if plane is not None:
+            plane.remove()
 
 
 class _Failure:

@@ -10,6 +10,8 @@ Conventions inside the JSON document:
 * bytes become ``{"\\u0000tb": "b", "i": k}`` and arrays
   ``{"\\u0000tb": "a", "i": k, "d": dtype.str, "s": shape}``, where ``k`` indexes
   ``Payload.blobs``: array data never travels as JSON numbers, and nothing is pickled.
+* with a shared-memory plane, arrays of at least its threshold become
+  ``{"\\u0000tb": "m", "n": file name, "d": dtype.str, "s": shape}`` (see ``shared_memory.py``).
 * a user dict that itself has the reserved key ``"\\u0000tb"`` is escaped as
   ``{"\\u0000tb": "d", "v": [[key, value], ...]}``, so no dict is ever mistaken for a tag.
 * non-finite floats use Python's JSON extension (``NaN``, ``Infinity``); both ends are Python.
@@ -24,7 +26,9 @@ import sys
 from typing import Any
 
 from trio_bridge._errors import EncodeError
+from trio_bridge._wire import shared_memory
 from trio_bridge._wire.generated.trio_bridge.v1 import Payload
+from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 __all__ = ["decode", "encode", "EncodeError"]
 
@@ -34,38 +38,54 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
 
 
+_DEFAULT: Any = object()  # "the process's default plane"
+
+
+class _Out:
+    __slots__ = ("blobs", "plane")
+
+    def __init__(self, plane: SharedMemoryPlane | None) -> None:
+        self.blobs: list[bytes] = []
+        self.plane = plane
+
+
 class _PathError(Exception):
     def __init__(self, message: str) -> None:
         self.message = message
         self.segments: list[str] = []
 
 
-def encode(value: Any, *, path: str = "value") -> Payload:
+def encode(value: Any, *, path: str = "value", plane: SharedMemoryPlane | None = _DEFAULT) -> Payload:
     """Encode ``value`` into a :class:`Payload`.
 
     Args:
         value: the value to encode (see the module docstring for what is supported).
         path: how to name the value in an error, e.g. ``"result"`` or ``"arguments"``.
+        plane: where large arrays go (default: the process's default plane, if any).
 
     Raises:
         EncodeError: the value (or something inside it) cannot be encoded; the message names
             the path, e.g. ``result["items"][3]: object of type Foo is not serializable``.
     """
-    blobs: list[bytes] = []
+    out = _Out(shared_memory.default_plane if plane is _DEFAULT else plane)
     try:
-        tree = _prepare(value, blobs, 0)
+        tree = _prepare(value, out)
     except _PathError as exc:
         raise EncodeError(f"{path}{''.join(reversed(exc.segments))}: {exc.message}") from None
     except RecursionError:
         raise EncodeError(f"{path}: nested too deeply (or contains itself)") from None
-    return Payload(json=_encoder.encode(tree).encode("ascii"), blobs=blobs)
+    return Payload(json=_encoder.encode(tree).encode("ascii"), blobs=out.blobs)
 
 
-def decode(payload: Payload | None) -> Any:
+def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = _DEFAULT) -> Any:
     """Decode a :class:`Payload` made by :func:`encode` (``None`` or empty decodes to ``None``).
 
+    Args:
+        plane: where arrays sent through shared memory are read from (default: the process's).
+
     Raises:
-        ValueError: the payload is malformed (bad JSON, a tag pointing at a missing blob).
+        ValueError: the payload is malformed (bad JSON, a tag pointing at a missing blob, a
+            shared-memory reference without a plane).
     """
     if payload is None or not payload.json:
         return None
@@ -73,6 +93,8 @@ def decode(payload: Payload | None) -> Any:
     if _TAG_IN_JSON not in data:
         return json.loads(data)
     blobs = payload.blobs
+    if plane is _DEFAULT:
+        plane = shared_memory.default_plane
 
     def hook(obj: dict[str, Any]) -> Any:
         kind = obj.get(_TAG)
@@ -88,6 +110,12 @@ def decode(payload: Payload | None) -> Any:
             return array.copy()  # a writable array the caller owns
         if kind == "d":
             return {key: item for key, item in obj["v"]}
+        if kind == "m":
+            if plane is None:
+                raise ValueError("the payload refers to shared memory, but this side has none")
+            import numpy
+
+            return plane.read(obj["n"], numpy.dtype(obj["d"]), obj["s"])
         raise ValueError(f"unknown tag {kind!r} in payload")
 
     try:
@@ -96,32 +124,32 @@ def decode(payload: Payload | None) -> Any:
         raise ValueError(f"malformed payload: {exc}") from exc
 
 
-def _prepare(value: Any, blobs: list[bytes], depth: int) -> Any:
+def _prepare(value: Any, out: _Out) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return value
     if kind is list or kind is tuple:
         if all(type(item) in _PLAIN for item in value):
             return value
-        out = []
+        items = []
         for index, item in enumerate(value):
             try:
-                out.append(_prepare(item, blobs, depth + 1))
+                items.append(_prepare(item, out))
             except _PathError as exc:
                 exc.segments.append(f"[{index}]")
                 raise
-        return out
+        return items
     if kind is dict:
-        return _prepare_dict(value, blobs, depth)
+        return _prepare_dict(value, out)
     if kind is bytes or kind is bytearray or kind is memoryview:
-        blobs.append(bytes(value))
-        return {_TAG: "b", "i": len(blobs) - 1}
+        out.blobs.append(bytes(value))
+        return {_TAG: "b", "i": len(out.blobs) - 1}
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         if isinstance(value, numpy.ndarray):
-            return _prepare_array(value, blobs)
+            return _prepare_array(value, out)
         if isinstance(value, numpy.generic):
-            return _prepare(value.item(), blobs, depth)
+            return _prepare(value.item(), out)
     # Subclasses of the plain types (IntEnum, str subclasses, ...) travel as their base type.
     if isinstance(value, bool):
         return bool(value)
@@ -132,35 +160,37 @@ def _prepare(value: Any, blobs: list[bytes], depth: int) -> Any:
     if isinstance(value, str):
         return str(value)
     if isinstance(value, (list, tuple)):
-        return _prepare(list(value), blobs, depth)
+        return _prepare(list(value), out)
     if isinstance(value, dict):
-        return _prepare_dict(dict(value), blobs, depth)
+        return _prepare_dict(dict(value), out)
     raise _PathError(f"object of type {kind.__name__} is not serializable")
 
 
-def _prepare_dict(value: dict[Any, Any], blobs: list[bytes], depth: int) -> Any:
-    out = {}
+def _prepare_dict(value: dict[Any, Any], out: _Out) -> Any:
+    items = {}
     for key, item in value.items():
         if type(key) is not str:
             raise _PathError(f"dict keys must be str, not {type(key).__name__} ({key!r})")
         if type(item) in _PLAIN:
-            out[key] = item
+            items[key] = item
             continue
         try:
-            out[key] = _prepare(item, blobs, depth + 1)
+            items[key] = _prepare(item, out)
         except _PathError as exc:
             exc.segments.append(f"[{json.dumps(key, ensure_ascii=False)}]")
             raise
-    if _TAG in out:
-        return {_TAG: "d", "v": [[key, item] for key, item in out.items()]}
-    return out
+    if _TAG in items:
+        return {_TAG: "d", "v": [[key, item] for key, item in items.items()]}
+    return items
 
 
-def _prepare_array(array: Any, blobs: list[bytes]) -> dict[str, Any]:
+def _prepare_array(array: Any, out: _Out) -> dict[str, Any]:
     dtype = array.dtype
     if dtype.hasobject:
         raise _PathError("numpy arrays of dtype object are not serializable (they would need pickle)")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise _PathError(f"structured numpy dtype {dtype} is not serializable")
-    blobs.append(array.tobytes())  # C order, whatever the array's layout
-    return {_TAG: "a", "i": len(blobs) - 1, "d": dtype.str, "s": list(array.shape)}
+    if out.plane is not None and array.nbytes >= out.plane.threshold:
+        return {_TAG: "m", "n": out.plane.write(array), "d": dtype.str, "s": list(array.shape)}
+    out.blobs.append(array.tobytes())  # C order, whatever the array's layout
+    return {_TAG: "a", "i": len(out.blobs) - 1, "d": dtype.str, "s": list(array.shape)}

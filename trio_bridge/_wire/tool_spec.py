@@ -242,8 +242,8 @@ def tool_spec(definition: ToolDefinition) -> pb.ToolSpec:
     parameters = []
     for p in definition.parameters:
         try:
-            default = None if p.required else encode(p.default, path=f"{definition.name}.{p.name} default")
+            default = None if p.required else encode(p.default, path=f"{definition.name}.{p.name} default", plane=None)
         except EncodeError:
-            default = encode(repr(p.default))
+            default = encode(repr(p.default), plane=None)
         parameters.append(pb.ParameterSpec(name=p.name, type=p.type, required=p.required, default=default, description=p.description))
     return pb.ToolSpec(name=definition.name, description=definition.description, parameters=parameters, streaming=definition.streaming)

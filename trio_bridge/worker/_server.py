@@ -27,9 +27,11 @@ from grpclib.exceptions import GRPCError
 
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
+from trio_bridge._wire import shared_memory
 from trio_bridge._wire.auth import SECRET_ENV, require_secret
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tool_spec import ToolDefinition, tool_spec
 from trio_bridge._wire.transport import parse_address
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
@@ -74,6 +76,10 @@ class WorkerService(pb.WorkerServiceBase):
 
     # ---- bookkeeping ----
     def _begin(self, request: pb.ExecuteToolRequest, *, streaming: bool) -> tuple[ToolDefinition, dict[str, Any], SessionContext]:
+        try:  # first, so that even a refused call consumes its shared-memory files
+            arguments = decode(request.arguments)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"tool {request.tool_name!r}: malformed arguments: {exc}") from None
         if self.draining:
             raise _ShuttingDown("the worker is shutting down")
         definition = self.tools.get(request.tool_name)
@@ -83,10 +89,6 @@ class WorkerService(pb.WorkerServiceBase):
             hint = "pool.stream()" if definition.streaming else "pool.execute()"
             kind = "a streaming" if definition.streaming else "not a streaming"
             raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
-        try:
-            arguments = decode(request.arguments)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"tool {definition.name!r}: malformed arguments: {exc}") from None
         arguments = definition.check_arguments(arguments)
         deadline = time.monotonic() + request.timeout_seconds if request.timeout_seconds > 0 else None
         link = self.host.link(request.session_id) if request.session_id and self.host is not None else None
@@ -344,6 +346,7 @@ async def _heartbeat(host: HostClient, service: WorkerService, interval: float) 
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    shared_memory.default_plane = SharedMemoryPlane.from_environment()
     try:
         cls = load_adapter_class(args.adapter)
     except BaseException:
