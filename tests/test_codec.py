@@ -151,3 +151,12 @@ def test_sweep_removes_only_old_unread_files(plane):
     encode(np.zeros(1000), plane=plane)
     assert plane.sweep(max_age=60) == 0 and len(os.listdir(plane.directory)) == 1
     assert plane.sweep(max_age=-1) == 1 and os.listdir(plane.directory) == []
+
+
+def test_check_raises_what_encode_would_and_writes_nothing(plane):
+    from trio_bridge._wire.codec import check
+
+    check({"a": np.zeros(10_000), "b": b"x" * 10})
+    with pytest.raises(EncodeError, match=r'value\["a"\]\[1\]: object of type Foo'):
+        check({"a": [1, Foo()]})
+    assert os.listdir(plane.directory) == []

@@ -85,3 +85,10 @@ async def test_a_stored_object_lost_with_its_worker_is_reported_as_lost():
                 await session.call("stored.numbers.sum")
             await session.call("numpy.arange", 3, store_as="numbers")  # create it again: works
             assert await session.call("stored.numbers.sum") == 3
+
+
+async def test_large_results_leave_no_shared_memory_file():
+    async with trio_bridge.open_pool(PYTHON, size=1, adapter_options=ALLOW) as pool:
+        ones = await pool.call("numpy.ones", 400_000)  # 3.2 MB: through shared memory
+        assert ones.shape == (400_000,) and ones.sum() == 400_000
+        assert os.listdir(pool._plane.directory) == []

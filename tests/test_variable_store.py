@@ -123,7 +123,7 @@ def test_optimization_lock_refuses_other_writers_until_released():
     with pytest.raises(VariableLockedError):
         s.start_optimization("temperature", "other")
     s.set("temperature", 1.0, optimizer_id="grid")
-    s.release_optimizer("grid")
+    s.stop_optimization("temperature", "grid")
     assert s.set("temperature", 1.5)[0].version == 2
 
 

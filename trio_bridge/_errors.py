@@ -167,10 +167,8 @@ class WorkerError(TrioBridgeError):
         details = []
         if pid is not None:
             details.append(f"pid {pid}")
-        if self.signal is not None:
-            details.append(f"killed by {self.signal}")
-        elif exit_code is not None:
-            details.append(f"exit code {exit_code}")
+        if exit_code is not None:
+            details.append(describe_exit(exit_code))
         text = f"worker {worker_id}: {message}"
         if details:
             text += f" ({', '.join(details)})"
@@ -189,6 +187,12 @@ class WorkerCrashedError(WorkerError):
 
     Only the calls that worker was serving fail; the pool starts a replacement.
     """
+
+
+def describe_exit(exit_code: int) -> str:
+    """``"killed by SIGKILL"`` or ``"exit code 3"``."""
+    name = _signal_name(exit_code)
+    return f"killed by {name}" if name else f"exit code {exit_code}"
 
 
 def _signal_name(exit_code: int | None) -> str | None:

@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
-from trio_bridge._wire.codec import encode
+from trio_bridge._wire.codec import check
 from trio_bridge.worker import Adapter, SessionContext, tool
 
 __all__ = ["PythonAdapter", "StoredObjectNotFoundError"]
@@ -184,7 +184,7 @@ class PythonAdapter(Adapter):
     @staticmethod
     def _encodable(value: Any, what: str) -> Any:
         try:
-            encode(value)
+            check(value)  # no copy, no shared-memory file: the server encodes it for real
         except EncodeError as exc:
             raise EncodeError(f"{what} cannot be sent back ({exc}); keep it in the worker with store_as='name'") from None
         return value

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import trio
 
-from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError
-from trio_bridge._errors import _signal_name as _signal_of
+from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError, describe_exit
 from trio_bridge._state.backend import SessionInfo, StateBackend, Watcher
 from trio_bridge._state.variables import HistoryEntry, Variable
 
@@ -118,7 +117,7 @@ class Session:
             lost = sorted(n for n, w in self._stored_on.items() if w is keeper)
             for name in lost:
                 del self._stored_on[name]
-            died = f"killed by {keeper_signal}" if (keeper_signal := _signal_of(keeper.exit_code)) else f"exit code {keeper.exit_code}"
+            died = "stopped" if keeper.exit_code is None else describe_exit(keeper.exit_code)
             raise StoredObjectLostError(
                 f"stored object(s) {', '.join(map(repr, lost))} of session {self.id} were kept by worker "
                 f"{keeper.id}, which is gone ({died}); objects stored in a worker do not survive it: "

@@ -14,7 +14,7 @@ from typing import Any, final
 import trio
 
 from trio_bridge._errors import InvalidArgumentError, ToolNotFoundError
-from trio_bridge._wire.codec import decode
+from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import ToolDefinition, define_tool, tool_spec
 
@@ -127,8 +127,6 @@ class ToolRegistry:
                 f"{'a generator' if definition.streaming else 'not a generator'} (streaming tools are generators)"
             )
         metadata = dict(metadata or {})
-        from trio_bridge._wire.codec import encode
-
         encoded = encode(metadata, path=f"tool {name!r} metadata")
         if len(encoded.json) + sum(map(len, encoded.blobs)) > MAX_METADATA_BYTES:
             raise InvalidArgumentError(f"tool {name!r}: metadata is over {MAX_METADATA_BYTES:,} bytes encoded")

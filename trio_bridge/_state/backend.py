@@ -67,10 +67,6 @@ class Watcher:
         self._closed = True
         self._wakeup.set()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed and not self._pending
-
     async def next_batch(self) -> list[VariableUpdate]:
         """Wait for pending updates and take them all, oldest first; ``[]`` once closed."""
         while not self._pending:

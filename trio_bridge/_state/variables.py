@@ -314,12 +314,6 @@ class VariableStore:
             slot.variable = replace(slot.variable, optimizer_id=None)
         return slot.variable
 
-    def release_optimizer(self, optimizer_id: str) -> None:
-        """Release every lock ``optimizer_id`` holds (it went away)."""
-        for slot in self._slots.values():
-            if slot.variable.optimizer_id == optimizer_id:
-                slot.variable = replace(slot.variable, optimizer_id=None)
-
     # ---- internals ----
     def _slot(self, key: str) -> _Slot:
         name = key if key in self._slots else self._by_id.get(key)

@@ -30,7 +30,7 @@ from trio_bridge._wire import shared_memory
 from trio_bridge._wire.generated.trio_bridge.v1 import Payload
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
-__all__ = ["decode", "encode", "EncodeError"]
+__all__ = ["DEFAULT_PLANE", "EncodeError", "check", "decode", "encode"]
 
 _TAG = "\x00tb"
 _TAG_IN_JSON = b"\\u0000tb"
@@ -38,15 +38,16 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
 
 
-_DEFAULT: Any = object()  # "the process's default plane"
+DEFAULT_PLANE: Any = object()  # "the process's default plane"
 
 
 class _Out:
-    __slots__ = ("blobs", "plane")
+    __slots__ = ("blobs", "dry", "plane")
 
-    def __init__(self, plane: SharedMemoryPlane | None) -> None:
+    def __init__(self, plane: SharedMemoryPlane | None, dry: bool = False) -> None:
         self.blobs: list[bytes] = []
         self.plane = plane
+        self.dry = dry  # only check: copy no data, write no file
 
 
 class _PathError(Exception):
@@ -55,7 +56,7 @@ class _PathError(Exception):
         self.segments: list[str] = []
 
 
-def encode(value: Any, *, path: str = "value", plane: SharedMemoryPlane | None = _DEFAULT) -> Payload:
+def encode(value: Any, *, path: str = "value", plane: SharedMemoryPlane | None = DEFAULT_PLANE) -> Payload:
     """Encode ``value`` into a :class:`Payload`.
 
     Args:
@@ -67,17 +68,27 @@ def encode(value: Any, *, path: str = "value", plane: SharedMemoryPlane | None =
         EncodeError: the value (or something inside it) cannot be encoded; the message names
             the path, e.g. ``result["items"][3]: object of type Foo is not serializable``.
     """
-    out = _Out(shared_memory.default_plane if plane is _DEFAULT else plane)
+    out = _Out(shared_memory.default_plane if plane is DEFAULT_PLANE else plane)
+    tree = _walk(value, out, path)
+    return Payload(json=_encoder.encode(tree).encode("ascii"), blobs=out.blobs)
+
+
+def check(value: Any, *, path: str = "value") -> None:
+    """Raise the :class:`EncodeError` that :func:`encode` would, without copying any data or
+    writing any shared-memory file."""
+    _walk(value, _Out(None, dry=True), path)
+
+
+def _walk(value: Any, out: _Out, path: str) -> Any:
     try:
-        tree = _prepare(value, out)
+        return _prepare(value, out)
     except _PathError as exc:
         raise EncodeError(f"{path}{''.join(reversed(exc.segments))}: {exc.message}") from None
     except RecursionError:
         raise EncodeError(f"{path}: nested too deeply (or contains itself)") from None
-    return Payload(json=_encoder.encode(tree).encode("ascii"), blobs=out.blobs)
 
 
-def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = _DEFAULT) -> Any:
+def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT_PLANE) -> Any:
     """Decode a :class:`Payload` made by :func:`encode` (``None`` or empty decodes to ``None``).
 
     Args:
@@ -93,7 +104,7 @@ def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = _DEFAUL
     if _TAG_IN_JSON not in data:
         return json.loads(data)
     blobs = payload.blobs
-    if plane is _DEFAULT:
+    if plane is DEFAULT_PLANE:
         plane = shared_memory.default_plane
 
     def hook(obj: dict[str, Any]) -> Any:
@@ -142,7 +153,7 @@ def _prepare(value: Any, out: _Out) -> Any:
     if kind is dict:
         return _prepare_dict(value, out)
     if kind is bytes or kind is bytearray or kind is memoryview:
-        out.blobs.append(bytes(value))
+        out.blobs.append(b"" if out.dry else bytes(value))
         return {_TAG: "b", "i": len(out.blobs) - 1}
     numpy = sys.modules.get("numpy")
     if numpy is not None:
@@ -190,6 +201,8 @@ def _prepare_array(array: Any, out: _Out) -> dict[str, Any]:
         raise _PathError("numpy arrays of dtype object are not serializable (they would need pickle)")
     if dtype.fields is not None or dtype.subdtype is not None:
         raise _PathError(f"structured numpy dtype {dtype} is not serializable")
+    if out.dry:
+        return None
     if out.plane is not None and array.nbytes >= out.plane.threshold:
         return {_TAG: "m", "n": out.plane.write(array), "d": dtype.str, "s": list(array.shape)}
     out.blobs.append(array.tobytes())  # C order, whatever the array's layout
