@@ -6,6 +6,10 @@ python := env_var_or_default("PYTHON", "python")
 test *args:
     {{python}} -m pytest -q {{args}}
 
+# The whole suite once per CPython 3.11, 3.12 and 3.13, each in a fresh venv (nox; CI runs this).
+test-all *args:
+    {{python}} -m nox {{args}}
+
 # Only the tests that start real worker processes.
 test-real *args:
     {{python}} -m pytest -q -m real_process {{args}}
@@ -20,5 +24,6 @@ proto:
 bench *args:
     {{python}} -m benchmarks.bench {{args}}
 
+# Lint (ruff) and type check (pyright).
 lint:
-    ruff check trio_bridge tests benchmarks
+    ruff check trio_bridge tests benchmarks noxfile.py

@@ -105,10 +105,16 @@ async def unary_latency(tool: str, rounds: int, per_round: int) -> dict[str, dic
             crossing_samples: list[float] = []
             # The stack's own cost, for reference: the same request on the pool's worker through
             # one raw trio-asyncio crossing, without the pool (internals: harness only).
+            import trio_asyncio
+
+            from trio_bridge._wire.auth import SECRET_METADATA
             from trio_bridge._wire.codec import encode
             from trio_bridge._wire.generated.trio_bridge import v1 as pb
+            from trio_bridge._wire.transport import open_channel
 
-            handle = pool._handles[0]
+            # The same request over a channel of our own, crossing the trio-asyncio boundary once.
+            channel = open_channel(pool.workers()[0].address)
+            stub = pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
             raw = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": 1}), call_id="raw")
             await floor.measure(tool, per_round // 2)  # warm-up
             for i in range(per_round // 2):
@@ -121,8 +127,9 @@ async def unary_latency(tool: str, rounds: int, per_round: int) -> dict[str, dic
                 floor_samples += await floor.measure(tool, per_round)
                 for _ in range(per_round):
                     t0 = time.perf_counter()
-                    await pool._boundary.loop.run_aio_coroutine(handle._stub.execute_tool(raw))
+                    await trio_asyncio.aio_as_trio(stub.execute_tool(raw))
                     crossing_samples.append(time.perf_counter() - t0)
+            channel.close()
     finally:
         floor.close()
     return {

@@ -109,6 +109,23 @@ class Echo(Adapter):
     def exit_now(self, code: int) -> None:
         os._exit(code)
 
+    @tool
+    def hold_gil(self, seconds: float) -> int:
+        """Misbehave: one long C call that never releases the GIL (no other thread runs)."""
+        import math
+        import re
+
+        # Catastrophic backtracking: one C call, ~1.7 s for 24 letters here, doubling per letter.
+        letters = 24 + max(0, math.ceil(math.log2(max(seconds, 1.0) / 1.5)))
+        return int(re.match(r"(a+)+$", "a" * letters + "b") is None)
+
+    @tool
+    def spawn_sleeper(self) -> int:
+        """Start a child process that would outlive everything if nobody stopped it."""
+        import subprocess
+
+        return subprocess.Popen(["sleep", "1000"]).pid
+
     def _mark(self, name: str, text: str) -> None:
         if self.marker_dir:
             path = os.path.join(self.marker_dir, f"{name}.{os.getpid()}")

@@ -90,10 +90,10 @@ def test_check_arguments_fills_defaults():
     [
         ({}, "missing required argument(s) 'a'"),
         ({"a": 1, "c": 2}, "unknown argument(s) 'c'; it takes 'a', 'b', 'label'"),
-        ({"a": "1"}, "argument 'a' must be int, not str"),
-        ({"a": True}, "argument 'a' must be int, not bool"),
-        ({"a": 1, "b": "x"}, "argument 'b' must be float, not str"),
-        ({"a": 1, "label": 3}, "argument 'label' must be str | None, not int"),
+        ({"a": "1"}, "tool 'add': argument 'a': expected an integer, got '1'"),
+        ({"a": True}, "argument 'a': expected an integer, got True"),
+        ({"a": 1, "b": "x"}, "argument 'b': expected a number, got 'x'"),
+        ({"a": 1, "label": 3}, "argument 'label': expected a string, got 3"),
         ([1], "arguments must be a dict"),
     ],
 )

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from trio_bridge import EncodeError
-from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.codec import check, decode, encode
 from trio_bridge._wire.generated.trio_bridge.v1 import Payload
 
 _dtypes = st.one_of(
@@ -21,8 +22,15 @@ _dtypes = st.one_of(
     hnp.datetime64_dtypes(), hnp.timedelta64_dtypes(),
 )
 arrays = hnp.arrays(_dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+# ints of any size: Python refuses int <-> decimal str past 4,300 digits, so big ones need care
+big_ints = st.one_of(
+    st.builds(lambda m, shift, sign: sign * (m << shift), st.integers(0, 2**64), st.integers(0, 40_000), st.sampled_from([1, -1])),
+    # (sign, base, exponent, offset): hypothesis reprs its strategies, and repr(10**5000) raises
+    st.sampled_from([(1, 2, 2048, -1), (1, 2, 2048, 0), (-1, 2, 2048, 0), (-1, 2, 2048, -1), (1, 10, 4300, 0),
+                     (1, 10, 5000, 0), (-1, 10, 9000, 0)]).map(lambda t: t[0] * (t[1] ** t[2] + t[3])),
+)
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200),
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200), big_ints,
     st.floats(allow_nan=True, allow_infinity=True), st.text(), st.binary(),
 )
 keys = st.one_of(st.text(max_size=8), st.just("\x00tb"), st.sampled_from(["b", "i", "a", "d", "s", "v"]))
@@ -64,6 +72,9 @@ def assert_same(expected, actual, path="value"):
 
 @settings(max_examples=300, deadline=None)
 @given(values)
+@example(10**5000)
+@example(-(10**9000))
+@example([1, 10**5000, {"a": -(10**9000), "b": (2**2048, 2**2048 - 1)}])
 def test_every_supported_value_round_trips(value):
     payload = encode(value)
     assert_same(value, decode(type(payload).parse(bytes(payload))))
@@ -109,6 +120,52 @@ def test_self_containing_value_is_refused_not_crashing():
     loop.append(loop)
     with pytest.raises(EncodeError, match="nested too deeply"):
         encode(loop)
+
+
+def test_big_ints_travel_as_hex_and_small_ones_as_json_numbers():
+    assert encode(2**2048 - 1).json == str(2**2048 - 1).encode()
+    assert encode(-(2**2048)).json == b'{"\\u0000tb":"n","h":"-1' + b"0" * 512 + b'"}'
+    assert decode(encode({"n": [10**5000]})) == {"n": [10**5000]}
+
+
+def test_big_ints_survive_the_lowest_digit_limit_on_either_side():
+    before = sys.get_int_max_str_digits()
+    try:
+        sys.set_int_max_str_digits(640)  # the lowest a process may set
+        value = [2**2048 - 1, 2**2048, -(10**700), {"x": 10**639}]
+        assert decode(encode(value)) == value
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
+class Unlucky(list):
+    def __iter__(self):
+        raise RuntimeError("no iterating me")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"items": [1, Unlucky([1])]}, 'result["items"][1]: cannot be encoded: RuntimeError: no iterating me'),
+        ({10**5000: 1}, "result: dict keys must be str, not int (<int of 16,610 bits>)"),
+        ([np.longdouble(1)], "result[0]: numpy scalar of type longdouble is not serializable"),
+        ({"a": np.zeros(2, dtype=[("x", "i4")])}, 'result["a"]: structured numpy dtype'),
+    ],
+)
+def test_broken_and_odd_values_are_encode_errors_never_bare(value, message):
+    with pytest.raises(EncodeError) as info:
+        encode(value, path="result")
+    assert str(info.value).startswith(message)
+    with pytest.raises(EncodeError) as checked:
+        check(value, path="result")
+    assert str(checked.value) == str(info.value)
+
+
+def test_a_released_memoryview_is_an_encode_error():
+    view = memoryview(b"abc")
+    view.release()
+    with pytest.raises(EncodeError, match=r'value\["m"\]: cannot be encoded: ValueError'):
+        encode({"m": view})
 
 
 def test_malformed_payload_is_a_value_error():
@@ -160,3 +217,30 @@ def test_check_raises_what_encode_would_and_writes_nothing(plane):
     with pytest.raises(EncodeError, match=r'value\["a"\]\[1\]: object of type Foo'):
         check({"a": [1, Foo()]})
     assert os.listdir(plane.directory) == []
+
+
+junk = st.recursive(
+    st.one_of(
+        scalars, arrays, st.just(np.array([object()])), st.just(np.longdouble(2)), st.just(object()),
+        st.sets(st.integers(), max_size=2), st.complex_numbers(), st.builds(bytearray, st.binary(max_size=4)),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.tuples(children),
+        st.dictionaries(st.one_of(keys, st.integers(), big_ints, st.none()), children, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk)
+def test_check_agrees_with_encode(value):
+    try:
+        payload = encode(value, path="v", plane=None)
+    except EncodeError as exc:
+        with pytest.raises(EncodeError) as checked:
+            check(value, path="v")
+        assert str(checked.value) == str(exc)
+    else:
+        check(value, path="v")
+        decode(payload)

@@ -5,20 +5,21 @@ from __future__ import annotations
 import grpclib.const
 import grpclib.exceptions
 import pytest
-from grpclib.client import Channel
+import trio_asyncio
 
 import trio_bridge
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.codec import encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.transport import open_channel
 
 pytestmark = pytest.mark.real_process
 
 
 async def test_bad_requests_get_clear_errors_and_change_nothing():
     async with trio_bridge.open_pool("tests.state_adapters:Stateful", size=1, max_value_bytes=1000) as pool:
-        run = pool._boundary.loop.run_aio_coroutine  # raw: grpclib's own errors, untranslated
-        channel = Channel(path=pool._spec.host_address.removeprefix("unix:"))
+        run = trio_asyncio.aio_as_trio  # raw: grpclib's own errors, untranslated
+        channel = open_channel(pool._spec.host_address)
         try:
             anonymous = pb.HostServiceStub(channel)
             with pytest.raises(grpclib.exceptions.GRPCError) as refused:
@@ -65,9 +66,9 @@ async def test_the_callers_deadline_bounds_host_tools_and_routed_calls():
                 cancelled.append(True)
                 raise
             return "done"
-
-        run = pool._boundary.loop.run_aio_coroutine
-        channel = Channel(path=pool._spec.host_address.removeprefix("unix:"))
+        run = trio_asyncio.aio_as_trio
+        run = trio_asyncio.aio_as_trio
+        channel = open_channel(pool._spec.host_address)
         try:
             stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
             started = trio.current_time()

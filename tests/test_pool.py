@@ -253,15 +253,22 @@ async def test_full_queue_raises_pool_saturated_at_once():
                 await pool.execute("add", {"a": 2})
 
 
-async def test_closing_leaves_no_process_and_no_socket_file():
+def _trio_bridge_entries(*roots: str) -> set[str]:
+    return {os.path.join(r, n) for r in roots for n in os.listdir(r) if n.startswith("trio-bridge-")}
+
+
+async def test_closing_leaves_no_process_and_no_file():
+    before = _trio_bridge_entries("/tmp", "/dev/shm")
     async with trio_bridge.open_pool(ECHO, size=2) as pool:
         pids = [w.pid for w in pool.workers()]
-        socket_dir = os.path.dirname(pool.workers()[0].address.removeprefix("unix:"))
         assert all(psutil.pid_exists(pid) for pid in pids)
-        assert sorted(os.listdir(socket_dir)) == ["host.sock", *sorted(f"{w.id}.sock" for w in pool.workers())]
-        assert os.stat(socket_dir).st_mode & 0o777 == 0o700
+        # Linux abstract-namespace sockets: nothing on disk to leave behind.
+        assert all(w.address.startswith("unix:@trio-bridge-") for w in pool.workers())
+        janitors = [p for p in psutil.Process().children() if "trio_bridge._host._janitor" in " ".join(p.cmdline())]
+        assert len(janitors) == 1
     assert not any(psutil.pid_exists(pid) for pid in pids)
-    assert not os.path.exists(socket_dir)
+    assert not janitors[0].is_running() or janitors[0].status() == psutil.STATUS_ZOMBIE
+    assert _trio_bridge_entries("/tmp", "/dev/shm") <= before
     with pytest.raises(PoolClosedError):
         await pool.execute("add", {"a": 1})
 
@@ -340,6 +347,10 @@ async def _reap(process: trio.Process) -> None:
                 await stream.aclose()
 
 
+def _workers_of(host: psutil.Process) -> list[int]:
+    return [p.pid for p in host.children() if "trio_bridge.worker" in " ".join(p.cmdline())]
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -353,9 +364,9 @@ async def test_ctrl_c_in_the_cli_exits_130_and_leaves_no_process():
     )
     try:
         parent = psutil.Process(cli.pid)
-        await wait_for(lambda: len(parent.children()) == 1, timeout=30)
+        await wait_for(lambda: len(_workers_of(parent)) == 1, timeout=30)
         await trio.sleep(0.5)  # let it get into the call
-        worker = parent.children()[0].pid
+        worker = _workers_of(parent)[0]
         cli.send_signal(signal.SIGINT)
         with trio.fail_after(15):
             code = await cli.wait()
@@ -385,3 +396,42 @@ async def test_tcp_pools_send_large_arrays_in_band():
     async with trio_bridge.open_pool(ECHO, size=1, transport="tcp") as pool:
         assert pool._plane is None
         assert np.array_equal(await pool.execute("echo", {"value": big}), big)
+
+
+async def test_statistics_count_every_outcome_once():
+    async with trio_bridge.open_pool(ECHO, size=1, max_queue=1, restart_backoff=(0.01, 0.01)) as pool:
+        made = 0
+        for a in range(3):
+            assert await pool.execute("add", {"a": a}) == a + 2
+            made += 1
+        with pytest.raises(ToolError):
+            await pool.execute("fail", {"message": "no"})
+        made += 1
+        with pytest.raises(EncodeError):
+            await pool.execute("echo", {"value": object()})  # refused by the host, nothing ran
+        made += 1
+        async with pool.stream("count", {"n": 3}) as chunks:
+            assert [c async for c in chunks] == [0, 1, 2]
+        made += 1
+        with trio.move_on_after(0.3):
+            await pool.execute("cooperative_sleep", {"seconds": 5})  # cancelled while running
+        made += 1
+        await wait_for(lambda: pool.statistics().in_flight == 0)  # the worker let go of the cancelled call
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.execute, "sleep", {"seconds": 0.5})  # holds the only slot
+            await wait_for(lambda: pool.statistics().in_flight == 1)
+            with trio.move_on_after(0.1):
+                await pool.execute("add", {"a": 1})  # times out while queued
+            nursery.start_soon(pool.execute, "add", {"a": 1})  # queued: fills max_queue=1
+            await wait_for(lambda: pool.statistics().queued == 1)
+            with pytest.raises(PoolSaturatedError):
+                await pool.execute("add", {"a": 1})
+        made += 4
+        with pytest.raises(WorkerCrashedError):
+            await pool.execute("exit_now", {"code": 3})
+        made += 1
+        stats = pool.statistics()
+    assert (stats.calls_completed, stats.calls_failed, stats.calls_cancelled) == (6, 1, 1)
+    assert (stats.calls_cancelled_queued, stats.calls_refused, stats.calls_crashed) == (1, 2, 1)
+    assert stats.calls == made
+    assert stats.latency_p50 is not None

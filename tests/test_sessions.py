@@ -97,7 +97,7 @@ async def test_a_worker_watches_changes_made_by_the_host_while_its_tool_runs():
         assert result["seen"] == [["initial", 0.0], ["change", 0.5], ["change", 1.5]]
 
         async def watch_closed() -> bool:  # the tool returned mid-iteration: its watch ended too
-            return not pool._state._watchers.get(session.id)
+            return session.id not in pool._state._feeds
 
         await wait_for(watch_closed)
 

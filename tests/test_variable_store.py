@@ -3,6 +3,8 @@ rollback, dependencies and optimization locks."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from trio_bridge import (
     DependencyCycleError,
+    InvalidArgumentError,
     InvalidVariableError,
     QuotaExceededError,
     VariableLockedError,
@@ -17,6 +20,7 @@ from trio_bridge import (
     VersionConflictError,
 )
 from trio_bridge._state.variables import VariableStore
+from trio_bridge._wire.codec import decode, encode
 
 
 def store(**kwargs) -> VariableStore:
@@ -154,3 +158,85 @@ def test_stored_arrays_are_copies():
     s.register("e", "embedding", array)
     array[0] = 9
     assert s.get("e").value[0] == 0
+
+
+def snapshot(s: VariableStore, name: str):
+    v = s.get(name)
+    return (v.value, v.version, dict(v.metadata), len(s.history(name)))
+
+
+def test_an_integer_variable_of_5000_digits_is_stored_and_round_trips():
+    s = VariableStore()
+    v = s.register("big", "integer", 10**5000, constraints={"min": 0})
+    assert decode(encode(v.value)) == 10**5000
+    v, _ = s.set("big", 10**5001)
+    assert decode(encode(v.value)) == 10**5001 and v.version == 1
+
+
+def test_a_float_variable_given_a_huge_int_is_refused_and_nothing_changes():
+    s = store()
+    before = snapshot(s, "temperature")
+    with pytest.raises(InvalidVariableError, match="too large for a float"):
+        s.set("temperature", 10**5000)
+    assert snapshot(s, "temperature") == before
+    with pytest.raises(InvalidVariableError, match="too large for a float"):
+        s.register("f", "float", 10**5000)
+    assert len(s) == 2
+
+
+class Foo:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        (["not", "a", "dict"], "metadata must be a dict, not list"),
+        ({1: "x"}, "metadata: dict keys must be str, not int (1)"),
+        ({"a": {"b": [Foo()]}}, 'metadata["a"]["b"][0]: object of type Foo is not serializable'),
+        ({"s": {1, 2}}, 'metadata["s"]: object of type set'),
+    ],
+)
+def test_metadata_must_be_encodable_on_register_and_on_set(metadata, message):
+    s = store()
+    with pytest.raises(InvalidVariableError, match=re.escape(message)):
+        s.register("x", "float", 1.0, metadata=metadata)
+    assert len(s) == 2
+    before = snapshot(s, "temperature")
+    with pytest.raises(InvalidVariableError, match=re.escape(message)):
+        s.set("temperature", 1.5, metadata=metadata)
+    assert snapshot(s, "temperature") == before
+
+
+def test_metadata_is_stored_in_its_wire_form_and_merged_on_set():
+    s = VariableStore()
+    mine = {"tags": ("a", "b"), "nested": {"n": np.int64(3)}}
+    v = s.register("x", "float", 1.0, metadata=mine)
+    mine["nested"]["n"] = Foo()  # a later change to the caller's objects is not stored
+    assert v.metadata == {"tags": ["a", "b"], "nested": {"n": 3}}
+    v, _ = s.set("x", 2.0, metadata={"note": "tuned", "big": 10**5000})
+    assert v.metadata == {"tags": ["a", "b"], "nested": {"n": 3}, "note": "tuned", "big": 10**5000}
+    encode(dict(v.metadata))
+
+
+def test_metadata_over_max_value_bytes_is_a_quota_error():
+    s = VariableStore(max_value_bytes=100)
+    with pytest.raises(QuotaExceededError, match="metadata for 'x'"):
+        s.register("x", "float", 1.0, metadata={"blob": "x" * 200})
+    assert len(s) == 0
+
+
+def test_odd_keys_and_arguments_are_clean_errors():
+    s = store()
+    with pytest.raises(VariableNotFoundError):
+        s.get(["unhashable"])
+    with pytest.raises(VariableNotFoundError):
+        s.set({"a": 1}, 1.0)
+    with pytest.raises(InvalidVariableError, match="invalid variable name"):
+        s.register("temp\n", "float", 1.0)
+    with pytest.raises(InvalidArgumentError):
+        s.list(pattern=3)
+    with pytest.raises(InvalidArgumentError):
+        s.set_many(["temperature"], atomic=True)
+    with pytest.raises(VersionConflictError, match="not the expected <int of"):
+        s.set("temperature", 1.0, expected_version=10**5000)

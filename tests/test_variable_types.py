@@ -139,3 +139,68 @@ def test_values_equal_treats_nan_as_equal_and_compares_arrays_exactly():
     assert values_equal(np.arange(3), np.arange(3))
     assert not values_equal(np.arange(3), np.arange(3).astype(np.float64))
     assert not values_equal(1, 1.0)
+
+
+# ---- bad input: always InvalidVariableError, never a bare TypeError/ValueError/OverflowError ----
+def test_an_integer_too_large_for_a_float_is_refused_cleanly():
+    with pytest.raises(InvalidVariableError, match="too large for a float"):
+        check_value("float", 10**5000, {})
+    with pytest.raises(InvalidVariableError, match="too large"):
+        check_value("embedding", [1.0, 10**400], {})
+
+
+def test_integers_of_any_size_are_checked_exactly_and_reported_without_their_digits():
+    c = check_constraints("integer", {"min": 0, "max": 10**5000})
+    assert check_value("integer", 10**5000, c) == 10**5000
+    with pytest.raises(InvalidVariableError, match=r"<int of 16,610 bits> is below the minimum 0"):
+        check_value("integer", -(10**5000), c)
+    with pytest.raises(InvalidVariableError, match=r"value 1e\+300 is below the minimum <int of 16,610 bits>"):
+        check_value("float", 1e300, check_constraints("float", {"min": 10**5000}))  # exact int/float comparison
+    with pytest.raises(InvalidVariableError, match="expected a string, got int <int of"):
+        check_value("string", 10**5000, {})
+    with pytest.raises(InvalidVariableError, match="is greater than max"):
+        check_constraints("float", {"min": 10**5000, "max": 1e308})
+
+
+def test_infinite_bounds_are_fine_for_floats_and_refused_for_integers():
+    c = check_constraints("float", {"min": float("-inf"), "max": float("inf")})
+    assert check_value("float", float("inf"), c) == float("inf")
+    with pytest.raises(InvalidVariableError, match="must be a whole number"):
+        check_constraints("integer", {"max": float("inf")})
+    with pytest.raises(InvalidVariableError, match="must be a number"):
+        check_constraints("float", {"max": float("nan")})
+
+
+@pytest.mark.parametrize(
+    ("type_name", "constraints", "message"),
+    [
+        ("string", {"pattern": "a{99999999999}"}, "not a valid regular expression"),  # re: OverflowError
+        ("string", {"pattern": b"abc"}, "must be a regular expression string"),
+        ("string", {"max_length": 2.5}, "must be a whole number >= 0"),
+        ("choice", {"choices": [[1], {"a": 1}]}, "strings, numbers or booleans"),  # unhashable
+        ("tensor", {"dtype": "i4,i4"}, "structured dtypes cannot travel"),
+        ("tensor", {"dtype": object}, "must be a dtype name"),
+        ("tensor", {"dtype": "O"}, "object and structured dtypes cannot travel"),
+        ("tensor", {"dtype": "(("}, "not a numpy dtype"),
+        ("float", {1: 0, "max": 1}, "unknown constraint(s) 1 for type float"),  # mixed key types
+        ("float", {10**5000: 0, None: 1}, "unknown constraint(s)"),
+        (["float"], {}, "unknown variable type ['float']"),  # unhashable type name
+        ("module", {"allowed_modules": ["os.path\n"]}, "dotted names"),
+    ],
+)
+def test_bad_constraints_are_invalid_variable_errors(type_name, constraints, message):
+    with pytest.raises(InvalidVariableError, match=re.escape(message)):
+        check_constraints(type_name, constraints)
+
+
+def test_bad_values_of_odd_kinds_are_invalid_variable_errors():
+    for type_name, value in (
+        ("tensor", [[1, 2], [3]]), ("tensor", [{"a": 1}]), ("tensor", [10**5000]),
+        ("tensor", np.zeros(2, dtype=[("x", "i4")])), ("embedding", np.array([object()])),
+        ("module", "dspy.Predict\n"), ("choice", {1, 2}), ("string", object()),
+    ):
+        constraints = check_constraints(type_name, {"choices": [1]} if type_name == "choice" else None)
+        with pytest.raises(InvalidVariableError):
+            check_value(type_name, value, constraints)
+    with pytest.raises(InvalidVariableError, match="unknown variable type"):
+        check_value({"unhashable": 1}, 1, {})

@@ -15,8 +15,10 @@ from trio_bridge._errors import (
     InvalidArgumentError,
     InvalidVariableError,
     PoolClosedError,
+    PoolInternalError,
     PoolSaturatedError,
     QuotaExceededError,
+    SessionExistsError,
     SessionNotFoundError,
     StoredObjectLostError,
     ToolError,
@@ -33,7 +35,8 @@ from trio_bridge._errors import (
 )
 
 if TYPE_CHECKING:
-    from trio_bridge._host._pool import Pool, PoolStatistics, open_pool
+    from trio_bridge._host._metrics import PoolStatistics
+    from trio_bridge._host._pool import Pool, open_pool
     from trio_bridge._host._session import Optimization, Session
     from trio_bridge._host._tools import ParameterInfo, ToolInfo
     from trio_bridge._host._worker import WorkerInfo
@@ -52,10 +55,12 @@ __all__ = [
     "ParameterInfo",
     "Pool",
     "PoolClosedError",
+    "PoolInternalError",
     "PoolSaturatedError",
     "PoolStatistics",
     "QuotaExceededError",
     "Session",
+    "SessionExistsError",
     "SessionInfo",
     "SessionNotFoundError",
     "StateBackend",
@@ -89,7 +94,7 @@ _LAZY = {
     "MemoryBackend": "trio_bridge._state.backend",
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
-    "PoolStatistics": "trio_bridge._host._pool",
+    "PoolStatistics": "trio_bridge._host._metrics",
     "ToolInfo": "trio_bridge._host._tools",
     "ParameterInfo": "trio_bridge._host._tools",
     "WorkerInfo": "trio_bridge._host._worker",

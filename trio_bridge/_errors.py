@@ -24,6 +24,13 @@ class PoolClosedError(TrioBridgeError):
     """The pool is shutting down or closed; it accepts no new calls."""
 
 
+class PoolInternalError(TrioBridgeError):
+    """A background task of the pool failed unexpectedly: a bug in trio-bridge (please report it).
+
+    Its ``__cause__`` is the exception group with every failure.
+    """
+
+
 class PoolSaturatedError(TrioBridgeError):
     """Every worker is busy and the wait queue already holds ``max_queue`` calls.
 
@@ -52,6 +59,14 @@ class InvalidArgumentError(TrioBridgeError):
     """The arguments do not fit the tool's parameters (missing, unknown or mistyped).
 
     Raised before the tool runs, so it had no side effects.
+    """
+
+
+class SessionExistsError(InvalidArgumentError):
+    """A session with that id already exists (``create_session`` with a taken id).
+
+    A subclass of :class:`InvalidArgumentError` (so old ``except`` clauses still catch it), but
+    distinct from a malformed id, ttl or metadata, which raise a plain ``InvalidArgumentError``.
     """
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Annotated, Any
 
@@ -19,7 +21,8 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
 
 EXAMPLE_ADAPTER = "trio_bridge.examples.digits:Digits"
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+EXIT_TERMINATED = 143   # 128 + SIGTERM
 
 
 @app.command()
@@ -31,6 +34,7 @@ def run(
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="worker processes (default: one per core for the example, else 1)")] = None,
     example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep or tools")] = "digits",
     host_tools: Annotated[str | None, typer.Option("--host-tools", help="host tools for the workers: module:function,...")] = None,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
 
@@ -39,8 +43,6 @@ def run(
     the session-variables example: a Trio optimizer sweeps `temperature` while workers use it.
     `--example tools`: worker tools calling host tools and each other.
     """
-    import trio
-
     from trio_bridge import TrioBridgeError
 
     if adapter is None:
@@ -51,15 +53,116 @@ def run(
         if tool is None:
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
         functions = _load_host_tools(host_tools)
-        main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1, functions)  # noqa: E731
+        main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1, functions, shutdown_timeout)  # noqa: E731
     try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: the pool was shut down")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        signum = _run_until_signal(main)
+    except KeyboardInterrupt:  # before our handlers were installed (or off the main thread)
+        signum = signal.SIGINT
     except TrioBridgeError as exc:
         err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
+    if signum is not None:
+        interrupted = signum == signal.SIGINT
+        err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
+        raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
+
+
+def _run_until_signal(main: Any) -> int | None:
+    """``trio.run(main)``, with SIGINT and SIGTERM as a clean stop; return the first signal, or
+    ``None`` when ``main`` ran to its end.
+
+    The first signal cancels ``main``: the pools it opened drain (each worker gets the pool's
+    ``shutdown_timeout`` to finish its calls), then stop. A second signal skips the drain: the
+    workers are killed, and the pools finish closing at once. Either way every pool closes in
+    order -- no worker, socket or shared-memory file is left behind -- and no exception is
+    raised at a random point (Trio's default ``KeyboardInterrupt`` can land in any task). An
+    error ``main`` raised because it was cancelled is not reported. Off the main thread (where
+    Python cannot set signal handlers) this is plain ``trio.run``.
+    """
+    import trio
+
+    if threading.current_thread() is not threading.main_thread():
+        trio.run(main)
+        return None
+    received: list[int] = []
+
+    def outside_trio(signum: int, frame: Any) -> None:
+        # Before Trio's receiver is open (main() then never starts) or after it closed (the
+        # pools are closed already): remembered, so the exit status still says which signal.
+        received.append(signum)
+
+    async def supervised() -> None:
+        body = trio.CancelScope()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def listen() -> None:
+                if received:
+                    body.cancel()
+                async for signum in signals:
+                    received.append(signum)
+                    if len(received) == 1:
+                        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                        err_console.print(
+                            f"[yellow]{name}[/]: shutting the pool down (workers finish their calls; "
+                            "press Ctrl-C again to stop them at once)"
+                        )
+                        body.cancel()
+                    else:
+                        _kill_workers()
+
+            # A system task, not a nursery: exceptions from main() reach us unwrapped.
+            trio.lowlevel.spawn_system_task(listen, name="trio-bridge signal listener")
+            with body:
+                await main()
+
+    previous = {signum: signal.signal(signum, outside_trio) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trio.run(supervised)
+    except BaseException as exc:
+        if not (received and _is_cancellation_fallout(exc)):
+            raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return received[0] if received else None
+
+
+def _is_cancellation_fallout(exc: BaseException) -> bool:
+    """After our cancel: errors that are its consequence (a pool closing under a call), not news."""
+    from trio_bridge import TrioBridgeError
+
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_cancellation_fallout(e) for e in exc.exceptions)
+    return isinstance(exc, (TrioBridgeError, KeyboardInterrupt))
+
+
+def _kill_workers() -> None:
+    """SIGKILL this process's worker processes (and what their tools started: each worker leads
+    its own process group), so pools skip their drain. Linux: children are found in /proc."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"trio_bridge.worker" not in command:
+            continue
+        pid = int(entry)
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 @app.command()
@@ -139,10 +242,13 @@ def _load_host_tools(spec: str | None) -> list[Any]:
     return functions
 
 
-async def _run_tool(adapter: str, tool: str, pairs: list[str], json_args: str | None, workers: int, host_tools: list[Any]) -> None:
+async def _run_tool(
+    adapter: str, tool: str, pairs: list[str], json_args: str | None, workers: int, host_tools: list[Any],
+    shutdown_timeout: float = 5.0,
+) -> None:
     import trio_bridge
 
-    async with trio_bridge.open_pool(adapter, size=workers) as pool:
+    async with trio_bridge.open_pool(adapter, size=workers, shutdown_timeout=shutdown_timeout) as pool:
         for function in host_tools:
             pool.host_tool(function)
         specs = {t.name: t for t in pool.tools() if t.side == "worker"}

@@ -4,11 +4,37 @@ Everything else on the host is plain Trio. Each call crosses the boundary once (
 or once per message (a stream, whose messages carry batches of chunks): crossing costs tens of
 microseconds, so never cross per item in a hot loop. grpclib and OS errors are translated here
 into :class:`TransportError`, which callers turn into the public error that fits.
+
+Upstream behaviour worked around here (CPython 3.12+): trio-asyncio replaces
+``asyncio.current_task`` on import with a version that knows its loop, because from 3.12 the
+original is C code that does not see trio-asyncio's loop. grpclib keeps its own reference,
+``grpclib.utils._current_task = asyncio.current_task``, taken when grpclib is first imported. If
+grpclib was imported before trio_asyncio -- by this package, by the user's program, by
+betterproto2 -- every grpclib call on the trio-asyncio loop raises ``RuntimeError: no running
+event loop``. :func:`_rebind_grpclib_current_task` fixes that whatever the import order.
+
+Signals (Ctrl-C) and the loop's life: Trio raises ``KeyboardInterrupt`` wherever the signal finds
+unprotected code, and trio-asyncio's loop runs every asyncio callback (all of grpclib) in plain
+Trio tasks. A Ctrl-C that landed there killed the loop's task: the futures of calls in flight
+were never resolved, and the Trio tasks awaiting them -- ``trio_asyncio.run_aio_future`` waits
+for the asyncio side even after a cancellation -- waited forever, so the pool never finished
+shutting down (and trio-asyncio's own teardown, which waits for every asyncio task, hung too).
+Hence, here:
+
+* :func:`_protect_loop_from_keyboard_interrupt`: the loop's driver code is KI-protected, so Trio
+  delivers the interrupt to the main task at a checkpoint, as it does for its own internals;
+* :func:`open_loop` keeps a watchdog: should the loop still stop while the block runs, it is
+  restarted (calls in flight then finish or are cancelled as usual, and teardown completes);
+* :class:`Boundary` refuses new calls with :class:`TransportError` once the block has ended or
+  the loop is stopped or closed (never a ``RuntimeError``, never an await on a dead loop), and
+  its teardown waits (closing a stream, the server) are bounded and abandon what does not end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -16,15 +42,53 @@ from typing import Any, TypeVar
 import grpclib.client
 import grpclib.exceptions
 import grpclib.server
+import grpclib.utils
 import h2.exceptions
+import outcome
 import trio
 import trio_asyncio
 
 from trio_bridge._wire.auth import SECRET_METADATA, require_secret
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.transport import open_channel
+from trio_bridge._wire.transport import open_channel, parse_address
 
 T = TypeVar("T")
+
+
+def _rebind_grpclib_current_task() -> None:
+    """Point grpclib at trio-asyncio's ``asyncio.current_task`` (see the module docstring).
+
+    Narrowest fix: one module attribute, re-bound once, here, after trio_asyncio is imported
+    (this module imports it above), so the import order of the program no longer matters. The
+    replacement falls back to the original on plain asyncio loops, so a worker or any other
+    asyncio code in the process is unaffected.
+    """
+    if getattr(grpclib.utils, "_current_task", None) is not asyncio.current_task:
+        grpclib.utils._current_task = asyncio.current_task  # type: ignore[attr-defined]
+
+
+_rebind_grpclib_current_task()
+
+_logger = logging.getLogger("trio_bridge")
+_CLOSE_STREAM_TIMEOUT = 1.0  # seconds to close a stream we leave (it is then abandoned)
+_CLOSE_SERVER_TIMEOUT = 2.0  # seconds for the host's server to close
+
+
+def _protect_loop_from_keyboard_interrupt() -> None:
+    """Never raise ``KeyboardInterrupt`` inside trio-asyncio's loop (see the module docstring).
+
+    ``trio.lowlevel.enable_ki_protection`` marks a function's code object: a SIGINT that finds
+    this code (or the asyncio callbacks it runs) on the stack is delivered to the main task
+    instead. The names are trio-asyncio 0.16's; a missing one is skipped, and the watchdog in
+    :func:`open_loop` still keeps the loop alive.
+    """
+    for name in ("_main_loop", "_main_loop_one", "_main_loop_exit", "_io_task"):
+        function = getattr(trio_asyncio.BaseTrioEventLoop, name, None)
+        if function is not None and hasattr(function, "__code__"):
+            trio.lowlevel.enable_ki_protection(function)
+
+
+_protect_loop_from_keyboard_interrupt()
 
 
 class TransportError(Exception):
@@ -42,22 +106,97 @@ _TRANSPORT_ERRORS = (
 )
 
 
+class _LoopGuard:
+    """What :func:`open_loop` knows about its loop: whether its block has ended, and a watchdog
+    that restarts the loop should it stop while the block still runs."""
+
+    def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
+        self.loop = loop
+        self.ended = False  # the open_loop block is over: no new calls
+        self.scope = trio.CancelScope(shield=True)
+
+    @property
+    def usable(self) -> bool:
+        return not self.ended and self.loop.is_running() and not self.loop.is_closed()
+
+    async def watch(self, nursery: trio.Nursery) -> None:
+        with self.scope:
+            while True:
+                await self.loop.wait_stopped()
+                if self.ended or self.loop.is_closed():
+                    return
+                # Stopped under a running block (a BaseException escaped an asyncio callback):
+                # run it again, or every call in flight -- and trio-asyncio's teardown -- waits forever.
+                _logger.warning("the host's asyncio loop stopped while the pool was open; restarting it")
+                await nursery.start(self.loop._main_loop)
+
+
+_GUARDS: weakref.WeakKeyDictionary[Any, _LoopGuard] = weakref.WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def open_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
+    """``trio_asyncio.open_loop()``, watched (see the module docstring)."""
+    async with trio.open_nursery() as watchdog:
+        async with trio_asyncio.open_loop() as loop:
+            guard = _GUARDS[loop] = _LoopGuard(loop)
+            watchdog.start_soon(guard.watch, watchdog)
+            try:
+                yield loop
+            finally:
+                guard.ended = True
+        # trio-asyncio's teardown is over: the loop has stopped for good.
+        guard.scope.cancel()
+
+
 class Boundary:
     """Runs asyncio coroutines (grpclib) from Trio on a trio-asyncio loop."""
 
     def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
         self.loop = loop
+        guard = _GUARDS.get(loop)
+        if guard is None:  # a loop from trio_asyncio.open_loop() itself: no watchdog
+            guard = _GUARDS[loop] = _LoopGuard(loop)
+        self._guard = guard
+
+    @property
+    def usable(self) -> bool:
+        """False once the loop's block has ended, or the loop is stopped or closed."""
+        return self._guard.usable
 
     async def run(self, coro: Awaitable[T]) -> T:
-        """Await an asyncio coroutine from Trio. Trio cancellation cancels it.
+        """Await an asyncio coroutine from Trio. Trio cancellation cancels it (and waits until
+        the asyncio side has finished, so nothing keeps running behind the caller's back).
 
         Raises:
-            TransportError: for grpclib and OS-level errors.
+            TransportError: for grpclib and OS-level errors, and at once (the coroutine is not
+                started) when the loop is shut down or shutting down.
         """
         try:
-            return await self.loop.run_aio_coroutine(coro)
+            future = self._schedule(coro)
+            return await _wait_future(future, abandon_on_cancel=False)
         except _TRANSPORT_ERRORS as exc:
             raise TransportError(_describe(exc)) from exc
+
+    def _schedule(self, coro: Awaitable[T]) -> asyncio.Future[T]:
+        if not self.usable:
+            _close(coro)
+            raise TransportError("the host's asyncio loop is shut down")
+        try:
+            return asyncio.ensure_future(coro, loop=self.loop)
+        except RuntimeError as exc:  # closed between the check and here
+            _close(coro)
+            raise TransportError(f"the host's asyncio loop is shut down ({exc})") from exc
+
+    async def _run_bounded(self, coro: Awaitable[Any], timeout: float) -> None:
+        """For teardown: run ``coro`` for at most ``timeout`` seconds, shielded; errors,
+        cancellation and a shut-down loop end it quietly, and what is left is abandoned."""
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            try:
+                future = self._schedule(coro)
+                await _wait_future(future, abandon_on_cancel=True)
+            except (TransportError, asyncio.CancelledError, *_TRANSPORT_ERRORS):
+                pass
 
     def worker_stub(self, address: str, secret: str) -> tuple[grpclib.client.Channel, pb.WorkerServiceStub]:
         channel = open_channel(address)
@@ -75,7 +214,10 @@ class Boundary:
     async def open_stream(self, start: Callable[[], Any]) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
         """Open a server stream (``start()`` returns the stub's async generator) and yield a
         function that receives the next message (``StopAsyncIteration`` at the end). Leaving the
-        block closes the stream, which cancels it on the server if it has not finished."""
+        block closes the stream, which cancels it on the server if it has not finished (within
+        a second; after that, or on a loop that is shut down, the stream is abandoned)."""
+        if not self.usable:
+            raise TransportError("the host's asyncio loop is shut down")
         agen = start()
 
         async def receive() -> Any:
@@ -84,31 +226,63 @@ class Boundary:
         try:
             yield receive
         finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.loop.run_aio_coroutine(agen.aclose())
-                except _TRANSPORT_ERRORS:
-                    pass
+            await self._run_bounded(agen.aclose(), _CLOSE_STREAM_TIMEOUT)
 
     @asynccontextmanager
-    async def serve(self, services: list[Any], path: str, secret: str) -> AsyncIterator[None]:
-        """Serve grpclib ``services`` on a Unix socket at ``path`` for the block's duration."""
+    async def serve(self, services: list[Any], address: str, secret: str) -> AsyncIterator[None]:
+        """Serve grpclib ``services`` on ``address`` (``"unix:..."``) for the block's duration."""
         server = grpclib.server.Server(services)
         require_secret(server, secret)
-        await self.loop.run_aio_coroutine(server.start(path=path))
+        _, path, _ = parse_address(address)
+        await self.run(server.start(path=path))
         try:
             yield
         finally:
             with trio.CancelScope(shield=True):
-                server.close()
-                with trio.move_on_after(2):
-                    await self.loop.run_aio_coroutine(server.wait_closed())
+                if not self.loop.is_closed():
+                    server.close()
+                    await self._run_bounded(server.wait_closed(), _CLOSE_SERVER_TIMEOUT)
+
+
+async def _wait_future(future: asyncio.Future[T], *, abandon_on_cancel: bool) -> T:
+    """``trio_asyncio.run_aio_future`` with a choice on cancellation: wait until the asyncio
+    side has finished (a call), or stop waiting at once (teardown, where a bound must hold)."""
+    task = trio.lowlevel.current_task()
+    raise_cancel = None
+
+    def done(_: asyncio.Future[T]) -> None:
+        trio.lowlevel.reschedule(task, outcome.capture(future.result))
+
+    future.add_done_callback(done)
+
+    def abort(raise_cancel_arg: Any) -> trio.lowlevel.Abort:
+        nonlocal raise_cancel
+        future.cancel()
+        if abandon_on_cancel:
+            future.remove_done_callback(done)
+            return trio.lowlevel.Abort.SUCCEEDED
+        raise_cancel = raise_cancel_arg
+        return trio.lowlevel.Abort.FAILED
+
+    try:
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+    except asyncio.CancelledError as exc:
+        if raise_cancel is None:
+            raise
+        try:
+            raise_cancel()
+        except BaseException as cancelled:  # trio.Cancelled, or a KeyboardInterrupt delivered here
+            cancelled.__cause__ = exc
+            raise
+
+
+def _close(coro: Awaitable[Any]) -> None:
+    close = getattr(coro, "close", None)
+    if close is not None:
+        close()  # no "coroutine was never awaited" warning
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpclib.exceptions.GRPCError):
         return f"gRPC {exc.status.name}: {exc.message}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-open_loop = trio_asyncio.open_loop

@@ -19,13 +19,14 @@ from __future__ import annotations
 import collections
 import itertools
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 import trio
 
 from trio_bridge._errors import PoolClosedError, PoolSaturatedError, WorkerBusyError
 
-AFFINITIES = ("prefer", "strict", "strict_fail_fast")
+Affinity = Literal["prefer", "strict", "strict_fail_fast"]
+AFFINITIES: tuple[Affinity, ...] = ("prefer", "strict", "strict_fail_fast")
 
 
 class Slotted(Protocol):
@@ -87,7 +88,7 @@ class Dispatcher(Generic[W]):
     def has(self, worker: W) -> bool:
         return worker in self._workers
 
-    async def acquire(self, worker: W | None = None, affinity: str = "prefer") -> W:
+    async def acquire(self, worker: W | None = None, affinity: Affinity = "prefer") -> W:
         """Take a slot, waiting in the queue if none is free.
 
         Args:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextvars
 import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpclib.const
 import grpclib.server
@@ -21,6 +22,7 @@ from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeErr
 from trio_bridge._host._tools import iterate_host_tool, run_host_tool
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import WATCH_BUFFER_METADATA, WORKER_METADATA
 from trio_bridge._wire.errors import DEADLINE_EXCEEDED, TOOL_ERROR, error_info
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to_wire
@@ -28,29 +30,46 @@ from trio_bridge._wire.tool_spec import tool_spec
 
 if TYPE_CHECKING:
     from trio_bridge._host._aio import Boundary
-    from trio_bridge._host._pool import Pool
-
-WORKER_METADATA = "x-trio-bridge-worker"
+    from trio_bridge._host._router import Route
+    from trio_bridge._host._tools import ToolRegistry
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane
 _DEFAULT_WATCH_HEARTBEAT = 10.0  # seconds
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("trio_bridge_caller", default="")
+
+
+class RoutedCalls(Protocol):
+    """What the service needs of the pool's calls: worker-to-worker calls, and parking."""
+
+    def parked(self, call_id: str) -> AbstractContextManager[None]: ...
+
+    async def execute(self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None) -> Any: ...
 
 
 class HostService(pb.HostServiceBase):
     """Args:
     boundary: the trio-asyncio boundary (handlers cross into Trio through it).
     state: the state backend.
-    pool: the pool (heartbeats, host tools, routed calls).
+    calls: runs routed worker-to-worker calls; parks a worker's call while it waits on the host.
+    tools: the host tool registry.
+    plane: the shared-memory plane of the pool (``None``: in-band only).
+    knows: whether a live worker of the pool has this id (heartbeats).
+    route_for: the route of a session's calls, by session id.
     """
 
-    def __init__(self, boundary: Boundary, state: StateBackend, pool: Pool) -> None:
+    def __init__(
+        self, boundary: Boundary, state: StateBackend, *, calls: RoutedCalls, tools: ToolRegistry,
+        plane: SharedMemoryPlane | None, knows: Callable[[str], bool], route_for: Callable[[str], Route],
+    ) -> None:
         self._boundary = boundary
         self._state = state
-        self._pool = pool
-        self._tools = pool._tools
-        self._plane = pool._plane
+        self._calls = calls
+        self._tools = tools
+        self._plane = plane
+        self._knows = knows
+        self._route_for = route_for
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self._pool._heartbeat(message))
+        return pb.HeartbeatResponse(known=self._knows(message.worker_id))
 
     # ---- tools ----
     async def list_host_tools(self, m: pb.ListHostToolsRequest) -> pb.ListHostToolsReply:
@@ -67,7 +86,7 @@ class HostService(pb.HostServiceBase):
             arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
         except TrioBridgeError as exc:
             return pb.ExecuteToolResponse(error=error_info(exc))
-        with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+        with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
             try:
                 result = await run_host_tool(tool, arguments)
             except Exception as exc:
@@ -81,11 +100,11 @@ class HostService(pb.HostServiceBase):
 
     async def _route(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """A worker's call of another worker's tool, in the caller's session if it has one."""
-        with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+        with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
             try:
                 arguments = self._decode(m.arguments, "arguments")
-                session = self._pool._session_for(m.session_id) if m.session_id else None
-                result = await self._pool._execute(m.tool_name, arguments, session)
+                route = self._route_for(m.session_id) if m.session_id else None
+                result = await self._calls.execute(m.tool_name, arguments, route)
             except TrioBridgeError as exc:
                 return pb.ExecuteToolResponse(error=error_info(exc))
             return self._result(result)
@@ -120,7 +139,7 @@ class HostService(pb.HostServiceBase):
                 except Exception as exc:
                     failure.append(error_info(exc, kind=TOOL_ERROR))
 
-        with self._pool._parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+        with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(produce)
                 index = 0
@@ -271,24 +290,34 @@ class HostService(pb.HostServiceBase):
     async def _serve_watch(self, stream: grpclib.server.Stream) -> None:
         message = await stream.recv_message()
         assert message is not None
-        await self._boundary.call_trio(self._watch, message, stream)
+        buffer_size = stream.metadata.get(WATCH_BUFFER_METADATA) if stream.metadata else None
+        await self._boundary.call_trio(self._watch, message, stream, buffer_size)
 
-    async def _watch(self, m: pb.WatchVariablesRequest, stream: grpclib.server.Stream) -> None:
+    async def _watch(self, m: pb.WatchVariablesRequest, stream: grpclib.server.Stream, buffer_size: str | None) -> None:
         """Trio side of a watch: one message per batch of updates, a heartbeat (an empty batch)
-        when nothing happened for ``heartbeat_seconds``; ends when the session ends."""
+        when nothing happened for ``heartbeat_seconds``; ends when the session ends.
+
+        ``buffer_size``: the worker's ``watch_variables(buffer_size=...)``, from the
+        ``x-trio-bridge-watch-buffer`` metadata (the backend's default without it). The worker
+        reads the stream as it comes into a buffer of that size of its own; should the stream
+        back up anyway (HTTP/2 flow control), the watcher here falls behind instead, and
+        coalesces beyond that many. Writers never wait.
+        """
         heartbeat = m.heartbeat_seconds if m.heartbeat_seconds > 0 else _DEFAULT_WATCH_HEARTBEAT
         send = self._boundary.run
         try:
-            watch = self._state.watch(m.session_id, list(m.names), include_initial=m.include_initial)
-            async with watch as watcher:
+            options = {} if buffer_size is None else {"buffer_size": _positive_int(buffer_size, WATCH_BUFFER_METADATA)}
+            async with self._state.watch(m.session_id, list(m.names), include_initial=m.include_initial, **options) as watcher:
                 while True:
-                    with trio.move_on_after(heartbeat):
+                    batch = None
+                    with trio.move_on_after(heartbeat):  # around the wait only: a send cut short would lose the batch
                         batch = await watcher.next_batch()
-                        if not batch:
-                            return  # the session ended
+                    if batch is None:
+                        await send(stream.send_message(pb.WatchBatch()))
+                    elif not batch:
+                        return  # the session ended
+                    else:
                         await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u, self._plane) for u in batch])))
-                        continue
-                    await send(stream.send_message(pb.WatchBatch()))
         except TrioBridgeError as exc:
             await send(stream.send_message(pb.WatchBatch(error=error_info(exc))))
 
@@ -341,6 +370,16 @@ def _timeout(m: pb.ExecuteToolRequest) -> float:
 
 def _deadline_error(what: str, name: str) -> pb.ErrorInfo:
     return pb.ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message=f"{what} {name!r} did not finish before the caller's deadline")
+
+
+def _positive_int(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidArgumentError(f"{what} must be a positive integer, not {text!r}")
+    return value
 
 
 def _source() -> str:

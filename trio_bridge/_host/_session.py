@@ -4,25 +4,39 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, final
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol, final
 
 import trio
 
 from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError, describe_exit
-from trio_bridge._state.backend import SessionInfo, StateBackend, Watcher
+from trio_bridge._state.backend import DEFAULT_WATCH_BUFFER, SessionInfo, StateBackend, Watcher
 from trio_bridge._state.variables import HistoryEntry, Variable
+from trio_bridge._util import NoPublicConstructor, public_module
 
 if TYPE_CHECKING:
-    from trio_bridge._host._pool import Pool
-    from trio_bridge._host._tools import ToolInfo
-    from trio_bridge._host._worker import WorkerHandle
+    from trio_bridge._host._dispatch import Affinity
+    from trio_bridge._host._router import Route
+    from trio_bridge._host._tools import ToolInfo, ToolRegistry
 
 _SOURCE = "host"
 
 
+class SessionCalls(Protocol):
+    """What a session needs of the pool: calls along its route."""
+
+    async def execute(
+        self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None
+    ) -> Any: ...
+
+    def stream(
+        self, tool: str, arguments: dict[str, Any] | None, buffer_size: int, route: Route | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]: ...
+
+
 @final
-class Session:
+@public_module
+class Session(metaclass=NoPublicConstructor):
     """A session of a pool: typed variables shared with its workers, and calls with affinity.
 
     Made by :meth:`Pool.session`, not by users. Variable methods raise the errors of
@@ -38,21 +52,32 @@ class Session:
         moves: how many times it moved to another worker because its worker died.
     """
 
-    def __init__(self, pool: Pool, state: StateBackend, session_id: str, affinity: str) -> None:
-        self._pool = pool
+    def __init__(
+        self, calls: SessionCalls, tools: ToolRegistry, pool_tools: Callable[[], list[ToolInfo]], state: StateBackend,
+        route: Route,
+    ) -> None:
+        self._calls = calls
+        self._tools = tools
+        self._pool_tools = pool_tools
         self._state = state
-        self.id = session_id
-        self.affinity = affinity
-        self._worker: WorkerHandle | None = None
-        self.moves = 0
-        self._stored_on: dict[str, WorkerHandle] = {}  # PythonAdapter objects: name -> the worker keeping it
+        self._route = route
+        self.id = route.session_id
 
     def __repr__(self) -> str:
         return f"<Session {self.id} affinity={self.affinity} worker={self.worker_id}>"
 
     @property
+    def affinity(self) -> Affinity:
+        return self._route.affinity
+
+    @property
+    def moves(self) -> int:
+        return self._route.moves
+
+    @property
     def worker_id(self) -> str | None:
-        return None if self._worker is None else self._worker.id
+        home = self._route.home
+        return None if home is None else home.id
 
     async def info(self) -> SessionInfo:
         return await self._state.get_session(self.id)
@@ -61,11 +86,13 @@ class Session:
     async def execute(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
         """:meth:`Pool.execute` in this session: on its worker when the affinity allows, and with
         its variables visible to the tool (a tool that starts after a write returned sees it)."""
-        return await self._pool._execute(tool, arguments, self)
+        return await self._calls.execute(tool, arguments, self._route)
 
-    def stream(self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64) -> Any:
+    def stream(
+        self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
         """:meth:`Pool.stream` in this session."""
-        return self._pool._stream(tool, arguments, buffer_size, self)
+        return self._calls.stream(tool, arguments, buffer_size, self._route)
 
     # ---- "call any Python" (the PythonAdapter) ----
     async def call(self, target: str, *args: Any, store_as: str | None = None, **kwargs: Any) -> Any:
@@ -95,28 +122,29 @@ class Session:
         return await self._python("list_stored", {}, [])
 
     async def delete_stored(self, name: str) -> bool:
-        self._stored_on.pop(name, None)
+        self._route.pinned.pop(name, None)
         return await self._python("delete_stored", {"name": name}, [])
 
     async def _python(self, tool: str, arguments: dict[str, Any], storing: list[str]) -> Any:
         try:
-            result = await self._pool._execute(tool, arguments, self, affinity="strict")
+            result = await self._calls.execute(tool, arguments, self._route, affinity="strict")
         except ToolError as exc:
             if exc.remote_type == "StoredObjectNotFoundError":
                 self._raise_if_lost(exc)
             raise
         for name in storing:
-            assert self._worker is not None
-            self._stored_on[name] = self._worker
+            assert self._route.home is not None
+            self._route.pinned[name] = self._route.home
         return result
 
     def _raise_if_lost(self, exc: ToolError) -> None:
         match = re.search(r"named '(\w+)'", exc.remote_message)
-        keeper = self._stored_on.get(match.group(1)) if match else None
-        if keeper is not None and keeper is not self._worker:
-            lost = sorted(n for n, w in self._stored_on.items() if w is keeper)
+        pinned = self._route.pinned
+        keeper = pinned.get(match.group(1)) if match else None
+        if keeper is not None and keeper is not self._route.home:
+            lost = sorted(n for n, w in pinned.items() if w is keeper)
             for name in lost:
-                del self._stored_on[name]
+                del pinned[name]
             died = "stopped" if keeper.exit_code is None else describe_exit(keeper.exit_code)
             raise StoredObjectLostError(
                 f"stored object(s) {', '.join(map(repr, lost))} of session {self.id} were kept by worker "
@@ -136,14 +164,14 @@ class Session:
     ) -> None:
         """Register a host tool that only this session's calls can see (see
         :meth:`Pool.host_tool`); it goes away with the session."""
-        self._pool._tools.register(
+        self._tools.register(
             function, name=name, description=description, streaming=streaming, metadata=metadata, session_id=self.id
         )
 
     def tools(self) -> list[ToolInfo]:
         """What this session's calls can use: the pool's tools and this session's host tools."""
-        own = [t.info() for t in self._pool._tools.host_tools(self.id) if t.session_id == self.id]
-        return sorted([*self._pool.tools(), *own], key=lambda t: t.name)
+        own = [t.info() for t in self._tools.host_tools(self.id) if t.session_id == self.id]
+        return sorted([*self._pool_tools(), *own], key=lambda t: t.name)
 
     # ---- variables ----
     async def register_variable(
@@ -216,7 +244,7 @@ class Session:
         """
         await self._state.set_optimization(self.id, name, optimizer_id, active=True)
         try:
-            yield Optimization(self, name, optimizer_id)
+            yield Optimization._create(self, name, optimizer_id)
         finally:
             with trio.CancelScope(shield=True):
                 try:
@@ -225,18 +253,27 @@ class Session:
                     pass  # the session ended: its locks went with it
 
     @asynccontextmanager
-    async def watch_variables(self, names: list[str], *, include_initial: bool = True) -> AsyncIterator[Watcher]:
+    async def watch_variables(
+        self, names: list[str], *, include_initial: bool = True, buffer_size: int = DEFAULT_WATCH_BUFFER
+    ) -> AsyncIterator[Watcher]:
         """Watch variables: the block gets an async iterator of ``VariableUpdate`` (``.name
         .old_value .new_value .version .source .kind .coalesced``): initial values first, then
-        every change, none lost between the two. A slow reader never blocks writers: it gets
-        the latest value of each variable, with ``coalesced`` counting what it skipped.
-        Iteration ends when the session ends."""
-        async with self._state.watch(self.id, list(names), include_initial=include_initial) as watcher:
+        every change, in order, none lost between the two. Writers never wait for a watcher:
+        one that falls more than ``buffer_size`` updates behind gets, next, only the latest
+        value of each variable that changed, with ``coalesced`` counting the updates it skipped
+        (``Watcher.coalesced``: all it skipped). Iteration ends when the session ends.
+
+        Raises:
+            VariableNotFoundError: a name is not a variable of the session.
+            InvalidArgumentError: ``buffer_size`` is below 1.
+        """
+        async with self._state.watch(self.id, list(names), include_initial=include_initial, buffer_size=buffer_size) as watcher:
             yield watcher
 
 
 @final
-class Optimization:
+@public_module
+class Optimization(metaclass=NoPublicConstructor):
     """The holder's handle inside :meth:`Session.optimizing`."""
 
     def __init__(self, session: Session, name: str, optimizer_id: str) -> None:

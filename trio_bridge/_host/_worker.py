@@ -7,22 +7,54 @@ A :class:`WorkerHandle` is owned by the pool's supervisor task for its slot (see
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import os
-import subprocess
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, final
+from typing import Any, Literal, TypeVar, final
 
 import trio
 
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._aio import Boundary, TransportError
-from trio_bridge._wire.auth import SECRET_ENV
+from trio_bridge._host._janitor import Janitor
+from trio_bridge._host._process import WorkerProcess
+from trio_bridge._util import public_module
+from trio_bridge._wire.contract import (
+    ADAPTER_OPTIONS_ENV,
+    HOST_ADDRESS_ENV,
+    HOST_PID_ENV,
+    READY_PREFIX,
+    SECRET_ENV,
+    WIRE_VERSION,
+    WORKER_ID_ENV,
+    __version__,
+    incompatibility,
+)
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge.worker._server import ADAPTER_OPTIONS_ENV, HOST_ADDRESS_ENV, READY_PREFIX, WORKER_ID_ENV
 
 T = TypeVar("T")
+
+WorkerStateName = Literal["starting", "ready", "draining", "dead"]
+
+
+class WorkerState(enum.Enum):
+    """A worker's life, one way: starting -> ready -> draining -> dead (dead from any state)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+_NEXT: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.DEAD}),
+    WorkerState.READY: frozenset({WorkerState.DRAINING, WorkerState.DEAD}),
+    WorkerState.DRAINING: frozenset({WorkerState.DEAD}),
+    WorkerState.DEAD: frozenset(),
+}
 
 _STDERR_TAIL_LINES = 40
 # What workers write to stderr (tracebacks, tools' print()s): INFO records, "[w3] line".
@@ -31,6 +63,7 @@ _EXIT_REPORT_WAIT = 2.0  # seconds to wait for a dying worker's exit status
 
 
 @final
+@public_module
 @dataclass(frozen=True)
 class WorkerInfo:
     """A snapshot of one worker, from :meth:`Pool.workers`.
@@ -39,23 +72,27 @@ class WorkerInfo:
         id: the pool's id for this process, e.g. ``"w3"`` (a replacement gets a new id).
         slot: the pool slot it fills (0 .. size-1).
         pid: the process id.
-        state: ``"starting"``, ``"ready"``, ``"draining"``, ``"stopping"`` or ``"dead"``.
+        state: ``"starting"`` (spawned, not yet ready), ``"ready"`` (takes calls),
+            ``"draining"`` (finishing its calls before it exits) or ``"dead"`` (exited).
         address: where it listens, ``"unix:/path"`` or ``"tcp:host:port"``.
         calls_served: calls that returned a result (or a tool error) on this worker.
         calls_failed: calls that ended with an error.
         in_flight: calls it is serving now, including cancelled ones it has not yet freed.
         started_at: ``trio.current_time()`` when it became ready.
+        exit_code: once the process has exited, its status (0: it exited by itself after a
+            clean shutdown; ``-N``: killed by signal N); ``None`` while it runs.
     """
 
     id: str
     slot: int
     pid: int | None
-    state: str
+    state: WorkerStateName
     address: str
     calls_served: int
     calls_failed: int
     in_flight: int
     started_at: float | None
+    exit_code: int | None
 
 
 @dataclass(frozen=True)
@@ -78,13 +115,13 @@ class WorkerSpec:
 class WorkerHandle:
     """The host's view of one worker process. Not constructed by users."""
 
-    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, boundary: Boundary) -> None:
+    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, boundary: Boundary, janitor: Janitor | None = None) -> None:
         self.id = worker_id
         self.slot = slot
         self.spec = spec
         self.concurrency = spec.concurrency
         self.busy = 0  # slots taken (managed by the Dispatcher)
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.address = ""
         self.tools: dict[str, pb.ToolSpec] = {}
@@ -97,28 +134,37 @@ class WorkerHandle:
         self.stderr_closed = trio.Event()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._boundary = boundary
-        self._process: trio.Process | None = None
+        self._process: WorkerProcess | None = None
+        self._janitor = janitor
         self._stub: pb.WorkerServiceStub | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
 
     def __repr__(self) -> str:
-        return f"<WorkerHandle {self.id} pid={self.pid} {self.state} busy={self.busy}/{self.concurrency}>"
+        return f"<WorkerHandle {self.id} pid={self.pid} {self.state.value} busy={self.busy}/{self.concurrency}>"
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
-            id=self.id, slot=self.slot, pid=self.pid, state=self.state, address=self.address,
+            id=self.id, slot=self.slot, pid=self.pid, state=self.state.value, address=self.address,
             calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
-            started_at=self.started_at,
+            started_at=self.started_at, exit_code=self.exit_code,
         )
 
     @property
     def accepting(self) -> bool:
-        return self.state == "ready"
+        return self.state is WorkerState.READY
 
     @property
     def alive(self) -> bool:
         return not self.exited.is_set()
+
+    def _enter(self, state: WorkerState) -> None:
+        """Move to ``state``; a transition not in the table is a bug (staying put is allowed)."""
+        if state is self.state:
+            return
+        if state not in _NEXT[self.state]:
+            raise RuntimeError(f"worker {self.id}: no transition from {self.state.value} to {state.value}")
+        self.state = state
 
     # ---- calls ----
     async def call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
@@ -181,14 +227,17 @@ class WorkerHandle:
         )
 
     def kill(self, reason: str) -> None:
-        """Stop the process at once (SIGKILL); calls on it fail with :class:`WorkerCrashedError`."""
+        """Stop the process and its tools' processes at once (SIGKILL to its process group);
+        calls on it fail with :class:`WorkerCrashedError`."""
         if self._process is not None and self.alive:
             self._death_reason = self._death_reason or reason
-            self.state = "dead"
-            try:
-                self._process.kill()
-            except ProcessLookupError:
-                pass
+            self._enter(WorkerState.DEAD)
+            self._process.signal_group(signal.SIGKILL)
+
+    @property
+    def death_reason(self) -> str:
+        """Why the pool stopped it (``""`` if it was not stopped by the pool)."""
+        return self._death_reason
 
     # ---- life cycle ----
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -203,6 +252,8 @@ class WorkerHandle:
         spec = self.spec
         if spec.transport == "unix":
             listen = f"unix:{os.path.join(spec.socket_dir, self.id + '.sock')}"
+            if spec.socket_dir.startswith("@"):  # Linux abstract namespace: nothing on disk
+                listen = f"unix:{spec.socket_dir}-{self.id}"
         else:
             listen = "tcp:127.0.0.1:0"
         env = dict(os.environ)
@@ -211,18 +262,23 @@ class WorkerHandle:
         env[WORKER_ID_ENV] = self.id
         env[HOST_ADDRESS_ENV] = spec.host_address
         env[ADAPTER_OPTIONS_ENV] = spec.adapter_options
+        env[HOST_PID_ENV] = str(os.getpid())
         # The worker must import what the host can: the host's cwd first, then its PYTHONPATH.
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
         command = [
             spec.python, "-m", "trio_bridge.worker", "--adapter", spec.adapter, "--listen", listen,
             "--concurrency", str(spec.concurrency), "--heartbeat-interval", str(spec.heartbeat_interval),
         ]
-        process = await trio.lowlevel.open_process(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches the host only; it shuts workers down
-        )
+        try:
+            process = WorkerProcess.spawn(command, env)
+        except OSError as exc:
+            raise WorkerStartError(
+                f"cannot start {spec.python!r}: {exc} (adapter {spec.adapter!r})", worker_id=self.id,
+            ) from None
         self._process = process
         self.pid = process.pid
+        if self._janitor is not None:
+            self._janitor.watch_group(process.pid)
         channel = None
         try:
             async with trio.open_nursery() as nursery:
@@ -237,13 +293,22 @@ class WorkerHandle:
                 channel, self._stub = self._boundary.worker_stub(self.address, spec.secret)
                 with trio.move_on_after(spec.startup_timeout) as timeout_scope:
                     try:
-                        described = await self._boundary.run(self._stub.describe(pb.DescribeRequest()))
+                        described = await self._boundary.run(self._stub.describe(
+                            pb.DescribeRequest(trio_bridge_version=__version__, wire_version=WIRE_VERSION)
+                        ))
                     except TransportError as exc:
-                        raise await self._start_error(f"did not answer Describe ({exc})") from None
+                        raise await self._start_error(f"Describe failed ({exc})") from None
                 if timeout_scope.cancelled_caught:
                     raise await self._start_error("did not answer Describe in time")
+                problem = incompatibility(
+                    local_release=__version__, local_wire=WIRE_VERSION, peer=f"worker {self.id}",
+                    peer_release=described.trio_bridge_version, peer_wire=described.wire_version,
+                )
+                if problem is not None:
+                    self.kill("its wire contract differs")
+                    raise await self._start_error(f"was refused: {problem}")
                 self.tools = {t.name: t for t in described.tools}
-                self.state = "ready"
+                self._enter(WorkerState.READY)
                 self.started_at = trio.current_time()
                 task_status.started()
                 await self.exited.wait()
@@ -253,9 +318,9 @@ class WorkerHandle:
                 if channel is not None:
                     self._boundary.close_channel(channel)
                 await self._stop_process(process)
-                for stream in (process.stdin, process.stdout, process.stderr):
-                    if stream is not None:
-                        await stream.aclose()
+                await process.aclose()
+                if self._janitor is not None:
+                    self._janitor.forget_group(process.pid)
 
     async def _read_ready_line(self, stdout: Any) -> str:
         buffer = b""
@@ -302,31 +367,31 @@ class WorkerHandle:
                 self.stderr_tail.append(pending.decode(errors="replace"))
             self.stderr_closed.set()
 
-    async def _wait_exit(self, process: trio.Process) -> None:
+    async def _wait_exit(self, process: WorkerProcess) -> None:
         self.exit_code = await process.wait()
-        self.state = "dead"
+        self._enter(WorkerState.DEAD)
         self.exited.set()
         for scope in list(self._call_scopes):
             scope.cancel()
 
-    async def _stop_process(self, process: trio.Process) -> None:
-        """Terminate, then kill: nothing outlives the handle."""
+    async def _stop_process(self, process: WorkerProcess) -> None:
+        """Terminate, then kill, its whole process group: nothing outlives the handle."""
         if process.returncode is None:
-            process.terminate()
+            process.signal_group(signal.SIGTERM)
             with trio.move_on_after(2):
                 await process.wait()
         if process.returncode is None:
-            process.kill()
+            process.signal_group(signal.SIGKILL)
             await process.wait()
         self.exit_code = process.returncode
-        self.state = "dead"
+        self._enter(WorkerState.DEAD)
         self.exited.set()
 
     async def shutdown(self, grace: float) -> None:
         """Ask the worker to finish its calls (at most ``grace`` seconds) and exit."""
         if self._stub is None or not self.alive:
             return
-        self.state = "draining"
+        self._enter(WorkerState.DRAINING)
         # Bounded even if the worker no longer answers: the pool then terminates it.
         with trio.move_on_after(grace + 1):
             try:

@@ -8,20 +8,22 @@ can replace :class:`MemoryBackend` without touching them.
 from __future__ import annotations
 
 import abc
-import collections
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 import trio
 
+from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._state.sessions import SessionRecord, SessionStore
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER
 
-__all__ = ["MemoryBackend", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
+__all__ = ["DEFAULT_WATCH_BUFFER", "MemoryBackend", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
 
 
 @dataclass(frozen=True)
@@ -37,45 +39,194 @@ class SessionInfo:
     state_version: int
 
 
-class Watcher:
-    """A watcher's pending updates: at most one per variable, so it is bounded by the number of
-    watched variables however slow its reader is. Writers never wait for it: a newer update of a
-    variable replaces the pending one (keeping its ``old_value`` and counting the fold)."""
 
-    def __init__(self, names: frozenset[str]) -> None:
-        self.names = names
-        self._pending: collections.OrderedDict[str, VariableUpdate] = collections.OrderedDict()
-        self._wakeup = trio.Event()
-        self._closed = False
-        self.coalesced = 0
 
-    def push(self, update: VariableUpdate) -> None:
-        if self._closed:
+class _Log:
+    """The recent updates of one watched variable: a ring of the last ``len(ring)`` of them,
+    numbered from 0 in the order they were made (``count`` so far). Appending is O(1)."""
+
+    __slots__ = ("count", "ring", "watchers")
+
+    def __init__(self, capacity: int) -> None:
+        self.ring: list[tuple[int, VariableUpdate] | None] = [None] * capacity
+        self.count = 0
+        self.watchers = 0
+
+    def append(self, seq: int, update: VariableUpdate) -> None:
+        self.ring[self.count % len(self.ring)] = (seq, update)
+        self.count += 1
+
+    def __getitem__(self, n: int) -> tuple[int, VariableUpdate]:
+        """Update number ``n`` and its session-wide sequence number; only the last
+        ``len(ring)`` are kept (callers check)."""
+        entry = self.ring[n % len(self.ring)]
+        assert entry is not None
+        return entry
+
+    def reserve(self, capacity: int) -> None:
+        """Keep at least the last ``capacity`` updates from now on."""
+        old = self.ring
+        if capacity <= len(old):
             return
-        earlier = self._pending.get(update.name)
-        if earlier is not None:
-            self.coalesced += 1
-            kind = earlier.kind if earlier.kind == "initial" and update.kind == "change" else update.kind
-            update = VariableUpdate(
-                update.name, earlier.old_value, update.new_value, update.version, update.source, kind,
-                update.timestamp, earlier.coalesced + 1,
-            )
-        self._pending[update.name] = update
-        self._wakeup.set()
+        self.ring = [None] * capacity
+        for n in range(max(0, self.count - len(old)), self.count):
+            self.ring[n % capacity] = old[n % len(old)]
+
+
+class _Feed:
+    """A session's updates as its watchers read them.
+
+    The writer's side is O(1) however many watchers there are: :meth:`publish` appends each
+    update once to its variable's :class:`_Log` (only variables someone watches have one) and
+    sets :attr:`kick`, an event that at most one task -- the *leader*, one of the sleeping
+    watchers -- waits on. The leader, once woken, wakes the others (:attr:`changed`, which
+    they wait on) from its own task, off the writer's path. Each watcher holds a cursor into
+    each of its logs and reads lazily; one that fell more than its buffer behind gets the
+    latest value of each variable instead (see :class:`Watcher`).
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0  # updates published, session-wide: their order across variables
+        self.logs: dict[str, _Log] = {}
+        self.watchers: set[Watcher] = set()
+        self.closed = False
+        self.kick = trio.Event()  # set by writers; the leader waits on it
+        self.changed = trio.Event()  # set by the leader; the other sleeping watchers wait on it
+        self.leader: Watcher | None = None
+
+    def publish(self, updates: list[VariableUpdate]) -> None:
+        published = False
+        for update in updates:
+            log = self.logs.get(update.name)
+            if log is not None:
+                self.seq += 1
+                log.append(self.seq, update)
+                published = True
+        if published:
+            self.kick.set()  # wakes one task at most
+
+    def broadcast(self) -> None:
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+    async def sleep(self, watcher: Watcher) -> None:
+        """Until something was published (or, rarely, for no reason: callers check)."""
+        if self.leader is not None:
+            await self.changed.wait()
+            return
+        self.leader = watcher
+        try:
+            await self.kick.wait()
+        finally:  # woken, or cancelled: either way the others must not sleep with no leader
+            self.leader = None
+            self.kick = trio.Event()
+            self.broadcast()
 
     def close(self) -> None:
+        self.closed = True
+        self.kick.set()
+        self.broadcast()
+
+
+@final
+class Watcher:
+    """What :meth:`StateBackend.watch` yields: an async iterator of :class:`VariableUpdate`
+    (initial values first when asked for, then every change, in the order they were made).
+
+    It keeps a cursor into the session's recent updates rather than a queue of its own, so
+    writers never wait for it and pay nothing per watcher. While it is at most
+    ``buffer_size`` updates behind, it gets every one of them; once it fell further behind,
+    its next batch holds only the latest update of each variable that changed, with
+    ``coalesced`` saying how many earlier ones that variable's update stands for (and
+    ``old_value`` the value this watcher last saw). Iteration ends when the session ends
+    (after what was pending) or the watch is left.
+
+    Attributes:
+        names: the watched variables' names.
+        buffer_size: how many updates it may fall behind by before it coalesces.
+        coalesced: how many updates it skipped in all.
+    """
+
+    def __init__(
+        self, feed: _Feed, names: list[str], buffer_size: int, seen: dict[str, Any], initial: list[VariableUpdate]
+    ) -> None:
+        self.names = frozenset(names)
+        self.buffer_size = buffer_size
+        self.coalesced = 0
+        self._feed = feed
+        self._logs = {name: feed.logs[name] for name in names}
+        self._cursors = {name: log.count for name, log in self._logs.items()}
+        self._seen = seen  # name -> the value this watcher last saw (for a coalesced old_value)
+        self._initial = initial
+        self._checked = feed.seq  # the feed's seq when this watcher last read it
+        self._closed = False
+        self._sleeping = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed or self._feed.closed else f"{self.pending} pending"
+        return f"<Watcher {sorted(self.names)} buffer_size={self.buffer_size} {state}>"
+
+    @property
+    def pending(self) -> int:
+        """Updates published and not read yet (before any coalescing)."""
+        return len(self._initial) + sum(log.count - self._cursors[name] for name, log in self._logs.items())
+
+    def close(self) -> None:
+        """Stop: the iteration ends (also for a task waiting in it)."""
+        if self._closed:
+            return
         self._closed = True
-        self._wakeup.set()
+        if self._sleeping:
+            if self._feed.leader is self:
+                self._feed.kick.set()
+            else:
+                self._feed.broadcast()
 
     async def next_batch(self) -> list[VariableUpdate]:
-        """Wait for pending updates and take them all, oldest first; ``[]`` once closed."""
-        while not self._pending:
-            if self._closed:
-                return []
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        batch = list(self._pending.values())
-        self._pending.clear()
+        """Wait for updates and take all that are pending, oldest first; ``[]`` once the watch
+        was left, or the session ended and nothing is pending."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._closed:
+            batch = self._take()
+            if batch:
+                return batch
+            if self._feed.closed:
+                break
+            self._sleeping = True
+            try:
+                await self._feed.sleep(self)
+            finally:
+                self._sleeping = False
+        return []
+
+    def _take(self) -> list[VariableUpdate]:
+        batch, self._initial = self._initial, []
+        if self._feed.seq == self._checked:
+            return batch
+        self._checked = self._feed.seq
+        behind = [(name, log, self._cursors[name]) for name, log in self._logs.items() if log.count != self._cursors[name]]
+        if not behind:
+            return batch
+        if sum(log.count - cursor for _, log, cursor in behind) <= self.buffer_size:
+            if len(behind) == 1:
+                _, log, cursor = behind[0]
+                batch.extend(log[n][1] for n in range(cursor, log.count))
+            else:
+                entries = [log[n] for _, log, cursor in behind for n in range(cursor, log.count)]
+                entries.sort(key=_seq)
+                batch.extend(update for _, update in entries)
+        else:  # fell too far behind: the latest of each, with what it stands for
+            latest = []
+            for name, log, cursor in behind:
+                seq, update = log[log.count - 1]
+                skipped = log.count - cursor - 1
+                self.coalesced += skipped
+                latest.append((seq, dataclasses.replace(update, old_value=self._seen[name], coalesced=skipped)))
+            latest.sort(key=_seq)
+            batch.extend(update for _, update in latest)
+        for name, log, _ in behind:
+            self._cursors[name] = log.count
+            self._seen[name] = log[log.count - 1][1].new_value
         return batch
 
     def __aiter__(self) -> AsyncIterator[VariableUpdate]:
@@ -88,6 +239,10 @@ class Watcher:
                 return
             for update in batch:
                 yield update
+
+
+def _seq(entry: tuple[int, VariableUpdate]) -> int:
+    return entry[0]
 
 
 class StateBackend(abc.ABC):
@@ -128,9 +283,15 @@ class StateBackend(abc.ABC):
     @abc.abstractmethod
     async def set_optimization(self, session_id: str, key: str, optimizer_id: str, *, active: bool) -> Variable: ...
     @abc.abstractmethod
-    def watch(self, session_id: str, names: list[str], *, include_initial: bool) -> Any:
+    def watch(self, session_id: str, names: list[str], *, include_initial: bool, buffer_size: int = DEFAULT_WATCH_BUFFER) -> Any:
         """An async context manager yielding a :class:`Watcher`. No update is lost between the
-        initial snapshot and the first change; leaving the block frees the watcher."""
+        initial snapshot and the first change; leaving the block frees the watcher. Writers
+        never wait for watchers; one more than ``buffer_size`` updates behind coalesces.
+
+        Raises:
+            VariableNotFoundError: a name is not a variable of the session.
+            InvalidArgumentError: ``buffer_size`` is below 1.
+        """
     @abc.abstractmethod
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (the TTL reaper); run it in a nursery for the backend's lifetime."""
@@ -143,7 +304,7 @@ class MemoryBackend(StateBackend):
     def __init__(self, sessions: SessionStore | None = None) -> None:
         self.sessions = sessions if sessions is not None else SessionStore()  # an empty store is falsy
         self.on_session_end = []
-        self._watchers: dict[str, set[Watcher]] = collections.defaultdict(set)
+        self._feeds: dict[str, _Feed] = {}  # sessions that have watchers
         self._reaper_wakeup = trio.Event()
 
     # ---- sessions ----
@@ -166,8 +327,9 @@ class MemoryBackend(StateBackend):
         return True
 
     def _end(self, record: SessionRecord) -> None:
-        for watcher in self._watchers.pop(record.id, ()):
-            watcher.close()
+        feed = self._feeds.pop(record.id, None)
+        if feed is not None:
+            feed.close()
         for callback in self.on_session_end:
             callback(record.id)
 
@@ -240,41 +402,61 @@ class MemoryBackend(StateBackend):
         return variable, record.state_version
 
     async def add_dependency(self, session_id, dependent, dependency):  # type: ignore[no-untyped-def]
-        return self._touch(session_id).variables.add_dependency(dependent, dependency)
+        record = self._touch(session_id)
+        variable = record.variables.add_dependency(dependent, dependency)
+        record.state_version += 1  # workers' caches hold depends_on too
+        return variable
 
     async def set_optimization(self, session_id, key, optimizer_id, *, active):  # type: ignore[no-untyped-def]
-        variables = self._touch(session_id).variables
-        return variables.start_optimization(key, optimizer_id) if active else variables.stop_optimization(key, optimizer_id)
+        record = self._touch(session_id)
+        variables = record.variables
+        variable = variables.start_optimization(key, optimizer_id) if active else variables.stop_optimization(key, optimizer_id)
+        record.state_version += 1  # workers' caches hold optimizer_id too
+        return variable
 
     @asynccontextmanager
-    async def watch(self, session_id: str, names: list[str], *, include_initial: bool) -> AsyncIterator[Watcher]:
+    async def watch(
+        self, session_id: str, names: list[str], *, include_initial: bool, buffer_size: int = DEFAULT_WATCH_BUFFER
+    ) -> AsyncIterator[Watcher]:
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise InvalidArgumentError(f"buffer_size must be a positive number of updates, not {buffer_size!r}")
         record = self._touch(session_id)
-        variables = [record.variables.get(name) for name in names]  # unknown names fail here
-        watcher = Watcher(frozenset(v.name for v in variables))
+        variables = list({v.name: v for v in (record.variables.get(name) for name in names)}.values())  # unknown names fail here
         # Subscribe and snapshot with no checkpoint in between: no update can fall in the gap.
-        self._watchers[session_id].add(watcher)
-        if include_initial:
-            now = time.time()
-            for v in variables:
-                watcher.push(VariableUpdate(v.name, None, v.value, v.version, v.source, "initial", now))
+        feed = self._feeds.get(session_id)
+        if feed is None:
+            feed = self._feeds[session_id] = _Feed()
+        for v in variables:
+            log = feed.logs.get(v.name)
+            if log is None:
+                log = feed.logs[v.name] = _Log(buffer_size)
+            log.reserve(buffer_size)
+            log.watchers += 1
+        now = time.time()
+        initial = [VariableUpdate(v.name, None, v.value, v.version, v.source, "initial", now) for v in variables] if include_initial else []
+        watcher = Watcher(feed, [v.name for v in variables], buffer_size, {v.name: v.value for v in variables}, initial)
+        feed.watchers.add(watcher)
         try:
             yield watcher
         finally:
             watcher.close()
-            self._watchers.get(session_id, set()).discard(watcher)
+            feed.watchers.discard(watcher)
+            for v in variables:
+                log = feed.logs[v.name]
+                log.watchers -= 1
+                if not log.watchers:
+                    del feed.logs[v.name]
+            if not feed.watchers and self._feeds.get(session_id) is feed:
+                del self._feeds[session_id]
 
     # ---- internals ----
     def _touch(self, session_id: str) -> SessionRecord:
         return self.sessions.touch(session_id, trio.current_time())
 
     def _notify(self, record: SessionRecord, updates: list[VariableUpdate]) -> None:
-        watchers = self._watchers.get(record.id)
-        if not watchers:
-            return
-        for update in updates:
-            for watcher in watchers:
-                if update.name in watcher.names:
-                    watcher.push(update)
+        feed = self._feeds.get(record.id)
+        if feed is not None:
+            feed.publish(updates)
 
 
 def _info(record: SessionRecord) -> SessionInfo:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import heapq
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from trio_bridge._errors import InvalidArgumentError, QuotaExceededError, SessionNotFoundError
+from trio_bridge._errors import (
+    EncodeError,
+    InvalidArgumentError,
+    QuotaExceededError,
+    SessionExistsError,
+    SessionNotFoundError,
+)
 from trio_bridge._state.variables import VariableStore
+from trio_bridge._wire import codec
+from trio_bridge._wire.codec import short_repr as _r
 
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+# A session id: 1-128 ASCII letters, digits, '_', '.', ':' or '-' (used with fullmatch).
+_SESSION_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
 @dataclass
@@ -61,27 +71,40 @@ class SessionStore:
         return len(self._sessions)
 
     def __contains__(self, session_id: object) -> bool:
-        return session_id in self._sessions
+        return isinstance(session_id, str) and session_id in self._sessions
 
     def create(self, session_id: str | None, *, ttl: float | None, metadata: dict[str, Any] | None, now: float) -> SessionRecord:
         """Create a session (a random id when ``session_id`` is None).
 
+        Args:
+            session_id: 1-128 ASCII letters, digits, ``_ . : -``; or None for a random id.
+            ttl: seconds without use before it expires: a positive finite number (int or float,
+                not bool), or None for never.
+            metadata: None or a dict with str keys whose values the codec can encode; stored in
+                its wire form (a deep copy).
+
         Raises:
-            QuotaExceededError: ``max_sessions`` sessions exist.
-            InvalidArgumentError: the id is malformed or taken, or ``ttl`` is not positive.
+            InvalidArgumentError: the id, ``ttl`` or ``metadata`` is malformed (the message says
+                which); checked first, so bad input is refused even when the id is taken.
+            SessionExistsError: (an InvalidArgumentError) a session with that id exists.
+            QuotaExceededError: ``max_sessions`` sessions exist, or the metadata is over
+                ``max_value_bytes`` encoded.
         """
         if session_id is None:
             session_id = "s_" + secrets.token_hex(8)
-        elif not isinstance(session_id, str) or not _SESSION_ID.match(session_id):
-            raise InvalidArgumentError(f"invalid session id {session_id!r}: 1-128 of letters, digits and _ . : -")
+        elif not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            raise InvalidArgumentError(
+                f"invalid session id {_r(session_id)}: it must be 1-128 ASCII letters, digits, '_', '.', ':' or '-'"
+            )
+        session_id = str(session_id)
+        ttl = _check_ttl(ttl)
+        stored_metadata = self._check_metadata(metadata)
         if session_id in self._sessions:
-            raise InvalidArgumentError(f"a session with id {session_id!r} already exists")
-        if ttl is not None and not ttl > 0:
-            raise InvalidArgumentError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+            raise SessionExistsError(f"a session with id {session_id!r} already exists")
         if len(self._sessions) >= self.max_sessions:
             raise QuotaExceededError(f"{self.max_sessions} sessions already exist (max_sessions)")
         record = SessionRecord(
-            id=session_id, created_at=now, last_used=now, ttl=ttl, metadata=dict(metadata or {}),
+            id=session_id, created_at=now, last_used=now, ttl=ttl, metadata=stored_metadata,
             variables=VariableStore(
                 max_variables=self.max_variables_per_session, max_value_bytes=self.max_value_bytes,
                 history_limit=self.history_limit,
@@ -92,9 +115,9 @@ class SessionStore:
         return record
 
     def get(self, session_id: str) -> SessionRecord:
-        record = self._sessions.get(session_id)
+        record = self._sessions.get(session_id) if isinstance(session_id, str) else None
         if record is None:
-            raise SessionNotFoundError(f"no session {session_id!r} (never created, cleaned up, or expired)")
+            raise SessionNotFoundError(f"no session {_r(session_id)} (never created, cleaned up, or expired)")
         return record
 
     def touch(self, session_id: str, now: float) -> SessionRecord:
@@ -106,7 +129,7 @@ class SessionStore:
 
     def remove(self, session_id: str) -> SessionRecord | None:
         """Forget a session; an unknown or already removed id is not an error."""
-        return self._sessions.pop(session_id, None)
+        return self._sessions.pop(session_id, None) if isinstance(session_id, str) else None
 
     def pop_expired(self, now: float) -> list[SessionRecord]:
         """Remove and return the sessions whose TTL has run out by ``now``."""
@@ -123,7 +146,38 @@ class SessionStore:
         """When the next session may expire (stale heap entries may make it early, never late)."""
         return self._expiry_heap[0][0] if self._expiry_heap else None
 
+    def _check_metadata(self, metadata: Any) -> dict[str, Any]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict):
+            raise InvalidArgumentError(f"session metadata must be a dict with str keys, not {type(metadata).__name__}")
+        try:
+            payload = codec.encode(metadata, path="metadata", plane=None)
+        except EncodeError as exc:
+            raise InvalidArgumentError(f"invalid session metadata: {exc}") from None
+        size = len(payload.json) + sum(len(blob) for blob in payload.blobs)
+        if size > self.max_value_bytes:
+            raise QuotaExceededError(
+                f"session metadata is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
+            )
+        return codec.decode(payload, plane=None)
+
     def _schedule(self, record: SessionRecord) -> None:
         record.expiry_token += 1
         if record.expires_at is not None:
             heapq.heappush(self._expiry_heap, (record.expires_at, record.expiry_token, record.id))
+
+
+def _check_ttl(ttl: Any) -> float | None:
+    """``ttl`` as a float, or InvalidArgumentError: None, or a positive finite int/float (not bool)."""
+    if ttl is None:
+        return None
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool):
+        raise InvalidArgumentError(f"ttl must be a positive number of seconds or None, not {type(ttl).__name__} {_r(ttl)}")
+    try:
+        seconds = float(ttl)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise InvalidArgumentError(f"ttl must be a positive finite number of seconds or None, not {_r(ttl)}")
+    return seconds

@@ -2,6 +2,11 @@
 
 Each operation either changes the store and returns what changed (as :class:`VariableUpdate`
 records, which the async backend hands to watchers), or raises and changes nothing.
+
+Everything stored can be encoded (:mod:`trio_bridge._wire.codec`): values are normalized by their
+type and checked with ``codec.check``; metadata must be a dict with str keys that the codec can
+encode, and is stored in its wire form (a deep copy: tuples become lists, numpy scalars Python
+scalars), so a later change to the caller's objects cannot make it unencodable.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 
 from trio_bridge._errors import (
     DependencyCycleError,
+    EncodeError,
+    InvalidArgumentError,
     InvalidVariableError,
     QuotaExceededError,
     VariableLockedError,
@@ -24,10 +31,12 @@ from trio_bridge._errors import (
     VersionConflictError,
 )
 from trio_bridge._state.types import check_constraints, check_value, values_equal
+from trio_bridge._wire import codec
+from trio_bridge._wire.codec import short_repr as _r
 
 __all__ = ["HistoryEntry", "Variable", "VariableStore", "VariableUpdate"]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch: no trailing "\n"
 _ids = itertools.count(1)
 
 
@@ -139,6 +148,8 @@ class VariableStore:
 
     def list(self, pattern: str = "*") -> list[Variable]:
         """Variables whose names match a glob ``pattern`` (``*``, ``?``, ``[...]``), sorted by name."""
+        if not isinstance(pattern, str):
+            raise InvalidArgumentError(f"a variable name pattern must be a str (a glob), not {type(pattern).__name__}")
         return [self._slots[name].variable for name in sorted(self._slots) if fnmatch.fnmatchcase(name, pattern)]
 
     def history(self, key: str) -> list[HistoryEntry]:
@@ -159,25 +170,33 @@ class VariableStore:
         """Create a variable at version 0.
 
         Raises:
-            InvalidVariableError: bad name, type, constraints or value; or the name is taken.
-            QuotaExceededError: the session has ``max_variables`` already, or the value is too big.
+            InvalidVariableError: bad name, type, constraints, value or metadata (not a dict with
+                str keys, or something in it the codec cannot encode); or the name is taken.
+            QuotaExceededError: the session has ``max_variables`` already, or the value (or the
+                metadata) is over ``max_value_bytes`` encoded.
         """
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidVariableError(
-                f"invalid variable name {name!r}: use letters, digits, '_', '.', '-' "
+                f"invalid variable name {_r(name)}: use letters, digits, '_', '.', '-' "
                 "(starting with a letter or '_'), at most 128 characters"
             )
+        name = str(name)
         if name in self._slots:
             raise InvalidVariableError(f"a variable named {name!r} already exists in this session")
         if len(self._slots) >= self.max_variables:
             raise QuotaExceededError(f"the session already has {self.max_variables} variables (max_variables)")
         normalized = check_constraints(type_name, constraints)
-        value = check_value(type_name, value, normalized)
+        try:
+            value = check_value(type_name, value, normalized)
+        except InvalidVariableError as exc:
+            raise InvalidVariableError(f"variable {name!r} ({type_name}): {exc}") from None
+        self._check_encodable(name, value)
         self._check_size(name, value)
+        stored_metadata = self._check_metadata(name, metadata)
         now = self._clock()
         variable = Variable(
             id=f"var_{next(_ids)}", name=name, type=type_name, value=value, constraints=normalized,
-            metadata=dict(metadata or {}), version=0, created_at=now, updated_at=now, source=source,
+            metadata=stored_metadata, version=0, created_at=now, updated_at=now, source=source,
         )
         slot = _Slot(variable, collections.deque(maxlen=self.history_limit))
         slot.history.append(HistoryEntry(0, value, now, source))
@@ -197,13 +216,19 @@ class VariableStore:
     ) -> tuple[Variable, VariableUpdate | None]:
         """Set a value. Setting an equal value changes nothing (same version, no update).
 
+        ``metadata``, if given, is merged into the variable's metadata with the change.
+
         Raises:
-            VariableNotFoundError, InvalidVariableError, QuotaExceededError,
+            VariableNotFoundError, QuotaExceededError,
+            InvalidVariableError: the value does not fit, or ``metadata`` is not an encodable
+                dict with str keys.
             VersionConflictError: ``expected_version`` is not the current version.
             VariableLockedError: an optimizer other than ``optimizer_id`` holds the lock.
         """
         slot = self._slot(key)
         value = self._validate_write(slot.variable, value, expected_version, optimizer_id)
+        if metadata is not None:
+            metadata = self._check_metadata(slot.variable.name, metadata)
         return self._apply(slot, value, source, metadata)
 
     def set_many(
@@ -220,6 +245,8 @@ class VariableStore:
         (the first error is raised). With ``atomic=False`` each is written on its own and the
         result maps each name to its new Variable or to the error that refused it.
         """
+        if not isinstance(updates, Mapping):
+            raise InvalidArgumentError(f"updates must be a dict of name -> value, not {type(updates).__name__}")
         results: dict[str, Variable | Exception] = {}
         changes: list[VariableUpdate] = []
         if atomic:
@@ -316,15 +343,15 @@ class VariableStore:
 
     # ---- internals ----
     def _slot(self, key: str) -> _Slot:
-        name = key if key in self._slots else self._by_id.get(key)
+        name = (key if key in self._slots else self._by_id.get(key)) if isinstance(key, str) else None
         if name is None:
-            raise VariableNotFoundError(f"no variable named {key!r} in this session")
+            raise VariableNotFoundError(f"no variable named {_r(key)} in this session")
         return self._slots[name]
 
     def _validate_write(self, variable: Variable, value: Any, expected_version: int | None, optimizer_id: str | None) -> Any:
         if expected_version is not None and expected_version != variable.version:
             raise VersionConflictError(
-                f"variable {variable.name!r} is at version {variable.version}, not the expected {expected_version}"
+                f"variable {variable.name!r} is at version {variable.version}, not the expected {_r(expected_version)}"
             )
         if variable.optimizer_id is not None and variable.optimizer_id != optimizer_id:
             raise VariableLockedError(
@@ -335,6 +362,7 @@ class VariableStore:
             value = check_value(variable.type, value, dict(variable.constraints))
         except InvalidVariableError as exc:
             raise InvalidVariableError(f"variable {variable.name!r} ({variable.type}): {exc}") from None
+        self._check_encodable(variable.name, value)
         self._check_size(variable.name, value)
         return value
 
@@ -344,6 +372,31 @@ class VariableStore:
             raise QuotaExceededError(
                 f"value for {name!r} is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
             )
+
+    @staticmethod
+    def _check_encodable(name: str, value: Any) -> None:
+        # Typed values are encodable by construction; this guards that promise (cheap: no copy).
+        try:
+            codec.check(value, path="value")
+        except EncodeError as exc:
+            raise InvalidVariableError(f"variable {name!r}: {exc}") from None
+
+    def _check_metadata(self, name: str, metadata: Any) -> dict[str, Any]:
+        """The metadata in its wire form (a new dict), or InvalidVariableError / QuotaExceededError."""
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict):
+            raise InvalidVariableError(f"variable {name!r}: metadata must be a dict, not {type(metadata).__name__}")
+        try:
+            payload = codec.encode(metadata, path="metadata", plane=None)
+        except EncodeError as exc:
+            raise InvalidVariableError(f"variable {name!r}: {exc}") from None
+        size = len(payload.json) + sum(len(blob) for blob in payload.blobs)
+        if size > self.max_value_bytes:
+            raise QuotaExceededError(
+                f"metadata for {name!r} is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
+            )
+        return codec.decode(payload, plane=None)
 
     def _apply(self, slot: _Slot, value: Any, source: str, metadata: dict[str, Any] | None) -> tuple[Variable, VariableUpdate | None]:
         old = slot.variable
@@ -371,8 +424,11 @@ def _encoded_size(value: Any) -> int:
     nbytes = getattr(value, "nbytes", None)
     if isinstance(nbytes, int):
         return nbytes
-    if isinstance(value, (bool, int, float)) or value is None:
+    if isinstance(value, int):
+        return max(8, value.bit_length() // 4 + 2)  # big ones travel in hexadecimal
+    if isinstance(value, float) or value is None:
         return 8
     if isinstance(value, str):
         return len(value.encode("utf-8", "surrogatepass"))
-    return len(repr(value))
+    payload = codec.encode(value, plane=None)  # not reached by the typed values; exact if it is
+    return len(payload.json) + sum(len(blob) for blob in payload.blobs)

@@ -9,8 +9,7 @@ import grpclib.const
 import grpclib.events
 from grpclib.exceptions import GRPCError
 
-SECRET_ENV = "TRIO_BRIDGE_SECRET"
-SECRET_METADATA = "x-trio-bridge-secret"
+from trio_bridge._wire.contract import SECRET_METADATA
 
 
 async def authenticate(secret: str, event: grpclib.events.RecvRequest) -> None:

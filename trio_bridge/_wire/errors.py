@@ -15,6 +15,7 @@ from trio_bridge._errors import (
     InvalidVariableError,
     PoolClosedError,
     QuotaExceededError,
+    SessionExistsError,
     SessionNotFoundError,
     ToolError,
     ToolNotFoundError,
@@ -40,7 +41,7 @@ _BY_NAME: dict[str, type[TrioBridgeError]] = {
     cls.__name__: cls
     for cls in (
         SessionNotFoundError, QuotaExceededError, VariableNotFoundError, InvalidVariableError,
-        VersionConflictError, DependencyCycleError, VariableLockedError, WorkerBusyError,
+        VersionConflictError, DependencyCycleError, VariableLockedError, WorkerBusyError, SessionExistsError,
     )
 }
 

@@ -27,7 +27,18 @@ DIRECTORY_ENV = "TRIO_BRIDGE_SHM_DIR"
 THRESHOLD_ENV = "TRIO_BRIDGE_SHM_THRESHOLD"
 
 _NAME = re.compile(r"^[0-9]+-[0-9]+-[0-9a-f]{8}$")
+_DIRECTORY = re.compile(r"^trio-bridge-([0-9]+)-")
 _counter = itertools.count()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class SharedMemoryPlane:
@@ -47,7 +58,34 @@ class SharedMemoryPlane:
         """A new private directory on ``/dev/shm``, or ``None`` where there is no usable tmpfs."""
         if not os.path.isdir(SHM_ROOT) or not os.access(SHM_ROOT, os.W_OK | os.X_OK):
             return None
-        return cls(tempfile.mkdtemp(prefix="trio-bridge-", dir=SHM_ROOT), threshold)
+        # The host's pid in the name lets a later pool reclaim it if this host dies uncleanly.
+        return cls(tempfile.mkdtemp(prefix=f"trio-bridge-{os.getpid()}-", dir=SHM_ROOT), threshold)
+
+    @staticmethod
+    def reclaim_abandoned(root: str = SHM_ROOT) -> list[str]:
+        """Remove the directories (ours, by owner) of pools whose host process is gone; return them.
+
+        The janitor normally removes a dead host's directory; this catches what it could not
+        (the janitor killed too, or a host from before it existed).
+        """
+        removed = []
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return removed
+        for name in names:
+            match = _DIRECTORY.match(name)
+            if match is None or _process_exists(int(match.group(1))):
+                continue
+            path = os.path.join(root, name)
+            try:
+                if os.stat(path).st_uid != os.getuid():
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
 
     @classmethod
     def from_environment(cls) -> SharedMemoryPlane | None:

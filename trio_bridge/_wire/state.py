@@ -34,6 +34,10 @@ def history_to_wire(e: HistoryEntry, plane: Any = DEFAULT_PLANE) -> pb.HistoryEn
     return pb.HistoryEntry(version=e.version, value=encode(e.value, plane=plane), updated_at=e.updated_at, source=e.source)
 
 
+def history_from_wire(m: pb.HistoryEntry, plane: Any = DEFAULT_PLANE) -> HistoryEntry:
+    return HistoryEntry(version=m.version, value=decode(m.value, plane=plane), updated_at=m.updated_at, source=m.source)
+
+
 def update_to_wire(u: VariableUpdate, plane: Any = DEFAULT_PLANE) -> pb.VariableUpdate:
     return pb.VariableUpdate(
         name=u.name, old_value=encode(u.old_value, plane=plane), new_value=encode(u.new_value, plane=plane), version=u.version,

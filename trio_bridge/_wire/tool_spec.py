@@ -3,20 +3,29 @@ Google-style docstring (name, description, parameters, streaming flag), checked 
 arguments before a tool runs, and carried on the wire as ``ToolSpec``.
 
 Worker tools are adapter methods; host tools are plain callables registered on the pool.
+
+Arguments are checked in depth with pydantic: one ``TypeAdapter`` per annotated parameter, built
+when the tool is defined. Scalars are strict (no ``"1.5"`` for a float, no ``1.0`` or ``True``
+for an int; an int is a fine float), containers are lax (a list is a fine tuple: tuples travel
+as lists). ``Any``, ``object``, unannotated parameters and annotations pydantic cannot handle are
+not checked. Checking never converts: the tool gets the values as they were sent.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+import json
 import re
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from trio_bridge._errors import EncodeError, InvalidArgumentError
-from trio_bridge._wire.codec import encode
+from trio_bridge._wire.codec import encode, short_repr
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 __all__ = ["ParameterDefinition", "ToolDefinition", "define_tool", "tool_spec"]
@@ -33,7 +42,9 @@ class ParameterDefinition:
     required: bool
     default: Any = None
     description: str = ""
-    check: Callable[[Any], bool] | None = field(default=None, repr=False, compare=False)
+    #: returns what is wrong with a value (``"[0]: expected a number, got 'a'"``), or None if
+    #: it fits; None: not checked
+    check: Callable[[Any], str | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,9 @@ class ToolDefinition:
 
         Raises:
             InvalidArgumentError: not a dict, a required argument missing, an unknown argument,
-                or a value whose type does not fit a simple annotation (int, float, str, ...).
+                or a value that does not fit its parameter's annotation, at any depth; the
+                message names the tool, the argument and where in it, e.g.
+                ``tool 'predict': argument 'x'[0]: expected a number, got 'a'``.
         """
         if arguments is None:
             arguments = {}
@@ -74,10 +87,10 @@ class ToolDefinition:
                 f"tool {self.name!r}: arguments must be a dict of name -> value, not {type(arguments).__name__}"
             )
         known = {p.name for p in self.parameters}
-        unknown = sorted(set(arguments) - known)
+        unknown = sorted(short_repr(name) for name in arguments if name not in known)
         if unknown and not self.accepts_any_keyword:
             raise InvalidArgumentError(
-                f"tool {self.name!r}: unknown argument(s) {', '.join(map(repr, unknown))}; "
+                f"tool {self.name!r}: unknown argument(s) {', '.join(unknown)}; "
                 f"it takes {', '.join(map(repr, sorted(known))) or 'no arguments'}"
             )
         missing = [p.name for p in self.parameters if p.required and p.name not in arguments]
@@ -88,11 +101,12 @@ class ToolDefinition:
         checked = dict(arguments)
         for p in self.parameters:
             if p.name in arguments:
-                if p.check is not None and not p.check(arguments[p.name]):
-                    raise InvalidArgumentError(
-                        f"tool {self.name!r}: argument {p.name!r} must be {p.type}, "
-                        f"not {type(arguments[p.name]).__name__}"
-                    )
+                value = arguments[p.name]
+                if p.check is None or (value is None and not p.required and p.default is None):
+                    continue  # ``x: float = None`` takes None
+                problem = p.check(value)
+                if problem is not None:
+                    raise InvalidArgumentError(f"tool {self.name!r}: argument {p.name!r}{problem}")
             elif not p.required:
                 checked[p.name] = p.default
         return checked
@@ -122,9 +136,16 @@ def define_tool(method: Callable[..., Any], name: str, description: str | None) 
     doc = inspect.getdoc(method) or ""
     summary, arg_docs = _parse_docstring(doc)
     try:
-        hints = typing.get_type_hints(method)
-    except Exception:  # unresolvable forward references: fall back to the raw annotations
+        hints = typing.get_type_hints(method, include_extras=True)
+    except Exception:  # an unresolvable forward reference: resolve the others one by one
         hints = {}
+        namespace = getattr(function, "__globals__", {})
+        for p in inspect.signature(method).parameters.values():
+            if isinstance(p.annotation, str):
+                try:
+                    hints[p.name] = eval(p.annotation, dict(namespace))  # what get_type_hints does
+                except Exception:
+                    pass  # stays a string: not checked
     parameters = []
     context_parameter = None
     accepts_any_keyword = False
@@ -141,11 +162,11 @@ def define_tool(method: Callable[..., Any], name: str, description: str | None) 
         parameters.append(
             ParameterDefinition(
                 name=p.name,
-                type=_annotation_text(annotation),
+                type=_annotation_text(typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation),
                 required=p.default is _NO_DEFAULT,
                 default=None if p.default is _NO_DEFAULT else p.default,
                 description=arg_docs.get(p.name, ""),
-                check=_checker(annotation),
+                check=_validator(annotation),
             )
         )
     return ToolDefinition(
@@ -169,34 +190,148 @@ def _annotation_text(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "")
 
 
-_SIMPLE_CHECKS: dict[Any, Callable[[Any], bool]] = {
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    str: lambda v: isinstance(v, str),
-    bool: lambda v: isinstance(v, bool),
-    bytes: lambda v: isinstance(v, bytes),
-    list: lambda v: isinstance(v, list),
-    dict: lambda v: isinstance(v, dict),
+def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
+    """A checker for values of ``annotation`` (see :attr:`ParameterDefinition.check`), built
+    once; ``None`` (not checked) for ``Any``, ``object``, no annotation, unresolved string
+    annotations, and anything pydantic cannot build a schema for."""
+    if annotation is _NO_DEFAULT or annotation is Any or annotation is object or isinstance(annotation, str):
+        return None
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    adapter = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for config in (ConfigDict(arbitrary_types_allowed=True), None):  # models refuse a config
+            try:
+                adapter = TypeAdapter(_strict_scalars(annotation), config=config)
+                break
+            except Exception:
+                continue
+    if adapter is None:
+        return None
+
+    def check(value: Any) -> str | None:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            return _explain(exc, value)
+        except Exception as exc:  # a user validator or a pathological value: still a clean error
+            return f": could not be checked: {type(exc).__name__}: {short_repr(str(exc))}"
+        return None
+
+    return check
+
+
+_STRICT_SCALARS: dict[Any, Any] = {}
+_CONTAINERS = frozenset({
+    list, tuple, dict, set, frozenset, collections.abc.Sequence, collections.abc.MutableSequence,
+    collections.abc.Mapping, collections.abc.MutableMapping, collections.abc.Iterable,
+    collections.abc.Collection, collections.abc.Set, collections.abc.MutableSet,
+})
+
+
+def _strict_scalars(annotation: Any) -> Any:
+    """``annotation`` with int, float, str, bool and bytes made strict wherever they appear in
+    unions, ``Annotated`` and the standard containers (which stay lax: a list fits a tuple)."""
+    from pydantic import Strict
+
+    if not _STRICT_SCALARS:
+        _STRICT_SCALARS.update({t: Annotated[t, Strict()] for t in (int, float, str, bool, bytes)})
+    try:
+        if annotation in _STRICT_SCALARS:
+            return _STRICT_SCALARS[annotation]
+    except TypeError:  # unhashable metadata somewhere
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if not args:
+        return annotation
+    try:
+        if origin is Annotated:
+            return Annotated[(_strict_scalars(args[0]), *annotation.__metadata__)]  # type: ignore[attr-defined]
+        if origin in (typing.Union, types.UnionType):
+            return typing.Union[tuple(_strict_scalars(arg) for arg in args)]  # noqa: UP007
+        if origin in _CONTAINERS:
+            new = tuple(arg if arg is Ellipsis else _strict_scalars(arg) for arg in args)
+            return origin[new if len(new) > 1 else new[0]]
+    except Exception:
+        pass
+    return annotation
+
+
+_EXPECTED = {
+    "float_type": "a number", "int_type": "an integer", "string_type": "a string", "bool_type": "a boolean",
+    "bytes_type": "bytes", "list_type": "a list", "tuple_type": "a list (for a tuple)", "dict_type": "a dict",
+    "set_type": "a set", "frozen_set_type": "a frozenset", "none_required": "None",
+    "model_type": "a dict (for a model)", "dataclass_type": "a dict (for a dataclass)",
 }
 
 
-def _checker(annotation: Any) -> Callable[[Any], bool] | None:
-    """A cheap isinstance check for simple annotations; ``None`` means "not checked"."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        checks = [_checker(arg) if arg is not type(None) else (lambda v: v is None) for arg in typing.get_args(annotation)]
-        if any(c is None for c in checks):
-            return None
-        return lambda v: any(c(v) for c in checks)  # type: ignore[misc]
-    if origin in (list, tuple):  # a tuple arrives as a list
-        return _SIMPLE_CHECKS[list]
-    if origin is dict:
-        return _SIMPLE_CHECKS[dict]
-    if annotation is tuple:
-        return _SIMPLE_CHECKS[list]
-    if isinstance(annotation, type) and annotation.__module__ == "numpy" and annotation.__name__ == "ndarray":
-        return lambda v: type(v).__name__ == "ndarray"
-    return _SIMPLE_CHECKS.get(annotation)
+def _explain(exc: Any, value: Any) -> str:
+    """The deepest place a pydantic ``ValidationError`` points at, as ``"[0]: expected a number,
+    got 'a'"`` (what each union member expected, joined with "or")."""
+    places: dict[str, list[dict[str, Any]]] = {}
+    depth: dict[str, int] = {}
+    for error in exc.errors():
+        where, steps = _where(value, error.get("loc", ()), missing=error.get("type") == "missing")
+        places.setdefault(where, []).append(error)
+        depth[where] = steps
+    where = max(places, key=lambda w: depth[w])
+    expected: list[str] = []
+    other: list[str] = []
+    for error in places[where]:
+        kind = error.get("type", "")
+        if kind == "is_instance_of":
+            text = f"an instance of {(error.get('ctx') or {}).get('class', '?')}"
+        elif kind == "float_type" and isinstance(error.get("input"), int) and not isinstance(error.get("input"), bool):
+            text = "a number that fits a float (this integer is too large)"
+        else:
+            text = _EXPECTED.get(kind, "")
+        if text:
+            if text not in expected:
+                expected.append(text)
+        else:
+            message = str(error.get("msg", kind))
+            message = message[:1].lower() + message[1:]
+            if message not in other:
+                other.append(message)
+    parts = ([f"expected {' or '.join(expected)}"] if expected else []) + other
+    if all(error.get("type") == "missing" for error in places[where]):
+        return f"{where}: missing"
+    return f"{where}: {'; '.join(parts)}, got {short_repr(places[where][0].get('input'))}"
+
+
+def _where(value: Any, loc: Any, *, missing: bool = False) -> tuple[str, int]:
+    """Render a pydantic error location by following it through the value: list indexes and
+    dict keys are kept, union-member tags (``'int'``, ``'list[float]'``) are dropped (and so is
+    the last step of a ``missing`` error, which the value does not have: it is shown as is)."""
+    parts: list[str] = []
+    current, steps = value, 0
+    for index, item in enumerate(loc):
+        if missing and index == len(loc) - 1:
+            parts.append(f"[{json.dumps(item, ensure_ascii=False) if isinstance(item, str) else short_repr(item)}]")
+            steps += 1
+            break
+        if item == "[key]":
+            parts.append(" (its key)")
+            steps += 1
+            continue
+        if isinstance(current, dict):
+            try:
+                found = item in current
+            except TypeError:
+                found = False
+            if found:
+                parts.append(f"[{json.dumps(item, ensure_ascii=False) if isinstance(item, str) else short_repr(item)}]")
+                current, steps = current[item], steps + 1
+            continue
+        if isinstance(item, int) and not isinstance(current, (str, bytes)):
+            try:
+                current = current[item]
+            except Exception:
+                continue
+            parts.append(f"[{item}]")
+            steps += 1
+    return "".join(parts), steps
 
 
 _ARGS_HEADER = re.compile(r"^(Args|Arguments|Parameters):\s*$")

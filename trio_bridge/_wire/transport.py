@@ -11,8 +11,18 @@ transfers within noise. 64 KiB cost a quarter of stream throughput.
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Any
+
+import grpclib.server
 from grpclib.client import Channel
 from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+
+from trio_bridge._wire.auth import require_secret
 
 STREAM_WINDOW = 256 * 1024  # bytes
 CONNECTION_WINDOW = 4 * 1024 * 1024  # bytes: many streams share a connection
@@ -23,12 +33,14 @@ _CONFIG = Configuration(http2_stream_window_size=STREAM_WINDOW, http2_connection
 def parse_address(address: str) -> tuple[str, str, int]:
     """``"unix:/p"`` -> ``("unix", "/p", 0)``; ``"tcp:h:1"`` -> ``("tcp", "h", 1)``.
 
+    ``"unix:@name"`` is a Linux abstract-namespace socket (no file on disk): ``("unix", "\\0name", 0)``.
+
     Raises:
         ValueError: neither form.
     """
     scheme, _, rest = address.partition(":")
     if scheme == "unix" and rest:
-        return scheme, rest, 0
+        return scheme, ("\0" + rest[1:]) if rest.startswith("@") else rest, 0
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
         if host and port.isdigit():
@@ -42,3 +54,40 @@ def open_channel(address: str) -> Channel:
     if scheme == "unix":
         return Channel(path=where, config=_CONFIG)
     return Channel(host=where, port=port, config=_CONFIG)
+
+
+_MALFORMED_LOG_INTERVAL = 10.0  # seconds: at most one log line per interval about malformed requests
+_logger = logging.getLogger("trio_bridge.wire")
+
+
+class _ValidatingCodec(ProtoCodec):
+    """A request that does not parse is the client's fault: ``INVALID_ARGUMENT`` and one short
+    log line at most every ``_MALFORMED_LOG_INTERVAL`` seconds (grpclib's default is status
+    UNKNOWN and a full traceback per request: a log flood from one bad client)."""
+
+    def __init__(self) -> None:
+        self._last_log = -_MALFORMED_LOG_INTERVAL
+        self._suppressed = 0
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            problem = f"malformed {getattr(message_type, '__name__', 'message')}: {type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if now - self._last_log >= _MALFORMED_LOG_INTERVAL:
+                more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+                _logger.warning("refused a request: %s%s", problem, more)
+                self._last_log, self._suppressed = now, 0
+            else:
+                self._suppressed += 1
+            raise GRPCError(Status.INVALID_ARGUMENT, problem) from None
+
+
+def new_server(services: list[Any], secret: str) -> grpclib.server.Server:
+    """A grpclib server for ``services`` that refuses calls without ``secret`` (if not empty)
+    and answers malformed requests with ``INVALID_ARGUMENT``."""
+    server = grpclib.server.Server(services, codec=_ValidatingCodec())
+    if secret:
+        require_secret(server, secret)
+    return server

@@ -6,6 +6,7 @@ Users import :class:`Adapter`, :func:`tool` and :class:`SessionContext` from her
 """
 
 from trio_bridge.worker._adapter import Adapter, tool
-from trio_bridge.worker._context import SessionContext
+from trio_bridge.worker._context import Optimization, SessionContext
+from trio_bridge.worker._host_client import SessionInfo
 
-__all__ = ["Adapter", "SessionContext", "tool"]
+__all__ = ["Adapter", "Optimization", "SessionContext", "SessionInfo", "tool"]

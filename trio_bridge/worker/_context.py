@@ -12,15 +12,16 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from trio_bridge._errors import TrioBridgeError, VariableNotFoundError
-from trio_bridge._state.variables import Variable, VariableUpdate
+from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError, VariableNotFoundError
+from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge.worker._host_client import DEFAULT_WATCH_BUFFER, SessionInfo
 
 if TYPE_CHECKING:
     from trio_bridge.worker._host_client import HostClient, SessionLink
 
-__all__ = ["SessionContext"]
+__all__ = ["Optimization", "SessionContext", "SessionInfo"]
 
 
 class SessionContext:
@@ -112,9 +113,45 @@ class SessionContext:
         """The variable as of now, from the host (one round trip), for async tools."""
         return await self._session().get_variable(name)
 
-    def list_variables(self, pattern: str = "*") -> list[str]:
-        """Names of the session's variables matching a glob ``pattern``, sorted."""
+    def list_variables(self, pattern: str = "*", *, fresh: bool = False) -> list[str]:
+        """Names of the session's variables matching a glob ``pattern`` (``"temp*"``), sorted:
+        as of the call's start and this call's own writes (no round trip); with
+        ``fresh=True``, as of now (one round trip; sync tools only -- async tools
+        ``await ctx.alist_variables(pattern)``)."""
+        if fresh:
+            return [v.name for v in self._blocking(self._session().list_variables(pattern))]
         return sorted(n for n in self._session().cache.variables if fnmatch.fnmatchcase(n, pattern))
+
+    async def alist_variables(self, pattern: str = "*") -> list[str]:
+        """The names matching ``pattern`` as of now, from the host (one round trip), for async tools."""
+        return [v.name for v in await self._session().list_variables(pattern)]
+
+    def variable_history(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
+        """Past and current values of a variable (``.version .value .updated_at .source``),
+        oldest first: the host keeps a bounded history (50 by default); ``limit``: only the
+        newest ``limit`` of them. One round trip; sync tools only.
+
+        Raises:
+            VariableNotFoundError: no such variable.
+        """
+        return _newest(self._blocking(self._session().variable_history(name)), limit)
+
+    async def avariable_history(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
+        """:meth:`variable_history` for async tools."""
+        return _newest(await self._session().variable_history(name), limit)
+
+    def session_info(self) -> SessionInfo:
+        """The session now (``.id .ttl .metadata .variable_count .state_version``). One round
+        trip; sync tools only.
+
+        Raises:
+            SessionNotFoundError: the session ended.
+        """
+        return self._blocking(self._session().session_info())
+
+    async def asession_info(self) -> SessionInfo:
+        """:meth:`session_info` for async tools."""
+        return await self._session().session_info()
 
     # ---- variables: writes (a round trip to the host) ----
     def set_variable(self, name: str, value: Any, *, expected_version: int | None = None) -> Variable:
@@ -138,6 +175,94 @@ class SessionContext:
         """:meth:`register_variable` for async tools."""
         return await self._session().register_variable(name, type, value, constraints, metadata)
 
+    def delete_variable(self, name: str) -> None:
+        """Delete a variable (and the dependency edges to it). Sync tools only.
+
+        Raises:
+            VariableNotFoundError: no such variable.
+            VariableLockedError: an optimizer holds it.
+        """
+        self._blocking(self._session().delete_variable(name))
+
+    async def adelete_variable(self, name: str) -> None:
+        """:meth:`delete_variable` for async tools."""
+        await self._session().delete_variable(name)
+
+    def rollback_variable(self, name: str, version: int) -> Variable:
+        """Set the value the variable had at ``version`` (still in its history); this makes a
+        new version. Sync tools only.
+
+        Raises:
+            VariableNotFoundError: no such variable, or ``version`` is no longer in its history.
+            VariableLockedError, InvalidVariableError: the host refused; nothing changed.
+        """
+        return self._blocking(self._session().rollback_variable(name, version))
+
+    async def arollback_variable(self, name: str, version: int) -> Variable:
+        """:meth:`rollback_variable` for async tools."""
+        return await self._session().rollback_variable(name, version)
+
+    def add_dependency(self, dependent: str, dependency: str) -> Variable:
+        """Record that ``dependent`` depends on ``dependency`` and return ``dependent``. Sync
+        tools only.
+
+        Raises:
+            DependencyCycleError: it would make a cycle (nothing is recorded).
+            VariableNotFoundError: either is not a variable.
+        """
+        return self._blocking(self._session().add_dependency(dependent, dependency))
+
+    async def aadd_dependency(self, dependent: str, dependency: str) -> Variable:
+        """:meth:`add_dependency` for async tools."""
+        return await self._session().add_dependency(dependent, dependency)
+
+    @contextmanager
+    def optimizing(self, name: str, *, optimizer_id: str) -> Iterator[Optimization]:
+        """Hold the variable's optimization lock for the block: writes by anyone else (the host,
+        other tools) are refused with ``VariableLockedError`` until it ends -- however it ends,
+        the call's cancellation included. Write through the handle: ``opt.set(value)``. Sync
+        tools only; async tools ``async with ctx.aoptimizing(...)``.
+
+        Raises:
+            VariableLockedError: another optimizer holds it.
+            VariableNotFoundError: no such variable.
+        """
+        link = self._session()
+        if not optimizer_id:
+            raise InvalidArgumentError("an optimizer_id is required")
+        # Neither taking nor releasing the lock is cut short by the call's cancellation: a lock
+        # taken on the host with its reply lost would stay held.
+        self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
+        try:
+            yield Optimization(self, name, optimizer_id)
+        finally:
+            try:  # not cancelled with the call: the lock must not outlive the block
+                self._blocking(link.set_optimization(name, optimizer_id, active=False), cancellable=False)
+            except SessionNotFoundError:
+                pass  # the session ended: its locks went with it
+
+    @asynccontextmanager
+    async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:
+        """:meth:`optimizing` for async tools: ``async with ctx.aoptimizing(...) as opt:
+        await opt.aset(value)``."""
+        link = self._session()
+        if not optimizer_id:
+            raise InvalidArgumentError("an optimizer_id is required")
+        acquire = asyncio.ensure_future(link.set_optimization(name, optimizer_id, active=True))
+        try:
+            await _shielded(acquire)
+        except asyncio.CancelledError:
+            if not acquire.cancelled() and acquire.exception() is None:  # taken all the same
+                await _shielded(link.set_optimization(name, optimizer_id, active=False))
+            raise
+        try:
+            yield Optimization(self, name, optimizer_id)
+        finally:
+            try:
+                await _shielded(link.set_optimization(name, optimizer_id, active=False))
+            except SessionNotFoundError:
+                pass
+
     @contextmanager
     def batch_updates(self) -> Iterator[dict[str, Any]]:
         """Collect writes and send them in one round trip, atomically (all or nothing), when the
@@ -160,11 +285,21 @@ class SessionContext:
         if batch:
             await self._session().set_variables(batch)
 
-    def watch_variables(self, names: list[str], *, include_initial: bool = True) -> AsyncIterator[VariableUpdate]:
+    def watch_variables(
+        self, names: list[str], *, include_initial: bool = True, buffer_size: int = DEFAULT_WATCH_BUFFER
+    ) -> AsyncIterator[VariableUpdate]:
         """Updates of ``names`` as they happen (async tools): initial values first when
-        ``include_initial``, then every change. Ends when the session ends; stops when the
-        tool's call ends."""
-        watch = self._session().watch(names, include_initial)
+        ``include_initial``, then every change, in order. Writers never wait for this watcher:
+        once it is more than ``buffer_size`` updates behind, it gets only the latest value of
+        each variable that changed, with ``.coalesced`` counting the updates it skipped. Ends
+        when the session ends; stops when the tool's call ends.
+
+        Raises:
+            InvalidArgumentError: ``buffer_size`` is below 1.
+        """
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise InvalidArgumentError(f"buffer_size must be a positive number of updates, not {buffer_size!r}")
+        watch = self._session().watch(names, include_initial, buffer_size)
         self._watches.append(watch)
         return watch
 
@@ -254,7 +389,7 @@ class SessionContext:
             )
         return self._link
 
-    def _blocking(self, coro: Any) -> Any:
+    def _blocking(self, coro: Any, *, cancellable: bool = True) -> Any:
         loop = self._client().loop
         try:
             running = asyncio.get_running_loop()
@@ -267,6 +402,8 @@ class SessionContext:
                 "use its awaitable form (e.g. `await ctx.aset_variable(...)`, `await ctx.acall_host_tool(...)`)"
             )
         future = asyncio.run_coroutine_threadsafe(coro, loop)
+        if not cancellable:
+            return future.result()
         self._pending.add(future)
         try:
             return future.result()
@@ -276,6 +413,59 @@ class SessionContext:
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "active"
         return f"<SessionContext session={self.session_id!r} call={self.call_id!r} {state}>"
+
+
+class Optimization:
+    """The holder's handle inside :meth:`SessionContext.optimizing` (or ``aoptimizing``): its
+    writes pass the lock.
+
+    Attributes:
+        name: the variable.
+        optimizer_id: the lock's holder.
+    """
+
+    __slots__ = ("_ctx", "name", "optimizer_id")
+
+    def __init__(self, ctx: SessionContext, name: str, optimizer_id: str) -> None:
+        self._ctx = ctx
+        self.name = name
+        self.optimizer_id = optimizer_id
+
+    def __repr__(self) -> str:
+        return f"<Optimization {self.name!r} by {self.optimizer_id!r}>"
+
+    def set(self, value: Any) -> Variable:
+        """Set the variable (validated by the host). Sync tools only.
+
+        Raises:
+            InvalidVariableError: the host refused the value; nothing changed.
+        """
+        return self._ctx._blocking(self._ctx._session().set_variable(self.name, value, None, self.optimizer_id))
+
+    async def aset(self, value: Any) -> Variable:
+        """:meth:`set` for async tools."""
+        return await self._ctx._session().set_variable(self.name, value, None, self.optimizer_id)
+
+
+async def _shielded(awaitable: Any) -> Any:
+    """Run ``awaitable`` to its end even if the awaiting task is cancelled meanwhile: the
+    cancellation is raised once it finished."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation wins
+        raise
+
+
+def _newest(entries: list[HistoryEntry], limit: int | None) -> list[HistoryEntry]:
+    if limit is None:
+        return entries
+    if not isinstance(limit, int) or limit < 0:
+        raise InvalidArgumentError(f"limit must be a non-negative integer or None, not {limit!r}")
+    return entries[len(entries) - limit:] if limit else []
 
 
 class HostTools:

@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fnmatch
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from trio_bridge._state.variables import Variable, VariableUpdate
-from trio_bridge._wire.auth import SECRET_METADATA
+from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER, SECRET_METADATA, WATCH_BUFFER_METADATA, WORKER_METADATA
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.state import update_from_wire, variable_from_wire
+from trio_bridge._wire.state import history_from_wire, update_from_wire, variable_from_wire
 from trio_bridge._wire.transport import open_channel
-
-WORKER_METADATA = "x-trio-bridge-worker"  # who is calling: the source of its writes
 
 
 def raise_for(error: pb.ErrorInfo | None) -> None:
     if error is not None:
         raise exception_from(error, "")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A snapshot of a session, as a worker sees it (:meth:`SessionContext.session_info`).
+
+    Attributes:
+        ttl: seconds without use before it expires, or None for never.
+        state_version: counts the session's changes; a tool's cache reflects at least the
+            version there was when its call started.
+    """
+
+    id: str
+    ttl: float | None
+    metadata: dict[str, Any]
+    variable_count: int
+    state_version: int
 
 
 @dataclass
@@ -37,7 +54,8 @@ class HostClient:
 
     def __init__(self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.channel = open_channel(address)
-        self.stub = pb.HostServiceStub(self.channel, metadata={SECRET_METADATA: secret, WORKER_METADATA: worker_id})
+        self.metadata = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
+        self.stub = pb.HostServiceStub(self.channel, metadata=self.metadata)
         self.loop = loop
         self.worker_id = worker_id
         self.caches: dict[str, SessionCache] = {}
@@ -96,16 +114,33 @@ class SessionLink:
         self.cache = cache
         self.loop = client.loop
 
-    def _absorb(self, reply: pb.VariableReply) -> list[Variable]:
+    def _absorb(self, reply: pb.VariableReply, *, versioned: bool = True) -> list[Variable]:
+        """The variables of a write's reply, into the cache (read-your-writes). ``versioned``:
+        the reply carries the session's state version after the write."""
         raise_for(reply.error)
         variables = [variable_from_wire(v) for v in reply.variables]
-        # Our own write keeps the cache current only if nobody else wrote in between.
-        in_step = reply.state_version == self.cache.version + 1
         for v in variables:
             self.cache.variables[v.name] = v
-        if in_step:
-            self.cache.version = reply.state_version
+        self._advance(reply.state_version if versioned else None)
         return variables
+
+    def _advance(self, state_version: int | None) -> None:
+        # Our own write keeps the cache current only if nobody else wrote in between; otherwise
+        # (or without a version) it stays behind, and the next call refreshes it.
+        if state_version is not None and self.cache.version >= 0 and state_version == self.cache.version + 1:
+            self.cache.version = state_version
+
+    def _cached(self, key: str) -> Variable | None:
+        variables = self.cache.variables
+        return variables.get(key) or next((v for v in variables.values() if v.id == key), None)
+
+    async def session_info(self) -> SessionInfo:
+        reply = await self.client.stub.get_session(pb.GetSessionRequest(session_id=self.session_id))
+        raise_for(reply.error)
+        return SessionInfo(
+            id=reply.id, ttl=reply.ttl or None, metadata=decode(reply.metadata) or {},
+            variable_count=reply.variable_count, state_version=reply.state_version,
+        )
 
     async def get_variable(self, name: str) -> Variable:
         reply = await self.client.stub.get_variable(pb.GetVariablesRequest(session_id=self.session_id, names=[name]))
@@ -114,10 +149,20 @@ class SessionLink:
         self.cache.variables[variable.name] = variable
         return variable
 
-    async def set_variable(self, name: str, value: Any, expected_version: int | None) -> Variable:
+    async def list_variables(self, pattern: str) -> list[Variable]:
+        reply = await self.client.stub.list_variables(pb.ListVariablesRequest(session_id=self.session_id, pattern=pattern))
+        raise_for(reply.error)
+        variables = sorted((variable_from_wire(v) for v in reply.variables), key=lambda v: v.name)
+        found = {v.name: v for v in variables}
+        for name in [n for n in self.cache.variables if fnmatch.fnmatchcase(n, pattern) and n not in found]:
+            del self.cache.variables[name]  # deleted since
+        self.cache.variables.update(found)
+        return variables
+
+    async def set_variable(self, name: str, value: Any, expected_version: int | None, optimizer_id: str | None = None) -> Variable:
         request = pb.SetVariableRequest(
             session_id=self.session_id, name=name, value=encode(value, path=f"variable {name!r}"),
-            expected_version=expected_version,
+            expected_version=expected_version, optimizer_id=optimizer_id or "",
         )
         return self._absorb(await self.client.stub.set_variable(request))[0]
 
@@ -132,11 +177,113 @@ class SessionLink:
         )
         return self._absorb(await self.client.stub.register_variable(request))[0]
 
-    async def watch(self, names: list[str], include_initial: bool) -> AsyncIterator[VariableUpdate]:
-        request = pb.WatchVariablesRequest(session_id=self.session_id, names=list(names), include_initial=include_initial)
-        async for batch in self.client.stub.watch_variables(request):
-            if batch.error is not None:
-                raise exception_from(batch.error, "")
-            for update in batch.updates:  # an empty batch is a heartbeat
-                yield update_from_wire(update)
+    async def delete_variable(self, name: str) -> None:
+        reply = await self.client.stub.delete_variable(pb.VariableRequest(session_id=self.session_id, name=name))
+        raise_for(reply.error)
+        gone = self._cached(name)
+        if gone is not None:  # as the host did: the variable, and the edges to it
+            del self.cache.variables[gone.name]
+            for other in list(self.cache.variables.values()):
+                if gone.name in other.depends_on:
+                    depends_on = tuple(d for d in other.depends_on if d != gone.name)
+                    self.cache.variables[other.name] = dataclasses.replace(other, depends_on=depends_on)
+        self._advance(reply.state_version)
 
+    async def variable_history(self, name: str) -> list[HistoryEntry]:
+        reply = await self.client.stub.variable_history(pb.VariableRequest(session_id=self.session_id, name=name))
+        raise_for(reply.error)
+        return [history_from_wire(e) for e in reply.history]
+
+    async def rollback_variable(self, name: str, version: int, optimizer_id: str | None = None) -> Variable:
+        request = pb.RollbackVariableRequest(session_id=self.session_id, name=name, version=version, optimizer_id=optimizer_id or "")
+        return self._absorb(await self.client.stub.rollback_variable(request))[0]
+
+    async def add_dependency(self, dependent: str, dependency: str) -> Variable:
+        request = pb.AddDependencyRequest(session_id=self.session_id, dependent=dependent, dependency=dependency)
+        return self._absorb(await self.client.stub.add_dependency(request), versioned=False)[0]
+
+    async def set_optimization(self, name: str, optimizer_id: str, *, active: bool) -> Variable:
+        request = pb.OptimizationRequest(session_id=self.session_id, name=name, optimizer_id=optimizer_id)
+        method = self.client.stub.start_optimization if active else self.client.stub.stop_optimization
+        return self._absorb(await method(request), versioned=False)[0]
+
+    async def watch(self, names: list[str], include_initial: bool, buffer_size: int = DEFAULT_WATCH_BUFFER) -> AsyncIterator[VariableUpdate]:
+        """Updates from the WatchVariables stream. A task reads the stream into a buffer of
+        ``buffer_size`` updates as they come (so the host never waits for this reader), which
+        coalesces like the host's watcher when the reader falls further behind."""
+        request = pb.WatchVariablesRequest(session_id=self.session_id, names=list(names), include_initial=include_initial)
+        metadata = {**self.client.metadata, WATCH_BUFFER_METADATA: str(buffer_size)}
+        buffer = WatchBuffer(buffer_size)
+
+        async def receive() -> None:
+            try:
+                async for batch in self.client.stub.watch_variables(request, metadata=metadata):
+                    if batch.error is not None:
+                        raise exception_from(batch.error, "")
+                    if batch.updates:  # an empty batch is a heartbeat
+                        buffer.add([update_from_wire(u) for u in batch.updates])
+            except Exception as exc:
+                buffer.finish(exc)
+            else:
+                buffer.finish()
+
+        receiver = asyncio.ensure_future(receive())
+        try:
+            while updates := await buffer.take():
+                for update in updates:
+                    yield update
+        finally:
+            receiver.cancel()
+            await asyncio.wait([receiver])
+
+
+class WatchBuffer:
+    """A worker-side watch's updates not taken yet: at most ``size`` changes (initial values
+    come on top). Once more came, and until the reader takes them, it holds the latest update
+    of each variable instead, whose ``coalesced`` counts the updates it stands for besides
+    itself and whose ``old_value`` is the first's -- as the host's watcher does."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._updates: list[VariableUpdate] = []
+        self._changes = 0
+        self._overflowed = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def add(self, updates: list[VariableUpdate]) -> None:
+        self._updates.extend(updates)
+        self._changes += sum(u.kind != "initial" for u in updates)
+        if self._overflowed or self._changes > self.size:
+            self._overflowed = True
+            self._coalesce()
+        self._ready.set()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self._done = True
+        self._error = error
+        self._ready.set()
+
+    async def take(self) -> list[VariableUpdate]:
+        """Wait for updates and take them all, oldest first; ``[]`` at the end (after what was
+        pending); raises the stream's error after what was pending."""
+        while not self._updates and not self._done:
+            self._ready.clear()
+            await self._ready.wait()
+        updates, self._updates, self._changes, self._overflowed = self._updates, [], 0, False
+        if not updates and self._error is not None:
+            raise self._error
+        return updates
+
+    def _coalesce(self) -> None:
+        initial = [u for u in self._updates if u.kind == "initial"]
+        folded: dict[str, tuple[Any, VariableUpdate, int]] = {}  # name -> (first old_value, latest, count)
+        for u in self._updates:
+            if u.kind == "initial":
+                continue
+            first = folded.pop(u.name, None)  # re-inserted: ordered by each one's latest update
+            folded[u.name] = (u.old_value, u, u.coalesced + 1) if first is None else (first[0], u, first[2] + u.coalesced + 1)
+        latest = [dataclasses.replace(u, old_value=old_value, coalesced=count - 1) for old_value, u, count in folded.values()]
+        self._updates = initial + latest
+        self._changes = len(latest)

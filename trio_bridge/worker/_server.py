@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import select
 import sys
-import threading
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,29 +28,34 @@ from grpclib.exceptions import GRPCError
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
-from trio_bridge._wire.auth import SECRET_ENV, require_secret
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import (
+    ADAPTER_OPTIONS_ENV,
+    EXIT_ADAPTER_IMPORT,
+    EXIT_ADAPTER_SETUP,
+    EXIT_HOST_GONE,
+    HOST_ADDRESS_ENV,
+    READY_PREFIX,
+    SECRET_ENV,
+    WIRE_VERSION,
+    WORKER_ID_ENV,
+    __version__,
+    incompatibility,
+)
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tool_spec import ToolDefinition, tool_spec
-from trio_bridge._wire.transport import parse_address
+from trio_bridge._wire.transport import new_server, parse_address
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext
 from trio_bridge.worker._host_client import HostClient
+from trio_bridge.worker._lifeline import start_lifeline
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
-
-READY_PREFIX = "TRIO_BRIDGE_READY "
-HOST_ADDRESS_ENV = "TRIO_BRIDGE_HOST_ADDRESS"
-WORKER_ID_ENV = "TRIO_BRIDGE_WORKER_ID"
-ADAPTER_OPTIONS_ENV = "TRIO_BRIDGE_ADAPTER_OPTIONS"  # JSON object -> Adapter.options
-
-EXIT_ADAPTER_IMPORT = 3
-EXIT_ADAPTER_SETUP = 4
-EXIT_HOST_GONE = 5
 
 _MAX_BATCH = 256            # chunks per stream message
 _STREAM_BUFFER = 256        # chunks a generator may run ahead of the sender
 _DEADLINE_SLACK = 0.5       # seconds; the host's own cancel normally arrives first
+_REPLY_FLUSH = 1.0          # seconds a drain waits for finished calls' replies to be sent
 _STREAM_PATH = "/trio_bridge.v1.WorkerService/ExecuteStreamingTool"
 
 
@@ -71,6 +76,9 @@ class WorkerService(pb.WorkerServiceBase):
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._rpcs = 0  # RPCs whose handler has not yet sent its trailers
+        self._rpcs_done = asyncio.Event()
+        self._rpcs_done.set()
         self._started = time.monotonic()
         self._loop = asyncio.get_running_loop()
 
@@ -82,6 +90,11 @@ class WorkerService(pb.WorkerServiceBase):
             raise InvalidArgumentError(f"tool {request.tool_name!r}: malformed arguments: {exc}") from None
         if self.draining:
             raise _ShuttingDown("the worker is shutting down")
+        # The id keys the call's cancellation, its slot and the drain: it must be unique.
+        if not request.call_id:
+            raise InvalidArgumentError("call_id is empty: every call needs an id unique among the running calls")
+        if request.call_id in self.active:
+            raise InvalidArgumentError(f"call_id {request.call_id!r} is already running on this worker")
         definition = self.tools.get(request.tool_name)
         if definition is None:
             raise ToolNotFoundError(request.tool_name, list(self.tools))
@@ -123,12 +136,21 @@ class WorkerService(pb.WorkerServiceBase):
         )
 
     async def describe(self, message: pb.DescribeRequest) -> pb.DescribeResponse:
+        problem = incompatibility(
+            local_release=__version__, local_wire=WIRE_VERSION, peer="host",
+            peer_release=message.trio_bridge_version, peer_wire=message.wire_version,
+        )
+        if problem is not None:
+            print(f"trio-bridge worker: refusing the host: {problem}", file=sys.stderr, flush=True)
+            raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, problem)
         return pb.DescribeResponse(
             adapter=self.adapter_path,
             tools=[tool_spec(t) for t in self.tools.values()],
             pid=os.getpid(),
             python_version=sys.version.split()[0],
             concurrency=self.concurrency,
+            trio_bridge_version=__version__,
+            wire_version=WIRE_VERSION,
         )
 
     async def execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
@@ -277,14 +299,37 @@ class WorkerService(pb.WorkerServiceBase):
         except TimeoutError:
             print(f"trio-bridge worker: {len(self.active)} call(s) still running after the "
                   f"{grace:.1f} s drain grace; exiting anyway", file=sys.stderr)
+        else:
+            # Calls are over; let their replies (and the Shutdown reply) reach the host in full.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rpcs_done.wait(), timeout=_REPLY_FLUSH)
         self.stopped.set()
+
+    def _counted(self, handler: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
+        """Count the RPC until its trailers are sent, so a drain knows when every reply is out."""
+
+        async def counted(stream: grpclib.server.Stream[Any, Any]) -> None:
+            self._rpcs += 1
+            self._rpcs_done.clear()
+            try:
+                await handler(stream)
+                await stream.send_trailing_metadata()
+            finally:
+                self._rpcs -= 1
+                if not self._rpcs:
+                    self._rpcs_done.set()
+
+        return counted
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
         old = mapping[_STREAM_PATH]
         # Our own handler sends each batch itself, so cancellation lands inside our try/finally.
         mapping[_STREAM_PATH] = grpclib.const.Handler(self._serve_stream, old.cardinality, old.request_type, old.reply_type)
-        return mapping
+        return {
+            path: grpclib.const.Handler(self._counted(h.func), h.cardinality, h.request_type, h.reply_type)
+            for path, h in mapping.items()
+        }
 
 
 class _ShuttingDown(Exception):
@@ -310,23 +355,6 @@ def _deadline_error() -> pb.ErrorInfo:
 
 # ---------------------------------------------------------------------------------------------
 # process entry point
-
-
-def _start_lifeline(parent_pid: int) -> None:
-    """Exit at once when the host goes away: EOF on stdin (the host holds the pipe's only write
-    end, which the kernel closes even on SIGKILL), or a changed parent pid as a backup."""
-
-    def watch() -> None:
-        stdin = sys.stdin.fileno()
-        while True:
-            readable, _, _ = select.select([stdin], [], [], 1.0)
-            if readable and not os.read(stdin, 4096):
-                break
-            if os.getppid() != parent_pid:
-                break
-        os._exit(EXIT_HOST_GONE)
-
-    threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
 async def _heartbeat(host: HostClient, service: WorkerService, interval: float) -> None:
@@ -367,10 +395,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server = grpclib.server.Server([service])
-    secret = os.environ.get(SECRET_ENV, "")
-    if secret:
-        require_secret(server, secret)
+    server = new_server([service], os.environ.get(SECRET_ENV, ""))
     try:
         scheme, where, port = parse_address(args.listen)
     except ValueError as exc:
@@ -395,8 +420,10 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         for task in tasks:
             task.cancel()
+        # Not server.wait_closed(): from Python 3.12 it waits until every client has hung up,
+        # and the host keeps its channel open until we exit. The drain has already let every
+        # reply out in full; exiting closes the connections.
         server.close()
-        await server.wait_closed()
         if host is not None:
             host.close()
         service.executor.shutdown(wait=False, cancel_futures=True)
@@ -412,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lifeline", action="store_true", help="do not exit when stdin closes (manual runs)")
     args = parser.parse_args(argv)
     if not args.no_lifeline:
-        _start_lifeline(os.getppid())
+        start_lifeline(os.getppid())
     code = asyncio.run(_serve(args))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -101,7 +101,21 @@ default_message_pool.register_message("trio_bridge.v1", "CleanupSessionResponse"
 
 @dataclass(eq=False, repr=False)
 class DescribeRequest(betterproto2.Message):
-    pass
+    """
+    The handshake: each side sends its release and the version of this contract; a worker
+    refuses a host (FAILED_PRECONDITION), and a host refuses a worker, whose wire_version differs.
+    0 means a peer from before the handshake existed.
+    """
+
+    trio_bridge_version: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    the host's release, e.g. "0.2.0"
+    """
+
+    wire_version: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
+    """
+    the host's contract version
+    """
 
 
 default_message_pool.register_message("trio_bridge.v1", "DescribeRequest", DescribeRequest)
@@ -121,6 +135,16 @@ class DescribeResponse(betterproto2.Message):
     python_version: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
 
     concurrency: "int" = betterproto2.field(5, betterproto2.TYPE_INT32)
+
+    trio_bridge_version: "str" = betterproto2.field(6, betterproto2.TYPE_STRING)
+    """
+    the worker's release
+    """
+
+    wire_version: "int" = betterproto2.field(7, betterproto2.TYPE_UINT32)
+    """
+    the worker's contract version
+    """
 
 
 default_message_pool.register_message("trio_bridge.v1", "DescribeResponse", DescribeResponse)
@@ -1078,15 +1102,12 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
 
     async def describe(
         self,
-        message: "DescribeRequest | None" = None,
+        message: "DescribeRequest",
         *,
         timeout: "float | None" = None,
         deadline: "Deadline | None" = None,
         metadata: "MetadataLike | None" = None,
     ) -> "DescribeResponse":
-
-        if message is None:
-            message = DescribeRequest()
 
         return await self._unary_unary(
             "/trio_bridge.v1.WorkerService/Describe",

@@ -1,0 +1,303 @@
+"""Calls: the request, a worker slot, the unary or streaming exchange, cancellation grace, the
+re-entrancy guard, and each call's outcome counted once (:class:`Metrics`).
+
+A cancelled call keeps its worker slot until the worker really lets go of it (pinged until the
+call is no longer active there); a worker that does not within ``cancel_grace`` seconds is
+recycled, so a cancelled call can never leave a slot taken forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Any
+
+import trio
+
+from trio_bridge._errors import (
+    PoolClosedError,
+    PoolSaturatedError,
+    TrioBridgeError,
+    WorkerCrashedError,
+    WorkerStartError,
+)
+from trio_bridge._host._dispatch import Affinity
+from trio_bridge._host._groups import UserErrorTracker
+from trio_bridge._host._metrics import Metrics, Outcome
+from trio_bridge._host._router import Route, Router
+from trio_bridge._host._supervisor import Supervisor
+from trio_bridge._host._tools import in_worker_callback
+from trio_bridge._host._worker import WorkerHandle
+from trio_bridge._state.backend import StateBackend
+from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.errors import exception_from
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.shared_memory import SharedMemoryPlane
+
+
+class Calls:
+    """Runs calls on the pool's workers."""
+
+    def __init__(
+        self,
+        *,
+        supervisor: Supervisor,
+        router: Router,
+        metrics: Metrics,
+        state: StateBackend,
+        plane: SharedMemoryPlane | None,
+        cancel_grace: float,
+        no_worker_timeout: float,
+    ) -> None:
+        self._supervisor = supervisor
+        self._router = router
+        self._metrics = metrics
+        self._state = state
+        self._plane = plane
+        self._cancel_grace = cancel_grace
+        self._no_worker_timeout = no_worker_timeout
+        self._call_ids = itertools.count(1)
+        self._parked_calls: collections.Counter[str] = collections.Counter()
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Where slots of cancelled calls are held until released (the pool's nursery)."""
+        self._nursery = nursery
+
+    # ---- unary ----
+    async def execute(self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None) -> Any:
+        """Run ``tool`` and return its result (the errors of ``Pool.execute``)."""
+        outcome = Outcome.REFUSED
+        answered_in: float | None = None
+        try:
+            request = await self._request(tool, arguments, route)
+            outcome = Outcome.CANCELLED_QUEUED
+            worker = await self._acquire(route, affinity)
+            outcome = Outcome.CANCELLED
+            started = trio.current_time()
+            finished = False
+            try:
+                await self._router.enter_session(worker, route)
+                reply = await worker.call(lambda stub: stub.execute_tool(request))
+                finished = True
+                answered_in = trio.current_time() - started
+                worker.calls_served += 1
+                if reply.error is not None:
+                    outcome = Outcome.FAILED
+                    worker.calls_failed += 1
+                    raise exception_from(reply.error, tool)
+                outcome = Outcome.FAILED  # until the result decodes
+                result = decode(reply.result, plane=self._plane)
+                outcome = Outcome.COMPLETED
+                return result
+            except WorkerCrashedError:
+                finished = True
+                outcome = Outcome.CRASHED
+                worker.calls_failed += 1
+                raise
+            finally:
+                self._finish_call(worker, request.call_id, finished)
+        except BaseException as exc:
+            outcome = _refused_if_not_cancelled(outcome, exc)
+            raise
+        finally:
+            self._metrics.record(outcome, answered_in)
+
+    # ---- streaming ----
+    def stream(
+        self, tool: str, arguments: dict[str, Any] | None, buffer_size: int, route: Route | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """Run a streaming tool; the block gets an async iterator of its chunks."""
+        if buffer_size < 0:
+            raise ValueError(f"buffer_size must be >= 0, not {buffer_size}")
+        return self._stream(tool, arguments, buffer_size, route)
+
+    @asynccontextmanager
+    async def _stream(
+        self, tool: str, arguments: dict[str, Any] | None, buffer_size: int, route: Route | None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        result = _StreamResult()
+        try:
+            request = await self._request(tool, arguments, route)
+            result.outcome = Outcome.CANCELLED_QUEUED
+            worker = await self._acquire(route, None)
+        except BaseException as exc:
+            self._metrics.record(_refused_if_not_cancelled(result.outcome, exc))
+            raise
+        result.outcome = Outcome.CANCELLED
+        result.started = trio.current_time()
+        send, receive = trio.open_memory_channel[Any](buffer_size)
+        tracker = UserErrorTracker()
+        try:
+            await self._router.enter_session(worker, route)
+            with tracker.resolve_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_stream, worker, request, send, result)
+                    async with receive:
+                        with tracker.user_block():
+                            yield _Chunks(receive)
+                    nursery.cancel_scope.cancel()
+        except WorkerCrashedError:
+            result.outcome = Outcome.CRASHED
+            raise
+        finally:
+            self._finish_call(worker, request.call_id, result.done)
+            self._metrics.record(result.outcome, result.answered_in)
+
+    async def _pump_stream(
+        self, worker: WorkerHandle, request: pb.ExecuteToolRequest, send: trio.MemorySendChannel[Any], result: _StreamResult
+    ) -> None:
+        async with send:
+            try:
+                async with worker.open_stream(request) as receive:
+                    while True:
+                        batch = await worker.receive_batch(receive)
+                        if batch is None:
+                            break
+                        for chunk in batch.chunks:
+                            await send.send(decode(chunk, plane=self._plane))
+                        if batch.error is not None:
+                            raise exception_from(batch.error, request.tool_name)
+                result.finish(Outcome.COMPLETED)
+                worker.calls_served += 1
+            except TrioBridgeError as exc:
+                crashed = isinstance(exc, WorkerCrashedError)
+                result.finish(Outcome.CRASHED if crashed else Outcome.FAILED)
+                worker.calls_served += not crashed
+                worker.calls_failed += 1
+                await send.send(_Failure(exc))
+
+    # ---- shared ----
+    async def _request(self, tool: str, arguments: dict[str, Any] | None, route: Route | None) -> pb.ExecuteToolRequest:
+        if self._supervisor.closing:
+            raise PoolClosedError("the pool is closed")
+        payload = encode({} if arguments is None else arguments, path="arguments", plane=self._plane)  # fails before any wait
+        session_id, state_version = "", 0
+        if route is not None:
+            info = await self._state.touch_session(route.session_id)  # SessionNotFoundError once it ended
+            session_id, state_version = info.id, info.state_version
+        deadline = trio.current_effective_deadline()
+        timeout = 0.0 if math.isinf(deadline) else max(deadline - trio.current_time(), 1e-3)
+        return pb.ExecuteToolRequest(
+            tool_name=tool, arguments=payload, call_id=f"c{next(self._call_ids)}", timeout_seconds=timeout,
+            session_id=session_id, session_state_version=state_version,
+        )
+
+    async def _acquire(self, route: Route | None, affinity: Affinity | None) -> WorkerHandle:
+        self._check_reentrancy()
+        failure = self._supervisor.last_start_error
+        if self._supervisor.ready or failure is None:
+            return await self._router.acquire(route, affinity)
+        # No worker runs and the last start failed: wait a bounded time, then say why.
+        with trio.move_on_after(self._no_worker_timeout):
+            return await self._router.acquire(route, affinity)
+        failure = self._supervisor.last_start_error or failure
+        raise WorkerStartError(
+            f"no worker could start within {self._no_worker_timeout:g} s (no_worker_timeout); the last "
+            f"attempt failed: {failure}", worker_id=failure.worker_id, pid=failure.pid,
+            exit_code=failure.exit_code, stderr_tail=failure.stderr_tail,
+        )
+
+    @contextmanager
+    def parked(self, call_id: str) -> Iterator[None]:
+        """While a worker's call ``call_id`` waits on the host (a host tool, a routed call), its
+        slot cannot free; pool calls made meanwhile from there are re-entrant."""
+        self._parked_calls[call_id] += 1
+        token = in_worker_callback.set(True)
+        try:
+            yield
+        finally:
+            in_worker_callback.reset(token)
+            self._parked_calls[call_id] -= 1
+            if not self._parked_calls[call_id]:
+                del self._parked_calls[call_id]
+
+    def _check_reentrancy(self) -> None:
+        if not in_worker_callback.get():
+            return
+        capacity = self._supervisor.capacity
+        if len(self._parked_calls) >= capacity:
+            raise PoolSaturatedError(
+                f"a host tool (or a worker-to-worker call) called the pool while all {capacity} worker slot(s) "
+                "are held by calls waiting on the host: waiting would deadlock. Open the pool with more "
+                "workers or a higher concurrency, or do not call the pool from this host tool."
+            )
+
+    def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
+        if finished or not worker.alive:
+            self._router.release(worker)
+            return
+        # Cancelled mid-call: the slot stays taken until the worker really lets go of the call.
+        assert self._nursery is not None
+        self._nursery.start_soon(self._hold_until_released, worker, call_id)
+
+    async def _hold_until_released(self, worker: WorkerHandle, call_id: str) -> None:
+        try:
+            with trio.move_on_after(self._cancel_grace) as grace:
+                delay = 0.005
+                while worker.alive:
+                    try:
+                        with trio.fail_after(max(self._cancel_grace, 1)):
+                            reply = await worker.call(lambda stub: stub.ping(pb.PingRequest()))
+                    except (WorkerCrashedError, trio.TooSlowError):
+                        break
+                    if call_id not in reply.active_calls:
+                        break
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+            if grace.cancelled_caught:
+                worker.kill(f"it did not free its slot within {self._cancel_grace:g} s after call {call_id} was cancelled")
+        finally:
+            self._router.release(worker)
+
+
+def _refused_if_not_cancelled(outcome: Outcome, exc: BaseException) -> Outcome:
+    """An error before a worker ran the call is a refusal, unless it is a cancellation."""
+    if outcome in (Outcome.REFUSED, Outcome.CANCELLED_QUEUED) and not isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
+        return Outcome.REFUSED
+    return outcome
+
+
+class _StreamResult:
+    __slots__ = ("answered_in", "done", "outcome", "started")
+
+    def __init__(self) -> None:
+        self.outcome = Outcome.REFUSED
+        self.started = 0.0
+        self.answered_in: float | None = None
+        self.done = False
+
+    def finish(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.done = True
+        if outcome is not Outcome.CRASHED:
+            self.answered_in = trio.current_time() - self.started
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Chunks:
+    """The async iterator ``Pool.stream`` yields."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if type(item) is _Failure:
+            raise item.error
+        return item

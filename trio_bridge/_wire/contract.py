@@ -1,0 +1,59 @@
+"""The wire contract's constants, shared by host and worker: what the .proto cannot say.
+
+The worker is started as ``python -m trio_bridge.worker --adapter M:C --listen ADDRESS`` with
+the environment below; once it serves, it prints one line ``TRIO_BRIDGE_READY <address>`` on
+stdout. The host then sends ``Describe`` carrying its release and :data:`WIRE_VERSION`; each side
+refuses a peer whose contract version differs (:func:`incompatibility`).
+"""
+
+from __future__ import annotations
+
+from trio_bridge._version import __version__
+
+WIRE_VERSION = 1
+"""The contract's version: raised on any change an older peer would misread (a changed field's
+meaning, a new required behaviour). Peers of different releases interoperate while it matches."""
+
+READY_PREFIX = "TRIO_BRIDGE_READY "
+
+# Environment variables the host sets for a worker (never argv, which ``ps`` shows).
+SECRET_ENV = "TRIO_BRIDGE_SECRET"
+HOST_ADDRESS_ENV = "TRIO_BRIDGE_HOST_ADDRESS"
+WORKER_ID_ENV = "TRIO_BRIDGE_WORKER_ID"
+ADAPTER_OPTIONS_ENV = "TRIO_BRIDGE_ADAPTER_OPTIONS"  # a JSON object -> Adapter.options
+HOST_PID_ENV = "TRIO_BRIDGE_HOST_PID"  # the worker dies with this process (PR_SET_PDEATHSIG)
+
+# gRPC metadata keys.
+SECRET_METADATA = "x-trio-bridge-secret"
+WORKER_METADATA = "x-trio-bridge-worker"  # who is calling: the source of its writes
+WATCH_BUFFER_METADATA = "x-trio-bridge-watch-buffer"  # WatchVariables: the watcher's buffer_size (decimal)
+
+DEFAULT_WATCH_BUFFER = 1024  # updates a watcher may fall behind by before it coalesces (both sides)
+
+# Worker exit codes (besides 0, a clean exit after Shutdown, and 2, bad command-line usage).
+EXIT_ADAPTER_IMPORT = 3
+EXIT_ADAPTER_SETUP = 4
+EXIT_HOST_GONE = 5
+
+
+def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_release: str, peer_wire: int) -> str | None:
+    """Why a peer cannot be served, naming both sides' versions; ``None`` if it fits.
+
+    Args:
+        peer: what the peer is, e.g. ``"worker w3"`` or ``"host"``.
+        peer_release, peer_wire: what it sent (``""``/0 from a release before the handshake).
+    """
+    if peer_wire == local_wire:
+        return None
+    theirs = f"trio-bridge {peer_release or '< 0.2 (no version sent)'}, wire contract {peer_wire or 'unknown'}"
+    return (
+        f"the {peer} runs {theirs}, but this side runs trio-bridge {local_release}, wire contract "
+        f"{local_wire}: install the same trio-bridge release on both sides"
+    )
+
+
+__all__ = [
+    "ADAPTER_OPTIONS_ENV", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV",
+    "READY_PREFIX", "SECRET_ENV", "SECRET_METADATA", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
+    "__version__", "incompatibility",
+]
