@@ -27,3 +27,4 @@ bench *args:
 # Lint (ruff) and type check (pyright).
 lint:
     ruff check trio_bridge tests benchmarks noxfile.py
+    pyright trio_bridge

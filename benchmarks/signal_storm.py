@@ -310,7 +310,7 @@ def one_run(run: Run, args: argparse.Namespace, rng: random.Random) -> tuple[Run
     else:
         run.detail = rng.choice(sorted(CLI_CALLS))
         command = [
-            sys.executable, "-m", "trio_bridge.cli", "run", ADAPTER, *CLI_CALLS[run.detail],
+            sys.executable, "-m", "trio_bridge", "run", ADAPTER, *CLI_CALLS[run.detail],
             "--workers", str(POOL_SIZE), "--host-tools", "benchmarks.signal_storm:host_nap",
             "--shutdown-timeout", str(args.shutdown_timeout),
         ]

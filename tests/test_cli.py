@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -90,3 +96,34 @@ def test_the_tools_example_and_host_tools_from_the_command_line():
 def test_host_tools_option_says_what_it_cannot_load():
     result = runner.invoke(app, ["run", "tests.adapters:Echo", "pid", "--host-tools", "trio_bridge.examples.agent:nope"])
     assert result.exit_code == 2 and "cannot load 'trio_bridge.examples.agent:nope'" in result.output
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_run_stops_cleanly_on_a_signal_while_a_call_runs(signum, status, word):
+    # A real process: the CLI installs its own handlers (SIGTERM too) and shuts the pool down.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_bridge", "run", "tests.adapters:Echo", "sleep", "--arg", "seconds=60",
+         "--shutdown-timeout", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a shell's background job ignores it
+    )
+    try:
+        host = psutil.Process(process.pid)
+        deadline = time.monotonic() + 30
+        workers: list[psutil.Process] = []
+        while not workers and time.monotonic() < deadline:
+            workers = [p for p in host.children() if "trio_bridge.worker" in " ".join(p.cmdline())]
+            time.sleep(0.05)
+        assert workers, "no worker started"
+        time.sleep(1.5)  # the worker is ready and the call runs
+        os.kill(process.pid, signum)
+        sent = time.monotonic()
+        _, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 1 + 1 + 1.5  # shutdown_timeout + 1, and a margin for a loaded machine
+    assert process.returncode == status, err.decode()
+    assert f"{word}: the pool was shut down" in err.decode() and "Traceback" not in err.decode()
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import trio
@@ -15,7 +13,6 @@ from trio_bridge import (
     ToolError,
     VariableLockedError,
     VersionConflictError,
-    WorkerBusyError,
 )
 
 pytestmark = pytest.mark.real_process
@@ -124,32 +121,6 @@ async def test_version_conflicts_locks_history_rollback_and_arrays_through_the_s
         assert await session.list_variables("temp*") == ["temperature"]
 
 
-async def test_affinity_keeps_a_session_on_its_worker_and_strict_fail_fast_refuses_when_busy():
-    async with trio_bridge.open_pool(STATEFUL, size=2) as pool:
-        async with pool.session(affinity="strict_fail_fast") as session:
-            pids = {await session.execute("pid") for _ in range(6)}
-            assert len(pids) == 1
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.execute, "hold", {"seconds": 1.0})
-                await trio.sleep(0.3)
-                with pytest.raises(WorkerBusyError):
-                    await session.execute("pid")
-                assert await pool.execute("pid") != pids.pop()  # the other worker still serves
-
-
-async def test_a_session_whose_worker_died_moves_and_says_so(caplog):
-    caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with trio_bridge.open_pool(STATEFUL, size=2, restart_backoff=(0.05, 0.5)) as pool:
-        async with pool.session(affinity="strict") as session:
-            await session.execute("pid")
-            first = session.worker_id
-            with pytest.raises(trio_bridge.WorkerCrashedError):
-                await session.execute("exit_now")
-            await session.execute("pid")
-            assert session.worker_id != first and session.moves == 1
-    assert any("moved from worker" in r.getMessage() and first in r.getMessage() for r in caplog.records)
-
-
 async def test_workers_are_told_when_a_session_starts_and_ends_and_it_is_gone_for_good():
     async with trio_bridge.open_pool(STATEFUL, size=1) as pool:
         async with pool.session("job-1", metadata={"user": "ada", "priority": 2}) as session:
@@ -162,14 +133,3 @@ async def test_workers_are_told_when_a_session_starts_and_ends_and_it_is_gone_fo
         await wait_for(told)
         with pytest.raises(SessionNotFoundError):
             await session.execute("pid")
-
-
-async def test_a_session_expires_after_its_ttl():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool:
-        async with pool.session(ttl=0.3) as session:
-            await session.execute("pid")
-            await trio.sleep(0.6)
-            with pytest.raises(SessionNotFoundError):
-                await session.execute("pid")
-            with pytest.raises(SessionNotFoundError):
-                await session.get_variable("anything")

@@ -83,7 +83,15 @@ __all__ = [
     "open_pool",
 ]
 
-_LAZY = {
+# Show the eagerly imported classes (the errors) as ``trio_bridge.X``; the lazily imported ones
+# carry ``@public_module`` themselves (after trio's ``fixup_module_metadata``).
+for _name in __all__:
+    _obj = globals().get(_name)
+    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "."):
+        _obj.__module__ = __name__
+del _name, _obj
+
+_LAZY: dict[str, str] = {
     "Session": "trio_bridge._host._session",
     "Optimization": "trio_bridge._host._session",
     "Variable": "trio_bridge._state.variables",

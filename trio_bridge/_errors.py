@@ -48,8 +48,8 @@ class ToolNotFoundError(TrioBridgeError):
     """
 
     def __init__(self, tool: str, available: list[str] | tuple[str, ...]) -> None:
-        self.tool = tool
-        self.available = tuple(sorted(available))
+        self.tool: str = tool
+        self.available: tuple[str, ...] = tuple(sorted(available))
         super().__init__(
             f"no tool named {tool!r}; available tools: {', '.join(self.available) or '(none)'}"
         )
@@ -86,10 +86,10 @@ class ToolError(TrioBridgeError):
     """
 
     def __init__(self, tool: str, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
-        self.tool = tool
-        self.remote_type = remote_type
-        self.remote_message = remote_message
-        self.remote_traceback = remote_traceback
+        self.tool: str = tool
+        self.remote_type: str = remote_type
+        self.remote_message: str = remote_message
+        self.remote_traceback: str = remote_traceback
         super().__init__(f"tool {tool!r} raised {remote_type}: {remote_message}")
 
     def __str__(self) -> str:
@@ -174,12 +174,12 @@ class WorkerError(TrioBridgeError):
         exit_code: int | None = None,
         stderr_tail: str = "",
     ) -> None:
-        self.worker_id = worker_id
-        self.pid = pid
-        self.exit_code = exit_code
-        self.signal = _signal_name(exit_code)
-        self.stderr_tail = stderr_tail
-        details = []
+        self.worker_id: str = worker_id
+        self.pid: int | None = pid
+        self.exit_code: int | None = exit_code
+        self.signal: str | None = _signal_name(exit_code)
+        self.stderr_tail: str = stderr_tail
+        details: list[str] = []
         if pid is not None:
             details.append(f"pid {pid}")
         if exit_code is not None:

@@ -54,7 +54,7 @@ class PythonAdapter(Adapter):
         allow = self.options.get("allow", [])
         if isinstance(allow, str) or not all(isinstance(a, str) and a for a in allow):
             raise ValueError("PythonAdapter option 'allow' must be a list of module names")
-        self.allow = tuple(allow)
+        self.allow: tuple[str, ...] = tuple(allow)
         self._stores: dict[str, dict[str, Any]] = {}  # session id -> name -> object
         self._lock = threading.Lock()
 
@@ -65,7 +65,7 @@ class PythonAdapter(Adapter):
     # ---- tools ----
     @tool
     def call(
-        self, ctx: SessionContext, target: str, args: list | None = None, kwargs: dict | None = None, store_as: str | None = None
+        self, ctx: SessionContext, target: str, args: list[Any] | None = None, kwargs: dict[Any, Any] | None = None, store_as: str | None = None
     ) -> Any:
         """Call (or read) ``target``: a dotted path in an allowed module, or ``stored.NAME[.attr...]``.
 
@@ -79,11 +79,11 @@ class PythonAdapter(Adapter):
         return self._run(ctx, {"call": target, "args": args or [], "kwargs": kwargs or {}, "store_as": store_as})
 
     @tool
-    def pipeline(self, ctx: SessionContext, steps: list) -> list:
+    def pipeline(self, ctx: SessionContext, steps: list[Any]) -> list[Any]:
         """Run several ``call`` steps in one round trip, in order; later steps may use objects
         earlier ones stored. Each step is ``{"call": target, "args": [...], "kwargs": {...},
         "store_as": name}`` (all but ``call`` optional). Returns each step's result."""
-        results = []
+        results: list[Any] = []
         for index, step in enumerate(steps):
             if not isinstance(step, dict) or not isinstance(step.get("call"), str):
                 raise InvalidArgumentError(f"step {index} must be a dict with a 'call' target")
@@ -104,7 +104,7 @@ class PythonAdapter(Adapter):
         return self._encodable(value, f"stored object {name!r}")
 
     @tool
-    def list_stored(self, ctx: SessionContext) -> dict:
+    def list_stored(self, ctx: SessionContext) -> dict[str, str]:
         """Stored objects of this session: name -> type."""
         return {name: _type_name(value) for name, value in sorted(self._store(ctx).items())}
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import typer
@@ -16,9 +17,11 @@ from rich.pretty import pprint
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
+from trio_bridge import _cli_signals
+
+app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
+console: Console = Console()
+err_console: Console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
 
 EXAMPLE_ADAPTER = "trio_bridge.examples.digits:Digits"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
@@ -31,10 +34,10 @@ def run(
     tool: Annotated[str | None, typer.Argument(help="the tool to run")] = None,
     arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable)")] = None,
     json_args: Annotated[str | None, typer.Option("--json", help="arguments as a JSON object")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-w", help="worker processes (default: one per core for the example, else 1)")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-w", min=1, help="worker processes (default: one per core for the example, else 1)")] = None,
     example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep or tools")] = "digits",
     host_tools: Annotated[str | None, typer.Option("--host-tools", help="host tools for the workers: module:function,...")] = None,
-    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
 
@@ -54,22 +57,33 @@ def run(
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
         functions = _load_host_tools(host_tools)
         main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1, functions, shutdown_timeout)  # noqa: E731
+    received = _cli_signals.received  # those that came during start-up too (see trio_bridge.__main__)
+    previous = _cli_signals.remember_signals()  # until the exit status is decided: see _run_until_signal
     try:
-        signum = _run_until_signal(main)
-    except KeyboardInterrupt:  # before our handlers were installed (or off the main thread)
-        signum = signal.SIGINT
-    except TrioBridgeError as exc:
-        err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
-    if signum is not None:
-        interrupted = signum == signal.SIGINT
-        err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
-        raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
+        try:
+            _run_until_signal(main, received)
+        except KeyboardInterrupt:  # before our handlers were installed (or off the main thread)
+            received.append(signal.SIGINT)
+        except TrioBridgeError as exc:
+            if not received:
+                err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+                raise typer.Exit(1) from None
+        if received:
+            interrupted = received[0] == signal.SIGINT
+            err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
+            raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
+    finally:
+        _restore_signals(previous)
 
 
-def _run_until_signal(main: Any) -> int | None:
-    """``trio.run(main)``, with SIGINT and SIGTERM as a clean stop; return the first signal, or
-    ``None`` when ``main`` ran to its end.
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _run_until_signal(main: Any, received: list[int]) -> None:
+    """``trio.run(main)``, with SIGINT and SIGTERM as a clean stop, appending each signal to
+    ``received``.
 
     The first signal cancels ``main``: the pools it opened drain (each worker gets the pool's
     ``shutdown_timeout`` to finish its calls), then stop. A second signal skips the drain: the
@@ -83,28 +97,21 @@ def _run_until_signal(main: Any) -> int | None:
 
     if threading.current_thread() is not threading.main_thread():
         trio.run(main)
-        return None
-    received: list[int] = []
-
-    def outside_trio(signum: int, frame: Any) -> None:
-        # Before Trio's receiver is open (main() then never starts) or after it closed (the
-        # pools are closed already): remembered, so the exit status still says which signal.
-        received.append(signum)
+        return
 
     async def supervised() -> None:
         body = trio.CancelScope()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
             async def listen() -> None:
-                if received:
+                if received:  # it came before the receiver was open
                     body.cancel()
                 async for signum in signals:
                     received.append(signum)
                     if len(received) == 1:
                         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
                         err_console.print(
-                            f"[yellow]{name}[/]: shutting the pool down (workers finish their calls; "
-                            "press Ctrl-C again to stop them at once)"
+                            f"[yellow]{name}[/]: shutting the pool down (Ctrl-C again: stop the workers at once)"
                         )
                         body.cancel()
                     else:
@@ -115,16 +122,13 @@ def _run_until_signal(main: Any) -> int | None:
             with body:
                 await main()
 
-    previous = {signum: signal.signal(signum, outside_trio) for signum in (signal.SIGINT, signal.SIGTERM)}
+    if received:  # before we got here: nothing was started
+        return
     try:
         trio.run(supervised)
     except BaseException as exc:
         if not (received and _is_cancellation_fallout(exc)):
             raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return received[0] if received else None
 
 
 def _is_cancellation_fallout(exc: BaseException) -> bool:
@@ -175,6 +179,8 @@ def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName"
     from trio_bridge._wire.tool_spec import tool_spec
     from trio_bridge.worker._adapter import collect_tools, load_adapter_class
 
+    if os.getcwd() not in sys.path:  # import as the workers of `run` do: the current directory first
+        sys.path.insert(0, os.getcwd())
     try:
         cls = load_adapter_class(adapter)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -344,7 +350,7 @@ async def _run_tools_example(workers: int) -> None:
         sys.exit(1)
 
 
-EXAMPLES = {
+EXAMPLES: dict[str, Callable[[int], Awaitable[None]]] = {
     "digits": lambda workers: _run_example(workers),
     "sweep": lambda workers: _run_sweep(workers),
     "tools": lambda workers: _run_tools_example(workers),

@@ -37,7 +37,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpclib.client
 import grpclib.exceptions
@@ -48,9 +48,9 @@ import outcome
 import trio
 import trio_asyncio
 
-from trio_bridge._wire.auth import SECRET_METADATA, require_secret
+from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.transport import open_channel, parse_address
+from trio_bridge._wire.transport import new_server, open_channel, parse_address
 
 T = TypeVar("T")
 
@@ -215,9 +215,8 @@ class Boundary:
         """Open a server stream (``start()`` returns the stub's async generator) and yield a
         function that receives the next message (``StopAsyncIteration`` at the end). Leaving the
         block closes the stream, which cancels it on the server if it has not finished (within
-        a second; after that, or on a loop that is shut down, the stream is abandoned)."""
-        if not self.usable:
-            raise TransportError("the host's asyncio loop is shut down")
+        a second; after that, or on a loop that is shut down, the stream is abandoned). On a
+        loop that is shut down, ``receive()`` raises :class:`TransportError`."""
         agen = start()
 
         async def receive() -> Any:
@@ -231,8 +230,7 @@ class Boundary:
     @asynccontextmanager
     async def serve(self, services: list[Any], address: str, secret: str) -> AsyncIterator[None]:
         """Serve grpclib ``services`` on ``address`` (``"unix:..."``) for the block's duration."""
-        server = grpclib.server.Server(services)
-        require_secret(server, secret)
+        server = new_server(services, secret)
         _, path, _ = parse_address(address)
         await self.run(server.start(path=path))
         try:
@@ -248,17 +246,22 @@ async def _wait_future(future: asyncio.Future[T], *, abandon_on_cancel: bool) ->
     """``trio_asyncio.run_aio_future`` with a choice on cancellation: wait until the asyncio
     side has finished (a call), or stop waiting at once (teardown, where a bound must hold)."""
     task = trio.lowlevel.current_task()
-    raise_cancel = None
+    raise_cancel: Callable[[], NoReturn] | None = None
+    waiting = True
 
     def done(_: asyncio.Future[T]) -> None:
-        trio.lowlevel.reschedule(task, outcome.capture(future.result))
+        # asyncio may already have queued this callback when we stop waiting: then it is void
+        # (rescheduling a task that waits on something else would wake it with our result).
+        if waiting:
+            trio.lowlevel.reschedule(task, outcome.capture(future.result))
 
     future.add_done_callback(done)
 
     def abort(raise_cancel_arg: Any) -> trio.lowlevel.Abort:
-        nonlocal raise_cancel
+        nonlocal raise_cancel, waiting
         future.cancel()
         if abandon_on_cancel:
+            waiting = False
             future.remove_done_callback(done)
             return trio.lowlevel.Abort.SUCCEEDED
         raise_cancel = raise_cancel_arg

@@ -136,10 +136,14 @@ class Calls:
             with tracker.resolve_groups():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_stream, worker, request, send, result)
-                    async with receive:
+                    try:
                         with tracker.user_block():
                             yield _Chunks(receive)
-                    nursery.cancel_scope.cancel()
+                    finally:
+                        # Stop the pump before closing its channel: closed first, a pump about
+                        # to send would fail with BrokenResourceError instead of being cancelled.
+                        nursery.cancel_scope.cancel()
+                        receive.close()
         except WorkerCrashedError:
             result.outcome = Outcome.CRASHED
             raise

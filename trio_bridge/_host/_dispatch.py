@@ -102,8 +102,8 @@ class Dispatcher(Generic[W]):
         """
         if self._closed is not None:
             raise PoolClosedError(self._closed)
-        if worker is not None and worker not in self._workers:
-            worker = None  # it left the pool: any worker will do
+        if worker is not None and (worker not in self._workers or not worker.accepting):
+            worker = None  # it left the pool, or is leaving it (it never accepts again): any worker will do
         if worker is not None and self._free(worker):
             self._take(worker)
             return worker

@@ -58,7 +58,8 @@ class UserErrorTracker:
         """The exception to raise, and the ``__context__`` it should carry."""
         user = self.error
         if user is not None and _contains(group, user):
-            _, rest = group.split(lambda exc: exc is user)
+            mine = {id(exc) for exc in _leaves(user)}
+            _, rest = group.split(lambda exc: id(exc) in mine and not isinstance(exc, BaseExceptionGroup))
             rest = _without_cancelled(rest)
             if rest is None:
                 return user, user.__context__
@@ -87,7 +88,11 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _contains(group: BaseExceptionGroup[BaseException], target: BaseException) -> bool:
-    return any(exc is target for exc in _leaves(group))
+    """``target`` is in ``group``: a leaf of it, or a group (the user's block may raise one,
+    e.g. from its own nursery) whose leaves all are -- nurseries re-derive groups on the way
+    out, so a group is recognized by its leaves, not by identity."""
+    leaves = {id(exc) for exc in _leaves(group)}
+    return all(id(exc) in leaves for exc in _leaves(target))
 
 
 def _without_cancelled(group: BaseExceptionGroup[BaseException] | None) -> BaseExceptionGroup[BaseException] | None:

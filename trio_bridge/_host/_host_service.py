@@ -341,7 +341,7 @@ class HostService(pb.HostServiceBase):
             "/trio_bridge.v1.HostService/ExecuteStreamingHostTool": self._serve_streaming_host_tool,
         }
         for path, handler in mapping.items():
-            function = own.get(path, handler.func)
+            function = own[path] if path in own else handler.func
             mapping[path] = grpclib.const.Handler(_with_caller(function), handler.cardinality, handler.request_type, handler.reply_type)
         return mapping
 

@@ -85,7 +85,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.counts: collections.Counter[Outcome] = collections.Counter()
-        self.restarts = 0
+        self.restarts: int = 0
         self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
 
     def record(self, outcome: Outcome, latency: float | None = None) -> None:

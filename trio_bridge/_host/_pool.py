@@ -10,6 +10,7 @@ tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,8 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal, TypeVar, final, overload
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar, final, overload
 
 import trio
 
@@ -34,6 +36,7 @@ from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
+from trio_bridge._host._signals import SignalStop, StoppedBySignal
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import ToolInfo, ToolRegistry, tool_info
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
@@ -59,10 +62,10 @@ class Pool(metaclass=NoPublicConstructor):
 
     def __init__(
         self, *, adapter: str, size: int, supervisor: Supervisor, calls: Calls, router: Router, metrics: Metrics,
-        dispatcher: Dispatcher[WorkerHandle], tools: ToolRegistry, state: StateBackend,
+        dispatcher: Dispatcher[WorkerHandle], tools: ToolRegistry, state: StateBackend, spec: WorkerSpec,
     ) -> None:
-        self.adapter = adapter
-        self.size = size
+        self.adapter: Final[str] = adapter
+        self.size: Final[int] = size
         self._supervisor = supervisor
         self._calls = calls
         self._router = router
@@ -70,8 +73,8 @@ class Pool(metaclass=NoPublicConstructor):
         self._dispatcher = dispatcher
         self._tools = tools
         self._state = state
-        self._open_sessions: dict[str, Session] = {}
-        self._spec = supervisor.spec  # for tests that speak the wire contract directly
+        self._routes: dict[str, Route] = {}  # open sessions' routes, for calls routed by workers
+        self._spec = spec  # for tests that speak the wire contract directly
         self._plane = supervisor.plane
 
     def __repr__(self) -> str:
@@ -182,19 +185,19 @@ class Pool(metaclass=NoPublicConstructor):
                 ) from None
         route = Route(info.id, affinity)
         session = Session._create(self._calls, self._tools, self.tools, self._state, route)
-        self._open_sessions[session.id] = session
+        self._routes[session.id] = route
         try:
             yield session
         finally:
-            self._open_sessions.pop(session.id, None)
+            self._routes.pop(session.id, None)
             if owned:
                 with trio.CancelScope(shield=True):
                     await self._state.cleanup_session(session.id)
 
     def _route_for(self, session_id: str) -> Route:
         """The route of an open session, or a fresh one (a session joined by a worker's routed call)."""
-        session = self._open_sessions.get(session_id)
-        return session._route if session is not None else Route(session_id, "prefer")
+        route = self._routes.get(session_id)
+        return route if route is not None else Route(session_id, "prefer")
 
     def _session_ended(self, session_id: str) -> None:
         """Drop its host tools, and tell the workers (so they drop per-session objects and caches)."""
@@ -225,7 +228,7 @@ class Pool(metaclass=NoPublicConstructor):
     def host_tool(self, function: F, /) -> F: ...
     @overload
     def host_tool(
-        self, *, name: str | None = None, description: str | None = None, streaming: bool | None = None,
+        self, /, *, name: str | None = None, description: str | None = None, streaming: bool | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Callable[[F], F]: ...
     def host_tool(
@@ -260,6 +263,19 @@ class Pool(metaclass=NoPublicConstructor):
         return register(function) if function is not None else register
 
 
+@dataclass(frozen=True)
+class PoolParts:
+    """What serves the workers' calls back to the host needs of a running pool (given to the
+    ``serve`` hook of :func:`compose`)."""
+
+    state: StateBackend
+    calls: Calls
+    tools: ToolRegistry
+    supervisor: Supervisor
+    route_for: Callable[[str], Route]
+    plane: SharedMemoryPlane | None
+
+
 def open_pool(
     adapter: str,
     *,
@@ -283,6 +299,7 @@ def open_pool(
     max_variables_per_session: int = 1000,
     max_value_bytes: int = 64 * 2**20,
     history_limit: int = 50,
+    handle_signals: bool = True,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -323,6 +340,12 @@ def open_pool(
             quotas below; a shared backend lets several hosts share sessions).
         max_sessions, max_variables_per_session, max_value_bytes (encoded), history_limit
             (past values kept per variable): quotas of the default in-memory backend.
+        handle_signals: while the pool is open, SIGINT and SIGTERM -- where the process still
+            has Python's default handlers for them and the pool runs in the main thread --
+            cancel the block and close the pool in order, then ``KeyboardInterrupt`` (SIGINT) or
+            ``SystemExit(143)`` (SIGTERM) leaves the ``async with``; a second signal skips the
+            drain. Without it (or with handlers of your own) SIGTERM ends the process at once,
+            and the workers die with it.
 
     Raises:
         InvalidArgumentError: an option is out of range (raised when the block is entered).
@@ -331,18 +354,32 @@ def open_pool(
             tail, e.g. the ImportError.
         RuntimeError: not called under Trio.
     """
-    return _open_pool(
+    stop = SignalStop(handle_signals)
+    return _stopping_on_signals(stop, _open_pool(
         adapter, size=size, concurrency=concurrency, max_queue=max_queue, startup_timeout=startup_timeout,
         shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace, health_check_interval=health_check_interval,
         heartbeat_interval=heartbeat_interval, restart_backoff=restart_backoff, no_worker_timeout=no_worker_timeout,
         transport=transport, python=python, env=env, adapter_options=adapter_options,
         shared_memory_threshold=shared_memory_threshold, state=state, max_sessions=max_sessions,
         max_variables_per_session=max_variables_per_session, max_value_bytes=max_value_bytes,
-        history_limit=history_limit,
-    )
+        history_limit=history_limit, stop=stop,
+    ))
 
 
-def _check_options(
+@asynccontextmanager
+async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManager[Pool]) -> AsyncIterator[Pool]:
+    """Receive SIGINT/SIGTERM while the pool is open; raise what they mean once it is closed."""
+    with stop.installed():
+        try:
+            async with pool as opened:
+                yield opened
+        except BaseException as exc:
+            stop.check(exc)
+            raise
+        stop.check()
+
+
+def check_options(
     *, adapter: Any, size: int, concurrency: int, max_queue: int, transport: Any, adapter_options: Any,
     timeouts: dict[str, Any], restart_backoff: Any,
 ) -> str:
@@ -378,7 +415,7 @@ async def _open_pool(
     restart_backoff: tuple[float, float], no_worker_timeout: float, transport: Transport, python: str | None,
     env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
     state: StateBackend | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
-    history_limit: int,
+    history_limit: int, stop: SignalStop,
 ) -> AsyncIterator[Pool]:
     try:
         trio.lowlevel.current_task()
@@ -387,7 +424,7 @@ async def _open_pool(
             "trio-bridge runs under Trio: use trio.run(main), or trio_asyncio.aio_as_trio from asyncio code"
         ) from None
     size = size if size is not None else (os.cpu_count() or 1)
-    options_json = _check_options(
+    options_json = check_options(
         adapter=adapter, size=size, concurrency=concurrency, max_queue=max_queue, transport=transport,
         adapter_options=adapter_options, restart_backoff=restart_backoff,
         timeouts={
@@ -422,46 +459,31 @@ async def _open_pool(
                     env={**(env or {}), **(plane.environment() if plane else {})},
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval, adapter_options=options_json,
                 )
-                if state is None:
-                    state = MemoryBackend(SessionStore(
-                        max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
+
+                def new_worker(worker_id: str, slot: int) -> WorkerHandle:
+                    return WorkerHandle(worker_id, slot, spec, boundary, janitor)
+
+                @asynccontextmanager
+                async def serve(parts: PoolParts) -> AsyncIterator[None]:
+                    """What the workers call (host tools, variables, routed calls), while the pool runs."""
+                    service = HostService(
+                        boundary, parts.state, calls=parts.calls, tools=parts.tools, plane=plane,
+                        knows=parts.supervisor.knows, route_for=parts.route_for,
+                    )
+                    async with boundary.serve([service], host_address, secret):
+                        yield
+
+                async with compose(
+                    adapter=adapter, size=size, spec=spec, new_worker=new_worker, serve=serve, plane=plane,
+                    state=default_state(
+                        state, max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
                         max_value_bytes=max_value_bytes, history_limit=history_limit,
-                    ))
-                dispatcher: Dispatcher[WorkerHandle] = Dispatcher(max_queue)
-                metrics = Metrics()
-                tools = ToolRegistry()
-                supervisor = Supervisor(
-                    spec=spec, size=size, boundary=boundary, dispatcher=dispatcher, metrics=metrics, tools=tools,
+                    ),
+                    max_queue=max_queue, cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
                     health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-                    shutdown_timeout=shutdown_timeout, plane=plane, janitor=janitor,
-                )
-                router = Router(dispatcher, state)
-                calls = Calls(
-                    supervisor=supervisor, router=router, metrics=metrics, state=state, plane=plane,
-                    cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
-                )
-                pool = Pool._create(
-                    adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
-                    dispatcher=dispatcher, tools=tools, state=state,
-                )
-                state.on_session_end.append(pool._session_ended)
-                service = HostService(
-                    boundary, state, calls=calls, tools=tools, plane=plane, knows=supervisor.knows,
-                    route_for=pool._route_for,
-                )
-                async with boundary.serve([service], host_address, secret):
-                    async with trio.open_nursery() as nursery:
-                        router.attach(nursery)
-                        calls.attach(nursery)
-                        await nursery.start(state.run)
-                        try:
-                            await supervisor.start(nursery)
-                            with tracker.user_block():
-                                yield pool
-                        finally:
-                            with trio.CancelScope(shield=True):
-                                await supervisor.shutdown()
-                            nursery.cancel_scope.cancel()
+                    shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop,
+                ) as pool:
+                    yield pool
     finally:
         if not socket_dir.startswith("@"):
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -469,3 +491,92 @@ async def _open_pool(
             plane.remove()
             janitor.forget_path(plane.directory)
         janitor.close()
+
+
+def default_state(
+    state: StateBackend | None, *, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
+    history_limit: int,
+) -> StateBackend:
+    """The given backend, or a new in-memory one with these quotas."""
+    if state is not None:
+        return state
+    return MemoryBackend(SessionStore(
+        max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
+        max_value_bytes=max_value_bytes, history_limit=history_limit,
+    ))
+
+
+@asynccontextmanager
+async def compose(
+    *, adapter: str, size: int, spec: WorkerSpec, new_worker: Callable[[str, int], WorkerHandle],
+    state: StateBackend, max_queue: int, cancel_grace: float, no_worker_timeout: float,
+    health_check_interval: float, restart_backoff: tuple[float, float], shutdown_timeout: float,
+    plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
+    tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
+) -> AsyncIterator[Pool]:
+    """Wire the pool's parts together, start ``size`` workers made by ``new_worker`` and yield
+    the pool; on the way out, shut the workers down.
+
+    The one composition of a pool, for real processes (`_open_pool`, which brings the
+    trio-asyncio loop, the shared-memory plane and, as ``serve``, the host service the workers
+    call) and for ``trio_bridge.testing``'s fake workers (no loop, no service). Options are
+    checked by the caller.
+
+    Args:
+        spec: how workers start (the fakes' is nominal; kept as ``Pool._spec``).
+        new_worker: ``new_worker(worker_id, slot)`` makes the handle of a slot's next worker.
+        serve: given the pool's parts before any worker starts, runs what the workers call
+            back while the pool runs (``None``: nothing).
+        tracker: the exception-group policy of the caller's block (default: a new one).
+        stop: what SIGINT/SIGTERM do (default: nothing; see ``open_pool(handle_signals=...)``).
+    """
+    tracker = tracker if tracker is not None else UserErrorTracker()
+    stop = stop if stop is not None else SignalStop(enabled=False)
+    dispatcher: Dispatcher[WorkerHandle] = Dispatcher(max_queue)
+    metrics = Metrics()
+    tools = ToolRegistry()
+    supervisor = Supervisor(
+        new_worker=new_worker, size=size, dispatcher=dispatcher, metrics=metrics, tools=tools,
+        health_check_interval=health_check_interval, restart_backoff=restart_backoff,
+        shutdown_timeout=shutdown_timeout, plane=plane,
+    )
+    router = Router(dispatcher, state)
+    calls = Calls(
+        supervisor=supervisor, router=router, metrics=metrics, state=state, plane=plane,
+        cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
+    )
+    pool = Pool._create(
+        adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
+        dispatcher=dispatcher, tools=tools, state=state, spec=spec,
+    )
+    state.on_session_end.append(pool._session_ended)
+    with tracker.resolve_groups():
+        parts = PoolParts(
+            state=state, calls=calls, tools=tools, supervisor=supervisor, route_for=pool._route_for, plane=plane
+        )
+        async with serve(parts) if serve is not None else contextlib.nullcontext():
+            async with trio.open_nursery() as nursery:
+                router.attach(nursery)
+                calls.attach(nursery)
+                await nursery.start(state.run)
+                stop.listen(nursery, force=lambda: supervisor.kill_all("a second signal skipped the drain"))
+                started = False
+                try:
+                    with stop.scope:  # the first SIGINT/SIGTERM cancels the start-up or the block
+                        try:
+                            await supervisor.start(nursery)
+                            started = True
+                        except BaseException:
+                            if not stop.received:
+                                raise
+                        else:
+                            with tracker.user_block():
+                                yield pool
+                finally:
+                    with stop.shutdown_scope:  # shielded; a second signal cancels the drain
+                        with trio.move_on_after(shutdown_timeout + 0.5):
+                            await supervisor.shutdown()
+                        supervisor.kill_all("it was still running after the shutdown timeout")
+                    nursery.cancel_scope.cancel()
+                if not started:
+                    raise StoppedBySignal("a signal stopped the pool while its workers were starting")

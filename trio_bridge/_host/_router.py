@@ -49,7 +49,8 @@ class Router:
             return await self._dispatcher.acquire()
         home = route.home
         worker = await self._dispatcher.acquire(home, affinity or route.affinity)
-        if home is None or (home is not worker and not self._dispatcher.has(home)):
+        # Its worker is gone once it stops accepting (it died), even before the supervisor removed it.
+        if home is None or (home is not worker and not (self._dispatcher.has(home) and home.accepting)):
             if home is not None:
                 route.moves += 1
                 _logger.warning(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, final
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import trio
 
 from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError, describe_exit
 from trio_bridge._state.backend import DEFAULT_WATCH_BUFFER, SessionInfo, StateBackend, Watcher
+from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable
 from trio_bridge._util import NoPublicConstructor, public_module
 
@@ -61,7 +62,7 @@ class Session(metaclass=NoPublicConstructor):
         self._pool_tools = pool_tools
         self._state = state
         self._route = route
-        self.id = route.session_id
+        self.id: Final[str] = route.session_id
 
     def __repr__(self) -> str:
         return f"<Session {self.id} affinity={self.affinity} worker={self.worker_id}>"
@@ -175,7 +176,7 @@ class Session(metaclass=NoPublicConstructor):
 
     # ---- variables ----
     async def register_variable(
-        self, name: str, type: str, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
+        self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None
     ) -> Variable:
         """Create a variable at version 0.
 
@@ -278,8 +279,8 @@ class Optimization(metaclass=NoPublicConstructor):
 
     def __init__(self, session: Session, name: str, optimizer_id: str) -> None:
         self._session = session
-        self.name = name
-        self.optimizer_id = optimizer_id
+        self.name: Final[str] = name
+        self.optimizer_id: Final[str] = optimizer_id
 
     async def set(self, value: Any) -> Variable:
         variable, _ = await self._session._state.set_variable(

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import trio
 
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
-from trio_bridge._host._aio import Boundary
 from trio_bridge._host._dispatch import Dispatcher
-from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._tools import ToolRegistry
-from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
+from trio_bridge._host._worker import WorkerHandle, WorkerInfo
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
@@ -30,14 +29,18 @@ _SWEEP_AGE = 600.0      # seconds after which an unread shared-memory file is re
 
 
 class Supervisor:
-    """Owns the pool's worker handles, one per slot."""
+    """Owns the pool's worker handles, one per slot.
+
+    Args:
+        new_worker: makes the handle of a slot's next worker, ``new_worker(worker_id, slot)``;
+            the composition root passes the real one (a process), ``trio_bridge.testing`` a fake.
+    """
 
     def __init__(
         self,
         *,
-        spec: WorkerSpec,
+        new_worker: Callable[[str, int], WorkerHandle],
         size: int,
-        boundary: Boundary,
         dispatcher: Dispatcher[WorkerHandle],
         metrics: Metrics,
         tools: ToolRegistry,
@@ -45,23 +48,20 @@ class Supervisor:
         restart_backoff: tuple[float, float],
         shutdown_timeout: float,
         plane: SharedMemoryPlane | None,
-        janitor: Janitor | None,
     ) -> None:
-        self.spec = spec
-        self.size = size
+        self.size: int = size
         self.handles: dict[int, WorkerHandle] = {}
-        self.closing = False
+        self.closing: bool = False
         self.last_start_error: WorkerStartError | None = None
         """The latest failure to start a replacement; cleared when a worker starts."""
-        self._boundary = boundary
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._tools = tools
         self._health_check_interval = health_check_interval
         self._restart_backoff = restart_backoff
         self._shutdown_timeout = shutdown_timeout
-        self.plane = plane
-        self._janitor = janitor
+        self.plane: SharedMemoryPlane | None = plane
+        self._new_worker = new_worker
         self._worker_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
 
@@ -121,7 +121,7 @@ class Supervisor:
         failures = 0
         first = True
         while not self.closing:
-            handle = WorkerHandle(f"w{next(self._worker_ids)}", slot, self.spec, self._boundary, self._janitor)
+            handle = self._new_worker(f"w{next(self._worker_ids)}", slot)
             self.handles[slot] = handle
             lived_from = trio.current_time()
             failed: WorkerStartError | None = None
@@ -179,6 +179,12 @@ class Supervisor:
                 await handle.call(lambda stub: stub.ping(pb.PingRequest()))
         except (trio.TooSlowError, WorkerCrashedError):
             handle.kill("it failed its health check")
+
+    def kill_all(self, reason: str) -> None:
+        """Kill every live worker at once (their process groups: SIGKILL)."""
+        self.closing = True
+        for handle in self.live_handles():
+            handle.kill(reason)
 
     async def shutdown(self) -> None:
         """Drain (workers finish their calls, up to ``shutdown_timeout``), then terminate, then kill."""

@@ -9,11 +9,12 @@ import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, final
+from typing import Any, Literal, final
 
 import trio
 
 from trio_bridge._errors import InvalidArgumentError, ToolNotFoundError
+from trio_bridge._util import public_module
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import ToolDefinition, define_tool, tool_spec
@@ -22,12 +23,16 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 MAX_DESCRIPTION = 4096        # characters
 MAX_METADATA_BYTES = 16_384   # encoded
 
+#: ``ToolInfo.side``: an adapter's tool, or a callable registered on the pool.
+ToolSide = Literal["worker", "host"]
+
 #: Set while a host tool (or a routed worker-to-worker call) runs on behalf of a worker call:
 #: a pool call made from there is re-entrant (see ``Pool._check_reentrancy``).
 in_worker_callback: contextvars.ContextVar[bool] = contextvars.ContextVar("trio_bridge_in_worker_callback", default=False)
 
 
 @final
+@public_module
 @dataclass(frozen=True)
 class ParameterInfo:
     """One parameter of a tool: ``type`` is the annotation as text (``""`` if none)."""
@@ -40,6 +45,7 @@ class ParameterInfo:
 
 
 @final
+@public_module
 @dataclass(frozen=True)
 class ToolInfo:
     """A tool as listed by :meth:`Pool.tools`.
@@ -53,7 +59,7 @@ class ToolInfo:
     description: str
     parameters: tuple[ParameterInfo, ...]
     streaming: bool
-    side: str = "worker"
+    side: ToolSide = "worker"
     session_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -68,7 +74,7 @@ class HostTool:
         return tool_info(tool_spec(self.definition), side="host", session_id=self.session_id, metadata=self.metadata)
 
 
-def tool_info(spec: pb.ToolSpec, *, side: str = "worker", session_id: str | None = None, metadata: dict[str, Any] | None = None) -> ToolInfo:
+def tool_info(spec: pb.ToolSpec, *, side: ToolSide = "worker", session_id: str | None = None, metadata: dict[str, Any] | None = None) -> ToolInfo:
     return ToolInfo(
         name=spec.name,
         description=spec.description,

@@ -115,23 +115,25 @@ class WorkerSpec:
 class WorkerHandle:
     """The host's view of one worker process. Not constructed by users."""
 
-    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, boundary: Boundary, janitor: Janitor | None = None) -> None:
-        self.id = worker_id
-        self.slot = slot
-        self.spec = spec
-        self.concurrency = spec.concurrency
-        self.busy = 0  # slots taken (managed by the Dispatcher)
-        self.state = WorkerState.STARTING
+    def __init__(
+        self, worker_id: str, slot: int, spec: WorkerSpec, boundary: Boundary | None, janitor: Janitor | None = None
+    ) -> None:
+        self.id: str = worker_id
+        self.slot: int = slot
+        self.spec: WorkerSpec = spec
+        self.concurrency: int = spec.concurrency
+        self.busy: int = 0  # slots taken (managed by the Dispatcher)
+        self.state: WorkerState = WorkerState.STARTING
         self.pid: int | None = None
-        self.address = ""
+        self.address: str = ""
         self.tools: dict[str, pb.ToolSpec] = {}
-        self.calls_served = 0
-        self.calls_failed = 0
+        self.calls_served: int = 0
+        self.calls_failed: int = 0
         self.sessions: set[str] = set()  # sessions initialized on this worker
         self.started_at: float | None = None
         self.exit_code: int | None = None
-        self.exited = trio.Event()
-        self.stderr_closed = trio.Event()
+        self.exited: trio.Event = trio.Event()
+        self.stderr_closed: trio.Event = trio.Event()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._boundary = boundary
         self._process: WorkerProcess | None = None
@@ -139,6 +141,13 @@ class WorkerHandle:
         self._stub: pb.WorkerServiceStub | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
+
+    def _wire(self) -> Boundary:
+        """The trio-asyncio boundary its RPCs cross. ``None`` only for a worker with no process
+        behind it (``trio_bridge.testing.FakeWorker``, which overrides every method that uses it)."""
+        if self._boundary is None:
+            raise RuntimeError(f"worker {self.id} has no process behind it")
+        return self._boundary
 
     def __repr__(self) -> str:
         return f"<WorkerHandle {self.id} pid={self.pid} {self.state.value} busy={self.busy}/{self.concurrency}>"
@@ -178,7 +187,7 @@ class WorkerHandle:
         with trio.CancelScope() as scope:
             self._call_scopes.add(scope)
             try:
-                return await self._boundary.run(method(self._stub))
+                return await self._wire().run(method(self._stub))
             except TransportError as exc:
                 await self._settle_after_transport_error(str(exc))
                 raise self.crashed_error() from exc
@@ -191,7 +200,7 @@ class WorkerHandle:
         if self._stub is None or not self.alive:
             raise self.crashed_error()
         stub = self._stub
-        return self._boundary.open_stream(lambda: stub.execute_streaming_tool(request))
+        return self._wire().open_stream(lambda: stub.execute_streaming_tool(request))
 
     async def receive_batch(self, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
         """The next batch of a stream opened with :meth:`open_stream`; ``None`` at its end."""
@@ -290,10 +299,10 @@ class WorkerHandle:
                     self.kill("it was not ready in time")
                     raise await self._start_error(f"printed no ready line within {spec.startup_timeout:g} s")
                 nursery.start_soon(_drain, process.stdout)
-                channel, self._stub = self._boundary.worker_stub(self.address, spec.secret)
+                channel, self._stub = self._wire().worker_stub(self.address, spec.secret)
                 with trio.move_on_after(spec.startup_timeout) as timeout_scope:
                     try:
-                        described = await self._boundary.run(self._stub.describe(
+                        described = await self._wire().run(self._stub.describe(
                             pb.DescribeRequest(trio_bridge_version=__version__, wire_version=WIRE_VERSION)
                         ))
                     except TransportError as exc:
@@ -316,7 +325,7 @@ class WorkerHandle:
         finally:
             with trio.CancelScope(shield=True):
                 if channel is not None:
-                    self._boundary.close_channel(channel)
+                    self._wire().close_channel(channel)
                 await self._stop_process(process)
                 await process.aclose()
                 if self._janitor is not None:
@@ -395,7 +404,7 @@ class WorkerHandle:
         # Bounded even if the worker no longer answers: the pool then terminates it.
         with trio.move_on_after(grace + 1):
             try:
-                await self._boundary.run(self._stub.shutdown(pb.ShutdownRequest(grace_seconds=grace)))
+                await self._wire().run(self._stub.shutdown(pb.ShutdownRequest(grace_seconds=grace)))
             except TransportError:
                 return
             await self.exited.wait()

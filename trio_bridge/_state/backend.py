@@ -12,7 +12,7 @@ import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -21,11 +21,13 @@ import trio
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._state.sessions import SessionRecord, SessionStore
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+from trio_bridge._util import public_module
 from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER
 
 __all__ = ["DEFAULT_WATCH_BUFFER", "MemoryBackend", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
 
 
+@public_module
 @dataclass(frozen=True)
 class SessionInfo:
     """A snapshot of a session. Times are on the Trio clock (seconds)."""
@@ -245,6 +247,7 @@ def _seq(entry: tuple[int, VariableUpdate]) -> int:
     return entry[0]
 
 
+@public_module
 class StateBackend(abc.ABC):
     """Sessions and their variables. All methods raise :class:`SessionNotFoundError` for an
     unknown session; variable methods raise the :class:`VariableError` subclasses of the
@@ -283,7 +286,9 @@ class StateBackend(abc.ABC):
     @abc.abstractmethod
     async def set_optimization(self, session_id: str, key: str, optimizer_id: str, *, active: bool) -> Variable: ...
     @abc.abstractmethod
-    def watch(self, session_id: str, names: list[str], *, include_initial: bool, buffer_size: int = DEFAULT_WATCH_BUFFER) -> Any:
+    def watch(
+        self, session_id: str, names: list[str], *, include_initial: bool, buffer_size: int = DEFAULT_WATCH_BUFFER
+    ) -> AbstractAsyncContextManager[Watcher]:
         """An async context manager yielding a :class:`Watcher`. No update is lost between the
         initial snapshot and the first change; leaving the block frees the watcher. Writers
         never wait for watchers; one more than ``buffer_size`` updates behind coalesces.
@@ -297,13 +302,14 @@ class StateBackend(abc.ABC):
         """Background work (the TTL reaper); run it in a nursery for the backend's lifetime."""
 
 
+@public_module
 class MemoryBackend(StateBackend):
     """Everything in this process's memory. Session TTLs run on the Trio clock, so tests can
     use ``trio.testing.MockClock``."""
 
     def __init__(self, sessions: SessionStore | None = None) -> None:
-        self.sessions = sessions if sessions is not None else SessionStore()  # an empty store is falsy
-        self.on_session_end = []
+        self.sessions: SessionStore = sessions if sessions is not None else SessionStore()  # an empty store is falsy
+        self.on_session_end: list[Callable[[str], None]] = []
         self._feeds: dict[str, _Feed] = {}  # sessions that have watchers
         self._reaper_wakeup = trio.Event()
 
@@ -344,14 +350,17 @@ class MemoryBackend(StateBackend):
                 await self._reaper_wakeup.wait()
 
     # ---- variables ----
-    async def register_variable(self, session_id, name, type_name, value, *, constraints, metadata, source):  # type: ignore[no-untyped-def]
+    async def register_variable(
+        self, session_id: str, name: str, type_name: str, value: Any, *, constraints: dict[str, Any] | None,
+        metadata: dict[str, Any] | None, source: str,
+    ) -> tuple[Variable, int]:
         record = self._touch(session_id)
         variable = record.variables.register(name, type_name, value, constraints=constraints, metadata=metadata, source=source)
         record.state_version += 1
         self._notify(record, [VariableUpdate(name, None, variable.value, 0, source, "change", variable.created_at)])
         return variable, record.state_version
 
-    async def get_variables(self, session_id, keys):  # type: ignore[no-untyped-def]
+    async def get_variables(self, session_id: str, keys: list[str] | None) -> tuple[dict[str, Variable], int]:
         record = self._touch(session_id)
         if keys is None:
             found = {v.name: v for v in record.variables.list()}
@@ -362,7 +371,10 @@ class MemoryBackend(StateBackend):
                 found[variable.name] = variable
         return found, record.state_version
 
-    async def set_variable(self, session_id, key, value, *, expected_version, source, optimizer_id, metadata):  # type: ignore[no-untyped-def]
+    async def set_variable(
+        self, session_id: str, key: str, value: Any, *, expected_version: int | None, source: str,
+        optimizer_id: str | None, metadata: dict[str, Any] | None,
+    ) -> tuple[Variable, int]:
         record = self._touch(session_id)
         variable, change = record.variables.set(
             key, value, expected_version=expected_version, source=source, optimizer_id=optimizer_id, metadata=metadata
@@ -372,7 +384,9 @@ class MemoryBackend(StateBackend):
             self._notify(record, [change])
         return variable, record.state_version
 
-    async def set_variables(self, session_id, updates, *, atomic, source, optimizer_id):  # type: ignore[no-untyped-def]
+    async def set_variables(
+        self, session_id: str, updates: Mapping[str, Any], *, atomic: bool, source: str, optimizer_id: str | None
+    ) -> tuple[dict[str, Variable | Exception], int]:
         record = self._touch(session_id)
         results, changes = record.variables.set_many(updates, atomic=atomic, source=source, optimizer_id=optimizer_id)
         if changes:
@@ -380,20 +394,22 @@ class MemoryBackend(StateBackend):
             self._notify(record, changes)
         return results, record.state_version
 
-    async def list_variables(self, session_id, pattern):  # type: ignore[no-untyped-def]
+    async def list_variables(self, session_id: str, pattern: str) -> list[Variable]:
         return self._touch(session_id).variables.list(pattern)
 
-    async def delete_variable(self, session_id, key, *, source):  # type: ignore[no-untyped-def]
+    async def delete_variable(self, session_id: str, key: str, *, source: str) -> int:
         record = self._touch(session_id)
         change = record.variables.delete(key, source=source)
         record.state_version += 1
         self._notify(record, [change])
         return record.state_version
 
-    async def variable_history(self, session_id, key):  # type: ignore[no-untyped-def]
+    async def variable_history(self, session_id: str, key: str) -> list[HistoryEntry]:
         return self._touch(session_id).variables.history(key)
 
-    async def rollback_variable(self, session_id, key, version, *, source, optimizer_id):  # type: ignore[no-untyped-def]
+    async def rollback_variable(
+        self, session_id: str, key: str, version: int, *, source: str, optimizer_id: str | None
+    ) -> tuple[Variable, int]:
         record = self._touch(session_id)
         variable, change = record.variables.rollback(key, version, source=source, optimizer_id=optimizer_id)
         if change is not None:
@@ -401,13 +417,13 @@ class MemoryBackend(StateBackend):
             self._notify(record, [change])
         return variable, record.state_version
 
-    async def add_dependency(self, session_id, dependent, dependency):  # type: ignore[no-untyped-def]
+    async def add_dependency(self, session_id: str, dependent: str, dependency: str) -> Variable:
         record = self._touch(session_id)
         variable = record.variables.add_dependency(dependent, dependency)
         record.state_version += 1  # workers' caches hold depends_on too
         return variable
 
-    async def set_optimization(self, session_id, key, optimizer_id, *, active):  # type: ignore[no-untyped-def]
+    async def set_optimization(self, session_id: str, key: str, optimizer_id: str, *, active: bool) -> Variable:
         record = self._touch(session_id)
         variables = record.variables
         variable = variables.start_optimization(key, optimizer_id) if active else variables.stop_optimization(key, optimizer_id)

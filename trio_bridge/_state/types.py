@@ -33,12 +33,15 @@ import math
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from trio_bridge._errors import InvalidVariableError
 from trio_bridge._wire.codec import short_repr as _r
 
-__all__ = ["TYPES", "check_constraints", "check_value", "values_equal"]
+__all__ = ["TYPES", "VariableType", "check_constraints", "check_value", "values_equal"]
+
+#: The names of the variable types (the keys of :data:`TYPES`).
+VariableType = Literal["float", "integer", "string", "boolean", "choice", "module", "embedding", "tensor"]
 
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")  # used with fullmatch
 

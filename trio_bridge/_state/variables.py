@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, cast
 
 from trio_bridge._errors import (
     DependencyCycleError,
@@ -30,16 +30,21 @@ from trio_bridge._errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
-from trio_bridge._state.types import check_constraints, check_value, values_equal
+from trio_bridge._state.types import VariableType, check_constraints, check_value, values_equal
+from trio_bridge._util import public_module
 from trio_bridge._wire import codec
 from trio_bridge._wire.codec import short_repr as _r
 
-__all__ = ["HistoryEntry", "Variable", "VariableStore", "VariableUpdate"]
+__all__ = ["HistoryEntry", "UpdateKind", "Variable", "VariableStore", "VariableType", "VariableUpdate"]
+
+#: ``VariableUpdate.kind``: the value when watching began, a change, or the deletion.
+UpdateKind = Literal["initial", "change", "delete"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch: no trailing "\n"
 _ids = itertools.count(1)
 
 
+@public_module
 @dataclass(frozen=True)
 class Variable:
     """A snapshot of one variable.
@@ -60,7 +65,7 @@ class Variable:
 
     id: str
     name: str
-    type: str
+    type: VariableType
     value: Any
     constraints: Mapping[str, Any]
     metadata: Mapping[str, Any]
@@ -76,6 +81,7 @@ class Variable:
         return self.optimizer_id is not None
 
 
+@public_module
 @dataclass(frozen=True)
 class HistoryEntry:
     """One past value of a variable: the value it had at ``version``."""
@@ -86,6 +92,7 @@ class HistoryEntry:
     source: str
 
 
+@public_module
 @dataclass(frozen=True)
 class VariableUpdate:
     """One notification from :meth:`StateBackend.watch`.
@@ -101,7 +108,7 @@ class VariableUpdate:
     new_value: Any
     version: int
     source: str
-    kind: str
+    kind: UpdateKind
     timestamp: float
     coalesced: int = 0
 
@@ -195,7 +202,7 @@ class VariableStore:
         stored_metadata = self._check_metadata(name, metadata)
         now = self._clock()
         variable = Variable(
-            id=f"var_{next(_ids)}", name=name, type=type_name, value=value, constraints=normalized,
+            id=f"var_{next(_ids)}", name=name, type=cast(VariableType, type_name), value=value, constraints=normalized,
             metadata=stored_metadata, version=0, created_at=now, updated_at=now, source=source,
         )
         slot = _Slot(variable, collections.deque(maxlen=self.history_limit))

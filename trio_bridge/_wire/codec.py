@@ -212,7 +212,7 @@ def _prepare_dict(value: dict[Any, Any], out: _Out) -> Any:
     return items
 
 
-def _prepare_array(array: Any, out: _Out) -> dict[str, Any]:
+def _prepare_array(array: Any, out: _Out) -> dict[str, Any] | None:
     dtype = array.dtype
     if dtype.hasobject:
         raise _PathError("numpy arrays of dtype object are not serializable (they would need pickle)")

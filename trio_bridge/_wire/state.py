@@ -6,9 +6,9 @@ pool's).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+from trio_bridge._state.variables import HistoryEntry, UpdateKind, Variable, VariableType, VariableUpdate
 from trio_bridge._wire.codec import DEFAULT_PLANE, decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
@@ -24,7 +24,7 @@ def variable_to_wire(v: Variable, plane: Any = DEFAULT_PLANE) -> pb.Variable:
 
 def variable_from_wire(m: pb.Variable, plane: Any = DEFAULT_PLANE) -> Variable:
     return Variable(
-        id=m.id, name=m.name, type=m.type, value=decode(m.value, plane=plane), constraints=decode(m.constraints) or {},
+        id=m.id, name=m.name, type=cast(VariableType, m.type), value=decode(m.value, plane=plane), constraints=decode(m.constraints) or {},
         metadata=decode(m.metadata) or {}, version=m.version, created_at=m.created_at, updated_at=m.updated_at,
         source=m.source, optimizer_id=m.optimizer_id or None, depends_on=tuple(m.depends_on),
     )
@@ -48,5 +48,5 @@ def update_to_wire(u: VariableUpdate, plane: Any = DEFAULT_PLANE) -> pb.Variable
 def update_from_wire(m: pb.VariableUpdate, plane: Any = DEFAULT_PLANE) -> VariableUpdate:
     return VariableUpdate(
         name=m.name, old_value=decode(m.old_value, plane=plane), new_value=decode(m.new_value, plane=plane), version=m.version,
-        source=m.source, kind=m.kind, timestamp=m.timestamp, coalesced=m.coalesced,
+        source=m.source, kind=cast(UpdateKind, m.kind), timestamp=m.timestamp, coalesced=m.coalesced,
     )

@@ -22,7 +22,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from trio_bridge._errors import EncodeError, InvalidArgumentError
 from trio_bridge._wire.codec import encode, short_repr
@@ -252,7 +252,7 @@ def _strict_scalars(annotation: Any) -> Any:
             return typing.Union[tuple(_strict_scalars(arg) for arg in args)]  # noqa: UP007
         if origin in _CONTAINERS:
             new = tuple(arg if arg is Ellipsis else _strict_scalars(arg) for arg in args)
-            return origin[new if len(new) > 1 else new[0]]
+            return cast(Any, origin)[new if len(new) != 1 else new[0]]  # args is not empty
     except Exception:
         pass
     return annotation

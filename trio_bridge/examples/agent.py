@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from trio_bridge.worker import Adapter, SessionContext, tool
@@ -35,7 +36,7 @@ async def lookup(word: str, limit: int = 5) -> list[str]:
     return INDEX.get(word, [])[:limit]
 
 
-async def tail(n: int):
+async def tail(n: int) -> AsyncIterator[dict[str, Any]]:
     """Stream the host's last ``n`` log lines."""
     import trio
 
@@ -46,7 +47,7 @@ async def tail(n: int):
 
 class Researcher(Adapter):
     @tool
-    def research(self, ctx: SessionContext, topic: str) -> dict:
+    def research(self, ctx: SessionContext, topic: str) -> dict[str, Any]:
         """Research a topic with the host's index, another worker's scoring, and the host's log.
 
         Args:
@@ -59,7 +60,7 @@ class Researcher(Adapter):
                 "researcher_pid": os.getpid(), "scorer_pid": scored["pid"], "host_log": log}
 
     @tool
-    def score(self, words: list[str]) -> dict:
+    def score(self, words: list[str]) -> dict[str, Any]:
         """Rank words by a (toy) relevance score: shorter and rarer letters first."""
         rare = set("qxzjkvbw")
         ranked = sorted(words, key=lambda w: (-sum(c in rare for c in w), len(w), w))

@@ -10,6 +10,9 @@ host can fan batches out across all workers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, cast
+
 import numpy as np
 
 from trio_bridge.worker import Adapter, SessionContext, tool
@@ -18,22 +21,31 @@ _SEED = 0
 
 
 class Digits(Adapter):
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
     def setup(self) -> None:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        data = load_digits()
+        data: Any = load_digits()  # a Bunch
         images = data.images.astype(np.float32)  # (1797, 8, 8), pixel values 0..16
         labels = data.target.astype(np.int64)
-        x_train, self.x_test, y_train, self.y_test = train_test_split(
+        x_train, self.x_test, y_train, self.y_test = cast("list[np.ndarray]", train_test_split(
             images, labels, test_size=0.2, random_state=_SEED, stratify=labels
-        )
-        self.x_train, self.x_val, self.y_train, self.y_val = train_test_split(
+        ))
+        self.x_train, self.x_val, self.y_train, self.y_val = cast("list[np.ndarray]", train_test_split(
             x_train, y_train, test_size=0.15, random_state=_SEED, stratify=y_train
-        )
+        ))
 
     @tool
-    def train(self, ctx: SessionContext, epochs: int = 30, learning_rate: float = 0.05, hidden: int = 64, batch_size: int = 32):
+    def train(
+        self, ctx: SessionContext, epochs: int = 30, learning_rate: float = 0.05, hidden: int = 64, batch_size: int = 32
+    ) -> Iterator[dict[str, Any]]:
         """Train an MLP on the training split, yielding progress once per epoch.
 
         Args:
@@ -77,12 +89,12 @@ class Digits(Adapter):
         yield {"model": model}
 
     @tool
-    def held_out(self) -> dict:
+    def held_out(self) -> dict[str, np.ndarray]:
         """The test split, never used in training: ``{"images": (n, 8, 8) float32, "labels": (n,) int64}``."""
         return {"images": self.x_test, "labels": self.y_test}
 
     @tool
-    def predict(self, images: np.ndarray, model: dict) -> np.ndarray:
+    def predict(self, images: np.ndarray, model: dict[Any, Any]) -> np.ndarray:
         """Classify a batch of 8x8 images.
 
         Args:

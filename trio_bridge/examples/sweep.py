@@ -23,7 +23,7 @@ VOCABULARY = {"small": 32, "large": 256}
 
 class Sampler(Adapter):
     @tool
-    def sample(self, ctx: SessionContext, prompt: str, tokens: int = 256) -> dict:
+    def sample(self, ctx: SessionContext, prompt: str, tokens: int = 256) -> dict[str, Any]:
         """Sample ``tokens`` token ids for ``prompt`` at the session's temperature.
 
         Returns:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from trio_bridge._wire.tool_spec import ToolDefinition, define_tool
 
 __all__ = ["Adapter", "collect_tools", "load_adapter_class", "tool"]
 
 _MARKER = "__trio_bridge_tool__"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Adapter:
@@ -51,17 +52,22 @@ class Adapter:
         May also be ``async def``. Runs on the worker's event loop: keep it quick."""
 
 
+@overload
+def tool(function: F) -> F: ...
+@overload
+def tool(function: None = None, *, name: str | None = None, description: str | None = None) -> Callable[[F], F]: ...
 def tool(
-    function: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None
-) -> Any:
-    """Mark an adapter method as a tool. Use as ``@tool`` or ``@tool(name=..., description=...)``.
+    function: F | None = None, *, name: str | None = None, description: str | None = None
+) -> F | Callable[[F], F]:
+    """Mark an adapter method as a tool. Use as ``@tool`` or ``@tool(name=..., description=...)``;
+    the function is returned unchanged (with its type).
 
     Args:
         name: the tool's name (default: the method's name).
         description: what it does (default: the first paragraph of the docstring).
     """
 
-    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def mark(fn: F) -> F:
         setattr(fn, _MARKER, {"name": name or fn.__name__, "description": description})
         return fn
 

@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, final
 
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError, VariableNotFoundError
+from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+from trio_bridge._util import NoPublicConstructor
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge.worker._host_client import DEFAULT_WATCH_BUFFER, SessionInfo
@@ -24,8 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["Optimization", "SessionContext", "SessionInfo"]
 
 
-class SessionContext:
-    """Per-call context handed to a tool.
+@final
+class SessionContext(metaclass=NoPublicConstructor):
+    """Per-call context handed to a tool (made by the worker, not by users).
 
     Attributes:
         session_id: the session the call belongs to (``""`` outside a session).
@@ -54,9 +57,9 @@ class SessionContext:
         link: SessionLink | None = None,
         host: HostClient | None = None,
     ) -> None:
-        self.session_id = session_id
-        self.call_id = call_id
-        self.deadline = deadline
+        self.session_id: Final[str] = session_id
+        self.call_id: Final[str] = call_id
+        self.deadline: Final[float | None] = deadline
         self._cancelled = threading.Event()
         self._link = link
         self._host = host
@@ -91,7 +94,7 @@ class SessionContext:
     def variables(self) -> Variables:
         """The session's variables as a mapping of name -> value; assigning an item sets the
         variable (sync tools only: async tools ``await ctx.aset_variable(...)``)."""
-        return Variables(self)
+        return Variables._create(self)
 
     def get_variable(self, name: str, *, fresh: bool = False) -> Variable:
         """The variable (``.value``, ``.version``, ``.type``, ...) by name or id, as of the
@@ -167,11 +170,11 @@ class SessionContext:
         """:meth:`set_variable` for async tools."""
         return await self._session().set_variable(name, value, expected_version)
 
-    def register_variable(self, name: str, type: str, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Variable:
+    def register_variable(self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Variable:
         """Register a new variable in the session. Sync tools only."""
         return self._blocking(self._session().register_variable(name, type, value, constraints, metadata))
 
-    async def aregister_variable(self, name: str, type: str, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Variable:
+    async def aregister_variable(self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> Variable:
         """:meth:`register_variable` for async tools."""
         return await self._session().register_variable(name, type, value, constraints, metadata)
 
@@ -234,7 +237,7 @@ class SessionContext:
         # taken on the host with its reply lost would stay held.
         self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
         try:
-            yield Optimization(self, name, optimizer_id)
+            yield Optimization._create(self, name, optimizer_id)
         finally:
             try:  # not cancelled with the call: the lock must not outlive the block
                 self._blocking(link.set_optimization(name, optimizer_id, active=False), cancellable=False)
@@ -256,7 +259,7 @@ class SessionContext:
                 await _shielded(link.set_optimization(name, optimizer_id, active=False))
             raise
         try:
-            yield Optimization(self, name, optimizer_id)
+            yield Optimization._create(self, name, optimizer_id)
         finally:
             try:
                 await _shielded(link.set_optimization(name, optimizer_id, active=False))
@@ -362,11 +365,11 @@ class SessionContext:
         """The host tools as functions: ``ctx.host_tools.lookup(word="cat")``, each with the
         tool's ``__doc__`` and ``__signature__``; ``ctx.host_tools["name.with.dots"]`` works too.
         Sync tools only (listing them is a round trip); async tools ``await ctx.ahost_tools()``."""
-        return HostTools(self, self._blocking(self._client().list_host_tools(self.session_id)), asynchronous=False)
+        return HostTools._create(self, self._blocking(self._client().list_host_tools(self.session_id)), asynchronous=False)
 
     async def ahost_tools(self) -> HostTools:
         """:attr:`host_tools` for async tools: its functions are coroutine functions."""
-        return HostTools(self, await self._client().list_host_tools(self.session_id), asynchronous=True)
+        return HostTools._create(self, await self._client().list_host_tools(self.session_id), asynchronous=True)
 
     def _request(self, name: str, arguments: dict[str, Any]) -> pb.ExecuteToolRequest:
         remaining = self.time_remaining()
@@ -415,7 +418,8 @@ class SessionContext:
         return f"<SessionContext session={self.session_id!r} call={self.call_id!r} {state}>"
 
 
-class Optimization:
+@final
+class Optimization(metaclass=NoPublicConstructor):
     """The holder's handle inside :meth:`SessionContext.optimizing` (or ``aoptimizing``): its
     writes pass the lock.
 
@@ -428,8 +432,8 @@ class Optimization:
 
     def __init__(self, ctx: SessionContext, name: str, optimizer_id: str) -> None:
         self._ctx = ctx
-        self.name = name
-        self.optimizer_id = optimizer_id
+        self.name: Final[str] = name
+        self.optimizer_id: Final[str] = optimizer_id
 
     def __repr__(self) -> str:
         return f"<Optimization {self.name!r} by {self.optimizer_id!r}>"
@@ -468,7 +472,8 @@ def _newest(entries: list[HistoryEntry], limit: int | None) -> list[HistoryEntry
     return entries[len(entries) - limit:] if limit else []
 
 
-class HostTools:
+@final
+class HostTools(metaclass=NoPublicConstructor):
     """``ctx.host_tools``: the host tools this call can see, as functions."""
 
     def __init__(self, ctx: SessionContext, specs: list[pb.ToolSpec], *, asynchronous: bool) -> None:
@@ -498,7 +503,8 @@ def _proxy(ctx: SessionContext, spec: pb.ToolSpec, asynchronous: bool) -> Any:
         function = ctx.acall_host_tool if asynchronous else ctx.call_host_tool
 
     if asynchronous and not spec.streaming:
-        async def proxy(**arguments: Any) -> Any:
+        # One of two definitions by design (the other one is sync).
+        async def proxy(**arguments: Any) -> Any:  # pyright: ignore[reportRedeclaration]
             return await function(spec.name, **arguments)
     else:
         def proxy(**arguments: Any) -> Any:
@@ -519,7 +525,8 @@ def _proxy(ctx: SessionContext, spec: pb.ToolSpec, asynchronous: bool) -> Any:
     return proxy
 
 
-class Variables(Mapping[str, Any]):
+@final
+class Variables(Mapping[str, Any], metaclass=NoPublicConstructor):
     """``ctx.variables``: name -> value of the session's variables as of the call's start."""
 
     __slots__ = ("_ctx",)
@@ -544,3 +551,13 @@ class Variables(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"<Variables {dict(self)!r}>"
+
+
+def cancel_call(ctx: SessionContext) -> None:
+    """For the worker runtime: the call was cancelled, or its deadline passed (``ctx.cancelled``)."""
+    ctx._cancel()
+
+
+async def end_call(ctx: SessionContext) -> None:
+    """For the worker runtime: the call is over; close the watches its tool left open."""
+    await ctx._close_watches()

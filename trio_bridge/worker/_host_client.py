@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._wire.codec import decode, encode
@@ -16,6 +16,9 @@ from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_from_wire, update_from_wire, variable_from_wire
 from trio_bridge._wire.transport import open_channel
+
+if TYPE_CHECKING:
+    from grpclib.client import Channel
 
 
 def raise_for(error: pb.ErrorInfo | None) -> None:
@@ -53,13 +56,13 @@ class HostClient:
     """Calls to the host, from the worker's event loop."""
 
     def __init__(self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.channel = open_channel(address)
-        self.metadata = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
-        self.stub = pb.HostServiceStub(self.channel, metadata=self.metadata)
-        self.loop = loop
-        self.worker_id = worker_id
+        self.channel: Channel = open_channel(address)
+        self.metadata: dict[str, str] = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
+        self.stub: pb.HostServiceStub = pb.HostServiceStub(self.channel, metadata=self.metadata)
+        self.loop: asyncio.AbstractEventLoop = loop
+        self.worker_id: str = worker_id
         self.caches: dict[str, SessionCache] = {}
-        self.refreshes = 0  # round trips made to refresh caches (for tests and benchmarks)
+        self.refreshes: int = 0  # round trips made to refresh caches (for tests and benchmarks)
 
     def close(self) -> None:
         self.channel.close()
@@ -90,7 +93,7 @@ class HostClient:
             raise exception_from(reply.error, request.tool_name)
         return decode(reply.result)
 
-    async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncIterator[list[Any]]:
+    async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncGenerator[list[Any], None]:
         """The host tool's chunks, a message's worth (a list) at a time."""
         async for batch in self.stub.execute_streaming_host_tool(request):
             if batch.chunks:
@@ -109,10 +112,10 @@ class SessionLink:
     """One session, seen from a tool: its cache and the calls that change it."""
 
     def __init__(self, client: HostClient, session_id: str, cache: SessionCache) -> None:
-        self.client = client
-        self.session_id = session_id
-        self.cache = cache
-        self.loop = client.loop
+        self.client: HostClient = client
+        self.session_id: str = session_id
+        self.cache: SessionCache = cache
+        self.loop: asyncio.AbstractEventLoop = client.loop
 
     def _absorb(self, reply: pb.VariableReply, *, versioned: bool = True) -> list[Variable]:
         """The variables of a write's reply, into the cache (read-your-writes). ``versioned``:

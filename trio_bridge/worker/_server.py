@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -47,7 +48,7 @@ from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tool_spec import ToolDefinition, tool_spec
 from trio_bridge._wire.transport import new_server, parse_address
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
-from trio_bridge.worker._context import SessionContext
+from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient
 from trio_bridge.worker._lifeline import start_lifeline
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
@@ -105,7 +106,7 @@ class WorkerService(pb.WorkerServiceBase):
         arguments = definition.check_arguments(arguments)
         deadline = time.monotonic() + request.timeout_seconds if request.timeout_seconds > 0 else None
         link = self.host.link(request.session_id) if request.session_id and self.host is not None else None
-        ctx = SessionContext(request.session_id, request.call_id, deadline, link, self.host)
+        ctx = SessionContext._create(request.session_id, request.call_id, deadline, link, self.host)
         if definition.context_parameter:
             arguments[definition.context_parameter] = ctx
         self.active[request.call_id] = ctx
@@ -127,7 +128,7 @@ class WorkerService(pb.WorkerServiceBase):
 
     def _watch_deadline(self, ctx: SessionContext) -> asyncio.TimerHandle | None:
         remaining = ctx.time_remaining()
-        return None if remaining is None else self._loop.call_later(max(remaining, 0), ctx._cancel)
+        return None if remaining is None else self._loop.call_later(max(remaining, 0), cancel_call, ctx)
 
     # ---- RPCs ----
     async def ping(self, message: pb.PingRequest) -> pb.PingResponse:
@@ -178,19 +179,19 @@ class WorkerService(pb.WorkerServiceBase):
                     else:
                         result = await definition.function(**arguments)
                 except asyncio.CancelledError:
-                    ctx._cancel()
+                    cancel_call(ctx)
                     raise
                 except Exception as exc:
                     if isinstance(exc, TimeoutError) and scope.expired():
                         raise
                     return pb.ExecuteToolResponse(error=_tool_failure(exc))
         except TimeoutError:
-            ctx._cancel()
+            cancel_call(ctx)
             return pb.ExecuteToolResponse(error=_deadline_error())
         finally:
             if timer is not None:
                 timer.cancel()
-            await ctx._close_watches()
+            await end_call(ctx)
             if not released_by_thread:
                 self._release(message.call_id)
         try:
@@ -253,16 +254,16 @@ class WorkerService(pb.WorkerServiceBase):
                     if finished:
                         return
         except TimeoutError:
-            ctx._cancel()
+            cancel_call(ctx)
             await stream.send_message(pb.ToolChunkBatch(error=_deadline_error()))
         except asyncio.CancelledError:
-            ctx._cancel()
+            cancel_call(ctx)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
             await source.aclose()
-            await ctx._close_watches()
+            await end_call(ctx)
             if definition.kind == "async_generator":
                 self._release(call_id)
 
@@ -383,7 +384,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         adapter = cls()
         adapter.options = json.loads(os.environ.get(ADAPTER_OPTIONS_ENV) or "{}")
-        result = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)
+        result: Any = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)  # setup may be async def
         if asyncio.iscoroutine(result):
             await result
         host_address = os.environ.get(HOST_ADDRESS_ENV)
@@ -405,8 +406,10 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.start(path=where)
         address = args.listen
     else:
-        await server.start(host=where, port=port)
-        bound = server._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        family = socket.AF_INET6 if ":" in where else socket.AF_INET
+        listener = socket.create_server((where, port), family=family)  # bound here, so the port is known
+        bound = listener.getsockname()
+        await server.start(sock=listener)
         address = f"tcp:{bound[0]}:{bound[1]}"
     sys.stdout.write(READY_PREFIX + address + "\n")
     sys.stdout.flush()

@@ -1,0 +1,132 @@
+"""The public API as users and type checkers see it (after trio's ``_tests/test_exports.py``):
+every exported name resolves, exported classes show their public module, classes the library
+makes cannot be constructed by users, and the package's type completeness stays high."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import pickle
+import subprocess
+import sys
+import types
+
+import pytest
+
+import trio_bridge
+import trio_bridge.worker
+from trio_bridge._util import NoPublicConstructor
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PUBLIC_MODULES = [trio_bridge, trio_bridge.worker]
+MIN_COMPLETENESS = 0.95
+
+
+def _exports() -> list[tuple[types.ModuleType, str]]:
+    return [(module, name) for module in PUBLIC_MODULES for name in module.__all__]
+
+
+def _exported_classes() -> list[tuple[types.ModuleType, type]]:
+    found = []
+    for module, name in _exports():
+        value = getattr(module, name)
+        if isinstance(value, type):
+            found.append((module, value))
+    return found
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES, ids=lambda m: m.__name__)
+def test_all_has_unique_public_names(module: types.ModuleType) -> None:
+    assert len(set(module.__all__)) == len(module.__all__)
+    assert all(isinstance(name, str) and not name.startswith("_") for name in module.__all__)
+
+
+@pytest.mark.parametrize(("module", "name"), _exports(), ids=lambda x: getattr(x, "__name__", x))
+def test_every_exported_name_resolves(module: types.ModuleType, name: str) -> None:
+    assert getattr(module, name) is not None
+    namespace: dict[str, object] = {}
+    exec(f"from {module.__name__} import {name}", namespace)  # the way users import it
+    assert namespace[name] is getattr(module, name)
+
+
+def test_lazy_names_are_the_real_objects() -> None:
+    """``trio_bridge.__getattr__`` hands out the objects its TYPE_CHECKING imports name."""
+    lazy = trio_bridge._LAZY
+    assert set(lazy) <= set(trio_bridge.__all__)
+    for name, module_name in lazy.items():
+        assert getattr(trio_bridge, name) is getattr(importlib.import_module(module_name), name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        trio_bridge.nope  # noqa: B018
+
+
+@pytest.mark.parametrize(("module", "cls"), _exported_classes(), ids=lambda x: getattr(x, "__name__", x))
+def test_exported_classes_show_the_public_module(module: types.ModuleType, cls: type) -> None:
+    assert cls.__module__ == module.__name__, f"{cls.__qualname__}: apply trio_bridge._util.public_module"
+    assert getattr(sys.modules[cls.__module__], cls.__qualname__) is cls
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+NO_PUBLIC_CONSTRUCTOR = {
+    "trio_bridge.Pool",
+    "trio_bridge.Session",
+    "trio_bridge.Optimization",
+    "trio_bridge.worker.SessionContext",
+    "trio_bridge.worker.Optimization",
+}
+
+
+def test_library_made_classes_have_no_public_constructor() -> None:
+    found = {f"{module.__name__}.{cls.__qualname__}" for module, cls in _exported_classes() if isinstance(cls, NoPublicConstructor)}
+    assert found == NO_PUBLIC_CONSTRUCTOR
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        trio_bridge.Pool,
+        trio_bridge.Session,
+        trio_bridge.Optimization,
+        trio_bridge.worker.SessionContext,
+        trio_bridge.worker.Optimization,
+        importlib.import_module("trio_bridge.worker._context").Variables,
+        importlib.import_module("trio_bridge.worker._context").HostTools,
+    ],
+    ids=lambda c: c.__qualname__,
+)
+def test_no_public_constructor_raises(cls: type) -> None:
+    with pytest.raises(TypeError, match="no public constructor"):
+        cls()
+    with pytest.raises(TypeError, match="no public constructor"):
+        cls("a", b=1)
+
+
+def test_tool_returns_the_function() -> None:
+    def f(self: object, x: int) -> int:
+        return x
+
+    assert trio_bridge.worker.tool(f) is f
+    assert trio_bridge.worker.tool(description="d")(f) is f
+
+
+def test_type_completeness() -> None:
+    """``pyright --verifytypes``: the public API is typed (exported symbols with known types)."""
+    pyright = pathlib.Path(sys.executable).parent / "pyright"
+    if not pyright.exists():
+        pytest.fail(f"pyright is not installed next to {sys.executable} (pip install -e '.[dev]')")
+    run = subprocess.run(
+        [str(pyright), "--verifytypes", "trio_bridge", "--ignoreexternal", "--outputjson"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    try:
+        report = json.loads(run.stdout)
+    except ValueError:
+        pytest.fail(f"pyright gave no JSON report (exit code {run.returncode}):\n{run.stdout}\n{run.stderr}")
+    completeness = report["typeCompleteness"]
+    score = completeness["completenessScore"]
+    incomplete = sorted(
+        symbol["name"] for symbol in completeness["symbols"] if symbol["isExported"] and not symbol["isTypeKnown"]
+    )
+    assert score >= MIN_COMPLETENESS, (
+        f"type completeness {score:.1%} < {MIN_COMPLETENESS:.0%}; not fully typed: {', '.join(incomplete)}"
+    )

@@ -1,0 +1,137 @@
+"""The tree stays easy to walk: no import circles, no module reaching into another's private
+names, and the worker side stays import-light."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "trio_bridge"
+
+# Deliberate, documented reaches into third-party internals: (file, expression).
+ALLOWED_PRIVATE = {
+    ("_host/_aio.py", "grpclib.utils._current_task"),  # the 3.12+ workaround, see its docstring
+    ("_host/_aio.py", "self.loop._main_loop"),  # restarting a stopped trio-asyncio loop, see its docstring
+}
+
+
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        if "generated" in path.parts:
+            continue
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = ast.parse(path.read_text(), str(path))
+    return found
+
+
+def _runtime_imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """trio_bridge modules imported when ``name`` is imported (not under ``if TYPE_CHECKING``)."""
+    imported: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return  # imported lazily, when called
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trio_bridge"):
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                imported.add(full if full in known else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for statement in tree.body:
+        visit(statement)
+    imported.discard(name)
+    return imported
+
+
+def test_no_import_circles():
+    modules = _modules()
+    graph = {name: _runtime_imports(name, tree, set(modules)) for name, tree in modules.items()}
+    # A package imports its parent packages implicitly; ignore edges to ancestors.
+    graph = {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                cycle = [*stack[stack.index(dep):], dep]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if dep not in state:
+                walk(dep)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name)
+
+
+def _is_module(dotted: str) -> bool:
+    """Importing a private module of the package is fine; importing a module's private name is not."""
+    path = PACKAGE.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _private_names_defined(tree: ast.Module) -> set[str]:
+    """Private attribute names a module's own classes define (``self._x = ...``, ``def _x``, ``_x: T``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("_"):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr.startswith("_"):
+            names.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id.startswith("_"):
+            names.add(node.target.id)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.Assign):
+                    names.update(t.id for t in item.targets if isinstance(t, ast.Name) and t.id.startswith("_"))
+    return names
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    offences = []
+    for path in PACKAGE.rglob("*.py"):
+        if "generated" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        own = _private_names_defined(tree)
+        relative = str(path.relative_to(PACKAGE))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trio_bridge"):
+                offences += [
+                    f"{relative}:{node.lineno}: imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__") and not _is_module(f"{node.module}.{a.name}")
+                ]
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+                continue
+            expression = ast.unparse(node)
+            if node.attr == "_create" or node.attr in own or (relative, expression) in ALLOWED_PRIVATE:
+                continue  # NoPublicConstructor's way in; this module's own classes; documented reaches
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "os", "sys"):
+                continue  # inherited names; os._exit and friends are public
+            offences.append(f"{relative}:{node.lineno}: {expression}")
+    assert not offences, "\n".join(offences)
+
+
+def test_the_worker_side_does_not_import_trio():
+    code = (
+        "import sys, trio_bridge.worker, trio_bridge.worker._server; "
+        "print(sorted(m for m in ('trio', 'trio_asyncio') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,647 @@
+"""Fake workers: test code that uses a pool, without worker processes.
+
+:func:`open_fake_pool` yields a real :class:`~trio_bridge.Pool` -- the same dispatcher,
+supervisor, calls, sessions and statistics -- whose workers are in-memory fakes running plain
+Python functions as tools, in Trio, on Trio's clock. A test can kill a worker, make it stop
+answering, or make starts fail, and run on ``trio.testing.MockClock(autojump_threshold=0)``
+(pytest-trio's ``autojump_clock`` fixture), so restarts, backoffs, health checks and TTLs cost
+no real time::
+
+    from trio_bridge.testing import open_fake_pool
+
+    async def test_retry(autojump_clock):
+        async with open_fake_pool({"add": lambda a, b=2: a + b}, size=2) as (pool, workers):
+            assert await pool.execute("add", {"a": 1}) == 3
+            workers.kill(0)                      # slot 0's worker dies; the pool restarts it
+            await workers.wait_started(3)        # two at start, one replacement
+
+What the fakes do not have: a process (``pid`` is ``None``), the wire (arguments and results
+are still encoded and decoded, so unencodable values fail as they would), shared memory, and
+the worker side of sessions (tools get a :class:`FakeContext`, not a ``SessionContext``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import signal
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, TypeVar, cast
+
+import trio
+
+from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
+from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
+from trio_bridge._host._tools import run_host_tool
+from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
+from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import WIRE_VERSION, __version__
+from trio_bridge._wire.errors import DEADLINE_EXCEEDED, SHUTTING_DOWN, TOOL_ERROR, error_info, exception_from
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.tool_spec import ToolDefinition, define_tool, tool_spec
+
+__all__ = [
+    "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "StartAttempt", "open_fake_pool", "stubborn",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+FAKE_ADAPTER = "trio_bridge.testing:FakeWorker"
+_DEADLINE_SLACK = 0.5  # seconds, as in the real worker: the host's own cancel normally arrives first
+# open_pool options that only concern processes: accepted, and without effect on fakes.
+_PROCESS_OPTIONS = frozenset({
+    "transport", "python", "env", "adapter_options", "shared_memory_threshold", "heartbeat_interval",
+})
+
+
+def stubborn(function: F) -> F:
+    """Mark a tool as one that ignores cancellation: cancelling its call (or its deadline) does
+    not stop it (like a ``time.sleep`` in a real worker's thread), so the worker keeps listing
+    the call as active until the tool returns; :attr:`FakeContext.cancelled` is still set.
+    Returns ``function``."""
+    function.__trio_bridge_stubborn__ = True  # type: ignore[attr-defined]
+    return function
+
+
+class FakeContext:
+    """What a fake tool gets in a parameter annotated ``FakeContext``.
+
+    Attributes:
+        worker_id: the id of the fake worker running the call.
+        call_id: the call's id.
+        session_id: the call's session (``""`` outside a session).
+        cancelled: set when the host cancelled the call.
+    """
+
+    def __init__(self, worker: FakeWorker, call_id: str, session_id: str) -> None:
+        self.worker_id: str = worker.id
+        self.call_id: str = call_id
+        self.session_id: str = session_id
+        self.cancelled: trio.Event = trio.Event()
+        self._workers = worker._workers
+
+    async def call_host_tool(self, name: str, /, **arguments: Any) -> Any:
+        """Call a host tool registered on the pool, as a worker's ``ctx.acall_host_tool`` does:
+        the call is parked meanwhile (the pool's re-entrancy guard sees it).
+
+        Raises:
+            ToolNotFoundError, InvalidArgumentError: no such host tool, or wrong arguments.
+            ToolError: the host tool raised (e.g. ``remote_type == "PoolSaturatedError"``).
+        """
+        parts = self._workers.parts
+        tool = parts.tools.host_tool(name, self.session_id)
+        checked = tool.definition.check_arguments(arguments)
+        with parts.calls.parked(self.call_id):
+            try:
+                return await run_host_tool(tool, checked)
+            except Exception as exc:
+                raise exception_from(error_info(exc, kind=TOOL_ERROR), name) from None
+
+    async def call_tool(self, name: str, /, **arguments: Any) -> Any:
+        """Call a tool of any worker of the pool, routed by the host in this call's session, as a
+        worker's ``ctx.call_tool`` does (parked meanwhile)."""
+        parts = self._workers.parts
+        route = parts.route_for(self.session_id) if self.session_id else None
+        with parts.calls.parked(self.call_id):
+            return await parts.calls.execute(name, arguments, route)
+
+
+@dataclass(frozen=True)
+class StartAttempt:
+    """One start of a fake worker: ``at`` is ``trio.current_time()`` when its handle was made;
+    ``failed`` whether it failed to start."""
+
+    worker_id: str
+    slot: int
+    at: float
+    failed: bool
+
+
+class FakeWorkers:
+    """The test's handle on a fake pool's workers (from :func:`open_fake_pool`).
+
+    Attributes:
+        start_delay: seconds (Trio clock) a worker takes to become ready; may be changed.
+        attempts: every start so far, in order.
+        made: every fake worker made so far, in order.
+    """
+
+    def __init__(self, tools: Mapping[str, Callable[..., Any]], *, concurrency: int, start_delay: float, startup_timeout: float) -> None:
+        self.start_delay: float = start_delay
+        self.attempts: list[StartAttempt] = []
+        self.made: list[FakeWorker] = []
+        self._definitions = {name: _define(name, fn) for name, fn in tools.items()}
+        self._specs = [tool_spec(d) for d in self._definitions.values()]
+        self._spec = WorkerSpec(
+            adapter=FAKE_ADAPTER, python="", concurrency=concurrency, transport="fake", socket_dir="", secret="",
+            host_address="", env={}, startup_timeout=startup_timeout, heartbeat_interval=0.0,
+        )
+        self._failures_left: float = 0
+        self._failure = ("", 1)
+        self._started = 0
+        self._changed = trio.Event()
+        self._parts: PoolParts | None = None
+
+    @property
+    def parts(self) -> PoolParts:
+        """The running pool's parts (what the fake workers' calls back to the host use)."""
+        assert self._parts is not None, "the fake pool is not running"
+        return self._parts
+
+    def fail_starts(self, times: float = math.inf, *, message: str = "the adapter's setup() failed", exit_code: int = 1) -> None:
+        """Make the next ``times`` starts fail (default: every one until :meth:`allow_starts`),
+        each exiting with ``exit_code`` and ``message`` as its stderr tail."""
+        self._failures_left = times
+        self._failure = (message, exit_code)
+
+    def allow_starts(self) -> None:
+        """Let starts succeed again."""
+        self._failures_left = 0
+
+    def worker(self, slot: int) -> FakeWorker:
+        """The current worker of ``slot``."""
+        return cast(FakeWorker, self.parts.supervisor.handles[slot])
+
+    def kill(self, slot: int, *, exit_code: int = -signal.SIGKILL, stderr: str = "") -> FakeWorker:
+        """The worker of ``slot`` dies by itself (not the pool's doing) with ``exit_code``
+        (``-N``: signal N); its calls fail with ``WorkerCrashedError``. Returns it."""
+        worker = self.worker(slot)
+        if stderr:
+            worker.stderr_tail.extend(stderr.splitlines())
+        worker._exit(exit_code)
+        return worker
+
+    def hang(self, slot: int) -> FakeWorker:
+        """The worker of ``slot`` stops answering (pings and new calls never return), as a
+        real worker whose event loop is blocked. Returns it."""
+        worker = self.worker(slot)
+        worker.hung = True
+        return worker
+
+    async def wait_started(self, count: int) -> FakeWorker:
+        """Wait until ``count`` workers in all have become ready over the pool's life; return
+        the latest."""
+        while self._started < count:
+            await self._changed.wait()
+        return [w for w in self.made if w.started_at is not None][-1]
+
+    # ---- for FakeWorker ----
+    def _new_worker(self, worker_id: str, slot: int) -> WorkerHandle:
+        worker = FakeWorker(worker_id, slot, self._spec, self)
+        self.made.append(worker)
+        return worker
+
+    def _next_start(self, worker: FakeWorker) -> tuple[str, int] | None:
+        failure = self._failure if self._failures_left > 0 else None
+        self._failures_left -= failure is not None
+        self.attempts.append(StartAttempt(worker.id, worker.slot, trio.current_time(), failure is not None))
+        return failure
+
+    def _started_one(self) -> None:
+        self._started += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+@dataclass(eq=False)
+class _Call:
+    context: FakeContext
+    stubborn: bool
+    scope: trio.CancelScope
+    done: trio.Event
+    reply: pb.ExecuteToolResponse | None = None
+
+
+class FakeWorker(WorkerHandle):
+    """A worker with no process: its tools are the Python functions given to
+    :func:`open_fake_pool`, run in the pool's Trio run. Made by the pool, not by users.
+
+    Attributes:
+        hung: it does not answer (see :meth:`FakeWorkers.hang`).
+        started_sessions: ``(session_id, metadata)`` of each session initialized on it.
+        ended_sessions: ids of the sessions it was told had ended.
+    """
+
+    # Set here as a real worker sets them (declared for type checkers: same types as the base's).
+    address: str
+    tools: dict[str, pb.ToolSpec]
+    started_at: float | None
+    exit_code: int | None
+
+    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, workers: FakeWorkers) -> None:
+        super().__init__(worker_id, slot, spec, None)
+        self.hung = False
+        self.started_sessions: list[tuple[str, Any]] = []
+        self.ended_sessions: list[str] = []
+        self._workers = workers
+        self._fake_stub = cast(pb.WorkerServiceStub, _FakeStub(self))
+        self._active: dict[str, _Call] = {}
+        self._idle = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.stderr_closed.set()
+
+    # ---- life cycle ----
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Become ready after ``start_delay`` seconds (or fail to), then serve until it dies."""
+        failure = self._workers._next_start(self)
+        self.address = f"fake:{self.id}"
+        try:
+            with trio.move_on_after(self.spec.startup_timeout) as timeout:
+                await trio.sleep(self._workers.start_delay)
+            if timeout.cancelled_caught:
+                self.kill("it was not ready in time")
+                raise self._start_error(f"printed no ready line within {self.spec.startup_timeout:g} s")
+            if failure is not None:
+                message, exit_code = failure
+                self.stderr_tail.extend(message.splitlines())
+                self._exit(exit_code)
+                raise self._start_error("exited before it was ready")
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.tools = {s.name: s for s in self._workers._specs}
+                self._enter(WorkerState.READY)
+                self.started_at = trio.current_time()
+                self._workers._started_one()
+                task_status.started()
+                await self.exited.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._exit(-signal.SIGTERM)  # stopped with its owner (a no-op if it already died)
+
+    def _start_error(self, message: str) -> WorkerStartError:
+        return WorkerStartError(
+            f"{message} (adapter {self.spec.adapter!r})", worker_id=self.id, pid=self.pid,
+            exit_code=self.exit_code, stderr_tail="\n".join(self.stderr_tail),
+        )
+
+    def _exit(self, exit_code: int) -> None:
+        """It is gone: calls on it fail with ``WorkerCrashedError``, its tools stop."""
+        if self.exited.is_set():
+            return
+        self.exit_code = exit_code
+        self._enter(WorkerState.DEAD)
+        self.exited.set()
+        for scope in list(self._call_scopes):
+            scope.cancel()
+        for call in self._active.values():
+            call.scope.cancel()  # stubborn or not: the process is gone
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def kill(self, reason: str) -> None:
+        """The pool stops it (SIGKILL); calls on it fail with ``WorkerCrashedError``."""
+        if self.alive:
+            self._death_reason = self._death_reason or reason
+            self._exit(-signal.SIGKILL)
+
+    async def shutdown(self, grace: float) -> None:
+        """Let its calls finish (at most ``grace`` seconds), then exit with status 0."""
+        if not self.accepting:
+            return
+        self._enter(WorkerState.DRAINING)
+        with trio.move_on_after(grace):
+            while self._active:
+                await self._idle.wait()
+        self._exit(0)
+
+    # ---- calls ----
+    async def call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[Any]]) -> Any:
+        """Run ``method(stub)`` against the fake stub, in Trio.
+
+        Raises:
+            WorkerCrashedError: it died during the call.
+        """
+        if not self.alive or self.state is WorkerState.STARTING:
+            raise self.crashed_error()
+        with trio.CancelScope() as scope:
+            self._call_scopes.add(scope)
+            try:
+                return await method(self._fake_stub)
+            finally:
+                self._call_scopes.discard(scope)
+        raise self.crashed_error()  # our scope was cancelled: it died mid-call
+
+    def open_stream(self, request: pb.ExecuteToolRequest) -> AbstractAsyncContextManager[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
+        """An async context manager yielding ``receive()`` for the tool's chunk batches (one chunk
+        each); ``receive()`` raises ``StopAsyncIteration`` at the end."""
+        if not self.alive or self.state is WorkerState.STARTING:
+            raise self.crashed_error()
+        return self._stream(request)
+
+    @asynccontextmanager
+    async def _stream(self, request: pb.ExecuteToolRequest) -> AsyncIterator[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
+        send, receive = trio.open_memory_channel[pb.ToolChunkBatch](0)
+        finished = trio.Event()
+        call = await self._begin(request, streaming=True, produce=lambda call, definition, arguments: self._produce(
+            call, definition, arguments, request.timeout_seconds, send, finished
+        ))
+        if isinstance(call, pb.ToolChunkBatch):
+            batches: list[pb.ToolChunkBatch] = [call]
+
+            async def refused() -> pb.ToolChunkBatch:
+                if batches:
+                    return batches.pop()
+                raise StopAsyncIteration
+
+            yield refused
+            return
+
+        async def next_batch() -> pb.ToolChunkBatch:
+            await self._wait_while_hung()
+            try:
+                return await receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                if not finished.is_set():
+                    raise self.crashed_error() from None
+                raise StopAsyncIteration from None
+
+        try:
+            yield next_batch
+        finally:
+            receive.close()
+            self._cancel(call)
+
+    async def _produce(
+        self, call: _Call, definition: ToolDefinition, arguments: dict[str, Any], timeout: float,
+        send: trio.MemorySendChannel[pb.ToolChunkBatch], finished: trio.Event,
+    ) -> None:
+        async with send:
+            chunks = definition.function(**arguments)
+            index = 0
+            try:
+                with trio.move_on_after(_deadline(call, timeout)) as deadline:
+                    try:
+                        while True:
+                            try:
+                                item = await anext(chunks) if definition.kind == "async_generator" else next(chunks)
+                            except (StopIteration, StopAsyncIteration):
+                                break
+                            await send.send(pb.ToolChunkBatch(chunks=[encode(item, path=f"chunk[{index}]")]))
+                            index += 1
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return  # the host left the stream
+                    except Exception as exc:
+                        await send.send(pb.ToolChunkBatch(error=_tool_failure(exc)))
+                if deadline.cancelled_caught:
+                    await send.send(pb.ToolChunkBatch(error=_deadline_error()))
+                finished.set()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if definition.kind == "async_generator":
+                        await chunks.aclose()
+                    else:
+                        chunks.close()
+
+    async def _execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
+            call, definition, arguments, request.timeout_seconds
+        ))
+        if isinstance(call, pb.ExecuteToolResponse):
+            return call
+        try:
+            await call.done.wait()
+        except BaseException:
+            self._cancel(call)
+            raise
+        assert call.reply is not None
+        return call.reply
+
+    async def _run_tool(self, call: _Call, definition: ToolDefinition, arguments: dict[str, Any], timeout: float) -> None:
+        with trio.move_on_after(_deadline(call, timeout)) as deadline:
+            try:
+                result = definition.function(**arguments)
+                if definition.kind == "async":
+                    result = await result
+            except Exception as exc:
+                call.reply = pb.ExecuteToolResponse(error=_tool_failure(exc))
+                return
+        if deadline.cancelled_caught:
+            call.reply = pb.ExecuteToolResponse(error=_deadline_error())
+            return
+        try:
+            call.reply = pb.ExecuteToolResponse(result=encode(result, path="result"))
+        except Exception as exc:
+            call.reply = pb.ExecuteToolResponse(error=error_info(exc))
+
+    async def _begin(
+        self, request: pb.ExecuteToolRequest, *, streaming: bool,
+        produce: Callable[[_Call, ToolDefinition, dict[str, Any]], Awaitable[None]],
+    ) -> Any:
+        """Check the call and start its tool in the worker's nursery; or the refusal to send."""
+        await self._wait_while_hung()
+        refusal = pb.ToolChunkBatch if streaming else pb.ExecuteToolResponse
+        try:
+            if self.state is not WorkerState.READY:
+                return refusal(error=error_info(RuntimeError("the worker is shutting down"), kind=SHUTTING_DOWN))
+            definition = self._workers._definitions.get(request.tool_name)
+            if definition is None:
+                raise ToolNotFoundError(request.tool_name, list(self._workers._definitions))
+            if definition.streaming != streaming:
+                hint = "pool.stream()" if definition.streaming else "pool.execute()"
+                kind = "a streaming" if definition.streaming else "not a streaming"
+                raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
+            arguments = definition.check_arguments(decode(request.arguments))
+        except Exception as exc:
+            return refusal(error=error_info(exc))
+        context = FakeContext(self, request.call_id, request.session_id)
+        if definition.context_parameter:
+            arguments[definition.context_parameter] = context
+        call = _Call(context, getattr(definition.function, "__trio_bridge_stubborn__", False), trio.CancelScope(), trio.Event())
+        self._active[request.call_id] = call
+        self._idle = trio.Event()
+
+        async def task() -> None:
+            try:
+                with call.scope:
+                    await produce(call, definition, arguments)
+            finally:
+                call.done.set()
+                self._active.pop(request.call_id, None)
+                if not self._active:
+                    self._idle.set()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(task)
+        return call
+
+    @staticmethod
+    def _cancel(call: _Call) -> None:
+        """The host cancelled the call: cancel its tool, unless that is stubborn (it runs in the
+        worker's nursery, so nothing else reaches it)."""
+        if call.done.is_set():
+            return
+        call.context.cancelled.set()
+        if not call.stubborn:
+            call.scope.cancel()
+
+    async def _wait_while_hung(self) -> None:
+        if self.hung:
+            await trio.sleep_forever()
+
+
+class _FakeStub:
+    """The worker service's RPCs, as Trio coroutines (what ``FakeWorker.call`` hands to ``method``)."""
+
+    def __init__(self, worker: FakeWorker) -> None:
+        self._worker = worker
+
+    async def execute_tool(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        return await self._worker._execute(request)
+
+    async def ping(self, request: pb.PingRequest) -> pb.PingResponse:
+        worker = self._worker
+        await worker._wait_while_hung()
+        uptime = trio.current_time() - (worker.started_at or trio.current_time())
+        return pb.PingResponse(pid=0, uptime_seconds=uptime, active_calls=list(worker._active))
+
+    async def initialize_session(self, request: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
+        await self._worker._wait_while_hung()
+        self._worker.started_sessions.append((request.session_id, decode(request.metadata)))
+        return pb.InitializeSessionResponse()
+
+    async def cleanup_session(self, request: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
+        await self._worker._wait_while_hung()
+        self._worker.ended_sessions.append(request.session_id)
+        return pb.CleanupSessionResponse()
+
+    async def describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
+        worker = self._worker
+        return pb.DescribeResponse(
+            adapter=worker.spec.adapter, tools=list(worker.tools.values()), pid=0, python_version="",
+            concurrency=worker.concurrency, trio_bridge_version=__version__, wire_version=WIRE_VERSION,
+        )
+
+    async def shutdown(self, request: pb.ShutdownRequest) -> pb.ShutdownResponse:
+        worker = self._worker
+        if worker._nursery is not None:
+            worker._nursery.start_soon(worker.shutdown, request.grace_seconds)
+        return pb.ShutdownResponse()
+
+
+def _define(name: str, function: Callable[..., Any]) -> ToolDefinition:
+    """A tool definition of ``function``; a parameter annotated ``FakeContext`` gets the context."""
+    if not callable(function):
+        raise InvalidArgumentError(f"tool {name!r} must be a callable, not {function!r}")
+    definition = define_tool(function, name, None)
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:
+        hints = {}
+    for p in inspect.signature(function).parameters.values():
+        if hints.get(p.name, p.annotation) in (FakeContext, "FakeContext"):
+            return replace(
+                definition, context_parameter=p.name, parameters=tuple(q for q in definition.parameters if q.name != p.name)
+            )
+    return definition
+
+
+def _deadline(call: _Call, timeout: float) -> float:
+    """Seconds the worker gives the tool: the call's deadline, as a real worker would (with the
+    same slack), except for a stubborn tool, which nothing stops (a thread cannot be stopped)."""
+    return timeout + _DEADLINE_SLACK if timeout > 0 and not call.stubborn else math.inf
+
+
+def _tool_failure(exc: Exception) -> pb.ErrorInfo:
+    """What a tool raised: a ToolError, unless it deliberately said the call itself was wrong."""
+    if isinstance(exc, (InvalidArgumentError, EncodeError)):
+        return error_info(exc)
+    return error_info(exc, kind=TOOL_ERROR)
+
+
+def _deadline_error() -> pb.ErrorInfo:
+    return pb.ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
+
+
+class FakePool(NamedTuple):
+    """What :func:`open_fake_pool` yields: ``async with open_fake_pool(...) as (pool, workers)``."""
+
+    pool: Pool
+    workers: FakeWorkers
+
+
+_OPEN_POOL_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(open_pool).parameters.items() if p.kind is p.KEYWORD_ONLY
+}
+
+
+def open_fake_pool(
+    tools: Mapping[str, Callable[..., Any]],
+    *,
+    size: int = 1,
+    concurrency: int = 1,
+    start_delay: float = 0.0,
+    start_failures: int = 0,
+    **open_pool_options: Any,
+) -> AbstractAsyncContextManager[FakePool]:
+    """Open a real :class:`~trio_bridge.Pool` whose workers are in-memory fakes, and yield it
+    with the handle on its workers.
+
+    Tools are plain Python functions, by name: sync or ``async def`` (run in Trio; an async
+    tool is cancelled when its call is; see :func:`stubborn`), generators or async generators
+    (streaming tools). A parameter annotated :class:`FakeContext` receives the call's context.
+    Arguments are checked against the signature as for real tools, and arguments, results and
+    chunks go through the wire codec.
+
+    Args:
+        tools: ``{"name": function}``.
+        size: workers; concurrency: calls each serves at once.
+        start_delay: seconds (Trio clock) each worker takes to become ready.
+        start_failures: how many of the first starts fail (as :meth:`FakeWorkers.fail_starts`).
+        open_pool_options: the other options of :func:`~trio_bridge.open_pool` (``max_queue``,
+            ``cancel_grace``, ``health_check_interval``, ``restart_backoff``,
+            ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state`` and the
+            quotas); those that only concern processes (``transport``, ``python``, ``env``,
+            ``adapter_options``, ``shared_memory_threshold``, ``heartbeat_interval``) are
+            accepted and have no effect.
+
+    Raises:
+        TypeError: an option ``open_pool`` does not have.
+        InvalidArgumentError: an option is out of range, or a tool cannot be defined.
+        WorkerStartError: a worker could not start (``start_failures``, or ``start_delay``
+            over ``startup_timeout``).
+    """
+    unknown = set(open_pool_options) - set(_OPEN_POOL_DEFAULTS) - {"size", "concurrency"}
+    if unknown:
+        raise TypeError(f"open_fake_pool() got unexpected options: {', '.join(sorted(unknown))}")
+    return _open_fake_pool(
+        tools, size, concurrency, start_delay, start_failures, {**_OPEN_POOL_DEFAULTS, **open_pool_options}
+    )
+
+
+@asynccontextmanager
+async def _open_fake_pool(
+    tools: Mapping[str, Callable[..., Any]], size: int, concurrency: int, start_delay: float, start_failures: int,
+    o: dict[str, Any],
+) -> AsyncIterator[FakePool]:
+    check_options(
+        adapter=FAKE_ADAPTER, size=size, concurrency=concurrency, max_queue=o["max_queue"], transport=o["transport"],
+        adapter_options=o["adapter_options"], restart_backoff=o["restart_backoff"],
+        timeouts={name: o[name] for name in (
+            "startup_timeout", "shutdown_timeout", "cancel_grace", "health_check_interval", "no_worker_timeout",
+        )} | {"start_delay": start_delay},
+    )
+    workers = FakeWorkers(tools, concurrency=concurrency, start_delay=start_delay, startup_timeout=o["startup_timeout"])
+    if start_failures:
+        workers.fail_starts(start_failures)
+
+    @asynccontextmanager
+    async def serve(parts: PoolParts) -> AsyncIterator[None]:
+        workers._parts = parts  # what FakeContext calls back, as the host service would
+        try:
+            yield
+        finally:
+            workers._parts = None
+
+    state = default_state(
+        o["state"], max_sessions=o["max_sessions"], max_variables_per_session=o["max_variables_per_session"],
+        max_value_bytes=o["max_value_bytes"], history_limit=o["history_limit"],
+    )
+    async with compose(
+        adapter=FAKE_ADAPTER, size=size, spec=workers._spec, new_worker=workers._new_worker, state=state, serve=serve,
+        max_queue=o["max_queue"], cancel_grace=o["cancel_grace"], no_worker_timeout=o["no_worker_timeout"],
+        health_check_interval=o["health_check_interval"], restart_backoff=o["restart_backoff"],
+        shutdown_timeout=o["shutdown_timeout"],
+    ) as pool:
+        yield FakePool(pool, workers)
