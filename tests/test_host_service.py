@@ -67,7 +67,6 @@ async def test_the_callers_deadline_bounds_host_tools_and_routed_calls():
                 raise
             return "done"
         run = trio_asyncio.aio_as_trio
-        run = trio_asyncio.aio_as_trio
         channel = open_channel(pool._spec.host_address)
         try:
             stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
@@ -76,7 +75,9 @@ async def test_the_callers_deadline_bounds_host_tools_and_routed_calls():
             reply = await run(stub.execute_host_tool(request))
             assert reply.error.kind == "deadline_exceeded" and "deadline" in reply.error.message
             assert trio.current_time() - started < 5 and cancelled == [True]
-            routed = pb.ExecuteToolRequest(tool_name="sleep", arguments=encode({"seconds": 30}), call_id="c-y", timeout_seconds=0.3)
+            routed = pb.ExecuteToolRequest(
+                tool_name="cooperative_sleep", arguments=encode({"seconds": 30}), call_id="c-y", timeout_seconds=0.3
+            )
             reply = await run(stub.execute_tool(routed))
             assert reply.error.kind == "deadline_exceeded"
         finally:

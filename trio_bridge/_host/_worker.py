@@ -306,6 +306,7 @@ class WorkerHandle:
                             pb.DescribeRequest(trio_bridge_version=__version__, wire_version=WIRE_VERSION)
                         ))
                     except TransportError as exc:
+                        self.kill("it failed the handshake")
                         raise await self._start_error(f"Describe failed ({exc})") from None
                 if timeout_scope.cancelled_caught:
                     raise await self._start_error("did not answer Describe in time")
@@ -324,6 +325,7 @@ class WorkerHandle:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                self._stub = None  # no RPC starts on the channel from here on (grpclib fails oddly on a closed one)
                 if channel is not None:
                     self._wire().close_channel(channel)
                 await self._stop_process(process)
