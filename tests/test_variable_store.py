@@ -191,7 +191,7 @@ class Foo:
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
-        (["not", "a", "dict"], "metadata must be a dict, not list"),
+        (["not", "a", "dict"], "metadata must be a dict with str keys, not list"),
         ({1: "x"}, "metadata: dict keys must be str, not int (1)"),
         ({"a": {"b": [Foo()]}}, 'metadata["a"]["b"][0]: object of type Foo is not serializable'),
         ({"s": {1, 2}}, 'metadata["s"]: object of type set'),
@@ -221,7 +221,7 @@ def test_metadata_is_stored_in_its_wire_form_and_merged_on_set():
 
 def test_metadata_over_max_value_bytes_is_a_quota_error():
     s = VariableStore(max_value_bytes=100)
-    with pytest.raises(QuotaExceededError, match="metadata for 'x'"):
+    with pytest.raises(QuotaExceededError, match="variable 'x' metadata is .* bytes encoded"):
         s.register("x", "float", 1.0, metadata={"blob": "x" * 200})
     assert len(s) == 0
 

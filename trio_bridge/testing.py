@@ -25,10 +25,9 @@ from __future__ import annotations
 import inspect
 import math
 import signal
-import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, cast
 
 import trio
@@ -524,17 +523,7 @@ def _define(name: str, function: Callable[..., Any]) -> ToolDefinition:
     """A tool definition of ``function``; a parameter annotated ``FakeContext`` gets the context."""
     if not callable(function):
         raise InvalidArgumentError(f"tool {name!r} must be a callable, not {function!r}")
-    definition = define_tool(function, name, None)
-    try:
-        hints = typing.get_type_hints(function)
-    except Exception:
-        hints = {}
-    for p in inspect.signature(function).parameters.values():
-        if hints.get(p.name, p.annotation) in (FakeContext, "FakeContext"):
-            return replace(
-                definition, context_parameter=p.name, parameters=tuple(q for q in definition.parameters if q.name != p.name)
-            )
-    return definition
+    return define_tool(function, name, None, context_type=FakeContext)
 
 
 def _deadline(call: _Call, timeout: float) -> float:

@@ -43,6 +43,7 @@ from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
+from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
@@ -158,8 +159,8 @@ class Pool(metaclass=NoPublicConstructor):
             QuotaExceededError: the pool has ``max_sessions`` sessions.
             PoolClosedError: the pool is closing.
         """
-        if affinity not in AFFINITIES:
-            raise InvalidArgumentError(f"affinity must be one of {', '.join(AFFINITIES)}, not {affinity!r}")
+        if not isinstance(affinity, str) or affinity not in AFFINITIES:
+            raise InvalidArgumentError(f"affinity must be one of {', '.join(AFFINITIES)}, not {short_repr(affinity)}")
         return self._session(session_id, ttl, affinity, metadata)
 
     @asynccontextmanager
@@ -176,7 +177,7 @@ class Pool(metaclass=NoPublicConstructor):
             owned = False
             if ttl is not None and ttl != info.ttl:
                 raise InvalidArgumentError(
-                    f"session {info.id!r} exists with ttl={info.ttl!r}, not {ttl!r}: join it without a ttl, "
+                    f"session {info.id!r} exists with ttl={info.ttl!r}, not {short_repr(ttl)}: join it without a ttl, "
                     "or use another id"
                 ) from None
             if metadata is not None and dict(metadata) != dict(info.metadata):
@@ -369,6 +370,12 @@ def open_pool(
 @asynccontextmanager
 async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManager[Pool]) -> AsyncIterator[Pool]:
     """Receive SIGINT/SIGTERM while the pool is open; raise what they mean once it is closed."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise RuntimeError(
+            "trio-bridge runs under Trio: use trio.run(main), or trio_asyncio.aio_as_trio from asyncio code"
+        ) from None
     with stop.installed():
         try:
             async with pool as opened:
@@ -385,23 +392,23 @@ def check_options(
 ) -> str:
     """Refuse bad options with one clear error; return the adapter options as JSON."""
     if not isinstance(adapter, str) or ":" not in adapter:
-        raise InvalidArgumentError(f"adapter must be 'package.module:ClassName', not {adapter!r}")
+        raise InvalidArgumentError(f"adapter must be 'package.module:ClassName', not {short_repr(adapter)}")
     for name, value in (("size", size), ("concurrency", concurrency)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a whole number >= 1, not {value!r}")
+            raise InvalidArgumentError(f"{name} must be a whole number >= 1, not {short_repr(value)}")
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-        raise InvalidArgumentError(f"max_queue must be a whole number >= 0, not {max_queue!r}")
-    if transport not in ("unix", "tcp"):
-        raise InvalidArgumentError(f"transport must be 'unix' or 'tcp', not {transport!r}")
+        raise InvalidArgumentError(f"max_queue must be a whole number >= 0, not {short_repr(max_queue)}")
+    if not isinstance(transport, str) or transport not in ("unix", "tcp"):
+        raise InvalidArgumentError(f"transport must be 'unix' or 'tcp', not {short_repr(transport)}")
     for name, value in timeouts.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-            raise InvalidArgumentError(f"{name} must be a number of seconds >= 0, not {value!r}")
+            raise InvalidArgumentError(f"{name} must be a number of seconds >= 0, not {short_repr(value)}")
     try:
         low, high = restart_backoff
         if not 0 <= low <= high or math.isinf(high):
             raise ValueError
     except (TypeError, ValueError):
-        raise InvalidArgumentError(f"restart_backoff must be (first, longest) seconds, 0 <= first <= longest, not {restart_backoff!r}") from None
+        raise InvalidArgumentError(f"restart_backoff must be (first, longest) seconds, 0 <= first <= longest, not {short_repr(restart_backoff)}") from None
     try:
         return json.dumps(adapter_options or {}, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -417,12 +424,6 @@ async def _open_pool(
     state: StateBackend | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int, stop: SignalStop,
 ) -> AsyncIterator[Pool]:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        raise RuntimeError(
-            "trio-bridge runs under Trio: use trio.run(main), or trio_asyncio.aio_as_trio from asyncio code"
-        ) from None
     size = size if size is not None else (os.cpu_count() or 1)
     options_json = check_options(
         adapter=adapter, size=size, concurrency=concurrency, max_queue=max_queue, transport=transport,

@@ -10,14 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trio_bridge._errors import (
-    EncodeError,
     InvalidArgumentError,
     QuotaExceededError,
     SessionExistsError,
     SessionNotFoundError,
 )
-from trio_bridge._state.variables import VariableStore
-from trio_bridge._wire import codec
+from trio_bridge._state.variables import VariableStore, metadata_copy
 from trio_bridge._wire.codec import short_repr as _r
 
 # A session id: 1-128 ASCII letters, digits, '_', '.', ':' or '-' (used with fullmatch).
@@ -147,20 +145,7 @@ class SessionStore:
         return self._expiry_heap[0][0] if self._expiry_heap else None
 
     def _check_metadata(self, metadata: Any) -> dict[str, Any]:
-        if metadata is None:
-            return {}
-        if not isinstance(metadata, dict):
-            raise InvalidArgumentError(f"session metadata must be a dict with str keys, not {type(metadata).__name__}")
-        try:
-            payload = codec.encode(metadata, path="metadata", plane=None)
-        except EncodeError as exc:
-            raise InvalidArgumentError(f"invalid session metadata: {exc}") from None
-        size = len(payload.json) + sum(len(blob) for blob in payload.blobs)
-        if size > self.max_value_bytes:
-            raise QuotaExceededError(
-                f"session metadata is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
-            )
-        return codec.decode(payload, plane=None)
+        return metadata_copy(metadata, "session metadata", self.max_value_bytes, InvalidArgumentError)
 
     def _schedule(self, record: SessionRecord) -> None:
         record.expiry_token += 1

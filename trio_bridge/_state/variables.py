@@ -26,6 +26,7 @@ from trio_bridge._errors import (
     InvalidArgumentError,
     InvalidVariableError,
     QuotaExceededError,
+    TrioBridgeError,
     VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
@@ -390,20 +391,7 @@ class VariableStore:
 
     def _check_metadata(self, name: str, metadata: Any) -> dict[str, Any]:
         """The metadata in its wire form (a new dict), or InvalidVariableError / QuotaExceededError."""
-        if metadata is None:
-            return {}
-        if not isinstance(metadata, dict):
-            raise InvalidVariableError(f"variable {name!r}: metadata must be a dict, not {type(metadata).__name__}")
-        try:
-            payload = codec.encode(metadata, path="metadata", plane=None)
-        except EncodeError as exc:
-            raise InvalidVariableError(f"variable {name!r}: {exc}") from None
-        size = len(payload.json) + sum(len(blob) for blob in payload.blobs)
-        if size > self.max_value_bytes:
-            raise QuotaExceededError(
-                f"metadata for {name!r} is {size:,} bytes encoded, over the limit of {self.max_value_bytes:,} (max_value_bytes)"
-            )
-        return codec.decode(payload, plane=None)
+        return metadata_copy(metadata, f"variable {name!r} metadata", self.max_value_bytes, InvalidVariableError)
 
     def _apply(self, slot: _Slot, value: Any, source: str, metadata: dict[str, Any] | None) -> tuple[Variable, VariableUpdate | None]:
         old = slot.variable
@@ -439,3 +427,25 @@ def _encoded_size(value: Any) -> int:
         return len(value.encode("utf-8", "surrogatepass"))
     payload = codec.encode(value, plane=None)  # not reached by the typed values; exact if it is
     return len(payload.json) + sum(len(blob) for blob in payload.blobs)
+
+
+def metadata_copy(metadata: Any, what: str, max_bytes: int, error: type[TrioBridgeError]) -> dict[str, Any]:
+    """``metadata`` (``None`` or a ``str``-keyed dict of encodable values) as a new dict in its
+    wire form, so nothing stored can fail to encode later.
+
+    Raises:
+        error: not a dict, or a value the codec refuses (the message names ``what`` and the path).
+        QuotaExceededError: over ``max_bytes`` encoded.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise error(f"{what} must be a dict with str keys, not {type(metadata).__name__}")
+    try:
+        payload = codec.encode(metadata, path="metadata", plane=None)
+    except EncodeError as exc:
+        raise error(f"invalid {what}: {exc}") from None
+    size = len(payload.json) + sum(len(blob) for blob in payload.blobs)
+    if size > max_bytes:
+        raise QuotaExceededError(f"{what} is {size:,} bytes encoded, over the limit of {max_bytes:,} (max_value_bytes)")
+    return codec.decode(payload, plane=None)

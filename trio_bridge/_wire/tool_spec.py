@@ -112,18 +112,18 @@ class ToolDefinition:
         return checked
 
 
-def define_tool(method: Callable[..., Any], name: str, description: str | None) -> ToolDefinition:
+def define_tool(
+    method: Callable[..., Any], name: str, description: str | None, *, context_type: type | None = None
+) -> ToolDefinition:
     """Derive a tool from a callable (a bound adapter method or a host function).
 
-    A parameter annotated ``SessionContext`` is not a tool parameter: it receives the call's
-    context. Sync and async functions are tools; generators and async generators are
-    streaming tools.
+    A parameter annotated ``context_type`` (the worker passes its ``SessionContext``) is not a
+    tool parameter: it receives the call's context. Sync and async functions are tools;
+    generators and async generators are streaming tools.
 
     Raises:
         ValueError: a parameter cannot be passed by keyword.
     """
-    from trio_bridge.worker._context import SessionContext
-
     function = inspect.unwrap(method)
     if inspect.isasyncgenfunction(function):
         kind = "async_generator"
@@ -151,7 +151,7 @@ def define_tool(method: Callable[..., Any], name: str, description: str | None) 
     accepts_any_keyword = False
     for p in inspect.signature(method).parameters.values():
         annotation = hints.get(p.name, p.annotation)
-        if annotation is SessionContext or annotation == "SessionContext":
+        if context_type is not None and (annotation is context_type or annotation == context_type.__name__):
             context_parameter = p.name
             continue
         if p.kind is p.VAR_KEYWORD:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from trio_bridge._wire.tool_spec import ToolDefinition, define_tool
+from trio_bridge.worker._context import SessionContext
 
 __all__ = ["Adapter", "collect_tools", "load_adapter_class", "tool"]
 
@@ -101,7 +102,7 @@ def collect_tools(adapter: Adapter) -> dict[str, ToolDefinition]:
         marker = getattr(raw, _MARKER, None)
         if marker is None:
             continue
-        definition = define_tool(getattr(adapter, attr), marker["name"], marker["description"])
+        definition = define_tool(getattr(adapter, attr), marker["name"], marker["description"], context_type=SessionContext)
         if definition.name in tools:
             raise ValueError(f"two tools are named {definition.name!r}")
         tools[definition.name] = definition
