@@ -221,7 +221,7 @@ def test_metadata_is_stored_in_its_wire_form_and_merged_on_set():
 
 def test_metadata_over_max_value_bytes_is_a_quota_error():
     s = VariableStore(max_value_bytes=100)
-    with pytest.raises(QuotaExceededError, match="variable 'x' metadata is .* bytes encoded"):
+    with pytest.raises(QuotaExceededError, match=r"variable 'x' metadata is .* bytes encoded"):
         s.register("x", "float", 1.0, metadata={"blob": "x" * 200})
     assert len(s) == 0
 
