@@ -87,7 +87,11 @@ async def test_a_workers_optimizer_lock_refuses_the_hosts_writes_until_its_tool_
 
             nursery.start_soon(hold)
             await wait_for(await holder_is(optimizer))
-            assert (await session.get_variable("temperature")).value == 1.9
+
+            async def written() -> bool:  # the tool takes the lock, then writes through it
+                return (await session.get_variable("temperature")).value == 1.9
+
+            await wait_for(written)
             with pytest.raises(VariableLockedError, match=optimizer):
                 await session.set_variable("temperature", 0.1)
             with pytest.raises(VariableLockedError):
