@@ -43,7 +43,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def one_run(tool: str, root: str) -> dict[str, float | int]:
+def one_run(tool: str, root: str, delay: float | None = None) -> dict[str, float | int]:
+    """One host, SIGKILLed ``delay`` seconds (default: random, up to 0.5) after its pool is
+    ready; counts what is left of it after up to 5 s (``started``: all of it was alive first)."""
     host = subprocess.Popen(
         [sys.executable, "-c", HOST, tool], cwd=root, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": root},
@@ -51,7 +53,8 @@ def one_run(tool: str, root: str) -> dict[str, float | int]:
     assert host.stdout is not None
     *workers, sleeper, shm = host.stdout.readline().split()
     pids = [int(p) for p in workers] + [int(sleeper)]
-    time.sleep(random.uniform(0.0, 0.5))  # a random moment, with the calls in flight
+    started = all(_alive(p) for p in pids) and os.path.isdir(shm)
+    time.sleep(random.uniform(0.0, 0.5) if delay is None else delay)  # with the calls in flight
     host.send_signal(signal.SIGKILL)
     host.wait()
     killed = time.monotonic()
@@ -68,6 +71,7 @@ def one_run(tool: str, root: str) -> dict[str, float | int]:
     return {
         "seconds": time.monotonic() - killed, "workers_left": sum(_alive(int(p)) for p in workers),
         "children_left": int(_alive(int(sleeper))), "shm_left": int(os.path.exists(shm)), "left": left,
+        "started": int(started),
     }
 
 

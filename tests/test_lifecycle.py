@@ -6,30 +6,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 
 import psutil
 import pytest
 import trio
 
 import trio_bridge
+from benchmarks.sigkill_storm import one_run
 from trio_bridge import WorkerCrashedError
 
 pytestmark = pytest.mark.real_process
 
 ECHO = "tests.adapters:Echo"
-
-HOST = """
-import os, sys, trio, trio_bridge
-async def main():
-    async with trio_bridge.open_pool("tests.adapters:Echo", size=2) as pool:
-        sleeper = await pool.execute("spawn_sleeper")
-        shm = pool._plane.directory if pool._plane else ""
-        print(" ".join(str(w.pid) for w in pool.workers()), sleeper, shm, flush=True)
-        await pool.execute(sys.argv[1], {"seconds": 60})
-trio.run(main)
-"""
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _alive(pid: int) -> bool:
     try:
@@ -47,28 +36,12 @@ async def _wait_until(predicate, timeout: float) -> bool:
 
 
 @pytest.mark.parametrize("tool", ["sleep", "hold_gil"])
-async def test_host_sigkill_leaves_no_worker_no_tool_process_and_no_file(tmp_path, tool):
-    script = tmp_path / "host.py"
-    script.write_text(HOST)
-    host = await trio.lowlevel.open_process([sys.executable, str(script), tool], stdout=-1)
-    try:
-        with trio.fail_after(30):
-            line = b""
-            while not line.endswith(b"\n"):
-                line += await host.stdout.receive_some(200)
-        *worker_pids, sleeper, shm = line.decode().split()
-        pids = [int(p) for p in worker_pids]
-        assert all(_alive(p) for p in pids) and _alive(int(sleeper)) and os.path.isdir(shm)
-        await trio.sleep(0.3)  # the tool is running (holding the GIL, for hold_gil)
-        host.kill()
-        await host.wait()
-        gone = await _wait_until(lambda: not any(_alive(p) for p in [*pids, int(sleeper)]) and not os.path.exists(shm), 5)
-        assert gone, {p: _alive(p) for p in [*pids, int(sleeper)]} | {shm: os.path.exists(shm)}
-    finally:
-        host.kill()
-        with trio.CancelScope(shield=True):
-            await host.wait()
-            await host.stdout.aclose()
+def test_host_sigkill_leaves_no_worker_no_tool_process_and_no_file(tool):
+    # One run of benchmarks/sigkill_storm.py (which runs it many times): a pool of 2 whose tool
+    # started a child, a call in flight (holding the GIL, for hold_gil), the host SIGKILLed.
+    left = one_run(tool, ROOT, delay=0.3)
+    assert left["started"], left
+    assert (left["workers_left"], left["children_left"], left["shm_left"]) == (0, 0, 0), left
 
 
 async def test_a_tools_processes_go_with_its_worker_on_crash_recycle_and_close(caplog):

@@ -149,8 +149,8 @@ def test_a_loop_that_dies_under_its_block_is_restarted_so_shutdown_and_teardown_
         raise KeyboardInterrupt  # what a Ctrl-C landing in an asyncio callback used to do
 
     async def scenario() -> None:
-        async with _aio.open_loop() as loop:
-            boundary = _aio.Boundary(loop)
+        async with _aio.open_boundary() as boundary:
+            loop = boundary.loop
             try:
                 async with trio.open_nursery() as nursery:
 
@@ -176,8 +176,7 @@ def test_a_loop_that_dies_under_its_block_is_restarted_so_shutdown_and_teardown_
 
 def test_calls_after_the_loop_block_fail_fast_with_transport_error():
     async def scenario() -> None:
-        async with _aio.open_loop() as loop:
-            boundary = _aio.Boundary(loop)
+        async with _aio.open_boundary() as boundary:
             assert await boundary.run(asyncio.sleep(0, "ok")) == "ok"
         assert not boundary.usable
         coro = asyncio.sleep(0)

@@ -37,7 +37,7 @@ from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, def
 from trio_bridge._host._tools import run_host_tool
 from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
 from trio_bridge._wire.codec import decode, encode
-from trio_bridge._wire.contract import WIRE_VERSION, __version__
+from trio_bridge._wire.contract import DEADLINE_SLACK, WIRE_VERSION, __version__
 from trio_bridge._wire.errors import DEADLINE_EXCEEDED, SHUTTING_DOWN, TOOL_ERROR, error_info, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import ToolDefinition, define_tool, tool_spec
@@ -48,7 +48,6 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 FAKE_ADAPTER = "trio_bridge.testing:FakeWorker"
-_DEADLINE_SLACK = 0.5  # seconds, as in the real worker: the host's own cancel normally arrives first
 # open_pool options that only concern processes: accepted, and without effect on fakes.
 _PROCESS_OPTIONS = frozenset({
     "transport", "python", "env", "adapter_options", "shared_memory_threshold", "heartbeat_interval",
@@ -529,7 +528,7 @@ def _define(name: str, function: Callable[..., Any]) -> ToolDefinition:
 def _deadline(call: _Call, timeout: float) -> float:
     """Seconds the worker gives the tool: the call's deadline, as a real worker would (with the
     same slack), except for a stubborn tool, which nothing stops (a thread cannot be stopped)."""
-    return timeout + _DEADLINE_SLACK if timeout > 0 and not call.stubborn else math.inf
+    return timeout + DEADLINE_SLACK if timeout > 0 and not call.stubborn else math.inf
 
 
 def _tool_failure(exc: Exception) -> pb.ErrorInfo:

@@ -23,7 +23,7 @@ Hence, here:
 
 * :func:`_protect_loop_from_keyboard_interrupt`: the loop's driver code is KI-protected, so Trio
   delivers the interrupt to the main task at a checkpoint, as it does for its own internals;
-* :func:`open_loop` keeps a watchdog: should the loop still stop while the block runs, it is
+* :func:`open_boundary` keeps a watchdog: should the loop still stop while the block runs, it is
   restarted (calls in flight then finish or are cancelled as usual, and teardown completes);
 * :class:`Boundary` refuses new calls with :class:`TransportError` once the block has ended or
   the loop is stopped or closed (never a ``RuntimeError``, never an await on a dead loop), and
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
@@ -80,7 +79,7 @@ def _protect_loop_from_keyboard_interrupt() -> None:
     ``trio.lowlevel.enable_ki_protection`` marks a function's code object: a SIGINT that finds
     this code (or the asyncio callbacks it runs) on the stack is delivered to the main task
     instead. The names are trio-asyncio 0.16's; a missing one is skipped, and the watchdog in
-    :func:`open_loop` still keeps the loop alive.
+    :func:`open_boundary` still keeps the loop alive.
     """
     for name in ("_main_loop", "_main_loop_one", "_main_loop_exit", "_io_task"):
         function = getattr(trio_asyncio.BaseTrioEventLoop, name, None)
@@ -107,13 +106,13 @@ _TRANSPORT_ERRORS = (
 
 
 class _LoopGuard:
-    """What :func:`open_loop` knows about its loop: whether its block has ended, and a watchdog
+    """What :func:`open_boundary` knows about its loop: whether its block has ended, and a watchdog
     that restarts the loop should it stop while the block still runs."""
 
     def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
-        self.loop = loop
-        self.ended = False  # the open_loop block is over: no new calls
-        self.scope = trio.CancelScope(shield=True)
+        self.loop: trio_asyncio.TrioEventLoop = loop
+        self.ended: bool = False  # the open_boundary block is over: no new calls
+        self.scope: trio.CancelScope = trio.CancelScope(shield=True)
 
     @property
     def usable(self) -> bool:
@@ -131,18 +130,15 @@ class _LoopGuard:
                 await nursery.start(self.loop._main_loop)
 
 
-_GUARDS: weakref.WeakKeyDictionary[Any, _LoopGuard] = weakref.WeakKeyDictionary()
-
-
 @asynccontextmanager
-async def open_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
-    """``trio_asyncio.open_loop()``, watched (see the module docstring)."""
+async def open_boundary() -> AsyncIterator[Boundary]:
+    """A trio-asyncio loop, watched (see the module docstring), and the :class:`Boundary` to it."""
     async with trio.open_nursery() as watchdog:
         async with trio_asyncio.open_loop() as loop:
-            guard = _GUARDS[loop] = _LoopGuard(loop)
+            guard = _LoopGuard(loop)
             watchdog.start_soon(guard.watch, watchdog)
             try:
-                yield loop
+                yield Boundary(loop, guard)
             finally:
                 guard.ended = True
         # trio-asyncio's teardown is over: the loop has stopped for good.
@@ -150,13 +146,10 @@ async def open_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
 
 
 class Boundary:
-    """Runs asyncio coroutines (grpclib) from Trio on a trio-asyncio loop."""
+    """Runs asyncio coroutines (grpclib) from Trio on a trio-asyncio loop. Made by :func:`open_boundary`."""
 
-    def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
+    def __init__(self, loop: trio_asyncio.TrioEventLoop, guard: _LoopGuard) -> None:
         self.loop = loop
-        guard = _GUARDS.get(loop)
-        if guard is None:  # a loop from trio_asyncio.open_loop() itself: no watchdog
-            guard = _GUARDS[loop] = _LoopGuard(loop)
         self._guard = guard
 
     @property

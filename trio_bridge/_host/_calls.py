@@ -33,6 +33,7 @@ from trio_bridge._host._tools import in_worker_callback
 from trio_bridge._host._worker import WorkerHandle
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
@@ -184,7 +185,7 @@ class Calls:
             info = await self._state.touch_session(route.session_id)  # SessionNotFoundError once it ended
             session_id, state_version = info.id, info.state_version
         deadline = trio.current_effective_deadline()
-        timeout = 0.0 if math.isinf(deadline) else max(deadline - trio.current_time(), 1e-3)
+        timeout = timeout_to_wire(None if math.isinf(deadline) else deadline - trio.current_time())
         return pb.ExecuteToolRequest(
             tool_name=tool, arguments=payload, call_id=f"c{next(self._call_ids)}", timeout_seconds=timeout,
             session_id=session_id, session_state_version=state_version,

@@ -22,7 +22,13 @@ from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeErr
 from trio_bridge._host._tools import iterate_host_tool, run_host_tool
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import decode, encode
-from trio_bridge._wire.contract import WATCH_BUFFER_METADATA, WORKER_METADATA
+from trio_bridge._wire.contract import (
+    MAX_CHUNKS_PER_MESSAGE,
+    STREAM_BUFFER,
+    WATCH_BUFFER_METADATA,
+    WORKER_METADATA,
+    timeout_from_wire,
+)
 from trio_bridge._wire.errors import DEADLINE_EXCEEDED, TOOL_ERROR, error_info
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to_wire
@@ -128,7 +134,7 @@ class HostService(pb.HostServiceBase):
         except TrioBridgeError as exc:
             await send(stream.send_message(pb.ToolChunkBatch(error=error_info(exc))))
             return
-        chunks_in, chunks_out = trio.open_memory_channel[Any](_STREAM_BUFFER)
+        chunks_in, chunks_out = trio.open_memory_channel[Any](STREAM_BUFFER)
         failure: list[pb.ErrorInfo] = []
 
         async def produce() -> None:
@@ -146,7 +152,7 @@ class HostService(pb.HostServiceBase):
                 async with chunks_out:
                     async for first in chunks_out:
                         batch = [first]
-                        while len(batch) < _STREAM_BATCH:
+                        while len(batch) < MAX_CHUNKS_PER_MESSAGE:
                             try:
                                 batch.append(chunks_out.receive_nowait())
                             except (trio.WouldBlock, trio.EndOfChannel):
@@ -360,12 +366,11 @@ def _with_caller(function: Callable[[grpclib.server.Stream], Awaitable[None]]) -
     return handler
 
 
-_STREAM_BUFFER = 256  # chunks a streaming host tool may run ahead of the sender
-_STREAM_BATCH = 256   # chunks per message
 
 
 def _timeout(m: pb.ExecuteToolRequest) -> float:
-    return m.timeout_seconds if m.timeout_seconds > 0 else math.inf
+    remaining = timeout_from_wire(m.timeout_seconds)
+    return math.inf if remaining is None else remaining
 
 
 def _deadline_error(what: str, name: str) -> pb.ErrorInfo:

@@ -434,25 +434,28 @@ async def _open_pool(
             "no_worker_timeout": no_worker_timeout,
         },
     )
-    if sys.platform.startswith("linux"):
-        # Abstract-namespace sockets: nothing on disk to leave behind (the pool secret guards them).
-        socket_dir = f"@trio-bridge-{os.getpid()}-{secrets.token_hex(8)}"
-        host_address = f"unix:{socket_dir}-host"
-    else:
-        socket_dir = tempfile.mkdtemp(prefix="trio-bridge-")  # created 0700
-        host_address = f"unix:{os.path.join(socket_dir, 'host.sock')}"
-    SharedMemoryPlane.reclaim_abandoned()
     janitor = Janitor.start()
     plane = None
     tracker = UserErrorTracker()
+    on_disk: list[str] = []  # what the janitor removes should this host die uncleanly
     try:
+        if sys.platform.startswith("linux"):
+            # Abstract-namespace sockets: nothing on disk to leave behind (the pool secret guards them).
+            socket_dir = f"@trio-bridge-{os.getpid()}-{secrets.token_hex(8)}"
+            host_address = f"unix:{socket_dir}-host"
+        else:
+            socket_dir = tempfile.mkdtemp(prefix="trio-bridge-")  # created 0700
+            host_address = f"unix:{os.path.join(socket_dir, 'host.sock')}"
+            on_disk.append(socket_dir)
         if transport == "unix" and shared_memory_threshold is not None:
+            SharedMemoryPlane.reclaim_abandoned()
             plane = SharedMemoryPlane.create(shared_memory_threshold)
             if plane is not None:
-                janitor.watch_path(plane.directory)
+                on_disk.append(plane.directory)
+        for path in on_disk:
+            janitor.watch_path(path)
         with tracker.resolve_groups():
-            async with _aio.open_loop() as loop:
-                boundary = _aio.Boundary(loop)
+            async with _aio.open_boundary() as boundary:
                 secret = secrets.token_urlsafe(32)
                 spec = WorkerSpec(
                     adapter=adapter, python=python or sys.executable, concurrency=concurrency,
@@ -486,11 +489,9 @@ async def _open_pool(
                 ) as pool:
                     yield pool
     finally:
-        if not socket_dir.startswith("@"):
-            shutil.rmtree(socket_dir, ignore_errors=True)
-        if plane is not None:
-            plane.remove()
-            janitor.forget_path(plane.directory)
+        for path in on_disk:
+            shutil.rmtree(path, ignore_errors=True)
+            janitor.forget_path(path)
         janitor.close()
 
 

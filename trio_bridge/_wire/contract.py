@@ -30,6 +30,26 @@ WATCH_BUFFER_METADATA = "x-trio-bridge-watch-buffer"  # WatchVariables: the watc
 
 DEFAULT_WATCH_BUFFER = 1024  # updates a watcher may fall behind by before it coalesces (both sides)
 
+# Streams: chunks per message (a worker's tool, a streaming host tool), and how far a generator
+# may run ahead of the sender.
+MAX_CHUNKS_PER_MESSAGE = 256
+STREAM_BUFFER = 256
+
+DEADLINE_SLACK = 0.5
+"""Seconds a worker lets a call run past its deadline: the host's own cancel normally arrives first."""
+
+
+def timeout_to_wire(remaining: float | None) -> float:
+    """A call's remaining time (seconds; ``None``: no deadline) as ``timeout_seconds`` on the
+    wire, where 0 means none: a deadline already passed still sends a tiny positive value."""
+    return 0.0 if remaining is None else max(remaining, 1e-3)
+
+
+def timeout_from_wire(timeout_seconds: float) -> float | None:
+    """``timeout_seconds`` from the wire as seconds remaining (``None``: no deadline)."""
+    return timeout_seconds if timeout_seconds > 0 else None
+
+
 # Worker exit codes (besides 0, a clean exit after Shutdown, and 2, bad command-line usage).
 EXIT_ADAPTER_IMPORT = 3
 EXIT_ADAPTER_SETUP = 4
@@ -53,7 +73,7 @@ def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_rele
 
 
 __all__ = [
-    "ADAPTER_OPTIONS_ENV", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV",
-    "READY_PREFIX", "SECRET_ENV", "SECRET_METADATA", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
-    "__version__", "incompatibility",
+    "ADAPTER_OPTIONS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE",
+    "READY_PREFIX", "SECRET_ENV", "STREAM_BUFFER", "SECRET_METADATA", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
+    "__version__", "incompatibility", "timeout_from_wire", "timeout_to_wire",
 ]

@@ -142,9 +142,6 @@ class SharedMemoryPlane:
                     pass
         return removed
 
-    def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
-
 
 #: The plane used when a codec call is not given one: set once by a worker process at start-up.
 default_plane: SharedMemoryPlane | None = None

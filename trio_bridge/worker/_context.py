@@ -17,6 +17,7 @@ from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._util import NoPublicConstructor
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge.worker._host_client import DEFAULT_WATCH_BUFFER, SessionInfo
 
@@ -375,7 +376,7 @@ class SessionContext(metaclass=NoPublicConstructor):
         remaining = self.time_remaining()
         return pb.ExecuteToolRequest(
             tool_name=name, arguments=encode(arguments, path="arguments"), session_id=self.session_id,
-            call_id=self.call_id, timeout_seconds=0.0 if remaining is None else max(remaining, 1e-3),
+            call_id=self.call_id, timeout_seconds=timeout_to_wire(remaining),
         )
 
     def _client(self) -> HostClient:

@@ -32,16 +32,20 @@ from trio_bridge._wire import shared_memory
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
+    DEADLINE_SLACK,
     EXIT_ADAPTER_IMPORT,
     EXIT_ADAPTER_SETUP,
     EXIT_HOST_GONE,
     HOST_ADDRESS_ENV,
+    MAX_CHUNKS_PER_MESSAGE,
     READY_PREFIX,
     SECRET_ENV,
+    STREAM_BUFFER,
     WIRE_VERSION,
     WORKER_ID_ENV,
     __version__,
     incompatibility,
+    timeout_from_wire,
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
@@ -53,9 +57,6 @@ from trio_bridge.worker._host_client import HostClient
 from trio_bridge.worker._lifeline import start_lifeline
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
-_MAX_BATCH = 256            # chunks per stream message
-_STREAM_BUFFER = 256        # chunks a generator may run ahead of the sender
-_DEADLINE_SLACK = 0.5       # seconds; the host's own cancel normally arrives first
 _REPLY_FLUSH = 1.0          # seconds a drain waits for finished calls' replies to be sent
 _STREAM_PATH = "/trio_bridge.v1.WorkerService/ExecuteStreamingTool"
 
@@ -104,7 +105,8 @@ class WorkerService(pb.WorkerServiceBase):
             kind = "a streaming" if definition.streaming else "not a streaming"
             raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
         arguments = definition.check_arguments(arguments)
-        deadline = time.monotonic() + request.timeout_seconds if request.timeout_seconds > 0 else None
+        timeout = timeout_from_wire(request.timeout_seconds)
+        deadline = None if timeout is None else time.monotonic() + timeout
         link = self.host.link(request.session_id) if request.session_id and self.host is not None else None
         ctx = SessionContext._create(request.session_id, request.call_id, deadline, link, self.host)
         if definition.context_parameter:
@@ -170,7 +172,7 @@ class WorkerService(pb.WorkerServiceBase):
         released_by_thread = definition.kind == "sync"
         try:
             remaining = ctx.time_remaining()
-            async with asyncio.timeout(None if remaining is None else remaining + _DEADLINE_SLACK) as scope:
+            async with asyncio.timeout(None if remaining is None else remaining + DEADLINE_SLACK) as scope:
                 try:
                     if released_by_thread:
                         result = await self._loop.run_in_executor(
@@ -224,19 +226,19 @@ class WorkerService(pb.WorkerServiceBase):
         timer = self._watch_deadline(ctx)
         call_id = message.call_id
         if definition.kind == "async_generator":
-            source: Any = AsyncGeneratorSource(definition.function(**arguments), _STREAM_BUFFER)
+            source: Any = AsyncGeneratorSource(definition.function(**arguments), STREAM_BUFFER)
         else:
             source = ThreadGeneratorSource(
-                definition.function(**arguments), _STREAM_BUFFER, self.executor,
+                definition.function(**arguments), STREAM_BUFFER, self.executor,
                 lambda: self._release_threadsafe(call_id),
             )
         index = 0
         try:
             remaining = ctx.time_remaining()
-            async with asyncio.timeout(None if remaining is None else remaining + _DEADLINE_SLACK):
+            async with asyncio.timeout(None if remaining is None else remaining + DEADLINE_SLACK):
                 while True:
                     try:
-                        items, finished = await source.next_batch(_MAX_BATCH)
+                        items, finished = await source.next_batch(MAX_CHUNKS_PER_MESSAGE)
                     except Exception as exc:
                         await stream.send_message(
                             pb.ToolChunkBatch(error=_tool_failure(exc))
