@@ -89,7 +89,7 @@ _VALID = {
 }
 valid_constraints = st.sampled_from([(t, c) for t, cs in _VALID.items() for c in cs])
 
-_settings = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def only_our_errors(call, *args, **kwargs):

@@ -13,7 +13,7 @@ import trio
 
 import trio_bridge
 from trio_bridge import InvalidArgumentError, PoolSaturatedError, ToolError
-from trio_bridge._wire.tool_spec import define_tool
+from trio_bridge._core.tools import define_tool
 
 real_process = pytest.mark.real_process  # the pure tests at the end start no process
 

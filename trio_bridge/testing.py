@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import trio
 
+from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
 from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
 from trio_bridge._host._tools import run_host_tool
@@ -40,7 +41,7 @@ from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK, WIRE_VERSION, __version__
 from trio_bridge._wire.errors import DEADLINE_EXCEEDED, SHUTTING_DOWN, TOOL_ERROR, error_info, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.tool_spec import ToolDefinition, define_tool, tool_spec
+from trio_bridge._wire.tool_spec import tool_spec
 
 __all__ = [
     "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "StartAttempt", "open_fake_pool", "stubborn",

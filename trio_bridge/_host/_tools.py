@@ -13,11 +13,12 @@ from typing import Any, Literal, final
 
 import trio
 
+from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import InvalidArgumentError, ToolNotFoundError
 from trio_bridge._util import public_module
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.tool_spec import ToolDefinition, define_tool, tool_spec
+from trio_bridge._wire.tool_spec import tool_spec
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 MAX_DESCRIPTION = 4096        # characters

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from trio_bridge._wire.tool_spec import ToolDefinition, define_tool
+from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge.worker._context import SessionContext
 
 __all__ = ["Adapter", "collect_tools", "load_adapter_class", "tool"]

@@ -26,6 +26,7 @@ import grpclib.const
 import grpclib.server
 from grpclib.exceptions import GRPCError
 
+from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
@@ -49,7 +50,7 @@ from trio_bridge._wire.contract import (
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
-from trio_bridge._wire.tool_spec import ToolDefinition, tool_spec
+from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge._wire.transport import new_server, parse_address
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call

@@ -1,0 +1,1 @@
+"""Pure, synchronous definitions both processes share: tools and their argument checks."""

@@ -1,0 +1,371 @@
+"""Tool definitions, shared by both sides: derived from a callable's signature, type hints and
+Google-style docstring (name, description, parameters, streaming flag), checked against call
+arguments before a tool runs. Their wire form (``ToolSpec``) is in ``_wire/tool_spec.py``.
+
+Worker tools are adapter methods; host tools are plain callables registered on the pool.
+
+Arguments are checked in depth with pydantic: one ``TypeAdapter`` per annotated parameter, built
+when the tool is defined. Scalars are strict (no ``"1.5"`` for a float, no ``1.0`` or ``True``
+for an int; an int is a fine float), containers are lax (a list is a fine tuple: tuples travel
+as lists). ``Any``, ``object``, unannotated parameters and annotations pydantic cannot handle are
+not checked. Checking never converts: the tool gets the values as they were sent.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import json
+import re
+import types
+import typing
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, cast
+
+from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._wire.codec import short_repr
+
+__all__ = ["ParameterDefinition", "ToolDefinition", "define_tool"]
+
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class ParameterDefinition:
+    """One parameter of a tool, as derived from its signature."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any = None
+    description: str = ""
+    #: returns what is wrong with a value (``"[0]: expected a number, got 'a'"``), or None if
+    #: it fits; None: not checked
+    check: Callable[[Any], str | None] | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ToolDefinition:
+    """A tool bound to an adapter instance.
+
+    Attributes:
+        kind: ``"sync"``, ``"async"``, ``"generator"`` or ``"async_generator"``.
+        context_parameter: the name of the parameter that receives the ``SessionContext``, if any.
+    """
+
+    name: str
+    description: str
+    parameters: tuple[ParameterDefinition, ...]
+    kind: str
+    function: Callable[..., Any] = field(repr=False)
+    context_parameter: str | None = None
+    accepts_any_keyword: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind in ("generator", "async_generator")
+
+    def check_arguments(self, arguments: Any) -> dict[str, Any]:
+        """Check call arguments against the parameters before the tool runs.
+
+        Returns:
+            The arguments with defaults filled in.
+
+        Raises:
+            InvalidArgumentError: not a dict, a required argument missing, an unknown argument,
+                or a value that does not fit its parameter's annotation, at any depth; the
+                message names the tool, the argument and where in it, e.g.
+                ``tool 'predict': argument 'x'[0]: expected a number, got 'a'``.
+        """
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise InvalidArgumentError(
+                f"tool {self.name!r}: arguments must be a dict of name -> value, not {type(arguments).__name__}"
+            )
+        known = {p.name for p in self.parameters}
+        unknown = sorted(short_repr(name) for name in arguments if name not in known)
+        if unknown and not self.accepts_any_keyword:
+            raise InvalidArgumentError(
+                f"tool {self.name!r}: unknown argument(s) {', '.join(unknown)}; "
+                f"it takes {', '.join(map(repr, sorted(known))) or 'no arguments'}"
+            )
+        missing = [p.name for p in self.parameters if p.required and p.name not in arguments]
+        if missing:
+            raise InvalidArgumentError(
+                f"tool {self.name!r}: missing required argument(s) {', '.join(map(repr, missing))}"
+            )
+        checked = dict(arguments)
+        for p in self.parameters:
+            if p.name in arguments:
+                value = arguments[p.name]
+                if p.check is None or (value is None and not p.required and p.default is None):
+                    continue  # ``x: float = None`` takes None
+                problem = p.check(value)
+                if problem is not None:
+                    raise InvalidArgumentError(f"tool {self.name!r}: argument {p.name!r}{problem}")
+            elif not p.required:
+                checked[p.name] = p.default
+        return checked
+
+
+def define_tool(
+    method: Callable[..., Any], name: str, description: str | None, *, context_type: type | None = None
+) -> ToolDefinition:
+    """Derive a tool from a callable (a bound adapter method or a host function).
+
+    A parameter annotated ``context_type`` (the worker passes its ``SessionContext``) is not a
+    tool parameter: it receives the call's context. Sync and async functions are tools;
+    generators and async generators are streaming tools.
+
+    Raises:
+        ValueError: a parameter cannot be passed by keyword.
+    """
+    function = inspect.unwrap(method)
+    if inspect.isasyncgenfunction(function):
+        kind = "async_generator"
+    elif inspect.isgeneratorfunction(function):
+        kind = "generator"
+    elif inspect.iscoroutinefunction(function):
+        kind = "async"
+    else:
+        kind = "sync"
+    doc = inspect.getdoc(method) or ""
+    summary, arg_docs = _parse_docstring(doc)
+    try:
+        hints = typing.get_type_hints(method, include_extras=True)
+    except Exception:  # an unresolvable forward reference: resolve the others one by one
+        hints = {}
+        namespace = getattr(function, "__globals__", {})
+        for p in inspect.signature(method).parameters.values():
+            if isinstance(p.annotation, str):
+                try:
+                    hints[p.name] = eval(p.annotation, dict(namespace))  # what get_type_hints does
+                except Exception:
+                    pass  # stays a string: not checked
+    parameters = []
+    context_parameter = None
+    accepts_any_keyword = False
+    for p in inspect.signature(method).parameters.values():
+        annotation = hints.get(p.name, p.annotation)
+        if context_type is not None and (annotation is context_type or annotation == context_type.__name__):
+            context_parameter = p.name
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            accepts_any_keyword = True
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
+            raise ValueError(f"tool {name!r}: parameter {p.name!r} must be passable by keyword")
+        parameters.append(
+            ParameterDefinition(
+                name=p.name,
+                type=_annotation_text(typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation),
+                required=p.default is _NO_DEFAULT,
+                default=None if p.default is _NO_DEFAULT else p.default,
+                description=arg_docs.get(p.name, ""),
+                check=_validator(annotation),
+            )
+        )
+    return ToolDefinition(
+        name=name,
+        description=description if description is not None else summary,
+        parameters=tuple(parameters),
+        kind=kind,
+        function=method,
+        context_parameter=context_parameter,
+        accepts_any_keyword=accepts_any_keyword,
+    )
+
+
+def _annotation_text(annotation: Any) -> str:
+    if annotation is _NO_DEFAULT:
+        return ""
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__ if annotation.__module__ == "builtins" else f"{annotation.__module__}.{annotation.__qualname__}"
+    return repr(annotation).replace("typing.", "")
+
+
+def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
+    """A checker for values of ``annotation`` (see :attr:`ParameterDefinition.check`), built
+    once; ``None`` (not checked) for ``Any``, ``object``, no annotation, unresolved string
+    annotations, and anything pydantic cannot build a schema for."""
+    if annotation is _NO_DEFAULT or annotation is Any or annotation is object or isinstance(annotation, str):
+        return None
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    adapter = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for config in (ConfigDict(arbitrary_types_allowed=True), None):  # models refuse a config
+            try:
+                adapter = TypeAdapter(_strict_scalars(annotation), config=config)
+                break
+            except Exception:
+                continue
+    if adapter is None:
+        return None
+
+    def check(value: Any) -> str | None:
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            return _explain(exc, value)
+        except Exception as exc:  # a user validator or a pathological value: still a clean error
+            return f": could not be checked: {type(exc).__name__}: {short_repr(str(exc))}"
+        return None
+
+    return check
+
+
+_STRICT_SCALARS: dict[Any, Any] = {}
+_CONTAINERS = frozenset({
+    list, tuple, dict, set, frozenset, collections.abc.Sequence, collections.abc.MutableSequence,
+    collections.abc.Mapping, collections.abc.MutableMapping, collections.abc.Iterable,
+    collections.abc.Collection, collections.abc.Set, collections.abc.MutableSet,
+})
+
+
+def _strict_scalars(annotation: Any) -> Any:
+    """``annotation`` with int, float, str, bool and bytes made strict wherever they appear in
+    unions, ``Annotated`` and the standard containers (which stay lax: a list fits a tuple)."""
+    from pydantic import Strict
+
+    if not _STRICT_SCALARS:
+        _STRICT_SCALARS.update({t: Annotated[t, Strict()] for t in (int, float, str, bool, bytes)})
+    try:
+        if annotation in _STRICT_SCALARS:
+            return _STRICT_SCALARS[annotation]
+    except TypeError:  # unhashable metadata somewhere
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if not args:
+        return annotation
+    try:
+        if origin is Annotated:
+            return Annotated[(_strict_scalars(args[0]), *annotation.__metadata__)]  # type: ignore[attr-defined]
+        if origin in (typing.Union, types.UnionType):
+            return typing.Union[tuple(_strict_scalars(arg) for arg in args)]  # noqa: UP007
+        if origin in _CONTAINERS:
+            new = tuple(arg if arg is Ellipsis else _strict_scalars(arg) for arg in args)
+            return cast(Any, origin)[new if len(new) != 1 else new[0]]  # args is not empty
+    except Exception:
+        pass
+    return annotation
+
+
+_EXPECTED = {
+    "float_type": "a number", "int_type": "an integer", "string_type": "a string", "bool_type": "a boolean",
+    "bytes_type": "bytes", "list_type": "a list", "tuple_type": "a list (for a tuple)", "dict_type": "a dict",
+    "set_type": "a set", "frozen_set_type": "a frozenset", "none_required": "None",
+    "model_type": "a dict (for a model)", "dataclass_type": "a dict (for a dataclass)",
+}
+
+
+def _explain(exc: Any, value: Any) -> str:
+    """The deepest place a pydantic ``ValidationError`` points at, as ``"[0]: expected a number,
+    got 'a'"`` (what each union member expected, joined with "or")."""
+    places: dict[str, list[dict[str, Any]]] = {}
+    depth: dict[str, int] = {}
+    for error in exc.errors():
+        where, steps = _where(value, error.get("loc", ()), missing=error.get("type") == "missing")
+        places.setdefault(where, []).append(error)
+        depth[where] = steps
+    where = max(places, key=lambda w: depth[w])
+    expected: list[str] = []
+    other: list[str] = []
+    for error in places[where]:
+        kind = error.get("type", "")
+        if kind == "is_instance_of":
+            text = f"an instance of {(error.get('ctx') or {}).get('class', '?')}"
+        elif kind == "float_type" and isinstance(error.get("input"), int) and not isinstance(error.get("input"), bool):
+            text = "a number that fits a float (this integer is too large)"
+        else:
+            text = _EXPECTED.get(kind, "")
+        if text:
+            if text not in expected:
+                expected.append(text)
+        else:
+            message = str(error.get("msg", kind))
+            message = message[:1].lower() + message[1:]
+            if message not in other:
+                other.append(message)
+    parts = ([f"expected {' or '.join(expected)}"] if expected else []) + other
+    if all(error.get("type") == "missing" for error in places[where]):
+        return f"{where}: missing"
+    return f"{where}: {'; '.join(parts)}, got {short_repr(places[where][0].get('input'))}"
+
+
+def _where(value: Any, loc: Any, *, missing: bool = False) -> tuple[str, int]:
+    """Render a pydantic error location by following it through the value: list indexes and
+    dict keys are kept, union-member tags (``'int'``, ``'list[float]'``) are dropped (and so is
+    the last step of a ``missing`` error, which the value does not have: it is shown as is)."""
+    parts: list[str] = []
+    current, steps = value, 0
+    for index, item in enumerate(loc):
+        if missing and index == len(loc) - 1:
+            parts.append(f"[{json.dumps(item, ensure_ascii=False) if isinstance(item, str) else short_repr(item)}]")
+            steps += 1
+            break
+        if item == "[key]":
+            parts.append(" (its key)")
+            steps += 1
+            continue
+        if isinstance(current, dict):
+            try:
+                found = item in current
+            except TypeError:
+                found = False
+            if found:
+                parts.append(f"[{json.dumps(item, ensure_ascii=False) if isinstance(item, str) else short_repr(item)}]")
+                current, steps = current[item], steps + 1
+            continue
+        if isinstance(item, int) and not isinstance(current, (str, bytes)):
+            try:
+                current = current[item]
+            except Exception:
+                continue
+            parts.append(f"[{item}]")
+            steps += 1
+    return "".join(parts), steps
+
+
+_ARGS_HEADER = re.compile(r"^(Args|Arguments|Parameters):\s*$")
+_ARG_LINE = re.compile(r"^(\*{0,2}\w+)\s*(\([^)]*\))?\s*:\s*(.*)$")
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its summary paragraph and ``Args:`` descriptions."""
+    lines = doc.splitlines()
+    summary_lines = []
+    for line in lines:
+        if not line.strip():
+            break
+        summary_lines.append(line.strip())
+    args: dict[str, str] = {}
+    in_args = False
+    current = None
+    indent = None
+    for line in lines:
+        if _ARGS_HEADER.match(line.strip()) and not line.startswith(" "):
+            in_args, current, indent = True, None, None
+            continue
+        if not in_args:
+            continue
+        if line.strip() and not line.startswith(" "):
+            break  # the next section
+        stripped = line.strip()
+        if not stripped:
+            continue
+        this_indent = len(line) - len(line.lstrip())
+        match = _ARG_LINE.match(stripped)
+        if match and (indent is None or this_indent <= indent):
+            indent = this_indent
+            current = match.group(1).lstrip("*")
+            args[current] = match.group(3).strip()
+        elif current is not None:
+            args[current] = (args[current] + " " + stripped).strip()
+    return " ".join(summary_lines), args
