@@ -179,7 +179,7 @@ class Run:
     delay: float
     double: bool
     detail: str = ""
-    phase: str = "starting"  # when the signal was sent: starting, ready, busy
+    phase: str = "starting"  # when the signal was sent: importing (embed only), starting, ready, busy
     exited: bool = False
     hang: bool = False
     exit_after: float | None = None  # seconds from the (first) signal to the exit
@@ -334,6 +334,8 @@ def one_run(run: Run, args: argparse.Namespace, rng: random.Random) -> tuple[Run
     workers = sum("trio_bridge.worker" in " ".join(_cmdline(p)) for p in watcher.workers.values())
     run.phase = "busy" if watcher.has_line("BUSY") else "ready" if watcher.has_line("WORKERS") or (
         run.mode == "cli" and workers >= POOL_SIZE) else "starting"
+    if run.mode == "embed" and not watcher.has_line("HOST"):
+        run.phase = "importing"  # still in Python's imports: before any code of ours or the program's
     if process.poll() is not None:
         run.phase = "exited-before-signal"
     sent = time.monotonic()
@@ -371,13 +373,18 @@ def one_run(run: Run, args: argparse.Namespace, rng: random.Random) -> tuple[Run
     run.code_ok = run.exited and process.returncode in expected_codes(run.mode, signum)
     watcher.join()
     stderr = "\n".join(watcher.stderr)
-    run.bad_exceptions = bad_exceptions(stderr)
+    # A signal during the program's imports gets Python's own handling (e.g. a RuntimeError
+    # "Error calling __set_name__" wrapping the KeyboardInterrupt): not judged.
+    run.bad_exceptions = [] if run.phase == "importing" else bad_exceptions(stderr)
     if run.bad_exceptions or run.hang or not run.code_ok:
         run.stderr_tail = "\n".join(watcher.stderr[-400 if run.hang else -40:])
     run.procs_seen = sorted(watcher.workers)
     pending = {
         "run": run, "due": time.monotonic() + args.linger, "workers": watcher.workers, "tmpdir": tmpdir,
-        "shm_new": set(watcher.shm_dirs) | (set(glob.glob(SHM_GLOB)) - shm_before),
+        # Only this host's (the name carries its pid): other programs may run pools meanwhile.
+        "shm_new": set(watcher.shm_dirs) | {
+            d for d in set(glob.glob(SHM_GLOB)) - shm_before if os.path.basename(d).startswith(f"trio-bridge-{process.pid}-")
+        },
     }
     return run, pending
 

@@ -1,4 +1,5 @@
-"""PythonAdapter: call any (allowed) Python in the workers, keep objects per session."""
+"""PythonAdapter: call any (allowed) Python in the workers, keep objects per session (workers in
+threads, except where a worker's death or shared memory is the point)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,21 @@ import trio
 
 import trio_bridge
 from trio_bridge import EncodeError, InvalidArgumentError, StoredObjectLostError, ToolError
-
-pytestmark = pytest.mark.real_process
+from trio_bridge.testing import open_pool_in_threads
 
 PYTHON = "trio_bridge.adapters:PythonAdapter"
 ALLOW = {"allow": ["numpy", "sklearn"]}
 
 
 async def test_nothing_is_allowed_until_configured():
-    async with trio_bridge.open_pool(PYTHON, size=1) as pool:
+    async with open_pool_in_threads(PYTHON, size=1) as pool:
         with pytest.raises(ToolError, match=r"no module is allowed yet.*adapter_options=") as info:
             await pool.call("numpy.linalg.norm", [3, 4])
         assert info.value.remote_type == "PermissionError"
 
 
 async def test_calls_inside_the_allowlist_and_refusals_outside():
-    async with trio_bridge.open_pool(PYTHON, size=1, adapter_options=ALLOW) as pool:
+    async with open_pool_in_threads(PYTHON, size=1, adapter_options=ALLOW) as pool:
         assert await pool.call("numpy.linalg.norm", [3, 4]) == 5.0
         assert (await pool.call("numpy.arange", 4)).tolist() == [0, 1, 2, 3]
         assert await pool.call("numpy.pi") == np.pi  # a plain attribute is read, not called
@@ -42,7 +42,7 @@ async def test_calls_inside_the_allowlist_and_refusals_outside():
 
 
 async def test_a_fit_predict_pipeline_on_the_digits_data():
-    async with trio_bridge.open_pool(PYTHON, size=2, adapter_options=ALLOW) as pool:
+    async with open_pool_in_threads(PYTHON, size=2, adapter_options=ALLOW) as pool:
         async with pool.session() as session:
             assert await session.call("sklearn.datasets.load_digits", store_as="digits") == {
                 "stored": "digits", "type": "sklearn.utils._bunch.Bunch"
@@ -72,6 +72,7 @@ async def test_a_fit_predict_pipeline_on_the_digits_data():
             assert "x_train" not in await session.list_stored()
 
 
+@pytest.mark.real_process
 async def test_a_stored_object_lost_with_its_worker_is_reported_as_lost():
     async with trio_bridge.open_pool(PYTHON, size=2, adapter_options=ALLOW, restart_backoff=(0.05, 0.5)) as pool:
         async with pool.session() as session:
@@ -87,6 +88,7 @@ async def test_a_stored_object_lost_with_its_worker_is_reported_as_lost():
             assert await session.call("stored.numbers.sum") == 3
 
 
+@pytest.mark.real_process
 async def test_large_results_leave_no_shared_memory_file():
     async with trio_bridge.open_pool(PYTHON, size=1, adapter_options=ALLOW) as pool:
         ones = await pool.call("numpy.ones", 400_000)  # 3.2 MB: through shared memory

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import trio
 
-import trio_bridge
+from tests.helpers import wait_for
 from trio_bridge import (
     InvalidVariableError,
     SessionNotFoundError,
@@ -14,20 +14,13 @@ from trio_bridge import (
     VariableLockedError,
     VersionConflictError,
 )
-
-pytestmark = pytest.mark.real_process
+from trio_bridge.testing import open_pool_in_threads
 
 STATEFUL = "tests.state_adapters:Stateful"
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not await predicate():
-            await trio.sleep(0.02)
-
-
 async def test_a_tool_sees_the_value_set_just_before_it_with_no_round_trip_when_unchanged():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.7, constraints={"min": 0, "max": 2})
         for i in range(1, 11):
             await session.set_variable("temperature", i / 10)
@@ -39,7 +32,7 @@ async def test_a_tool_sees_the_value_set_just_before_it_with_no_round_trip_when_
 
 
 async def test_a_host_watcher_sees_a_write_by_a_worker_tool():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool, pool.session() as session:
         await session.register_variable("model", "choice", "small", constraints={"choices": ["small", "large"]})
         async with session.watch_variables(["model"]) as updates:
             first = await updates.next_batch()
@@ -52,7 +45,7 @@ async def test_a_host_watcher_sees_a_write_by_a_worker_tool():
 
 
 async def test_a_refused_write_from_a_worker_raises_there_and_changes_nothing():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.7, constraints={"min": 0, "max": 2})
         result = await session.execute("write", {"name": "temperature", "value": 5.0})
         assert result["error"] == "InvalidVariableError" and "above the maximum 2" in result["message"]
@@ -64,7 +57,7 @@ async def test_a_refused_write_from_a_worker_raises_there_and_changes_nothing():
 
 
 async def test_worker_registers_batches_and_async_tools_write():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool, pool.session() as session:
         assert await session.execute("register", {"name": "steps", "type": "integer", "value": 3, "constraints": {"min": 1}}) == 0
         await session.register_variable("prompt", "string", "hi")
         names = await session.execute("write_batch", {"updates": {"steps": 4, "prompt": "hello"}})
@@ -76,7 +69,7 @@ async def test_worker_registers_batches_and_async_tools_write():
 
 
 async def test_a_worker_watches_changes_made_by_the_host_while_its_tool_runs():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool, pool.session() as session:
         await session.register_variable("t", "float", 0.0)
         async with trio.open_nursery() as nursery:
             result = {}
@@ -100,7 +93,7 @@ async def test_a_worker_watches_changes_made_by_the_host_while_its_tool_runs():
 
 
 async def test_version_conflicts_locks_history_rollback_and_arrays_through_the_session_api():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool, pool.session() as session:
         var = await session.register_variable("temperature", "float", 0.7)
         var = await session.set_variable("temperature", 0.9, expected_version=var.version)
         with pytest.raises(VersionConflictError):
@@ -122,7 +115,7 @@ async def test_version_conflicts_locks_history_rollback_and_arrays_through_the_s
 
 
 async def test_workers_are_told_when_a_session_starts_and_ends_and_it_is_gone_for_good():
-    async with trio_bridge.open_pool(STATEFUL, size=1) as pool:
+    async with open_pool_in_threads(STATEFUL, size=1) as pool:
         async with pool.session("job-1", metadata={"user": "ada", "priority": 2}) as session:
             await session.execute("pid")
             await session.execute("pid")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import random
 import signal
@@ -44,20 +45,29 @@ def _seed() -> int:
 
 
 def _storm(mode: str, plan: list[tuple[str, bool]], max_delay: float) -> tuple[int, list[Run]]:
-    """Run the host once per (signal, twice?) in ``plan``, each signal at a random moment."""
+    """Run the host once per (signal, twice?) in ``plan``, each signal at a random moment; two
+    hosts at a time (a loaded machine is part of the test)."""
     seed = _seed()
-    rng = random.Random(seed)
     args = _storm_args()
-    runs, checks = [], []
-    for index, (sig, double) in enumerate(plan):
-        run = Run(index=index, mode=mode, signal=sig, delay=round(rng.uniform(0.05, max_delay), 3), double=double)
-        run, check = one_run(run, args, rng)
-        runs.append(run)
-        checks.append(check)
-    for check in checks:
+    delays = random.Random(seed)
+
+    def run_one(index: int, sig: str, double: bool, delay: float) -> tuple[Run, dict]:
+        run = Run(index=index, mode=mode, signal=sig, delay=delay, double=double)
+        return one_run(run, args, random.Random(seed + index))
+
+    # Stratified: one moment in each of len(plan) equal bands of (0.05, max_delay), in random order.
+    band = (max_delay - 0.05) / len(plan)
+    moments = [round(0.05 + band * (i + delays.random()), 3) for i in range(len(plan))]
+    delays.shuffle(moments)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
+        futures = [
+            executor.submit(run_one, index, sig, double, moments[index]) for index, (sig, double) in enumerate(plan)
+        ]
+        results = [f.result() for f in futures]
+    for _, check in results:
         time.sleep(max(0.0, check["due"] - time.monotonic()))
         finish_check(check)
-    return seed, runs
+    return seed, [run for run, _ in results]
 
 
 def _problems(runs: list[Run], codes: dict[str, set[int]]) -> list[str]:
@@ -87,7 +97,7 @@ def test_the_cli_stops_cleanly_on_sigint_and_sigterm_at_random_moments():
     # 3 of each (benchmarks/signal_storm.py runs 100 and more); two runs get a second signal
     # (which skips the drain).
     plan = [("INT" if i % 2 == 0 else "TERM", i in (3, 4)) for i in range(6)]
-    seed, runs = _storm("cli", plan, max_delay=1.6)
+    seed, runs = _storm("cli", plan, max_delay=2.2)
     # Exit status 130 / 143; -N (killed by the signal itself, which a shell also shows as 128 + N)
     # only when the signal came before the CLI had installed its handlers, when no pool exists yet.
     codes = {"INT": {130, -signal.SIGINT}, "TERM": {143, -signal.SIGTERM}}

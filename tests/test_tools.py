@@ -14,8 +14,7 @@ import trio
 import trio_bridge
 from trio_bridge import InvalidArgumentError, PoolSaturatedError, ToolError
 from trio_bridge._core.tools import define_tool
-
-real_process = pytest.mark.real_process  # the pure tests at the end start no process
+from trio_bridge.testing import open_pool_in_threads
 
 AGENT = "tests.tool_adapters:Agent"
 
@@ -58,9 +57,8 @@ def register_tools(pool: trio_bridge.Pool, log: list) -> None:
         return await pool.execute(tool)
 
 
-@real_process
 async def test_a_worker_calls_host_tools_and_gets_decoded_values():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, [])
         assert await pool.execute("ask_host", {"name": "lookup", "arguments": {"word": "cat"}}) == ["cat-0", "cat-1", "cat-2"]
         assert await pool.execute("ask_host_async", {"name": "parse", "arguments": {"text": "a b"}}) == {"words": ["a", "b"]}
@@ -72,9 +70,8 @@ async def test_a_worker_calls_host_tools_and_gets_decoded_values():
         assert sides[("tail", "host")] is True and sides[("tail", "worker")] is False  # separate namespaces
 
 
-@real_process
 async def test_the_proxy_carries_the_docstring_and_signature():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, [])
         described = await pool.execute("describe_proxy", {"name": "lookup"})
     assert described["doc"].startswith("Look a word up in the host's index")
@@ -83,9 +80,8 @@ async def test_the_proxy_carries_the_docstring_and_signature():
     assert {"lookup", "parse", "tail"} <= set(described["names"])
 
 
-@real_process
 async def test_host_tool_errors_reach_the_worker_clearly():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, [])
         unknown = await pool.execute("ask_host_safely", {"name": "nope", "arguments": {}})
         assert unknown["error"] == "ToolNotFoundError" and "lookup" in unknown["message"] and "parse" in unknown["message"]
@@ -98,9 +94,8 @@ async def test_host_tool_errors_reach_the_worker_clearly():
             await pool.execute("ask_host", {"name": "explode", "arguments": {"message": "boom"}})
 
 
-@real_process
 async def test_a_per_session_host_tool_is_invisible_to_other_sessions():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         async with pool.session() as mine, pool.session() as other:
             mine.register_host_tool(lambda: "classified", name="secret")
             assert await mine.execute("ask_host", {"name": "secret", "arguments": {}}) == "classified"
@@ -112,10 +107,9 @@ async def test_a_per_session_host_tool_is_invisible_to_other_sessions():
             assert (await later.execute("ask_host_safely", {"name": "secret", "arguments": {}}))["error"] == "ToolNotFoundError"
 
 
-@real_process
 async def test_cancelling_the_outer_call_cancels_the_host_tool():
     log: list[str] = []
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, log)
         for tool in ("ask_host", "ask_host_async"):  # a sync tool in a thread, and an async tool
             with trio.move_on_after(0.5):
@@ -127,10 +121,9 @@ async def test_cancelling_the_outer_call_cancels_the_host_tool():
         assert await pool.execute("pid") > 0
 
 
-@real_process
 async def test_the_callers_deadline_bounds_the_host_tool():
     log: list[str] = []
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, log)
         with trio.move_on_after(1.0):
             await pool.execute("ask_host_safely", {"name": "slow", "arguments": {"seconds": 30}})
@@ -139,32 +132,29 @@ async def test_the_callers_deadline_bounds_the_host_tool():
                 await trio.sleep(0.02)
 
 
-@real_process
 async def test_worker_to_worker_calls_are_routed_by_the_host():
-    async with trio_bridge.open_pool(AGENT, size=2) as pool:
+    async with open_pool_in_threads(AGENT, size=2) as pool:
         result = await pool.execute("relay", {"x": 1.5})
-        assert result["other"]["x"] == 1.5 and result["other"]["pid"] != result["me"]
+        assert result["other"]["x"] == 1.5 and result["other"]["worker"] != result["me"]
         async with pool.session() as session:
             assert (await session.execute("relay", {"x": 2.0}))["other"]["x"] == 2.0
 
 
-@real_process
 async def test_reentrant_calls_that_would_deadlock_a_pool_of_one_fail_clearly():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, [])
         with trio.fail_after(10):  # the point: no hang
             with pytest.raises(ToolError, match="would deadlock"):
                 await pool.execute("ask_host", {"name": "reenter", "arguments": {"tool": "pid"}})
             with pytest.raises(ToolError, match="would deadlock"):
                 await pool.execute("relay", {"x": 1.0})
-    async with trio_bridge.open_pool(AGENT, size=1, concurrency=2) as pool:  # a free slot: it works
+    async with open_pool_in_threads(AGENT, size=1, concurrency=2) as pool:  # a free slot: it works
         register_tools(pool, [])
         assert await pool.execute("ask_host", {"name": "reenter", "arguments": {"tool": "pid"}}) > 0
 
 
-@real_process
 async def test_host_tool_registration_is_validated():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         register_tools(pool, [])
         for kwargs, message in (
             ({"name": "9lives"}, "invalid tool name"),
@@ -178,9 +168,8 @@ async def test_host_tool_registration_is_validated():
         assert PoolSaturatedError  # the re-entrancy guard's error type is public
 
 
-@real_process
 async def test_big_ints_cross_both_ways_and_mistyped_arguments_are_refused_before_the_tool_runs():
-    async with trio_bridge.open_pool(AGENT, size=1) as pool:
+    async with open_pool_in_threads(AGENT, size=1) as pool:
         pool.host_tool(lambda: -(10**5000), name="big")
         assert await pool.execute("ask_host", {"name": "big", "arguments": {}}) == -(10**5000)
         with pytest.raises(InvalidArgumentError, match=re.escape("tool 'where': argument 'x': expected a number, got 'a'")):

@@ -7,23 +7,16 @@ from __future__ import annotations
 import pytest
 import trio
 
-import trio_bridge
+from tests.helpers import wait_for
 from trio_bridge import ToolError, VariableLockedError
-
-pytestmark = pytest.mark.real_process
+from trio_bridge.testing import open_pool_in_threads
 
 VARIABLES = "tests.state_adapters:Variables"
 
 
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not await predicate():
-            await trio.sleep(0.02)
-
-
 @pytest.mark.parametrize("tool", ["tour", "atour"])
 async def test_a_worker_tool_lists_reads_history_rolls_back_adds_dependencies_and_deletes(tool):
-    async with trio_bridge.open_pool(VARIABLES, size=1) as pool, pool.session(ttl=600, metadata={"user": "ada"}) as session:
+    async with open_pool_in_threads(VARIABLES, size=1) as pool, pool.session(ttl=600, metadata={"user": "ada"}) as session:
         await session.register_variable("temperature", "float", 0.7, constraints={"min": 0, "max": 2})
         await session.register_variable("model", "choice", "small", constraints={"choices": ["small", "large"]})
         seen = await session.execute(tool)
@@ -50,7 +43,7 @@ async def test_a_worker_tool_lists_reads_history_rolls_back_adds_dependencies_an
 
 
 async def test_refusals_reach_the_worker_tool_as_the_hosts_errors():
-    async with trio_bridge.open_pool(VARIABLES, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(VARIABLES, size=1) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.7)
         await session.register_variable("model", "string", "small")
         await session.add_dependency("temperature", "model")
@@ -63,7 +56,7 @@ async def test_refusals_reach_the_worker_tool_as_the_hosts_errors():
 @pytest.mark.parametrize("tool", ["optimize", "aoptimize"])
 async def test_a_workers_optimizer_lock_refuses_the_hosts_writes_until_its_tool_ends(tool):
     optimizer = "worker-grid" if tool == "optimize" else "worker-agrid"
-    async with trio_bridge.open_pool(VARIABLES, size=2) as pool, pool.session() as session:
+    async with open_pool_in_threads(VARIABLES, size=2) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.7, constraints={"min": 0, "max": 2})
 
         # Ends normally: the tool wrote through the lock, and released it.
@@ -111,7 +104,7 @@ async def test_a_workers_optimizer_lock_refuses_the_hosts_writes_until_its_tool_
 
 
 async def test_a_tool_sees_the_hosts_optimizer_lock_and_is_refused_while_it_is_held():
-    async with trio_bridge.open_pool(VARIABLES, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(VARIABLES, size=1) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.7)
         assert (await session.execute("read", {"name": "temperature"}))["optimizer_id"] is None
         async with session.optimizing("temperature", optimizer_id="grid") as opt:
@@ -124,7 +117,7 @@ async def test_a_tool_sees_the_hosts_optimizer_lock_and_is_refused_while_it_is_h
 
 
 async def test_a_worker_watcher_gets_every_change_within_its_buffer_and_the_latest_beyond():
-    async with trio_bridge.open_pool(VARIABLES, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(VARIABLES, size=1) as pool, pool.session() as session:
         await session.register_variable("steps", "integer", 0)
         # Within its buffer: all of them, in order.
         seen = await session.execute("watch_burst", {"name": "steps", "count": 20, "buffer_size": 100, "pause": 0.0})
@@ -136,7 +129,7 @@ async def test_a_worker_watcher_gets_every_change_within_its_buffer_and_the_late
 
 
 async def test_a_host_watcher_has_a_buffer_size():
-    async with trio_bridge.open_pool(VARIABLES, size=1) as pool, pool.session() as session:
+    async with open_pool_in_threads(VARIABLES, size=1) as pool, pool.session() as session:
         await session.register_variable("t", "integer", 0)
         async with session.watch_variables(["t"], include_initial=False, buffer_size=3) as updates:
             for value in range(1, 4):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import uuid
 
 from trio_bridge._errors import TrioBridgeError
 from trio_bridge.worker import Adapter, SessionContext, tool
@@ -46,11 +47,15 @@ class Agent(Adapter):
     @tool
     def relay(self, ctx: SessionContext, x: float) -> dict:
         """Call another worker's tool through the host."""
-        return {"me": os.getpid(), "other": ctx.call_tool("where", x=x)}
+        return {"me": self._instance(), "other": ctx.call_tool("where", x=x)}
 
     @tool
     def where(self, x: float) -> dict:
-        return {"pid": os.getpid(), "x": x}
+        return {"worker": self._instance(), "x": x}
+
+    def _instance(self) -> str:
+        """This worker's adapter instance (workers in threads share a pid)."""
+        return self.__dict__.setdefault("_instance_id", uuid.uuid4().hex)
 
     @tool
     def pid(self) -> int:

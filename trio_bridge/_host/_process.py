@@ -14,11 +14,32 @@ own code can clean that up.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import signal
 import subprocess
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
+
+
+class LaunchedWorker(Protocol):
+    """What a worker handle needs of whatever runs its worker: a :class:`WorkerProcess`, or
+    (``trio_bridge.testing.open_pool_in_threads``) a worker in a thread of this process."""
+
+    pid: int
+    stdout: Any  # a Trio receive stream: the ready line
+    stderr: Any  # a Trio receive stream: closed when the worker ends
+    returncode: int | None
+    own_group: bool  # it leads a process group of its own (signalled and watched as a whole)
+
+    async def wait(self) -> int: ...
+
+    def signal_group(self, signum: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
 
 
 class WorkerProcess:
@@ -43,6 +64,7 @@ class WorkerProcess:
         self._exited = trio.Event()
         self._watching = False
         self._pidfd: int | None = None
+        self.own_group = True
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
             self._pidfd = os.pidfd_open(self.pid)
 
@@ -108,3 +130,10 @@ def _exited_unreaped(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+#: How the workers of pools opened in this context are launched: ``launch(command, env)``, read
+#: once when a pool opens (``trio_bridge.testing.open_pool_in_threads`` sets it).
+launcher: contextvars.ContextVar[Callable[[list[str], dict[str, str]], LaunchedWorker]] = contextvars.ContextVar(
+    "trio_bridge_launcher", default=WorkerProcess.spawn
+)

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, final
 
 import trio
@@ -20,7 +20,7 @@ import trio
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._aio import Boundary, TransportError
 from trio_bridge._host._janitor import Janitor
-from trio_bridge._host._process import WorkerProcess
+from trio_bridge._host._process import LaunchedWorker, launcher
 from trio_bridge._util import public_module
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
@@ -110,6 +110,8 @@ class WorkerSpec:
     startup_timeout: float
     heartbeat_interval: float
     adapter_options: str = "{}"  # JSON
+    launch: Callable[[list[str], dict[str, str]], LaunchedWorker] = field(default_factory=launcher.get)
+    """Starts a worker: ``launch(command, env)`` (default: :meth:`WorkerProcess.spawn`)."""
 
 
 class WorkerHandle:
@@ -136,7 +138,7 @@ class WorkerHandle:
         self.stderr_closed: trio.Event = trio.Event()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._boundary = boundary
-        self._process: WorkerProcess | None = None
+        self._process: LaunchedWorker | None = None
         self._janitor = janitor
         self._stub: pb.WorkerServiceStub | None = None
         self._call_scopes: set[trio.CancelScope] = set()
@@ -279,15 +281,16 @@ class WorkerHandle:
             "--concurrency", str(spec.concurrency), "--heartbeat-interval", str(spec.heartbeat_interval),
         ]
         try:
-            process = WorkerProcess.spawn(command, env)
+            process = spec.launch(command, env)
         except OSError as exc:
             raise WorkerStartError(
                 f"cannot start {spec.python!r}: {exc} (adapter {spec.adapter!r})", worker_id=self.id,
             ) from None
         self._process = process
         self.pid = process.pid
-        if self._janitor is not None:
-            self._janitor.watch_group(process.pid)
+        janitor = self._janitor if process.own_group else None
+        if janitor is not None:
+            janitor.watch_group(process.pid)
         channel = None
         try:
             async with trio.open_nursery() as nursery:
@@ -330,8 +333,8 @@ class WorkerHandle:
                     self._wire().close_channel(channel)
                 await self._stop_process(process)
                 await process.aclose()
-                if self._janitor is not None:
-                    self._janitor.forget_group(process.pid)
+                if janitor is not None:
+                    janitor.forget_group(process.pid)
 
     async def _read_ready_line(self, stdout: Any) -> str:
         buffer = b""
@@ -378,14 +381,14 @@ class WorkerHandle:
                 self.stderr_tail.append(pending.decode(errors="replace"))
             self.stderr_closed.set()
 
-    async def _wait_exit(self, process: WorkerProcess) -> None:
+    async def _wait_exit(self, process: LaunchedWorker) -> None:
         self.exit_code = await process.wait()
         self._enter(WorkerState.DEAD)
         self.exited.set()
         for scope in list(self._call_scopes):
             scope.cancel()
 
-    async def _stop_process(self, process: WorkerProcess) -> None:
+    async def _stop_process(self, process: LaunchedWorker) -> None:
         """Terminate, then kill, its whole process group: nothing outlives the handle."""
         if process.returncode is None:
             process.signal_group(signal.SIGTERM)

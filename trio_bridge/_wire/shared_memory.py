@@ -19,6 +19,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 SHM_ROOT = "/dev/shm"
@@ -88,11 +89,12 @@ class SharedMemoryPlane:
         return removed
 
     @classmethod
-    def from_environment(cls) -> SharedMemoryPlane | None:
-        directory = os.environ.get(DIRECTORY_ENV)
+    def from_environment(cls, env: Mapping[str, str]) -> SharedMemoryPlane | None:
+        """The plane a worker's environment names (``None``: in-band only)."""
+        directory = env.get(DIRECTORY_ENV)
         if not directory:
             return None
-        return cls(directory, int(os.environ.get(THRESHOLD_ENV) or DEFAULT_THRESHOLD))
+        return cls(directory, int(env.get(THRESHOLD_ENV) or DEFAULT_THRESHOLD))
 
     def environment(self) -> dict[str, str]:
         return {DIRECTORY_ENV: self.directory, THRESHOLD_ENV: str(self.threshold)}

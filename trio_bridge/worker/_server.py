@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -361,8 +361,8 @@ def _deadline_error() -> pb.ErrorInfo:
 # process entry point
 
 
-async def _heartbeat(host: HostClient, service: WorkerService, interval: float) -> None:
-    """Tell the host we are alive; exit if it says it no longer knows us."""
+async def _heartbeat(host: HostClient, service: WorkerService, interval: float, forgotten: list[int]) -> None:
+    """Tell the host we are alive; stop (exit code ``EXIT_HOST_GONE``) if it no longer knows us."""
     while True:
         try:
             reply = await host.stub.heartbeat(
@@ -371,14 +371,33 @@ async def _heartbeat(host: HostClient, service: WorkerService, interval: float) 
             )
             if not reply.known:
                 print(f"trio-bridge worker {host.worker_id}: the host no longer knows this worker; exiting", file=sys.stderr)
-                os._exit(EXIT_HOST_GONE)
+                forgotten.append(EXIT_HOST_GONE)
+                service.stopped.set()
+                return
         except (OSError, GRPCError, TimeoutError):
             pass  # the lifeline decides whether the host is gone
         await asyncio.sleep(interval)
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    shared_memory.default_plane = SharedMemoryPlane.from_environment()
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's command line (``python -m trio_bridge.worker --help``)."""
+    parser = argparse.ArgumentParser(prog="python -m trio_bridge.worker", description="Run one trio-bridge worker.")
+    parser.add_argument("--adapter", required=True, help="package.module:ClassName")
+    parser.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT (port 0: any free port)")
+    parser.add_argument("--concurrency", type=int, default=1, help="calls served at once (default 1)")
+    parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between heartbeats to the host")
+    parser.add_argument("--no-lifeline", action="store_true", help="do not exit when stdin closes (manual runs)")
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None]) -> int:
+    """Load the adapter, run ``setup()``, serve until told to stop; return the exit code.
+
+    ``env``: the worker's environment (the pool's secret, the host's address, the worker id,
+    adapter options). ``announce(address)`` is called once the server listens (a process prints
+    the ready line). The caller owns the process-wide parts: the lifeline, the shared-memory
+    plane (``shared_memory.default_plane``) and exiting.
+    """
     try:
         cls = load_adapter_class(args.adapter)
     except BaseException:
@@ -386,20 +405,20 @@ async def _serve(args: argparse.Namespace) -> int:
         return EXIT_ADAPTER_IMPORT
     try:
         adapter = cls()
-        adapter.options = json.loads(os.environ.get(ADAPTER_OPTIONS_ENV) or "{}")
+        adapter.options = json.loads(env.get(ADAPTER_OPTIONS_ENV) or "{}")
         result: Any = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)  # setup may be async def
         if asyncio.iscoroutine(result):
             await result
-        host_address = os.environ.get(HOST_ADDRESS_ENV)
+        host_address = env.get(HOST_ADDRESS_ENV)
         host = None
         if host_address:
-            host = HostClient(host_address, os.environ.get(SECRET_ENV, ""), os.environ.get(WORKER_ID_ENV, ""), asyncio.get_running_loop())
+            host = HostClient(host_address, env.get(SECRET_ENV, ""), env.get(WORKER_ID_ENV, ""), asyncio.get_running_loop())
         service = WorkerService(args.adapter, adapter, args.concurrency, host)
     except BaseException:
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server = new_server([service], os.environ.get(SECRET_ENV, ""))
+    server = new_server([service], env.get(SECRET_ENV, ""))
     try:
         scheme, where, port = parse_address(args.listen)
     except ValueError as exc:
@@ -414,13 +433,12 @@ async def _serve(args: argparse.Namespace) -> int:
         bound = listener.getsockname()
         await server.start(sock=listener)
         address = f"tcp:{bound[0]}:{bound[1]}"
-    sys.stdout.write(READY_PREFIX + address + "\n")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    announce(address)
 
     tasks = []
+    forgotten: list[int] = []
     if host is not None:
-        tasks.append(asyncio.create_task(_heartbeat(host, service, args.heartbeat_interval)))
+        tasks.append(asyncio.create_task(_heartbeat(host, service, args.heartbeat_interval, forgotten)))
     try:
         await service.stopped.wait()
     finally:
@@ -433,20 +451,21 @@ async def _serve(args: argparse.Namespace) -> int:
         if host is not None:
             host.close()
         service.executor.shutdown(wait=False, cancel_futures=True)
-    return 0
+    return forgotten[0] if forgotten else 0
+
+
+def _print_ready_line(address: str) -> None:
+    sys.stdout.write(READY_PREFIX + address + "\n")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trio_bridge.worker", description="Run one trio-bridge worker.")
-    parser.add_argument("--adapter", required=True, help="package.module:ClassName")
-    parser.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT (port 0: any free port)")
-    parser.add_argument("--concurrency", type=int, default=1, help="calls served at once (default 1)")
-    parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between heartbeats to the host")
-    parser.add_argument("--no-lifeline", action="store_true", help="do not exit when stdin closes (manual runs)")
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv)
     if not args.no_lifeline:
         start_lifeline(os.getppid())
-    code = asyncio.run(_serve(args))
+    shared_memory.default_plane = SharedMemoryPlane.from_environment(os.environ)
+    code = asyncio.run(serve(args, os.environ, _print_ready_line))
     sys.stdout.flush()
     sys.stderr.flush()
     # Sync tools still running in threads after the drain grace must not keep the process alive.

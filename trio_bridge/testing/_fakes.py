@@ -43,10 +43,6 @@ from trio_bridge._wire.errors import DEADLINE_EXCEEDED, SHUTTING_DOWN, TOOL_ERRO
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import tool_spec
 
-__all__ = [
-    "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "StartAttempt", "open_fake_pool", "stubborn",
-]
-
 F = TypeVar("F", bound=Callable[..., Any])
 FAKE_ADAPTER = "trio_bridge.testing:FakeWorker"
 # open_pool options that only concern processes: accepted, and without effect on fakes.

@@ -1,0 +1,27 @@
+"""Small helpers the tests share."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` (sync or async) until it is true; ``trio.TooSlowError`` after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await trio.sleep(interval)
+
+
+def marks(marker_dir: Path, name: str) -> list[str]:
+    """What the test adapters' tool ``name`` left in the marker directory (see conftest's ``marker_dir``)."""
+    return [p.read_text() for p in marker_dir.glob(f"{name}.*") if p.suffix != ".tmp"]

@@ -1,0 +1,176 @@
+"""Calls, errors, streams and cancellation through a pool, against the real worker side and the
+real wire, with workers in threads (``trio_bridge.testing.open_pool_in_threads``); what needs
+worker processes is in ``test_pool.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from tests.helpers import marks, wait_for
+from trio_bridge import EncodeError, InvalidArgumentError, ToolError, ToolNotFoundError
+from trio_bridge.testing import open_pool_in_threads
+
+ECHO = "tests.adapters:Echo"
+
+
+async def test_execute_round_trips_values_including_arrays():
+    value = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "nested": [b"\x00raw", {"n": 2**70}], "f": float("-inf")}
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        assert await pool.execute("add", {"a": 40}) == 42
+        result = await pool.execute("echo", {"value": value})
+    assert result["x"].dtype == np.float32 and result["x"].shape == (3, 4)
+    assert np.array_equal(result["x"], value["x"])
+    assert result["nested"] == [b"\x00raw", {"n": 2**70}] and result["f"] == float("-inf")
+
+
+async def test_each_kind_of_bad_call_has_its_own_clear_error():
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        with pytest.raises(ToolNotFoundError) as not_found:
+            await pool.execute("nope")
+        assert "add" in not_found.value.available and "echo" in str(not_found.value)
+        with pytest.raises(InvalidArgumentError, match="missing required argument"):
+            await pool.execute("add", {})
+        with pytest.raises(InvalidArgumentError, match="unknown argument"):
+            await pool.execute("add", {"a": 1, "bogus": 2})
+        with pytest.raises(ToolError) as raised:
+            await pool.execute("fail", {"message": "boom"})
+        assert raised.value.remote_type == "ValueError" and raised.value.remote_message == "boom"
+        assert "in fail" in raised.value.remote_traceback and "raise ValueError(message)" in raised.value.remote_traceback
+        with pytest.raises(EncodeError, match=r'result\["items"\]\[3\]: object of type Unencodable'):
+            await pool.execute("unencodable")
+        with pytest.raises(EncodeError, match=r'arguments\["value"\]: object of type object'):
+            await pool.execute("echo", {"value": object()})
+        with pytest.raises(InvalidArgumentError, match="is a streaming tool"):
+            await pool.execute("count", {"n": 1})
+        # none of that hurt the worker
+        assert pool.statistics().restarts == 0
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_stream_yields_chunks_in_order_then_ends():
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        async with pool.stream("count", {"n": 1000}) as chunks:
+            assert [c async for c in chunks] == list(range(1000))
+        async with pool.stream("async_count", {"n": 3}) as chunks:
+            assert [c async for c in chunks] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+async def test_stream_error_arrives_after_the_chunks_before_it():
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        got = []
+        with pytest.raises(ToolError, match="broke after 5"):
+            async with pool.stream("fail_midway", {"n": 5}) as chunks:
+                async for chunk in chunks:
+                    got.append(chunk)
+        assert got == [0, 1, 2, 3, 4]
+
+
+async def test_leaving_a_stream_early_stops_the_generator(marker_dir):
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        async with pool.stream("count", {"n": 10_000_000, "delay": 0.001}) as chunks:
+            async for chunk in chunks:
+                if chunk == 20:
+                    break
+        await wait_for(lambda: marks(marker_dir, "count"))
+        stopped_at = int(marks(marker_dir, "count")[0])
+        assert 20 < stopped_at < 5000  # its finally ran: it was closed at a yield, not run to the end
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_cancel_scope_around_a_stream_stops_the_generator(marker_dir):
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        worker = pool.workers()[0].id
+        received = 0
+        with trio.move_on_after(0.5) as scope:
+            async with pool.stream("count", {"n": 10_000_000, "delay": 0.001}) as chunks:
+                async for _ in chunks:
+                    received += 1
+        assert scope.cancelled_caught and received > 0
+        await wait_for(lambda: marks(marker_dir, "count"))
+        stopped_at = int(marks(marker_dir, "count")[0])
+        await trio.sleep(0.2)
+        assert int(marks(marker_dir, "count")[0]) == stopped_at < 5000  # no more side effects
+        assert await pool.execute("add", {"a": 1}) == 3
+        assert [w.id for w in pool.workers()] == [worker]  # the same worker serves the next call
+
+
+async def test_slow_consumer_pauses_the_generator():
+    # concurrency 2: the stream holds one slot, produced_so_far uses the other on the same worker
+    async with open_pool_in_threads(ECHO, size=1, concurrency=2) as pool:
+        async with pool.stream("count", {"n": 1_000_000}) as chunks:
+            consumed = 0
+            async for _ in chunks:
+                consumed += 1
+                if consumed % 100 == 0:
+                    await trio.sleep(0.01)
+                if consumed == 2000:
+                    break
+            await trio.sleep(0.3)  # time for a generator without backpressure to run far ahead
+            produced = await pool.execute("produced_so_far")
+        assert produced - consumed < 50_000, (produced, consumed)
+
+
+async def test_cancelling_a_sync_tool_sets_ctx_cancelled_and_frees_the_worker(marker_dir):
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        worker = pool.workers()[0].id
+        with trio.move_on_after(0.3) as scope:
+            await pool.execute("cooperative_sleep", {"seconds": 60})
+        assert scope.cancelled_caught
+        await wait_for(lambda: marks(marker_dir, "cooperative_sleep"))
+        assert marks(marker_dir, "cooperative_sleep") == ["cancelled"]
+        assert await pool.execute("add", {"a": 1}) == 3
+        assert [w.id for w in pool.workers()] == [worker]  # same worker, serving again
+        assert pool.statistics().calls_cancelled == 1
+
+
+async def test_cancelling_an_async_tool_cancels_it_in_the_worker(marker_dir):
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        with trio.move_on_after(0.3):
+            await pool.execute("async_sleep", {"seconds": 60})
+        await wait_for(lambda: marks(marker_dir, "async_sleep"))
+        assert marks(marker_dir, "async_sleep") == ["cancelled"]
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_deadline_of_the_callers_cancel_scope_reaches_the_worker():
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        with trio.fail_after(5):
+            remaining = await pool.execute("echo", {"value": trio.current_effective_deadline() - trio.current_time()})
+        assert 4 < remaining <= 5
+
+
+async def test_tcp_transport_and_statistics():
+    async with open_pool_in_threads(ECHO, size=2, transport="tcp") as pool:
+        assert all(w.address.startswith("tcp:127.0.0.1:") for w in pool.workers())
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(pool.execute, "add", {"a": i})
+        stats = pool.statistics()
+        assert stats.calls_completed == 20 and stats.in_flight == 0 and stats.queued == 0
+        assert 0 < stats.latency_p50 <= stats.latency_p90 <= stats.latency_p99
+        assert sum(w.calls_served for w in pool.workers()) == 20
+        assert all(w.calls_served > 0 for w in pool.workers())  # the burst was spread over both
+
+
+async def test_tcp_pools_send_large_arrays_in_band():
+    big = np.ones(300_000)
+    async with open_pool_in_threads(ECHO, size=1, transport="tcp") as pool:
+        assert pool._plane is None
+        assert np.array_equal(await pool.execute("echo", {"value": big}), big)
+
+
+async def test_a_thread_worker_the_pool_recycles_is_replaced_and_options_threads_lack_are_refused():
+    # A sync tool that ignores cancellation past cancel_grace gets its worker recycled: the
+    # thread worker's server is cancelled (exit code -9, as SIGKILL), and a new one starts.
+    async with open_pool_in_threads(ECHO, size=1, cancel_grace=0.1, restart_backoff=(0.01, 0.01)) as pool:
+        first = pool.workers()[0].id
+        with trio.move_on_after(0.2):
+            await pool.execute("sleep", {"seconds": 1})
+        await wait_for(lambda: [w.id for w in pool.workers() if w.state == "ready"] not in ([], [first]))
+        assert await pool.execute("add", {"a": 1}) == 3
+        assert pool.statistics().calls_cancelled == 1
+    for option in ({"python": "python3"}, {"shared_memory_threshold": 1024}):
+        with pytest.raises(InvalidArgumentError, match="workers in threads take no"):
+            open_pool_in_threads(ECHO, **option)

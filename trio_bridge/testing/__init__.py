@@ -1,0 +1,31 @@
+"""Test support for code that uses trio-bridge.
+
+- :func:`open_fake_pool`: a real pool whose workers are in-memory fakes running plain Python
+  functions as tools, in Trio, on Trio's clock (kill them, hang them, fail their starts; no
+  process, no wire, no worker side).
+- :func:`open_pool_in_threads`: a real pool whose workers run your adapter with the real worker
+  side and the real wire, each in a thread of this process instead of a process (fast to start;
+  no process isolation).
+"""
+
+from trio_bridge.testing._fakes import (
+    FakeContext,
+    FakePool,
+    FakeWorker,
+    FakeWorkers,
+    StartAttempt,
+    open_fake_pool,
+    stubborn,
+)
+from trio_bridge.testing._threads import open_pool_in_threads
+
+__all__ = [
+    "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "StartAttempt", "open_fake_pool",
+    "open_pool_in_threads", "stubborn",
+]
+
+for _name in __all__:  # shown as trio_bridge.testing.X
+    _object = globals()[_name]
+    if getattr(_object, "__module__", "").startswith("trio_bridge.testing."):
+        _object.__module__ = __name__
+del _name, _object
