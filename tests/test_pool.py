@@ -94,7 +94,9 @@ async def test_worker_failing_its_health_check_is_recycled():
 
 
 def _trio_bridge_entries(*roots: str) -> set[str]:
-    return {os.path.join(r, n) for r in roots for n in os.listdir(r) if n.startswith("trio-bridge-")}
+    """This process's pools' entries (their names carry its pid; other programs may run pools too)."""
+    mine = f"trio-bridge-{os.getpid()}-"
+    return {os.path.join(r, n) for r in roots for n in os.listdir(r) if n.startswith(mine)}
 
 
 async def test_closing_leaves_no_process_and_no_file():
