@@ -12,8 +12,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "trio_bridge"
 
 # Deliberate, documented reaches into third-party internals: (file, expression).
 ALLOWED_PRIVATE = {
-    ("_host/_aio.py", "grpclib.utils._current_task"),  # the 3.12+ workaround, see its docstring
-    ("_host/_aio.py", "self.loop._main_loop"),  # restarting a stopped trio-asyncio loop, see its docstring
+    ("_aio.py", "grpclib.utils._current_task"),  # the 3.12+ workaround, see its docstring
+    ("_aio.py", "self.loop._main_loop"),  # restarting a stopped trio-asyncio loop, see its docstring
 }
 
 

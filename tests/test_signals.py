@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from benchmarks.signal_storm import Run, finish_check, one_run
-from trio_bridge._host import _aio
+from trio_bridge import _aio
 
 SHUTDOWN_TIMEOUT = 0.5
 LOAD_MARGIN = 1.5  # seconds on top of shutdown_timeout + 1 for a loaded 2-core machine

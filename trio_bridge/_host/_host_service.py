@@ -35,7 +35,7 @@ from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to
 from trio_bridge._wire.tool_spec import tool_spec
 
 if TYPE_CHECKING:
-    from trio_bridge._host._aio import Boundary
+    from trio_bridge._aio import Boundary
     from trio_bridge._host._router import Route
     from trio_bridge._host._tools import ToolRegistry
     from trio_bridge._wire.shared_memory import SharedMemoryPlane

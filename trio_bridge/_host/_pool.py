@@ -5,7 +5,7 @@ as the host sees it: state, RPCs, life), ``_supervisor`` (start, restart, health
 ``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
 tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group policy),
-``_janitor`` (cleanup after a host that died uncleanly) and ``_aio`` (the trio-asyncio boundary).
+``_janitor`` (cleanup after a host that died uncleanly); the trio-asyncio boundary is ``trio_bridge/_aio.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Final, Literal, TypeVar, final, overload
 import trio
 
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
-from trio_bridge._host import _aio
+from trio_bridge import _aio
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._groups import UserErrorTracker
