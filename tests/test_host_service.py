@@ -15,8 +15,8 @@ import pytest
 import trio
 from grpclib.testing import ChannelFor
 
-from trio_bridge._errors import ToolNotFoundError
 from trio_bridge._aio import Boundary, TransportError, open_boundary
+from trio_bridge._errors import ToolNotFoundError
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._router import Route
 from trio_bridge._host._tools import ToolRegistry

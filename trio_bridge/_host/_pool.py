@@ -26,8 +26,8 @@ from typing import Any, Final, Literal, TypeVar, final, overload
 
 import trio
 
-from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge import _aio
+from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._groups import UserErrorTracker

@@ -17,8 +17,8 @@ from typing import Any, Literal, TypeVar, final
 
 import trio
 
-from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._aio import Boundary, TransportError
+from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._process import LaunchedWorker, launcher
 from trio_bridge._util import public_module
