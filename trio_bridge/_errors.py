@@ -118,6 +118,12 @@ class SessionNotFoundError(TrioBridgeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class StateUnavailableError(TrioBridgeError):
+    """The shared state backend (Redis) cannot be reached: the operation did not happen, or its
+    outcome is unknown if the connection dropped mid-write (the message says which). The pool
+    keeps running, and state calls work again once the backend is back."""
+
+
 class QuotaExceededError(TrioBridgeError):
     """A configured limit would be exceeded: sessions, variables per session, or value bytes."""
 

@@ -295,7 +295,7 @@ def open_pool(
     env: dict[str, str] | None = None,
     adapter_options: dict[str, Any] | None = None,
     shared_memory_threshold: int | None = 1 << 20,
-    state: StateBackend | None = None,
+    state: StateBackend | str | None = None,
     max_sessions: int = 10_000,
     max_variables_per_session: int = 1000,
     max_value_bytes: int = 64 * 2**20,
@@ -337,10 +337,11 @@ def open_pool(
             ``setup()``), e.g. ``{"allow": ["numpy"]}`` for ``PythonAdapter``.
         shared_memory_threshold: numpy arrays of at least this many bytes travel through files
             on ``/dev/shm`` instead of the gRPC stream (Unix transport only; ``None`` disables).
-        state: where sessions and variables live (default: a new in-memory backend with the
-            quotas below; a shared backend lets several hosts share sessions).
+        state: where sessions and variables live: a backend, or a Redis URL
+            (``"redis://host:6379/0"``: a :class:`RedisBackend`, shared by every host that uses
+            it); default: a new in-memory backend. Both get the quotas below.
         max_sessions, max_variables_per_session, max_value_bytes (encoded), history_limit
-            (past values kept per variable): quotas of the default in-memory backend.
+            (past values kept per variable): quotas of the backend made from ``state``.
         handle_signals: while the pool is open, SIGINT and SIGTERM -- where the process still
             has Python's default handlers for them and the pool runs in the main thread --
             cancel the block and close the pool in order, then ``KeyboardInterrupt`` (SIGINT) or
@@ -421,7 +422,7 @@ async def _open_pool(
     shutdown_timeout: float, cancel_grace: float, health_check_interval: float, heartbeat_interval: float,
     restart_backoff: tuple[float, float], no_worker_timeout: float, transport: Transport, python: str | None,
     env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
-    state: StateBackend | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
+    state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int, stop: SignalStop,
 ) -> AsyncIterator[Pool]:
     size = size if size is not None else (os.cpu_count() or 1)
@@ -496,12 +497,26 @@ async def _open_pool(
 
 
 def default_state(
-    state: StateBackend | None, *, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
+    state: StateBackend | str | None, *, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int,
 ) -> StateBackend:
-    """The given backend, or a new in-memory one with these quotas."""
-    if state is not None:
+    """The given backend; a :class:`RedisBackend` for a URL; or a new in-memory one. Made ones
+    get these quotas.
+
+    Raises:
+        InvalidArgumentError: ``state`` is neither a backend, a Redis URL nor None.
+    """
+    if isinstance(state, StateBackend):
         return state
+    if isinstance(state, str):
+        from trio_bridge._state.redis import RedisBackend
+
+        return RedisBackend(
+            state, max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
+            max_value_bytes=max_value_bytes, history_limit=history_limit,
+        )
+    if state is not None:
+        raise InvalidArgumentError(f"state must be a StateBackend, a Redis URL or None, not {short_repr(state)}")
     return MemoryBackend(SessionStore(
         max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
         max_value_bytes=max_value_bytes, history_limit=history_limit,

@@ -24,7 +24,7 @@ from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._util import public_module
 from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER
 
-__all__ = ["DEFAULT_WATCH_BUFFER", "MemoryBackend", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
+__all__ = ["DEFAULT_WATCH_BUFFER", "MemoryBackend", "MemoryWatcher", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
 
 
 @public_module
@@ -90,11 +90,11 @@ class _Feed:
     def __init__(self) -> None:
         self.seq = 0  # updates published, session-wide: their order across variables
         self.logs: dict[str, _Log] = {}
-        self.watchers: set[Watcher] = set()
+        self.watchers: set[MemoryWatcher] = set()
         self.closed = False
         self.kick = trio.Event()  # set by writers; the leader waits on it
         self.changed = trio.Event()  # set by the leader; the other sleeping watchers wait on it
-        self.leader: Watcher | None = None
+        self.leader: MemoryWatcher | None = None
 
     def publish(self, updates: list[VariableUpdate]) -> None:
         published = False
@@ -111,7 +111,7 @@ class _Feed:
         changed, self.changed = self.changed, trio.Event()
         changed.set()
 
-    async def sleep(self, watcher: Watcher) -> None:
+    async def sleep(self, watcher: MemoryWatcher) -> None:
         """Until something was published (or, rarely, for no reason: callers check)."""
         if self.leader is not None:
             await self.changed.wait()
@@ -130,18 +130,15 @@ class _Feed:
         self.broadcast()
 
 
-@final
-class Watcher:
+class Watcher(abc.ABC):
     """What :meth:`StateBackend.watch` yields: an async iterator of :class:`VariableUpdate`
     (initial values first when asked for, then every change, in the order they were made).
 
-    It keeps a cursor into the session's recent updates rather than a queue of its own, so
-    writers never wait for it and pay nothing per watcher. While it is at most
-    ``buffer_size`` updates behind, it gets every one of them; once it fell further behind,
-    its next batch holds only the latest update of each variable that changed, with
-    ``coalesced`` saying how many earlier ones that variable's update stands for (and
-    ``old_value`` the value this watcher last saw). Iteration ends when the session ends
-    (after what was pending) or the watch is left.
+    Writers never wait for a watcher. While it is at most ``buffer_size`` updates behind, it
+    gets every one of them; once it fell further behind, its next batch holds only the latest
+    update of each variable that changed, with ``coalesced`` saying how many earlier ones that
+    variable's update stands for (and ``old_value`` the value this watcher last saw).
+    Iteration ends when the session ends (after what was pending) or the watch is left.
 
     Attributes:
         names: the watched variables' names.
@@ -149,12 +146,41 @@ class Watcher:
         coalesced: how many updates it skipped in all.
     """
 
+    def __init__(self, names: list[str], buffer_size: int) -> None:
+        self.names: frozenset[str] = frozenset(names)
+        self.buffer_size: int = buffer_size
+        self.coalesced: int = 0
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop: the iteration ends (also for a task waiting in it)."""
+
+    @abc.abstractmethod
+    async def next_batch(self) -> list[VariableUpdate]:
+        """Wait for updates and take all that are pending, oldest first; ``[]`` once the watch
+        was left, or the session ended and nothing is pending."""
+
+    def __aiter__(self) -> AsyncIterator[VariableUpdate]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[VariableUpdate]:
+        while True:
+            batch = await self.next_batch()
+            if not batch:
+                return
+            for update in batch:
+                yield update
+
+
+@final
+class MemoryWatcher(Watcher):
+    """:class:`MemoryBackend`'s watcher. It keeps a cursor into the session's recent updates
+    rather than a queue of its own, so writers pay nothing per watcher."""
+
     def __init__(
         self, feed: _Feed, names: list[str], buffer_size: int, seen: dict[str, Any], initial: list[VariableUpdate]
     ) -> None:
-        self.names = frozenset(names)
-        self.buffer_size = buffer_size
-        self.coalesced = 0
+        super().__init__(names, buffer_size)
         self._feed = feed
         self._logs = {name: feed.logs[name] for name in names}
         self._cursors = {name: log.count for name, log in self._logs.items()}
@@ -174,7 +200,6 @@ class Watcher:
         return len(self._initial) + sum(log.count - self._cursors[name] for name, log in self._logs.items())
 
     def close(self) -> None:
-        """Stop: the iteration ends (also for a task waiting in it)."""
         if self._closed:
             return
         self._closed = True
@@ -185,8 +210,6 @@ class Watcher:
                 self._feed.broadcast()
 
     async def next_batch(self) -> list[VariableUpdate]:
-        """Wait for updates and take all that are pending, oldest first; ``[]`` once the watch
-        was left, or the session ended and nothing is pending."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._closed:
             batch = self._take()
@@ -230,18 +253,6 @@ class Watcher:
             self._cursors[name] = log.count
             self._seen[name] = log[log.count - 1][1].new_value
         return batch
-
-    def __aiter__(self) -> AsyncIterator[VariableUpdate]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[VariableUpdate]:
-        while True:
-            batch = await self.next_batch()
-            if not batch:
-                return
-            for update in batch:
-                yield update
-
 
 def _seq(entry: tuple[int, VariableUpdate]) -> int:
     return entry[0]
@@ -450,7 +461,7 @@ class MemoryBackend(StateBackend):
             log.watchers += 1
         now = time.time()
         initial = [VariableUpdate(v.name, None, v.value, v.version, v.source, "initial", now) for v in variables] if include_initial else []
-        watcher = Watcher(feed, [v.name for v in variables], buffer_size, {v.name: v.value for v in variables}, initial)
+        watcher = MemoryWatcher(feed, [v.name for v in variables], buffer_size, {v.name: v.value for v in variables}, initial)
         feed.watchers.add(watcher)
         try:
             yield watcher

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import collections
 import fnmatch
-import itertools
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
@@ -42,7 +41,6 @@ __all__ = ["HistoryEntry", "UpdateKind", "Variable", "VariableStore", "VariableT
 UpdateKind = Literal["initial", "change", "delete"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")  # used with fullmatch: no trailing "\n"
-_ids = itertools.count(1)
 
 
 @public_module
@@ -51,7 +49,7 @@ class Variable:
     """A snapshot of one variable.
 
     Attributes:
-        id: stable id, unique in the process (``"var_12"``); get and set accept it instead of the name.
+        id: stable id, unique in its session (``"var_12"``); get and set accept it instead of the name.
         name: the name.
         type: one of ``float, integer, string, boolean, choice, module, embedding, tensor``.
         value: the current value.
@@ -118,6 +116,7 @@ class VariableUpdate:
 class _Slot:
     variable: Variable
     history: collections.deque[HistoryEntry] = field(default_factory=collections.deque)
+    lease_until: float | None = None  # when the optimization lock lapses (wall clock); None: held until released
 
 
 class VariableStore:
@@ -145,6 +144,34 @@ class VariableStore:
         self._slots: dict[str, _Slot] = {}
         self._by_id: dict[str, str] = {}
         self._depends_on: dict[str, set[str]] = {}
+        self.next_id: int = 1  # the number of the next variable's id
+
+    # ---- as records (what a shared backend stores) ----
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every variable as a plain record the codec can encode (history and lock lease
+        included), by name. :meth:`from_records` makes the same store again."""
+        return {name: _record(slot) for name, slot in self._slots.items()}
+
+    @classmethod
+    def from_records(
+        cls, records: Iterable[Mapping[str, Any]], *, next_id: int, max_variables: int = 1000,
+        max_value_bytes: int = 64 * 2**20, history_limit: int = 50, clock: Callable[[], float] = time.time,
+    ) -> VariableStore:
+        """The store whose :meth:`records` these were (``next_id``: its :attr:`next_id`)."""
+        store = cls(max_variables=max_variables, max_value_bytes=max_value_bytes, history_limit=history_limit, clock=clock)
+        store.next_id = next_id
+        for r in records:
+            variable = Variable(
+                id=r["id"], name=r["name"], type=r["type"], value=r["value"], constraints=r["constraints"],
+                metadata=r["metadata"], version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
+                source=r["source"], optimizer_id=r["optimizer_id"], depends_on=tuple(r["depends_on"]),
+            )
+            history = collections.deque((HistoryEntry(*entry) for entry in r["history"]), maxlen=history_limit)
+            store._slots[variable.name] = _Slot(variable, history, r["lease_until"])
+            store._by_id[variable.id] = variable.name
+            if variable.depends_on:
+                store._depends_on[variable.name] = set(variable.depends_on)
+        return store
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -158,7 +185,7 @@ class VariableStore:
         """Variables whose names match a glob ``pattern`` (``*``, ``?``, ``[...]``), sorted by name."""
         if not isinstance(pattern, str):
             raise InvalidArgumentError(f"a variable name pattern must be a str (a glob), not {type(pattern).__name__}")
-        return [self._slots[name].variable for name in sorted(self._slots) if fnmatch.fnmatchcase(name, pattern)]
+        return [self._slot(name).variable for name in sorted(self._slots) if fnmatch.fnmatchcase(name, pattern)]
 
     def history(self, key: str) -> list[HistoryEntry]:
         """Past and current values, oldest first, at most ``history_limit`` of them."""
@@ -203,13 +230,14 @@ class VariableStore:
         stored_metadata = self._check_metadata(name, metadata)
         now = self._clock()
         variable = Variable(
-            id=f"var_{next(_ids)}", name=name, type=cast(VariableType, type_name), value=value, constraints=normalized,
+            id=f"var_{self.next_id}", name=name, type=cast(VariableType, type_name), value=value, constraints=normalized,
             metadata=stored_metadata, version=0, created_at=now, updated_at=now, source=source,
         )
         slot = _Slot(variable, collections.deque(maxlen=self.history_limit))
         slot.history.append(HistoryEntry(0, value, now, source))
         self._slots[name] = slot
         self._by_id[variable.id] = name
+        self.next_id += 1
         return variable
 
     def set(
@@ -329,8 +357,11 @@ class VariableStore:
         dependent_slot.variable = replace(dependent_slot.variable, depends_on=tuple(sorted(self._depends_on[a])))
         return dependent_slot.variable
 
-    def start_optimization(self, key: str, optimizer_id: str) -> Variable:
-        """Take the variable's optimization lock. Re-entrant for the same optimizer.
+    def start_optimization(self, key: str, optimizer_id: str, *, lease: float | None = None) -> Variable:
+        """Take the variable's optimization lock, or renew it. Re-entrant for the same optimizer.
+
+        ``lease``: seconds until the lock lapses by itself unless taken again (so a holder that
+        died cannot keep it); ``None``: held until released.
 
         Raises:
             VariableLockedError: another optimizer holds it.
@@ -340,6 +371,7 @@ class VariableStore:
         if holder is not None and holder != optimizer_id:
             raise VariableLockedError(f"variable {slot.variable.name!r} is already being optimized by {holder!r}")
         slot.variable = replace(slot.variable, optimizer_id=optimizer_id)
+        slot.lease_until = None if lease is None else self._clock() + lease
         return slot.variable
 
     def stop_optimization(self, key: str, optimizer_id: str) -> Variable:
@@ -347,6 +379,7 @@ class VariableStore:
         slot = self._slot(key)
         if slot.variable.optimizer_id == optimizer_id:
             slot.variable = replace(slot.variable, optimizer_id=None)
+            slot.lease_until = None
         return slot.variable
 
     # ---- internals ----
@@ -354,7 +387,11 @@ class VariableStore:
         name = (key if key in self._slots else self._by_id.get(key)) if isinstance(key, str) else None
         if name is None:
             raise VariableNotFoundError(f"no variable named {_r(key)} in this session")
-        return self._slots[name]
+        slot = self._slots[name]
+        if slot.lease_until is not None and self._clock() >= slot.lease_until:  # its holder let the lease lapse
+            slot.variable = replace(slot.variable, optimizer_id=None)
+            slot.lease_until = None
+        return slot
 
     def _validate_write(self, variable: Variable, value: Any, expected_version: int | None, optimizer_id: str | None) -> Any:
         if expected_version is not None and expected_version != variable.version:
@@ -413,6 +450,16 @@ class VariableStore:
                 seen.add(node)
                 stack.extend(self._depends_on.get(node, ()))
         return False
+
+
+def _record(slot: _Slot) -> dict[str, Any]:
+    v = slot.variable
+    return {
+        "id": v.id, "name": v.name, "type": v.type, "value": v.value, "constraints": dict(v.constraints),
+        "metadata": dict(v.metadata), "version": v.version, "created_at": v.created_at, "updated_at": v.updated_at,
+        "source": v.source, "optimizer_id": v.optimizer_id, "depends_on": list(v.depends_on),
+        "history": [[e.version, e.value, e.updated_at, e.source] for e in slot.history], "lease_until": slot.lease_until,
+    }
 
 
 def _encoded_size(value: Any) -> int:

@@ -17,6 +17,7 @@ from trio_bridge._errors import (
     QuotaExceededError,
     SessionExistsError,
     SessionNotFoundError,
+    StateUnavailableError,
     ToolError,
     ToolNotFoundError,
     TrioBridgeError,
@@ -42,6 +43,7 @@ _BY_NAME: dict[str, type[TrioBridgeError]] = {
     for cls in (
         SessionNotFoundError, QuotaExceededError, VariableNotFoundError, InvalidVariableError,
         VersionConflictError, DependencyCycleError, VariableLockedError, WorkerBusyError, SessionExistsError,
+        StateUnavailableError,
     )
 }
 

