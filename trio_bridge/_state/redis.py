@@ -181,6 +181,7 @@ class RedisBackend(StateBackend):
         """Run ``function(client)`` on the boundary's asyncio loop; Redis errors become ours."""
         import redis.exceptions
 
+        await trio.lowlevel.checkpoint_if_cancelled()  # no command is made for a cancelled caller
         if self._boundary is None or self._redis is None:
             raise StateUnavailableError(f"{self!r} is not running: start RedisBackend.run() first (open_pool does)")
         try:
