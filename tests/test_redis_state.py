@@ -140,3 +140,29 @@ async def test_two_pools_on_one_redis_share_a_session_and_read_their_writes(redi
                 written = await on_b.execute("write", {"name": "temperature", "value": 0.9})
                 assert written["version"] == 3
                 assert (await on_a.get_variable("temperature")).value == 0.9
+
+
+@pytest.mark.parametrize("tool", ["optimize", "aoptimize"])
+async def test_a_live_holder_renews_its_lease_so_its_lock_outlasts_it(redis_server, tool):
+    backend = RedisBackend(redis_server.url, prefix=_prefix(), lock_lease=0.3)
+    async with open_pool_in_threads("tests.state_adapters:Variables", size=1, state=backend) as pool:
+        async with pool.session() as session:
+            await session.register_variable("t", "float", 0.0)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.execute, tool, {"name": "t", "values": [0.1], "hold": 1.2})
+                await wait_for(lambda: _locked(session), timeout=5)
+                await trio.sleep(0.8)  # more than two leases: the worker renewed it
+                with pytest.raises(VariableLockedError):
+                    await session.set_variable("t", 0.5)
+            assert (await session.set_variable("t", 0.5)).value == 0.5  # released at the block's end
+
+            async with session.optimizing("t", optimizer_id="host-optimizer") as opt:  # the host renews its own
+                await trio.sleep(0.8)
+                with pytest.raises(VariableLockedError):
+                    await backend.set_optimization(session.id, "t", "someone-else", active=True)
+                await opt.set(0.6)
+            assert (await session.get_variable("t")).optimizer_id is None
+
+
+async def _locked(session) -> bool:
+    return (await session.get_variable("t")).optimizer_id is not None

@@ -282,7 +282,8 @@ class HostService(pb.HostServiceBase):
             if not m.optimizer_id:
                 raise InvalidArgumentError("an optimizer_id is required")
             variable = await self._state.set_optimization(m.session_id, m.name, m.optimizer_id, active=active)
-            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)])
+            lease = (self._state.lock_lease or 0.0) if active else 0.0
+            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], lock_lease_seconds=lease)
 
         return await self._run(op)
 

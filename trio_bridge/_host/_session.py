@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import trio
 
-from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError, describe_exit
+from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError, TrioBridgeError, describe_exit
+from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._state.backend import DEFAULT_WATCH_BUFFER, SessionInfo, StateBackend, Watcher
 from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable
@@ -240,18 +242,35 @@ class Session(metaclass=NoPublicConstructor):
         """Hold the variable's optimization lock for the block: writes by anyone else are
         refused with ``VariableLockedError`` until it ends (or the session ends).
 
+        With a backend whose locks are leases (``RedisBackend``), the lock is renewed every
+        third of its lease while the block runs, so it lapses only if this host dies.
+
         Raises:
             VariableLockedError: another optimizer holds it.
         """
         await self._state.set_optimization(self.id, name, optimizer_id, active=True)
+        tracker = UserErrorTracker()  # the block's own exception leaves as itself, not in a group
         try:
-            yield Optimization._create(self, name, optimizer_id)
+            with tracker.resolve_groups():
+                async with trio.open_nursery() as renewal:
+                    lease = self._state.lock_lease
+                    if lease is not None:
+                        renewal.start_soon(self._keep_optimization, name, optimizer_id, lease)
+                    with tracker.user_block():
+                        yield Optimization._create(self, name, optimizer_id)
+                    renewal.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 try:
                     await self._state.set_optimization(self.id, name, optimizer_id, active=False)
                 except SessionNotFoundError:
                     pass  # the session ended: its locks went with it
+
+    async def _keep_optimization(self, name: str, optimizer_id: str, lease: float) -> None:
+        while True:
+            await trio.sleep(lease / 3)
+            with contextlib.suppress(TrioBridgeError):  # tried again next time; a lost lock shows on the next write
+                await self._state.set_optimization(self.id, name, optimizer_id, active=True)
 
     @asynccontextmanager
     async def watch_variables(

@@ -266,6 +266,9 @@ class StateBackend(abc.ABC):
     session's new ``state_version`` with their result."""
 
     on_session_end: list[Callable[[str], None]]
+    #: seconds an optimization lock lasts unless its holder takes it again (holders renew it
+    #: while their ``optimizing`` block runs); ``None``: held until released.
+    lock_lease: float | None = None
 
     @abc.abstractmethod
     async def create_session(self, session_id: str | None, *, ttl: float | None, metadata: dict[str, Any] | None) -> SessionInfo: ...
@@ -318,8 +321,9 @@ class MemoryBackend(StateBackend):
     """Everything in this process's memory. Session TTLs run on the Trio clock, so tests can
     use ``trio.testing.MockClock``."""
 
-    def __init__(self, sessions: SessionStore | None = None) -> None:
+    def __init__(self, sessions: SessionStore | None = None, *, lock_lease: float | None = None) -> None:
         self.sessions: SessionStore = sessions if sessions is not None else SessionStore()  # an empty store is falsy
+        self.lock_lease = lock_lease
         self.on_session_end: list[Callable[[str], None]] = []
         self._feeds: dict[str, _Feed] = {}  # sessions that have watchers
         self._reaper_wakeup = trio.Event()
@@ -437,7 +441,10 @@ class MemoryBackend(StateBackend):
     async def set_optimization(self, session_id: str, key: str, optimizer_id: str, *, active: bool) -> Variable:
         record = self._touch(session_id)
         variables = record.variables
-        variable = variables.start_optimization(key, optimizer_id) if active else variables.stop_optimization(key, optimizer_id)
+        if active:
+            variable = variables.start_optimization(key, optimizer_id, lease=self.lock_lease)
+        else:
+            variable = variables.stop_optimization(key, optimizer_id)
         record.state_version += 1  # workers' caches hold optimizer_id too
         return variable
 

@@ -236,10 +236,13 @@ class SessionContext(metaclass=NoPublicConstructor):
             raise InvalidArgumentError("an optimizer_id is required")
         # Neither taking nor releasing the lock is cut short by the call's cancellation: a lock
         # taken on the host with its reply lost would stay held.
-        self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
+        _, lease = self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
+        renewal = asyncio.run_coroutine_threadsafe(link.keep_optimization(name, optimizer_id, lease), link.client.loop) if lease else None
         try:
             yield Optimization._create(self, name, optimizer_id)
         finally:
+            if renewal is not None:
+                renewal.cancel()
             try:  # not cancelled with the call: the lock must not outlive the block
                 self._blocking(link.set_optimization(name, optimizer_id, active=False), cancellable=False)
             except SessionNotFoundError:
@@ -259,9 +262,13 @@ class SessionContext(metaclass=NoPublicConstructor):
             if not acquire.cancelled() and acquire.exception() is None:  # taken all the same
                 await _shielded(link.set_optimization(name, optimizer_id, active=False))
             raise
+        _, lease = acquire.result()
+        renewal = asyncio.ensure_future(link.keep_optimization(name, optimizer_id, lease)) if lease else None
         try:
             yield Optimization._create(self, name, optimizer_id)
         finally:
+            if renewal is not None:
+                renewal.cancel()
             try:
                 await _shielded(link.set_optimization(name, optimizer_id, active=False))
             except SessionNotFoundError:

@@ -9,6 +9,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from grpclib.exceptions import GRPCError
+
+from trio_bridge._errors import TrioBridgeError
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER, SECRET_METADATA, WATCH_BUFFER_METADATA, WORKER_METADATA
@@ -205,10 +208,24 @@ class SessionLink:
         request = pb.AddDependencyRequest(session_id=self.session_id, dependent=dependent, dependency=dependency)
         return self._absorb(await self.client.stub.add_dependency(request), versioned=False)[0]
 
-    async def set_optimization(self, name: str, optimizer_id: str, *, active: bool) -> Variable:
+    async def set_optimization(self, name: str, optimizer_id: str, *, active: bool) -> tuple[Variable, float]:
+        """Take (or renew) or release the lock; the variable, and the lease the host gives the
+        lock in seconds (0: it lasts until released)."""
         request = pb.OptimizationRequest(session_id=self.session_id, name=name, optimizer_id=optimizer_id)
         method = self.client.stub.start_optimization if active else self.client.stub.stop_optimization
-        return self._absorb(await method(request), versioned=False)[0]
+        reply = await method(request)
+        return self._absorb(reply, versioned=False)[0], reply.lock_lease_seconds
+
+    async def keep_optimization(self, name: str, optimizer_id: str, lease: float) -> None:
+        """Renew a held lock every third of its ``lease`` until cancelled, so it lapses only if
+        this worker dies. A failed renewal is tried again at the next one (if the lock was lost
+        meanwhile, the holder's next write says so)."""
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.set_optimization(name, optimizer_id, active=True)
+            except (OSError, GRPCError, TrioBridgeError):
+                pass
 
     async def watch(self, names: list[str], include_initial: bool, buffer_size: int = DEFAULT_WATCH_BUFFER) -> AsyncIterator[VariableUpdate]:
         """Updates from the WatchVariables stream. A task reads the stream into a buffer of

@@ -645,6 +645,11 @@ class VariableReply(betterproto2.Message):
 
     history: "list[HistoryEntry]" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, repeated=True)
 
+    lock_lease_seconds: "float" = betterproto2.field(6, betterproto2.TYPE_DOUBLE)
+    """
+    StartOptimization: seconds the lock lasts unless its holder takes it again (0: until released)
+    """
+
 
 default_message_pool.register_message("trio_bridge.v1", "VariableReply", VariableReply)
 
