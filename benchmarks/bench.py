@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import psutil
@@ -261,6 +262,46 @@ async def state(n: int, watchers: int, rounds: int) -> dict[str, Any]:
     }
 
 
+async def state_backends(n: int) -> dict[str, Any]:
+    """``set_variable`` and write-to-watcher latency on each backend: in memory, and Redis (a
+    valkey-server on loopback, started here: tests.redis_server)."""
+    import pathlib
+
+    from tests.redis_server import RedisServer
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        server = RedisServer(pathlib.Path(directory)).start()
+        try:
+            backends: dict[str, Any] = {
+                "memory": trio_bridge.MemoryBackend(), "redis": trio_bridge.RedisBackend(server.url, prefix="bench"),
+            }
+            for name, backend in backends.items():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(backend.run)
+                    sid = (await backend.create_session(None, ttl=None, metadata=None)).id
+                    await backend.register_variable(sid, "t", "float", 0.0, constraints=None, metadata=None, source="host")
+                    write = partial(backend.set_variable, sid, "t", expected_version=None, source="host", optimizer_id=None, metadata=None)
+                    writes, seen = [], []
+                    for i in range(n):
+                        t0 = time.perf_counter()
+                        await write(float(i + 1))
+                        writes.append(time.perf_counter() - t0)
+                    async with backend.watch(sid, ["t"], include_initial=False) as watcher:
+                        for i in range(n // 4):
+                            t0 = time.perf_counter()
+                            await write(float(n + i + 1))
+                            await watcher.next_batch()
+                            seen.append(time.perf_counter() - t0)
+                    await backend.cleanup_session(sid)
+                    nursery.cancel_scope.cancel()
+                out[f"set_variable_{name}"] = percentiles(writes)
+                out[f"write_to_watcher_{name}"] = percentiles(seen)
+        finally:
+            server.stop()
+    return out
+
+
 async def tools(n: int) -> dict[str, Any]:
     """Calls from a worker tool: to a host tool, and to another worker's tool."""
     async with trio_bridge.open_pool(ADAPTER, size=2, health_check_interval=0) as pool:
@@ -329,6 +370,7 @@ def main() -> None:
     results["stream_memory"] = trio.run(stream_memory, 100_000 if args.quick else 1_000_000)
     results["time_to_ready_s"] = {str(k): trio.run(time_to_ready, k, 3) for k in (1, 8)}
     results["state"] = trio.run(state, 500 if args.quick else 2000, 100, 20 if args.quick else 100)
+    results["state_backends"] = trio.run(state_backends, 400 if args.quick else 2000)
     results["tools"] = trio.run(tools, 300 if args.quick else 1000)
     results["bulk_mib_per_s"] = {
         "50 MiB array echo, shared memory": trio.run(bulk, 50, 3 if args.quick else 5, 1 << 20),
@@ -372,6 +414,8 @@ def show(r: dict[str, Any]) -> None:
     )
     for k, v in r["state"].items():
         table.add_row(f"variables: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.1f} µs   p99 {v['p99_us']:.1f} µs")
+    for k, v in r.get("state_backends", {}).items():
+        table.add_row(f"state: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
     for k, v in r["tools"].items():
         table.add_row(f"tools: {k.replace('_', ' ')} call", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
     for k, v in r["bulk_mib_per_s"].items():
