@@ -59,20 +59,24 @@ __all__ = ["RedisBackend"]
 T = TypeVar("T")
 _Client = Any  # a redis.asyncio.Redis (redis-py's own annotations are looser than ours)
 
+def _restart_ttl(meta: str, expiry: str, others: tuple[str, ...], now: str, session_id: str, margin: str) -> str:
+    """Lua: push the session's expiry back by its TTL (in the expiry set, and Redis's own key
+    expiry as a safety net), if it has one. Arguments are Lua expressions."""
+    pexpire = "".join(f"  redis.call('PEXPIRE', {key}, ms)\n" for key in (meta, *others))
+    return f"""local ttl = redis.call('HGET', {meta}, 'ttl')
+if ttl and ttl ~= '' then
+  local seconds = tonumber(ttl)
+  redis.call('ZADD', {expiry}, tonumber({now}) + seconds, {session_id})
+  local ms = math.floor((seconds + tonumber({margin})) * 1000)
+{pexpire}end
+"""
+
+
 # Touch: restart the session's TTL. KEYS: meta, expiry, vars, log; ARGV: now, id, key expiry margin.
 _TOUCH = """
-local ttl = redis.call('HGET', KEYS[1], 'ttl')
-if not ttl then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'last_used', ARGV[1])
-if ttl ~= '' then
-  local seconds = tonumber(ttl)
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + seconds, ARGV[2])
-  local ms = math.floor((seconds + tonumber(ARGV[3])) * 1000)
-  redis.call('PEXPIRE', KEYS[1], ms)
-  redis.call('PEXPIRE', KEYS[3], ms)
-  redis.call('PEXPIRE', KEYS[4], ms)
-end
-return 1
+""" + _restart_ttl("KEYS[1]", "KEYS[2]", ("KEYS[3]", "KEYS[4]"), "ARGV[1]", "ARGV[2]", "ARGV[3]") + """return 1
 """
 
 # End a session: only the caller that finds it wins. KEYS: meta, vars, log, sessions, expiry,
@@ -114,16 +118,7 @@ for _ = 1, n do
 end
 local version = redis.call('HINCRBY', KEYS[1], 'state_version', tonumber(ARGV[5]))
 redis.call('HSET', KEYS[1], 'revision', tonumber(rev) + 1, 'next_id', ARGV[6], 'last_used', ARGV[2])
-local ttl = redis.call('HGET', KEYS[1], 'ttl')
-if ttl ~= '' then
-  local seconds = tonumber(ttl)
-  redis.call('ZADD', KEYS[4], tonumber(ARGV[2]) + seconds, ARGV[3])
-  local ms = math.floor((seconds + tonumber(ARGV[4])) * 1000)
-  redis.call('PEXPIRE', KEYS[1], ms)
-  redis.call('PEXPIRE', KEYS[2], ms)
-  redis.call('PEXPIRE', KEYS[3], ms)
-end
-return version
+""" + _restart_ttl("KEYS[1]", "KEYS[4]", ("KEYS[2]", "KEYS[3]"), "ARGV[2]", "ARGV[3]", "ARGV[4]") + """return version
 """
 
 _KEY_MARGIN = 60.0  # seconds Redis keeps an expired session's keys after its TTL if no host reaps it
@@ -413,17 +408,7 @@ class RedisBackend(StateBackend):
         return self._info(session_id, meta, count)
 
     async def touch_session(self, session_id: str) -> SessionInfo:
-        keys = self._keys(self._check_id(session_id))
-
-        def touch(r: _Client) -> tuple[dict[bytes, bytes], int]:
-            with r.pipeline(transaction=True) as pipe:
-                self._queue_touch(pipe, session_id, keys, time.time())
-                pipe.hgetall(keys.meta)
-                pipe.hlen(keys.vars)
-                _, meta, count = pipe.execute()
-            return meta, count
-
-        meta, count = await self._call(touch)
+        meta, count = await self._touched(session_id, records=False)
         return self._info(session_id, meta, count)
 
     async def cleanup_session(self, session_id: str) -> bool:
@@ -458,20 +443,30 @@ class RedisBackend(StateBackend):
 
     async def _read(self, session_id: str) -> tuple[VariableStore, int]:
         """The session's variables (its TTL restarts), and its state_version."""
+        meta, raw = await self._touched(session_id, records=True)
+        return self._store(meta, raw), int(meta[b"state_version"])
+
+    async def _touched(self, session_id: str, *, records: bool) -> tuple[dict[bytes, bytes], Any]:
+        """Touch the session (its TTL restarts) and read its meta and its variables' records
+        (``records``) or their number, in one MULTI.
+
+        Raises:
+            SessionNotFoundError: no such session.
+        """
         keys = self._keys(self._check_id(session_id))
 
-        def read(r: _Client) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        def read(r: _Client) -> tuple[dict[bytes, bytes], Any]:
             with r.pipeline(transaction=True) as pipe:
                 self._queue_touch(pipe, session_id, keys, time.time())
                 pipe.hgetall(keys.meta)
-                pipe.hgetall(keys.vars)
-                _, meta, raw = pipe.execute()
-            return meta, raw
+                (pipe.hgetall if records else pipe.hlen)(keys.vars)
+                _, meta, variables = pipe.execute()
+            return meta, variables
 
-        meta, raw = await self._call(read)
+        meta, variables = await self._call(read)
         if not meta:
             raise SessionNotFoundError(f"no session {session_id!r} (never created, cleaned up, or expired)")
-        return self._store(meta, raw), int(meta[b"state_version"])
+        return meta, variables
 
     async def _write(
         self, session_id: str, operation: Callable[[VariableStore], tuple[T, list[VariableUpdate], bool]],
