@@ -566,34 +566,38 @@ async def compose(
         adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
         dispatcher=dispatcher, tools=tools, state=state, spec=spec,
     )
-    state.on_session_end.append(pool._session_ended)
-    with tracker.resolve_groups():
-        parts = PoolParts(
-            state=state, calls=calls, tools=tools, supervisor=supervisor, route_for=pool._route_for, plane=plane
-        )
-        async with serve(parts) if serve is not None else contextlib.nullcontext():
-            async with trio.open_nursery() as nursery:
-                router.attach(nursery)
-                calls.attach(nursery)
-                await nursery.start(state.run)
-                stop.listen(nursery, force=lambda: supervisor.kill_all("a second signal skipped the drain"))
-                started = False
-                try:
-                    with stop.scope:  # the first SIGINT/SIGTERM cancels the start-up or the block
-                        try:
-                            await supervisor.start(nursery)
-                            started = True
-                        except BaseException:
-                            if not stop.received:
-                                raise
-                        else:
-                            with tracker.user_block():
-                                yield pool
-                finally:
-                    with stop.shutdown_scope:  # shielded; a second signal cancels the drain
-                        with trio.move_on_after(shutdown_timeout + 0.5):
-                            await supervisor.shutdown()
-                        supervisor.kill_all("it was still running after the shutdown timeout")
-                    nursery.cancel_scope.cancel()
-                if not started:
-                    raise StoppedBySignal("a signal stopped the pool while its workers were starting")
+    state.on_session_end.append(pool._session_ended)  # a shared backend outlives the pool
+    try:
+        with tracker.resolve_groups():
+            parts = PoolParts(
+                state=state, calls=calls, tools=tools, supervisor=supervisor, route_for=pool._route_for, plane=plane
+            )
+            async with serve(parts) if serve is not None else contextlib.nullcontext():
+                async with trio.open_nursery() as nursery:
+                    router.attach(nursery)
+                    calls.attach(nursery)
+                    await nursery.start(state.run)
+                    stop.listen(nursery, force=lambda: supervisor.kill_all("a second signal skipped the drain"))
+                    started = False
+                    try:
+                        with stop.scope:  # the first SIGINT/SIGTERM cancels the start-up or the block
+                            try:
+                                await supervisor.start(nursery)
+                                started = True
+                            except BaseException:
+                                if not stop.received:
+                                    raise
+                            else:
+                                with tracker.user_block():
+                                    yield pool
+                    finally:
+                        with stop.shutdown_scope:  # shielded; a second signal cancels the drain
+                            with trio.move_on_after(shutdown_timeout + 0.5):
+                                await supervisor.shutdown()
+                            supervisor.kill_all("it was still running after the shutdown timeout")
+                        nursery.cancel_scope.cancel()
+                    if not started:
+                        raise StoppedBySignal("a signal stopped the pool while its workers were starting")
+    finally:
+        state.on_session_end.remove(pool._session_ended)
+
