@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from trio_bridge._state.backend import MemoryBackend, SessionInfo, StateBackend
     from trio_bridge._state.redis import RedisBackend
     from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+    from trio_bridge._wire.tls import TLSConfig
 
 __all__ = [
     "DeadlineExceededError",
@@ -69,6 +70,7 @@ __all__ = [
     "StateBackend",
     "StateUnavailableError",
     "StoredObjectLostError",
+    "TLSConfig",
     "ToolError",
     "ToolInfo",
     "ToolNotFoundError",
@@ -105,6 +107,7 @@ _LAZY: dict[str, str] = {
     "StateBackend": "trio_bridge._state.backend",
     "MemoryBackend": "trio_bridge._state.backend",
     "RedisBackend": "trio_bridge._state.redis",
+    "TLSConfig": "trio_bridge._wire.tls",
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
     "PoolStatistics": "trio_bridge._host._metrics",

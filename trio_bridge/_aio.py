@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from ssl import SSLContext
 from typing import Any, NoReturn, TypeVar
 
 import grpclib.client
@@ -191,8 +193,10 @@ class Boundary:
             except (TransportError, asyncio.CancelledError, *_TRANSPORT_ERRORS):
                 pass
 
-    def worker_stub(self, address: str, secret: str) -> tuple[grpclib.client.Channel, pb.WorkerServiceStub]:
-        channel = open_channel(address)
+    def worker_stub(
+        self, address: str, secret: str, ssl: SSLContext | None = None
+    ) -> tuple[grpclib.client.Channel, pb.WorkerServiceStub]:
+        channel = open_channel(address, ssl)
         return channel, pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: secret})
 
     async def call_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -221,13 +225,23 @@ class Boundary:
             await self._run_bounded(agen.aclose(), _CLOSE_STREAM_TIMEOUT)
 
     @asynccontextmanager
-    async def serve(self, services: list[Any], address: str, secret: str) -> AsyncIterator[None]:
-        """Serve grpclib ``services`` on ``address`` (``"unix:..."``) for the block's duration."""
+    async def serve(
+        self, services: list[Any], address: str, secret: str, ssl: SSLContext | None = None
+    ) -> AsyncIterator[str]:
+        """Serve grpclib ``services`` on ``address`` (``"unix:..."``, or ``"tcp:HOST:PORT"``
+        with TLS when ``ssl`` is a server context; port 0: any free one) for the block's
+        duration; yields the address it listens on."""
         server = new_server(services, secret)
-        _, path, _ = parse_address(address)
-        await self.run(server.start(path=path))
+        scheme, where, port = parse_address(address)
+        if scheme == "unix":
+            await self.run(server.start(path=where))
+        else:
+            listener = socket.create_server((where, port), family=socket.AF_INET6 if ":" in where else socket.AF_INET)
+            host, port = listener.getsockname()[:2]
+            address = f"tcp:{host}:{port}"
+            await self.run(server.start(sock=listener, ssl=ssl))
         try:
-            yield
+            yield address
         finally:
             with trio.CancelScope(shield=True):
                 if not self.loop.is_closed():

@@ -1,4 +1,4 @@
-"""The ``trio-bridge`` command: ``run`` a tool (or the built-in example) and list ``tools``."""
+"""The ``trio-bridge`` command: ``run`` a tool (or the built-in example), list ``tools``, serve a remote ``worker``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from trio_bridge import _cli_signals
+from trio_bridge._errors import TrioBridgeError
 
 app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
 console: Console = Console()
@@ -201,6 +202,60 @@ def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName"
             params.append(text)
         table.add_row(info.name, "yes" if info.streaming else "", "\n".join(params), info.description)
     console.print(table)
+
+
+@app.command()
+def worker(
+    adapter: Annotated[str, typer.Argument(help="package.module:ClassName")],
+    listen: Annotated[str, typer.Option("--listen", help="tcp://HOST:PORT to serve hosts on (port 0: any free port)")],
+    token_file: Annotated[str, typer.Option("--token-file", help="a file holding the token shared with the hosts")],
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="this worker's certificate (PEM)")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="its private key (PEM)")] = None,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="the CA of the hosts' certificates (mutual TLS)")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="allow plain TCP beyond loopback")] = False,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="calls served at once")] = 1,
+) -> None:
+    """Serve ADAPTER to hosts on other machines: they list it in
+    ``open_pool(..., remote_workers=["tcp://THIS-MACHINE:PORT"], token=..., tls=...)``.
+
+    Runs until Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next one may
+    attach. Both directions check the token; with --tls-cert/--tls-key both are TLS (mutual
+    with --tls-ca).
+    """
+    import asyncio
+
+    from trio_bridge._host._remote import remote_setup
+    from trio_bridge._wire.contract import SECRET_ENV
+    from trio_bridge._wire.tls import TLSConfig
+    from trio_bridge.worker._server import parse_arguments, serve
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if (tls_cert is None) != (tls_key is None):
+            raise TrioBridgeError("give both --tls-cert and --tls-key, or neither")
+        tls = TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert is not None and tls_key is not None else None
+        setup = remote_setup([listen], listen=None, advertise=None, token=token, tls=tls, insecure=insecure)
+        assert setup is not None
+    except (OSError, TrioBridgeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    options = ["--tls-cert", tls_cert, "--tls-key", tls_key] if tls is not None else []
+    options += ["--tls-ca", tls_ca] if tls is not None and tls_ca else []
+    args = parse_arguments([
+        "--adapter", adapter, "--listen", setup.addresses[0], "--concurrency", str(concurrency), "--no-lifeline",
+        "--standalone", *[str(o) for o in options],
+    ])
+
+    def announce(address: str) -> None:
+        err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
+
+    try:
+        code = asyncio.run(serve(args, {SECRET_ENV: token}, announce))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(code)
 
 
 def _parse_arguments(pairs: list[str], json_args: str | None, parameters: dict[str, str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, final, overload
@@ -34,6 +35,7 @@ from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
+from trio_bridge._host._remote import RemoteWorker, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
@@ -45,8 +47,10 @@ from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
+from trio_bridge._wire.tls import TLSConfig
 
 _logger = logging.getLogger("trio_bridge")
+_WORKER_POLL = 0.05  # seconds between looks while waiting for workers
 F = TypeVar("F", bound=Callable[..., Any])
 Transport = Literal["unix", "tcp"]
 
@@ -210,6 +214,17 @@ class Pool(metaclass=NoPublicConstructor):
         """A snapshot of each slot's current worker, ordered by slot."""
         return self._supervisor.workers()
 
+    async def wait_for_workers(self, count: int) -> None:
+        """Wait until at least ``count`` workers are ready (remote ones come and go).
+
+        Raises:
+            InvalidArgumentError: ``count`` is more than the pool's slots.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= self._supervisor.size:
+            raise InvalidArgumentError(f"count must be a whole number from 0 to {self._supervisor.size}, not {short_repr(count)}")
+        while self._supervisor.ready < count:
+            await trio.sleep(_WORKER_POLL)
+
     def statistics(self) -> PoolStatistics:
         """Queue length, calls in flight, call outcomes, restarts and latency percentiles."""
         return self._metrics.snapshot(
@@ -301,6 +316,12 @@ def open_pool(
     max_value_bytes: int = 64 * 2**20,
     history_limit: int = 50,
     handle_signals: bool = True,
+    remote_workers: Sequence[str] = (),
+    listen: str | None = None,
+    advertise: str | None = None,
+    token: str | None = None,
+    tls: TLSConfig | None = None,
+    insecure: bool = False,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -348,9 +369,26 @@ def open_pool(
             ``SystemExit(143)`` (SIGTERM) leaves the ``async with``; a second signal skips the
             drain. Without it (or with handlers of your own) SIGTERM ends the process at once,
             and the workers die with it.
+        remote_workers: ``tcp://HOST:PORT`` of ``trio-bridge worker`` processes serving the
+            same adapter elsewhere, one slot each on top of the ``size`` local ones (``size``
+            may then be 0). Calls are dispatched over local and remote workers alike. A remote
+            worker the host loses (health checks every ``min(health_check_interval, 2)``
+            seconds, or a failed call) fails only its own calls, with ``WorkerCrashedError``
+            ("lost connection to worker at ADDR"); its slot dials it again, with backoff, so
+            it rejoins when it is back. Shared memory is off in such a pool (arrays travel
+            in-band).
+        listen: ``tcp://HOST:PORT`` where remote workers call the host back (host tools,
+            variables, worker-to-worker calls); port 0 picks a free port.
+        advertise: ``HOST`` or ``HOST:PORT`` remote workers use to reach ``listen`` (default:
+            its host, or this machine's name when it listens on all addresses).
+        token: the shared secret of the host and its remote workers (>= 16 characters), sent
+            as gRPC metadata both ways and compared in constant time.
+        tls: certificates for TLS both ways (mutual when it has a ``ca``).
+        insecure: allow plain TCP beyond loopback (without it, ``tls`` is required there).
 
     Raises:
-        InvalidArgumentError: an option is out of range (raised when the block is entered).
+        InvalidArgumentError: an option is out of range, or the remote-worker options do not
+            fit together (raised when the block is entered).
         WorkerStartError: a worker could not start (bad adapter path, ``setup()`` raised, no
             ready line in time, another trio-bridge wire contract); carries the worker's stderr
             tail, e.g. the ImportError.
@@ -364,7 +402,7 @@ def open_pool(
         transport=transport, python=python, env=env, adapter_options=adapter_options,
         shared_memory_threshold=shared_memory_threshold, state=state, max_sessions=max_sessions,
         max_variables_per_session=max_variables_per_session, max_value_bytes=max_value_bytes,
-        history_limit=history_limit, stop=stop,
+        history_limit=history_limit, stop=stop, remote=(remote_workers, listen, advertise, token, tls, insecure),
     ))
 
 
@@ -389,14 +427,15 @@ async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManag
 
 def check_options(
     *, adapter: Any, size: int, concurrency: int, max_queue: int, transport: Any, adapter_options: Any,
-    timeouts: dict[str, Any], restart_backoff: Any,
+    timeouts: dict[str, Any], restart_backoff: Any, remote_workers: int = 0,
 ) -> str:
-    """Refuse bad options with one clear error; return the adapter options as JSON."""
+    """Refuse bad options with one clear error; return the adapter options as JSON. ``size``
+    may be 0 when there are ``remote_workers``."""
     if not isinstance(adapter, str) or ":" not in adapter:
         raise InvalidArgumentError(f"adapter must be 'package.module:ClassName', not {short_repr(adapter)}")
-    for name, value in (("size", size), ("concurrency", concurrency)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidArgumentError(f"{name} must be a whole number >= 1, not {short_repr(value)}")
+    for name, value, least in (("size", size, 0 if remote_workers else 1), ("concurrency", concurrency, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InvalidArgumentError(f"{name} must be a whole number >= {least}, not {short_repr(value)}")
     if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
         raise InvalidArgumentError(f"max_queue must be a whole number >= 0, not {short_repr(max_queue)}")
     if not isinstance(transport, str) or transport not in ("unix", "tcp"):
@@ -423,12 +462,19 @@ async def _open_pool(
     restart_backoff: tuple[float, float], no_worker_timeout: float, transport: Transport, python: str | None,
     env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
     state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
-    history_limit: int, stop: SignalStop,
+    history_limit: int, stop: SignalStop, remote: tuple[Any, ...],
 ) -> AsyncIterator[Pool]:
-    size = size if size is not None else (os.cpu_count() or 1)
+    remote_workers, listen, advertise, token, tls, insecure = remote
+    setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
+    if setup is not None:
+        shared_memory_threshold = None  # remote workers cannot read this machine's /dev/shm
+        if health_check_interval > 2.0:
+            health_check_interval = 2.0  # a lost remote worker is noticed within seconds
+    size = size if size is not None else (0 if setup is not None and setup.addresses else os.cpu_count() or 1)
     options_json = check_options(
         adapter=adapter, size=size, concurrency=concurrency, max_queue=max_queue, transport=transport,
         adapter_options=adapter_options, restart_backoff=restart_backoff,
+        remote_workers=len(setup.addresses) if setup is not None else 0,
         timeouts={
             "startup_timeout": startup_timeout, "shutdown_timeout": shutdown_timeout, "cancel_grace": cancel_grace,
             "health_check_interval": health_check_interval, "heartbeat_interval": heartbeat_interval,
@@ -465,8 +511,16 @@ async def _open_pool(
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval, adapter_options=options_json,
                 )
 
+                callback = [""]  # where remote workers call the host back, once it listens
+
                 def new_worker(worker_id: str, slot: int) -> WorkerHandle:
-                    return WorkerHandle(worker_id, slot, spec, boundary, janitor)
+                    if setup is None or slot < size:
+                        return WorkerHandle(worker_id, slot, spec, boundary, janitor)
+                    remote_spec = dataclasses.replace(
+                        spec, transport="tcp", secret=setup.token, tls=setup.client_context, callback_address=callback[0],
+                        launch=RemoteWorker.launcher(setup.addresses[slot - size]),
+                    )
+                    return WorkerHandle(worker_id, slot, remote_spec, boundary)
 
                 @asynccontextmanager
                 async def serve(parts: PoolParts) -> AsyncIterator[None]:
@@ -475,11 +529,16 @@ async def _open_pool(
                         boundary, parts.state, calls=parts.calls, tools=parts.tools, plane=plane,
                         knows=parts.supervisor.knows, route_for=parts.route_for,
                     )
-                    async with boundary.serve([service], host_address, secret):
+                    async with boundary.serve([service], host_address, secret), contextlib.AsyncExitStack() as stack:
+                        if setup is not None and setup.listen is not None:
+                            bound = await stack.enter_async_context(
+                                boundary.serve([service], setup.listen, setup.token, setup.server_context)
+                            )
+                            callback[0] = setup.callback_address(bound)
                         yield
 
                 async with compose(
-                    adapter=adapter, size=size, spec=spec, new_worker=new_worker, serve=serve, plane=plane,
+                    adapter=adapter, size=size + (len(setup.addresses) if setup else 0), spec=spec, new_worker=new_worker, serve=serve, plane=plane,
                     state=default_state(
                         state, max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
                         max_value_bytes=max_value_bytes, history_limit=history_limit,

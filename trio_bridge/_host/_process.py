@@ -33,6 +33,7 @@ class LaunchedWorker(Protocol):
     stderr: Any  # a Trio receive stream: closed when the worker ends
     returncode: int | None
     own_group: bool  # it leads a process group of its own (signalled and watched as a whole)
+    remote: bool  # the host did not start it (a remote worker): it is detached from, not stopped
 
     async def wait(self) -> int: ...
 
@@ -65,6 +66,7 @@ class WorkerProcess:
         self._watching = False
         self._pidfd: int | None = None
         self.own_group = True
+        self.remote = False
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
             self._pidfd = os.pidfd_open(self.pid)
 

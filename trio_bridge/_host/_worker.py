@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any, Literal, TypeVar, final
 
 import trio
@@ -60,6 +61,7 @@ _STDERR_TAIL_LINES = 40
 # What workers write to stderr (tracebacks, tools' print()s): INFO records, "[w3] line".
 _worker_log = logging.getLogger("trio_bridge.worker")
 _EXIT_REPORT_WAIT = 2.0  # seconds to wait for a dying worker's exit status
+_DRAIN_POLL = 0.05  # seconds between looks at a remote worker's calls while the pool closes
 
 
 @final
@@ -112,6 +114,10 @@ class WorkerSpec:
     adapter_options: str = "{}"  # JSON
     launch: Callable[[list[str], dict[str, str]], LaunchedWorker] = field(default_factory=launcher.get)
     """Starts a worker: ``launch(command, env)`` (default: :meth:`WorkerProcess.spawn`)."""
+    tls: SSLContext | None = None
+    """For TCP: the client context that reaches workers over TLS (remote workers)."""
+    callback_address: str = ""
+    """For remote workers: where they call the host back (``tcp:HOST:PORT``; empty: they do not)."""
 
 
 class WorkerHandle:
@@ -143,6 +149,7 @@ class WorkerHandle:
         self._stub: pb.WorkerServiceStub | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
+        self.remote: bool = False  # a remote worker (set when it is reached)
 
     def _wire(self) -> Boundary:
         """The trio-asyncio boundary its RPCs cross. ``None`` only for a worker with no process
@@ -220,8 +227,9 @@ class WorkerHandle:
         raise self.crashed_error()
 
     async def _settle_after_transport_error(self, reason: str) -> None:
-        # Give the process a moment to be reaped so the error can carry its exit status.
-        with trio.move_on_after(_EXIT_REPORT_WAIT):
+        # Give the process a moment to be reaped so the error can carry its exit status (a
+        # remote worker has none to give).
+        with trio.move_on_after(0 if self.remote else _EXIT_REPORT_WAIT):
             await self.exited.wait()
         if self.alive:
             self.kill(f"its connection failed ({reason})")
@@ -229,6 +237,11 @@ class WorkerHandle:
             await self.stderr_closed.wait()
 
     def crashed_error(self) -> WorkerCrashedError:
+        if self.remote:
+            message = f"lost connection to worker at {self.address}"
+            if self._death_reason:
+                message += f" ({self._death_reason})"
+            return WorkerCrashedError(message, worker_id=self.id, pid=self.pid)
         message = "died during the call" if self.exited.is_set() else "is not running"
         if self._death_reason:
             message += f": the pool stopped it because {self._death_reason}"
@@ -287,6 +300,7 @@ class WorkerHandle:
                 f"cannot start {spec.python!r}: {exc} (adapter {spec.adapter!r})", worker_id=self.id,
             ) from None
         self._process = process
+        self.remote = process.remote
         self.pid = process.pid
         janitor = self._janitor if process.own_group else None
         if janitor is not None:
@@ -302,15 +316,17 @@ class WorkerHandle:
                     self.kill("it was not ready in time")
                     raise await self._start_error(f"printed no ready line within {spec.startup_timeout:g} s")
                 nursery.start_soon(_drain, process.stdout)
-                channel, self._stub = self._wire().worker_stub(self.address, spec.secret)
+                channel, self._stub = self._wire().worker_stub(self.address, spec.secret, spec.tls)
                 with trio.move_on_after(spec.startup_timeout) as timeout_scope:
                     try:
-                        described = await self._wire().run(self._stub.describe(
-                            pb.DescribeRequest(trio_bridge_version=__version__, wire_version=WIRE_VERSION)
-                        ))
+                        described = await self._wire().run(self._stub.describe(pb.DescribeRequest(
+                            trio_bridge_version=__version__, wire_version=WIRE_VERSION,
+                            host_address=spec.callback_address if self.remote else "", worker_id=self.id,
+                        )))
                     except TransportError as exc:
                         self.kill("it failed the handshake")
-                        raise await self._start_error(f"Describe failed ({exc})") from None
+                        where = f"cannot reach worker at {self.address}: " if self.remote else ""
+                        raise await self._start_error(f"{where}Describe failed ({exc})") from None
                 if timeout_scope.cancelled_caught:
                     raise await self._start_error("did not answer Describe in time")
                 problem = incompatibility(
@@ -321,6 +337,8 @@ class WorkerHandle:
                     self.kill("its wire contract differs")
                     raise await self._start_error(f"was refused: {problem}")
                 self.tools = {t.name: t for t in described.tools}
+                if self.remote:
+                    self.pid = described.pid  # the remote process's, for WorkerInfo
                 self._enter(WorkerState.READY)
                 self.started_at = trio.current_time()
                 task_status.started()
@@ -402,10 +420,17 @@ class WorkerHandle:
         self.exited.set()
 
     async def shutdown(self, grace: float) -> None:
-        """Ask the worker to finish its calls (at most ``grace`` seconds) and exit."""
+        """Ask the worker to finish its calls (at most ``grace`` seconds) and exit. A remote
+        worker keeps running: the host lets its own calls finish, then detaches."""
         if self._stub is None or not self.alive:
             return
         self._enter(WorkerState.DRAINING)
+        if self.remote and self._process is not None:
+            with trio.move_on_after(grace):
+                while self.busy:
+                    await trio.sleep(_DRAIN_POLL)
+            self._process.signal_group(signal.SIGTERM)
+            return
         # Bounded even if the worker no longer answers: the pool then terminates it.
         with trio.move_on_after(grace + 1):
             try:

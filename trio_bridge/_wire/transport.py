@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from ssl import SSLContext
 from typing import Any
 
 import grpclib.server
@@ -31,7 +32,7 @@ _CONFIG = Configuration(http2_stream_window_size=STREAM_WINDOW, http2_connection
 
 
 def parse_address(address: str) -> tuple[str, str, int]:
-    """``"unix:/p"`` -> ``("unix", "/p", 0)``; ``"tcp:h:1"`` -> ``("tcp", "h", 1)``.
+    """``"unix:/p"`` -> ``("unix", "/p", 0)``; ``"tcp:h:1"`` (or ``"tcp://h:1"``) -> ``("tcp", "h", 1)``.
 
     ``"unix:@name"`` is a Linux abstract-namespace socket (no file on disk): ``("unix", "\\0name", 0)``.
 
@@ -42,18 +43,19 @@ def parse_address(address: str) -> tuple[str, str, int]:
     if scheme == "unix" and rest:
         return scheme, ("\0" + rest[1:]) if rest.startswith("@") else rest, 0
     if scheme == "tcp":
-        host, _, port = rest.rpartition(":")
+        host, _, port = rest.removeprefix("//").rpartition(":")
         if host and port.isdigit():
             return scheme, host, int(port)
     raise ValueError(f"an address must be unix:PATH or tcp:HOST:PORT, not {address!r}")
 
 
-def open_channel(address: str) -> Channel:
-    """A grpclib client channel to ``address`` (connects lazily, on the first call)."""
+def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
+    """A grpclib client channel to ``address`` (connects lazily, on the first call); TCP over
+    TLS with ``ssl`` (a client context: ``TLSConfig.client_context()``)."""
     scheme, where, port = parse_address(address)
     if scheme == "unix":
         return Channel(path=where, config=_CONFIG)
-    return Channel(host=where, port=port, config=_CONFIG)
+    return Channel(host=where, port=port, config=_CONFIG, ssl=ssl)
 
 
 _MALFORMED_LOG_INTERVAL = 10.0  # seconds: at most one log line per interval about malformed requests

@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
 from grpclib.exceptions import GRPCError
@@ -58,8 +59,11 @@ class SessionCache:
 class HostClient:
     """Calls to the host, from the worker's event loop."""
 
-    def __init__(self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.channel: Channel = open_channel(address)
+    def __init__(
+        self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop, ssl: SSLContext | None = None
+    ) -> None:
+        self.address: str = address
+        self.channel: Channel = open_channel(address, ssl)
         self.metadata: dict[str, str] = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
         self.stub: pb.HostServiceStub = pb.HostServiceStub(self.channel, metadata=self.metadata)
         self.loop: asyncio.AbstractEventLoop = loop

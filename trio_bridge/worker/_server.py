@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from ssl import SSLContext
 from typing import Any
 
 import grpclib.const
@@ -50,6 +51,7 @@ from trio_bridge._wire.contract import (
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
+from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge._wire.transport import new_server, parse_address
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
@@ -66,9 +68,18 @@ class WorkerService(pb.WorkerServiceBase):
     """Serves one adapter's tools. Every call occupies one of ``concurrency`` slots until it has
     really finished (a cancelled sync tool keeps its slot until its thread returns)."""
 
-    def __init__(self, adapter_path: str, adapter: Adapter, concurrency: int, host: HostClient | None = None) -> None:
+    def __init__(
+        self, adapter_path: str, adapter: Adapter, concurrency: int, host: HostClient | None = None, *,
+        standalone: bool = False, secret: str = "", host_tls: SSLContext | None = None,
+    ) -> None:
+        """``standalone``: a worker no host started (``trio-bridge worker``): a host that reaches
+        it says in ``Describe`` where to call it back, with ``secret`` (the token) and over
+        ``host_tls``."""
         self.adapter_path = adapter_path
         self.host = host
+        self.standalone = standalone
+        self._secret = secret
+        self._host_tls = host_tls
         self.adapter = adapter
         self.tools = collect_tools(adapter)
         self.concurrency = concurrency
@@ -147,6 +158,8 @@ class WorkerService(pb.WorkerServiceBase):
         if problem is not None:
             print(f"trio-bridge worker: refusing the host: {problem}", file=sys.stderr, flush=True)
             raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, problem)
+        if self.standalone and message.host_address:
+            self._attach(message.host_address, message.worker_id)
         return pb.DescribeResponse(
             adapter=self.adapter_path,
             tools=[tool_spec(t) for t in self.tools.values()],
@@ -156,6 +169,14 @@ class WorkerService(pb.WorkerServiceBase):
             trio_bridge_version=__version__,
             wire_version=WIRE_VERSION,
         )
+
+    def _attach(self, host_address: str, worker_id: str) -> None:
+        """Serve the host at ``host_address`` from now on (a new pool: its sessions are new)."""
+        if self.host is not None:
+            self.host.close()
+        self.sessions.clear()
+        self.host = HostClient(host_address, self._secret, worker_id, self._loop, self._host_tls)
+        print(f"trio-bridge worker: serving the host at {host_address} as worker {worker_id}", file=sys.stderr, flush=True)
 
     async def execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         try:
@@ -387,6 +408,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="calls served at once (default 1)")
     parser.add_argument("--heartbeat-interval", type=float, default=5.0, help="seconds between heartbeats to the host")
     parser.add_argument("--no-lifeline", action="store_true", help="do not exit when stdin closes (manual runs)")
+    parser.add_argument("--standalone", action="store_true", help="no host started it: hosts reach it at --listen")
+    parser.add_argument("--tls-cert", help="TCP over TLS: this worker's certificate (PEM)")
+    parser.add_argument("--tls-key", help="its private key (PEM)")
+    parser.add_argument("--tls-ca", help="the CA that signs hosts' certificates (mutual TLS)")
     return parser.parse_args(argv)
 
 
@@ -409,11 +434,18 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         result: Any = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)  # setup may be async def
         if asyncio.iscoroutine(result):
             await result
+        server_tls = client_tls = None
+        if args.tls_cert:
+            tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_ca)
+            server_tls, client_tls = tls.server_context(), tls.client_context()
         host_address = env.get(HOST_ADDRESS_ENV)
         host = None
         if host_address:
             host = HostClient(host_address, env.get(SECRET_ENV, ""), env.get(WORKER_ID_ENV, ""), asyncio.get_running_loop())
-        service = WorkerService(args.adapter, adapter, args.concurrency, host)
+        service = WorkerService(
+            args.adapter, adapter, args.concurrency, host, standalone=args.standalone, secret=env.get(SECRET_ENV, ""),
+            host_tls=client_tls,
+        )
     except BaseException:
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
@@ -431,7 +463,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         family = socket.AF_INET6 if ":" in where else socket.AF_INET
         listener = socket.create_server((where, port), family=family)  # bound here, so the port is known
         bound = listener.getsockname()
-        await server.start(sock=listener)
+        await server.start(sock=listener, ssl=server_tls)
         address = f"tcp:{bound[0]}:{bound[1]}"
     announce(address)
 

@@ -117,6 +117,14 @@ class DescribeRequest(betterproto2.Message):
     the host's contract version
     """
 
+    host_address: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    A worker the host did not start (a remote worker) learns here where to call the host back
+    and which worker id it has there; empty for the workers a host starts (they know).
+    """
+
+    worker_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
 
 default_message_pool.register_message("trio_bridge.v1", "DescribeRequest", DescribeRequest)
 

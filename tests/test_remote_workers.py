@@ -1,0 +1,186 @@
+"""Remote workers: ``trio-bridge worker`` processes on other loopback addresses standing for other
+machines, reached over TCP with mutual TLS (certificates from trustme) and a token."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+import trustme
+
+import trio_bridge
+from tests.helpers import wait_for
+from tests.redis_server import free_port
+from trio_bridge import InvalidArgumentError, TLSConfig, WorkerCrashedError, WorkerStartError
+
+ADAPTER = "benchmarks.signal_storm:StormEcho"  # tests.adapters:Echo plus a tool that calls a host tool
+TOKEN = "a-token-for-the-tests-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Certificates:
+    """A CA, a certificate for the worker's machine (127.0.0.2) and one for the host's (127.0.0.1)."""
+
+    def __init__(self, directory: Path, ca: trustme.CA | None = None) -> None:
+        ca = ca or trustme.CA()
+        self.ca = directory / "ca.pem"
+        ca.cert_pem.write_to_path(self.ca)
+        for name, address in (("worker", "127.0.0.2"), ("host", "127.0.0.1")):
+            leaf = ca.issue_cert(address)
+            leaf.cert_chain_pems[0].write_to_path(directory / f"{name}.pem")
+            leaf.private_key_pem.write_to_path(directory / f"{name}.key")
+        self.directory = directory
+
+    def for_(self, name: str) -> TLSConfig:
+        return TLSConfig(str(self.directory / f"{name}.pem"), str(self.directory / f"{name}.key"), str(self.ca))
+
+
+class RemoteWorkerProcess:
+    """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell)."""
+
+    def __init__(self, tmp_path: Path, certs: Certificates) -> None:
+        self.port = free_port("127.0.0.2")
+        self.address = f"tcp://127.0.0.2:{self.port}"
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN + "\n")
+        self.command = [
+            sys.executable, "-m", "trio_bridge", "worker", ADAPTER, "--listen", self.address,
+            "--token-file", str(token_file), "--tls-cert", str(certs.directory / "worker.pem"),
+            "--tls-key", str(certs.directory / "worker.key"), "--tls-ca", str(certs.ca), "--concurrency", "2",
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RemoteWorkerProcess:
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        assert self.process.stderr is not None
+        line = self.process.stderr.readline().decode()  # "serving ... on ..." once it listens
+        assert "serving" in line, line
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return Certificates(tmp_path)
+
+
+@pytest.fixture
+def remote(tmp_path, certs):
+    worker = RemoteWorkerProcess(tmp_path, certs).start()
+    yield worker
+    worker.kill()
+
+
+def _options(certs: Certificates, remote: RemoteWorkerProcess, **overrides):
+    return {
+        "size": 1, "remote_workers": [remote.address], "listen": "tcp://127.0.0.1:0", "token": TOKEN,
+        "tls": certs.for_("host"), "restart_backoff": (0.1, 0.5), "health_check_interval": 1.0,
+    } | overrides
+
+
+async def nap(seconds: float) -> float:
+    await trio.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.real_process
+async def test_a_remote_worker_over_tls_serves_calls_streams_host_tools_and_variables_and_rejoins(certs, remote):
+    async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote)) as pool:
+        pool.host_tool(nap, name="host_nap")
+        local, far = sorted(pool.workers(), key=lambda w: w.address.startswith("tcp:"))
+        assert far.address == f"tcp:127.0.0.2:{remote.port}" and far.pid == remote.pid and local.pid != remote.pid
+        assert pool._plane is None  # shared memory is off: arrays go in-band
+        async with trio.open_nursery() as nursery:  # both serve: the burst is spread
+            for i in range(20):
+                nursery.start_soon(pool.execute, "add", {"a": i})
+        assert all(w.calls_served > 0 for w in pool.workers())
+        big = np.arange(300_000, dtype=np.float64)
+        async with pool.session(affinity="strict") as session:
+            await session.register_variable("temperature", "float", 0.5)
+            for _ in range(4):  # each call is served where the session lives; both kinds work
+                assert np.array_equal(await session.execute("echo", {"value": big}), big)
+                assert await session.execute("ask_host", {"seconds": 0.01}) == 0.01
+                async with session.stream("count", {"n": 50}) as chunks:
+                    assert [c async for c in chunks] == list(range(50))
+
+        # kill -9 of the remote worker mid-call: only that call fails, soon, and says why
+        remote_calls: list[tuple[WorkerCrashedError, float]] = []
+        stop = trio.Event()
+
+        async def caller() -> None:  # its calls land on either worker
+            while not stop.is_set():
+                try:
+                    await pool.execute("sleep", {"seconds": 0.2})
+                except WorkerCrashedError as exc:
+                    remote_calls.append((exc, trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(caller)
+            await trio.sleep(0.5)
+            killed_at = trio.current_time()
+            remote.kill()
+            await trio.sleep(3)
+            stop.set()
+        assert remote_calls and all("lost connection to worker at tcp:127.0.0.2" in str(e) for e, _ in remote_calls)
+        assert max(at for _, at in remote_calls) - killed_at < 5
+        assert await pool.execute("add", {"a": 1}) == 3  # the local worker was untouched
+
+        remote.start()  # it comes back: its slot dials it again
+        with trio.fail_after(15):
+            await pool.wait_for_workers(2)
+        assert any(w.pid == remote.pid for w in pool.workers())
+    assert remote.process is not None and remote.process.poll() is None  # closing the pool detached, did not stop it
+
+
+@pytest.mark.real_process
+async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused(tmp_path, certs, remote):
+    with pytest.raises(WorkerStartError, match="UNAUTHENTICATED"):
+        async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, token="not-the-token-0123456789", size=0)):
+            pass
+    stranger_dir = tmp_path / "stranger"
+    stranger_dir.mkdir()
+    stranger = Certificates(stranger_dir)  # a CA the worker does not trust
+    with pytest.raises(WorkerStartError, match="cannot reach worker"):
+        async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, tls=stranger.for_("host"), size=0, startup_timeout=5)):
+            pass
+    async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, size=0)) as pool:  # and it still serves
+        assert await pool.execute("add", {"a": 2}) == 4
+
+
+async def test_remote_options_are_checked_before_anything_starts(tmp_path, certs):
+    cases = [
+        ({"remote_workers": ["tcp://10.1.2.3:7000"], "token": TOKEN}, "plain TCP beyond this machine"),
+        ({"remote_workers": ["tcp://127.0.0.2:7000"]}, "need a token"),
+        ({"remote_workers": ["tcp://127.0.0.2:7000"], "token": "short"}, "need a token"),
+        ({"remote_workers": ["gpu-3:7000"], "token": TOKEN}, "tcp://HOST:PORT"),
+        ({"remote_workers": "tcp://127.0.0.2:7000", "token": TOKEN}, "a list of"),
+        ({"remote_workers": ["tcp://127.0.0.2:7000"], "token": TOKEN, "tls": "cert.pem"}, "TLSConfig"),
+        ({"size": 0}, "size must be"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InvalidArgumentError, match=message):
+            async with trio_bridge.open_pool(ADAPTER, **options):
+                pass
+    with pytest.raises(InvalidArgumentError, match="cannot read"):
+        TLSConfig(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
+    started = time.monotonic()
+    assert time.monotonic() - started < 1

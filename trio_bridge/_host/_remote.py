@@ -1,0 +1,147 @@
+"""Remote workers: workers the host did not start, reached over TCP (and TLS) at an address.
+
+A remote worker is a ``trio-bridge worker ADAPTER --listen tcp://HOST:PORT`` process on another
+machine (or another loopback address standing for one). To a worker handle it looks like a
+worker process whose ready line is its address: :class:`RemoteWorker` is the
+:class:`~trio_bridge._host._process.LaunchedWorker` for it. It "exits" when the handle stops
+using it: the pool closes (it detaches, exit code 0), or the pool stops it because its
+connection was lost (exit code ``-9``: the handle's death reason says why) -- the remote process
+itself keeps running, and the slot's next worker dials it again (so a worker that comes back
+rejoins the pool).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ssl import SSLContext
+
+import trio
+
+from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._wire.codec import short_repr
+from trio_bridge._wire.contract import READY_PREFIX
+from trio_bridge._wire.tls import TLSConfig
+from trio_bridge._wire.transport import parse_address
+
+
+class RemoteWorker:
+    """The :class:`~trio_bridge._host._process.LaunchedWorker` of a remote worker at ``address``."""
+
+    own_group = False  # nothing of it runs here: no process group, nothing for the janitor
+    remote = True
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.pid: int = 0  # not ours; the handle takes the real one from Describe
+        self.returncode: int | None = None
+        ready, write = os.pipe()
+        os.write(write, f"{READY_PREFIX}{address}\n".encode())
+        os.close(write)
+        self.stdout: trio.lowlevel.FdStream = trio.lowlevel.FdStream(ready)
+        stderr, self._stderr = os.pipe()  # closed at the end: nothing is ever written to it
+        self.stderr: trio.lowlevel.FdStream = trio.lowlevel.FdStream(stderr)
+        self._exited = trio.Event()
+
+    @classmethod
+    def launcher(cls, address: str) -> Callable[[list[str], dict[str, str]], RemoteWorker]:
+        """A ``launch(command, env)`` that, instead of starting anything, reaches ``address``."""
+        return lambda command, env: cls(address)
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def signal_group(self, signum: int) -> None:
+        """Stop using it: SIGTERM detaches (exit code 0), anything else drops it (``-signum``)."""
+        if self.returncode is not None:
+            return
+        self.returncode = 0 if signum == signal.SIGTERM else -signum
+        os.close(self._stderr)
+        self._exited.set()
+
+    async def aclose(self) -> None:
+        for stream in (self.stdout, self.stderr):
+            await stream.aclose()
+
+
+@dataclass(frozen=True)
+class RemoteSetup:
+    """A pool's remote workers and how it reaches them (made by :func:`remote_setup`)."""
+
+    addresses: tuple[str, ...]  # "tcp:HOST:PORT" of each remote worker: one slot each
+    token: str
+    tls: TLSConfig | None
+    listen: str | None  # "tcp:HOST:PORT" where remote workers call the host back (port 0: any)
+    advertise: str | None  # "HOST" or "HOST:PORT" they use for it (default: the listen host)
+
+    @property
+    def client_context(self) -> SSLContext | None:
+        return self.tls.client_context() if self.tls is not None else None
+
+    @property
+    def server_context(self) -> SSLContext | None:
+        return self.tls.server_context() if self.tls is not None else None
+
+    def callback_address(self, bound: str) -> str:
+        """Where remote workers call the host: ``advertise``, with the bound port if it has none."""
+        _, host, port = parse_address(bound)
+        if self.advertise:
+            name, _, given = self.advertise.rpartition(":") if ":" in self.advertise else (self.advertise, "", "")
+            return f"tcp:{name}:{given or port}"
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"tcp:{host}:{port}"
+
+
+def remote_setup(
+    remote_workers: Sequence[str], *, listen: str | None, advertise: str | None, token: str | None,
+    tls: TLSConfig | None, insecure: bool,
+) -> RemoteSetup | None:
+    """Check the remote-worker options of ``open_pool``; ``None`` when it has none.
+
+    Raises:
+        InvalidArgumentError: an address is not ``tcp://HOST:PORT``; no ``token``; ``tls`` is
+            not a :class:`TLSConfig`; or plain TCP to a non-loopback address without
+            ``insecure=True``.
+    """
+    if isinstance(remote_workers, str) or not isinstance(remote_workers, Sequence):
+        raise InvalidArgumentError(f"remote_workers must be a list of tcp://HOST:PORT, not {short_repr(remote_workers)}")
+    if not remote_workers and listen is None:
+        return None
+    addresses = tuple(_tcp(address, "remote_workers") for address in remote_workers)
+    bind = _tcp(listen, "listen") if listen is not None else None
+    if not isinstance(token, str) or len(token) < 16:
+        raise InvalidArgumentError("remote workers need a token: a shared secret of at least 16 characters (token=...)")
+    if tls is not None and not isinstance(tls, TLSConfig):
+        raise InvalidArgumentError(f"tls must be a trio_bridge.TLSConfig, not {short_repr(tls)}")
+    if tls is None and not insecure:
+        exposed = [a for a in (*addresses, *([bind] if bind else [])) if not _loopback(parse_address(a)[1])]
+        if exposed:
+            raise InvalidArgumentError(
+                f"plain TCP beyond this machine ({', '.join(exposed)}): give tls=TLSConfig(...), or insecure=True"
+            )
+    return RemoteSetup(addresses, token, tls, bind, advertise)
+
+
+def _tcp(address: object, what: str) -> str:
+    if isinstance(address, str):
+        try:
+            scheme, host, port = parse_address(address)
+        except ValueError:
+            scheme = ""
+        if scheme == "tcp":
+            return f"tcp:{host}:{port}"
+    raise InvalidArgumentError(f"{what}: an address is tcp://HOST:PORT, not {short_repr(address)}")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
