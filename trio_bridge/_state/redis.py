@@ -179,11 +179,11 @@ class RedisBackend(StateBackend):
                 raise InvalidArgumentError(f"{name} must be a positive number of seconds, not {codec.short_repr(value)}")
         if isinstance(log_length, bool) or not isinstance(log_length, int) or log_length < 2:
             raise InvalidArgumentError(f"log_length must be a whole number >= 2, not {codec.short_repr(log_length)}")
-        self.url = url
-        self.prefix = prefix
-        self.lock_lease = float(lock_lease)
-        self.log_length = log_length
-        self.timeout = float(timeout)
+        self.url: str = url
+        self.prefix: str = prefix
+        self.lock_lease: float | None = float(lock_lease)
+        self.log_length: int = log_length
+        self.timeout: float = float(timeout)
         # The pure store checks ids, TTLs and metadata exactly as the memory backend does.
         self._limits = SessionStore(
             max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
