@@ -302,6 +302,61 @@ async def state_backends(n: int) -> dict[str, Any]:
     return out
 
 
+async def remote_unary(n: int) -> dict[str, Any]:
+    """``pool.execute`` of a sync no-op: a local worker over a Unix socket, and a remote one
+    (``trio-bridge worker`` on 127.0.0.2) over TCP with mutual TLS, and over plain TCP."""
+    import pathlib
+    import secrets
+
+    import trustme
+
+    from tests.redis_server import free_port
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        d = pathlib.Path(directory)
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(d / "ca.pem")
+        for name, address in (("worker", "127.0.0.2"), ("host", "127.0.0.1")):
+            leaf = ca.issue_cert(address)
+            leaf.cert_chain_pems[0].write_to_path(d / f"{name}.pem")
+            leaf.private_key_pem.write_to_path(d / f"{name}.key")
+        token = secrets.token_hex(16)
+        (d / "token").write_text(token)
+        tls = trio_bridge.TLSConfig(str(d / "host.pem"), str(d / "host.key"), str(d / "ca.pem"))
+        for kind in ("unix_local", "tcp_tls_remote", "tcp_plain_remote"):
+            worker = None
+            options: dict[str, Any] = {"size": 1, "health_check_interval": 0}
+            if kind != "unix_local":
+                address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
+                tls_args = ["--tls-cert", str(d / "worker.pem"), "--tls-key", str(d / "worker.key"), "--tls-ca", str(d / "ca.pem")]
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "trio_bridge", "worker", ADAPTER, "--listen", address, "--token-file",
+                     str(d / "token"), *(tls_args if kind == "tcp_tls_remote" else [])],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                )
+                assert worker.stderr is not None
+                worker.stderr.readline()  # serving
+                options = {"size": 0, "remote_workers": [address], "token": token, "listen": "tcp://127.0.0.1:0"}
+                if kind == "tcp_tls_remote":
+                    options["tls"] = tls
+            try:
+                async with trio_bridge.open_pool(ADAPTER, **options) as pool:
+                    for i in range(n // 5):
+                        await pool.execute("noop", {"x": i})
+                    samples = []
+                    for i in range(n):
+                        t0 = time.perf_counter()
+                        await pool.execute("noop", {"x": i})
+                        samples.append(time.perf_counter() - t0)
+                out[kind] = percentiles(samples)
+            finally:
+                if worker is not None:
+                    worker.kill()
+                    worker.wait()
+    return out
+
+
 async def tools(n: int) -> dict[str, Any]:
     """Calls from a worker tool: to a host tool, and to another worker's tool."""
     async with trio_bridge.open_pool(ADAPTER, size=2, health_check_interval=0) as pool:
@@ -371,6 +426,7 @@ def main() -> None:
     results["time_to_ready_s"] = {str(k): trio.run(time_to_ready, k, 3) for k in (1, 8)}
     results["state"] = trio.run(state, 500 if args.quick else 2000, 100, 20 if args.quick else 100)
     results["state_backends"] = trio.run(state_backends, 400 if args.quick else 2000)
+    results["remote_unary"] = trio.run(remote_unary, 300 if args.quick else 1000)
     results["tools"] = trio.run(tools, 300 if args.quick else 1000)
     results["bulk_mib_per_s"] = {
         "50 MiB array echo, shared memory": trio.run(bulk, 50, 3 if args.quick else 5, 1 << 20),
@@ -416,6 +472,8 @@ def show(r: dict[str, Any]) -> None:
         table.add_row(f"variables: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.1f} µs   p99 {v['p99_us']:.1f} µs")
     for k, v in r.get("state_backends", {}).items():
         table.add_row(f"state: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
+    for k, v in r.get("remote_unary", {}).items():
+        table.add_row(f"unary call, {k.replace('_', ' ')} worker", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
     for k, v in r["tools"].items():
         table.add_row(f"tools: {k.replace('_', ' ')} call", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
     for k, v in r["bulk_mib_per_s"].items():

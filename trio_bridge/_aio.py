@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from ssl import SSLContext
@@ -51,7 +50,7 @@ import trio_asyncio
 
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.transport import new_server, open_channel, parse_address
+from trio_bridge._wire.transport import new_server, open_channel, parse_address, tcp_listener
 
 T = TypeVar("T")
 
@@ -236,7 +235,7 @@ class Boundary:
         if scheme == "unix":
             await self.run(server.start(path=where))
         else:
-            listener = socket.create_server((where, port), family=socket.AF_INET6 if ":" in where else socket.AF_INET)
+            listener = tcp_listener(where, port)
             host, port = listener.getsockname()[:2]
             address = f"tcp:{host}:{port}"
             await self.run(server.start(sock=listener, ssl=ssl))

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -53,7 +52,7 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
-from trio_bridge._wire.transport import new_server, parse_address
+from trio_bridge._wire.transport import new_server, parse_address, tcp_listener
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient
@@ -460,8 +459,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         await server.start(path=where)
         address = args.listen
     else:
-        family = socket.AF_INET6 if ":" in where else socket.AF_INET
-        listener = socket.create_server((where, port), family=family)  # bound here, so the port is known
+        listener = tcp_listener(where, port)  # bound here, so the port is known
         bound = listener.getsockname()
         await server.start(sock=listener, ssl=server_tls)
         address = f"tcp:{bound[0]}:{bound[1]}"
