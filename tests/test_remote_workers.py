@@ -43,15 +43,16 @@ class Certificates:
 class RemoteWorkerProcess:
     """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell)."""
 
-    def __init__(self, tmp_path: Path, certs: Certificates) -> None:
+    def __init__(self, tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTER, join: str | None = None) -> None:
         self.port = free_port("127.0.0.2")
         self.address = f"tcp://127.0.0.2:{self.port}"
         token_file = tmp_path / "token"
         token_file.write_text(TOKEN + "\n")
         self.command = [
-            sys.executable, "-m", "trio_bridge", "worker", ADAPTER, "--listen", self.address,
+            sys.executable, "-m", "trio_bridge", "worker", adapter, "--listen", self.address,
             "--token-file", str(token_file), "--tls-cert", str(certs.directory / "worker.pem"),
             "--tls-key", str(certs.directory / "worker.key"), "--tls-ca", str(certs.ca), "--concurrency", "2",
+            *(["--join", join] if join else []),
         ]
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -162,6 +163,31 @@ async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused(tmp_path,
             pass
     async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, size=0)) as pool:  # and it still serves
         assert await pool.execute("add", {"a": 2}) == 4
+
+
+@pytest.mark.real_process
+async def test_workers_that_join_are_dialed_back_and_one_of_another_adapter_is_refused(tmp_path, certs):
+    listen = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    options = {"listen": listen, "token": TOKEN, "tls": certs.for_("host"), "health_check_interval": 1.0}
+    async with trio_bridge.open_pool(ADAPTER, size=1, **options) as pool:
+        joining = RemoteWorkerProcess(tmp_path, certs, join=listen).start()
+        stranger = RemoteWorkerProcess(tmp_path, certs, adapter="tests.adapters:Echo", join=listen).start()
+        try:
+            with trio.fail_after(20):
+                await pool.wait_for_workers(2)
+            joined = [w for w in pool.workers() if w.address == f"tcp:127.0.0.2:{joining.port}"]
+            assert joined and joined[0].pid == joining.pid
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(pool.execute, "sleep", {"seconds": 0.05})
+            assert all(w.calls_served > 0 for w in pool.workers())
+            assert stranger.process is not None and stranger.process.stderr is not None
+            refusal = await trio.to_thread.run_sync(stranger.process.stderr.readline)
+            assert b"refused it: this pool serves 'benchmarks.signal_storm:StormEcho', not 'tests.adapters:Echo'" in refusal
+            assert len(pool.workers()) == 2
+        finally:
+            joining.kill()
+            stranger.kill()
 
 
 async def test_remote_options_are_checked_before_anything_starts(tmp_path, certs):

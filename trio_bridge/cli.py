@@ -214,12 +214,15 @@ def worker(
     tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="the CA of the hosts' certificates (mutual TLS)")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="allow plain TCP beyond loopback")] = False,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="calls served at once")] = 1,
+    join: Annotated[str | None, typer.Option("--join", help="tcp://HOST:PORT of a host's listen= to offer this worker to")] = None,
+    advertise: Annotated[str | None, typer.Option("--advertise", help="HOST:PORT where hosts reach this worker")] = None,
 ) -> None:
     """Serve ADAPTER to hosts on other machines: they list it in
     ``open_pool(..., remote_workers=["tcp://THIS-MACHINE:PORT"], token=..., tls=...)``.
 
-    Runs until Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next one may
-    attach. Both directions check the token; with --tls-cert/--tls-key both are TLS (mutual
+    With --join, it also offers itself to that host (every few seconds: a restarted host finds
+    it again), which dials it back at --advertise (default: the --listen address). Runs until
+    Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next one may attach. Both directions check the token; with --tls-cert/--tls-key both are TLS (mutual
     with --tls-ca).
     """
     import asyncio
@@ -237,7 +240,7 @@ def worker(
         if (tls_cert is None) != (tls_key is None):
             raise TrioBridgeError("give both --tls-cert and --tls-key, or neither")
         tls = TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert is not None and tls_key is not None else None
-        setup = remote_setup([listen], listen=None, advertise=None, token=token, tls=tls, insecure=insecure)
+        setup = remote_setup([listen, *([join] if join else [])], listen=None, advertise=None, token=token, tls=tls, insecure=insecure)
         assert setup is not None
     except (OSError, TrioBridgeError) as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -245,7 +248,8 @@ def worker(
     options += ["--tls-ca", tls_ca] if tls is not None and tls_ca else []
     args = parse_arguments([
         "--adapter", adapter, "--listen", setup.addresses[0], "--concurrency", str(concurrency), "--no-lifeline",
-        "--standalone", *[str(o) for o in options],
+        "--standalone", *[str(o) for o in options], *(["--join", setup.addresses[1]] if join else []),
+        *(["--advertise", advertise] if advertise else []),
     ])
 
     def announce(address: str) -> None:

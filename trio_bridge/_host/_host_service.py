@@ -60,11 +60,14 @@ class HostService(pb.HostServiceBase):
     plane: the shared-memory plane of the pool (``None``: in-band only).
     knows: whether a live worker of the pool has this id (heartbeats).
     route_for: the route of a session's calls, by session id.
+    join: takes a remote worker that offers itself, ``join(address, adapter, tool_names)``
+        (raises a TrioBridgeError to refuse it); ``None``: the pool takes none.
     """
 
     def __init__(
         self, boundary: Boundary, state: StateBackend, *, calls: RoutedCalls, tools: ToolRegistry,
         plane: SharedMemoryPlane | None, knows: Callable[[str], bool], route_for: Callable[[str], Route],
+        join: Callable[[str, str, list[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._boundary = boundary
         self._state = state
@@ -73,6 +76,16 @@ class HostService(pb.HostServiceBase):
         self._plane = plane
         self._knows = knows
         self._route_for = route_for
+        self._join = join
+
+    async def join(self, m: pb.JoinRequest) -> pb.JoinReply:
+        if self._join is None:
+            return pb.JoinReply(error=error_info(InvalidArgumentError("this pool takes no joining workers")))
+        try:
+            await self._boundary.call_trio(self._join, m.address, m.adapter, list(m.tools))
+        except TrioBridgeError as exc:
+            return pb.JoinReply(error=error_info(exc))
+        return pb.JoinReply()
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse(known=self._knows(message.worker_id))

@@ -35,7 +35,7 @@ from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
-from trio_bridge._host._remote import RemoteWorker, remote_setup
+from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
@@ -215,13 +215,15 @@ class Pool(metaclass=NoPublicConstructor):
         return self._supervisor.workers()
 
     async def wait_for_workers(self, count: int) -> None:
-        """Wait until at least ``count`` workers are ready (remote ones come and go).
+        """Wait until at least ``count`` workers are ready (remote ones come and go, and join:
+        a pool with ``listen`` grows by one slot per worker that joins). Bound it with the
+        caller's cancel scope (``trio.fail_after``).
 
         Raises:
-            InvalidArgumentError: ``count`` is more than the pool's slots.
+            InvalidArgumentError: ``count`` is not a whole number >= 0.
         """
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= self._supervisor.size:
-            raise InvalidArgumentError(f"count must be a whole number from 0 to {self._supervisor.size}, not {short_repr(count)}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidArgumentError(f"count must be a whole number >= 0, not {short_repr(count)}")
         while self._supervisor.ready < count:
             await trio.sleep(_WORKER_POLL)
 
@@ -512,22 +514,33 @@ async def _open_pool(
                 )
 
                 callback = [""]  # where remote workers call the host back, once it listens
+                remote_addresses = list(setup.addresses) if setup is not None else []  # slot size + i: the i-th
 
                 def new_worker(worker_id: str, slot: int) -> WorkerHandle:
                     if setup is None or slot < size:
                         return WorkerHandle(worker_id, slot, spec, boundary, janitor)
                     remote_spec = dataclasses.replace(
                         spec, transport="tcp", secret=setup.token, tls=setup.client_context, callback_address=callback[0],
-                        launch=RemoteWorker.launcher(setup.addresses[slot - size]),
+                        launch=RemoteWorker.launcher(remote_addresses[slot - size]),
                     )
                     return WorkerHandle(worker_id, slot, remote_spec, boundary)
 
                 @asynccontextmanager
                 async def serve(parts: PoolParts) -> AsyncIterator[None]:
                     """What the workers call (host tools, variables, routed calls), while the pool runs."""
+                    async def join(address: str, adapter_path: str, tools: list[str]) -> None:
+                        """A remote worker offers itself (``trio-bridge worker --join``): dial it."""
+                        assert setup is not None
+                        address = check_joining(address, adapter_path, tools, adapter=adapter, known=parts.tools.worker_tools)
+                        if address not in remote_addresses:
+                            remote_addresses.append(address)
+                            slot = parts.supervisor.add_slot()
+                            _logger.info("worker at %s joined the pool (slot %d)", address, slot)
+
                     service = HostService(
                         boundary, parts.state, calls=parts.calls, tools=parts.tools, plane=plane,
                         knows=parts.supervisor.knows, route_for=parts.route_for,
+                        join=join if setup is not None and setup.listen is not None else None,
                     )
                     async with boundary.serve([service], host_address, secret), contextlib.AsyncExitStack() as stack:
                         if setup is not None and setup.listen is not None:

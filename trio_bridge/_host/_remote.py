@@ -16,9 +16,10 @@ import ipaddress
 import os
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ssl import SSLContext
+from typing import Any
 
 import trio
 
@@ -127,6 +128,23 @@ def remote_setup(
                 f"plain TCP beyond this machine ({', '.join(exposed)}): give tls=TLSConfig(...), or insecure=True"
             )
     return RemoteSetup(addresses, token, tls, bind, advertise)
+
+
+def check_joining(address: str, adapter_path: str, tools: list[str], *, adapter: str, known: Mapping[str, Any]) -> str:
+    """A joining worker's address, normalized, if the pool takes it.
+
+    Raises:
+        InvalidArgumentError: the address is not ``tcp:HOST:PORT``; the worker serves another
+            adapter; or its tools are not the ones the pool's workers have.
+    """
+    address = _tcp(address, "address")
+    if adapter_path != adapter:
+        raise InvalidArgumentError(f"this pool serves {adapter!r}, not {adapter_path!r}")
+    if known and set(tools) != set(known):
+        raise InvalidArgumentError(
+            f"its tools ({', '.join(sorted(tools))}) are not the pool's ({', '.join(sorted(known))}): another version of {adapter!r}?"
+        )
+    return address
 
 
 def _tcp(address: object, what: str) -> str:

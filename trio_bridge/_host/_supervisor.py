@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -116,10 +117,23 @@ class Supervisor:
         if self.plane is not None:
             nursery.start_soon(self._sweep_shared_memory)
 
-    async def _supervise(self, slot: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the worker of one slot: start it, and restart it with backoff when it dies."""
+    def add_slot(self) -> int:
+        """One more slot (a remote worker that joined); its worker starts now, and a failed
+        start is retried like a restart. Returns the slot."""
+        assert self._nursery is not None, "add_slot() before start()"
+        slot = self.size
+        self.size += 1
+        self._nursery.start_soon(partial(self._supervise, slot, must_start=False))
+        return slot
+
+    async def _supervise(
+        self, slot: int, *, must_start: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the worker of one slot: start it, and restart it with backoff when it dies.
+        ``must_start``: its first failed start raises (the pool's start fails) instead."""
         failures = 0
-        first = True
+        first = must_start
+        reported = False
         while not self.closing:
             handle = self._new_worker(f"w{next(self._worker_ids)}", slot)
             self.handles[slot] = handle
@@ -130,9 +144,10 @@ class Supervisor:
                     await nursery.start(handle.run)
                     self._tools.worker_tools = handle.tools
                     self.last_start_error = None
-                    if first:
+                    if not reported:
                         task_status.started()
-                        first = False
+                        reported = True
+                    first = False
                     self._dispatcher.add(handle)
                     await handle.exited.wait()
             except* WorkerStartError as group:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -41,6 +42,7 @@ from trio_bridge._wire.contract import (
     MAX_CHUNKS_PER_MESSAGE,
     READY_PREFIX,
     SECRET_ENV,
+    SECRET_METADATA,
     STREAM_BUFFER,
     WIRE_VERSION,
     WORKER_ID_ENV,
@@ -52,7 +54,7 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
-from trio_bridge._wire.transport import new_server, parse_address, tcp_listener
+from trio_bridge._wire.transport import new_server, open_channel, parse_address, tcp_listener
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient
@@ -399,6 +401,41 @@ async def _heartbeat(host: HostClient, service: WorkerService, interval: float, 
         await asyncio.sleep(interval)
 
 
+_JOIN_INTERVAL = 5.0  # seconds between a joining worker's offers (repeated: hosts restart too)
+
+
+async def _join(head: str, advertised: str, service: WorkerService, token: str, tls: SSLContext | None) -> None:
+    """Offer this worker to the host at ``head`` until stopped, every few seconds (the host
+    ignores repeats, and a restarted host learns of it again). Says so when refused or away."""
+    channel = open_channel(head, tls)
+    stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: token})
+    request = pb.JoinRequest(address=advertised, adapter=service.adapter_path, tools=sorted(service.tools))
+    last = ""
+    try:
+        while True:
+            try:
+                reply = await stub.join(request, timeout=_JOIN_INTERVAL)
+                problem = f"the host at {head} refused it: {reply.error.message}" if reply.error else ""
+            except (OSError, GRPCError, TimeoutError) as exc:
+                problem = f"cannot reach the host at {head}: {exc}"
+            if problem != last:
+                print(f"trio-bridge worker: {problem or f'joined the host at {head} as {advertised}'}", file=sys.stderr, flush=True)
+                last = problem
+            await asyncio.sleep(_JOIN_INTERVAL)
+    finally:
+        channel.close()
+
+
+def _advertised(advertise: str | None, bound: str) -> str:
+    """Where hosts reach this worker: ``--advertise`` (``HOST:PORT``), else the bound address
+    (this machine's name for a wildcard one)."""
+    if advertise:
+        host, _, port = advertise.removeprefix("tcp://").removeprefix("tcp:").rpartition(":")
+        return f"tcp:{host}:{port}"
+    _, host, port = parse_address(bound)
+    return f"tcp:{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """The worker's command line (``python -m trio_bridge.worker --help``)."""
     parser = argparse.ArgumentParser(prog="python -m trio_bridge.worker", description="Run one trio-bridge worker.")
@@ -411,6 +448,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-cert", help="TCP over TLS: this worker's certificate (PEM)")
     parser.add_argument("--tls-key", help="its private key (PEM)")
     parser.add_argument("--tls-ca", help="the CA that signs hosts' certificates (mutual TLS)")
+    parser.add_argument("--join", help="tcp://HOST:PORT of a host (its listen=) to offer this worker to")
+    parser.add_argument("--advertise", help="HOST:PORT where hosts reach this worker (default: --listen's)")
     return parser.parse_args(argv)
 
 
@@ -469,6 +508,9 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     forgotten: list[int] = []
     if host is not None:
         tasks.append(asyncio.create_task(_heartbeat(host, service, args.heartbeat_interval, forgotten)))
+    if args.join:
+        advertised = _advertised(args.advertise, address)
+        tasks.append(asyncio.create_task(_join(args.join, advertised, service, env.get(SECRET_ENV, ""), client_tls)))
     try:
         await service.stopped.wait()
     finally:

@@ -21,6 +21,8 @@ __all__ = (
     "HostServiceStub",
     "InitializeSessionRequest",
     "InitializeSessionResponse",
+    "JoinReply",
+    "JoinRequest",
     "ListHostToolsReply",
     "ListHostToolsRequest",
     "ListVariablesRequest",
@@ -322,6 +324,38 @@ class InitializeSessionResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("trio_bridge.v1", "InitializeSessionResponse", InitializeSessionResponse)
+
+
+@dataclass(eq=False, repr=False)
+class JoinReply(betterproto2.Message):
+    error: "ErrorInfo | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    set: refused (the message says why)
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "JoinReply", JoinReply)
+
+
+@dataclass(eq=False, repr=False)
+class JoinRequest(betterproto2.Message):
+    address: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    where the host reaches the worker: "tcp:HOST:PORT"
+    """
+
+    adapter: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    "package.module:ClassName": must be the pool's
+    """
+
+    tools: "list[str]" = betterproto2.field(3, betterproto2.TYPE_STRING, repeated=True)
+    """
+    its tools' names: must be the pool's workers'
+    """
+
+
+default_message_pool.register_message("trio_bridge.v1", "JoinRequest", JoinRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -1090,6 +1124,28 @@ class HostServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def join(
+        self,
+        message: "JoinRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "JoinReply":
+        """
+        A remote worker (`trio-bridge worker --join`) offers itself; the host dials it back at
+        `address`. Idempotent: workers repeat it, so a restarted host or worker finds its pair again.
+        """
+
+        return await self._unary_unary(
+            "/trio_bridge.v1.HostService/Join",
+            message,
+            JoinReply,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
     async def ping(
@@ -1312,6 +1368,14 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def join(self, message: "JoinRequest") -> "JoinReply":
+        """
+        A remote worker (`trio-bridge worker --join`) offers itself; the host dials it back at
+        `address`. Idempotent: workers repeat it, so a restarted host or worker finds its pair again.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_heartbeat(self, stream: "grpclib.server.Stream[HeartbeatRequest, HeartbeatResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -1448,6 +1512,12 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.execute_tool(request)
         await stream.send_message(response)
 
+    async def __rpc_join(self, stream: "grpclib.server.Stream[JoinRequest, JoinReply]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.join(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/trio_bridge.v1.HostService/Heartbeat": grpclib.const.Handler(
@@ -1563,6 +1633,12 @@ class HostServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ExecuteToolRequest,
                 ExecuteToolResponse,
+            ),
+            "/trio_bridge.v1.HostService/Join": grpclib.const.Handler(
+                self.__rpc_join,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                JoinRequest,
+                JoinReply,
             ),
         }
 
