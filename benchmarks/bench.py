@@ -267,7 +267,7 @@ async def state_backends(n: int) -> dict[str, Any]:
     valkey-server on loopback, started here: tests.redis_server)."""
     import pathlib
 
-    from tests.redis_server import RedisServer
+    from trio_bridge.testing import RedisServer
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
@@ -310,7 +310,7 @@ async def remote_unary(n: int) -> dict[str, Any]:
 
     import trustme
 
-    from tests.redis_server import free_port
+    from trio_bridge.testing import free_port
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:

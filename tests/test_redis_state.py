@@ -97,7 +97,7 @@ async def test_an_optimization_lock_whose_holder_stops_renewing_lapses(nursery, 
 
 
 async def test_an_outage_fails_calls_clearly_and_watchers_resume_without_losing_a_change(nursery, tmp_path):
-    from tests.redis_server import RedisServer
+    from trio_bridge.testing import RedisServer
 
     server = RedisServer(tmp_path, durable=True).start()
     try:

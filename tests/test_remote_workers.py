@@ -15,8 +15,8 @@ import trio
 import trustme
 
 import trio_bridge
-from tests.redis_server import free_port
 from trio_bridge import InvalidArgumentError, TLSConfig, WorkerCrashedError, WorkerStartError
+from trio_bridge.testing import free_port
 
 ADAPTER = "benchmarks.signal_storm:StormEcho"  # tests.adapters:Echo plus a tool that calls a host tool
 TOKEN = "a-token-for-the-tests-0123456789"

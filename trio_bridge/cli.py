@@ -36,7 +36,7 @@ def run(
     arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable)")] = None,
     json_args: Annotated[str | None, typer.Option("--json", help="arguments as a JSON object")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-w", min=1, help="worker processes (default: one per core for the example, else 1)")] = None,
-    example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep or tools")] = "digits",
+    example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep, tools or cluster")] = "digits",
     host_tools: Annotated[str | None, typer.Option("--host-tools", help="host tools for the workers: module:function,...")] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
 ) -> None:
@@ -45,7 +45,8 @@ def run(
     With no arguments, run the built-in example: train a digits classifier in a worker, streaming
     its progress, then classify the held-out images across all workers. `--example sweep` runs
     the session-variables example: a Trio optimizer sweeps `temperature` while workers use it.
-    `--example tools`: worker tools calling host tools and each other.
+    `--example tools`: worker tools calling host tools and each other. `--example cluster`: two
+    host processes sharing a session on Redis, one of them served by a remote worker over TLS.
     """
     from trio_bridge import TrioBridgeError
 
@@ -409,10 +410,18 @@ async def _run_tools_example(workers: int) -> None:
         sys.exit(1)
 
 
+async def _run_cluster_example(workers: int) -> None:
+    from trio_bridge.examples import cluster
+
+    if not await cluster.run(console):
+        sys.exit(1)
+
+
 EXAMPLES: dict[str, Callable[[int], Awaitable[None]]] = {
     "digits": lambda workers: _run_example(workers),
     "sweep": lambda workers: _run_sweep(workers),
     "tools": lambda workers: _run_tools_example(workers),
+    "cluster": lambda workers: _run_cluster_example(workers),
 }
 
 

@@ -6,6 +6,7 @@
 - :func:`open_pool_in_threads`: a real pool whose workers run your adapter with the real worker
   side and the real wire, each in a thread of this process instead of a process (fast to start;
   no process isolation).
+- :class:`RedisServer`: a real Redis-protocol server (valkey) for tests of shared state.
 """
 
 from trio_bridge.testing._fakes import (
@@ -17,11 +18,12 @@ from trio_bridge.testing._fakes import (
     open_fake_pool,
     stubborn,
 )
+from trio_bridge.testing._redis import RedisServer, free_port
 from trio_bridge.testing._threads import open_pool_in_threads
 
 __all__ = [
-    "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "StartAttempt", "open_fake_pool",
-    "open_pool_in_threads", "stubborn",
+    "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "RedisServer", "StartAttempt", "free_port",
+    "open_fake_pool", "open_pool_in_threads", "stubborn",
 ]
 
 for _name in __all__:  # shown as trio_bridge.testing.X

