@@ -6,6 +6,7 @@ and the host keeps serving."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -246,8 +247,9 @@ async def test_the_callers_deadline_bounds_host_tools_and_routed_calls():
         assert (await host(host.stub.execute_tool(unknown))).error.type == "ToolNotFoundError"
 
 
-async def test_requests_without_the_pool_secret_are_refused():
+async def test_requests_without_the_pool_secret_are_refused_and_logged(caplog):
     """The real server (``Boundary.serve``, with its auth), on an abstract socket of this process."""
+    caplog.set_level(logging.WARNING, logger="trio_bridge.wire")
     async with open_boundary() as boundary, trio.open_nursery() as nursery:
         state = MemoryBackend()
         await nursery.start(state.run)
@@ -268,6 +270,8 @@ async def test_requests_without_the_pool_secret_are_refused():
                 stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: secret})
                 reply = await boundary.run(stub.get_variables(pb.GetVariablesRequest(session_id="x", all=True)))
                 assert reply.error.type == "SessionNotFoundError"
+                refusals = [r.getMessage() for r in caplog.records if "missing or wrong secret" in r.getMessage()]
+                assert len(refusals) == 1 and "GetVariables" in refusals[0]  # one line: the second is held back
             finally:
                 channel.close()
         nursery.cancel_scope.cancel()

@@ -104,8 +104,9 @@ async def nap(seconds: float) -> float:
 async def test_a_remote_worker_over_tls_serves_calls_streams_host_tools_and_variables_and_rejoins(certs, remote):
     async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote)) as pool:
         pool.host_tool(nap, name="host_nap")
-        local, far = sorted(pool.workers(), key=lambda w: w.address.startswith("tcp:"))
+        local, far = sorted(pool.workers(), key=lambda w: w.remote)
         assert far.address == f"tcp:127.0.0.2:{remote.port}" and far.pid == remote.pid and local.pid != remote.pid
+        assert far.remote and not local.remote
         assert pool._plane is None  # shared memory is off: arrays go in-band
         async with trio.open_nursery() as nursery:  # both serve: the burst is spread
             for i in range(20):

@@ -82,7 +82,10 @@ class WorkerInfo:
         in_flight: calls it is serving now, including cancelled ones it has not yet freed.
         started_at: ``trio.current_time()`` when it became ready.
         exit_code: once the process has exited, its status (0: it exited by itself after a
-            clean shutdown; ``-N``: killed by signal N); ``None`` while it runs.
+            clean shutdown; ``-N``: killed by signal N); ``None`` while it runs. For a remote
+            worker: 0 once the pool detached from it, ``-9`` once the pool lost it.
+        remote: a worker on another machine (``remote_workers=``, or one that joined); its
+            ``pid`` is that machine's.
     """
 
     id: str
@@ -95,6 +98,7 @@ class WorkerInfo:
     in_flight: int
     started_at: float | None
     exit_code: int | None
+    remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class WorkerHandle:
         return WorkerInfo(
             id=self.id, slot=self.slot, pid=self.pid, state=self.state.value, address=self.address,
             calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
-            started_at=self.started_at, exit_code=self.exit_code,
+            started_at=self.started_at, exit_code=self.exit_code, remote=self.remote,
         )
 
     @property

@@ -4,6 +4,8 @@ sent as gRPC metadata on every call, both ways."""
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 
 import grpclib.const
 import grpclib.events
@@ -12,10 +14,36 @@ from grpclib.exceptions import GRPCError
 from trio_bridge._wire.contract import SECRET_METADATA
 
 
+class RateLimitedWarning:
+    """One warning line per ``interval`` seconds at most, saying how many were held back since:
+    a bad client cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+            self._logger.warning("%s%s", message, more)
+            self._last, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+
+
+_refusals = RateLimitedWarning(logging.getLogger("trio_bridge.wire"))
+
+
 async def authenticate(secret: str, event: grpclib.events.RecvRequest) -> None:
-    """grpclib ``RecvRequest`` listener: refuse calls without the right secret."""
+    """grpclib ``RecvRequest`` listener: refuse calls without the right secret (before the
+    handler runs), with a rate-limited log line naming the peer."""
     sent = event.metadata.get(SECRET_METADATA, "")
     if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), secret.encode()):
+        peer = event.peer.addr() if event.peer is not None else None
+        _refusals.warn(f"refused {event.method_name} from {peer or 'a local peer'}: missing or wrong secret")
         raise GRPCError(grpclib.const.Status.UNAUTHENTICATED, "missing or wrong pool secret")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from ssl import SSLContext
 from typing import Any
 
@@ -24,7 +23,7 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from trio_bridge._wire.auth import require_secret
+from trio_bridge._wire.auth import RateLimitedWarning, require_secret
 
 STREAM_WINDOW = 256 * 1024  # bytes
 CONNECTION_WINDOW = 4 * 1024 * 1024  # bytes: many streams share a connection
@@ -78,31 +77,20 @@ def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
     return Channel(host=where, port=port, config=_CONFIG, ssl=ssl)
 
 
-_MALFORMED_LOG_INTERVAL = 10.0  # seconds: at most one log line per interval about malformed requests
-_logger = logging.getLogger("trio_bridge.wire")
-
-
 class _ValidatingCodec(ProtoCodec):
     """A request that does not parse is the client's fault: ``INVALID_ARGUMENT`` and one short
-    log line at most every ``_MALFORMED_LOG_INTERVAL`` seconds (grpclib's default is status
-    UNKNOWN and a full traceback per request: a log flood from one bad client)."""
+    log line at most every 10 seconds (grpclib's default is status UNKNOWN and a full traceback
+    per request: a log flood from one bad client)."""
 
     def __init__(self) -> None:
-        self._last_log = -_MALFORMED_LOG_INTERVAL
-        self._suppressed = 0
+        self._log = RateLimitedWarning(logging.getLogger("trio_bridge.wire"))
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
             return super().decode(data, message_type)
         except Exception as exc:
             problem = f"malformed {getattr(message_type, '__name__', 'message')}: {type(exc).__name__}: {exc}"
-            now = time.monotonic()
-            if now - self._last_log >= _MALFORMED_LOG_INTERVAL:
-                more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-                _logger.warning("refused a request: %s%s", problem, more)
-                self._last_log, self._suppressed = now, 0
-            else:
-                self._suppressed += 1
+            self._log.warn(f"refused a request: {problem}")
             raise GRPCError(Status.INVALID_ARGUMENT, problem) from None
 
 
