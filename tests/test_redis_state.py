@@ -4,13 +4,22 @@ Redis itself, leases that lapse, and an outage that fails calls clearly and lose
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 
 import pytest
 import trio
 
+import trio_bridge
 from tests.helpers import wait_for
-from trio_bridge import RedisBackend, StateUnavailableError, VariableLockedError, VersionConflictError
+from trio_bridge import (
+    RedisBackend,
+    StateUnavailableError,
+    VariableLockedError,
+    VersionConflictError,
+    WorkerCrashedError,
+)
 from trio_bridge.testing import open_pool_in_threads
 
 
@@ -166,3 +175,24 @@ async def test_a_live_holder_renews_its_lease_so_its_lock_outlasts_it(redis_serv
 
 async def _locked(session) -> bool:
     return (await session.get_variable("t")).optimizer_id is not None
+
+
+@pytest.mark.real_process
+async def test_a_lock_held_by_a_killed_optimizer_lapses(redis_server):
+    backend = RedisBackend(redis_server.url, prefix=_prefix(), lock_lease=0.5)
+    async with trio_bridge.open_pool("tests.state_adapters:Variables", size=1, state=backend,
+                                     restart_backoff=(0.05, 0.1)) as pool:
+        async with pool.session() as session:
+            await session.register_variable("t", "float", 0.0)
+            async with trio.open_nursery() as nursery:
+                async def optimizer() -> None:
+                    with pytest.raises(WorkerCrashedError):
+                        await session.execute("optimize", {"name": "t", "values": [0.1], "hold": 60})
+
+                nursery.start_soon(optimizer)
+                await wait_for(lambda: _locked(session), timeout=10)
+                os.kill(pool.workers()[0].pid, signal.SIGKILL)  # the holder dies with its lock
+            with trio.fail_after(5):
+                while await _locked(session):
+                    await trio.sleep(0.05)
+            assert (await session.set_variable("t", 0.9)).value == 0.9
