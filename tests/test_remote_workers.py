@@ -152,7 +152,7 @@ async def test_a_remote_worker_over_tls_serves_calls_streams_host_tools_and_vari
 
 
 @pytest.mark.real_process
-async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused(tmp_path, certs, remote):
+async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused_and_cancellation_reaches_it(tmp_path, certs, remote):
     with pytest.raises(WorkerStartError, match="UNAUTHENTICATED"):
         async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, token="not-the-token-0123456789", size=0)):
             pass
@@ -164,6 +164,12 @@ async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused(tmp_path,
             pass
     async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, size=0)) as pool:  # and it still serves
         assert await pool.execute("add", {"a": 2}) == 4
+        with trio.move_on_after(0.3):  # cancellation reaches the remote worker: it frees the slot at once
+            await pool.execute("async_sleep", {"seconds": 30})
+        with trio.fail_after(2):
+            while pool.statistics().in_flight:
+                await trio.sleep(0.02)
+        assert pool.statistics().calls_cancelled == 1 and [w.state for w in pool.workers()] == ["ready"]
 
 
 @pytest.mark.real_process
