@@ -15,6 +15,7 @@ import trio
 import trustme
 
 import trio_bridge
+from tests.helpers import wait_for
 from trio_bridge import InvalidArgumentError, TLSConfig, WorkerCrashedError, WorkerStartError
 from trio_bridge.testing import free_port
 
@@ -107,6 +108,10 @@ async def test_a_remote_worker_over_tls_serves_calls_streams_host_tools_and_vari
         local, far = sorted(pool.workers(), key=lambda w: w.remote)
         assert far.address == f"tcp:127.0.0.2:{remote.port}" and far.pid == remote.pid and local.pid != remote.pid
         assert far.remote and not local.remote
+        async with trio.open_nursery() as nursery:  # the remote one takes 2 at once (its --concurrency)
+            for _ in range(3):
+                nursery.start_soon(pool.execute, "sleep", {"seconds": 0.3})
+            await wait_for(lambda: pool.statistics().in_flight == 3, timeout=5)
         assert pool._plane is None  # shared memory is off: arrays go in-band
         async with trio.open_nursery() as nursery:  # both serve: the burst is spread
             for i in range(20):

@@ -343,6 +343,7 @@ class WorkerHandle:
                 self.tools = {t.name: t for t in described.tools}
                 if self.remote:
                     self.pid = described.pid  # the remote process's, for WorkerInfo
+                    self.concurrency = max(1, described.concurrency)  # its --concurrency, not the pool's
                 self._enter(WorkerState.READY)
                 self.started_at = trio.current_time()
                 task_status.started()
