@@ -338,7 +338,8 @@ def open_pool(
     Args:
         adapter: ``"package.module:ClassName"`` of an :class:`~trio_bridge.worker.Adapter`.
         size: number of worker processes (default: one per CPU core).
-        concurrency: calls each worker serves at once (its thread pool size).
+        concurrency: calls each worker serves at once (its thread pool size); a remote worker
+            takes its own ``--concurrency``.
         max_queue: calls that may wait for a free worker; beyond it, ``PoolSaturatedError``.
         startup_timeout: seconds a worker may take to import its adapter, run ``setup()`` and
             report ready.
