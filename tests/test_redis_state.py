@@ -153,20 +153,21 @@ async def test_two_pools_on_one_redis_share_a_session_and_read_their_writes(redi
 
 @pytest.mark.parametrize("tool", ["optimize", "aoptimize"])
 async def test_a_live_holder_renews_its_lease_so_its_lock_outlasts_it(redis_server, tool):
-    backend = RedisBackend(redis_server.url, prefix=_prefix(), lock_lease=0.3)
+    # A lease of 0.5 s is renewed every ~0.17 s: a stall of over 0.3 s on a loaded machine would lapse it.
+    backend = RedisBackend(redis_server.url, prefix=_prefix(), lock_lease=0.5)
     async with open_pool_in_threads("tests.state_adapters:Variables", size=1, state=backend) as pool:
         async with pool.session() as session:
             await session.register_variable("t", "float", 0.0)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.execute, tool, {"name": "t", "values": [0.1], "hold": 1.2})
+                nursery.start_soon(session.execute, tool, {"name": "t", "values": [0.1], "hold": 1.6})
                 await wait_for(lambda: _locked(session), timeout=5)
-                await trio.sleep(0.8)  # more than two leases: the worker renewed it
+                await trio.sleep(1.1)  # more than two leases: the worker renewed it
                 with pytest.raises(VariableLockedError):
                     await session.set_variable("t", 0.5)
             assert (await session.set_variable("t", 0.5)).value == 0.5  # released at the block's end
 
             async with session.optimizing("t", optimizer_id="host-optimizer") as opt:  # the host renews its own
-                await trio.sleep(0.8)
+                await trio.sleep(1.1)
                 with pytest.raises(VariableLockedError):
                     await backend.set_optimization(session.id, "t", "someone-else", active=True)
                 await opt.set(0.6)
