@@ -308,38 +308,25 @@ async def remote_unary(n: int) -> dict[str, Any]:
     import pathlib
     import secrets
 
-    import trustme
-
-    from trio_bridge.testing import free_port
+    from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
         d = pathlib.Path(directory)
-        ca = trustme.CA()
-        ca.cert_pem.write_to_path(d / "ca.pem")
-        for name, address in (("worker", "127.0.0.2"), ("host", "127.0.0.1")):
-            leaf = ca.issue_cert(address)
-            leaf.cert_chain_pems[0].write_to_path(d / f"{name}.pem")
-            leaf.private_key_pem.write_to_path(d / f"{name}.key")
+        certs = Certificates.create(d)
         token = secrets.token_hex(16)
         (d / "token").write_text(token)
-        tls = trio_bridge.TLSConfig(str(d / "host.pem"), str(d / "host.key"), str(d / "ca.pem"))
         for kind in ("unix_local", "tcp_tls_remote", "tcp_plain_remote"):
             worker = None
             options: dict[str, Any] = {"size": 1, "health_check_interval": 0}
             if kind != "unix_local":
-                address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
-                tls_args = ["--tls-cert", str(d / "worker.pem"), "--tls-key", str(d / "worker.key"), "--tls-ca", str(d / "ca.pem")]
-                worker = subprocess.Popen(
-                    [sys.executable, "-m", "trio_bridge", "worker", ADAPTER, "--listen", address, "--token-file",
-                     str(d / "token"), *(tls_args if kind == "tcp_tls_remote" else [])],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                )
-                assert worker.stderr is not None
-                worker.stderr.readline()  # serving
-                options = {"size": 0, "remote_workers": [address], "token": token, "listen": "tcp://127.0.0.1:0"}
-                if kind == "tcp_tls_remote":
-                    options["tls"] = tls
+                tls = kind == "tcp_tls_remote"
+                worker = RemoteWorkerProcess(
+                    ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs if tls else None,
+                ).start()
+                options = {"size": 0, "remote_workers": [worker.address], "token": token, "listen": "tcp://127.0.0.1:0"}
+                if tls:
+                    options["tls"] = certs.tls("host")
             try:
                 async with trio_bridge.open_pool(ADAPTER, **options) as pool:
                     for i in range(n // 5):
@@ -353,7 +340,6 @@ async def remote_unary(n: int) -> dict[str, Any]:
             finally:
                 if worker is not None:
                     worker.kill()
-                    worker.wait()
     return out
 
 

@@ -3,88 +3,39 @@ machines, reached over TCP with mutual TLS (certificates from trustme) and a tok
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trio
-import trustme
 
 import trio_bridge
 from tests.helpers import wait_for
 from trio_bridge import InvalidArgumentError, TLSConfig, WorkerCrashedError, WorkerStartError
-from trio_bridge.testing import free_port
+from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port
 
 ADAPTER = "benchmarks.signal_storm:StormEcho"  # tests.adapters:Echo plus a tool that calls a host tool
 TOKEN = "a-token-for-the-tests-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Certificates:
-    """A CA, a certificate for the worker's machine (127.0.0.2) and one for the host's (127.0.0.1)."""
-
-    def __init__(self, directory: Path, ca: trustme.CA | None = None) -> None:
-        ca = ca or trustme.CA()
-        self.ca = directory / "ca.pem"
-        ca.cert_pem.write_to_path(self.ca)
-        for name, address in (("worker", "127.0.0.2"), ("host", "127.0.0.1")):
-            leaf = ca.issue_cert(address)
-            leaf.cert_chain_pems[0].write_to_path(directory / f"{name}.pem")
-            leaf.private_key_pem.write_to_path(directory / f"{name}.key")
-        self.directory = directory
-
-    def for_(self, name: str) -> TLSConfig:
-        return TLSConfig(str(self.directory / f"{name}.pem"), str(self.directory / f"{name}.key"), str(self.ca))
-
-
-class RemoteWorkerProcess:
+def _remote_worker(tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTER, join: str | None = None) -> RemoteWorkerProcess:
     """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell)."""
-
-    def __init__(self, tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTER, join: str | None = None) -> None:
-        self.port = free_port("127.0.0.2")
-        self.address = f"tcp://127.0.0.2:{self.port}"
-        token_file = tmp_path / "token"
-        token_file.write_text(TOKEN + "\n")
-        self.command = [
-            sys.executable, "-m", "trio_bridge", "worker", adapter, "--listen", self.address,
-            "--token-file", str(token_file), "--tls-cert", str(certs.directory / "worker.pem"),
-            "--tls-key", str(certs.directory / "worker.key"), "--tls-ca", str(certs.ca), "--concurrency", "2",
-            *(["--join", join] if join else []),
-        ]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RemoteWorkerProcess:
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        assert self.process.stderr is not None
-        line = self.process.stderr.readline().decode()  # "serving ... on ..." once it listens
-        assert "serving" in line, line
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
+    options = ("--concurrency", "2", *(["--join", join] if join else []))
+    return RemoteWorkerProcess(adapter, address, token_file, certificates=certs, options=options, cwd=str(ROOT))
 
 
 @pytest.fixture
 def certs(tmp_path):
-    return Certificates(tmp_path)
+    return Certificates.create(tmp_path)
 
 
 @pytest.fixture
 def remote(tmp_path, certs):
-    worker = RemoteWorkerProcess(tmp_path, certs).start()
+    worker = _remote_worker(tmp_path, certs).start()
     yield worker
     worker.kill()
 
@@ -92,7 +43,7 @@ def remote(tmp_path, certs):
 def _options(certs: Certificates, remote: RemoteWorkerProcess, **overrides):
     return {
         "size": 1, "remote_workers": [remote.address], "listen": "tcp://127.0.0.1:0", "token": TOKEN,
-        "tls": certs.for_("host"), "restart_backoff": (0.1, 0.5), "health_check_interval": 1.0,
+        "tls": certs.tls("host"), "restart_backoff": (0.1, 0.5), "health_check_interval": 1.0,
     } | overrides
 
 
@@ -106,7 +57,7 @@ async def test_a_remote_worker_over_tls_serves_calls_streams_host_tools_and_vari
     async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote)) as pool:
         pool.host_tool(nap, name="host_nap")
         local, far = sorted(pool.workers(), key=lambda w: w.remote)
-        assert far.address == f"tcp:127.0.0.2:{remote.port}" and far.pid == remote.pid and local.pid != remote.pid
+        assert far.address == remote.address.replace("tcp://", "tcp:") and far.pid == remote.pid and local.pid != remote.pid
         assert far.remote and not local.remote
         async with trio.open_nursery() as nursery:  # the remote one takes 2 at once (its --concurrency)
             for _ in range(3):
@@ -163,9 +114,9 @@ async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused_and_cance
             pass
     stranger_dir = tmp_path / "stranger"
     stranger_dir.mkdir()
-    stranger = Certificates(stranger_dir)  # a CA the worker does not trust
+    stranger = Certificates.create(stranger_dir)  # a CA the worker does not trust
     with pytest.raises(WorkerStartError, match="cannot reach worker"):
-        async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, tls=stranger.for_("host"), size=0, startup_timeout=5)):
+        async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, tls=stranger.tls("host"), size=0, startup_timeout=5)):
             pass
     async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, size=0)) as pool:  # and it still serves
         assert await pool.execute("add", {"a": 2}) == 4
@@ -180,14 +131,14 @@ async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused_and_cance
 @pytest.mark.real_process
 async def test_workers_that_join_are_dialed_back_and_one_of_another_adapter_is_refused(tmp_path, certs):
     listen = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
-    options = {"listen": listen, "token": TOKEN, "tls": certs.for_("host"), "health_check_interval": 1.0}
+    options = {"listen": listen, "token": TOKEN, "tls": certs.tls("host"), "health_check_interval": 1.0}
     async with trio_bridge.open_pool(ADAPTER, size=1, **options) as pool:
-        joining = RemoteWorkerProcess(tmp_path, certs, join=listen).start()
-        stranger = RemoteWorkerProcess(tmp_path, certs, adapter="tests.adapters:Echo", join=listen).start()
+        joining = _remote_worker(tmp_path, certs, join=listen).start()
+        stranger = _remote_worker(tmp_path, certs, adapter="tests.adapters:Echo", join=listen).start()
         try:
             with trio.fail_after(20):
                 await pool.wait_for_workers(2)
-            joined = [w for w in pool.workers() if w.address == f"tcp:127.0.0.2:{joining.port}"]
+            joined = [w for w in pool.workers() if w.address == joining.address.replace("tcp://", "tcp:")]
             assert joined and joined[0].pid == joining.pid
             async with trio.open_nursery() as nursery:
                 for _ in range(20):

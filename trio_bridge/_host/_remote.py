@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ssl import SSLContext
@@ -27,7 +26,7 @@ from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import READY_PREFIX
 from trio_bridge._wire.tls import TLSConfig
-from trio_bridge._wire.transport import parse_address
+from trio_bridge._wire.transport import advertised_address, parse_address
 
 
 class RemoteWorker:
@@ -91,13 +90,7 @@ class RemoteSetup:
 
     def callback_address(self, bound: str) -> str:
         """Where remote workers call the host: ``advertise``, with the bound port if it has none."""
-        _, host, port = parse_address(bound)
-        if self.advertise:
-            name, _, given = self.advertise.rpartition(":") if ":" in self.advertise else (self.advertise, "", "")
-            return f"tcp:{name}:{given or port}"
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.gethostname()
-        return f"tcp:{host}:{port}"
+        return advertised_address(self.advertise, bound)
 
 
 def remote_setup(

@@ -49,6 +49,22 @@ def parse_address(address: str) -> tuple[str, str, int]:
     raise ValueError(f"an address must be unix:PATH or tcp:HOST:PORT, not {address!r}")
 
 
+def advertised_address(advertise: str | None, bound: str) -> str:
+    """Where the other side reaches a TCP listener bound at ``bound`` (``tcp:HOST:PORT``):
+    ``advertise`` (``HOST``, ``HOST:PORT``, or either behind ``tcp://``), taking the bound port
+    when it names none; without it, the bound address, with this machine's name for a wildcard."""
+    _, host, port = parse_address(bound)
+    if advertise:
+        name = advertise.removeprefix("tcp://").removeprefix("tcp:")
+        given = ""
+        if ":" in name:
+            name, _, given = name.rpartition(":")
+        return f"tcp:{name}:{given or port}"
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"tcp:{host}:{port}"
+
+
 def tcp_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (port 0: any free one; ``getsockname()`` says which).
 

@@ -15,7 +15,6 @@ import json
 import os
 import pathlib
 import secrets
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -40,50 +39,32 @@ class Clustered(Adapter):
         return {"value": variable.value, "source": variable.source, "pid": os.getpid()}
 
 
-def _certificates(directory: pathlib.Path) -> dict[str, str]:
-    import trustme
-
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(directory / "ca.pem")
-    files = {"ca": str(directory / "ca.pem")}
-    for name, address in (("worker", "127.0.0.2"), ("host", "127.0.0.1")):
-        leaf = ca.issue_cert(address)
-        leaf.cert_chain_pems[0].write_to_path(directory / f"{name}.pem")
-        leaf.private_key_pem.write_to_path(directory / f"{name}.key")
-        files[name], files[f"{name}_key"] = str(directory / f"{name}.pem"), str(directory / f"{name}.key")
-    return files
-
-
 async def run(console: Any) -> bool:
     """Run the example, printing what happens; True if every value crossed the hosts intact."""
     import trio
     from rich.table import Table
 
     import trio_bridge
-    from trio_bridge.testing import RedisServer, free_port
+    from trio_bridge.testing import Certificates, RedisServer, RemoteWorkerProcess, free_port
 
     with tempfile.TemporaryDirectory(prefix="trio-bridge-cluster-") as directory:
         d = pathlib.Path(directory)
         redis = RedisServer(d).start()
-        worker: subprocess.Popen[bytes] | None = None
+        worker: RemoteWorkerProcess | None = None
         try:
-            certs = _certificates(d)
+            certs = Certificates.create(d)
             token = secrets.token_hex(16)
             (d / "token").write_text(token)
-            remote = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "trio_bridge", "worker", ADAPTER, "--listen", remote, "--token-file", str(d / "token"),
-                 "--tls-cert", certs["worker"], "--tls-key", certs["worker_key"], "--tls-ca", certs["ca"]],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
-            assert worker.stderr is not None
-            console.print(f"redis at {redis.url}; {worker.stderr.readline().decode().strip()}")
+            worker = RemoteWorkerProcess(
+                ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs,
+            ).start()
+            console.print(f"redis at {redis.url}; {worker.ready_line}")
             async with trio_bridge.open_pool(ADAPTER, size=1, state=redis.url) as host_a:
                 async with host_a.session("demo") as session:
                     await session.register_variable("temperature", "float", 0.7)
                     await session.register_variable("reply", "string", "")
                     console.print(f"host A (pid {os.getpid()}): set temperature = 0.7 in session 'demo'")
-                    arguments = json.dumps({"redis": redis.url, "remote": remote, "token": token, **certs})
+                    arguments = json.dumps({"redis": redis.url, "remote": worker.address, "token": token, "certificates": str(d)})
                     done = await trio.run_process(
                         [sys.executable, "-m", "trio_bridge.examples.cluster", arguments], capture_stdout=True,
                     )
@@ -106,15 +87,15 @@ async def run(console: Any) -> bool:
         finally:
             if worker is not None:
                 worker.kill()
-                worker.wait()
             redis.stop()
 
 
 async def _host_b(arguments: dict[str, Any]) -> dict[str, Any]:
     """Host B: no local worker, the remote one over TLS; joins session ``demo`` from Redis."""
     import trio_bridge
+    from trio_bridge.testing import Certificates
 
-    tls = trio_bridge.TLSConfig(arguments["host"], arguments["host_key"], arguments["ca"])
+    tls = Certificates(pathlib.Path(arguments["certificates"])).tls("host")
     async with trio_bridge.open_pool(
         ADAPTER, size=0, remote_workers=[arguments["remote"]], listen="tcp://127.0.0.1:0", token=arguments["token"],
         tls=tls, state=arguments["redis"],

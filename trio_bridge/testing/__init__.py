@@ -7,6 +7,8 @@
   side and the real wire, each in a thread of this process instead of a process (fast to start;
   no process isolation).
 - :class:`RedisServer`: a real Redis-protocol server (valkey) for tests of shared state.
+- :class:`Certificates` and :class:`RemoteWorkerProcess`: remote workers over TLS on loopback
+  addresses that stand for other machines.
 """
 
 from trio_bridge.testing._fakes import (
@@ -19,11 +21,12 @@ from trio_bridge.testing._fakes import (
     stubborn,
 )
 from trio_bridge.testing._redis import RedisServer, free_port
+from trio_bridge.testing._remote import Certificates, RemoteWorkerProcess
 from trio_bridge.testing._threads import open_pool_in_threads
 
 __all__ = [
-    "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "RedisServer", "StartAttempt", "free_port",
-    "open_fake_pool", "open_pool_in_threads", "stubborn",
+    "Certificates", "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "RedisServer", "RemoteWorkerProcess",
+    "StartAttempt", "free_port", "open_fake_pool", "open_pool_in_threads", "stubborn",
 ]
 
 for _name in __all__:  # shown as trio_bridge.testing.X

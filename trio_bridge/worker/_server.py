@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -54,7 +53,7 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
-from trio_bridge._wire.transport import new_server, open_channel, parse_address, tcp_listener
+from trio_bridge._wire.transport import advertised_address, new_server, open_channel, parse_address, tcp_listener
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient
@@ -426,16 +425,6 @@ async def _join(head: str, advertised: str, service: WorkerService, token: str, 
         channel.close()
 
 
-def _advertised(advertise: str | None, bound: str) -> str:
-    """Where hosts reach this worker: ``--advertise`` (``HOST:PORT``), else the bound address
-    (this machine's name for a wildcard one)."""
-    if advertise:
-        host, _, port = advertise.removeprefix("tcp://").removeprefix("tcp:").rpartition(":")
-        return f"tcp:{host}:{port}"
-    _, host, port = parse_address(bound)
-    return f"tcp:{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{port}"
-
-
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """The worker's command line (``python -m trio_bridge.worker --help``)."""
     parser = argparse.ArgumentParser(prog="python -m trio_bridge.worker", description="Run one trio-bridge worker.")
@@ -509,7 +498,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     if host is not None:
         tasks.append(asyncio.create_task(_heartbeat(host, service, args.heartbeat_interval, forgotten)))
     if args.join:
-        advertised = _advertised(args.advertise, address)
+        advertised = advertised_address(args.advertise, address)
         tasks.append(asyncio.create_task(_join(args.join, advertised, service, env.get(SECRET_ENV, ""), client_tls)))
     try:
         await service.stopped.wait()

@@ -1,0 +1,98 @@
+"""Remote workers on one machine, for tests and examples: loopback addresses stand for machines
+(a worker on 127.0.0.2, its host on 127.0.0.1), with certificates from ``trustme``
+(``pip install 'trio-bridge[examples]'``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from trio_bridge._wire.tls import TLSConfig
+
+__all__ = ["Certificates", "RemoteWorkerProcess"]
+
+WORKER_ADDRESS = "127.0.0.2"
+HOST_ADDRESS = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A fresh CA and, signed by it, a certificate for the worker's machine (127.0.0.2) and one
+    for the host's (127.0.0.1): PEM files in ``directory`` (``ca.pem``, ``worker.pem``,
+    ``worker.key``, ``host.pem``, ``host.key``). Make them with :meth:`create`."""
+
+    directory: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> Certificates:
+        import trustme
+
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(directory / "ca.pem")
+        for name, address in (("worker", WORKER_ADDRESS), ("host", HOST_ADDRESS)):
+            leaf = ca.issue_cert(address)
+            leaf.cert_chain_pems[0].write_to_path(directory / f"{name}.pem")
+            leaf.private_key_pem.write_to_path(directory / f"{name}.key")
+        return cls(directory)
+
+    @property
+    def ca(self) -> str:
+        return str(self.directory / "ca.pem")
+
+    def tls(self, name: str) -> TLSConfig:
+        """``"worker"``'s or ``"host"``'s :class:`TLSConfig` (mutual: with the CA)."""
+        return TLSConfig(str(self.directory / f"{name}.pem"), str(self.directory / f"{name}.key"), self.ca)
+
+    def worker_options(self) -> list[str]:
+        """``trio-bridge worker``'s TLS options for the worker's certificate."""
+        tls = self.tls("worker")
+        return ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", self.ca]
+
+
+class RemoteWorkerProcess:
+    """A ``trio-bridge worker ADAPTER --listen ADDRESS`` process (its own session and process
+    group), with the token in ``token_file`` and TLS when ``certificates`` are given. ``start()``
+    returns once it listens; ``kill()`` stops it (SIGKILL); it may be started again, on the same
+    address."""
+
+    def __init__(
+        self, adapter: str, address: str, token_file: Path, *, certificates: Certificates | None = None,
+        options: tuple[str, ...] = (), cwd: str | None = None,
+    ) -> None:
+        self.address: str = address
+        self.command: list[str] = [
+            sys.executable, "-m", "trio_bridge", "worker", adapter, "--listen", address, "--token-file", str(token_file),
+            *(certificates.worker_options() if certificates is not None else []), *options,
+        ]
+        self.cwd = cwd
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready_line: str = ""
+
+    def start(self) -> RemoteWorkerProcess:
+        """Start it and wait for its first line ("serving ADAPTER on ADDRESS").
+
+        Raises:
+            RuntimeError: it said something else first (the line is in the message).
+        """
+        self.process = subprocess.Popen(
+            self.command, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        assert self.process.stderr is not None
+        self.ready_line = self.process.stderr.readline().decode().strip()
+        if "serving" not in self.ready_line:
+            self.kill()
+            raise RuntimeError(f"trio-bridge worker did not start: {self.ready_line!r}")
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
