@@ -37,11 +37,14 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, final
 
+import redis
+import redis.asyncio
+import redis.exceptions
 import trio
 
 from trio_bridge._aio import Boundary, TransportError, open_boundary
@@ -57,7 +60,9 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 __all__ = ["RedisBackend"]
 
 T = TypeVar("T")
-_Client = Any  # a redis.asyncio.Redis (redis-py's own annotations are looser than ours)
+_Client = Any  # a redis.Redis or redis.asyncio.Redis (redis-py's own annotations are looser than ours)
+# What makes a call fail with StateUnavailableError (redis-py's errors, and the boundary's).
+_FAILURES = (redis.exceptions.RedisError, TransportError, OSError)
 
 def _restart_ttl(meta: str, expiry: str, others: tuple[str, ...], now: str, session_id: str, margin: str) -> str:
     """Lua: push the session's expiry back by its TTL (in the expiry set, and Redis's own key
@@ -228,17 +233,16 @@ class RedisBackend(StateBackend):
             raise StateUnavailableError(f"{self!r} is not running: start RedisBackend.run() first (open_pool does)")
 
         def call() -> T:
-            import redis.exceptions
-
             try:
                 return function(client)
             except redis.exceptions.NoScriptError:  # Redis restarted without its script cache
                 _load_scripts(client)
                 return function(client)
 
-        with self._errors():
+        try:
             return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        raise AssertionError("unreachable")
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
 
     async def _wait(self, function: Callable[[_Client], Awaitable[T]]) -> T:
         """Run ``function(client)`` on redis-py's asyncio client, on the trio-asyncio boundary:
@@ -246,20 +250,17 @@ class RedisBackend(StateBackend):
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._boundary is None or self._redis is None:
             raise StateUnavailableError(f"{self!r} is not running: start RedisBackend.run() first (open_pool does)")
-        with self._errors():
-            return await self._boundary.run(function(self._redis))
-        raise AssertionError("unreachable")
-
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        import redis.exceptions
-
         try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TransportError, OSError) as exc:
-            raise StateUnavailableError(f"the state backend at {self.url} is unavailable: {exc}") from None
-        except redis.exceptions.RedisError as exc:
-            raise StateUnavailableError(f"the state backend at {self.url} refused the operation: {exc}") from None
+            return await self._boundary.run(function(self._redis))
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: BaseException) -> StateUnavailableError:
+        if isinstance(exc, redis.exceptions.RedisError) and not isinstance(
+            exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        ):
+            return StateUnavailableError(f"the state backend at {self.url} refused the operation: {exc}")
+        return StateUnavailableError(f"the state backend at {self.url} is unavailable: {exc}")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, then reap expired sessions and run ``on_session_end`` for every session that
@@ -274,9 +275,6 @@ class RedisBackend(StateBackend):
             finally:
                 self._running -= 1
             return
-        import redis
-        import redis.asyncio
-
         self._running = 1
         try:
             async with open_boundary() as boundary:
@@ -388,7 +386,7 @@ class RedisBackend(StateBackend):
                             pipe.pexpire(keys.meta, int((record.ttl + _KEY_MARGIN) * 1000))
                         pipe.execute()
                         return
-                    except _watch_error():
+                    except redis.exceptions.WatchError:
                         continue
 
         await self._call(create)
@@ -736,10 +734,3 @@ def _update_from(fields: dict[bytes, bytes]) -> VariableUpdate:
         fields[b"n"].decode(), _unpack(fields[b"o"]), _unpack(fields[b"w"]), int(fields[b"v"]), fields[b"s"].decode(),
         kind, float(fields[b"t"]),
     )
-
-
-def _watch_error() -> type[Exception]:
-    import redis.exceptions
-
-    return redis.exceptions.WatchError
-
