@@ -153,7 +153,6 @@ class WorkerHandle:
         self._stub: pb.WorkerServiceStub | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
-        self.remote: bool = False  # a remote worker (set when it is reached)
 
     def _wire(self) -> Boundary:
         """The trio-asyncio boundary its RPCs cross. ``None`` only for a worker with no process
@@ -171,6 +170,11 @@ class WorkerHandle:
             calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
             started_at=self.started_at, exit_code=self.exit_code, remote=self.remote,
         )
+
+    @property
+    def remote(self) -> bool:
+        """A worker the host did not start (a remote worker), once it is being reached."""
+        return self._process is not None and self._process.remote
 
     @property
     def accepting(self) -> bool:
@@ -304,7 +308,6 @@ class WorkerHandle:
                 f"cannot start {spec.python!r}: {exc} (adapter {spec.adapter!r})", worker_id=self.id,
             ) from None
         self._process = process
-        self.remote = process.remote
         self.pid = process.pid
         janitor = self._janitor if process.own_group else None
         if janitor is not None:
@@ -325,7 +328,7 @@ class WorkerHandle:
                     try:
                         described = await self._wire().run(self._stub.describe(pb.DescribeRequest(
                             trio_bridge_version=__version__, wire_version=WIRE_VERSION,
-                            host_address=spec.callback_address if self.remote else "", worker_id=self.id,
+                            host_address=spec.callback_address, worker_id=self.id,
                         )))
                     except TransportError as exc:
                         self.kill("it failed the handshake")
