@@ -429,8 +429,9 @@ class WorkerHandle:
 
     async def shutdown(self, grace: float) -> None:
         """Ask the worker to finish its calls (at most ``grace`` seconds) and exit. A remote
-        worker keeps running: the host lets its own calls finish, then detaches."""
-        if self._stub is None or not self.alive:
+        worker keeps running: the host lets its own calls finish, then detaches. A worker still
+        starting has no calls to finish: the pool stops it when the drain is over."""
+        if self._stub is None or self.state is not WorkerState.READY:
             return
         self._enter(WorkerState.DRAINING)
         if self.remote and self._process is not None:
