@@ -3,6 +3,7 @@ machines, reached over TCP with mutual TLS (certificates from trustme) and a tok
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,14 @@ def test_tcp_connections_send_small_messages_at_once():
 
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         assert runner.run(accepted_nodelay()) == 1
+
+
+@pytest.mark.real_process
+def test_a_worker_command_ends_on_sigterm(tmp_path, certs):
+    worker = _remote_worker(tmp_path, certs).start()
+    try:
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(10) == -signal.SIGTERM  # it used to ignore it (the CLI's start-up handlers)
+    finally:
+        worker.kill()

@@ -256,6 +256,12 @@ def worker(
     def announce(address: str) -> None:
         err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
 
+    # The CLI's start-up handlers only record signals (for `run`); this command ends on them.
+    if _cli_signals.received:
+        raise typer.Exit(EXIT_INTERRUPTED if _cli_signals.received[0] == signal.SIGINT else EXIT_TERMINATED)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     try:
         code = asyncio.run(serve(args, {SECRET_ENV: token}, announce))
     except KeyboardInterrupt:
