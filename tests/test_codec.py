@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
 
 import numpy as np
 import pytest
+import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -45,21 +47,22 @@ values = st.recursive(
 )
 
 
-def assert_same(expected, actual, path="value"):
-    """Equality that also checks types, NaN, the sign of zero, and array dtype and shape."""
+def assert_same(expected, actual, path="value", shared_from=None):
+    """Equality that also checks types, NaN, the sign of zero, and array dtype and shape. Arrays
+    are writable, except those of ``shared_from`` bytes or more (shared memory: read-only views)."""
     if isinstance(expected, np.ndarray):
         assert isinstance(actual, np.ndarray), path
         assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
         assert actual.tobytes() == expected.tobytes(), path
-        assert actual.flags.writeable, path
+        assert actual.flags.writeable == (shared_from is None or expected.nbytes < shared_from), path
     elif isinstance(expected, (list, tuple)):
         assert type(actual) is list and len(actual) == len(expected), path
         for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            assert_same(e, a, f"{path}[{i}]")
+            assert_same(e, a, f"{path}[{i}]", shared_from)
     elif isinstance(expected, dict):
         assert type(actual) is dict and list(actual) == list(expected), path
         for k in expected:
-            assert_same(expected[k], actual[k], f"{path}[{k!r}]")
+            assert_same(expected[k], actual[k], f"{path}[{k!r}]", shared_from)
     elif isinstance(expected, float):
         assert type(actual) is float, path
         if math.isnan(expected):
@@ -184,30 +187,104 @@ def plane(tmp_path):
 
 @settings(max_examples=50, deadline=None)
 @given(hnp.arrays(hnp.scalar_dtypes(), hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=40)))
-def test_arrays_round_trip_through_shared_memory_and_their_files_are_removed(tmp_path_factory, array):
+def test_arrays_round_trip_through_shared_memory_and_segments_are_reused(tmp_path_factory, array):
     from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
     plane = SharedMemoryPlane(str(tmp_path_factory.mktemp("shm")), threshold=256)
-    payload = encode({"a": array, "small": np.arange(3)}, plane=plane)
-    big = array.nbytes >= 256
-    assert (b'"m"' in payload.json) == big and len(payload.blobs) == (1 if big else 2)
-    assert_same({"a": array, "small": np.arange(3)}, decode(payload, plane=plane))
+    for _ in range(3):  # the received array dies each round: its segment is taken again
+        payload = encode({"a": array, "small": np.arange(3)}, plane=plane)
+        big = array.nbytes >= 256
+        assert (b'"m"' in payload.json) == big and len(payload.blobs) == (1 if big else 2)
+        assert_same({"a": array, "small": np.arange(3)}, decode(payload, plane=plane), shared_from=256)
+    assert plane.segment_count() == len(os.listdir(plane.directory)) == (1 if big else 0)
+    plane.close()
     assert os.listdir(plane.directory) == []
+
+
+def test_a_received_array_is_a_read_only_view_whose_segment_stays_lent_while_any_view_lives(plane):
+    first = np.arange(1000, dtype=np.float64)
+    received = decode(encode(first, plane=plane), plane=plane)
+    assert not received.flags.writeable and not received.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        received[0] = 1.0
+    view = received[10:20]
+    del received
+    gc.collect()
+    second = decode(encode(first * 2, plane=plane), plane=plane)  # the view still holds the first segment
+    assert plane.segment_count() == 2
+    assert view[1] == 11.0 and second[11] == 22.0
+    del view, second
+    gc.collect()
+    for _ in range(3):
+        decode(encode(first, plane=plane), plane=plane)
+    assert plane.segment_count() == 2  # both came back and are reused
+
+
+def test_a_received_array_sent_on_passes_its_segment_along_without_a_copy(tmp_path):
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane
+
+    host, worker = SharedMemoryPlane(str(tmp_path), 1024), SharedMemoryPlane(str(tmp_path), 1024)
+    sent = np.arange(10_000, dtype=np.int32)
+    arguments = decode(encode({"x": sent}, plane=host), plane=worker)
+    result = decode(encode({"whole": arguments["x"], "part": arguments["x"][100:200]}, plane=worker), plane=host)
+    assert worker.segment_count() == 0 and len(os.listdir(tmp_path)) == 1  # no copy was written
+    assert np.array_equal(result["whole"], sent) and np.array_equal(result["part"], sent[100:200])
+    del arguments
+    gc.collect()
+    assert decode(encode(sent * 3, plane=host), plane=worker)[5] == 15
+    assert host.segment_count() == 2  # the host still holds the first through `result`
+    del result
+    gc.collect()
+    decode(encode(sent, plane=host), plane=worker)
+    assert host.segment_count() == 2
 
 
 def test_shared_memory_references_are_refused_without_a_plane_or_outside_it(plane):
     payload = encode(np.zeros(1000), plane=plane)
     with pytest.raises(ValueError, match="this side has none"):
         decode(payload, plane=None)
-    forged = Payload(json=b'{"\\u0000tb":"m","n":"../../etc/passwd","d":"<f8","s":[1]}')
+    forged = Payload(json=b'{"\\u0000tb":"m","n":"../../etc/passwd","g":1,"o":0,"d":"<f8","s":[1]}')
     with pytest.raises(ValueError, match="malformed shared-memory name"):
         decode(forged, plane=plane)
+    too_big = Payload(json=payload.json.replace(b'"s":[1000]', b'"s":[100000]'))
+    with pytest.raises(ValueError, match="holds 8192 bytes, not 800000"):
+        decode(too_big, plane=plane)
 
 
-def test_sweep_removes_only_old_unread_files(plane):
+def test_a_segment_unread_for_max_age_is_taken_back_and_its_late_reader_refused(plane):
+    stale = encode(np.zeros(1000), plane=plane)
+    fresh = encode(np.ones(1000), plane=plane)
+    assert plane.segment_count() == 2  # both wait to be read
+    plane.max_age = -1.0
+    encode(np.full(1000, 7.0), plane=plane)  # takes back an unread one
+    assert plane.segment_count() == 2
+    with pytest.raises(ValueError, match="taken back by its writer"):
+        decode(stale, plane=plane)
+    assert decode(fresh, plane=plane)[0] == 1.0
+
+
+async def test_a_segment_lent_to_a_process_that_died_is_taken_back(plane):
+    payload = encode(np.arange(1000.0), plane=plane)
+    code = (
+        "import sys, numpy as np; from trio_bridge._wire.codec import decode; "
+        "from trio_bridge._wire.generated.trio_bridge.v1 import Payload; "
+        "from trio_bridge._wire.shared_memory import SharedMemoryPlane; "
+        f"a = decode(Payload(json=sys.stdin.buffer.read()), plane=SharedMemoryPlane({plane.directory!r}, 1024)); "
+        "print(a[999]); sys.stdout.flush(); import os; os._exit(0)"  # dies still holding it
+    )
+    done = await trio.run_process([sys.executable, "-c", code], stdin=bytes(payload.json), capture_stdout=True)
+    assert done.stdout.strip() == b"999.0"
+    assert plane.segment_count() == 1
     encode(np.zeros(1000), plane=plane)
-    assert plane.sweep(max_age=60) == 0 and len(os.listdir(plane.directory)) == 1
-    assert plane.sweep(max_age=-1) == 1 and os.listdir(plane.directory) == []
+    assert plane.segment_count() == 1  # its reader is gone: reused
+
+
+def test_sweep_removes_the_segments_of_processes_that_are_gone(plane):
+    encode(np.zeros(1000), plane=plane)
+    ours = os.listdir(plane.directory)
+    orphan = os.path.join(plane.directory, "999999999-0-0123abcd")  # no such pid
+    open(orphan, "wb").close()
+    assert plane.sweep() == 1 and os.listdir(plane.directory) == ours
 
 
 def test_check_raises_what_encode_would_and_writes_nothing(plane):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -25,8 +26,7 @@ from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
 _STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
-_SWEEP_INTERVAL = 60.0  # seconds between sweeps of unread shared-memory files
-_SWEEP_AGE = 600.0      # seconds after which an unread shared-memory file is removed
+_SWEEP_INTERVAL = 60.0  # seconds between sweeps of shared-memory segments left by dead processes
 
 
 class Supervisor:
@@ -154,6 +154,8 @@ class Supervisor:
                 failed = _first(group)
             finally:
                 self._dispatcher.remove(handle)
+                if self.plane is not None and handle.pid not in (None, os.getpid()) and not handle.remote:
+                    self.plane.remove_files_of(handle.pid)
             if failed is not None:
                 if first:
                     raise failed
@@ -172,11 +174,12 @@ class Supervisor:
             await trio.sleep(min(low * 2 ** (failures - 1), high))
 
     async def _sweep_shared_memory(self) -> None:
-        """Files of messages nobody read (cancelled calls) must not pile up."""
+        """Segments of processes that are gone (a tool's child that wrote some) must not pile up;
+        a worker's own are removed as it exits."""
         assert self.plane is not None
         while True:
             await trio.sleep(_SWEEP_INTERVAL)
-            self.plane.sweep(_SWEEP_AGE)
+            self.plane.sweep()
 
     async def _health_check(self) -> None:
         if self._health_check_interval <= 0:

@@ -11,7 +11,8 @@ Conventions inside the JSON document:
   ``{"\\u0000tb": "a", "i": k, "d": dtype.str, "s": shape}``, where ``k`` indexes
   ``Payload.blobs``: array data never travels as JSON numbers, and nothing is pickled.
 * with a shared-memory plane, arrays of at least its threshold become
-  ``{"\\u0000tb": "m", "n": file name, "d": dtype.str, "s": shape}`` (see ``shared_memory.py``).
+  ``{"\\u0000tb": "m", "n": segment name, "g": generation, "o": offset, "d": dtype.str, "s": shape}``
+  (see ``shared_memory.py``); they decode to a read-only array on the segment, without a copy.
 * a user dict that itself has the reserved key ``"\\u0000tb"`` is escaped as
   ``{"\\u0000tb": "d", "v": [[key, value], ...]}``, so no dict is ever mistaken for a tag.
 * non-finite floats use Python's JSON extension (``NaN``, ``Infinity``); both ends are Python.
@@ -140,7 +141,7 @@ def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT
                 raise ValueError("the payload refers to shared memory, but this side has none")
             import numpy
 
-            return plane.read(obj["n"], numpy.dtype(obj["d"]), obj["s"])
+            return plane.read(obj["n"], obj["g"], obj["o"], numpy.dtype(obj["d"]), obj["s"])
         raise ValueError(f"unknown tag {kind!r} in payload")
 
     try:
@@ -220,8 +221,9 @@ def _prepare_array(array: Any, out: _Out) -> dict[str, Any] | None:
         raise _PathError(f"structured numpy dtype {dtype} is not serializable")
     if out.dry:
         return None
-    if out.plane is not None and array.nbytes >= out.plane.threshold:
-        return {_TAG: "m", "n": out.plane.write(array), "d": dtype.str, "s": list(array.shape)}
+    if out.plane is not None and array.nbytes >= max(out.plane.threshold, 1):
+        name, generation, offset = out.plane.write(array)
+        return {_TAG: "m", "n": name, "g": generation, "o": offset, "d": dtype.str, "s": list(array.shape)}
     out.blobs.append(array.tobytes())  # C order, whatever the array's layout
     return {_TAG: "a", "i": len(out.blobs) - 1, "d": dtype.str, "s": list(array.shape)}
 
