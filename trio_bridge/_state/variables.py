@@ -11,7 +11,6 @@ scalars), so a later change to the caller's objects cannot make it unencodable.
 
 from __future__ import annotations
 
-import collections
 import fnmatch
 import re
 import time
@@ -112,11 +111,18 @@ class VariableUpdate:
     coalesced: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slot:
     variable: Variable
-    history: collections.deque[HistoryEntry] = field(default_factory=collections.deque)
+    # A list, not a deque(maxlen=): an empty deque costs ~600 bytes, and a host may keep
+    # 100,000 variables; trimming the front of at most history_limit entries is cheap.
+    history: list[HistoryEntry] = field(default_factory=list)
     lease_until: float | None = None  # when the optimization lock lapses (wall clock); None: held until released
+
+    def remember(self, entry: HistoryEntry, limit: int) -> None:
+        self.history.append(entry)
+        if len(self.history) > limit:
+            del self.history[: len(self.history) - limit]
 
 
 class VariableStore:
@@ -166,7 +172,7 @@ class VariableStore:
                 metadata=r["metadata"], version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
                 source=r["source"], optimizer_id=r["optimizer_id"], depends_on=tuple(r["depends_on"]),
             )
-            history = collections.deque((HistoryEntry(*entry) for entry in r["history"]), maxlen=history_limit)
+            history = [HistoryEntry(*entry) for entry in r["history"]][-history_limit:] if history_limit else []
             store._slots[variable.name] = _Slot(variable, history, r["lease_until"])
             store._by_id[variable.id] = variable.name
             if variable.depends_on:
@@ -233,8 +239,8 @@ class VariableStore:
             id=f"var_{self.next_id}", name=name, type=cast(VariableType, type_name), value=value, constraints=normalized,
             metadata=stored_metadata, version=0, created_at=now, updated_at=now, source=source,
         )
-        slot = _Slot(variable, collections.deque(maxlen=self.history_limit))
-        slot.history.append(HistoryEntry(0, value, now, source))
+        slot = _Slot(variable)
+        slot.remember(HistoryEntry(0, value, now, source), self.history_limit)
         self._slots[name] = slot
         self._by_id[variable.id] = name
         self.next_id += 1
@@ -437,7 +443,7 @@ class VariableStore:
         now = self._clock()
         new_metadata = {**old.metadata, **metadata} if metadata else old.metadata
         slot.variable = replace(old, value=value, version=old.version + 1, updated_at=now, source=source, metadata=new_metadata)
-        slot.history.append(HistoryEntry(slot.variable.version, value, now, source))
+        slot.remember(HistoryEntry(slot.variable.version, value, now, source), self.history_limit)
         return slot.variable, VariableUpdate(old.name, old.value, value, slot.variable.version, source, "change", now)
 
     def _reaches(self, start: str, target: str) -> bool:
