@@ -1,13 +1,36 @@
-"""The benchmark harness: trio-bridge against its peers, in one run.
+"""The benchmark harness: trio-bridge against its peers, in one run (issue 9's targets).
 
     python -m benchmarks.bench [--quick] [--json PATH]
 
-Measures: unary round trip p50/p99 through ``pool.execute`` from Trio; the same call on a bare
-grpclib stub (asyncio -> asyncio, Unix socket; the floor); ``trio_parallel.run_sync`` and
-``ProcessPoolExecutor`` as peers; throughput with 1, 8 and 64 calls in flight on 2 workers;
-stream chunks/s into a Trio consumer; host memory while 1,000,000 chunks stream to a slow
-consumer; time to ready for 1 and 8 workers; variables; tool calls; bulk arrays with and
-without shared memory. Prints a table and writes JSON.
+Prints a table of the issue's targets (value, target, met or missed) and one of the detail, and
+writes JSON whose top-level keys are plain numbers, one per target:
+
+- ``unary_pool_over_floor_sync`` / ``_async``: ``pool.execute`` p50 over a bare grpclib client's
+  (asyncio -> asyncio, Unix socket, same worker code; the floor), tools ``noop`` / ``anoop``,
+  measured in interleaved rounds; ``floor_p50_us`` (sync), ``trio_parallel_p50_us`` and
+  ``process_pool_executor_p50_us`` as peers;
+- ``throughput_64_in_flight_calls_per_s``: 64 calls in flight on 2 workers, async tool,
+  concurrency 16 (the other configurations in ``throughput_calls_per_s``);
+- ``array_100mb_round_trip_gb_per_s``: a 100 MB float32 array echoed through shared memory,
+  1e8 bytes over one round trip's seconds (median, after warm-up calls);
+  ``array_inband_mib_per_s``: a 50 MiB array echoed in the gRPC stream, counted the same way;
+- ``stream_chunks_per_s``: chunks/s into a Trio consumer, the better of a sync and an async generator;
+- ``ready_8_over_1``: time until a pool of 8 workers is ready over the same for 1 (interleaved);
+- ``restart_seconds``: SIGKILL of one worker of a ready pool of 2 until 2 are ready again (median);
+- ``worker_import_seconds``: a fresh ``python`` importing what ``python -m trio_bridge.worker``
+  imports before the adapter, minus ``python -c pass`` (median);
+- ``host_rss_mib_10k_sessions``: RSS of a fresh host process with 10,000 open sessions of 10
+  variables each (``benchmarks/session_rss.py``);
+- ``watch_fanout_1000_p50_ms``: one ``set_variable`` until all of 1,000 watchers have seen it.
+
+``targets`` holds each key's target and whether it was met; the samples behind the figures
+stay in nested sections (``pool_execute_*``, ``bare_grpclib_floor_*``, ``throughput_calls_per_s``,
+``stream_chunks_per_s_by_generator``, ``arrays``, ``time_to_ready_s``, ``restart_s``,
+``worker_import``, ``session_rss``, ``watch_fan_out``). The full run (about 5 minutes on 2
+cores) adds the other detail sections: variables, state backends, remote workers, tools, host
+memory while 1,000,000 chunks stream to a slow consumer, the writer's side of a 1,000-watcher
+fan-out (``benchmarks/watch_fanout.py``). ``--quick`` (about 1 minute) takes fewer samples and
+skips those.
 """
 
 from __future__ import annotations
@@ -15,15 +38,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import inspect
 import json
+import logging
+import operator
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -35,7 +63,12 @@ from rich.table import Table
 import trio_bridge
 
 ADAPTER = "benchmarks.adapters:Bench"
-console = Console(width=110)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+console = Console(width=140)
+
+# The baseline of the throughput target: calls/s with 64 in flight (async tool, concurrency 16,
+# 2 workers), as benchmarks/results.json recorded it at commit 7070995.
+THROUGHPUT_64_MEASURED_AT_7070995 = 1280.0
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -356,121 +389,335 @@ async def tools(n: int) -> dict[str, Any]:
     return {"worker_to_host_tool": percentiles(to_host), "worker_to_worker_tool": percentiles(to_worker)}
 
 
-async def bulk(mib: int, repeats: int, threshold: int | None) -> float:
-    """MiB/s moved by echoing a ``mib`` MiB float64 array (both directions counted)."""
+async def array_round_trip(n_bytes: int, repeats: int, warm_ups: int, threshold: int | None) -> dict[str, Any]:
+    """Seconds per echo of an ``n_bytes`` float32 array through ``pool.execute``.
+
+    ``warm_ups`` full-size calls come first: fresh shared-memory pages fault on first touch, and
+    each side's region is reused afterwards (a second call was still slow when measured). With
+    ``warm_ups=0`` only a tiny array warms the connection (in-band: nothing to reuse).
+    """
     import numpy as np
 
-    array = np.ones(mib * 2**20 // 8)
+    array = np.ones(n_bytes // 4, dtype=np.float32)
     async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0, shared_memory_threshold=threshold) as pool:
         await pool.execute("echo", {"value": array[:10]})
-        t0 = time.perf_counter()
-        for _ in range(repeats):
+        warm = []
+        for _ in range(warm_ups):
+            t0 = time.perf_counter()
             await pool.execute("echo", {"value": array})
-        return 2 * mib * repeats / (time.perf_counter() - t0)
+            warm.append(time.perf_counter() - t0)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = await pool.execute("echo", {"value": array})
+            samples.append(time.perf_counter() - t0)
+            if result.shape != array.shape or result.dtype != array.dtype:  # not what we meant to time
+                raise RuntimeError(f"echo returned {result.dtype}{result.shape}, not {array.dtype}{array.shape}")
+    return {"bytes": n_bytes, "warm_up_s": warm, "round_trip_s": samples, "median_s": statistics.median(samples)}
 
 
-async def time_to_ready(size: int, repeats: int) -> float:
-    times = []
+async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, list[float]]:
+    """Seconds from ``open_pool`` until its block runs, sizes interleaved per repeat (drift)."""
+    times: dict[str, list[float]] = {str(size): [] for size in sizes}
     for _ in range(repeats):
+        for size in sizes:
+            t0 = time.perf_counter()
+            async with trio_bridge.open_pool(ADAPTER, size=size, health_check_interval=0):
+                times[str(size)].append(time.perf_counter() - t0)
+    return times
+
+
+async def restart(pools: int) -> list[float]:
+    """Seconds from SIGKILL of one worker of a ready pool of 2 until it has 2 ready workers again.
+
+    Pool defaults (restart backoff included). Each slot is killed once per pool: a slot's
+    backoff doubles when its worker dies young, which a second kill would measure instead.
+    """
+    samples = []
+    quiet = logging.getLogger("trio_bridge")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the pool logs each death as a warning: expected here
+    try:
+        for _ in range(pools):
+            async with trio_bridge.open_pool(ADAPTER, size=2) as pool:
+                for slot in range(pool.size):
+                    victim = next(w for w in pool.workers() if w.slot == slot)
+                    assert victim.pid is not None
+                    with trio.fail_after(60):
+                        t0 = time.perf_counter()
+                        os.kill(victim.pid, signal.SIGKILL)
+                        # poll finely: wait_for_workers polls every 50 ms, and counts the victim
+                        # as ready until the pool has seen it die
+                        while True:
+                            workers = pool.workers()
+                            if all(w.state == "ready" for w in workers) and victim.id not in {w.id for w in workers}:
+                                break
+                            await trio.sleep(0.001)
+                        samples.append(time.perf_counter() - t0)
+    finally:
+        quiet.setLevel(level)
+    return samples
+
+
+def worker_import(repeats: int) -> dict[str, Any]:
+    """Wall seconds of a fresh interpreter importing the worker, minus a bare one (interleaved).
+
+    The modules are those ``trio_bridge/worker/__main__.py`` imports before ``main()`` loads the
+    adapter (``-m`` imports the ``trio_bridge`` and ``trio_bridge.worker`` packages on the way).
+    """
+    code = "import trio_bridge.worker._lifeline, trio_bridge.worker._server"
+
+    def wall(*args: str) -> float:
         t0 = time.perf_counter()
-        async with trio_bridge.open_pool(ADAPTER, size=size, health_check_interval=0):
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+        return time.perf_counter() - t0
+
+    wall("-c", code)  # the first run reads the files from disk: not what a worker start pays
+    imports, bare = [], []
+    for _ in range(repeats):
+        imports.append(wall("-c", code))
+        bare.append(wall("-c", "pass"))
+    return {
+        "import_s": imports, "bare_python_s": bare,
+        "median_difference_s": statistics.median(i - b for i, b in zip(imports, bare, strict=True)),
+    }
+
+
+def session_rss(sessions: int, variables: int) -> dict[str, Any]:
+    """``benchmarks/session_rss.py`` in a fresh process: earlier benchmarks' memory must not count."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.session_rss", "--sessions", str(sessions), "--variables", str(variables)],
+        check=True, cwd=ROOT, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def watch_fan_out(watchers: int, rounds: int) -> dict[str, Any]:
+    """Seconds from one ``set_variable`` until every one of ``watchers`` watchers has seen it,
+    through the host Session API; one write at a time (watch_fanout.py times the writer instead)."""
+    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool, pool.session() as session:
+        await session.register_variable("temperature", "float", 0.0)
+        target = 0
+        seen = 0
+        all_seen = trio.Event()
+
+        async def watcher(task_status: trio.TaskStatus[None]) -> None:
+            nonlocal seen
+            async with session.watch_variables(["temperature"], include_initial=False) as updates:
+                task_status.started()
+                async for update in updates:
+                    if update.version >= target:
+                        seen += 1
+                        if seen == watchers:
+                            all_seen.set()
+
+        samples = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(watchers):
+                await nursery.start(watcher)
+            for version in range(1, rounds + 1):
+                target, seen, all_seen = version, 0, trio.Event()
+                t0 = time.perf_counter()
+                await session.set_variable("temperature", float(version))
+                with trio.fail_after(60):
+                    await all_seen.wait()
+                samples.append(time.perf_counter() - t0)
+            nursery.cancel_scope.cancel()
+    return {"watchers": watchers, **percentiles(samples)}
+
+
+# ---- the targets of issue 9: (key, what, unit, comparison, target) ----
+LE, GE = operator.le, operator.ge
+TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], float]] = [
+    ("unary_pool_over_floor_sync", "pool.execute p50 / bare grpclib p50, sync tool noop", "x", LE, 0.8),
+    ("unary_pool_over_floor_async", "pool.execute p50 / bare grpclib p50, async tool anoop", "x", LE, 0.8),
+    ("throughput_64_in_flight_calls_per_s",
+     f"throughput, 64 in flight, 2 workers, async tool, concurrency 16 (1.5 x {THROUGHPUT_64_MEASURED_AT_7070995:,.0f} "
+     "measured at 7070995)", "calls/s", GE, 1.5 * THROUGHPUT_64_MEASURED_AT_7070995),
+    ("array_100mb_round_trip_gb_per_s", "100 MB float32 echo, shared memory (1e8 B / round trip)", "GB/s", GE, 3.0),
+    ("array_inband_mib_per_s", "50 MiB float32 echo in-band (payload / round trip)", "MiB/s", GE, 300.0),
+    ("stream_chunks_per_s", "stream into Trio (better of sync / async generator)", "chunks/s", GE, 60_000.0),
+    ("ready_8_over_1", "time to ready, 8 workers / 1 worker", "x", LE, 1.3),
+    ("restart_seconds", "SIGKILL of 1 of 2 workers until 2 ready", "s", LE, 0.1),
+    ("worker_import_seconds", "worker imports, minus bare python", "s", LE, 0.1),
+    ("host_rss_mib_10k_sessions", "host RSS, 10,000 sessions x 10 variables", "MiB", LE, 200.0),
+    ("watch_fanout_1000_p50_ms", "write until all 1,000 watchers saw it, p50", "ms", LE, 10.0),
+]
+PEERS = [
+    ("floor_p50_us", "bare grpclib unary p50 (the floor), sync tool"),
+    ("trio_parallel_p50_us", "trio_parallel.run_sync p50"),
+    ("process_pool_executor_p50_us", "ProcessPoolExecutor(1) submit+result p50"),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer samples, 100,000 chunks for the memory run")
+    parser.add_argument("--quick", action="store_true", help="fewer samples, no detail sections (under 2 minutes)")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results.json"))
     args = parser.parse_args()
-    n = 500 if args.quick else 2000
-    seconds = 1.0 if args.quick else 3.0
-    results: dict[str, Any] = {
+    quick = args.quick
+    started = time.perf_counter()
+    r: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "quick": quick,
     }
-    console.print("[bold]trio-bridge benchmarks[/] (this takes a minute or two)")
-    rounds, per_round = (3, 200) if args.quick else (10, 300)
+    console.print(f"[bold]trio-bridge benchmarks[/]{' (quick)' if quick else ''}: about {1 if quick else 5} minutes")
+
+    def step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        result = trio.run(fn, *args) if inspect.iscoroutinefunction(fn) else fn(*args)
+        console.print(f"  {name}: {time.perf_counter() - t0:.1f} s", style="dim")
+        return result
+
+    n = 500 if quick else 2000
+    rounds, per_round = (3, 200) if quick else (8, 250)
     for kind, tool in (("sync_tool", "noop"), ("async_tool", "anoop")):
-        measured = trio.run(unary_latency, tool, rounds, per_round)
-        results[f"bare_grpclib_floor_{kind}"] = measured["floor"]
-        results[f"pool_execute_{kind}"] = measured["pool"]
-        results[f"raw_trio_asyncio_crossing_{kind}"] = measured["crossing"]
-    results["trio_parallel_run_sync"] = trio.run(trio_parallel_run_sync, n)
-    results["process_pool_executor"] = process_pool_executor(n)
-    results["throughput_calls_per_s"] = {
-        f"{k} in flight, concurrency 1, sync tool": trio.run(pool_throughput, k, seconds, 1, "noop") for k in (1, 8, 64)
+        measured = step(f"unary, {tool}", unary_latency, tool, rounds, per_round)
+        r[f"bare_grpclib_floor_{kind}"] = measured["floor"]
+        r[f"pool_execute_{kind}"] = measured["pool"]
+        r[f"raw_trio_asyncio_crossing_{kind}"] = measured["crossing"]
+    r["trio_parallel_run_sync"] = step("trio_parallel", trio_parallel_run_sync, n)
+    r["process_pool_executor"] = step("ProcessPoolExecutor", process_pool_executor, n)
+
+    seconds = 1.0 if quick else 3.0
+    configs = [(64, 1, "noop"), (64, 16, "noop"), (64, 16, "anoop")]
+    if not quick:
+        configs = [(1, 1, "noop"), (8, 1, "noop"), (8, 16, "anoop"), *configs]
+    r["throughput_calls_per_s"] = {
+        f"{k} in flight, concurrency {c}, {'async' if tool == 'anoop' else 'sync'} tool":
+            step(f"throughput {k}/{c}/{tool}", pool_throughput, k, seconds, c, tool)
+        for k, c, tool in configs
     }
-    results["throughput_calls_per_s"].update({
-        f"{k} in flight, concurrency 16, async tool": trio.run(pool_throughput, k, seconds, 16, "anoop")
-        for k in (8, 64)
+    chunks = 50_000 if quick else 200_000
+    r["stream_chunks_per_s_by_generator"] = {
+        "sync_generator": step("stream, sync generator", stream_rate, "count", chunks),
+        "async_generator": step("stream, async generator", stream_rate, "acount", chunks),
+    }
+    r["arrays"] = {
+        "100 MB float32, shared memory": step(
+            "array 100 MB, shared memory", array_round_trip, 100_000_000, 3 if quick else 7, 2, 1 << 20
+        ),
+        "50 MiB float32, in-band": step("array 50 MiB, in-band", array_round_trip, 50 * 2**20, 2 if quick else 4, 0, None),
+    }
+    r["time_to_ready_s"] = step("time to ready", time_to_ready, (1, 8), 2 if quick else 4)
+    r["restart_s"] = step("restart", restart, 2 if quick else 4)
+    r["worker_import"] = step("worker import", worker_import, 3 if quick else 7)
+    r["session_rss"] = step("host RSS, sessions", session_rss, 10_000, 10)
+    r["watch_fan_out"] = step("watch fan-out", watch_fan_out, 1000, 30 if quick else 200)
+    if not quick:
+        from benchmarks.watch_fanout import through_session
+
+        r["watch_fan_out_writer"] = step("watch fan-out, writer", through_session, 1000, 5000, 100)
+        r["stream_memory"] = step("stream memory", stream_memory, 1_000_000)
+        r["state"] = step("state", state, 2000, 100, 100)
+        r["state_backends"] = step("state backends", state_backends, 2000)
+        r["remote_unary"] = step("remote unary", remote_unary, 1000)
+        r["tools"] = step("tools", tools, 1000)
+
+    # ---- the targets' figures: plain numbers at the top level ----
+    arrays = r["arrays"]
+    ready = {k: statistics.median(v) for k, v in r["time_to_ready_s"].items()}
+    r.update({
+        "unary_pool_over_floor_sync": r["pool_execute_sync_tool"]["p50_us"] / r["bare_grpclib_floor_sync_tool"]["p50_us"],
+        "unary_pool_over_floor_async": r["pool_execute_async_tool"]["p50_us"] / r["bare_grpclib_floor_async_tool"]["p50_us"],
+        "throughput_64_in_flight_calls_per_s": r["throughput_calls_per_s"]["64 in flight, concurrency 16, async tool"],
+        "array_100mb_round_trip_gb_per_s": 100e6 / arrays["100 MB float32, shared memory"]["median_s"] / 1e9,
+        "array_inband_mib_per_s": 50 / arrays["50 MiB float32, in-band"]["median_s"],
+        "stream_chunks_per_s": max(r["stream_chunks_per_s_by_generator"].values()),
+        "ready_8_over_1": ready["8"] / ready["1"],
+        "restart_seconds": statistics.median(r["restart_s"]),
+        "worker_import_seconds": r["worker_import"]["median_difference_s"],
+        "host_rss_mib_10k_sessions": r["session_rss"]["rss_mib"],
+        "watch_fanout_1000_p50_ms": r["watch_fan_out"]["p50_us"] / 1000,
+        "floor_p50_us": r["bare_grpclib_floor_sync_tool"]["p50_us"],
+        "trio_parallel_p50_us": r["trio_parallel_run_sync"]["p50_us"],
+        "process_pool_executor_p50_us": r["process_pool_executor"]["p50_us"],
     })
-    results["stream_chunks_per_s"] = {
-        "sync_generator": trio.run(stream_rate, "count", 100_000 if args.quick else 300_000),
-        "async_generator": trio.run(stream_rate, "acount", 100_000 if args.quick else 300_000),
+    r["targets"] = {
+        key: {"comparison": "<=" if cmp is LE else ">=", "target": target, "met": cmp(r[key], target)}
+        for key, _, _, cmp, target in TARGETS
     }
-    results["stream_memory"] = trio.run(stream_memory, 100_000 if args.quick else 1_000_000)
-    results["time_to_ready_s"] = {str(k): trio.run(time_to_ready, k, 3) for k in (1, 8)}
-    results["state"] = trio.run(state, 500 if args.quick else 2000, 100, 20 if args.quick else 100)
-    results["state_backends"] = trio.run(state_backends, 400 if args.quick else 2000)
-    results["remote_unary"] = trio.run(remote_unary, 300 if args.quick else 1000)
-    results["tools"] = trio.run(tools, 300 if args.quick else 1000)
-    results["bulk_mib_per_s"] = {
-        "50 MiB array echo, shared memory": trio.run(bulk, 50, 3 if args.quick else 5, 1 << 20),
-        "50 MiB array echo, in the gRPC stream": trio.run(bulk, 50, 2 if args.quick else 3, None),
-    }
-    ready1, ready8 = results["time_to_ready_s"]["1"], results["time_to_ready_s"]["8"]
-    results["targets"] = {
-        "pool_unary_p50_over_floor_sync_tool": results["pool_execute_sync_tool"]["p50_us"]
-        / results["bare_grpclib_floor_sync_tool"]["p50_us"],
-        "pool_unary_p50_over_floor_async_tool": results["pool_execute_async_tool"]["p50_us"]
-        / results["bare_grpclib_floor_async_tool"]["p50_us"],
-        "pool_unary_p50_over_floor_target": 1.3,
-        "stream_chunks_per_s_target": 30_000,
-        "ready_8_over_ready_1": ready8 / ready1,
-        "ready_8_over_ready_1_target": 1.2 * 8 / (os.cpu_count() or 1),
-    }
+    r["elapsed_s"] = time.perf_counter() - started
     with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
-    show(results)
-    console.print(f"written to {args.json}")
+        json.dump(r, f, indent=2)
+    show(r)
+    console.print(f"written to {args.json} ({r['elapsed_s']:.0f} s)")
 
 
 def show(r: dict[str, Any]) -> None:
-    table = Table(title=f"trio-bridge benchmarks ({r['machine']['cpus']} cores, Python {r['machine']['python']})")
-    table.add_column("measure")
-    table.add_column("value", justify="right", no_wrap=True)
+    title = f"trio-bridge: issue 9 targets ({r['machine']['cpus']} cores, Python {r['machine']['python']}"
+    targets = Table(title=title + (", quick)" if r["quick"] else ")"))
+    targets.add_column("key", no_wrap=True)
+    targets.add_column("measure")
+    targets.add_column("value", justify="right", no_wrap=True)
+    targets.add_column("target", justify="right", no_wrap=True)
+    targets.add_column("", no_wrap=True)
+    for key, what, unit, cmp, target in TARGETS:
+        met = r["targets"][key]["met"]
+        targets.add_row(
+            key, what, f"{_number(r[key])} {unit}", f"{'≤' if cmp is LE else '≥'} {_number(target)} {unit}",
+            "[green]met[/]" if met else "[red]missed[/]",
+        )
+    for key, what in PEERS:
+        targets.add_row(key, what, f"{r[key]:,.0f} µs", "", "")
+    console.print(targets)
+
+    detail = Table(title="detail")
+    detail.add_column("measure")
+    detail.add_column("value", justify="right", no_wrap=True)
+
+    def latency(label: str, v: dict[str, float], digits: int = 0) -> None:
+        detail.add_row(label, f"p50 {v['p50_us']:.{digits}f} µs   p99 {v['p99_us']:.{digits}f} µs")
+
     for key in (
         "bare_grpclib_floor_sync_tool", "raw_trio_asyncio_crossing_sync_tool", "pool_execute_sync_tool",
         "bare_grpclib_floor_async_tool", "raw_trio_asyncio_crossing_async_tool", "pool_execute_async_tool",
         "trio_parallel_run_sync", "process_pool_executor",
     ):
-        table.add_row(f"unary round trip: {key}", f"p50 {r[key]['p50_us']:.0f} µs   p99 {r[key]['p99_us']:.0f} µs")
+        latency(f"unary round trip: {key}", r[key])
     for k, v in r["throughput_calls_per_s"].items():
-        table.add_row(f"throughput, 2 workers, {k}", f"{v:,.0f} calls/s")
-    for k, v in r["stream_chunks_per_s"].items():
-        table.add_row(f"stream into Trio, {k}", f"{v:,.0f} chunks/s")
-    m = r["stream_memory"]
-    table.add_row(
-        f"host RSS, {m['chunks']:,} chunks to a slow consumer",
-        f"{m['rss_first_mib']:.1f} → max {m['rss_max_mib']:.1f} → {m['rss_last_mib']:.1f} MiB",
-    )
-    for k, v in r["state"].items():
-        table.add_row(f"variables: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.1f} µs   p99 {v['p99_us']:.1f} µs")
-    for k, v in r.get("state_backends", {}).items():
-        table.add_row(f"state: {k.replace('_', ' ')}", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
-    for k, v in r.get("remote_unary", {}).items():
-        table.add_row(f"unary call, {k.replace('_', ' ')} worker", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
-    for k, v in r["tools"].items():
-        table.add_row(f"tools: {k.replace('_', ' ')} call", f"p50 {v['p50_us']:.0f} µs   p99 {v['p99_us']:.0f} µs")
-    for k, v in r["bulk_mib_per_s"].items():
-        table.add_row(f"bulk: {k}", f"{v:,.0f} MiB/s")
+        detail.add_row(f"throughput, 2 workers, {k}", f"{v:,.0f} calls/s")
+    for k, v in r["stream_chunks_per_s_by_generator"].items():
+        detail.add_row(f"stream into Trio, {k}", f"{v:,.0f} chunks/s")
+    for k, v in r["arrays"].items():
+        warm = ", ".join(f"{s:.2f}" for s in v["warm_up_s"]) + " s" if v["warm_up_s"] else "a tiny array"
+        detail.add_row(f"array echo, {k} (warm-up: {warm})", f"median {v['median_s'] * 1e3:,.0f} ms per round trip")
     for k, v in r["time_to_ready_s"].items():
-        table.add_row(f"time to ready, {k} worker(s)", f"{v:.2f} s")
-    t = r["targets"]
-    table.add_row("pool p50 / floor, sync tool (target ≤ 1.3)", f"{t['pool_unary_p50_over_floor_sync_tool']:.2f}")
-    table.add_row("pool p50 / floor, async tool (target ≤ 1.3)", f"{t['pool_unary_p50_over_floor_async_tool']:.2f}")
-    table.add_row(f"ready(8) / ready(1) (target ≤ {t['ready_8_over_ready_1_target']:.1f})", f"{t['ready_8_over_ready_1']:.2f}")
-    console.print(table)
+        detail.add_row(f"time to ready, {k} worker(s)", f"median {statistics.median(v):.2f} s")
+    detail.add_row("restart after SIGKILL, each sample", ", ".join(f"{s:.2f}" for s in r["restart_s"]) + " s")
+    imp = r["worker_import"]
+    detail.add_row("worker import / bare python", f"{statistics.median(imp['import_s']):.3f} / {statistics.median(imp['bare_python_s']):.3f} s")
+    s = r["session_rss"]
+    detail.add_row(
+        f"host RSS, {s['sessions']:,} sessions x {s['variables_per_session']} variables",
+        f"{s['rss_before_mib']:.0f} → {s['rss_mib']:.0f} MiB in {s['seconds']:.1f} s",
+    )
+    latency(f"watch: write until all {r['watch_fan_out']['watchers']:,} watchers saw it", r["watch_fan_out"])
+    if "watch_fan_out_writer" in r:
+        w = r["watch_fan_out_writer"]
+        detail.add_row(
+            f"watch: writer with {w['watchers']:,} watchers (watch_fanout.py)",
+            f"p50 {w['p50_us']:.0f} µs   {w['wall_writes_per_s']:,} writes/s   drain {w['drain_s'] * 1e3:.0f} ms",
+        )
+    if "stream_memory" in r:
+        m = r["stream_memory"]
+        detail.add_row(
+            f"host RSS, {m['chunks']:,} chunks to a slow consumer",
+            f"{m['rss_first_mib']:.1f} → max {m['rss_max_mib']:.1f} → {m['rss_last_mib']:.1f} MiB",
+        )
+    for k, v in r.get("state", {}).items():
+        latency(f"variables: {k.replace('_', ' ')}", v, 1)
+    for k, v in r.get("state_backends", {}).items():
+        latency(f"state: {k.replace('_', ' ')}", v)
+    for k, v in r.get("remote_unary", {}).items():
+        latency(f"unary call, {k.replace('_', ' ')} worker", v)
+    for k, v in r.get("tools", {}).items():
+        latency(f"tools: {k.replace('_', ' ')} call", v)
+    console.print(detail)
+
+
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 if __name__ == "__main__":
