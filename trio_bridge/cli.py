@@ -159,8 +159,8 @@ def _kill_workers() -> None:
                 command = f.read().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"trio_bridge.worker" not in command:
-            continue
+        if b"trio_bridge.worker" not in command and b"trio_bridge.worker._forkserver" not in command:
+            continue  # (a fork server's workers die with it: their death signal)
         pid = int(entry)
         try:
             if os.getpgid(pid) == pid:
@@ -231,7 +231,7 @@ def worker(
     from trio_bridge._host._remote import remote_setup
     from trio_bridge._wire.contract import SECRET_ENV
     from trio_bridge._wire.tls import TLSConfig
-    from trio_bridge.worker._server import parse_arguments, serve
+    from trio_bridge.worker._server import loop_factory, parse_arguments, serve
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -263,7 +263,8 @@ def worker(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     try:
-        code = asyncio.run(serve(args, {SECRET_ENV: token}, announce))
+        with asyncio.Runner(loop_factory=loop_factory(os.environ)) as runner:  # uvloop where installed
+            code = runner.run(serve(args, {SECRET_ENV: token}, announce))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)

@@ -1,6 +1,7 @@
 """The pool: a thin facade over its parts, and :func:`open_pool`, which wires them together.
 
-The parts, each in its own module: ``_process`` (a worker's OS process), ``_worker`` (a worker
+The parts, each in its own module: ``_process`` (a worker's OS process), ``_forkserver`` (the
+pool's start method: workers forked by a preloaded fork server, or spawned), ``_worker`` (a worker
 as the host sees it: state, RPCs, life), ``_supervisor`` (start, restart, health, shutdown),
 ``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
@@ -20,7 +21,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, final, overload
@@ -31,10 +32,12 @@ from trio_bridge import _aio
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
+from trio_bridge._host._forkserver import StartMethod, check_start_method, open_launcher, settle, start_method_of
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
+from trio_bridge._host._process import launcher
 from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
@@ -210,6 +213,13 @@ class Pool(metaclass=NoPublicConstructor):
         self._router.session_ended(session_id, self._supervisor.live_handles())
 
     # ---- state of the pool ----
+    @property
+    def start_method(self) -> str:
+        """How the pool starts its local workers now: ``"forkserver"`` (forked by its preloaded
+        fork server) or ``"spawn"`` (fresh interpreters); see ``open_pool(start_method=...)``.
+        (``trio_bridge.testing``'s pools say ``"threads"`` or ``"custom"``.)"""
+        return start_method_of(self._spec.launch)
+
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of each slot's current worker, ordered by slot."""
         return self._supervisor.workers()
@@ -324,6 +334,7 @@ def open_pool(
     token: str | None = None,
     tls: TLSConfig | None = None,
     insecure: bool = False,
+    start_method: StartMethod | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -349,8 +360,9 @@ def open_pool(
         health_check_interval: seconds between pings of each worker (0 disables them); a worker
             that does not answer within that time is recycled.
         heartbeat_interval: seconds between the workers' heartbeats to the host.
-        restart_backoff: (first, longest) delay in seconds before restarting a crashed worker;
-            it doubles on each failure in a row.
+        restart_backoff: (first, longest) delay in seconds before restarting a worker that
+            failed again within 10 s of its restart (or start); it doubles on each failure in a
+            row. A worker's first failure after a stable run is restarted at once.
         no_worker_timeout: seconds a call waits while no worker runs and the last start failed;
             then it raises ``WorkerStartError`` carrying that failure.
         transport: ``"unix"`` (Linux: an abstract-namespace socket, nothing on disk; elsewhere
@@ -359,8 +371,9 @@ def open_pool(
         env: extra environment variables for the workers.
         adapter_options: JSON-able options the adapter reads as ``self.options`` (set before
             ``setup()``), e.g. ``{"allow": ["numpy"]}`` for ``PythonAdapter``.
-        shared_memory_threshold: numpy arrays of at least this many bytes travel through files
-            on ``/dev/shm`` instead of the gRPC stream (Unix transport only; ``None`` disables).
+        shared_memory_threshold: numpy arrays of at least this many bytes travel through
+            shared-memory segments on ``/dev/shm`` instead of the gRPC stream (Unix transport
+            only; ``None`` disables), and arrive as read-only views of them, not copies.
         state: where sessions and variables live: a backend, or a Redis URL
             (``"redis://host:6379/0"``: a :class:`RedisBackend`, shared by every host that uses
             it); default: a new in-memory backend. Both get the quotas below.
@@ -388,6 +401,16 @@ def open_pool(
             as gRPC metadata both ways and compared in constant time.
         tls: certificates for TLS both ways (mutual when it has a ``ca``).
         insecure: allow plain TCP beyond loopback (without it, ``tls`` is required there).
+        start_method: how local workers start (multiprocessing's terms): ``"forkserver"`` --
+            one preloaded process per pool imports the worker and the adapter's module once,
+            and forks each worker and each replacement (milliseconds instead of an
+            interpreter's start-up); ``"spawn"`` -- each worker is a fresh interpreter. Default
+            (``None``): ``"forkserver"`` where it is safe, else ``"spawn"``: the pool spawns on
+            other platforms than Linux, and when the fork server has more than one thread after
+            importing the adapter's module (numpy's BLAS, torch), among other cases listed in
+            ``trio_bridge._host._forkserver``. ``Pool.start_method`` says which it uses; a
+            forked worker keeps every guarantee of a spawned one (own process group, dies with
+            the host, exit status and stderr reported).
 
     Raises:
         InvalidArgumentError: an option is out of range, or the remote-worker options do not
@@ -406,6 +429,7 @@ def open_pool(
         shared_memory_threshold=shared_memory_threshold, state=state, max_sessions=max_sessions,
         max_variables_per_session=max_variables_per_session, max_value_bytes=max_value_bytes,
         history_limit=history_limit, stop=stop, remote=(remote_workers, listen, advertise, token, tls, insecure),
+        start_method=start_method,
     ))
 
 
@@ -465,7 +489,7 @@ async def _open_pool(
     restart_backoff: tuple[float, float], no_worker_timeout: float, transport: Transport, python: str | None,
     env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
     state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
-    history_limit: int, stop: SignalStop, remote: tuple[Any, ...],
+    history_limit: int, stop: SignalStop, remote: tuple[Any, ...], start_method: StartMethod | None = None,
 ) -> AsyncIterator[Pool]:
     remote_workers, listen, advertise, token, tls, insecure = remote
     setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
@@ -484,6 +508,7 @@ async def _open_pool(
             "no_worker_timeout": no_worker_timeout,
         },
     )
+    check_start_method(start_method)
     janitor = Janitor.start()
     plane = None
     tracker = UserErrorTracker()
@@ -504,13 +529,17 @@ async def _open_pool(
                 on_disk.append(plane.directory)
         for path in on_disk:
             janitor.watch_path(path)
+        worker_env = {**(env or {}), **(plane.environment() if plane else {})}
         with tracker.resolve_groups():
-            async with _aio.open_boundary() as boundary:
+            async with open_launcher(
+                launcher.get(), requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
+                local_workers=size, startup_timeout=startup_timeout,
+            ) as launch, _aio.open_boundary() as boundary:
                 secret = secrets.token_urlsafe(32)
                 spec = WorkerSpec(
                     adapter=adapter, python=python or sys.executable, concurrency=concurrency,
                     transport=transport, socket_dir=socket_dir, secret=secret, host_address=host_address,
-                    env={**(env or {}), **(plane.environment() if plane else {})},
+                    env=worker_env, launch=launch,
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval, adapter_options=options_json,
                 )
 
@@ -560,9 +589,12 @@ async def _open_pool(
                     max_queue=max_queue, cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
                     health_check_interval=health_check_interval, restart_backoff=restart_backoff,
                     shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop,
+                    before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                 ) as pool:
                     yield pool
     finally:
+        if plane is not None:
+            plane.close()  # unmapped now; arrays the program still holds keep their pages
         for path in on_disk:
             shutil.rmtree(path, ignore_errors=True)
             janitor.forget_path(path)
@@ -603,6 +635,7 @@ async def compose(
     health_check_interval: float, restart_backoff: tuple[float, float], shutdown_timeout: float,
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
+    before_start: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[Pool]:
     """Wire the pool's parts together, start ``size`` workers made by ``new_worker`` and yield
     the pool; on the way out, shut the workers down.
@@ -619,6 +652,8 @@ async def compose(
             back while the pool runs (``None``: nothing).
         tracker: the exception-group policy of the caller's block (default: a new one).
         stop: what SIGINT/SIGTERM do (default: nothing; see ``open_pool(handle_signals=...)``).
+        before_start: awaited just before the workers start, where a signal cancels the
+            start-up (the launcher learns whether its fork server forks).
     """
     tracker = tracker if tracker is not None else UserErrorTracker()
     stop = stop if stop is not None else SignalStop(enabled=False)
@@ -655,6 +690,8 @@ async def compose(
                     try:
                         with stop.scope:  # the first SIGINT/SIGTERM cancels the start-up or the block
                             try:
+                                if before_start is not None:
+                                    await before_start()
                                 await supervisor.start(nursery)
                                 started = True
                             except BaseException:

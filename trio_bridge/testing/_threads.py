@@ -51,6 +51,7 @@ class ThreadWorker:
 
     own_group = False  # nothing to signal as a group, nothing for the janitor
     remote = False
+    start_method = "threads"  # Pool.start_method
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
         self._args = parse_arguments(command[command.index("trio_bridge.worker") + 1:])
