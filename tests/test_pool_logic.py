@@ -74,20 +74,25 @@ async def settle() -> None:
 async def test_restart_backoff_doubles_and_resets_after_a_stable_run(autojump_clock, caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
     async with open_fake_pool(TOOLS, restart_backoff=(1.0, 4.0)) as (pool, workers):
-        for started in range(2, 6):  # four deaths in a row, each right after the start
+        for started in range(2, 7):  # five deaths in a row, each right after the start
             workers.kill(0)
             await workers.wait_started(started)
         times = [a.at for a in workers.attempts]
-        assert [b - a for a, b in itertools.pairwise(times)] == [1.0, 2.0, 4.0, 4.0]  # doubles, up to the longest
+        # The first at once, then first, doubling, up to the longest.
+        assert [b - a for a, b in itertools.pairwise(times)] == [0.0, 1.0, 2.0, 4.0, 4.0]
         await trio.sleep(11)  # a stable run (over 10 s) resets the backoff
         workers.kill(0)
         killed_at = trio.current_time()
-        await workers.wait_started(6)
+        await workers.wait_started(7)
+        assert workers.attempts[-1].at - killed_at == 0.0
+        workers.kill(0)  # and dying again at once backs off again
+        killed_at = trio.current_time()
+        await workers.wait_started(8)
         assert workers.attempts[-1].at - killed_at == 1.0
-        assert pool.statistics().restarts == 5
+        assert pool.statistics().restarts == 7
         assert await pool.execute("add", {"a": 1}) == 3
     gone = [r for r in caplog.records if "is gone" in r.getMessage()]
-    assert len(gone) == 5  # each restart logged once
+    assert len(gone) == 7  # each restart logged once
     assert all("exit code -9" in r.getMessage() for r in gone)
 
 
@@ -191,7 +196,7 @@ async def test_a_worker_that_keeps_a_cancelled_call_is_recycled_after_cancel_gra
             await pool.execute("ignore_cancel", {"seconds": 60})
         cancelled_at = trio.current_time()
         assert await pool.execute("whoami") != first  # the next call waited for a fresh worker
-        assert trio.current_time() - cancelled_at == 2.5  # grace, then the backoff
+        assert trio.current_time() - cancelled_at == 2.0  # the grace; a first failure restarts at once
         assert pool.statistics().restarts == 1
         assert workers.made[0].death_reason.startswith("it did not free its slot within 2 s")
     assert any("did not free its slot" in r.getMessage() for r in caplog.records)

@@ -170,8 +170,9 @@ class Supervisor:
                 )
             self._metrics.restarts += 1
             failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
-            low, high = self._restart_backoff
-            await trio.sleep(min(low * 2 ** (failures - 1), high))
+            if failures > 1:  # a slot that keeps failing backs off; a first crash restarts at once
+                low, high = self._restart_backoff
+                await trio.sleep(min(low * 2 ** (failures - 2), high))
 
     async def _sweep_shared_memory(self) -> None:
         """Segments of processes that are gone (a tool's child that wrote some) must not pile up;
