@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 from trio_bridge.worker import Adapter, SessionContext, tool
@@ -101,6 +102,20 @@ class Echo(Adapter):
         raise RuntimeError(f"broke after {n}")
 
     @tool
+    def where(self, x: int) -> dict:
+        """Where a sync tool runs: ``x``, the thread's name, and whether it is the worker's loop's."""
+        return _where(x)
+
+    @tool(inline=True)
+    def where_inline(self, x: int) -> dict:
+        """The same, as an inline tool."""
+        return _where(x)
+
+    @tool(inline=True)
+    def ask_host_inline(self, ctx: SessionContext) -> object:
+        return ctx.call_host_tool("anything")
+
+    @tool
     async def block_loop(self, seconds: float) -> None:
         """Misbehave: block the worker's event loop (it cannot answer health checks)."""
         time.sleep(seconds)
@@ -132,6 +147,15 @@ class Echo(Adapter):
             with open(path + ".tmp", "w") as f:
                 f.write(text)
             os.replace(path + ".tmp", path)  # readers never see a half-written mark
+
+
+def _where(x: int) -> dict:
+    try:
+        asyncio.get_running_loop()
+        on_loop = True
+    except RuntimeError:
+        on_loop = False
+    return {"x": x, "thread": threading.current_thread().name, "on_loop": on_loop}
 
 
 class SlowSetup(Adapter):

@@ -64,6 +64,24 @@ def test_kinds_and_streaming_flags():
     ]
 
 
+def test_inline_is_a_flag_of_sync_tools_only():
+    class Quick(Adapter):
+        @tool(inline=True)
+        def quick(self, x: int) -> int:
+            return x
+
+        @tool
+        def threaded(self, x: int) -> int:
+            return x
+
+    found = collect_tools(Quick())
+    assert (found["quick"].kind, found["quick"].inline, found["threaded"].inline) == ("sync", True, False)
+    assert not any(t.inline for t in tools().values())
+    for kind, function in [("an async function", Sample.coro), ("a generator", Sample.gen), ("an async generator", Sample.agen)]:
+        with pytest.raises(ValueError, match=f"tool 'nope': only a plain sync function can be inline, not {kind}$"):
+            tool(name="nope", inline=True)(function)
+
+
 def test_parameters_come_from_signature_hints_and_docstring():
     add = tools()["add"]
     assert add.description == "Add numbers"

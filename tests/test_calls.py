@@ -134,11 +134,43 @@ async def test_cancelling_an_async_tool_cancels_it_in_the_worker(marker_dir):
         assert await pool.execute("add", {"a": 1}) == 3
 
 
+async def test_calls_in_flight_together_on_one_worker_each_get_their_own_answer_and_cancel_alone(marker_dir):
+    # They share the worker's one call stream: replies come back in the order calls finish.
+    async with open_pool_in_threads(ECHO, size=1, concurrency=16) as pool:
+        results: dict[int, float] = {}
+
+        async def call(i: int) -> None:
+            results[i] = await pool.execute("async_sleep", {"seconds": (15 - i) * 0.01})
+
+        async with trio.open_nursery() as nursery:
+            for i in range(15):
+                nursery.start_soon(call, i)
+            with trio.move_on_after(0.05) as scope:
+                await pool.execute("async_sleep", {"seconds": 60})
+        assert scope.cancelled_caught
+        assert results == {i: (15 - i) * 0.01 for i in range(15)}
+        await wait_for(lambda: marks(marker_dir, "async_sleep"))
+        assert marks(marker_dir, "async_sleep") == ["cancelled"]  # only the cancelled call
+        assert pool.statistics().calls_cancelled == 1
+
+
 async def test_deadline_of_the_callers_cancel_scope_reaches_the_worker():
     async with open_pool_in_threads(ECHO, size=1) as pool:
         with trio.fail_after(5):
             remaining = await pool.execute("echo", {"value": trio.current_effective_deadline() - trio.current_time()})
         assert 4 < remaining <= 5
+
+
+async def test_an_inline_tool_runs_on_the_workers_loop_and_a_plain_sync_tool_in_a_thread():
+    async with open_pool_in_threads(ECHO, size=1, concurrency=2) as pool:
+        inline = await pool.execute("where_inline", {"x": 7})
+        threaded = await pool.execute("where", {"x": 8})
+        # The refusal names the cause: a blocking SessionContext method would deadlock the loop.
+        with pytest.raises(ToolError, match="inline") as refused:
+            await pool.execute("ask_host_inline")
+    assert inline["x"] == 7 and inline["on_loop"] and inline["thread"].startswith("trio-bridge worker")
+    assert threaded["x"] == 8 and not threaded["on_loop"] and threaded["thread"].startswith("tool")
+    assert refused.value.remote_type == "RuntimeError"
 
 
 async def test_tcp_transport_and_statistics():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import uuid
@@ -14,6 +15,11 @@ class Agent(Adapter):
     @tool
     def ask_host(self, ctx: SessionContext, name: str, arguments: dict) -> object:
         return ctx.call_host_tool(name, **arguments)
+
+    @tool
+    async def loop_type(self) -> str:
+        loop = type(asyncio.get_running_loop())
+        return f"{loop.__module__}.{loop.__qualname__}"
 
     @tool
     async def ask_host_async(self, ctx: SessionContext, name: str, arguments: dict) -> object:

@@ -33,6 +33,7 @@ Hence, here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from ssl import SSLContext
 from typing import Any, NoReturn, TypeVar
 
 import grpclib.client
+import grpclib.const
 import grpclib.exceptions
 import grpclib.server
 import grpclib.utils
@@ -246,6 +248,124 @@ class Boundary:
                 if not self.loop.is_closed():
                     server.close()
                     await self._run_bounded(server.wait_closed(), _CLOSE_SERVER_TIMEOUT)
+
+
+class CallStream:
+    """A worker connection's calls, multiplexed on one long-lived bidirectional gRPC stream
+    (``WorkerService.Calls``), driven from Trio.
+
+    Why: a unary RPC per call costs a HEADERS frame, HPACK, a DATA frame and trailers each way,
+    and a boundary crossing; on one stream a call is one DATA frame each way, and a Trio caller
+    only puts its request in the outbox and sleeps until the reply's call id wakes it.
+    Cancelling a caller sends ``cancel`` with its call id (the worker cancels that call alone).
+
+    :meth:`run` is the stream's life (a Trio task of the worker's handle): its asyncio side reads
+    replies and wakes their callers, and writes the outbox in order. When the stream fails or
+    ends, every call waiting on it fails with :class:`TransportError`, as do later ones.
+    """
+
+    def __init__(self, boundary: Boundary, stub: pb.WorkerServiceStub, max_in_flight: int) -> None:
+        self._boundary = boundary
+        self._stub = stub
+        # Each call in flight puts at most an execute and a cancel, and a worker has at most
+        # max_in_flight calls in flight (the pool's slots): never full.
+        self._outbox: asyncio.Queue[pb.CallMessage] = asyncio.Queue(maxsize=2 * max_in_flight + 2)
+        self._waiting: dict[str, _Reply] = {}
+        self._failure: str | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the stream (``task_status.started()`` once it is open) and serve it until it
+        ends or this task is cancelled.
+
+        Raises:
+            TransportError: the stream could not be opened.
+        """
+        opened = trio.Event()
+        started = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_until_done, opened)
+            await opened.wait()
+            if self._failure is None:
+                started = True
+                task_status.started()
+        if not started:  # raised out here: inside the nursery it would come wrapped in a group
+            raise TransportError(f"cannot open the call stream: {self._failure}")
+
+    async def _serve_until_done(self, opened: trio.Event) -> None:
+        try:
+            await self._boundary.run(self._serve(opened))
+        except TransportError as exc:
+            self._fail(str(exc))
+        finally:
+            self._fail("the call stream ended")
+            opened.set()
+
+    async def _serve(self, opened: trio.Event) -> None:
+        async with self._stub.channel.request(
+            "/trio_bridge.v1.WorkerService/Calls", grpclib.const.Cardinality.STREAM_STREAM,
+            pb.CallMessage, pb.CallResult, metadata=self._stub.metadata,
+        ) as stream:
+            await stream.send_request()
+            opened.set()
+            writer = asyncio.ensure_future(self._write(stream))
+            try:
+                while (result := await stream.recv_message()) is not None:
+                    reply = self._waiting.pop(result.call_id, None)
+                    if reply is not None:  # None: a cancelled call's late answer
+                        reply.set(outcome.Value(result.response or pb.ExecuteToolResponse()))
+            finally:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *_TRANSPORT_ERRORS):
+                    await writer
+
+    async def _write(self, stream: Any) -> None:
+        while True:
+            await stream.send_message(await self._outbox.get())
+
+    def _send(self, message: pb.CallMessage) -> None:
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:  # a bug: more than two messages per slot
+            raise TransportError("the call stream's outbox is full") from None
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+        waiting, self._waiting = self._waiting, {}
+        for reply in waiting.values():
+            reply.set(outcome.Error(TransportError(self._failure)))
+
+    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """Run one call; a cancelled caller cancels it on the worker.
+
+        Raises:
+            TransportError: the stream failed (or had already), before the reply came.
+        """
+        if self._failure is not None:
+            raise TransportError(self._failure)
+        reply = _Reply()
+        self._waiting[request.call_id] = reply
+        self._send(pb.CallMessage(execute=request))
+        try:
+            await reply.event.wait()
+        except BaseException:
+            if self._waiting.pop(request.call_id, None) is not None and self._failure is None:
+                self._send(pb.CallMessage(cancel=request.call_id))
+            raise
+        assert reply.result is not None
+        return reply.result.unwrap()
+
+
+class _Reply:
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: outcome.Outcome[pb.ExecuteToolResponse] | None = None
+
+    def set(self, result: outcome.Outcome[pb.ExecuteToolResponse]) -> None:
+        self.result = result
+        self.event.set()  # from asyncio code: it runs in trio-asyncio's Trio task, in this thread
 
 
 async def _wait_future(future: asyncio.Future[T], *, abandon_on_cancel: bool) -> T:

@@ -27,7 +27,7 @@ from typing import Annotated, Any, cast
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
 
-__all__ = ["ParameterDefinition", "ToolDefinition", "define_tool"]
+__all__ = ["ParameterDefinition", "ToolDefinition", "check_inline", "define_tool", "tool_kind"]
 
 _NO_DEFAULT = inspect.Parameter.empty
 
@@ -53,6 +53,7 @@ class ToolDefinition:
     Attributes:
         kind: ``"sync"``, ``"async"``, ``"generator"`` or ``"async_generator"``.
         context_parameter: the name of the parameter that receives the ``SessionContext``, if any.
+        inline: a sync tool that runs on the worker's event loop, not in a thread (``@tool(inline=True)``).
     """
 
     name: str
@@ -62,6 +63,7 @@ class ToolDefinition:
     function: Callable[..., Any] = field(repr=False)
     context_parameter: str | None = None
     accepts_any_keyword: bool = False
+    inline: bool = False
 
     @property
     def streaming(self) -> bool:
@@ -111,27 +113,48 @@ class ToolDefinition:
         return checked
 
 
+def tool_kind(method: Callable[..., Any]) -> str:
+    """``"sync"``, ``"async"``, ``"generator"`` or ``"async_generator"`` (see :class:`ToolDefinition`)."""
+    function = inspect.unwrap(method)
+    if inspect.isasyncgenfunction(function):
+        return "async_generator"
+    if inspect.isgeneratorfunction(function):
+        return "generator"
+    if inspect.iscoroutinefunction(function):
+        return "async"
+    return "sync"
+
+
+def check_inline(name: str, method: Callable[..., Any]) -> None:
+    """Refuse ``inline`` for anything but a plain sync function.
+
+    Raises:
+        ValueError: an async function, a generator or an async generator.
+    """
+    kind = tool_kind(method)
+    if kind != "sync":
+        what = {"async": "an async function", "generator": "a generator", "async_generator": "an async generator"}[kind]
+        raise ValueError(f"tool {name!r}: only a plain sync function can be inline, not {what}")
+
+
 def define_tool(
-    method: Callable[..., Any], name: str, description: str | None, *, context_type: type | None = None
+    method: Callable[..., Any], name: str, description: str | None, *, context_type: type | None = None,
+    inline: bool = False,
 ) -> ToolDefinition:
     """Derive a tool from a callable (a bound adapter method or a host function).
 
     A parameter annotated ``context_type`` (the worker passes its ``SessionContext``) is not a
     tool parameter: it receives the call's context. Sync and async functions are tools;
-    generators and async generators are streaming tools.
+    generators and async generators are streaming tools. ``inline``: see :class:`ToolDefinition`.
 
     Raises:
-        ValueError: a parameter cannot be passed by keyword.
+        ValueError: a parameter cannot be passed by keyword, or ``inline`` for a tool that is
+            not a plain sync function.
     """
     function = inspect.unwrap(method)
-    if inspect.isasyncgenfunction(function):
-        kind = "async_generator"
-    elif inspect.isgeneratorfunction(function):
-        kind = "generator"
-    elif inspect.iscoroutinefunction(function):
-        kind = "async"
-    else:
-        kind = "sync"
+    kind = tool_kind(function)
+    if inline:
+        check_inline(name, function)
     doc = inspect.getdoc(method) or ""
     summary, arg_docs = _parse_docstring(doc)
     try:
@@ -176,6 +199,7 @@ def define_tool(
         function=method,
         context_parameter=context_parameter,
         accepts_any_keyword=accepts_any_keyword,
+        inline=inline,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, final
 
 import trio
 
-from trio_bridge._aio import Boundary, TransportError
+from trio_bridge._aio import Boundary, CallStream, TransportError
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._process import LaunchedWorker, launcher
@@ -151,6 +151,7 @@ class WorkerHandle:
         self._process: LaunchedWorker | None = None
         self._janitor = janitor
         self._stub: pb.WorkerServiceStub | None = None
+        self._calls: CallStream | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
 
@@ -205,6 +206,26 @@ class WorkerHandle:
             self._call_scopes.add(scope)
             try:
                 return await self._wire().run(method(self._stub))
+            except TransportError as exc:
+                await self._settle_after_transport_error(str(exc))
+                raise self.crashed_error() from exc
+            finally:
+                self._call_scopes.discard(scope)
+        raise self.crashed_error()  # our scope was cancelled: the process died mid-call
+
+    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """Run one tool call on this worker's call stream (see :class:`CallStream`).
+
+        Raises:
+            WorkerCrashedError: the worker died, or its connection failed, during the call.
+        """
+        calls = self._calls
+        if calls is None or not self.alive:
+            raise self.crashed_error()
+        with trio.CancelScope() as scope:
+            self._call_scopes.add(scope)
+            try:
+                return await calls.execute(request)
             except TransportError as exc:
                 await self._settle_after_transport_error(str(exc))
                 raise self.crashed_error() from exc
@@ -347,6 +368,16 @@ class WorkerHandle:
                 if self.remote:
                     self.pid = described.pid  # the remote process's, for WorkerInfo
                     self.concurrency = max(1, described.concurrency)  # its --concurrency, not the pool's
+                calls = CallStream(self._wire(), self._stub, self.concurrency)
+                with trio.move_on_after(spec.startup_timeout) as timeout_scope:
+                    try:
+                        await nursery.start(calls.run)
+                    except TransportError as exc:
+                        self.kill("its call stream failed")
+                        raise await self._start_error(str(exc)) from None
+                if timeout_scope.cancelled_caught:
+                    raise await self._start_error("did not open its call stream in time")
+                self._calls = calls
                 self._enter(WorkerState.READY)
                 self.started_at = trio.current_time()
                 task_status.started()
@@ -355,6 +386,7 @@ class WorkerHandle:
         finally:
             with trio.CancelScope(shield=True):
                 self._stub = None  # no RPC starts on the channel from here on (grpclib fails oddly on a closed one)
+                self._calls = None
                 if channel is not None:
                     self._wire().close_channel(channel)
                 await self._stop_process(process)

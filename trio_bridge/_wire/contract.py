@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from trio_bridge._version import __version__
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: calls on one stream (WorkerService.Calls); shared-memory arrays by segment
 """The contract's version: raised on any change an older peer would misread (a changed field's
 meaning, a new required behaviour). Peers of different releases interoperate while it matches."""
 

@@ -318,6 +318,10 @@ class FakeWorker(WorkerHandle):
                 self._call_scopes.discard(scope)
         raise self.crashed_error()  # our scope was cancelled: it died mid-call
 
+    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """One tool call (a real worker's goes on its call stream; here, like any RPC)."""
+        return await self.call(lambda stub: stub.execute_tool(request))
+
     def open_stream(self, request: pb.ExecuteToolRequest) -> AbstractAsyncContextManager[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
         """An async context manager yielding ``receive()`` for the tool's chunk batches (one chunk
         each); ``receive()`` raises ``StopAsyncIteration`` at the end."""

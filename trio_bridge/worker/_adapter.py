@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from trio_bridge._core.tools import ToolDefinition, define_tool
+from trio_bridge._core.tools import ToolDefinition, check_inline, define_tool
 from trio_bridge.worker._context import SessionContext
 
 __all__ = ["Adapter", "collect_tools", "load_adapter_class", "tool"]
@@ -34,8 +34,9 @@ class Adapter:
             @tool(description="Predict one row")
             def predict(self, x: list[float]) -> dict: ...
 
-    Sync tools run in the worker's thread pool (one thread per concurrency slot); ``async def``
-    tools run on the worker's asyncio loop; generators and async generators are streaming tools.
+    Sync tools run in the worker's thread pool (one thread per concurrency slot), or on its
+    event loop if short and marked ``@tool(inline=True)``; ``async def`` tools run on the
+    worker's asyncio loop; generators and async generators are streaming tools.
     """
 
     #: Options given to the pool (``open_pool(..., adapter_options={...})``), set before setup().
@@ -56,9 +57,11 @@ class Adapter:
 @overload
 def tool(function: F) -> F: ...
 @overload
-def tool(function: None = None, *, name: str | None = None, description: str | None = None) -> Callable[[F], F]: ...
 def tool(
-    function: F | None = None, *, name: str | None = None, description: str | None = None
+    function: None = None, *, name: str | None = None, description: str | None = None, inline: bool = False
+) -> Callable[[F], F]: ...
+def tool(
+    function: F | None = None, *, name: str | None = None, description: str | None = None, inline: bool = False
 ) -> F | Callable[[F], F]:
     """Mark an adapter method as a tool. Use as ``@tool`` or ``@tool(name=..., description=...)``;
     the function is returned unchanged (with its type).
@@ -66,10 +69,29 @@ def tool(
     Args:
         name: the tool's name (default: the method's name).
         description: what it does (default: the first paragraph of the docstring).
+        inline: run this sync tool on the worker's event loop instead of handing it to a thread
+            of the worker's pool: a call saves two thread switches (~100 us on asyncio's loop,
+            ~50 us on uvloop's; a no-op ``pool.execute`` ~10% faster end to end). Only for
+            short tools (microseconds, a millisecond at most): while an inline tool runs it
+            blocks the worker's loop, so the worker does nothing else -- no other call starts
+            or replies even with ``concurrency > 1``, the pool's health-check ping goes
+            unanswered (a tool that outlasts the health check's timeout gets its worker
+            recycled), and nothing cancels it. Deadlines: an inline tool is never interrupted
+            (``ctx.cancelled`` stays False until it returns) and its result is sent even if the
+            call's deadline passed meanwhile; by then the host, which enforces the deadline,
+            has ended the call (the caller's cancel scope, e.g. ``trio.fail_after``, fired) and
+            drops the late reply. The blocking ``SessionContext`` methods (fresh reads, writes,
+            host and worker tool calls) raise ``RuntimeError`` in an inline tool, as in an
+            async one; cached reads work.
+
+    Raises:
+        ValueError: ``inline=True`` on an async function, a generator or an async generator.
     """
 
     def mark(fn: F) -> F:
-        setattr(fn, _MARKER, {"name": name or fn.__name__, "description": description})
+        if inline:
+            check_inline(name or fn.__name__, fn)
+        setattr(fn, _MARKER, {"name": name or fn.__name__, "description": description, "inline": inline})
         return fn
 
     return mark(function) if function is not None else mark
@@ -102,7 +124,10 @@ def collect_tools(adapter: Adapter) -> dict[str, ToolDefinition]:
         marker = getattr(raw, _MARKER, None)
         if marker is None:
             continue
-        definition = define_tool(getattr(adapter, attr), marker["name"], marker["description"], context_type=SessionContext)
+        definition = define_tool(
+            getattr(adapter, attr), marker["name"], marker["description"], context_type=SessionContext,
+            inline=marker.get("inline", False),
+        )
         if definition.name in tools:
             raise ValueError(f"two tools are named {definition.name!r}")
         tools[definition.name] = definition

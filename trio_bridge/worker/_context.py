@@ -409,8 +409,9 @@ class SessionContext(metaclass=NoPublicConstructor):
         if running is loop:
             coro.close()
             raise RuntimeError(
-                "this SessionContext method blocks, and async tools run on the worker's event loop: "
-                "use its awaitable form (e.g. `await ctx.aset_variable(...)`, `await ctx.acall_host_tool(...)`)"
+                "this SessionContext method blocks, and async and inline tools run on the worker's event loop: "
+                "use its awaitable form in an async tool (e.g. `await ctx.aset_variable(...)`, "
+                "`await ctx.acall_host_tool(...)`); a sync tool that needs it cannot be inline"
             )
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         if not cancellable:

@@ -5,6 +5,9 @@ Start-up order: lifeline first (so a worker never outlives its host, even during
 ``setup()``), then import the adapter, run ``setup()``, bind, and print one ready line
 ``TRIO_BRIDGE_READY <address>`` on stdout. After that stdout is pointed at stderr, so a tool's
 ``print`` can never block on a pipe nobody reads.
+
+The worker runs on uvloop's event loop where uvloop is installed (a dependency on CPython outside
+Windows), on asyncio's default loop otherwise or with ``TRIO_BRIDGE_WORKER_LOOP=asyncio``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from ssl import SSLContext
 from typing import Any
@@ -55,13 +58,16 @@ from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge._wire.transport import advertised_address, new_server, open_channel, parse_address, tcp_listener
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
+from trio_bridge.worker._call_stream import serve_calls
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient
 from trio_bridge.worker._lifeline import start_lifeline
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
 _REPLY_FLUSH = 1.0          # seconds a drain waits for finished calls' replies to be sent
+LOOP_ENV = "TRIO_BRIDGE_WORKER_LOOP"  # "asyncio": the worker does not use uvloop
 _STREAM_PATH = "/trio_bridge.v1.WorkerService/ExecuteStreamingTool"
+_CALLS_PATH = "/trio_bridge.v1.WorkerService/Calls"
 
 
 class WorkerService(pb.WorkerServiceBase):
@@ -191,12 +197,14 @@ class WorkerService(pb.WorkerServiceBase):
                 return pb.ExecuteToolResponse(error=_error_info(exc))
             raise
         timer = self._watch_deadline(ctx)
-        released_by_thread = definition.kind == "sync"
+        released_by_thread = definition.kind == "sync" and not definition.inline
         try:
             remaining = ctx.time_remaining()
             async with asyncio.timeout(None if remaining is None else remaining + DEADLINE_SLACK) as scope:
                 try:
-                    if released_by_thread:
+                    if definition.inline:  # blocks the loop until it returns: see @tool(inline=)
+                        result = definition.function(**arguments)
+                    elif released_by_thread:
                         result = await self._loop.run_in_executor(
                             self.executor, self._run_sync, definition, arguments, message.call_id
                         )
@@ -330,31 +338,43 @@ class WorkerService(pb.WorkerServiceBase):
                 await asyncio.wait_for(self._rpcs_done.wait(), timeout=_REPLY_FLUSH)
         self.stopped.set()
 
-    def _counted(self, handler: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
-        """Count the RPC until its trailers are sent, so a drain knows when every reply is out."""
+    @contextlib.contextmanager
+    def _reply_pending(self) -> Iterator[None]:
+        """Counted until a reply is out (an RPC's trailers sent, a call stream's result written),
+        so that a drain knows when every reply has left."""
+        self._rpcs += 1
+        self._rpcs_done.clear()
+        try:
+            yield
+        finally:
+            self._rpcs -= 1
+            if not self._rpcs:
+                self._rpcs_done.set()
 
+    def _counted(self, handler: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
         async def counted(stream: grpclib.server.Stream[Any, Any]) -> None:
-            self._rpcs += 1
-            self._rpcs_done.clear()
-            try:
+            with self._reply_pending():
                 await handler(stream)
                 await stream.send_trailing_metadata()
-            finally:
-                self._rpcs -= 1
-                if not self._rpcs:
-                    self._rpcs_done.set()
 
         return counted
+
+    async def _serve_calls(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        await serve_calls(stream, self.execute_tool, self._reply_pending)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
         old = mapping[_STREAM_PATH]
         # Our own handler sends each batch itself, so cancellation lands inside our try/finally.
         mapping[_STREAM_PATH] = grpclib.const.Handler(self._serve_stream, old.cardinality, old.request_type, old.reply_type)
-        return {
+        handlers = {
             path: grpclib.const.Handler(self._counted(h.func), h.cardinality, h.request_type, h.reply_type)
             for path, h in mapping.items()
         }
+        # The call stream lives as long as the connection: each of its calls is counted instead.
+        old = mapping[_CALLS_PATH]
+        handlers[_CALLS_PATH] = grpclib.const.Handler(self._serve_calls, old.cardinality, old.request_type, old.reply_type)
+        return handlers
 
 
 class _ShuttingDown(Exception):
@@ -477,7 +497,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server = new_server([service], env.get(SECRET_ENV, ""))
+    server = new_server([service], env.get(SECRET_ENV, ""), coalesce_writes=True)
     try:
         scheme, where, port = parse_address(args.listen)
     except ValueError as exc:
@@ -521,12 +541,33 @@ def _print_ready_line(address: str) -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
+def loop_factory(env: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes a worker process's event loop (for ``asyncio.Runner``): uvloop's if it
+    imports and ``env`` does not set ``TRIO_BRIDGE_WORKER_LOOP=asyncio``; else ``None``
+    (asyncio's default loop).
+
+    uvloop made a unary call of a sync tool ~10% faster end to end (its thread hand-off is
+    56 us instead of asyncio's 108 us, measured on 2 cores).
+    """
+    if env.get(LOOP_ENV, "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if not args.no_lifeline:
         start_lifeline(os.getppid())
     shared_memory.default_plane = SharedMemoryPlane.from_environment(os.environ)
-    code = asyncio.run(serve(args, os.environ, _print_ready_line))
+    # A Runner, not asyncio.run: Python 3.11's asyncio.run takes no loop factory. It still turns
+    # Ctrl-C into cancelling serve() and then KeyboardInterrupt, on uvloop too.
+    with asyncio.Runner(loop_factory=loop_factory(os.environ)) as runner:
+        code = runner.run(serve(args, os.environ, _print_ready_line))
     sys.stdout.flush()
     sys.stderr.flush()
     # Sync tools still running in threads after the drain grace must not keep the process alive.

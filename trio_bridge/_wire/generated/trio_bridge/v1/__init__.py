@@ -5,6 +5,8 @@
 
 __all__ = (
     "AddDependencyRequest",
+    "CallMessage",
+    "CallResult",
     "CleanupSessionRequest",
     "CleanupSessionResponse",
     "DescribeRequest",
@@ -50,7 +52,7 @@ __all__ = (
     "WorkerServiceStub",
 )
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,6 +81,36 @@ class AddDependencyRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("trio_bridge.v1", "AddDependencyRequest", AddDependencyRequest)
+
+
+@dataclass(eq=False, repr=False)
+class CallMessage(betterproto2.Message):
+    """
+    The calls of one host-worker connection, on one long-lived bidirectional stream: the host
+    sends `execute` (one call) or `cancel` (the call_id of a call in flight); the worker sends one
+    CallResult per call, in the order they finish. Cheaper than a unary RPC per call: no HEADERS,
+    HPACK or trailers, one DATA frame each way.
+
+    Oneofs:
+        - kind:
+    """
+
+    execute: "ExecuteToolRequest | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True, group="kind")
+
+    cancel: "str | None" = betterproto2.field(2, betterproto2.TYPE_STRING, optional=True, group="kind")
+
+
+default_message_pool.register_message("trio_bridge.v1", "CallMessage", CallMessage)
+
+
+@dataclass(eq=False, repr=False)
+class CallResult(betterproto2.Message):
+    call_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    response: "ExecuteToolResponse | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("trio_bridge.v1", "CallResult", CallResult)
 
 
 @dataclass(eq=False, repr=False)
@@ -1205,6 +1237,26 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def calls(
+        self,
+        messages: "AsyncIterable[CallMessage] | Iterable[CallMessage]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[CallResult]":
+
+        async for response in self._stream_stream(
+            "/trio_bridge.v1.WorkerService/Calls",
+            messages,
+            CallMessage,
+            CallResult,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
     async def execute_streaming_tool(
         self,
         message: "ExecuteToolRequest",
@@ -1656,6 +1708,11 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def calls(self, messages: "AsyncIterator[CallMessage]") -> "AsyncIterator[CallResult]":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield CallResult()
+
     async def execute_streaming_tool(self, message: "ExecuteToolRequest") -> "AsyncIterator[ToolChunkBatch]":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -1692,6 +1749,14 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         assert request is not None
         response = await self.execute_tool(request)
         await stream.send_message(response)
+
+    async def __rpc_calls(self, stream: "grpclib.server.Stream[CallMessage, CallResult]") -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.calls,
+            stream,
+            request,
+        )
 
     async def __rpc_execute_streaming_tool(
         self, stream: "grpclib.server.Stream[ExecuteToolRequest, ToolChunkBatch]"
@@ -1745,6 +1810,12 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 ExecuteToolRequest,
                 ExecuteToolResponse,
+            ),
+            "/trio_bridge.v1.WorkerService/Calls": grpclib.const.Handler(
+                self.__rpc_calls,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                CallMessage,
+                CallResult,
             ),
             "/trio_bridge.v1.WorkerService/ExecuteStreamingTool": grpclib.const.Handler(
                 self.__rpc_execute_streaming_tool,

@@ -1,0 +1,58 @@
+"""The worker's side of a host connection's call stream (``WorkerService.Calls``).
+
+Each ``execute`` message runs as its own task, exactly as a unary ``ExecuteTool`` would; a
+``cancel`` message cancels that task (what resetting a unary call's HTTP/2 stream does). Results
+go back as calls finish, one message each. When the host ends its side, the calls still running
+finish and are answered; when the stream is reset or the connection lost, they are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import betterproto2
+
+from trio_bridge._wire import errors as wire_errors
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+
+Execute = Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]]
+
+
+async def serve_calls(stream: Any, execute: Execute, reply_pending: Callable[[], AbstractContextManager[None]]) -> None:
+    """Serve one call stream (a grpclib server stream of CallMessage -> CallResult) until the
+    host ends it; cancelling this coroutine cancels every call it runs. Each call is inside
+    ``reply_pending()`` until its result is written (a drain waits for that)."""
+    running: dict[str, asyncio.Task[None]] = {}
+    sending = asyncio.Lock()  # one message at a time: concurrent writes would interleave frames
+
+    async def run(request: pb.ExecuteToolRequest) -> None:
+        with reply_pending():
+            try:
+                response = await execute(request)
+            except asyncio.CancelledError:
+                return  # cancelled by the host (or the stream is gone): nobody waits for an answer
+            except Exception as exc:  # a fault of ours, not the tool's: the caller must still hear
+                response = pb.ExecuteToolResponse(error=wire_errors.error_info(exc))
+            finally:
+                running.pop(request.call_id, None)
+            async with sending:
+                await stream.send_message(pb.CallResult(call_id=request.call_id, response=response))
+
+    try:
+        async for message in stream:
+            kind, value = betterproto2.which_one_of(message, "kind")
+            if kind == "execute" and isinstance(value, pb.ExecuteToolRequest):
+                running[value.call_id] = asyncio.create_task(run(value))
+            elif kind == "cancel" and isinstance(value, str):
+                task = running.get(value)
+                if task is not None:
+                    task.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)
+    finally:
+        tasks = list(running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
