@@ -86,6 +86,12 @@ class Echo(Adapter):
             yield value
 
     @tool
+    def unencodable_after(self, n: int):
+        """n chunks, then one the codec refuses (all ready at once: one message)."""
+        yield from range(n)
+        yield Unencodable()
+
+    @tool
     def produced_so_far(self) -> int:
         return self.produced
 

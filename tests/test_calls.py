@@ -67,6 +67,16 @@ async def test_stream_error_arrives_after_the_chunks_before_it():
         assert got == [0, 1, 2, 3, 4]
 
 
+async def test_a_chunk_the_codec_refuses_ends_the_stream_after_the_chunks_before_it_naming_it():
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        got = []
+        with pytest.raises(EncodeError, match=r"chunk\[300\]: object of type Unencodable"):
+            async with pool.stream("unencodable_after", {"n": 300}) as chunks:
+                async for chunk in chunks:
+                    got.append(chunk)
+        assert got == list(range(300))
+
+
 async def test_leaving_a_stream_early_stops_the_generator(marker_dir):
     async with open_pool_in_threads(ECHO, size=1) as pool:
         async with pool.stream("count", {"n": 10_000_000, "delay": 0.001}) as chunks:

@@ -24,6 +24,7 @@ from trio_bridge._host._tools import ToolRegistry
 from trio_bridge._state.backend import MemoryBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._wire.auth import SECRET_METADATA
+from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import WORKER_METADATA
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -212,7 +213,7 @@ async def test_host_tools_run_with_checked_arguments_and_stream_in_order():
                 while True:
                     batch = await receive()
                     assert batch.error is None
-                    chunks.extend(decode(c) for c in batch.chunks)
+                    chunks.extend(decode_batch(batch.chunks))
         assert chunks == list(range(300))
         assert host.calls.parked_now == []  # every parked call was released
 

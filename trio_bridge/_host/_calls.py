@@ -32,6 +32,7 @@ from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
 from trio_bridge._host._worker import WorkerHandle
 from trio_bridge._state.backend import StateBackend
+from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.errors import exception_from
@@ -162,8 +163,7 @@ class Calls:
                         batch = await worker.receive_batch(receive)
                         if batch is None:
                             break
-                        for chunk in batch.chunks:
-                            item = decode(chunk, plane=self._plane)
+                        for item in decode_batch(batch.chunks, plane=self._plane):
                             try:
                                 send.send_nowait(item)  # no task switch while the buffer has room
                             except trio.WouldBlock:

@@ -21,6 +21,7 @@ import trio
 from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
 from trio_bridge._host._tools import iterate_host_tool, run_host_tool
 from trio_bridge._state.backend import StateBackend
+from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import (
     MAX_CHUNKS_PER_MESSAGE,
@@ -170,11 +171,12 @@ class HostService(pb.HostServiceBase):
                                 batch.append(chunks_out.receive_nowait())
                             except (trio.WouldBlock, trio.EndOfChannel):
                                 break
-                        try:
-                            encoded = [encode(chunk, path=f"chunk[{index + i}]", plane=self._plane) for i, chunk in enumerate(batch)]
-                        except EncodeError as exc:
+                        encoded, failed = encode_batch(batch, index, plane=self._plane)
+                        if failed is not None:
                             nursery.cancel_scope.cancel()
-                            failure.append(error_info(exc))
+                            if encoded is not None:
+                                await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))
+                            failure.append(error_info(failed))
                             break
                         index += len(batch)
                         await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))

@@ -37,6 +37,7 @@ from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundE
 from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
 from trio_bridge._host._tools import run_host_tool
 from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
+from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK, WIRE_VERSION, __version__
 from trio_bridge._wire.errors import DEADLINE_EXCEEDED, SHUTTING_DOWN, TOOL_ERROR, error_info, exception_from
@@ -377,7 +378,10 @@ class FakeWorker(WorkerHandle):
                                 item = await anext(chunks) if definition.kind == "async_generator" else next(chunks)
                             except (StopIteration, StopAsyncIteration):
                                 break
-                            await send.send(pb.ToolChunkBatch(chunks=[encode(item, path=f"chunk[{index}]")]))
+                            chunks_wire, failed = encode_batch([item], index)
+                            if failed is not None:
+                                raise failed
+                            await send.send(pb.ToolChunkBatch(chunks=chunks_wire))
                             index += 1
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return  # the host left the stream

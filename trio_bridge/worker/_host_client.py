@@ -14,6 +14,7 @@ from grpclib.exceptions import GRPCError
 
 from trio_bridge._errors import TrioBridgeError
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER, SECRET_METADATA, WATCH_BUFFER_METADATA, WORKER_METADATA
 from trio_bridge._wire.errors import exception_from
@@ -103,8 +104,9 @@ class HostClient:
     async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncGenerator[list[Any], None]:
         """The host tool's chunks, a message's worth (a list) at a time."""
         async for batch in self.stub.execute_streaming_host_tool(request):
-            if batch.chunks:
-                yield [decode(chunk) for chunk in batch.chunks]
+            chunks = decode_batch(batch.chunks)
+            if chunks:
+                yield chunks
             if batch.error is not None:
                 raise exception_from(batch.error, request.tool_name)
 

@@ -33,6 +33,7 @@ from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
+from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
@@ -274,14 +275,11 @@ class WorkerService(pb.WorkerServiceBase):
                             pb.ToolChunkBatch(error=_tool_failure(exc))
                         )
                         return
-                    chunks = []
-                    for item in items:
-                        try:
-                            chunks.append(encode(item, path=f"chunk[{index}]"))
-                        except EncodeError as exc:
-                            await stream.send_message(pb.ToolChunkBatch(chunks=chunks, error=_error_info(exc)))
-                            return
-                        index += 1
+                    chunks, failed = encode_batch(items, index)
+                    if failed is not None:
+                        await stream.send_message(pb.ToolChunkBatch(chunks=chunks, error=_error_info(failed)))
+                        return
+                    index += len(items)
                     await stream.send_message(pb.ToolChunkBatch(chunks=chunks))
                     if finished:
                         return

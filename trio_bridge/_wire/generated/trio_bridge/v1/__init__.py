@@ -613,10 +613,11 @@ default_message_pool.register_message("trio_bridge.v1", "ShutdownResponse", Shut
 @dataclass(eq=False, repr=False)
 class ToolChunkBatch(betterproto2.Message):
     """
-    One message of a tool's stream. Several chunks ready at once travel in one message.
+    One message of a tool's stream. The chunks ready at once travel together, encoded as one
+    list (one Payload, not one per chunk: see trio_bridge/_wire/chunks.py).
     """
 
-    chunks: "list[Payload]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    chunks: "Payload | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
     """
