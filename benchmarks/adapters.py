@@ -16,6 +16,10 @@ class Bench(Adapter):
     async def anoop(self, x: int = 0) -> int:
         return x
 
+    @tool(inline=True)
+    def inline_noop(self, x: int = 0) -> int:
+        return x
+
     @tool
     def echo(self, value: object) -> object:
         return value

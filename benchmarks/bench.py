@@ -5,12 +5,18 @@
 Prints a table of the issue's targets (value, target, met or missed) and one of the detail, and
 writes JSON whose top-level keys are plain numbers, one per target:
 
-- ``unary_pool_over_floor_sync`` / ``_async``: ``pool.execute`` p50 over a bare grpclib client's
-  (asyncio -> asyncio, Unix socket, same worker code; the floor), tools ``noop`` / ``anoop``,
+- ``unary_pool_over_floor_sync`` / ``_async``: ``pool.execute`` p50 over the stock floor's
+  (``benchmarks/floor.py``: a stock grpclib client process calling a stock grpclib server process,
+  default asyncio loops, Unix socket, none of our patches; its sync tool through
+  ``run_in_executor``, its async tool awaited), tools ``noop`` / ``anoop`` on both sides,
   measured in interleaved rounds; ``floor_p50_us`` (sync), ``trio_parallel_p50_us`` and
-  ``process_pool_executor_p50_us`` as peers;
+  ``process_pool_executor_p50_us`` as peers; extra (no target): ``unary_pool_over_floor_inline``,
+  ``pool.execute`` of the inline tool ``inline_noop`` over the floor's sync ``noop``;
 - ``throughput_64_in_flight_calls_per_s``: 64 calls in flight on 2 workers, async tool,
-  concurrency 16 (the other configurations in ``throughput_calls_per_s``);
+  concurrency 16 (the other configurations in ``throughput_calls_per_s``), measured in windows
+  alternating with the stock floor's (one client process with 64 tasks, 2 server processes,
+  async tool): extra (no target) ``throughput_64_over_floor``, the pool's calls/s over the
+  floor's in the same run (``throughput_64_vs_floor``);
 - ``array_100mb_round_trip_gb_per_s``: a 100 MB float32 array echoed through shared memory,
   1e8 bytes over one round trip's seconds (median, after warm-up calls);
   ``array_inband_mib_per_s``: a 50 MiB array echoed in the gRPC stream, counted the same way;
@@ -24,8 +30,8 @@ writes JSON whose top-level keys are plain numbers, one per target:
 - ``watch_fanout_1000_p50_ms``: one ``set_variable`` until all of 1,000 watchers have seen it.
 
 ``targets`` holds each key's target and whether it was met; the samples behind the figures
-stay in nested sections (``pool_execute_*``, ``bare_grpclib_floor_*``, ``throughput_calls_per_s``,
-``stream_chunks_per_s_by_generator``, ``arrays``, ``time_to_ready_s``, ``restart_s``,
+stay in nested sections (``stock_floor``, ``pool_execute_*``, ``bare_grpclib_floor_*``, ``throughput_calls_per_s``,
+``throughput_64_vs_floor``, ``stream_chunks_per_s_by_generator``, ``arrays``, ``time_to_ready_s``, ``restart_s``,
 ``worker_import``, ``session_rss``, ``watch_fan_out``). The full run (about 5 minutes on 2
 cores) adds the other detail sections: variables, state backends, remote workers, tools, host
 memory while 1,000,000 chunks stream to a slow consumer, the writer's side of a 1,000-watcher
@@ -36,7 +42,6 @@ skips those.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import inspect
 import json
@@ -49,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -61,6 +65,7 @@ from rich.console import Console
 from rich.table import Table
 
 import trio_bridge
+from benchmarks.floor import StockFloor
 
 ADAPTER = "benchmarks.adapters:Bench"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,92 +85,44 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-# ---- the floor: bare grpclib, asyncio -> asyncio, same worker code and request ----
-class Floor:
-    """A bare worker process and a grpclib client on a plain asyncio loop in its own thread.
+# ---- unary latency against the stock floor (benchmarks/floor.py), in interleaved rounds ----
+async def unary_latency(floor: StockFloor, tool: str, floor_tool: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
+    """``pool.execute(tool)`` and the stock floor's ``floor_tool``, in alternating rounds.
 
-    Measured in rounds interleaved with the pool's, while Trio waits idle, so that the machine's
-    drift (often ±25% between runs here) does not masquerade as overhead.
+    Interleaved, the floor measured while Trio waits idle in a thread, so that the machine's drift
+    (often ±25% between runs here) does not masquerade as overhead.
     """
+    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
+        pool_samples: list[float] = []
+        floor_samples: list[float] = []
+        crossing_samples: list[float] = []
+        # The stack's own cost, for reference: the same request on the pool's worker through
+        # one raw trio-asyncio crossing, without the pool (internals: harness only; our
+        # transport, so not the floor).
+        import trio_asyncio
 
-    def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.path = os.path.join(self._tmp.name, "w.sock")
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "trio_bridge.worker", "--adapter", ADAPTER, "--listen", f"unix:{self.path}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
-        assert self.worker.stdout is not None
-        self.worker.stdout.readline()
-        self.loop = asyncio.SelectorEventLoop()  # not asyncio.new_event_loop(): trio-asyncio patches that
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    async def measure(self, tool: str, n: int) -> list[float]:
-        from grpclib.client import Channel
-
+        from trio_bridge._wire.auth import SECRET_METADATA
         from trio_bridge._wire.codec import encode
         from trio_bridge._wire.generated.trio_bridge import v1 as pb
+        from trio_bridge._wire.transport import open_channel
 
-        async def run() -> list[float]:
-            channel = Channel(path=self.path)
-            stub = pb.WorkerServiceStub(channel)
-            samples = []
-            for i in range(n):
-                request = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": i}), call_id=str(i))
+        channel = open_channel(pool.workers()[0].address)
+        stub = pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
+        raw = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": 1}), call_id="raw")
+        await trio.to_thread.run_sync(floor.measure, floor_tool, per_round // 2)  # warm-up
+        for i in range(per_round // 2):
+            await pool.execute(tool, {"x": i})
+        for _ in range(rounds):
+            for i in range(per_round):
                 t0 = time.perf_counter()
-                await stub.execute_tool(request)
-                samples.append(time.perf_counter() - t0)
-            channel.close()
-            return samples
-
-        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
-        return await trio.to_thread.run_sync(future.result)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.worker.kill()
-        self.worker.wait()
-        self._tmp.cleanup()
-
-
-async def unary_latency(tool: str, rounds: int, per_round: int) -> dict[str, dict[str, float]]:
-    floor = Floor()
-    try:
-        async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
-            pool_samples: list[float] = []
-            floor_samples: list[float] = []
-            crossing_samples: list[float] = []
-            # The stack's own cost, for reference: the same request on the pool's worker through
-            # one raw trio-asyncio crossing, without the pool (internals: harness only).
-            import trio_asyncio
-
-            from trio_bridge._wire.auth import SECRET_METADATA
-            from trio_bridge._wire.codec import encode
-            from trio_bridge._wire.generated.trio_bridge import v1 as pb
-            from trio_bridge._wire.transport import open_channel
-
-            # The same request over a channel of our own, crossing the trio-asyncio boundary once.
-            channel = open_channel(pool.workers()[0].address)
-            stub = pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
-            raw = pb.ExecuteToolRequest(tool_name=tool, arguments=encode({"x": 1}), call_id="raw")
-            await floor.measure(tool, per_round // 2)  # warm-up
-            for i in range(per_round // 2):
                 await pool.execute(tool, {"x": i})
-            for _ in range(rounds):
-                for i in range(per_round):
-                    t0 = time.perf_counter()
-                    await pool.execute(tool, {"x": i})
-                    pool_samples.append(time.perf_counter() - t0)
-                floor_samples += await floor.measure(tool, per_round)
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    await trio_asyncio.aio_as_trio(stub.execute_tool(raw))
-                    crossing_samples.append(time.perf_counter() - t0)
-            channel.close()
-    finally:
-        floor.close()
+                pool_samples.append(time.perf_counter() - t0)
+            floor_samples += await trio.to_thread.run_sync(floor.measure, floor_tool, per_round)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                await trio_asyncio.aio_as_trio(stub.execute_tool(raw))
+                crossing_samples.append(time.perf_counter() - t0)
+        channel.close()
     return {
         "pool": percentiles(pool_samples),
         "floor": percentiles(floor_samples),
@@ -199,24 +156,59 @@ async def trio_parallel_run_sync(n: int) -> dict[str, float]:
     return percentiles(samples[n // 10:])
 
 
+async def _pool_window(pool: Any, in_flight: int, seconds: float, tool: str) -> tuple[int, float]:
+    """Calls completed by ``in_flight`` callers in about ``seconds``, and the seconds it took."""
+    done = 0
+    deadline = trio.current_time() + seconds
+
+    async def caller() -> None:
+        nonlocal done
+        while trio.current_time() < deadline:
+            await pool.execute(tool, {"x": 1})
+            done += 1
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(in_flight):
+            nursery.start_soon(caller)
+    return done, time.perf_counter() - t0
+
+
 async def pool_throughput(in_flight: int, seconds: float, concurrency: int, tool: str) -> float:
     async with trio_bridge.open_pool(
         ADAPTER, size=2, concurrency=concurrency, max_queue=256, health_check_interval=0
     ) as pool:
-        done = 0
-        deadline = trio.current_time() + seconds
+        done, elapsed = await _pool_window(pool, in_flight, seconds, tool)
+        return done / elapsed
 
-        async def caller() -> None:
-            nonlocal done
-            while trio.current_time() < deadline:
-                await pool.execute(tool, {"x": 1})
-                done += 1
 
-        t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for _ in range(in_flight):
-                nursery.start_soon(caller)
-        return done / (time.perf_counter() - t0)
+async def throughput_vs_floor(
+    floor: StockFloor, in_flight: int, concurrency: int, tool: str, rounds: int, seconds: float
+) -> dict[str, Any]:
+    """Calls/s with ``in_flight`` calls in flight: the pool (2 workers) and the stock floor (one
+    client process with ``in_flight`` tasks, spread over its 2 server processes), in alternating
+    windows of ``seconds`` after a short warm-up of each; each side's calls over its seconds."""
+    async with trio_bridge.open_pool(
+        ADAPTER, size=2, concurrency=concurrency, max_queue=256, health_check_interval=0
+    ) as pool:
+        await _pool_window(pool, in_flight, 0.3, tool)
+        await trio.to_thread.run_sync(floor.throughput, tool, in_flight, 0.3)
+        pool_windows, floor_windows = [], []
+        for _ in range(rounds):
+            pool_windows.append(await _pool_window(pool, in_flight, seconds, tool))
+            f = await trio.to_thread.run_sync(floor.throughput, tool, in_flight, seconds)
+            floor_windows.append((f["calls"], f["seconds"]))
+
+    def rate(windows: list[tuple[int, float]]) -> float:
+        return sum(c for c, _ in windows) / sum(s for _, s in windows)
+
+    return {
+        "in_flight": in_flight, "tool": tool, "pool_workers": 2, "pool_concurrency": concurrency,
+        "floor_server_processes": len(floor.paths), "floor_client_tasks": in_flight,
+        "pool_calls_per_s": rate(pool_windows), "floor_calls_per_s": rate(floor_windows),
+        "pool_windows_calls_per_s": [c / t for c, t in pool_windows],
+        "floor_windows_calls_per_s": [c / t for c, t in floor_windows],
+    }
 
 
 async def stream_rate(tool: str, n: int) -> float:
@@ -529,8 +521,8 @@ async def watch_fan_out(watchers: int, rounds: int) -> dict[str, Any]:
 # ---- the targets of issue 9: (key, what, unit, comparison, target) ----
 LE, GE = operator.le, operator.ge
 TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], float]] = [
-    ("unary_pool_over_floor_sync", "pool.execute p50 / bare grpclib p50, sync tool noop", "x", LE, 0.8),
-    ("unary_pool_over_floor_async", "pool.execute p50 / bare grpclib p50, async tool anoop", "x", LE, 0.8),
+    ("unary_pool_over_floor_sync", "pool.execute p50 / stock floor p50, sync tool noop (floor: run_in_executor)", "x", LE, 0.8),
+    ("unary_pool_over_floor_async", "pool.execute p50 / stock floor p50, async tool anoop", "x", LE, 0.8),
     ("throughput_64_in_flight_calls_per_s",
      f"throughput, 64 in flight, 2 workers, async tool, concurrency 16 (1.5 x {THROUGHPUT_64_MEASURED_AT_7070995:,.0f} "
      "measured at 7070995)", "calls/s", GE, 1.5 * THROUGHPUT_64_MEASURED_AT_7070995),
@@ -543,8 +535,16 @@ TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], float]] = [
     ("host_rss_mib_10k_sessions", "host RSS, 10,000 sessions x 10 variables", "MiB", LE, 200.0),
     ("watch_fanout_1000_p50_ms", "write until all 1,000 watchers saw it, p50", "ms", LE, 10.0),
 ]
+# Extra ratios, measured in the same run as the floor they divide by; no target of the issue's.
+EXTRAS = [
+    ("unary_pool_over_floor_inline",
+     "pool.execute p50, inline sync tool inline_noop / stock floor p50, sync tool noop (run_in_executor)"),
+    ("throughput_64_over_floor",
+     "throughput, 64 in flight: pool (2 workers, anoop, concurrency 16) / stock floor (1 client "
+     "process, 64 tasks, 2 server processes, anoop), alternating windows"),
+]
 PEERS = [
-    ("floor_p50_us", "bare grpclib unary p50 (the floor), sync tool"),
+    ("floor_p50_us", "stock grpclib floor unary p50 (benchmarks/floor.py), sync tool noop via run_in_executor"),
     ("trio_parallel_p50_us", "trio_parallel.run_sync p50"),
     ("process_pool_executor_p50_us", "ProcessPoolExecutor(1) submit+result p50"),
 ]
@@ -571,16 +571,31 @@ def main() -> None:
 
     n = 500 if quick else 2000
     rounds, per_round = (3, 200) if quick else (8, 250)
-    for kind, tool in (("sync_tool", "noop"), ("async_tool", "anoop")):
-        measured = step(f"unary, {tool}", unary_latency, tool, rounds, per_round)
-        r[f"bare_grpclib_floor_{kind}"] = measured["floor"]
-        r[f"pool_execute_{kind}"] = measured["pool"]
-        r[f"raw_trio_asyncio_crossing_{kind}"] = measured["crossing"]
+    seconds = 1.0 if quick else 3.0
+    floor = StockFloor(servers=2)  # the latency rounds use its first server only
+    try:
+        r["stock_floor"] = {
+            "what": "benchmarks/floor.py: a stock grpclib client process and stock grpclib server processes "
+                    "(asyncio.run, default loop, Unix socket), none of trio_bridge's transport, worker or patches",
+            **floor.info,
+        }
+        # (kind, pool tool, floor tool): the inline tool is compared with the floor's sync path
+        for kind, tool, floor_tool in (
+            ("sync_tool", "noop", "noop"), ("async_tool", "anoop", "anoop"), ("inline_tool", "inline_noop", "noop"),
+        ):
+            measured = step(f"unary, {tool} / floor {floor_tool}", unary_latency, floor, tool, floor_tool, rounds, per_round)
+            r[f"bare_grpclib_floor_{kind}"] = measured["floor"]
+            r[f"pool_execute_{kind}"] = measured["pool"]
+            r[f"raw_trio_asyncio_crossing_{kind}"] = measured["crossing"]
+        r["throughput_64_vs_floor"] = step(
+            "throughput 64/16/anoop, pool and floor", throughput_vs_floor, floor, 64, 16, "anoop", 2 if quick else 3, seconds
+        )
+    finally:
+        floor.close()
     r["trio_parallel_run_sync"] = step("trio_parallel", trio_parallel_run_sync, n)
     r["process_pool_executor"] = step("ProcessPoolExecutor", process_pool_executor, n)
 
-    seconds = 1.0 if quick else 3.0
-    configs = [(64, 1, "noop"), (64, 16, "noop"), (64, 16, "anoop")]
+    configs = [(64, 1, "noop"), (64, 16, "noop")]
     if not quick:
         configs = [(1, 1, "noop"), (8, 1, "noop"), (8, 16, "anoop"), *configs]
     r["throughput_calls_per_s"] = {
@@ -588,6 +603,7 @@ def main() -> None:
             step(f"throughput {k}/{c}/{tool}", pool_throughput, k, seconds, c, tool)
         for k, c, tool in configs
     }
+    r["throughput_calls_per_s"]["64 in flight, concurrency 16, async tool"] = r["throughput_64_vs_floor"]["pool_calls_per_s"]
     chunks = 50_000 if quick else 200_000
     r["stream_chunks_per_s_by_generator"] = {
         "sync_generator": step("stream, sync generator", stream_rate, "count", chunks),
@@ -620,7 +636,7 @@ def main() -> None:
     r.update({
         "unary_pool_over_floor_sync": r["pool_execute_sync_tool"]["p50_us"] / r["bare_grpclib_floor_sync_tool"]["p50_us"],
         "unary_pool_over_floor_async": r["pool_execute_async_tool"]["p50_us"] / r["bare_grpclib_floor_async_tool"]["p50_us"],
-        "throughput_64_in_flight_calls_per_s": r["throughput_calls_per_s"]["64 in flight, concurrency 16, async tool"],
+        "throughput_64_in_flight_calls_per_s": r["throughput_64_vs_floor"]["pool_calls_per_s"],
         "array_100mb_round_trip_gb_per_s": 100e6 / arrays["100 MB float32, shared memory"]["median_s"] / 1e9,
         "array_inband_mib_per_s": 50 / arrays["50 MiB float32, in-band"]["median_s"],
         "stream_chunks_per_s": max(r["stream_chunks_per_s_by_generator"].values()),
@@ -629,6 +645,8 @@ def main() -> None:
         "worker_import_seconds": r["worker_import"]["median_difference_s"],
         "host_rss_mib_10k_sessions": r["session_rss"]["rss_mib"],
         "watch_fanout_1000_p50_ms": r["watch_fan_out"]["p50_us"] / 1000,
+        "unary_pool_over_floor_inline": r["pool_execute_inline_tool"]["p50_us"] / r["bare_grpclib_floor_inline_tool"]["p50_us"],
+        "throughput_64_over_floor": r["throughput_64_vs_floor"]["pool_calls_per_s"] / r["throughput_64_vs_floor"]["floor_calls_per_s"],
         "floor_p50_us": r["bare_grpclib_floor_sync_tool"]["p50_us"],
         "trio_parallel_p50_us": r["trio_parallel_run_sync"]["p50_us"],
         "process_pool_executor_p50_us": r["process_pool_executor"]["p50_us"],
@@ -658,6 +676,8 @@ def show(r: dict[str, Any]) -> None:
             key, what, f"{_number(r[key])} {unit}", f"{'≤' if cmp is LE else '≥'} {_number(target)} {unit}",
             "[green]met[/]" if met else "[red]missed[/]",
         )
+    for key, what in EXTRAS:
+        targets.add_row(key, what, f"{_number(r[key])} x", "(no target)", "")
     for key, what in PEERS:
         targets.add_row(key, what, f"{r[key]:,.0f} µs", "", "")
     console.print(targets)
@@ -669,14 +689,31 @@ def show(r: dict[str, Any]) -> None:
     def latency(label: str, v: dict[str, float], digits: int = 0) -> None:
         detail.add_row(label, f"p50 {v['p50_us']:.{digits}f} µs   p99 {v['p99_us']:.{digits}f} µs")
 
-    for key in (
-        "bare_grpclib_floor_sync_tool", "raw_trio_asyncio_crossing_sync_tool", "pool_execute_sync_tool",
-        "bare_grpclib_floor_async_tool", "raw_trio_asyncio_crossing_async_tool", "pool_execute_async_tool",
-        "trio_parallel_run_sync", "process_pool_executor",
+    f = r["stock_floor"]
+    detail.add_row(
+        "stock floor (benchmarks/floor.py): processes, loop, h2",
+        f"{len(f['servers'])} servers + 1 client, {f['client']['loop'].rsplit('.', 1)[-1]}, h2 {f['client']['h2']} unpatched",
+    )
+    for label, key in (
+        ("stock floor, sync noop (run_in_executor)", "bare_grpclib_floor_sync_tool"),
+        ("raw trio-asyncio crossing, our transport, noop", "raw_trio_asyncio_crossing_sync_tool"),
+        ("pool.execute, sync noop", "pool_execute_sync_tool"),
+        ("stock floor, async anoop", "bare_grpclib_floor_async_tool"),
+        ("raw trio-asyncio crossing, our transport, anoop", "raw_trio_asyncio_crossing_async_tool"),
+        ("pool.execute, async anoop", "pool_execute_async_tool"),
+        ("stock floor, sync noop (rounds with inline_noop)", "bare_grpclib_floor_inline_tool"),
+        ("pool.execute, inline inline_noop", "pool_execute_inline_tool"),
+        ("trio_parallel.run_sync", "trio_parallel_run_sync"),
+        ("ProcessPoolExecutor(1)", "process_pool_executor"),
     ):
-        latency(f"unary round trip: {key}", r[key])
+        latency(f"unary round trip: {label}", r[key])
     for k, v in r["throughput_calls_per_s"].items():
         detail.add_row(f"throughput, 2 workers, {k}", f"{v:,.0f} calls/s")
+    t = r["throughput_64_vs_floor"]
+    detail.add_row(
+        f"throughput, stock floor, {t['in_flight']} tasks in 1 client, {t['floor_server_processes']} servers, async tool",
+        f"{t['floor_calls_per_s']:,.0f} calls/s",
+    )
     for k, v in r["stream_chunks_per_s_by_generator"].items():
         detail.add_row(f"stream into Trio, {k}", f"{v:,.0f} chunks/s")
     for k, v in r["arrays"].items():
