@@ -97,6 +97,23 @@ async def test_per_worker_environment_applies_in_each_fork():
 
 
 @pytest.mark.real_process
+async def test_forked_workers_do_not_share_numpys_legacy_random_state():
+    env = {"OPENBLAS_NUM_THREADS": "1"}  # OpenBLAS starts no thread at import: the module forks
+    async with trio_bridge.open_pool("tests.fork_adapters:NumpyForked", size=2, env=env, concurrency=1) as pool:
+        assert pool.start_method == "forkserver"
+        draws: list[list] = []
+
+        async def draw() -> None:
+            draws.append(await pool.execute("legacy_random"))
+
+        async with trio.open_nursery() as nursery:  # both at once: one on each worker
+            nursery.start_soon(draw)
+            nursery.start_soon(draw)
+        (pid_a, value_a), (pid_b, value_b) = draws
+        assert pid_a != pid_b and value_a != value_b
+
+
+@pytest.mark.real_process
 async def test_a_killed_worker_is_replaced_by_a_fork_quickly(caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
     async with trio_bridge.open_pool(FORKED, size=1, restart_backoff=(0.0, 0.0)) as pool:

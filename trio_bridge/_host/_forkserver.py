@@ -51,9 +51,10 @@ status died with the fork server).
 What differs: the worker's environment is applied when it starts, so a variable that the
 interpreter reads at start-up (``PYTHONHASHSEED``, ``PYTHONMALLOC``...) or that the adapter's
 module reads at import time is the pool's, not the worker's (and the workers share the fork
-server's ``str`` hash seed); modules imported by the adapter's
-module are shared copy-on-write, and libraries that keep a random state without reseeding after
-``fork()`` (numpy's legacy global ``RandomState``) start with the same state in every worker.
+server's ``str`` hash seed); modules imported by the adapter's module are shared copy-on-write.
+Random state is not shared: Python reseeds ``random`` after ``fork()``, and each worker reseeds
+numpy's legacy global ``RandomState`` from the OS (other libraries that keep a random state
+without reseeding after ``fork()`` would start with the same state in every worker).
 """
 
 from __future__ import annotations

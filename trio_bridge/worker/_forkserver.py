@@ -321,9 +321,19 @@ class ForkServer:
                 os.chdir(cwd)
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+        _reseed()
         args = [str(a) for a in request["args"]]
         sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"), *args]  # as -m sets it
         self.run_worker(args)  # calls os._exit
+
+
+def _reseed() -> None:
+    """A forked worker must not share its random state with its siblings: Python reseeds the
+    ``random`` module after ``fork()`` itself, numpy's legacy global ``RandomState`` does not
+    (``numpy.random.default_rng()`` draws fresh entropy anyway)."""
+    legacy = sys.modules.get("numpy.random")  # imported by the adapter's module (numpy 2 loads it lazily)
+    if legacy is not None:
+        legacy.seed()
 
 
 def _check_threads() -> None:
