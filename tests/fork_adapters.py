@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-
-import numpy
-import numpy.random  # at import: its global state exists before the fork
 
 from tests.adapters import Echo
 from trio_bridge.worker import tool
@@ -34,11 +30,3 @@ class Forked(Echo):
         print(message, file=sys.stderr, flush=True)
         os.kill(os.getpid(), signum)
 
-
-class NumpyForked(Forked):
-    """Imports numpy at module level (forkable with OPENBLAS_NUM_THREADS=1)."""
-
-    @tool
-    def legacy_random(self) -> list:
-        time.sleep(0.2)  # holds its worker: the other call goes to the other worker
-        return [os.getpid(), float(numpy.random.random())]

@@ -99,7 +99,7 @@ async def test_per_worker_environment_applies_in_each_fork():
 @pytest.mark.real_process
 async def test_forked_workers_do_not_share_numpys_legacy_random_state():
     env = {"OPENBLAS_NUM_THREADS": "1"}  # OpenBLAS starts no thread at import: the module forks
-    async with trio_bridge.open_pool("tests.fork_adapters:NumpyForked", size=2, env=env, concurrency=1) as pool:
+    async with trio_bridge.open_pool("tests.numpy_fork_adapter:NumpyForked", size=2, env=env, concurrency=1) as pool:
         assert pool.start_method == "forkserver"
         draws: list[list] = []
 

@@ -312,7 +312,8 @@ class CallStream:
                 while (result := await stream.recv_message()) is not None:
                     reply = self._waiting.pop(result.call_id, None)
                     if reply is not None:  # None: a cancelled call's late answer
-                        reply.set(outcome.Value(result.response or pb.ExecuteToolResponse()))
+                        response = pb.ExecuteToolResponse() if result.response is None else result.response
+                        reply.set(outcome.Value(response))
             finally:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, *_TRANSPORT_ERRORS):

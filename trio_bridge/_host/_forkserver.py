@@ -75,7 +75,8 @@ from typing import Any, Literal
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
-from trio_bridge._host._process import LaunchedWorker, WorkerProcess
+from trio_bridge._host._process import LaunchedWorker, WorkerProcess, read_lines
+from trio_bridge._os import process_exists
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import HOST_PID_ENV
 
@@ -156,7 +157,7 @@ class ForkedWorker:
             if self._pidfd is not None:
                 await trio.lowlevel.wait_readable(self._pidfd)
             else:
-                while _exists(self.pid):
+                while process_exists(self.pid):
                     await trio.sleep(0.02)
         return -signal.SIGKILL
 
@@ -193,16 +194,6 @@ class ForkedWorker:
         self._let_go()
         for stream in (self.stdout, self.stderr):
             await stream.aclose()
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Spare:
@@ -314,17 +305,11 @@ class _Server:
 
     async def read_stderr(self) -> None:
         """Log what the fork server itself writes (its workers have pipes of their own)."""
-        pending = b""
-        try:
-            while data := await self.stderr.receive_some(65536):
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    text = line.decode(errors="replace")
-                    self.stderr_tail.append(text)
-                    _server_log.info("[forkserver %d] %s", self.pid, text)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        def line(text: str) -> None:
+            self.stderr_tail.append(text)
+            _server_log.info("[forkserver %d] %s", self.pid, text)
+
+        await read_lines(self.stderr, line)
 
     async def wait(self) -> int:
         """Wait until it exits; reap it; its status. Several tasks may wait at once."""

@@ -134,6 +134,23 @@ def _exited_unreaped(pid: int) -> bool:
         return True
 
 
+async def read_lines(stream: Any, line: Callable[[str], None]) -> None:
+    """Read a process's pipe (a Trio receive stream) to its end, calling ``line`` with each line
+    (the last one also without a newline); a closed stream ends it quietly."""
+    pending = b""
+    try:
+        while data := await stream.receive_some(65536):
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for text in lines:
+                line(text.decode(errors="replace"))
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+    finally:
+        if pending:
+            line(pending.decode(errors="replace"))
+
+
 #: How the workers of pools opened in this context are launched: ``launch(command, env)``, read
 #: once when a pool opens (``trio_bridge.testing.open_pool_in_threads`` sets it).
 launcher: contextvars.ContextVar[Callable[[list[str], dict[str, str]], LaunchedWorker]] = contextvars.ContextVar(

@@ -21,7 +21,7 @@ import trio
 from trio_bridge._aio import Boundary, CallStream, TransportError
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._janitor import Janitor
-from trio_bridge._host._process import LaunchedWorker, launcher
+from trio_bridge._host._process import LaunchedWorker, launcher, read_lines
 from trio_bridge._util import public_module
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
@@ -200,18 +200,10 @@ class WorkerHandle:
         Raises:
             WorkerCrashedError: the worker died, or stopped answering, during the call.
         """
-        if self._stub is None or not self.alive:
+        stub = self._stub
+        if stub is None or not self.alive:
             raise self.crashed_error()
-        with trio.CancelScope() as scope:
-            self._call_scopes.add(scope)
-            try:
-                return await self._wire().run(method(self._stub))
-            except TransportError as exc:
-                await self._settle_after_transport_error(str(exc))
-                raise self.crashed_error() from exc
-            finally:
-                self._call_scopes.discard(scope)
-        raise self.crashed_error()  # our scope was cancelled: the process died mid-call
+        return await self._while_alive(lambda: self._wire().run(method(stub)))
 
     async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """Run one tool call on this worker's call stream (see :class:`CallStream`).
@@ -222,10 +214,15 @@ class WorkerHandle:
         calls = self._calls
         if calls is None or not self.alive:
             raise self.crashed_error()
+        return await self._while_alive(lambda: calls.execute(request))
+
+    async def _while_alive(self, run: Callable[[], Awaitable[T]]) -> T:
+        """Await ``run()``; the worker's death (or a transport failure) ends it with
+        :class:`WorkerCrashedError`."""
         with trio.CancelScope() as scope:
             self._call_scopes.add(scope)
             try:
-                return await calls.execute(request)
+                return await run()
             except TransportError as exc:
                 await self._settle_after_transport_error(str(exc))
                 raise self.crashed_error() from exc
@@ -420,23 +417,13 @@ class WorkerHandle:
         )
 
     async def _read_stderr(self, stderr: Any) -> None:
-        pending = b""
+        def line(text: str) -> None:
+            self.stderr_tail.append(text)
+            _worker_log.info("[%s] %s", self.id, text)
+
         try:
-            while True:
-                data = await stderr.receive_some(65536)
-                if not data:
-                    break
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    text = line.decode(errors="replace")
-                    self.stderr_tail.append(text)
-                    _worker_log.info("[%s] %s", self.id, text)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            await read_lines(stderr, line)
         finally:
-            if pending:
-                self.stderr_tail.append(pending.decode(errors="replace"))
             self.stderr_closed.set()
 
     async def _wait_exit(self, process: LaunchedWorker) -> None:

@@ -46,6 +46,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from trio_bridge._os import process_exists
+
 SHM_ROOT = "/dev/shm"
 DEFAULT_THRESHOLD = 1 << 20  # bytes
 DIRECTORY_ENV = "TRIO_BRIDGE_SHM_DIR"
@@ -65,16 +67,6 @@ MAPPINGS_KEPT = 512 << 20
 #: holds a file descriptor).
 MAX_HELD = 512
 _counter = itertools.count()
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _capacity(nbytes: int) -> int:
@@ -179,7 +171,7 @@ class SharedMemoryPlane:
             return removed
         for name in names:
             match = _DIRECTORY.match(name)
-            if match is None or _process_exists(int(match.group(1))):
+            if match is None or process_exists(int(match.group(1))):
                 continue
             path = os.path.join(root, name)
             try:
@@ -397,7 +389,7 @@ class SharedMemoryPlane:
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 match = _NAME.match(entry.name)
-                if match is None or int(match.group(1)) == os.getpid() or _process_exists(int(match.group(1))):
+                if match is None or int(match.group(1)) == os.getpid() or process_exists(int(match.group(1))):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
