@@ -14,6 +14,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "trio_bridge"
 ALLOWED_PRIVATE = {
     ("_aio.py", "grpclib.utils._current_task"),  # the 3.12+ workaround, see its docstring
     ("_aio.py", "self.loop._main_loop"),  # restarting a stopped trio-asyncio loop, see its docstring
+    # betterproto2 keeps a message's unknown fields only there; bytes(message) appends them
+    ("_wire/fast_proto.py", "message._unknown_fields"),
 }
 
 
