@@ -23,7 +23,7 @@ from grpclib.const import Cardinality, Handler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_bridge._wire import transport
+from trio_bridge._wire import http2, transport
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 
@@ -62,7 +62,7 @@ def test_h2_formats_received_frames_only_for_a_logger_that_logs():
     # The patch's premise, checked on every h2 upgrade: one repr() call in h2.connection, the trace log's.
     source = inspect.getsource(h2.connection)
     assert source.count("repr(") == 1 and 'self.config.logger.trace("Received frame: %s", repr(frame))' in source
-    assert vars(h2.connection)["repr"] is transport._DeferredRepr
+    assert vars(h2.connection)["repr"] is http2._DeferredRepr
 
     frames, reprs = _exchange(None)  # h2's default logger: discards everything
     assert any(isinstance(f, hyperframe.frame.DataFrame) for f in frames) and reprs == 0
@@ -96,7 +96,7 @@ class _RecordingTransport:
 def test_writes_within_one_loop_iteration_go_out_as_one():
     async def main() -> None:
         real = _RecordingTransport()
-        coalescing = transport._CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        coalescing = http2.CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
         coalescing.write(b"HEADERS")
         coalescing.write(b"")
         coalescing.write(b"DATA")
@@ -117,7 +117,7 @@ def test_writes_within_one_loop_iteration_go_out_as_one():
         loop = runner.get_loop()
     # A handler finalised after its loop has closed writes at once (it cannot schedule a flush).
     real = _RecordingTransport()
-    transport._CoalescingTransport(real, loop).write(b"RST_STREAM")  # type: ignore[arg-type]
+    http2.CoalescingTransport(real, loop).write(b"RST_STREAM")  # type: ignore[arg-type]
     assert real.writes == [b"RST_STREAM"]
 
 
@@ -207,13 +207,13 @@ def test_big_messages_cross_intact_between_ours_and_stock_grpclib(tmp_path: Any,
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         seen = runner.run(_exchange_big_messages(str(tmp_path / "s.sock"), ours))
     # Each side of ours advertises FRAME_SIZE; a stock side keeps the protocol's 16 KiB.
-    assert seen["client_receives"] == (transport.FRAME_SIZE if ours[1] else 16384)
-    assert seen["client_sends"] == (transport.FRAME_SIZE if ours[0] else 16384)
+    assert seen["client_receives"] == (http2.FRAME_SIZE if ours[1] else 16384)
+    assert seen["client_sends"] == (http2.FRAME_SIZE if ours[0] else 16384)
     server_stream, server_h2 = seen["server_stream"], seen["server_h2"]
-    assert server_h2.max_inbound_frame_size == (transport.FRAME_SIZE if ours[0] else 16384)
+    assert server_h2.max_inbound_frame_size == (http2.FRAME_SIZE if ours[0] else 16384)
     if ours[0]:
         # The Calls stream read messages bigger than its window: widened to MAX_WINDOW, no further.
-        assert isinstance(server_stream, transport._FastStream) and server_stream._window == transport.MAX_WINDOW
+        assert isinstance(server_stream, http2.FastStream) and server_stream._window == http2.MAX_WINDOW
 
 
 def test_a_stream_of_small_messages_keeps_its_window(tmp_path: Any) -> None:
@@ -243,8 +243,8 @@ def test_a_stream_of_small_messages_keeps_its_window(tmp_path: Any) -> None:
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         streams = runner.run(main())
     for stream in streams:  # the windows their connections' configurations give
-        assert isinstance(stream, transport._FastStream)
-        assert stream._window == stream._h2_connection.local_settings.initial_window_size < transport.MAX_WINDOW
+        assert isinstance(stream, http2.FastStream)
+        assert stream._window == stream._h2_connection.local_settings.initial_window_size < http2.MAX_WINDOW
     client_stream, _ = streams
     assert client_stream._window == transport.STREAM_WINDOW
 
@@ -256,7 +256,7 @@ def _h2_pair(frame_size: int, fast: bool = False) -> tuple[h2.connection.H2Conne
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     if fast:
-        server.incoming_buffer = transport._FastFrameBuffer(server=True)
+        server.incoming_buffer = http2.FastFrameBuffer(server=True)
     client.initiate_connection()
     server.initiate_connection()
     server.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size, h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30})
@@ -303,8 +303,8 @@ def _events(connection: h2.connection.H2Connection, data: bytes, cuts: list[int]
 def test_the_frame_buffer_gives_h2_the_same_frames_however_the_bytes_arrive(cuts: list[int]) -> None:
     # Big unpadded DATA frames come out in pieces (as received) without copies; the stream
     # carries the same bytes, the same flow-controlled lengths and the same events otherwise.
-    stock, sent = _h2_pair(transport.FRAME_SIZE)
-    ours, _ = _h2_pair(transport.FRAME_SIZE, fast=True)
+    stock, sent = _h2_pair(http2.FRAME_SIZE)
+    ours, _ = _h2_pair(http2.FRAME_SIZE, fast=True)
     expected = _events(stock, sent, [])
     got = _events(ours, sent, cuts)
     assert len(got) >= 8 and any(e[0] == "PingReceived" for e in got)
@@ -313,12 +313,12 @@ def test_the_frame_buffer_gives_h2_the_same_frames_however_the_bytes_arrive(cuts
 
 
 def test_the_frame_buffer_refuses_what_h2s_refuses() -> None:
-    _, sent = _h2_pair(transport.FRAME_SIZE)
-    fast = transport._FastFrameBuffer(server=True)
+    _, sent = _h2_pair(http2.FRAME_SIZE)
+    fast = http2.FastFrameBuffer(server=True)
     fast.max_frame_size = 16384  # the peer sends frames bigger than this side allows
     fast.add_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + sent)
     with pytest.raises(h2.exceptions.FrameTooLargeError):
         list(fast)
     with pytest.raises(h2.exceptions.ProtocolError, match="preamble"):
-        transport._FastFrameBuffer(server=True).add_data(b"GET / HTTP/1.1\r\n")
+        http2.FastFrameBuffer(server=True).add_data(b"GET / HTTP/1.1\r\n")
 
