@@ -50,9 +50,8 @@ M = TypeVar("M", bound=Message)
 _OTHER, _MESSAGE, _BYTES, _STRING = range(4)
 
 
-class Parts:
-    """An encoded message as consecutive ``bytes``; ``len()`` is the total. ``prefix + parts`` (what grpclib does to add its 5-byte
-    message header) prepends without copying."""
+class _Buffers:
+    """Consecutive byte buffers, not joined; ``len()`` is the total."""
 
     __slots__ = ("buffers", "size")
 
@@ -62,31 +61,27 @@ class Parts:
 
     def __len__(self) -> int:
         return self.size
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.buffers)
+
+
+class Parts(_Buffers):
+    """An encoded message as consecutive ``bytes``. ``prefix + parts`` (what grpclib does to add
+    its 5-byte message header) prepends without copying."""
+
+    __slots__ = ()
 
     def __radd__(self, prefix: Any) -> Parts:
         if not isinstance(prefix, (bytes, bytearray)):
             return NotImplemented
         return Parts([prefix, *self.buffers], len(prefix) + self.size)
 
-    def tobytes(self) -> bytes:
-        return b"".join(self.buffers)
 
+class Chunks(_Buffers):
+    """Received data as consecutive byte buffers (memoryviews of received DATA frames)."""
 
-class Chunks:
-    """Received data as consecutive byte buffers (memoryviews of received DATA frames), not
-    joined; ``len()`` is the total."""
-
-    __slots__ = ("buffers", "size")
-
-    def __init__(self, buffers: list[Any], size: int) -> None:
-        self.buffers = buffers
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def tobytes(self) -> bytes:
-        return b"".join(self.buffers)
+    __slots__ = ()
 
 
 # ---- plans: what to do with each field of a message class ----
