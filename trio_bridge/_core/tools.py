@@ -125,13 +125,12 @@ def tool_kind(method: Callable[..., Any]) -> str:
     return "sync"
 
 
-def check_inline(name: str, method: Callable[..., Any]) -> None:
-    """Refuse ``inline`` for anything but a plain sync function.
+def check_inline(name: str, kind: str) -> None:
+    """Refuse ``inline`` for a tool of any other :func:`tool_kind` than ``"sync"``.
 
     Raises:
         ValueError: an async function, a generator or an async generator.
     """
-    kind = tool_kind(method)
     if kind != "sync":
         what = {"async": "an async function", "generator": "a generator", "async_generator": "an async generator"}[kind]
         raise ValueError(f"tool {name!r}: only a plain sync function can be inline, not {what}")
@@ -154,7 +153,7 @@ def define_tool(
     function = inspect.unwrap(method)
     kind = tool_kind(function)
     if inline:
-        check_inline(name, function)
+        check_inline(name, kind)
     doc = inspect.getdoc(method) or ""
     summary, arg_docs = _parse_docstring(doc)
     try:

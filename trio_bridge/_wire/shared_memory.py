@@ -60,7 +60,7 @@ _NAME = re.compile(r"^([0-9]+)-[0-9]+-[0-9a-f]{8}$")
 _DIRECTORY = re.compile(r"^trio-bridge-([0-9]+)-")
 _HEADER = 4096  # the data starts on the second page: aligned for any dtype
 _FIELDS = struct.Struct("<QQd")  # state, generation, sent at (time.time())
-_SENT, _READ = 1, 2  # a new segment is READ: free to (re)use
+_SENT, _READ = 1, 2  # a new segment's state is 0: free, like a READ one
 #: Reader mappings kept (bytes) for segments no array is on, to read the next message warm.
 MAPPINGS_KEPT = 512 << 20
 #: Segments a process holds arrays on, at most; past that a received array is a copy (each
@@ -146,6 +146,7 @@ class SharedMemoryPlane:
         self.max_age = max_age
         self._segments: list[_Segment] = []
         self._mappings: dict[str, _Mapping] = {}  # least recently used first
+        self._held = 0  # mappings with arrays on them (holds > 0)
         self._pid = os.getpid()
         self._lock = threading.RLock()  # threads encode and decode; a finalizer may run inside
 
@@ -196,7 +197,7 @@ class SharedMemoryPlane:
 
     def _check_process(self) -> None:
         if self._pid != os.getpid():  # a forked child: its parent's segments and locks are not its own
-            self._segments, self._mappings, self._pid = [], {}, os.getpid()
+            self._segments, self._mappings, self._held, self._pid = [], {}, 0, os.getpid()
 
     # ---- sending ----
     def write(self, array: Any) -> tuple[str, int, int]:
@@ -321,8 +322,9 @@ class SharedMemoryPlane:
                 )
             os.pwrite(mapping.fd, struct.pack("<Q", _READ), 0)
             mapping.holds += 1
+            self._held += mapping.holds == 1
             root = numpy.frombuffer(mapping.map, dtype=dtype, count=count, offset=_HEADER + offset)
-            if sum(1 for m in self._mappings.values() if m.holds) > MAX_HELD:
+            if self._held > MAX_HELD:
                 array = root.reshape(shape).copy()  # too many descriptors held: a copy instead
                 self._let_go(mapping)
                 return array
@@ -369,6 +371,7 @@ class SharedMemoryPlane:
                 return
             mapping.holds -= 1
             if not mapping.holds:
+                self._held -= 1
                 with contextlib.suppress(OSError):  # closed with the plane
                     fcntl.flock(mapping.fd, fcntl.LOCK_UN)
 

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from trio_bridge._core.tools import ToolDefinition, check_inline, define_tool
+from trio_bridge._core.tools import ToolDefinition, check_inline, define_tool, tool_kind
 from trio_bridge.worker._context import SessionContext
 
 __all__ = ["Adapter", "collect_tools", "load_adapter_class", "tool"]
@@ -90,7 +90,7 @@ def tool(
 
     def mark(fn: F) -> F:
         if inline:
-            check_inline(name or fn.__name__, fn)
+            check_inline(name or fn.__name__, tool_kind(fn))
         setattr(fn, _MARKER, {"name": name or fn.__name__, "description": description, "inline": inline})
         return fn
 
