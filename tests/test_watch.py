@@ -213,6 +213,37 @@ async def test_watchers_keep_getting_updates_when_their_leader_leaves():
     assert "s" not in backend._feeds  # all gone: nothing kept for nobody
 
 
+async def test_watchers_that_leave_while_asleep_are_not_woken_and_the_rest_still_are():
+    backend = await backend_with("t")
+    received: dict[int, list[int]] = {i: [] for i in range(5)}
+    scopes: dict[int, trio.CancelScope] = {}
+    watchers = {}
+    async with trio.open_nursery() as nursery:
+
+        async def watch(index: int, task_status: trio.TaskStatus[None]) -> None:
+            with trio.CancelScope() as scopes[index]:
+                async with backend.watch("s", ["t"], include_initial=False) as watchers[index]:
+                    task_status.started()
+                    async for update in watchers[index]:
+                        received[index].append(update.new_value)
+
+        for index in range(5):
+            await nursery.start(watch, index)
+        await trio.testing.wait_all_tasks_blocked()
+        feed = backend._feeds["s"]
+        followers = [i for i, w in watchers.items() if w is not feed.leader]
+        for index in followers[:2]:  # asleep, and not the leader
+            scopes[index].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(feed.watchers) == 3
+        await write(backend, "t", 1)
+        await write(backend, "t", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert {i: v for i, v in received.items() if v} == {i: [1, 2] for i in watchers if i not in followers[:2]}
+        nursery.cancel_scope.cancel()
+    assert "s" not in backend._feeds
+
+
 async def test_closing_a_watcher_ends_an_iteration_waiting_in_another_task():
     backend = await backend_with("t")
     async with backend.watch("s", ["t"], include_initial=False) as first, backend.watch("s", ["t"], include_initial=False) as second:
