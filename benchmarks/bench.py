@@ -24,7 +24,8 @@ writes JSON whose top-level keys are plain numbers, one per target:
 - ``ready_8_over_1``: time until a pool of 8 workers is ready over the same for 1 (interleaved);
 - ``restart_seconds``: SIGKILL of one worker of a ready pool of 2 until 2 are ready again (median);
 - ``worker_import_seconds``: a fresh ``python`` importing what ``python -m trio_bridge.worker``
-  imports before the adapter, minus ``python -c pass`` (median);
+  imports before the adapter, minus ``python -c pass`` (median); ``worker_import_stack_floor_seconds``:
+  the same for the stack alone (asyncio, grpclib, uvloop: what any worker on it imports);
 - ``host_rss_mib_10k_sessions``: RSS of a fresh host process with 10,000 open sessions of 10
   variables each (``benchmarks/session_rss.py``);
 - ``watch_fanout_1000_p50_ms``: one ``set_variable`` until all of 1,000 watchers have seen it.
@@ -465,14 +466,21 @@ def worker_import(repeats: int) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     wall("-c", code)  # the first run reads the files from disk: not what a worker start pays
-    imports, bare = [], []
+    wall("-c", STACK_IMPORTS)
+    imports, stack, bare = [], [], []
     for _ in range(repeats):
         imports.append(wall("-c", code))
+        stack.append(wall("-c", STACK_IMPORTS))
         bare.append(wall("-c", "pass"))
     return {
-        "import_s": imports, "bare_python_s": bare,
+        "import_s": imports, "stack_import_s": stack, "bare_python_s": bare,
         "median_difference_s": statistics.median(i - b for i, b in zip(imports, bare, strict=True)),
+        "stack_median_difference_s": statistics.median(i - b for i, b in zip(stack, bare, strict=True)),
     }
+
+
+#: what any worker on this stack imports, ours or not: the floor under worker_import_seconds
+STACK_IMPORTS = "import asyncio, grpclib.server, grpclib.client, uvloop"
 
 
 def session_rss(sessions: int, variables: int) -> dict[str, Any]:
@@ -643,6 +651,7 @@ def main() -> None:
         "ready_8_over_1": ready["8"] / ready["1"],
         "restart_seconds": statistics.median(r["restart_s"]),
         "worker_import_seconds": r["worker_import"]["median_difference_s"],
+        "worker_import_stack_floor_seconds": r["worker_import"]["stack_median_difference_s"],
         "host_rss_mib_10k_sessions": r["session_rss"]["rss_mib"],
         "watch_fanout_1000_p50_ms": r["watch_fan_out"]["p50_us"] / 1000,
         "unary_pool_over_floor_inline": r["pool_execute_inline_tool"]["p50_us"] / r["bare_grpclib_floor_inline_tool"]["p50_us"],
@@ -723,7 +732,11 @@ def show(r: dict[str, Any]) -> None:
         detail.add_row(f"time to ready, {k} worker(s)", f"median {statistics.median(v):.2f} s")
     detail.add_row("restart after SIGKILL, each sample", ", ".join(f"{s:.2f}" for s in r["restart_s"]) + " s")
     imp = r["worker_import"]
-    detail.add_row("worker import / bare python", f"{statistics.median(imp['import_s']):.3f} / {statistics.median(imp['bare_python_s']):.3f} s")
+    detail.add_row(
+        "worker import / the stack's (asyncio, grpclib, uvloop) / bare python",
+        f"{statistics.median(imp['import_s']):.3f} / {statistics.median(imp['stack_import_s']):.3f} / "
+        f"{statistics.median(imp['bare_python_s']):.3f} s",
+    )
     s = r["session_rss"]
     detail.add_row(
         f"host RSS, {s['sessions']:,} sessions x {s['variables_per_session']} variables",

@@ -187,7 +187,7 @@ def define_tool(
                 required=p.default is _NO_DEFAULT,
                 default=None if p.default is _NO_DEFAULT else p.default,
                 description=arg_docs.get(p.name, ""),
-                check=_validator(annotation),
+                check=_cached_validator(annotation),
             )
         )
     return ToolDefinition(
@@ -210,6 +210,21 @@ def _annotation_text(annotation: Any) -> str:
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__ if annotation.__module__ == "builtins" else f"{annotation.__module__}.{annotation.__qualname__}"
     return repr(annotation).replace("typing.", "")
+
+
+_VALIDATORS: dict[Any, Callable[[Any], str | None] | None] = {}
+
+
+def _cached_validator(annotation: Any) -> Callable[[Any], str | None] | None:
+    """:func:`_validator`, built once per annotation and process: a fork-server worker inherits
+    what its preload built (a pydantic TypeAdapter costs ~2 ms to build, per tool parameter)."""
+    try:
+        return _VALIDATORS[annotation]
+    except KeyError:
+        check = _VALIDATORS[annotation] = _validator(annotation)
+        return check
+    except TypeError:  # unhashable (an Annotated with a list in it, say)
+        return _validator(annotation)
 
 
 def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
