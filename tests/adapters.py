@@ -39,6 +39,12 @@ class Echo(Adapter):
         return os.getpid()
 
     @tool
+    def leak(self, mib: int) -> int:
+        """Keep ``mib`` MiB more (touched, so resident) for good, as a leaking tool does; the pid."""
+        self.__dict__.setdefault("leaked", []).append(b"\x01" * (mib << 20))
+        return os.getpid()
+
+    @tool
     def fail(self, message: str) -> None:
         raise ValueError(message)
 

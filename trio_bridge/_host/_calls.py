@@ -236,6 +236,7 @@ class Calls:
             )
 
     def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
+        worker.call_ended()
         if finished or not worker.alive:
             self._router.release(worker)
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import final
 
@@ -50,7 +51,10 @@ class PoolStatistics:
             (``PoolSaturatedError``), the pool was closing, the session's worker was busy under
             ``strict_fail_fast``, no worker could start, or the host found the call itself
             wrong (an unencodable argument, an ended session).
-        restarts: workers replaced after they died or were recycled.
+        restarts: workers replaced after they died (or the pool killed them: a failed health
+            check, a cancelled call not freed within ``cancel_grace``).
+        recycles: workers replaced because they passed a recycling limit, by kind of limit
+            (``"calls"``, ``"age"``, ``"memory"``; see ``open_pool``'s ``max_calls_per_worker``).
         latency_p50, latency_p90, latency_p99: seconds from taking a worker slot to the answer
             (a stream: to its end), over the last 4,096 completed or failed calls; ``None``
             before the first.
@@ -67,6 +71,7 @@ class PoolStatistics:
     calls_cancelled_queued: int
     calls_refused: int
     restarts: int
+    recycles: Mapping[str, int]
     latency_p50: float | None
     latency_p90: float | None
     latency_p99: float | None
@@ -94,14 +99,14 @@ class Metrics:
         if latency is not None and outcome in (Outcome.COMPLETED, Outcome.FAILED):
             self._latencies.append(latency)
 
-    def snapshot(self, *, size: int, workers_ready: int, queued: int, in_flight: int) -> PoolStatistics:
+    def snapshot(self, *, size: int, workers_ready: int, queued: int, in_flight: int, recycles: Mapping[str, int]) -> PoolStatistics:
         ordered = sorted(self._latencies)
         c = self.counts
         return PoolStatistics(
             size=size, workers_ready=workers_ready, queued=queued, in_flight=in_flight,
             calls_completed=c[Outcome.COMPLETED], calls_failed=c[Outcome.FAILED], calls_crashed=c[Outcome.CRASHED],
             calls_cancelled=c[Outcome.CANCELLED], calls_cancelled_queued=c[Outcome.CANCELLED_QUEUED],
-            calls_refused=c[Outcome.REFUSED], restarts=self.restarts,
+            calls_refused=c[Outcome.REFUSED], restarts=self.restarts, recycles=dict(recycles),
             latency_p50=_percentile(ordered, 0.50), latency_p90=_percentile(ordered, 0.90),
             latency_p99=_percentile(ordered, 0.99),
         )

@@ -42,7 +42,7 @@ from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
-from trio_bridge._host._supervisor import Supervisor
+from trio_bridge._host._supervisor import RecycleLimits, Supervisor
 from trio_bridge._host._tools import ToolInfo, ToolRegistry, tool_info
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
@@ -133,8 +133,8 @@ class Pool(metaclass=NoPublicConstructor):
         An exception raised in the block leaves it as itself, never wrapped in a group.
 
         Raises:
-            The errors of :meth:`execute`, from the iterator; a tool error ends the iteration
-            after the chunks produced before it.
+            TrioBridgeError: the errors of :meth:`execute`, from the iterator; a tool error ends
+                the iteration after the chunks produced before it.
         """
         return self._calls.stream(tool, arguments, buffer_size)
 
@@ -241,7 +241,7 @@ class Pool(metaclass=NoPublicConstructor):
         """Queue length, calls in flight, call outcomes, restarts and latency percentiles."""
         return self._metrics.snapshot(
             size=self.size, workers_ready=self._supervisor.ready, queued=self._dispatcher.queued,
-            in_flight=self._supervisor.in_flight,
+            in_flight=self._supervisor.in_flight, recycles=self._supervisor.recycles,
         )
 
     # ---- tools ----
@@ -335,6 +335,9 @@ def open_pool(
     tls: TLSConfig | None = None,
     insecure: bool = False,
     start_method: StartMethod | None = None,
+    max_calls_per_worker: int | None = None,
+    max_worker_age: float | None = None,
+    max_worker_memory: int | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -411,6 +414,15 @@ def open_pool(
             ``trio_bridge._host._forkserver``. ``Pool.start_method`` says which it uses; a
             forked worker keeps every guarantee of a spawned one (own process group, dies with
             the host, exit status and stderr reported).
+        max_calls_per_worker, max_worker_age, max_worker_memory: recycle a worker once it has
+            been given that many calls, has run that many seconds, or its process's RSS
+            reaches that many bytes (sampled every second with psutil; local workers only).
+            ``None`` (default): no such limit. Recycling fails no call and never lowers
+            capacity: the replacement starts first and takes the worker's place (the old worker
+            serves on meanwhile, so it may pass the limit by the calls of one start-up), then
+            the old worker finishes its calls, however long they take, and exits. What the old
+            worker kept in memory (objects stored with ``store_as``) goes with it, as on a
+            restart. ``WorkerInfo.last_recycle_reason`` says why; the log says it once.
 
     Raises:
         InvalidArgumentError: an option is out of range, or the remote-worker options do not
@@ -430,6 +442,9 @@ def open_pool(
         max_variables_per_session=max_variables_per_session, max_value_bytes=max_value_bytes,
         history_limit=history_limit, stop=stop, remote=(remote_workers, listen, advertise, token, tls, insecure),
         start_method=start_method,
+        recycle=RecycleLimits.checked(
+            max_calls_per_worker=max_calls_per_worker, max_worker_age=max_worker_age, max_worker_memory=max_worker_memory,
+        ),
     ))
 
 
@@ -490,6 +505,7 @@ async def _open_pool(
     env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
     state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int, stop: SignalStop, remote: tuple[Any, ...], start_method: StartMethod | None = None,
+    recycle: RecycleLimits | None = None,
 ) -> AsyncIterator[Pool]:
     remote_workers, listen, advertise, token, tls, insecure = remote
     setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
@@ -588,7 +604,7 @@ async def _open_pool(
                     ),
                     max_queue=max_queue, cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
                     health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-                    shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop,
+                    shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop, recycle=recycle,
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                 ) as pool:
                     yield pool
@@ -635,7 +651,7 @@ async def compose(
     health_check_interval: float, restart_backoff: tuple[float, float], shutdown_timeout: float,
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
-    before_start: Callable[[], Awaitable[None]] | None = None,
+    before_start: Callable[[], Awaitable[None]] | None = None, recycle: RecycleLimits | None = None,
 ) -> AsyncIterator[Pool]:
     """Wire the pool's parts together, start ``size`` workers made by ``new_worker`` and yield
     the pool; on the way out, shut the workers down.
@@ -663,7 +679,7 @@ async def compose(
     supervisor = Supervisor(
         new_worker=new_worker, size=size, dispatcher=dispatcher, metrics=metrics, tools=tools,
         health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-        shutdown_timeout=shutdown_timeout, plane=plane,
+        shutdown_timeout=shutdown_timeout, plane=plane, recycle=recycle,
     )
     router = Router(dispatcher, state)
     calls = Calls(

@@ -1,32 +1,95 @@
-"""Supervision: keep ``size`` workers running -- start them, restart the dead, ping, shut down.
+"""Supervision: keep ``size`` workers running -- start them, restart the dead, recycle the
+worn, ping, shut down.
 
 Each slot is owned by one task (:meth:`Supervisor._supervise`) in the pool's nursery: it runs
 the slot's :class:`WorkerHandle` and, when the worker dies, logs why (once) and starts a
 replacement after a backoff that doubles on each failure in a row (reset once a worker has
-lived ``_STABLE_AFTER`` seconds). A worker that fails its health check is recycled.
+lived ``_STABLE_AFTER`` seconds). A worker that fails its health check is killed (and so
+replaced). A worker past one of the :class:`RecycleLimits` is *recycled* without failing a call
+or lowering capacity: its replacement starts first and takes its place, then the old worker
+finishes its calls (up to ``shutdown_timeout``) and exits -- as Gunicorn's ``max_requests`` and
+Celery's ``max_tasks_per_child`` / ``max_memory_per_child`` do, minus their gap in capacity.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import trio
 
-from trio_bridge._errors import WorkerCrashedError, WorkerStartError
+from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, WorkerStartError
 from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._tools import ToolRegistry
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo
+from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
 _STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
 _SWEEP_INTERVAL = 60.0  # seconds between sweeps of shared-memory segments left by dead processes
+_MEMORY_POLL = 1.0      # seconds between RSS samples of each worker (max_worker_memory)
+_DRAIN_POLL = 0.01      # seconds between looks at a recycled worker's calls
+
+
+@dataclass(frozen=True)
+class RecycleLimits:
+    """When a worker is recycled (``None``: no such limit).
+
+    Attributes:
+        max_calls: calls it was given (any outcome).
+        max_age: seconds since it became ready (Trio clock).
+        max_memory: bytes of resident set size (RSS), sampled every second with psutil; local
+            workers only (a remote worker's process is not visible to the host).
+    """
+
+    max_calls: int | None = None
+    max_age: float | None = None
+    max_memory: int | None = None
+
+    def __bool__(self) -> bool:
+        return (self.max_calls, self.max_age, self.max_memory) != (None, None, None)
+
+    @classmethod
+    def checked(cls, *, max_calls_per_worker: Any, max_worker_age: Any, max_worker_memory: Any) -> RecycleLimits:
+        """From ``open_pool``'s options.
+
+        Raises:
+            InvalidArgumentError: a limit is not ``None`` or a positive number (of calls, seconds, bytes).
+        """
+        for name, value, whole in (
+            ("max_calls_per_worker", max_calls_per_worker, True), ("max_worker_age", max_worker_age, False),
+            ("max_worker_memory", max_worker_memory, True),
+        ):
+            if value is None:
+                continue
+            kinds = (int,) if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+                unit = {"max_calls_per_worker": "calls", "max_worker_age": "seconds", "max_worker_memory": "bytes"}[name]
+                what = "a whole number" if whole else "a number"
+                raise InvalidArgumentError(f"{name} must be None or {what} of {unit} > 0, not {short_repr(value)}")
+        return cls(max_calls_per_worker, max_worker_age, max_worker_memory)
+
+    def passed(self, handle: WorkerHandle, now: float) -> tuple[str, str] | None:
+        """``(kind, why)`` if ``handle`` is past a limit, kind being ``"calls"``, ``"age"`` or
+        ``"memory"``; else ``None``. Samples its memory when there is a memory limit."""
+        if self.max_calls is not None and handle.calls_ended >= self.max_calls:
+            return "calls", f"it served {handle.calls_ended} calls (max_calls_per_worker={self.max_calls})"
+        if self.max_age is not None and handle.started_at is not None and now - handle.started_at >= self.max_age:
+            return "age", f"it ran {now - handle.started_at:.1f} s (max_worker_age={self.max_age:g})"
+        if self.max_memory is not None:
+            rss = handle.sample_memory()
+            if rss is not None and rss >= self.max_memory:
+                return "memory", f"its RSS is {rss / 2**20:.0f} MiB (max_worker_memory={self.max_memory / 2**20:.0f} MiB)"
+        return None
 
 
 class Supervisor:
@@ -49,6 +112,7 @@ class Supervisor:
         restart_backoff: tuple[float, float],
         shutdown_timeout: float,
         plane: SharedMemoryPlane | None,
+        recycle: RecycleLimits | None = None,
     ) -> None:
         self.size: int = size
         self.handles: dict[int, WorkerHandle] = {}
@@ -65,10 +129,18 @@ class Supervisor:
         self._new_worker = new_worker
         self._worker_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
+        self._recycle = recycle or RecycleLimits()
+        self.retiring: set[WorkerHandle] = set()
+        """Recycled workers finishing their calls (no longer in :attr:`handles`)."""
+        self._successors: set[WorkerHandle] = set()  # replacements of workers due for recycling, starting
+        self.recycles: collections.Counter[str] = collections.Counter()
+        """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``)."""
 
     # ---- what others read ----
     def workers(self) -> list[WorkerInfo]:
-        return [self.handles[slot].info() for slot in sorted(self.handles)]
+        """One per slot, then the recycled workers still finishing their calls."""
+        serving = [self.handles[slot].info() for slot in sorted(self.handles)]
+        return serving + [h.info() for h in sorted(self.retiring, key=lambda h: h.slot)]
 
     @property
     def ready(self) -> int:
@@ -81,14 +153,17 @@ class Supervisor:
 
     @property
     def in_flight(self) -> int:
-        return sum(h.busy for h in self.handles.values())
+        return sum(h.busy for h in self._all())
 
     def knows(self, worker_id: str) -> bool:
         """A live worker of this pool has that id (workers ask with their heartbeat)."""
-        return any(h.id == worker_id and h.alive for h in self.handles.values())
+        return any(h.id == worker_id and h.alive for h in self._all())
 
     def live_handles(self) -> list[WorkerHandle]:
-        return [h for h in self.handles.values() if h.alive]
+        return [h for h in self._all() if h.alive]
+
+    def _all(self) -> list[WorkerHandle]:
+        return [*self.handles.values(), *self.retiring, *self._successors]
 
     # ---- life cycle ----
     async def start(self, nursery: trio.Nursery) -> None:
@@ -129,50 +204,172 @@ class Supervisor:
     async def _supervise(
         self, slot: int, *, must_start: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Own the worker of one slot: start it, and restart it with backoff when it dies.
-        ``must_start``: its first failed start raises (the pool's start fails) instead."""
+        """Own the workers of one slot: start one, restart it with backoff when it dies, and
+        replace it when it is past a recycling limit. ``must_start``: its first failed start
+        raises (the pool's start fails) instead.
+
+        Each worker runs in a task of its own in ``lives``, so that a recycled one can finish
+        its calls while its replacement already serves."""
         failures = 0
         first = must_start
         reported = False
-        while not self.closing:
-            handle = self._new_worker(f"w{next(self._worker_ids)}", slot)
-            self.handles[slot] = handle
-            lived_from = trio.current_time()
-            failed: WorkerStartError | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(handle.run)
-                    self._tools.worker_tools = handle.tools
-                    self.last_start_error = None
+        failed_first: WorkerStartError | None = None
+        async with trio.open_nursery() as lives:
+            while not self.closing:
+                handle = self._new_worker(f"w{next(self._worker_ids)}", slot)
+                self.handles[slot] = handle
+                lived_from = trio.current_time()
+                failed = await self._start(lives, handle)
+                if failed is not None:
+                    if first:
+                        failed_first = failed  # raised out of the nursery, not in a group
+                        break
+                    self.last_start_error = failed
+                    _logger.warning("worker %s (slot %d) could not start: %s", handle.id, slot, failed)
+                else:
                     if not reported:
                         task_status.started()
                         reported = True
                     first = False
-                    self._dispatcher.add(handle)
-                    await handle.exited.wait()
-            except* WorkerStartError as group:
-                failed = _first(group)
-            finally:
-                self._dispatcher.remove(handle)
-                if self.plane is not None and handle.pid not in (None, os.getpid()) and not handle.remote:
-                    self.plane.remove_files_of(handle.pid)
-            if failed is not None:
-                if first:
-                    raise failed
-                self.last_start_error = failed
-                _logger.warning("worker %s (slot %d) could not start: %s", handle.id, slot, failed)
+                    handle = await self._serve_and_recycle(lives, slot, handle)
+                    if self.closing:
+                        return
+                    _logger.warning(
+                        "worker %s (slot %d, pid %s) is gone: %s (exit code %s); restarting the slot",
+                        handle.id, slot, handle.pid, handle.death_reason or "it exited by itself", handle.exit_code,
+                    )
+                    lived_from = handle.started_at if handle.started_at is not None else lived_from
+                if self.closing:
+                    return
+                self._metrics.restarts += 1
+                failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
+                if failures > 1:  # a slot that keeps failing backs off; a first crash restarts at once
+                    await trio.sleep(self._backoff(failures))
+        if failed_first is not None:
+            raise failed_first
+
+    def _backoff(self, failures: int) -> float:
+        low, high = self._restart_backoff
+        return min(low * 2 ** (failures - 2), high)
+
+    async def _start(self, lives: trio.Nursery, handle: WorkerHandle) -> WorkerStartError | None:
+        """Start ``handle`` in a task of ``lives``; once it is ready it takes calls. Returns why
+        it could not start, if it could not."""
+        handle.max_calls = self._recycle.max_calls
+        failed: WorkerStartError | None = None
+        try:
+            await lives.start(self._live, handle)
+        except* WorkerStartError as group:
+            failed = _first(group)
+        if failed is not None:
+            return failed
+        self._tools.worker_tools = handle.tools
+        self.last_start_error = None
+        self._dispatcher.add(handle)
+        return None
+
+    async def _live(self, handle: WorkerHandle, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One worker's life: ready (``task_status.started()``) to exit, then its leftovers."""
+        try:
+            await handle.run(task_status=task_status)
+        finally:
+            self._dispatcher.remove(handle)
+            self.retiring.discard(handle)
+            if self.plane is not None and handle.pid not in (None, os.getpid()) and not handle.remote:
+                self.plane.remove_files_of(handle.pid)
+
+    async def _serve_and_recycle(self, lives: trio.Nursery, slot: int, handle: WorkerHandle) -> WorkerHandle:
+        """Let the slot's worker serve; each time it passes a recycling limit, put a ready
+        replacement in its place and let the old one drain. The replacement starts when the
+        worker is within a tenth of ``max_calls`` (so the limit is kept to within the calls of
+        one start-up even for fast calls), or when another limit is passed. Returns the slot's
+        worker once it is gone (died, killed, or the pool closes)."""
+        failures = 0
+        successor: WorkerHandle | None = None  # started ahead, taking calls, not yet in the slot
+        while True:
+            passed = await self._until_gone_or_past_a_limit(handle, early=successor is None)
             if self.closing:
-                return
-            if handle.started_at is not None:
+                return handle
+            if successor is not None and not successor.alive:
+                successor = None
+            if passed is None:  # it died: a replacement already running takes the slot
+                if successor is None:
+                    return handle
                 _logger.warning(
-                    "worker %s (slot %d, pid %s) is gone: %s (exit code %s); restarting the slot",
-                    handle.id, slot, handle.pid, handle.death_reason or "it exited by itself", handle.exit_code,
+                    "worker %s (slot %d, pid %s) is gone: %s (exit code %s); %s, started to replace it, took its place",
+                    handle.id, slot, handle.pid, handle.death_reason or "it exited by itself", handle.exit_code, successor.id,
                 )
-            self._metrics.restarts += 1
-            failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
-            if failures > 1:  # a slot that keeps failing backs off; a first crash restarts at once
-                low, high = self._restart_backoff
-                await trio.sleep(min(low * 2 ** (failures - 2), high))
+                self._metrics.restarts += 1
+                self.handles[slot], handle, successor = successor, successor, None
+                continue
+            kind, why = passed
+            if successor is None:
+                successor = self._new_worker(f"w{next(self._worker_ids)}", slot)
+                self._successors.add(successor)  # known to the pool (its heartbeat asks) and killed with it
+                failed = await self._start(lives, successor)
+                if failed is not None:  # the old worker keeps serving; try again after a backoff
+                    self._successors.discard(successor)
+                    successor = None
+                    failures += 1
+                    self.last_start_error = failed
+                    _logger.warning(
+                        "worker %s (slot %d) is due for recycling (%s), but its replacement could not start: %s",
+                        handle.id, slot, why, failed,
+                    )
+                    await self._wait_gone(handle, self._backoff(failures + 1))
+                    continue
+                failures = 0
+                if kind == "soon":
+                    continue  # it takes calls too; it takes the slot once the limit is passed
+            self._successors.discard(successor)
+            successor.last_recycle_reason = why
+            self.handles[slot] = successor
+            self.retiring.add(handle)
+            self._dispatcher.remove(handle)
+            if handle.alive:
+                handle.retire(why)
+                self.recycles[kind] += 1
+                _logger.info(
+                    "worker %s (slot %d, pid %s) recycled: %s; %s (pid %s) took its place",
+                    handle.id, slot, handle.pid, why, successor.id, successor.pid,
+                )
+                lives.start_soon(self._drain, handle)
+            handle, successor = successor, None
+
+    async def _until_gone_or_past_a_limit(self, handle: WorkerHandle, *, early: bool) -> tuple[str, str] | None:
+        """Wait until ``handle`` has exited (``None``) or is past a recycling limit (its kind
+        and why); with ``early``, also until it is within a tenth of ``max_calls`` (``"soon"``)."""
+        limits = self._recycle
+        while handle.alive:
+            now = trio.current_time()
+            passed = limits.passed(handle, now) if limits and handle.accepting else None
+            if passed is not None:
+                return passed
+            if early and handle.calls_nearly_exhausted.is_set():
+                return "soon", "it nears max_calls_per_worker"
+            timeout = float("inf")
+            if limits.max_memory is not None:
+                timeout = _MEMORY_POLL
+            if limits.max_age is not None and handle.started_at is not None:
+                timeout = min(timeout, handle.started_at + limits.max_age - now)
+            waits: list[Callable[[], Awaitable[object]]] = [handle.exited.wait]
+            if limits.max_calls is not None:
+                waits.append(handle.calls_nearly_exhausted.wait if early else handle.calls_exhausted.wait)
+            await _first_of(waits, timeout)
+        return None
+
+    async def _wait_gone(self, handle: WorkerHandle, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await handle.exited.wait()
+
+    async def _drain(self, handle: WorkerHandle) -> None:
+        """A recycled worker: let its calls end, however long they take (a hung worker is the
+        health check's business; the pool's close bounds it by ``shutdown_timeout``), then stop it."""
+        while handle.busy and handle.alive:
+            await trio.sleep(_DRAIN_POLL)
+        await handle.shutdown(self._shutdown_timeout)
+        if handle.alive:
+            handle.kill(f"it was recycled ({handle.last_recycle_reason}) and did not exit in time")
 
     async def _sweep_shared_memory(self) -> None:
         """Segments of processes that are gone (a tool's child that wrote some) must not pile up;
@@ -210,8 +407,24 @@ class Supervisor:
         self.closing = True
         self._dispatcher.close("the pool is closed")
         async with trio.open_nursery() as nursery:
-            for handle in list(self.handles.values()):
+            for handle in self._all():
                 nursery.start_soon(handle.shutdown, self._shutdown_timeout)
+
+
+async def _first_of(waits: list[Callable[[], Awaitable[object]]], timeout: float) -> None:
+    """Return when the first of ``waits`` returns, or after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        if len(waits) == 1:
+            await waits[0]()
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def one(wait: Callable[[], Awaitable[object]]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            for wait in waits:
+                nursery.start_soon(one, wait)
 
 
 def _first(group: BaseExceptionGroup[WorkerStartError]) -> WorkerStartError:

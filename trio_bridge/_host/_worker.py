@@ -86,6 +86,12 @@ class WorkerInfo:
             worker: 0 once the pool detached from it, ``-9`` once the pool lost it.
         remote: a worker on another machine (``remote_workers=``, or one that joined); its
             ``pid`` is that machine's.
+        last_recycle_reason: why its slot's worker was last recycled (see ``open_pool``'s
+            ``max_calls_per_worker``, ``max_worker_age`` and ``max_worker_memory``): on a worker
+            draining to be replaced, why; on its replacement, why its predecessor was;
+            ``None`` if the slot's worker was never recycled.
+        rss: the process's resident set size in bytes when last sampled (only pools with
+            ``max_worker_memory`` sample it); ``None`` if not sampled.
     """
 
     id: str
@@ -99,6 +105,8 @@ class WorkerInfo:
     started_at: float | None
     exit_code: int | None
     remote: bool = False
+    last_recycle_reason: str | None = None
+    rss: int | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,15 @@ class WorkerHandle:
         self._calls: CallStream | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
+        self.calls_ended: int = 0
+        """Calls it was given that have ended, whatever their outcome (what ``max_calls_per_worker`` counts)."""
+        self.max_calls: int | None = None
+        self.calls_exhausted: trio.Event = trio.Event()
+        """Set once ``calls_ended`` reaches ``max_calls``."""
+        self.calls_nearly_exhausted: trio.Event = trio.Event()
+        """Set once ``calls_ended`` is within a tenth of ``max_calls`` (its replacement starts then)."""
+        self.last_recycle_reason: str | None = None
+        self.rss: int | None = None
 
     def _wire(self) -> Boundary:
         """The trio-asyncio boundary its RPCs cross. ``None`` only for a worker with no process
@@ -170,7 +187,36 @@ class WorkerHandle:
             id=self.id, slot=self.slot, pid=self.pid, state=self.state.value, address=self.address,
             calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
             started_at=self.started_at, exit_code=self.exit_code, remote=self.remote,
+            last_recycle_reason=self.last_recycle_reason, rss=self.rss,
         )
+
+    def call_ended(self) -> None:
+        """A call it was given ended (any outcome): counted towards ``max_calls``."""
+        self.calls_ended += 1
+        if self.max_calls is not None:
+            if self.calls_ended >= self.max_calls - max(1, self.max_calls // 10):
+                self.calls_nearly_exhausted.set()
+            if self.calls_ended >= self.max_calls:
+                self.calls_exhausted.set()
+
+    def sample_memory(self) -> int | None:
+        """Sample the resident set size (bytes) of its process with psutil, and keep it in
+        :attr:`rss`; ``None`` for a remote worker (the host cannot see its process) or one
+        that is gone."""
+        if self.remote or self.pid is None or not self.alive:
+            return None
+        import psutil  # only pools with max_worker_memory get here
+
+        try:
+            self.rss = psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            return None
+        return self.rss
+
+    def retire(self, reason: str) -> None:
+        """Take no new calls: it is to be replaced (``reason``) once its calls have ended."""
+        self.last_recycle_reason = reason
+        self._enter(WorkerState.DRAINING)
 
     @property
     def remote(self) -> bool:
@@ -450,7 +496,7 @@ class WorkerHandle:
         """Ask the worker to finish its calls (at most ``grace`` seconds) and exit. A remote
         worker keeps running: the host lets its own calls finish, then detaches. A worker still
         starting has no calls to finish: the pool stops it when the drain is over."""
-        if self._stub is None or self.state is not WorkerState.READY:
+        if self._stub is None or self.state not in (WorkerState.READY, WorkerState.DRAINING):
             return
         self._enter(WorkerState.DRAINING)
         if self.remote and self._process is not None:

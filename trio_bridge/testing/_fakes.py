@@ -35,6 +35,7 @@ import trio
 from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
 from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
+from trio_bridge._host._supervisor import RecycleLimits
 from trio_bridge._host._tools import run_host_tool
 from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
 from trio_bridge._wire.chunks import encode_batch
@@ -236,6 +237,7 @@ class FakeWorker(WorkerHandle):
         self._active: dict[str, _Call] = {}
         self._idle = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._shutting_down = False
         self.stderr_closed.set()
 
     # ---- life cycle ----
@@ -292,11 +294,16 @@ class FakeWorker(WorkerHandle):
             self._death_reason = self._death_reason or reason
             self._exit(-signal.SIGKILL)
 
+    def sample_memory(self) -> int | None:
+        """What a test set as its :attr:`rss` (bytes): a fake has no process to measure."""
+        return self.rss if self.alive else None
+
     async def shutdown(self, grace: float) -> None:
         """Let its calls finish (at most ``grace`` seconds), then exit with status 0."""
-        if not self.accepting:
+        if self.state not in (WorkerState.READY, WorkerState.DRAINING):
             return
         self._enter(WorkerState.DRAINING)
+        self._shutting_down = True
         with trio.move_on_after(grace):
             while self._active:
                 await self._idle.wait()
@@ -436,7 +443,7 @@ class FakeWorker(WorkerHandle):
         await self._wait_while_hung()
         refusal = pb.ToolChunkBatch if streaming else pb.ExecuteToolResponse
         try:
-            if self.state is not WorkerState.READY:
+            if self._shutting_down:  # told to shut down, as a real worker is by its Shutdown RPC
                 return refusal(error=error_info(RuntimeError("the worker is shutting down"), kind=SHUTTING_DOWN))
             definition = self._workers._definitions.get(request.tool_name)
             if definition is None:
@@ -584,8 +591,8 @@ def open_fake_pool(
         start_failures: how many of the first starts fail (as :meth:`FakeWorkers.fail_starts`).
         open_pool_options: the other options of :func:`~trio_bridge.open_pool` (``max_queue``,
             ``cancel_grace``, ``health_check_interval``, ``restart_backoff``,
-            ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state`` and the
-            quotas); those that only concern processes (``transport``, ``python``, ``env``,
+            ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state``, the
+            quotas and the recycling limits: a fake's RSS is what the test sets as its ``rss``); those that only concern processes (``transport``, ``python``, ``env``,
             ``adapter_options``, ``shared_memory_threshold``, ``heartbeat_interval``) are
             accepted and have no effect.
 
@@ -636,5 +643,9 @@ async def _open_fake_pool(
         max_queue=o["max_queue"], cancel_grace=o["cancel_grace"], no_worker_timeout=o["no_worker_timeout"],
         health_check_interval=o["health_check_interval"], restart_backoff=o["restart_backoff"],
         shutdown_timeout=o["shutdown_timeout"],
+        recycle=RecycleLimits.checked(
+            max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
+            max_worker_memory=o["max_worker_memory"],
+        ),
     ) as pool:
         yield FakePool(pool, workers)

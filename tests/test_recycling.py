@@ -1,0 +1,175 @@
+"""Recycling: a worker past ``max_calls_per_worker``, ``max_worker_age`` or
+``max_worker_memory`` is replaced without failing a call and without lowering capacity (its
+replacement starts first, then it drains). Pool logic on fake workers and Trio's autojump
+clock; then the same promise with real processes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from tests.helpers import wait_for
+from trio_bridge import InvalidArgumentError, open_pool
+from trio_bridge.testing import FakeContext, open_fake_pool
+
+
+async def sleep(seconds: float) -> float:
+    await trio.sleep(seconds)
+    return seconds
+
+
+def whoami(ctx: FakeContext) -> str:
+    return ctx.worker_id
+
+
+TOOLS = {"sleep": sleep, "whoami": whoami}
+
+
+async def run_load(pool, *, callers: int, calls: int, tool: str, arguments: dict, size: int) -> dict:
+    """``calls`` calls from ``callers`` concurrent callers, while a watcher records the fewest
+    ready workers seen (at every Trio clock step). Returns failures and that minimum."""
+    failures: list[BaseException] = []
+    fewest_ready = [size]
+    remaining = [calls]
+    done = trio.Event()
+
+    async def caller() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            try:
+                await pool.execute(tool, arguments)
+            except Exception as exc:
+                failures.append(exc)
+            fewest_ready[0] = min(fewest_ready[0], pool.statistics().workers_ready)
+
+    async def watch() -> None:
+        while not done.is_set():
+            fewest_ready[0] = min(fewest_ready[0], pool.statistics().workers_ready)
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        async with trio.open_nursery() as callers_nursery:
+            for _ in range(callers):
+                callers_nursery.start_soon(caller)
+        done.set()
+    return {"failures": failures, "fewest_ready": fewest_ready[0]}
+
+
+async def test_max_calls_recycles_without_failing_a_call_or_losing_capacity(autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="trio_bridge")
+    async with open_fake_pool(TOOLS, size=2, concurrency=2, start_delay=0.05, max_calls_per_worker=100) as fake:
+        pool = fake.pool
+        result = await run_load(pool, callers=50, calls=1000, tool="sleep", arguments={"seconds": 0.01}, size=2)
+        assert result["failures"] == []
+        assert result["fewest_ready"] == 2
+        stats = pool.statistics()
+        assert stats.calls_completed == 1000
+        # 1,000 calls at 100 a worker: about 10 recycles (the last workers may stay under the limit)
+        assert 8 <= stats.recycles["calls"] <= 10
+        assert stats.restarts == 0
+        recycled = [w for w in fake.workers.made if w.exit_code is not None]
+        assert recycled and all(w.exit_code == 0 for w in recycled)  # drained and exited, not killed
+        # it serves on while its replacement starts (0.05 s: 5 rounds of 0.01 s calls, 2 at a
+        # time), and finishes the 2 it has in flight then
+        assert max(w.calls_ended for w in fake.workers.made) <= 100 + 10 + 2
+        current = pool.workers()
+        assert [w.state for w in current] == ["ready", "ready"]
+        assert all("max_calls_per_worker=100" in (w.last_recycle_reason or "") for w in current)
+    said = [r.getMessage() for r in caplog.records if "recycled" in r.getMessage()]
+    assert len(said) == stats.recycles["calls"]  # once per recycle
+    assert not [r for r in caplog.records if "is gone" in r.getMessage()]
+
+
+async def test_a_recycled_worker_finishes_its_long_call_while_its_replacement_serves(autojump_clock):
+    async with open_fake_pool(TOOLS, size=1, max_worker_age=10.0) as fake:
+        pool = fake.pool
+        first = pool.workers()[0]
+        async with trio.open_nursery() as nursery:
+            long_call: list[float] = []
+
+            async def call_long() -> None:
+                long_call.append(await pool.execute("sleep", {"seconds": 30.0}))
+
+            nursery.start_soon(call_long)
+            await trio.sleep(12.0)  # past the age limit, mid-call
+            workers = pool.workers()
+            assert [(w.id, w.state) for w in workers] == [(workers[0].id, "ready"), (first.id, "draining")]
+            assert "max_worker_age=10" in (workers[1].last_recycle_reason or "")
+            # the replacement serves new calls while the old one finishes
+            assert await pool.execute("whoami") == workers[0].id
+            assert pool.statistics().workers_ready == 1
+        assert long_call == [30.0]
+        await wait_for(lambda: len(pool.workers()) == 1)
+        assert fake.workers.made[0].exit_code == 0
+        assert pool.statistics().recycles == {"age": pool.statistics().recycles["age"]}
+        assert pool.statistics().calls_failed == pool.statistics().calls_crashed == 0
+
+
+async def test_max_worker_memory_recycles_a_worker_whose_rss_grew(autojump_clock):
+    async with open_fake_pool(TOOLS, size=2, max_worker_memory=500 * 2**20) as fake:
+        pool = fake.pool
+        lean, fat = fake.workers.made
+        fat.rss = 600 * 2**20
+        lean.rss = 100 * 2**20
+        await trio.sleep(1.5)  # RSS is sampled every second
+        ids = [w.id for w in pool.workers()]
+        assert lean.id in ids and fat.id not in ids and len(ids) == 2
+        assert pool.statistics().recycles == {"memory": 1}
+        assert "RSS is 600 MiB" in (pool.workers()[1 if ids[0] == lean.id else 0].last_recycle_reason or "")
+
+
+async def test_when_the_replacement_cannot_start_the_old_worker_keeps_serving(autojump_clock, caplog):
+    async with open_fake_pool(TOOLS, size=1, max_calls_per_worker=3, restart_backoff=(1.0, 1.0)) as fake:
+        pool = fake.pool
+        old = pool.workers()[0].id
+        fake.workers.fail_starts(2)
+        for _ in range(6):  # past the limit: each call still succeeds on the old worker
+            assert await pool.execute("whoami") == old
+            await trio.sleep(0.3)
+        assert sum("could not start" in r.getMessage() for r in caplog.records) == 2
+        await trio.sleep(5.0)  # the third start works
+        assert pool.workers()[0].id != old
+        assert pool.statistics().recycles == {"calls": 1}
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_calls_per_worker", 0), ("max_calls_per_worker", -1), ("max_calls_per_worker", True),
+        ("max_calls_per_worker", 2.5), ("max_calls_per_worker", "10"), ("max_worker_age", 0),
+        ("max_worker_age", float("nan")), ("max_worker_age", float("inf")), ("max_worker_memory", -5),
+    ],
+)
+async def test_bad_recycling_limits_are_refused_before_anything_starts(option, value):
+    with pytest.raises(InvalidArgumentError, match=option):
+        async with open_pool("tests.adapters:Echo", size=1, **{option: value}):
+            pytest.fail("the pool opened")
+
+
+@pytest.mark.real_process
+async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed_call():
+    size = 2
+    async with open_pool("tests.adapters:Echo", size=size, concurrency=2, max_calls_per_worker=100) as pool:
+        first_pids = {w.pid for w in pool.workers()}
+        result = await run_load(pool, callers=50, calls=1000, tool="add", arguments={"a": 1}, size=size)
+        assert result["failures"] == []
+        assert result["fewest_ready"] == size
+        stats = pool.statistics()
+        assert stats.calls_completed == 1000 and stats.restarts == 0
+        # ~10: a worker serves on until its replacement is ready (started at 90 calls), so with
+        # calls of a millisecond it may pass 100 by a few dozen
+        assert 6 <= stats.recycles["calls"] <= 10
+        await wait_for(lambda: len(pool.workers()) == size)
+        assert not first_pids & {w.pid for w in pool.workers()}
+
+    async with open_pool("tests.adapters:Echo", size=1, max_worker_memory=200 * 2**20) as pool:
+        pids = [await pool.execute("leak", {"mib": 64}) for _ in range(3)]  # RSS ~30 MiB + 192 MiB kept
+        assert len(set(pids)) == 1  # under the limit until the third
+        await wait_for(lambda: pool.statistics().recycles.get("memory") == 1 and len(pool.workers()) == 1, timeout=20)
+        info = pool.workers()[0]
+        assert info.pid != pids[0] and "max_worker_memory=200 MiB" in (info.last_recycle_reason or "")
+        assert await pool.execute("add", {"a": 1}) == 3
