@@ -39,6 +39,10 @@ class Echo(Adapter):
         return os.getpid()
 
     @tool
+    def environment(self, name: str) -> str | None:
+        return os.environ.get(name)
+
+    @tool
     def leak(self, mib: int) -> int:
         """Keep ``mib`` MiB more (touched, so resident) for good, as a leaking tool does; the pid."""
         self.__dict__.setdefault("leaked", []).append(b"\x01" * (mib << 20))

@@ -2,7 +2,8 @@
 
 The parts, each in its own module: ``_process`` (a worker's OS process), ``_forkserver`` (the
 pool's start method: workers forked by a preloaded fork server, or spawned), ``_worker`` (a worker
-as the host sees it: state, RPCs, life), ``_supervisor`` (start, restart, health, shutdown),
+as the host sees it: state, RPCs, life), ``_supervisor`` (start, restart, recycling, health,
+shutdown), ``_gpus`` (each slot's own environment),
 ``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
 tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group policy),
@@ -21,7 +22,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, final, overload
@@ -33,6 +34,7 @@ from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionEx
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._forkserver import StartMethod, check_start_method, open_launcher, settle, start_method_of
+from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
@@ -338,6 +340,9 @@ def open_pool(
     max_calls_per_worker: int | None = None,
     max_worker_age: float | None = None,
     max_worker_memory: int | None = None,
+    worker_env: Callable[[int], Mapping[str, str]] | None = None,
+    gpus_per_worker: int | None = None,
+    gpus: Sequence[int | str] | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -423,6 +428,17 @@ def open_pool(
             the old worker finishes its calls, however long they take, and exits. What the old
             worker kept in memory (objects stored with ``store_as``) goes with it, as on a
             restart. ``WorkerInfo.last_recycle_reason`` says why; the log says it once.
+        worker_env: ``worker_env(slot) -> {name: value}``, extra environment variables of each
+            local slot's workers (``slot``: 0 .. size-1), e.g. to pin each to a device. Called
+            once per slot when the pool opens; the slot's replacements get the same.
+        gpus_per_worker: give each local slot that many GPUs of ``gpus`` in
+            ``CUDA_VISIBLE_DEVICES`` (slot ``i`` gets the ``gpus_per_worker`` from
+            ``i * gpus_per_worker`` on; with more slots than GPUs, slots share them
+            round-robin), so a pool spreads model replicas over a machine's GPUs;
+            ``worker_env`` applies after it.
+        gpus: the GPUs ``gpus_per_worker`` shares out, as ``CUDA_VISIBLE_DEVICES`` names them
+            (indices or UUIDs); default: the host's own ``CUDA_VISIBLE_DEVICES`` if set, else
+            what ``nvidia-smi`` lists.
 
     Raises:
         InvalidArgumentError: an option is out of range, or the remote-worker options do not
@@ -445,6 +461,7 @@ def open_pool(
         recycle=RecycleLimits.checked(
             max_calls_per_worker=max_calls_per_worker, max_worker_age=max_worker_age, max_worker_memory=max_worker_memory,
         ),
+        slot_env=(worker_env, gpus_per_worker, gpus),
     ))
 
 
@@ -505,7 +522,7 @@ async def _open_pool(
     env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
     state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int, stop: SignalStop, remote: tuple[Any, ...], start_method: StartMethod | None = None,
-    recycle: RecycleLimits | None = None,
+    recycle: RecycleLimits | None = None, slot_env: tuple[Any, Any, Any] = (None, None, None),
 ) -> AsyncIterator[Pool]:
     remote_workers, listen, advertise, token, tls, insecure = remote
     setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
@@ -525,6 +542,8 @@ async def _open_pool(
         },
     )
     check_start_method(start_method)
+    env_of_slot, gpus_per_worker, gpus = slot_env
+    slot_envs = slot_environments(size, worker_env=env_of_slot, gpus_per_worker=gpus_per_worker, gpus=gpus)
     janitor = Janitor.start()
     plane = None
     tracker = UserErrorTracker()
@@ -555,7 +574,7 @@ async def _open_pool(
                 spec = WorkerSpec(
                     adapter=adapter, python=python or sys.executable, concurrency=concurrency,
                     transport=transport, socket_dir=socket_dir, secret=secret, host_address=host_address,
-                    env=worker_env, launch=launch,
+                    env=worker_env, launch=launch, slot_env=slot_envs,
                     startup_timeout=startup_timeout, heartbeat_interval=heartbeat_interval, adapter_options=options_json,
                 )
 

@@ -11,7 +11,7 @@ import enum
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any, Literal, TypeVar, final
@@ -130,6 +130,8 @@ class WorkerSpec:
     """For TCP: the client context that reaches workers over TLS (remote workers)."""
     callback_address: str = ""
     """For remote workers: where they call the host back (``tcp:HOST:PORT``; empty: they do not)."""
+    slot_env: Sequence[Mapping[str, str]] = ()
+    """Each local slot's own extra environment (``worker_env``, ``gpus_per_worker``), by slot."""
 
 
 class WorkerHandle:
@@ -354,6 +356,8 @@ class WorkerHandle:
             listen = "tcp:127.0.0.1:0"
         env = dict(os.environ)
         env.update(spec.env)
+        if self.slot < len(spec.slot_env):
+            env.update(spec.slot_env[self.slot])
         env[SECRET_ENV] = spec.secret
         env[WORKER_ID_ENV] = self.id
         env[HOST_ADDRESS_ENV] = spec.host_address
