@@ -30,3 +30,8 @@ lint:
     ruff check trio_bridge tests benchmarks noxfile.py
     pyright trio_bridge
     pyright --verifytypes trio_bridge --ignoreexternal
+
+# The API reference from the docstrings (mkdocs + mkdocstrings), built strictly into site/:
+# a warning (a broken link, a docstring griffe cannot parse) fails it.
+docs:
+    {{python}} -m mkdocs build --strict --site-dir site

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +17,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+import trio_bridge
 from trio_bridge.cli import app
 
 runner = CliRunner()
@@ -42,7 +47,7 @@ def test_tools_with_a_bad_adapter_path_says_why():
 
 @pytest.mark.real_process
 def test_run_a_tool_with_typed_arguments():
-    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add", "--arg", "a=40", "--json", '{"b": 2}'])
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add", "--arg", "a=40", "--args", '{"b": 2}'])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "42"
 
@@ -134,3 +139,157 @@ def test_run_stops_cleanly_on_a_signal_while_a_call_runs(signum, status, word):
     assert process.returncode == status, err.decode()
     assert f"{word}: the pool was shut down" in err.decode() and "Traceback" not in err.decode()
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+# --- --version, --json, doctor, environment variables, help text -------------------------------
+
+
+def test_version_is_the_packaged_one():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"trio-bridge {trio_bridge.__version__}\n"
+    assert trio_bridge.__version__ == importlib.metadata.version("trio-bridge")  # what hatch packaged
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["tools"], ["worker"], ["doctor"]], ids=lambda c: " ".join(c) or "top")
+def test_help_shows_no_raw_markup(command):
+    result = runner.invoke(app, [*command, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    assert not re.search(r"`|\[/?(bold|red|green|yellow)|\[/\]|\*\*", result.stdout), result.stdout
+
+
+def test_tools_json_is_one_document_with_parameters_as_lists():
+    result = runner.invoke(app, ["tools", "tests.adapters:Echo", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["adapter"] == "tests.adapters:Echo"
+    tools = {t["name"]: t for t in document["tools"]}
+    assert [t["name"] for t in document["tools"]] == sorted(tools)
+    assert tools["add"] == {
+        "name": "add", "description": "Add two integers.", "streaming": False,
+        "parameters": [
+            {"name": "a", "type": "int", "required": True, "default": None, "description": "the first term."},
+            {"name": "b", "type": "int", "required": False, "default": 2, "description": "the second term."},
+        ],
+    }
+    assert tools["count"]["streaming"] is True
+
+
+def test_tools_takes_the_adapter_from_the_environment():
+    result = runner.invoke(app, ["tools", "--json"], env={"TRIO_BRIDGE_ADAPTER": "tests.adapters:Echo"})
+    assert result.exit_code == 0, result.output
+    assert "add" in {t["name"] for t in json.loads(result.stdout)["tools"]}
+
+
+def test_run_options_come_from_the_environment():
+    # Checked before any worker starts: a bad value from the environment is a usage error.
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add"], env={"TRIO_BRIDGE_WORKERS": "0"})
+    assert result.exit_code == 2 and "--workers" in result.output
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add"], env={"TRIO_BRIDGE_HOST_TOOLS": "trio_bridge.examples.agent:nope"})
+    assert result.exit_code == 2 and "cannot load 'trio_bridge.examples.agent:nope'" in result.output
+
+
+def test_environment_variables_are_named_in_the_help():
+    result = runner.invoke(app, ["worker", "--help"], terminal_width=200)
+    for name in ("TRIO_BRIDGE_ADAPTER", "TRIO_BRIDGE_LISTEN", "TRIO_BRIDGE_TOKEN_FILE", "TRIO_BRIDGE_TLS_CERT", "TRIO_BRIDGE_CONCURRENCY"):
+        assert name in result.stdout
+    assert "TRIO_BRIDGE_WORKERS" in runner.invoke(app, ["run", "--help"], terminal_width=200).stdout
+
+
+def test_run_json_needs_a_tool_and_json_arguments_moved_to_args():
+    result = runner.invoke(app, ["run", "--json"])
+    assert result.exit_code == 2 and "give ADAPTER and TOOL" in result.output
+    # `--json '{...}'` (the arguments, in 0.2) is refused loudly: the JSON is not silently ignored
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add", "--json", '{"a": 1}'])
+    assert result.exit_code == 2
+
+
+@pytest.mark.real_process
+def test_run_json_prints_one_document():
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "add", "--arg", "a=40", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == 42
+    result = runner.invoke(app, ["run", "tests.adapters:Echo", "async_count", "--arg", "n=3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+@pytest.mark.real_process
+def test_run_json_turns_arrays_bytes_and_nan_into_plain_json():
+    result = runner.invoke(app, ["run", "tests.cli_adapters:Awkward", "values", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {  # strict JSON: json.loads would take a bare NaN, jq would not
+        "matrix": [[0, 1, 2], [3, 4, 5]], "scores": [0.5, "NaN"], "count": 7, "pair": [1, "b"],
+        "raw": "AP9oaQ==", "limits": ["Infinity", "-Infinity"],
+    }
+    assert "NaN," not in result.stdout and "Infinity," not in result.stdout.replace('"Infinity",', "")
+    result = runner.invoke(app, ["run", "tests.cli_adapters:Awkward", "rows", "--arg", "n=2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"i": 0, "row": [0.0, 0.0]}, {"i": 1, "row": [1.0, 1.0]}]
+
+
+def _doctor(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, dict[str, str]]]:
+    result = runner.invoke(app, ["doctor", "--json", *args], env=env)
+    document = json.loads(result.stdout)
+    assert document["ok"] == (result.exit_code == 0)
+    return result.exit_code, {c["name"]: c for c in document["checks"]}
+
+
+def test_doctor_passes_here_with_a_verdict_for_each_check():
+    code, checks = _doctor()
+    assert code == 0, checks
+    expected = {"python", "/dev/shm", "fork server"} | {
+        f"dependency {d}" for d in ("trio", "trio-asyncio", "grpclib", "betterproto2", "numpy", "uvloop")
+    }
+    assert set(checks) == expected
+    assert all(c["status"] in ("ok", "warn") and c["detail"] for c in checks.values())
+    assert checks["dependency trio"]["detail"].startswith(importlib.metadata.version("trio"))
+
+
+def test_doctor_fails_on_an_unreachable_redis_and_names_the_check():
+    with socket.socket() as closed:  # bound, not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+        result = runner.invoke(app, ["doctor", "--redis", url, "--timeout", "1"])
+        assert result.exit_code == 1
+        assert re.search(r"^redis\s+fail\s", result.stdout, re.MULTILINE) and "refused" in result.stdout, result.stdout
+        assert "1 check(s) failed: redis" in result.stdout
+        code, checks = _doctor(env={"TRIO_BRIDGE_REDIS_URL": url})  # the same, from the environment
+    assert code == 1 and checks["redis"]["status"] == "fail"
+
+
+def test_doctor_reaches_a_real_redis(redis_server):
+    code, checks = _doctor("--redis", redis_server.url)
+    assert code == 0 and checks["redis"]["status"] == "ok" and "reachable" in checks["redis"]["detail"]
+
+
+def test_doctor_says_whether_an_address_can_be_bound():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        code, checks = _doctor("--address", f"tcp://127.0.0.1:{taken.getsockname()[1]}")
+    assert code == 1 and checks["address"]["status"] == "fail" and "in use" in checks["address"]["detail"]
+    code, checks = _doctor("--address", "127.0.0.1:0")
+    assert code == 0 and checks["address"]["status"] == "ok"
+
+
+def test_doctor_checks_tls_files(tmp_path):
+    import trustme
+
+    from trio_bridge.testing import Certificates
+
+    certificates = Certificates.create(tmp_path)
+    worker = certificates.tls("worker")
+    code, checks = _doctor("--tls-cert", worker.cert, "--tls-key", worker.key, "--tls-ca", certificates.ca)
+    assert code == 0 and [checks[n]["status"] for n in ("tls cert", "tls key", "tls ca")] == ["ok", "ok", "ok"]
+
+    code, checks = _doctor("--tls-cert", worker.cert, "--tls-key", str(tmp_path / "host.key"))
+    assert code == 1 and checks["tls key"]["status"] == "fail" and checks["tls cert"]["status"] == "ok"
+
+    ca = trustme.CA()
+    expired = ca.issue_cert("127.0.0.2", not_after=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1))
+    expired.cert_chain_pems[0].write_to_path(tmp_path / "expired.pem")
+    expired.private_key_pem.write_to_path(tmp_path / "expired.key")
+    code, checks = _doctor("--tls-cert", str(tmp_path / "expired.pem"), "--tls-key", str(tmp_path / "expired.key"))
+    assert code == 1 and checks["tls cert"]["status"] == "fail" and "expired" in checks["tls cert"]["detail"]
+
+    code, checks = _doctor("--tls-ca", str(tmp_path / "missing.pem"))
+    assert code == 1 and "cannot read" in checks["tls ca"]["detail"]

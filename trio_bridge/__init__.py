@@ -34,6 +34,7 @@ from trio_bridge._errors import (
     WorkerError,
     WorkerStartError,
 )
+from trio_bridge._version import __version__ as __version__  # (the `as`: a re-export for type checkers)
 
 if TYPE_CHECKING:
     from trio_bridge._host._metrics import PoolStatistics

@@ -1,8 +1,14 @@
-"""The ``trio-bridge`` command: ``run`` a tool (or the built-in example), list ``tools``, serve a remote ``worker``."""
+"""The `trio-bridge` command: `run` a tool (or the built-in example), list `tools`, serve a remote `worker`, check this machine (`doctor`).
+
+Every option that configures a deployment can also come from a `TRIO_BRIDGE_*` environment
+variable (named in each command's help); an option given on the command line wins.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import signal
 import sys
@@ -16,11 +22,14 @@ from rich.console import Console
 from rich.pretty import pprint
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from trio_bridge import _cli_signals
 from trio_bridge._errors import TrioBridgeError
+from trio_bridge._version import __version__
 
-app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
+# Help text is Markdown: `code` shows without its backticks, paragraphs reflow to the terminal.
+app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode="markdown", help=__doc__)
 console: Console = Console()
 err_console: Console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
 
@@ -28,29 +37,54 @@ EXAMPLE_ADAPTER = "trio_bridge.examples.digits:Digits"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 EXIT_TERMINATED = 143   # 128 + SIGTERM
 
+ADAPTER_HELP = "package.module:ClassName, importable from the current directory"
+JSON_HELP = "print one JSON document on stdout (for jq and scripts) instead of the rich output"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"trio-bridge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version, help="print trio-bridge's version and exit")] = False,
+) -> None:
+    pass  # (the commands' options are their own; --version is handled by its callback)
+
 
 @app.command()
 def run(
-    adapter: Annotated[str | None, typer.Argument(help="package.module:ClassName (default: the built-in digits example)")] = None,
-    tool: Annotated[str | None, typer.Argument(help="the tool to run")] = None,
-    arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable)")] = None,
-    json_args: Annotated[str | None, typer.Option("--json", help="arguments as a JSON object")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-w", min=1, help="worker processes (default: one per core for the example, else 1)")] = None,
+    adapter: Annotated[str | None, typer.Argument(help=f"{ADAPTER_HELP} (default: the built-in examples)", show_default=False)] = None,
+    tool: Annotated[str | None, typer.Argument(help="the tool to run", show_default=False)] = None,
+    arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable); the value is read as JSON where it parses (`3`, `true`, `[1, 2]`), else as text", show_default=False)] = None,
+    args_json: Annotated[str | None, typer.Option("--args", help="arguments as one JSON object, e.g. `'{\"b\": 2}'` (`--arg` overrides its keys)", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=f"{JSON_HELP}: the result (a streaming tool's chunks as a list, at its end); arrays as lists, bytes as base64 text, NaN and infinities as the strings `NaN`, `Infinity`, `-Infinity`")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", "-w", min=1, envvar="TRIO_BRIDGE_WORKERS", help="worker processes (default: one per core for the examples, else 1)", show_default=False)] = None,
     example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep, tools or cluster")] = "digits",
-    host_tools: Annotated[str | None, typer.Option("--host-tools", help="host tools for the workers: module:function,...")] = None,
-    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
+    host_tools: Annotated[str | None, typer.Option("--host-tools", envvar="TRIO_BRIDGE_HOST_TOOLS", help="host tools for the workers: module:function,...", show_default=False)] = None,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, envvar="TRIO_BRIDGE_SHUTDOWN_TIMEOUT", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
+
+    `trio-bridge run ADAPTER TOOL --arg a=1 --args '{"b": 2}'`; with `--json` the output is one
+    JSON document: `trio-bridge run ADAPTER TOOL --json | jq .`
 
     With no arguments, run the built-in example: train a digits classifier in a worker, streaming
     its progress, then classify the held-out images across all workers. `--example sweep` runs
     the session-variables example: a Trio optimizer sweeps `temperature` while workers use it.
     `--example tools`: worker tools calling host tools and each other. `--example cluster`: two
     host processes sharing a session on Redis, one of them served by a remote worker over TLS.
+
+    Exit status: 0; 1 when the tool or the pool failed (the error on stderr); 2 for a usage
+    error; 130 after Ctrl-C, 143 after SIGTERM (once the pool has shut down).
     """
     from trio_bridge import TrioBridgeError
 
     if adapter is None:
+        if as_json:
+            raise typer.BadParameter("--json prints a tool's result: give ADAPTER and TOOL (the examples print rich output only)")
         if example not in EXAMPLES:
             raise typer.BadParameter(f"--example must be one of {', '.join(EXAMPLES)}, not {example!r}")
         main: Any = lambda: EXAMPLES[example](workers or os.cpu_count() or 1)  # noqa: E731
@@ -58,7 +92,9 @@ def run(
         if tool is None:
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
         functions = _load_host_tools(host_tools)
-        main = lambda: _run_tool(adapter, tool, arg or [], json_args, workers or 1, functions, shutdown_timeout)  # noqa: E731
+        main = lambda: _run_tool(  # noqa: E731
+            adapter, tool, arg or [], args_json, workers or 1, functions, shutdown_timeout, as_json=as_json,
+        )
     received = _cli_signals.received  # those that came during start-up too (see trio_bridge.__main__)
     previous = _cli_signals.remember_signals()  # until the exit status is decided: see _run_until_signal
     try:
@@ -172,10 +208,16 @@ def _kill_workers() -> None:
 
 
 @app.command()
-def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName")]) -> None:
+def tools(
+    adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
     """List an adapter's tools: parameters (with types and defaults), streaming flag, description.
 
-    The adapter is imported here but its setup() is not run.
+    The adapter is imported here but its `setup()` is not run. With `--json`:
+    `{"adapter": ..., "tools": [{"name", "description", "streaming", "parameters": [{"name",
+    "type", "required", "default", "description"}]}]}`, tools sorted by name (`type` is `""`
+    where the parameter has no annotation, `default` is `null` where it is required).
     """
     from trio_bridge._host._tools import tool_info
     from trio_bridge._wire.tool_spec import tool_spec
@@ -188,13 +230,28 @@ def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName"
     except (ImportError, AttributeError, ValueError) as exc:
         err_console.print(f"[red]error[/]: cannot load adapter {adapter!r}: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
+    infos = [tool_info(tool_spec(d)) for d in sorted(collect_tools(cls()).values(), key=lambda d: d.name)]
+    if as_json:
+        _print_json({
+            "adapter": adapter,
+            "tools": [
+                {
+                    "name": info.name, "description": info.description, "streaming": info.streaming,
+                    "parameters": [
+                        {"name": p.name, "type": p.type, "required": p.required, "default": p.default, "description": p.description}
+                        for p in info.parameters
+                    ],
+                }
+                for info in infos
+            ],
+        })
+        return
     table = Table(title=f"tools of {adapter}")
     table.add_column("tool", style="bold")
     table.add_column("streaming")
     table.add_column("parameters")
     table.add_column("description")
-    for definition in sorted(collect_tools(cls()).values(), key=lambda d: d.name):
-        info = tool_info(tool_spec(definition))
+    for info in infos:
         params = []
         for p in info.parameters:
             text = f"{p.name}: {p.type or 'any'}"
@@ -207,24 +264,25 @@ def tools(adapter: Annotated[str, typer.Argument(help="package.module:ClassName"
 
 @app.command()
 def worker(
-    adapter: Annotated[str, typer.Argument(help="package.module:ClassName")],
-    listen: Annotated[str, typer.Option("--listen", help="tcp://HOST:PORT to serve hosts on (port 0: any free port)")],
-    token_file: Annotated[str, typer.Option("--token-file", help="a file holding the token shared with the hosts")],
-    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="this worker's certificate (PEM)")] = None,
-    tls_key: Annotated[str | None, typer.Option("--tls-key", help="its private key (PEM)")] = None,
-    tls_ca: Annotated[str | None, typer.Option("--tls-ca", help="the CA of the hosts' certificates (mutual TLS)")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="allow plain TCP beyond loopback")] = False,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="calls served at once")] = 1,
-    join: Annotated[str | None, typer.Option("--join", help="tcp://HOST:PORT of a host's listen= to offer this worker to")] = None,
-    advertise: Annotated[str | None, typer.Option("--advertise", help="HOST:PORT where hosts reach this worker")] = None,
+    adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
+    listen: Annotated[str, typer.Option("--listen", envvar="TRIO_BRIDGE_LISTEN", help="tcp://HOST:PORT to serve hosts on (port 0: any free port)", show_default=False)],
+    token_file: Annotated[str, typer.Option("--token-file", envvar="TRIO_BRIDGE_TOKEN_FILE", help="a file holding the token shared with the hosts", show_default=False)],
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", envvar="TRIO_BRIDGE_TLS_CERT", help="this worker's certificate (PEM)", show_default=False)] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", envvar="TRIO_BRIDGE_TLS_KEY", help="its private key (PEM)", show_default=False)] = None,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", envvar="TRIO_BRIDGE_TLS_CA", help="the CA of the hosts' certificates (mutual TLS)", show_default=False)] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", envvar="TRIO_BRIDGE_INSECURE", help="allow plain TCP beyond loopback")] = False,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, envvar="TRIO_BRIDGE_CONCURRENCY", help="calls served at once")] = 1,
+    join: Annotated[str | None, typer.Option("--join", envvar="TRIO_BRIDGE_JOIN", help="tcp://HOST:PORT of a host's `listen=` to offer this worker to", show_default=False)] = None,
+    advertise: Annotated[str | None, typer.Option("--advertise", envvar="TRIO_BRIDGE_ADVERTISE", help="HOST:PORT where hosts reach this worker", show_default=False)] = None,
 ) -> None:
-    """Serve ADAPTER to hosts on other machines: they list it in
-    ``open_pool(..., remote_workers=["tcp://THIS-MACHINE:PORT"], token=..., tls=...)``.
+    """Serve ADAPTER to hosts on other machines.
 
-    With --join, it also offers itself to that host (every few seconds: a restarted host finds
-    it again), which dials it back at --advertise (default: the --listen address). Runs until
-    Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next one may attach. Both directions check the token; with --tls-cert/--tls-key both are TLS (mutual
-    with --tls-ca).
+    Hosts list it in `open_pool(..., remote_workers=["tcp://THIS-MACHINE:PORT"], token=...,
+    tls=...)`. With `--join`, it also offers itself to that host (every few seconds: a restarted
+    host finds it again), which dials it back at `--advertise` (default: the `--listen`
+    address). Runs until Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next
+    one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
+    TLS (mutual with `--tls-ca`).
     """
     import asyncio
 
@@ -270,15 +328,66 @@ def worker(
     raise typer.Exit(code)
 
 
-def _parse_arguments(pairs: list[str], json_args: str | None, parameters: dict[str, str]) -> dict[str, Any]:
+@app.command()
+def doctor(
+    redis_url: Annotated[str | None, typer.Option("--redis", envvar="TRIO_BRIDGE_REDIS_URL", help="a Redis URL to reach (`redis://HOST:PORT/DB`, `rediss://` for TLS)", show_default=False)] = None,
+    address: Annotated[str | None, typer.Option("--address", envvar="TRIO_BRIDGE_LISTEN", help="an address to bind, as a worker's `--listen` would: tcp://HOST:PORT, HOST:PORT or unix:PATH", show_default=False)] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", envvar="TRIO_BRIDGE_TLS_CERT", help="a certificate (PEM) to check", show_default=False)] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", envvar="TRIO_BRIDGE_TLS_KEY", help="its private key (PEM)", show_default=False)] = None,
+    tls_ca: Annotated[str | None, typer.Option("--tls-ca", envvar="TRIO_BRIDGE_TLS_CA", help="a CA bundle (PEM) to check", show_default=False)] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="seconds for each network check")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help=f"{JSON_HELP}: `{{\"version\": ..., \"ok\": ..., \"checks\": [{{\"name\", \"status\", \"detail\"}}]}}`")] = False,
+) -> None:
+    """Check that this machine can run trio-bridge: one verdict per check, ok, warn or fail.
+
+    Always: the Python version, the key dependencies (installed, within trio-bridge's
+    requirements, importable), `/dev/shm` (present, writable, free space: big arrays travel
+    there) and the fork server (fast worker starts). When given: a Redis server answers
+    (`--redis`), an address can be bound (`--address`), TLS files load and are in date
+    (`--tls-cert`, `--tls-key`, `--tls-ca`). The environment variables are those `trio-bridge
+    worker` reads, so `trio-bridge doctor` checks a worker's configuration before it starts.
+
+    Exit status: 0 when no check failed (warnings included), 1 otherwise.
+    """
+    from rich import box
+
+    from trio_bridge._doctor import run_checks
+
+    checks = run_checks(redis_url=redis_url, address=address, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, timeout=timeout)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if as_json:
+        _print_json({
+            "version": __version__, "ok": not failed,
+            "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in checks],
+        })
+    else:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("check", no_wrap=True)
+        table.add_column("verdict", no_wrap=True)
+        table.add_column("why")
+        styles = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+        for c in checks:  # Text: a detail may hold brackets that are not markup
+            table.add_row(Text(c.name), Text(c.status, style=styles[c.status]), Text(c.detail))
+        console.print(f"trio-bridge {__version__} doctor")
+        console.print(table)
+        warned = sum(c.status == "warn" for c in checks)
+        if failed:
+            console.print(f"[bold red]{len(failed)} check(s) failed[/]: {', '.join(failed)}")
+        else:
+            console.print(f"[green]no check failed[/] ({warned} warning(s))" if warned else "[green]all checks passed[/]")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _parse_arguments(pairs: list[str], args_json: str | None, parameters: dict[str, str]) -> dict[str, Any]:
     arguments: dict[str, Any] = {}
-    if json_args:
+    if args_json:
         try:
-            loaded = json.loads(json_args)
+            loaded = json.loads(args_json)
         except json.JSONDecodeError as exc:
-            raise typer.BadParameter(f"--json is not valid JSON: {exc}") from None
+            raise typer.BadParameter(f"--args is not valid JSON: {exc}") from None
         if not isinstance(loaded, dict):
-            raise typer.BadParameter("--json must be a JSON object")
+            raise typer.BadParameter("--args must be a JSON object")
         arguments.update(loaded)
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -316,8 +425,8 @@ def _load_host_tools(spec: str | None) -> list[Any]:
 
 
 async def _run_tool(
-    adapter: str, tool: str, pairs: list[str], json_args: str | None, workers: int, host_tools: list[Any],
-    shutdown_timeout: float = 5.0,
+    adapter: str, tool: str, pairs: list[str], args_json: str | None, workers: int, host_tools: list[Any],
+    shutdown_timeout: float = 5.0, *, as_json: bool = False,
 ) -> None:
     import trio_bridge
 
@@ -328,13 +437,41 @@ async def _run_tool(
         spec = specs.get(tool)
         if spec is None:
             raise trio_bridge.ToolNotFoundError(tool, list(specs))
-        arguments = _parse_arguments(pairs, json_args, {p.name: p.type for p in spec.parameters})
+        arguments = _parse_arguments(pairs, args_json, {p.name: p.type for p in spec.parameters})
         if spec.streaming:
             async with pool.stream(tool, arguments) as chunks:
+                if as_json:
+                    _print_json([chunk async for chunk in chunks])
+                    return
                 async for chunk in chunks:
                     pprint(chunk, console=console, expand_all=False)
+        elif as_json:
+            _print_json(await pool.execute(tool, arguments))
         else:
             pprint(await pool.execute(tool, arguments), console=console)
+
+
+def _print_json(value: Any) -> None:
+    """``value`` on stdout as one JSON document (see :func:`_plain`), plain text for pipes: rich
+    would wrap long lines and colour them."""
+    typer.echo(json.dumps(_plain(value), indent=2, ensure_ascii=False, allow_nan=False, default=repr))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: dicts (keys as text), lists and tuples, numpy arrays
+    (as nested lists) and scalars, bytes (as base64 text), NaN and infinities (as the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: jq and most parsers refuse them bare)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else json.dumps(value)  # json.dumps: NaN, Infinity, -Infinity
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(value).decode("ascii")
+    if not isinstance(value, (str, int)) and callable(getattr(value, "tolist", None)):
+        return _plain(value.tolist())  # numpy arrays and scalars
+    return value
 
 
 async def _run_example(workers: int) -> None:

@@ -385,8 +385,11 @@ def open_pool(
         state: where sessions and variables live: a backend, or a Redis URL
             (``"redis://host:6379/0"``: a :class:`RedisBackend`, shared by every host that uses
             it); default: a new in-memory backend. Both get the quotas below.
-        max_sessions, max_variables_per_session, max_value_bytes (encoded), history_limit
-            (past values kept per variable): quotas of the backend made from ``state``.
+        max_sessions: sessions that may exist at once (a quota of the backend made from
+            ``state``, as are the next three).
+        max_variables_per_session: variables a session may hold.
+        max_value_bytes: the largest encoded value a variable may hold, in bytes.
+        history_limit: past values kept per variable.
         handle_signals: while the pool is open, SIGINT and SIGTERM -- where the process still
             has Python's default handlers for them and the pool runs in the main thread --
             cancel the block and close the pool in order, then ``KeyboardInterrupt`` (SIGINT) or
@@ -419,10 +422,11 @@ def open_pool(
             ``trio_bridge._host._forkserver``. ``Pool.start_method`` says which it uses; a
             forked worker keeps every guarantee of a spawned one (own process group, dies with
             the host, exit status and stderr reported).
-        max_calls_per_worker, max_worker_age, max_worker_memory: recycle a worker once it has
-            been given that many calls, has run that many seconds, or its process's RSS
-            reaches that many bytes (sampled every second with psutil; local workers only).
-            ``None`` (default): no such limit. Recycling fails no call and never lowers
+        max_calls_per_worker: recycle a worker once it has been given that many calls
+            (``None``, the default: no such limit; nor for the next two).
+        max_worker_age: recycle a worker once it has run that many seconds.
+        max_worker_memory: recycle a worker once its process's RSS reaches that many bytes
+            (sampled every second with psutil; local workers only). Recycling fails no call and never lowers
             capacity: the replacement starts first and takes the worker's place (the old worker
             serves on meanwhile, so it may pass the limit by the calls of one start-up), then
             the old worker finishes its calls, however long they take, and exits. What the old

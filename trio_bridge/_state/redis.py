@@ -161,8 +161,11 @@ class RedisBackend(StateBackend):
     Args:
         url: ``redis://[:password@]host:port/db`` (``rediss://`` for TLS), as redis-py takes it.
         prefix: of every key it uses.
-        max_sessions, max_variables_per_session, max_value_bytes, history_limit: quotas, as for
-            the memory backend (hosts sharing a Redis should use the same ones).
+        max_sessions: how many sessions may exist at once (hosts sharing a Redis should use
+            the same quotas).
+        max_variables_per_session: how many variables a session may hold.
+        max_value_bytes: the largest encoded value accepted, in bytes.
+        history_limit: how many past values each variable keeps (oldest dropped first).
         lock_lease: seconds an optimization lock lasts unless its holder renews it (workers
             renew theirs while their ``optimizing`` block runs); a holder that died loses it.
         log_length: changes kept per session for watchers (trimmed approximately).

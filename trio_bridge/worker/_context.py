@@ -162,7 +162,8 @@ class SessionContext(metaclass=NoPublicConstructor):
         """Set a variable (validated by the host). Sync tools only.
 
         Raises:
-            InvalidVariableError, VersionConflictError, VariableLockedError, VariableNotFoundError,
+            VariableError: the host refused (``InvalidVariableError``, ``VersionConflictError``,
+                ``VariableLockedError``, ``VariableNotFoundError``); nothing changed.
             QuotaExceededError: the host refused; nothing changed.
         """
         return self._blocking(self._session().set_variable(name, value, expected_version))

@@ -304,6 +304,23 @@ class HeartbeatRequest(betterproto2.Message):
 
     in_flight: "int" = betterproto2.field(3, betterproto2.TYPE_INT32)
 
+    rss_bytes: "int" = betterproto2.field(4, betterproto2.TYPE_UINT64)
+    """
+    The worker's own figures, for the host's metrics (0: not known).
+
+    resident set size now
+    """
+
+    cpu_seconds: "float" = betterproto2.field(5, betterproto2.TYPE_DOUBLE)
+    """
+    user + system CPU time of the process so far
+    """
+
+    calls_served: "int" = betterproto2.field(6, betterproto2.TYPE_UINT64)
+    """
+    tool calls it has answered so far
+    """
+
 
 default_message_pool.register_message("trio_bridge.v1", "HeartbeatRequest", HeartbeatRequest)
 
@@ -637,6 +654,12 @@ class ToolSpec(betterproto2.Message):
     parameters: "list[ParameterSpec]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
 
     streaming: "bool" = betterproto2.field(4, betterproto2.TYPE_BOOL)
+
+    parameters_json_schema: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    The arguments as one JSON object, described in JSON Schema (draft 2020-12), UTF-8 JSON;
+    empty when the peer does not give one.
+    """
 
 
 default_message_pool.register_message("trio_bridge.v1", "ToolSpec", ToolSpec)
