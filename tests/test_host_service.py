@@ -75,7 +75,7 @@ async def open_host(**limits: Any) -> AsyncIterator[Host]:
         calls, tools = _Calls(), ToolRegistry()
         service = HostService(
             boundary, state, calls=calls, tools=tools, plane=None,
-            knows=lambda worker_id: worker_id == "w1", route_for=lambda session_id: Route(session_id, "affinity"),
+            heartbeat=lambda message: message.worker_id == "w1", route_for=lambda session_id: Route(session_id, "affinity"),
         )
         channel_for = ChannelFor([service])
         channel = await boundary.run(channel_for.__aenter__())
@@ -256,7 +256,7 @@ async def test_requests_without_the_pool_secret_are_refused_and_logged(caplog):
         await nursery.start(state.run)
         service = HostService(
             boundary, state, calls=_Calls(), tools=ToolRegistry(), plane=None,
-            knows=lambda _: False, route_for=lambda s: Route(s, "affinity"),
+            heartbeat=lambda _: False, route_for=lambda s: Route(s, "affinity"),
         )
         address, secret = f"unix:@trio-bridge-test-{secrets.token_hex(6)}", secrets.token_hex(16)
         async with boundary.serve([service], address, secret):

@@ -74,12 +74,15 @@ class Calls:
         """Run ``tool`` and return its result (the errors of ``Pool.execute``)."""
         outcome = Outcome.REFUSED
         answered_in: float | None = None
+        queued: float | None = None
         try:
             request = await self._request(tool, arguments, route)
             outcome = Outcome.CANCELLED_QUEUED
+            queued_at = trio.current_time()
             worker = await self._acquire(route, affinity)
             outcome = Outcome.CANCELLED
             started = trio.current_time()
+            queued = started - queued_at
             finished = False
             try:
                 await self._router.enter_session(worker, route)
@@ -106,7 +109,7 @@ class Calls:
             outcome = _refused_if_not_cancelled(outcome, exc)
             raise
         finally:
-            self._metrics.record(outcome, answered_in)
+            self._metrics.record(outcome, answered_in, tool=tool, queued=queued)
 
     # ---- streaming ----
     def stream(
@@ -125,12 +128,14 @@ class Calls:
         try:
             request = await self._request(tool, arguments, route)
             result.outcome = Outcome.CANCELLED_QUEUED
+            queued_at = trio.current_time()
             worker = await self._acquire(route, None)
         except BaseException as exc:
-            self._metrics.record(_refused_if_not_cancelled(result.outcome, exc))
+            self._metrics.record(_refused_if_not_cancelled(result.outcome, exc), tool=tool)
             raise
         result.outcome = Outcome.CANCELLED
         result.started = trio.current_time()
+        queued = result.started - queued_at
         send, receive = trio.open_memory_channel[Any](buffer_size)
         tracker = UserErrorTracker()
         try:
@@ -151,7 +156,7 @@ class Calls:
             raise
         finally:
             self._finish_call(worker, request.call_id, result.done)
-            self._metrics.record(result.outcome, result.answered_in)
+            self._metrics.record(result.outcome, result.answered_in, tool=tool, queued=queued)
 
     async def _pump_stream(
         self, worker: WorkerHandle, request: pb.ExecuteToolRequest, send: trio.MemorySendChannel[Any], result: _StreamResult

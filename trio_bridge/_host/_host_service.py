@@ -59,7 +59,8 @@ class HostService(pb.HostServiceBase):
     calls: runs routed worker-to-worker calls; parks a worker's call while it waits on the host.
     tools: the host tool registry.
     plane: the shared-memory plane of the pool (``None``: in-band only).
-    knows: whether a live worker of the pool has this id (heartbeats).
+    heartbeat: a worker's heartbeat: keeps its figures, and says whether a live worker of the
+        pool has its id.
     route_for: the route of a session's calls, by session id.
     join: takes a remote worker that offers itself, ``join(address, adapter, tool_names)``
         (raises a TrioBridgeError to refuse it); ``None``: the pool takes none.
@@ -67,15 +68,17 @@ class HostService(pb.HostServiceBase):
 
     def __init__(
         self, boundary: Boundary, state: StateBackend, *, calls: RoutedCalls, tools: ToolRegistry,
-        plane: SharedMemoryPlane | None, knows: Callable[[str], bool], route_for: Callable[[str], Route],
+        plane: SharedMemoryPlane | None, heartbeat: Callable[[pb.HeartbeatRequest], bool], route_for: Callable[[str], Route],
         join: Callable[[str, str, list[str]], Awaitable[None]] | None = None,
+        count_host_tool_call: Callable[[str, str], None] | None = None,
     ) -> None:
+        self._count = count_host_tool_call or (lambda tool, outcome: None)
         self._boundary = boundary
         self._state = state
         self._calls = calls
         self._tools = tools
         self._plane = plane
-        self._knows = knows
+        self._heartbeat = heartbeat
         self._route_for = route_for
         self._join = join
 
@@ -89,7 +92,7 @@ class HostService(pb.HostServiceBase):
         return pb.JoinReply()
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self._knows(message.worker_id))
+        return pb.HeartbeatResponse(known=self._heartbeat(message))
 
     # ---- tools ----
     async def list_host_tools(self, m: pb.ListHostToolsRequest) -> pb.ListHostToolsReply:
@@ -99,21 +102,30 @@ class HostService(pb.HostServiceBase):
         return await self._boundary.call_trio(self._execute_host_tool, m)
 
     async def _execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        outcome = "refused"
         try:
-            tool = self._tools.host_tool(m.tool_name, m.session_id)
-            if tool.definition.streaming:
-                raise InvalidArgumentError(f"host tool {m.tool_name!r} is a streaming tool; call it with stream_host_tool()")
-            arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
-        except TrioBridgeError as exc:
-            return pb.ExecuteToolResponse(error=error_info(exc))
-        with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
             try:
-                result = await run_host_tool(tool, arguments)
-            except Exception as exc:
-                return pb.ExecuteToolResponse(error=error_info(exc, kind=TOOL_ERROR))
-            return self._result(result)
-        assert deadline.cancelled_caught
-        return pb.ExecuteToolResponse(error=_deadline_error("host tool", m.tool_name))
+                tool = self._tools.host_tool(m.tool_name, m.session_id)
+                if tool.definition.streaming:
+                    raise InvalidArgumentError(f"host tool {m.tool_name!r} is a streaming tool; call it with stream_host_tool()")
+                arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
+            except TrioBridgeError as exc:
+                return pb.ExecuteToolResponse(error=error_info(exc))
+            outcome = "cancelled"
+            with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
+                try:
+                    result = await run_host_tool(tool, arguments)
+                except Exception as exc:
+                    outcome = "failed"
+                    return pb.ExecuteToolResponse(error=error_info(exc, kind=TOOL_ERROR))
+                reply = self._result(result)
+                outcome = "failed" if reply.error is not None else "completed"
+                return reply
+            assert deadline.cancelled_caught
+            outcome = "deadline_exceeded"
+            return pb.ExecuteToolResponse(error=_deadline_error("host tool", m.tool_name))
+        finally:
+            self._count(m.tool_name, outcome)
 
     async def execute_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         return await self._boundary.call_trio(self._route, m)
@@ -146,8 +158,19 @@ class HostService(pb.HostServiceBase):
                 raise InvalidArgumentError(f"host tool {m.tool_name!r} is not a streaming tool; call it with call_host_tool()")
             arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
         except TrioBridgeError as exc:
+            self._count(m.tool_name, "refused")
             await send(stream.send_message(pb.ToolChunkBatch(error=error_info(exc))))
             return
+        outcome = ["cancelled"]
+        try:
+            await self._stream_checked_host_tool(m, stream, tool, arguments, outcome)
+        finally:
+            self._count(m.tool_name, outcome[0])
+
+    async def _stream_checked_host_tool(
+        self, m: pb.ExecuteToolRequest, stream: grpclib.server.Stream, tool: Any, arguments: dict[str, Any], outcome: list[str],
+    ) -> None:
+        send = self._boundary.run
         chunks_in, chunks_out = trio.open_memory_channel[Any](STREAM_BUFFER)
         failure: list[pb.ErrorInfo] = []
 
@@ -180,9 +203,11 @@ class HostService(pb.HostServiceBase):
                             break
                         index += len(batch)
                         await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))
+            outcome[0] = "failed" if failure else "completed"
             if failure:
                 await send(stream.send_message(pb.ToolChunkBatch(error=failure[0])))
         if deadline.cancelled_caught:
+            outcome[0] = "deadline_exceeded"
             await send(stream.send_message(pb.ToolChunkBatch(error=_deadline_error("host tool", m.tool_name))))
 
     # ---- sessions ----

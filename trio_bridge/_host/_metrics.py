@@ -7,6 +7,7 @@ of calls made (see :class:`PoolStatistics` for what each one means).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
 from collections.abc import Mapping
@@ -85,19 +86,64 @@ class PoolStatistics:
         )
 
 
+#: upper bounds (seconds) of the latency histograms' buckets: 100 us to 60 s
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+class Histogram:
+    """Observations counted into :data:`LATENCY_BUCKETS` (not cumulative), with their sum:
+    what a Prometheus histogram exports, kept without a lock (one thread writes)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
 class Metrics:
-    """The pool's counters. Not thread-safe: touched from the Trio thread only."""
+    """The pool's counters. Written from the Trio thread only; a metrics scrape reads them from
+    another thread (each read is of a whole number or list, so it sees a recent value).
+
+    Attributes:
+        counts: calls by outcome (what :class:`PoolStatistics` shows).
+        by_tool: calls by ``(tool, outcome value)``.
+        queue_wait: seconds calls waited for a worker slot (calls that got one).
+        service_time: seconds from taking a slot to the answer, by tool (answered calls).
+        restarts: workers replaced after they died.
+        host_tool_calls: workers' calls of host tools by ``(tool, outcome)``.
+    """
 
     def __init__(self) -> None:
         self.counts: collections.Counter[Outcome] = collections.Counter()
+        self.by_tool: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.queue_wait = Histogram()
+        self.service_time: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.restarts: int = 0
+        self.host_tool_calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
 
-    def record(self, outcome: Outcome, latency: float | None = None) -> None:
-        """Count one call's outcome; ``latency`` (seconds) for answered calls."""
+    def host_tool_call(self, tool: str, outcome: str) -> None:
+        """A worker's call of a host tool ended (``outcome``: ``completed``, ``failed``,
+        ``refused``, ``cancelled`` or ``deadline_exceeded``)."""
+        self.host_tool_calls[tool, outcome] += 1
+
+    def record(self, outcome: Outcome, latency: float | None = None, *, tool: str = "", queued: float | None = None) -> None:
+        """Count one call of ``tool`` by its outcome; ``latency`` (seconds) for answered calls,
+        ``queued``: seconds it waited for a worker slot, if it got one."""
         self.counts[outcome] += 1
+        self.by_tool[tool, outcome.value] += 1
+        if queued is not None:
+            self.queue_wait.observe(queued)
         if latency is not None and outcome in (Outcome.COMPLETED, Outcome.FAILED):
             self._latencies.append(latency)
+            self.service_time[tool].observe(latency)
 
     def snapshot(self, *, size: int, workers_ready: int, queued: int, in_flight: int, recycles: Mapping[str, int]) -> PoolStatistics:
         ordered = sorted(self._latencies)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar, final, overload
 
 import trio
+from prometheus_client.registry import CollectorRegistry
 
 from trio_bridge import _aio
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
@@ -40,6 +41,7 @@ from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
 from trio_bridge._host._process import launcher
+from trio_bridge._host._prometheus import PoolsCollector, PoolSource, checked_metrics_address, default_registry, serving
 from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
@@ -86,6 +88,8 @@ class Pool(metaclass=NoPublicConstructor):
         self._routes: dict[str, Route] = {}  # open sessions' routes, for calls routed by workers
         self._spec = spec  # for tests that speak the wire contract directly
         self._plane = supervisor.plane
+        self.metrics_address: str | None = None
+        """``"HOST:PORT"`` where its Prometheus metrics are served (``open_pool(metrics_address=)``), once open."""
 
     def __repr__(self) -> str:
         state = "closing" if self._supervisor.closing else "open"
@@ -304,6 +308,7 @@ class PoolParts:
     supervisor: Supervisor
     route_for: Callable[[str], Route]
     plane: SharedMemoryPlane | None
+    metrics: Metrics
 
 
 def open_pool(
@@ -343,6 +348,8 @@ def open_pool(
     worker_env: Callable[[int], Mapping[str, str]] | None = None,
     gpus_per_worker: int | None = None,
     gpus: Sequence[int | str] | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+    metrics_address: str | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -443,6 +450,12 @@ def open_pool(
         gpus: the GPUs ``gpus_per_worker`` shares out, as ``CUDA_VISIBLE_DEVICES`` names them
             (indices or UUIDs); default: the host's own ``CUDA_VISIBLE_DEVICES`` if set, else
             what ``nvidia-smi`` lists.
+        metrics_registry: the prometheus_client registry the pool's metrics are on while it is
+            open (default: prometheus_client's global ``REGISTRY``); see the README's
+            "Metrics" for the metrics, each labelled with ``pool`` (the adapter).
+        metrics_address: ``"HOST:PORT"`` where the pool serves ``metrics_registry`` as
+            Prometheus text (``http://HOST:PORT/metrics``) while it is open (port 0: a free
+            one; ``Pool.metrics_address`` says which); ``None``: not served.
 
     Raises:
         InvalidArgumentError: an option is out of range, or the remote-worker options do not
@@ -466,6 +479,7 @@ def open_pool(
             max_calls_per_worker=max_calls_per_worker, max_worker_age=max_worker_age, max_worker_memory=max_worker_memory,
         ),
         slot_env=(worker_env, gpus_per_worker, gpus),
+        prometheus=(metrics_registry, checked_metrics_address(metrics_address)),
     ))
 
 
@@ -527,6 +541,7 @@ async def _open_pool(
     state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int, stop: SignalStop, remote: tuple[Any, ...], start_method: StartMethod | None = None,
     recycle: RecycleLimits | None = None, slot_env: tuple[Any, Any, Any] = (None, None, None),
+    prometheus: tuple[CollectorRegistry | None, tuple[str, int] | None] = (None, None),
 ) -> AsyncIterator[Pool]:
     remote_workers, listen, advertise, token, tls, insecure = remote
     setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
@@ -608,7 +623,8 @@ async def _open_pool(
 
                     service = HostService(
                         boundary, parts.state, calls=parts.calls, tools=parts.tools, plane=plane,
-                        knows=parts.supervisor.knows, route_for=parts.route_for,
+                        heartbeat=parts.supervisor.heartbeat, route_for=parts.route_for,
+                        count_host_tool_call=parts.metrics.host_tool_call,
                         join=join if setup is not None and setup.listen is not None else None,
                     )
                     async with boundary.serve([service], host_address, secret), contextlib.AsyncExitStack() as stack:
@@ -627,7 +643,7 @@ async def _open_pool(
                     ),
                     max_queue=max_queue, cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
                     health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-                    shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop, recycle=recycle,
+                    shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop, recycle=recycle, prometheus=prometheus,
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                 ) as pool:
                     yield pool
@@ -675,6 +691,7 @@ async def compose(
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
     before_start: Callable[[], Awaitable[None]] | None = None, recycle: RecycleLimits | None = None,
+    prometheus: tuple[CollectorRegistry | None, tuple[str, int] | None] = (None, None),
 ) -> AsyncIterator[Pool]:
     """Wire the pool's parts together, start ``size`` workers made by ``new_worker`` and yield
     the pool; on the way out, shut the workers down.
@@ -713,13 +730,22 @@ async def compose(
         adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
         dispatcher=dispatcher, tools=tools, state=state, spec=spec,
     )
+    registry, metrics_address = prometheus
+    registry = registry if registry is not None else default_registry()
+    if not isinstance(registry, CollectorRegistry):
+        raise InvalidArgumentError(f"metrics_registry must be a prometheus_client CollectorRegistry, not {short_repr(registry)}")
+    source = PoolSource(metrics=metrics, supervisor=supervisor, dispatcher=dispatcher, state=state, plane=plane)
     state.on_session_end.append(pool._session_ended)  # a shared backend outlives the pool
     try:
-        with tracker.resolve_groups():
+        with tracker.resolve_groups(), PoolsCollector.registered(registry, adapter, source):
             parts = PoolParts(
-                state=state, calls=calls, tools=tools, supervisor=supervisor, route_for=pool._route_for, plane=plane
+                state=state, calls=calls, tools=tools, supervisor=supervisor, route_for=pool._route_for, plane=plane,
+                metrics=metrics,
             )
-            async with serve(parts) if serve is not None else contextlib.nullcontext():
+            async with (
+                serving(registry, *metrics_address) if metrics_address is not None else contextlib.nullcontext(None)
+            ) as bound, serve(parts) if serve is not None else contextlib.nullcontext():
+                pool.metrics_address = bound
                 async with trio.open_nursery() as nursery:
                     router.attach(nursery)
                     calls.attach(nursery)

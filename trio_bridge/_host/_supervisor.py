@@ -157,7 +157,19 @@ class Supervisor:
 
     def knows(self, worker_id: str) -> bool:
         """A live worker of this pool has that id (workers ask with their heartbeat)."""
-        return any(h.id == worker_id and h.alive for h in self._all())
+        return self._find_live(worker_id) is not None
+
+    def heartbeat(self, message: pb.HeartbeatRequest) -> bool:
+        """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerHandle.report`);
+        whether the pool knows it."""
+        handle = self._find_live(message.worker_id)
+        if handle is None:
+            return False
+        handle.report(rss=message.rss_bytes, cpu_seconds=message.cpu_seconds, calls_served=message.calls_served)
+        return True
+
+    def _find_live(self, worker_id: str) -> WorkerHandle | None:
+        return next((h for h in self._all() if h.id == worker_id and h.alive), None)
 
     def live_handles(self) -> list[WorkerHandle]:
         return [h for h in self._all() if h.alive]

@@ -90,8 +90,10 @@ class WorkerInfo:
             ``max_calls_per_worker``, ``max_worker_age`` and ``max_worker_memory``): on a worker
             draining to be replaced, why; on its replacement, why its predecessor was;
             ``None`` if the slot's worker was never recycled.
-        rss: the process's resident set size in bytes when last sampled (only pools with
-            ``max_worker_memory`` sample it); ``None`` if not sampled.
+        rss: the process's resident set size in bytes, as its last heartbeat said (or the
+            pool's own sample, with ``max_worker_memory``); ``None`` before the first.
+        cpu_seconds: CPU time its process used so far, as its last heartbeat said; ``None``
+            before the first.
     """
 
     id: str
@@ -107,6 +109,7 @@ class WorkerInfo:
     remote: bool = False
     last_recycle_reason: str | None = None
     rss: int | None = None
+    cpu_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,10 @@ class WorkerHandle:
         """Set once ``calls_ended`` is within a tenth of ``max_calls`` (its replacement starts then)."""
         self.last_recycle_reason: str | None = None
         self.rss: int | None = None
+        self.cpu_seconds: float | None = None
+        """CPU seconds its process used so far, as its last heartbeat said."""
+        self.calls_reported: int | None = None
+        """Calls it served, as its last heartbeat said (a remote worker counts every host's)."""
 
     def _wire(self) -> Boundary:
         """The trio-asyncio boundary its RPCs cross. ``None`` only for a worker with no process
@@ -189,7 +196,7 @@ class WorkerHandle:
             id=self.id, slot=self.slot, pid=self.pid, state=self.state.value, address=self.address,
             calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
             started_at=self.started_at, exit_code=self.exit_code, remote=self.remote,
-            last_recycle_reason=self.last_recycle_reason, rss=self.rss,
+            last_recycle_reason=self.last_recycle_reason, rss=self.rss, cpu_seconds=self.cpu_seconds,
         )
 
     def call_ended(self) -> None:
@@ -214,6 +221,14 @@ class WorkerHandle:
         except psutil.Error:
             return None
         return self.rss
+
+    def report(self, *, rss: int, cpu_seconds: float, calls_served: int) -> None:
+        """What the worker said of itself in its heartbeat (0: it did not say)."""
+        if rss:
+            self.rss = rss
+        if cpu_seconds:
+            self.cpu_seconds = cpu_seconds
+        self.calls_reported = calls_served
 
     def retire(self, reason: str) -> None:
         """Take no new calls: it is to be replaced (``reason``) once its calls have ended."""

@@ -344,6 +344,12 @@ class StateBackend(abc.ABC):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (the TTL reaper); run it in a nursery for the backend's lifetime."""
 
+    def gauges(self) -> dict[str, int]:
+        """What the backend holds now, for metrics: any of ``"sessions"``, ``"variables"`` and
+        ``"watchers"`` (this process's) it can count cheaply and without I/O; may be called
+        from another thread."""
+        return {}
+
 
 @public_module
 class MemoryBackend(StateBackend):
@@ -511,6 +517,14 @@ class MemoryBackend(StateBackend):
                     del feed.logs[v.name]
             if not feed.watchers and self._feeds.get(session_id) is feed:
                 del self._feeds[session_id]
+
+    def gauges(self) -> dict[str, int]:
+        records = self.sessions.records()
+        return {
+            "sessions": len(records),
+            "variables": sum(len(r.variables) for r in records),
+            "watchers": sum(len(feed.watchers) for feed in list(self._feeds.values())),
+        }
 
     # ---- internals ----
     def _touch(self, session_id: str) -> SessionRecord:

@@ -71,6 +71,10 @@ class SessionStore:
     def __contains__(self, session_id: object) -> bool:
         return isinstance(session_id, str) and session_id in self._sessions
 
+    def records(self) -> list[SessionRecord]:
+        """Every session now (a copy of the list: safe to read from another thread)."""
+        return list(self._sessions.values())
+
     def create(self, session_id: str | None, *, ttl: float | None, metadata: dict[str, Any] | None, now: float) -> SessionRecord:
         """Create a session (a random id when ``session_id`` is None).
 

@@ -192,6 +192,15 @@ class SharedMemoryPlane:
             return None
         return cls(directory, int(env.get(THRESHOLD_ENV) or DEFAULT_THRESHOLD))
 
+    def bytes_on_disk(self) -> int:
+        """Bytes of every segment in the pool's directory now (all its processes' segments)."""
+        total = 0
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.directory):
+                with contextlib.suppress(OSError):
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
+
     def environment(self) -> dict[str, str]:
         return {DIRECTORY_ENV: self.directory, THRESHOLD_ENV: str(self.threshold)}
 

@@ -35,6 +35,7 @@ import trio
 from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
 from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
+from trio_bridge._host._prometheus import checked_metrics_address
 from trio_bridge._host._supervisor import RecycleLimits
 from trio_bridge._host._tools import run_host_tool
 from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
@@ -592,7 +593,8 @@ def open_fake_pool(
         open_pool_options: the other options of :func:`~trio_bridge.open_pool` (``max_queue``,
             ``cancel_grace``, ``health_check_interval``, ``restart_backoff``,
             ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state``, the
-            quotas and the recycling limits: a fake's RSS is what the test sets as its ``rss``); those that only concern processes (``transport``, ``python``, ``env``,
+            quotas, the recycling limits -- a fake's RSS is what the test sets as its ``rss`` --
+            and the metrics); those that only concern processes (``transport``, ``python``, ``env``,
             ``adapter_options``, ``shared_memory_threshold``, ``heartbeat_interval``) are
             accepted and have no effect.
 
@@ -647,5 +649,6 @@ async def _open_fake_pool(
             max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
             max_worker_memory=o["max_worker_memory"],
         ),
+        prometheus=(o["metrics_registry"], checked_metrics_address(o["metrics_address"])),
     ) as pool:
         yield FakePool(pool, workers)

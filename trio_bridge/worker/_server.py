@@ -92,6 +92,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.concurrency = concurrency
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tool")
         self.active: dict[str, SessionContext] = {}
+        self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
         self.stopped = asyncio.Event()
@@ -140,7 +141,8 @@ class WorkerService(pb.WorkerServiceBase):
             await self.host.refresh(request.session_id, request.session_state_version)
 
     def _release(self, call_id: str) -> None:
-        self.active.pop(call_id, None)
+        if self.active.pop(call_id, None) is not None:
+            self.calls_served += 1
         if not self.active:
             self._idle.set()
 
@@ -400,12 +402,24 @@ def _deadline_error() -> pb.ErrorInfo:
 # process entry point
 
 
+def _rss_bytes() -> int:
+    """This process's resident set size now (Linux: /proc; elsewhere 0, not known)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 async def _heartbeat(host: HostClient, service: WorkerService, interval: float, forgotten: list[int]) -> None:
     """Tell the host we are alive; stop (exit code ``EXIT_HOST_GONE``) if it no longer knows us."""
     while True:
         try:
             reply = await host.stub.heartbeat(
-                pb.HeartbeatRequest(worker_id=host.worker_id, pid=os.getpid(), in_flight=len(service.active)),
+                pb.HeartbeatRequest(
+                    worker_id=host.worker_id, pid=os.getpid(), in_flight=len(service.active), rss_bytes=_rss_bytes(),
+                    cpu_seconds=time.process_time(), calls_served=service.calls_served,
+                ),
                 timeout=max(interval, 1.0),
             )
             if not reply.known:

@@ -1,0 +1,206 @@
+"""Prometheus metrics of open pools: one collector per registry, reading each pool's parts when
+scraped (nothing is counted twice: calls come from the same counters as ``Pool.statistics()``),
+and the HTTP endpoint of ``open_pool(metrics_address=...)``.
+
+Every metric has a ``pool`` label (the adapter's ``module:Class``; ``#2``, ``#3`` ... for more
+pools of one adapter open at once on the same registry). A scrape runs in the HTTP server's
+thread: it reads counters the Trio thread writes, each read whole under the GIL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+
+from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._host._metrics import LATENCY_BUCKETS, Histogram, Metrics
+from trio_bridge._wire.codec import short_repr
+from trio_bridge._wire.transport import parse_address
+
+if TYPE_CHECKING:
+    from trio_bridge._host._dispatch import Dispatcher
+    from trio_bridge._host._supervisor import Supervisor
+    from trio_bridge._host._worker import WorkerHandle
+    from trio_bridge._state.backend import StateBackend
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane
+
+_WORKER_STATES = ("starting", "ready", "draining", "dead")
+
+
+@dataclass(frozen=True)
+class PoolSource:
+    """What a pool's metrics are read from."""
+
+    metrics: Metrics
+    supervisor: Supervisor
+    dispatcher: Dispatcher[WorkerHandle]
+    state: StateBackend
+    plane: SharedMemoryPlane | None
+
+
+class PoolsCollector(Collector):
+    """The open pools registered on one registry; see the module doc for the metrics."""
+
+    _by_registry: ClassVar[dict[int, PoolsCollector]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        self._pools: dict[str, PoolSource] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def registered(cls, registry: CollectorRegistry, adapter: str, source: PoolSource) -> Iterator[str]:
+        """Show ``source`` on ``registry`` while the block runs; yields its ``pool`` label."""
+        with cls._lock:
+            collector = cls._by_registry.get(id(registry))
+            if collector is None:
+                collector = cls._by_registry[id(registry)] = cls()
+                registry.register(collector)
+            label, n = adapter, 1
+            while label in collector._pools:
+                n += 1
+                label = f"{adapter}#{n}"
+            collector._pools[label] = source
+        try:
+            yield label
+        finally:
+            with cls._lock:
+                del collector._pools[label]
+                if not collector._pools:
+                    registry.unregister(collector)
+                    del cls._by_registry[id(registry)]
+
+    def describe(self) -> list[Metric]:
+        return []  # names vary with the pools open; the registry need not check them
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            pools = list(self._pools.items())
+        families = _Families()
+        for label, source in pools:
+            families.add(label, source)
+        yield from families.all()
+
+
+class _Families:
+    def __init__(self) -> None:
+        p = "trio_bridge_"
+        self.calls = CounterMetricFamily(p + "calls", "Calls by tool and outcome (as Pool.statistics() counts them)", labels=["pool", "tool", "outcome"])
+        self.queue_wait = HistogramMetricFamily(p + "call_queue_wait_seconds", "Seconds calls waited for a worker slot", labels=["pool"])
+        self.service = HistogramMetricFamily(p + "call_service_seconds", "Seconds from taking a worker slot to the answer, answered calls", labels=["pool", "tool"])
+        self.queued = GaugeMetricFamily(p + "queue_length", "Calls waiting for a worker slot", labels=["pool"])
+        self.in_flight = GaugeMetricFamily(p + "calls_in_flight", "Worker slots taken", labels=["pool"])
+        self.workers = GaugeMetricFamily(p + "workers", "Workers by state", labels=["pool", "state"])
+        self.restarts = CounterMetricFamily(p + "worker_restarts", "Workers replaced after they died", labels=["pool"])
+        self.recycles = CounterMetricFamily(p + "worker_recycles", "Workers recycled, by limit", labels=["pool", "reason"])
+        self.sessions = GaugeMetricFamily(p + "sessions", "Sessions in the pool's state backend", labels=["pool"])
+        self.variables = GaugeMetricFamily(p + "variables", "Variables in the pool's state backend", labels=["pool"])
+        self.watchers = GaugeMetricFamily(p + "watchers", "Variable watchers in this process", labels=["pool"])
+        self.host_tools = CounterMetricFamily(p + "host_tool_calls", "Workers' calls of host tools by tool and outcome", labels=["pool", "tool", "outcome"])
+        self.shm = GaugeMetricFamily(p + "shared_memory_bytes", "Bytes of shared-memory segments of the pool's processes", labels=["pool"])
+        self.rss = GaugeMetricFamily(p + "worker_resident_memory_bytes", "Each worker's RSS, as its heartbeat said", labels=["pool", "worker"])
+        self.cpu = CounterMetricFamily(p + "worker_cpu_seconds", "Each worker's CPU time, as its heartbeat said", labels=["pool", "worker"])
+        self.served = CounterMetricFamily(p + "worker_calls", "Calls each worker served, as its heartbeat said", labels=["pool", "worker"])
+
+    def add(self, label: str, source: PoolSource) -> None:
+        metrics, supervisor = source.metrics, source.supervisor
+        for (tool, outcome), count in list(metrics.by_tool.items()):
+            self.calls.add_metric([label, tool, outcome], count)
+        _histogram(self.queue_wait, [label], metrics.queue_wait)
+        for tool, histogram in list(metrics.service_time.items()):
+            _histogram(self.service, [label, tool], histogram)
+        self.queued.add_metric([label], source.dispatcher.queued)
+        self.in_flight.add_metric([label], supervisor.in_flight)
+        handles = supervisor.live_handles()
+        for state in _WORKER_STATES:
+            self.workers.add_metric([label, state], sum(h.state.value == state for h in handles))
+        self.restarts.add_metric([label], metrics.restarts)
+        for reason, count in list(supervisor.recycles.items()):
+            self.recycles.add_metric([label, reason], count)
+        gauges = source.state.gauges()
+        for family, key in ((self.sessions, "sessions"), (self.variables, "variables"), (self.watchers, "watchers")):
+            if key in gauges:
+                family.add_metric([label], gauges[key])
+        for (tool, outcome), count in list(metrics.host_tool_calls.items()):
+            self.host_tools.add_metric([label, tool, outcome], count)
+        if source.plane is not None:
+            self.shm.add_metric([label], source.plane.bytes_on_disk())
+        for h in handles:
+            if h.rss is not None:
+                self.rss.add_metric([label, h.id], h.rss)
+            if h.cpu_seconds is not None:
+                self.cpu.add_metric([label, h.id], h.cpu_seconds)
+            if h.calls_reported is not None:
+                self.served.add_metric([label, h.id], h.calls_reported)
+
+    def all(self) -> list[Metric]:
+        return [
+            self.calls, self.queue_wait, self.service, self.queued, self.in_flight, self.workers, self.restarts,
+            self.recycles, self.sessions, self.variables, self.watchers, self.host_tools, self.shm, self.rss, self.cpu,
+            self.served,
+        ]
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    counts = list(histogram.counts)
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    family.add_metric(labels, buckets, histogram.total)
+
+
+def default_registry() -> CollectorRegistry:
+    return REGISTRY
+
+
+def checked_metrics_address(address: Any) -> tuple[str, int] | None:
+    """``open_pool(metrics_address=)``: ``None``, or ``"HOST:PORT"`` (``tcp:`` optional; port 0
+    picks a free one).
+
+    Raises:
+        InvalidArgumentError: it is not of that form.
+    """
+    if address is None:
+        return None
+    if not isinstance(address, str):
+        raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
+    try:
+        scheme, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
+    except ValueError as exc:
+        raise InvalidArgumentError(f"metrics_address: {exc}") from None
+    if scheme != "tcp" or port is None:
+        raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
+    return host, port
+
+
+@contextlib.asynccontextmanager
+async def serving(registry: CollectorRegistry, host: str, port: int) -> AsyncIterator[str]:
+    """Serve ``registry`` as Prometheus text on ``http://host:port/metrics`` (prometheus_client's
+    own server, in threads) while the block runs; yields ``"host:port"`` as bound.
+
+    Raises:
+        InvalidArgumentError: the address cannot be bound (in use, not this machine's).
+    """
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, host, registry)
+    except OSError as exc:
+        raise InvalidArgumentError(f"metrics_address {host}:{port}: cannot listen there: {exc.strerror or exc}") from None
+    try:
+        bound_port = server.server_address[1]
+        yield f"{host}:{bound_port}"
+    finally:
+        with trio.CancelScope(shield=True):  # the server's threads must not outlive the pool
+            # shutdown() returns once serve_forever has stopped (it polls every 0.5 s)
+            await trio.to_thread.run_sync(server.shutdown)
+            server.server_close()
+            await trio.to_thread.run_sync(thread.join)
