@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Annotated, Any
 
 import typer
@@ -65,6 +66,7 @@ def run(
     example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep, tools or cluster")] = "digits",
     host_tools: Annotated[str | None, typer.Option("--host-tools", envvar="TRIO_BRIDGE_HOST_TOOLS", help="host tools for the workers: module:function,...", show_default=False)] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, envvar="TRIO_BRIDGE_SHUTDOWN_TIMEOUT", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
+    top: Annotated[bool, typer.Option("--top", help="show the pool live on stderr while the tool runs (as `trio-bridge top`)")] = False,
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
 
@@ -83,8 +85,9 @@ def run(
     from trio_bridge import TrioBridgeError
 
     if adapter is None:
-        if as_json:
-            raise typer.BadParameter("--json prints a tool's result: give ADAPTER and TOOL (the examples print rich output only)")
+        if as_json or top:
+            option = "--json prints a tool's result" if as_json else "--top shows the pool while a tool runs"
+            raise typer.BadParameter(f"{option}: give ADAPTER and TOOL (the examples print rich output only)")
         if example not in EXAMPLES:
             raise typer.BadParameter(f"--example must be one of {', '.join(EXAMPLES)}, not {example!r}")
         main: Any = lambda: EXAMPLES[example](workers or os.cpu_count() or 1)  # noqa: E731
@@ -93,7 +96,7 @@ def run(
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
         functions = _load_host_tools(host_tools)
         main = lambda: _run_tool(  # noqa: E731
-            adapter, tool, arg or [], args_json, workers or 1, functions, shutdown_timeout, as_json=as_json,
+            adapter, tool, arg or [], args_json, workers or 1, functions, shutdown_timeout, as_json=as_json, top=top,
         )
     received = _cli_signals.received  # those that came during start-up too (see trio_bridge.__main__)
     previous = _cli_signals.remember_signals()  # until the exit status is decided: see _run_until_signal
@@ -329,6 +332,30 @@ def worker(
 
 
 @app.command()
+def top(
+    address: Annotated[str, typer.Argument(help="where the pool serves its metrics: `open_pool(metrics_address=\"HOST:PORT\")`, as HOST:PORT or an http:// URL", show_default=False)],
+    interval: Annotated[float, typer.Option("--interval", "-n", min=0.1, help="seconds between redraws")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="print one frame and exit (1 if the pool cannot be read)")] = False,
+) -> None:
+    """A live view of a running pool: its workers (id, pid, where, state, RSS, CPU, calls,
+    p50/p99, last recycle reason), its queue, calls, sessions and recent errors.
+
+    It reads the pool's `/status` on its `metrics_address`; Ctrl-C quits.
+    `trio-bridge run ADAPTER TOOL --top` shows the same while a tool runs.
+    """
+    from trio_bridge._top import run_top
+
+    # The CLI's start-up handlers only record signals (for `run`); this command ends on them.
+    if _cli_signals.received:
+        raise typer.Exit(EXIT_INTERRUPTED if _cli_signals.received[0] == signal.SIGINT else EXIT_TERMINATED)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    code = run_top(address, interval=interval, once=once, console=console)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def doctor(
     redis_url: Annotated[str | None, typer.Option("--redis", envvar="TRIO_BRIDGE_REDIS_URL", help="a Redis URL to reach (`redis://HOST:PORT/DB`, `rediss://` for TLS)", show_default=False)] = None,
     address: Annotated[str | None, typer.Option("--address", envvar="TRIO_BRIDGE_LISTEN", help="an address to bind, as a worker's `--listen` would: tcp://HOST:PORT, HOST:PORT or unix:PATH", show_default=False)] = None,
@@ -426,29 +453,55 @@ def _load_host_tools(spec: str | None) -> list[Any]:
 
 async def _run_tool(
     adapter: str, tool: str, pairs: list[str], args_json: str | None, workers: int, host_tools: list[Any],
-    shutdown_timeout: float = 5.0, *, as_json: bool = False,
+    shutdown_timeout: float = 5.0, *, as_json: bool = False, top: bool = False,
+) -> None:
+    import trio
+
+    import trio_bridge
+    from trio_bridge._top import live_view
+
+    async with trio_bridge.open_pool(
+        adapter, size=workers, shutdown_timeout=shutdown_timeout, metrics_address="127.0.0.1:0" if top else None,
+    ) as pool:
+        if pool.metrics_address is None:
+            await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(live_view, pool.metrics_address, console=err_console))
+                try:
+                    await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the view never fails: the tool's error, as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+
+async def _call_tool(
+    pool: Any, tool: str, pairs: list[str], args_json: str | None, host_tools: list[Any], *, as_json: bool,
 ) -> None:
     import trio_bridge
 
-    async with trio_bridge.open_pool(adapter, size=workers, shutdown_timeout=shutdown_timeout) as pool:
-        for function in host_tools:
-            pool.host_tool(function)
-        specs = {t.name: t for t in pool.tools() if t.side == "worker"}
-        spec = specs.get(tool)
-        if spec is None:
-            raise trio_bridge.ToolNotFoundError(tool, list(specs))
-        arguments = _parse_arguments(pairs, args_json, {p.name: p.type for p in spec.parameters})
-        if spec.streaming:
-            async with pool.stream(tool, arguments) as chunks:
-                if as_json:
-                    _print_json([chunk async for chunk in chunks])
-                    return
-                async for chunk in chunks:
-                    pprint(chunk, console=console, expand_all=False)
-        elif as_json:
-            _print_json(await pool.execute(tool, arguments))
-        else:
-            pprint(await pool.execute(tool, arguments), console=console)
+    for function in host_tools:
+        pool.host_tool(function)
+    specs = {t.name: t for t in pool.tools() if t.side == "worker"}
+    spec = specs.get(tool)
+    if spec is None:
+        raise trio_bridge.ToolNotFoundError(tool, list(specs))
+    arguments = _parse_arguments(pairs, args_json, {p.name: p.type for p in spec.parameters})
+    if spec.streaming:
+        async with pool.stream(tool, arguments) as chunks:
+            if as_json:
+                _print_json([chunk async for chunk in chunks])
+                return
+            async for chunk in chunks:
+                pprint(chunk, console=console, expand_all=False)
+    elif as_json:
+        _print_json(await pool.execute(tool, arguments))
+    else:
+        pprint(await pool.execute(tool, arguments), console=console)
 
 
 def _print_json(value: Any) -> None:

@@ -90,6 +90,7 @@ class Calls:
                 finished = True
                 answered_in = trio.current_time() - started
                 worker.calls_served += 1
+                worker.latencies.append(answered_in)
                 if reply.error is not None:
                     outcome = Outcome.FAILED
                     worker.calls_failed += 1
@@ -107,6 +108,8 @@ class Calls:
                 self._finish_call(worker, request.call_id, finished)
         except BaseException as exc:
             outcome = _refused_if_not_cancelled(outcome, exc)
+            if outcome in (Outcome.FAILED, Outcome.CRASHED):
+                self._metrics.error(tool, outcome, exc)
             raise
         finally:
             self._metrics.record(outcome, answered_in, tool=tool, queued=queued)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import final
@@ -17,6 +18,7 @@ from typing import final
 from trio_bridge._util import public_module
 
 _LATENCY_WINDOW = 4096  # answered calls kept for the latency percentiles
+_RECENT_ERRORS = 20     # failed calls kept for the live view
 
 
 class Outcome(enum.Enum):
@@ -127,7 +129,15 @@ class Metrics:
         self.service_time: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.restarts: int = 0
         self.host_tool_calls: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.recent_errors: collections.deque[dict[str, object]] = collections.deque(maxlen=_RECENT_ERRORS)
+        """The last failed or crashed calls: ``{"time" (Unix seconds), "tool", "outcome", "error"}``."""
         self._latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+
+    def error(self, tool: str, outcome: Outcome, exc: BaseException) -> None:
+        """A call failed (``outcome``) with ``exc``: kept among :attr:`recent_errors`."""
+        self.recent_errors.append({
+            "time": time.time(), "tool": tool, "outcome": outcome.value, "error": f"{type(exc).__name__}: {exc}"[:500],
+        })
 
     def host_tool_call(self, tool: str, outcome: str) -> None:
         """A worker's call of a host tool ended (``outcome``: ``completed``, ``failed``,
@@ -156,6 +166,11 @@ class Metrics:
             latency_p50=_percentile(ordered, 0.50), latency_p90=_percentile(ordered, 0.90),
             latency_p99=_percentile(ordered, 0.99),
         )
+
+
+def percentile(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of sorted ``ordered`` (nearest rank); ``None`` if empty."""
+    return _percentile(ordered, q)
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, Literal, TypeVar, final, overload
 
 import trio
@@ -34,6 +35,7 @@ from trio_bridge import _aio
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
+from trio_bridge._host._endpoint import checked_metrics_address, pool_status, serving
 from trio_bridge._host._forkserver import StartMethod, check_start_method, open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
@@ -41,7 +43,7 @@ from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
 from trio_bridge._host._process import launcher
-from trio_bridge._host._prometheus import PoolsCollector, PoolSource, checked_metrics_address, default_registry, serving
+from trio_bridge._host._prometheus import PoolsCollector, PoolSource, default_registry
 from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
@@ -742,8 +744,12 @@ async def compose(
                 state=state, calls=calls, tools=tools, supervisor=supervisor, route_for=pool._route_for, plane=plane,
                 metrics=metrics,
             )
+            status = partial(
+                pool_status, adapter=adapter, workers=pool.workers, statistics=pool.statistics,
+                recent_errors=lambda: list(metrics.recent_errors), gauges=state.gauges,
+            )
             async with (
-                serving(registry, *metrics_address) if metrics_address is not None else contextlib.nullcontext(None)
+                serving(registry, *metrics_address, status) if metrics_address is not None else contextlib.nullcontext(None)
             ) as bound, serve(parts) if serve is not None else contextlib.nullcontext():
                 pool.metrics_address = bound
                 async with trio.open_nursery() as nursery:

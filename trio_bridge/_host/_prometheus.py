@@ -1,6 +1,6 @@
 """Prometheus metrics of open pools: one collector per registry, reading each pool's parts when
-scraped (nothing is counted twice: calls come from the same counters as ``Pool.statistics()``),
-and the HTTP endpoint of ``open_pool(metrics_address=...)``.
+scraped (nothing is counted twice: calls come from the same counters as ``Pool.statistics()``).
+``_endpoint`` serves them.
 
 Every metric has a ``pool`` label (the adapter's ``module:Class``; ``#2``, ``#3`` ... for more
 pools of one adapter open at once on the same registry). A scrape runs in the HTTP server's
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._host._metrics import LATENCY_BUCKETS, Histogram, Metrics
-from trio_bridge._wire.codec import short_repr
-from trio_bridge._wire.transport import parse_address
 
 if TYPE_CHECKING:
     from trio_bridge._host._dispatch import Dispatcher
@@ -159,48 +155,3 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Hist
 
 def default_registry() -> CollectorRegistry:
     return REGISTRY
-
-
-def checked_metrics_address(address: Any) -> tuple[str, int] | None:
-    """``open_pool(metrics_address=)``: ``None``, or ``"HOST:PORT"`` (``tcp:`` optional; port 0
-    picks a free one).
-
-    Raises:
-        InvalidArgumentError: it is not of that form.
-    """
-    if address is None:
-        return None
-    if not isinstance(address, str):
-        raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
-    try:
-        scheme, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
-    except ValueError as exc:
-        raise InvalidArgumentError(f"metrics_address: {exc}") from None
-    if scheme != "tcp" or port is None:
-        raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
-    return host, port
-
-
-@contextlib.asynccontextmanager
-async def serving(registry: CollectorRegistry, host: str, port: int) -> AsyncIterator[str]:
-    """Serve ``registry`` as Prometheus text on ``http://host:port/metrics`` (prometheus_client's
-    own server, in threads) while the block runs; yields ``"host:port"`` as bound.
-
-    Raises:
-        InvalidArgumentError: the address cannot be bound (in use, not this machine's).
-    """
-    from prometheus_client import start_http_server
-
-    try:
-        server, thread = start_http_server(port, host, registry)
-    except OSError as exc:
-        raise InvalidArgumentError(f"metrics_address {host}:{port}: cannot listen there: {exc.strerror or exc}") from None
-    try:
-        bound_port = server.server_address[1]
-        yield f"{host}:{bound_port}"
-    finally:
-        with trio.CancelScope(shield=True):  # the server's threads must not outlive the pool
-            # shutdown() returns once serve_forever has stopped (it polls every 0.5 s)
-            await trio.to_thread.run_sync(server.shutdown)
-            server.server_close()
-            await trio.to_thread.run_sync(thread.join)

@@ -21,6 +21,7 @@ import trio
 from trio_bridge._aio import Boundary, CallStream, TransportError
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._janitor import Janitor
+from trio_bridge._host._metrics import percentile
 from trio_bridge._host._process import LaunchedWorker, launcher, read_lines
 from trio_bridge._util import public_module
 from trio_bridge._wire.contract import (
@@ -58,6 +59,7 @@ _NEXT: dict[WorkerState, frozenset[WorkerState]] = {
 }
 
 _STDERR_TAIL_LINES = 40
+_LATENCY_WINDOW = 1024  # answered calls kept per worker for its latency percentiles
 # What workers write to stderr (tracebacks, tools' print()s): INFO records, "[w3] line".
 _worker_log = logging.getLogger("trio_bridge.worker")
 _EXIT_REPORT_WAIT = 2.0  # seconds to wait for a dying worker's exit status
@@ -94,6 +96,8 @@ class WorkerInfo:
             pool's own sample, with ``max_worker_memory``); ``None`` before the first.
         cpu_seconds: CPU time its process used so far, as its last heartbeat said; ``None``
             before the first.
+        latency_p50, latency_p99: seconds from taking its slot to the answer, over its last
+            1,024 answered unary calls; ``None`` before the first.
     """
 
     id: str
@@ -110,6 +114,8 @@ class WorkerInfo:
     last_recycle_reason: str | None = None
     rss: int | None = None
     cpu_seconds: float | None = None
+    latency_p50: float | None = None
+    latency_p99: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ class WorkerHandle:
         self.calls_nearly_exhausted: trio.Event = trio.Event()
         """Set once ``calls_ended`` is within a tenth of ``max_calls`` (its replacement starts then)."""
         self.last_recycle_reason: str | None = None
+        self.latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        """Seconds its last answered unary calls took (slot to answer), for its percentiles."""
         self.rss: int | None = None
         self.cpu_seconds: float | None = None
         """CPU seconds its process used so far, as its last heartbeat said."""
@@ -197,7 +205,14 @@ class WorkerHandle:
             calls_served=self.calls_served, calls_failed=self.calls_failed, in_flight=self.busy,
             started_at=self.started_at, exit_code=self.exit_code, remote=self.remote,
             last_recycle_reason=self.last_recycle_reason, rss=self.rss, cpu_seconds=self.cpu_seconds,
+            **self._latency_percentiles(),
         )
+
+    def _latency_percentiles(self) -> dict[str, float | None]:
+        if not self.latencies:
+            return {}
+        ordered = sorted(self.latencies)
+        return {"latency_p50": percentile(ordered, 0.5), "latency_p99": percentile(ordered, 0.99)}
 
     def call_ended(self) -> None:
         """A call it was given ended (any outcome): counted towards ``max_calls``."""

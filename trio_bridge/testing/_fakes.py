@@ -34,8 +34,8 @@ import trio
 
 from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
+from trio_bridge._host._endpoint import checked_metrics_address
 from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
-from trio_bridge._host._prometheus import checked_metrics_address
 from trio_bridge._host._supervisor import RecycleLimits
 from trio_bridge._host._tools import run_host_tool
 from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
