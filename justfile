@@ -14,11 +14,12 @@ test-all *args:
 test-real *args:
     {{python}} -m pytest -q -m real_process {{args}}
 
-# Regenerate the betterproto2 code from proto/ (ruff must be on PATH: the plugin formats with it).
+# Regenerate the betterproto2 code and the descriptors (for server reflection) from proto/ (ruff must be on PATH: the plugin formats with it).
 proto:
     rm -rf trio_bridge/_wire/generated
     mkdir -p trio_bridge/_wire/generated
     {{python}} -m grpc_tools.protoc -I proto --python_betterproto2_out=trio_bridge/_wire/generated --python_betterproto2_opt=client_generation=async,server_generation=async proto/trio_bridge/v1/bridge.proto
+    {{python}} -m grpc_tools.protoc -I proto --include_imports --descriptor_set_out=trio_bridge/_wire/generated/bridge.desc proto/trio_bridge/v1/bridge.proto
 
 # The benchmark harness: prints a table and writes benchmarks/results.json.
 bench *args:

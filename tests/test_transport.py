@@ -165,7 +165,7 @@ async def _exchange_big_messages(path: str, ours: tuple[bool, bool]) -> dict[str
     """Big and small messages through a server and a channel, each ours or grpclib's stock one
     (same messages either way); what their connections negotiated."""
     service = _Echo()
-    server = transport.new_server([service], "") if ours[0] else grpclib.server.Server([service])
+    server = transport.new_server([service], "")[0] if ours[0] else grpclib.server.Server([service])
     await server.start(path=path)
     channel = transport.open_channel(f"unix:{path}") if ours[1] else grpclib.client.Channel(path=path)
     try:
@@ -220,7 +220,7 @@ def test_a_stream_of_small_messages_keeps_its_window(tmp_path: Any) -> None:
     # Backpressure: a stream's window widens only to read a message bigger than it.
     async def main() -> Any:
         service = _Echo()
-        server = transport.new_server([service], "")
+        server, _ = transport.new_server([service], "")
         path = str(tmp_path / "s.sock")
         await server.start(path=path)
         channel = transport.open_channel(f"unix:{path}")

@@ -75,7 +75,7 @@ def test_malformed_requests_get_invalid_argument_and_one_short_log_line(tmp_path
 
     async def scenario() -> list[GRPCError]:
         service = await _service()
-        server = new_server([service], "")
+        server, _ = new_server([service], "")
         path = str(tmp_path / "w.sock")
         await server.start(path=path)
         channel = Channel(path=path, codec=_RawCodec())

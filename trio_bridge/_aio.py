@@ -232,7 +232,7 @@ class Boundary:
         """Serve grpclib ``services`` on ``address`` (``"unix:..."``, or ``"tcp:HOST:PORT"``
         with TLS when ``ssl`` is a server context; port 0: any free one) for the block's
         duration; yields the address it listens on."""
-        server = new_server(services, secret)
+        server, health = new_server(services, secret)
         scheme, where, port = parse_address(address)
         if scheme == "unix":
             await self.run(server.start(path=where))
@@ -244,6 +244,7 @@ class Boundary:
         try:
             yield address
         finally:
+            health.set(False)
             with trio.CancelScope(shield=True):
                 if not self.loop.is_closed():
                     server.close()

@@ -12,6 +12,7 @@ import grpclib.events
 from grpclib.exceptions import GRPCError
 
 from trio_bridge._wire.contract import SECRET_METADATA
+from trio_bridge._wire.standard_services import HEALTH_PREFIX
 
 
 class RateLimitedWarning:
@@ -39,7 +40,10 @@ _refusals = RateLimitedWarning(logging.getLogger("trio_bridge.wire"))
 
 async def authenticate(secret: str, event: grpclib.events.RecvRequest) -> None:
     """grpclib ``RecvRequest`` listener: refuse calls without the right secret (before the
-    handler runs), with a rate-limited log line naming the peer."""
+    handler runs), with a rate-limited log line naming the peer. Health checks need none (see
+    :mod:`trio_bridge._wire.standard_services`)."""
+    if event.method_name.startswith(HEALTH_PREFIX):
+        return
     sent = event.metadata.get(SECRET_METADATA, "")
     if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), secret.encode()):
         peer = event.peer.addr() if event.peer is not None else None

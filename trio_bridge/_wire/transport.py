@@ -34,6 +34,7 @@ from grpclib.protocol import H2Protocol
 from trio_bridge._wire import fast_proto
 from trio_bridge._wire.auth import RateLimitedWarning, require_secret
 from trio_bridge._wire.http2 import PARTS_MIN, CoalescingTransport, FastH2Protocol
+from trio_bridge._wire.standard_services import with_standard_services
 
 STREAM_WINDOW = 256 * 1024  # bytes
 CONNECTION_WINDOW = 4 * 1024 * 1024  # bytes: many streams share a connection
@@ -197,11 +198,14 @@ class _CoalescingServer(_FastServer):
         return protocol
 
 
-def new_server(services: list[Any], secret: str, *, coalesce_writes: bool = False) -> grpclib.server.Server:
-    """A grpclib server for ``services`` that refuses calls without ``secret`` (if not empty)
-    and answers malformed requests with ``INVALID_ARGUMENT``; with ``coalesce_writes``, each
-    connection sends what it writes in one loop iteration as one write (a worker's replies)."""
-    server = (_CoalescingServer if coalesce_writes else _FastServer)(services, codec=_ValidatingCodec())
+def new_server(services: list[Any], secret: str, *, coalesce_writes: bool = False) -> tuple[grpclib.server.Server, Any]:
+    """A grpclib server for ``services`` and the standard ones (health, reflection: see
+    :mod:`standard_services`) that refuses calls without ``secret`` (if not empty; health
+    excepted) and answers malformed requests with ``INVALID_ARGUMENT``; with
+    ``coalesce_writes``, each connection sends what it writes in one loop iteration as one
+    write (a worker's replies). Returns it and its health status (``.set(False)``: draining)."""
+    everything, health = with_standard_services(services)
+    server = (_CoalescingServer if coalesce_writes else _FastServer)(everything, codec=_ValidatingCodec())
     if secret:
         require_secret(server, secret)
-    return server
+    return server, health

@@ -367,7 +367,8 @@ def _preload(adapter: str) -> Callable[[list[str]], Any]:
 
     The warm-up runs none of the adapter's code: its tools are derived once from an instance
     made without ``__init__`` (``cls.__new__``) and dropped -- that imports and primes the
-    argument validators (pydantic) -- and the worker's event-loop factory is resolved (uvloop).
+    argument validators (pydantic) -- the worker's event-loop factory is resolved (uvloop), and
+    the standard services' modules are imported (health, reflection: protobuf).
     Measured: a forked worker ready in ~25 ms instead of ~150 ms without the warm-up.
     """
     from trio_bridge.worker import _server
@@ -380,6 +381,10 @@ def _preload(adapter: str) -> Callable[[list[str]], Any]:
         loop_factory = getattr(_server, "loop_factory", None)
         if loop_factory is not None:
             loop_factory(os.environ)
+    with contextlib.suppress(BaseException):  # health and reflection: protobuf, descriptors (~50 ms)
+        from trio_bridge._wire.standard_services import with_standard_services
+
+        with_standard_services([])
     return _server.main
 
 

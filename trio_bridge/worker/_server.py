@@ -95,6 +95,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
+        self.health: Any = None  # its server's health status (grpclib ServiceStatus), once serving
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -323,6 +324,8 @@ class WorkerService(pb.WorkerServiceBase):
 
     async def shutdown(self, message: pb.ShutdownRequest) -> pb.ShutdownResponse:
         self.draining = True
+        if self.health is not None:
+            self.health.set(False)  # grpc.health.v1: NOT_SERVING while it drains
         self._loop.create_task(self._drain(message.grace_seconds))
         return pb.ShutdownResponse()
 
@@ -509,7 +512,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server = new_server([service], env.get(SECRET_ENV, ""), coalesce_writes=True)
+    server, service.health = new_server([service], env.get(SECRET_ENV, ""), coalesce_writes=True)
     try:
         scheme, where, port = parse_address(args.listen)
     except ValueError as exc:

@@ -1,0 +1,82 @@
+"""The standard gRPC services on trio-bridge's servers, seen from another gRPC stack (grpcio, a
+client compiled from the standard .protos alone): grpc.health.v1 without the pool secret, server
+reflection with it; and health turning NOT_SERVING while a worker drains."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+from grpclib.client import Channel
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+from tests.test_worker_service import _service
+from trio_bridge import open_pool
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.transport import new_server
+
+CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standard_services_client.py")
+
+
+def grpcio_target(address: str) -> str:
+    """Our ``unix:@name`` (Linux's abstract namespace) as grpcio names it."""
+    if address.startswith("unix:@"):
+        return "unix-abstract:" + address.removeprefix("unix:@")
+    return address.removeprefix("tcp:")
+
+
+async def ask_with_grpcio(address: str, secret: str) -> dict:
+    import trio
+
+    result = await trio.run_process(
+        [sys.executable, CLIENT, grpcio_target(address), secret], capture_stdout=True, capture_stderr=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+@pytest.mark.real_process
+async def test_a_worker_answers_health_checks_and_reflection_from_grpcio():
+    async with open_pool("tests.adapters:Echo", size=1) as pool:
+        (worker,) = pool.workers()
+        seen = await ask_with_grpcio(worker.address, pool._spec.secret)
+    assert seen["health "] == "SERVING"  # the whole server, with no secret
+    assert seen["health trio_bridge.v1.WorkerService"] == "SERVING"
+    assert seen["health trio_bridge.v1.HostService"] == "NOT_FOUND"  # not served there
+    assert seen["reflection without secret"] == "UNAUTHENTICATED"
+    assert {"trio_bridge.v1.WorkerService", "grpc.health.v1.Health"} <= set(seen["services"])
+    assert seen["files"] == ["trio_bridge/v1/bridge.proto"]
+    assert {"Calls", "Describe", "ExecuteStreamingTool", "ExecuteTool", "Ping", "Shutdown"} <= set(seen["worker rpcs"])
+
+
+@pytest.mark.real_process
+async def test_the_host_service_answers_health_checks_and_reflection_from_grpcio():
+    async with open_pool("tests.adapters:Echo", size=1) as pool:
+        seen = await ask_with_grpcio(pool._spec.host_address, pool._spec.secret)
+    assert seen["health "] == seen["health trio_bridge.v1.HostService"] == "SERVING"
+    assert seen["reflection without secret"] == "UNAUTHENTICATED"
+    assert "trio_bridge.v1.HostService" in seen["services"]
+
+
+def test_a_draining_worker_says_not_serving(tmp_path):
+    async def scenario() -> list[int]:
+        service = await _service()
+        server, service.health = new_server([service], "")
+        path = str(tmp_path / "w.sock")
+        await server.start(path=path)
+        channel = Channel(path=path)
+        try:
+            health = HealthStub(channel)
+            before = await health.Check(HealthCheckRequest(service=""))
+            await pb.WorkerServiceStub(channel).shutdown(pb.ShutdownRequest(grace_seconds=5))
+            after = await health.Check(HealthCheckRequest(service="trio_bridge.v1.WorkerService"))
+            return [before.status, after.status]
+        finally:
+            channel.close()
+            server.close()
+
+    assert asyncio.run(scenario()) == [HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING]
