@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -31,20 +33,52 @@ big_ints = st.one_of(
     st.sampled_from([(1, 2, 2048, -1), (1, 2, 2048, 0), (-1, 2, 2048, 0), (-1, 2, 2048, -1), (1, 10, 4300, 0),
                      (1, 10, 5000, 0), (-1, 10, 9000, 0)]).map(lambda t: t[0] * (t[1] ** t[2] + t[3])),
 )
+# around the edge of JSON's interoperable ints, ±(2**53 - 1): past it, ints travel tagged
+edge_ints = st.builds(lambda sign, offset: sign * (2**53 + offset), st.sampled_from([1, -1]), st.integers(-3, 3))
+special_floats = st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 0.0, 5e-324, 1.7976931348623157e308])
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200), big_ints,
-    st.floats(allow_nan=True, allow_infinity=True), st.text(), st.binary(),
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**200), max_value=2**200), big_ints, edge_ints,
+    st.floats(allow_nan=True, allow_infinity=True), special_floats, st.text(), st.binary(),
 )
-keys = st.one_of(st.text(max_size=8), st.just("\x00tb"), st.sampled_from(["b", "i", "a", "d", "s", "v"]))
+_TAG = "\x00tb"
+_TAG_KINDS = ["b", "a", "m", "n", "f", "d", "zz"]
+keys = st.one_of(st.text(max_size=8), st.just(_TAG), st.sampled_from(["b", "i", "a", "d", "s", "v", "h", "f", "n", "m", "g", "o"]))
+
+
+def _tag_like(children):
+    """User dicts that look like tags (or are one but for a member): they must come back as they were."""
+    return st.one_of(
+        st.fixed_dictionaries({_TAG: st.sampled_from(_TAG_KINDS)}, optional={"i": st.integers(0, 2), "v": children, "h": st.just("ff")}),
+        st.fixed_dictionaries({"v": children, _TAG: st.sampled_from(_TAG_KINDS)}),
+        st.fixed_dictionaries({_TAG: st.sampled_from(_TAG_KINDS), "v": st.sampled_from(["nan", "inf", "-inf"])}),
+        st.fixed_dictionaries({_TAG: children}),
+    )
+
+
 values = st.recursive(
     st.one_of(scalars, arrays),
     lambda children: st.one_of(
         st.lists(children, max_size=5),
         st.tuples(children, children),
         st.dictionaries(keys, children, max_size=5),
+        _tag_like(children),
     ),
     max_leaves=25,
 )
+
+
+def strict_json(document: bytes) -> object:
+    """Parse ``document`` as a strict parser of another language would: ASCII/UTF-8 RFC 8259 JSON,
+    no ``NaN``/``Infinity``, no integer a double cannot hold exactly."""
+
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON: {document[:200]!r}")
+
+    def exact_int(text):
+        assert abs(int(text)) <= 2**53 - 1, f"integer {text[:40]} is beyond a double's exact range"
+        return int(text)
+
+    return json.loads(document.decode("ascii"), parse_constant=refuse, parse_int=exact_int)
 
 
 def assert_same(expected, actual, path="value", shared_from=None):
@@ -78,8 +112,13 @@ def assert_same(expected, actual, path="value", shared_from=None):
 @example(10**5000)
 @example(-(10**9000))
 @example([1, 10**5000, {"a": -(10**9000), "b": (2**2048, 2**2048 - 1)}])
-def test_every_supported_value_round_trips(value):
+@example([math.nan, math.inf, -math.inf, -0.0, 2**53 - 1, 2**53, -(2**53 - 1), -(2**53)])
+@example({"\x00tb": "f", "v": "nan"})
+@example([{"\x00tb": "n", "h": "ff"}, {"\x00tb": "d", "v": [["a", 1]]}, {"x": {"\x00tb": "zz"}}])
+@example({"\x00tb": "d", "v": [["\x00tb", "b"], ["i", 0]]})
+def test_every_supported_value_round_trips_as_standard_json(value):
     payload = encode(value)
+    strict_json(payload.json)
     assert_same(value, decode(type(payload).parse(bytes(payload))))
 
 
@@ -125,10 +164,35 @@ def test_self_containing_value_is_refused_not_crashing():
         encode(loop)
 
 
-def test_big_ints_travel_as_hex_and_small_ones_as_json_numbers():
-    assert encode(2**2048 - 1).json == str(2**2048 - 1).encode()
+def test_ints_past_a_doubles_exact_range_travel_as_hex_and_the_others_as_json_numbers():
+    assert encode([2**53 - 1, -(2**53 - 1)]).json == b"[9007199254740991,-9007199254740991]"
+    assert encode(2**53).json == b'{"\\u0000tb":"n","h":"20000000000000"}'
+    assert encode({"k": -(2**53)}).json == b'{"k":{"\\u0000tb":"n","h":"-20000000000000"}}'
     assert encode(-(2**2048)).json == b'{"\\u0000tb":"n","h":"-1' + b"0" * 512 + b'"}'
+    assert encode(np.uint64(2**64 - 1)).json == b'{"\\u0000tb":"n","h":"ffffffffffffffff"}'
     assert decode(encode({"n": [10**5000]})) == {"n": [10**5000]}
+
+
+def test_non_finite_floats_travel_tagged_and_negative_zero_as_a_json_number():
+    assert encode([math.nan, math.inf, -math.inf, -0.0, 1.5]).json == (
+        b'[{"\\u0000tb":"f","v":"nan"},{"\\u0000tb":"f","v":"inf"},{"\\u0000tb":"f","v":"-inf"},-0.0,1.5]'
+    )
+    assert encode({"loss": np.float32("nan")}).json == b'{"loss":{"\\u0000tb":"f","v":"nan"}}'
+    assert encode((1, 2.0)).json == b"[1,2.0]"  # a float stays a float: 2.0, not 2
+
+
+def test_tagging_floats_leaves_the_callers_values_alone():
+    inner = [1.0, math.inf]
+    value = {"a": inner, "b": (math.nan,), "c": b"x"}
+    payload = encode(value)
+    assert inner == [1.0, math.inf] and type(value["b"]) is tuple and len(payload.blobs) == 1
+    assert_same(value, decode(payload))
+
+
+def test_a_user_dict_with_the_reserved_key_is_escaped_not_read_as_a_tag():
+    value = {"\x00tb": "f", "v": "nan"}
+    assert encode(value).json == b'{"\\u0000tb":"d","v":[["\\u0000tb","f"],["v","nan"]]}'
+    assert decode(encode(value)) == value
 
 
 def test_big_ints_survive_the_lowest_digit_limit_on_either_side():
@@ -176,6 +240,66 @@ def test_malformed_payload_is_a_value_error():
     payload.blobs = []
     with pytest.raises(ValueError, match="malformed"):
         decode(payload)
+
+
+@pytest.mark.parametrize(
+    ("document", "blobs", "message"),
+    [
+        (b"[NaN]", [], "NaN is not JSON"),
+        (b'{"x":-Infinity}', [], "-Infinity is not JSON"),
+        (b'[1, {"\\u0000tb":"b","i":0}, Infinity]', [b""], "Infinity is not JSON"),
+        (b"[1,", [], "Expecting value"),
+        (b'"\xff"', [], "not UTF-8"),
+        (b'{"\\u0000tb":"q"}', [], "unknown tag 'q'"),
+        (b'{"\\u0000tb":7}', [], "unknown tag 7"),
+        (b'{"\\u0000tb":null}', [], "unknown tag None"),
+        (b'{"\\u0000tb":"b"}', [b"x"], "tag 'b': \"i\" must index Payload.blobs (0 to 0), not None"),
+        (b'{"\\u0000tb":"b","i":-1}', [b"x"], "tag 'b': \"i\" must index Payload.blobs (0 to 0), not -1"),
+        (b'{"\\u0000tb":"b","i":true}', [b"x"], "not True"),
+        (b'{"\\u0000tb":"f","v":"NaN"}', [], "tag 'f': \"v\" must be \"nan\", \"inf\" or \"-inf\", not 'NaN'"),
+        (b'{"\\u0000tb":"f","v":1.5}', [], "tag 'f'"),
+        (b'{"\\u0000tb":"n","h":"0x1f"}', [], "tag 'n': \"h\" must be lowercase hexadecimal digits"),
+        (b'{"\\u0000tb":"n","h":" 1_f"}', [], "tag 'n'"),
+        (b'{"\\u0000tb":"n","h":31}', [], "tag 'n'"),
+        (b'{"\\u0000tb":"d","v":[["a"]]}', [], "tag 'd': \"v\" must be a list of [str key, value] pairs"),
+        (b'{"\\u0000tb":"d","v":[[1,2]]}', [], "tag 'd'"),
+        (b'{"\\u0000tb":"a","i":0,"d":"|O8","s":[1]}', [b"x" * 8], "tag 'a': \"d\" must be a numpy dtype.str without objects"),
+        (b'{"\\u0000tb":"a","i":0,"d":"<f8","s":[2]}', [b"x" * 8], "tag 'a': 2 items of dtype <f8 need 16 bytes, its blob has 8"),
+        (b'{"\\u0000tb":"a","i":0,"d":"<f8","s":[-1]}', [b"x" * 8], "tag 'a': \"s\" must be a list of ints >= 0"),
+        (b'{"\\u0000tb":"a","i":0,"d":"<f8","s":"1"}', [b"x" * 8], "tag 'a': \"s\""),
+        (b'{"\\u0000tb":"a","i":0,"d":"<b8","s":[1]}', [b"x" * 8], "tag 'a': \"d\": data type '<b8' not understood"),
+    ],
+)
+def test_malformed_input_is_refused_naming_the_problem(document, blobs, message):
+    with pytest.raises(ValueError) as info:
+        decode(Payload(json=document, blobs=blobs), plane=None)
+    assert str(info.value).startswith("malformed payload") or "Expecting" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_malformed_shared_memory_references_are_refused_naming_the_problem(plane):
+    base = {"\x00tb": "m", "n": "1-0-0123abcd", "g": 1, "o": 0, "d": "<f8", "s": [1]}
+    for change, message in [({"g": "1"}, "tag 'm': \"n\" must be a str, \"g\" and \"o\" ints >= 0"), ({"o": -8}, "tag 'm'"),
+                            ({"d": "O"}, "tag 'm': \"d\""), ({"n": "../x"}, "malformed shared-memory name")]:
+        document = json.dumps(base | change).encode()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            decode(Payload(json=document), plane=plane)
+
+
+def test_fields_that_arrive_as_memoryviews_decode_the_same():
+    """fast_proto hands a big ``bytes`` field over as a memoryview."""
+    value = {"b": b"xyz", "a": np.arange(4.0), "t": ["\u2603", math.nan]}
+    payload = encode(value, plane=None)
+    views = Payload(json=memoryview(bytearray(payload.json)), blobs=[memoryview(bytearray(b)) for b in payload.blobs])
+    assert_same(value, decode(views))
+    assert decode(Payload(json=memoryview(b"[1,2]"))) == [1, 2]
+
+
+def test_numbers_from_other_encoders_decode_too():
+    """A peer may send what Python's encoder would not: 1e2, an int past 2**53 (exact here), a tag
+    for a small int, and non-ASCII UTF-8 text."""
+    document = '{"a":1e2,"b":12345678901234567890,"c":{"\\u0000tb":"n","h":"5"},"d":"é"}'.encode()
+    assert decode(Payload(json=document)) == {"a": 100.0, "b": 12345678901234567890, "c": 5, "d": "é"}
 
 
 @pytest.fixture
@@ -321,3 +445,33 @@ def test_check_agrees_with_encode(value):
     else:
         check(value, path="v")
         decode(payload)
+
+
+def test_a_big_in_band_array_is_sent_as_a_snapshot_and_received_into_a_buffer_of_its_own():
+    from trio_bridge._wire import fast_proto
+
+    array = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: past fast_proto.BIG
+    payload = encode({"x": array}, plane=None)
+    (blob,) = payload.blobs
+    assert isinstance(blob, memoryview) and blob.readonly and not np.shares_memory(np.asarray(blob), array)
+    array[0] = -1  # the caller changes it while it is being sent: the message does not change
+    received = fast_proto.parse(Payload, fast_proto.serialize(payload).tobytes())
+    owned = decode(received, plane=None, owned=True)["x"]
+    assert owned.flags.writeable and owned[0] == 0 and owned[1] == 1
+    assert np.shares_memory(owned, np.asarray(received.blobs[0]))  # no second copy
+    shared = decode(received, plane=None)["x"]  # a payload kept (a stored variable): copied
+    assert not np.shares_memory(shared, owned)
+    owned[1] = 7
+    assert shared[1] == 1 and decode(received, plane=None)["x"][1] == 7  # what `owned` means
+
+
+@pytest.mark.real_process
+async def test_big_arrays_echo_in_band_intact_and_writable():
+    import trio_bridge
+
+    array = np.random.default_rng(1).standard_normal((1024, 700)).astype(np.float32)  # 2.7 MiB
+    async with trio_bridge.open_pool("tests.adapters:Echo", size=1, shared_memory_threshold=None) as pool:
+        echoed = await pool.execute("echo", {"value": array})
+        assert echoed.dtype == array.dtype and np.array_equal(echoed, array) and echoed.flags.writeable
+        echoed += 1
+        assert np.array_equal(await pool.execute("echo", {"value": array}), array)

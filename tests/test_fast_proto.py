@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import betterproto2
+import numpy
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -169,4 +170,21 @@ def test_large_blobs_are_referenced_when_serialized_and_copied_once_when_parsed(
         parsed = fast_proto.parse(pb.CallMessage, data)
         assert parsed == message
         assert parsed.execute is not None and parsed.execute.arguments is not None
-        assert type(parsed.execute.arguments.blobs[0]) is bytes
+        big, _, small = parsed.execute.arguments.blobs
+        assert type(small) is bytes
+        # a big value is one writable buffer of its own: an array over it needs no second copy
+        assert isinstance(big, memoryview) and not big.readonly and big.obj is not blob
+        big[0] ^= 1
+        assert big != blob and bytes(big[1:]) == blob[1:]
+
+
+def test_read_only_byte_views_are_sent_as_they_are_and_encode_like_bytes() -> None:
+    array = numpy.arange(1 << 18, dtype=numpy.float32)
+    array.flags.writeable = False
+    view = memoryview(array).cast("B")
+    message = pb.Payload(json=b"{}", blobs=[view])
+    parts = fast_proto.serialize(message)
+    assert any(part is view for part in parts.buffers)
+    assert parts.tobytes() == bytes(pb.Payload(json=b"{}", blobs=[view.tobytes()])) == bytes(message)
+    writable = memoryview(numpy.arange(4, dtype=numpy.uint8)).cast("B")  # could change before it is sent
+    assert not any(part is writable for part in fast_proto.serialize(pb.Payload(blobs=[writable])).buffers)

@@ -96,7 +96,7 @@ class Calls:
                     worker.calls_failed += 1
                     raise exception_from(reply.error, tool)
                 outcome = Outcome.FAILED  # until the result decodes
-                result = decode(reply.result, plane=self._plane)
+                result = decode(reply.result, plane=self._plane, owned=True)
                 outcome = Outcome.COMPLETED
                 return result
             except WorkerCrashedError:

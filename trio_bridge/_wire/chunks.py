@@ -35,7 +35,7 @@ def decode_batch(payload: Payload | None, *, plane: Any = DEFAULT_PLANE) -> list
     Raises:
         ValueError: the payload is malformed, or not a list.
     """
-    items = decode(payload, plane=plane)
+    items = decode(payload, plane=plane, owned=True)
     if items is None:
         return []
     if type(items) is not list:

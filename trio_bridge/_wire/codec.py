@@ -1,29 +1,34 @@
-"""The value codec: Python values <-> :class:`Payload` (JSON structure plus raw byte blobs).
+"""The value codec: Python values <-> :class:`Payload` (a JSON document plus raw byte blobs).
 
-Supported values: ``None``, ``bool``, ``int`` (any size, see below), ``float`` (NaN, ±inf and -0.0 survive),
+This is the reference implementation of the payload encoding specified in ``docs/wire.md``.
+
+Supported values: ``None``, ``bool``, ``int`` (any size), ``float`` (NaN, ±inf and -0.0 survive),
 ``str``, ``bytes`` (also ``bytearray``/``memoryview``, decoded as ``bytes``), ``list``, ``tuple``
 (decoded as ``list``), ``dict`` with ``str`` keys, numpy scalars (decoded as the matching Python
 scalar) and numpy arrays of any non-object, non-structured dtype, at any depth.
 
-Conventions inside the JSON document:
+Every document :func:`encode` writes is standard JSON (RFC 8259, ASCII) that a strict parser of
+any language reads exactly. What plain JSON cannot carry exactly travels as a *tag*: an object
+with the reserved key ``"\\u0000tb"`` whose value says what it stands for:
 
-* bytes become ``{"\\u0000tb": "b", "i": k}`` and arrays
-  ``{"\\u0000tb": "a", "i": k, "d": dtype.str, "s": shape}``, where ``k`` indexes
-  ``Payload.blobs``: array data never travels as JSON numbers, and nothing is pickled.
-* with a shared-memory plane, arrays of at least its threshold become
-  ``{"\\u0000tb": "m", "n": segment name, "g": generation, "o": offset, "d": dtype.str, "s": shape}``
-  (see ``shared_memory.py``); they decode to a read-only array on the segment, without a copy.
-* a user dict that itself has the reserved key ``"\\u0000tb"`` is escaped as
-  ``{"\\u0000tb": "d", "v": [[key, value], ...]}``, so no dict is ever mistaken for a tag.
-* non-finite floats use Python's JSON extension (``NaN``, ``Infinity``); both ends are Python.
-* an int of more than 2,048 bits becomes ``{"\\u0000tb": "n", "h": "-1f..."}``: its value in
-  hexadecimal (sign first). Python refuses int <-> decimal str conversions past
-  ``sys.get_int_max_str_digits()`` digits (4,300 by default, settable down to 640, per process);
-  power-of-two bases are exempt, and ints up to 2,048 bits (617 digits) stay plain JSON numbers
-  under any limit, so either side may lower its limit without breaking the other.
+* ``{"\\u0000tb": "b", "i": k}``: bytes, ``Payload.blobs[k]``.
+* ``{"\\u0000tb": "a", "i": k, "d": dtype.str, "s": shape}``: a numpy array whose data (C order)
+  is ``blobs[k]``: array data never travels as JSON numbers, and nothing is pickled.
+* ``{"\\u0000tb": "m", "n": segment name, "g": generation, "o": offset, "d": dtype.str, "s": shape}``:
+  an array of at least the plane's threshold, in shared memory (see ``shared_memory.py``); it
+  decodes to a read-only array on the segment, without a copy.
+* ``{"\\u0000tb": "n", "h": "-1f..."}``: an int outside ±(2**53 - 1), in hexadecimal, sign first.
+  Other languages' JSON parsers round such numbers to a double; and power-of-two bases are exempt
+  from Python's int <-> decimal str digit limit (``sys.get_int_max_str_digits()``), so ints of
+  any size cross whatever limit either side sets.
+* ``{"\\u0000tb": "f", "v": "nan" | "inf" | "-inf"}``: a float JSON has no number for (bare
+  ``NaN``/``Infinity`` are not JSON). -0.0 is the JSON number ``-0.0``.
+* ``{"\\u0000tb": "d", "v": [[key, value], ...]}``: a user dict that itself has the reserved key,
+  so that no dict is ever mistaken for a tag.
 
 Anything :func:`encode` refuses raises :class:`EncodeError` naming the path; never a bare
-``ValueError``/``TypeError``/``RecursionError``.
+``ValueError``/``TypeError``/``RecursionError``. :func:`decode` refuses what does not follow
+the specification (bare ``NaN``, a malformed tag) with a :class:`ValueError` saying what is wrong.
 
 numpy is imported only when a value needs it, which keeps worker start-up light.
 """
@@ -31,23 +36,28 @@ numpy is imported only when a value needs it, which keeps worker start-up light.
 from __future__ import annotations
 
 import json
+import math
+import re
 import reprlib
 import sys
 from typing import Any
 
 from trio_bridge._errors import EncodeError
-from trio_bridge._wire import shared_memory
+from trio_bridge._wire import fast_proto, shared_memory
 from trio_bridge._wire.generated.trio_bridge.v1 import Payload
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 __all__ = ["DEFAULT_PLANE", "EncodeError", "check", "decode", "encode", "short_repr"]
 
 _TAG = "\x00tb"
-_TAG_IN_JSON = b"\\u0000tb"
-_PLAIN = frozenset({str, int, float, bool, type(None)})  # int: only up to _BIG_INT in magnitude
-_BIG_INT_BITS = 2048  # at most 617 decimal digits: under the lowest limit Python allows (640)
-_BIG_INT = 1 << _BIG_INT_BITS
-_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False)
+_TAG_IN_JSON = "\\u0000tb"  # how the reserved key is spelled in every document (the spec says so)
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # int: only inside ±_BIG_INT; floats: see _walk
+_BIG_INT = 1 << 53  # doubles hold every int of smaller magnitude exactly: JSON's interoperable range
+_REPR_BITS = 2048  # at most 617 decimal digits: under the lowest digit limit Python allows (640)
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False)
+_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_HEX = re.compile(r"-?[0-9a-f]+\Z")
+_TYPESTR = re.compile(r"[<>|][biufcmMSUV][0-9]+(\[[0-9]*[A-Za-z]+\])?\Z")  # numpy's dtype.str, no objects
 
 
 DEFAULT_PLANE: Any = object()  # "the process's default plane"
@@ -92,7 +102,12 @@ def check(value: Any, *, path: str = "value") -> None:
 
 def _walk(value: Any, out: _Out, path: str) -> bytes:
     try:
-        return _encoder.encode(_prepare(value, out)).encode("ascii")
+        prepared = _prepare(value, out)
+        try:
+            text = _encoder.encode(prepared)
+        except ValueError:  # a NaN or an infinity (allow_nan=False): rare, so tagged in a second pass
+            text = _encoder.encode(_tag_floats(prepared))
+        return text.encode("ascii")
     except _PathError as exc:
         raise EncodeError(f"{path}{''.join(reversed(exc.segments))}: {exc.message}") from None
     except RecursionError:
@@ -101,53 +116,140 @@ def _walk(value: Any, out: _Out, path: str) -> bytes:
         raise EncodeError(f"{path}: cannot be encoded: {_describe(exc)}") from None
 
 
-def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT_PLANE) -> Any:
-    """Decode a :class:`Payload` made by :func:`encode` (``None`` or empty decodes to ``None``).
+def _tag_floats(prepared: Any) -> Any:
+    """``prepared`` (what :func:`_prepare` made: plain types, lists, tuples, dicts, tags) with
+    every non-finite float tagged; the user's own lists, which it may contain, are not changed."""
+    kind = type(prepared)
+    if kind is float:
+        if prepared - prepared == 0.0:  # finite
+            return prepared
+        return {_TAG: "f", "v": "nan" if prepared != prepared else "inf" if prepared > 0 else "-inf"}
+    if kind is list or kind is tuple:
+        return [_tag_floats(item) for item in prepared]
+    if kind is dict:
+        return {key: _tag_floats(item) for key, item in prepared.items()}
+    return prepared
+
+
+def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT_PLANE, owned: bool = False) -> Any:
+    """Decode a :class:`Payload` made by :func:`encode`, or by any encoder that follows
+    ``docs/wire.md`` (``None`` or an empty document decodes to ``None``).
 
     Args:
         plane: where arrays sent through shared memory are read from (default: the process's).
+        owned: the payload is the caller's alone and dropped after this (a received reply or
+            request): an in-band array whose blob arrived as a writable buffer of its own (big
+            ones do, see ``fast_proto.BIG``) is returned over that buffer, not copied again.
 
     Raises:
-        ValueError: the payload is malformed (bad JSON, a tag pointing at a missing blob, a
-            shared-memory reference without a plane).
+        ValueError: the payload is malformed: not UTF-8, not JSON (bare ``NaN``/``Infinity``
+            included), a tag that is unknown or lacks what it needs (the message names the tag
+            and the problem), a blob index with no blob, array data that does not fit its dtype
+            and shape, a shared-memory reference without a plane or that the plane refuses.
     """
     if payload is None or not payload.json:
         return None
-    data = payload.json
-    if _TAG_IN_JSON not in data:
-        return json.loads(data)
+    try:
+        text = str(payload.json, "utf-8")  # bytes, or a memoryview (fast_proto: a big field)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"malformed payload: the JSON is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if _TAG_IN_JSON not in text:
+        return _strict.decode(text)
     blobs = payload.blobs
     if plane is DEFAULT_PLANE:
         plane = shared_memory.default_plane
 
     def hook(obj: dict[str, Any]) -> Any:
-        kind = obj.get(_TAG)
-        if kind is None:
+        if _TAG not in obj:
             return obj
+        kind = obj[_TAG]
         if kind == "b":
-            return blobs[obj["i"]]
+            blob = blobs[_blob_index(obj, kind, len(blobs))]
+            return blob if type(blob) is bytes else bytes(blob)
+        if kind == "f":
+            special = obj.get("v")
+            if type(special) is not str or special not in _SPECIAL_FLOATS:
+                raise _malformed(kind, f'"v" must be "nan", "inf" or "-inf", not {short_repr(special)}')
+            return _SPECIAL_FLOATS[special]
+        if kind == "n":
+            digits = obj.get("h")
+            if type(digits) is not str or not _HEX.match(digits):
+                raise _malformed(kind, f'"h" must be lowercase hexadecimal digits, sign first, not {short_repr(digits)}')
+            return int(digits, 16)  # exempt from the int <-> decimal str digit limit
+        if kind == "d":
+            return _escaped_dict(obj)
         if kind == "a":
             import numpy
 
-            dtype = numpy.dtype(obj["d"])
-            array = numpy.frombuffer(blobs[obj["i"]], dtype=dtype).reshape(obj["s"])
-            return array.copy()  # a writable array the caller owns
-        if kind == "n":
-            return int(obj["h"], 16)  # exempt from the int <-> decimal str digit limit
-        if kind == "d":
-            return {key: item for key, item in obj["v"]}
+            blob = blobs[_blob_index(obj, kind, len(blobs))]
+            dtype, shape, count = _dtype_and_shape(obj, kind)
+            if count * dtype.itemsize != len(blob):
+                raise _malformed(kind, f"{count} items of dtype {dtype.str} need {count * dtype.itemsize} bytes, its blob has {len(blob)}")
+            array = numpy.frombuffer(blob, dtype=dtype, count=count).reshape(shape)
+            if owned and type(blob) is memoryview and not blob.readonly:
+                return array  # writable, and nothing else refers to its memory
+            return array.copy()  # writable, the caller's
         if kind == "m":
             if plane is None:
                 raise ValueError("the payload refers to shared memory, but this side has none")
-            import numpy
-
-            return plane.read(obj["n"], obj["g"], obj["o"], numpy.dtype(obj["d"]), obj["s"])
-        raise ValueError(f"unknown tag {kind!r} in payload")
+            dtype, shape, _ = _dtype_and_shape(obj, kind)
+            name, generation, offset = obj.get("n"), _natural(obj.get("g")), _natural(obj.get("o"))
+            if type(name) is not str or generation is None or offset is None:
+                found = short_repr([name, obj.get("g"), obj.get("o")])
+                raise _malformed(kind, f'"n" must be a str, "g" and "o" ints >= 0, not {found}')
+            return plane.read(name, generation, offset, dtype, shape)
+        raise ValueError(f"malformed payload: unknown tag {short_repr(kind)}")
 
     try:
-        return json.loads(data, object_hook=hook)
-    except (IndexError, KeyError, TypeError) as exc:
-        raise ValueError(f"malformed payload: {exc}") from exc
+        return json.loads(text, object_hook=hook, parse_constant=_refuse_constant)
+    except (IndexError, KeyError, TypeError) as exc:  # a shape numpy refuses, ...: still a ValueError
+        raise ValueError(f"malformed payload: {_describe(exc)}") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f'malformed payload: {name} is not JSON (a non-finite float travels as {{"\\u0000tb": "f", "v": ...}})')
+
+
+_strict = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _malformed(kind: str, problem: str) -> ValueError:
+    return ValueError(f"malformed payload: tag {kind!r}: {problem}")
+
+
+def _natural(value: Any) -> int | None:
+    """``value`` if it is an int >= 0 (not a bool), else ``None``."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def _blob_index(obj: dict[str, Any], kind: str, count: int) -> int:
+    index = _natural(obj.get("i"))
+    if index is None or index >= count:
+        raise _malformed(kind, f'"i" must index Payload.blobs (0 to {count - 1}), not {short_repr(obj.get("i"))}')
+    return index
+
+
+def _dtype_and_shape(obj: dict[str, Any], kind: str) -> tuple[Any, list[int], int]:
+    """An array tag's dtype, shape and item count."""
+    import numpy
+
+    typestr, shape = obj.get("d"), obj.get("s")
+    if type(typestr) is not str or not _TYPESTR.match(typestr):
+        raise _malformed(kind, f'"d" must be a numpy dtype.str without objects, e.g. "<f8", not {short_repr(typestr)}')
+    if type(shape) is not list or not all(_natural(extent) is not None for extent in shape):
+        raise _malformed(kind, f'"s" must be a list of ints >= 0, not {short_repr(shape)}')
+    try:
+        dtype = numpy.dtype(typestr)
+    except (TypeError, ValueError) as exc:
+        raise _malformed(kind, f'"d": {exc}') from None
+    return dtype, shape, math.prod(shape)
+
+
+def _escaped_dict(obj: dict[str, Any]) -> dict[str, Any]:
+    pairs = obj.get("v")
+    if type(pairs) is not list or not all(type(p) is list and len(p) == 2 and type(p[0]) is str for p in pairs):
+        raise _malformed("d", f'"v" must be a list of [str key, value] pairs, not {short_repr(pairs)}')
+    return {key: item for key, item in pairs}
 
 
 def _prepare(value: Any, out: _Out) -> Any:
@@ -224,7 +326,17 @@ def _prepare_array(array: Any, out: _Out) -> dict[str, Any] | None:
     if out.plane is not None and array.nbytes >= max(out.plane.threshold, 1):
         name, generation, offset = out.plane.write(array)
         return {_TAG: "m", "n": name, "g": generation, "o": offset, "d": dtype.str, "s": list(array.shape)}
-    out.blobs.append(array.tobytes())  # C order, whatever the array's layout
+    if array.nbytes >= fast_proto.BIG:
+        import numpy
+
+        # A snapshot (the caller may change the array while it is sent), read-only so the wire
+        # layer sends it without another copy; numpy's allocator asks for huge pages for big
+        # buffers: 50 MiB took 18 ms against tobytes()' 48 (page faults).
+        snapshot = numpy.array(array, order="C", copy=True).reshape(-1).view(numpy.uint8)
+        snapshot.flags.writeable = False
+        out.blobs.append(memoryview(snapshot))
+    else:
+        out.blobs.append(array.tobytes())  # C order, whatever the array's layout
     return {_TAG: "a", "i": len(out.blobs) - 1, "d": dtype.str, "s": list(array.shape)}
 
 
@@ -253,7 +365,7 @@ class _ShortRepr(reprlib.Repr):
         self.maxlong = 60
 
     def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > _BIG_INT_BITS:  # repr() would raise: the digit limit
+        if x.bit_length() > _REPR_BITS:  # repr() would raise: the digit limit
             return f"<int of {x.bit_length():,} bits>"
         return super().repr_int(x, level)
 

@@ -6,12 +6,13 @@ ExecuteToolRequest inside a CallMessage is copied about ten times, each into fre
 Parsing slices a ``BytesIO`` at every level (0.25 s).
 
 :func:`serialize` computes sizes first and returns the encoding as parts (a :class:`Parts`:
-small headers, and the message's own ``bytes`` values, not copied; ``bytearray`` values are
-copied, as they could change before the parts are sent); ``Parts.tobytes()`` joins them once.
-:func:`parse` reads nested messages, ``bytes`` and ``string`` fields itself, slicing one
-memoryview (a ``bytes`` value is copied once, out of the received data; :class:`Chunks`, the
-received frames, are not joined first), and hands every other field's raw bytes to
-betterproto2's own ``Message.load``.
+small headers, and the message's own ``bytes`` values -- or read-only byte memoryviews, which
+the codec uses for arrays -- not copied; ``bytearray`` values are copied, as they could change
+before the parts are sent); ``Parts.tobytes()`` joins them once. :func:`parse` reads nested
+messages, ``bytes`` and ``string`` fields itself, slicing one memoryview (a ``bytes`` value is
+copied once, out of the received data; :class:`Chunks`, the received frames, are not joined
+first; a value of :data:`BIG` bytes or more comes as a writable memoryview, equal to the
+``bytes``), and hands every other field's raw bytes to betterproto2's own ``Message.load``.
 
 Both are generic, driven by betterproto2's field metadata, and exact: every field is encoded by
 betterproto2's own functions except nested messages, ``bytes`` and ``string`` values, whose
@@ -199,7 +200,7 @@ def _encode(message: Message, out: list[Any]) -> int:
                     item = item.encode("utf-8")
                 if type(item) is bytearray:
                     item = bytes(item)  # referenced until sent: only immutable bytes are
-                if type(item) is bytes:
+                if type(item) is bytes or (type(item) is memoryview and item.readonly and item.format == "B"):
                     head = f.key + _varint(len(item))
                     out.append(head)
                     out.append(item)
@@ -243,6 +244,26 @@ def _encode_other(meta: FieldMetadata, value: Any) -> bytes:
 # ---- parsing ----
 
 
+#: a ``bytes`` field this long or longer is parsed into a writable memoryview (see :func:`parse`)
+BIG = 1 << 20
+
+
+def _writable_copy(slices: list[memoryview], size: int) -> Any:
+    """The slices joined into a new writable buffer (a memoryview that compares equal to the
+    ``bytes``). Its memory is numpy's, which asks the kernel for huge pages for big buffers:
+    50 MiB took 18 ms against ``bytes``' 35-48 ms (page faults), and a caller that wants an
+    array of it needs no second copy to have a writable one."""
+    import numpy
+
+    buffer: Any = numpy.empty(size, dtype=numpy.uint8)  # numpy's stubs do not say it is a buffer
+    out = memoryview(buffer).cast("B")
+    pos = 0
+    for piece in slices:
+        out[pos : pos + len(piece)] = piece
+        pos += len(piece)
+    return out
+
+
 class _Unexpected(Exception):
     """Data this parser leaves to betterproto2."""
 
@@ -270,6 +291,8 @@ class _Flat:
         raise _Unexpected
 
     def take(self, start: int, stop: int) -> bytes:
+        if stop - start >= BIG:
+            return _writable_copy([self.view[start:stop]], stop - start)
         return self.view[start:stop].tobytes()
 
     def text(self, start: int, stop: int) -> str:
@@ -297,6 +320,8 @@ class _Segmented(_Flat):
         return value, pos + used
 
     def take(self, start: int, stop: int) -> bytes:
+        if stop - start >= BIG:
+            return _writable_copy(self._slices(start, stop), stop - start)
         return b"".join(self._slices(start, stop))
 
     def text(self, start: int, stop: int) -> str:

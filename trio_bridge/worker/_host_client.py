@@ -99,7 +99,7 @@ class HostClient:
         reply = await method(request)
         if reply.error is not None:
             raise exception_from(reply.error, request.tool_name)
-        return decode(reply.result)
+        return decode(reply.result, owned=True)
 
     async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncGenerator[list[Any], None]:
         """The host tool's chunks, a message's worth (a list) at a time."""

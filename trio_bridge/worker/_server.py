@@ -108,7 +108,7 @@ class WorkerService(pb.WorkerServiceBase):
     # ---- bookkeeping ----
     def _begin(self, request: pb.ExecuteToolRequest, *, streaming: bool) -> tuple[ToolDefinition, dict[str, Any], SessionContext]:
         try:  # first, so that even a refused call consumes its shared-memory files
-            arguments = decode(request.arguments)
+            arguments = decode(request.arguments, owned=True)
         except ValueError as exc:
             raise InvalidArgumentError(f"tool {request.tool_name!r}: malformed arguments: {exc}") from None
         if self.draining:

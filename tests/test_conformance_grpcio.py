@@ -1,0 +1,281 @@
+"""The wire contract, checked by a peer written from ``docs/wire.md`` alone on another gRPC stack.
+
+``tests/conformance_client.py`` runs in its own interpreter (``-I``: no path to this repository)
+and refuses any import of ``trio_bridge``: its grpcio stubs come from ``proto/`` via
+``grpc_tools.protoc``, its payload codec and shared-memory reader/writer from the specification.
+It starts a worker process as the process contract says and calls every ``WorkerService`` RPC,
+and calls every ``HostService`` RPC of a live pool (on its TCP listener, with the token). This
+test opens that pool, runs the client, and asserts what the client observed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+import trio_bridge
+from trio_bridge._wire.contract import WIRE_VERSION
+from trio_bridge.testing import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = ROOT / "tests" / "conformance_client.py"
+PROTO = ROOT / "proto" / "trio_bridge" / "v1" / "bridge.proto"
+ADAPTER = "tests.adapters:Echo"
+TOKEN = "conformance-token-0123456789"
+
+
+def _rpcs(service: str) -> set[str]:
+    text = PROTO.read_text()
+    body = re.search(r"service " + service + r" \{(.*?)\n\}", text, re.S)
+    assert body is not None
+    return set(re.findall(r"^\s*rpc (\w+)\(", body.group(1), re.M))
+
+
+def test_the_client_imports_nothing_of_trio_bridge_and_calls_every_rpc():
+    source = CLIENT.read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.split(".")[0] in ("trio_bridge", "tests") for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in ("trio_bridge", "tests")
+    worker, host = _rpcs("WorkerService"), _rpcs("HostService")
+    assert {"Ping", "Calls", "ExecuteStreamingTool"} <= worker and {"Heartbeat", "WatchVariables", "Join"} <= host
+    for rpc in worker | host:
+        assert re.search(rf'(stub\.|call\("){rpc}\b', source), f"the conformance client never calls {rpc}"
+
+
+def test_the_specification_states_the_current_contract_version():
+    assert f"**Contract version: {WIRE_VERSION}**" in (ROOT / "docs" / "wire.md").read_text()
+
+
+async def shout(text: str) -> str:
+    return text.upper()
+
+
+async def echo_host(value: object) -> object:
+    return value
+
+
+def explode(message: str) -> None:
+    raise ValueError(message)
+
+
+async def nap(seconds: float) -> float:
+    await trio.sleep(seconds)
+    return seconds
+
+
+async def countdown(n: int):
+    for i in range(n, 0, -1):
+        yield i
+
+
+async def countdown_then_fail(n: int):
+    for i in range(n, 0, -1):
+        yield i
+    raise RuntimeError("no more")
+
+
+def session_only() -> str:
+    return "mine"
+
+
+@pytest.mark.real_process
+async def test_a_grpcio_client_written_from_the_spec_drives_a_worker_and_the_host(tmp_path):
+    port = free_port("127.0.0.1")
+    options = {"size": 2, "listen": f"tcp://127.0.0.1:{port}", "token": TOKEN, "restart_backoff": (0.1, 0.5)}
+    async with trio_bridge.open_pool(ADAPTER, **options) as pool:
+        for function in (shout, echo_host, explode, nap, countdown, countdown_then_fail):
+            pool.host_tool(function)
+        async with pool.session(ttl=600, metadata={"owner": "conformance", "big": 2**60}) as session:
+            session.register_host_tool(session_only)
+            await session.register_variable("seed", "integer", 7)
+            config = {
+                "python": sys.executable, "adapter": ADAPTER, "root": str(ROOT), "proto": str(PROTO),
+                "wire_version": WIRE_VERSION, "host": f"tcp:127.0.0.1:{port}", "token": TOKEN, "session_id": session.id,
+                "pool_worker_id": pool.workers()[0].id,
+            }
+            joined: set[str] = set()  # remote workers seen in the pool while the client runs
+
+            async def watch_workers() -> None:
+                while True:
+                    joined.update(w.address for w in pool.workers() if w.remote)
+                    await trio.sleep(0.05)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_workers)
+                with trio.fail_after(300):
+                    done = await trio.run_process(
+                        [sys.executable, "-I", str(CLIENT), json.dumps(config)], capture_stdout=True, capture_stderr=True,
+                        check=False, cwd=tmp_path,
+                    )
+                nursery.cancel_scope.cancel()
+    stderr = done.stderr.decode(errors="replace")[-5000:]
+    assert done.stdout, stderr
+    report = json.loads(done.stdout)
+    assert "failure" not in report, report["failure"] + stderr
+    assert done.returncode == 0, stderr
+    assert report["imported_trio_bridge"] == [] and report["stub_modules"] == ["bridge_pb2", "bridge_pb2_grpc"]
+    _check_worker(report["worker"])
+    _check_host(report["host"], session_id=config["session_id"])
+    assert joined == {report["host"]["join"]["address"]}  # the worker that joined, dialed back
+
+
+def _error(outcome: dict, kind: str, type_: str | None = None, message: str = "") -> dict:
+    assert "error" in outcome, outcome
+    info = outcome["error"]
+    assert info["kind"] == kind and message in info["message"], info
+    if type_ is not None:
+        assert info["type"] == type_, info
+    return info
+
+
+def _check_worker(w: dict) -> None:
+    # the process contract
+    assert re.fullmatch(r"TRIO_BRIDGE_READY unix:/.+/worker\.sock", w["ready_line"])
+    assert w["lifeline_exit"] == 5
+    assert w["bad_adapter_exit"] == 3 and "cannot load adapter 'no_such_module:Nothing'" in w["bad_adapter_stderr"]
+    assert w["exit_code"] == 0
+
+    # the handshake
+    assert w["ping_without_secret"]["code"] == "UNAUTHENTICATED"
+    other = w["describe_other_version"]
+    assert other["code"] == "FAILED_PRECONDITION" and f"wire contract {WIRE_VERSION}" in other["details"] and "999" in other["details"]
+    described = w["describe"]
+    assert described["adapter"] == ADAPTER and described["wire_version"] == WIRE_VERSION and described["concurrency"] == 4
+    tools = described["tools"]
+    assert tools["add"]["parameters"] == [["a", "int", True, None], ["b", "int", False, "2"]]
+    assert tools["echo"]["description"] == "Return the arguments as given" and not tools["echo"]["streaming"]
+    assert tools["count"]["streaming"] and tools["count"]["parameters"][1] == ["delay", "float", False, "0.0"]
+    assert w["ping"]["pid_is_the_process"] and w["ping"]["active_calls"] == [] and w["ping"]["uptime"] > 0
+
+    # values: every tag both ways; arrays through shared memory: ours forwarded, the worker's own
+    echo = w["echo"]
+    assert echo["has_result"] and echo["same"], echo["got"]
+    assert {"a", "b", "d", "f", "n"} <= set(echo["tag_kinds"])
+    if echo["ours"]:
+        assert "m" in echo["tag_kinds"]
+        (ours, by_worker_1), (theirs, by_worker_2) = sorted(echo["segments"], key=lambda s: s[0] not in echo["ours"])
+        assert ours in echo["ours"] and not by_worker_1  # passed back along, not copied
+        assert theirs not in echo["ours"] and by_worker_2  # written by the worker (its pid in the name)
+    assert w["echo_5_mib"]
+
+    # refusals and failures, in-band
+    assert "echo" in _error(w["unknown_tool"], "tool_not_found")["available"]
+    raised = _error(w["tool_raised"], "tool_error", "ValueError", "boom")
+    assert "ValueError: boom" in raised["traceback"]
+    _error(w["missing_argument"], "invalid_argument", message="missing required argument(s) 'a'")
+    assert w["default_argument"] == {"result": "3"}
+    assert w["big_sum"]["value"] and w["big_sum"]["json"] == '{"\\u0000tb":"n","h":"8000000000000000"}'
+    _error(w["streaming_tool_unary"], "invalid_argument", message="is a streaming tool")
+    _error(w["bare_nan"], "invalid_argument", message="NaN is not JSON")
+    _error(w["bad_int_tag"], "invalid_argument", message="tag 'n'")
+    _error(w["bad_blob_index"], "invalid_argument", message="must index Payload.blobs")
+    _error(w["empty_call_id"], "invalid_argument", message="call_id is empty")
+    _error(w["unencodable_result"], "encode_error", message='result["items"][3]: object of type Unencodable')
+    _error(w["deadline"], "deadline_exceeded", "TimeoutError")
+    assert w["deadline_took"] < 10
+    _error(w["duplicate_call_id"], "invalid_argument", message="already running")
+    assert w["duplicate_first"] == {"result": "1.0"}
+    assert w["malformed_message"]["code"] == "INVALID_ARGUMENT"
+
+    # Calls: finishing order, a cancelled call never answered, half-close drains
+    calls = w["calls"]
+    assert calls["order"] == ["s-add", "s-echo", "s-slow", "s-last"] and "s-long" not in calls["results"]
+    assert calls["results"]["s-add"] == {"result": "3"} and calls["results"]["s-echo"] == {"result": "[18446744073709551616, nan]"}
+    assert calls["long_was_in_flight"] and calls["cancelled_freed"] and calls["ended"] == "OK"
+
+    # streams
+    count = w["stream_count"]
+    assert count["chunks"] and count["messages"] >= 3 and max(count["sizes"]) <= 256 and not any(count["errors"])
+    fails = w["stream_fails"]
+    assert fails["chunks"] == [0, 1, 2] and fails["errors"][:-1] == [None] * (fails["messages"] - 1)
+    assert fails["errors"][-1]["kind"] == "tool_error" and fails["errors"][-1]["message"] == "broke after 3"
+    unary = w["stream_unary_tool"]
+    assert unary["messages"] == 1 and unary["chunks"] == [] and unary["errors"][0]["kind"] == "invalid_argument"
+    unencodable = w["stream_unencodable"]
+    assert unencodable["chunks"] == [0, 1] and unencodable["errors"][-1]["kind"] == "encode_error"
+    assert "chunk[2]" in unencodable["errors"][-1]["message"]
+    assert w["stream_special"]
+    assert w["stream_cancel"] == {"first": True, "freed": True}
+
+    # sessions and shutdown
+    assert w["sessions"] == [0, 0]
+    assert w["shutdown_reply"] == 0
+    _error(w["after_shutdown"], "shutting_down")
+    assert w["drained_call"] == {"result": "1.0"}
+
+
+def _check_host(h: dict, *, session_id: str) -> None:
+    assert h["without_secret"]["code"] == "UNAUTHENTICATED"
+    assert h["heartbeat"] == [True, False]
+    session = h["session"]
+    assert session["id"] == session_id and session["ttl"] == 600 and session["error"] is None
+    assert session["metadata"] == repr({"owner": "conformance", "big": 2**60}) and session["variable_count"] == 1
+    assert h["session_missing"]["kind"] == "state" and h["session_missing"]["type"] == "SessionNotFoundError"
+
+    v = h["variables"]
+    (registered,) = v["register"]["variables"]
+    assert registered["name"] == "temperature" and registered["type"] == "float" and registered["version"] == 0
+    assert registered["value"] == "0.5" and registered["constraints"] == {"min": 0.0, "max": 2.0}
+    assert registered["metadata"] == repr({"unit": "K", "big": 2**60}) and registered["source"] == "worker:conformance"
+    assert registered["id"] and registered["times"] and v["register"]["state_version"] >= 2
+    assert v["register_tensor"]["variables"][0]["value"].startswith("array([[0., 1., 2.],")
+    assert v["register_big"]["variables"][0]["value"] == str(2**60)
+    assert v["get"]["variables"][0]["value"] == "0.5" and v["get_by_id"]["variables"][0]["name"] == "temperature"
+    assert v["get_missing"]["error"]["type"] == "VariableNotFoundError"
+    assert v["get_nothing"]["error"]["kind"] == "invalid_argument"
+    assert [x["name"] for x in v["get_many"]["variables"]] == ["temperature", "counter"]
+    everything = {x["name"]: x for x in v["get_all"]["variables"]}
+    assert set(everything) == {"seed", "temperature", "weights", "counter"} and everything["seed"]["source"] == "host"
+    assert v["set"]["variables"][0]["version"] == 1 and v["set"]["variables"][0]["value"] == "0.7"
+    assert v["set_conflict"]["error"]["type"] == "VersionConflictError"
+    assert v["set_invalid"]["error"]["type"] == "InvalidVariableError"
+    assert v["set_malformed"]["error"]["kind"] == "invalid_argument" and "Infinity is not JSON" in v["set_malformed"]["error"]["message"]
+    assert v["after_refusals"]["variables"][0]["value"] == "0.7" and v["after_refusals"]["variables"][0]["version"] == 1
+    assert {x["name"]: x["value"] for x in v["set_many_atomic"]["variables"]} == {"temperature": "1.0", "counter": str(-(2**60))}
+    partial = v["set_many_partial"]
+    assert [x["name"] for x in partial["variables"]] == ["temperature"] and partial["errors"]["counter"]["type"] == "InvalidVariableError"
+    assert [x["name"] for x in v["list"]["variables"]] == ["temperature"]
+    assert [x["name"] for x in v["list_all"]["variables"]] == ["counter", "seed", "temperature", "weights"]
+    assert [entry[:2] for entry in v["history"]["history"]] == [[0, "0.5"], [1, "0.7"], [2, "1.0"], [3, "1.5"]]
+    assert v["rollback"]["variables"][0]["value"] == "0.7" and v["rollback"]["variables"][0]["version"] == 4
+    assert v["depend"]["variables"][0]["depends_on"] == ["counter"]
+    assert v["cycle"]["error"]["type"] == "DependencyCycleError"
+    assert v["optimize"]["variables"][0]["optimizer_id"] == "opt-1" and v["optimize"]["lock_lease_seconds"] >= 0
+    assert v["locked"]["error"]["type"] == "VariableLockedError"
+    assert v["optimizer_writes"]["variables"][0]["value"] == "0.2"
+    assert v["stop_optimizing"]["variables"][0]["optimizer_id"] == ""
+    assert v["delete"]["state_version"] > 0 and v["deleted"]["error"]["type"] == "VariableNotFoundError"
+
+    initial, change, heartbeat = h["watch"]
+    assert [u[:2] + u[3:4] for u in initial] == [["temperature", "initial", "0.2"]]
+    assert [u[:4] + u[5:6] for u in change] == [["temperature", "change", "0.2", "1.25", "worker:conformance"]]
+    assert heartbeat == []
+    assert [b["error"]["type"] for b in h["watch_unknown"]] == ["VariableNotFoundError"]
+    assert [b["error"]["kind"] for b in h["watch_bad_buffer"]] == ["invalid_argument"]
+
+    tools = h["host_tools"]
+    assert sorted(tools) == ["countdown", "countdown_then_fail", "echo_host", "explode", "nap", "shout"]
+    assert tools["shout"] == [False, [["text", "str", True]]] and tools["countdown"][0] is True
+    assert "session_only" in h["host_tools_in_session"]
+    assert h["host_tool"] == {"result": "HI"} and h["host_tool_values"]
+    assert "shout" in _error(h["host_tool_unknown"], "tool_not_found")["available"]
+    assert "ValueError: kaput" in _error(h["host_tool_raised"], "tool_error", "ValueError", "kaput")["traceback"]
+    _error(h["host_tool_streaming_unary"], "invalid_argument", message="is a streaming tool")
+    _error(h["host_tool_deadline"], "deadline_exceeded", "TimeoutError")
+    assert h["host_tool_in_session"] == {"result": "mine"}
+    assert h["host_stream"]["chunks"] and h["host_stream"]["messages"] >= 3 and not any(h["host_stream"]["errors"])
+    assert h["host_stream_fails"]["chunks"] == [3, 2, 1] and h["host_stream_fails"]["last_error"]["message"] == "no more"
+    assert h["routed"] == {"result": 2**63}
+    assert h["routed_in_session"] == {"result": [float("inf")]}
+    _error(h["routed_unknown"], "tool_not_found")
+
+    _error({"error": h["join_refused"]}, "invalid_argument", message="this pool serves 'tests.adapters:Echo'")
+    assert h["join"]["error"] is None and h["join"]["dialed_back"]
