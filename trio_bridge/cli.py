@@ -1,4 +1,4 @@
-"""The `trio-bridge` command: `run` a tool (or the built-in example), list `tools`, serve a remote `worker`, check this machine (`doctor`).
+"""The `trio-bridge` command: `run` a tool (or the built-in example), list `tools`, serve them to an agent (`mcp`), serve a remote `worker`, check this machine (`doctor`).
 
 Every option that configures a deployment can also come from a `TRIO_BRIDGE_*` environment
 variable (named in each command's help); an option given on the command line wins.
@@ -263,6 +263,61 @@ def tools(
             params.append(text)
         table.add_row(info.name, "yes" if info.streaming else "", "\n".join(params), info.description)
     console.print(table)
+
+
+@app.command()
+def mcp(
+    adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, envvar="TRIO_BRIDGE_WORKERS", help="worker processes")] = 1,
+    host_tools: Annotated[list[str] | None, typer.Option("--host-tools", envvar="TRIO_BRIDGE_HOST_TOOLS", help="host tools to serve too: module:function (repeatable, or comma-separated)", show_default=False)] = None,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, envvar="TRIO_BRIDGE_SHUTDOWN_TIMEOUT", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
+) -> None:
+    """Serve ADAPTER's tools (and `--host-tools`) to an agent: a Model Context Protocol server on stdio.
+
+    An MCP client starts it (`"command": "trio-bridge", "args": ["mcp", "my_package.models:Model"]`),
+    lists the tools with their arguments' JSON Schemas, and calls them; results come back as
+    JSON text, a tool's error as an error result. Needs `pip install 'trio-bridge[mcp]'`.
+    stdout carries the protocol only; messages go to stderr.
+
+    Exit status: 0 once the client closed stdin (the pool closed in order); 1 when the pool
+    failed to start; 130 after Ctrl-C, 143 after SIGTERM (once the pool has shut down).
+    """
+    try:
+        from trio_bridge.mcp import serve_stdio
+    except ImportError as exc:
+        err_console.print(f"[red]error[/]: {exc}")
+        raise typer.Exit(1) from None
+    if os.getcwd() not in sys.path:  # host tools import as `tools` imports adapters: the current directory first
+        sys.path.insert(0, os.getcwd())
+    functions = _load_host_tools(",".join(host_tools or []))
+
+    async def main() -> None:
+        import trio_bridge
+
+        async with trio_bridge.open_pool(adapter, size=workers, shutdown_timeout=shutdown_timeout) as pool:
+            for function in functions:
+                pool.host_tool(function)
+            err_console.print(f"trio-bridge mcp: serving the tools of {adapter} on stdio ({workers} worker(s))")
+            await serve_stdio(pool)
+        err_console.print("trio-bridge mcp: the client closed stdin; the pool is closed")
+
+    received = _cli_signals.received
+    previous = _cli_signals.remember_signals()
+    try:
+        try:
+            _run_until_signal(main, received)
+        except KeyboardInterrupt:
+            received.append(signal.SIGINT)
+        except TrioBridgeError as exc:
+            if not received:
+                err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+                raise typer.Exit(1) from None
+        if received:
+            interrupted = received[0] == signal.SIGINT
+            err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
+            raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
+    finally:
+        _restore_signals(previous)
 
 
 @app.command()

@@ -9,11 +9,15 @@ when the tool is defined. Scalars are strict (no ``"1.5"`` for a float, no ``1.0
 for an int; an int is a fine float), containers are lax (a list is a fine tuple: tuples travel
 as lists). ``Any``, ``object``, unannotated parameters and annotations pydantic cannot handle are
 not checked. Checking never converts: the tool gets the values as they were sent.
+
+The same adapters describe the arguments as one JSON Schema object (draft 2020-12, see
+:attr:`ToolDefinition.parameters_schema`), for LLM programs and MCP clients.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import copy
 import inspect
 import json
 import re
@@ -27,7 +31,9 @@ from typing import Annotated, Any, cast
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
 
-__all__ = ["ParameterDefinition", "ToolDefinition", "check_inline", "define_tool", "tool_kind"]
+__all__ = [
+    "NUMERIC_ARRAY_REF", "ParameterDefinition", "ToolDefinition", "arguments_schema", "check_inline", "define_tool", "tool_kind",
+]
 
 _NO_DEFAULT = inspect.Parameter.empty
 
@@ -44,6 +50,9 @@ class ParameterDefinition:
     #: returns what is wrong with a value (``"[0]: expected a number, got 'a'"``), or None if
     #: it fits; None: not checked
     check: Callable[[Any], str | None] | None = field(default=None, repr=False, compare=False)
+    #: the JSON Schema of its values (shared between tools: copy before changing it); ``{}``: any
+    #: value; None: its annotation has none (pydantic cannot describe it)
+    schema: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class ToolDefinition:
         kind: ``"sync"``, ``"async"``, ``"generator"`` or ``"async_generator"``.
         context_parameter: the name of the parameter that receives the ``SessionContext``, if any.
         inline: a sync tool that runs on the worker's event loop, not in a thread (``@tool(inline=True)``).
+        parameters_schema: the arguments as one JSON Schema (draft 2020-12) object (see
+            :func:`arguments_schema`); treat it as read-only.
     """
 
     name: str
@@ -64,6 +75,7 @@ class ToolDefinition:
     context_parameter: str | None = None
     accepts_any_keyword: bool = False
     inline: bool = False
+    parameters_schema: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def streaming(self) -> bool:
@@ -188,6 +200,7 @@ def define_tool(
                 default=None if p.default is _NO_DEFAULT else p.default,
                 description=arg_docs.get(p.name, ""),
                 check=_cached_validator(annotation),
+                schema=_cached_schema(annotation),
             )
         )
     return ToolDefinition(
@@ -199,6 +212,7 @@ def define_tool(
         context_parameter=context_parameter,
         accepts_any_keyword=accepts_any_keyword,
         inline=inline,
+        parameters_schema=arguments_schema(parameters, accepts_any_keyword=accepts_any_keyword),
     )
 
 
@@ -227,25 +241,45 @@ def _cached_validator(annotation: Any) -> Callable[[Any], str | None] | None:
         return _validator(annotation)
 
 
-def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
-    """A checker for values of ``annotation`` (see :attr:`ParameterDefinition.check`), built
-    once; ``None`` (not checked) for ``Any``, ``object``, no annotation, unresolved string
-    annotations, and anything pydantic cannot build a schema for."""
+_ADAPTERS: dict[Any, Any] = {}
+
+
+def _cached_adapter(annotation: Any) -> Any:
+    """The pydantic ``TypeAdapter`` of ``annotation`` (strict scalars) that both its check and its
+    JSON Schema come from, built once per annotation and process; ``None`` for ``Any``,
+    ``object``, no annotation, unresolved string annotations, and anything pydantic cannot
+    build a schema for."""
+    try:
+        return _ADAPTERS[annotation]
+    except KeyError:
+        adapter = _ADAPTERS[annotation] = _adapter(annotation)
+        return adapter
+    except TypeError:  # unhashable
+        return _adapter(annotation)
+
+
+def _adapter(annotation: Any) -> Any:
     if annotation is _NO_DEFAULT or annotation is Any or annotation is object or isinstance(annotation, str):
         return None
-    from pydantic import ConfigDict, TypeAdapter, ValidationError
+    from pydantic import ConfigDict, TypeAdapter
 
-    adapter = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for config in (ConfigDict(arbitrary_types_allowed=True), None):  # models refuse a config
             try:
-                adapter = TypeAdapter(_strict_scalars(annotation), config=config)
-                break
+                return TypeAdapter(_strict_scalars(annotation), config=config)
             except Exception:
                 continue
+    return None
+
+
+def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
+    """A checker for values of ``annotation`` (see :attr:`ParameterDefinition.check`), built
+    once; ``None`` (not checked) where :func:`_cached_adapter` has no adapter."""
+    adapter = _cached_adapter(annotation)
     if adapter is None:
         return None
+    from pydantic import ValidationError
 
     def check(value: Any) -> str | None:
         try:
@@ -293,6 +327,189 @@ def _strict_scalars(annotation: Any) -> Any:
     except Exception:
         pass
     return annotation
+
+
+# ---- the arguments as JSON Schema (for LLM programs and MCP clients) ----
+
+#: The ``$ref`` of a numpy array's JSON form in :attr:`ToolDefinition.parameters_schema`: a
+#: number or a list of them, nested (``{"type": "array", "items": {"$ref": NUMERIC_ARRAY_REF}}``
+#: is an array parameter). A JSON caller's nested lists become an array again with ``numpy.asarray``.
+NUMERIC_ARRAY_REF = "#/$defs/NumericArray"
+_NUMERIC_ARRAY = {
+    "anyOf": [{"type": "number"}, {"type": "array", "items": {"$ref": NUMERIC_ARRAY_REF}}],
+    "description": "a numpy array as JSON: nested lists of numbers",
+}
+_ARRAY_MARK = "x-trio-bridge-numeric-array"  # the generator's placeholder, replaced before anyone sees it
+_SCHEMAS: dict[Any, dict[str, Any] | None] = {}
+_GENERATOR: list[Any] = []
+_NOT_JSON = object()
+
+
+def arguments_schema(parameters: collections.abc.Sequence[ParameterDefinition], *, accepts_any_keyword: bool = False) -> dict[str, Any]:
+    """A tool's arguments as one JSON Schema (draft 2020-12) object, from its parameters' schemas
+    (see :attr:`ParameterDefinition.schema`)::
+
+        {"type": "object", "properties": {name: schema, ...}, "required": [names],
+         "additionalProperties": false, "$defs": {...}}
+
+    ``additionalProperties`` is left out when the tool takes ``**kwargs``, ``$defs`` when no
+    parameter needs them (pydantic models' are gathered there, renamed if two differ). Each
+    property carries the docstring's description of its parameter and its default where that
+    is JSON; a parameter whose annotation has no JSON Schema is ``{}`` (any value) with a
+    description saying so. A parameter that defaults to None takes null, as the check lets it.
+    """
+    properties: dict[str, Any] = {}
+    defs: dict[str, Any] = {}
+    for p in parameters:
+        properties[p.name] = _property_schema(p, defs)
+    schema: dict[str, Any] = {
+        "type": "object", "properties": properties, "required": [p.name for p in parameters if p.required],
+    }
+    if not accepts_any_keyword:
+        schema["additionalProperties"] = False
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _property_schema(p: ParameterDefinition, defs: dict[str, Any]) -> dict[str, Any]:
+    notes = []
+    if p.schema is None:
+        prop: dict[str, Any] = {}
+        notes.append(f"its type, {p.type or '?'}, has no JSON Schema: any value is shown here, the tool checks it")
+    else:
+        prop = copy.deepcopy(p.schema)
+        _hoist_definitions(prop, prop.pop("$defs", {}), defs)
+        if _refers_to(prop, NUMERIC_ARRAY_REF, defs):
+            notes.append("numpy arrays are given as nested lists of numbers")
+    base = p.description or prop.pop("description", "")
+    description = " ".join([base, *(f"({n})" for n in notes)]) if base else "; ".join(notes)
+    if p.description:
+        prop.pop("description", None)
+    if not p.required and p.default is None and p.check is not None and p.check(None) is not None:
+        prop = {"anyOf": [prop, {"type": "null"}]}  # ``x: float = None`` takes None: see check_arguments
+    if description:
+        prop["description"] = description
+    if not p.required and (default := _json_value(p.default)) is not _NOT_JSON:
+        prop["default"] = default
+    return prop
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON holds it (a tuple as a list), or ``_NOT_JSON``."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _hoist_definitions(prop: dict[str, Any], own: dict[str, Any], defs: dict[str, Any]) -> None:
+    """Move one parameter's ``$defs`` into the tool's, renaming those that clash with a
+    different definition of the same name (two models called ``Point``) and their ``$ref``s."""
+    renames: dict[str, str] = {}
+    for name, definition in own.items():
+        if name in defs and defs[name] != definition:
+            n = 2
+            while f"{name}{n}" in defs or f"{name}{n}" in own:
+                n += 1
+            renames[f"#/$defs/{name}"] = f"#/$defs/{name}{n}"
+    if renames:
+        for node in (prop, *own.values()):
+            _rename_refs(node, renames)
+    for name, definition in own.items():
+        defs[renames.get(f"#/$defs/{name}", f"#/$defs/{name}").removeprefix("#/$defs/")] = definition
+
+
+def _rename_refs(node: Any, renames: dict[str, str]) -> None:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str) and node["$ref"] in renames:
+            node["$ref"] = renames[node["$ref"]]
+        for value in node.values():
+            _rename_refs(value, renames)
+    elif isinstance(node, list):
+        for value in node:
+            _rename_refs(value, renames)
+
+
+def _refers_to(node: Any, ref: str, defs: dict[str, Any], seen: set[str] | None = None) -> bool:
+    """Whether ``node`` uses ``ref``, directly or through the definitions it refers to."""
+    seen = set() if seen is None else seen
+    if isinstance(node, dict):
+        target = node.get("$ref")
+        if target == ref:
+            return True
+        if isinstance(target, str) and target not in seen and target.startswith("#/$defs/"):
+            seen.add(target)
+            if _refers_to(defs.get(target.removeprefix("#/$defs/")), ref, defs, seen):
+                return True
+        return any(_refers_to(value, ref, defs, seen) for value in node.values())
+    if isinstance(node, list):
+        return any(_refers_to(value, ref, defs, seen) for value in node)
+    return False
+
+
+def _cached_schema(annotation: Any) -> dict[str, Any] | None:
+    """:func:`_schema`, built once per annotation and process (a forked worker inherits it,
+    as it does the validators)."""
+    try:
+        return _SCHEMAS[annotation]
+    except KeyError:
+        schema = _SCHEMAS[annotation] = _schema(annotation)
+        return schema
+    except TypeError:  # unhashable
+        return _schema(annotation)
+
+
+def _schema(annotation: Any) -> dict[str, Any] | None:
+    """The JSON Schema of values of ``annotation``, from the adapter its check uses (so both
+    agree): ``{}`` (any value) for ``Any``, ``object`` and no annotation; None where pydantic has
+    none (an arbitrary class, an unresolved string annotation). Numpy arrays are described as
+    nested lists of numbers (``$defs`` ``NumericArray``, see :data:`NUMERIC_ARRAY_REF`)."""
+    if annotation is _NO_DEFAULT or annotation is Any or annotation is object:
+        return {}
+    adapter = _cached_adapter(annotation)
+    if adapter is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "default not JSON serializable": left out, fine
+            schema = adapter.json_schema(schema_generator=_schema_generator())
+    except Exception:
+        return None
+    marked = [False]
+    schema = _replace_array_marks(schema, marked)
+    if marked[0]:
+        schema.setdefault("$defs", {})["NumericArray"] = copy.deepcopy(_NUMERIC_ARRAY)
+    return schema
+
+
+def _replace_array_marks(node: Any, marked: list[bool]) -> Any:
+    if isinstance(node, dict):
+        if node.get(_ARRAY_MARK):
+            marked[0] = True
+            rest = {k: v for k, v in node.items() if k != _ARRAY_MARK}
+            return {"type": "array", "items": {"$ref": NUMERIC_ARRAY_REF}, **rest}
+        return {k: _replace_array_marks(v, marked) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_array_marks(v, marked) for v in node]
+    return node
+
+
+def _schema_generator() -> Any:
+    """pydantic's JSON Schema generator, taught numpy arrays (an ``isinstance`` check, which
+    it cannot describe); made on first use (pydantic is imported lazily)."""
+    if not _GENERATOR:
+        from pydantic.json_schema import GenerateJsonSchema
+
+        class Generator(GenerateJsonSchema):
+            def is_instance_schema(self, schema: Any) -> Any:
+                cls = schema["cls"]
+                if getattr(cls, "__module__", None) == "numpy" and getattr(cls, "__name__", None) == "ndarray":
+                    return {_ARRAY_MARK: True}
+                return super().is_instance_schema(schema)
+
+        _GENERATOR.append(Generator)
+    return _GENERATOR[0]
 
 
 _EXPECTED = {

@@ -101,8 +101,8 @@ class Histogram:
     __slots__ = ("counts", "total")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
-        self.total = 0.0
+        self.counts: list[int] = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.total: float = 0.0
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -125,7 +125,7 @@ class Metrics:
     def __init__(self) -> None:
         self.counts: collections.Counter[Outcome] = collections.Counter()
         self.by_tool: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.queue_wait = Histogram()
+        self.queue_wait: Histogram = Histogram()
         self.service_time: dict[str, Histogram] = collections.defaultdict(Histogram)
         self.restarts: int = 0
         self.host_tool_calls: collections.Counter[tuple[str, str]] = collections.Counter()

@@ -49,7 +49,7 @@ from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
 from trio_bridge._host._supervisor import RecycleLimits, Supervisor
-from trio_bridge._host._tools import ToolInfo, ToolRegistry, tool_info
+from trio_bridge._host._tools import ToolInfo, ToolRegistry, call_host_tool_here, tool_dicts, tool_info
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
@@ -253,12 +253,50 @@ class Pool(metaclass=NoPublicConstructor):
         )
 
     # ---- tools ----
-    def tools(self) -> list[ToolInfo]:
+    @overload
+    def tools(self, format: None = None) -> list[ToolInfo]: ...
+    @overload
+    def tools(self, format: Literal["openai", "anthropic", "mcp"]) -> list[dict[str, Any]]: ...
+    def tools(self, format: Literal["openai", "anthropic", "mcp"] | None = None) -> list[ToolInfo] | list[dict[str, Any]]:
         """Worker tools (as the workers reported them) and global host tools, sorted by name.
-        ``ToolInfo.side`` tells them apart."""
+        ``ToolInfo.side`` tells them apart; ``ToolInfo.parameters_schema`` is the arguments'
+        JSON Schema.
+
+        With ``format``, the same tools as plain dicts in the shape an LLM API takes, each with
+        its arguments' JSON Schema (draft 2020-12):
+
+        - ``"openai"`` (Chat Completions ``tools=``): ``{"type": "function", "function":
+          {"name", "description", "parameters"}}``;
+        - ``"anthropic"`` (Messages ``tools=``): ``{"name", "description", "input_schema"}``;
+        - ``"mcp"`` (a Model Context Protocol ``Tool``): ``{"name", "description", "inputSchema"}``.
+
+        A streaming tool's description ends with a note that its result is the list of its
+        chunks (collect them: ``[c async for c in chunks]`` in ``pool.stream``). A host tool named
+        like a worker tool is left out of these (names must be unique there), so a call by
+        that name runs the worker tool: dispatch a worker tool with :meth:`execute` (or
+        :meth:`stream`), a host tool with :meth:`call_host_tool`. OpenAI and Anthropic take names
+        of ``[A-Za-z0-9_-]`` only: a host tool named with a dot is refused there.
+
+        Raises:
+            InvalidArgumentError: ``format`` is none of ``"openai"``, ``"anthropic"``, ``"mcp"``.
+        """
         tools = [tool_info(spec) for spec in self._tools.worker_tools.values()]
         tools += [t.info() for t in self._tools.host_tools(None)]
-        return sorted(tools, key=lambda t: t.name)
+        tools.sort(key=lambda t: t.name)
+        return tools if format is None else tool_dicts(tools, format)
+
+    async def call_host_tool(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run the global host tool ``name`` here on the host, as a worker's call would run it
+        (arguments checked; async ones on the Trio loop, plain ones in a thread) and return its
+        result; a streaming host tool's chunks come back as a list. For programs that run an
+        LLM's tool calls by name (see :meth:`tools`).
+
+        Raises:
+            ToolNotFoundError: no global host tool has that name (it names those there are).
+            InvalidArgumentError: the arguments do not fit the tool's parameters.
+            Exception: what the tool raised, as itself.
+        """
+        return await call_host_tool_here(self._tools.host_tool(name, ""), arguments)
 
     @overload
     def host_tool(self, function: F, /) -> F: ...

@@ -4,19 +4,21 @@ registered on the pool, globally or for one session), and running host tools for
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, final
+from typing import Any, Literal, final, get_args
 
 import trio
 
-from trio_bridge._core.tools import ToolDefinition, define_tool
+from trio_bridge._core.tools import NUMERIC_ARRAY_REF, ToolDefinition, define_tool
 from trio_bridge._errors import InvalidArgumentError, ToolNotFoundError
 from trio_bridge._util import public_module
-from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.codec import decode, encode, short_repr
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import tool_spec
 
@@ -26,6 +28,10 @@ MAX_METADATA_BYTES = 16_384   # encoded
 
 #: ``ToolInfo.side``: an adapter's tool, or a callable registered on the pool.
 ToolSide = Literal["worker", "host"]
+
+#: ``Pool.tools(format=...)``: the shapes LLM APIs take tool lists in.
+ToolFormat = Literal["openai", "anthropic", "mcp"]
+TOOL_FORMATS: tuple[str, ...] = get_args(ToolFormat)
 
 #: Set while a host tool (or a routed worker-to-worker call) runs on behalf of a worker call:
 #: a pool call made from there is re-entrant (see ``Pool._check_reentrancy``).
@@ -54,6 +60,13 @@ class ToolInfo:
     Attributes:
         side: ``"worker"`` (an adapter's tool) or ``"host"`` (a callable registered on the pool).
         session_id: for a host tool registered on one session, that session; else ``None``.
+        parameters_schema: the arguments as one JSON Schema (draft 2020-12) object, made by
+            pydantic from the same annotations the argument check uses:
+            ``{"type": "object", "properties": {name: schema}, "required": [names],
+            "additionalProperties": false}`` (no ``additionalProperties`` for a tool that takes
+            ``**kwargs``; ``$defs`` where needed). A parameter pydantic cannot describe is ``{}``
+            (any value), with a description saying so; numpy arrays are nested lists of numbers.
+            From a worker that sends none (an older release): the parameters, any values.
     """
 
     name: str
@@ -63,6 +76,19 @@ class ToolInfo:
     side: ToolSide = "worker"
     session_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+    parameters_schema: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def arguments_from_json(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` as an LLM or an MCP client gives them (parsed JSON), ready for
+        ``pool.execute``: the nested lists given where :attr:`parameters_schema` has a numpy
+        array (at any depth) become arrays (``numpy.asarray``: integers give int64, any float
+        float64). Everything else is returned as it is: the pool's check says what does not fit.
+        """
+        if not isinstance(arguments, dict):
+            return arguments  # the check says what is wrong
+        properties = self.parameters_schema.get("properties", {})
+        definitions = self.parameters_schema.get("$defs", {})
+        return {k: _arrays(v, properties.get(k), definitions, 0) for k, v in arguments.items()}
 
 
 @dataclass(frozen=True)
@@ -76,18 +102,97 @@ class HostTool:
 
 
 def tool_info(spec: pb.ToolSpec, *, side: ToolSide = "worker", session_id: str | None = None, metadata: dict[str, Any] | None = None) -> ToolInfo:
+    parameters = tuple(
+        ParameterInfo(p.name, p.type, p.required, None if p.required else decode(p.default), p.description)
+        for p in spec.parameters
+    )
     return ToolInfo(
         name=spec.name,
         description=spec.description,
-        parameters=tuple(
-            ParameterInfo(p.name, p.type, p.required, None if p.required else decode(p.default), p.description)
-            for p in spec.parameters
-        ),
+        parameters=parameters,
         streaming=spec.streaming,
         side=side,
         session_id=session_id,
         metadata=dict(metadata or {}),
+        parameters_schema=_parameters_schema(spec.parameters_json_schema, parameters),
     )
+
+
+def _parameters_schema(text: str, parameters: tuple[ParameterInfo, ...]) -> dict[str, Any]:
+    """The spec's schema, or (none, or not a JSON object) one that names the parameters and
+    takes any values: all a peer that sends none lets us say."""
+    if text:
+        try:
+            schema = json.loads(text)
+        except ValueError:
+            schema = None
+        if isinstance(schema, dict) and schema.get("type") == "object":
+            return schema
+    properties: dict[str, Any] = {}
+    for p in parameters:
+        prop: dict[str, Any] = {"description": p.description} if p.description else {}
+        if not p.required:
+            try:
+                prop["default"] = json.loads(json.dumps(p.default, allow_nan=False))
+            except (TypeError, ValueError):
+                pass
+        properties[p.name] = prop
+    return {"type": "object", "properties": properties, "required": [p.name for p in parameters if p.required]}
+
+
+def _arrays(value: Any, schema: Any, definitions: dict[str, Any], depth: int) -> Any:
+    """``value`` with numpy arrays for the nested lists where ``schema`` says one goes."""
+    if not isinstance(schema, dict) or depth > 64:
+        return value
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/") and ref != NUMERIC_ARRAY_REF:
+        return _arrays(value, definitions.get(ref.removeprefix("#/$defs/")), definitions, depth + 1)
+    if isinstance(value, list) and schema.get("items") == {"$ref": NUMERIC_ARRAY_REF}:
+        import numpy as np
+
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError):  # ragged: the check says what is wrong
+            return value
+        return array if array.dtype.kind in "biuf" else value
+    for branch in schema.get("anyOf", ()):
+        converted = _arrays(value, branch, definitions, depth + 1)
+        if converted is not value:
+            return converted
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_arrays(v, schema["items"], definitions, depth + 1) for v in value]
+    if isinstance(value, dict) and ("properties" in schema or isinstance(schema.get("additionalProperties"), dict)):
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {k: _arrays(v, properties.get(k, extra), definitions, depth + 1) for k, v in value.items()}
+    return value
+
+
+_STREAMING_NOTE = "(A streaming tool: its result is the list of its chunks.)"
+
+
+def tool_dicts(tools: list[ToolInfo], format: str) -> list[dict[str, Any]]:
+    """``tools`` in the shape an LLM API takes (see ``Pool.tools``). A host tool named like a
+    worker tool is left out: a call by that name runs the worker tool.
+
+    Raises:
+        InvalidArgumentError: ``format`` is not one of :data:`TOOL_FORMATS`.
+    """
+    if format not in TOOL_FORMATS:
+        raise InvalidArgumentError(f"format must be None or one of {', '.join(map(repr, TOOL_FORMATS))}, not {short_repr(format)}")
+    worker_names = {t.name for t in tools if t.side == "worker"}
+    shaped = []
+    for t in tools:
+        if t.side == "host" and t.name in worker_names:
+            continue
+        description = f"{t.description} {_STREAMING_NOTE}".strip() if t.streaming else t.description
+        schema = t.parameters_schema or {"type": "object", "properties": {}}
+        if format == "openai":  # Chat Completions' "tools"
+            shaped.append({"type": "function", "function": {"name": t.name, "description": description, "parameters": schema}})
+        elif format == "anthropic":  # the Messages API's "tools"
+            shaped.append({"name": t.name, "description": description, "input_schema": schema})
+        else:  # MCP's Tool, as tools/list sends it
+            shaped.append({"name": t.name, "description": description, "inputSchema": schema})
+    return shaped
 
 
 class ToolRegistry:
@@ -167,6 +272,20 @@ class ToolRegistry:
         return [tools[name] for name in sorted(tools)]
 
 
+async def call_host_tool_here(tool: HostTool, arguments: dict[str, Any] | None) -> Any:
+    """Check ``arguments`` and run a host tool here on the host (a streaming one's chunks
+    collected into a list).
+
+    Raises:
+        InvalidArgumentError: the arguments do not fit. What the tool raises, as itself.
+    """
+    checked = tool.definition.check_arguments(arguments)
+    if tool.definition.streaming:
+        async with contextlib.aclosing(iterate_host_tool(tool, checked)) as chunks:
+            return [chunk async for chunk in chunks]
+    return await run_host_tool(tool, checked)
+
+
 async def run_host_tool(tool: HostTool, arguments: dict[str, Any]) -> Any:
     """Call a non-streaming host tool: async ones on the Trio loop, sync ones in a thread (so a
     slow one cannot stall the host)."""
@@ -176,7 +295,7 @@ async def run_host_tool(tool: HostTool, arguments: dict[str, Any]) -> Any:
     return await trio.to_thread.run_sync(partial(function, **arguments))
 
 
-async def iterate_host_tool(tool: HostTool, arguments: dict[str, Any]) -> AsyncIterator[Any]:
+async def iterate_host_tool(tool: HostTool, arguments: dict[str, Any]) -> AsyncGenerator[Any, None]:
     """Chunks of a streaming host tool. A sync generator advances in a thread, one item at a time."""
     generator = tool.definition.function(**arguments)
     if tool.definition.kind == "async_generator":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError
 from trio_bridge._wire.codec import encode
@@ -9,7 +11,8 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 
 def tool_spec(definition: ToolDefinition) -> pb.ToolSpec:
-    """The wire form of a tool definition (defaults that cannot be encoded travel as their repr)."""
+    """The wire form of a tool definition (defaults that cannot be encoded travel as their repr;
+    the arguments' JSON Schema as compact JSON text)."""
     parameters = []
     for p in definition.parameters:
         try:
@@ -17,4 +20,13 @@ def tool_spec(definition: ToolDefinition) -> pb.ToolSpec:
         except EncodeError:
             default = encode(repr(p.default), plane=None)
         parameters.append(pb.ParameterSpec(name=p.name, type=p.type, required=p.required, default=default, description=p.description))
-    return pb.ToolSpec(name=definition.name, description=definition.description, parameters=parameters, streaming=definition.streaming)
+    schema = ""  # none: the peer derives a loose one from the parameters
+    if definition.parameters_schema:
+        try:
+            schema = json.dumps(definition.parameters_schema, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError):  # not JSON after all (a model's default, say)
+            pass
+    return pb.ToolSpec(
+        name=definition.name, description=definition.description, parameters=parameters, streaming=definition.streaming,
+        parameters_json_schema=schema,
+    )

@@ -1,0 +1,153 @@
+"""`trio-bridge mcp`: a pool's tools served over the Model Context Protocol on stdio, driven by
+the official SDK's own client as an agent would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+mcp = pytest.importorskip("mcp")
+from mcp import ClientSession, StdioServerParameters  # noqa: E402
+from mcp.client.stdio import stdio_client  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = [sys.executable, "-m", "trio_bridge", "mcp", "tests.adapters:Echo", "--workers", "1"]
+
+
+def scale(values: np.ndarray, factor: float = 2.0) -> np.ndarray:
+    """A host tool for the server under test (``--host-tools tests.test_mcp:scale``).
+
+    Args:
+        values: what to scale.
+        factor: by how much.
+    """
+    return values * factor
+
+
+def _server_and_descendants() -> list[psutil.Process]:
+    """The `trio-bridge mcp` process this test started and everything under it."""
+    for child in psutil.Process().children():
+        try:
+            if "mcp" in child.cmdline() and "trio_bridge" in child.cmdline():
+                return [child, *child.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    return []
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _text(result: Any) -> str:
+    assert len(result.content) == 1 and result.content[0].type == "text"
+    return result.content[0].text
+
+
+@pytest.mark.real_process
+async def test_an_agent_lists_and_calls_the_tools_and_closing_leaves_no_process(tmp_path: Path) -> None:
+    params = StdioServerParameters(
+        command=SERVER[0], args=[*SERVER[1:], "--host-tools", "tests.test_mcp:scale"],
+        env={"PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
+    )
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as errlog:
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            listed = {t.name: t for t in (await session.list_tools()).tools}
+            assert {"add", "count", "fail", "pid", "scale"} <= set(listed)
+            assert listed["add"].description == "Add two integers."
+            assert listed["add"].input_schema == {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer", "description": "the first term."},
+                    "b": {"type": "integer", "description": "the second term.", "default": 2},
+                },
+                "required": ["a"],
+                "additionalProperties": False,
+            }
+            assert "list of its chunks" in (listed["count"].description or "")
+            assert listed["scale"].input_schema["properties"]["values"]["type"] == "array"  # a host tool's
+
+            added = await session.call_tool("add", {"a": 1})
+            assert not added.is_error and json.loads(_text(added)) == 3
+            failed = await session.call_tool("fail", {"message": "no good"})
+            assert failed.is_error and _text(failed) == "ToolError: tool 'fail' raised ValueError: no good"
+            refused = await session.call_tool("add", {"a": "one"})
+            assert refused.is_error and "InvalidArgumentError" in _text(refused) and "'a'" in _text(refused)
+            unknown = await session.call_tool("nope", {})
+            assert unknown.is_error and "nope" in _text(unknown)
+            counted = await session.call_tool("count", {"n": 3})
+            assert json.loads(_text(counted)) == [0, 1, 2]  # a streaming tool: its chunks
+            scaled = await session.call_tool("scale", {"values": [[1, 2], [3, 4.5]], "factor": 2})
+            assert json.loads(_text(scaled)) == [[2, 4], [6, 9]]  # nested lists in, an array out (as lists)
+            still = await session.call_tool("add", {"a": 40, "b": 2})  # errors did not hurt the server
+            assert json.loads(_text(still)) == 42
+
+            worker_pid = json.loads(_text(await session.call_tool("pid", {})))
+            processes = _server_and_descendants()
+            assert worker_pid in {p.pid for p in processes}
+    # the client closed stdin: the server closed its pool in order (no kill needed) and exited
+    deadline = time.monotonic() + 10
+    while _alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(processes), _alive(processes)
+    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+    err = log.read_text()
+    assert "the client closed stdin; the pool is closed" in err and "Traceback" not in err, err
+
+
+@pytest.mark.real_process
+def test_ctrl_c_stops_the_server_while_it_waits_for_the_client(tmp_path: Path) -> None:
+    # The client keeps stdin open and silent: the server sits in a read of stdin, which Ctrl-C
+    # must end at once (the pool then closes in order).
+    process = subprocess.Popen(
+        SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline().decode()  # the first line: it serves
+        assert "serving the tools of tests.adapters:Echo" in line, line
+        processes = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        os.kill(process.pid, signal.SIGINT)
+        sent = time.monotonic()
+        out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - sent < 5
+    assert process.returncode == 130, err.decode()
+    assert out == b""  # stdout is the protocol's: nothing else went there
+    assert "interrupted: the pool was shut down" in err.decode() and "Traceback" not in err.decode()
+    assert not _alive(processes)
+
+
+def test_help_says_what_it_serves_without_raw_markup() -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from trio_bridge.cli import app
+
+    result = CliRunner().invoke(app, ["mcp", "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    assert "Model Context Protocol" in result.stdout and "--host-tools" in result.stdout
+    assert not re.search(r"`|\[/?(bold|red|green|yellow)|\[/\]|\*\*", result.stdout), result.stdout
