@@ -126,14 +126,17 @@ class FakeWorkers:
         made: every fake worker made so far, in order.
     """
 
-    def __init__(self, tools: Mapping[str, Callable[..., Any]], *, concurrency: int, start_delay: float, startup_timeout: float) -> None:
+    def __init__(
+        self, tools: Mapping[str, Callable[..., Any]], *, concurrency: int, start_delay: float, startup_timeout: float,
+        adapter: str = FAKE_ADAPTER,
+    ) -> None:
         self.start_delay: float = start_delay
         self.attempts: list[StartAttempt] = []
         self.made: list[FakeWorker] = []
         self._definitions = {name: _define(name, fn) for name, fn in tools.items()}
         self._specs = [tool_spec(d) for d in self._definitions.values()]
         self._spec = WorkerSpec(
-            adapter=FAKE_ADAPTER, python="", concurrency=concurrency, transport="fake", socket_dir="", secret="",
+            adapter=adapter, python="", concurrency=concurrency, transport="fake", socket_dir="", secret="",
             host_address="", env={}, startup_timeout=startup_timeout, heartbeat_interval=0.0,
         )
         self._failures_left: float = 0
@@ -205,7 +208,8 @@ class FakeWorkers:
 
 @dataclass(eq=False)
 class _Call:
-    context: FakeContext
+    context: Any
+    cancel_context: Callable[[], None]  # tells the tool its call was cancelled (``ctx.cancelled``)
     stubborn: bool
     scope: trio.CancelScope
     done: trio.Event
@@ -234,6 +238,8 @@ class FakeWorker(WorkerHandle):
         self.started_sessions: list[tuple[str, Any]] = []
         self.ended_sessions: list[str] = []
         self._workers = workers
+        self._definitions: Mapping[str, ToolDefinition] = workers._definitions
+        self._specs: list[pb.ToolSpec] = workers._specs
         self._fake_stub = cast(pb.WorkerServiceStub, _FakeStub(self))
         self._active: dict[str, _Call] = {}
         self._idle = trio.Event()
@@ -249,6 +255,8 @@ class FakeWorker(WorkerHandle):
         try:
             with trio.move_on_after(self.spec.startup_timeout) as timeout:
                 await trio.sleep(self._workers.start_delay)
+                if failure is None:
+                    failure = await self._prepare()
             if timeout.cancelled_caught:
                 self.kill("it was not ready in time")
                 raise self._start_error(f"printed no ready line within {self.spec.startup_timeout:g} s")
@@ -259,7 +267,7 @@ class FakeWorker(WorkerHandle):
                 raise self._start_error("exited before it was ready")
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.tools = {s.name: s for s in self._workers._specs}
+                self.tools = {s.name: s for s in self._specs}
                 self._enter(WorkerState.READY)
                 self.started_at = trio.current_time()
                 self._workers._started_one()
@@ -382,9 +390,8 @@ class FakeWorker(WorkerHandle):
                 with trio.move_on_after(_deadline(call, timeout)) as deadline:
                     try:
                         while True:
-                            try:
-                                item = await anext(chunks) if definition.kind == "async_generator" else next(chunks)
-                            except (StopIteration, StopAsyncIteration):
+                            more, item = await self._next_chunk(definition, chunks)
+                            if not more:
                                 break
                             chunks_wire, failed = encode_batch([item], index)
                             if failed is not None:
@@ -400,10 +407,7 @@ class FakeWorker(WorkerHandle):
                 finished.set()
             finally:
                 with trio.CancelScope(shield=True):
-                    if definition.kind == "async_generator":
-                        await chunks.aclose()
-                    else:
-                        chunks.close()
+                    await self._close_chunks(definition, chunks)
 
     async def _execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
@@ -422,9 +426,7 @@ class FakeWorker(WorkerHandle):
     async def _run_tool(self, call: _Call, definition: ToolDefinition, arguments: dict[str, Any], timeout: float) -> None:
         with trio.move_on_after(_deadline(call, timeout)) as deadline:
             try:
-                result = definition.function(**arguments)
-                if definition.kind == "async":
-                    result = await result
+                result = await self._invoke(definition, arguments)
             except Exception as exc:
                 call.reply = pb.ExecuteToolResponse(error=_tool_failure(exc))
                 return
@@ -446,20 +448,21 @@ class FakeWorker(WorkerHandle):
         try:
             if self._shutting_down:  # told to shut down, as a real worker is by its Shutdown RPC
                 return refusal(error=error_info(RuntimeError("the worker is shutting down"), kind=SHUTTING_DOWN))
-            definition = self._workers._definitions.get(request.tool_name)
+            definition = self._definitions.get(request.tool_name)
             if definition is None:
-                raise ToolNotFoundError(request.tool_name, list(self._workers._definitions))
+                raise ToolNotFoundError(request.tool_name, list(self._definitions))
             if definition.streaming != streaming:
                 hint = "pool.stream()" if definition.streaming else "pool.execute()"
                 kind = "a streaming" if definition.streaming else "not a streaming"
                 raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
             arguments = definition.check_arguments(decode(request.arguments))
+            await self._call_starting(request, definition)
         except Exception as exc:
             return refusal(error=error_info(exc))
-        context = FakeContext(self, request.call_id, request.session_id)
+        context, cancel_context = self._new_context(request)
         if definition.context_parameter:
             arguments[definition.context_parameter] = context
-        call = _Call(context, getattr(definition.function, "__trio_bridge_stubborn__", False), trio.CancelScope(), trio.Event())
+        call = _Call(context, cancel_context, self._stubborn(definition), trio.CancelScope(), trio.Event())
         self._active[request.call_id] = call
         self._idle = trio.Event()
 
@@ -468,6 +471,8 @@ class FakeWorker(WorkerHandle):
                 with call.scope:
                     await produce(call, definition, arguments)
             finally:
+                with trio.CancelScope(shield=True):
+                    await self._call_finished(context)
                 call.done.set()
                 self._active.pop(request.call_id, None)
                 if not self._active:
@@ -483,13 +488,60 @@ class FakeWorker(WorkerHandle):
         worker's nursery, so nothing else reaches it)."""
         if call.done.is_set():
             return
-        call.context.cancelled.set()
+        call.cancel_context()
         if not call.stubborn:
             call.scope.cancel()
 
     async def _wait_while_hung(self) -> None:
         if self.hung:
             await trio.sleep_forever()
+
+    # ---- what a worker of another kind changes (trio_bridge.testing's in-process adapter workers) ----
+    async def _prepare(self) -> tuple[str, int] | None:
+        """Before it is ready (within ``startup_timeout``): ``(stderr, exit_code)`` if it fails."""
+        return None
+
+    def _new_context(self, request: pb.ExecuteToolRequest) -> tuple[Any, Callable[[], None]]:
+        """The context a tool gets, and how to tell it its call was cancelled."""
+        context = FakeContext(self, request.call_id, request.session_id)
+        return context, context.cancelled.set
+
+    def _stubborn(self, definition: ToolDefinition) -> bool:
+        """Whether cancelling the call leaves its tool running (see :func:`stubborn`)."""
+        return bool(getattr(definition.function, "__trio_bridge_stubborn__", False))
+
+    async def _call_starting(self, request: pb.ExecuteToolRequest, definition: ToolDefinition) -> None:
+        """Before the tool runs; what it raises refuses the call."""
+
+    async def _call_finished(self, context: Any) -> None:
+        """After the tool ended, however it ended (shielded)."""
+
+    async def _invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
+        """Run a unary tool; its result."""
+        result = definition.function(**arguments)
+        return await result if definition.kind == "async" else result
+
+    async def _next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
+        """``(True, chunk)``, or ``(False, None)`` at the end of a streaming tool."""
+        try:
+            return True, (await anext(chunks) if definition.kind == "async_generator" else next(chunks))
+        except (StopIteration, StopAsyncIteration):
+            return False, None
+
+    async def _close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
+        """Stop a streaming tool's generator (shielded)."""
+        if definition.kind == "async_generator":
+            await chunks.aclose()
+        else:
+            chunks.close()
+
+    async def _session_started(self, session_id: str, metadata: Any) -> None:
+        """A session's first call here is coming (InitializeSession)."""
+        self.started_sessions.append((session_id, metadata))
+
+    async def _session_ended(self, session_id: str) -> None:
+        """The session ended (CleanupSession)."""
+        self.ended_sessions.append(session_id)
 
 
 class _FakeStub:
@@ -509,12 +561,12 @@ class _FakeStub:
 
     async def initialize_session(self, request: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
         await self._worker._wait_while_hung()
-        self._worker.started_sessions.append((request.session_id, decode(request.metadata)))
+        await self._worker._session_started(request.session_id, decode(request.metadata))
         return pb.InitializeSessionResponse()
 
     async def cleanup_session(self, request: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
         await self._worker._wait_while_hung()
-        self._worker.ended_sessions.append(request.session_id)
+        await self._worker._session_ended(request.session_id)
         return pb.CleanupSessionResponse()
 
     async def describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
@@ -604,29 +656,48 @@ def open_fake_pool(
         WorkerStartError: a worker could not start (``start_failures``, or ``start_delay``
             over ``startup_timeout``).
     """
-    unknown = set(open_pool_options) - set(_OPEN_POOL_DEFAULTS) - {"size", "concurrency"}
-    if unknown:
-        raise TypeError(f"open_fake_pool() got unexpected options: {', '.join(sorted(unknown))}")
-    return _open_fake_pool(
-        tools, size, concurrency, start_delay, start_failures, {**_OPEN_POOL_DEFAULTS, **open_pool_options}
+    options = pool_options("open_fake_pool", open_pool_options)
+
+    def make_workers(adapter_options_json: str) -> FakeWorkers:
+        workers = FakeWorkers(tools, concurrency=concurrency, start_delay=start_delay, startup_timeout=options["startup_timeout"])
+        if start_failures:
+            workers.fail_starts(start_failures)
+        return workers
+
+    return open_pool_of_fakes(
+        make_workers, adapter=FAKE_ADAPTER, size=size, concurrency=concurrency, start_delay=start_delay, options=options
     )
 
 
+def pool_options(caller: str, open_pool_options: dict[str, Any]) -> dict[str, Any]:
+    """``open_pool``'s keyword options with its defaults filled in.
+
+    Raises:
+        TypeError: an option ``open_pool`` does not have (``caller`` names the function in the message).
+    """
+    unknown = set(open_pool_options) - set(_OPEN_POOL_DEFAULTS) - {"size", "concurrency"}
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected options: {', '.join(sorted(unknown))}")
+    return {**_OPEN_POOL_DEFAULTS, **open_pool_options}
+
+
 @asynccontextmanager
-async def _open_fake_pool(
-    tools: Mapping[str, Callable[..., Any]], size: int, concurrency: int, start_delay: float, start_failures: int,
-    o: dict[str, Any],
+async def open_pool_of_fakes(
+    make_workers: Callable[[str], FakeWorkers], *, adapter: str, size: int, concurrency: int, start_delay: float,
+    options: dict[str, Any],
 ) -> AsyncIterator[FakePool]:
-    check_options(
-        adapter=FAKE_ADAPTER, size=size, concurrency=concurrency, max_queue=o["max_queue"], transport=o["transport"],
+    """A real pool of the workers ``make_workers(adapter_options_json)`` makes, once ``options``
+    (all of ``open_pool``'s, see :func:`pool_options`) are checked: :func:`open_fake_pool`'s
+    and ``trio_bridge.testing.open_adapter_pool``'s."""
+    o = options
+    adapter_options_json = check_options(
+        adapter=adapter, size=size, concurrency=concurrency, max_queue=o["max_queue"], transport=o["transport"],
         adapter_options=o["adapter_options"], restart_backoff=o["restart_backoff"],
         timeouts={name: o[name] for name in (
             "startup_timeout", "shutdown_timeout", "cancel_grace", "health_check_interval", "no_worker_timeout",
         )} | {"start_delay": start_delay},
     )
-    workers = FakeWorkers(tools, concurrency=concurrency, start_delay=start_delay, startup_timeout=o["startup_timeout"])
-    if start_failures:
-        workers.fail_starts(start_failures)
+    workers = make_workers(adapter_options_json)
 
     @asynccontextmanager
     async def serve(parts: PoolParts) -> AsyncIterator[None]:
@@ -641,7 +712,7 @@ async def _open_fake_pool(
         max_value_bytes=o["max_value_bytes"], history_limit=o["history_limit"],
     )
     async with compose(
-        adapter=FAKE_ADAPTER, size=size, spec=workers._spec, new_worker=workers._new_worker, state=state, serve=serve,
+        adapter=adapter, size=size, spec=workers._spec, new_worker=workers._new_worker, state=state, serve=serve,
         max_queue=o["max_queue"], cancel_grace=o["cancel_grace"], no_worker_timeout=o["no_worker_timeout"],
         health_check_interval=o["health_check_interval"], restart_backoff=o["restart_backoff"],
         shutdown_timeout=o["shutdown_timeout"],

@@ -1,0 +1,752 @@
+"""Adapters in process: test an adapter's tools on Trio's clock, without processes or a wire.
+
+:func:`open_adapter_pool` yields a real :class:`~trio_bridge.Pool` -- the same dispatcher,
+supervisor, calls, sessions, host tools and statistics as :func:`~trio_bridge.open_pool` --
+whose workers run your :class:`~trio_bridge.worker.Adapter` in this process, in the test's
+Trio run: ``setup()`` once per worker, ``async def`` tools as Trio tasks (cancelled with their
+call), sync tools in Trio worker threads, generators as streaming tools. So a test of tools,
+session variables and host tools can run on ``trio.testing.MockClock(autojump_threshold=0)``
+(pytest-trio's ``autojump_clock`` fixture), where an hour of ``trio.sleep`` costs no time::
+
+    from trio_bridge.testing import open_adapter_pool
+
+    async def test_slow_tool(autojump_clock):
+        async with open_adapter_pool("myapp.adapters:Agent", adapter_options={"model": "tiny"}) as pool:
+            with trio.fail_after(10):
+                assert await pool.execute("answer", {"question": "2+2"}) == "4"
+
+What the worker side is here: the workers are the pool's in-memory workers of
+:func:`~trio_bridge.testing.open_fake_pool`, running the adapter's tools; the context a tool
+gets (a parameter annotated ``SessionContext``) is backed by the worker side's own session
+client (the per-session variable cache kept coherent by the session's state version) and the
+host's own ``HostService``, called in Trio instead of over gRPC. Arguments, results, chunks and
+variable values still go through the wire codec, so a value that cannot travel fails as it
+would. Not there: processes (``WorkerInfo.pid`` is ``None``), the wire itself, shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import fnmatch
+import functools
+import inspect
+import json
+import sys
+import threading
+import traceback
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+import grpclib.const
+import trio
+
+from trio_bridge._core.tools import ToolDefinition
+from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError, VariableNotFoundError
+from trio_bridge._host._host_service import HostService
+from trio_bridge._host._pool import Pool
+from trio_bridge._host._worker import WorkerSpec
+from trio_bridge._state.types import VariableType
+from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
+from trio_bridge._wire.codec import encode, short_repr
+from trio_bridge._wire.contract import (
+    DEFAULT_WATCH_BUFFER,
+    EXIT_ADAPTER_IMPORT,
+    EXIT_ADAPTER_SETUP,
+    SECRET_METADATA,
+    WATCH_BUFFER_METADATA,
+    WORKER_METADATA,
+    timeout_from_wire,
+    timeout_to_wire,
+)
+from trio_bridge._wire.errors import exception_from
+from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.state import update_from_wire
+from trio_bridge._wire.tool_spec import tool_spec
+from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
+from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
+from trio_bridge.worker._context import HostTools, Optimization, Variables
+from trio_bridge.worker._host_client import HostClient, SessionInfo, SessionLink
+
+if TYPE_CHECKING:
+    from grpclib.client import Channel
+
+    from trio_bridge._aio import Boundary
+
+_END = object()  # what next() returns at the end of a generator tool
+
+
+def open_adapter_pool(
+    adapter: type[Adapter] | str,
+    *,
+    size: int = 1,
+    concurrency: int = 1,
+    adapter_options: dict[str, Any] | None = None,
+    **open_pool_options: Any,
+) -> AbstractAsyncContextManager[Pool]:
+    """Open a real :class:`~trio_bridge.Pool` whose workers run ``adapter`` in this process, in
+    Trio, and yield it: the same API as :func:`~trio_bridge.open_pool` (``execute``, ``stream``,
+    ``session()``, ``host_tool``, ``statistics``, ``workers``, ...) for tests that need no
+    process and may run on Trio's autojump clock.
+
+    Each worker makes its own adapter instance, sets ``self.options`` and runs ``setup()``
+    (sync or async, in the Trio thread) once. Then, as in a worker process:
+
+    - ``async def`` tools and async generators run as Trio tasks: cancelling the call (or its
+      deadline, ``trio.fail_after`` around ``pool.execute``) cancels them, on the Trio clock.
+      They must await Trio or framework-neutral things (``ctx``'s ``a...`` methods,
+      ``trio.sleep``): an ``asyncio`` call fails there (test asyncio tools with
+      :func:`~trio_bridge.testing.open_pool_in_threads`).
+    - sync tools and generators run in Trio worker threads (``trio.to_thread.run_sync``, at most
+      ``concurrency`` per worker); a cancelled call sets ``ctx.cancelled`` and keeps its slot
+      until the thread returns, as in a worker process. ``@tool(inline=True)`` ones run in the
+      Trio thread.
+    - a tool's ``ctx: SessionContext`` parameter gets a context with the same methods: the
+      call's session variables (a cache coherent at call start, writes, watches, history,
+      optimization locks), host tools (``call_host_tool``, ``stream_host_tool``,
+      ``ctx.host_tools``) and ``call_tool`` on the pool's workers; the blocking forms from sync
+      tools, the ``a...`` forms from async ones (a blocking form in the Trio thread raises
+      ``RuntimeError``, as on a worker's event loop). Its ``deadline`` and ``time_remaining()``
+      are on the Trio clock (``trio.current_time()``), not ``time.monotonic()``.
+    - ``on_session_start``/``on_session_end`` run when a session first reaches the worker and
+      when it ends; what they raise is printed to stderr, and the worker goes on.
+
+    Caveat, the autojump clock and threads: while a sync tool (or a sync generator's step) runs
+    in its thread, Trio sees no task to run and the autojump clock jumps to the next deadline,
+    so a ``trio.fail_after`` around such a call, or a TTL, may expire while the thread works
+    for milliseconds of real time. Give calls of sync tools no deadline on that clock (or test
+    their timing with ``async def`` tools); ``setup()`` runs in the Trio thread for that reason.
+
+    Args:
+        adapter: the :class:`~trio_bridge.worker.Adapter` subclass, or its
+            ``"package.module:ClassName"`` (imported when a worker starts, as a worker process
+            does).
+        size: workers; concurrency: calls each serves at once.
+        adapter_options: JSON-able options the adapter reads as ``self.options`` (they go
+            through JSON, as to a worker process).
+        open_pool_options: the other options of :func:`~trio_bridge.open_pool` (``max_queue``,
+            ``cancel_grace``, ``health_check_interval``, ``restart_backoff``,
+            ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state``, the
+            quotas, the recycling limits, the metrics); those that only concern processes
+            (``transport``, ``python``, ``env``, ``shared_memory_threshold``,
+            ``heartbeat_interval``, ...) are accepted and have no effect.
+
+    Raises:
+        TypeError: an option ``open_pool`` does not have.
+        InvalidArgumentError: ``adapter`` is neither an Adapter subclass nor a
+            ``"module:Class"`` string, or an option is out of range or not JSON-able.
+        WorkerStartError: a worker could not start: the adapter did not import (exit code 3)
+            or its ``setup()`` raised (exit code 4); ``stderr_tail`` holds the traceback.
+    """
+    if isinstance(adapter, str):
+        adapter_class, path = None, adapter
+    elif isinstance(adapter, type) and issubclass(adapter, Adapter):
+        adapter_class, path = adapter, f"{adapter.__module__}:{adapter.__qualname__}"
+    else:
+        raise InvalidArgumentError(
+            f"adapter must be an Adapter subclass or 'package.module:ClassName', not {short_repr(adapter)}"
+        )
+    options = pool_options("open_adapter_pool", {**open_pool_options, "adapter_options": adapter_options})
+    return _open_adapter_pool(adapter_class, path, size, concurrency, options)
+
+
+@asynccontextmanager
+async def _open_adapter_pool(
+    adapter_class: type[Adapter] | None, path: str, size: int, concurrency: int, options: dict[str, Any]
+) -> AsyncIterator[Pool]:
+    def make_workers(adapter_options_json: str) -> FakeWorkers:
+        return _AdapterWorkers(
+            adapter_class, path, adapter_options_json, concurrency=concurrency, startup_timeout=options["startup_timeout"]
+        )
+
+    async with open_pool_of_fakes(
+        make_workers, adapter=path, size=size, concurrency=concurrency, start_delay=0.0, options=options
+    ) as (pool, _):
+        yield pool
+
+
+class _AdapterWorkers(FakeWorkers):
+    """The in-process workers of one pool: what each needs to make its adapter."""
+
+    def __init__(
+        self, adapter_class: type[Adapter] | None, path: str, adapter_options_json: str, *, concurrency: int,
+        startup_timeout: float,
+    ) -> None:
+        super().__init__({}, concurrency=concurrency, start_delay=0.0, startup_timeout=startup_timeout, adapter=path)
+        self.adapter_class = adapter_class
+        self.adapter_options_json = adapter_options_json
+
+    def _new_worker(self, worker_id: str, slot: int) -> FakeWorker:
+        worker = _AdapterWorker(worker_id, slot, self._spec, self)
+        self.made.append(worker)
+        return worker
+
+
+class _AdapterWorker(FakeWorker):
+    """A fake worker that runs an adapter's tools, as a worker process would (see
+    :func:`open_adapter_pool`)."""
+
+    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, workers: _AdapterWorkers) -> None:
+        super().__init__(worker_id, slot, spec, workers)
+        self._adapter_workers = workers
+        self.adapter: Adapter | None = None
+        self._host: _LocalHostClient | None = None
+        self._initialized: set[str] = set()  # sessions whose on_session_start ran here
+        self._threads = trio.CapacityLimiter(spec.concurrency)  # a worker's thread pool
+
+    # ---- start ----
+    async def _prepare(self) -> tuple[str, int] | None:
+        workers = self._adapter_workers
+        try:
+            adapter_class = workers.adapter_class or load_adapter_class(self.spec.adapter)
+        except Exception:
+            return f"trio-bridge worker: cannot load adapter {self.spec.adapter!r}:\n{traceback.format_exc()}", EXIT_ADAPTER_IMPORT
+        try:
+            adapter = adapter_class()
+            adapter.options = json.loads(workers.adapter_options_json)
+            started: Any = adapter.setup()  # may be async def
+            if inspect.isawaitable(started):
+                await started
+            definitions = collect_tools(adapter)
+            specs = [tool_spec(d) for d in definitions.values()]
+        except Exception:
+            return f"trio-bridge worker: {self.spec.adapter}.setup() failed:\n{traceback.format_exc()}", EXIT_ADAPTER_SETUP
+        self.adapter = adapter
+        self._definitions, self._specs = definitions, specs
+        parts = workers.parts
+        service = HostService(
+            cast("Boundary", _TrioBoundary()), parts.state, calls=parts.calls, tools=parts.tools, plane=None,
+            heartbeat=parts.supervisor.heartbeat, route_for=parts.route_for,
+            count_host_tool_call=parts.metrics.host_tool_call,
+        )
+        self._host = _LocalHostClient(_LocalChannel(service, self._running_nursery), self.id)
+        return None
+
+    def _running_nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise TrioBridgeError(f"worker {self.id} is not running")
+        return self._nursery
+
+    def _exit(self, exit_code: int) -> None:
+        for call in list(self._active.values()):
+            call.cancel_context()  # a thread outlives its worker: tell its tool to stop
+        super()._exit(exit_code)
+
+    # ---- calls ----
+    def _new_context(self, request: pb.ExecuteToolRequest) -> tuple[Any, Callable[[], None]]:
+        assert self._host is not None
+        timeout = timeout_from_wire(request.timeout_seconds)
+        clock = trio.lowlevel.current_clock()
+        context = _InProcessContext(
+            request.session_id, request.call_id, None if timeout is None else clock.current_time() + timeout,
+            self._host.link(request.session_id) if request.session_id else None, self._host, clock,
+            trio.lowlevel.current_trio_token(), self._running_nursery,
+        )
+        return context, context._cancel
+
+    def _stubborn(self, definition: ToolDefinition) -> bool:
+        # A thread cannot be interrupted: cancelling its call sets ctx.cancelled, and the call
+        # holds its slot until the thread returns.
+        return definition.kind in ("sync", "generator") and not definition.inline
+
+    async def _call_starting(self, request: pb.ExecuteToolRequest, definition: ToolDefinition) -> None:
+        if definition.context_parameter and request.session_id and self._host is not None:
+            await self._host.refresh(request.session_id, request.session_state_version)
+
+    async def _call_finished(self, context: Any) -> None:
+        if isinstance(context, _InProcessContext):
+            await context._close_watches()
+
+    async def _invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
+        if definition.kind == "async":
+            return await definition.function(**arguments)
+        if definition.inline:
+            return definition.function(**arguments)
+        return await self._in_thread(functools.partial(definition.function, **arguments), definition.name)
+
+    async def _next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
+        if definition.kind == "async_generator":
+            try:
+                return True, await anext(chunks)
+            except StopAsyncIteration:
+                return False, None
+        item = await self._in_thread(functools.partial(next, chunks, _END), definition.name)
+        return (False, None) if item is _END else (True, item)
+
+    async def _close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
+        if definition.kind == "async_generator":
+            await chunks.aclose()
+            return
+        # In a thread: its finally blocks may use ctx's blocking methods.
+        with contextlib.suppress(ValueError):  # still running in a thread its dead worker left behind
+            await self._in_thread(chunks.close, definition.name)
+
+    async def _in_thread(self, function: Callable[[], Any], name: str) -> Any:
+        # Abandoned only if the call's scope is cancelled, which for these stubborn tools
+        # happens only when the worker dies (its "process" is gone; the thread runs on).
+        return await trio.to_thread.run_sync(
+            function, abandon_on_cancel=True, limiter=self._threads, thread_name=f"trio-bridge {self.id} tool {name}"
+        )
+
+    # ---- sessions ----
+    async def _session_started(self, session_id: str, metadata: Any) -> None:
+        await super()._session_started(session_id, metadata)
+        if session_id not in self._initialized and self.adapter is not None:
+            self._initialized.add(session_id)
+            await self._adapter_hook(self.adapter.on_session_start, session_id, metadata or {})
+
+    async def _session_ended(self, session_id: str) -> None:
+        await super()._session_ended(session_id)
+        self._initialized.discard(session_id)
+        if self._host is not None:
+            self._host.forget(session_id)
+        if self.adapter is not None:
+            await self._adapter_hook(self.adapter.on_session_end, session_id)
+
+    async def _adapter_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            result = hook(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            # The adapter's bug: reported as a worker process reports it (stderr), and served on.
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, end="")
+            self.stderr_tail.extend(text.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# the host service, called in Trio
+
+
+class _TrioBoundary:
+    """The host service's boundary when its handlers are called from Trio: nothing to cross."""
+
+    async def call_trio(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        return await fn(*args)
+
+    async def run(self, awaitable: Awaitable[Any]) -> Any:
+        return await awaitable
+
+
+class _LocalChannel:
+    """A grpclib ``Channel`` (as much of one as the generated stubs use) whose RPCs call a
+    ``HostService``'s handlers in this Trio run: a unary RPC in the caller's task, a server
+    stream in a task of the worker's nursery, stopped when the caller leaves the stream."""
+
+    def __init__(self, service: HostService, nursery: Callable[[], trio.Nursery]) -> None:
+        self._handlers = service.__mapping__()
+        self._nursery = nursery
+
+    @asynccontextmanager
+    async def request(
+        self, route: str, cardinality: grpclib.const.Cardinality, request_type: Any, reply_type: Any, *,
+        timeout: float | None = None, deadline: Any = None, metadata: Any = None,
+    ) -> AsyncIterator[_ClientStream]:
+        stream = _ClientStream(self._handlers[route], dict(metadata or {}), self._nursery)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    def close(self) -> None:
+        pass
+
+
+class _ClientStream:
+    """The caller's end of one RPC on a :class:`_LocalChannel`."""
+
+    def __init__(self, handler: grpclib.const.Handler, metadata: dict[str, str], nursery: Callable[[], trio.Nursery]) -> None:
+        self._handler = handler
+        self._metadata = metadata
+        self._nursery = nursery
+        self._request: Any = None
+        self._replies: trio.MemoryReceiveChannel[Any] | None = None
+        self._scope = trio.CancelScope()
+        self._failure: list[BaseException] = []
+
+    async def send_message(self, message: Any, *, end: bool = False) -> None:
+        self._request = message
+        if self._handler.cardinality is grpclib.const.Cardinality.UNARY_STREAM:
+            send, self._replies = trio.open_memory_channel[Any](0)
+            self._nursery().start_soon(self._serve, send)
+
+    async def _serve(self, send: trio.MemorySendChannel[Any]) -> None:
+        async with send:
+            with self._scope:
+                try:
+                    await self._handler.func(_ServerStream(self._request, self._metadata, send.send))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the caller left the stream
+                except Exception as exc:
+                    self._failure.append(exc)  # raised to the caller, as a broken RPC would be
+
+    async def recv_message(self) -> Any:
+        if self._replies is None:  # unary
+            replies: list[Any] = []
+
+            async def deliver(message: Any) -> None:
+                replies.append(message)
+
+            await self._handler.func(_ServerStream(self._request, self._metadata, deliver))
+            return replies[0] if replies else None
+        try:
+            return await self._replies.receive()
+        except trio.EndOfChannel:
+            if self._failure:
+                raise self._failure[0] from None
+            return None
+
+    def __aiter__(self) -> _ClientStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self.recv_message()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    def close(self) -> None:
+        self._scope.cancel()
+        if self._replies is not None:
+            self._replies.close()
+
+
+class _ServerStream:
+    """The handler's end of one RPC: the request, the caller's metadata, and where replies go."""
+
+    def __init__(self, request: Any, metadata: dict[str, str], send: Callable[[Any], Awaitable[None]]) -> None:
+        self.metadata = metadata
+        self._request = request
+        self._send = send
+
+    async def recv_message(self) -> Any:
+        request, self._request = self._request, None
+        return request
+
+    async def send_message(self, message: Any) -> None:
+        await self._send(message)
+
+
+class _LocalHostClient(HostClient):
+    """The worker side's host client (session caches, host tool and routed calls), over a
+    :class:`_LocalChannel` instead of a gRPC connection."""
+
+    def __init__(self, channel: _LocalChannel, worker_id: str) -> None:  # no super(): it would dial the host
+        self.address = "in-process"
+        self.channel = cast("Channel", channel)
+        self.metadata = {SECRET_METADATA: "", WORKER_METADATA: worker_id}
+        self.stub = pb.HostServiceStub(self.channel, metadata=self.metadata)
+        self.loop = cast(asyncio.AbstractEventLoop, None)  # no event loop: Trio
+        self.worker_id = worker_id
+        self.caches = {}
+        self.refreshes = 0
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the context a tool gets
+
+
+class _InProcessContext:
+    """What a tool's ``ctx: SessionContext`` parameter gets in :func:`open_adapter_pool`: the
+    methods of :class:`~trio_bridge.worker.SessionContext`, in Trio. Blocking forms (sync tools,
+    in their thread) enter Trio with ``trio.from_thread``; ``deadline`` is on the Trio clock."""
+
+    def __init__(
+        self, session_id: str, call_id: str, deadline: float | None, link: SessionLink | None, host: _LocalHostClient,
+        clock: trio.abc.Clock, token: trio.lowlevel.TrioToken, nursery: Callable[[], trio.Nursery],
+    ) -> None:
+        self.session_id: str = session_id
+        self.call_id: str = call_id
+        self.deadline: float | None = deadline
+        self._link = link
+        self._host = host
+        self._clock = clock
+        self._token = token
+        self._nursery = nursery
+        self._cancelled = threading.Event()
+        self._pending: set[trio.CancelScope] = set()  # blocking calls, cancelled with the call
+        self._watches: list[AsyncGenerator[VariableUpdate, None]] = []  # closed when the call ends
+
+    # ---- cancellation and deadline ----
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        return self._cancelled.wait(timeout)
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self._clock.current_time()
+
+    def _cancel(self) -> None:
+        self._cancelled.set()
+        for scope in list(self._pending):
+            scope.cancel()
+
+    # ---- variables: reads ----
+    @property
+    def variables(self) -> Variables:
+        return Variables._create(cast(Any, self))
+
+    def get_variable(self, name: str, *, fresh: bool = False) -> Variable:
+        if fresh:
+            return self._blocking(self._session().get_variable(name))
+        cache = self._session().cache
+        variable = cache.variables.get(name) or next((v for v in cache.variables.values() if v.id == name), None)
+        if variable is None:
+            raise VariableNotFoundError(f"no variable named {name!r} in session {self.session_id!r}")
+        return variable
+
+    async def aget_variable(self, name: str) -> Variable:
+        return await self._session().get_variable(name)
+
+    def list_variables(self, pattern: str = "*", *, fresh: bool = False) -> list[str]:
+        if fresh:
+            return [v.name for v in self._blocking(self._session().list_variables(pattern))]
+        return sorted(n for n in self._session().cache.variables if fnmatch.fnmatchcase(n, pattern))
+
+    async def alist_variables(self, pattern: str = "*") -> list[str]:
+        return [v.name for v in await self._session().list_variables(pattern)]
+
+    def variable_history(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
+        return _newest(self._blocking(self._session().variable_history(name)), limit)
+
+    async def avariable_history(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
+        return _newest(await self._session().variable_history(name), limit)
+
+    def session_info(self) -> SessionInfo:
+        return self._blocking(self._session().session_info())
+
+    async def asession_info(self) -> SessionInfo:
+        return await self._session().session_info()
+
+    # ---- variables: writes ----
+    def set_variable(self, name: str, value: Any, *, expected_version: int | None = None) -> Variable:
+        return self._blocking(self._session().set_variable(name, value, expected_version))
+
+    async def aset_variable(self, name: str, value: Any, *, expected_version: int | None = None) -> Variable:
+        return await self._session().set_variable(name, value, expected_version)
+
+    def register_variable(
+        self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Variable:
+        return self._blocking(self._session().register_variable(name, type, value, constraints, metadata))
+
+    async def aregister_variable(
+        self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Variable:
+        return await self._session().register_variable(name, type, value, constraints, metadata)
+
+    def delete_variable(self, name: str) -> None:
+        self._blocking(self._session().delete_variable(name))
+
+    async def adelete_variable(self, name: str) -> None:
+        await self._session().delete_variable(name)
+
+    def rollback_variable(self, name: str, version: int) -> Variable:
+        return self._blocking(self._session().rollback_variable(name, version))
+
+    async def arollback_variable(self, name: str, version: int) -> Variable:
+        return await self._session().rollback_variable(name, version)
+
+    def add_dependency(self, dependent: str, dependency: str) -> Variable:
+        return self._blocking(self._session().add_dependency(dependent, dependency))
+
+    async def aadd_dependency(self, dependent: str, dependency: str) -> Variable:
+        return await self._session().add_dependency(dependent, dependency)
+
+    @contextlib.contextmanager
+    def optimizing(self, name: str, *, optimizer_id: str) -> Iterator[Optimization]:
+        link = self._session()
+        if not optimizer_id:
+            raise InvalidArgumentError("an optimizer_id is required")
+        # Neither taking nor releasing the lock is cut short by the call's cancellation: a lock
+        # taken with its reply lost would stay held.
+        _, lease = self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
+        renewal = trio.from_thread.run_sync(self._keep_lock, link, name, optimizer_id, lease, trio_token=self._token)
+        try:
+            yield Optimization._create(cast(Any, self), name, optimizer_id)
+        finally:
+            trio.from_thread.run_sync(renewal.cancel, trio_token=self._token)
+            try:
+                self._blocking(link.set_optimization(name, optimizer_id, active=False), cancellable=False)
+            except SessionNotFoundError:
+                pass  # the session ended: its locks went with it
+
+    @contextlib.asynccontextmanager
+    async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:
+        link = self._session()
+        if not optimizer_id:
+            raise InvalidArgumentError("an optimizer_id is required")
+        with trio.CancelScope(shield=True):
+            _, lease = await link.set_optimization(name, optimizer_id, active=True)
+        renewal = self._keep_lock(link, name, optimizer_id, lease)
+        try:
+            yield Optimization._create(cast(Any, self), name, optimizer_id)
+        finally:
+            renewal.cancel()
+            with trio.CancelScope(shield=True):
+                try:
+                    await link.set_optimization(name, optimizer_id, active=False)
+                except SessionNotFoundError:
+                    pass
+
+    def _keep_lock(self, link: SessionLink, name: str, optimizer_id: str, lease: float) -> trio.CancelScope:
+        """Renew a held lock every third of its ``lease`` (seconds; 0: it needs none) until the
+        returned scope is cancelled, as a worker does."""
+        scope = trio.CancelScope()
+
+        async def renew() -> None:
+            with scope:
+                while True:
+                    await trio.sleep(lease / 3)
+                    with contextlib.suppress(TrioBridgeError):  # the holder's next write says if it was lost
+                        await link.set_optimization(name, optimizer_id, active=True)
+
+        if lease:
+            self._nursery().start_soon(renew)
+        return scope
+
+    @contextlib.contextmanager
+    def batch_updates(self) -> Iterator[dict[str, Any]]:
+        batch: dict[str, Any] = {}
+        yield batch
+        if batch:
+            self._blocking(self._session().set_variables(batch))
+
+    @contextlib.asynccontextmanager
+    async def abatch_updates(self) -> AsyncIterator[dict[str, Any]]:
+        batch: dict[str, Any] = {}
+        yield batch
+        if batch:
+            await self._session().set_variables(batch)
+
+    def watch_variables(
+        self, names: list[str], *, include_initial: bool = True, buffer_size: int = DEFAULT_WATCH_BUFFER
+    ) -> AsyncIterator[VariableUpdate]:
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise InvalidArgumentError(f"buffer_size must be a positive number of updates, not {buffer_size!r}")
+        watch = self._watch(self._session(), names, include_initial, buffer_size)
+        self._watches.append(watch)
+        return watch
+
+    async def _watch(
+        self, link: SessionLink, names: list[str], include_initial: bool, buffer_size: int
+    ) -> AsyncGenerator[VariableUpdate, None]:
+        # The host's watcher coalesces beyond ``buffer_size`` when this reader falls behind.
+        request = pb.WatchVariablesRequest(session_id=self.session_id, names=list(names), include_initial=include_initial)
+        metadata = {**link.client.metadata, WATCH_BUFFER_METADATA: str(buffer_size)}
+        batches = cast(AsyncGenerator[pb.WatchBatch, None], link.client.stub.watch_variables(request, metadata=metadata))
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                if batch.error is not None:
+                    raise exception_from(batch.error, "")
+                for update in batch.updates:
+                    yield update_from_wire(update)
+
+    async def _close_watches(self) -> None:
+        for watch in self._watches:
+            await watch.aclose()
+        self._watches.clear()
+
+    # ---- tools in both directions ----
+    def call_host_tool(self, name: str, /, **arguments: Any) -> Any:
+        return self._blocking(self._host.call(True, self._request(name, arguments)))
+
+    async def acall_host_tool(self, name: str, /, **arguments: Any) -> Any:
+        return await self._host.call(True, self._request(name, arguments))
+
+    def stream_host_tool(self, name: str, /, **arguments: Any) -> Iterator[Any]:
+        batches = self._host.stream_host_tool(self._request(name, arguments))
+        try:
+            while True:
+                try:
+                    batch = self._blocking(batches.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield from batch
+        finally:
+            if not trio.lowlevel.in_trio_run():
+                trio.from_thread.run(batches.aclose, trio_token=self._token)
+
+    async def astream_host_tool(self, name: str, /, **arguments: Any) -> AsyncIterator[Any]:
+        batches = self._host.stream_host_tool(self._request(name, arguments))
+        try:
+            async for batch in batches:
+                for chunk in batch:
+                    yield chunk
+        finally:
+            await batches.aclose()
+
+    def call_tool(self, name: str, /, **arguments: Any) -> Any:
+        return self._blocking(self._host.call(False, self._request(name, arguments)))
+
+    async def acall_tool(self, name: str, /, **arguments: Any) -> Any:
+        return await self._host.call(False, self._request(name, arguments))
+
+    @property
+    def host_tools(self) -> HostTools:
+        specs = self._blocking(self._host.list_host_tools(self.session_id))
+        return HostTools._create(cast(Any, self), specs, asynchronous=False)
+
+    async def ahost_tools(self) -> HostTools:
+        return HostTools._create(cast(Any, self), await self._host.list_host_tools(self.session_id), asynchronous=True)
+
+    def _request(self, name: str, arguments: dict[str, Any]) -> pb.ExecuteToolRequest:
+        return pb.ExecuteToolRequest(
+            tool_name=name, arguments=encode(arguments, path="arguments"), session_id=self.session_id,
+            call_id=self.call_id, timeout_seconds=timeout_to_wire(self.time_remaining()),
+        )
+
+    # ---- internals (Optimization and the host tool proxies use them too) ----
+    def _session(self) -> SessionLink:
+        if self._link is None:
+            raise TrioBridgeError(
+                "this call is not in a session: variables live in sessions "
+                "(call the tool through `async with pool.session() as session: await session.execute(...)`)"
+            )
+        return self._link
+
+    def _blocking(self, awaitable: Any, *, cancellable: bool = True) -> Any:
+        if trio.lowlevel.in_trio_run():
+            awaitable.close()
+            raise RuntimeError(
+                "this SessionContext method blocks, and async and inline tools run in the Trio thread: "
+                "use its awaitable form in an async tool (e.g. `await ctx.aset_variable(...)`, "
+                "`await ctx.acall_host_tool(...)`); a sync tool that needs it cannot be inline"
+            )
+        try:
+            return trio.from_thread.run(self._await, awaitable, cancellable, trio_token=self._token)
+        finally:
+            awaitable.close()  # a no-op once awaited; else (the run ended first) no "never awaited" warning
+
+    async def _await(self, awaitable: Awaitable[Any], cancellable: bool) -> Any:
+        with trio.CancelScope(shield=not cancellable) as scope:
+            if cancellable:
+                self._pending.add(scope)
+            try:
+                return await awaitable
+            finally:
+                self._pending.discard(scope)
+        # Cancelled with the call, as a worker process's pending blocking call is.
+        raise concurrent.futures.CancelledError(f"call {self.call_id!r} was cancelled")
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled else "active"
+        return f"<SessionContext (in process) session={self.session_id!r} call={self.call_id!r} {state}>"
+
+
+def _newest(entries: list[HistoryEntry], limit: int | None) -> list[HistoryEntry]:
+    if limit is None:
+        return entries
+    if not isinstance(limit, int) or limit < 0:
+        raise InvalidArgumentError(f"limit must be a non-negative integer or None, not {limit!r}")
+    return entries[len(entries) - limit:] if limit else []
