@@ -82,7 +82,6 @@ def run(
     Exit status: 0; 1 when the tool or the pool failed (the error on stderr); 2 for a usage
     error; 130 after Ctrl-C, 143 after SIGTERM (once the pool has shut down).
     """
-    from trio_bridge import TrioBridgeError
 
     if adapter is None:
         if as_json or top:
@@ -98,6 +97,13 @@ def run(
         main = lambda: _run_tool(  # noqa: E731
             adapter, tool, arg or [], args_json, workers or 1, functions, shutdown_timeout, as_json=as_json, top=top,
         )
+    _run_pool_command(main)
+
+
+def _run_pool_command(main: Any) -> None:
+    """Run ``main`` (an async function that opens a pool) under Trio, and turn how it ended into
+    the exit status: 0; 1 for a trio-bridge error (said on stderr); 130 / 143 after SIGINT /
+    SIGTERM, once the pool has shut down."""
     received = _cli_signals.received  # those that came during start-up too (see trio_bridge.__main__)
     previous = _cli_signals.remember_signals()  # until the exit status is decided: see _run_until_signal
     try:
@@ -301,23 +307,7 @@ def mcp(
             await serve_stdio(pool)
         err_console.print("trio-bridge mcp: the client closed stdin; the pool is closed")
 
-    received = _cli_signals.received
-    previous = _cli_signals.remember_signals()
-    try:
-        try:
-            _run_until_signal(main, received)
-        except KeyboardInterrupt:
-            received.append(signal.SIGINT)
-        except TrioBridgeError as exc:
-            if not received:
-                err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
-                raise typer.Exit(1) from None
-        if received:
-            interrupted = received[0] == signal.SIGINT
-            err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
-            raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
-    finally:
-        _restore_signals(previous)
+    _run_pool_command(main)
 
 
 @app.command()

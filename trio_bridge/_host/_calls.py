@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from trio_bridge import _tracing as tracing
 from trio_bridge._errors import (
     PoolClosedError,
     PoolSaturatedError,
@@ -71,12 +72,21 @@ class Calls:
 
     # ---- unary ----
     async def execute(self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None) -> Any:
-        """Run ``tool`` and return its result (the errors of ``Pool.execute``)."""
+        """Run ``tool`` and return its result (the errors of ``Pool.execute``); a span of its
+        own when traces are on (:mod:`trio_bridge._tracing`)."""
+        attributes = {"trio_bridge.tool": tool, "trio_bridge.session": route.session_id if route else ""}
+        with tracing.span(f"trio_bridge call {tool}", kind="client", attributes=attributes) as traceparent:
+            return await self._execute(tool, arguments, route, affinity, traceparent)
+
+    async def _execute(
+        self, tool: str, arguments: dict[str, Any] | None, route: Route | None, affinity: Affinity | None, traceparent: str,
+    ) -> Any:
         outcome = Outcome.REFUSED
         answered_in: float | None = None
         queued: float | None = None
         try:
             request = await self._request(tool, arguments, route)
+            request.traceparent = traceparent
             outcome = Outcome.CANCELLED_QUEUED
             queued_at = trio.current_time()
             worker = await self._acquire(route, affinity)

@@ -18,6 +18,7 @@ import grpclib.const
 import grpclib.server
 import trio
 
+from trio_bridge import _tracing as tracing
 from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
 from trio_bridge._host._tools import iterate_host_tool, run_host_tool
 from trio_bridge._state.backend import StateBackend
@@ -99,7 +100,15 @@ class HostService(pb.HostServiceBase):
         return pb.ListHostToolsReply(tools=[tool_spec(t.definition) for t in self._tools.host_tools(m.session_id or None)])
 
     async def execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return await self._boundary.call_trio(self._execute_host_tool, m)
+        return await self._boundary.call_trio(self._traced, "host tool", self._execute_host_tool, m)
+
+    async def _traced(
+        self, what: str, handle: Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]], m: pb.ExecuteToolRequest,
+    ) -> pb.ExecuteToolResponse:
+        """``handle(m)`` in a span that continues the calling worker's trace (traces on)."""
+        with tracing.span(f"trio_bridge {what} {m.tool_name}", kind="server", parent=m.traceparent,
+                          attributes={"trio_bridge.tool": m.tool_name, "trio_bridge.session": m.session_id}):
+            return await handle(m)
 
     async def _execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         outcome = "refused"
@@ -128,7 +137,7 @@ class HostService(pb.HostServiceBase):
             self._count(m.tool_name, outcome)
 
     async def execute_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return await self._boundary.call_trio(self._route, m)
+        return await self._boundary.call_trio(self._traced, "routed call", self._route, m)
 
     async def _route(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """A worker's call of another worker's tool, in the caller's session if it has one."""

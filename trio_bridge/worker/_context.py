@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
+from trio_bridge import _tracing as tracing
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError, VariableNotFoundError
 from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
@@ -385,6 +386,7 @@ class SessionContext(metaclass=NoPublicConstructor):
         return pb.ExecuteToolRequest(
             tool_name=name, arguments=encode(arguments, path="arguments"), session_id=self.session_id,
             call_id=self.call_id, timeout_seconds=timeout_to_wire(remaining),
+            traceparent=tracing.current_traceparent(),
         )
 
     def _client(self) -> HostClient:

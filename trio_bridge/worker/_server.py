@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from ssl import SSLContext
 from typing import Any
 
@@ -29,6 +31,7 @@ import grpclib.const
 import grpclib.server
 from grpclib.exceptions import GRPCError
 
+from trio_bridge import _tracing as tracing
 from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
@@ -189,6 +192,13 @@ class WorkerService(pb.WorkerServiceBase):
         print(f"trio-bridge worker: serving the host at {host_address} as worker {worker_id}", file=sys.stderr, flush=True)
 
     async def execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        if not message.traceparent:
+            return await self._execute_tool(message)
+        with tracing.span(f"trio_bridge tool {message.tool_name}", kind="server", parent=message.traceparent,
+                          attributes={"trio_bridge.tool": message.tool_name, "trio_bridge.session": message.session_id}):
+            return await self._execute_tool(message)
+
+    async def _execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         try:
             definition, arguments, ctx = self._begin(message, streaming=False)
         except (TrioBridgeError, _ShuttingDown) as exc:
@@ -209,9 +219,9 @@ class WorkerService(pb.WorkerServiceBase):
                     if definition.inline:  # blocks the loop until it returns: see @tool(inline=)
                         result = definition.function(**arguments)
                     elif released_by_thread:
-                        result = await self._loop.run_in_executor(
-                            self.executor, self._run_sync, definition, arguments, message.call_id
-                        )
+                        context = contextvars.copy_context()  # this task's (its span), in the thread
+                        call = partial(self._run_sync, definition, arguments, message.call_id)
+                        result = await self._loop.run_in_executor(self.executor, context.run, call)
                     else:
                         result = await definition.function(**arguments)
                 except asyncio.CancelledError:

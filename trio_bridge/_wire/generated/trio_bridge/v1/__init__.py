@@ -249,6 +249,12 @@ class ExecuteToolRequest(betterproto2.Message):
     older refetches them before the tool runs (read-your-writes without TTLs).
     """
 
+    traceparent: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+    """
+    The caller's span as a W3C traceparent ("00-<trace id>-<span id>-<flags>"), when it traces
+    (OpenTelemetry); empty otherwise. The callee's span is its child.
+    """
+
 
 default_message_pool.register_message("trio_bridge.v1", "ExecuteToolRequest", ExecuteToolRequest)
 

@@ -1,0 +1,71 @@
+"""OpenTelemetry traces of calls, when OpenTelemetry is installed (``trio-bridge[otel]``) and the
+process has a tracer provider (the SDK's, set by the program): a span per call on the host and
+in the worker, and per host-tool call, joined by the W3C ``traceparent`` of the caller's span,
+which travels in the call's request (``ExecuteToolRequest.traceparent``: calls share one gRPC
+stream, so per-call gRPC metadata does not exist for them). One trace then shows host ->
+worker -> host tool -> another worker.
+
+Off -- OpenTelemetry not installed, or no provider set -- a call pays a few attribute lookups
+and an ``isinstance``: no span, no context, no string.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+_INSTALLED = importlib.util.find_spec("opentelemetry") is not None
+_TRACER_NAME = "trio_bridge"
+
+
+def _tracer() -> Any:
+    """The tracer, or ``None`` when traces are off."""
+    if not _INSTALLED:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
+
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
+        return None  # the program set none: nothing would record
+    return provider.get_tracer(_TRACER_NAME)
+
+
+@contextlib.contextmanager
+def span(name: str, *, kind: str, parent: str = "", attributes: Mapping[str, Any] | None = None) -> Iterator[str]:
+    """A span named ``name`` (``kind``: ``"client"``, ``"server"`` or ``"internal"``) for the
+    block, current in it; a child of ``parent`` (a W3C ``traceparent``) if given, else of the
+    current span. Yields the ``traceparent`` to send on (``""`` when traces are off). An
+    exception leaving the block is recorded on the span and goes on."""
+    tracer = _tracer()
+    if tracer is None:
+        yield ""
+        return
+    from opentelemetry.propagate import extract, inject
+    from opentelemetry.trace import SpanKind
+
+    context = extract({"traceparent": parent}) if parent else None
+    with tracer.start_as_current_span(
+        name, context=context, kind=SpanKind[kind.upper()], attributes=dict(attributes or {}),
+    ):
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        yield carrier.get("traceparent", "")
+
+
+def current_traceparent() -> str:
+    """The current span's W3C ``traceparent`` (``""`` when traces are off or there is none)."""
+    if _tracer() is None:
+        return ""
+    from opentelemetry.propagate import inject
+
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def enabled() -> bool:
+    """Traces are on in this process (see the module doc)."""
+    return _tracer() is not None
