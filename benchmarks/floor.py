@@ -58,9 +58,9 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# trio_bridge modules a stock floor process may import: the package (lazy), its errors, and the
+# trio_bridge modules a stock floor process may import: the package (lazy), its errors and version, and the
 # generated messages. Anything else of ours (transport, worker, _aio, codec, host) is refused.
-ALLOWED_OURS = ("trio_bridge", "trio_bridge._errors", "trio_bridge._wire", "trio_bridge._wire.generated")
+ALLOWED_OURS = ("trio_bridge", "trio_bridge._errors", "trio_bridge._version", "trio_bridge._wire", "trio_bridge._wire.generated")
 
 
 def noop(x: int = 0) -> int:
