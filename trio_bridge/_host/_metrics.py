@@ -135,9 +135,8 @@ class Metrics:
 
     def error(self, tool: str, outcome: Outcome, exc: BaseException) -> None:
         """A call failed (``outcome``) with ``exc``: kept among :attr:`recent_errors`."""
-        self.recent_errors.append({
-            "time": time.time(), "tool": tool, "outcome": outcome.value, "error": f"{type(exc).__name__}: {exc}"[:500],
-        })
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]  # a ToolError's remote traceback follows
+        self.recent_errors.append({"time": time.time(), "tool": tool, "outcome": outcome.value, "error": text[:500]})
 
     def host_tool_call(self, tool: str, outcome: str) -> None:
         """A worker's call of a host tool ended (``outcome``: ``completed``, ``failed``,
