@@ -29,12 +29,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fnmatch
 import functools
 import inspect
 import json
 import sys
-import threading
 import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -44,13 +42,12 @@ import grpclib.const
 import trio
 
 from trio_bridge._core.tools import ToolDefinition
-from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError, VariableNotFoundError
+from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._pool import Pool
 from trio_bridge._host._worker import WorkerSpec
-from trio_bridge._state.types import VariableType
-from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
-from trio_bridge._wire.codec import encode, short_repr
+from trio_bridge._state.variables import VariableUpdate
+from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import (
     DEFAULT_WATCH_BUFFER,
     EXIT_ADAPTER_IMPORT,
@@ -59,7 +56,6 @@ from trio_bridge._wire.contract import (
     WATCH_BUFFER_METADATA,
     WORKER_METADATA,
     timeout_from_wire,
-    timeout_to_wire,
 )
 from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -67,8 +63,8 @@ from trio_bridge._wire.state import update_from_wire
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
-from trio_bridge.worker._context import HostTools, Optimization, Variables
-from trio_bridge.worker._host_client import HostClient, SessionInfo, SessionLink
+from trio_bridge.worker._context import Optimization, SessionContext
+from trio_bridge.worker._host_client import HostClient, SessionLink
 
 if TYPE_CHECKING:
     from grpclib.client import Channel
@@ -239,7 +235,7 @@ class _AdapterWorker(FakeWorker):
         assert self._host is not None
         timeout = timeout_from_wire(request.timeout_seconds)
         clock = trio.lowlevel.current_clock()
-        context = _InProcessContext(
+        context = _InProcessContext._create(
             request.session_id, request.call_id, None if timeout is None else clock.current_time() + timeout,
             self._host.link(request.session_id) if request.session_id else None, self._host, clock,
             trio.lowlevel.current_trio_token(), self._running_nursery,
@@ -452,117 +448,35 @@ class _LocalHostClient(HostClient):
 # the context a tool gets
 
 
-class _InProcessContext:
+class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIssues]  # final for users; this is ours
     """What a tool's ``ctx: SessionContext`` parameter gets in :func:`open_adapter_pool`: the
-    methods of :class:`~trio_bridge.worker.SessionContext`, in Trio. Blocking forms (sync tools,
-    in their thread) enter Trio with ``trio.from_thread``; ``deadline`` is on the Trio clock."""
+    worker's own :class:`~trio_bridge.worker.SessionContext`, in Trio. Only what touches the
+    event loop differs: blocking forms (sync tools, in their thread) enter Trio with
+    ``trio.from_thread``; ``deadline`` is on the Trio clock; lock renewal and watches run in
+    Trio."""
+
+    __slots__ = ("_clock", "_nursery", "_scopes", "_token")
 
     def __init__(
         self, session_id: str, call_id: str, deadline: float | None, link: SessionLink | None, host: _LocalHostClient,
         clock: trio.abc.Clock, token: trio.lowlevel.TrioToken, nursery: Callable[[], trio.Nursery],
     ) -> None:
-        self.session_id: str = session_id
-        self.call_id: str = call_id
-        self.deadline: float | None = deadline
-        self._link = link
-        self._host = host
+        super().__init__(session_id, call_id, deadline, link, host)
         self._clock = clock
         self._token = token
         self._nursery = nursery
-        self._cancelled = threading.Event()
-        self._pending: set[trio.CancelScope] = set()  # blocking calls, cancelled with the call
-        self._watches: list[AsyncGenerator[VariableUpdate, None]] = []  # closed when the call ends
+        self._scopes: set[trio.CancelScope] = set()  # blocking calls, cancelled with the call
 
     # ---- cancellation and deadline ----
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def wait_cancelled(self, timeout: float | None = None) -> bool:
-        return self._cancelled.wait(timeout)
-
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - self._clock.current_time()
 
     def _cancel(self) -> None:
         self._cancelled.set()
-        for scope in list(self._pending):
+        for scope in list(self._scopes):
             scope.cancel()
 
-    # ---- variables: reads ----
-    @property
-    def variables(self) -> Variables:
-        return Variables._create(cast(Any, self))
-
-    def get_variable(self, name: str, *, fresh: bool = False) -> Variable:
-        if fresh:
-            return self._blocking(self._session().get_variable(name))
-        cache = self._session().cache
-        variable = cache.variables.get(name) or next((v for v in cache.variables.values() if v.id == name), None)
-        if variable is None:
-            raise VariableNotFoundError(f"no variable named {name!r} in session {self.session_id!r}")
-        return variable
-
-    async def aget_variable(self, name: str) -> Variable:
-        return await self._session().get_variable(name)
-
-    def list_variables(self, pattern: str = "*", *, fresh: bool = False) -> list[str]:
-        if fresh:
-            return [v.name for v in self._blocking(self._session().list_variables(pattern))]
-        return sorted(n for n in self._session().cache.variables if fnmatch.fnmatchcase(n, pattern))
-
-    async def alist_variables(self, pattern: str = "*") -> list[str]:
-        return [v.name for v in await self._session().list_variables(pattern)]
-
-    def variable_history(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
-        return _newest(self._blocking(self._session().variable_history(name)), limit)
-
-    async def avariable_history(self, name: str, limit: int | None = None) -> list[HistoryEntry]:
-        return _newest(await self._session().variable_history(name), limit)
-
-    def session_info(self) -> SessionInfo:
-        return self._blocking(self._session().session_info())
-
-    async def asession_info(self) -> SessionInfo:
-        return await self._session().session_info()
-
-    # ---- variables: writes ----
-    def set_variable(self, name: str, value: Any, *, expected_version: int | None = None) -> Variable:
-        return self._blocking(self._session().set_variable(name, value, expected_version))
-
-    async def aset_variable(self, name: str, value: Any, *, expected_version: int | None = None) -> Variable:
-        return await self._session().set_variable(name, value, expected_version)
-
-    def register_variable(
-        self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Variable:
-        return self._blocking(self._session().register_variable(name, type, value, constraints, metadata))
-
-    async def aregister_variable(
-        self, name: str, type: VariableType, value: Any, *, constraints: dict[str, Any] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Variable:
-        return await self._session().register_variable(name, type, value, constraints, metadata)
-
-    def delete_variable(self, name: str) -> None:
-        self._blocking(self._session().delete_variable(name))
-
-    async def adelete_variable(self, name: str) -> None:
-        await self._session().delete_variable(name)
-
-    def rollback_variable(self, name: str, version: int) -> Variable:
-        return self._blocking(self._session().rollback_variable(name, version))
-
-    async def arollback_variable(self, name: str, version: int) -> Variable:
-        return await self._session().rollback_variable(name, version)
-
-    def add_dependency(self, dependent: str, dependency: str) -> Variable:
-        return self._blocking(self._session().add_dependency(dependent, dependency))
-
-    async def aadd_dependency(self, dependent: str, dependency: str) -> Variable:
-        return await self._session().add_dependency(dependent, dependency)
-
+    # ---- optimization locks: renewed by a Trio task ----
     @contextlib.contextmanager
     def optimizing(self, name: str, *, optimizer_id: str) -> Iterator[Optimization]:
         link = self._session()
@@ -573,7 +487,7 @@ class _InProcessContext:
         _, lease = self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
         renewal = trio.from_thread.run_sync(self._keep_lock, link, name, optimizer_id, lease, trio_token=self._token)
         try:
-            yield Optimization._create(cast(Any, self), name, optimizer_id)
+            yield Optimization._create(self, name, optimizer_id)
         finally:
             trio.from_thread.run_sync(renewal.cancel, trio_token=self._token)
             try:
@@ -590,7 +504,7 @@ class _InProcessContext:
             _, lease = await link.set_optimization(name, optimizer_id, active=True)
         renewal = self._keep_lock(link, name, optimizer_id, lease)
         try:
-            yield Optimization._create(cast(Any, self), name, optimizer_id)
+            yield Optimization._create(self, name, optimizer_id)
         finally:
             renewal.cancel()
             with trio.CancelScope(shield=True):
@@ -615,20 +529,7 @@ class _InProcessContext:
             self._nursery().start_soon(renew)
         return scope
 
-    @contextlib.contextmanager
-    def batch_updates(self) -> Iterator[dict[str, Any]]:
-        batch: dict[str, Any] = {}
-        yield batch
-        if batch:
-            self._blocking(self._session().set_variables(batch))
-
-    @contextlib.asynccontextmanager
-    async def abatch_updates(self) -> AsyncIterator[dict[str, Any]]:
-        batch: dict[str, Any] = {}
-        yield batch
-        if batch:
-            await self._session().set_variables(batch)
-
+    # ---- watches: the host's watcher, read in Trio ----
     def watch_variables(
         self, names: list[str], *, include_initial: bool = True, buffer_size: int = DEFAULT_WATCH_BUFFER
     ) -> AsyncIterator[VariableUpdate]:
@@ -652,101 +553,36 @@ class _InProcessContext:
                 for update in batch.updates:
                     yield update_from_wire(update)
 
-    async def _close_watches(self) -> None:
-        for watch in self._watches:
-            await watch.aclose()
-        self._watches.clear()
+    # ---- streaming host tools: closed in Trio ----
+    def _close_from_thread(self, stream: AsyncGenerator[Any, None]) -> None:
+        if not trio.lowlevel.in_trio_run():
+            trio.from_thread.run(stream.aclose, trio_token=self._token)
 
-    # ---- tools in both directions ----
-    def call_host_tool(self, name: str, /, **arguments: Any) -> Any:
-        return self._blocking(self._host.call(True, self._request(name, arguments)))
-
-    async def acall_host_tool(self, name: str, /, **arguments: Any) -> Any:
-        return await self._host.call(True, self._request(name, arguments))
-
-    def stream_host_tool(self, name: str, /, **arguments: Any) -> Iterator[Any]:
-        batches = self._host.stream_host_tool(self._request(name, arguments))
-        try:
-            while True:
-                try:
-                    batch = self._blocking(batches.__anext__())
-                except StopAsyncIteration:
-                    return
-                yield from batch
-        finally:
-            if not trio.lowlevel.in_trio_run():
-                trio.from_thread.run(batches.aclose, trio_token=self._token)
-
-    async def astream_host_tool(self, name: str, /, **arguments: Any) -> AsyncIterator[Any]:
-        batches = self._host.stream_host_tool(self._request(name, arguments))
-        try:
-            async for batch in batches:
-                for chunk in batch:
-                    yield chunk
-        finally:
-            await batches.aclose()
-
-    def call_tool(self, name: str, /, **arguments: Any) -> Any:
-        return self._blocking(self._host.call(False, self._request(name, arguments)))
-
-    async def acall_tool(self, name: str, /, **arguments: Any) -> Any:
-        return await self._host.call(False, self._request(name, arguments))
-
-    @property
-    def host_tools(self) -> HostTools:
-        specs = self._blocking(self._host.list_host_tools(self.session_id))
-        return HostTools._create(cast(Any, self), specs, asynchronous=False)
-
-    async def ahost_tools(self) -> HostTools:
-        return HostTools._create(cast(Any, self), await self._host.list_host_tools(self.session_id), asynchronous=True)
-
-    def _request(self, name: str, arguments: dict[str, Any]) -> pb.ExecuteToolRequest:
-        return pb.ExecuteToolRequest(
-            tool_name=name, arguments=encode(arguments, path="arguments"), session_id=self.session_id,
-            call_id=self.call_id, timeout_seconds=timeout_to_wire(self.time_remaining()),
-        )
-
-    # ---- internals (Optimization and the host tool proxies use them too) ----
-    def _session(self) -> SessionLink:
-        if self._link is None:
-            raise TrioBridgeError(
-                "this call is not in a session: variables live in sessions "
-                "(call the tool through `async with pool.session() as session: await session.execute(...)`)"
-            )
-        return self._link
-
-    def _blocking(self, awaitable: Any, *, cancellable: bool = True) -> Any:
+    # ---- blocking on the host: from a sync tool's thread into Trio ----
+    def _blocking(self, coro: Any, *, cancellable: bool = True) -> Any:
         if trio.lowlevel.in_trio_run():
-            awaitable.close()
+            coro.close()
             raise RuntimeError(
                 "this SessionContext method blocks, and async and inline tools run in the Trio thread: "
                 "use its awaitable form in an async tool (e.g. `await ctx.aset_variable(...)`, "
                 "`await ctx.acall_host_tool(...)`); a sync tool that needs it cannot be inline"
             )
         try:
-            return trio.from_thread.run(self._await, awaitable, cancellable, trio_token=self._token)
+            return trio.from_thread.run(self._await, coro, cancellable, trio_token=self._token)
         finally:
-            awaitable.close()  # a no-op once awaited; else (the run ended first) no "never awaited" warning
+            coro.close()  # a no-op once awaited; else (the run ended first) no "never awaited" warning
 
     async def _await(self, awaitable: Awaitable[Any], cancellable: bool) -> Any:
         with trio.CancelScope(shield=not cancellable) as scope:
             if cancellable:
-                self._pending.add(scope)
+                self._scopes.add(scope)
             try:
                 return await awaitable
             finally:
-                self._pending.discard(scope)
+                self._scopes.discard(scope)
         # Cancelled with the call, as a worker process's pending blocking call is.
         raise concurrent.futures.CancelledError(f"call {self.call_id!r} was cancelled")
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else "active"
         return f"<SessionContext (in process) session={self.session_id!r} call={self.call_id!r} {state}>"
-
-
-def _newest(entries: list[HistoryEntry], limit: int | None) -> list[HistoryEntry]:
-    if limit is None:
-        return entries
-    if not isinstance(limit, int) or limit < 0:
-        raise InvalidArgumentError(f"limit must be a non-negative integer or None, not {limit!r}")
-    return entries[len(entries) - limit:] if limit else []

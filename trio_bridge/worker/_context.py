@@ -8,7 +8,7 @@ import fnmatch
 import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -349,7 +349,11 @@ class SessionContext(metaclass=NoPublicConstructor):
                     return
                 yield from batch
         finally:
-            asyncio.run_coroutine_threadsafe(batches.aclose(), self._client().loop)
+            self._close_from_thread(batches)
+
+    def _close_from_thread(self, stream: AsyncGenerator[Any, None]) -> None:
+        """Close ``stream`` (the host client's) from a sync tool's thread, without waiting."""
+        asyncio.run_coroutine_threadsafe(stream.aclose(), self._client().loop)
 
     async def astream_host_tool(self, name: str, /, **arguments: Any) -> AsyncIterator[Any]:
         """Iterate over a streaming host tool's chunks (async tools)."""
