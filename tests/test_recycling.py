@@ -5,6 +5,7 @@ clock; then the same promise with real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -173,3 +174,51 @@ async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed
         info = pool.workers()[0]
         assert info.pid != pids[0] and "max_worker_memory=200 MiB" in (info.last_recycle_reason or "")
         assert await pool.execute("add", {"a": 1}) == 3
+
+
+@pytest.mark.real_process
+async def test_recycling_under_random_sigkills_fails_only_the_killed_workers_calls_and_leaves_nothing():
+    import os
+    import random
+    import signal
+
+    import psutil
+
+    from trio_bridge import WorkerCrashedError
+
+    rng = random.Random(7)
+    seen_pids: set[int] = set()
+    outcomes = {"ok": 0, "crashed": 0}
+    async with open_pool("tests.adapters:Echo", size=2, concurrency=2, max_calls_per_worker=15) as pool:
+
+        async def caller() -> None:
+            for _ in range(60):
+                try:
+                    assert await pool.execute("add", {"a": 1}) == 3
+                    outcomes["ok"] += 1
+                except WorkerCrashedError:
+                    outcomes["crashed"] += 1  # its worker was killed mid-call: only such calls fail
+                await trio.sleep(rng.random() * 0.01)
+
+        async def killer() -> None:
+            for _ in range(12):
+                await trio.sleep(rng.random() * 0.3)
+                workers = [w for w in pool.workers() if w.pid is not None and w.state in ("ready", "draining")]
+                seen_pids.update(w.pid for w in pool.workers() if w.pid)
+                if workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(workers).pid, signal.SIGKILL)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(killer)
+            for _ in range(10):
+                nursery.start_soon(caller)
+        assert outcomes["ok"] + outcomes["crashed"] == 600
+        assert outcomes["ok"] > outcomes["crashed"]
+        await wait_for(lambda: pool.statistics().workers_ready == 2, timeout=30)
+        assert await pool.execute("add", {"a": 2}) == 4
+        seen_pids.update(w.pid for w in pool.workers() if w.pid)
+    stats = pool.statistics()
+    assert stats.calls_crashed == outcomes["crashed"] and stats.calls_failed == 0
+    assert stats.recycles.get("calls", 0) > 0 and stats.restarts > 0  # both happened, interleaved
+    assert not [pid for pid in seen_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
