@@ -63,7 +63,7 @@ from trio_bridge._wire.state import update_from_wire
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
-from trio_bridge.worker._context import Optimization, SessionContext
+from trio_bridge.worker._context import Optimization, SessionContext, end_call
 from trio_bridge.worker._host_client import HostClient, SessionLink
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ class _AdapterWorker(FakeWorker):
 
     async def _call_finished(self, context: Any) -> None:
         if isinstance(context, _InProcessContext):
-            await context._close_watches()
+            await end_call(context)  # the watches its tool left open
 
     async def _invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
         if definition.kind == "async":
