@@ -3,7 +3,7 @@
 The parts, each in its own module: ``_process`` (a worker's OS process), ``_forkserver`` (the
 pool's start method: workers forked by a preloaded fork server, or spawned), ``_worker`` (a worker
 as the host sees it: state, RPCs, life), ``_supervisor`` (start, restart, recycling, health,
-shutdown), ``_gpus`` (each slot's own environment),
+shutdown), ``_gpus`` (each slot's own environment), ``_environment`` (options from ``TRIO_BRIDGE_*``),
 ``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
 tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group policy),
@@ -36,6 +36,7 @@ from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionEx
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._endpoint import checked_metrics_address, pool_status, serving
+from trio_bridge._host._environment import default, with_environment
 from trio_bridge._host._forkserver import StartMethod, check_start_method, open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
@@ -355,20 +356,20 @@ def open_pool(
     adapter: str,
     *,
     size: int | None = None,
-    concurrency: int = 1,
-    max_queue: int = 1024,
-    startup_timeout: float = 60.0,
-    shutdown_timeout: float = 5.0,
-    cancel_grace: float = 5.0,
-    health_check_interval: float = 10.0,
-    heartbeat_interval: float = 5.0,
+    concurrency: int = default(1),
+    max_queue: int = default(1024),
+    startup_timeout: float = default(60.0),
+    shutdown_timeout: float = default(5.0),
+    cancel_grace: float = default(5.0),
+    health_check_interval: float = default(10.0),
+    heartbeat_interval: float = default(5.0),
     restart_backoff: tuple[float, float] = (0.1, 5.0),
-    no_worker_timeout: float = 30.0,
-    transport: Transport = "unix",
+    no_worker_timeout: float = default(30.0),
+    transport: Transport = default("unix"),
     python: str | None = None,
     env: dict[str, str] | None = None,
     adapter_options: dict[str, Any] | None = None,
-    shared_memory_threshold: int | None = 1 << 20,
+    shared_memory_threshold: int | None = default(1 << 20),
     state: StateBackend | str | None = None,
     max_sessions: int = 10_000,
     max_variables_per_session: int = 1000,
@@ -497,29 +498,45 @@ def open_pool(
             Prometheus text (``http://HOST:PORT/metrics``) while it is open (port 0: a free
             one; ``Pool.metrics_address`` says which); ``None``: not served.
 
+    Every option marked in the README's "Configuration from the environment" that the call
+    leaves out (or at ``None``) takes its ``TRIO_BRIDGE_*`` variable's value where that is set,
+    e.g. ``TRIO_BRIDGE_WORKERS=8`` for ``size``: a deployment configures a program that way;
+    an argument the program passes wins.
+
     Raises:
         InvalidArgumentError: an option is out of range, or the remote-worker options do not
-            fit together (raised when the block is entered).
+            fit together (raised when the block is entered); a ``TRIO_BRIDGE_*`` variable does
+            not parse (raised at once, naming it).
         WorkerStartError: a worker could not start (bad adapter path, ``setup()`` raised, no
             ready line in time, another trio-bridge wire contract); carries the worker's stderr
             tail, e.g. the ImportError.
         RuntimeError: not called under Trio.
     """
+    o = with_environment({
+        "size": size, "concurrency": concurrency, "max_queue": max_queue, "startup_timeout": startup_timeout,
+        "shutdown_timeout": shutdown_timeout, "cancel_grace": cancel_grace,
+        "health_check_interval": health_check_interval, "heartbeat_interval": heartbeat_interval,
+        "no_worker_timeout": no_worker_timeout, "transport": transport, "shared_memory_threshold": shared_memory_threshold,
+        "state": state, "start_method": start_method, "max_calls_per_worker": max_calls_per_worker,
+        "max_worker_age": max_worker_age, "max_worker_memory": max_worker_memory, "metrics_address": metrics_address,
+        "gpus_per_worker": gpus_per_worker,
+    })
     stop = SignalStop(handle_signals)
     return _stopping_on_signals(stop, _open_pool(
-        adapter, size=size, concurrency=concurrency, max_queue=max_queue, startup_timeout=startup_timeout,
-        shutdown_timeout=shutdown_timeout, cancel_grace=cancel_grace, health_check_interval=health_check_interval,
-        heartbeat_interval=heartbeat_interval, restart_backoff=restart_backoff, no_worker_timeout=no_worker_timeout,
-        transport=transport, python=python, env=env, adapter_options=adapter_options,
-        shared_memory_threshold=shared_memory_threshold, state=state, max_sessions=max_sessions,
-        max_variables_per_session=max_variables_per_session, max_value_bytes=max_value_bytes,
-        history_limit=history_limit, stop=stop, remote=(remote_workers, listen, advertise, token, tls, insecure),
-        start_method=start_method,
+        adapter, size=o["size"], concurrency=o["concurrency"], max_queue=o["max_queue"],
+        startup_timeout=o["startup_timeout"], shutdown_timeout=o["shutdown_timeout"], cancel_grace=o["cancel_grace"],
+        health_check_interval=o["health_check_interval"], heartbeat_interval=o["heartbeat_interval"],
+        restart_backoff=restart_backoff, no_worker_timeout=o["no_worker_timeout"], transport=o["transport"],
+        python=python, env=env, adapter_options=adapter_options, shared_memory_threshold=o["shared_memory_threshold"],
+        state=o["state"], max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
+        max_value_bytes=max_value_bytes, history_limit=history_limit, stop=stop,
+        remote=(remote_workers, listen, advertise, token, tls, insecure), start_method=o["start_method"],
         recycle=RecycleLimits.checked(
-            max_calls_per_worker=max_calls_per_worker, max_worker_age=max_worker_age, max_worker_memory=max_worker_memory,
+            max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
+            max_worker_memory=o["max_worker_memory"],
         ),
-        slot_env=(worker_env, gpus_per_worker, gpus),
-        prometheus=(metrics_registry, checked_metrics_address(metrics_address)),
+        slot_env=(worker_env, o["gpus_per_worker"], gpus),
+        prometheus=(metrics_registry, checked_metrics_address(o["metrics_address"])),
     ))
 
 

@@ -1,0 +1,110 @@
+"""``open_pool``'s options from ``TRIO_BRIDGE_*`` environment variables: an option the call
+leaves at its default takes its variable's value when that is set (a deployment sets them; the
+program's own arguments win). The defaults in ``open_pool``'s signature are marked with
+:func:`default` so that a value the caller passed -- even one equal to the default -- is told
+apart from one it left out; ``None`` defaults count as left out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from trio_bridge._errors import InvalidArgumentError
+
+T = TypeVar("T")
+
+
+class _DefaultInt(int):
+    __slots__ = ()
+
+
+class _DefaultFloat(float):
+    __slots__ = ()
+
+
+class _DefaultStr(str):
+    __slots__ = ()
+
+
+def default(value: T) -> T:
+    """``value``, marked as a default of ``open_pool``'s signature (it prints and compares as
+    itself)."""
+    for plain, marked in ((int, _DefaultInt), (float, _DefaultFloat), (str, _DefaultStr)):
+        if type(value) is plain:
+            return marked(value)  # type: ignore[return-value]
+    return value
+
+
+def _whole(text: str) -> int:
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    return float(text)
+
+
+def _optional_whole(text: str) -> int | None:
+    return None if text.lower() in ("none", "off") else int(text)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text
+
+
+#: option -> (variable, parser); the README's "Configuration from the environment" lists them
+VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "size": ("TRIO_BRIDGE_WORKERS", _whole),
+    "concurrency": ("TRIO_BRIDGE_CONCURRENCY", _whole),
+    "max_queue": ("TRIO_BRIDGE_MAX_QUEUE", _whole),
+    "startup_timeout": ("TRIO_BRIDGE_STARTUP_TIMEOUT", _seconds),
+    "shutdown_timeout": ("TRIO_BRIDGE_SHUTDOWN_TIMEOUT", _seconds),
+    "cancel_grace": ("TRIO_BRIDGE_CANCEL_GRACE", _seconds),
+    "health_check_interval": ("TRIO_BRIDGE_HEALTH_CHECK_INTERVAL", _seconds),
+    "heartbeat_interval": ("TRIO_BRIDGE_HEARTBEAT_INTERVAL", _seconds),
+    "no_worker_timeout": ("TRIO_BRIDGE_NO_WORKER_TIMEOUT", _seconds),
+    "transport": ("TRIO_BRIDGE_TRANSPORT", _choice("unix", "tcp")),
+    "shared_memory_threshold": ("TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD", _optional_whole),
+    "state": ("TRIO_BRIDGE_STATE", _text),
+    "start_method": ("TRIO_BRIDGE_START_METHOD", _choice("forkserver", "spawn")),
+    "max_calls_per_worker": ("TRIO_BRIDGE_MAX_CALLS_PER_WORKER", _whole),
+    "max_worker_age": ("TRIO_BRIDGE_MAX_WORKER_AGE", _seconds),
+    "max_worker_memory": ("TRIO_BRIDGE_MAX_WORKER_MEMORY", _whole),
+    "metrics_address": ("TRIO_BRIDGE_METRICS_ADDRESS", _text),
+    "gpus_per_worker": ("TRIO_BRIDGE_GPUS_PER_WORKER", _whole),
+}
+
+
+def left_at_default(value: Any) -> bool:
+    return value is None or isinstance(value, (_DefaultInt, _DefaultFloat, _DefaultStr))
+
+
+def with_environment(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``options`` (``open_pool``'s arguments by name), each left at its default replaced by its
+    variable's value where that is set and not empty.
+
+    Raises:
+        InvalidArgumentError: a variable's value does not parse (the message names the variable).
+    """
+    environ = os.environ if environ is None else environ
+    resolved = dict(options)
+    for name, (variable, parse) in VARIABLES.items():
+        if name not in resolved or not left_at_default(resolved[name]):
+            continue
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        try:
+            resolved[name] = parse(raw)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{variable}={raw!r} does not set {name}: {exc}") from None
+    return resolved
