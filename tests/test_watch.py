@@ -181,65 +181,65 @@ async def test_a_write_wakes_one_task_whatever_the_number_of_watchers():
         nursery.cancel_scope.cancel()
 
 
+class Crowd:
+    """``count`` watchers of ``t``, each in a task of its own that one can cancel by index."""
+
+    def __init__(self) -> None:
+        self.received: dict[int, list[int]] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.watchers: dict[int, Any] = {}
+
+    async def start(self, nursery: trio.Nursery, backend: MemoryBackend, count: int) -> None:
+        for index in range(count):
+            self.received[index] = []
+            await nursery.start(self._watch, backend, index)
+
+    async def _watch(self, backend: MemoryBackend, index: int, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as self.scopes[index]:
+            async with backend.watch("s", ["t"], include_initial=False) as self.watchers[index]:
+                task_status.started()
+                async for update in self.watchers[index]:
+                    self.received[index].append(update.new_value)
+
+
 async def test_watchers_keep_getting_updates_when_their_leader_leaves():
     backend = await backend_with("t")
-    received: dict[int, list[int]] = {i: [] for i in range(4)}
-    scopes: dict[int, trio.CancelScope] = {}
-    watchers = {}
+    crowd = Crowd()
     async with trio.open_nursery() as nursery:
-
-        async def watch(index: int, task_status: trio.TaskStatus[None]) -> None:
-            with trio.CancelScope() as scopes[index]:
-                async with backend.watch("s", ["t"], include_initial=False) as watchers[index]:
-                    task_status.started()
-                    async for update in watchers[index]:
-                        received[index].append(update.new_value)
-
-        for index in range(4):
-            await nursery.start(watch, index)
+        await crowd.start(nursery, backend, 4)
         feed = backend._feeds["s"]
         for value in range(1, 4):
             await trio.testing.wait_all_tasks_blocked()
-            leader = next(i for i, w in watchers.items() if w is feed.leader)
-            scopes[leader].cancel()
+            leader = next(i for i, w in crowd.watchers.items() if w is feed.leader)
+            crowd.scopes[leader].cancel()
             await trio.testing.wait_all_tasks_blocked()
             await write(backend, "t", value)
             await trio.testing.wait_all_tasks_blocked()
-            del watchers[leader]
-            assert all(received[i][-1] == value for i in watchers)
-        (last,) = watchers
-        assert received[last] == [1, 2, 3]
+            del crowd.watchers[leader]
+            assert all(crowd.received[i][-1] == value for i in crowd.watchers)
+        (last,) = crowd.watchers
+        assert crowd.received[last] == [1, 2, 3]
         nursery.cancel_scope.cancel()
     assert "s" not in backend._feeds  # all gone: nothing kept for nobody
 
 
 async def test_watchers_that_leave_while_asleep_are_not_woken_and_the_rest_still_are():
     backend = await backend_with("t")
-    received: dict[int, list[int]] = {i: [] for i in range(5)}
-    scopes: dict[int, trio.CancelScope] = {}
-    watchers = {}
+    crowd = Crowd()
     async with trio.open_nursery() as nursery:
-
-        async def watch(index: int, task_status: trio.TaskStatus[None]) -> None:
-            with trio.CancelScope() as scopes[index]:
-                async with backend.watch("s", ["t"], include_initial=False) as watchers[index]:
-                    task_status.started()
-                    async for update in watchers[index]:
-                        received[index].append(update.new_value)
-
-        for index in range(5):
-            await nursery.start(watch, index)
+        await crowd.start(nursery, backend, 5)
         await trio.testing.wait_all_tasks_blocked()
         feed = backend._feeds["s"]
-        followers = [i for i, w in watchers.items() if w is not feed.leader]
+        followers = [i for i, w in crowd.watchers.items() if w is not feed.leader]
         for index in followers[:2]:  # asleep, and not the leader
-            scopes[index].cancel()
+            crowd.scopes[index].cancel()
         await trio.testing.wait_all_tasks_blocked()
         assert len(feed.watchers) == 3
         await write(backend, "t", 1)
         await write(backend, "t", 2)
         await trio.testing.wait_all_tasks_blocked()
-        assert {i: v for i, v in received.items() if v} == {i: [1, 2] for i in watchers if i not in followers[:2]}
+        stayed = {i for i in crowd.watchers if i not in followers[:2]}
+        assert {i: v for i, v in crowd.received.items() if v} == {i: [1, 2] for i in stayed}
         nursery.cancel_scope.cancel()
     assert "s" not in backend._feeds
 

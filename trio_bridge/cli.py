@@ -503,6 +503,7 @@ async def _run_tool(
     import trio
 
     import trio_bridge
+    from trio_bridge._host._groups import UserErrorTracker
     from trio_bridge._top import live_view
 
     async with trio_bridge.open_pool(
@@ -511,17 +512,15 @@ async def _run_tool(
         if pool.metrics_address is None:
             await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)
             return
-        try:
+        tracker = UserErrorTracker()  # the tool's error leaves as itself, not in the nursery's group
+        with tracker.resolve_groups():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(live_view, pool.metrics_address, console=err_console))
                 try:
-                    await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)
+                    with tracker.user_block():
+                        await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # the view never fails: the tool's error, as itself
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
 
 
 async def _call_tool(

@@ -26,7 +26,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar, cast
 
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 _NO_DEFAULT = inspect.Parameter.empty
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -226,39 +228,28 @@ def _annotation_text(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "")
 
 
-_VALIDATORS: dict[Any, Callable[[Any], str | None] | None] = {}
+def _per_annotation(build: Callable[[Any], T]) -> Callable[[Any], T]:
+    """``build``, run once per annotation and process (an unhashable annotation -- an
+    ``Annotated`` with a list in it, say -- is built each time). A pydantic ``TypeAdapter`` costs
+    ~2 ms per tool parameter, and a fork-server worker inherits what its preload built."""
+    built: dict[Any, T] = {}
 
+    def cached(annotation: Any) -> T:
+        try:
+            return built[annotation]
+        except KeyError:
+            result = built[annotation] = build(annotation)
+            return result
+        except TypeError:
+            return build(annotation)
 
-def _cached_validator(annotation: Any) -> Callable[[Any], str | None] | None:
-    """:func:`_validator`, built once per annotation and process: a fork-server worker inherits
-    what its preload built (a pydantic TypeAdapter costs ~2 ms to build, per tool parameter)."""
-    try:
-        return _VALIDATORS[annotation]
-    except KeyError:
-        check = _VALIDATORS[annotation] = _validator(annotation)
-        return check
-    except TypeError:  # unhashable (an Annotated with a list in it, say)
-        return _validator(annotation)
-
-
-_ADAPTERS: dict[Any, Any] = {}
-
-
-def _cached_adapter(annotation: Any) -> Any:
-    """The pydantic ``TypeAdapter`` of ``annotation`` (strict scalars) that both its check and its
-    JSON Schema come from, built once per annotation and process; ``None`` for ``Any``,
-    ``object``, no annotation, unresolved string annotations, and anything pydantic cannot
-    build a schema for."""
-    try:
-        return _ADAPTERS[annotation]
-    except KeyError:
-        adapter = _ADAPTERS[annotation] = _adapter(annotation)
-        return adapter
-    except TypeError:  # unhashable
-        return _adapter(annotation)
+    return cached
 
 
 def _adapter(annotation: Any) -> Any:
+    """The pydantic ``TypeAdapter`` of ``annotation`` (strict scalars) that both its check and its
+    JSON Schema come from (see :func:`_cached_adapter`); ``None`` for ``Any``, ``object``, no
+    annotation, unresolved string annotations, and anything pydantic cannot build a schema for."""
     if annotation is _NO_DEFAULT or annotation is Any or annotation is object or isinstance(annotation, str):
         return None
     from pydantic import ConfigDict, TypeAdapter
@@ -340,7 +331,6 @@ _NUMERIC_ARRAY = {
     "description": "a numpy array as JSON: nested lists of numbers",
 }
 _ARRAY_MARK = "x-trio-bridge-numeric-array"  # the generator's placeholder, replaced before anyone sees it
-_SCHEMAS: dict[Any, dict[str, Any] | None] = {}
 _GENERATOR: list[Any] = []
 _NOT_JSON = object()
 
@@ -446,18 +436,6 @@ def _refers_to(node: Any, ref: str, defs: dict[str, Any], seen: set[str] | None 
     if isinstance(node, list):
         return any(_refers_to(value, ref, defs, seen) for value in node)
     return False
-
-
-def _cached_schema(annotation: Any) -> dict[str, Any] | None:
-    """:func:`_schema`, built once per annotation and process (a forked worker inherits it,
-    as it does the validators)."""
-    try:
-        return _SCHEMAS[annotation]
-    except KeyError:
-        schema = _SCHEMAS[annotation] = _schema(annotation)
-        return schema
-    except TypeError:  # unhashable
-        return _schema(annotation)
 
 
 def _schema(annotation: Any) -> dict[str, Any] | None:
@@ -624,3 +602,8 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
         elif current is not None:
             args[current] = (args[current] + " " + stripped).strip()
     return " ".join(summary_lines), args
+
+
+_cached_adapter = _per_annotation(_adapter)
+_cached_validator = _per_annotation(_validator)
+_cached_schema = _per_annotation(_schema)

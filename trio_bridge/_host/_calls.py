@@ -74,6 +74,8 @@ class Calls:
     async def execute(self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None) -> Any:
         """Run ``tool`` and return its result (the errors of ``Pool.execute``); a span of its
         own when traces are on (:mod:`trio_bridge._tracing`)."""
+        if not tracing.enabled():  # the common case, kept off the generator-based span
+            return await self._execute(tool, arguments, route, affinity, "")
         attributes = {"trio_bridge.tool": tool, "trio_bridge.session": route.session_id if route else ""}
         with tracing.span(f"trio_bridge call {tool}", kind="client", attributes=attributes) as traceparent:
             return await self._execute(tool, arguments, route, affinity, traceparent)

@@ -52,19 +52,19 @@ def pool_status(
     ``PoolStatistics``), "workers" (as ``WorkerInfo`` each), "state" ({"sessions", "variables",
     "watchers"}, what the backend counts), "recent_errors" ([{"time", "tool", "outcome",
     "error"}])}``. Read from another thread than the pool's: a read racing a change is tried again."""
-    for attempt in range(3):
-        try:
-            stats = statistics()
-            return {
-                "adapter": adapter, "time": time.time(),
-                "statistics": {**dataclasses.asdict(stats), "calls": stats.calls},
-                "workers": [dataclasses.asdict(w) for w in workers()],
-                "state": gauges(), "recent_errors": list(recent_errors()),
-            }
-        except RuntimeError:  # a dict changed size while we read it
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    def read() -> dict[str, Any]:
+        stats = statistics()
+        return {
+            "adapter": adapter, "time": time.time(),
+            "statistics": {**dataclasses.asdict(stats), "calls": stats.calls},
+            "workers": [dataclasses.asdict(w) for w in workers()],
+            "state": gauges(), "recent_errors": list(recent_errors()),
+        }
+
+    for _ in range(2):
+        with contextlib.suppress(RuntimeError):  # a dict changed size while we read it
+            return read()
+    return read()
 
 
 @contextlib.asynccontextmanager

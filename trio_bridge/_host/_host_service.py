@@ -106,6 +106,8 @@ class HostService(pb.HostServiceBase):
         self, what: str, handle: Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]], m: pb.ExecuteToolRequest,
     ) -> pb.ExecuteToolResponse:
         """``handle(m)`` in a span that continues the calling worker's trace (traces on)."""
+        if not tracing.enabled():
+            return await handle(m)
         with tracing.span(f"trio_bridge {what} {m.tool_name}", kind="server", parent=m.traceparent,
                           attributes={"trio_bridge.tool": m.tool_name, "trio_bridge.session": m.session_id}):
             return await handle(m)
