@@ -56,19 +56,22 @@ import numpy as np  # noqa: E402
 # stubs from the .proto alone
 
 
-def generate_stubs(proto_file: str, out: str) -> tuple[Any, Any]:
-    """``bridge_pb2`` and ``bridge_pb2_grpc`` compiled from ``proto_file`` into ``out``. The file
-    is compiled from a directory of its own, so the modules are top-level (``bridge_pb2``), not
-    ``trio_bridge.v1.*``; the proto package, which the wire sees, is unchanged."""
+def generate_stubs(proto_file: str, status_proto_file: str, out: str) -> tuple[Any, Any, Any]:
+    """``bridge_pb2`` and ``bridge_pb2_grpc`` compiled from ``proto_file``, and ``rpc_status_pb2``
+    (google.rpc.Status) from ``status_proto_file``, into ``out``. The files are compiled from a
+    directory of their own, so the modules are top-level (``bridge_pb2``), not
+    ``trio_bridge.v1.*``; the proto packages, which the wire sees, are unchanged."""
     source = os.path.join(out, "src")
     os.makedirs(source)
     shutil.copy(proto_file, os.path.join(source, "bridge.proto"))
+    shutil.copy(status_proto_file, os.path.join(source, "rpc_status.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{source}", f"--python_out={out}", f"--grpc_python_out={out}", "bridge.proto"],
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{source}", f"--python_out={out}", f"--grpc_python_out={out}",
+         "bridge.proto", "rpc_status.proto"],
         check=True,
     )
     sys.path.insert(0, out)
-    return importlib.import_module("bridge_pb2"), importlib.import_module("bridge_pb2_grpc")
+    return importlib.import_module("bridge_pb2"), importlib.import_module("bridge_pb2_grpc"), importlib.import_module("rpc_status_pb2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +270,35 @@ def has(message: Any, field: str) -> bool:
     return message.HasField(field)
 
 
+ERROR_INFO_TYPE_URL = "type.googleapis.com/trio_bridge.v1.ErrorInfo"
+
+
+def collect(pb2: Any, status_pb2: Any, call: Any) -> tuple[list[Any], dict[str, Any]]:
+    """A server stream's messages, and how it ended: ``{"status": "OK"}``, or its :func:`failure`."""
+    messages: list[Any] = []
+    try:
+        for message in call:
+            messages.append(message)
+    except grpc.RpcError as exc:
+        return messages, failure(pb2, status_pb2, exc)
+    return messages, {"status": "OK"}
+
+
+def failure(pb2: Any, status_pb2: Any, exc: Any) -> dict[str, Any]:
+    """A failed RPC as the error model says (docs/wire.md, section 8): its status code and
+    message, and the ErrorInfo in the google.rpc.Status of its ``grpc-status-details-bin``
+    trailer (``None`` when there is none)."""
+    code = exc.code()
+    details = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
+    info = None
+    if details is not None:
+        status = status_pb2.Status.FromString(details)
+        assert status.code == code.value[0], f"the details say {status.code}, the status {code}"
+        found = [pb2.ErrorInfo.FromString(d.value) for d in status.details if d.type_url == ERROR_INFO_TYPE_URL]
+        info = found[0] if found else None
+    return {"status": code.name, "message": exc.details(), "error": error(info)}
+
+
 # ---------------------------------------------------------------------------------------------
 # worker processes, started as the process contract says (docs/wire.md, section 5)
 
@@ -373,8 +405,8 @@ def status_of(call: Any) -> dict[str, Any]:
 
 
 def drive_worker(
-    pb2: Any, pb2_grpc: Any, report: dict[str, Any], main: WorkerProcess, lifeline: WorkerProcess, broken: WorkerProcess,
-    secret: str, shm: SharedMemory | None,
+    pb2: Any, pb2_grpc: Any, status_pb2: Any, report: dict[str, Any], main: WorkerProcess, lifeline: WorkerProcess,
+    broken: WorkerProcess, secret: str, shm: SharedMemory | None,
 ) -> None:
     r: dict[str, Any] = report.setdefault("worker", {})
     r["ready_line"] = main.ready_line()
@@ -446,29 +478,36 @@ def drive_worker(
     big = bytes(range(256)) * (5 << 12)  # 5 MiB in-band: past grpcio's default limit
     r["echo_5_mib"] = decode(execute("echo", {"value": big}).result) == big
 
-    # ---- refusals and failures, in-band
-    def outcome(response: Any) -> Any:
+    # ---- refusals and failures: a status with the ErrorInfo in its details
+    def outcome(call: Any) -> Any:
+        try:
+            response = call()
+        except grpc.RpcError as exc:
+            return failure(pb2, status_pb2, exc)
+        return {"result": repr(decode(response.result, shm))}
+
+    def in_band(response: Any) -> Any:  # a CallResult's: calls share the Calls stream
         return {"error": error(response.error)} if has(response, "error") else {"result": repr(decode(response.result, shm))}
 
-    r["unknown_tool"] = outcome(execute("no_such_tool"))
-    r["tool_raised"] = outcome(execute("fail", {"message": "boom"}))
-    r["missing_argument"] = outcome(execute("add", {}))
-    r["default_argument"] = outcome(execute("add", {"a": 1}))
+    r["unknown_tool"] = outcome(lambda: execute("no_such_tool"))
+    r["tool_raised"] = outcome(lambda: execute("fail", {"message": "boom"}))
+    r["missing_argument"] = outcome(lambda: execute("add", {}))
+    r["default_argument"] = outcome(lambda: execute("add", {"a": 1}))
     big_sum = execute("add", {"a": 2**62, "b": 2**62})
     r["big_sum"] = {"value": decode(big_sum.result) == 2**63, "json": big_sum.result.json.decode()}
-    r["streaming_tool_unary"] = outcome(execute("count", {"n": 3}))
-    r["bare_nan"] = outcome(execute("echo", raw(pb2, b'{"value":NaN}')))
-    r["bad_int_tag"] = outcome(execute("echo", raw(pb2, b'{"value":{"\\u0000tb":"n","h":"0x1f"}}')))
-    r["bad_blob_index"] = outcome(execute("echo", raw(pb2, b'{"value":{"\\u0000tb":"b","i":3}}', [b"x"])))
-    r["empty_call_id"] = outcome(execute("add", {"a": 1}, call_id=""))
-    r["unencodable_result"] = outcome(execute("unencodable"))
+    r["streaming_tool_unary"] = outcome(lambda: execute("count", {"n": 3}))
+    r["bare_nan"] = outcome(lambda: execute("echo", raw(pb2, b'{"value":NaN}')))
+    r["bad_int_tag"] = outcome(lambda: execute("echo", raw(pb2, b'{"value":{"\\u0000tb":"n","h":"0x1f"}}')))
+    r["bad_blob_index"] = outcome(lambda: execute("echo", raw(pb2, b'{"value":{"\\u0000tb":"b","i":3}}', [b"x"])))
+    r["empty_call_id"] = outcome(lambda: execute("add", {"a": 1}, call_id=""))
+    r["unencodable_result"] = outcome(lambda: execute("unencodable"))
     started = time.monotonic()
-    r["deadline"] = outcome(execute("async_sleep", {"seconds": 30}, timeout_seconds=0.3))
+    r["deadline"] = outcome(lambda: execute("async_sleep", {"seconds": 30}, timeout_seconds=0.3))
     r["deadline_took"] = time.monotonic() - started
     slow = stub.ExecuteTool.future(request("async_sleep", {"seconds": 1.0}, call_id="dup"), metadata=md, timeout=60)
     time.sleep(0.3)
-    r["duplicate_call_id"] = outcome(execute("add", {"a": 1}, call_id="dup"))
-    r["duplicate_first"] = outcome(slow.result())
+    r["duplicate_call_id"] = outcome(lambda: execute("add", {"a": 1}, call_id="dup"))
+    r["duplicate_first"] = outcome(slow.result)
     r["malformed_message"] = status_of(
         # a DescribeRequest whose string field is not UTF-8: not valid proto3
         lambda: ch.unary_unary("/trio_bridge.v1.WorkerService/Describe")(b"\x0a\x02\xff\xfe", metadata=md, timeout=30)
@@ -488,7 +527,7 @@ def drive_worker(
     def take() -> None:
         result = next(results)
         order.append(result.call_id)
-        received[result.call_id] = outcome(result.response)
+        received[result.call_id] = in_band(result.response)
 
     outbox.put(pb2.CallMessage(execute=request("async_sleep", {"seconds": 60}, call_id="s-long")))
     outbox.put(pb2.CallMessage(execute=request("add", {"a": 1, "b": 2}, call_id="s-add")))
@@ -506,7 +545,7 @@ def drive_worker(
     outbox.put(None)  # half-close: the worker answers what runs, then ends the stream
     for result in results:
         order.append(result.call_id)
-        received[result.call_id] = outcome(result.response)
+        received[result.call_id] = in_band(result.response)
     r["calls"] = {
         "order": order, "results": received, "long_was_in_flight": "s-long" in in_flight, "cancelled_freed": freed,
         "ended": results.code().name,
@@ -514,13 +553,13 @@ def drive_worker(
 
     # ---- ExecuteStreamingTool
     def stream(tool: str, arguments: Any, call_id: str) -> dict[str, Any]:
-        batches = list(stub.ExecuteStreamingTool(request(tool, arguments, call_id=call_id), metadata=md, timeout=60))
+        batches, end = collect(pb2, status_pb2, stub.ExecuteStreamingTool(request(tool, arguments, call_id=call_id), metadata=md, timeout=60))
         chunks: list[Any] = []
         for batch in batches:
             chunks.extend((decode(batch.chunks, shm) or []) if has(batch, "chunks") else [])
         return {
             "messages": len(batches), "sizes": [len(decode(b.chunks) or []) if has(b, "chunks") else 0 for b in batches],
-            "chunks": chunks, "errors": [error(b.error) if has(b, "error") else None for b in batches],
+            "chunks": chunks, "end": end,
         }
 
     counted = stream("count", {"n": 600}, "t-count")
@@ -550,8 +589,8 @@ def drive_worker(
     draining = stub.ExecuteTool.future(request("async_sleep", {"seconds": 1.0}, call_id="drain"), metadata=md, timeout=60)
     time.sleep(0.3)
     r["shutdown_reply"] = stub.Shutdown(pb2.ShutdownRequest(grace_seconds=20), metadata=md, timeout=30).ByteSize()
-    r["after_shutdown"] = outcome(execute("add", {"a": 1}))
-    r["drained_call"] = outcome(draining.result())
+    r["after_shutdown"] = outcome(lambda: execute("add", {"a": 1}))
+    r["drained_call"] = outcome(draining.result)
     r["exit_code"] = main.wait(30)
     ch.close()
 
@@ -569,18 +608,24 @@ def _wait_until(predicate: Any, timeout: float) -> bool:
 # HostService
 
 
-def drive_host(pb2: Any, pb2_grpc: Any, config: dict[str, Any], r: dict[str, Any], joining: WorkerProcess) -> None:
+def drive_host(pb2: Any, pb2_grpc: Any, status_pb2: Any, config: dict[str, Any], r: dict[str, Any], joining: WorkerProcess) -> None:
     ch = channel(grpc_target(config["host"]))
     stub = pb2_grpc.HostServiceStub(ch)
     md = [("x-trio-bridge-secret", config["token"]), ("x-trio-bridge-worker", "conformance")]
     session = config["session_id"]
 
-    def outcome(response: Any) -> Any:
-        return {"error": error(response.error)} if has(response, "error") else {"result": decode(response.result)}
+    def outcome(call: Any) -> Any:
+        try:
+            response = call()
+        except grpc.RpcError as exc:
+            return failure(pb2, status_pb2, exc)
+        return {"result": decode(response.result)} if hasattr(response, "result") else {"reply_size": response.ByteSize()}
 
-    def variables(reply: Any) -> Any:
-        if has(reply, "error"):
-            return {"error": error(reply.error)}
+    def variables(call: Any) -> Any:
+        try:
+            reply = call()
+        except grpc.RpcError as exc:
+            return failure(pb2, status_pb2, exc)
         return {
             "variables": [
                 {
@@ -605,14 +650,13 @@ def drive_host(pb2: Any, pb2_grpc: Any, config: dict[str, Any], r: dict[str, Any
     got = stub.GetSession(pb2.GetSessionRequest(session_id=session), metadata=md, timeout=30)
     r["session"] = {
         "id": got.id, "ttl": got.ttl, "metadata": repr(decode(got.metadata)), "variable_count": got.variable_count,
-        "state_version": got.state_version, "error": error(got.error) if has(got, "error") else None,
+        "state_version": got.state_version,
     }
-    missing = stub.GetSession(pb2.GetSessionRequest(session_id="no-such-session"), metadata=md, timeout=30)
-    r["session_missing"] = error(missing.error)
+    r["session_missing"] = outcome(lambda: stub.GetSession(pb2.GetSessionRequest(session_id="no-such-session"), metadata=md, timeout=30))
 
     # ---- variables
     def call(method: str, message: Any, **options: Any) -> Any:
-        return variables(getattr(stub, method)(message, metadata=md, timeout=30, **options))
+        return variables(lambda: getattr(stub, method)(message, metadata=md, timeout=30, **options))
 
     p = lambda value: encode(pb2, value)  # noqa: E731
     v: dict[str, Any] = {}
@@ -661,8 +705,6 @@ def drive_host(pb2: Any, pb2_grpc: Any, config: dict[str, Any], r: dict[str, Any
     )
 
     def updates(batch: Any) -> Any:
-        if has(batch, "error"):
-            return {"error": error(batch.error)}
         return [[u.name, u.kind, repr(decode(u.old_value)), repr(decode(u.new_value)), u.version, u.source, u.coalesced] for u in batch.updates]
 
     watched = [updates(next(watch))]
@@ -671,11 +713,13 @@ def drive_host(pb2: Any, pb2_grpc: Any, config: dict[str, Any], r: dict[str, Any
     watched.append(updates(next(watch)))  # nothing happens for 0.3 s: a heartbeat
     watch.cancel()
     r["watch"] = watched
-    r["watch_unknown"] = [updates(b) for b in stub.WatchVariables(
-        pb2.WatchVariablesRequest(session_id=session, names=["nope"], include_initial=True), metadata=md, timeout=30)]
-    r["watch_bad_buffer"] = [updates(b) for b in stub.WatchVariables(
+    batches, end = collect(pb2, status_pb2, stub.WatchVariables(
+        pb2.WatchVariablesRequest(session_id=session, names=["nope"], include_initial=True), metadata=md, timeout=30))
+    r["watch_unknown"] = {"batches": [updates(b) for b in batches], "end": end}
+    batches, end = collect(pb2, status_pb2, stub.WatchVariables(
         pb2.WatchVariablesRequest(session_id=session, names=["temperature"]), metadata=[*md, ("x-trio-bridge-watch-buffer", "zero")],
-        timeout=30)]
+        timeout=30))
+    r["watch_bad_buffer"] = {"batches": [updates(b) for b in batches], "end": end}
 
     # ---- host tools
     def specs(reply: Any) -> Any:
@@ -688,31 +732,32 @@ def drive_host(pb2: Any, pb2_grpc: Any, config: dict[str, Any], r: dict[str, Any
         return pb2.ExecuteToolRequest(tool_name=name, arguments=p(arguments), call_id="conformance-call", **fields)
 
     def host_tool(name: str, arguments: Any, **fields: Any) -> Any:
-        return outcome(stub.ExecuteHostTool(tool_request(name, arguments, **fields), metadata=md, timeout=60))
+        return outcome(lambda: stub.ExecuteHostTool(tool_request(name, arguments, **fields), metadata=md, timeout=60))
 
     r["host_tool"] = host_tool("shout", {"text": "hi"})
     special = {"nan": math.nan, "big": -(2**70), "raw": b"\x01", "tag_like": {TAG: "f", "v": "inf"}, "a": np.arange(3, dtype="<i2")}
-    echoed = outcome(stub.ExecuteHostTool(tool_request("echo_host", {"value": special}), metadata=md, timeout=60))
+    echoed = outcome(lambda: stub.ExecuteHostTool(tool_request("echo_host", {"value": special}), metadata=md, timeout=60))
     r["host_tool_values"] = same(special, echoed.get("result"))
     r["host_tool_unknown"] = host_tool("no_such_tool", {})
     r["host_tool_raised"] = host_tool("explode", {"message": "kaput"})
     r["host_tool_streaming_unary"] = host_tool("countdown", {"n": 2})
     r["host_tool_deadline"] = host_tool("nap", {"seconds": 30}, timeout_seconds=0.3)
     r["host_tool_in_session"] = host_tool("session_only", {}, session_id=session)
-    batches = list(stub.ExecuteStreamingHostTool(tool_request("countdown", {"n": 600}), metadata=md, timeout=60))
+    batches, end = collect(pb2, status_pb2, stub.ExecuteStreamingHostTool(tool_request("countdown", {"n": 600}), metadata=md, timeout=60))
     chunks = [c for b in batches if has(b, "chunks") for c in decode(b.chunks)]
-    r["host_stream"] = {"chunks": chunks == list(range(600, 0, -1)), "messages": len(batches), "errors": [has(b, "error") for b in batches]}
-    failing = list(stub.ExecuteStreamingHostTool(tool_request("countdown_then_fail", {"n": 3}), metadata=md, timeout=60))
-    r["host_stream_fails"] = {
-        "chunks": [c for b in failing if has(b, "chunks") for c in decode(b.chunks)],
-        "last_error": error(failing[-1].error) if has(failing[-1], "error") else None,
-    }
-    r["routed"] = outcome(stub.ExecuteTool(tool_request("add", {"a": 2**62, "b": 2**62}), metadata=md, timeout=60))
-    r["routed_in_session"] = outcome(stub.ExecuteTool(tool_request("echo", {"value": [math.inf]}, session_id=session), metadata=md, timeout=60))
-    r["routed_unknown"] = outcome(stub.ExecuteTool(tool_request("no_such_tool", {}), metadata=md, timeout=60))
+    r["host_stream"] = {"chunks": chunks == list(range(600, 0, -1)), "messages": len(batches), "end": end}
+    failing, end = collect(
+        pb2, status_pb2, stub.ExecuteStreamingHostTool(tool_request("countdown_then_fail", {"n": 3}), metadata=md, timeout=60)
+    )
+    r["host_stream_fails"] = {"chunks": [c for b in failing if has(b, "chunks") for c in decode(b.chunks)], "end": end}
+    r["routed"] = outcome(lambda: stub.ExecuteTool(tool_request("add", {"a": 2**62, "b": 2**62}), metadata=md, timeout=60))
+    r["routed_in_session"] = outcome(
+        lambda: stub.ExecuteTool(tool_request("echo", {"value": [math.inf]}, session_id=session), metadata=md, timeout=60)
+    )
+    r["routed_unknown"] = outcome(lambda: stub.ExecuteTool(tool_request("no_such_tool", {}), metadata=md, timeout=60))
 
     # ---- Join
-    r["join_refused"] = error(stub.Join(pb2.JoinRequest(address="tcp:127.0.0.1:9", adapter="other.module:Other"), metadata=md, timeout=30).error)
+    r["join_refused"] = outcome(lambda: stub.Join(pb2.JoinRequest(address="tcp:127.0.0.1:9", adapter="other.module:Other"), metadata=md, timeout=30))
     joining.ready_line()
     assert joining.address is not None, f"the joining worker printed no ready line: {joining.stderr[-20:]}"
     worker_channel = channel(grpc_target(joining.address))
@@ -722,7 +767,7 @@ def drive_host(pb2: Any, pb2_grpc: Any, config: dict[str, Any], r: dict[str, Any
         pb2.DescribeRequest(trio_bridge_version="conformance", wire_version=config["wire_version"]), metadata=worker_md, timeout=30).tools)
     reply = stub.Join(pb2.JoinRequest(address=joining.address, adapter=config["adapter"], tools=tools), metadata=md, timeout=30)
     r["join"] = {
-        "address": joining.address, "error": error(reply.error) if has(reply, "error") else None,
+        "address": joining.address, "reply_size": reply.ByteSize(),
         "dialed_back": joining.wait_for_stderr("serving the host at", 60),
     }
     worker_channel.close()
@@ -765,11 +810,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="conformance-") as work:
         processes = Processes(config, work)
         try:
-            pb2, pb2_grpc = generate_stubs(config["proto"], os.path.join(work, "stubs"))
-            report["stub_modules"] = [pb2.__name__, pb2_grpc.__name__]
+            pb2, pb2_grpc, status_pb2 = generate_stubs(config["proto"], config["status_proto"], os.path.join(work, "stubs"))
+            report["stub_modules"] = [pb2.__name__, pb2_grpc.__name__, status_pb2.__name__]
             shm = SharedMemory(processes.shm_dir) if processes.shm_dir else None
-            drive_worker(pb2, pb2_grpc, report, processes.main, processes.lifeline, processes.broken, processes.secret, shm)
-            drive_host(pb2, pb2_grpc, config, report.setdefault("host", {}), processes.joining)
+            drive_worker(pb2, pb2_grpc, status_pb2, report, processes.main, processes.lifeline, processes.broken, processes.secret, shm)
+            drive_host(pb2, pb2_grpc, status_pb2, config, report.setdefault("host", {}), processes.joining)
         except Exception:
             report["failure"] = traceback.format_exc()
             failed = True

@@ -26,6 +26,7 @@ from trio_bridge.testing import free_port
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "conformance_client.py"
 PROTO = ROOT / "proto" / "trio_bridge" / "v1" / "bridge.proto"
+STATUS_PROTO = ROOT / "proto" / "google" / "rpc" / "status.proto"
 ADAPTER = "tests.adapters:Echo"
 TOKEN = "conformance-token-0123456789"
 
@@ -97,7 +98,7 @@ async def test_a_grpcio_client_written_from_the_spec_drives_a_worker_and_the_hos
             session.register_host_tool(session_only)
             await session.register_variable("seed", "integer", 7)
             config = {
-                "python": sys.executable, "adapter": ADAPTER, "root": str(ROOT), "proto": str(PROTO),
+                "python": sys.executable, "adapter": ADAPTER, "root": str(ROOT), "proto": str(PROTO), "status_proto": str(STATUS_PROTO),
                 "wire_version": WIRE_VERSION, "host": f"tcp:127.0.0.1:{port}", "token": TOKEN, "session_id": session.id,
                 "pool_worker_id": pool.workers()[0].id,
             }
@@ -121,19 +122,26 @@ async def test_a_grpcio_client_written_from_the_spec_drives_a_worker_and_the_hos
     report = json.loads(done.stdout)
     assert "failure" not in report, report["failure"] + stderr
     assert done.returncode == 0, stderr
-    assert report["imported_trio_bridge"] == [] and report["stub_modules"] == ["bridge_pb2", "bridge_pb2_grpc"]
+    assert report["imported_trio_bridge"] == [] and report["stub_modules"] == ["bridge_pb2", "bridge_pb2_grpc", "rpc_status_pb2"]
     _check_worker(report["worker"])
     _check_host(report["host"], session_id=config["session_id"])
     assert joined == {report["host"]["join"]["address"]}  # the worker that joined, dialed back
 
 
 def _error(outcome: dict, kind: str, type_: str | None = None, message: str = "") -> dict:
-    assert "error" in outcome, outcome
+    """The ErrorInfo of a failure (an RPC's status details, or a CallResult's in-band error)."""
+    assert outcome.get("error"), outcome
     info = outcome["error"]
     assert info["kind"] == kind and message in info["message"], info
     if type_ is not None:
         assert info["type"] == type_, info
     return info
+
+
+def _failed(outcome: dict, status: str, kind: str, type_: str | None = None, message: str = "") -> dict:
+    """An RPC that ended with the gRPC ``status`` and, in its details, the ErrorInfo described."""
+    assert outcome.get("status") == status, outcome
+    return _error(outcome, kind, type_, message)
 
 
 def _check_worker(w: dict) -> None:
@@ -166,22 +174,22 @@ def _check_worker(w: dict) -> None:
         assert theirs not in echo["ours"] and by_worker_2  # written by the worker (its pid in the name)
     assert w["echo_5_mib"]
 
-    # refusals and failures, in-band
-    assert "echo" in _error(w["unknown_tool"], "tool_not_found")["available"]
-    raised = _error(w["tool_raised"], "tool_error", "ValueError", "boom")
-    assert "ValueError: boom" in raised["traceback"]
-    _error(w["missing_argument"], "invalid_argument", message="missing required argument(s) 'a'")
+    # refusals and failures: standard status codes, the ErrorInfo in the status details
+    assert "echo" in _failed(w["unknown_tool"], "NOT_FOUND", "tool_not_found")["available"]
+    raised = _failed(w["tool_raised"], "UNKNOWN", "tool_error", "ValueError", "boom")
+    assert "ValueError: boom" in raised["traceback"] and w["tool_raised"]["message"] == "ValueError: boom"
+    _failed(w["missing_argument"], "INVALID_ARGUMENT", "invalid_argument", message="missing required argument(s) 'a'")
     assert w["default_argument"] == {"result": "3"}
     assert w["big_sum"]["value"] and w["big_sum"]["json"] == '{"\\u0000tb":"n","h":"8000000000000000"}'
-    _error(w["streaming_tool_unary"], "invalid_argument", message="is a streaming tool")
-    _error(w["bare_nan"], "invalid_argument", message="NaN is not JSON")
-    _error(w["bad_int_tag"], "invalid_argument", message="tag 'n'")
-    _error(w["bad_blob_index"], "invalid_argument", message="must index Payload.blobs")
-    _error(w["empty_call_id"], "invalid_argument", message="call_id is empty")
-    _error(w["unencodable_result"], "encode_error", message='result["items"][3]: object of type Unencodable')
-    _error(w["deadline"], "deadline_exceeded", "TimeoutError")
+    _failed(w["streaming_tool_unary"], "INVALID_ARGUMENT", "invalid_argument", message="is a streaming tool")
+    _failed(w["bare_nan"], "INVALID_ARGUMENT", "invalid_argument", message="NaN is not JSON")
+    _failed(w["bad_int_tag"], "INVALID_ARGUMENT", "invalid_argument", message="tag 'n'")
+    _failed(w["bad_blob_index"], "INVALID_ARGUMENT", "invalid_argument", message="must index Payload.blobs")
+    _failed(w["empty_call_id"], "INVALID_ARGUMENT", "invalid_argument", message="call_id is empty")
+    _failed(w["unencodable_result"], "INTERNAL", "encode_error", message='result["items"][3]: object of type Unencodable')
+    _failed(w["deadline"], "DEADLINE_EXCEEDED", "deadline_exceeded", "TimeoutError")
     assert w["deadline_took"] < 10
-    _error(w["duplicate_call_id"], "invalid_argument", message="already running")
+    _failed(w["duplicate_call_id"], "INVALID_ARGUMENT", "invalid_argument", message="already running")
     assert w["duplicate_first"] == {"result": "1.0"}
     assert w["malformed_message"]["code"] == "INVALID_ARGUMENT"
 
@@ -193,22 +201,23 @@ def _check_worker(w: dict) -> None:
 
     # streams
     count = w["stream_count"]
-    assert count["chunks"] and count["messages"] >= 3 and max(count["sizes"]) <= 256 and not any(count["errors"])
+    assert count["chunks"] and count["messages"] >= 3 and max(count["sizes"]) <= 256 and count["end"] == {"status": "OK"}
     fails = w["stream_fails"]
-    assert fails["chunks"] == [0, 1, 2] and fails["errors"][:-1] == [None] * (fails["messages"] - 1)
-    assert fails["errors"][-1]["kind"] == "tool_error" and fails["errors"][-1]["message"] == "broke after 3"
+    assert fails["chunks"] == [0, 1, 2]  # every chunk before the failure, then the status
+    assert _failed(fails["end"], "UNKNOWN", "tool_error", "RuntimeError")["message"] == "broke after 3"
     unary = w["stream_unary_tool"]
-    assert unary["messages"] == 1 and unary["chunks"] == [] and unary["errors"][0]["kind"] == "invalid_argument"
+    assert unary["messages"] == 0 and unary["chunks"] == []
+    _failed(unary["end"], "INVALID_ARGUMENT", "invalid_argument", message="not a streaming tool")
     unencodable = w["stream_unencodable"]
-    assert unencodable["chunks"] == [0, 1] and unencodable["errors"][-1]["kind"] == "encode_error"
-    assert "chunk[2]" in unencodable["errors"][-1]["message"]
+    assert unencodable["chunks"] == [0, 1]
+    _failed(unencodable["end"], "INTERNAL", "encode_error", message="chunk[2]")
     assert w["stream_special"]
     assert w["stream_cancel"] == {"first": True, "freed": True}
 
     # sessions and shutdown
     assert w["sessions"] == [0, 0]
     assert w["shutdown_reply"] == 0
-    _error(w["after_shutdown"], "shutting_down")
+    _failed(w["after_shutdown"], "UNAVAILABLE", "shutting_down")
     assert w["drained_call"] == {"result": "1.0"}
 
 
@@ -216,9 +225,9 @@ def _check_host(h: dict, *, session_id: str) -> None:
     assert h["without_secret"]["code"] == "UNAUTHENTICATED"
     assert h["heartbeat"] == [True, False]
     session = h["session"]
-    assert session["id"] == session_id and session["ttl"] == 600 and session["error"] is None
+    assert session["id"] == session_id and session["ttl"] == 600
     assert session["metadata"] == repr({"owner": "conformance", "big": 2**60}) and session["variable_count"] == 1
-    assert h["session_missing"]["kind"] == "state" and h["session_missing"]["type"] == "SessionNotFoundError"
+    _failed(h["session_missing"], "NOT_FOUND", "state", "SessionNotFoundError")
 
     v = h["variables"]
     (registered,) = v["register"]["variables"]
@@ -229,15 +238,15 @@ def _check_host(h: dict, *, session_id: str) -> None:
     assert v["register_tensor"]["variables"][0]["value"].startswith("array([[0., 1., 2.],")
     assert v["register_big"]["variables"][0]["value"] == str(2**60)
     assert v["get"]["variables"][0]["value"] == "0.5" and v["get_by_id"]["variables"][0]["name"] == "temperature"
-    assert v["get_missing"]["error"]["type"] == "VariableNotFoundError"
-    assert v["get_nothing"]["error"]["kind"] == "invalid_argument"
+    _failed(v["get_missing"], "NOT_FOUND", "state", "VariableNotFoundError")
+    _failed(v["get_nothing"], "INVALID_ARGUMENT", "invalid_argument")
     assert [x["name"] for x in v["get_many"]["variables"]] == ["temperature", "counter"]
     everything = {x["name"]: x for x in v["get_all"]["variables"]}
     assert set(everything) == {"seed", "temperature", "weights", "counter"} and everything["seed"]["source"] == "host"
     assert v["set"]["variables"][0]["version"] == 1 and v["set"]["variables"][0]["value"] == "0.7"
-    assert v["set_conflict"]["error"]["type"] == "VersionConflictError"
-    assert v["set_invalid"]["error"]["type"] == "InvalidVariableError"
-    assert v["set_malformed"]["error"]["kind"] == "invalid_argument" and "Infinity is not JSON" in v["set_malformed"]["error"]["message"]
+    _failed(v["set_conflict"], "ABORTED", "state", "VersionConflictError")
+    _failed(v["set_invalid"], "INVALID_ARGUMENT", "state", "InvalidVariableError")
+    _failed(v["set_malformed"], "INVALID_ARGUMENT", "invalid_argument", message="Infinity is not JSON")
     assert v["after_refusals"]["variables"][0]["value"] == "0.7" and v["after_refusals"]["variables"][0]["version"] == 1
     assert {x["name"]: x["value"] for x in v["set_many_atomic"]["variables"]} == {"temperature": "1.0", "counter": str(-(2**60))}
     partial = v["set_many_partial"]
@@ -247,35 +256,38 @@ def _check_host(h: dict, *, session_id: str) -> None:
     assert [entry[:2] for entry in v["history"]["history"]] == [[0, "0.5"], [1, "0.7"], [2, "1.0"], [3, "1.5"]]
     assert v["rollback"]["variables"][0]["value"] == "0.7" and v["rollback"]["variables"][0]["version"] == 4
     assert v["depend"]["variables"][0]["depends_on"] == ["counter"]
-    assert v["cycle"]["error"]["type"] == "DependencyCycleError"
+    _failed(v["cycle"], "FAILED_PRECONDITION", "state", "DependencyCycleError")
     assert v["optimize"]["variables"][0]["optimizer_id"] == "opt-1" and v["optimize"]["lock_lease_seconds"] >= 0
-    assert v["locked"]["error"]["type"] == "VariableLockedError"
+    _failed(v["locked"], "FAILED_PRECONDITION", "state", "VariableLockedError")
     assert v["optimizer_writes"]["variables"][0]["value"] == "0.2"
     assert v["stop_optimizing"]["variables"][0]["optimizer_id"] == ""
-    assert v["delete"]["state_version"] > 0 and v["deleted"]["error"]["type"] == "VariableNotFoundError"
+    assert v["delete"]["state_version"] > 0
+    _failed(v["deleted"], "NOT_FOUND", "state", "VariableNotFoundError")
 
     initial, change, heartbeat = h["watch"]
     assert [u[:2] + u[3:4] for u in initial] == [["temperature", "initial", "0.2"]]
     assert [u[:4] + u[5:6] for u in change] == [["temperature", "change", "0.2", "1.25", "worker:conformance"]]
     assert heartbeat == []
-    assert [b["error"]["type"] for b in h["watch_unknown"]] == ["VariableNotFoundError"]
-    assert [b["error"]["kind"] for b in h["watch_bad_buffer"]] == ["invalid_argument"]
+    assert h["watch_unknown"]["batches"] == [] and h["watch_bad_buffer"]["batches"] == []
+    _failed(h["watch_unknown"]["end"], "NOT_FOUND", "state", "VariableNotFoundError")
+    _failed(h["watch_bad_buffer"]["end"], "INVALID_ARGUMENT", "invalid_argument", message="x-trio-bridge-watch-buffer")
 
     tools = h["host_tools"]
     assert sorted(tools) == ["countdown", "countdown_then_fail", "echo_host", "explode", "nap", "shout"]
     assert tools["shout"] == [False, [["text", "str", True]]] and tools["countdown"][0] is True
     assert "session_only" in h["host_tools_in_session"]
     assert h["host_tool"] == {"result": "HI"} and h["host_tool_values"]
-    assert "shout" in _error(h["host_tool_unknown"], "tool_not_found")["available"]
-    assert "ValueError: kaput" in _error(h["host_tool_raised"], "tool_error", "ValueError", "kaput")["traceback"]
-    _error(h["host_tool_streaming_unary"], "invalid_argument", message="is a streaming tool")
-    _error(h["host_tool_deadline"], "deadline_exceeded", "TimeoutError")
+    assert "shout" in _failed(h["host_tool_unknown"], "NOT_FOUND", "tool_not_found")["available"]
+    assert "ValueError: kaput" in _failed(h["host_tool_raised"], "UNKNOWN", "tool_error", "ValueError", "kaput")["traceback"]
+    _failed(h["host_tool_streaming_unary"], "INVALID_ARGUMENT", "invalid_argument", message="is a streaming tool")
+    _failed(h["host_tool_deadline"], "DEADLINE_EXCEEDED", "deadline_exceeded", "TimeoutError")
     assert h["host_tool_in_session"] == {"result": "mine"}
-    assert h["host_stream"]["chunks"] and h["host_stream"]["messages"] >= 3 and not any(h["host_stream"]["errors"])
-    assert h["host_stream_fails"]["chunks"] == [3, 2, 1] and h["host_stream_fails"]["last_error"]["message"] == "no more"
+    assert h["host_stream"]["chunks"] and h["host_stream"]["messages"] >= 3 and h["host_stream"]["end"] == {"status": "OK"}
+    assert h["host_stream_fails"]["chunks"] == [3, 2, 1]
+    _failed(h["host_stream_fails"]["end"], "UNKNOWN", "tool_error", "RuntimeError", "no more")
     assert h["routed"] == {"result": 2**63}
     assert h["routed_in_session"] == {"result": [float("inf")]}
-    _error(h["routed_unknown"], "tool_not_found")
+    _failed(h["routed_unknown"], "NOT_FOUND", "tool_not_found")
 
-    _error({"error": h["join_refused"]}, "invalid_argument", message="this pool serves 'tests.adapters:Echo'")
-    assert h["join"]["error"] is None and h["join"]["dialed_back"]
+    _failed(h["join_refused"], "INVALID_ARGUMENT", "invalid_argument", message="this pool serves 'tests.adapters:Echo'")
+    assert h["join"]["reply_size"] == 0 and h["join"]["dialed_back"]

@@ -37,22 +37,33 @@ async def _service() -> WorkerService:
     return WorkerService("tests.adapters:Echo", adapter, concurrency=4)
 
 
+async def _refusal(call) -> tuple[Status, pb.ErrorInfo]:
+    """The status and the ErrorInfo in its details of an RPC that must fail."""
+    try:
+        await call
+    except GRPCError as exc:
+        info = wire_errors.info_of(exc)
+        assert info is not None, f"no ErrorInfo in the details of {exc!r}"
+        return exc.status, info
+    raise AssertionError("the RPC succeeded")
+
+
 def test_empty_and_running_call_ids_are_refused_and_shutdown_waits_for_the_running_call():
     async def scenario() -> None:
         service = await _service()
-        async with ChannelFor([service]) as channel:
+        async with ChannelFor([service], status_details_codec=wire_errors.StatusDetailsCodec()) as channel:
             stub = pb.WorkerServiceStub(channel)
-            empty = await stub.execute_tool(_request("add", "", a=1))
-            assert empty.error is not None and empty.error.kind == wire_errors.INVALID_ARGUMENT
-            assert "call_id is empty" in empty.error.message
+            status, info = await _refusal(stub.execute_tool(_request("add", "", a=1)))
+            assert (status, info.kind) == (Status.INVALID_ARGUMENT, wire_errors.INVALID_ARGUMENT)
+            assert "call_id is empty" in info.message
 
             started = time.monotonic()
             first = asyncio.create_task(stub.execute_tool(_request("async_sleep", "c1", seconds=0.5)))
             while "c1" not in service.active:
                 await asyncio.sleep(0.01)
-            again = await stub.execute_tool(_request("add", "c1", a=1))
-            assert again.error is not None and again.error.kind == wire_errors.INVALID_ARGUMENT
-            assert "already running" in again.error.message
+            status, info = await _refusal(stub.execute_tool(_request("add", "c1", a=1)))
+            assert (status, info.kind) == (Status.INVALID_ARGUMENT, wire_errors.INVALID_ARGUMENT)
+            assert "already running" in info.message
 
             # The refused duplicate must not have displaced the running call: the drain waits for it.
             await stub.shutdown(pb.ShutdownRequest(grace_seconds=5))

@@ -51,6 +51,7 @@ import trio
 import trio_asyncio
 
 from trio_bridge._wire.auth import SECRET_METADATA
+from trio_bridge._wire.errors import CallFailed, info_of
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import new_server, open_channel, parse_address, tcp_listener
 
@@ -165,13 +166,18 @@ class Boundary:
         the asyncio side has finished, so nothing keeps running behind the caller's back).
 
         Raises:
-            TransportError: for grpclib and OS-level errors, and at once (the coroutine is not
-                started) when the loop is shut down or shutting down.
+            CallFailed: the peer ended the RPC with a status carrying an ErrorInfo (the call
+                failed or was refused; the connection is fine).
+            TransportError: for other grpclib and OS-level errors, and at once (the coroutine
+                is not started) when the loop is shut down or shutting down.
         """
         try:
             future = self._schedule(coro)
             return await _wait_future(future, abandon_on_cancel=False)
         except _TRANSPORT_ERRORS as exc:
+            info = info_of(exc) if isinstance(exc, grpclib.exceptions.GRPCError) else None
+            if info is not None:
+                raise CallFailed(info) from None
             raise TransportError(_describe(exc)) from exc
 
     def _schedule(self, coro: Awaitable[T]) -> asyncio.Future[T]:
@@ -297,6 +303,8 @@ class CallStream:
             await self._boundary.run(self._serve(opened))
         except TransportError as exc:
             self._fail(str(exc))
+        except CallFailed as exc:  # the worker refused the stream itself (a request it cannot read)
+            self._fail(f"the worker refused the call stream: {exc.info.message}")
         finally:
             self._fail("the call stream ended")
             opened.set()

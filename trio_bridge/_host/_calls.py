@@ -36,7 +36,7 @@ from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
-from trio_bridge._wire.errors import exception_from
+from trio_bridge._wire.errors import CallFailed, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
@@ -180,7 +180,10 @@ class Calls:
             try:
                 async with worker.open_stream(request) as receive:
                     while True:
-                        batch = await worker.receive_batch(receive)
+                        try:
+                            batch = await worker.receive_batch(receive)
+                        except CallFailed as failed:  # the stream ended with the tool's failure
+                            raise exception_from(failed.info, request.tool_name) from None
                         if batch is None:
                             break
                         for item in decode_batch(batch.chunks, plane=self._plane):
@@ -188,8 +191,6 @@ class Calls:
                                 send.send_nowait(item)  # no task switch while the buffer has room
                             except trio.WouldBlock:
                                 await send.send(item)
-                        if batch.error is not None:
-                            raise exception_from(batch.error, request.tool_name)
                 result.finish(Outcome.COMPLETED)
                 worker.calls_served += 1
             except TrioBridgeError as exc:

@@ -2,8 +2,8 @@
 
 Handlers are asyncio coroutines on the trio-asyncio loop; each crosses into Trio once to reach
 the state backend. Every request is validated: an unknown session, a malformed value or a
-refused write comes back as an in-band ``ErrorInfo`` (and changes nothing), never as a crash of
-the host.
+refused write ends the RPC with a gRPC status whose details hold its ``ErrorInfo`` (see
+``_wire/errors.py``), changes nothing, and never crashes the host.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from trio_bridge._wire.contract import (
     WORKER_METADATA,
     timeout_from_wire,
 )
-from trio_bridge._wire.errors import DEADLINE_EXCEEDED, TOOL_ERROR, error_info
+from trio_bridge._wire.errors import DEADLINE_EXCEEDED, TOOL_ERROR, error_info, status_error
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to_wire
 from trio_bridge._wire.tool_spec import tool_spec
@@ -85,11 +85,11 @@ class HostService(pb.HostServiceBase):
 
     async def join(self, m: pb.JoinRequest) -> pb.JoinReply:
         if self._join is None:
-            return pb.JoinReply(error=error_info(InvalidArgumentError("this pool takes no joining workers")))
+            raise status_error(error_info(InvalidArgumentError("this pool takes no joining workers")))
         try:
             await self._boundary.call_trio(self._join, m.address, m.adapter, list(m.tools))
         except TrioBridgeError as exc:
-            return pb.JoinReply(error=error_info(exc))
+            raise status_error(error_info(exc)) from None
         return pb.JoinReply()
 
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
@@ -100,7 +100,7 @@ class HostService(pb.HostServiceBase):
         return pb.ListHostToolsReply(tools=[tool_spec(t.definition) for t in self._tools.host_tools(m.session_id or None)])
 
     async def execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return await self._boundary.call_trio(self._traced, "host tool", self._execute_host_tool, m)
+        return _unary(await self._boundary.call_trio(self._traced, "host tool", self._execute_host_tool, m))
 
     async def _traced(
         self, what: str, handle: Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]], m: pb.ExecuteToolRequest,
@@ -139,7 +139,7 @@ class HostService(pb.HostServiceBase):
             self._count(m.tool_name, outcome)
 
     async def execute_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return await self._boundary.call_trio(self._traced, "routed call", self._route, m)
+        return _unary(await self._boundary.call_trio(self._traced, "routed call", self._route, m))
 
     async def _route(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """A worker's call of another worker's tool, in the caller's session if it has one."""
@@ -162,7 +162,6 @@ class HostService(pb.HostServiceBase):
     async def _stream_host_tool(self, m: pb.ExecuteToolRequest, stream: grpclib.server.Stream) -> None:
         """Trio side: chunks go through a bounded channel; each message carries every chunk
         ready at the time (so a fast generator is not held back by one crossing per chunk)."""
-        send = self._boundary.run
         try:
             tool = self._tools.host_tool(m.tool_name, m.session_id)
             if not tool.definition.streaming:
@@ -170,8 +169,7 @@ class HostService(pb.HostServiceBase):
             arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
         except TrioBridgeError as exc:
             self._count(m.tool_name, "refused")
-            await send(stream.send_message(pb.ToolChunkBatch(error=error_info(exc))))
-            return
+            raise status_error(error_info(exc)) from None
         outcome = ["cancelled"]
         try:
             await self._stream_checked_host_tool(m, stream, tool, arguments, outcome)
@@ -216,17 +214,17 @@ class HostService(pb.HostServiceBase):
                         await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))
             outcome[0] = "failed" if failure else "completed"
             if failure:
-                await send(stream.send_message(pb.ToolChunkBatch(error=failure[0])))
+                raise status_error(failure[0])
         if deadline.cancelled_caught:
             outcome[0] = "deadline_exceeded"
-            await send(stream.send_message(pb.ToolChunkBatch(error=_deadline_error("host tool", m.tool_name))))
+            raise status_error(_deadline_error("host tool", m.tool_name))
 
     # ---- sessions ----
     async def get_session(self, message: pb.GetSessionRequest) -> pb.SessionReply:
         try:
             info = await self._boundary.call_trio(self._state.get_session, message.session_id)
         except TrioBridgeError as exc:
-            return pb.SessionReply(error=error_info(exc))
+            raise status_error(error_info(exc)) from None
         return pb.SessionReply(
             id=info.id, ttl=info.ttl or 0.0, metadata=_encode_metadata(info.metadata),
             variable_count=info.variable_count, state_version=info.state_version,
@@ -246,7 +244,7 @@ class HostService(pb.HostServiceBase):
 
     async def get_variable(self, m: pb.GetVariablesRequest) -> pb.VariableReply:
         if not m.names:
-            return pb.VariableReply(error=error_info(InvalidArgumentError("GetVariable needs a name")))
+            raise status_error(error_info(InvalidArgumentError("GetVariable needs a name")))
         return await self.get_variables(pb.GetVariablesRequest(session_id=m.session_id, names=m.names[:1]))
 
     async def get_variables(self, m: pb.GetVariablesRequest) -> pb.VariableReply:
@@ -342,7 +340,7 @@ class HostService(pb.HostServiceBase):
         try:
             return await self._boundary.call_trio(op)
         except TrioBridgeError as exc:
-            return pb.VariableReply(error=error_info(exc))
+            raise status_error(error_info(exc)) from None
 
     # ---- watching ----
     async def _serve_watch(self, stream: grpclib.server.Stream) -> None:
@@ -377,7 +375,7 @@ class HostService(pb.HostServiceBase):
                     else:
                         await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u, self._plane) for u in batch])))
         except TrioBridgeError as exc:
-            await send(stream.send_message(pb.WatchBatch(error=error_info(exc))))
+            raise status_error(error_info(exc)) from None
 
     def _decode(self, payload: pb.Payload | None, what: str) -> Any:
         try:
@@ -418,6 +416,13 @@ def _with_caller(function: Callable[[grpclib.server.Stream], Awaitable[None]]) -
     return handler
 
 
+
+
+def _unary(reply: pb.ExecuteToolResponse) -> pb.ExecuteToolResponse:
+    """A tool call's reply for its unary RPC: a failure ends it with a status instead."""
+    if reply.error is not None:
+        raise status_error(reply.error)
+    return reply
 
 
 def _timeout(m: pb.ExecuteToolRequest) -> float:

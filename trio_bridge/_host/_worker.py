@@ -35,6 +35,7 @@ from trio_bridge._wire.contract import (
     __version__,
     incompatibility,
 )
+from trio_bridge._wire.errors import CallFailed, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 T = TypeVar("T")
@@ -277,11 +278,15 @@ class WorkerHandle:
 
         Raises:
             WorkerCrashedError: the worker died, or stopped answering, during the call.
+            TrioBridgeError: the worker refused the RPC (the error its ErrorInfo stands for).
         """
         stub = self._stub
         if stub is None or not self.alive:
             raise self.crashed_error()
-        return await self._while_alive(lambda: self._wire().run(method(stub)))
+        try:
+            return await self._while_alive(lambda: self._wire().run(method(stub)))
+        except CallFailed as failed:  # refused, with its ErrorInfo: the worker is fine
+            raise exception_from(failed.info, "") from None
 
     async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """Run one tool call on this worker's call stream (see :class:`CallStream`).

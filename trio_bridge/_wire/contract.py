@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from trio_bridge._version import __version__
 
-WIRE_VERSION = 3  # 3: payloads are standard JSON (NaN, ±inf, ints past 2**53 tagged); 2: calls on one stream, shared-memory segments
+WIRE_VERSION = 4  # 4: failed RPCs end with a gRPC status carrying ErrorInfo; 3: payloads are standard JSON (NaN, ±inf, ints past 2**53 tagged); 2: calls on one stream, shared-memory segments
 """The contract's version: raised on any change an older peer would misread (a changed field's
 meaning, a new required behaviour). Peers of different releases interoperate while it matches."""
 

@@ -1,4 +1,13 @@
-"""In-band error reports (:class:`ErrorInfo`) <-> the exceptions of :mod:`trio_bridge._errors`."""
+"""The error model: :class:`ErrorInfo` <-> the exceptions of :mod:`trio_bridge._errors`, and
+ErrorInfo <-> gRPC statuses.
+
+A failed RPC ends with the standard gRPC status its ErrorInfo maps to (:func:`status_of`), with
+the ErrorInfo itself in the ``grpc-status-details-bin`` trailer: a ``google.rpc.Status`` whose
+``details`` hold it as a ``google.protobuf.Any`` (the rich error model of
+https://grpc.io/docs/guides/error/, see :class:`StatusDetailsCodec`). So gRPC tooling counts
+failures as failures, and a peer still gets the remote type, message and traceback. Results
+that share a stream with others (a CallResult on the Calls stream) carry the ErrorInfo in-band.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,11 @@ import asyncio
 import concurrent.futures
 import os
 import traceback as _traceback
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.encoding.base import StatusDetailsCodecBase
+from grpclib.exceptions import GRPCError
 
 from trio_bridge._errors import (
     DeadlineExceededError,
@@ -14,6 +28,7 @@ from trio_bridge._errors import (
     InvalidArgumentError,
     InvalidVariableError,
     PoolClosedError,
+    PoolSaturatedError,
     QuotaExceededError,
     SessionExistsError,
     SessionNotFoundError,
@@ -36,6 +51,7 @@ ENCODE_ERROR = "encode_error"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 SHUTTING_DOWN = "shutting_down"
 STATE = "state"  # a refused session or variable operation; ErrorInfo.type names the class
+INTERNAL = "internal"  # a fault of trio-bridge's own, not of the tool or the request
 
 # Errors that travel by class name: the receiver raises the same class with the same message.
 _BY_NAME: dict[str, type[TrioBridgeError]] = {
@@ -43,9 +59,34 @@ _BY_NAME: dict[str, type[TrioBridgeError]] = {
     for cls in (
         SessionNotFoundError, QuotaExceededError, VariableNotFoundError, InvalidVariableError,
         VersionConflictError, DependencyCycleError, VariableLockedError, WorkerBusyError, SessionExistsError,
-        StateUnavailableError,
+        StateUnavailableError, PoolSaturatedError,
     )
 }
+
+# The gRPC status of each kind of error (google.rpc.Code, as grpclib names it).
+_STATUS_BY_KIND = {
+    TOOL_ERROR: Status.UNKNOWN,  # the tool's own exception: its type is in the ErrorInfo
+    TOOL_NOT_FOUND: Status.NOT_FOUND,
+    INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
+    ENCODE_ERROR: Status.INTERNAL,  # a result (or chunk) the tool returned cannot be encoded
+    DEADLINE_EXCEEDED: Status.DEADLINE_EXCEEDED,
+    SHUTTING_DOWN: Status.UNAVAILABLE,
+    INTERNAL: Status.INTERNAL,
+}
+_STATUS_BY_STATE_TYPE = {
+    SessionNotFoundError.__name__: Status.NOT_FOUND,
+    VariableNotFoundError.__name__: Status.NOT_FOUND,
+    SessionExistsError.__name__: Status.ALREADY_EXISTS,
+    InvalidVariableError.__name__: Status.INVALID_ARGUMENT,
+    VersionConflictError.__name__: Status.ABORTED,  # optimistic concurrency: read again, retry
+    DependencyCycleError.__name__: Status.FAILED_PRECONDITION,
+    VariableLockedError.__name__: Status.FAILED_PRECONDITION,
+    QuotaExceededError.__name__: Status.RESOURCE_EXHAUSTED,
+    WorkerBusyError.__name__: Status.RESOURCE_EXHAUSTED,
+    PoolSaturatedError.__name__: Status.RESOURCE_EXHAUSTED,
+    StateUnavailableError.__name__: Status.UNAVAILABLE,
+}
+ERROR_INFO_TYPE_URL = "type.googleapis.com/trio_bridge.v1.ErrorInfo"
 
 
 def error_info(exc: BaseException, *, kind: str | None = None, available: list[str] | None = None) -> ErrorInfo:
@@ -62,9 +103,13 @@ def error_info(exc: BaseException, *, kind: str | None = None, available: list[s
             kind = INVALID_ARGUMENT
         elif isinstance(exc, EncodeError):
             kind = ENCODE_ERROR
+        elif isinstance(exc, DeadlineExceededError):
+            kind = DEADLINE_EXCEEDED
+        elif isinstance(exc, PoolClosedError):
+            kind = SHUTTING_DOWN
         else:
             kind = TOOL_ERROR
-    text = _user_traceback(exc) if kind == TOOL_ERROR else ""
+    text = _user_traceback(exc) if kind in (TOOL_ERROR, INTERNAL) else ""
     return ErrorInfo(
         kind=kind,
         type=type(exc).__name__,
@@ -90,6 +135,65 @@ def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
     if kind == SHUTTING_DOWN:
         return PoolClosedError(f"tool {tool!r}: {info.message}")
     return ToolError(tool, info.type, info.message, info.traceback)
+
+
+def status_of(info: ErrorInfo) -> Status:
+    """The gRPC status an RPC that failed with ``info`` ends with (see docs/wire.md)."""
+    if info.kind == STATE:
+        return _STATUS_BY_STATE_TYPE.get(info.type, Status.FAILED_PRECONDITION)
+    return _STATUS_BY_KIND.get(info.kind, Status.UNKNOWN)
+
+
+def status_error(info: ErrorInfo) -> GRPCError:
+    """The ``GRPCError`` a handler raises to fail its RPC with ``info``: its status, its message,
+    and ``info`` in the status details (sent by :class:`StatusDetailsCodec`)."""
+    message = f"{info.type}: {info.message}" if info.kind == TOOL_ERROR and info.type else info.message
+    return GRPCError(status_of(info), message, [info])
+
+
+def info_of(exc: GRPCError) -> ErrorInfo | None:
+    """The ErrorInfo in a failed RPC's status details (a trio-bridge peer's), or ``None``: a
+    status of the transport's own, or from a server that sent no details."""
+    for detail in exc.details or ():
+        if isinstance(detail, ErrorInfo):
+            return detail
+    return None
+
+
+class CallFailed(Exception):
+    """A peer ended an RPC with a status carrying ``info``: the call failed (or was refused),
+    its connection did not."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info: ErrorInfo = info
+
+
+class StatusDetailsCodec(StatusDetailsCodecBase):
+    """grpclib's codec of the ``grpc-status-details-bin`` trailer, for betterproto2 messages: a
+    ``google.rpc.Status`` (code, message, details) whose details are ``google.protobuf.Any``.
+
+    grpclib's own ``ProtoStatusDetailsCodec`` wants googleapis-common-protos and protobuf
+    messages; ours are betterproto2's. Encodes the :class:`ErrorInfo` among ``details`` (other
+    messages are skipped); decodes to a list holding the ErrorInfo found, if any (details of
+    other types are skipped: a client that wants them reads the trailer itself).
+    """
+
+    def encode(self, status: Status, message: str | None, details: Any) -> bytes:
+        from trio_bridge._wire.generated.google.protobuf import Any as AnyMessage
+        from trio_bridge._wire.generated.google.rpc import Status as StatusMessage
+
+        packed = [AnyMessage(type_url=ERROR_INFO_TYPE_URL, value=bytes(d)) for d in details or () if isinstance(d, ErrorInfo)]
+        return bytes(StatusMessage(code=status.value, message=message or "", details=packed))
+
+    def decode(self, status: Status, message: str | None, data: bytes) -> list[ErrorInfo]:
+        from trio_bridge._wire.generated.google.rpc import Status as StatusMessage
+
+        try:
+            details = StatusMessage.parse(data).details
+            return [ErrorInfo.parse(d.value) for d in details if d.type_url == ERROR_INFO_TYPE_URL]
+        except Exception:  # a malformed trailer: the status and its message still stand
+            return []
 
 
 # Frames of the machinery that ran the tool are noise in a remote traceback: drop them.

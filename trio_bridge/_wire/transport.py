@@ -33,6 +33,8 @@ from grpclib.protocol import H2Protocol
 
 from trio_bridge._wire import fast_proto
 from trio_bridge._wire.auth import RateLimitedWarning, require_secret
+from trio_bridge._wire.errors import INVALID_ARGUMENT, StatusDetailsCodec
+from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo
 from trio_bridge._wire.http2 import PARTS_MIN, CoalescingTransport, FastH2Protocol
 from trio_bridge._wire.standard_services import with_standard_services
 
@@ -131,8 +133,10 @@ def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
     TLS with ``ssl`` (a client context: ``TLSConfig.client_context()``)."""
     scheme, where, port = parse_address(address)
     if scheme == "unix":
-        return (_AbstractSocketChannel if where.startswith("\0") else _FastChannel)(path=where, config=_CONFIG, codec=_FastCodec())
-    return _FastChannel(host=where, port=port, config=_CONFIG, ssl=ssl, codec=_FastCodec())
+        return (_AbstractSocketChannel if where.startswith("\0") else _FastChannel)(
+            path=where, config=_CONFIG, codec=_FastCodec(), status_details_codec=StatusDetailsCodec()
+        )
+    return _FastChannel(host=where, port=port, config=_CONFIG, ssl=ssl, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
 
 
 class _FastCodec(ProtoCodec):
@@ -155,8 +159,8 @@ class _FastCodec(ProtoCodec):
 
 
 class _ValidatingCodec(_FastCodec):
-    """A request that does not parse is the client's fault: ``INVALID_ARGUMENT`` and one short
-    log line at most every 10 seconds (grpclib's default is status UNKNOWN and a full traceback
+    """A request that does not parse is the client's fault: ``INVALID_ARGUMENT`` (with an
+    ErrorInfo of kind ``invalid_argument`` in its details) and one short log line at most every 10 seconds (grpclib's default is status UNKNOWN and a full traceback
     per request: a log flood from one bad client)."""
 
     def __init__(self) -> None:
@@ -168,7 +172,8 @@ class _ValidatingCodec(_FastCodec):
         except Exception as exc:
             problem = f"malformed {getattr(message_type, '__name__', 'message')}: {type(exc).__name__}: {exc}"
             self._log.warn(f"refused a request: {problem}")
-            raise GRPCError(Status.INVALID_ARGUMENT, problem) from None
+            info = ErrorInfo(kind=INVALID_ARGUMENT, type="DecodeError", message=problem)
+            raise GRPCError(Status.INVALID_ARGUMENT, problem, [info]) from None
 
 
 class _FastServer(grpclib.server.Server):
@@ -200,12 +205,15 @@ class _CoalescingServer(_FastServer):
 
 def new_server(services: list[Any], secret: str, *, coalesce_writes: bool = False) -> tuple[grpclib.server.Server, Any]:
     """A grpclib server for ``services`` and the standard ones (health, reflection: see
-    :mod:`standard_services`) that refuses calls without ``secret`` (if not empty; health
+    :mod:`standard_services`) that sends an RPC's ErrorInfo in its status details (see
+    :mod:`errors`), refuses calls without ``secret`` (if not empty; health
     excepted) and answers malformed requests with ``INVALID_ARGUMENT``; with
     ``coalesce_writes``, each connection sends what it writes in one loop iteration as one
     write (a worker's replies). Returns it and its health status (``.set(False)``: draining)."""
     everything, health = with_standard_services(services)
-    server = (_CoalescingServer if coalesce_writes else _FastServer)(everything, codec=_ValidatingCodec())
+    server = (_CoalescingServer if coalesce_writes else _FastServer)(
+        everything, codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec()
+    )
     if secret:
         require_secret(server, secret)
     return server, health

@@ -42,7 +42,14 @@ from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
 from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK, WIRE_VERSION, __version__
-from trio_bridge._wire.errors import DEADLINE_EXCEEDED, SHUTTING_DOWN, TOOL_ERROR, error_info, exception_from
+from trio_bridge._wire.errors import (
+    DEADLINE_EXCEEDED,
+    SHUTTING_DOWN,
+    TOOL_ERROR,
+    CallFailed,
+    error_info,
+    exception_from,
+)
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import tool_spec
 
@@ -348,18 +355,17 @@ class FakeWorker(WorkerHandle):
 
     @asynccontextmanager
     async def _stream(self, request: pb.ExecuteToolRequest) -> AsyncIterator[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
-        send, receive = trio.open_memory_channel[pb.ToolChunkBatch](0)
+        # A batch, or the ErrorInfo the stream ends with (a real worker's is in its final status).
+        send, receive = trio.open_memory_channel[pb.ToolChunkBatch | pb.ErrorInfo](0)
         finished = trio.Event()
         call = await self._begin(request, streaming=True, produce=lambda call, definition, arguments: self._produce(
             call, definition, arguments, request.timeout_seconds, send, finished
         ))
-        if isinstance(call, pb.ToolChunkBatch):
-            batches: list[pb.ToolChunkBatch] = [call]
+        if isinstance(call, pb.ErrorInfo):
+            refusal = call
 
             async def refused() -> pb.ToolChunkBatch:
-                if batches:
-                    return batches.pop()
-                raise StopAsyncIteration
+                raise CallFailed(refusal)
 
             yield refused
             return
@@ -367,11 +373,14 @@ class FakeWorker(WorkerHandle):
         async def next_batch() -> pb.ToolChunkBatch:
             await self._wait_while_hung()
             try:
-                return await receive.receive()
+                batch = await receive.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 if not finished.is_set():
                     raise self.crashed_error() from None
                 raise StopAsyncIteration from None
+            if isinstance(batch, pb.ErrorInfo):
+                raise CallFailed(batch)
+            return batch
 
         try:
             yield next_batch
@@ -381,7 +390,7 @@ class FakeWorker(WorkerHandle):
 
     async def _produce(
         self, call: _Call, definition: ToolDefinition, arguments: dict[str, Any], timeout: float,
-        send: trio.MemorySendChannel[pb.ToolChunkBatch], finished: trio.Event,
+        send: trio.MemorySendChannel[pb.ToolChunkBatch | pb.ErrorInfo], finished: trio.Event,
     ) -> None:
         async with send:
             chunks = definition.function(**arguments)
@@ -401,9 +410,9 @@ class FakeWorker(WorkerHandle):
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return  # the host left the stream
                     except Exception as exc:
-                        await send.send(pb.ToolChunkBatch(error=_tool_failure(exc)))
+                        await send.send(_tool_failure(exc))
                 if deadline.cancelled_caught:
-                    await send.send(pb.ToolChunkBatch(error=_deadline_error()))
+                    await send.send(_deadline_error())
                 finished.set()
             finally:
                 with trio.CancelScope(shield=True):
@@ -413,8 +422,8 @@ class FakeWorker(WorkerHandle):
         call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
             call, definition, arguments, request.timeout_seconds
         ))
-        if isinstance(call, pb.ExecuteToolResponse):
-            return call
+        if isinstance(call, pb.ErrorInfo):
+            return pb.ExecuteToolResponse(error=call)
         try:
             await call.done.wait()
         except BaseException:
@@ -442,12 +451,11 @@ class FakeWorker(WorkerHandle):
         self, request: pb.ExecuteToolRequest, *, streaming: bool,
         produce: Callable[[_Call, ToolDefinition, dict[str, Any]], Awaitable[None]],
     ) -> Any:
-        """Check the call and start its tool in the worker's nursery; or the refusal to send."""
+        """Check the call and start its tool in the worker's nursery; or the ErrorInfo that refuses it."""
         await self._wait_while_hung()
-        refusal = pb.ToolChunkBatch if streaming else pb.ExecuteToolResponse
         try:
             if self._shutting_down:  # told to shut down, as a real worker is by its Shutdown RPC
-                return refusal(error=error_info(RuntimeError("the worker is shutting down"), kind=SHUTTING_DOWN))
+                return error_info(RuntimeError("the worker is shutting down"), kind=SHUTTING_DOWN)
             definition = self._definitions.get(request.tool_name)
             if definition is None:
                 raise ToolNotFoundError(request.tool_name, list(self._definitions))
@@ -458,7 +466,7 @@ class FakeWorker(WorkerHandle):
             arguments = definition.check_arguments(decode(request.arguments))
             await self._call_starting(request, definition)
         except Exception as exc:
-            return refusal(error=error_info(exc))
+            return error_info(exc)
         context, cancel_context = self._new_context(request)
         if definition.context_parameter:
             arguments[definition.context_parameter] = context

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpclib.const
 import trio
+from grpclib.exceptions import GRPCError
 
 from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError
@@ -57,14 +58,13 @@ from trio_bridge._wire.contract import (
     WORKER_METADATA,
     timeout_from_wire,
 )
-from trio_bridge._wire.errors import exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import Optimization, SessionContext, end_call
-from trio_bridge.worker._host_client import HostClient, SessionLink
+from trio_bridge.worker._host_client import HostClient, SessionLink, failure
 
 if TYPE_CHECKING:
     from grpclib.client import Channel
@@ -547,11 +547,12 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
         metadata = {**link.client.metadata, WATCH_BUFFER_METADATA: str(buffer_size)}
         batches = cast(AsyncGenerator[pb.WatchBatch, None], link.client.stub.watch_variables(request, metadata=metadata))
         async with contextlib.aclosing(batches):
-            async for batch in batches:
-                if batch.error is not None:
-                    raise exception_from(batch.error, "")
-                for update in batch.updates:
-                    yield update_from_wire(update)
+            try:
+                async for batch in batches:
+                    for update in batch.updates:
+                        yield update_from_wire(update)
+            except GRPCError as exc:
+                raise failure(exc) from None
 
     # ---- streaming host tools: closed in Trio ----
     def _close_from_thread(self, stream: AsyncGenerator[Any, None]) -> None:

@@ -1,6 +1,7 @@
 """The worker's side of a host connection's call stream (``WorkerService.Calls``).
 
-Each ``execute`` message runs as its own task, exactly as a unary ``ExecuteTool`` would; a
+Each ``execute`` message runs as its own task, exactly as a unary ``ExecuteTool`` would (its
+failure comes back in-band, in the CallResult: the stream's own status is the connection's); a
 ``cancel`` message cancels that task (what resetting a unary call's HTTP/2 stream does). Results
 go back as calls finish, one message each. When the host ends its side, the calls still running
 finish and are answered; when the stream is reset or the connection lost, they are cancelled.
@@ -35,7 +36,7 @@ async def serve_calls(stream: Any, execute: Execute, reply_pending: Callable[[],
             except asyncio.CancelledError:
                 return  # cancelled by the host (or the stream is gone): nobody waits for an answer
             except Exception as exc:  # a fault of ours, not the tool's: the caller must still hear
-                response = pb.ExecuteToolResponse(error=wire_errors.error_info(exc))
+                response = pb.ExecuteToolResponse(error=wire_errors.error_info(exc, kind=wire_errors.INTERNAL))
             finally:
                 running.pop(request.call_id, None)
             async with sending:

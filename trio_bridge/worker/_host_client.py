@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from ssl import SSLContext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpclib.exceptions import GRPCError
 
@@ -17,7 +17,7 @@ from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER, SECRET_METADATA, WATCH_BUFFER_METADATA, WORKER_METADATA
-from trio_bridge._wire.errors import exception_from
+from trio_bridge._wire.errors import exception_from, info_of
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_from_wire, update_from_wire, variable_from_wire
 from trio_bridge._wire.transport import open_channel
@@ -26,9 +26,26 @@ if TYPE_CHECKING:
     from grpclib.client import Channel
 
 
-def raise_for(error: pb.ErrorInfo | None) -> None:
-    if error is not None:
-        raise exception_from(error, "")
+T = TypeVar("T")
+
+
+async def unary(call: Awaitable[T], tool: str = "") -> T:
+    """Await one RPC to the host. Raises the error its failure stands for (the ErrorInfo in its
+    status: ``SessionNotFoundError``, ``ToolError``, ...), or grpclib's ``GRPCError`` for a
+    status without one (the transport's, or an older host's)."""
+    try:
+        return await call
+    except GRPCError as exc:
+        info = info_of(exc)
+        if info is None:
+            raise
+        raise exception_from(info, tool) from None
+
+
+def failure(exc: GRPCError, tool: str = "") -> BaseException:
+    """What a stream from the host that ended with ``exc`` raises (see :func:`unary`)."""
+    info = info_of(exc)
+    return exc if info is None else exception_from(info, tool)
 
 
 @dataclass(frozen=True)
@@ -81,34 +98,31 @@ class HostClient:
         cache = self.caches.setdefault(session_id, SessionCache())
         if cache.version >= at_least and cache.version >= 0:
             return
-        reply = await self.stub.get_variables(pb.GetVariablesRequest(session_id=session_id, all=True))
+        reply = await unary(self.stub.get_variables(pb.GetVariablesRequest(session_id=session_id, all=True)))
         self.refreshes += 1
-        raise_for(reply.error)
         cache.variables = {v.name: v for v in map(variable_from_wire, reply.variables)}
         cache.version = reply.state_version
 
     # ---- tools ----
     async def list_host_tools(self, session_id: str) -> list[pb.ToolSpec]:
-        reply = await self.stub.list_host_tools(pb.ListHostToolsRequest(session_id=session_id))
-        raise_for(reply.error)
+        reply = await unary(self.stub.list_host_tools(pb.ListHostToolsRequest(session_id=session_id)))
         return list(reply.tools)
 
     async def call(self, host_tool: bool, request: pb.ExecuteToolRequest) -> Any:
         """A host tool (``host_tool``) or a tool of any worker, routed by the host."""
         method = self.stub.execute_host_tool if host_tool else self.stub.execute_tool
-        reply = await method(request)
-        if reply.error is not None:
-            raise exception_from(reply.error, request.tool_name)
+        reply = await unary(method(request), request.tool_name)
         return decode(reply.result, owned=True)
 
     async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncGenerator[list[Any], None]:
         """The host tool's chunks, a message's worth (a list) at a time."""
-        async for batch in self.stub.execute_streaming_host_tool(request):
-            chunks = decode_batch(batch.chunks)
-            if chunks:
-                yield chunks
-            if batch.error is not None:
-                raise exception_from(batch.error, request.tool_name)
+        try:
+            async for batch in self.stub.execute_streaming_host_tool(request):
+                chunks = decode_batch(batch.chunks)
+                if chunks:
+                    yield chunks
+        except GRPCError as exc:
+            raise failure(exc, request.tool_name) from None
 
     def forget(self, session_id: str) -> None:
         self.caches.pop(session_id, None)
@@ -129,7 +143,6 @@ class SessionLink:
     def _absorb(self, reply: pb.VariableReply, *, versioned: bool = True) -> list[Variable]:
         """The variables of a write's reply, into the cache (read-your-writes). ``versioned``:
         the reply carries the session's state version after the write."""
-        raise_for(reply.error)
         variables = [variable_from_wire(v) for v in reply.variables]
         for v in variables:
             self.cache.variables[v.name] = v
@@ -147,23 +160,20 @@ class SessionLink:
         return variables.get(key) or next((v for v in variables.values() if v.id == key), None)
 
     async def session_info(self) -> SessionInfo:
-        reply = await self.client.stub.get_session(pb.GetSessionRequest(session_id=self.session_id))
-        raise_for(reply.error)
+        reply = await unary(self.client.stub.get_session(pb.GetSessionRequest(session_id=self.session_id)))
         return SessionInfo(
             id=reply.id, ttl=reply.ttl or None, metadata=decode(reply.metadata) or {},
             variable_count=reply.variable_count, state_version=reply.state_version,
         )
 
     async def get_variable(self, name: str) -> Variable:
-        reply = await self.client.stub.get_variable(pb.GetVariablesRequest(session_id=self.session_id, names=[name]))
-        raise_for(reply.error)
+        reply = await unary(self.client.stub.get_variable(pb.GetVariablesRequest(session_id=self.session_id, names=[name])))
         variable = variable_from_wire(reply.variables[0])
         self.cache.variables[variable.name] = variable
         return variable
 
     async def list_variables(self, pattern: str) -> list[Variable]:
-        reply = await self.client.stub.list_variables(pb.ListVariablesRequest(session_id=self.session_id, pattern=pattern))
-        raise_for(reply.error)
+        reply = await unary(self.client.stub.list_variables(pb.ListVariablesRequest(session_id=self.session_id, pattern=pattern)))
         variables = sorted((variable_from_wire(v) for v in reply.variables), key=lambda v: v.name)
         found = {v.name: v for v in variables}
         for name in [n for n in self.cache.variables if fnmatch.fnmatchcase(n, pattern) and n not in found]:
@@ -176,22 +186,21 @@ class SessionLink:
             session_id=self.session_id, name=name, value=encode(value, path=f"variable {name!r}"),
             expected_version=expected_version, optimizer_id=optimizer_id or "",
         )
-        return self._absorb(await self.client.stub.set_variable(request))[0]
+        return self._absorb(await unary(self.client.stub.set_variable(request)))[0]
 
     async def set_variables(self, updates: dict[str, Any]) -> list[Variable]:
         request = pb.SetVariablesRequest(session_id=self.session_id, updates=encode(updates, path="updates"), atomic=True)
-        return self._absorb(await self.client.stub.set_variables(request))
+        return self._absorb(await unary(self.client.stub.set_variables(request)))
 
     async def register_variable(self, name: str, type_name: str, value: Any, constraints: dict[str, Any] | None, metadata: dict[str, Any] | None) -> Variable:
         request = pb.RegisterVariableRequest(
             session_id=self.session_id, name=name, type=type_name, value=encode(value, path=f"variable {name!r}"),
             constraints=encode(constraints or {}, path="constraints"), metadata=encode(metadata or {}, path="metadata"),
         )
-        return self._absorb(await self.client.stub.register_variable(request))[0]
+        return self._absorb(await unary(self.client.stub.register_variable(request)))[0]
 
     async def delete_variable(self, name: str) -> None:
-        reply = await self.client.stub.delete_variable(pb.VariableRequest(session_id=self.session_id, name=name))
-        raise_for(reply.error)
+        reply = await unary(self.client.stub.delete_variable(pb.VariableRequest(session_id=self.session_id, name=name)))
         gone = self._cached(name)
         if gone is not None:  # as the host did: the variable, and the edges to it
             del self.cache.variables[gone.name]
@@ -202,24 +211,23 @@ class SessionLink:
         self._advance(reply.state_version)
 
     async def variable_history(self, name: str) -> list[HistoryEntry]:
-        reply = await self.client.stub.variable_history(pb.VariableRequest(session_id=self.session_id, name=name))
-        raise_for(reply.error)
+        reply = await unary(self.client.stub.variable_history(pb.VariableRequest(session_id=self.session_id, name=name)))
         return [history_from_wire(e) for e in reply.history]
 
     async def rollback_variable(self, name: str, version: int, optimizer_id: str | None = None) -> Variable:
         request = pb.RollbackVariableRequest(session_id=self.session_id, name=name, version=version, optimizer_id=optimizer_id or "")
-        return self._absorb(await self.client.stub.rollback_variable(request))[0]
+        return self._absorb(await unary(self.client.stub.rollback_variable(request)))[0]
 
     async def add_dependency(self, dependent: str, dependency: str) -> Variable:
         request = pb.AddDependencyRequest(session_id=self.session_id, dependent=dependent, dependency=dependency)
-        return self._absorb(await self.client.stub.add_dependency(request), versioned=False)[0]
+        return self._absorb(await unary(self.client.stub.add_dependency(request)), versioned=False)[0]
 
     async def set_optimization(self, name: str, optimizer_id: str, *, active: bool) -> tuple[Variable, float]:
         """Take (or renew) or release the lock; the variable, and the lease the host gives the
         lock in seconds (0: it lasts until released)."""
         request = pb.OptimizationRequest(session_id=self.session_id, name=name, optimizer_id=optimizer_id)
         method = self.client.stub.start_optimization if active else self.client.stub.stop_optimization
-        reply = await method(request)
+        reply = await unary(method(request))
         return self._absorb(reply, versioned=False)[0], reply.lock_lease_seconds
 
     async def keep_optimization(self, name: str, optimizer_id: str, lease: float) -> None:
@@ -244,10 +252,10 @@ class SessionLink:
         async def receive() -> None:
             try:
                 async for batch in self.client.stub.watch_variables(request, metadata=metadata):
-                    if batch.error is not None:
-                        raise exception_from(batch.error, "")
                     if batch.updates:  # an empty batch is a heartbeat
                         buffer.add([update_from_wire(u) for u in batch.updates])
+            except GRPCError as exc:
+                buffer.finish(failure(exc))
             except Exception as exc:
                 buffer.finish(exc)
             else:

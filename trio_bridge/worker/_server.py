@@ -192,6 +192,14 @@ class WorkerService(pb.WorkerServiceBase):
         print(f"trio-bridge worker: serving the host at {host_address} as worker {worker_id}", file=sys.stderr, flush=True)
 
     async def execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """The unary RPC: a failed call ends with its status (see ``_wire/errors.py``)."""
+        reply = await self.run_call(message)
+        if reply.error is not None:
+            raise wire_errors.status_error(reply.error)
+        return reply
+
+    async def run_call(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """One call, its outcome in the reply: a result, or the ErrorInfo of its failure."""
         if not message.traceparent:
             return await self._execute_tool(message)
         with tracing.span(f"trio_bridge tool {message.tool_name}", kind="server", parent=message.traceparent,
@@ -257,15 +265,13 @@ class WorkerService(pb.WorkerServiceBase):
         try:
             definition, arguments, ctx = self._begin(message, streaming=True)
         except (TrioBridgeError, _ShuttingDown) as exc:
-            await stream.send_message(pb.ToolChunkBatch(error=_error_info(exc)))
-            return
+            raise wire_errors.status_error(_error_info(exc)) from None
         try:
             await self._refresh(definition, message)
         except BaseException as exc:
             self._release(message.call_id)
             if isinstance(exc, TrioBridgeError):
-                await stream.send_message(pb.ToolChunkBatch(error=_error_info(exc)))
-                return
+                raise wire_errors.status_error(_error_info(exc)) from None
             raise
         timer = self._watch_deadline(ctx)
         call_id = message.call_id
@@ -284,21 +290,19 @@ class WorkerService(pb.WorkerServiceBase):
                     try:
                         items, finished = await source.next_batch(MAX_CHUNKS_PER_MESSAGE)
                     except Exception as exc:
-                        await stream.send_message(
-                            pb.ToolChunkBatch(error=_tool_failure(exc))
-                        )
-                        return
+                        raise wire_errors.status_error(_tool_failure(exc)) from None
                     chunks, failed = encode_batch(items, index)
                     if failed is not None:
-                        await stream.send_message(pb.ToolChunkBatch(chunks=chunks, error=_error_info(failed)))
-                        return
+                        if chunks is not None:  # the chunks before the one that failed
+                            await stream.send_message(pb.ToolChunkBatch(chunks=chunks))
+                        raise wire_errors.status_error(_error_info(failed))
                     index += len(items)
                     await stream.send_message(pb.ToolChunkBatch(chunks=chunks))
                     if finished:
                         return
         except TimeoutError:
             cancel_call(ctx)
-            await stream.send_message(pb.ToolChunkBatch(error=_deadline_error()))
+            raise wire_errors.status_error(_deadline_error()) from None
         except asyncio.CancelledError:
             cancel_call(ctx)
             raise
@@ -367,13 +371,17 @@ class WorkerService(pb.WorkerServiceBase):
     def _counted(self, handler: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
         async def counted(stream: grpclib.server.Stream[Any, Any]) -> None:
             with self._reply_pending():
-                await handler(stream)
-                await stream.send_trailing_metadata()
+                try:
+                    await handler(stream)
+                except GRPCError as exc:  # a failed call: its status goes out before the drain counts it done
+                    await stream.send_trailing_metadata(status=exc.status, status_message=exc.message, status_details=exc.details)
+                else:
+                    await stream.send_trailing_metadata()
 
         return counted
 
     async def _serve_calls(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await serve_calls(stream, self.execute_tool, self._reply_pending)
+        await serve_calls(stream, self.run_call, self._reply_pending)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
@@ -458,9 +466,15 @@ async def _join(head: str, advertised: str, service: WorkerService, token: str, 
     try:
         while True:
             try:
-                reply = await stub.join(request, timeout=_JOIN_INTERVAL)
-                problem = f"the host at {head} refused it: {reply.error.message}" if reply.error else ""
-            except (OSError, GRPCError, TimeoutError) as exc:
+                await stub.join(request, timeout=_JOIN_INTERVAL)
+                problem = ""
+            except GRPCError as exc:
+                refusal = wire_errors.info_of(exc)
+                problem = (
+                    f"the host at {head} refused it: {refusal.message}" if refusal is not None
+                    else f"cannot reach the host at {head}: {exc}"
+                )
+            except (OSError, TimeoutError) as exc:
                 problem = f"cannot reach the host at {head}: {exc}"
             if problem != last:
                 print(f"trio-bridge worker: {problem or f'joined the host at {head} as {advertised}'}", file=sys.stderr, flush=True)

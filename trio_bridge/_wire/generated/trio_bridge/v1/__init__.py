@@ -195,13 +195,15 @@ default_message_pool.register_message("trio_bridge.v1", "DescribeResponse", Desc
 @dataclass(eq=False, repr=False)
 class ErrorInfo(betterproto2.Message):
     """
-    Why a call failed, carried in-band so that remote type, message and traceback survive.
+    Why a call failed, so that remote type, message and traceback survive: in the details of a
+    failed RPC's status (packed in a google.protobuf.Any, type URL
+    "type.googleapis.com/trio_bridge.v1.ErrorInfo"), or in-band where noted.
     """
 
     kind: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     One of: "tool_error", "tool_not_found", "invalid_argument", "encode_error",
-    "deadline_exceeded", "shutting_down".
+    "deadline_exceeded", "shutting_down", "state" (`type` names the refusal), "internal".
     """
 
     type: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -262,7 +264,8 @@ default_message_pool.register_message("trio_bridge.v1", "ExecuteToolRequest", Ex
 @dataclass(eq=False, repr=False)
 class ExecuteToolResponse(betterproto2.Message):
     """
-
+    A unary RPC's reply holds `result`; a failed call ends with a status instead. A CallResult
+    on the Calls stream holds either.
 
     Oneofs:
         - outcome:
@@ -383,10 +386,11 @@ default_message_pool.register_message("trio_bridge.v1", "InitializeSessionRespon
 
 @dataclass(eq=False, repr=False)
 class JoinReply(betterproto2.Message):
-    error: "ErrorInfo | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
-    set: refused (the message says why)
+    A refused worker gets a status instead (INVALID_ARGUMENT: the message says why).
     """
+
+    pass
 
 
 default_message_pool.register_message("trio_bridge.v1", "JoinReply", JoinReply)
@@ -416,8 +420,6 @@ default_message_pool.register_message("trio_bridge.v1", "JoinRequest", JoinReque
 @dataclass(eq=False, repr=False)
 class ListHostToolsReply(betterproto2.Message):
     tools: "list[ToolSpec]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
-
-    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
 
 
 default_message_pool.register_message("trio_bridge.v1", "ListHostToolsReply", ListHostToolsReply)
@@ -573,8 +575,6 @@ class SessionReply(betterproto2.Message):
 
     state_version: "int" = betterproto2.field(5, betterproto2.TYPE_UINT64)
 
-    error: "ErrorInfo | None" = betterproto2.field(6, betterproto2.TYPE_MESSAGE, optional=True)
-
 
 default_message_pool.register_message("trio_bridge.v1", "SessionReply", SessionReply)
 
@@ -638,14 +638,10 @@ class ToolChunkBatch(betterproto2.Message):
     """
     One message of a tool's stream. The chunks ready at once travel together, encoded as one
     list (one Payload, not one per chunk: see trio_bridge/_wire/chunks.py).
+    A generator that raises ends the stream with a status (after the chunks it yielded).
     """
 
     chunks: "Payload | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
-
-    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
-    """
-    set on the last message when the generator raised
-    """
 
 
 default_message_pool.register_message("trio_bridge.v1", "ToolChunkBatch", ToolChunkBatch)
@@ -728,12 +724,10 @@ default_message_pool.register_message("trio_bridge.v1", "Variable", Variable)
 @dataclass(eq=False, repr=False)
 class VariableReply(betterproto2.Message):
     """
-    The reply of every variable RPC. `error` set: nothing changed.
+    The reply of every variable RPC. A refused operation changes nothing and ends with a status.
     """
 
     variables: "list[Variable]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
-
-    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
 
     errors: "dict[str, ErrorInfo]" = betterproto2.field(
         3, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_MESSAGE)
@@ -803,12 +797,11 @@ default_message_pool.register_message("trio_bridge.v1", "VariableUpdate", Variab
 @dataclass(eq=False, repr=False)
 class WatchBatch(betterproto2.Message):
     """
-    A message of the watch stream: updates, a heartbeat (no updates), or a final error.
+    A message of the watch stream: updates, or a heartbeat (no updates). A refused watch ends
+    with a status.
     """
 
     updates: "list[VariableUpdate]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
-
-    error: "ErrorInfo | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
 
 
 default_message_pool.register_message("trio_bridge.v1", "WatchBatch", WatchBatch)
