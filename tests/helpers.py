@@ -25,3 +25,23 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval
 def marks(marker_dir: Path, name: str) -> list[str]:
     """What the test adapters' tool ``name`` left in the marker directory (see conftest's ``marker_dir``)."""
     return [p.read_text() for p in marker_dir.glob(f"{name}.*") if p.suffix != ".tmp"]
+
+
+async def rpc_refusal(rpc: Any) -> tuple[Any, Any]:
+    """Await a grpclib stub coroutine (or drain a server stream) that must fail (asyncio side):
+    its status, and the ErrorInfo in the status details."""
+    from grpclib.exceptions import GRPCError
+
+    from trio_bridge._wire.errors import info_of
+
+    try:
+        if hasattr(rpc, "__aiter__"):
+            async for _ in rpc:
+                pass
+        else:
+            await rpc
+    except GRPCError as exc:
+        info = info_of(exc)
+        assert info is not None, f"no ErrorInfo in the details of {exc!r}"
+        return exc.status, info
+    raise AssertionError("the RPC succeeded")

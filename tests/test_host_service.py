@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import trio
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 from grpclib.testing import ChannelFor
 
+from tests.helpers import rpc_refusal
 from trio_bridge._aio import Boundary, TransportError, open_boundary
 from trio_bridge._errors import ToolNotFoundError
 from trio_bridge._host._host_service import HostService
@@ -73,21 +73,8 @@ class Host:
     async def refused(self, rpc: Any) -> tuple[Status, pb.ErrorInfo]:
         """Run one stub coroutine (or drain a server stream) that must fail: its status, and
         the ErrorInfo in the status details."""
-        return await self.boundary.run(_refusal(rpc))
+        return await self.boundary.run(rpc_refusal(rpc))
 
-
-async def _refusal(rpc: Any) -> tuple[Status, pb.ErrorInfo]:
-    try:
-        if hasattr(rpc, "__aiter__"):
-            async for _ in rpc:
-                pass
-        else:
-            await rpc
-    except GRPCError as exc:
-        info = wire_errors.info_of(exc)
-        assert info is not None, f"no ErrorInfo in the details of {exc!r}"
-        return exc.status, info
-    raise AssertionError("the RPC succeeded")
 
 
 @contextlib.asynccontextmanager

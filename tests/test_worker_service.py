@@ -14,6 +14,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.testing import ChannelFor
 
 from tests.adapters import Echo
+from tests.helpers import rpc_refusal
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -37,23 +38,12 @@ async def _service() -> WorkerService:
     return WorkerService("tests.adapters:Echo", adapter, concurrency=4)
 
 
-async def _refusal(call) -> tuple[Status, pb.ErrorInfo]:
-    """The status and the ErrorInfo in its details of an RPC that must fail."""
-    try:
-        await call
-    except GRPCError as exc:
-        info = wire_errors.info_of(exc)
-        assert info is not None, f"no ErrorInfo in the details of {exc!r}"
-        return exc.status, info
-    raise AssertionError("the RPC succeeded")
-
-
 def test_empty_and_running_call_ids_are_refused_and_shutdown_waits_for_the_running_call():
     async def scenario() -> None:
         service = await _service()
         async with ChannelFor([service], status_details_codec=wire_errors.StatusDetailsCodec()) as channel:
             stub = pb.WorkerServiceStub(channel)
-            status, info = await _refusal(stub.execute_tool(_request("add", "", a=1)))
+            status, info = await rpc_refusal(stub.execute_tool(_request("add", "", a=1)))
             assert (status, info.kind) == (Status.INVALID_ARGUMENT, wire_errors.INVALID_ARGUMENT)
             assert "call_id is empty" in info.message
 
@@ -61,7 +51,7 @@ def test_empty_and_running_call_ids_are_refused_and_shutdown_waits_for_the_runni
             first = asyncio.create_task(stub.execute_tool(_request("async_sleep", "c1", seconds=0.5)))
             while "c1" not in service.active:
                 await asyncio.sleep(0.01)
-            status, info = await _refusal(stub.execute_tool(_request("add", "c1", a=1)))
+            status, info = await rpc_refusal(stub.execute_tool(_request("add", "c1", a=1)))
             assert (status, info.kind) == (Status.INVALID_ARGUMENT, wire_errors.INVALID_ARGUMENT)
             assert "already running" in info.message
 
