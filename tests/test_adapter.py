@@ -64,6 +64,33 @@ def test_kinds_and_streaming_flags():
     ]
 
 
+def test_each_instance_gets_the_tools_bound_to_itself():
+    """Definitions are derived once per class (a fork-server worker inherits them): every instance
+    still calls its own methods, and a method set on the instance is derived from itself."""
+
+    class Counter(Adapter):
+        def __init__(self, start: int) -> None:
+            self.start = start
+
+        @tool
+        def value(self, plus: int = 0) -> int:
+            return self.start + plus
+
+    first, second = collect_tools(Counter(1)), collect_tools(Counter(10))
+    assert (first["value"].function(plus=1), second["value"].function(plus=1)) == (2, 11)
+    assert first["value"].parameters == second["value"].parameters
+
+    odd = Counter(100)
+
+    def value(text: str) -> str:  # set on the instance: not the class's method
+        return text
+
+    odd.value = value  # type: ignore[method-assign]
+    replaced = collect_tools(odd)["value"]
+    assert [p.name for p in replaced.parameters] == ["text"] and replaced.function(text="x") == "x"
+    assert collect_tools(Counter(5))["value"].function() == 5  # the class's own again
+
+
 def test_inline_is_a_flag_of_sync_tools_only():
     class Quick(Adapter):
         @tool(inline=True)

@@ -8,6 +8,7 @@ streaming flag are derived here and reported to the host at start.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -116,18 +117,36 @@ def load_adapter_class(path: str) -> type[Adapter]:
     return cls
 
 
+# The tools of each adapter class's methods, derived once per process (see collect_tools).
+_defined: dict[tuple[type, str], ToolDefinition] = {}
+
+
 def collect_tools(adapter: Adapter) -> dict[str, ToolDefinition]:
-    """Derive the tools of an adapter instance, keyed by name."""
+    """Derive the tools of an adapter instance, keyed by name.
+
+    A method's tool is derived once per class and process (signature, type hints, validators and
+    JSON Schema: ~0.3 ms a tool) and bound to each instance; a fork-server worker inherits what
+    its preload derived.
+    """
+    cls = type(adapter)
     tools: dict[str, ToolDefinition] = {}
-    for attr in dir(type(adapter)):
-        raw = getattr(type(adapter), attr, None)
+    for attr in dir(cls):
+        raw = getattr(cls, attr, None)
         marker = getattr(raw, _MARKER, None)
         if marker is None:
             continue
-        definition = define_tool(
-            getattr(adapter, attr), marker["name"], marker["description"], context_type=SessionContext,
-            inline=marker.get("inline", False),
-        )
+        method = getattr(adapter, attr)
+        known = _defined.get((cls, attr))
+        # The class's own method (not one set on the instance): the same tool as any instance's.
+        shared = getattr(method, "__func__", None) is getattr(raw, "__func__", raw)
+        if known is not None and shared:
+            definition = dataclasses.replace(known, function=method)
+        else:
+            definition = define_tool(
+                method, marker["name"], marker["description"], context_type=SessionContext, inline=marker.get("inline", False),
+            )
+            if shared:
+                _defined[(cls, attr)] = definition
         if definition.name in tools:
             raise ValueError(f"two tools are named {definition.name!r}")
         tools[definition.name] = definition
