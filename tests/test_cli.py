@@ -239,7 +239,9 @@ def test_doctor_passes_here_with_a_verdict_for_each_check():
     code, checks = _doctor()
     assert code == 0, checks
     expected = {"python", "/dev/shm", "fork server"} | {
-        f"dependency {d}" for d in ("trio", "trio-asyncio", "grpclib", "betterproto2", "numpy", "uvloop")
+        f"dependency {d}" for d in (
+            "trio", "trio-asyncio", "grpclib", "betterproto2", "numpy", "pydantic", "protobuf", "psutil", "prometheus-client", "uvloop",
+        )
     }
     assert set(checks) == expected
     assert all(c["status"] in ("ok", "warn") and c["detail"] for c in checks.values())

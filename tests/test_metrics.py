@@ -6,6 +6,7 @@ calls."""
 from __future__ import annotations
 
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -49,11 +50,14 @@ async def test_a_scrape_agrees_with_statistics(autojump_clock):
                 await pool.execute("fail", {"message": "no"})
         with pytest.raises(InvalidArgumentError):
             await pool.execute("add", {"a": "one"})  # the worker refuses the arguments: failed
-        with pytest.raises(ToolNotFoundError):
-            await pool.execute("nope")  # refused by the host: nothing ran
+        for name in ("nope", "nope-2"):
+            with pytest.raises(ToolNotFoundError):
+                await pool.execute(name)  # refused by the worker: nothing ran
         scraped = samples(generate_latest(registry).decode())
         stats = pool.statistics()
         label = "trio_bridge.testing:FakeWorker"
+        tools = {dict(labels)["tool"] for (name, labels) in scraped if name == "trio_bridge_calls_total"}
+        assert tools == {"add", "fail", "(unknown)"}  # names that are no tool do not grow the labels
         assert value(scraped, "trio_bridge_calls_total", pool=label, tool="add", outcome="completed") == stats.calls_completed == 5
         assert value(scraped, "trio_bridge_calls_total", pool=label, tool="fail", outcome="failed") == 2
         by_outcome: dict[str, float] = {}
@@ -66,7 +70,7 @@ async def test_a_scrape_agrees_with_statistics(autojump_clock):
             for outcome in ("completed", "failed", "crashed", "cancelled", "cancelled_queued", "refused")
             if getattr(stats, f"calls_{outcome}")
         }
-        assert sum(by_outcome.values()) == stats.calls == 9
+        assert sum(by_outcome.values()) == stats.calls == 10
         answered = stats.calls_completed + stats.calls_failed
         service = sum(v for (name, _), v in scraped.items() if name == "trio_bridge_call_service_seconds_count")
         assert service == answered
@@ -148,8 +152,16 @@ async def test_a_real_pool_serves_its_metrics_with_the_workers_own_figures():
         for worker in pool.workers():
             assert value(scraped, "trio_bridge_worker_resident_memory_bytes", pool=label, worker=worker.id) > 10 * 2**20
             assert value(scraped, "trio_bridge_worker_cpu_seconds_total", pool=label, worker=worker.id) > 0
-        served = sum(value(scraped, "trio_bridge_worker_calls_total", pool=label, worker=w.id) for w in pool.workers())
-        assert served >= 0
         assert value(scraped, "trio_bridge_workers", pool=label, state="ready") == 2
+
+        async def served() -> float:  # as the workers' heartbeats report it
+            scraped = samples(await trio.to_thread.run_sync(get, url))
+            return sum(value(scraped, "trio_bridge_worker_calls_total", pool=label, worker=w.id) for w in pool.workers())
+
+        await wait_for(lambda: served(), timeout=10)
+        assert await served() == 1  # the one ask_host call
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            await trio.to_thread.run_sync(get, f"http://{pool.metrics_address}/nope")
+        assert missing.value.code == 404
     with pytest.raises(OSError):  # the server is gone with the pool
         await trio.to_thread.run_sync(get, url)

@@ -80,3 +80,23 @@ def test_a_draining_worker_says_not_serving(tmp_path):
             server.close()
 
     assert asyncio.run(scenario()) == [HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING]
+
+
+@pytest.mark.real_process
+async def test_a_client_of_the_host_service_that_is_not_a_worker_calls_tools_of_a_pool_of_one():
+    """Its call_id holds no slot of the pool, so routing its call cannot deadlock (a worker's
+    call waiting on the host would hold the pool's only slot)."""
+    from trio_bridge._aio import open_boundary
+    from trio_bridge._wire.auth import SECRET_METADATA
+    from trio_bridge._wire.codec import decode, encode
+    from trio_bridge._wire.transport import open_channel
+
+    async with open_pool("tests.adapters:Echo", size=1) as pool, open_boundary() as boundary:
+        channel = open_channel(pool._spec.host_address)
+        try:
+            stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
+            request = pb.ExecuteToolRequest(tool_name="add", arguments=encode({"a": 40, "b": 2}), call_id="outside-1")
+            reply = await boundary.run(stub.execute_tool(request))
+        finally:
+            channel.close()
+    assert decode(reply.result) == 42

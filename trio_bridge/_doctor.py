@@ -38,6 +38,10 @@ KEY_DEPENDENCIES: dict[str, str] = {
     "grpclib": "grpclib",
     "betterproto2": "betterproto2",
     "numpy": "numpy",
+    "pydantic": "pydantic",
+    "protobuf": "google.protobuf",
+    "psutil": "psutil",
+    "prometheus-client": "prometheus_client",
     "uvloop": "uvloop",
 }
 #: Those trio-bridge runs without, and what it does then.

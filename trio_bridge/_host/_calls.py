@@ -21,13 +21,14 @@ from trio_bridge import _tracing as tracing
 from trio_bridge._errors import (
     PoolClosedError,
     PoolSaturatedError,
+    ToolNotFoundError,
     TrioBridgeError,
     WorkerCrashedError,
     WorkerStartError,
 )
 from trio_bridge._host._dispatch import Affinity
 from trio_bridge._host._groups import UserErrorTracker
-from trio_bridge._host._metrics import Metrics, Outcome
+from trio_bridge._host._metrics import UNKNOWN_TOOL, Metrics, Outcome
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
@@ -64,6 +65,7 @@ class Calls:
         self._no_worker_timeout = no_worker_timeout
         self._call_ids = itertools.count(1)
         self._parked_calls: collections.Counter[str] = collections.Counter()
+        self._on_workers: set[str] = set()  # ids of the calls holding a worker's slot
         self._nursery: trio.Nursery | None = None
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -86,12 +88,14 @@ class Calls:
         outcome = Outcome.REFUSED
         answered_in: float | None = None
         queued: float | None = None
+        label = tool
         try:
             request = await self._request(tool, arguments, route)
             request.traceparent = traceparent
             outcome = Outcome.CANCELLED_QUEUED
             queued_at = trio.current_time()
             worker = await self._acquire(route, affinity)
+            self._on_workers.add(request.call_id)
             outcome = Outcome.CANCELLED
             started = trio.current_time()
             queued = started - queued_at
@@ -120,11 +124,13 @@ class Calls:
                 self._finish_call(worker, request.call_id, finished)
         except BaseException as exc:
             outcome = _refused_if_not_cancelled(outcome, exc)
+            if isinstance(exc, ToolNotFoundError):
+                label = UNKNOWN_TOOL
             if outcome in (Outcome.FAILED, Outcome.CRASHED):
                 self._metrics.error(tool, outcome, exc)
             raise
         finally:
-            self._metrics.record(outcome, answered_in, tool=tool, queued=queued)
+            self._metrics.record(outcome, answered_in, tool=label, queued=queued)
 
     # ---- streaming ----
     def stream(
@@ -148,6 +154,7 @@ class Calls:
         except BaseException as exc:
             self._metrics.record(_refused_if_not_cancelled(result.outcome, exc), tool=tool)
             raise
+        self._on_workers.add(request.call_id)
         result.outcome = Outcome.CANCELLED
         result.started = trio.current_time()
         queued = result.started - queued_at
@@ -171,7 +178,8 @@ class Calls:
             raise
         finally:
             self._finish_call(worker, request.call_id, result.done)
-            self._metrics.record(result.outcome, result.answered_in, tool=tool, queued=queued)
+            label = UNKNOWN_TOOL if result.unknown_tool else tool
+            self._metrics.record(result.outcome, result.answered_in, tool=label, queued=queued)
 
     async def _pump_stream(
         self, worker: WorkerHandle, request: pb.ExecuteToolRequest, send: trio.MemorySendChannel[Any], result: _StreamResult
@@ -195,6 +203,7 @@ class Calls:
                 worker.calls_served += 1
             except TrioBridgeError as exc:
                 crashed = isinstance(exc, WorkerCrashedError)
+                result.unknown_tool = isinstance(exc, ToolNotFoundError)
                 result.finish(Outcome.CRASHED if crashed else Outcome.FAILED)
                 worker.calls_served += not crashed
                 worker.calls_failed += 1
@@ -234,7 +243,12 @@ class Calls:
     @contextmanager
     def parked(self, call_id: str) -> Iterator[None]:
         """While a worker's call ``call_id`` waits on the host (a host tool, a routed call), its
-        slot cannot free; pool calls made meanwhile from there are re-entrant."""
+        slot cannot free; pool calls made meanwhile from there are re-entrant. A ``call_id`` that
+        holds no slot (a client of the host service that is not one of the pool's calls) parks
+        nothing."""
+        if call_id not in self._on_workers:
+            yield
+            return
         self._parked_calls[call_id] += 1
         token = in_worker_callback.set(True)
         try:
@@ -257,6 +271,7 @@ class Calls:
             )
 
     def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
+        self._on_workers.discard(call_id)
         worker.call_ended()
         if finished or not worker.alive:
             self._router.release(worker)
@@ -293,9 +308,10 @@ def _refused_if_not_cancelled(outcome: Outcome, exc: BaseException) -> Outcome:
 
 
 class _StreamResult:
-    __slots__ = ("answered_in", "done", "outcome", "started")
+    __slots__ = ("answered_in", "done", "outcome", "started", "unknown_tool")
 
     def __init__(self) -> None:
+        self.unknown_tool = False
         self.outcome = Outcome.REFUSED
         self.started = 0.0
         self.answered_in: float | None = None

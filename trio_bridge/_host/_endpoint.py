@@ -21,6 +21,7 @@ from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.transport import parse_address
 
+METRICS_PATH = "/metrics"
 STATUS_PATH = "/status"
 
 
@@ -84,11 +85,16 @@ async def serving(
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == STATUS_PATH:
+        path = environ.get("PATH_INFO")
+        if path == STATUS_PATH:
             body = json.dumps(status(), default=str).encode()
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
-        return metrics(environ, start_response)
+        if path == METRICS_PATH:
+            return metrics(environ, start_response)
+        body = f"not found: this endpoint serves {METRICS_PATH} and {STATUS_PATH}\n".encode()
+        start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
 
     try:
         server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)

@@ -19,7 +19,8 @@ import grpclib.server
 import trio
 
 from trio_bridge import _tracing as tracing
-from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
+from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
+from trio_bridge._host._metrics import UNKNOWN_TOOL
 from trio_bridge._host._tools import iterate_host_tool, run_host_tool
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.chunks import encode_batch
@@ -113,7 +114,7 @@ class HostService(pb.HostServiceBase):
             return await handle(m)
 
     async def _execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        outcome = "refused"
+        outcome, label = "refused", m.tool_name
         try:
             try:
                 tool = self._tools.host_tool(m.tool_name, m.session_id)
@@ -121,6 +122,8 @@ class HostService(pb.HostServiceBase):
                     raise InvalidArgumentError(f"host tool {m.tool_name!r} is a streaming tool; call it with stream_host_tool()")
                 arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
             except TrioBridgeError as exc:
+                if isinstance(exc, ToolNotFoundError):
+                    label = UNKNOWN_TOOL
                 return pb.ExecuteToolResponse(error=error_info(exc))
             outcome = "cancelled"
             with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
@@ -136,7 +139,7 @@ class HostService(pb.HostServiceBase):
             outcome = "deadline_exceeded"
             return pb.ExecuteToolResponse(error=_deadline_error("host tool", m.tool_name))
         finally:
-            self._count(m.tool_name, outcome)
+            self._count(label, outcome)
 
     async def execute_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         return _unary(await self._boundary.call_trio(self._traced, "routed call", self._route, m))
@@ -168,7 +171,7 @@ class HostService(pb.HostServiceBase):
                 raise InvalidArgumentError(f"host tool {m.tool_name!r} is not a streaming tool; call it with call_host_tool()")
             arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
         except TrioBridgeError as exc:
-            self._count(m.tool_name, "refused")
+            self._count(UNKNOWN_TOOL if isinstance(exc, ToolNotFoundError) else m.tool_name, "refused")
             raise status_error(error_info(exc)) from None
         outcome = ["cancelled"]
         try:

@@ -109,6 +109,11 @@ class Histogram:
         self.total += seconds
 
 
+#: The ``tool`` label of calls of a tool that does not exist: callers' names would grow the
+#: metrics without bound.
+UNKNOWN_TOOL = "(unknown)"
+
+
 class Metrics:
     """The pool's counters. Written from the Trio thread only; a metrics scrape reads them from
     another thread (each read is of a whole number or list, so it sees a recent value).

@@ -230,7 +230,9 @@ class Pool(metaclass=NoPublicConstructor):
         return start_method_of(self._spec.launch)
 
     def workers(self) -> list[WorkerInfo]:
-        """A snapshot of each slot's current worker, ordered by slot."""
+        """A snapshot of each slot's current worker, ordered by slot; then any worker started
+        ahead to replace a slot's worker that is due for recycling (it takes calls already, and
+        has that slot); then the recycled workers still finishing their calls (``"draining"``)."""
         return self._supervisor.workers()
 
     async def wait_for_workers(self, count: int) -> None:

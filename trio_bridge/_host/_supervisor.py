@@ -138,9 +138,11 @@ class Supervisor:
 
     # ---- what others read ----
     def workers(self) -> list[WorkerInfo]:
-        """One per slot, then the recycled workers still finishing their calls."""
+        """One per slot; then the replacements started ahead of a recycle (they take calls
+        already); then the recycled workers still finishing their calls."""
         serving = [self.handles[slot].info() for slot in sorted(self.handles)]
-        return serving + [h.info() for h in sorted(self.retiring, key=lambda h: h.slot)]
+        ahead = [h.info() for h in sorted(self._successors, key=lambda h: h.slot)]
+        return serving + ahead + [h.info() for h in sorted(self.retiring, key=lambda h: h.slot)]
 
     @property
     def ready(self) -> int:

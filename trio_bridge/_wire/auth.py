@@ -35,22 +35,20 @@ class RateLimitedWarning:
             self._suppressed += 1
 
 
-_refusals = RateLimitedWarning(logging.getLogger("trio_bridge.wire"))
-
-
-async def authenticate(secret: str, event: grpclib.events.RecvRequest) -> None:
+async def authenticate(secret: str, event: grpclib.events.RecvRequest, refusals: RateLimitedWarning) -> None:
     """grpclib ``RecvRequest`` listener: refuse calls without the right secret (before the
-    handler runs), with a rate-limited log line naming the peer. Health checks need none (see
-    :mod:`trio_bridge._wire.standard_services`)."""
+    handler runs), with a log line naming the peer (``refusals``: rate-limited, per server).
+    Health checks need none (see :mod:`trio_bridge._wire.standard_services`)."""
     if event.method_name.startswith(HEALTH_PREFIX):
         return
     sent = event.metadata.get(SECRET_METADATA, "")
     if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), secret.encode()):
         peer = event.peer.addr() if event.peer is not None else None
-        _refusals.warn(f"refused {event.method_name} from {peer or 'a local peer'}: missing or wrong secret")
+        refusals.warn(f"refused {event.method_name} from {peer or 'a local peer'}: missing or wrong secret")
         raise GRPCError(grpclib.const.Status.UNAUTHENTICATED, "missing or wrong pool secret")
 
 
 def require_secret(server: object, secret: str) -> None:
     """Make ``server`` (a grpclib Server) refuse calls that lack ``secret``."""
-    grpclib.events.listen(server, grpclib.events.RecvRequest, lambda event: authenticate(secret, event))  # type: ignore[arg-type]
+    refusals = RateLimitedWarning(logging.getLogger("trio_bridge.wire"))
+    grpclib.events.listen(server, grpclib.events.RecvRequest, lambda event: authenticate(secret, event, refusals))  # type: ignore[arg-type]

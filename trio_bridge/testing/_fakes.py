@@ -460,7 +460,7 @@ class FakeWorker(WorkerHandle):
             if definition is None:
                 raise ToolNotFoundError(request.tool_name, list(self._definitions))
             if definition.streaming != streaming:
-                hint = "pool.stream()" if definition.streaming else "pool.execute()"
+                hint = "pool.stream() (RPC ExecuteStreamingTool)" if definition.streaming else "pool.execute() (RPC ExecuteTool)"
                 kind = "a streaming" if definition.streaming else "not a streaming"
                 raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
             arguments = definition.check_arguments(decode(request.arguments))
