@@ -1,6 +1,6 @@
 """The benchmark harness: trio-bridge against its peers, in one run (issue 9's targets).
 
-    python -m benchmarks.bench [--quick] [--json PATH]
+    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays]
 
 Prints a table of the issue's targets (value, target, met or missed) and one of the detail, and
 writes JSON whose top-level keys are plain numbers, one per target:
@@ -29,6 +29,9 @@ writes JSON whose top-level keys are plain numbers, one per target:
 - ``host_rss_mib_10k_sessions``: RSS of a fresh host process with 10,000 open sessions of 10
   variables each (``benchmarks/session_rss.py``);
 - ``watch_fanout_1000_p50_ms``: one ``set_variable`` until all of 1,000 watchers have seen it.
+
+``--only unary`` (the unary targets) or ``--only arrays`` (the two array targets) runs that part
+alone and prints its figures, for a quick A/B; it writes JSON only to a ``--json`` given.
 
 ``targets`` holds each key's target and whether it was met; the samples behind the figures
 stay in nested sections (``stock_floor``, ``pool_execute_*``, ``bare_grpclib_floor_*``, ``throughput_calls_per_s``,
@@ -561,9 +564,14 @@ PEERS = [
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer samples, no detail sections (under 2 minutes)")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results.json"))
+    parser.add_argument("--json", help="where to write the results (default: benchmarks/results.json; with --only, nowhere)")
+    parser.add_argument("--only", choices=["unary", "arrays"], help="run this part alone and print its figures")
     args = parser.parse_args()
     quick = args.quick
+    if args.only:
+        only(args.only, quick, args.json)
+        return
+    args.json = args.json or os.path.join(os.path.dirname(__file__), "results.json")
     started = time.perf_counter()
     r: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -669,6 +677,40 @@ def main() -> None:
         json.dump(r, f, indent=2)
     show(r)
     console.print(f"written to {args.json} ({r['elapsed_s']:.0f} s)")
+
+
+def only(part: str, quick: bool, json_path: str | None) -> None:
+    """One part of the full run (the same steps and figures), on its own."""
+    r: dict[str, Any] = {"only": part, "quick": quick}
+    if part == "unary":
+        rounds, per_round = (3, 200) if quick else (8, 250)
+        floor = StockFloor()
+        try:
+            for kind, tool in (("sync", "noop"), ("async", "anoop")):
+                measured = trio.run(unary_latency, floor, tool, tool, rounds, per_round)
+                r[f"pool_execute_{kind}_tool"], r[f"bare_grpclib_floor_{kind}_tool"] = measured["pool"], measured["floor"]
+                r[f"unary_pool_over_floor_{kind}"] = measured["pool"]["p50_us"] / measured["floor"]["p50_us"]
+        finally:
+            floor.close()
+        keys = ["unary_pool_over_floor_sync", "unary_pool_over_floor_async"]
+    else:
+        shared = trio.run(array_round_trip, 100_000_000, 3 if quick else 7, 2, 1 << 20)
+        inband = trio.run(array_round_trip, 50 * 2**20, 2 if quick else 4, 0, None)
+        r["arrays"] = {"100 MB float32, shared memory": shared, "50 MiB float32, in-band": inband}
+        r["array_100mb_round_trip_gb_per_s"] = 100e6 / shared["median_s"] / 1e9
+        r["array_inband_mib_per_s"] = 50 / inband["median_s"]
+        keys = ["array_100mb_round_trip_gb_per_s", "array_inband_mib_per_s"]
+    table = Table(title=f"trio-bridge: {part} only{' (quick)' if quick else ''}")
+    for column in ("key", "measure", "value", "target"):
+        table.add_column(column)
+    for key, what, unit, cmp, target in TARGETS:
+        if key in keys:
+            met = "[green]met[/]" if cmp(r[key], target) else "[red]missed[/]"
+            table.add_row(key, what, f"{_number(r[key])} {unit}", f"{'<=' if cmp is LE else '>='} {target} {met}")
+    console.print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(r, f, indent=2)
 
 
 def show(r: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+from functools import partial
 from typing import Any
 
 import betterproto2
@@ -108,6 +109,13 @@ def _outcome(call: Any) -> Any:
         return type(exc)
 
 
+def _owned(data: bytes, known: int) -> fast_proto.Owned:
+    """``data`` received into a buffer of its own, placed knowing its first ``known`` bytes."""
+    owned = fast_proto.owned_buffer(len(data), data[:known])
+    owned.buffers[0][:] = data
+    return owned
+
+
 def _chunks(data: bytes, cuts: list[int]) -> fast_proto.Chunks:
     points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     return fast_proto.Chunks([data[a:b] for a, b in itertools.pairwise(points)], len(data))
@@ -124,6 +132,7 @@ def test_serialize_and_parse_are_betterproto2s(cls: type[betterproto2.Message], 
     _same(fast_proto.parse(cls, expected), cls.parse(expected))
     cuts = data.draw(st.lists(st.integers(0, 10**6), max_size=6))
     _same(fast_proto.parse(cls, _chunks(expected, cuts)), cls.parse(expected))
+    _same(fast_proto.parse(cls, _owned(expected, data.draw(st.integers(0, len(expected))))), cls.parse(expected))
     # unknown fields (numbers no message uses) among the known ones: kept, in order, as betterproto2 keeps them
     unknown = data.draw(st.sampled_from([b"\xf8\x3f\x05", b"\xfa\x3f\x03abc", b"\xfd\x3f\x01\x02\x03\x04", b"\xf9\x3f" + bytes(8)]))
     split = data.draw(st.integers(0, 2))
@@ -145,12 +154,13 @@ def test_any_bytes_parse_as_betterproto2_parses_them(cls: type[betterproto2.Mess
         st.builds(lambda i, b: valid[:i] + bytes([b]) + valid[i + 1 :], st.integers(0, max(len(valid) - 1, 0)), st.integers(0, 255)),
     ))
     expected = _outcome(lambda: cls.parse(raw))
-    got = _outcome(lambda: fast_proto.parse(cls, raw))
-    if isinstance(expected, type):
-        assert got is expected
-    else:
-        assert not isinstance(got, type)
-        _same(got, expected)
+    for given_as in (raw, _owned(raw, data.draw(st.integers(0, len(raw))))):
+        got = _outcome(partial(fast_proto.parse, cls, given_as))
+        if isinstance(expected, type):
+            assert got is expected
+        else:
+            assert not isinstance(got, type)
+            _same(got, expected)
 
 
 def test_large_blobs_are_referenced_when_serialized_and_copied_once_when_parsed() -> None:
@@ -188,3 +198,44 @@ def test_read_only_byte_views_are_sent_as_they_are_and_encode_like_bytes() -> No
     assert parts.tobytes() == bytes(pb.Payload(json=b"{}", blobs=[view.tobytes()])) == bytes(message)
     writable = memoryview(numpy.arange(4, dtype=numpy.uint8)).cast("B")  # could change before it is sent
     assert not any(part is writable for part in fast_proto.serialize(pb.Payload(blobs=[writable])).buffers)
+
+
+def test_a_big_value_received_into_a_buffer_of_its_own_is_parsed_in_place() -> None:
+    # owned_buffer places the big value that the message's first bytes point to at a cache line;
+    # parse hands it out as a view of that buffer (writable: an array over it needs no copy).
+    blob = bytes(range(256)) * (12 << 12)  # 12 MiB
+    message = pb.CallMessage(execute=pb.ExecuteToolRequest(
+        tool_name="echo", call_id="c", arguments=pb.Payload(json=b'{"v":1}', blobs=[blob, b"", b"x" * 70_000]),
+    ))
+    wire = bytes(message)
+    offset = wire.index(blob)
+    for known in (offset, 4096, len(wire)):
+        assert fast_proto._big_value_offset(memoryview(wire[:known]), len(wire)) == offset
+        owned = _owned(wire, known)
+        assert (owned.address + offset) % 64 == 0
+        parsed = fast_proto.parse(pb.CallMessage, owned)
+        assert parsed == message
+        assert parsed.execute is not None and parsed.execute.arguments is not None
+        big = parsed.execute.arguments.blobs[0]
+        assert isinstance(big, memoryview) and big.obj is owned.buffers[0].obj and not big.readonly
+    # Misplaced (the first bytes did not reach the value) or too small a share of its buffer: copied.
+    raw: Any = numpy.empty(len(wire) + 64, dtype=numpy.uint8)
+    start = raw.__array_interface__["data"][0]
+    shift = (8 - start - offset) % 16  # the value 8 bytes off a 16-byte boundary
+    view = memoryview(raw)[shift : shift + len(wire)]
+    view[:] = wire
+    parsed = fast_proto.parse(pb.CallMessage, fast_proto.Owned(view, start + shift))
+    assert parsed == message and parsed.execute is not None and parsed.execute.arguments is not None
+    copied: Any = parsed.execute.arguments.blobs[0]
+    assert copied.obj is not raw
+    two = pb.Payload(json=b"{}", blobs=[blob, blob])  # each is half of the message, less its headers
+    parsed_two = fast_proto.parse(pb.Payload, _owned(bytes(two), 4096))
+    blobs: list[Any] = parsed_two.blobs
+    assert parsed_two == two and all(blob.obj.nbytes == len(blob) for blob in blobs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.binary(max_size=64), size=st.integers(0, 2**40))
+def test_the_big_value_guess_is_only_ever_a_place_in_the_message(head: bytes, size: int) -> None:
+    offset = fast_proto._big_value_offset(memoryview(head), size)
+    assert offset is None or 0 < offset <= size

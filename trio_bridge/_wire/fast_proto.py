@@ -12,7 +12,9 @@ before the parts are sent); ``Parts.tobytes()`` joins them once. :func:`parse` r
 messages, ``bytes`` and ``string`` fields itself, slicing one memoryview (a ``bytes`` value is
 copied once, out of the received data; :class:`Chunks`, the received frames, are not joined
 first; a value of :data:`BIG` bytes or more comes as a writable memoryview, equal to the
-``bytes``), and hands every other field's raw bytes to betterproto2's own ``Message.load``.
+``bytes``: a view of the received data itself when that is an :class:`Owned` buffer and the
+value is aligned in it, else a copy), and hands every other field's raw bytes to betterproto2's
+own ``Message.load``.
 
 Both are generic, driven by betterproto2's field metadata, and exact: every field is encoded by
 betterproto2's own functions except nested messages, ``bytes`` and ``string`` values, whose
@@ -44,7 +46,7 @@ from betterproto2 import (
     _serialize_single,
 )
 
-__all__ = ["Chunks", "Parts", "parse", "serialize"]
+__all__ = ["Chunks", "Owned", "Parts", "owned_buffer", "parse", "serialize"]
 
 M = TypeVar("M", bound=Message)
 
@@ -83,6 +85,19 @@ class Chunks(_Buffers):
     """Received data as consecutive byte buffers (memoryviews of received DATA frames)."""
 
     __slots__ = ()
+
+
+class Owned(Chunks):
+    """A received message in one writable buffer that nothing else refers to (``buffers[0]``,
+    made by :func:`owned_buffer`, which starts at ``address`` in memory). :func:`parse` hands
+    out a big value of at least half the message that is ``_ALIGN``-aligned in it as a view of
+    it instead of copying it: the buffer then lives as long as that value."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, view: memoryview, address: int) -> None:
+        super().__init__([view], len(view))
+        self.address = address
 
 
 # ---- plans: what to do with each field of a message class ----
@@ -264,6 +279,73 @@ def _writable_copy(slices: list[memoryview], size: int) -> Any:
     return out
 
 
+_ALIGN = 16  # a big value this aligned is handed out in place: numpy's own buffers are (malloc's)
+_PLACE = 64  # owned_buffer places a big value at a cache line: aligned for any dtype
+
+
+def owned_buffer(size: int, head: Any) -> Owned:
+    """A new buffer for a received message of ``size`` bytes whose first bytes are ``head``
+    (some, or none): numpy's memory (huge pages for big buffers, as in :func:`_writable_copy`),
+    placed so that the big value :func:`_big_value_offset` finds in ``head`` starts
+    ``_PLACE``-aligned, then :func:`parse` needs no copy of it. The caller fills the buffer
+    (``buffers[0]``) before parsing it."""
+    import numpy
+
+    raw: Any = numpy.empty(size + _PLACE, dtype=numpy.uint8)
+    start = raw.__array_interface__["data"][0]
+    offset = _big_value_offset(memoryview(head).cast("B"), size) or 0
+    shift = -(start + offset) % _PLACE
+    return Owned(memoryview(raw)[shift : shift + size], start + shift)
+
+
+def _big_value_offset(head: memoryview, size: int) -> int | None:
+    """Where the value of a length-delimited field at least half the size of the message starts,
+    following such fields into nested messages as far as ``head`` (the message's first bytes)
+    tells, without the schema (a guess: what is not a message may parse as one); None if
+    ``head`` does not reach one."""
+    found = None
+    pos, end = 0, size
+    while True:
+        inner = None
+        while pos < end:
+            key, pos = _head_varint(head, pos)
+            if key < 8:  # field 0 does not exist: not a message (or head ends here: -1)
+                return found
+            wire = key & 7
+            if wire == 2:
+                length, pos = _head_varint(head, pos)
+                if length < 0 or pos + length > end:
+                    return found
+                if 2 * length >= size:
+                    inner, end = pos, pos + length
+                    break
+                pos += length
+            elif wire == 0:
+                value, pos = _head_varint(head, pos)
+                if value < 0:
+                    return found
+            elif wire == 1 or wire == 5:
+                pos += 8 if wire == 1 else 4
+            else:
+                return found
+        if inner is None:
+            return found
+        found = inner
+
+
+def _head_varint(head: memoryview, pos: int) -> tuple[int, int]:
+    """A varint in ``head`` at ``pos``, and where it ends; ``-1`` when it runs past ``head``'s
+    end or over 10 bytes."""
+    result = shift = 0
+    for i in range(pos, min(pos + 10, len(head))):
+        byte = head[i]
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, i + 1
+        shift += 7
+    return -1, pos
+
+
 class _Unexpected(Exception):
     """Data this parser leaves to betterproto2."""
 
@@ -297,6 +379,24 @@ class _Flat:
 
     def text(self, start: int, stop: int) -> str:
         return str(self.view[start:stop], "utf-8")
+
+
+class _InPlace(_Flat):
+    """An :class:`Owned` buffer: a big value of at least half of it, ``_ALIGN``-aligned, is a
+    view of it (at most one such value: the buffer is not shared)."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, view: memoryview, address: int) -> None:
+        super().__init__(view)
+        self.address = address
+
+    def take(self, start: int, stop: int) -> bytes:
+        size = stop - start
+        if size >= BIG and 2 * size >= len(self.view) and (self.address + start) % _ALIGN == 0:
+            value: Any = self.view[start:stop]  # writable, as _writable_copy's are
+            return value
+        return super().take(start, stop)
 
 
 class _Segmented(_Flat):
@@ -345,9 +445,11 @@ def parse(cls: type[M], data: bytes | bytearray | memoryview | Chunks) -> M:
     if _plan(cls) is None:
         return cls.parse(data.tobytes() if isinstance(data, Chunks) else bytes(data))
     try:
-        if isinstance(data, Chunks):
+        if type(data) is Owned:
+            reader: _Flat = _InPlace(memoryview(data.buffers[0]).cast("B"), data.address)
+        elif isinstance(data, Chunks):
             buffers = [memoryview(b).cast("B") for b in data.buffers]
-            reader: _Flat = _Flat(buffers[0]) if len(buffers) == 1 else _Segmented(buffers)
+            reader = _Flat(buffers[0]) if len(buffers) == 1 else _Segmented(buffers)
         else:
             reader = _Flat(memoryview(data).cast("B"))
         return _decode(cls, reader, 0, len(data))

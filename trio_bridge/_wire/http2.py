@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import struct
+import weakref
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h2
 import h2.config
@@ -120,8 +122,19 @@ class CoalescingTransport:
 # * h2's FrameBuffer appends what is received to a bytearray, slices each frame out of it and
 #   copies the slice again (DataFrame.parse_body): three copies. FastFrameBuffer hands the body
 #   of a big DATA frame to h2 as memoryviews of the received bytes, piece by piece as it arrives.
+# * grpclib's H2Protocol is given what asyncio reads as a fresh 256 KiB bytes per read (uvloop
+#   copies each read into one): page faults on every read. FastH2Protocol is a BufferedProtocol
+#   whose FastFrameBuffer says where each read goes: a reused arena between big DATA bodies
+#   (after a big body, only the next frame's 9-byte header, so no body lands there), else the
+#   buffer of the message being read (below), else fresh memory.
 # * grpclib's Buffer.read joins a message's frames into one bytes (a copy in fresh pages):
-#   _FastBuffer.read hands a big message's frames to the codec unjoined (fast_proto.Chunks).
+#   _FastBuffer.read hands a big message's frames to the codec unjoined (fast_proto.Chunks) or,
+#   when most of it is still to come, has the frame buffer receive the rest straight into one
+#   buffer of its own (fast_proto.Owned), placed so that the codec uses its big value in place:
+#   the kernel's copy is then the only one on the receiving side.
+# * h2 sets the frame size it allows once per receive_data call: _FastH2Connection._receive_frame.
+# * A Unix socket's default send buffer (208 KiB) cost each side a wake-up per 200 KiB: our Unix
+#   sockets ask for _UNIX_SNDBUF.
 # * A stream's receive window (STREAM_WINDOW) let a big message through 256 KiB at a time, a
 #   WINDOW_UPDATE round trip each: before reading a message bigger than its window, a stream
 #   widens its window (and the connection's) to the message's size, up to MAX_WINDOW, for good.
@@ -132,7 +145,12 @@ FRAME_SIZE = 1 << 20  # SETTINGS_MAX_FRAME_SIZE each side advertises (HTTP/2 all
 MAX_WINDOW = 16 << 20  # the widest a stream's (and a connection's) window grows for big messages
 PARTS_MIN = 256 * 1024  # an encoding at least this big goes to the stream as its parts
 _CHUNKS_MIN = 256 * 1024  # a message at least this big goes to the codec as its frames
+_UNIX_SNDBUF = FRAME_SIZE  # a Unix socket's send buffer holds at least a big frame
+_HEAD = 4096  # ... and once this much of it is here, the rest is received into its own buffer
+_GUESS = 64 * 1024  # the most of a message's start owned_buffer looks at
 _DIRECT_MIN = 64 * 1024  # a DATA frame at least this big is written (and read) without copies
+_ARENA = 256 * 1024  # a connection receives what is not a big DATA body here (reused; asyncio reads 256 KiB)
+_LANDING = 256 * 1024  # the most a big DATA body outside any reservation receives into fresh memory at once
 _FRAME_HEADER = struct.Struct(">HBBBL")  # hyperframe's: length (24 bits), type, flags, stream id
 _END_STREAM = 0x1
 
@@ -156,8 +174,17 @@ class _FastH2Connection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config=config)
-        self.incoming_buffer = FastFrameBuffer(server=not config.client_side)
+        self.incoming_buffer: FastFrameBuffer = FastFrameBuffer(server=not config.client_side)
         self._held: list[Any] | None = None
+
+    def _receive_frame(self, frame: Any) -> Any:
+        # h2 4.4.1 gives its frame buffer the frame size it allows (max_inbound_frame_size) once
+        # per receive_data call (connection.py line 1516), so a peer's SETTINGS ACK and a big
+        # frame received together failed (FrameTooLargeError: the connection dropped; the first
+        # big message over TCP, every time). The size it allows now is for the next frame.
+        events = super()._receive_frame(frame)
+        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
+        return events
 
     def _prepare_for_sending(self, frames: list[Any]) -> None:
         # h2 4.x serializes every frame it sends here, into its outbound buffer.
@@ -192,14 +219,42 @@ class _FastConnection(Connection):
         return FastStream(self, self._connection, self._transport, stream_id=stream_id, wrapper=wrapper)
 
 
-class FastH2Protocol(H2Protocol):
-    """grpclib's protocol on a _FastH2Connection that advertises FRAME_SIZE."""
+if TYPE_CHECKING:
+    _ProtocolBase = H2Protocol  # what grpclib (and transport.py) take it for
+else:
+
+    class _ProtocolBase(asyncio.BufferedProtocol):
+        """grpclib 0.4.9's H2Protocol (its methods, unchanged), as an asyncio.BufferedProtocol
+        and not an asyncio.Protocol: uvloop 0.2x reads into a protocol's buffers only if it is
+        not an ``asyncio.Protocol`` (handles/stream.pyx ``_set_protocol`` and sslproto.pyx),
+        and H2Protocol is one. grpclib uses only the attributes these methods set."""
+
+        __init__ = H2Protocol.__init__
+        data_received = H2Protocol.data_received
+        pause_writing = H2Protocol.pause_writing
+        resume_writing = H2Protocol.resume_writing
+        connection_lost = H2Protocol.connection_lost
+
+
+class FastH2Protocol(_ProtocolBase):
+    """grpclib's protocol on a _FastH2Connection that advertises FRAME_SIZE, receiving into
+    buffers its FastFrameBuffer chooses (``get_buffer``) instead of grpclib's
+    ``data_received`` of the fresh 256 KiB ``bytes`` asyncio makes for every read (page faults
+    on every read: ~57 ms per 50 MiB each side), which a big message's frames then held. Every
+    transport we use calls ``get_buffer``: asyncio's socket and SSL transports (trio-asyncio's
+    loop is asyncio's selector loop) and uvloop's stream and SSL transports; ``data_received``
+    stays for any other."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib 0.4.9's H2Protocol.connection_made, with our connection classes and FRAME_SIZE.
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == socket.IPPROTO_TCP:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock is not None and sock.family == socket.AF_UNIX and sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _UNIX_SNDBUF:
+            # Linux's default (208 KiB) moves a big message ~200 KiB per write, read and wake-up
+            # on each side (the loops' work per wake-up cost the host more than the copies); the
+            # kernel doubles it and caps it at net.core.wmem_max. TCP tunes its own buffers.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SNDBUF)
         h2_conn = _FastH2Connection(self.h2_config)
         h2_conn.initiate_connection()
         initial = h2_conn.local_settings.initial_window_size
@@ -209,18 +264,50 @@ class FastH2Protocol(H2Protocol):
             SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size,
             SettingCodes.MAX_FRAME_SIZE: FRAME_SIZE,
         })
+        self._frames = h2_conn.incoming_buffer
         self.connection = _FastConnection(h2_conn, cast(asyncio.Transport, transport), config=self.config)
         self.connection.flush()
         self.connection.initialize()
         self.processor = EventsProcessor(self.handler, self.connection)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frames.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._frames.received(nbytes)
+        except ProtocolError:  # not HTTP/2's preamble: as grpclib's data_received does
+            logging.getLogger("grpclib.protocol").debug("Protocol error", exc_info=True)
+            self.processor.close("Protocol error")
+            return
+        self.data_received(b"")  # h2 parses what arrived, as if it had been given it
+
+
+class _Reservation:
+    """Where the next DATA bytes of one stream go: ``view[pos:]`` (the rest of a message that
+    the stream is reading into a buffer of its own)."""
+
+    __slots__ = ("__weakref__", "pos", "view")
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.pos = 0
+
+    def close(self) -> None:
+        self.pos = len(self.view)
+
 
 class FastFrameBuffer(FrameBuffer):
     """h2 4.x's FrameBuffer, but the body of a DATA frame of at least ``_DIRECT_MIN`` bytes
     without padding is not copied: it comes out, as it arrives, as DataFrames each holding a
-    memoryview of one received ``bytes`` (h2 sees several DATA frames, the last one with the
+    memoryview of the received bytes (h2 sees several DATA frames, the last one with the
     frame's END_STREAM; flow control counts the same bytes). Every other frame is parsed as
-    h2 does, from one contiguous copy."""
+    h2 does, from one contiguous copy.
+
+    It also receives (:meth:`receive_buffer`, :meth:`received`: FastH2Protocol's get_buffer and
+    buffer_updated): bytes between big DATA bodies into a reused arena, the body of a big DATA
+    frame into the buffer of the message its stream is reading (:meth:`reserve`), or else into
+    fresh memory. Whatever it hands to h2 lies outside the arena."""
 
     def __init__(self, server: bool = False) -> None:
         super().__init__(server=server)
@@ -229,9 +316,26 @@ class FastFrameBuffer(FrameBuffer):
         self._body_left = 0  # bytes of the current big DATA frame's body still to come
         self._body_stream = 0
         self._body_end = False
+        self._reservations: weakref.WeakValueDictionary[int, _Reservation] = weakref.WeakValueDictionary()
+        self._arena: bytearray | None = None  # made on the first receive_buffer()
+        self._arena_end = 0  # the arena's bytes past this are free
+        self._landing: memoryview | None = None  # what receive_buffer() handed out last
+        self._landing_reservation: _Reservation | None = None
+        self._spare: memoryview | None = None  # the unfilled end of the last fresh landing
+        self._placed: memoryview | None = None  # received straight into its stream's reservation
+        self._header_next = False  # receive a frame header alone, so no big body lands in the arena
+
+    def reserve(self, stream_id: int, view: memoryview) -> _Reservation:
+        """The next ``len(view)`` bytes of stream ``stream_id``'s DATA go into ``view``, in order,
+        until the reservation is full or closed or the caller drops it. A DATA frame (or part of
+        one) that does not fit closes it: what it placed is always the start of ``view``."""
+        reservation = self._reservations[stream_id] = _Reservation(view)
+        return reservation
 
     def add_data(self, data: Any) -> None:
-        view = memoryview(data if type(data) is bytes else bytes(data)).cast("B")  # ours to keep
+        self._append(memoryview(data if type(data) is bytes else bytes(data)).cast("B"))  # ours to keep
+
+    def _append(self, view: memoryview) -> None:
         if self._preamble_len:
             of_which_preamble = min(self._preamble_len, len(view))
             if self._preamble[:of_which_preamble] != view[:of_which_preamble]:
@@ -242,6 +346,64 @@ class FastFrameBuffer(FrameBuffer):
         if len(view):
             self._views.append(view)
             self._size += len(view)
+
+    def receive_buffer(self) -> memoryview:
+        """Where the next received bytes go (never empty); :meth:`received` says how many came."""
+        left = self._body_left
+        if left and not self._size:  # within a big DATA body
+            reservation = self._reservations.get(self._body_stream)
+            if reservation is not None and reservation.pos < len(reservation.view):
+                size = min(left, len(reservation.view) - reservation.pos)
+                self._landing_reservation = reservation
+                self._landing = reservation.view[reservation.pos : reservation.pos + size]
+                return self._landing
+            self._landing_reservation = None
+            spare = self._spare  # the rest of the last one, unless it is too big or small
+            if spare is None or not min(left, _DIRECT_MIN) <= len(spare) <= left:
+                spare = self._spare = memoryview(bytearray(min(left, _LANDING)))
+            self._landing = spare
+            return spare
+        self._spare = self._landing_reservation = None
+        if self._arena is None:
+            self._arena = bytearray(_ARENA)
+        if not self._size:
+            self._arena_end = 0
+            if self._header_next:
+                self._landing = memoryview(self._arena)[:9]
+                return self._landing
+        else:  # a frame's start is here: room for at least its rest
+            need = 9 - self._size
+            if need <= 0:
+                need = max(int.from_bytes(self._peek(3), "big") + 9 - self._size, 1)
+            if _ARENA - self._arena_end < need:
+                if self._size + need > _ARENA:  # a frame bigger than the arena (not a big DATA body)
+                    self._landing = memoryview(bytearray(need))
+                    return self._landing
+                pending = self._take(self._size)
+                self._arena[: len(pending)] = pending
+                self._views.append(memoryview(self._arena)[: len(pending)])
+                self._size = self._arena_end = len(pending)
+        self._landing = memoryview(self._arena)[self._arena_end :]
+        return self._landing
+
+    def received(self, size: int) -> None:
+        """``size`` bytes arrived at the start of what :meth:`receive_buffer` handed out."""
+        landing = self._landing
+        if landing is None or not 0 < size <= len(landing):
+            raise RuntimeError(f"received {size} bytes into {'nothing' if landing is None else len(landing)}")
+        self._landing = None
+        view = landing[:size]
+        reservation = self._landing_reservation
+        if reservation is not None:
+            self._landing_reservation = None
+            reservation.pos += size
+            self._placed = view
+        elif landing.obj is self._arena:
+            self._arena_end += size
+            self._header_next = False
+        elif landing is self._spare:
+            self._spare = landing[size:] if size < len(landing) else None
+        self._append(view)
 
     def _take(self, size: int) -> bytes:
         """The next ``size`` received bytes, consumed (a copy)."""
@@ -292,36 +454,70 @@ class FastFrameBuffer(FrameBuffer):
         except InvalidFrameError as err:
             raise FrameDataMissingError("Frame data missing or invalid") from err
         new_frame = self._update_header_buffer(f)
-        return new_frame if new_frame is not None else self.__next__()
+        if new_frame is None:
+            return self.__next__()
+        if type(new_frame) is DataFrame and self._reservations and new_frame.data:
+            reservation = self._reservations.get(new_frame.stream_id)
+            placed = None if reservation is None else self._place(reservation, memoryview(new_frame.data), whole=True)
+            if placed is not None:
+                new_frame.data = cast(bytes, placed)
+        return new_frame
 
     def _next_piece(self) -> Frame:
         if not self._size:
             raise StopIteration
-        view = self._views[0]
-        if len(view) <= self._body_left:
-            self._views.popleft()
-        else:
-            self._views[0] = view[self._body_left :]
-            view = view[: self._body_left]
-        self._size -= len(view)
-        self._body_left -= len(view)
-        f = DataFrame(self._body_stream, cast(bytes, view))  # h2 needs only len() of it; grpclib, a buffer
-        f.body_len = len(view)
-        if self._body_end and not self._body_left:
-            f.flags.add("END_STREAM")
+        view = self._views.popleft()
+        piece = view[: self._body_left] if len(view) > self._body_left else view
+        if piece is not self._placed:  # not received straight into its place
+            reservation = self._reservations.get(self._body_stream) if self._reservations else None
+            placed = None if reservation is None else self._place(reservation, piece, whole=False)
+            if placed is not None:
+                piece = placed
+            elif piece.obj is self._arena:  # the arena is reused: out of it
+                piece = memoryview(piece.tobytes())
+        self._placed = None
+        if len(piece) < len(view):
+            self._views.appendleft(view[len(piece) :])
+        self._size -= len(piece)
+        self._body_left -= len(piece)
+        f = DataFrame(self._body_stream, cast(bytes, piece))  # h2 needs only len() of it; grpclib, a buffer
+        f.body_len = len(piece)
+        if not self._body_left:
+            if self._body_end:
+                f.flags.add("END_STREAM")
+            else:  # its stream's next DATA frame is likely next: its header alone is received first
+                self._header_next = True
         new_frame = self._update_header_buffer(f)  # raises inside a header block, as for any DATA frame
         assert new_frame is f
         return f
+
+    def _place(self, reservation: _Reservation, data: memoryview, *, whole: bool) -> memoryview | None:
+        """``data`` copied into ``reservation``, or only its start if it fills it and not
+        ``whole``; None if none of it fits (the reservation closes: what follows would be out
+        of order)."""
+        room = len(reservation.view) - reservation.pos
+        size = len(data) if len(data) <= room else 0 if whole else room
+        if not size:
+            reservation.close()
+            return None
+        place = reservation.view[reservation.pos : reservation.pos + size]
+        place[:] = data[:size]
+        reservation.pos += size
+        return place
 
 
 class _FastBuffer(Buffer):
     """grpclib's receive buffer; a read of at least ``_CHUNKS_MIN`` bytes first widens the
     stream's window to fit it, and returns the frames' data as a fast_proto.Chunks instead of
-    joining it (otherwise grpclib 0.4.9's Buffer.read)."""
+    joining it (otherwise grpclib 0.4.9's Buffer.read). Once ``_HEAD`` bytes of it are here and
+    more is to come, the message is received into a buffer of its own instead (a
+    fast_proto.Owned, in which the frame buffer places the stream's DATA as it arrives:
+    ``reserve``)."""
 
-    def __init__(self, ack_callback: Any, widen: Any) -> None:
+    def __init__(self, ack_callback: Any, widen: Any, reserve: Any = None) -> None:
         super().__init__(ack_callback)
         self._widen = widen
+        self._reserve = reserve
 
     async def read(self, size: int) -> Any:
         if size < _CHUNKS_MIN:
@@ -330,6 +526,8 @@ class _FastBuffer(Buffer):
             self._widen(size)
         if not self._eof or not self._unacked.empty():
             while self._acked_size < size:
+                if self._unacked.empty() and self._reserve is not None and self._acked_size >= _HEAD and not self._eof:
+                    return await self._read_owned(size)  # all that came is in _acked, the rest is to come
                 data, data_size, ack_size = await self._unacked.get()
                 if not ack_size:
                     break
@@ -356,13 +554,59 @@ class _FastBuffer(Buffer):
         self._acked_size -= size
         return fast_proto.Chunks(chunks, size)
 
+    async def _read_owned(self, size: int) -> Any:
+        """The rest of ``read(size)`` once at least ``_HEAD`` bytes of it are here, in ``_acked``,
+        and no more: they are copied into a new buffer, the rest is placed there by the frame
+        buffer as it arrives (or copied, what it did not place)."""
+        head = bytearray()  # enough of the start for owned_buffer to find the big value in it
+        for chunk, _ in self._acked:
+            head += chunk[: _GUESS - len(head)]
+            if len(head) == _GUESS:
+                break
+        owned = fast_proto.owned_buffer(size, head)
+        view = owned.buffers[0]
+        pos = 0
+        for chunk, chunk_size in self._acked:
+            view[pos : pos + chunk_size] = chunk
+            pos += chunk_size
+        self._acked.clear()
+        self._acked_size = 0
+        reservation = self._reserve(view[pos:])
+        try:
+            while pos < size:
+                data, data_size, ack_size = await self._unacked.get()
+                if not ack_size:
+                    break
+                self._ack_callback(ack_size)
+                data = memoryview(data)
+                if data.obj is view.obj:  # placed by the frame buffer, right after what came before
+                    pos += data_size
+                    continue
+                used = min(data_size, size - pos)
+                view[pos : pos + used] = data[:used]
+                pos += used
+                if used < data_size:
+                    self._acked.append(AckedData(data[used:], data_size - used))
+                    self._acked_size += data_size - used
+        except BaseException:  # what came stays for a next read, as with grpclib's Buffer
+            self._acked.appendleft(AckedData(view[:pos], pos))
+            self._acked_size += pos
+            raise
+        finally:
+            reservation.close()
+        if pos < size:
+            raise AssertionError("Received less data than expected")
+        return owned
+
 
 class FastStream(Stream):
     """grpclib's stream, receiving into a _FastBuffer and sending big DATA frames without copies."""
 
     def init_stream(self, stream_id: int, connection: Connection) -> None:
         super().init_stream(stream_id, connection)
-        self.buffer = _FastBuffer(partial(connection.ack, stream_id), self._widen)
+        frames = self._h2_connection.incoming_buffer
+        reserve = partial(frames.reserve, stream_id) if isinstance(frames, FastFrameBuffer) else None
+        self.buffer = _FastBuffer(partial(connection.ack, stream_id), self._widen, reserve)
         # the receive window this side has given the stream
         self._window = connection.stream_window if isinstance(connection, _FastConnection) else MAX_WINDOW
 
