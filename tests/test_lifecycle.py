@@ -63,3 +63,26 @@ async def test_a_tools_processes_go_with_its_worker_on_crash_recycle_and_close(c
     restarts = [r for r in caplog.records if "restarting the slot" in r.getMessage()]
     assert len(restarts) == 2, [r.getMessage() for r in restarts]  # each restart logged once, with why
     assert "exit code 7" in restarts[0].getMessage()
+
+
+async def test_a_worker_killed_while_a_big_request_is_sent_fails_that_call_without_a_log_flood(caplog):
+    """The host stops sending a big in-band message once the worker's connection is gone,
+    instead of writing its remaining frames into the closed socket (asyncio logs a warning for
+    each write past the fifth)."""
+    import numpy as np
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    big = np.ones(48 * 2**20 // 4, dtype=np.float32)
+    async with trio_bridge.open_pool(ECHO, size=1, shared_memory_threshold=None, restart_backoff=(0.01, 0.1)) as pool:
+        for _ in range(3):
+            await pool.wait_for_workers(1)
+            assert (await pool.execute("echo", {"value": big})).shape == big.shape  # the windows widen for good
+            (worker,) = pool.workers()
+            assert worker.pid is not None
+            os.kill(worker.pid, signal.SIGKILL)  # and the host sends the next call at once
+            with pytest.raises(WorkerCrashedError):
+                await pool.execute("echo", {"value": big})
+        await pool.wait_for_workers(1)
+        assert (await pool.execute("echo", {"value": big[:10]})).shape == (10,)
+    flood = [r.getMessage() for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert flood == []

@@ -20,6 +20,7 @@ import h2
 import h2.config
 import h2.connection
 from grpclib.config import Configuration
+from grpclib.exceptions import StreamTerminatedError
 from grpclib.protocol import AckedData, Buffer, Connection, EventsProcessor, H2Protocol, Stream
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
@@ -638,6 +639,11 @@ class FastStream(Stream):
         index = offset = sent = 0  # the next frame starts at buffers[index][offset:]
         while True:
             await self.connection.write_ready.wait()
+            if self._transport.is_closing():
+                # The connection is gone (its peer died): grpclib would write the rest frame by
+                # frame into the closed transport, and asyncio log a warning for each write past
+                # the fifth ("socket.send() raised exception.").
+                raise StreamTerminatedError("Connection lost")
             window = h2_conn.local_flow_control_window(self.id)
             if not window > 0:  # it can become negative
                 self.window_updated.clear()
@@ -674,9 +680,20 @@ class FastStream(Stream):
             h2_conn.send_data(self.id, data, end_stream=end_stream)
             transport.write(h2_conn.data_to_send())
             return
-        pending = h2_conn.data_to_send()  # frames h2 queued earlier (window updates...) go first
-        if pending:
-            transport.write(pending)
-        transport.write(h2_conn.data_frame_header(self.id, size, end_stream))
+        # Frames h2 queued earlier (window updates...) go first, then the header: one write with
+        # the small pieces that follow it (a message's first frame has a few field headers before
+        # its big value); a big piece is written as it is.
+        small = bytearray(h2_conn.data_to_send())
+        small += h2_conn.data_frame_header(self.id, size, end_stream)
         for piece in body:
+            if len(piece) < _DIRECT_MIN:
+                small += piece
+                continue
+            if small:
+                transport.write(bytes(small))
+                small.clear()
+            if transport.is_closing():  # lost mid-frame: the rest would be written into nothing
+                raise StreamTerminatedError("Connection lost")
             transport.write(piece)
+        if small:
+            transport.write(bytes(small))
