@@ -6,9 +6,7 @@ variable (named in each command's help); an option given on the command line win
 
 from __future__ import annotations
 
-import base64
 import json
-import math
 import os
 import signal
 import sys
@@ -27,6 +25,7 @@ from rich.text import Text
 
 from trio_bridge import _cli_signals
 from trio_bridge._errors import TrioBridgeError
+from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
 
 # Help text is Markdown: `code` shows without its backticks, paragraphs reflow to the terminal.
@@ -549,26 +548,9 @@ async def _call_tool(
 
 
 def _print_json(value: Any) -> None:
-    """``value`` on stdout as one JSON document (see :func:`_plain`), plain text for pipes: rich
-    would wrap long lines and colour them."""
-    typer.echo(json.dumps(_plain(value), indent=2, ensure_ascii=False, allow_nan=False, default=repr))
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as strict JSON can hold it: dicts (keys as text), lists and tuples, numpy arrays
-    (as nested lists) and scalars, bytes (as base64 text), NaN and infinities (as the strings
-    ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: jq and most parsers refuse them bare)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else json.dumps(value)  # json.dumps: NaN, Infinity, -Infinity
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(value).decode("ascii")
-    if not isinstance(value, (str, int)) and callable(getattr(value, "tolist", None)):
-        return _plain(value.tolist())  # numpy arrays and scalars
-    return value
+    """``value`` on stdout as one JSON document (see :func:`strict_json`), plain text for pipes:
+    rich would wrap long lines and colour them."""
+    typer.echo(strict_json(value, indent=2))
 
 
 async def _run_example(workers: int) -> None:

@@ -14,11 +14,8 @@ transports (``server.streamable_http_app()``, say).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import json
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -36,6 +33,7 @@ except ImportError as _missing:  # an optional extra
     raise ImportError(f"trio_bridge.mcp needs the MCP SDK 2.x: pip install 'trio-bridge[mcp]' ({_missing})") from _missing
 
 from trio_bridge._errors import ToolError, ToolNotFoundError
+from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
 
 if TYPE_CHECKING:
@@ -76,7 +74,7 @@ def create_server(pool: Pool, *, name: str = "trio-bridge") -> Server[Any]:
     async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         try:
             result = await _call(pool, params.name, params.arguments or {})
-            text = json.dumps(_json_value(result), ensure_ascii=False, allow_nan=False, default=repr)
+            text = strict_json(result)
         except Exception as exc:  # the agent reads it and may try again; Cancelled is no Exception
             # (a worker's traceback is for the program's author, not for the model)
             message = exc.args[0] if isinstance(exc, ToolError) and exc.args else str(exc)
@@ -136,21 +134,6 @@ async def _call(pool: Pool, name: str, arguments: dict[str, Any]) -> Any:
     if host is not None:
         return await pool.call_host_tool(name, host.arguments_from_json(arguments))
     raise ToolNotFoundError(name, [t.name for t in tools])
-
-
-def _json_value(value: Any) -> Any:
-    """``value`` as strict JSON holds it (see :func:`create_server`)."""
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else json.dumps(value)  # json.dumps: NaN, Infinity, -Infinity
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(value).decode("ascii")
-    if not isinstance(value, (str, int)) and callable(getattr(value, "tolist", None)):
-        return _json_value(value.tolist())  # numpy arrays and scalars
-    return value
 
 
 # ---- the stdio transport: Trio reads and writes that a cancel stops at once ----
