@@ -45,3 +45,16 @@ async def rpc_refusal(rpc: Any) -> tuple[Any, Any]:
         assert info is not None, f"no ErrorInfo in the details of {exc!r}"
         return exc.status, info
     raise AssertionError("the RPC succeeded")
+
+
+def require(module: str) -> Any:
+    """Import ``module``, a part the suite needs (from ``pip install -e '.[dev]'``): missing, the
+    test fails saying so, never skips (CI must have it)."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is missing ({exc}): install the test dependencies, pip install -e '.[dev]'")

@@ -11,16 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "trio_bridge" / "_wire" / "generated"
 
 
 def test_generated_code_is_up_to_date(tmp_path):
-    pytest.importorskip("grpc_tools")
+    require("grpc_tools")
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])  # ruff formats the output
     if shutil.which("ruff", path=env["PATH"]) is None:
-        pytest.skip("ruff is not on PATH")
+        pytest.fail("ruff is not on PATH (it formats the generated code): pip install -e '.[dev]'")
     protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto"))  # as `just proto` names them
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_betterproto2_out={tmp_path}",

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trio_bridge
+from tests.helpers import require
 from trio_bridge import InvalidArgumentError, ToolNotFoundError
 from trio_bridge._core.tools import NUMERIC_ARRAY_REF, ToolDefinition, define_tool
 from trio_bridge._host._tools import tool_info
@@ -55,18 +56,22 @@ async def test_every_tool_has_a_valid_json_schema_of_its_arguments_object(adapte
         assert "ctx" not in schema["properties"]  # the SessionContext parameter is no argument
 
 
+#: The JSON Schema of tests.adapters:Echo's ``add(a: int, b: int = 2)``, from its signature and docstring.
+ADD_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "integer", "description": "the first term."},
+        "b": {"type": "integer", "description": "the second term.", "default": 2},
+    },
+    "required": ["a"],
+    "additionalProperties": False,
+}
+
+
 async def test_echo_schemas_say_types_descriptions_and_defaults() -> None:
     async with open_pool_in_threads(ECHO, size=1) as pool:
         tools = {t.name: t.parameters_schema for t in pool.tools()}
-    assert tools["add"] == {
-        "type": "object",
-        "properties": {
-            "a": {"type": "integer", "description": "the first term."},
-            "b": {"type": "integer", "description": "the second term.", "default": 2},
-        },
-        "required": ["a"],
-        "additionalProperties": False,
-    }
+    assert tools["add"] == ADD_SCHEMA
     assert tools["echo"]["properties"] == {"value": {"default": None}}  # object: any value
     assert tools["environment"]["properties"] == {"name": {"type": "string"}}
     assert tools["pid"] == {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
@@ -316,7 +321,7 @@ async def test_openai_anthropic_and_mcp_shapes() -> None:
 
 
 async def test_the_mcp_shape_is_the_sdks_tool() -> None:
-    types = pytest.importorskip("mcp.types")
+    types = require("mcp.types")
     async with open_pool_in_threads(ECHO, size=1) as pool:
         shaped = pool.tools(format="mcp")
     for tool in shaped:

@@ -25,6 +25,7 @@ from grpclib.const import Cardinality, Handler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import require
 from trio_bridge._wire import http2, transport
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tls import TLSConfig
@@ -457,7 +458,7 @@ def _on_loop(loop: str, main: Any) -> Any:
                 return await trio_asyncio.aio_as_trio(main)()
 
         return trio.run(in_trio)
-    factory = asyncio.SelectorEventLoop if loop == "asyncio" else pytest.importorskip("uvloop").new_event_loop
+    factory = asyncio.SelectorEventLoop if loop == "asyncio" else require("uvloop").new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
 
@@ -476,7 +477,7 @@ def test_every_loop_and_transport_receives_big_messages_into_their_own_buffers(t
     # of the buffer its message was received into, on either side, pipelined or not.
     tls = None
     if kind == "tls":  # mutual, as between a host and its remote workers
-        trustme = pytest.importorskip("trustme")
+        trustme = require("trustme")
 
         ca = trustme.CA()
         ca.cert_pem.write_to_path(tmp_path / "ca.pem")

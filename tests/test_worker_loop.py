@@ -7,13 +7,14 @@ import asyncio
 import pytest
 
 import trio_bridge
+from tests.helpers import require
 from trio_bridge.worker._server import LOOP_ENV, loop_factory
 
 AGENT = "tests.tool_adapters:Agent"
 
 
 def test_uvloop_where_it_imports_unless_asked_for_asyncio():
-    uvloop = pytest.importorskip("uvloop")
+    uvloop = require("uvloop")
     assert loop_factory({}) is uvloop.new_event_loop
     assert loop_factory({LOOP_ENV: "asyncio"}) is None  # asyncio.Runner's default loop
 
@@ -27,7 +28,7 @@ def test_asyncio_without_uvloop(monkeypatch):
 
 @pytest.mark.real_process
 async def test_worker_processes_run_on_the_loop_chosen(monkeypatch):
-    uvloop = pytest.importorskip("uvloop")
+    uvloop = require("uvloop")
     async with trio_bridge.open_pool(AGENT, size=1) as pool:
         pool.host_tool(lambda word: word.upper(), name="shout")
         assert await pool.execute("loop_type") == f"{uvloop.Loop.__module__}.{uvloop.Loop.__qualname__}"
