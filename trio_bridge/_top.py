@@ -15,7 +15,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-STATUS_PATH = "/status"  # as trio_bridge._host._endpoint serves it
+from trio_bridge._wire.contract import STATUS_PATH
+
 _RECENT_ERRORS_SHOWN = 5
 
 
@@ -87,21 +88,15 @@ def render(status: dict[str, Any] | None, address: str, error: str | None = None
 def run_top(address: str, *, interval: float, once: bool, console: Console) -> int:
     """``trio-bridge top``: redraw every ``interval`` seconds until Ctrl-C; ``once``: print one
     frame and return. Returns the exit status (1: the pool could not be read, with ``once``)."""
-    def frame() -> tuple[RenderableType, bool]:
-        try:
-            return render(fetch_status(address), address), True
-        except (OSError, ValueError) as exc:
-            return render(None, address, _reason(exc)), False
-
     if once:
-        view, ok = frame()
+        view, ok = _frame(address)
         console.print(view)
         return 0 if ok else 1
-    with Live(frame()[0], console=console, refresh_per_second=4, screen=False) as live:
+    with Live(_frame(address)[0], console=console, refresh_per_second=4, screen=False) as live:
         try:
             while True:
                 time.sleep(interval)
-                live.update(frame()[0])
+                live.update(_frame(address)[0])
         except KeyboardInterrupt:
             return 0
 
@@ -109,16 +104,19 @@ def run_top(address: str, *, interval: float, once: bool, console: Console) -> i
 async def live_view(address: str, *, console: Console, interval: float = 0.5) -> None:
     """The same view inside a Trio program (``trio-bridge run ... --top``), until cancelled;
     the requests run in a thread, so the pool's own work is not held up."""
-    def frame() -> RenderableType:
-        try:
-            return render(fetch_status(address), address)
-        except (OSError, ValueError) as exc:
-            return render(None, address, _reason(exc))
-
-    with Live(await trio.to_thread.run_sync(frame), console=console, refresh_per_second=4, transient=False) as live:
+    first, _ = await trio.to_thread.run_sync(_frame, address)
+    with Live(first, console=console, refresh_per_second=4, transient=False) as live:
         while True:
             await trio.sleep(interval)
-            live.update(await trio.to_thread.run_sync(frame))
+            live.update((await trio.to_thread.run_sync(_frame, address))[0])
+
+
+def _frame(address: str) -> tuple[RenderableType, bool]:
+    """One frame of the view, and whether the pool could be read (else the frame says why)."""
+    try:
+        return render(fetch_status(address), address), True
+    except (OSError, ValueError) as exc:
+        return render(None, address, _reason(exc)), False
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,8 +20,8 @@ _INSTALLED = importlib.util.find_spec("opentelemetry") is not None
 _TRACER_NAME = "trio_bridge"
 
 
-def _tracer() -> Any:
-    """The tracer, or ``None`` when traces are off."""
+def _provider() -> Any:
+    """The program's tracer provider, or ``None`` when traces are off."""
     if not _INSTALLED:
         return None  # no import statement run: the cheapest way off
     from opentelemetry import trace
@@ -30,7 +30,7 @@ def _tracer() -> Any:
     provider = trace.get_tracer_provider()
     if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
         return None  # the program set none: nothing would record
-    return provider.get_tracer(_TRACER_NAME)
+    return provider
 
 
 @contextlib.contextmanager
@@ -39,10 +39,11 @@ def span(name: str, *, kind: str, parent: str = "", attributes: Mapping[str, Any
     block, current in it; a child of ``parent`` (a W3C ``traceparent``) if given, else of the
     current span. Yields the ``traceparent`` to send on (``""`` when traces are off). An
     exception leaving the block is recorded on the span and goes on."""
-    tracer = _tracer()
-    if tracer is None:
+    provider = _provider()
+    if provider is None:
         yield ""
         return
+    tracer = provider.get_tracer(_TRACER_NAME)  # the SDK's takes a lock: only where a span is made
     from opentelemetry.propagate import extract, inject
     from opentelemetry.trace import SpanKind
 
@@ -57,7 +58,7 @@ def span(name: str, *, kind: str, parent: str = "", attributes: Mapping[str, Any
 
 def current_traceparent() -> str:
     """The current span's W3C ``traceparent`` (``""`` when traces are off or there is none)."""
-    if _tracer() is None:
+    if _provider() is None:
         return ""
     from opentelemetry.propagate import inject
 
@@ -68,4 +69,4 @@ def current_traceparent() -> str:
 
 def enabled() -> bool:
     """Traces are on in this process (see the module doc)."""
-    return _tracer() is not None
+    return _provider() is not None

@@ -231,8 +231,7 @@ def tools(
     from trio_bridge._wire.tool_spec import tool_spec
     from trio_bridge.worker._adapter import collect_tools, load_adapter_class
 
-    if os.getcwd() not in sys.path:  # import as the workers of `run` do: the current directory first
-        sys.path.insert(0, os.getcwd())
+    _import_from_cwd()
     try:
         cls = load_adapter_class(adapter)
     except (ImportError, AttributeError, ValueError) as exc:
@@ -292,8 +291,7 @@ def mcp(
     except ImportError as exc:
         err_console.print(f"[red]error[/]: {exc}")
         raise typer.Exit(1) from None
-    if os.getcwd() not in sys.path:  # host tools import as `tools` imports adapters: the current directory first
-        sys.path.insert(0, os.getcwd())
+    _import_from_cwd()
     functions = _load_host_tools(",".join(host_tools or []))
 
     async def main() -> None:
@@ -338,8 +336,7 @@ def worker(
     from trio_bridge._wire.tls import TLSConfig
     from trio_bridge.worker._server import loop_factory, parse_arguments, serve
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _import_from_cwd()
     try:
         with open(token_file, encoding="utf-8") as f:
             token = f.read().strip()
@@ -361,11 +358,7 @@ def worker(
     def announce(address: str) -> None:
         err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
 
-    # The CLI's start-up handlers only record signals (for `run`); this command ends on them.
-    if _cli_signals.received:
-        raise typer.Exit(EXIT_INTERRUPTED if _cli_signals.received[0] == signal.SIGINT else EXIT_TERMINATED)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_on_signals()
 
     try:
         with asyncio.Runner(loop_factory=loop_factory(os.environ)) as runner:  # uvloop where installed
@@ -389,11 +382,7 @@ def top(
     """
     from trio_bridge._top import run_top
 
-    # The CLI's start-up handlers only record signals (for `run`); this command ends on them.
-    if _cli_signals.received:
-        raise typer.Exit(EXIT_INTERRUPTED if _cli_signals.received[0] == signal.SIGINT else EXIT_TERMINATED)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_on_signals()
     code = run_top(address, interval=interval, once=once, console=console)
     if code:
         raise typer.Exit(code)
@@ -545,6 +534,21 @@ async def _call_tool(
         _print_json(await pool.execute(tool, arguments))
     else:
         pprint(await pool.execute(tool, arguments), console=console)
+
+
+def _end_on_signals() -> None:
+    """The CLI's start-up handlers only record signals (for `run`): a command that serves until
+    stopped ends on them instead (and at once if one came already)."""
+    if _cli_signals.received:
+        raise typer.Exit(EXIT_INTERRUPTED if _cli_signals.received[0] == signal.SIGINT else EXIT_TERMINATED)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _import_from_cwd() -> None:
+    """Import adapters and host-tool modules as the workers of `run` do: the current directory first."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _print_json(value: Any) -> None:

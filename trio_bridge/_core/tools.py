@@ -332,7 +332,8 @@ _NUMERIC_ARRAY = {
 }
 _ARRAY_MARK = "x-trio-bridge-numeric-array"  # the generator's placeholder, replaced before anyone sees it
 _GENERATOR: list[Any] = []
-_NOT_JSON = object()
+#: What :func:`json_value` gives for a value that JSON cannot hold.
+NOT_JSON = object()
 
 
 def arguments_schema(parameters: collections.abc.Sequence[ParameterDefinition], *, accepts_any_keyword: bool = False) -> dict[str, Any]:
@@ -380,17 +381,17 @@ def _property_schema(p: ParameterDefinition, defs: dict[str, Any]) -> dict[str, 
         prop = {"anyOf": [prop, {"type": "null"}]}  # ``x: float = None`` takes None: see check_arguments
     if description:
         prop["description"] = description
-    if not p.required and (default := _json_value(p.default)) is not _NOT_JSON:
+    if not p.required and (default := json_value(p.default)) is not NOT_JSON:
         prop["default"] = default
     return prop
 
 
-def _json_value(value: Any) -> Any:
-    """``value`` as JSON holds it (a tuple as a list), or ``_NOT_JSON``."""
+def json_value(value: Any) -> Any:
+    """``value`` as JSON holds it (a tuple as a list), or ``NOT_JSON``."""
     try:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError, RecursionError):
-        return _NOT_JSON
+        return NOT_JSON
 
 
 def _hoist_definitions(prop: dict[str, Any], own: dict[str, Any], defs: dict[str, Any]) -> None:

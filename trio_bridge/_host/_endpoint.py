@@ -19,10 +19,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
+from trio_bridge._wire.contract import METRICS_PATH, STATUS_PATH
 from trio_bridge._wire.transport import parse_address
-
-METRICS_PATH = "/metrics"
-STATUS_PATH = "/status"
 
 
 def checked_metrics_address(address: Any) -> tuple[str, int] | None:
@@ -37,11 +35,9 @@ def checked_metrics_address(address: Any) -> tuple[str, int] | None:
     if not isinstance(address, str):
         raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
     try:
-        scheme, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
+        _, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
     except ValueError as exc:
         raise InvalidArgumentError(f"metrics_address: {exc}") from None
-    if scheme != "tcp" or port is None:
-        raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
     return host, port
 
 

@@ -36,14 +36,6 @@ def default(value: T) -> T:
     return value
 
 
-def _whole(text: str) -> int:
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    return float(text)
-
-
 def _optional_whole(text: str) -> int | None:
     return None if text.lower() in ("none", "off") else int(text)
 
@@ -57,30 +49,26 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _text(text: str) -> str:
-    return text
-
-
 #: option -> (variable, parser); the README's "Configuration from the environment" lists them
 VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "size": ("TRIO_BRIDGE_WORKERS", _whole),
-    "concurrency": ("TRIO_BRIDGE_CONCURRENCY", _whole),
-    "max_queue": ("TRIO_BRIDGE_MAX_QUEUE", _whole),
-    "startup_timeout": ("TRIO_BRIDGE_STARTUP_TIMEOUT", _seconds),
-    "shutdown_timeout": ("TRIO_BRIDGE_SHUTDOWN_TIMEOUT", _seconds),
-    "cancel_grace": ("TRIO_BRIDGE_CANCEL_GRACE", _seconds),
-    "health_check_interval": ("TRIO_BRIDGE_HEALTH_CHECK_INTERVAL", _seconds),
-    "heartbeat_interval": ("TRIO_BRIDGE_HEARTBEAT_INTERVAL", _seconds),
-    "no_worker_timeout": ("TRIO_BRIDGE_NO_WORKER_TIMEOUT", _seconds),
+    "size": ("TRIO_BRIDGE_WORKERS", int),
+    "concurrency": ("TRIO_BRIDGE_CONCURRENCY", int),
+    "max_queue": ("TRIO_BRIDGE_MAX_QUEUE", int),
+    "startup_timeout": ("TRIO_BRIDGE_STARTUP_TIMEOUT", float),
+    "shutdown_timeout": ("TRIO_BRIDGE_SHUTDOWN_TIMEOUT", float),
+    "cancel_grace": ("TRIO_BRIDGE_CANCEL_GRACE", float),
+    "health_check_interval": ("TRIO_BRIDGE_HEALTH_CHECK_INTERVAL", float),
+    "heartbeat_interval": ("TRIO_BRIDGE_HEARTBEAT_INTERVAL", float),
+    "no_worker_timeout": ("TRIO_BRIDGE_NO_WORKER_TIMEOUT", float),
     "transport": ("TRIO_BRIDGE_TRANSPORT", _choice("unix", "tcp")),
     "shared_memory_threshold": ("TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD", _optional_whole),
-    "state": ("TRIO_BRIDGE_STATE", _text),
+    "state": ("TRIO_BRIDGE_STATE", str),
     "start_method": ("TRIO_BRIDGE_START_METHOD", _choice("forkserver", "spawn")),
-    "max_calls_per_worker": ("TRIO_BRIDGE_MAX_CALLS_PER_WORKER", _whole),
-    "max_worker_age": ("TRIO_BRIDGE_MAX_WORKER_AGE", _seconds),
-    "max_worker_memory": ("TRIO_BRIDGE_MAX_WORKER_MEMORY", _whole),
-    "metrics_address": ("TRIO_BRIDGE_METRICS_ADDRESS", _text),
-    "gpus_per_worker": ("TRIO_BRIDGE_GPUS_PER_WORKER", _whole),
+    "max_calls_per_worker": ("TRIO_BRIDGE_MAX_CALLS_PER_WORKER", int),
+    "max_worker_age": ("TRIO_BRIDGE_MAX_WORKER_AGE", float),
+    "max_worker_memory": ("TRIO_BRIDGE_MAX_WORKER_MEMORY", int),
+    "metrics_address": ("TRIO_BRIDGE_METRICS_ADDRESS", str),
+    "gpus_per_worker": ("TRIO_BRIDGE_GPUS_PER_WORKER", int),
 }
 
 
@@ -97,8 +85,11 @@ def with_environment(options: Mapping[str, Any], environ: Mapping[str, str] | No
     """
     environ = os.environ if environ is None else environ
     resolved = dict(options)
+    forgotten = VARIABLES.keys() - resolved.keys()
+    if forgotten:  # a bug of ours: such an option would never read its variable
+        raise TypeError(f"with_environment() needs every option of VARIABLES; missing: {', '.join(sorted(forgotten))}")
     for name, (variable, parse) in VARIABLES.items():
-        if name not in resolved or not left_at_default(resolved[name]):
+        if not left_at_default(resolved[name]):
             continue
         raw = environ.get(variable, "").strip()
         if not raw:

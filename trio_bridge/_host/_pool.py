@@ -803,7 +803,7 @@ async def compose(
             )
             status = partial(
                 pool_status, adapter=adapter, workers=pool.workers, statistics=pool.statistics,
-                recent_errors=lambda: list(metrics.recent_errors), gauges=state.gauges,
+                recent_errors=lambda: metrics.recent_errors, gauges=state.gauges,
             )
             async with (
                 serving(registry, *metrics_address, status) if metrics_address is not None else contextlib.nullcontext(None)

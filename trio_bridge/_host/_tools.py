@@ -15,7 +15,7 @@ from typing import Any, Literal, final, get_args
 
 import trio
 
-from trio_bridge._core.tools import NUMERIC_ARRAY_REF, ToolDefinition, define_tool
+from trio_bridge._core.tools import NOT_JSON, NUMERIC_ARRAY_REF, ToolDefinition, define_tool, json_value
 from trio_bridge._errors import InvalidArgumentError, ToolNotFoundError
 from trio_bridge._util import public_module
 from trio_bridge._wire.codec import decode, encode, short_repr
@@ -131,11 +131,8 @@ def _parameters_schema(text: str, parameters: tuple[ParameterInfo, ...]) -> dict
     properties: dict[str, Any] = {}
     for p in parameters:
         prop: dict[str, Any] = {"description": p.description} if p.description else {}
-        if not p.required:
-            try:
-                prop["default"] = json.loads(json.dumps(p.default, allow_nan=False))
-            except (TypeError, ValueError):
-                pass
+        if not p.required and (default := json_value(p.default)) is not NOT_JSON:
+            prop["default"] = default
         properties[p.name] = prop
     return {"type": "object", "properties": properties, "required": [p.name for p in parameters if p.required]}
 

@@ -16,6 +16,10 @@ meaning, a new required behaviour). Peers of different releases interoperate whi
 
 READY_PREFIX = "TRIO_BRIDGE_READY "
 
+# A pool's HTTP endpoint (open_pool(metrics_address=)), as trio-bridge top reads it.
+METRICS_PATH = "/metrics"  # Prometheus text
+STATUS_PATH = "/status"  # the pool's status as JSON
+
 # Environment variables the host sets for a worker (never argv, which ``ps`` shows).
 SECRET_ENV = "TRIO_BRIDGE_SECRET"
 HOST_ADDRESS_ENV = "TRIO_BRIDGE_HOST_ADDRESS"
@@ -73,7 +77,7 @@ def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_rele
 
 
 __all__ = [
-    "ADAPTER_OPTIONS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE",
-    "READY_PREFIX", "SECRET_ENV", "STREAM_BUFFER", "SECRET_METADATA", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
+    "ADAPTER_OPTIONS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE", "METRICS_PATH",
+    "READY_PREFIX", "SECRET_ENV", "STREAM_BUFFER", "SECRET_METADATA", "STATUS_PATH", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
     "__version__", "incompatibility", "timeout_from_wire", "timeout_to_wire",
 ]
