@@ -53,9 +53,7 @@ from trio_bridge._wire.contract import (
     DEFAULT_WATCH_BUFFER,
     EXIT_ADAPTER_IMPORT,
     EXIT_ADAPTER_SETUP,
-    SECRET_METADATA,
     WATCH_BUFFER_METADATA,
-    WORKER_METADATA,
     timeout_from_wire,
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -188,7 +186,7 @@ class _AdapterWorker(FakeWorker):
         super().__init__(worker_id, slot, spec, workers)
         self._adapter_workers = workers
         self.adapter: Adapter | None = None
-        self._host: _LocalHostClient | None = None
+        self._host: HostClient | None = None
         self._initialized: set[str] = set()  # sessions whose on_session_start ran here
         self._threads = trio.CapacityLimiter(spec.concurrency)  # a worker's thread pool
 
@@ -217,7 +215,10 @@ class _AdapterWorker(FakeWorker):
             heartbeat=parts.supervisor.heartbeat, route_for=parts.route_for,
             count_host_tool_call=parts.metrics.host_tool_call,
         )
-        self._host = _LocalHostClient(_LocalChannel(service, self._running_nursery), self.id)
+        # The worker side's host client (session caches, host tool and routed calls) over the
+        # service in this Trio run; no event loop: Trio.
+        local = cast("Channel", _LocalChannel(service, self._running_nursery))
+        self._host = HostClient("in-process", "", self.id, cast(asyncio.AbstractEventLoop, None), channel=local)
         return None
 
     def _running_nursery(self) -> trio.Nursery:
@@ -426,24 +427,6 @@ class _ServerStream:
         await self._send(message)
 
 
-class _LocalHostClient(HostClient):
-    """The worker side's host client (session caches, host tool and routed calls), over a
-    :class:`_LocalChannel` instead of a gRPC connection."""
-
-    def __init__(self, channel: _LocalChannel, worker_id: str) -> None:  # no super(): it would dial the host
-        self.address = "in-process"
-        self.channel = cast("Channel", channel)
-        self.metadata = {SECRET_METADATA: "", WORKER_METADATA: worker_id}
-        self.stub = pb.HostServiceStub(self.channel, metadata=self.metadata)
-        self.loop = cast(asyncio.AbstractEventLoop, None)  # no event loop: Trio
-        self.worker_id = worker_id
-        self.caches = {}
-        self.refreshes = 0
-
-    def close(self) -> None:
-        pass
-
-
 # ---------------------------------------------------------------------------------------------
 # the context a tool gets
 
@@ -458,7 +441,7 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
     __slots__ = ("_clock", "_nursery", "_scopes", "_token")
 
     def __init__(
-        self, session_id: str, call_id: str, deadline: float | None, link: SessionLink | None, host: _LocalHostClient,
+        self, session_id: str, call_id: str, deadline: float | None, link: SessionLink | None, host: HostClient,
         clock: trio.abc.Clock, token: trio.lowlevel.TrioToken, nursery: Callable[[], trio.Nursery],
     ) -> None:
         super().__init__(session_id, call_id, deadline, link, host)

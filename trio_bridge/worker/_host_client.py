@@ -78,10 +78,13 @@ class HostClient:
     """Calls to the host, from the worker's event loop."""
 
     def __init__(
-        self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop, ssl: SSLContext | None = None
+        self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop, ssl: SSLContext | None = None,
+        *, channel: Channel | None = None,
     ) -> None:
+        """``channel``: one to use instead of dialing ``address`` (``trio_bridge.testing``'s
+        in-process host service)."""
         self.address: str = address
-        self.channel: Channel = open_channel(address, ssl)
+        self.channel: Channel = open_channel(address, ssl) if channel is None else channel
         self.metadata: dict[str, str] = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
         self.stub: pb.HostServiceStub = pb.HostServiceStub(self.channel, metadata=self.metadata)
         self.loop: asyncio.AbstractEventLoop = loop
