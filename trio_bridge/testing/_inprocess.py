@@ -34,7 +34,7 @@ import inspect
 import json
 import sys
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -460,23 +460,9 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
             scope.cancel()
 
     # ---- optimization locks: renewed by a Trio task ----
-    @contextlib.contextmanager
-    def optimizing(self, name: str, *, optimizer_id: str) -> Iterator[Optimization]:
-        link = self._session()
-        if not optimizer_id:
-            raise InvalidArgumentError("an optimizer_id is required")
-        # Neither taking nor releasing the lock is cut short by the call's cancellation: a lock
-        # taken with its reply lost would stay held.
-        _, lease = self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
+    def _renew_lock(self, link: SessionLink, name: str, optimizer_id: str, lease: float) -> Callable[[], object]:
         renewal = trio.from_thread.run_sync(self._keep_lock, link, name, optimizer_id, lease, trio_token=self._token)
-        try:
-            yield Optimization._create(self, name, optimizer_id)
-        finally:
-            trio.from_thread.run_sync(renewal.cancel, trio_token=self._token)
-            try:
-                self._blocking(link.set_optimization(name, optimizer_id, active=False), cancellable=False)
-            except SessionNotFoundError:
-                pass  # the session ended: its locks went with it
+        return lambda: trio.from_thread.run_sync(renewal.cancel, trio_token=self._token)
 
     @contextlib.asynccontextmanager
     async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:

@@ -8,7 +8,7 @@ import fnmatch
 import inspect
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -239,16 +239,22 @@ class SessionContext(metaclass=NoPublicConstructor):
         # Neither taking nor releasing the lock is cut short by the call's cancellation: a lock
         # taken on the host with its reply lost would stay held.
         _, lease = self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
-        renewal = asyncio.run_coroutine_threadsafe(link.keep_optimization(name, optimizer_id, lease), link.client.loop) if lease else None
+        stop_renewing = self._renew_lock(link, name, optimizer_id, lease)
         try:
             yield Optimization._create(self, name, optimizer_id)
         finally:
-            if renewal is not None:
-                renewal.cancel()
+            stop_renewing()
             try:  # not cancelled with the call: the lock must not outlive the block
                 self._blocking(link.set_optimization(name, optimizer_id, active=False), cancellable=False)
             except SessionNotFoundError:
                 pass  # the session ended: its locks went with it
+
+    def _renew_lock(self, link: SessionLink, name: str, optimizer_id: str, lease: float) -> Callable[[], object]:
+        """From a sync tool's thread: renew a held lock in the background (``lease`` seconds; 0:
+        it needs none) until the returned function is called."""
+        if not lease:
+            return lambda: None
+        return asyncio.run_coroutine_threadsafe(link.keep_optimization(name, optimizer_id, lease), link.client.loop).cancel
 
     @asynccontextmanager
     async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:
