@@ -289,6 +289,7 @@ class Supervisor:
         finally:
             self._dispatcher.remove(handle)
             self.retiring.discard(handle)
+            self._successors.discard(handle)  # a replacement started ahead that died: no longer listed
             if self.plane is not None and handle.pid not in (None, os.getpid()) and not handle.remote:
                 self.plane.remove_files_of(handle.pid)
 
@@ -338,9 +339,9 @@ class Supervisor:
             self._successors.discard(successor)
             successor.last_recycle_reason = why
             self.handles[slot] = successor
-            self.retiring.add(handle)
             self._dispatcher.remove(handle)
-            if handle.alive:
+            if handle.alive:  # (one that died meanwhile has had its leftovers done: nothing to list)
+                self.retiring.add(handle)
                 handle.retire(why)
                 self.recycles[kind] += 1
                 _logger.info(
