@@ -1,8 +1,15 @@
-"""Trivial tools for the benchmark harness."""
+"""Trivial tools for the benchmark harness.
+
+This module must not import numpy (or anything else that starts threads at import): its adapter
+``Bench`` is the harness's *trivial* adapter, whose workers the pool forks from its fork server.
+``benchmarks/adapters_numpy.py`` is the same adapter on a module that imports numpy.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 from trio_bridge.worker import Adapter, SessionContext, tool
 
@@ -23,6 +30,17 @@ class Bench(Adapter):
     @tool
     def echo(self, value: object) -> object:
         return value
+
+    @tool
+    def plus_one(self, a: Any, sample_sum: float) -> Any:
+        """A new array ``a + 1``, after checking a sample of what arrived (see ``plus_one``)."""
+        return plus_one(a, sample_sum)
+
+    @tool
+    async def event_loop(self) -> str:
+        """The class of this worker's event loop, e.g. ``"uvloop.Loop"``."""
+        loop = asyncio.get_running_loop()
+        return f"{type(loop).__module__}.{type(loop).__qualname__}"
 
     @tool
     def count(self, n: int):
@@ -69,3 +87,21 @@ class Bench(Adapter):
 
 def noop(x: int = 0) -> int:
     return x
+
+
+#: every SAMPLE_STEP-th element is checked on arrival (a prime stride: it lands on every page offset)
+SAMPLE_STEP = 4093
+
+
+def sample_sum(a: Any) -> float:
+    """The sum of every ``SAMPLE_STEP``-th element of ``a``, in float64: a cheap fingerprint."""
+    return float(a[::SAMPLE_STEP].sum(dtype="float64"))
+
+
+def plus_one(a: Any, expected_sample_sum: float) -> Any:
+    """``a + 1`` (a new array) once a sample of ``a`` matches what the sender computed: in a
+    worker, proof that the bytes arrived; the harness times the same function in-process."""
+    got = sample_sum(a)
+    if got != expected_sample_sum:
+        raise ValueError(f"the array arrived changed: sample sum {got}, sent {expected_sample_sum}")
+    return a + 1

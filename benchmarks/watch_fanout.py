@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 import trio_bridge
-from trio_bridge._state.backend import MemoryBackend
+from trio_bridge import MemoryBackend
 
 ADAPTER = "benchmarks.adapters:Bench"
 

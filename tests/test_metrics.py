@@ -1,13 +1,16 @@
 """Prometheus metrics: what a scrape shows agrees with ``Pool.statistics()``; each pool has its
 ``pool`` label; nothing stays registered, listening or running after the pool closes. Then a
 real pool's HTTP endpoint, with the workers' own figures from their heartbeats and host-tool
-calls."""
+calls; and who may read its ``/status`` (beyond loopback: the pool's token, or an explicit
+``status_public``), while ``/metrics`` stays open to Prometheus."""
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.error
 import urllib.request
+from functools import partial
 
 import pytest
 import trio
@@ -16,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import wait_for
 from trio_bridge import InvalidArgumentError, ToolError, ToolNotFoundError, open_pool
+from trio_bridge._top import fetch_status
 from trio_bridge.testing import open_fake_pool
 
 
@@ -165,3 +169,77 @@ async def test_a_real_pool_serves_its_metrics_with_the_workers_own_figures():
         assert missing.value.code == 404
     with pytest.raises(OSError):  # the server is gone with the pool
         await trio.to_thread.run_sync(get, url)
+
+
+TOKEN = "a-pool-token-of-32-characters-00"
+
+
+def ask(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """``GET url`` (with ``token`` as a bearer): the status code, headers and body, errors included."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+
+async def test_status_beyond_loopback_answers_only_the_pools_token():
+    # bound on every interface, so not loopback, though the test reaches it through 127.0.0.1
+    async with open_fake_pool(
+        {"add": add, "fail": fail}, metrics_address="0.0.0.0:0", token=TOKEN, metrics_registry=CollectorRegistry(),
+    ) as fake:
+        with pytest.raises(ToolError):
+            await fake.pool.execute("fail", {"message": "the password is hunter2"})
+        assert fake.pool.metrics_address is not None and fake.pool.metrics_address.startswith("0.0.0.0:")
+        here = f"127.0.0.1:{fake.pool.metrics_address.rpartition(':')[2]}"
+        for token in (None, "a-wrong-token-of-32-characters-0", TOKEN[:-1]):
+            code, headers, body = await trio.to_thread.run_sync(ask, f"http://{here}/status", token)
+            assert code == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+            assert b"hunter2" not in body and b"Authorization: Bearer" in body
+        code, _, body = await trio.to_thread.run_sync(ask, f"http://{here}/status", TOKEN)
+        assert code == 200
+        assert "hunter2" in json.loads(body)["recent_errors"][0]["error"]
+        code, _, body = await trio.to_thread.run_sync(ask, f"http://{here}/metrics")  # Prometheus needs no token
+        assert code == 200 and b"trio_bridge_calls_total" in body
+        # what trio-bridge top reads with
+        assert (await trio.to_thread.run_sync(partial(fetch_status, here, token=TOKEN)))["adapter"]
+        with pytest.raises(PermissionError, match=r"401 Unauthorized.*--token-file"):
+            await trio.to_thread.run_sync(fetch_status, here)
+        with pytest.raises(PermissionError, match="refused this token"):
+            await trio.to_thread.run_sync(partial(fetch_status, here, token="a-wrong-token-of-32-characters-0"))
+
+
+async def test_status_on_loopback_or_made_public_needs_no_token(monkeypatch):
+    async with (
+        open_fake_pool({"add": add}, metrics_address="127.0.0.1:0", token=TOKEN, metrics_registry=CollectorRegistry()) as local,
+        open_fake_pool({"add": add}, metrics_address="0.0.0.0:0", status_public=True, metrics_registry=CollectorRegistry()) as public,
+    ):
+        for fake in (local, public):
+            assert fake.pool.metrics_address is not None
+            code, _, body = await trio.to_thread.run_sync(
+                ask, f"http://127.0.0.1:{fake.pool.metrics_address.rpartition(':')[2]}/status",
+            )
+            assert code == 200 and json.loads(body)["workers"]
+    monkeypatch.setenv("TRIO_BRIDGE_STATUS_PUBLIC", "1")  # a deployment opts out without touching the program
+    open_pool("tests.adapters:Echo", metrics_address="0.0.0.0:9464")  # checked at once; not entered
+    monkeypatch.setenv("TRIO_BRIDGE_STATUS_PUBLIC", "maybe")
+    with pytest.raises(InvalidArgumentError, match="TRIO_BRIDGE_STATUS_PUBLIC='maybe'"):
+        open_pool("tests.adapters:Echo", metrics_address="0.0.0.0:9464")
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9464", ":::9464", "192.0.2.7:9464", "metrics.example.com:9464"])
+async def test_status_beyond_loopback_without_a_token_is_refused_saying_how_to_fix_it(address, monkeypatch):
+    monkeypatch.delenv("TRIO_BRIDGE_STATUS_PUBLIC", raising=False)
+    with pytest.raises(InvalidArgumentError) as refused:
+        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address):
+            pytest.fail("the pool opened")
+    message = str(refused.value)
+    assert "not loopback" in message and "token=" in message and "127.0.0.1" in message and "status_public=True" in message
+    with pytest.raises(InvalidArgumentError, match="at least 16 characters"):
+        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address, token="short"):
+            pytest.fail("the pool opened")
+    with pytest.raises(InvalidArgumentError, match="status_public must be True or False"):
+        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address, status_public="yes"):  # type: ignore[arg-type]
+            pytest.fail("the pool opened")

@@ -24,6 +24,7 @@ def _remote_worker(tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTE
     """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell)."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # trio-bridge worker refuses a token file others may read
     address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
     options = ("--concurrency", "2", *(["--join", join] if join else []))
     return RemoteWorkerProcess(adapter, address, token_file, certificates=certs, options=options, cwd=str(ROOT))

@@ -103,6 +103,40 @@ async def test_top_cannot_read_a_pool_that_is_not_there():
     assert "cannot read the pool" in result.stdout.decode()
 
 
+async def test_top_reads_a_pool_beyond_loopback_with_its_token(tmp_path):
+    token = "a-pool-token-of-32-characters-00"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRIO_BRIDGE_TOKEN", "TRIO_BRIDGE_TOKEN_FILE")}
+    env["COLUMNS"] = "400"
+
+    async def top(*options: str, extra: dict[str, str] | None = None) -> tuple[int, str]:
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_bridge", "top", here, "--once", *options],
+            capture_stdout=True, capture_stderr=True, check=False, env={**env, **(extra or {})},
+        )
+        return result.returncode, (result.stdout + result.stderr).decode()
+
+    # bound on every interface (not loopback), reached through 127.0.0.1
+    async with open_pool("tests.adapters:Echo", size=1, metrics_address="0.0.0.0:0", token=token) as pool:
+        assert pool.metrics_address is not None
+        here = f"127.0.0.1:{pool.metrics_address.rpartition(':')[2]}"
+        (worker,) = pool.workers()
+        code, text = await top("--token-file", str(token_file))
+        assert code == 0 and "workers 1/1 ready" in text and str(worker.pid) in text
+        code, text = await top(extra={"TRIO_BRIDGE_TOKEN": token})
+        assert code == 0 and "workers 1/1 ready" in text
+        code, text = await top()
+        assert code == 1 and "401 Unauthorized" in text and "--token-file" in text and "TRIO_BRIDGE_TOKEN" in text
+        assert str(worker.pid) not in text
+        code, text = await top(extra={"TRIO_BRIDGE_TOKEN": "a-wrong-token-of-32-characters-0"})
+        assert code == 1 and "refused this token" in text
+        token_file.chmod(0o640)  # like ssh with a key: a token others may read is refused
+        code, text = await top("--token-file", str(token_file))
+        assert code == 2 and "chmod 600" in text and str(worker.pid) not in text
+
+
 async def test_top_draws_a_live_pool_in_a_terminal_and_quits_on_ctrl_c():
     async with open_pool("tests.adapters:Echo", size=2, metrics_address="127.0.0.1:0") as pool:
         assert pool.metrics_address is not None

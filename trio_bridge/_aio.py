@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from ssl import SSLContext
 from typing import Any, NoReturn, TypeVar
@@ -233,12 +233,14 @@ class Boundary:
 
     @asynccontextmanager
     async def serve(
-        self, services: list[Any], address: str, secret: str, ssl: SSLContext | None = None
+        self, services: list[Any], address: str, secret: str, ssl: SSLContext | None = None,
+        allowed_uids: Collection[int] = (),
     ) -> AsyncIterator[str]:
         """Serve grpclib ``services`` on ``address`` (``"unix:..."``, or ``"tcp:HOST:PORT"``
         with TLS when ``ssl`` is a server context; port 0: any free one) for the block's
-        duration; yields the address it listens on."""
-        server, health = new_server(services, secret)
+        duration; yields the address it listens on. On a Unix socket, peers of another uid
+        than ours, root's and ``allowed_uids`` are refused (see ``new_server``)."""
+        server, health = new_server(services, secret, allowed_uids=allowed_uids)
         scheme, where, port = parse_address(address)
         if scheme == "unix":
             await self.run(server.start(path=where))

@@ -3,8 +3,8 @@
 Errors are grouped by what the caller can do about them (httpcore-style):
 
 * the pool refused the call: :class:`PoolSaturatedError` (retry later), :class:`PoolClosedError`;
-* the call was wrong: :class:`ToolNotFoundError`, :class:`InvalidArgumentError`,
-  :class:`EncodeError` (fix the call);
+* the call was wrong: :class:`ToolNotFoundError`, :class:`InvalidArgumentError`
+  (:class:`NotAllowedError`: outside an allowlist), :class:`EncodeError` (fix the call);
 * the tool ran and failed: :class:`ToolError` (remote type, message and traceback);
 * a worker went away: :class:`WorkerStartError`, :class:`WorkerCrashedError`.
 
@@ -67,6 +67,18 @@ class SessionExistsError(InvalidArgumentError):
 
     A subclass of :class:`InvalidArgumentError` (so old ``except`` clauses still catch it), but
     distinct from a malformed id, ttl or metadata, which raise a plain ``InvalidArgumentError``.
+    """
+
+
+class NotAllowedError(InvalidArgumentError):
+    """The ``PythonAdapter``'s allowlist refused what a call reaches: a module, class or function
+    outside the allowed module trees (``adapter_options={"allow": [...]}``), met on the way to the
+    target, as the target, as a stored argument, or as the result.
+
+    The message names the module that is not allowed and how to allow it. Raised before the
+    target runs, except for a refused result: then the call ran, and its result was neither
+    returned nor stored. A subclass of :class:`InvalidArgumentError` (fix the call, or the pool's
+    allowlist).
     """
 
 

@@ -29,17 +29,33 @@ def status_url(address: str) -> str:
     return f"http://{address.removeprefix('tcp:').removeprefix('//')}{STATUS_PATH}"
 
 
-def fetch_status(address: str, timeout: float = 2.0) -> dict[str, Any]:
-    """The pool's ``/status`` document.
+def fetch_status(address: str, timeout: float = 2.0, token: str | None = None) -> dict[str, Any]:
+    """The pool's ``/status`` document, asked with ``token`` as a bearer where given (a pool
+    beyond loopback asks for its ``open_pool(token=)``).
 
     Raises:
+        PermissionError: the pool answered 401: it wants a token, or another one.
         OSError: it cannot be reached (``urllib.error.URLError`` is one), or did not answer with
             a status document.
     """
-    with urllib.request.urlopen(status_url(address), timeout=timeout) as response:
-        document = json.loads(response.read())
+    url = status_url(address)
+    request = urllib.request.Request(url)
+    if token is not None:  # unredirected: a redirect elsewhere does not carry it along
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            document = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401:
+            raise
+        exc.close()
+        raise PermissionError(
+            f"{url} answered 401 Unauthorized: "
+            + ("the pool refused this token (is it the pool's open_pool(token=...)?)" if token is not None else
+               "the pool wants its token: give --token-file FILE (owner-only) or set TRIO_BRIDGE_TOKEN")
+        ) from None
     if not isinstance(document, dict) or "workers" not in document:
-        raise OSError(f"{status_url(address)} did not answer with a trio-bridge status")
+        raise OSError(f"{url} did not answer with a trio-bridge status")
     return document
 
 
@@ -85,18 +101,19 @@ def render(status: dict[str, Any] | None, address: str, error: str | None = None
     return Group(*parts)
 
 
-def run_top(address: str, *, interval: float, once: bool, console: Console) -> int:
+def run_top(address: str, *, interval: float, once: bool, console: Console, token: str | None = None) -> int:
     """``trio-bridge top``: redraw every ``interval`` seconds until Ctrl-C; ``once``: print one
-    frame and return. Returns the exit status (1: the pool could not be read, with ``once``)."""
+    frame and return. ``token``: sent as a bearer (see :func:`fetch_status`). Returns the exit
+    status (1: the pool could not be read, with ``once``)."""
     if once:
-        view, ok = _frame(address)
+        view, ok = _frame(address, token)
         console.print(view)
         return 0 if ok else 1
-    with Live(_frame(address)[0], console=console, refresh_per_second=4, screen=False) as live:
+    with Live(_frame(address, token)[0], console=console, refresh_per_second=4, screen=False) as live:
         try:
             while True:
                 time.sleep(interval)
-                live.update(_frame(address)[0])
+                live.update(_frame(address, token)[0])
         except KeyboardInterrupt:
             return 0
 
@@ -111,10 +128,10 @@ async def live_view(address: str, *, console: Console, interval: float = 0.5) ->
             live.update((await trio.to_thread.run_sync(_frame, address))[0])
 
 
-def _frame(address: str) -> tuple[RenderableType, bool]:
+def _frame(address: str, token: str | None = None) -> tuple[RenderableType, bool]:
     """One frame of the view, and whether the pool could be read (else the frame says why)."""
     try:
-        return render(fetch_status(address), address), True
+        return render(fetch_status(address, token=token), address), True
     except (OSError, ValueError) as exc:
         return render(None, address, _reason(exc)), False
 

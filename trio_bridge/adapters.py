@@ -16,22 +16,30 @@ worker, strictly), are listed by ``list_stored``, fetched by ``retrieve`` when t
 encoded, dropped by ``delete_stored`` and when the session ends. Arguments may name a stored
 object as ``{"$stored": "name"}``. This is the seeds' ``Snakepit.Python`` (call a dotted path,
 keep named objects, call their methods, run a pipeline), restricted by an allowlist of module
-prefixes and with no access to private attributes.
+trees that bounds every object a call reaches (see :class:`PythonAdapter`), and with no access
+to private attributes.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import sys
 import threading
+import types
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
+from trio_bridge._errors import EncodeError, InvalidArgumentError, NotAllowedError, TrioBridgeError
 from trio_bridge._wire.codec import check
 from trio_bridge.worker import Adapter, SessionContext, tool
 
 __all__ = ["PythonAdapter", "StoredObjectNotFoundError"]
 
 STORED_PREFIX = "stored."
+# functools' C cache wrapper class, named without its private name: what it calls is checked
+_LRU_CACHE_WRAPPER: type = type(functools.lru_cache(maxsize=None)(len))
 _REFERENCE = "$stored"
 
 
@@ -46,15 +54,60 @@ class PythonAdapter(Adapter):
     """Call functions, classes and methods by dotted path; keep results as named objects.
 
     Options (``open_pool(..., adapter_options={...})``):
-        allow: module prefixes that may be used, e.g. ``["numpy", "sklearn.linear_model"]``
-            (``"numpy"`` allows ``numpy.linalg.norm``, not ``numpyx``). Default: none.
+        allow: the module trees that may be used, e.g. ``["numpy", "sklearn.linear_model"]``
+            (``"numpy"`` allows ``numpy`` and its submodules, not ``numpyx``). Default: none.
+
+    The allowlist bounds what a call *reaches*, not how its target is spelt. A target is
+    resolved one attribute at a time, and every object met on the way, the target, each
+    ``{"$stored": name}`` argument (with what it holds) and each result (before it is returned
+    or stored; the call has run then) must belong to an allowed module tree:
+
+    - a module by its name; a class by its ``__module__``; a function by the module that
+      defines it (``__module__``; for a C function also the module it is bound to, for a
+      method the class that defines it and the object it is bound to); any other object by
+      its class (and the class that defines its ``__call__``);
+    - plain data belongs to no module and always passes: ``None``, bools, numbers, ``str``,
+      ``bytes``, lists, tuples, dicts and sets of passing objects, NumPy arrays and scalars
+      (an object array by its items). Its methods are its type's: ``list.append`` and
+      ``str.format`` are ``builtins``, ``ndarray.sum`` is ``numpy``;
+    - reading an attribute that would run code (a property, another descriptor, a class's
+      ``__getattr__`` or ``__getattribute__``) is refused *before* it runs when that code is
+      outside (the descriptors of ``enum``, ``functools`` and ``types`` are the language's:
+      the function they wrap is checked instead);
+    - private and dunder names (a leading ``_``) are refused in every path.
+
+    So ``numpy`` does not lead to the ``os``, ``subprocess``, ``sys`` or ``builtins`` it
+    imports; ``eval``, ``exec``, ``compile``, ``open``, ``getattr``, ``__import__``... are
+    refused unless ``builtins`` itself is allowed (which allows any code); a method an allowed
+    class inherits from another tree is refused (allow ``sklearn``, not just
+    ``sklearn.linear_model``, for ``score``, which ``sklearn.base`` defines); and neither a stored object nor a result can
+    hand out a way round. A private C module counts as its public one (``_json`` as ``json``,
+    ``posix`` as ``os``). A refusal raises :class:`~trio_bridge.NotAllowedError` naming the
+    module that is not allowed and how to allow it.
+
+    What it does not protect: what allowed modules do themselves. The allowlist is not a
+    sandbox: a caller may do whatever the allowed trees offer, and an allowed function may do
+    anything inside. Allowing ``numpy`` allows ``numpy.save`` and ``ndarray.tofile`` (write
+    any file the worker may), ``numpy.load(..., allow_pickle=True)`` (unpickle, which runs
+    code: with ``tofile``, a way to run anything), ``numpy.ctypeslib.load_library`` and
+    ``numpy.f2py`` (compilers). Allow the narrowest trees that do the job (``numpy.linalg``
+    rather than ``numpy``: arrays are data either way) before handing the pool to a caller
+    you do not trust (an LLM's tool calls, a network client). Trusted as they report
+    themselves: ``__module__`` (NumPy's functions say ``numpy``), a module's own
+    ``__getattr__``, and the code an allowed object runs once called (its metaclass, base
+    classes, internals). Naming a submodule of an allowed tree imports it, running its
+    import-time code.
     """
 
     def setup(self) -> None:
         allow = self.options.get("allow", [])
-        if isinstance(allow, str) or not all(isinstance(a, str) and a for a in allow):
-            raise ValueError("PythonAdapter option 'allow' must be a list of module names")
+        if isinstance(allow, str) or not isinstance(allow, list | tuple) or not all(_is_dotted(a) for a in allow):
+            raise ValueError(
+                f"PythonAdapter option 'allow' must be a list of module names like 'numpy' or "
+                f"'sklearn.linear_model', not {allow!r}"
+            )
         self.allow: tuple[str, ...] = tuple(allow)
+        self._allowlist = _Allowlist(self.allow)
         self._stores: dict[str, dict[str, Any]] = {}  # session id -> name -> object
         self._lock = threading.Lock()
 
@@ -75,6 +128,10 @@ class PythonAdapter(Adapter):
             kwargs: keyword arguments.
             store_as: keep the result in the worker under this name (needs a session) and
                 return ``{"stored": name, "type": "module.Class"}`` instead of the result.
+
+        Raises:
+            NotAllowedError: the target, an object on the way to it, a stored argument or the
+                result is outside the allowed modules.
         """
         return self._run(ctx, {"call": target, "args": args or [], "kwargs": kwargs or {}, "store_as": store_as})
 
@@ -100,7 +157,9 @@ class PythonAdapter(Adapter):
     @tool
     def retrieve(self, ctx: SessionContext, name: str) -> Any:
         """The stored object itself (it must be encodable: arrays, numbers, lists, dicts...)."""
-        value = self._store(ctx)[self._check_stored(ctx, name)]
+        store = self._store(ctx)
+        value = store[_check_stored(store, name)]
+        self._allowlist.check_value(value, f"stored object {name!r}")
         return self._encodable(value, f"stored object {name!r}")
 
     @tool
@@ -124,61 +183,70 @@ class PythonAdapter(Adapter):
                 raise InvalidArgumentError("store_as keeps objects per session: call it in a session")
             if not isinstance(store_as, str) or not store_as.isidentifier():
                 raise InvalidArgumentError(f"store_as must be an identifier, not {store_as!r}")
-        obj = self._resolve(ctx, target)
-        args = [self._dereference(ctx, a) for a in args]
-        kwargs = {k: self._dereference(ctx, v) for k, v in kwargs.items()}
+        store = self._store(ctx)
+        obj = self._resolve(target, store)
+        args = [self._dereference(store, a, f"argument {i}") for i, a in enumerate(args)]
+        kwargs = {k: self._dereference(store, v, f"argument {k!r}") for k, v in kwargs.items()}
         if callable(obj):
             result = obj(*args, **kwargs)
         elif args or kwargs:
             raise InvalidArgumentError(f"{target!r} is not callable ({_type_name(obj)}), so it takes no arguments")
         else:
             result = obj
+        self._allowlist.check_value(result, f"the result of {target!r}", ran=callable(obj))
         if store_as is not None:
             self._store(ctx)[store_as] = result
             return {"stored": store_as, "type": _type_name(result)}
         return self._encodable(result, f"the result of {target!r}")
 
-    def _resolve(self, ctx: SessionContext, target: str) -> Any:
+    def _resolve(self, target: str, store: Mapping[str, Any]) -> Any:
+        """The object ``target`` names, checked at every step (see the class docstring).
+
+        Raises:
+            InvalidArgumentError: a malformed target, or a missing attribute.
+            NotAllowedError: the target or an object on the way is outside the allowlist.
+            StoredObjectNotFoundError: ``stored.NAME`` names no stored object.
+        """
         if not isinstance(target, str) or not target:
             raise InvalidArgumentError("the target must be a dotted path")
         parts = target.split(".")
         if any(not p.isidentifier() or p.startswith("_") for p in parts):
             raise InvalidArgumentError(f"{target!r}: each part must be a public identifier (no leading '_')")
+        allowlist = self._allowlist
         if target.startswith(STORED_PREFIX):
-            obj = self._store(ctx)[self._check_stored(ctx, parts[1])]
-            return _walk(obj, parts[2:], target)
-        if not any(target == a or target.startswith(a + ".") for a in self.allow):
-            hint = f"allowed: {', '.join(self.allow)}" if self.allow else "no module is allowed yet"
-            raise PermissionError(
-                f"{target!r} is outside the allowed modules ({hint}); open the pool with "
-                f"adapter_options={{'allow': ['{parts[0]}', ...]}} to allow it"
-            )
+            path = f"stored.{parts[1]}"
+            obj = store[_check_stored(store, parts[1])]
+            allowlist.check(obj, f"{target!r}: {path} is")
+            return allowlist.walk(obj, parts[2:], path, target)
+        outside = allowlist.outside_prefix(parts)
+        if outside is not None:
+            raise allowlist.refusal(f"{target!r} is in the module {outside!r}", outside, named=True)
         for split in range(len(parts), 0, -1):  # the longest importable module prefix
             module_name = ".".join(parts[:split])
+            if not allowlist.inside(module_name):
+                break  # import nothing outside the allowed trees
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
                 if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
                     continue  # not a module (yet): try a shorter prefix
                 raise
-            return _walk(module, parts[split:], target)
+            allowlist.check(module, f"{target!r}: {module_name} is")
+            return allowlist.walk(module, parts[split:], module_name, target)
         raise InvalidArgumentError(f"cannot import any module of {target!r}")
 
     def _store(self, ctx: SessionContext) -> dict[str, Any]:
         with self._lock:
             return self._stores.setdefault(ctx.session_id, {})
 
-    def _check_stored(self, ctx: SessionContext, name: str) -> str:
-        if name not in self._store(ctx):
-            raise StoredObjectNotFoundError(
-                f"no stored object named {name!r} in this session on this worker "
-                f"(stored: {', '.join(sorted(self._store(ctx))) or 'none'})"
-            )
-        return name
-
-    def _dereference(self, ctx: SessionContext, value: Any) -> Any:
+    def _dereference(self, store: Mapping[str, Any], value: Any, what: str) -> Any:
         if isinstance(value, dict) and set(value) == {_REFERENCE}:
-            return self._store(ctx)[self._check_stored(ctx, value[_REFERENCE])]
+            name = value[_REFERENCE]
+            if not isinstance(name, str):
+                raise InvalidArgumentError(f"{what}: {{{_REFERENCE!r}: name}} needs a str name, not {type(name).__name__}")
+            stored = store[_check_stored(store, name)]
+            self._allowlist.check_value(stored, f"{what}, stored object {name!r},")
+            return stored
         return value
 
     @staticmethod
@@ -190,15 +258,375 @@ class PythonAdapter(Adapter):
         return value
 
 
-def _walk(obj: Any, attributes: list[str], target: str) -> Any:
-    for attribute in attributes:
-        try:
-            obj = getattr(obj, attribute)
-        except AttributeError:
-            raise InvalidArgumentError(f"{target!r}: {_type_name(obj)} has no attribute {attribute!r}") from None
-    return obj
+def _check_stored(store: Mapping[str, Any], name: str) -> str:
+    if name not in store:
+        raise StoredObjectNotFoundError(
+            f"no stored object named {name!r} in this session on this worker "
+            f"(stored: {', '.join(sorted(store)) or 'none'})"
+        )
+    return name
 
 
 def _type_name(value: Any) -> str:
+    return _qualified(type(value))
+
+
+def _is_module(name: str) -> bool:
+    """Whether ``name`` is a module (its parent package, above an allowed tree, is imported)."""
+    try:
+        return name in sys.modules or importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _is_dotted(name: object) -> bool:
+    return isinstance(name, str) and all(part.isidentifier() for part in name.split("."))
+
+
+# ---------------------------------------------------------------------------------------------
+# The allowlist: which module an object belongs to, found without running the object's code.
+# Type-level facts are read through ``type``'s own descriptors and class dicts, never through
+# an attribute lookup a class could override; an object's own attributes only through C slots.
+
+_TYPE_MRO = type.__dict__["__mro__"]
+_TYPE_DICT = type.__dict__["__dict__"]
+_TYPE_MODULE = type.__dict__["__module__"]
+_TYPE_QUALNAME = type.__dict__["__qualname__"]
+_GENERIC_ORIGIN = types.GenericAlias.__dict__["__origin__"]
+_PARTIAL_FIELDS = tuple(functools.partial.__dict__[f] for f in ("func", "args", "keywords"))
+_SLOTS = (types.GetSetDescriptorType, types.MemberDescriptorType)
+_C_DESCRIPTORS = (
+    types.MethodDescriptorType, types.ClassMethodDescriptorType, types.WrapperDescriptorType,
+    types.GetSetDescriptorType, types.MemberDescriptorType,
+)
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_DATA = _SCALARS | {bytearray, list, tuple, dict, set, frozenset, range, type(...), type(NotImplemented)}
+_CONTAINERS = (list, tuple, set, frozenset)
+_MACHINERY = frozenset({"enum", "functools", "types"})  # descriptors of the language's own
+_MAX_DEPTH = 12  # an object reached only through more wrappers than this is refused, unknown
+# Modules whose objects are another module's, under a private or platform name.
+_ALIASES = {
+    "posix": "os", "nt": "os", "posixpath": "os.path", "ntpath": "os.path", "_thread": "threading",
+    "_sre": "re", "_collections_abc": "collections.abc", "_pydecimal": "decimal",
+    "_pydatetime": "datetime", "_pyio": "io", "_frozen_importlib": "importlib",
+    "_frozen_importlib_external": "importlib",
+}
+
+
+def _canonical(module: str) -> str:
+    """``module`` under its public name: ``_json`` -> ``json``, ``posix.x`` -> ``os.x``."""
+    top, dot, rest = module.partition(".")
+    if top in _ALIASES:
+        top = _ALIASES[top]
+    elif top.startswith("_") and not top.startswith("__"):
+        top = top[1:]  # a C accelerator (_json, _decimal, _heapq...) is its public module's
+    return top + dot + rest
+
+
+class _Allowlist:
+    """The allowed module trees, and the checks of what a call reaches against them."""
+
+    def __init__(self, allow: tuple[str, ...]) -> None:
+        self.allow = allow
+        self._trees = tuple(sorted({_canonical(a) for a in allow}))
+
+    def inside(self, module: str) -> bool:
+        name = _canonical(module)
+        return any(name == tree or name.startswith(tree + ".") for tree in self._trees)
+
+    def outside_prefix(self, parts: list[str]) -> str | None:
+        """The first prefix of a dotted path that is neither inside an allowed tree nor above
+        one (``sklearn.base`` of ``sklearn.base.clone`` when only ``sklearn.linear_model`` is
+        allowed), or None."""
+        for end in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:end])
+            if self.inside(prefix):
+                return None
+            name = _canonical(prefix)
+            if not any(tree.startswith(name + ".") for tree in self._trees):
+                return prefix if end == 1 or _is_module(prefix) else ".".join(parts[: end - 1])
+        return ".".join(parts)
+
+    def check(self, obj: Any, subject: str) -> None:
+        """Refuse ``obj`` unless it belongs to an allowed tree (or is plain data); ``subject``
+        starts the message: ``"'numpy.f2py.os': numpy.f2py.os is"``."""
+        for origin in _origins(obj):
+            if origin is None or not self.inside(origin):
+                raise self.refusal(f"{subject} {_describe(obj)}", origin, obj)
+
+    def walk(self, obj: Any, attributes: list[str], path: str, target: str) -> Any:
+        """Follow ``attributes`` from ``obj`` (found at ``path``), checking before each lookup
+        that it runs no code from outside, and each object it yields."""
+        for attribute in attributes:
+            for origin in _lookup_origins(obj, attribute):
+                if origin is None or not self.inside(origin):
+                    raise self.refusal(f"{target!r}: reading {path}.{attribute} runs code", origin)
+            try:
+                obj = getattr(obj, attribute)
+            except AttributeError:
+                raise InvalidArgumentError(f"{target!r}: {_describe(obj)} has no attribute {attribute!r}") from None
+            path = f"{path}.{attribute}"
+            self.check(obj, f"{target!r}: {path} is")
+        return obj
+
+    def check_value(self, value: Any, what: str, *, ran: bool = False) -> None:
+        """:meth:`check` ``value`` and all it holds as data (container items, object arrays'
+        items): what is stored, passed or returned."""
+        numpy = sys.modules.get("numpy")
+        stack, seen = [value], {}  # seen keeps what it holds alive, so ids are not reused
+        while stack:
+            item = stack.pop()
+            if type(item) in _SCALARS or id(item) in seen:
+                continue
+            seen[id(item)] = item
+            for origin in _origins(item):
+                if origin is None or not self.inside(origin):
+                    held = "is" if item is value else "holds"
+                    done = "; the call ran, and its result was neither returned nor stored" if ran else ""
+                    raise self.refusal(f"{what} {held} {_describe(item)}", origin, item, done)
+            cls = type(item)
+            if issubclass(cls, dict):
+                stack.extend(dict.keys(item))
+                stack.extend(dict.values(item))
+            elif issubclass(cls, _CONTAINERS):
+                base = next(c for c in _CONTAINERS if issubclass(cls, c))
+                stack.extend(base.__iter__(item))
+            elif numpy is not None and issubclass(cls, numpy.ndarray | numpy.void):
+                array = issubclass(cls, numpy.ndarray)
+                dtype = (numpy.ndarray if array else numpy.generic).dtype.__get__(item)
+                if numpy.dtype.hasobject.__get__(dtype):  # its items are any objects: check them
+                    stack.append(numpy.ndarray.tolist(item) if array else numpy.void.item(item))
+
+    def refusal(self, subject: str, origin: str | None, obj: Any = None, tail: str = "", *, named: bool = False) -> NotAllowedError:
+        """The error for ``subject`` (``"'x.y': x.y is the function f"``), from module ``origin``
+        (None: unknown), naming the module and how to allow it; ``named``: subject names it."""
+        allowed = ", ".join(self.allow) if self.allow else "none yet"
+        if origin is None:
+            return NotAllowedError(
+                f"{subject}, and which module defines it cannot be told, so the allowlist refuses it "
+                f"(allowed: {allowed}){tail}"
+            )
+        public = _canonical(origin)
+        where = "" if named or issubclass(type(obj), types.ModuleType) else (
+            f", from module {origin!r}" if public == origin else f", from module {origin!r} (part of {public!r})"
+        )
+        if public.partition(".")[0] == "builtins":
+            how = (
+                "builtins (eval, exec, open, getattr, __import__...) are refused unless 'builtins' itself is "
+                "allowed, which lets callers run any code"
+            )
+        else:
+            how = (
+                f"to allow it, open the pool with adapter_options={{'allow': [..., {public!r}]}} "
+                f"(callers may then use all that {public!r} offers)"
+            )
+        return NotAllowedError(f"{subject}{where}, outside the allowed modules ({allowed}); {how}{tail}")
+
+
+def _mro(cls: type) -> tuple[type, ...]:
+    return _TYPE_MRO.__get__(cls)
+
+
+def _find(cls: type, name: str) -> tuple[type, Any] | None:
+    """Where ``name`` is defined on ``cls``'s MRO, as (the defining class, the raw value)."""
+    for klass in _mro(cls):
+        namespace = _TYPE_DICT.__get__(klass)
+        if name in namespace:
+            return klass, namespace[name]
+    return None
+
+
+def _class_module(cls: type) -> str | None:
+    try:
+        module = _TYPE_MODULE.__get__(cls)
+    except AttributeError:
+        return None
+    return module if type(module) is str else None
+
+
+def _qualified(cls: type) -> str:
+    module, name = _class_module(cls), _TYPE_QUALNAME.__get__(cls)
+    return name if module in (None, "builtins") else f"{module}.{name}"
+
+
+def _instance_dict(obj: Any) -> dict[str, Any] | None:
+    """``obj.__dict__`` when a C slot holds it (no code of the object's class runs)."""
+    found = _find(type(obj), "__dict__")
+    if found is None or type(found[1]) not in _SLOTS:
+        return None
+    namespace = found[1].__get__(obj, type(obj))
+    return namespace if type(namespace) is dict else None
+
+
+def _own_module(obj: Any) -> str | None:
+    """The ``__module__`` ``obj`` carries itself, as functions and function-like objects do (C,
+    Cython and NumPy functions, ufuncs, caches' wrappers), rather than its class's."""
+    found = _find(type(obj), "__module__")
+    if found is not None and type(found[1]) in _SLOTS:
+        module = found[1].__get__(obj, type(obj))
+    else:
+        namespace = _instance_dict(obj)
+        module = namespace.get("__module__") if namespace is not None else None
+    return module if type(module) is str else None
+
+
+def _is_data(obj: Any) -> bool:
+    cls = type(obj)
+    if cls in _DATA:
+        return True
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and (
+        cls is numpy.ndarray or (issubclass(cls, numpy.generic) and _class_module(cls) == "numpy")
+    )
+
+
+def _defining_module(owner: Any, name: str) -> str | None:
+    """The module of the class that defines the method ``name`` bound to ``owner``."""
+    classes = _mro(type(owner))
+    if issubclass(type(owner), type):
+        classes = _mro(owner) + classes  # a class method, or the metaclass's (type.mro)
+    for klass in classes:
+        if name in _TYPE_DICT.__get__(klass):
+            return _class_module(klass)
+    return None
+
+
+def _origins(obj: Any, depth: int = 0) -> Iterator[str | None]:
+    """The modules ``obj`` belongs to (None: cannot be told), lazily: a caller that stops at
+    the first one outside reads nothing more of it."""
+    if depth > _MAX_DEPTH:
+        yield None
+        return
+    cls = type(obj)
+    if _is_data(obj):
+        return
+    if issubclass(cls, types.ModuleType):
+        if cls is not types.ModuleType:
+            yield _class_module(cls)
+        namespace = _instance_dict(obj)
+        name = namespace.get("__name__") if namespace is not None else None
+        yield name if type(name) is str else None
+    elif issubclass(cls, type):
+        yield _class_module(obj)
+    elif cls is types.BuiltinFunctionType:
+        owner = obj.__self__
+        if owner is None or issubclass(type(owner), types.ModuleType):  # a module's C function
+            if owner is not None:
+                yield from _origins(owner, depth + 1)
+            yield _own_module(obj)
+        else:  # a C method bound to a class or an instance (builtins' data types' included)
+            yield from _origins(owner, depth + 1)
+            yield _defining_module(owner, obj.__name__)
+    elif cls is types.MethodType or cls is types.MethodWrapperType:
+        yield from _origins(obj.__self__, depth + 1)
+        if cls is types.MethodType:
+            yield from _origins(obj.__func__, depth + 1)
+        else:
+            yield _defining_module(obj.__self__, obj.__name__)
+    elif cls in _C_DESCRIPTORS:
+        yield _class_module(obj.__objclass__)
+    elif cls is staticmethod or cls is classmethod:
+        yield from _origins(obj.__func__, depth + 1)
+    elif cls is property:
+        for accessor in (obj.fget, obj.fset, obj.fdel):
+            if accessor is not None:
+                yield from _origins(accessor, depth + 1)
+    elif cls is types.FunctionType:
+        yield _own_module(obj)
+    elif cls is types.GenericAlias:  # list[int], numpy.typing.NDArray: what it subscripts
+        yield from _origins(_GENERIC_ORIGIN.__get__(obj, cls), depth + 1)
+    elif issubclass(cls, functools.partial):  # what it calls, and what it holds for the call
+        if cls is not functools.partial:
+            yield _class_module(cls)
+        func, args, keywords = (field.__get__(obj, cls) for field in _PARTIAL_FIELDS)
+        for held in (func, *args, *(keywords.values() if type(keywords) is dict else ())):
+            yield from _origins(held, depth + 1)
+    elif callable(obj) and (own := _own_module(obj)) is not None:
+        yield own  # a function-like object of C, Cython or NumPy, or a wrapper that copied one's
+        call = _find(cls, "__call__")
+        if call is None or type(call[1]) is not types.WrapperDescriptorType:
+            yield _class_module(call[0]) if call is not None else None  # Python code calls it
+        if issubclass(cls, _LRU_CACHE_WRAPPER):
+            namespace = _instance_dict(obj) or {}
+            if "__wrapped__" in namespace:
+                yield from _origins(namespace["__wrapped__"], depth + 1)
+    else:  # an instance: its class's, and its __call__'s
+        yield _class_module(cls)
+        if callable(obj):
+            found = _find(cls, "__call__")
+            yield _class_module(found[0]) if found is not None else None
+
+
+def _lookup_origins(obj: Any, name: str) -> Iterator[str | None]:
+    """The modules whose code ``getattr(obj, name)`` may run, found before it runs."""
+    cls = type(obj)
+    if cls is types.ModuleType:
+        return  # a module's own __getattr__, if any, is its own code
+    hook = _find(cls, "__getattribute__")
+    if hook is not None:
+        yield from _hook_origins(*hook)
+    on_type = _find(cls, name)  # for a class: on its metaclass
+    if on_type is not None:
+        yield from _descriptor_origins(on_type[1], on_class=False)
+    on_class = _find(obj, name) if issubclass(cls, type) else None
+    if on_class is not None:
+        yield from _descriptor_origins(on_class[1], on_class=True)
+    if on_type is None and on_class is None:  # found in the instance's dict, or __getattr__ runs
+        hook = _find(cls, "__getattr__")
+        if hook is not None:
+            yield from _hook_origins(*hook)
+
+
+def _hook_origins(owner: type, hook: Any) -> Iterator[str | None]:
+    """The modules of an attribute hook (``__getattr__``, ``__getattribute__``) ``owner`` defines."""
+    module = _class_module(owner)
+    slot = type(hook) is types.WrapperDescriptorType  # C code: its class's own
+    if module is not None and (_canonical(module) in _MACHINERY or (slot and module == "builtins")):
+        return  # the interpreter's own lookup (str, property...), enum's lookup of members
+    yield module
+    if not slot:
+        yield from _origins(hook)
+
+
+def _descriptor_origins(value: Any, *, on_class: bool, depth: int = 0) -> Iterator[str | None]:
+    """The modules whose code reading the class attribute ``value`` runs (its ``__get__``)."""
     cls = type(value)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if depth > _MAX_DEPTH:
+        yield None
+    elif cls is property:
+        if not on_class and value.fget is not None:  # on the class, a property returns itself
+            yield from _origins(value.fget)
+    elif cls is classmethod:  # 3.11-3.12 chain a wrapped descriptor's __get__
+        yield from _descriptor_origins(value.__func__, on_class=on_class, depth=depth + 1)
+    elif cls in _C_DESCRIPTORS or cls is staticmethod:
+        return  # C slots, and functions, which bind without running code
+    elif (getter := _find(cls, "__get__")) is not None:
+        if type(getter[1]) is types.WrapperDescriptorType and _own_module(value) is not None:
+            return  # a C or Cython function binds without running code
+        module = _class_module(getter[0])
+        if module is not None and _canonical(module) in _MACHINERY:  # cached_property, enum's
+            namespace = _instance_dict(value) or {}
+            for field in ("fget", "func"):
+                if namespace.get(field) is not None:
+                    for origin in _origins(namespace[field]):  # (Enum.value's getter: enum's own)
+                        if origin is None or _canonical(origin) not in _MACHINERY:
+                            yield origin
+        else:
+            yield module
+
+
+def _describe(obj: Any) -> str:
+    """``obj`` in a message, read without running its code."""
+    cls = type(obj)
+    if issubclass(cls, types.ModuleType):
+        namespace = _instance_dict(obj) or {}
+        return f"the module {namespace.get('__name__', '?')!r}"
+    if issubclass(cls, type):
+        return f"the class {_qualified(obj)}"
+    if cls is types.BuiltinFunctionType and not (obj.__self__ is None or issubclass(type(obj.__self__), types.ModuleType)):
+        return f"the method {obj.__qualname__}"
+    if cls is types.FunctionType or cls is types.BuiltinFunctionType:
+        return f"the function {obj.__qualname__}"
+    if cls is types.MethodType:
+        return f"a method bound to a {_qualified(type(obj.__self__))} ({_describe(obj.__func__)})"
+    return f"a {_qualified(cls)} object"

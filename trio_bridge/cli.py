@@ -311,11 +311,11 @@ def mcp(
 def worker(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     listen: Annotated[str, typer.Option("--listen", envvar="TRIO_BRIDGE_LISTEN", help="tcp://HOST:PORT to serve hosts on (port 0: any free port)", show_default=False)],
-    token_file: Annotated[str, typer.Option("--token-file", envvar="TRIO_BRIDGE_TOKEN_FILE", help="a file holding the token shared with the hosts", show_default=False)],
+    token_file: Annotated[str, typer.Option("--token-file", envvar="TRIO_BRIDGE_TOKEN_FILE", help="a file holding the token shared with the hosts (at least 16 characters; owner-only: chmod 600)", show_default=False)],
     tls_cert: Annotated[str | None, typer.Option("--tls-cert", envvar="TRIO_BRIDGE_TLS_CERT", help="this worker's certificate (PEM)", show_default=False)] = None,
     tls_key: Annotated[str | None, typer.Option("--tls-key", envvar="TRIO_BRIDGE_TLS_KEY", help="its private key (PEM)", show_default=False)] = None,
     tls_ca: Annotated[str | None, typer.Option("--tls-ca", envvar="TRIO_BRIDGE_TLS_CA", help="the CA of the hosts' certificates (mutual TLS)", show_default=False)] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", envvar="TRIO_BRIDGE_INSECURE", help="allow plain TCP beyond loopback")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", envvar="TRIO_BRIDGE_INSECURE", help="allow plain TCP (no TLS) beyond loopback; the token is needed all the same")] = False,
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, envvar="TRIO_BRIDGE_CONCURRENCY", help="calls served at once")] = 1,
     join: Annotated[str | None, typer.Option("--join", envvar="TRIO_BRIDGE_JOIN", help="tcp://HOST:PORT of a host's `listen=` to offer this worker to", show_default=False)] = None,
     advertise: Annotated[str | None, typer.Option("--advertise", envvar="TRIO_BRIDGE_ADVERTISE", help="HOST:PORT where hosts reach this worker", show_default=False)] = None,
@@ -327,24 +327,42 @@ def worker(
     host finds it again), which dials it back at `--advertise` (default: the `--listen`
     address). Runs until Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next
     one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
-    TLS (mutual with `--tls-ca`).
+    TLS (mutual with `--tls-ca`). The token file must be its owner's only (`chmod 600 FILE`),
+    as ssh asks of a key; plain TCP beyond loopback needs `--insecure`.
     """
     import asyncio
 
     from trio_bridge._host._remote import remote_setup
+    from trio_bridge._wire.auth import read_token_file
     from trio_bridge._wire.contract import SECRET_ENV
+    from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
     from trio_bridge._wire.tls import TLSConfig
     from trio_bridge.worker._server import loop_factory, parse_arguments, serve
 
     _import_from_cwd()
     try:
-        with open(token_file, encoding="utf-8") as f:
-            token = f.read().strip()
+        token = read_token_file(token_file)
+    except TrioBridgeError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--token-file") from None
+    if len(token) < MIN_TOKEN:
+        raise typer.BadParameter(
+            f"the token in {token_file} has {len(token)} characters, fewer than {MIN_TOKEN}: write a longer one "
+            "there and give the hosts the same (open_pool(token=...)), e.g. secrets.token_urlsafe(32)",
+            param_hint="--token-file",
+        )
+    try:
         if (tls_cert is None) != (tls_key is None):
             raise TrioBridgeError("give both --tls-cert and --tls-key, or neither")
         tls = TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert is not None and tls_key is not None else None
-        setup = remote_setup([listen, *([join] if join else [])], listen=None, advertise=None, token=token, tls=tls, insecure=insecure)
+        # insecure=True: its plain-TCP refusal speaks open_pool's options; ours speaks this command's
+        setup = remote_setup([listen, *([join] if join else [])], listen=None, advertise=None, token=token, tls=tls, insecure=True)
         assert setup is not None
+        exposed = [address for address in setup.addresses if beyond_loopback(address)]
+        if tls is None and exposed and not insecure:
+            raise TrioBridgeError(
+                f"plain TCP beyond this machine ({', '.join(exposed)}), where the token crosses the network in clear: "
+                "give --tls-cert and --tls-key, or --insecure"
+            )
     except (OSError, TrioBridgeError) as exc:
         raise typer.BadParameter(str(exc)) from None
     options = ["--tls-cert", tls_cert, "--tls-key", tls_key] if tls is not None else []
@@ -352,7 +370,7 @@ def worker(
     args = parse_arguments([
         "--adapter", adapter, "--listen", setup.addresses[0], "--concurrency", str(concurrency), "--no-lifeline",
         "--standalone", *[str(o) for o in options], *(["--join", setup.addresses[1]] if join else []),
-        *(["--advertise", advertise] if advertise else []),
+        *(["--advertise", advertise] if advertise else []), *(["--insecure"] if insecure else []),
     ])
 
     def announce(address: str) -> None:
@@ -373,17 +391,24 @@ def top(
     address: Annotated[str, typer.Argument(help="where the pool serves its metrics: `open_pool(metrics_address=\"HOST:PORT\")`, as HOST:PORT or an http:// URL", show_default=False)],
     interval: Annotated[float, typer.Option("--interval", "-n", min=0.1, help="seconds between redraws")] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit (1 if the pool cannot be read)")] = False,
+    token_file: Annotated[str | None, typer.Option("--token-file", envvar="TRIO_BRIDGE_TOKEN_FILE", help="a file (owner-only) holding the pool's token, for a pool beyond loopback; default: the token in TRIO_BRIDGE_TOKEN", show_default=False)] = None,
 ) -> None:
     """A live view of a running pool: its workers (id, pid, where, state, RSS, CPU, calls,
     p50/p99, last recycle reason), its queue, calls, sessions and recent errors.
 
-    It reads the pool's `/status` on its `metrics_address`; Ctrl-C quits.
-    `trio-bridge run ADAPTER TOOL --top` shows the same while a tool runs.
+    It reads the pool's `/status` on its `metrics_address`; Ctrl-C quits. On an address beyond
+    loopback the pool asks for its token (`open_pool(token=...)`): give `--token-file` or set
+    TRIO_BRIDGE_TOKEN. `trio-bridge run ADAPTER TOOL --top` shows the same while a tool runs.
     """
     from trio_bridge._top import run_top
+    from trio_bridge._wire.auth import read_token_file
 
+    try:
+        token = read_token_file(token_file) if token_file else os.environ.get("TRIO_BRIDGE_TOKEN", "").strip() or None
+    except TrioBridgeError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--token-file") from None
     _end_on_signals()
-    code = run_top(address, interval=interval, once=once, console=console)
+    code = run_top(address, interval=interval, once=once, console=console, token=token)
     if code:
         raise typer.Exit(code)
 

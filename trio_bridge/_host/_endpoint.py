@@ -2,33 +2,54 @@
 registry as Prometheus text, and ``/status``, a JSON snapshot of the pool for ``trio-bridge
 top`` -- workers, queue, calls, sessions, recent errors. Served by prometheus_client's own
 threaded WSGI server; its threads end with the pool.
+
+``/metrics`` is open to whoever reaches the address (Prometheus scrapes it). ``/status`` shows
+pids, addresses and recent error text (which can hold user data): beyond loopback it answers
+only a request bearing the pool's token (``Authorization: Bearer TOKEN``), unless the pool was
+opened with ``status_public=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from prometheus_client.registry import CollectorRegistry
 
 from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._wire.auth import RateLimitedWarning
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import METRICS_PATH, STATUS_PATH
+from trio_bridge._wire.listeners import MIN_TOKEN, loopback
 from trio_bridge._wire.transport import parse_address
 
 
-def checked_metrics_address(address: Any) -> tuple[str, int] | None:
-    """``open_pool(metrics_address=)``: ``None``, or ``"HOST:PORT"`` (``tcp:`` optional; port 0
-    picks a free one).
+class Endpoint(NamedTuple):
+    """Where a pool serves its endpoint, and the token ``/status`` asks for (``None``: none)."""
+
+    host: str
+    port: int
+    status_token: str | None
+
+
+def checked_metrics_address(address: Any, *, token: Any, status_public: Any) -> Endpoint | None:
+    """``open_pool(metrics_address=, token=, status_public=)``: ``None``, or ``"HOST:PORT"``
+    (``tcp:`` optional; port 0 picks a free one). On loopback ``/status`` is open; on any other
+    address (a wildcard such as ``0.0.0.0`` or ``::`` included, and any host name but
+    ``localhost``) it asks for ``token`` as a bearer, unless ``status_public`` is true.
 
     Raises:
-        InvalidArgumentError: it is not of that form.
+        InvalidArgumentError: the address is not of that form; ``status_public`` is not a bool;
+            or the address is not loopback and there is neither a token (>= 16 characters) nor
+            ``status_public=True`` (the message says which to give).
     """
     if address is None:
         return None
@@ -38,7 +59,22 @@ def checked_metrics_address(address: Any) -> tuple[str, int] | None:
         _, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
     except ValueError as exc:
         raise InvalidArgumentError(f"metrics_address: {exc}") from None
-    return host, port
+    if status_public is not None and not isinstance(status_public, bool):
+        raise InvalidArgumentError(f"status_public must be True or False, not {short_repr(status_public)}")
+    if loopback(host.removeprefix("[").removesuffix("]")) or status_public:
+        return Endpoint(host, port, None)
+    if token is None:
+        raise InvalidArgumentError(
+            f"metrics_address {host}:{port} is not loopback, and its /status shows the pool's pids, addresses "
+            "and recent error text to whoever reaches it: give token=... (a shared secret of at least "
+            f"{MIN_TOKEN} characters, which `trio-bridge top --token-file FILE` sends), bind 127.0.0.1, or "
+            "pass status_public=True (TRIO_BRIDGE_STATUS_PUBLIC=1) to show it to anyone; /metrics stays open either way"
+        )
+    if not isinstance(token, str) or len(token) < MIN_TOKEN:
+        raise InvalidArgumentError(
+            f"token must be a shared secret of at least {MIN_TOKEN} characters (it guards /status on {host}:{port})"
+        )
+    return Endpoint(host, port, token)
 
 
 def pool_status(
@@ -66,10 +102,12 @@ def pool_status(
 
 @contextlib.asynccontextmanager
 async def serving(
-    registry: CollectorRegistry, host: str, port: int, status: Callable[[], dict[str, Any]],
+    registry: CollectorRegistry, endpoint: Endpoint, status: Callable[[], dict[str, Any]],
 ) -> AsyncIterator[str]:
     """Serve ``/metrics`` (``registry``) and ``/status`` (``status()`` as JSON) on
-    ``http://host:port`` while the block runs; yields ``"host:port"`` as bound.
+    ``http://HOST:PORT`` (``endpoint``) while the block runs; yields ``"HOST:PORT"`` as bound.
+    ``/status`` answers 401 (``WWW-Authenticate: Bearer``) to a request without
+    ``Authorization: Bearer TOKEN`` where ``endpoint.status_token`` is set.
 
     Raises:
         InvalidArgumentError: the address cannot be bound (in use, not this machine's).
@@ -78,10 +116,20 @@ async def serving(
 
     from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
 
+    host, port, token = endpoint
     metrics = make_wsgi_app(registry)
+    refusals = RateLimitedWarning(logging.getLogger("trio_bridge"))
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
+        if path == STATUS_PATH and token is not None and not _bears(environ.get("HTTP_AUTHORIZATION", ""), token):
+            refusals.warn(f"refused {STATUS_PATH} to {environ.get('REMOTE_ADDR') or 'a peer'}: missing or wrong token")
+            body = f"{STATUS_PATH} needs the pool's token: send 'Authorization: Bearer TOKEN' (trio-bridge top --token-file FILE)\n".encode()
+            start_response("401 Unauthorized", [
+                ("WWW-Authenticate", 'Bearer realm="trio-bridge"'), ("Content-Type", "text/plain"),
+                ("Content-Length", str(len(body))),
+            ])
+            return [body]
         if path == STATUS_PATH:
             body = json.dumps(status(), default=str).encode()
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
@@ -106,3 +154,9 @@ async def serving(
             await trio.to_thread.run_sync(server.shutdown)
             server.server_close()
             await trio.to_thread.run_sync(thread.join)
+
+
+def _bears(authorization: str, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` as a bearer (constant-time compare)."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())

@@ -49,6 +49,14 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1, true, yes, on, or 0, false, no, off")
+
+
 #: option -> (variable, parser); the README's "Configuration from the environment" lists them
 VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "size": ("TRIO_BRIDGE_WORKERS", int),
@@ -68,6 +76,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_worker_age": ("TRIO_BRIDGE_MAX_WORKER_AGE", float),
     "max_worker_memory": ("TRIO_BRIDGE_MAX_WORKER_MEMORY", int),
     "metrics_address": ("TRIO_BRIDGE_METRICS_ADDRESS", str),
+    "status_public": ("TRIO_BRIDGE_STATUS_PUBLIC", _flag),
     "gpus_per_worker": ("TRIO_BRIDGE_GPUS_PER_WORKER", int),
 }
 

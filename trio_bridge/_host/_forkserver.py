@@ -55,6 +55,10 @@ server's ``str`` hash seed); modules imported by the adapter's module are shared
 Random state is not shared: Python reseeds ``random`` after ``fork()``, and each worker reseeds
 numpy's legacy global ``RandomState`` from the OS (other libraries that keep a random state
 without reseeding after ``fork()`` would start with the same state in every worker).
+
+The pool secret never is in the fork server's environment (which its workers'
+``/proc/PID/environ`` shows): it travels in each worker's request, over a socket, and the worker
+takes it out of ``os.environ`` before the adapter's code runs, as a spawned one does.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._host._process import LaunchedWorker, WorkerProcess, read_lines
 from trio_bridge._os import process_exists
 from trio_bridge._wire.codec import short_repr
-from trio_bridge._wire.contract import HOST_PID_ENV
+from trio_bridge._wire.contract import HOST_PID_ENV, SECRET_ENV, SECRET_ON_STDIN_ENV
 
 StartMethod = Literal["forkserver", "spawn"]
 START_METHODS: tuple[str, ...] = ("forkserver", "spawn")
@@ -526,9 +530,13 @@ class ForkServerLauncher:
 
 def fork_server_environment(env: dict[str, str]) -> dict[str, str]:
     """The fork server's environment: the host's with the pool's ``env`` on top, the host's cwd
-    first on ``PYTHONPATH`` (as a spawned worker gets it), and the host's pid (its death signal)."""
+    first on ``PYTHONPATH`` (as a spawned worker gets it), and the host's pid (its death signal).
+    Never a pool secret (a host's own environment might hold one): the fork server imports the
+    adapter's module, and every forked worker's ``/proc/PID/environ`` shows this environment."""
     environment = dict(os.environ)
     environment.update(env)
+    for name in (SECRET_ENV, SECRET_ON_STDIN_ENV):
+        environment.pop(name, None)
     environment["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), environment.get("PYTHONPATH", "")] if p)
     environment[HOST_PID_ENV] = str(os.getpid())
     return environment

@@ -32,7 +32,15 @@ from trio_bridge._wire.contract import (
     WORKER_METADATA,
     timeout_from_wire,
 )
-from trio_bridge._wire.errors import DEADLINE_EXCEEDED, TOOL_ERROR, error_info, status_error
+from trio_bridge._wire.errors import (
+    DEADLINE_EXCEEDED,
+    MALFORMED_PAYLOAD,
+    TOOL_ERROR,
+    Refusals,
+    error_info,
+    require_message,
+    status_error,
+)
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import history_to_wire, update_to_wire, variable_to_wire
 from trio_bridge._wire.tool_spec import tool_spec
@@ -83,6 +91,7 @@ class HostService(pb.HostServiceBase):
         self._heartbeat = heartbeat
         self._route_for = route_for
         self._join = join
+        self._refusals = Refusals()  # malformed payloads: logged rate-limited
 
     async def join(self, m: pb.JoinRequest) -> pb.JoinReply:
         if self._join is None:
@@ -384,7 +393,9 @@ class HostService(pb.HostServiceBase):
         try:
             return decode(payload, plane=self._plane)
         except ValueError as exc:
-            raise InvalidArgumentError(f"malformed {what}: {exc}") from None
+            problem = f"malformed {what}: {exc}"
+            self._refusals.log(MALFORMED_PAYLOAD, problem)
+            raise InvalidArgumentError(problem) from None
 
     def _result(self, value: Any) -> pb.ExecuteToolResponse:
         try:
@@ -401,14 +412,20 @@ class HostService(pb.HostServiceBase):
         }
         for path, handler in mapping.items():
             function = own[path] if path in own else handler.func
-            mapping[path] = grpclib.const.Handler(_with_caller(function), handler.cardinality, handler.request_type, handler.reply_type)
+            checked = _with_caller(function, path, None if handler.cardinality.client_streaming else self._refusals)
+            mapping[path] = grpclib.const.Handler(checked, handler.cardinality, handler.request_type, handler.reply_type)
         return mapping
 
 
-def _with_caller(function: Callable[[grpclib.server.Stream], Awaitable[None]]) -> Callable[[grpclib.server.Stream], Awaitable[None]]:
-    """Remember which worker is calling (from its metadata) for the ``source`` of its writes."""
+def _with_caller(
+    function: Callable[[grpclib.server.Stream], Awaitable[None]], rpc: str, refusals: Refusals | None,
+) -> Callable[[grpclib.server.Stream], Awaitable[None]]:
+    """Remember which worker is calling (from its metadata) for the ``source`` of its writes;
+    with ``refusals``, refuse a request that has no message (see ``require_message``)."""
 
     async def handler(stream: grpclib.server.Stream) -> None:
+        if refusals is not None:
+            require_message(stream, rpc, refusals)
         worker = stream.metadata.get(WORKER_METADATA, "") if stream.metadata else ""
         token = _caller.set(f"worker:{worker}" if worker else "worker")
         try:

@@ -22,7 +22,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +35,7 @@ from trio_bridge import _aio
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
-from trio_bridge._host._endpoint import checked_metrics_address, pool_status, serving
+from trio_bridge._host._endpoint import Endpoint, checked_metrics_address, pool_status, serving
 from trio_bridge._host._environment import default, with_environment
 from trio_bridge._host._forkserver import StartMethod, check_start_method, open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
@@ -55,7 +55,9 @@ from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
+from trio_bridge._wire.auth import checked_allowed_uids
 from trio_bridge._wire.codec import short_repr
+from trio_bridge._wire.contract import ALLOWED_UIDS_ENV
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tls import TLSConfig
 
@@ -393,6 +395,8 @@ def open_pool(
     gpus: Sequence[int | str] | None = None,
     metrics_registry: CollectorRegistry | None = None,
     metrics_address: str | None = None,
+    allowed_uids: Collection[int] = (),
+    status_public: bool | None = None,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -498,7 +502,19 @@ def open_pool(
             "Metrics" for the metrics, each labelled with ``pool`` (the adapter).
         metrics_address: ``"HOST:PORT"`` where the pool serves ``metrics_registry`` as
             Prometheus text (``http://HOST:PORT/metrics``) while it is open (port 0: a free
-            one; ``Pool.metrics_address`` says which); ``None``: not served.
+            one; ``Pool.metrics_address`` says which); ``None``: not served. The same address
+            serves ``/status`` (what ``trio-bridge top`` shows: pids, addresses, recent error
+            text), open on loopback; on any other address (``0.0.0.0`` included) only to a
+            request bearing ``token`` (``Authorization: Bearer TOKEN``), so such an address
+            needs ``token`` or ``status_public``. ``/metrics`` is open to anyone who reaches it.
+        status_public: serve ``/status`` without a token on an address beyond loopback too
+            (``None``, the default: ``False``, unless ``TRIO_BRIDGE_STATUS_PUBLIC`` says otherwise).
+        allowed_uids: uids besides this process's (and root's) whose processes may connect to
+            the host's and the workers' Unix sockets (the pool's sockets are in Linux's abstract
+            namespace, which any local user can reach: a connection from another uid is closed
+            before its first byte, health checks included). TCP is not checked this way: the
+            ``token`` and TLS guard it. Workers get it in ``TRIO_BRIDGE_ALLOWED_UIDS`` (this
+            option wins over that variable in ``env`` or the host's environment).
 
     Every option marked in the README's "Configuration from the environment" that the call
     leaves out (or at ``None``) takes its ``TRIO_BRIDGE_*`` variable's value where that is set,
@@ -508,7 +524,8 @@ def open_pool(
     Raises:
         InvalidArgumentError: an option is out of range, or the remote-worker options do not
             fit together (raised when the block is entered); a ``TRIO_BRIDGE_*`` variable does
-            not parse (raised at once, naming it).
+            not parse (raised at once, naming it); ``metrics_address`` is beyond loopback
+            with neither ``token`` nor ``status_public=True`` (raised at once).
         WorkerStartError: a worker could not start (bad adapter path, ``setup()`` raised, no
             ready line in time, another trio-bridge wire contract); carries the worker's stderr
             tail, e.g. the ImportError.
@@ -521,6 +538,7 @@ def open_pool(
         "no_worker_timeout": no_worker_timeout, "transport": transport, "shared_memory_threshold": shared_memory_threshold,
         "state": state, "start_method": start_method, "max_calls_per_worker": max_calls_per_worker,
         "max_worker_age": max_worker_age, "max_worker_memory": max_worker_memory, "metrics_address": metrics_address,
+        "status_public": status_public,
         "gpus_per_worker": gpus_per_worker,
     })
     stop = SignalStop(handle_signals)
@@ -537,8 +555,10 @@ def open_pool(
             max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
             max_worker_memory=o["max_worker_memory"],
         ),
-        slot_env=(worker_env, o["gpus_per_worker"], gpus),
-        prometheus=(metrics_registry, checked_metrics_address(o["metrics_address"])),
+        slot_env=(worker_env, o["gpus_per_worker"], gpus), allowed_uids=allowed_uids,
+        prometheus=(metrics_registry, checked_metrics_address(
+            o["metrics_address"], token=token, status_public=o["status_public"],
+        )),
     ))
 
 
@@ -600,7 +620,8 @@ async def _open_pool(
     state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
     history_limit: int, stop: SignalStop, remote: tuple[Any, ...], start_method: StartMethod | None = None,
     recycle: RecycleLimits | None = None, slot_env: tuple[Any, Any, Any] = (None, None, None),
-    prometheus: tuple[CollectorRegistry | None, tuple[str, int] | None] = (None, None),
+    allowed_uids: Collection[int] = (),
+    prometheus: tuple[CollectorRegistry | None, Endpoint | None] = (None, None),
 ) -> AsyncIterator[Pool]:
     remote_workers, listen, advertise, token, tls, insecure = remote
     setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
@@ -620,6 +641,7 @@ async def _open_pool(
         },
     )
     check_start_method(start_method)
+    peers = checked_allowed_uids(allowed_uids)
     env_of_slot, gpus_per_worker, gpus = slot_env
     slot_envs = slot_environments(size, worker_env=env_of_slot, gpus_per_worker=gpus_per_worker, gpus=gpus)
     janitor = Janitor.start()
@@ -642,7 +664,7 @@ async def _open_pool(
                 on_disk.append(plane.directory)
         for path in on_disk:
             janitor.watch_path(path)
-        worker_env = {**(env or {}), **(plane.environment() if plane else {})}
+        worker_env = {**(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers)))}
         with tracker.resolve_groups():
             async with open_launcher(
                 launcher.get(), requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
@@ -686,10 +708,10 @@ async def _open_pool(
                         count_host_tool_call=parts.metrics.host_tool_call,
                         join=join if setup is not None and setup.listen is not None else None,
                     )
-                    async with boundary.serve([service], host_address, secret), contextlib.AsyncExitStack() as stack:
+                    async with boundary.serve([service], host_address, secret, allowed_uids=peers), contextlib.AsyncExitStack() as stack:
                         if setup is not None and setup.listen is not None:
                             bound = await stack.enter_async_context(
-                                boundary.serve([service], setup.listen, setup.token, setup.server_context)
+                                boundary.serve([service], setup.listen, setup.token, setup.server_context, peers)
                             )
                             callback[0] = setup.callback_address(bound)
                         yield
@@ -750,7 +772,7 @@ async def compose(
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
     before_start: Callable[[], Awaitable[None]] | None = None, recycle: RecycleLimits | None = None,
-    prometheus: tuple[CollectorRegistry | None, tuple[str, int] | None] = (None, None),
+    prometheus: tuple[CollectorRegistry | None, Endpoint | None] = (None, None),
 ) -> AsyncIterator[Pool]:
     """Wire the pool's parts together, start ``size`` workers made by ``new_worker`` and yield
     the pool; on the way out, shut the workers down.
@@ -806,7 +828,7 @@ async def compose(
                 recent_errors=lambda: metrics.recent_errors, gauges=state.gauges,
             )
             async with (
-                serving(registry, *metrics_address, status) if metrics_address is not None else contextlib.nullcontext(None)
+                serving(registry, metrics_address, status) if metrics_address is not None else contextlib.nullcontext(None)
             ) as bound, serve(parts) if serve is not None else contextlib.nullcontext():
                 pool.metrics_address = bound
                 async with trio.open_nursery() as nursery:

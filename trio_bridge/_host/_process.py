@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import trio
 
+from trio_bridge._wire.contract import SECRET_ENV, SECRET_ON_STDIN_ENV
+
 
 class LaunchedWorker(Protocol):
     """What a worker handle needs of whatever runs its worker: a :class:`WorkerProcess`, or
@@ -48,7 +50,7 @@ class WorkerProcess:
 
     Attributes:
         pid: the process id, also its process group id.
-        stdin: the lifeline's write end (held, never written).
+        stdin: the lifeline's write end (held; nothing is written after the secret's line).
         stdout, stderr: Trio streams of its output.
         returncode: ``None`` while it runs; then its exit status (``-N``: killed by signal N).
     """
@@ -74,13 +76,25 @@ class WorkerProcess:
     def spawn(cls, command: list[str], env: dict[str, str]) -> WorkerProcess:
         """Start ``command`` (synchronously, in this thread: ~1 ms with vfork).
 
+        The pool secret (``env``'s ``SECRET_ENV``) goes as the first line on its stdin
+        (``SECRET_ON_STDIN_ENV=1``), not in its environment, which ``/proc/PID/environ`` would
+        show every process of this user for the worker's whole life.
+
         Raises:
             OSError: the interpreter could not be started.
         """
+        secret = env.get(SECRET_ENV)
+        if secret is not None:
+            env = {**{k: v for k, v in env.items() if k != SECRET_ENV}, SECRET_ON_STDIN_ENV: "1"}
         popen = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
             start_new_session=True,
         )
+        if secret is not None:
+            assert popen.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # it died already: its exit says why
+                popen.stdin.write(secret.encode() + b"\n")  # an empty pipe: never blocks
+                popen.stdin.flush()
         return cls(popen)
 
     async def wait(self) -> int:

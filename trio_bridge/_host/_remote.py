@@ -16,7 +16,6 @@ imported, and the worker's own asyncio server then loses its connections.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ import trio
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import READY_PREFIX
+from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.transport import advertised_address, parse_address
 
@@ -101,12 +101,14 @@ def remote_setup(
     remote_workers: Sequence[str], *, listen: str | None, advertise: str | None, token: str | None,
     tls: TLSConfig | None, insecure: bool,
 ) -> RemoteSetup | None:
-    """Check the remote-worker options of ``open_pool``; ``None`` when it has none.
+    """Check the remote-worker options of ``open_pool`` (and of ``trio-bridge worker``: its
+    ``--listen`` and ``--join``); ``None`` when it has none. A token is needed whatever the
+    addresses (``insecure`` never waives it: see :mod:`trio_bridge._wire.listeners`).
 
     Raises:
-        InvalidArgumentError: an address is not ``tcp://HOST:PORT``; no ``token``; ``tls`` is
-            not a :class:`TLSConfig`; or plain TCP to a non-loopback address without
-            ``insecure=True``.
+        InvalidArgumentError: an address is not ``tcp://HOST:PORT``; no ``token`` of at least
+            16 characters; ``tls`` is not a :class:`TLSConfig`; or plain TCP to a non-loopback
+            address without ``insecure=True``.
     """
     if isinstance(remote_workers, str) or not isinstance(remote_workers, Sequence):
         raise InvalidArgumentError(f"remote_workers must be a list of tcp://HOST:PORT, not {short_repr(remote_workers)}")
@@ -114,12 +116,14 @@ def remote_setup(
         return None
     addresses = tuple(_tcp(address, "remote_workers") for address in remote_workers)
     bind = _tcp(listen, "listen") if listen is not None else None
-    if not isinstance(token, str) or len(token) < 16:
-        raise InvalidArgumentError("remote workers need a token: a shared secret of at least 16 characters (token=...)")
+    if not isinstance(token, str) or len(token) < MIN_TOKEN:
+        raise InvalidArgumentError(
+            f"remote workers need a token: a shared secret of at least {MIN_TOKEN} characters (token=...)"
+        )
     if tls is not None and not isinstance(tls, TLSConfig):
         raise InvalidArgumentError(f"tls must be a trio_bridge.TLSConfig, not {short_repr(tls)}")
     if tls is None and not insecure:
-        exposed = [a for a in (*addresses, *([bind] if bind else [])) if not _loopback(parse_address(a)[1])]
+        exposed = [a for a in (*addresses, *([bind] if bind else [])) if beyond_loopback(a)]
         if exposed:
             raise InvalidArgumentError(
                 f"plain TCP beyond this machine ({', '.join(exposed)}): give tls=TLSConfig(...), or insecure=True"
@@ -155,8 +159,3 @@ def _tcp(address: object, what: str) -> str:
     raise InvalidArgumentError(f"{what}: an address is tcp://HOST:PORT, not {short_repr(address)}")
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

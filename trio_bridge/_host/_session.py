@@ -106,7 +106,8 @@ class Session(metaclass=NoPublicConstructor):
 
         Raises:
             StoredObjectLostError: a stored object it needs went away with its worker.
-            ToolError: the call raised (``PermissionError`` for a module outside the allowlist).
+            NotAllowedError: the call reaches a module outside the allowlist (the message names it).
+            ToolError: the call raised.
         """
         step = {"target": target, "args": list(args), "kwargs": kwargs, "store_as": store_as}
         return await self._python("call", step, [store_as] if store_as else [])

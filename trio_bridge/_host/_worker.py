@@ -393,7 +393,7 @@ class WorkerHandle:
         env.update(spec.env)
         if self.slot < len(spec.slot_env):
             env.update(spec.slot_env[self.slot])
-        env[SECRET_ENV] = spec.secret
+        env[SECRET_ENV] = spec.secret  # the launcher carries it: a spawn on stdin, a fork in its request
         env[WORKER_ID_ENV] = self.id
         env[HOST_ADDRESS_ENV] = spec.host_address
         env[ADAPTER_OPTIONS_ENV] = spec.adapter_options

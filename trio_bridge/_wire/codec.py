@@ -145,7 +145,8 @@ def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT
         ValueError: the payload is malformed: not UTF-8, not JSON (bare ``NaN``/``Infinity``
             included), a tag that is unknown or lacks what it needs (the message names the tag
             and the problem), a blob index with no blob, array data that does not fit its dtype
-            and shape, a shared-memory reference without a plane or that the plane refuses.
+            and shape, a shared-memory reference without a plane or that the plane refuses,
+            nesting deeper than the JSON parser allows (CPython's: about 990 levels).
     """
     if payload is None or not payload.json:
         return None
@@ -154,7 +155,10 @@ def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT
     except UnicodeDecodeError as exc:
         raise ValueError(f"malformed payload: the JSON is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if _TAG_IN_JSON not in text:
-        return _strict.decode(text)
+        try:
+            return _strict.decode(text)
+        except RecursionError:
+            raise ValueError(_TOO_DEEP) from None
     blobs = payload.blobs
     if plane is DEFAULT_PLANE:
         plane = shared_memory.default_plane
@@ -202,8 +206,13 @@ def decode(payload: Payload | None, *, plane: SharedMemoryPlane | None = DEFAULT
 
     try:
         return json.loads(text, object_hook=hook, parse_constant=_refuse_constant)
-    except (IndexError, KeyError, TypeError) as exc:  # a shape numpy refuses, ...: still a ValueError
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+    except (IndexError, KeyError, TypeError, OverflowError) as exc:  # a shape numpy refuses, ...: still a ValueError
         raise ValueError(f"malformed payload: {_describe(exc)}") from exc
+
+
+_TOO_DEEP = "malformed payload: nested too deeply for this side's JSON parser (docs/wire.md, Limits)"
 
 
 def _refuse_constant(name: str) -> Any:

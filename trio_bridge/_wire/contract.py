@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from trio_bridge._version import __version__
 
-WIRE_VERSION = 4  # 4: failed RPCs end with a gRPC status carrying ErrorInfo; 3: payloads are standard JSON (NaN, ±inf, ints past 2**53 tagged); 2: calls on one stream, shared-memory segments
+WIRE_VERSION = 5  # 5: a spawned worker may get its secret on stdin (TRIO_BRIDGE_SECRET_ON_STDIN); 4: failed RPCs end with a gRPC status carrying ErrorInfo; 3: payloads are standard JSON (NaN, ±inf, ints past 2**53 tagged); 2: calls on one stream, shared-memory segments
 """The contract's version: raised on any change an older peer would misread (a changed field's
 meaning, a new required behaviour). Peers of different releases interoperate while it matches."""
 
@@ -22,10 +22,12 @@ STATUS_PATH = "/status"  # the pool's status as JSON
 
 # Environment variables the host sets for a worker (never argv, which ``ps`` shows).
 SECRET_ENV = "TRIO_BRIDGE_SECRET"
+SECRET_ON_STDIN_ENV = "TRIO_BRIDGE_SECRET_ON_STDIN"  # "1": the secret is stdin's first line instead
 HOST_ADDRESS_ENV = "TRIO_BRIDGE_HOST_ADDRESS"
 WORKER_ID_ENV = "TRIO_BRIDGE_WORKER_ID"
 ADAPTER_OPTIONS_ENV = "TRIO_BRIDGE_ADAPTER_OPTIONS"  # a JSON object -> Adapter.options
 HOST_PID_ENV = "TRIO_BRIDGE_HOST_PID"  # the worker dies with this process (PR_SET_PDEATHSIG)
+ALLOWED_UIDS_ENV = "TRIO_BRIDGE_ALLOWED_UIDS"  # "1001,1002": other uids a worker's Unix socket accepts
 
 # gRPC metadata keys.
 SECRET_METADATA = "x-trio-bridge-secret"
@@ -38,6 +40,26 @@ DEFAULT_WATCH_BUFFER = 1024  # updates a watcher may fall behind by before it co
 # may run ahead of the sender.
 MAX_CHUNKS_PER_MESSAGE = 256
 STREAM_BUFFER = 256
+
+# Limits on requests (docs/wire.md, "Limits"): a server refuses more, before any handler runs
+# (see limits.py), with INVALID_ARGUMENT and an ErrorInfo naming the field.
+MAX_NAME_BYTES = 1024
+"""Bytes (UTF-8) of any string field of a request: a tool, session, variable, call, optimizer
+or worker name or id, a pattern, an address, a version."""
+MAX_NAMES = 10_000
+"""Items of a repeated string field of a request (GetVariables' names, WatchVariables' names,
+Join's tools)."""
+
+# What a failed RPC's trailers carry at most (the status message, its ErrorInfo): longer text is
+# cut, never sent whole. HPACK-encoding a header costs time quadratic in its length in the
+# Python h2 stack (1 MB: minutes, during which nothing else runs), and grpcio refuses trailers
+# over 8 KiB by default. In-band ErrorInfos (a CallResult on the Calls stream) are not cut.
+MAX_STATUS_MESSAGE_BYTES = 512
+MAX_STATUS_DETAILS_BYTES = 4096  # grpc-status-details-bin before base64: an ErrorInfo's traceback is cut first
+
+REFUSAL_LOG_INTERVAL = 10.0
+"""Seconds between two log lines of a server about refused requests of one kind (the lines say
+how many were held back)."""
 
 DEADLINE_SLACK = 0.5
 """Seconds a worker lets a call run past its deadline: the host's own cancel normally arrives first."""
@@ -77,7 +99,8 @@ def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_rele
 
 
 __all__ = [
-    "ADAPTER_OPTIONS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE", "METRICS_PATH",
-    "READY_PREFIX", "SECRET_ENV", "STREAM_BUFFER", "SECRET_METADATA", "STATUS_PATH", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
+    "ADAPTER_OPTIONS_ENV", "ALLOWED_UIDS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE",
+    "MAX_NAMES", "MAX_NAME_BYTES", "MAX_STATUS_DETAILS_BYTES", "MAX_STATUS_MESSAGE_BYTES", "METRICS_PATH", "REFUSAL_LOG_INTERVAL",
+    "READY_PREFIX", "SECRET_ENV", "SECRET_ON_STDIN_ENV", "STREAM_BUFFER", "SECRET_METADATA", "STATUS_PATH", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
     "__version__", "incompatibility", "timeout_from_wire", "timeout_to_wire",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import traceback as _traceback
 from typing import Any
@@ -27,6 +28,7 @@ from trio_bridge._errors import (
     EncodeError,
     InvalidArgumentError,
     InvalidVariableError,
+    NotAllowedError,
     PoolClosedError,
     PoolSaturatedError,
     QuotaExceededError,
@@ -41,6 +43,8 @@ from trio_bridge._errors import (
     VersionConflictError,
     WorkerBusyError,
 )
+from trio_bridge._wire.auth import RateLimitedWarning
+from trio_bridge._wire.contract import MAX_STATUS_DETAILS_BYTES, MAX_STATUS_MESSAGE_BYTES, REFUSAL_LOG_INTERVAL
 from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo
 
 # ErrorInfo.kind values.
@@ -124,8 +128,8 @@ def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
     kind = info.kind
     if kind == TOOL_NOT_FOUND:
         return ToolNotFoundError(tool, list(info.available))
-    if kind == INVALID_ARGUMENT:
-        return InvalidArgumentError(info.message)
+    if kind == INVALID_ARGUMENT:  # the PythonAdapter's refusal keeps its class (a subclass)
+        return (NotAllowedError if info.type == NotAllowedError.__name__ else InvalidArgumentError)(info.message)
     if kind == ENCODE_ERROR:
         return EncodeError(f"tool {tool!r}: {info.message}")
     if kind == DEADLINE_EXCEEDED:
@@ -146,9 +150,97 @@ def status_of(info: ErrorInfo) -> Status:
 
 def status_error(info: ErrorInfo) -> GRPCError:
     """The ``GRPCError`` a handler raises to fail its RPC with ``info``: its status, its message,
-    and ``info`` in the status details (sent by :class:`StatusDetailsCodec`)."""
+    and ``info`` in the status details (sent by :class:`StatusDetailsCodec`), both cut to fit a
+    trailer (:func:`bounded`)."""
     message = f"{info.type}: {info.message}" if info.kind == TOOL_ERROR and info.type else info.message
-    return GRPCError(status_of(info), message, [info])
+    return GRPCError(status_of(info), clip(message, MAX_STATUS_MESSAGE_BYTES), [bounded(info)])
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (about), saying how long it was: an
+    error message or a log line never carries an unbounded string a client sent."""
+    if len(text) * 4 <= limit:  # short enough whatever its characters
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    note = f"... [cut: {len(data):,} bytes in all]"
+    return data[: max(limit - len(note), 0)].decode("utf-8", "ignore") + note
+
+
+def _clip_head(text: str, limit: int) -> str:
+    """``text`` cut to its last ``limit`` bytes (about): a traceback's end, where the error is."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    note = f"[cut: the first {len(data) - limit:,} of {len(data):,} bytes]\n..."
+    return note + data[len(data) - max(limit - len(note), 0):].decode("utf-8", "ignore")
+
+
+_AVAILABLE_BYTES = 1024  # names of existing tools a tool_not_found trailer lists
+
+
+def bounded(info: ErrorInfo) -> ErrorInfo:
+    """``info`` cut to fit a failed RPC's ``grpc-status-details-bin`` trailer (at most
+    ``MAX_STATUS_DETAILS_BYTES`` before base64, see ``docs/wire.md``, Limits): its message, its
+    type, the list of available tools, then the start of its traceback (the end, where the error
+    is, is kept). ``info`` itself if it fits."""
+    if len(bytes(info)) + MAX_STATUS_MESSAGE_BYTES + 80 <= MAX_STATUS_DETAILS_BYTES:
+        return info
+    message, type_ = clip(info.message, 1024), clip(info.type, 256)
+    available: list[str] = []
+    room = _AVAILABLE_BYTES
+    for name in info.available:
+        room -= len(name.encode("utf-8", "surrogatepass")) + 3
+        if room < 0:
+            break
+        available.append(name)
+    trimmed = ErrorInfo(kind=clip(info.kind, 64), type=type_, message=message, traceback="", available=available)
+    room = MAX_STATUS_DETAILS_BYTES - MAX_STATUS_MESSAGE_BYTES - len(bytes(trimmed)) - 80  # 80: the Status and Any around it
+    trimmed.traceback = _clip_head(info.traceback, room) if room > 64 else ""
+    return trimmed
+
+
+class Refusals:
+    """A server's log of the requests it refuses as malformed or over a limit: per kind of
+    refusal, one line per ``REFUSAL_LOG_INTERVAL`` seconds at most (saying how many were held
+    back since), each short, never a traceback: a bad client cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("trio_bridge.wire")
+        self._by_kind: dict[str, RateLimitedWarning] = {}
+
+    def log(self, kind: str, problem: str) -> None:
+        """Log (rate-limited) the refusal of a request; ``kind``: one of a few fixed words."""
+        warning = self._by_kind.get(kind)
+        if warning is None:
+            warning = self._by_kind[kind] = RateLimitedWarning(self._logger, REFUSAL_LOG_INTERVAL)
+        warning.warn(f"refused a request ({kind}): {clip(problem, 300)}")
+
+    def refuse(self, kind: str, problem: str, *, type_name: str = "InvalidArgumentError") -> GRPCError:
+        """Log the refusal of a request, and return the ``INVALID_ARGUMENT`` error to end its RPC with."""
+        self.log(kind, problem)
+        return status_error(ErrorInfo(kind=INVALID_ARGUMENT, type=type_name, message=problem))
+
+
+# Kinds of refusals (Refusals.log), besides those of limits.request_problem.
+NO_MESSAGE = "no message"
+MALFORMED_PAYLOAD = "malformed payload"
+
+
+def require_message(stream: Any, rpc: str, refusals: Refusals) -> None:
+    """Make ``stream`` (a grpclib server stream of ``rpc``, whose request is one message) refuse
+    a request that ended with no message: ``INVALID_ARGUMENT``, logged by ``refusals`` (grpclib
+    hands a handler ``None`` then, which fails with ``UNKNOWN`` and a traceback)."""
+    receive = stream.recv_message
+
+    async def recv_message() -> Any:
+        message = await receive()
+        if message is None:
+            raise refusals.refuse(NO_MESSAGE, f"{rpc}: the request ended without its message")
+        return message
+
+    stream.recv_message = recv_message
 
 
 def info_of(exc: GRPCError) -> ErrorInfo | None:
@@ -183,8 +275,8 @@ class StatusDetailsCodec(StatusDetailsCodecBase):
         from trio_bridge._wire.generated.google.protobuf import Any as AnyMessage
         from trio_bridge._wire.generated.google.rpc import Status as StatusMessage
 
-        packed = [AnyMessage(type_url=ERROR_INFO_TYPE_URL, value=bytes(d)) for d in details or () if isinstance(d, ErrorInfo)]
-        return bytes(StatusMessage(code=status.value, message=message or "", details=packed))
+        packed = [AnyMessage(type_url=ERROR_INFO_TYPE_URL, value=bytes(bounded(d))) for d in details or () if isinstance(d, ErrorInfo)]
+        return bytes(StatusMessage(code=status.value, message=clip(message or "", MAX_STATUS_MESSAGE_BYTES), details=packed))
 
     def decode(self, status: Status, message: str | None, data: bytes) -> list[ErrorInfo]:
         from trio_bridge._wire.generated.google.rpc import Status as StatusMessage

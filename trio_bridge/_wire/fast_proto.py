@@ -308,12 +308,12 @@ def _big_value_offset(head: memoryview, size: int) -> int | None:
     while True:
         inner = None
         while pos < end:
-            key, pos = _head_varint(head, pos)
+            key, pos = read_varint(head, pos)
             if key < 8:  # field 0 does not exist: not a message (or head ends here: -1)
                 return found
             wire = key & 7
             if wire == 2:
-                length, pos = _head_varint(head, pos)
+                length, pos = read_varint(head, pos)
                 if length < 0 or pos + length > end:
                     return found
                 if 2 * length >= size:
@@ -321,7 +321,7 @@ def _big_value_offset(head: memoryview, size: int) -> int | None:
                     break
                 pos += length
             elif wire == 0:
-                value, pos = _head_varint(head, pos)
+                value, pos = read_varint(head, pos)
                 if value < 0:
                     return found
             elif wire == 1 or wire == 5:
@@ -333,7 +333,7 @@ def _big_value_offset(head: memoryview, size: int) -> int | None:
         found = inner
 
 
-def _head_varint(head: memoryview, pos: int) -> tuple[int, int]:
+def read_varint(head: memoryview | bytes, pos: int) -> tuple[int, int]:
     """A varint in ``head`` at ``pos``, and where it ends; ``-1`` when it runs past ``head``'s
     end or over 10 bytes."""
     result = shift = 0

@@ -16,8 +16,8 @@ keep their window (see ``http2.py``).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
+from collections.abc import Collection
 from ssl import SSLContext
 from typing import Any, cast
 
@@ -26,16 +26,14 @@ import grpclib.client
 import grpclib.server
 from grpclib.client import Channel
 from grpclib.config import Configuration
-from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
-from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
 from trio_bridge._wire import fast_proto
-from trio_bridge._wire.auth import RateLimitedWarning, require_secret
-from trio_bridge._wire.errors import INVALID_ARGUMENT, StatusDetailsCodec
-from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo
+from trio_bridge._wire.auth import PeerCheck, require_secret
+from trio_bridge._wire.errors import Refusals, StatusDetailsCodec
 from trio_bridge._wire.http2 import PARTS_MIN, CoalescingTransport, FastH2Protocol
+from trio_bridge._wire.limits import NOT_PROTOBUF, request_problem
 from trio_bridge._wire.standard_services import with_standard_services
 
 STREAM_WINDOW = 256 * 1024  # bytes
@@ -159,31 +157,56 @@ class _FastCodec(ProtoCodec):
 
 
 class _ValidatingCodec(_FastCodec):
-    """A request that does not parse is the client's fault: ``INVALID_ARGUMENT`` (with an
-    ErrorInfo of kind ``invalid_argument`` in its details) and one short log line at most every 10 seconds (grpclib's default is status UNKNOWN and a full traceback
-    per request: a log flood from one bad client)."""
+    """A server's codec, which checks every request before its handler runs: one that does not
+    parse, or that breaks a limit (:mod:`limits`), is the client's fault: ``INVALID_ARGUMENT``
+    (with an ErrorInfo of kind ``invalid_argument`` naming the problem) and, per kind of problem,
+    one short log line at most every 10 seconds (grpclib's default for what does not parse is
+    status UNKNOWN and a full traceback per request: a log flood from one bad client)."""
 
     def __init__(self) -> None:
-        self._log = RateLimitedWarning(logging.getLogger("trio_bridge.wire"))
+        self._refusals = Refusals()
 
     def decode(self, data: Any, message_type: Any) -> Any:
         try:
-            return super().decode(data, message_type)
+            message = super().decode(data, message_type)
         except Exception as exc:
             problem = f"malformed {getattr(message_type, '__name__', 'message')}: {type(exc).__name__}: {exc}"
-            self._log.warn(f"refused a request: {problem}")
-            info = ErrorInfo(kind=INVALID_ARGUMENT, type="DecodeError", message=problem)
-            raise GRPCError(Status.INVALID_ARGUMENT, problem, [info]) from None
+            raise self._refusals.refuse(NOT_PROTOBUF, problem, type_name="DecodeError") from None
+        found = request_problem(message)
+        if found is not None:
+            kind, problem = found
+            raise self._refusals.refuse(kind, problem, type_name="DecodeError" if kind == NOT_PROTOBUF else "InvalidArgumentError")
+        return message
 
 
 class _FastServer(grpclib.server.Server):
-    """A grpclib server whose connections are _FastH2Protocols. Overrides grpclib 0.4's private
+    """A grpclib server whose connections are _FastH2Protocols, each checked by ``peers`` (see
+    :class:`PeerCheck`) before its first byte. Overrides grpclib 0.4's private
     ``Server._protocol_factory`` (server.py), taking the handler, configurations of the
     ``H2Protocol`` it makes (the handler is registered with the server there)."""
 
-    def _protocol_factory(self) -> H2Protocol:
+    peers: PeerCheck | None = None
+
+    def _new_protocol(self) -> H2Protocol:
         made = super()._protocol_factory()
         return FastH2Protocol(made.handler, made.config, made.h2_config)
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = self._new_protocol()
+        peers = self.peers
+        if peers is not None:
+            connection_made = protocol.connection_made
+
+            def checked(transport: asyncio.BaseTransport) -> None:
+                if not peers.refused(transport):
+                    connection_made(transport)
+                    return
+                # Nothing was set up: no HTTP/2 connection to lose, no request to wait for.
+                protocol.handler.close()
+                protocol.connection_lost = lambda exc: None  # type: ignore[method-assign]
+
+            protocol.connection_made = checked  # type: ignore[method-assign]
+        return protocol
 
 
 class _CoalescingServer(_FastServer):
@@ -191,8 +214,8 @@ class _CoalescingServer(_FastServer):
     measured on a worker, a unary call's CPU (host + worker) x0.87-0.95, its latency x0.98.
     Wraps the transport its protocol is given."""
 
-    def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+    def _new_protocol(self) -> H2Protocol:
+        protocol = super()._new_protocol()
         connection_made = protocol.connection_made
 
         def coalescing(transport: asyncio.BaseTransport) -> None:
@@ -203,17 +226,22 @@ class _CoalescingServer(_FastServer):
         return protocol
 
 
-def new_server(services: list[Any], secret: str, *, coalesce_writes: bool = False) -> tuple[grpclib.server.Server, Any]:
+def new_server(
+    services: list[Any], secret: str, *, coalesce_writes: bool = False, allowed_uids: Collection[int] = ()
+) -> tuple[grpclib.server.Server, Any]:
     """A grpclib server for ``services`` and the standard ones (health, reflection: see
     :mod:`standard_services`) that sends an RPC's ErrorInfo in its status details (see
     :mod:`errors`), refuses calls without ``secret`` (if not empty; health
-    excepted) and answers malformed requests with ``INVALID_ARGUMENT``; with
+    excepted) and answers malformed requests with ``INVALID_ARGUMENT``; on a Unix socket, it
+    closes a connection from another uid than its own, root's and ``allowed_uids`` before any
+    byte, health included (:class:`PeerCheck`); with
     ``coalesce_writes``, each connection sends what it writes in one loop iteration as one
     write (a worker's replies). Returns it and its health status (``.set(False)``: draining)."""
     everything, health = with_standard_services(services)
     server = (_CoalescingServer if coalesce_writes else _FastServer)(
         everything, codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec()
     )
+    server.peers = PeerCheck(allowed_uids)
     if secret:
         require_secret(server, secret)
     return server, health

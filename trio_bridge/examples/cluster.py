@@ -55,6 +55,7 @@ async def run(console: Any) -> bool:
             certs = Certificates.create(d)
             token = secrets.token_hex(16)
             (d / "token").write_text(token)
+            (d / "token").chmod(0o600)  # trio-bridge worker refuses a token file others may read
             worker = RemoteWorkerProcess(
                 ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs,
             ).start()

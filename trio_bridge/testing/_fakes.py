@@ -728,6 +728,8 @@ async def open_pool_of_fakes(
             max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
             max_worker_memory=o["max_worker_memory"],
         ),
-        prometheus=(o["metrics_registry"], checked_metrics_address(o["metrics_address"])),
+        prometheus=(o["metrics_registry"], checked_metrics_address(
+            o["metrics_address"], token=o["token"], status_public=o["status_public"],
+        )),
     ) as pool:
         yield FakePool(pool, workers)

@@ -42,8 +42,10 @@ What the fork server guarantees, as ``WorkerProcess`` does for a spawned worker:
   and exits if the host closes that socket instead (the host let go of it, or is gone) -- moves
   its three pipes onto 0, 1 and 2, takes the request's environment (all of it: per-worker
   variables such as the worker id apply), working directory and ``argv``, and runs the worker's
-  ``main`` (the stdin lifeline, the shared-memory plane, the asyncio server, ``os._exit``). It
-  never returns into the server loop.
+  ``main`` (which first takes the pool secret out of ``os.environ``; then the stdin lifeline, the
+  shared-memory plane, the asyncio server, ``os._exit``). It never returns into the server loop.
+  The secret is never in the fork server's own environment, which is what ``/proc/PID/environ``
+  shows of a forked worker; the fork server drops a fork request (which carries it) once forked.
 - When a worker exits, the fork server kills what is left of its process group, then tells the
   host its status; it reaps the worker (a zombie until then, so its pid -- its group id -- can
   not be reused) only once the host has closed its status socket, i.e. once nothing on the host

@@ -37,19 +37,23 @@ from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
+from trio_bridge._wire.auth import parse_allowed_uids
 from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
+    ALLOWED_UIDS_ENV,
     DEADLINE_SLACK,
     EXIT_ADAPTER_IMPORT,
     EXIT_ADAPTER_SETUP,
     EXIT_HOST_GONE,
     HOST_ADDRESS_ENV,
     MAX_CHUNKS_PER_MESSAGE,
+    MAX_STATUS_MESSAGE_BYTES,
     READY_PREFIX,
     SECRET_ENV,
     SECRET_METADATA,
+    SECRET_ON_STDIN_ENV,
     STREAM_BUFFER,
     WIRE_VERSION,
     WORKER_ID_ENV,
@@ -58,6 +62,7 @@ from trio_bridge._wire.contract import (
     timeout_from_wire,
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
@@ -108,13 +113,14 @@ class WorkerService(pb.WorkerServiceBase):
         self._rpcs_done.set()
         self._started = time.monotonic()
         self._loop = asyncio.get_running_loop()
+        self._refusals = wire_errors.Refusals()  # malformed payloads, refused handshakes: logged rate-limited
 
     # ---- bookkeeping ----
     def _begin(self, request: pb.ExecuteToolRequest, *, streaming: bool) -> tuple[ToolDefinition, dict[str, Any], SessionContext]:
         try:  # first, so that even a refused call consumes its shared-memory files
             arguments = decode(request.arguments, owned=True)
         except ValueError as exc:
-            raise InvalidArgumentError(f"tool {request.tool_name!r}: malformed arguments: {exc}") from None
+            raise self._malformed(f"tool {request.tool_name!r}: malformed arguments: {exc}") from None
         if self.draining:
             raise _ShuttingDown("the worker is shutting down")
         # The id keys the call's cancellation, its slot and the drain: it must be unique.
@@ -170,8 +176,8 @@ class WorkerService(pb.WorkerServiceBase):
             peer_release=message.trio_bridge_version, peer_wire=message.wire_version,
         )
         if problem is not None:
-            print(f"trio-bridge worker: refusing the host: {problem}", file=sys.stderr, flush=True)
-            raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, problem)
+            self._refusals.log("incompatible host", problem)
+            raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, wire_errors.clip(problem, MAX_STATUS_MESSAGE_BYTES))
         if self.standalone and message.host_address:
             self._attach(message.host_address, message.worker_id)
         return pb.DescribeResponse(
@@ -254,6 +260,11 @@ class WorkerService(pb.WorkerServiceBase):
         except EncodeError as exc:
             return pb.ExecuteToolResponse(error=_error_info(exc))
 
+    def _malformed(self, problem: str) -> InvalidArgumentError:
+        """The error for a request whose payload is malformed, logged (rate-limited)."""
+        self._refusals.log(wire_errors.MALFORMED_PAYLOAD, problem)
+        return InvalidArgumentError(problem)
+
     def _run_sync(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
         try:
             return definition.function(**arguments)
@@ -317,7 +328,13 @@ class WorkerService(pb.WorkerServiceBase):
 
     async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
         if message.session_id not in self.sessions:
-            metadata = decode(message.metadata) or {}
+            try:
+                metadata = decode(message.metadata) or {}
+            except ValueError as exc:
+                raise wire_errors.status_error(_error_info(self._malformed(f"session metadata: {exc}"))) from None
+            if not isinstance(metadata, dict):
+                problem = f"session metadata must be a dict, not {type(metadata).__name__}"
+                raise wire_errors.status_error(_error_info(InvalidArgumentError(problem)))
             self.sessions[message.session_id] = metadata
             await self._adapter_hook(self.adapter.on_session_start, message.session_id, metadata)
         return pb.InitializeSessionResponse()
@@ -369,8 +386,12 @@ class WorkerService(pb.WorkerServiceBase):
             if not self._rpcs:
                 self._rpcs_done.set()
 
-    def _counted(self, handler: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
+    def _counted(
+        self, handler: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]], rpc: str, cardinality: grpclib.const.Cardinality,
+    ) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
         async def counted(stream: grpclib.server.Stream[Any, Any]) -> None:
+            if not cardinality.client_streaming:
+                wire_errors.require_message(stream, rpc, self._refusals)
             with self._reply_pending():
                 try:
                     await handler(stream)
@@ -390,7 +411,7 @@ class WorkerService(pb.WorkerServiceBase):
         # Our own handler sends each batch itself, so cancellation lands inside our try/finally.
         mapping[_STREAM_PATH] = grpclib.const.Handler(self._serve_stream, old.cardinality, old.request_type, old.reply_type)
         handlers = {
-            path: grpclib.const.Handler(self._counted(h.func), h.cardinality, h.request_type, h.reply_type)
+            path: grpclib.const.Handler(self._counted(h.func, path, h.cardinality), h.cardinality, h.request_type, h.reply_type)
             for path, h in mapping.items()
         }
         # The call stream lives as long as the connection: each of its calls is counted instead.
@@ -506,6 +527,10 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-ca", help="the CA that signs hosts' certificates (mutual TLS)")
     parser.add_argument("--join", help="tcp://HOST:PORT of a host (its listen=) to offer this worker to")
     parser.add_argument("--advertise", help="HOST:PORT where hosts reach this worker (default: --listen's)")
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help=f"allow plain TCP (no TLS) beyond loopback; {SECRET_ENV} is needed there all the same",
+    )
     return parser
 
 
@@ -515,8 +540,17 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     ``env``: the worker's environment (the pool's secret, the host's address, the worker id,
     adapter options). ``announce(address)`` is called once the server listens (a process prints
     the ready line). The caller owns the process-wide parts: the lifeline, the shared-memory
-    plane (``shared_memory.default_plane``) and exiting.
+    plane (``shared_memory.default_plane``) and exiting; and taking the secret out of
+    ``os.environ`` before this runs the adapter's code (see :func:`main`).
+
+    Refuses (exit code 2, before the adapter is imported) to listen beyond loopback without a
+    secret, or over plain TCP there without ``--insecure`` (see :func:`listener_refusal`).
     """
+    secret = env.get(SECRET_ENV, "")
+    refusal = listener_refusal(args, secret)
+    if refusal is not None:
+        print(f"trio-bridge worker: {refusal}", file=sys.stderr, flush=True)
+        return 2
     try:
         cls = load_adapter_class(args.adapter)
     except BaseException:
@@ -535,16 +569,21 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         host_address = env.get(HOST_ADDRESS_ENV)
         host = None
         if host_address:
-            host = HostClient(host_address, env.get(SECRET_ENV, ""), env.get(WORKER_ID_ENV, ""), asyncio.get_running_loop())
+            host = HostClient(host_address, secret, env.get(WORKER_ID_ENV, ""), asyncio.get_running_loop())
         service = WorkerService(
-            args.adapter, adapter, args.concurrency, host, standalone=args.standalone, secret=env.get(SECRET_ENV, ""),
+            args.adapter, adapter, args.concurrency, host, standalone=args.standalone, secret=secret,
             host_tls=client_tls,
         )
     except BaseException:
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server, service.health = new_server([service], env.get(SECRET_ENV, ""), coalesce_writes=True)
+    try:
+        allowed_uids = parse_allowed_uids(env.get(ALLOWED_UIDS_ENV, ""))
+    except ValueError as exc:
+        print(f"trio-bridge worker: {exc}", file=sys.stderr)
+        return 2
+    server, service.health = new_server([service], secret, coalesce_writes=True, allowed_uids=allowed_uids)
     try:
         scheme, where, port = parse_address(args.listen)
     except ValueError as exc:
@@ -566,7 +605,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         tasks.append(asyncio.create_task(_heartbeat(host, service, args.heartbeat_interval, forgotten)))
     if args.join:
         advertised = advertised_address(args.advertise, address)
-        tasks.append(asyncio.create_task(_join(args.join, advertised, service, env.get(SECRET_ENV, ""), client_tls)))
+        tasks.append(asyncio.create_task(_join(args.join, advertised, service, secret, client_tls)))
     try:
         await service.stopped.wait()
     finally:
@@ -580,6 +619,32 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
             host.close()
         service.executor.shutdown(wait=False, cancel_futures=True)
     return forgotten[0] if forgotten else 0
+
+
+def listener_refusal(args: argparse.Namespace, secret: str) -> str | None:
+    """Why the worker must not listen at ``args.listen`` (``None``: it may). Beyond loopback
+    (:mod:`trio_bridge._wire.listeners`) it needs ``secret`` of at least ``MIN_TOKEN``
+    characters, whatever the flags, and TLS there unless ``--insecure``."""
+    try:
+        exposed = beyond_loopback(args.listen)
+    except ValueError as exc:
+        return f"--listen: {exc}"
+    if not exposed:
+        return None
+    if len(secret) < MIN_TOKEN:
+        found = f"{SECRET_ENV} has {len(secret)} characters" if secret else f"{SECRET_ENV} is not set"
+        return (
+            f"--listen {args.listen} is reachable from other machines and {found}, so anyone there could "
+            f"call its tools: set {SECRET_ENV} to the hosts' token (open_pool(token=...), at least {MIN_TOKEN} "
+            "characters; `trio-bridge worker --token-file FILE` reads it from a file), or listen on loopback "
+            "(tcp:127.0.0.1:PORT) or a Unix socket"
+        )
+    if not args.tls_cert and not args.insecure:
+        return (
+            f"--listen {args.listen} is reachable from other machines over plain TCP, where the secret "
+            "crosses the network in clear: give --tls-cert and --tls-key, or --insecure to allow plain TCP"
+        )
+    return None
 
 
 def _print_ready_line(address: str) -> None:
@@ -606,7 +671,45 @@ def loop_factory(env: Mapping[str, str]) -> Callable[[], asyncio.AbstractEventLo
     return None
 
 
+def take_environment() -> dict[str, str]:
+    """This process's environment as :func:`serve` reads it, the pool secret included; the
+    secret leaves ``os.environ``, so the adapter's code (its import, ``setup()``, its tools) does
+    not find it there, nor do the processes its tools start (they inherit ``os.environ``).
+
+    A spawned worker gets its secret as the first line on stdin (``SECRET_ON_STDIN_ENV=1``): an
+    environment variable would stay in ``/proc/PID/environ``, which shows the environment a
+    process started with (not ``os.environ``) to every process of its user, for its whole life.
+    A forked worker finds it in ``os.environ`` only: its ``/proc/PID/environ`` is the fork
+    server's, which has none.
+    """
+    env = dict(os.environ)
+    if os.environ.pop(SECRET_ON_STDIN_ENV, "") == "1":
+        env[SECRET_ENV] = _read_secret_line()
+    os.environ.pop(SECRET_ENV, None)
+    return env
+
+
+_MAX_SECRET_LINE = 4096  # bytes
+
+
+def _read_secret_line() -> str:
+    """The line the host wrote on our stdin before anything else (it writes nothing more: the
+    lifeline reads stdin for EOF after this). EOF first: the host is gone."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, _MAX_SECRET_LINE)
+        if not chunk:
+            os._exit(EXIT_HOST_GONE)
+        line += chunk
+        if len(line) > _MAX_SECRET_LINE:
+            print(f"trio-bridge worker: {SECRET_ON_STDIN_ENV}=1, but stdin's first line is no secret", file=sys.stderr)
+            os._exit(2)
+    return line[:-1].decode(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # First, before the adapter's code: it must not find the secret in os.environ.
+    env = take_environment()
     args = parse_arguments(argv)
     if not args.no_lifeline:
         start_lifeline(os.getppid())
@@ -614,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     # A Runner, not asyncio.run: Python 3.11's asyncio.run takes no loop factory. It still turns
     # Ctrl-C into cancelling serve() and then KeyboardInterrupt, on uvloop too.
     with asyncio.Runner(loop_factory=loop_factory(os.environ)) as runner:
-        code = runner.run(serve(args, os.environ, _print_ready_line))
+        code = runner.run(serve(args, env, _print_ready_line))
     sys.stdout.flush()
     sys.stderr.flush()
     # Sync tools still running in threads after the drain grace must not keep the process alive.
