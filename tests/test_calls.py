@@ -4,12 +4,16 @@ worker processes is in ``test_pool.py``."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import trio
 
 from tests.helpers import marks, wait_for
 from trio_bridge import EncodeError, InvalidArgumentError, ToolError, ToolNotFoundError
+from trio_bridge._host._calls import Calls
+from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge.testing import open_pool_in_threads
 
 ECHO = "tests.adapters:Echo"
@@ -169,6 +173,21 @@ async def test_deadline_of_the_callers_cancel_scope_reaches_the_worker():
         with trio.fail_after(5):
             remaining = await pool.execute("echo", {"value": trio.current_effective_deadline() - trio.current_time()})
         assert 4 < remaining <= 5
+
+
+async def test_a_call_made_in_an_already_cancelled_scope_carries_a_passed_deadline_not_none():
+    # Trio says -inf for the deadline of a cancelled scope: on the wire it must not read as "none".
+    calls = Calls(
+        supervisor=SimpleNamespace(closing=False), router=None, metrics=None, state=None,  # type: ignore[arg-type]
+        plane=None, cancel_grace=5, no_worker_timeout=5,
+    )
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        request = await calls._request("echo", {}, None)  # no checkpoint: a call this early reaches the worker
+    assert request.timeout_seconds == timeout_to_wire(0.0) > 0
+    with trio.CancelScope(deadline=trio.current_time() + 5):
+        assert 4 < (await calls._request("echo", {}, None)).timeout_seconds <= 5
+    assert (await calls._request("echo", {}, None)).timeout_seconds == 0  # no deadline
 
 
 async def test_an_inline_tool_runs_on_the_workers_loop_and_a_plain_sync_tool_in_a_thread():

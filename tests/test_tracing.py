@@ -83,3 +83,21 @@ def test_nothing_is_traced_in_a_process_that_set_no_tracer_provider():
         "assert not _tracing.enabled()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_malformed_traceparent_starts_a_new_trace_and_logs_nothing(host_spans, caplog):
+    """A client may send any ``traceparent`` (up to the wire's name limit): only a well-formed W3C
+    one is handed to OpenTelemetry, which would log a warning for each bad one (a log flood a
+    client could drive); a bad one makes a span of a new trace."""
+    from trio_bridge import _tracing
+
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for bad in ["x" * 1000, "00-" + "z" * 32 + "-b7ad6b7169203331-01", good.upper(), good + "-extra"]:
+        with _tracing.span("call", kind="server", parent=bad):
+            pass
+    with _tracing.span("call", kind="server", parent=good):
+        pass
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    *bad_spans, child = host_spans
+    assert len(bad_spans) == 4 and all(s.parent is None for s in bad_spans)
+    assert child.parent is not None and f"{child.context.trace_id:032x}" == good.split("-")[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from grpclib.client import Channel
@@ -19,6 +20,7 @@ from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import new_server
+from trio_bridge.worker import tool
 from trio_bridge.worker._server import WorkerService
 
 
@@ -103,3 +105,105 @@ def test_malformed_requests_get_invalid_argument_and_one_short_log_line(tmp_path
     assert "malformed ExecuteToolRequest" in str(errors[0].message)
     lines = [r for r in caplog.records if r.name == "trio_bridge.wire"]
     assert len(lines) == 1 and "\n" not in lines[0].getMessage()
+
+
+class _Gated(Echo):
+    """Echo, with a sync tool that holds its thread until the test opens the gate."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.started, self.gate = threading.Event(), threading.Event()
+
+    @tool
+    def gated(self) -> None:
+        self.started.set()
+        self.gate.wait(30)
+
+    @tool
+    def recorded(self):
+        """A sync generator that says when its code runs."""
+        self.ran = True
+        yield 1
+
+
+def test_a_sync_call_cancelled_before_its_thread_started_frees_its_slot():
+    """The host cancels a call (the Calls stream's ``cancel``) while its sync tool still waits for
+    a pool thread: the tool never runs, so nothing in a thread frees its slot; the worker must
+    (else the host, pinging for it, recycles the worker). A cancelled sync call that did start keeps
+    its slot until its thread returns."""
+
+    async def scenario() -> None:
+        adapter = _Gated()
+        adapter.setup()
+        service = WorkerService("tests.adapters:Echo", adapter, concurrency=1)
+        loop = asyncio.get_running_loop()
+
+        async def until(condition) -> None:
+            while not condition():
+                await asyncio.sleep(0.001)
+
+        async with ChannelFor([service], status_details_codec=wire_errors.StatusDetailsCodec()) as channel:
+            async with channel.request(
+                "/trio_bridge.v1.WorkerService/Calls", Cardinality.STREAM_STREAM, pb.CallMessage, pb.CallResult,
+            ) as stream:
+                await stream.send_request()
+                # The only pool thread is busy: c1's tool waits for it.
+                busy = threading.Event()
+                occupied = loop.run_in_executor(service.executor, busy.wait)
+                await stream.send_message(pb.CallMessage(execute=_request("echo", "c1", value=1)))
+                await until(lambda: "c1" in service.active)
+                ctx = service.active["c1"]
+                await stream.send_message(pb.CallMessage(cancel="c1"))
+                await until(lambda: ctx.cancelled)
+                busy.set()
+                await occupied
+                await loop.run_in_executor(service.executor, lambda: None)  # the thread is free again
+                assert "c1" not in service.active  # freed, and echo never ran
+
+                # A started sync tool keeps its slot, cancelled, until its thread returns.
+                await stream.send_message(pb.CallMessage(execute=_request("gated", "c2")))
+                await until(adapter.started.is_set)
+                ctx = service.active["c2"]
+                await stream.send_message(pb.CallMessage(cancel="c2"))
+                await until(lambda: ctx.cancelled)
+                await asyncio.sleep(0.05)
+                assert "c2" in service.active
+                adapter.gate.set()
+                await asyncio.wait_for(until(lambda: "c2" not in service.active), 10)
+                await stream.end()
+
+    _run(scenario())
+
+
+def test_a_sync_generator_cancelled_before_its_thread_started_never_runs():
+    """A streaming call whose client went away while its sync generator waited for a pool thread:
+    the generator's code never runs (its side effects with it), and the call frees its slot."""
+
+    async def scenario() -> None:
+        adapter = _Gated()
+        adapter.setup()
+        adapter.ran = False
+        service = WorkerService("tests.adapters:Echo", adapter, concurrency=1)
+        loop = asyncio.get_running_loop()
+        busy = threading.Event()
+        occupied = loop.run_in_executor(service.executor, busy.wait)  # the only pool thread
+        async with ChannelFor([service], status_details_codec=wire_errors.StatusDetailsCodec()) as channel:
+            async with channel.request(
+                "/trio_bridge.v1.WorkerService/ExecuteStreamingTool", Cardinality.UNARY_STREAM,
+                pb.ExecuteToolRequest, pb.ToolChunkBatch,
+            ) as stream:
+                await stream.send_message(_request("recorded", "g1"), end=True)
+                while "g1" not in service.active:
+                    await asyncio.sleep(0.001)
+                ctx = service.active["g1"]
+                await stream.cancel()
+            while not ctx.cancelled:  # set in the same step as the handler closes its source
+                await asyncio.sleep(0.001)
+            busy.set()
+            await occupied
+            while "g1" in service.active:  # freed once the queued job ends, without running the tool
+                await asyncio.sleep(0.001)
+            await loop.run_in_executor(service.executor, lambda: None)  # every queued job has run
+            assert adapter.ran is False
+
+    _run(scenario())

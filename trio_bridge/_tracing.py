@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,6 +34,10 @@ def _provider() -> Any:
     return provider
 
 
+# W3C Trace Context, section 3.2: version-trace_id-parent_id-flags, lower-case hex
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 @contextlib.contextmanager
 def span(name: str, *, kind: str, parent: str = "", attributes: Mapping[str, Any] | None = None) -> Iterator[str]:
     """A span named ``name`` (``kind``: ``"client"``, ``"server"`` or ``"internal"``) for the
@@ -47,7 +52,9 @@ def span(name: str, *, kind: str, parent: str = "", attributes: Mapping[str, Any
     from opentelemetry.propagate import extract, inject
     from opentelemetry.trace import SpanKind
 
-    context = extract({"traceparent": parent}) if parent else None
+    # Only a well-formed W3C traceparent reaches OpenTelemetry: it logs a warning for each bad
+    # one, a log flood that a client could drive (our own refusals are rate-limited).
+    context = extract({"traceparent": parent}) if _TRACEPARENT.fullmatch(parent) else None
     with tracer.start_as_current_span(
         name, context=context, kind=SpanKind[kind.upper()], attributes=dict(attributes or {}),
     ):

