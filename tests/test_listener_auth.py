@@ -82,6 +82,22 @@ def test_a_worker_given_its_secret_on_stdin_still_refuses_calls_without_it():
         assert _ping(address, SECRET) is None
 
 
+@pytest.mark.real_process
+def test_the_worker_modules_help_does_not_wait_for_a_secret_on_stdin(tmp_path):
+    """``--help`` (or a usage error) answers at once, even where the secret is to come on stdin
+    and stdin stays open with nothing on it."""
+    env = dict(os.environ) | {"TRIO_BRIDGE_SECRET_ON_STDIN": "1"}
+    with (tmp_path / "out").open("w+b") as out, subprocess.Popen(
+        [sys.executable, "-m", "trio_bridge.worker", "--help"], env=env, stdin=subprocess.PIPE, stdout=out,
+    ) as process:
+        try:
+            code = process.wait(timeout=60)  # stdin stays open: a worker reading it would wait for good
+        finally:
+            process.kill()
+        out.seek(0)
+        assert code == 0 and b"--listen" in out.read()
+
+
 # ---- the worker module: which addresses need what ----
 
 

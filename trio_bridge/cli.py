@@ -377,6 +377,7 @@ def worker(
         err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
 
     _end_on_signals()
+    os.environ.pop(SECRET_ENV, None)  # one the user exported: the adapter's tools' children must not inherit it
 
     try:
         with asyncio.Runner(loop_factory=loop_factory(os.environ)) as runner:  # uvloop where installed

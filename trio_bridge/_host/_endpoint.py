@@ -61,7 +61,7 @@ def checked_metrics_address(address: Any, *, token: Any, status_public: Any) -> 
         raise InvalidArgumentError(f"metrics_address: {exc}") from None
     if status_public is not None and not isinstance(status_public, bool):
         raise InvalidArgumentError(f"status_public must be True or False, not {short_repr(status_public)}")
-    if loopback(host.removeprefix("[").removesuffix("]")) or status_public:
+    if loopback(host) or status_public:
         return Endpoint(host, port, None)
     if token is None:
         raise InvalidArgumentError(

@@ -718,9 +718,9 @@ def _read_secret_line() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First, before the adapter's code: it must not find the secret in os.environ.
+    args = parse_arguments(argv)  # runs no adapter code; --help must not wait for a secret on stdin
+    # Then, before the adapter's code: it must not find the secret in os.environ.
     env = take_environment()
-    args = parse_arguments(argv)
     if not args.no_lifeline:
         start_lifeline(os.getppid())
     shared_memory.default_plane = SharedMemoryPlane.from_environment(os.environ)
