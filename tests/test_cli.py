@@ -240,12 +240,27 @@ def test_doctor_passes_here_with_a_verdict_for_each_check():
     assert code == 0, checks
     expected = {"python", "/dev/shm", "fork server"} | {
         f"dependency {d}" for d in (
-            "trio", "trio-asyncio", "grpclib", "betterproto2", "numpy", "pydantic", "protobuf", "psutil", "prometheus-client", "uvloop",
+            "trio", "trio-asyncio", "grpclib", "h2", "hyperframe", "betterproto2", "numpy", "pydantic", "protobuf", "psutil",
+            "prometheus-client", "uvloop",
         )
-    }
+    } | {f"wire {path}" for path in ("codec", "http2", "coalesce", "abstract")}
     assert set(checks) == expected
     assert all(c["status"] in ("ok", "warn") and c["detail"] for c in checks.values())
     assert checks["dependency trio"]["detail"].startswith(importlib.metadata.version("trio"))
+    h2 = f"h2 {importlib.metadata.version('h2')} (tested >="
+    assert checks["wire http2"]["status"] == "ok" and checks["wire http2"]["detail"].startswith("on: ") and h2 in checks["wire http2"]["detail"]
+
+
+def test_doctor_says_which_fast_path_of_the_wire_is_off_and_why(monkeypatch):
+    from trio_bridge._wire import overrides
+
+    monkeypatch.setattr(overrides, "FAST_PATHS", overrides._decide("1"))  # as TRIO_BRIDGE_STOCK_WIRE=1 at import
+    code, checks = _doctor()
+    assert code == 0  # slower, not broken
+    for path in ("codec", "http2", "coalesce"):
+        assert checks[f"wire {path}"]["status"] == "warn", checks
+        assert checks[f"wire {path}"]["detail"].startswith("off (TRIO_BRIDGE_STOCK_WIRE=1): the stock code path is used")
+    assert checks["wire abstract"]["status"] == "ok"
 
 
 def test_doctor_fails_on_an_unreachable_redis_and_names_the_check():

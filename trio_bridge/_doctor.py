@@ -36,6 +36,8 @@ KEY_DEPENDENCIES: dict[str, str] = {
     "trio": "trio",
     "trio-asyncio": "trio_asyncio",
     "grpclib": "grpclib",
+    "h2": "h2",
+    "hyperframe": "hyperframe",
     "betterproto2": "betterproto2",
     "numpy": "numpy",
     "pydantic": "pydantic",
@@ -89,6 +91,7 @@ def run_checks(
         _guarded(f"dependency {dist}", lambda d=dist, m=module: check_dependency(d, m, requirements))
         for dist, module in KEY_DEPENDENCIES.items()
     ]
+    checks += check_wire()
     checks.append(_guarded("/dev/shm", check_shared_memory))
     checks.append(_guarded("fork server", check_fork_server))
     if redis_url is not None:
@@ -178,6 +181,33 @@ def check_dependency(dist: str, module: str, requirements: dict[str, Requirement
     if not requirements:
         needs = "trio-bridge's requirements unknown: it is not installed"
     return Check(name, "ok", f"{installed} ({needs})")
+
+
+#: the libraries each of the wire's fast paths depends on (see trio_bridge/_wire/overrides.py)
+_WIRE_LIBRARIES = {
+    "codec": ("betterproto2",), "http2": ("grpclib", "h2", "hyperframe"), "coalesce": ("grpclib", "h2", "hyperframe"), "abstract": ("grpclib",),
+}
+
+
+def check_wire() -> list[Check]:
+    """One check per fast path of the wire: on, or off and why (an untested release of what it
+    overrides, a missing private name, ``TRIO_BRIDGE_STOCK_WIRE``), with the releases it was
+    tested with. Off is a warning: the stock code path is slower, never wrong; an ``abstract``
+    path off means ``unix:@name`` addresses fail on uvloop."""
+    try:
+        from trio_bridge._wire import overrides
+    except Exception as exc:
+        return [Check("wire", "fail", f"trio_bridge._wire does not import: {type(exc).__name__}: {exc}")]
+    versions = overrides.installed_versions()
+    checks = []
+    for name, path in overrides.FAST_PATHS.items():
+        libraries = ", ".join(f"{d} {versions[d]} (tested {overrides.TESTED[d]})" for d in _WIRE_LIBRARIES.get(name, ()))
+        if path.on:
+            checks.append(Check(f"wire {name}", "ok", f"on: {path.what}; {libraries}"))
+            continue
+        effect = "unix:@name addresses fail on uvloop" if name == "abstract" else "the stock code path is used (slower, never wrong)"
+        checks.append(Check(f"wire {name}", "warn", f"off ({path.why}): {effect}; {libraries}"))
+    return checks
 
 
 def check_shared_memory(root: str | None = None) -> Check:

@@ -32,19 +32,22 @@ import bisect
 import dataclasses
 import warnings
 from io import BytesIO
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import betterproto2
-from betterproto2 import (
-    PACKED_TYPES,
-    TYPE_BYTES,
-    TYPE_MESSAGE,
-    TYPE_STRING,
-    FieldMetadata,
-    Message,
-    _preprocess_single,
-    _serialize_single,
-)
+from betterproto2 import Message
+
+if TYPE_CHECKING:
+    from betterproto2 import FieldMetadata
+
+# betterproto2's internals, read without failing the import where a release lacks one: the codec
+# uses this module only where :mod:`overrides` found them all (else betterproto2's own code).
+PACKED_TYPES: Any = getattr(betterproto2, "PACKED_TYPES", ())
+TYPE_BYTES: Any = getattr(betterproto2, "TYPE_BYTES", None)
+TYPE_MESSAGE: Any = getattr(betterproto2, "TYPE_MESSAGE", None)
+TYPE_STRING: Any = getattr(betterproto2, "TYPE_STRING", None)
+_preprocess_single: Any = getattr(betterproto2, "_preprocess_single", None)
+_serialize_single: Any = getattr(betterproto2, "_serialize_single", None)
 
 __all__ = ["Chunks", "Owned", "Parts", "owned_buffer", "parse", "serialize"]
 

@@ -2,7 +2,8 @@
 
 Everything here applies to our own channels and servers only (``transport.py`` makes them with
 :class:`FastH2Protocol`), except the deferred frame ``repr`` in h2, which is module-wide and
-changes no output. Each workaround names the upstream code it replaces.
+changes no output. Each workaround names the upstream code it replaces. Used only on the
+releases :mod:`overrides` lists as tested (else grpclib's stock protocol is).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _DeferredRepr:
     __repr__ = __str__
 
 
-def _defer_h2_frame_repr() -> None:
+def defer_h2_frame_repr() -> None:
     """Stop h2 from formatting every received frame when nothing logs it.
 
     h2 4.4.1 ``H2Connection._receive_frame`` (h2/connection.py line 1543) runs
@@ -55,14 +56,13 @@ def _defer_h2_frame_repr() -> None:
     large share of a big in-band message. Shadowing the name ``repr`` in that one module (the
     only call of ``repr`` there) makes it a ``_DeferredRepr``: an h2 logger that does log still
     prints the same text (``%s`` formats it with ``str``), only when it formats the message
-    rather than when h2 calls it. Applied on import, by host and worker alike; only to h2 4.x,
-    where a test checks that this is still the module's only ``repr`` call.
+    rather than when h2 calls it. Applied by :mod:`overrides` on import, by host and worker
+    alike, on the h2 releases it lists as tested, where a test checks that this is still the
+    module's only ``repr`` call.
     """
     if h2.__version__.startswith("4."):
         h2.connection.__dict__.setdefault("repr", _DeferredRepr)
 
-
-_defer_h2_frame_repr()
 
 class CoalescingTransport:
     """A transport whose writes within one loop iteration go out as one write.

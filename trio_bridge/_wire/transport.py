@@ -11,6 +11,10 @@ window, what a host reads with; servers keep grpclib's 4 MiB.) A stream asked to
 bigger than its window widens it to the message's size, at most ``http2.MAX_WINDOW``: a big message
 then crosses without a WINDOW_UPDATE round trip every 128 KiB, and streams of small messages
 keep their window (see ``http2.py``).
+
+The channel, server and codec classes here choose, once, between our fast paths and grpclib's
+stock ones, as :mod:`overrides` decided at import (on untested releases of grpclib, h2,
+hyperframe or betterproto2, and with ``TRIO_BRIDGE_STOCK_WIRE``: the stock ones).
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ from grpclib.config import Configuration
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.protocol import H2Protocol
 
-from trio_bridge._wire import fast_proto
+from trio_bridge._errors import TrioBridgeError
+from trio_bridge._wire import fast_proto, overrides
 from trio_bridge._wire.auth import PeerCheck, require_secret
 from trio_bridge._wire.errors import Refusals, StatusDetailsCodec
-from trio_bridge._wire.http2 import PARTS_MIN, CoalescingTransport, FastH2Protocol
 from trio_bridge._wire.limits import NOT_PROTOBUF, request_problem
 from trio_bridge._wire.standard_services import with_standard_services
 
@@ -101,16 +105,19 @@ class _FastChannel(Channel):
     ``Channel._protocol_factory`` (client.py), which makes an ``H2Protocol`` the same way."""
 
     def _protocol_factory(self) -> H2Protocol:
+        from trio_bridge._wire.http2 import FastH2Protocol  # imported only where overrides.HTTP2
+
         return FastH2Protocol(grpclib.client.Handler(), self._config, self._h2_config)
 
 
-class _AbstractSocketChannel(_FastChannel):
+class _AbstractSocketChannel(Channel):
     """A channel to a Linux abstract-namespace Unix socket (a path that starts with NUL) that
     connects the socket itself: uvloop's ``create_unix_connection(path=...)`` hands the path to
     libuv's ``uv_pipe_connect``, which reads it as a NUL-terminated string, so an abstract name
     fails with ``OSError: [Errno 22]`` (MagicStack/uvloop issue 528). A connected socket passed as
-    ``sock=`` works on every loop. Overrides grpclib 0.4's private ``Channel._create_connection``
-    (client.py), which for a ``path`` does only that call."""
+    ``sock=`` (public asyncio API) works on every loop. Overrides grpclib 0.4's private
+    ``Channel._create_connection`` (client.py), which for a ``path`` does only that call: needed
+    for correctness, so kept with grpclib's stock protocol too (:data:`overrides.ABSTRACT`)."""
 
     async def _create_connection(self) -> H2Protocol:
         assert self._path is not None
@@ -126,32 +133,50 @@ class _AbstractSocketChannel(_FastChannel):
         return protocol
 
 
+class _FastAbstractSocketChannel(_AbstractSocketChannel, _FastChannel):
+    """An _AbstractSocketChannel whose connections are _FastH2Protocols."""
+
+
 def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
     """A grpclib client channel to ``address`` (connects lazily, on the first call); TCP over
     TLS with ``ssl`` (a client context: ``TLSConfig.client_context()``)."""
     scheme, where, port = parse_address(address)
+    plain: type[Channel] = _FastChannel if overrides.HTTP2 else Channel
     if scheme == "unix":
-        return (_AbstractSocketChannel if where.startswith("\0") else _FastChannel)(
-            path=where, config=_CONFIG, codec=_FastCodec(), status_details_codec=StatusDetailsCodec()
-        )
-    return _FastChannel(host=where, port=port, config=_CONFIG, ssl=ssl, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
+        kind = plain
+        if where.startswith("\0") and overrides.ABSTRACT:
+            kind = _FastAbstractSocketChannel if overrides.HTTP2 else _AbstractSocketChannel
+        return kind(path=where, config=_CONFIG, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
+    return plain(host=where, port=port, config=_CONFIG, ssl=ssl, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
+
+
+def _parts_min() -> float:
+    """The smallest encoding the codec hands to a stream as its parts (FastStreams only)."""
+    if not overrides.HTTP2:
+        return float("inf")
+    from trio_bridge._wire.http2 import PARTS_MIN
+
+    return PARTS_MIN
 
 
 class _FastCodec(ProtoCodec):
     """grpclib's ``ProtoCodec`` for betterproto2 messages, with :mod:`fast_proto`'s encoding
-    (byte-identical to betterproto2's, without its whole-body copies at every nesting level)."""
+    (byte-identical to betterproto2's, without its whole-body copies at every nesting level);
+    grpclib's own where :data:`overrides.CODEC` is off."""
+
+    _PARTS_MIN = _parts_min()
 
     def encode(self, message: Any, message_type: Any) -> Any:
         if not isinstance(message, message_type):
             raise TypeError(f"Message must be of type {message_type!r}, not {type(message)!r}")
-        if isinstance(message, betterproto2.Message):
+        if overrides.CODEC and isinstance(message, betterproto2.Message):
             parts = fast_proto.serialize(message)
             # Only our streams (FastStream) take Parts: every codec of ours sends through them.
-            return parts if len(parts) >= PARTS_MIN else parts.tobytes()
+            return parts if len(parts) >= self._PARTS_MIN else parts.tobytes()
         return super().encode(message, message_type)
 
     def decode(self, data: Any, message_type: Any) -> Any:
-        if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
+        if overrides.CODEC and isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
             return fast_proto.parse(message_type, data)
         return super().decode(data.tobytes() if isinstance(data, fast_proto.Chunks) else data, message_type)
 
@@ -179,17 +204,16 @@ class _ValidatingCodec(_FastCodec):
         return message
 
 
-class _FastServer(grpclib.server.Server):
-    """A grpclib server whose connections are _FastH2Protocols, each checked by ``peers`` (see
-    :class:`PeerCheck`) before its first byte. Overrides grpclib 0.4's private
-    ``Server._protocol_factory`` (server.py), taking the handler, configurations of the
-    ``H2Protocol`` it makes (the handler is registered with the server there)."""
+class _CheckedServer(grpclib.server.Server):
+    """A grpclib server whose connections are each checked by ``peers`` (see :class:`PeerCheck`)
+    before their first byte: a security boundary, so on every path. Overrides grpclib 0.4's
+    private ``Server._protocol_factory`` (server.py), wrapping the ``H2Protocol`` it makes (the
+    handler is registered with the server there)."""
 
     peers: PeerCheck | None = None
 
     def _new_protocol(self) -> H2Protocol:
-        made = super()._protocol_factory()
-        return FastH2Protocol(made.handler, made.config, made.h2_config)
+        return super()._protocol_factory()
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = self._new_protocol()
@@ -209,12 +233,25 @@ class _FastServer(grpclib.server.Server):
         return protocol
 
 
-class _CoalescingServer(_FastServer):
-    """A grpclib server whose connections coalesce their writes (``CoalescingTransport``):
+class _FastServer(_CheckedServer):
+    """A checked server whose connections are _FastH2Protocols, taking the handler and
+    configurations of the ``H2Protocol`` grpclib makes."""
+
+    def _new_protocol(self) -> H2Protocol:
+        from trio_bridge._wire.http2 import FastH2Protocol  # imported only where overrides.HTTP2
+
+        made = super()._new_protocol()
+        return FastH2Protocol(made.handler, made.config, made.h2_config)
+
+
+class _CoalescingServer(_CheckedServer):
+    """A checked server whose connections coalesce their writes (``CoalescingTransport``):
     measured on a worker, a unary call's CPU (host + worker) x0.87-0.95, its latency x0.98.
     Wraps the transport its protocol is given."""
 
     def _new_protocol(self) -> H2Protocol:
+        from trio_bridge._wire.http2 import CoalescingTransport  # imported only where overrides.COALESCE
+
         protocol = super()._new_protocol()
         connection_made = protocol.connection_made
 
@@ -224,6 +261,10 @@ class _CoalescingServer(_FastServer):
 
         protocol.connection_made = coalescing
         return protocol
+
+
+class _FastCoalescingServer(_CoalescingServer, _FastServer):
+    """A _CoalescingServer whose connections are _FastH2Protocols."""
 
 
 def new_server(
@@ -238,9 +279,17 @@ def new_server(
     ``coalesce_writes``, each connection sends what it writes in one loop iteration as one
     write (a worker's replies). Returns it and its health status (``.set(False)``: draining)."""
     everything, health = with_standard_services(services)
-    server = (_CoalescingServer if coalesce_writes else _FastServer)(
-        everything, codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec()
-    )
+    if not hasattr(grpclib.server.Server, "_protocol_factory"):  # where PeerCheck hooks in
+        raise TrioBridgeError(
+            f"grpclib {overrides.installed_versions()['grpclib']} has no Server._protocol_factory, which the check of "
+            f"a Unix socket's peer needs: install a tested release (pip install 'grpclib{overrides.TESTED['grpclib']}')"
+        )
+    coalesce = coalesce_writes and overrides.COALESCE
+    if overrides.HTTP2:
+        kind: type[_CheckedServer] = _FastCoalescingServer if coalesce else _FastServer
+    else:
+        kind = _CoalescingServer if coalesce else _CheckedServer
+    server = kind(everything, codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec())
     server.peers = PeerCheck(allowed_uids)
     if secret:
         require_secret(server, secret)
