@@ -5,7 +5,10 @@ honest parts (``add``, ``Model``) must keep working. ``tests.allowlist_foreign``
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
+import operator
 import os
 import subprocess
 import types
@@ -64,6 +67,37 @@ def give_object_array() -> np.ndarray:
 
 def give_generator() -> Any:
     yield 1
+
+
+def give_repeat() -> Any:
+    """A lazy iterator of an allowed module carrying a foreign function."""
+    return itertools.repeat(foreign.run, 1)
+
+
+def give_deque() -> collections.deque[Any]:
+    return collections.deque([1, foreign.run])
+
+
+def give_defaultdict() -> collections.defaultdict[Any, Any]:
+    return collections.defaultdict(foreign.run)
+
+
+def give_holder() -> Model:
+    """An allowed instance holding a foreign function in an attribute."""
+    model = Model()
+    model.hook = foreign.run  # type: ignore[attr-defined]
+    return model
+
+
+def give_slice(foreign_bound: bool) -> slice:
+    return slice(foreign.run if foreign_bound else 1, None)
+
+
+def give_attrgetter() -> Any:
+    return operator.attrgetter("__globals__")
+
+
+measure = np.testing.measure  # numpy.testing's exec, re-exported from an allowed module
 
 
 def give_numbers() -> list[Any]:

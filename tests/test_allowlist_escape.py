@@ -86,14 +86,17 @@ def refused(instance: PythonAdapter, target: str, module: str, *args: Any, store
     ],
 )
 def test_routes_out_of_allowed_modules_are_refused_naming_the_module(target, args, module):
-    instance = adapter("numpy", "datetime", "statistics", "fractions", "json", "collections")
+    # numpy.f2py and numpy.ctypeslib named too: what they import stays outside
+    instance = adapter("numpy", "numpy.f2py", "numpy.ctypeslib", "datetime", "statistics", "fractions", "json", "collections")
     message = refused(instance, target, module, *args)
     assert "adapter_options={'allow': [..., " in message or "'builtins' itself is allowed" in message
 
 
 def test_the_readme_escape_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
-    message = refused(adapter("numpy"), "numpy.f2py.subprocess.check_output", "subprocess", ["touch", str(marker)])
+    message = refused(adapter("numpy"), "numpy.f2py.subprocess.check_output", "numpy.f2py", ["touch", str(marker)])
+    assert "'numpy.f2py' runs or builds code" in message
+    message = refused(adapter("numpy", "numpy.f2py"), "numpy.f2py.subprocess.check_output", "subprocess", ["touch", str(marker)])
     assert "numpy.f2py.subprocess is the module 'subprocess'" in message
     assert not marker.exists()
 
@@ -184,7 +187,7 @@ def test_reading_an_attribute_refuses_foreign_code_before_it_runs():
 
 
 def test_stored_objects_and_stored_arguments_are_no_way_round():
-    instance = adapter("numpy", TARGETS)
+    instance = adapter("numpy", "numpy.f2py", TARGETS)
     ctx = Ctx()
     # a stored module leads where the module leads, no further
     instance.call(ctx, "numpy.f2py", store_as="f2py")
@@ -213,7 +216,7 @@ def test_a_pipeline_stops_at_the_first_refused_step():
         {"call": "numpy.f2py.os.system", "args": ["true"]},
         {"call": "numpy.arange", "args": [4], "store_as": "b"},
     ]
-    with pytest.raises(NotAllowedError, match="module 'os'") as info:
+    with pytest.raises(NotAllowedError, match=r"module 'numpy\.f2py'") as info:
         instance.pipeline(ctx, steps)
     assert "in pipeline step 1: numpy.f2py.os.system" in info.value.__notes__
     assert set(instance.list_stored(ctx)) == {"a"}
@@ -288,6 +291,188 @@ def test_the_allow_option_must_be_module_names():
             instance.setup()
 
 
+# ---- code that runs strings, getattr by another name, lazy iterators ----------------------------
+
+def stored(name: str) -> dict[str, str]:
+    return {"$stored": name}
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "subtree"),
+    [
+        ("numpy.testing.measure", ["open({marker!r}, 'w')"], "numpy.testing"),  # exec of its argument
+        ("numpy.testing.rundocs", ["{marker}"], "numpy.testing"),
+        ("numpy.testing.extbuild.build_and_import_extension", ["m", []], "numpy.testing"),  # builds C
+        ("numpy.f2py.compile", ["x"], "numpy.f2py"),
+        ("numpy.distutils.exec_command", ["touch {marker}"], "numpy.distutils"),
+        ("numpy.ctypeslib.load_library", ["libc", "/lib"], "numpy.ctypeslib"),
+    ],
+)
+def test_code_running_subtrees_of_an_allowed_package_are_refused_unless_named(tmp_path, target, args, subtree):
+    marker = str(tmp_path / "ran")
+    message = refused(adapter("numpy"), target, subtree, *(a.format(marker=marker) if isinstance(a, str) else a for a in args))
+    assert f"'{subtree}' runs or builds code" in message and f"[..., '{subtree}']" in message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_code_running_subtree_is_judged_by_where_its_objects_belong(tmp_path):
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w')"
+    # numpy.testing.measure says numpy.testing._private.utils: a re-export elsewhere is no way round
+    refused(adapter("numpy", TARGETS), f"{TARGETS}.measure", "numpy.testing._private.utils", code)
+    assert not marker.exists()
+    # named explicitly, it is allowed (and runs what it is given)
+    assert adapter("numpy", "numpy.testing").call(Ctx(), "numpy.testing.measure", ["x = 1"]) >= 0
+    assert adapter("numpy.testing.overrides").call(Ctx(), "numpy.testing.overrides.allows_array_function_override", [np.sum])
+
+
+def test_the_reviewers_operator_and_itertools_chain_is_refused():
+    """The review's chain: attrgetter('__builtins__') and itemgetter('eval'), fed through
+    itertools' lazy iterators past the checks, then operator.call(eval, code)."""
+    s = stored
+    steps = [
+        ("operator", [], "op"), ("operator.attrgetter", ["call"], "ag"), ("stored.ag", [s("op")], "opcall"),
+        ("operator.attrgetter", ["__builtins__"], "getb"), ("operator.itemgetter", ["eval"], "gete"),
+        ("itertools.repeat", [s("op"), 1], "r"), ("itertools.zip_longest", [s("r")], "z1"),
+        ("itertools.starmap", [s("getb"), s("z1")], "b"), ("itertools.zip_longest", [s("b")], "z2"),
+        ("itertools.starmap", [s("gete"), s("z2")], "ev"),
+        ("itertools.zip_longest", [s("ev"), ["__import__('subprocess').check_output(['id']).decode()"]], "z3"),
+        ("itertools.starmap", [s("opcall"), s("z3")], "out"), ("operator.iadd", [[], s("out")], None),
+    ]
+    instance = adapter("operator", "itertools")
+    ctx = Ctx()
+    with pytest.raises(NotAllowedError, match=r"operator\.attrgetter, which reaches attributes or names by string") as info:
+        instance.pipeline(ctx, [{"call": t, "args": a, "store_as": n} for t, a, n in steps])
+    assert "in pipeline step 1: operator.attrgetter" in info.value.__notes__
+    assert instance.list_stored(ctx) == {"op": "module"}
+    # each hole on its own: the lazy iterators are refused too, with plain data in them
+    for target, args in [("itertools.repeat", [s("op"), 1]), ("itertools.zip_longest", [[1], [2]]), ("itertools.count", [])]:
+        with pytest.raises(NotAllowedError, match="an iterator: what it yields is made only when it is read") as info:
+            instance.call(ctx, target, args, {}, "lazy")
+        assert "its result was neither returned nor stored" in str(info.value)
+    assert instance.list_stored(ctx) == {"op": "module"}
+
+
+@pytest.mark.parametrize(
+    ("allow", "target", "args", "module"),
+    [
+        (["operator"], "operator.attrgetter", ["__builtins__"], "builtins"),
+        (["operator"], "operator.methodcaller", ["__reduce__"], "builtins"),
+        (["inspect", "operator"], "inspect.getattr_static", [], "inspect"),
+        (["pkgutil"], "pkgutil.resolve_name", ["os:system"], "pkgutil"),
+        (["importlib"], "importlib.import_module", ["os"], "importlib"),
+        (["string"], "string.Formatter", [], "builtins"),
+        (["logging"], "logging.Formatter", ["{x.__class__}"], "builtins"),
+        (["typing"], "typing.get_type_hints", [1], "builtins"),
+        (["typing"], "typing.ForwardRef", ["x"], "builtins"),
+        (["timeit"], "timeit.timeit", ["1"], "timeit"),
+        (["code"], "code.InteractiveInterpreter", [], "code"),
+        (["runpy"], "runpy.run_module", ["this"], "runpy"),
+        (["pdb"], "pdb.run", ["1"], "pdb"),
+        (["pickle"], "pickle.loads", [b"N."], "pickle"),
+        (["marshal"], "marshal.loads", [b"N"], "marshal"),
+        (["types"], "types.FunctionType", [], "builtins"),
+        (["types"], "types.CodeType", [], "builtins"),
+        (["ctypes"], "ctypes.CDLL", [None], "ctypes"),
+        (["logging"], "logging.config.dictConfig", [{"version": 1}], "logging.config"),
+        (["unittest"], "unittest.mock.patch", ["os.system"], "unittest.mock"),
+        (["xmlrpc"], "xmlrpc.server.resolve_dotted_attribute", [], "xmlrpc.server"),
+        (["numpy"], "numpy.info", ["x"], "builtins"),  # info(toplevel=) imports by name
+        (["numpy"], "numpy.bmat", ["self"], "builtins"),  # reads names from its caller's frame
+        (["numpy"], "numpy.r_", [], "builtins"),  # r_["self"] is bmat's
+        (["numpy"], "numpy.lib.add_newdoc", ["os", "system", "x"], "builtins"),
+        (["numpy"], "numpy.test", [], "builtins"),  # numpy.test(tests=[path]) runs a file
+        (["webbrowser"], "webbrowser.get", ["sh -c id %s"], "webbrowser"),  # runs a command line
+        (["multiprocessing"], "multiprocessing.connection.Client", [], "multiprocessing"),  # unpickles
+    ],
+)
+def test_callables_that_reach_attributes_or_names_by_string_are_refused(allow, target, args, module):
+    message = refused(adapter(*allow), target, module, *args)
+    assert "'builtins' itself is allowed" in message or f"[..., '{module}']" in message
+    assert allowlist_foreign.RAN == []
+
+
+def test_what_reaches_by_string_is_refused_as_a_result_too_and_allowed_with_builtins():
+    ctx = Ctx()
+    message = refused(adapter(TARGETS, "operator"), f"{TARGETS}.give_attrgetter", "builtins", store_as="g")
+    assert "a operator.attrgetter object, which reaches attributes or names by string" in message
+    everything = adapter("operator", "builtins")
+    everything.call(ctx, "operator", store_as="op")
+    everything.call(ctx, "operator.attrgetter", ["__name__"], store_as="name")
+    assert everything.call(ctx, "stored.name", [stored("op")]) == "operator"
+
+
+def test_objects_whose_contents_cannot_be_checked_are_refused():
+    instance = adapter(TARGETS, "itertools", "collections", "numpy")
+    ctx = Ctx()
+    with pytest.raises(NotAllowedError, match="an iterator"):
+        instance.call(ctx, f"{TARGETS}.give_repeat", [], {}, "lazy")
+    for function in ("give_deque", "give_defaultdict"):  # what they hold is checked
+        message = refused(instance, f"{TARGETS}.{function}", "tests.allowlist_foreign", store_as="kept")
+        assert "holds the function run" in message
+    instance.call(ctx, f"{TARGETS}.give_holder", store_as="holder")  # an instance's attributes: when read
+    refused(instance, "stored.holder.hook", "tests.allowlist_foreign")
+    assert instance.call(ctx, f"{TARGETS}.give_slice", [False], store_as="cut") == {"stored": "cut", "type": "slice"}
+    refused(instance, f"{TARGETS}.give_slice", "tests.allowlist_foreign", True, store_as="bad")
+    instance.call(ctx, "numpy.arange", [3], store_as="a")
+    with pytest.raises(NotAllowedError, match=r"numpy\.flatiter object, an iterator"):
+        instance.call(ctx, "stored.a.flat", [], {}, "flat")
+    with pytest.raises(NotAllowedError, match=r"numpy\.nditer object, an iterator"):
+        instance.call(ctx, "numpy.nditer", [[1, 2]], {}, "it")
+    assert set(instance.list_stored(ctx)) == {"a", "holder", "cut"}
+    assert instance.call(ctx, "collections.deque", [[1, 2]], store_as="d") == {"stored": "d", "type": "collections.deque"}
+    assert allowlist_foreign.RAN == []
+
+
+@pytest.mark.parametrize(
+    ("allow", "steps", "module"),
+    [
+        # a foreign callable cannot be stored, so numpy's and functools' higher-order functions never get one
+        (["numpy", TARGETS], [(f"{TARGETS}.loud", [], "f"), ("numpy.frompyfunc", [stored("f"), 1, 1], "u")], "tests.allowlist_foreign"),
+        (["numpy", TARGETS], [(f"{TARGETS}.give_run", [], "f"), ("numpy.vectorize", [stored("f")], "v")], "tests.allowlist_foreign"),
+        (["numpy", TARGETS], [(f"{TARGETS}.evaluate", [], "f"), ("numpy.apply_along_axis", [stored("f"), 0, [["1"]]], None)], "builtins"),
+        (["functools", "operator"], [("operator", [], "op"), ("operator.attrgetter", ["__builtins__"], "g"),
+                                     ("functools.reduce", [stored("g"), [stored("op")]], None)], "builtins"),
+        (["functools", "operator", TARGETS], [(f"{TARGETS}.evaluate", [], "e"),
+                                               ("functools.reduce", [stored("e"), ["1", "2"]], None)], "builtins"),
+        (["numpy", TARGETS], [(f"{TARGETS}.give_numbers", [], "items"), (f"{TARGETS}.smuggle", [stored("items")], None),
+                              ("numpy.frompyfunc", [stored("items"), 1, 1], "u")], "tests.allowlist_foreign"),
+        (["numpy"], [("builtins.map", [], None)], "builtins"),
+        (["numpy"], [("builtins.filter", [], None)], "builtins"),
+        (["inspect", "operator"], [("operator", [], "op"), ("inspect.getattr_static", [stored("op"), "__builtins__"], None)], "inspect"),
+        (["string", "numpy"], [("string.Formatter", [], "f"), ("stored.f.get_field", ["0.__class__", [1], {}], None)], "builtins"),
+        (["pkgutil"], [("pkgutil.resolve_name", ["builtins:eval"], "e")], "pkgutil"),
+    ],
+)
+def test_variants_of_the_review_are_refused(allow, steps, module):
+    instance = adapter(*allow)
+    with pytest.raises(NotAllowedError) as info:
+        instance.pipeline(Ctx(), [{"call": t, "args": a, "store_as": n} for t, a, n in steps])
+    assert f"'{module}'" in str(info.value), str(info.value)
+    assert allowlist_foreign.RAN == []
+
+
+def test_honest_sklearn_objects_are_checked_inside_and_keep_working():
+    require("sklearn")
+    instance = adapter("numpy", "sklearn")
+    ctx = Ctx()
+    x, y = np.arange(40.0).reshape(20, 2), np.arange(20) % 2
+    instance.pipeline(ctx, [
+        {"call": "sklearn.preprocessing.StandardScaler", "store_as": "scaler"},
+        {"call": "sklearn.linear_model.LogisticRegression", "store_as": "clf"},
+        {"call": "sklearn.pipeline.make_pipeline", "args": [stored("scaler"), stored("clf")], "store_as": "pipe"},
+        {"call": "sklearn.model_selection.GridSearchCV", "args": [stored("pipe"), {"logisticregression__C": [0.1, 1.0]}],
+         "kwargs": {"cv": 2}, "store_as": "search"},
+        {"call": "stored.search.fit", "args": [x, y], "store_as": "search"},
+        # a fitted ColumnTransformer holds slices
+        {"call": "sklearn.compose.make_column_transformer", "args": [["passthrough", [0]]],
+         "kwargs": {"remainder": "drop"}, "store_as": "columns"},
+        {"call": "stored.columns.fit", "args": [x], "store_as": "columns"},
+    ])
+    assert instance.call(ctx, "stored.search.predict", [x]).shape == (20,)
+    assert 0.0 <= instance.call(ctx, "stored.search.score", [x, y]) <= 1.0
+
+
 # ---- the walk of the attribute graph ---------------------------------------------------------
 
 ROOTS = ["numpy", "math", "statistics", "datetime", "json", "collections", "fractions", "decimal"]
@@ -301,6 +486,8 @@ def home(obj: Any) -> str | None:
     kind = type(obj)
     if kind in DATA_TYPES or kind is np.ndarray or (isinstance(obj, np.generic) and kind.__module__ == "numpy"):
         return DATA
+    if by_string(obj):
+        return "builtins"
     if inspect.ismodule(obj):
         return obj.__name__
     if inspect.isclass(obj):
@@ -352,10 +539,30 @@ def reading_home(obj: Any, name: str) -> str | None:
     return type(raw).__module__
 
 
+GUARDED = ["numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib"]  # run or build code
+RUN_CODE = {"builtins", "importlib", "inspect", "pickle", "pkgutil", "runpy", "code", "timeit", "ctypes", "marshal"}
+
+
+def by_string(obj: Any) -> bool:
+    """NumPy's objects that reach names by string: ``info(toplevel=)`` imports it, ``bmat`` and
+    ``r_["a, b"]`` read names from their caller's frame, ``add_newdoc`` imports and rewrites,
+    ``test(tests=[path])`` runs a file."""
+    classes = (np.lib._index_tricks_impl.AxisConcatenator, type(np.test))
+    return any(obj is f for f in (np.info, np.bmat, np.lib.add_newdoc)) or isinstance(obj, classes) or (
+        inspect.isclass(obj) and issubclass(obj, classes)
+    )
+
+
 def inside(module: str, roots: list[str]) -> bool:
     top, dot, rest = module.partition(".")
     name = {"posix": "os", "posixpath": "os.path"}.get(top, top.lstrip("_")) + dot + rest
-    return any(name == root or name.startswith(root + ".") for root in roots)
+    if name.partition(".")[0] in RUN_CODE:
+        return "builtins" in roots
+    guard = next((g for g in GUARDED if name == g or name.startswith(g + ".")), None)
+    return any(
+        (name == root or name.startswith(root + ".")) and (guard is None or root == guard or root.startswith(guard + "."))
+        for root in roots
+    )
 
 
 def routes(start: list[tuple[str, Any]], roots: list[str], depth: int) -> list[tuple[str, bool | None]]:
@@ -414,7 +621,7 @@ def test_every_route_out_of_the_allowed_modules_graph_is_refused_and_every_route
     found = routes(start, ROOTS, depth=3)
     escapes = [path for path, outside in found if outside]
     assert len(found) > 5000 and len(escapes) > 500, (len(found), len(escapes))  # the walk found the doors
-    doors = {"numpy.f2py.subprocess", "numpy.f2py.os", "statistics.sys"} | ({"datetime.sys"} if hasattr(importlib.import_module("datetime"), "sys") else set())
+    doors = {"numpy.f2py", "numpy.testing", "numpy.ctypeslib", "numpy.bmat", "numpy.r_", "statistics.sys"} | ({"datetime.sys"} if hasattr(importlib.import_module("datetime"), "sys") else set())
     assert doors <= set(escapes)
     assert mismatches(instance, found, {}) == []
 
@@ -501,10 +708,12 @@ def test_random_deep_paths_agree_with_the_oracle():
 async def test_the_readme_escape_is_refused_by_a_real_worker(tmp_path):
     marker = tmp_path / "ran"
     async with trio_bridge.open_pool(PYTHON, size=1, adapter_options={"allow": ["numpy"]}) as pool:
-        with pytest.raises(NotAllowedError, match=r"numpy\.f2py\.subprocess is the module 'subprocess'") as info:
+        with pytest.raises(NotAllowedError, match=r"module 'numpy\.f2py'") as info:
             await pool.call("numpy.f2py.subprocess.check_output", ["id"])
-        assert "adapter_options={'allow': [..., 'subprocess']}" in str(info.value)
-        with pytest.raises(NotAllowedError, match="module 'subprocess'"):
+        assert "adapter_options={'allow': [..., 'numpy.f2py']}" in str(info.value)
+        with pytest.raises(NotAllowedError, match=r"module 'numpy\.testing'"):
+            await pool.call("numpy.testing.measure", "import os; os.system('touch ' + repr(str(marker)))")
+        with pytest.raises(NotAllowedError, match=r"module 'numpy\.f2py'"):
             await pool.call("numpy.f2py.subprocess.check_output", ["touch", str(marker)])
         with pytest.raises(NotAllowedError, match="module 'builtins'"):
             await pool.call("numpy.ma.core.builtins.eval", "1+1")

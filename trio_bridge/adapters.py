@@ -22,9 +22,11 @@ to private attributes.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import importlib.util
+import operator
 import sys
 import threading
 import types
@@ -74,7 +76,23 @@ class PythonAdapter(Adapter):
       ``__getattr__`` or ``__getattribute__``) is refused *before* it runs when that code is
       outside (the descriptors of ``enum``, ``functools`` and ``types`` are the language's:
       the function they wrap is checked instead);
-    - private and dunder names (a leading ``_``) are refused in every path.
+    - private and dunder names (a leading ``_``) are refused in every path;
+    - what reaches objects by a string it is given, or runs code, counts as ``builtins``:
+      whole modules (``importlib``, ``inspect``, ``pickle``, ``marshal``, ``pkgutil``, ``runpy``,
+      ``code``, ``timeit``, ``pdb``, ``ctypes``...) and, by defining module and name, objects of
+      otherwise plain ones (``operator.attrgetter`` and ``methodcaller``, ``string.Formatter``,
+      ``typing.get_type_hints``, ``numpy.info``, ``numpy.bmat``, ``numpy.r_``...);
+    - subtrees of an allowed package that run or build code (``numpy.testing``, whose
+      ``measure`` execs its argument, ``numpy.f2py``, ``numpy.distutils``, ``numpy.ctypeslib``,
+      ``logging.config``, ``unittest.mock``, ``xmlrpc.server``) are refused unless an ``allow``
+      entry names the subtree (or a module in it) itself, judged by the module an object
+      belongs to, so a re-export elsewhere is refused too;
+    - an object whose items are made only when it is read (an iterator: ``map``, ``zip``,
+      generators, ``itertools``', NumPy's ``nditer`` and ``flat``) is refused as an argument,
+      a stored object or a result, since what it yields would pass no check. What other
+      objects hold is checked with them: container items, a ``deque``'s, a ``defaultdict``'s
+      factory, an ``itemgetter``'s keys, a ``slice``'s bounds; an instance's attributes are
+      checked when a path reads them.
 
     So ``numpy`` does not lead to the ``os``, ``subprocess``, ``sys`` or ``builtins`` it
     imports; ``eval``, ``exec``, ``compile``, ``open``, ``getattr``, ``__import__``... are
@@ -89,9 +107,15 @@ class PythonAdapter(Adapter):
     sandbox: a caller may do whatever the allowed trees offer, and an allowed function may do
     anything inside. Allowing ``numpy`` allows ``numpy.save`` and ``ndarray.tofile`` (write
     any file the worker may), ``numpy.load(..., allow_pickle=True)`` (unpickle, which runs
-    code: with ``tofile``, a way to run anything), ``numpy.ctypeslib.load_library`` and
-    ``numpy.f2py`` (compilers). Allow the narrowest trees that do the job (``numpy.linalg``
-    rather than ``numpy``: arrays are data either way) before handing the pool to a caller
+    code: with ``tofile``, a way to run anything), ``numpy.fromfile`` and ``numpy.load``
+    (read any file the worker may), ``numpy.loadtxt``, ``numpy.genfromtxt``,
+    ``numpy.fromregex`` and ``numpy.lib.npyio.DataSource`` (read any file, and fetch
+    ``http://`` and ``ftp://`` URLs from the worker's network, keeping a copy in its working
+    directory: server-side request forgery). An allowed higher-order function
+    (``functools.reduce``, ``operator.call``, a ufunc's ``reduce``) passes what an allowed
+    callable returns on to the next call unchecked, so an allowed function that returns an
+    object from outside is a way out through them. Allow the narrowest trees that do the job
+    (``numpy.linalg`` rather than ``numpy``: arrays are data either way) before handing the pool to a caller
     you do not trust (an LLM's tool calls, a network client). Trusted as they report
     themselves: ``__module__`` (NumPy's functions say ``numpy``), a module's own
     ``__getattr__``, and the code an allowed object runs once called (its metaclass, base
@@ -294,13 +318,16 @@ _TYPE_MODULE = type.__dict__["__module__"]
 _TYPE_QUALNAME = type.__dict__["__qualname__"]
 _GENERIC_ORIGIN = types.GenericAlias.__dict__["__origin__"]
 _PARTIAL_FIELDS = tuple(functools.partial.__dict__[f] for f in ("func", "args", "keywords"))
+_DEFAULT_FACTORY = collections.defaultdict.__dict__["default_factory"]
+_SLICE_FIELDS = tuple(slice.__dict__[f] for f in ("start", "stop", "step"))
+_LAZY = frozenset({types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType})
 _SLOTS = (types.GetSetDescriptorType, types.MemberDescriptorType)
 _C_DESCRIPTORS = (
     types.MethodDescriptorType, types.ClassMethodDescriptorType, types.WrapperDescriptorType,
     types.GetSetDescriptorType, types.MemberDescriptorType,
 )
 _SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
-_DATA = _SCALARS | {bytearray, list, tuple, dict, set, frozenset, range, type(...), type(NotImplemented)}
+_DATA = _SCALARS | {bytearray, list, tuple, dict, set, frozenset, range, slice, type(...), type(NotImplemented)}
 _CONTAINERS = (list, tuple, set, frozenset)
 _MACHINERY = frozenset({"enum", "functools", "types"})  # descriptors of the language's own
 _MAX_DEPTH = 12  # an object reached only through more wrappers than this is refused, unknown
@@ -311,6 +338,48 @@ _ALIASES = {
     "_pydatetime": "datetime", "_pyio": "io", "_frozen_importlib": "importlib",
     "_frozen_importlib_external": "importlib",
 }
+
+# Subtrees of allowed packages that run code given as strings, or build and load code
+# (numpy.testing.measure execs its argument, f2py and distutils run compilers, ctypeslib loads
+# libraries, logging.config.dictConfig calls callables it is given by name, unittest.mock
+# patches names, xmlrpc.server resolves dotted names): refused unless an allow entry names the
+# subtree itself, or a module in it.
+_GUARDED_SUBTREES = frozenset({
+    "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "logging.config", "unittest.mock",
+    "xmlrpc.server",  # resolve_dotted_attribute: getattr by dotted string
+})
+# Modules whose business is running code or reaching objects by caller-given strings (names,
+# attribute paths, pickles, code objects): they count as builtins, refused unless 'builtins' is.
+_RUNS_CODE = frozenset({
+    "bdb", "code", "codeop", "copyreg", "cProfile", "ctypes", "distutils", "doctest", "ensurepip", "idlelib",
+    "imp", "importlib", "inspect", "lsprof", "marshal", "multiprocessing", "pdb", "pickle", "pkgutil", "profile",
+    "pydoc", "runpy", "shelve", "site", "timeit", "tkinter", "trace", "webbrowser", "zipimport",
+})
+# And the objects of that kind in otherwise plain modules, by defining module and the first
+# part of their qualified name (a class stands for its methods, instances and subclasses).
+_REACHES_BY_STRING = {
+    "operator": frozenset({"attrgetter", "methodcaller"}),  # getattr by dotted string, dunders included
+    "string": frozenset({"Formatter"}),  # get_field reads "0.__globals__"
+    "logging": frozenset({"Formatter", "StrFormatStyle"}),  # style="{": str.format's attribute walk
+    "typing": frozenset({"get_type_hints", "ForwardRef", "evaluate_forward_ref"}),  # eval strings
+    "annotationlib": frozenset({"ForwardRef", "call_evaluate_function", "get_annotations"}),
+    "numpy": frozenset({"info", "bmat"}),  # info(toplevel=) imports by name; bmat reads the caller's frame
+    "numpy.lib": frozenset({"add_newdoc"}),  # imports by name, then rewrites a C docstring
+    "numpy.lib._index_tricks_impl": frozenset({"AxisConcatenator"}),  # numpy.r_["name"] is bmat's
+    "numpy._pytesttester": frozenset({"PytestTester"}),  # numpy.test(tests=[path]) runs a file
+    "scipy._lib._testutils": frozenset({"PytestTester"}),
+}
+
+
+def _guarded_subtree(module: str) -> str | None:
+    """The code-running subtree (``_GUARDED_SUBTREES``) the canonical ``module`` is in, or None."""
+    return next((tree for tree in _GUARDED_SUBTREES if module == tree or module.startswith(tree + ".")), None)
+
+
+def _runs_code(module: str) -> bool:
+    """Whether the canonical ``module`` counts as builtins (``_RUNS_CODE``, or builtins itself)."""
+    top = module.partition(".")[0]
+    return top == "builtins" or top in _RUNS_CODE
 
 
 def _canonical(module: str) -> str:
@@ -331,8 +400,17 @@ class _Allowlist:
         self._trees = tuple(sorted({_canonical(a) for a in allow}))
 
     def inside(self, module: str) -> bool:
+        """Whether ``module`` is in an allowed tree: a module that runs code counts as builtins,
+        and a guarded subtree (numpy.testing) is in only a tree at or below it."""
         name = _canonical(module)
-        return any(name == tree or name.startswith(tree + ".") for tree in self._trees)
+        if _runs_code(name):
+            name = "builtins"
+        guarded = _guarded_subtree(name)
+        return any(
+            (name == tree or name.startswith(tree + "."))
+            and (guarded is None or tree == guarded or tree.startswith(guarded + "."))
+            for tree in self._trees
+        )
 
     def outside_prefix(self, parts: list[str]) -> str | None:
         """The first prefix of a dotted path that is neither inside an allowed tree nor above
@@ -341,11 +419,13 @@ class _Allowlist:
         for end in range(1, len(parts) + 1):
             prefix = ".".join(parts[:end])
             if self.inside(prefix):
-                return None
+                continue  # a longer prefix may still be a guarded subtree (numpy.testing)
             name = _canonical(prefix)
             if not any(tree.startswith(name + ".") for tree in self._trees):
                 return prefix if end == 1 or _is_module(prefix) else ".".join(parts[: end - 1])
-        return ".".join(parts)
+            if end == len(parts):
+                return prefix  # above an allowed tree, not in one
+        return None
 
     def check(self, obj: Any, subject: str) -> None:
         """Refuse ``obj`` unless it belongs to an allowed tree (or is plain data); ``subject``
@@ -385,12 +465,28 @@ class _Allowlist:
                     done = "; the call ran, and its result was neither returned nor stored" if ran else ""
                     raise self.refusal(f"{what} {held} {_describe(item)}", origin, item, done)
             cls = type(item)
+            if _is_lazy(cls):
+                held = "is" if item is value else "holds"
+                done = "; the call ran, and its result was neither returned nor stored" if ran else ""
+                raise NotAllowedError(
+                    f"{what} {held} {_describe(item)}, an iterator: what it yields is made only when it is "
+                    f"read, past the allowlist's check, so it is refused as an argument, a stored object or a "
+                    f"result; call something that returns a list or an array instead{done}"
+                )
             if issubclass(cls, dict):
                 stack.extend(dict.keys(item))
                 stack.extend(dict.values(item))
+                if issubclass(cls, collections.defaultdict):
+                    stack.append(_DEFAULT_FACTORY.__get__(item, cls))
             elif issubclass(cls, _CONTAINERS):
                 base = next(c for c in _CONTAINERS if issubclass(cls, c))
                 stack.extend(base.__iter__(item))
+            elif issubclass(cls, collections.deque):
+                stack.extend(collections.deque.__iter__(item))
+            elif issubclass(cls, operator.itemgetter):
+                stack.extend(operator.itemgetter.__reduce__(item)[1])  # its keys
+            elif cls is slice:
+                stack.extend(field.__get__(item, slice) for field in _SLICE_FIELDS)
             elif numpy is not None and issubclass(cls, numpy.ndarray | numpy.void):
                 array = issubclass(cls, numpy.ndarray)
                 dtype = (numpy.ndarray if array else numpy.generic).dtype.__get__(item)
@@ -407,13 +503,23 @@ class _Allowlist:
                 f"(allowed: {allowed}){tail}"
             )
         public = _canonical(origin)
-        where = "" if named or issubclass(type(obj), types.ModuleType) else (
-            f", from module {origin!r}" if public == origin else f", from module {origin!r} (part of {public!r})"
-        )
-        if public.partition(".")[0] == "builtins":
+        if origin == "builtins" and obj is not None and _reaches_by_string(obj):
+            where = ", which reaches attributes or names by string (as getattr does), so counts as builtins"
+        elif named or issubclass(type(obj), types.ModuleType):
+            where = ""
+        else:
+            where = f", from module {origin!r}" + ("" if public == origin else f" (part of {public!r})")
+        guarded = _guarded_subtree(public)
+        if _runs_code(public):
             how = (
-                "builtins (eval, exec, open, getattr, __import__...) are refused unless 'builtins' itself is "
-                "allowed, which lets callers run any code"
+                "builtins (eval, exec, open, getattr, __import__...), and what runs code or reaches objects by "
+                "string (importlib, inspect, pickle, pkgutil, runpy, timeit, operator.attrgetter...), are refused "
+                "unless 'builtins' itself is allowed, which lets callers run any code"
+            )
+        elif guarded is not None:
+            how = (
+                f"{guarded!r} runs or builds code from what it is given, so an allowed package does not allow it: "
+                f"name it, adapter_options={{'allow': [..., {guarded!r}]}}, to let callers run any code"
             )
         else:
             how = (
@@ -421,6 +527,12 @@ class _Allowlist:
                 f"(callers may then use all that {public!r} offers)"
             )
         return NotAllowedError(f"{subject}{where}, outside the allowed modules ({allowed}); {how}{tail}")
+
+
+def _is_lazy(cls: type) -> bool:
+    """Whether instances of ``cls`` make their items when read: iterators (``__next__``: map,
+    zip, itertools', NumPy's), generators, coroutines, asynchronous iterators."""
+    return cls in _LAZY or any(_find(cls, name) is not None for name in ("__next__", "__anext__"))
 
 
 def _mro(cls: type) -> tuple[type, ...]:
@@ -461,13 +573,35 @@ def _instance_dict(obj: Any) -> dict[str, Any] | None:
 def _own_module(obj: Any) -> str | None:
     """The ``__module__`` ``obj`` carries itself, as functions and function-like objects do (C,
     Cython and NumPy functions, ufuncs, caches' wrappers), rather than its class's."""
-    found = _find(type(obj), "__module__")
+    return _own_str(obj, "__module__")
+
+
+def _own_str(obj: Any, name: str) -> str | None:
+    """The str attribute ``name`` ``obj`` carries itself (a C slot or its own ``__dict__``)."""
+    found = _find(type(obj), name)
     if found is not None and type(found[1]) in _SLOTS:
-        module = found[1].__get__(obj, type(obj))
+        value = found[1].__get__(obj, type(obj))
     else:
         namespace = _instance_dict(obj)
-        module = namespace.get("__module__") if namespace is not None else None
-    return module if type(module) is str else None
+        value = namespace.get(name) if namespace is not None else None
+    return value if type(value) is str else None
+
+
+def _reaches_by_string(obj: Any) -> bool:
+    """Whether ``obj`` is one of ``_REACHES_BY_STRING`` (a function by its own module and
+    qualified name; a class, an instance or a method of one by the classes of its MRO)."""
+    cls = type(obj)
+    keys: list[tuple[str | None, str | None]] = []
+    if issubclass(cls, type):
+        keys += [(_class_module(k), _TYPE_QUALNAME.__get__(k)) for k in _mro(obj)]
+    elif callable(obj) and (module := _own_module(obj)) is not None:
+        keys.append((module, _own_str(obj, "__qualname__")))
+    keys += [(_class_module(k), _TYPE_QUALNAME.__get__(k)) for k in _mro(cls)]
+    for module, qualname in keys:
+        names = _REACHES_BY_STRING.get(_canonical(module)) if module is not None else None
+        if names is not None and qualname is not None and qualname.partition(".")[0] in names:
+            return True
+    return False
 
 
 def _is_data(obj: Any) -> bool:
@@ -500,6 +634,8 @@ def _origins(obj: Any, depth: int = 0) -> Iterator[str | None]:
     cls = type(obj)
     if _is_data(obj):
         return
+    if _reaches_by_string(obj):
+        yield "builtins"  # operator.attrgetter and its kind: getattr by another name
     if issubclass(cls, types.ModuleType):
         if cls is not types.ModuleType:
             yield _class_module(cls)
