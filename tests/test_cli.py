@@ -240,7 +240,7 @@ def test_doctor_passes_here_with_a_verdict_for_each_check():
     assert code == 0, checks
     expected = {"python", "/dev/shm", "fork server"} | {
         f"dependency {d}" for d in (
-            "trio", "trio-asyncio", "grpclib", "betterproto2", "numpy", "pydantic", "protobuf", "psutil", "prometheus-client", "uvloop",
+            "trio", "grpclib", "betterproto2", "numpy", "pydantic", "protobuf", "psutil", "prometheus-client", "uvloop",
         )
     }
     assert set(checks) == expected

@@ -34,7 +34,6 @@ Status = Literal["ok", "warn", "fail"]
 #: The dependencies that matter at run time: distribution name -> module name.
 KEY_DEPENDENCIES: dict[str, str] = {
     "trio": "trio",
-    "trio-asyncio": "trio_asyncio",
     "grpclib": "grpclib",
     "betterproto2": "betterproto2",
     "numpy": "numpy",
