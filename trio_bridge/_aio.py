@@ -75,12 +75,13 @@ _TRANSPORT_ERRORS = (
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop where it is installed (the workers use it too), asyncio's otherwise."""
+    """uvloop's loop where it is installed (the workers use it too), asyncio's otherwise; made
+    directly, never through an event-loop policy."""
     try:
         import uvloop  # optional: not on every platform
     except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+        return asyncio.SelectorEventLoop()
+    return uvloop.Loop()
 
 
 @asynccontextmanager

@@ -9,7 +9,8 @@ For each candidate, on this machine, in one process: the p50 of
 
 Candidates: ``trio-asyncio`` (the loop in Trio's thread; needs trio-asyncio, which does not
 import on 3.14: run it with an interpreter that has it), ``thread-asyncio`` and
-``thread-uvloop`` (``trio_bridge._aio``: a loop in a thread of its own).
+``thread-uvloop`` (``trio_bridge._aio``: a loop in a thread of its own; ``thread-asyncio`` swaps
+its loop for asyncio's selector loop).
 
     python benchmarks/boundary/crossing.py thread-uvloop thread-asyncio [--n 5000]
     python benchmarks/boundary/crossing.py trio-asyncio   # an interpreter with trio-asyncio
@@ -140,7 +141,7 @@ def main() -> None:
                     import trio_bridge._aio as aio
 
                     if name == "thread-asyncio":
-                        aio._new_loop = asyncio.new_event_loop  # type: ignore[assignment]  # the benchmark's choice
+                        aio._new_loop = asyncio.SelectorEventLoop  # type: ignore[assignment]  # the benchmark's choice
                     result = trio.run(bench_thread, args.n, path)
                 print(f"{name:15s} " + "  ".join(f"{k} {v:7.1f}" for k, v in result.items()), flush=True)
         finally:
