@@ -35,7 +35,7 @@ processes of their own (server and client), over Unix sockets:
   floor.
 
 Neither grpclib process imports ``trio_bridge._wire.transport`` (which subclasses grpclib's channel
-and server and patches h2), the worker, the host, the codec, Trio or trio-asyncio; only the
+and server and patches h2), the worker, the host, the codec, Trio or the host's asyncio boundary; only the
 generated message classes (which import ``trio_bridge`` lazily: ``_errors``, ``_version``),
 grpclib, h2 and betterproto2 (and uvloop when ``--loop uvloop``). Each process checks this about
 itself at start-up and reports it in its first line (``stock()``); ``StockFloor`` refuses to
@@ -115,7 +115,7 @@ def stock(loop_kind: str) -> dict[str, Any]:
     name = f"{type(loop).__module__}.{type(loop).__qualname__}"
     ours = sorted(m for m in sys.modules if m == "trio_bridge" or m.startswith("trio_bridge."))
     problems = [f"imports {m}" for m in ours if not (m in ALLOWED_OURS or m.startswith("trio_bridge._wire.generated."))]
-    problems += [f"imports {m}" for m in ("trio", "trio_asyncio") if m in sys.modules]
+    problems += [f"imports {m}" for m in ("trio", "trio_bridge._aio") if m in sys.modules]
     if loop_kind != "uvloop" and "uvloop" in sys.modules:
         problems.append("imports uvloop")
     if "repr" in vars(h2.connection):

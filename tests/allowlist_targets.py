@@ -65,6 +65,10 @@ def give_object_array() -> np.ndarray:
     return np.array([1, foreign.run], dtype=object)
 
 
+def give_ufunc() -> np.ufunc:
+    return np.sin  # before NumPy 2.2 a ufunc carries no __module__: numpy's by its class
+
+
 def give_generator() -> Any:
     yield 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import types
 import warnings
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from numpy import typing as npt
 
 import trio_bridge
 from tests import allowlist_foreign
@@ -38,6 +40,18 @@ class Ctx:
     """What the adapter's tools read of their ``SessionContext``."""
 
     session_id: str = "s1"
+
+
+def exists(path: str) -> bool:
+    """Whether this release has the public ``path`` (importing its module): a route a release
+    lacks (numpy.who from NumPy 2) is not part of its run."""
+    module, _, name = path.rpartition(".")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return hasattr(importlib.import_module(module), name)
+        except ImportError:
+            return False
 
 
 def adapter(*allow: str) -> PythonAdapter:
@@ -120,7 +134,7 @@ def test_methods_of_plain_data_are_their_builtin_types():
     refused(instance, "numpy.pi.hex", "builtins")  # a float's method
     refused(instance, "numpy.ndarray.mro", "builtins")  # type's method, through a class
     # through an alias to its class (from Python 3.12, numpy makes it a typing.TypeAliasType: typing's)
-    refused(instance, "numpy.typing.NDArray.mro", "typing" if type(np.typing.NDArray).__module__ == "typing" else "builtins")
+    refused(instance, "numpy.typing.NDArray.mro", "typing" if type(npt.NDArray).__module__ == "typing" else "builtins")
     assert instance.call(ctx, "numpy.pi.real") == np.pi  # data of data
     instance.call(ctx, "numpy.arange", [4], store_as="arr")
     assert instance.call(ctx, "stored.arr.sum") == 6  # ndarray.sum: numpy's
@@ -152,6 +166,18 @@ def test_results_outside_are_neither_returned_nor_stored():
         refused(instance, f"{TARGETS}.{function}", module, store_as="kept")
     assert instance.list_stored(ctx) == {}
     assert allowlist_foreign.RAN == []
+
+
+def test_a_ufunc_is_numpys_on_every_release():
+    """NumPy's ufuncs say ``__module__ = 'numpy'`` from NumPy 2.2, nothing before: then their
+    class, numpy.ufunc, places them, with the same verdict."""
+    refused(adapter(TARGETS), f"{TARGETS}.give_ufunc", "numpy", store_as="sine")
+    refused(adapter(TARGETS, "numpy.linalg"), f"{TARGETS}.give_ufunc", "numpy", store_as="sine")
+    instance = adapter(TARGETS, "numpy")
+    ctx = Ctx()
+    assert instance.call(ctx, f"{TARGETS}.give_ufunc", store_as="sine") == {"stored": "sine", "type": "numpy.ufunc"}
+    assert instance.call(ctx, "stored.sine", [0.0]) == 0.0
+    assert instance.call(ctx, "numpy.add.reduce", [[1, 2, 3]]) == 6
 
 
 def test_wrappers_are_judged_by_what_they_call():
@@ -304,7 +330,7 @@ def stored(name: str) -> dict[str, str]:
         ("numpy.testing.rundocs", ["{marker}"], "numpy.testing"),
         ("numpy.testing.extbuild.build_and_import_extension", ["m", []], "numpy.testing"),  # builds C
         ("numpy.f2py.compile", ["x"], "numpy.f2py"),
-        ("numpy.distutils.exec_command", ["touch {marker}"], "numpy.distutils"),
+        *([("numpy.distutils.exec_command", ["touch {marker}"], "numpy.distutils")] if importlib.util.find_spec("numpy.distutils") else []),
         ("numpy.ctypeslib.load_library", ["libc", "/lib"], "numpy.ctypeslib"),
     ],
 )
@@ -382,12 +408,26 @@ def test_the_reviewers_operator_and_itertools_chain_is_refused():
         (["numpy"], "numpy.r_", [], "builtins"),  # r_["self"] is bmat's
         (["numpy"], "numpy.lib.add_newdoc", ["os", "system", "x"], "builtins"),
         (["numpy"], "numpy.test", [], "builtins"),  # numpy.test(tests=[path]) runs a file
+        (["numpy"], "numpy.c_", [], "builtins"),
+        (["numpy"], "numpy.matlib.bmat", ["self"], "builtins"),
+        # NumPy 1.x only: imports modules by name, reads the caller's frame, runs a file as a module
+        *[(["numpy"], target, args, "builtins") for target, args in [
+            ("numpy.add_newdoc", ["os", "system", "x"]),
+            ("numpy.lookfor", ["os"]),
+            ("numpy.who", []),
+            ("numpy.lib.utils.info", ["x"]),
+            ("numpy.core.function_base.add_newdoc", ["os", "system", "x"]),
+            ("numpy.compat.npy_load_module", ["m", "/dev/null"]),
+            ("numpy.lib.index_tricks.AxisConcatenator", []),
+        ] if exists(target)],
         (["webbrowser"], "webbrowser.get", ["sh -c id %s"], "webbrowser"),  # runs a command line
         (["multiprocessing"], "multiprocessing.connection.Client", [], "multiprocessing"),  # unpickles
     ],
 )
 def test_callables_that_reach_attributes_or_names_by_string_are_refused(allow, target, args, module):
-    message = refused(adapter(*allow), target, module, *args)
+    with warnings.catch_warnings():  # NumPy 2 keeps numpy.core.* as an alias that warns when read
+        warnings.filterwarnings("ignore", "numpy.core", DeprecationWarning)
+        message = refused(adapter(*allow), target, module, *args)
     assert "'builtins' itself is allowed" in message or f"[..., '{module}']" in message
     assert allowlist_foreign.RAN == []
 
@@ -510,7 +550,10 @@ def home(obj: Any) -> str | None:
     if hasattr(obj, "__objclass__"):
         return obj.__objclass__.__module__
     if callable(obj):
-        return getattr(obj, "__module__", None)
+        module = getattr(obj, "__module__", None)
+        if module is None and not inspect.isfunction(obj) and type(inspect.getattr_static(kind, "__call__")).__module__ == "builtins":
+            return kind.__module__  # a C callable that says nothing of itself (ufuncs before NumPy 2.2): its class's
+        return module
     return kind.__module__
 
 
@@ -546,11 +589,19 @@ RUN_CODE = {"builtins", "importlib", "inspect", "pickle", "pkgutil", "runpy", "c
 def by_string(obj: Any) -> bool:
     """NumPy's objects that reach names by string: ``info(toplevel=)`` imports it, ``bmat`` and
     ``r_["a, b"]`` read names from their caller's frame, ``add_newdoc`` imports and rewrites,
-    ``test(tests=[path])`` runs a file."""
-    classes = (np.lib._index_tricks_impl.AxisConcatenator, type(np.test))
-    return any(obj is f for f in (np.info, np.bmat, np.lib.add_newdoc)) or isinstance(obj, classes) or (
-        inspect.isclass(obj) and issubclass(obj, classes)
+    ``test(tests=[path])`` runs a file; before NumPy 2 also ``lookfor`` (imports), ``who`` (reads
+    the caller's frame) and ``compat.npy_load_module`` (runs a file). Found by their public names."""
+    return any(obj is f for f in BY_STRING_FUNCTIONS) or isinstance(obj, BY_STRING_CLASSES) or (
+        inspect.isclass(obj) and issubclass(obj, BY_STRING_CLASSES)
     )
+
+
+BY_STRING_CLASSES = tuple(k for k in (*type(np.r_).__mro__, type(np.test)) if k is not object)  # r_'s AxisConcatenator
+BY_STRING_FUNCTIONS = [
+    np.info, np.bmat, np.lib.add_newdoc,
+    *(getattr(np, name) for name in ("lookfor", "who") if exists(f"numpy.{name}")),
+    *([importlib.import_module("numpy.compat").npy_load_module] if exists("numpy.compat.npy_load_module") else []),
+]
 
 
 def inside(module: str, roots: list[str]) -> bool:

@@ -240,7 +240,7 @@ def test_doctor_passes_here_with_a_verdict_for_each_check():
     assert code == 0, checks
     expected = {"python", "/dev/shm", "fork server"} | {
         f"dependency {d}" for d in (
-            "trio", "trio-asyncio", "grpclib", "h2", "hyperframe", "betterproto2", "numpy", "pydantic", "protobuf", "psutil",
+            "trio", "grpclib", "h2", "hyperframe", "betterproto2", "numpy", "pydantic", "protobuf", "psutil",
             "prometheus-client", "uvloop",
         )
     } | {f"wire {path}" for path in ("codec", "http2", "coalesce", "abstract")}
@@ -310,3 +310,15 @@ def test_doctor_checks_tls_files(tmp_path):
 
     code, checks = _doctor("--tls-ca", str(tmp_path / "missing.pem"))
     assert code == 1 and "cannot read" in checks["tls ca"]["detail"]
+
+
+def test_an_error_of_the_command_itself_reaches_the_user_as_itself():
+    # The signal listener is a system task iterating a receiver that main()'s end closes: it
+    # must not turn main()'s own error into a TrioInternalError (it did, for any non-TrioBridgeError).
+    from trio_bridge.cli import _run_until_signal
+
+    async def main() -> None:
+        raise RuntimeError("no Redis server here")
+
+    with pytest.raises(RuntimeError, match=r"^no Redis server here$"):
+        _run_until_signal(main, [])

@@ -1,5 +1,5 @@
 """HostService in process: the host's side of the contract as a worker (or a third-party client)
-sees it, over grpclib's in-memory ``ChannelFor`` on the host's own trio-asyncio boundary, without
+sees it, over grpclib's in-memory ``ChannelFor`` on the host's own asyncio boundary, without
 starting processes. Every request is validated: bad ones end with the standard gRPC status that
 fits and the ErrorInfo in its details, change nothing, and the host keeps serving."""
 
@@ -292,7 +292,7 @@ async def test_requests_without_the_pool_secret_are_refused_and_logged(caplog):
         )
         address, secret = f"unix:@trio-bridge-test-{secrets.token_hex(6)}", secrets.token_hex(16)
         async with boundary.serve([service], address, secret):
-            channel = open_channel(address)
+            channel = await boundary.run_sync(open_channel, address)  # the loop's, made in its thread
             try:
                 anonymous = pb.HostServiceStub(channel)
                 with pytest.raises(TransportError, match="UNAUTHENTICATED"):
@@ -307,5 +307,5 @@ async def test_requests_without_the_pool_secret_are_refused_and_logged(caplog):
                 refusals = [r.getMessage() for r in caplog.records if "missing or wrong secret" in r.getMessage()]
                 assert len(refusals) == 1 and "GetVariables" in refusals[0]  # one line: the second is held back
             finally:
-                channel.close()
+                boundary.close_channel(channel)
         nursery.cancel_scope.cancel()

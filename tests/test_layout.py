@@ -12,8 +12,6 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "trio_bridge"
 
 # Deliberate, documented reaches into third-party internals: (file, expression).
 ALLOWED_PRIVATE = {
-    ("_aio.py", "grpclib.utils._current_task"),  # the 3.12+ workaround, see its docstring
-    ("_aio.py", "self.loop._main_loop"),  # restarting a stopped trio-asyncio loop, see its docstring
     # betterproto2 keeps a message's unknown fields only there; bytes(message) appends them
     ("_wire/fast_proto.py", "message._unknown_fields"),
     ("_wire/limits.py", "message._unknown_fields"),  # checked to be well-formed protobuf
@@ -134,7 +132,7 @@ def test_no_module_reaches_into_another_modules_private_names():
 def test_the_worker_side_does_not_import_trio():
     code = (
         "import sys, trio_bridge.worker, trio_bridge.worker._server; "
-        "print(sorted(m for m in ('trio', 'trio_asyncio') if m in sys.modules))"
+        "print(sorted(m for m in ('trio', 'trio_bridge._aio') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -114,16 +114,21 @@ async def test_session_errors_are_the_real_ones(autojump_clock):
             assert (await first.info()).ttl == 60  # unchanged
 
 
+@pytest.mark.real_process
 def test_using_the_api_outside_trio_says_so_in_one_line():
     async def from_asyncio() -> None:
         async with trio_bridge.open_pool("tests.adapters:Echo"):
             pass
 
-    # A plain asyncio loop, as a user's asyncio.run makes (trio_asyncio, imported by other tests,
-    # would otherwise make asyncio.run use its own loop).
+    # After a pool has run in this process (its asyncio boundary included), a user's asyncio.run
+    # gets the one-line error, whatever the loop.
+    async def a_pool_first() -> None:
+        async with trio_bridge.open_pool("tests.adapters:Echo", size=1) as pool:
+            assert await pool.execute("add", {"a": 1}) == 3
+
+    trio.run(a_pool_first)
     with pytest.raises(RuntimeError, match=r"^trio-bridge runs under Trio: use trio.run") as raised:
-        with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-            runner.run(from_asyncio())
+        asyncio.run(from_asyncio())
     assert "\n" not in str(raised.value)
 
 

@@ -8,8 +8,9 @@ and no process or ``trio-bridge-*`` directory left behind. The runs use the mach
 ``benchmarks/signal_storm.py`` (run it for many more signals). The seed is printed; set
 ``TRIO_BRIDGE_SIGNAL_SEED`` to replay one.
 
-The in-process tests check the boundary itself: a loop that dies under a pool is restarted, and
-nothing is sent to a loop that has shut down.
+The in-process tests check the boundary itself: a Ctrl-C reaches Trio alone, a loop that dies
+under a pool fails its calls and teardown still completes, and nothing is sent to a loop that has
+shut down.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -154,36 +158,81 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def test_a_loop_that_dies_under_its_block_is_restarted_so_shutdown_and_teardown_complete():
+def test_a_loop_that_dies_under_its_block_fails_its_calls_and_teardown_completes():
     record: dict[str, object] = {}
 
     def die() -> None:
-        raise KeyboardInterrupt  # what a Ctrl-C landing in an asyncio callback used to do
+        raise SystemExit  # a BaseException out of an asyncio callback ends run_forever
 
     async def scenario() -> None:
         async with _aio.open_boundary() as boundary:
-            loop = boundary.loop
-            try:
-                async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
 
-                    async def call() -> None:
-                        try:
-                            await boundary.run(asyncio.sleep(30))
-                        except trio.Cancelled:
-                            record["call"] = "cancelled"
-                            raise
+                async def call() -> None:
+                    try:
+                        await boundary.run(asyncio.sleep(30))
+                    except _aio.TransportError as exc:
+                        record["call"] = str(exc)
 
-                    nursery.start_soon(call)
-                    await trio.sleep(0.1)
-                    loop.call_soon(die)
-                    await trio.sleep_forever()  # trio-asyncio cancels the block when its loop dies
-            finally:
-                with trio.CancelScope(shield=True):  # like the pool's drain: it still needs the loop
-                    record["after"] = await boundary.run(asyncio.sleep(0.01, "still served"))
+                nursery.start_soon(call)
+                await trio.sleep(0.1)
+                boundary.loop.call_soon_threadsafe(die)
+            with pytest.raises(_aio.TransportError, match="shut down"):
+                await boundary.run(asyncio.sleep(0))
+        assert not boundary.usable
 
     box = _run_bounded(scenario)
-    assert record == {"call": "cancelled", "after": "still served"}
-    assert any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(box["error"]))
+    assert "error" not in box, box
+    assert record == {"call": "the host's asyncio loop is shut down"}
+
+
+_KI_PROGRAM = """
+import asyncio, json, os, signal, threading, trio
+from trio_bridge import _aio
+
+record = {}
+
+async def interrupt_then_sleep():
+    record["aio thread"] = threading.current_thread().name
+    os.kill(os.getpid(), signal.SIGINT)  # sent from the loop's thread; handled in Trio's
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        record["aio side"] = "cancelled"
+        raise
+
+async def main():
+    try:
+        async with _aio.open_boundary() as boundary:
+            await boundary.run(interrupt_then_sleep())
+    finally:
+        record["threads after"] = [t.name for t in threading.enumerate()]
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell may start us with it ignored
+def leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [type(exc).__name__]
+
+try:
+    trio.run(main)
+except BaseException as exc:
+    record["raised"] = leaves(exc)
+print(json.dumps(record))
+"""
+
+
+def test_the_loop_thread_never_receives_keyboard_interrupt_and_is_joined():
+    # A Ctrl-C lands in Trio's thread (the only one that runs Python signal handlers): the call
+    # in flight is cancelled on the asyncio side, and the loop's thread ends with the block.
+    done = subprocess.run(
+        [sys.executable, "-c", _KI_PROGRAM], capture_output=True, text=True, timeout=30,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == {
+        "aio thread": "trio-bridge asyncio", "aio side": "cancelled", "threads after": ["MainThread"], "raised": ["KeyboardInterrupt"],
+    }
 
 
 def test_calls_after_the_loop_block_fail_fast_with_transport_error():

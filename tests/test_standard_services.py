@@ -92,11 +92,11 @@ async def test_a_client_of_the_host_service_that_is_not_a_worker_calls_tools_of_
     from trio_bridge._wire.transport import open_channel
 
     async with open_pool("tests.adapters:Echo", size=1) as pool, open_boundary() as boundary:
-        channel = open_channel(pool._spec.host_address)
+        channel = await boundary.run_sync(open_channel, pool._spec.host_address)  # the loop's, made in its thread
         try:
             stub = pb.HostServiceStub(channel, metadata={SECRET_METADATA: pool._spec.secret})
             request = pb.ExecuteToolRequest(tool_name="add", arguments=encode({"a": 40, "b": 2}), call_id="outside-1")
             reply = await boundary.run(stub.execute_tool(request))
         finally:
-            channel.close()
+            boundary.close_channel(channel)
     assert decode(reply.result) == 42

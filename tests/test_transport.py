@@ -445,17 +445,16 @@ def test_a_frame_header_alone_after_a_big_body_and_the_arena_reused() -> None:
 
 
 def _on_loop(loop: str, main: Any) -> Any:
-    """``main()`` run on asyncio's selector loop, uvloop's (the workers'), or trio-asyncio's
-    (the host's)."""
-    if loop == "trio-asyncio":
+    """``main()`` run on asyncio's selector loop, uvloop's (the workers'), or the host's boundary
+    (its loop in a thread of its own, reached from Trio)."""
+    if loop == "boundary":
         import trio
-        import trio_asyncio
 
-        import trio_bridge._aio  # noqa: F401  # grpclib on trio-asyncio's loop (from Python 3.12)
+        from trio_bridge._aio import open_boundary
 
         async def in_trio() -> Any:
-            async with trio_asyncio.open_loop():
-                return await trio_asyncio.aio_as_trio(main)()
+            async with open_boundary() as boundary:
+                return await boundary.run(main())
 
         return trio.run(in_trio)
     factory = asyncio.SelectorEventLoop if loop == "asyncio" else require("uvloop").new_event_loop
@@ -470,7 +469,7 @@ def _in_place(blob: Any) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["unix", "tcp", "tls"])
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "trio-asyncio"])
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop", "boundary"])
 def test_every_loop_and_transport_receives_big_messages_into_their_own_buffers(tmp_path: Any, loop: str, kind: str) -> None:
     # Both sides read through FastH2Protocol.get_buffer on every loop and transport we use (a
     # uvloop protocol that is an asyncio.Protocol would not be asked); a big blob is then a view

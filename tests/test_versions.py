@@ -24,8 +24,8 @@ ECHO = "tests.adapters:Echo"
 @pytest.mark.real_process
 def test_grpclib_and_betterproto2_imported_before_trio_bridge(tmp_path):
     # A fresh interpreter: the user's program has used grpclib (and betterproto2's gRPC support)
-    # before it imports trio_bridge. On 3.12+ grpclib then holds the C current_task, which does
-    # not see trio-asyncio's loop, unless the boundary re-binds it.
+    # before it imports trio_bridge (with trio-asyncio, grpclib then held a current_task that did
+    # not see its loop on 3.12+; the host's loop is now a plain asyncio loop in its own thread).
     program = textwrap.dedent("""
         import grpclib.client, grpclib.server, grpclib.utils, betterproto2
         import trio

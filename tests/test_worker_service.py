@@ -29,7 +29,7 @@ def _request(tool: str, call_id: str, **arguments: object) -> pb.ExecuteToolRequ
 
 
 def _run(coro):
-    """A plain asyncio loop, as in a worker (not trio-asyncio's, which other tests import)."""
+    """A plain asyncio loop, as in a worker."""
     with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
         return runner.run(coro)
 

@@ -1,7 +1,7 @@
 """trio-bridge: drive a pool of Python worker processes from Trio, over gRPC.
 
 The host API (``open_pool`` and friends) is imported on first use, so that worker processes,
-which import ``trio_bridge.worker``, do not pay for Trio and trio-asyncio at start-up.
+which import ``trio_bridge.worker``, do not pay for Trio at start-up.
 """
 
 from __future__ import annotations

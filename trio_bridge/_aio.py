@@ -1,54 +1,48 @@
-"""The one place where host code touches asyncio (grpclib runs on the trio-asyncio loop).
+"""The one place where host code touches asyncio: grpclib (and redis-py's asyncio client) run on a
+plain asyncio loop -- uvloop's where it is installed -- in a thread that :func:`open_boundary`
+starts, owns, stops and joins. docs/boundary.md is the design note, with its measurements.
 
-Everything else on the host is plain Trio. Each call crosses the boundary once (a unary call)
-or once per message (a stream, whose messages carry batches of chunks): crossing costs tens of
-microseconds, so never cross per item in a hot loop. grpclib and OS errors are translated here
-into :class:`TransportError`, which callers turn into the public error that fits.
+Everything else on the host is plain Trio, in Trio's thread. The two threads share no mutable
+structure: everything handed from Trio to the loop goes through ``loop.call_soon_threadsafe``,
+everything handed back through Trio's ``TrioToken.run_sync_soon`` (both are queues with their own
+lock and a wake-up), and each object is then touched by one thread only. Correctness therefore
+does not rest on the GIL, and nothing in asyncio, grpclib or Trio is patched.
 
-Upstream behaviour worked around here (CPython 3.12+): trio-asyncio replaces
-``asyncio.current_task`` on import with a version that knows its loop, because from 3.12 the
-original is C code that does not see trio-asyncio's loop. grpclib keeps its own reference,
-``grpclib.utils._current_task = asyncio.current_task``, taken when grpclib is first imported. If
-grpclib was imported before trio_asyncio -- by this package, by the user's program, by
-betterproto2 -- every grpclib call on the trio-asyncio loop raises ``RuntimeError: no running
-event loop``. :func:`_rebind_grpclib_current_task` fixes that whatever the import order.
+Each call crosses once each way (a unary call), or once per message (a stream, whose messages
+carry batches of chunks): a crossing is a thread wake-up, tens of microseconds, so never cross per
+item in a hot loop. grpclib and OS errors are translated here into :class:`TransportError`, which
+callers turn into the public error that fits.
 
-Signals (Ctrl-C) and the loop's life: Trio raises ``KeyboardInterrupt`` wherever the signal finds
-unprotected code, and trio-asyncio's loop runs every asyncio callback (all of grpclib) in plain
-Trio tasks. A Ctrl-C that landed there killed the loop's task: the futures of calls in flight
-were never resolved, and the Trio tasks awaiting them -- ``trio_asyncio.run_aio_future`` waits
-for the asyncio side even after a cancellation -- waited forever, so the pool never finished
-shutting down (and trio-asyncio's own teardown, which waits for every asyncio task, hung too).
-Hence, here:
+Signals: only the main thread receives them, and the loop's thread never runs Python signal
+handlers, so a Ctrl-C reaches Trio alone, where Trio delivers it. The crossings are KI-protected
+on the Trio side: a ``KeyboardInterrupt`` arrives at the wait, which then cancels the asyncio side
+and waits for it like any cancellation.
 
-* :func:`_protect_loop_from_keyboard_interrupt`: the loop's driver code is KI-protected, so Trio
-  delivers the interrupt to the main task at a checkpoint, as it does for its own internals;
-* :func:`open_boundary` keeps a watchdog: should the loop still stop while the block runs, it is
-  restarted (calls in flight then finish or are cancelled as usual, and teardown completes);
-* :class:`Boundary` refuses new calls with :class:`TransportError` once the block has ended or
-  the loop is stopped or closed (never a ``RuntimeError``, never an await on a dead loop), and
-  its teardown waits (closing a stream, the server) are bounded and abandon what does not end.
+Teardown is bounded: leaving :func:`open_boundary` refuses new calls, cancels every asyncio task
+still running, waits for them at most ``_CANCEL_TASKS_TIMEOUT`` seconds, closes the loop and joins
+its thread. A loop that does not stop in ``_STOP_TIMEOUT`` seconds (code blocking it) is abandoned
+with a log line -- its thread is a daemon -- never waited for forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from ssl import SSLContext
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Generic, TypeVar, final
 
 import grpclib.client
 import grpclib.const
 import grpclib.exceptions
 import grpclib.server
-import grpclib.utils
 import h2.exceptions
 import outcome
 import trio
-import trio_asyncio
 
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.errors import CallFailed, info_of
@@ -57,41 +51,12 @@ from trio_bridge._wire.transport import new_server, open_channel, parse_address,
 
 T = TypeVar("T")
 
-
-def _rebind_grpclib_current_task() -> None:
-    """Point grpclib at trio-asyncio's ``asyncio.current_task`` (see the module docstring).
-
-    Narrowest fix: one module attribute, re-bound once, here, after trio_asyncio is imported
-    (this module imports it above), so the import order of the program no longer matters. The
-    replacement falls back to the original on plain asyncio loops, so a worker or any other
-    asyncio code in the process is unaffected.
-    """
-    if getattr(grpclib.utils, "_current_task", None) is not asyncio.current_task:
-        grpclib.utils._current_task = asyncio.current_task  # type: ignore[attr-defined]
-
-
-_rebind_grpclib_current_task()
-
 _logger = logging.getLogger("trio_bridge")
 _CLOSE_STREAM_TIMEOUT = 1.0  # seconds to close a stream we leave (it is then abandoned)
 _CLOSE_SERVER_TIMEOUT = 2.0  # seconds for the host's server to close
-
-
-def _protect_loop_from_keyboard_interrupt() -> None:
-    """Never raise ``KeyboardInterrupt`` inside trio-asyncio's loop (see the module docstring).
-
-    ``trio.lowlevel.enable_ki_protection`` marks a function's code object: a SIGINT that finds
-    this code (or the asyncio callbacks it runs) on the stack is delivered to the main task
-    instead. The names are trio-asyncio 0.16's; a missing one is skipped, and the watchdog in
-    :func:`open_boundary` still keeps the loop alive.
-    """
-    for name in ("_main_loop", "_main_loop_one", "_main_loop_exit", "_io_task"):
-        function = getattr(trio_asyncio.BaseTrioEventLoop, name, None)
-        if function is not None and hasattr(function, "__code__"):
-            trio.lowlevel.enable_ki_protection(function)
-
-
-_protect_loop_from_keyboard_interrupt()
+_CANCEL_TASKS_TIMEOUT = 2.0  # seconds for the loop's tasks to end once cancelled at teardown
+_STOP_TIMEOUT = 5.0  # seconds for the loop's thread to end at teardown (then it is abandoned)
+_TRIO_CANCEL_TIMEOUT = 1.0  # seconds an asyncio caller of call_trio waits for the cancelled Trio side
 
 
 class TransportError(Exception):
@@ -109,61 +74,153 @@ _TRANSPORT_ERRORS = (
 )
 
 
-class _LoopGuard:
-    """What :func:`open_boundary` knows about its loop: whether its block has ended, and a watchdog
-    that restarts the loop should it stop while the block still runs."""
-
-    def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
-        self.loop: trio_asyncio.TrioEventLoop = loop
-        self.ended: bool = False  # the open_boundary block is over: no new calls
-        self.scope: trio.CancelScope = trio.CancelScope(shield=True)
-
-    @property
-    def usable(self) -> bool:
-        return not self.ended and self.loop.is_running() and not self.loop.is_closed()
-
-    async def watch(self, nursery: trio.Nursery) -> None:
-        with self.scope:
-            while True:
-                await self.loop.wait_stopped()
-                if self.ended or self.loop.is_closed():
-                    return
-                # Stopped under a running block (a BaseException escaped an asyncio callback):
-                # run it again, or every call in flight -- and trio-asyncio's teardown -- waits forever.
-                _logger.warning("the host's asyncio loop stopped while the pool was open; restarting it")
-                await nursery.start(self.loop._main_loop)
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop where it is installed (the workers use it too), asyncio's otherwise; made
+    directly, never through an event-loop policy."""
+    try:
+        import uvloop  # optional: not on every platform
+    except ImportError:
+        return asyncio.SelectorEventLoop()
+    return uvloop.Loop()
 
 
 @asynccontextmanager
 async def open_boundary() -> AsyncIterator[Boundary]:
-    """A trio-asyncio loop, watched (see the module docstring), and the :class:`Boundary` to it."""
-    async with trio.open_nursery() as watchdog:
-        async with trio_asyncio.open_loop() as loop:
-            guard = _LoopGuard(loop)
-            watchdog.start_soon(guard.watch, watchdog)
-            try:
-                yield Boundary(loop, guard)
-            finally:
-                guard.ended = True
-        # trio-asyncio's teardown is over: the loop has stopped for good.
-        guard.scope.cancel()
+    """Start an asyncio loop in a thread of its own and yield the :class:`Boundary` to it; on
+    leaving, stop it (bounded, see the module docstring), close it and join the thread.
+
+    The Trio tasks that :meth:`Boundary.call_trio` starts live in a nursery of this block.
+    """
+    loop = _new_loop()
+    token = trio.lowlevel.current_trio_token()
+    stopped = trio.Event()
+    async with trio.open_nursery() as nursery:
+        boundary = Boundary(loop, token, nursery)
+        thread = threading.Thread(
+            target=_run_loop, args=(loop, token, boundary._on_loop_closing, boundary._on_loop_stopped, stopped), name="trio-bridge asyncio", daemon=True,
+        )
+        thread.start()
+        try:
+            yield boundary
+        finally:
+            boundary._ended = True
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(RuntimeError):  # closed already: it stopped on its own
+                    loop.call_soon_threadsafe(boundary._start_shutdown)
+                with trio.move_on_after(_STOP_TIMEOUT):
+                    await stopped.wait()
+                if stopped.is_set():
+                    thread.join(_STOP_TIMEOUT)  # it has only its return left to do
+                else:
+                    _logger.warning(
+                        "the host's asyncio loop did not stop within %g s (code blocking it?): its thread is abandoned", _STOP_TIMEOUT,
+                    )
+                boundary._on_loop_stopped()
+            nursery.cancel_scope.cancel()  # call_trio tasks whose asyncio caller is gone
 
 
+def _run_loop(
+    loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, on_closing: Callable[[], None],
+    on_stopped: Callable[[], None], stopped: trio.Event,
+) -> None:
+    """The loop's thread: run it until stopped, then end what is left of it and close it."""
+    try:
+        try:
+            loop.run_forever()
+        except BaseException:  # an asyncio callback raised SystemExit, say: the loop is gone
+            _logger.exception("the host's asyncio loop stopped on an error")
+            on_closing()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(_shutdown(loop))
+        loop.close()
+    finally:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(on_stopped)
+            token.run_sync_soon(stopped.set)
+
+
+async def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    """On the loop: cancel every task but this one, wait for them (bounded), end async generators."""
+    tasks = [task for task in asyncio.all_tasks(loop) if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=_CANCEL_TASKS_TIMEOUT)
+        if pending:
+            _logger.warning("%d asyncio task(s) of the host did not end within %g s of being cancelled", len(pending), _CANCEL_TASKS_TIMEOUT)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(loop.shutdown_asyncgens(), _CANCEL_TASKS_TIMEOUT)
+
+
+class _Crossing(Generic[T]):
+    """One coroutine run on the loop for a Trio task. ``task``, ``waiting`` and ``raise_cancel``
+    are the Trio thread's; ``aio_task`` the loop thread's."""
+
+    __slots__ = ("aio_task", "coro", "raise_cancel", "task", "waiting")
+
+    def __init__(self, coro: Awaitable[T], task: trio.lowlevel.Task) -> None:
+        self.coro: Awaitable[T] | None = coro
+        self.task = task
+        self.waiting = True
+        self.raise_cancel: Callable[[], Any] | None = None
+        self.aio_task: asyncio.Future[T] | None = None
+
+
+class _TrioJob:
+    """One Trio function run for an asyncio caller (:meth:`Boundary.call_trio`). ``scope`` and
+    ``cancelled`` are the Trio thread's; ``future`` and ``done`` the loop thread's."""
+
+    __slots__ = ("args", "cancelled", "done", "fn", "future", "scope")
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.args = args
+        self.future = future
+        self.done = asyncio.Event()
+        self.cancelled = False
+        self.scope: trio.CancelScope | None = None
+
+
+@final
 class Boundary:
-    """Runs asyncio coroutines (grpclib) from Trio on a trio-asyncio loop. Made by :func:`open_boundary`."""
+    """Runs asyncio coroutines (grpclib) from Trio on the loop's thread, and Trio functions from
+    that loop. Made by :func:`open_boundary`."""
 
-    def __init__(self, loop: trio_asyncio.TrioEventLoop, guard: _LoopGuard) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, nursery: trio.Nursery) -> None:
         self.loop = loop
-        self._guard = guard
+        self._token = token
+        self._nursery = nursery
+        self._ended = False  # the open_boundary block is over: no new calls (Trio's thread)
+        self._stopped = False  # the loop's thread has ended (Trio's thread)
+        self._closing = False  # the loop is shutting down: starts nothing more (the loop's thread)
+        self._crossings: set[_Crossing[Any]] = set()  # Trio's thread
 
     @property
     def usable(self) -> bool:
-        """False once the loop's block has ended, or the loop is stopped or closed."""
-        return self._guard.usable
+        """False once the loop's block has ended or its loop has stopped."""
+        return not self._ended and not self._stopped
 
+    def _on_loop_closing(self) -> None:
+        self._closing = True  # the loop's thread
+
+    def _start_shutdown(self) -> None:
+        """The loop's thread: refuse new crossings, end the loop's tasks, then stop it."""
+        self._closing = True
+        task = self.loop.create_task(_shutdown(self.loop))
+        task.add_done_callback(lambda _: self.loop.stop())
+
+    def _on_loop_stopped(self) -> None:
+        """Trio's thread: the loop is gone; whoever still waits on it gets a TransportError."""
+        self._stopped = True
+        crossings, self._crossings = self._crossings, set()
+        for crossing in crossings:
+            self._finish(crossing, outcome.Error(TransportError("the host's asyncio loop is shut down")))
+
+    # ---- Trio -> asyncio ----
     async def run(self, coro: Awaitable[T]) -> T:
         """Await an asyncio coroutine from Trio. Trio cancellation cancels it (and waits until
-        the asyncio side has finished, so nothing keeps running behind the caller's back).
+        the asyncio side has finished, so nothing keeps running behind the caller's back; the
+        teardown of :func:`open_boundary` bounds that wait).
 
         Raises:
             CallFailed: the peer ended the RPC with a status carrying an ErrorInfo (the call
@@ -172,47 +229,177 @@ class Boundary:
                 is not started) when the loop is shut down or shutting down.
         """
         try:
-            future = self._schedule(coro)
-            return await _wait_future(future, abandon_on_cancel=False)
+            return await self._cross(coro, abandon_on_cancel=False)
         except _TRANSPORT_ERRORS as exc:
             info = info_of(exc) if isinstance(exc, grpclib.exceptions.GRPCError) else None
             if info is not None:
                 raise CallFailed(info) from None
             raise TransportError(_describe(exc)) from exc
 
-    def _schedule(self, coro: Awaitable[T]) -> asyncio.Future[T]:
+    async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)`` in the loop's thread (to make or change asyncio objects there).
+
+        Raises:
+            TransportError: the loop is shut down; and as :meth:`run`.
+        """
+        return await self.run(_call(fn, *args))
+
+    @trio.lowlevel.enable_ki_protection
+    async def _cross(self, coro: Awaitable[T], *, abandon_on_cancel: bool) -> T:
+        # KI-protected: a Ctrl-C arrives at the wait below (through abort), never between the
+        # hand-over and the wait, where the reply would find a task that no longer waits.
         if not self.usable:
             _close(coro)
             raise TransportError("the host's asyncio loop is shut down")
+        crossing = _Crossing(coro, trio.lowlevel.current_task())
         try:
-            return asyncio.ensure_future(coro, loop=self.loop)
+            self.loop.call_soon_threadsafe(self._start, crossing)
         except RuntimeError as exc:  # closed between the check and here
             _close(coro)
             raise TransportError(f"the host's asyncio loop is shut down ({exc})") from exc
+        self._crossings.add(crossing)
+
+        def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+            with contextlib.suppress(RuntimeError):  # a closed loop has resolved it already
+                self.loop.call_soon_threadsafe(self._cancel, crossing)
+            if abandon_on_cancel:
+                crossing.waiting = False
+                self._crossings.discard(crossing)
+                return trio.lowlevel.Abort.SUCCEEDED
+            crossing.raise_cancel = raise_cancel
+            return trio.lowlevel.Abort.FAILED
+
+        try:
+            return await trio.lowlevel.wait_task_rescheduled(abort)
+        except (asyncio.CancelledError, TransportError) as exc:
+            if crossing.raise_cancel is None:
+                if isinstance(exc, TransportError):
+                    raise
+                # cancelled on the loop's side: it is shutting down
+                raise TransportError("the host's asyncio loop is shut down") from exc
+            try:
+                crossing.raise_cancel()
+            except BaseException as cancelled:  # trio.Cancelled, or a KeyboardInterrupt delivered here
+                cancelled.__cause__ = exc
+                raise
+            raise  # not reached: raise_cancel always raises
+
+    def _start(self, crossing: _Crossing[Any]) -> None:
+        """The loop's thread: start the crossing's coroutine; its end goes back to Trio."""
+        coro, crossing.coro = crossing.coro, None
+        assert coro is not None
+        if self._closing:
+            _close(coro)
+            self._reply(crossing, outcome.Error(TransportError("the host's asyncio loop is shut down")))
+            return
+        try:
+            task = asyncio.ensure_future(coro, loop=self.loop)
+        except BaseException as exc:
+            self._reply(crossing, outcome.Error(exc))
+            return
+        crossing.aio_task = task
+        task.add_done_callback(lambda done: self._reply(crossing, outcome.capture(done.result)))
+
+    def _cancel(self, crossing: _Crossing[Any]) -> None:
+        """The loop's thread (after :meth:`_start`, as call_soon_threadsafe keeps order)."""
+        if crossing.aio_task is not None:
+            crossing.aio_task.cancel()
+
+    def _reply(self, crossing: _Crossing[Any], result: outcome.Outcome[Any]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._finish, crossing, result)
+
+    def _finish(self, crossing: _Crossing[Any], result: outcome.Outcome[Any]) -> None:
+        """Trio's thread: wake the crossing's task, if it still waits (once)."""
+        if crossing.waiting:
+            crossing.waiting = False
+            self._crossings.discard(crossing)
+            trio.lowlevel.reschedule(crossing.task, result)
 
     async def _run_bounded(self, coro: Awaitable[Any], timeout: float) -> None:
         """For teardown: run ``coro`` for at most ``timeout`` seconds, shielded; errors,
         cancellation and a shut-down loop end it quietly, and what is left is abandoned."""
         with trio.CancelScope(shield=True), trio.move_on_after(timeout):
             try:
-                future = self._schedule(coro)
-                await _wait_future(future, abandon_on_cancel=True)
+                await self._cross(coro, abandon_on_cancel=True)
             except (TransportError, asyncio.CancelledError, *_TRANSPORT_ERRORS):
                 pass
 
-    def worker_stub(
+    def post(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Have ``fn(*args)`` called soon in the loop's thread, without waiting; False (and
+        nothing called) when the loop is shut down."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            return False
+        return True
+
+    async def worker_stub(
         self, address: str, secret: str, ssl: SSLContext | None = None
     ) -> tuple[grpclib.client.Channel, pb.WorkerServiceStub]:
-        channel = open_channel(address, ssl)
+        """A channel to a worker and its stub, made in the loop's thread (a channel is the loop's).
+
+        Raises:
+            TransportError: the loop is shut down.
+        """
+        channel = await self.run_sync(open_channel, address, ssl)
         return channel, pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: secret})
 
-    async def call_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """From asyncio code (a HostService handler): run a Trio async function and await it."""
-        return await trio_asyncio.trio_as_aio(fn, loop=self.loop)(*args)
+    def close_channel(self, channel: grpclib.client.Channel) -> None:
+        """Close ``channel`` in the loop's thread (soon; at once if the loop is gone, where its
+        sockets are closed already)."""
+        self.post(channel.close)
 
-    @staticmethod
-    def close_channel(channel: grpclib.client.Channel) -> None:
-        channel.close()
+    # ---- asyncio -> Trio ----
+    async def call_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """From asyncio code on the loop (a HostService handler): run the Trio async function
+        ``fn(*args)`` in a task of the boundary's nursery, in a copy of the caller's context,
+        and await it. Cancelling the caller cancels the Trio task (and waits up to a second for
+        it to end); its errors are raised here.
+
+        Raises:
+            TransportError: the boundary is shut down.
+        """
+        job = _TrioJob(fn, args, asyncio.get_running_loop().create_future())
+        try:
+            self._token.run_sync_soon(self._spawn, job, contextvars.copy_context())
+        except trio.RunFinishedError:
+            raise TransportError("the host's Trio run is over") from None
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if not job.done.is_set():
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(self._cancel_job, job)
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(job.done.wait(), _TRIO_CANCEL_TIMEOUT)
+            raise
+
+    def _spawn(self, job: _TrioJob, context: contextvars.Context) -> None:
+        """Trio's thread: start the job (its task gets a copy of ``context``)."""
+        try:
+            context.run(self._nursery.start_soon, self._run_job, job)
+        except RuntimeError:  # the nursery is closed: the boundary is over
+            self.post(_settle, job, outcome.Error(TransportError("the host's asyncio boundary is shut down")))
+
+    def _cancel_job(self, job: _TrioJob) -> None:
+        """Trio's thread."""
+        job.cancelled = True
+        if job.scope is not None:
+            job.scope.cancel()
+
+    async def _run_job(self, job: _TrioJob) -> None:
+        result: outcome.Outcome[Any] | None = None  # None: cancelled
+        try:
+            with trio.CancelScope() as job.scope:
+                if job.cancelled:
+                    job.scope.cancel()
+                try:
+                    result = outcome.Value(await job.fn(*job.args))
+                except Exception as exc:  # BaseExceptions (Cancelled, KeyboardInterrupt) stay in Trio
+                    result = outcome.Error(exc)
+        finally:
+            self.post(_settle, job, result)
 
     @asynccontextmanager
     async def open_stream(self, start: Callable[[], Any]) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
@@ -240,7 +427,7 @@ class Boundary:
         with TLS when ``ssl`` is a server context; port 0: any free one) for the block's
         duration; yields the address it listens on. On a Unix socket, peers of another uid
         than ours, root's and ``allowed_uids`` are refused (see ``new_server``)."""
-        server, health = new_server(services, secret, allowed_uids=allowed_uids)
+        server, health = await self.run_sync(lambda: new_server(services, secret, allowed_uids=allowed_uids))
         scheme, where, port = parse_address(address)
         if scheme == "unix":
             await self.run(server.start(path=where))
@@ -252,25 +439,47 @@ class Boundary:
         try:
             yield address
         finally:
-            health.set(False)
-            with trio.CancelScope(shield=True):
-                if not self.loop.is_closed():
-                    server.close()
-                    await self._run_bounded(server.wait_closed(), _CLOSE_SERVER_TIMEOUT)
+
+            async def close() -> None:
+                health.set(False)
+                server.close()
+                await server.wait_closed()
+
+            await self._run_bounded(close(), _CLOSE_SERVER_TIMEOUT)
+
+
+def _settle(job: _TrioJob, result: outcome.Outcome[Any] | None) -> None:
+    """The loop's thread: hand a Trio job's end to its asyncio caller."""
+    job.done.set()
+    if job.future.done():
+        return
+    if result is None:
+        job.future.cancel()
+    elif isinstance(result, outcome.Value):
+        job.future.set_result(result.value)
+    elif isinstance(result, outcome.Error):
+        job.future.set_exception(result.error)
+
+
+async def _call(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
 
 
 class CallStream:
     """A worker connection's calls, multiplexed on one long-lived bidirectional gRPC stream
     (``WorkerService.Calls``), driven from Trio.
 
-    Why: a unary RPC per call costs a HEADERS frame, HPACK, a DATA frame and trailers each way,
-    and a boundary crossing; on one stream a call is one DATA frame each way, and a Trio caller
-    only puts its request in the outbox and sleeps until the reply's call id wakes it.
-    Cancelling a caller sends ``cancel`` with its call id (the worker cancels that call alone).
+    Why: a unary RPC per call costs a HEADERS frame, HPACK, a DATA frame and trailers each way;
+    on one stream a call is one DATA frame each way and one crossing each way: a Trio caller
+    hands its request to the loop's outbox and sleeps until the reply's call id wakes it.
+    Replies read in one loop tick cross back to Trio together. Cancelling a caller sends
+    ``cancel`` with its call id (the worker cancels that call alone).
+
+    Threads: ``_waiting`` and ``_failure`` are Trio's; the stream and its outbox the loop's.
 
     :meth:`run` is the stream's life (a Trio task of the worker's handle): its asyncio side reads
-    replies and wakes their callers, and writes the outbox in order. When the stream fails or
-    ends, every call waiting on it fails with :class:`TransportError`, as do later ones.
+    replies and writes the outbox in order. When the stream fails or ends, every call waiting on
+    it fails with :class:`TransportError`, as do later ones.
     """
 
     def __init__(self, boundary: Boundary, stub: pb.WorkerServiceStub, max_in_flight: int) -> None:
@@ -278,7 +487,9 @@ class CallStream:
         self._stub = stub
         # Each call in flight puts at most an execute and a cancel, and a worker has at most
         # max_in_flight calls in flight (the pool's slots): never full.
-        self._outbox: asyncio.Queue[pb.CallMessage] = asyncio.Queue(maxsize=2 * max_in_flight + 2)
+        self._outbox_size = 2 * max_in_flight + 2
+        self._outbox: asyncio.Queue[pb.CallMessage] | None = None  # the loop's, once open
+        self._replies: list[pb.CallResult] = []  # the loop's: read this tick, not yet handed over
         self._waiting: dict[str, _Reply] = {}
         self._failure: str | None = None
 
@@ -312,35 +523,64 @@ class CallStream:
             opened.set()
 
     async def _serve(self, opened: trio.Event) -> None:
+        """The loop's thread."""
+        token = self._boundary._token
         async with self._stub.channel.request(
             "/trio_bridge.v1.WorkerService/Calls", grpclib.const.Cardinality.STREAM_STREAM,
             pb.CallMessage, pb.CallResult, metadata=self._stub.metadata,
         ) as stream:
             await stream.send_request()
-            opened.set()
+            self._outbox = asyncio.Queue(maxsize=self._outbox_size)
+            token.run_sync_soon(opened.set)
             writer = asyncio.ensure_future(self._write(stream))
+            loop = asyncio.get_running_loop()
             try:
                 while (result := await stream.recv_message()) is not None:
-                    reply = self._waiting.pop(result.call_id, None)
-                    if reply is not None:  # None: a cancelled call's late answer
-                        response = pb.ExecuteToolResponse() if result.response is None else result.response
-                        reply.set(outcome.Value(response))
+                    if not self._replies:
+                        loop.call_soon(self._hand_over)
+                    self._replies.append(result)
             finally:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, *_TRANSPORT_ERRORS):
                     await writer
 
+    def _hand_over(self) -> None:
+        """The loop's thread: the replies read this tick cross to Trio in one go (the list is
+        Trio's from then on)."""
+        replies, self._replies = self._replies, []
+        with contextlib.suppress(trio.RunFinishedError):
+            self._boundary._token.run_sync_soon(self._deliver, replies)
+
+    def _deliver(self, replies: list[pb.CallResult]) -> None:
+        """Trio's thread."""
+        for result in replies:
+            reply = self._waiting.pop(result.call_id, None)
+            if reply is not None:  # None: a cancelled call's late answer
+                response = pb.ExecuteToolResponse() if result.response is None else result.response
+                reply.set(outcome.Value(response))
+
     async def _write(self, stream: Any) -> None:
+        assert self._outbox is not None
         while True:
             await stream.send_message(await self._outbox.get())
 
-    def _send(self, message: pb.CallMessage) -> None:
+    def _enqueue(self, message: pb.CallMessage) -> None:
+        """The loop's thread."""
+        if self._outbox is None:
+            return
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:  # a bug: more than two messages per slot
-            raise TransportError("the call stream's outbox is full") from None
+            with contextlib.suppress(trio.RunFinishedError):
+                self._boundary._token.run_sync_soon(self._fail, "the call stream's outbox is full")
+
+    def _send(self, message: pb.CallMessage) -> None:
+        if not self._boundary.post(self._enqueue, message):
+            self._fail("the host's asyncio loop is shut down")
+            raise TransportError(self._failure or "the call stream ended")
 
     def _fail(self, reason: str) -> None:
+        """Trio's thread."""
         if self._failure is None:
             self._failure = reason
         waiting, self._waiting = self._waiting, {}
@@ -362,7 +602,8 @@ class CallStream:
             await reply.event.wait()
         except BaseException:
             if self._waiting.pop(request.call_id, None) is not None and self._failure is None:
-                self._send(pb.CallMessage(cancel=request.call_id))
+                with contextlib.suppress(TransportError):
+                    self._send(pb.CallMessage(cancel=request.call_id))
             raise
         assert reply.result is not None
         return reply.result.unwrap()
@@ -377,44 +618,7 @@ class _Reply:
 
     def set(self, result: outcome.Outcome[pb.ExecuteToolResponse]) -> None:
         self.result = result
-        self.event.set()  # from asyncio code: it runs in trio-asyncio's Trio task, in this thread
-
-
-async def _wait_future(future: asyncio.Future[T], *, abandon_on_cancel: bool) -> T:
-    """``trio_asyncio.run_aio_future`` with a choice on cancellation: wait until the asyncio
-    side has finished (a call), or stop waiting at once (teardown, where a bound must hold)."""
-    task = trio.lowlevel.current_task()
-    raise_cancel: Callable[[], NoReturn] | None = None
-    waiting = True
-
-    def done(_: asyncio.Future[T]) -> None:
-        # asyncio may already have queued this callback when we stop waiting: then it is void
-        # (rescheduling a task that waits on something else would wake it with our result).
-        if waiting:
-            trio.lowlevel.reschedule(task, outcome.capture(future.result))
-
-    future.add_done_callback(done)
-
-    def abort(raise_cancel_arg: Any) -> trio.lowlevel.Abort:
-        nonlocal raise_cancel, waiting
-        future.cancel()
-        if abandon_on_cancel:
-            waiting = False
-            future.remove_done_callback(done)
-            return trio.lowlevel.Abort.SUCCEEDED
-        raise_cancel = raise_cancel_arg
-        return trio.lowlevel.Abort.FAILED
-
-    try:
-        return await trio.lowlevel.wait_task_rescheduled(abort)
-    except asyncio.CancelledError as exc:
-        if raise_cancel is None:
-            raise
-        try:
-            raise_cancel()
-        except BaseException as cancelled:  # trio.Cancelled, or a KeyboardInterrupt delivered here
-            cancelled.__cause__ = exc
-            raise
+        self.event.set()  # Trio's thread (CallStream._deliver, _fail)
 
 
 def _close(coro: Awaitable[Any]) -> None:

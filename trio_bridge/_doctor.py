@@ -34,7 +34,6 @@ Status = Literal["ok", "warn", "fail"]
 #: The dependencies that matter at run time: distribution name -> module name.
 KEY_DEPENDENCIES: dict[str, str] = {
     "trio": "trio",
-    "trio-asyncio": "trio_asyncio",
     "grpclib": "grpclib",
     "h2": "h2",
     "hyperframe": "hyperframe",

@@ -79,9 +79,11 @@ class PythonAdapter(Adapter):
     - private and dunder names (a leading ``_``) are refused in every path;
     - what reaches objects by a string it is given, or runs code, counts as ``builtins``:
       whole modules (``importlib``, ``inspect``, ``pickle``, ``marshal``, ``pkgutil``, ``runpy``,
-      ``code``, ``timeit``, ``pdb``, ``ctypes``...) and, by defining module and name, objects of
-      otherwise plain ones (``operator.attrgetter`` and ``methodcaller``, ``string.Formatter``,
-      ``typing.get_type_hints``, ``numpy.info``, ``numpy.bmat``, ``numpy.r_``...);
+      ``code``, ``timeit``, ``pdb``, ``ctypes``...) and objects of otherwise plain ones, found
+      by their public names wherever a release defines them (``operator.attrgetter`` and
+      ``methodcaller``, ``string.Formatter``, ``typing.get_type_hints``, ``numpy.info``,
+      ``numpy.bmat``, ``numpy.r_``, ``numpy.lib.add_newdoc``; NumPy 1's ``lookfor``, ``who``
+      and ``compat.npy_load_module``...);
     - subtrees of an allowed package that run or build code (``numpy.testing``, whose
       ``measure`` execs its argument, ``numpy.f2py``, ``numpy.distutils``, ``numpy.ctypeslib``,
       ``logging.config``, ``unittest.mock``, ``xmlrpc.server``) are refused unless an ``allow``
@@ -355,20 +357,76 @@ _RUNS_CODE = frozenset({
     "imp", "importlib", "inspect", "lsprof", "marshal", "multiprocessing", "pdb", "pickle", "pkgutil", "profile",
     "pydoc", "runpy", "shelve", "site", "timeit", "tkinter", "trace", "webbrowser", "zipimport",
 })
-# And the objects of that kind in otherwise plain modules, by defining module and the first
-# part of their qualified name (a class stands for its methods, instances and subclasses).
-_REACHES_BY_STRING = {
-    "operator": frozenset({"attrgetter", "methodcaller"}),  # getattr by dotted string, dunders included
-    "string": frozenset({"Formatter"}),  # get_field reads "0.__globals__"
-    "logging": frozenset({"Formatter", "StrFormatStyle"}),  # style="{": str.format's attribute walk
-    "typing": frozenset({"get_type_hints", "ForwardRef", "evaluate_forward_ref"}),  # eval strings
-    "annotationlib": frozenset({"ForwardRef", "call_evaluate_function", "get_annotations"}),
-    "numpy": frozenset({"info", "bmat"}),  # info(toplevel=) imports by name; bmat reads the caller's frame
-    "numpy.lib": frozenset({"add_newdoc"}),  # imports by name, then rewrites a C docstring
-    "numpy.lib._index_tricks_impl": frozenset({"AxisConcatenator"}),  # numpy.r_["name"] is bmat's
-    "numpy._pytesttester": frozenset({"PytestTester"}),  # numpy.test(tests=[path]) runs a file
-    "scipy._lib._testutils": frozenset({"PytestTester"}),
-}
+# And the objects of that kind in otherwise plain modules, by their public names
+# ("module:attribute"), found by identity when the module is imported: where a release defines
+# them moves (numpy.r_'s class is numpy.lib.index_tricks' in NumPy 1.26, _index_tricks_impl's in
+# 2.x), their public names stay. A class stands for its methods, instances and subclasses, an
+# instance (numpy.r_) for its class and that class's bases. A name a release lacks counts for
+# nothing there.
+_REACHES_BY_STRING = (
+    "operator:attrgetter", "operator:methodcaller",  # getattr by dotted string, dunders included
+    "string:Formatter",  # get_field reads "0.__globals__"
+    "logging:Formatter", "logging:StrFormatStyle",  # style="{": str.format's attribute walk
+    "typing:get_type_hints", "typing:ForwardRef", "typing:evaluate_forward_ref",  # eval strings
+    "annotationlib:ForwardRef", "annotationlib:call_evaluate_function", "annotationlib:get_annotations",
+    "numpy:info",  # info(toplevel=) imports by name
+    "numpy:bmat", "numpy:r_", "numpy:c_",  # read names from the caller's frame (r_["a, b"] is bmat's)
+    "numpy:add_newdoc", "numpy.lib:add_newdoc",  # imports by name, then rewrites a C docstring
+    "numpy:test", "scipy:test",  # PytestTester: numpy.test(tests=[path]) runs a file
+    "numpy:lookfor",  # NumPy < 2: imports modules by name
+    "numpy:who",  # NumPy < 2: reads the caller's frame
+    "numpy.compat:npy_load_module",  # NumPy < 2: runs a Python file as a module
+)
+
+
+class _ByString:
+    """The (canonical module, qualified name) of each ``_REACHES_BY_STRING`` object found in the
+    imported modules, worked out again when those modules change (imported, reloaded)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._names = tuple(name.partition(":")[::2] for name in names)
+        self._modules = tuple(dict.fromkeys(module for module, _ in self._names))
+        self._state: tuple[tuple[Any, ...], dict[str, frozenset[str]]] | None = None
+
+    def keys(self) -> dict[str, frozenset[str]]:
+        """Canonical module -> the first parts of the qualified names that reach by string."""
+        seen = tuple(sys.modules.get(module) for module in self._modules)
+        state = self._state  # one read: another thread may replace it meanwhile
+        if state is not None and all(a is b for a, b in zip(seen, state[0], strict=True)):
+            return state[1]
+        keys, complete = self._find(dict(zip(self._modules, seen, strict=True)))
+        self._state = (seen, keys) if complete else None  # one still being imported: look again next time
+        return keys
+
+    def _find(self, modules: dict[str, Any]) -> tuple[dict[str, frozenset[str]], bool]:
+        keys: dict[str, set[str]] = collections.defaultdict(set)
+        complete = True
+        for module_name, attribute in self._names:
+            module = modules[module_name]
+            if module is None:
+                continue
+            namespace = _instance_dict(module) or {}
+            spec = namespace.get("__spec__")
+            complete = complete and not getattr(spec, "_initializing", False)
+            if attribute not in namespace:
+                continue  # not in this release
+            obj = namespace[attribute]
+            cls = type(obj)
+            if issubclass(cls, type):
+                classes: tuple[type, ...] = (obj,)
+            elif (own := _own_module(obj)) is not None and (qualname := _own_str(obj, "__qualname__")) is not None:
+                keys[_canonical(own)].add(qualname.partition(".")[0])  # a function, by what it says of itself
+                continue
+            else:
+                classes = tuple(k for k in _mro(cls) if k is not object)  # an instance: its class and bases
+            for klass in classes:
+                module_of = _class_module(klass)
+                if module_of is not None:
+                    keys[_canonical(module_of)].add(_TYPE_QUALNAME.__get__(klass).partition(".")[0])
+        return {module: frozenset(names) for module, names in keys.items()}, complete
+
+
+_BY_STRING = _ByString(_REACHES_BY_STRING)
 
 
 def _guarded_subtree(module: str) -> str | None:
@@ -422,7 +480,9 @@ class _Allowlist:
                 continue  # a longer prefix may still be a guarded subtree (numpy.testing)
             name = _canonical(prefix)
             if not any(tree.startswith(name + ".") for tree in self._trees):
-                return prefix if end == 1 or _is_module(prefix) else ".".join(parts[: end - 1])
+                parent = ".".join(parts[: end - 1])
+                # a guarded subtree (numpy.distutils) is named even where a release lacks it
+                return prefix if end == 1 or _is_module(prefix) or self.inside(parent) else parent
             if end == len(parts):
                 return prefix  # above an allowed tree, not in one
         return None
@@ -588,8 +648,8 @@ def _own_str(obj: Any, name: str) -> str | None:
 
 
 def _reaches_by_string(obj: Any) -> bool:
-    """Whether ``obj`` is one of ``_REACHES_BY_STRING`` (a function by its own module and
-    qualified name; a class, an instance or a method of one by the classes of its MRO)."""
+    """Whether ``obj`` is one of ``_REACHES_BY_STRING`` or of theirs (a function by its own module
+    and qualified name; a class, an instance or a method of one by the classes of its MRO)."""
     cls = type(obj)
     keys: list[tuple[str | None, str | None]] = []
     if issubclass(cls, type):
@@ -597,8 +657,9 @@ def _reaches_by_string(obj: Any) -> bool:
     elif callable(obj) and (module := _own_module(obj)) is not None:
         keys.append((module, _own_str(obj, "__qualname__")))
     keys += [(_class_module(k), _TYPE_QUALNAME.__get__(k)) for k in _mro(cls)]
+    table = _BY_STRING.keys()
     for module, qualname in keys:
-        names = _REACHES_BY_STRING.get(_canonical(module)) if module is not None else None
+        names = table.get(_canonical(module)) if module is not None else None
         if names is not None and qualname is not None and qualname.partition(".")[0] in names:
             return True
     return False

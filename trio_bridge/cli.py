@@ -147,26 +147,36 @@ def _run_until_signal(main: Any, received: list[int]) -> None:
 
     async def supervised() -> None:
         body = trio.CancelScope()
+        ended = False
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
             async def listen() -> None:
                 if received:  # it came before the receiver was open
                     body.cancel()
-                async for signum in signals:
-                    received.append(signum)
-                    if len(received) == 1:
-                        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-                        err_console.print(
-                            f"[yellow]{name}[/]: shutting the pool down (Ctrl-C again: stop the workers at once)"
-                        )
-                        body.cancel()
-                    else:
-                        _kill_workers()
+                try:
+                    async for signum in signals:
+                        received.append(signum)
+                        if len(received) == 1:
+                            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                            err_console.print(
+                                f"[yellow]{name}[/]: shutting the pool down (Ctrl-C again: stop the workers at once)"
+                            )
+                            body.cancel()
+                        else:
+                            _kill_workers()
+                except RuntimeError:
+                    # main() ended and closed the receiver under us (a system task that raised
+                    # would turn main()'s own error into a TrioInternalError)
+                    if not ended:
+                        raise
 
             # A system task, not a nursery: exceptions from main() reach us unwrapped.
             trio.lowlevel.spawn_system_task(listen, name="trio-bridge signal listener")
-            with body:
-                await main()
+            try:
+                with body:
+                    await main()
+            finally:
+                ended = True
 
     if received:  # before we got here: nothing was started
         return

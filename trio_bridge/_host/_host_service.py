@@ -1,6 +1,7 @@
 """HostService: what the host serves to its workers.
 
-Handlers are asyncio coroutines on the trio-asyncio loop; each crosses into Trio once to reach
+Handlers are asyncio coroutines on the host's asyncio loop (its own thread, ``trio_bridge._aio``);
+each crosses into Trio once to reach
 the state backend. Every request is validated: an unknown session, a malformed value or a
 refused write ends the RPC with a gRPC status whose details hold its ``ErrorInfo`` (see
 ``_wire/errors.py``), changes nothing, and never crashes the host.
@@ -64,7 +65,7 @@ class RoutedCalls(Protocol):
 
 class HostService(pb.HostServiceBase):
     """Args:
-    boundary: the trio-asyncio boundary (handlers cross into Trio through it).
+    boundary: the asyncio boundary (handlers cross into Trio through it).
     state: the state backend.
     calls: runs routed worker-to-worker calls; parks a worker's call while it waits on the host.
     tools: the host tool registry.
@@ -102,12 +103,19 @@ class HostService(pb.HostServiceBase):
             raise status_error(error_info(exc)) from None
         return pb.JoinReply()
 
+    # The pool's state is Trio's: handlers read and change it only on Trio's side of the boundary.
     async def heartbeat(self, message: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self._heartbeat(message))
+        async def beat() -> pb.HeartbeatResponse:
+            return pb.HeartbeatResponse(known=self._heartbeat(message))
+
+        return await self._boundary.call_trio(beat)
 
     # ---- tools ----
     async def list_host_tools(self, m: pb.ListHostToolsRequest) -> pb.ListHostToolsReply:
-        return pb.ListHostToolsReply(tools=[tool_spec(t.definition) for t in self._tools.host_tools(m.session_id or None)])
+        async def listed() -> pb.ListHostToolsReply:
+            return pb.ListHostToolsReply(tools=[tool_spec(t.definition) for t in self._tools.host_tools(m.session_id or None)])
+
+        return await self._boundary.call_trio(listed)
 
     async def execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         return _unary(await self._boundary.call_trio(self._traced, "host tool", self._execute_host_tool, m))

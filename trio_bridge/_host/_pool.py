@@ -7,7 +7,7 @@ shutdown), ``_gpus`` (each slot's own environment), ``_environment`` (options fr
 ``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
 tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group policy),
-``_janitor`` (cleanup after a host that died uncleanly); the trio-asyncio boundary is ``trio_bridge/_aio.py``.
+``_janitor`` (cleanup after a host that died uncleanly); the asyncio boundary is ``trio_bridge/_aio.py``.
 """
 
 from __future__ import annotations
@@ -569,7 +569,7 @@ async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManag
         trio.lowlevel.current_task()
     except RuntimeError:
         raise RuntimeError(
-            "trio-bridge runs under Trio: use trio.run(main), or trio_asyncio.aio_as_trio from asyncio code"
+            "trio-bridge runs under Trio: use trio.run(main) (from asyncio code, in a thread: await asyncio.to_thread(trio.run, main))"
         ) from None
     with stop.installed():
         try:
@@ -778,7 +778,7 @@ async def compose(
     the pool; on the way out, shut the workers down.
 
     The one composition of a pool, for real processes (`_open_pool`, which brings the
-    trio-asyncio loop, the shared-memory plane and, as ``serve``, the host service the workers
+    asyncio boundary (its loop and thread), the shared-memory plane and, as ``serve``, the host service the workers
     call) and for ``trio_bridge.testing``'s fake workers (no loop, no service). Options are
     checked by the caller.
 

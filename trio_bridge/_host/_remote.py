@@ -9,9 +9,8 @@ connection was lost (exit code ``-9``: the handle's death reason says why) -- th
 itself keeps running, and the slot's next worker dials it again (so a worker that comes back
 rejoins the pool).
 
-The ``trio-bridge worker`` command imports this module for its option checks, so it must not
-import trio-asyncio (``trio_bridge._aio``, ``_worker``): trio-asyncio patches asyncio when it is
-imported, and the worker's own asyncio server then loses its connections.
+The ``trio-bridge worker`` command imports this module for its option checks, so it stays
+import-light: it does not import the host's asyncio boundary (``trio_bridge._aio``, ``_worker``).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class WorkerHandle:
         """Calls it served, as its last heartbeat said (a remote worker counts every host's)."""
 
     def _wire(self) -> Boundary:
-        """The trio-asyncio boundary its RPCs cross. ``None`` only for a worker with no process
+        """The asyncio boundary its RPCs cross. ``None`` only for a worker with no process
         behind it (``trio_bridge.testing.FakeWorker``, which overrides every method that uses it)."""
         if self._boundary is None:
             raise RuntimeError(f"worker {self.id} has no process behind it")
@@ -426,10 +426,11 @@ class WorkerHandle:
                     self.kill("it was not ready in time")
                     raise await self._start_error(f"printed no ready line within {spec.startup_timeout:g} s")
                 nursery.start_soon(_drain, process.stdout)
-                channel, self._stub = self._wire().worker_stub(self.address, spec.secret, spec.tls)
                 with trio.move_on_after(spec.startup_timeout) as timeout_scope:
                     try:
-                        described = await self._wire().run(self._stub.describe(pb.DescribeRequest(
+                        channel, stub = await self._wire().worker_stub(self.address, spec.secret, spec.tls)
+                        self._stub = stub
+                        described = await self._wire().run(stub.describe(pb.DescribeRequest(
                             trio_bridge_version=__version__, wire_version=WIRE_VERSION,
                             host_address=spec.callback_address, worker_id=self.id,
                         )))
@@ -450,7 +451,7 @@ class WorkerHandle:
                 if self.remote:
                     self.pid = described.pid  # the remote process's, for WorkerInfo
                     self.concurrency = max(1, described.concurrency)  # its --concurrency, not the pool's
-                calls = CallStream(self._wire(), self._stub, self.concurrency)
+                calls = CallStream(self._wire(), stub, self.concurrency)
                 with trio.move_on_after(spec.startup_timeout) as timeout_scope:
                     try:
                         await nursery.start(calls.run)

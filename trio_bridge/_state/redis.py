@@ -227,8 +227,8 @@ class RedisBackend(StateBackend):
 
     async def _call(self, function: Callable[[_Client], T]) -> T:
         """Run ``function(client)`` -- redis-py's blocking client -- in a worker thread (a
-        thread hop costs ~0.15 ms here, a round trip through trio-asyncio ~0.8 ms: measured in
-        the module docstring); Redis errors become ours. A cancelled caller stops waiting at
+        thread hop costs ~0.15 ms here, a round trip through the asyncio boundary costs more:
+        measured in the module docstring); Redis errors become ours. A cancelled caller stops waiting at
         once; the command itself is bounded by ``timeout``."""
         await trio.lowlevel.checkpoint_if_cancelled()
         client = self._sync
@@ -248,7 +248,7 @@ class RedisBackend(StateBackend):
             raise self._unavailable(exc) from None
 
     async def _wait(self, function: Callable[[_Client], Awaitable[T]]) -> T:
-        """Run ``function(client)`` on redis-py's asyncio client, on the trio-asyncio boundary:
+        """Run ``function(client)`` on redis-py's asyncio client, on the asyncio boundary (``trio_bridge._aio``):
         for blocking reads (``XREAD BLOCK``), which would hold a thread each."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._boundary is None or self._redis is None:
@@ -282,7 +282,8 @@ class RedisBackend(StateBackend):
         try:
             async with open_boundary() as boundary:
                 options = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout, "health_check_interval": 30}
-                client = redis.asyncio.Redis.from_url(self.url, **options)
+                # made in the loop's thread: redis-py's asyncio objects are its loop's
+                client = await boundary.run_sync(lambda: redis.asyncio.Redis.from_url(self.url, **options))
                 self._boundary, self._redis = boundary, client
                 self._sync = redis.Redis.from_url(self.url, **options)
                 self._end_script = self._sync.register_script(_END)

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import threading
 import traceback as _traceback
 from typing import Any
 
@@ -209,13 +210,16 @@ class Refusals:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._logger = logger or logging.getLogger("trio_bridge.wire")
         self._by_kind: dict[str, RateLimitedWarning] = {}
+        # The host's service logs from both sides of its asyncio boundary (two threads).
+        self._lock = threading.Lock()
 
     def log(self, kind: str, problem: str) -> None:
         """Log (rate-limited) the refusal of a request; ``kind``: one of a few fixed words."""
-        warning = self._by_kind.get(kind)
-        if warning is None:
-            warning = self._by_kind[kind] = RateLimitedWarning(self._logger, REFUSAL_LOG_INTERVAL)
-        warning.warn(f"refused a request ({kind}): {clip(problem, 300)}")
+        with self._lock:
+            warning = self._by_kind.get(kind)
+            if warning is None:
+                warning = self._by_kind[kind] = RateLimitedWarning(self._logger, REFUSAL_LOG_INTERVAL)
+            warning.warn(f"refused a request ({kind}): {clip(problem, 300)}")
 
     def refuse(self, kind: str, problem: str, *, type_name: str = "InvalidArgumentError") -> GRPCError:
         """Log the refusal of a request, and return the ``INVALID_ARGUMENT`` error to end its RPC with."""

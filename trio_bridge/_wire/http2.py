@@ -242,8 +242,7 @@ class FastH2Protocol(_ProtocolBase):
     buffers its FastFrameBuffer chooses (``get_buffer``) instead of grpclib's
     ``data_received`` of the fresh 256 KiB ``bytes`` asyncio makes for every read (page faults
     on every read: ~57 ms per 50 MiB each side), which a big message's frames then held. Every
-    transport we use calls ``get_buffer``: asyncio's socket and SSL transports (trio-asyncio's
-    loop is asyncio's selector loop) and uvloop's stream and SSL transports; ``data_received``
+    transport we use calls ``get_buffer``: asyncio's socket and SSL transports and uvloop's stream and SSL transports; ``data_received``
     stays for any other."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
