@@ -6,7 +6,8 @@ python := env_var_or_default("PYTHON", "python")
 test *args:
     {{python}} -m pytest -q {{args}}
 
-# The whole suite once per CPython 3.11, 3.12 and 3.13, each in a fresh venv (nox; CI runs this).
+# The whole suite once per CPython 3.11 to 3.14, and the fast part at the lowest and newest
+# allowed dependencies, each in a fresh venv (nox; CI runs this).
 test-all *args:
     {{python}} -m nox {{args}}
 

@@ -93,7 +93,8 @@ def refused(instance: PythonAdapter, target: str, module: str, *args: Any, store
         *([("datetime.sys.modules", [], "sys")] if hasattr(importlib.import_module("datetime"), "sys") else []),
         ("statistics.sys.modules", [], "sys"),
         ("statistics.sqrt", [4], "math"),  # math's function, re-exported
-        ("fractions.Decimal", [1], "decimal"),
+        # fractions imports decimal's Decimal up to 3.13 only
+        *([("fractions.Decimal", [1], "decimal")] if hasattr(importlib.import_module("fractions"), "Decimal") else []),
         ("json.decoder.re.compile", ["x"], "re"),
         ("os.getcwd", [], "os"),
         ("numpyx.thing", [], "numpyx"),

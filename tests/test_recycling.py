@@ -176,8 +176,9 @@ async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed
         stats = pool.statistics()
         assert stats.calls_completed == 1000 and stats.restarts == 0
         # ~10: a worker serves on until its replacement is ready (started at 90 calls), so with
-        # calls of a millisecond it may pass 100 by a few dozen
-        assert 6 <= stats.recycles["calls"] <= 10
+        # calls of a millisecond it may pass 100 by dozens where starting a worker is slow (5 seen
+        # on 3.14 on a busy machine): recycling repeats, and never more than once per 100 calls
+        assert 2 <= stats.recycles["calls"] <= 10
         await wait_for(lambda: all(w.state != "draining" for w in pool.workers()))  # the recycled ones are gone
         assert not first_pids & {w.pid for w in pool.workers()}
 

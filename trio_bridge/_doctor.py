@@ -48,7 +48,7 @@ KEY_DEPENDENCIES: dict[str, str] = {
 #: Those trio-bridge runs without, and what it does then.
 OPTIONAL_DEPENDENCIES: dict[str, str] = {"uvloop": "workers use asyncio's own event loop (slower calls)"}
 #: Python versions tested when the package's metadata cannot say (its classifiers).
-TESTED_PYTHONS: tuple[tuple[int, int], ...] = ((3, 11), (3, 12), (3, 13))
+TESTED_PYTHONS: tuple[tuple[int, int], ...] = ((3, 11), (3, 12), (3, 13), (3, 14))
 #: Below this much free space on /dev/shm, big arrays may not fit (docker's default is 64 MB).
 SHM_LOW_BYTES = 256 * 1024 * 1024
 #: A certificate that expires within this many days gets a warning.

@@ -35,7 +35,7 @@ __all__ = ["ABSTRACT", "CODEC", "COALESCE", "FAST_PATHS", "HTTP2", "STOCK_WIRE_E
 #: The releases the fast paths were tested with (the nox sessions ``lowest`` and ``newest`` test
 #: both ends). pyproject.toml requires the same ranges (a test checks that they agree).
 TESTED: dict[str, str] = {
-    "grpclib": ">=0.4.7,<0.5",
+    "grpclib": ">=0.4.8,<0.5",
     "h2": ">=4.1,<4.5",
     "hyperframe": ">=6.0,<6.2",
     "betterproto2": ">=0.10,<0.11",
