@@ -26,12 +26,15 @@ proto:
 bench *args:
     {{python}} -m benchmarks.bench {{args}}
 
-# Lint (ruff), type check (pyright) and the public API's type completeness (every exported
-# symbol's type known: `pyright --verifytypes` fails below 100 %).
+# Lint (ruff), type check (pyright) and the public API's type completeness: every exported
+# symbol's own annotations complete (`--ignoreexternal`: 100 %), and at least 95 % of them fully
+# known with third parties' types counted too (what is left: numpy's, pytest's and the MCP SDK's
+# own incompletely typed classes where our API hands them out; pyright has no threshold flag).
 lint:
     ruff check trio_bridge tests benchmarks noxfile.py
     pyright trio_bridge
     pyright --verifytypes trio_bridge --ignoreexternal
+    pyright --verifytypes trio_bridge --outputjson | {{python}} -c 'import json, sys; score = json.load(sys.stdin)["typeCompleteness"]["completenessScore"]; print(f"type completeness, third parties included: {score:.1%} (95 % needed)"); sys.exit(score < 0.95)'
 
 # The API reference from the docstrings (mkdocs + mkdocstrings), built strictly into site/:
 # a warning (a broken link, a docstring griffe cannot parse) fails it.

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import trio_bridge
-from trio_bridge.cli import app
+from trio_bridge.cli import _app as app
 
 runner = CliRunner()
 

@@ -26,7 +26,7 @@ from trio_bridge._host._process import WorkerProcess, launcher
 from trio_bridge._wire.contract import READY_PREFIX, SECRET_ENV, SECRET_METADATA
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import open_channel
-from trio_bridge.cli import app
+from trio_bridge.cli import _app as app
 from trio_bridge.testing import RemoteWorkerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -140,7 +140,7 @@ def test_help_says_what_it_serves_without_raw_markup() -> None:
 
     from typer.testing import CliRunner
 
-    from trio_bridge.cli import app
+    from trio_bridge.cli import _app as app
 
     result = CliRunner().invoke(app, ["mcp", "--help"], terminal_width=100)
     assert result.exit_code == 0, result.output

@@ -14,9 +14,9 @@ def main() -> None:
     from trio_bridge._cli_signals import remember_signals
 
     remember_signals()
-    from trio_bridge.cli import app
+    from trio_bridge import cli
 
-    app()
+    cli.main()
 
 
 if __name__ == "__main__":

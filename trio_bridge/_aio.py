@@ -34,7 +34,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from ssl import SSLContext
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Generic, Protocol, TypeVar, final
 
 import grpclib.client
 import grpclib.const
@@ -50,6 +50,13 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import new_server, open_channel, parse_address, tcp_listener
 
 T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    """What :meth:`Boundary.close_channel` needs of a channel (a ``grpclib.client.Channel``)."""
+
+    def close(self) -> None: ...
+
 
 _logger = logging.getLogger("trio_bridge")
 _CLOSE_STREAM_TIMEOUT = 1.0  # seconds to close a stream we leave (it is then abandoned)
@@ -345,7 +352,7 @@ class Boundary:
         channel = await self.run_sync(open_channel, address, ssl)
         return channel, pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: secret})
 
-    def close_channel(self, channel: grpclib.client.Channel) -> None:
+    def close_channel(self, channel: _Closable) -> None:
         """Close ``channel`` in the loop's thread (soon; at once if the loop is gone, where its
         sockets are closed already)."""
         self.post(channel.close)

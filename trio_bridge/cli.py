@@ -28,10 +28,12 @@ from trio_bridge._errors import TrioBridgeError
 from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
 
-# Help text is Markdown: `code` shows without its backticks, paragraphs reflow to the terminal.
-app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode="markdown", help=__doc__)
-console: Console = Console()
-err_console: Console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
+# The interface is the `trio-bridge` command, so typer's app and rich's consoles are private here
+# (`__main__` runs `main()`; tests invoke `_app`). Help text is Markdown: `code` shows without its
+# backticks, paragraphs reflow to the terminal.
+_app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode="markdown", help=__doc__)
+_console: Console = Console()
+_err_console: Console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
 
 EXAMPLE_ADAPTER = "trio_bridge.examples.digits:Digits"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
@@ -41,20 +43,25 @@ ADAPTER_HELP = "package.module:ClassName, importable from the current directory"
 JSON_HELP = "print one JSON document on stdout (for jq and scripts) instead of the rich output"
 
 
+def main() -> None:
+    """Run the `trio-bridge` command on this process's command line (what `__main__` runs)."""
+    _app()
+
+
 def _show_version(value: bool) -> None:
     if value:
         typer.echo(f"trio-bridge {__version__}")
         raise typer.Exit()
 
 
-@app.callback()
+@_app.callback()
 def _main(
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version, help="print trio-bridge's version and exit")] = False,
 ) -> None:
     pass  # (the commands' options are their own; --version is handled by its callback)
 
 
-@app.command()
+@_app.command()
 def run(
     adapter: Annotated[str | None, typer.Argument(help=f"{ADAPTER_HELP} (default: the built-in examples)", show_default=False)] = None,
     tool: Annotated[str | None, typer.Argument(help="the tool to run", show_default=False)] = None,
@@ -112,11 +119,11 @@ def _run_pool_command(main: Any) -> None:
             received.append(signal.SIGINT)
         except TrioBridgeError as exc:
             if not received:
-                err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+                _err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
                 raise typer.Exit(1) from None
         if received:
             interrupted = received[0] == signal.SIGINT
-            err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
+            _err_console.print(f"[yellow]{'interrupted' if interrupted else 'terminated'}[/]: the pool was shut down")
             raise typer.Exit(EXIT_INTERRUPTED if interrupted else EXIT_TERMINATED)
     finally:
         _restore_signals(previous)
@@ -158,7 +165,7 @@ def _run_until_signal(main: Any, received: list[int]) -> None:
                         received.append(signum)
                         if len(received) == 1:
                             name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-                            err_console.print(
+                            _err_console.print(
                                 f"[yellow]{name}[/]: shutting the pool down (Ctrl-C again: stop the workers at once)"
                             )
                             body.cancel()
@@ -225,7 +232,7 @@ def _kill_workers() -> None:
             pass
 
 
-@app.command()
+@_app.command()
 def tools(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
@@ -245,7 +252,7 @@ def tools(
     try:
         cls = load_adapter_class(adapter)
     except (ImportError, AttributeError, ValueError) as exc:
-        err_console.print(f"[red]error[/]: cannot load adapter {adapter!r}: {type(exc).__name__}: {exc}")
+        _err_console.print(f"[red]error[/]: cannot load adapter {adapter!r}: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
     infos = [tool_info(tool_spec(d)) for d in sorted(collect_tools(cls()).values(), key=lambda d: d.name)]
     if as_json:
@@ -276,10 +283,10 @@ def tools(
                 text += f" = {p.default!r}"
             params.append(text)
         table.add_row(info.name, "yes" if info.streaming else "", "\n".join(params), info.description)
-    console.print(table)
+    _console.print(table)
 
 
-@app.command()
+@_app.command()
 def mcp(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, envvar="TRIO_BRIDGE_WORKERS", help="worker processes")] = 1,
@@ -299,7 +306,7 @@ def mcp(
     try:
         from trio_bridge.mcp import serve_stdio
     except ImportError as exc:
-        err_console.print(f"[red]error[/]: {exc}")
+        _err_console.print(f"[red]error[/]: {exc}")
         raise typer.Exit(1) from None
     _import_from_cwd()
     functions = _load_host_tools(",".join(host_tools or []))
@@ -310,14 +317,14 @@ def mcp(
         async with trio_bridge.open_pool(adapter, size=workers, shutdown_timeout=shutdown_timeout) as pool:
             for function in functions:
                 pool.host_tool(function)
-            err_console.print(f"trio-bridge mcp: serving the tools of {adapter} on stdio ({workers} worker(s))")
+            _err_console.print(f"trio-bridge mcp: serving the tools of {adapter} on stdio ({workers} worker(s))")
             await serve_stdio(pool)
-        err_console.print("trio-bridge mcp: the client closed stdin; the pool is closed")
+        _err_console.print("trio-bridge mcp: the client closed stdin; the pool is closed")
 
     _run_pool_command(main)
 
 
-@app.command()
+@_app.command()
 def worker(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     listen: Annotated[str, typer.Option("--listen", envvar="TRIO_BRIDGE_LISTEN", help="tcp://HOST:PORT to serve hosts on (port 0: any free port)", show_default=False)],
@@ -384,7 +391,7 @@ def worker(
     ])
 
     def announce(address: str) -> None:
-        err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
+        _err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
 
     _end_on_signals()
     os.environ.pop(SECRET_ENV, None)  # one the user exported: the adapter's tools' children must not inherit it
@@ -397,7 +404,7 @@ def worker(
     raise typer.Exit(code)
 
 
-@app.command()
+@_app.command()
 def top(
     address: Annotated[str, typer.Argument(help="where the pool serves its metrics: `open_pool(metrics_address=\"HOST:PORT\")`, as HOST:PORT or an http:// URL", show_default=False)],
     interval: Annotated[float, typer.Option("--interval", "-n", min=0.1, help="seconds between redraws")] = 1.0,
@@ -419,12 +426,12 @@ def top(
     except TrioBridgeError as exc:
         raise typer.BadParameter(str(exc), param_hint="--token-file") from None
     _end_on_signals()
-    code = run_top(address, interval=interval, once=once, console=console, token=token)
+    code = run_top(address, interval=interval, once=once, console=_console, token=token)
     if code:
         raise typer.Exit(code)
 
 
-@app.command()
+@_app.command()
 def doctor(
     redis_url: Annotated[str | None, typer.Option("--redis", envvar="TRIO_BRIDGE_REDIS_URL", help="a Redis URL to reach (`redis://HOST:PORT/DB`, `rediss://` for TLS)", show_default=False)] = None,
     address: Annotated[str | None, typer.Option("--address", envvar="TRIO_BRIDGE_LISTEN", help="an address to bind, as a worker's `--listen` would: tcp://HOST:PORT, HOST:PORT or unix:PATH", show_default=False)] = None,
@@ -464,13 +471,13 @@ def doctor(
         styles = {"ok": "green", "warn": "yellow", "fail": "bold red"}
         for c in checks:  # Text: a detail may hold brackets that are not markup
             table.add_row(Text(c.name), Text(c.status, style=styles[c.status]), Text(c.detail))
-        console.print(f"trio-bridge {__version__} doctor")
-        console.print(table)
+        _console.print(f"trio-bridge {__version__} doctor")
+        _console.print(table)
         warned = sum(c.status == "warn" for c in checks)
         if failed:
-            console.print(f"[bold red]{len(failed)} check(s) failed[/]: {', '.join(failed)}")
+            _console.print(f"[bold red]{len(failed)} check(s) failed[/]: {', '.join(failed)}")
         else:
-            console.print(f"[green]no check failed[/] ({warned} warning(s))" if warned else "[green]all checks passed[/]")
+            _console.print(f"[green]no check failed[/] ({warned} warning(s))" if warned else "[green]all checks passed[/]")
     if failed:
         raise typer.Exit(1)
 
@@ -539,7 +546,7 @@ async def _run_tool(
         tracker = UserErrorTracker()  # the tool's error leaves as itself, not in the nursery's group
         with tracker.resolve_groups():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(live_view, pool.metrics_address, console=err_console))
+                nursery.start_soon(partial(live_view, pool.metrics_address, console=_err_console))
                 try:
                     with tracker.user_block():
                         await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)
@@ -565,11 +572,11 @@ async def _call_tool(
                 _print_json([chunk async for chunk in chunks])
                 return
             async for chunk in chunks:
-                pprint(chunk, console=console, expand_all=False)
+                pprint(chunk, console=_console, expand_all=False)
     elif as_json:
         _print_json(await pool.execute(tool, arguments))
     else:
-        pprint(await pool.execute(tool, arguments), console=console)
+        pprint(await pool.execute(tool, arguments), console=_console)
 
 
 def _end_on_signals() -> None:
@@ -599,14 +606,14 @@ async def _run_example(workers: int) -> None:
 
     import trio_bridge
 
-    console.print(f"[bold]trio-bridge example[/]: handwritten digits, {workers} worker(s)")
+    _console.print(f"[bold]trio-bridge example[/]: handwritten digits, {workers} worker(s)")
     started = time.perf_counter()
     async with trio_bridge.open_pool(EXAMPLE_ADAPTER, size=workers) as pool:
-        console.print(f"pool ready in {time.perf_counter() - started:.2f} s (each worker loaded the data set in setup())")
+        _console.print(f"pool ready in {time.perf_counter() - started:.2f} s (each worker loaded the data set in setup())")
         model = None
         with Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), console=console,
+            TimeElapsedColumn(), console=_console,
         ) as progress:
             task = progress.add_task("train", total=None, status="")
             async with pool.stream("train", {}) as chunks:
@@ -637,7 +644,7 @@ async def _run_example(workers: int) -> None:
         elapsed = time.perf_counter() - t0
 
         accuracy = float((predictions == labels).mean())
-        console.print(
+        _console.print(
             f"classified {len(images)} held-out images in {len(batches)} batches: "
             f"[bold]accuracy {accuracy:.4f}[/], {len(images) / elapsed:,.0f} images/s ({elapsed * 1e3:.1f} ms)"
         )
@@ -646,37 +653,37 @@ async def _run_example(workers: int) -> None:
             table.add_column(column)
         for w in pool.workers():
             table.add_row(w.id, str(w.pid), str(w.calls_served - before.get(w.id, 0)), str(w.calls_served))
-        console.print(table)
+        _console.print(table)
         stats = pool.statistics()
-        console.print(
+        _console.print(
             f"pool: {stats.calls_completed} calls, {stats.restarts} restarts, "
             f"latency p50 {_ms(stats.latency_p50)} p99 {_ms(stats.latency_p99)}"
         )
         if accuracy < 0.9:
-            console.print("[red]accuracy below 0.90[/]")
+            _console.print("[red]accuracy below 0.90[/]")
             sys.exit(1)
 
 
 async def _run_sweep(workers: int) -> None:
     from trio_bridge.examples import sweep
 
-    if not await sweep.run(console, workers):
-        console.print("[red]some calls did not see the value current at their start[/]")
+    if not await sweep.run(_console, workers):
+        _console.print("[red]some calls did not see the value current at their start[/]")
         sys.exit(1)
 
 
 async def _run_tools_example(workers: int) -> None:
     from trio_bridge.examples import agent
 
-    if not await agent.run(console, workers):
-        console.print("[red]a research call came back incomplete[/]")
+    if not await agent.run(_console, workers):
+        _console.print("[red]a research call came back incomplete[/]")
         sys.exit(1)
 
 
 async def _run_cluster_example(workers: int) -> None:
     from trio_bridge.examples import cluster
 
-    if not await cluster.run(console):
+    if not await cluster.run(_console):
         sys.exit(1)
 
 
@@ -693,4 +700,4 @@ def _ms(seconds: float | None) -> str:
 
 
 if __name__ == "__main__":
-    app()
+    _app()

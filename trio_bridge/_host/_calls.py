@@ -32,7 +32,13 @@ from trio_bridge._host._metrics import UNKNOWN_TOOL, Metrics, Outcome
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
-from trio_bridge._host._worker import WorkerHandle
+from trio_bridge._host._worker import (
+    WorkerHandle,
+    worker_call,
+    worker_execute,
+    worker_open_stream,
+    worker_receive_batch,
+)
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
@@ -102,7 +108,7 @@ class Calls:
             finished = False
             try:
                 await self._router.enter_session(worker, route)
-                reply = await worker.execute(request)
+                reply = await worker_execute(worker, request)
                 finished = True
                 answered_in = trio.current_time() - started
                 worker.calls_served += 1
@@ -186,10 +192,10 @@ class Calls:
     ) -> None:
         async with send:
             try:
-                async with worker.open_stream(request) as receive:
+                async with worker_open_stream(worker, request) as receive:
                     while True:
                         try:
-                            batch = await worker.receive_batch(receive)
+                            batch = await worker_receive_batch(worker, receive)
                         except CallFailed as failed:  # the stream ended with the tool's failure
                             raise exception_from(failed.info, request.tool_name) from None
                         if batch is None:
@@ -287,7 +293,7 @@ class Calls:
                 while worker.alive:
                     try:
                         with trio.fail_after(max(self._cancel_grace, 1)):
-                            reply = await worker.call(lambda stub: stub.ping(pb.PingRequest()))
+                            reply = await worker_call(worker, lambda stub: stub.ping(pb.PingRequest()))
                     except (WorkerCrashedError, trio.TooSlowError):
                         break
                     if call_id not in reply.active_calls:

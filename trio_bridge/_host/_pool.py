@@ -49,7 +49,7 @@ from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
-from trio_bridge._host._supervisor import RecycleLimits, Supervisor
+from trio_bridge._host._supervisor import RecycleLimits, Supervisor, heartbeat
 from trio_bridge._host._tools import ToolInfo, ToolRegistry, call_host_tool_here, tool_dicts, tool_info
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
@@ -704,7 +704,7 @@ async def _open_pool(
 
                     service = HostService(
                         boundary, parts.state, calls=parts.calls, tools=parts.tools, plane=plane,
-                        heartbeat=parts.supervisor.heartbeat, route_for=parts.route_for,
+                        heartbeat=partial(heartbeat, parts.supervisor), route_for=parts.route_for,
                         count_host_tool_call=parts.metrics.host_tool_call,
                         join=join if setup is not None and setup.listen is not None else None,
                     )

@@ -11,7 +11,7 @@ import trio
 
 from trio_bridge._errors import WorkerCrashedError
 from trio_bridge._host._dispatch import Affinity, Dispatcher
-from trio_bridge._host._worker import WorkerHandle
+from trio_bridge._host._worker import WorkerHandle, worker_call
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -76,7 +76,7 @@ class Router:
         request = pb.InitializeSessionRequest(
             session_id=route.session_id, metadata=encode(dict(info.metadata), path="session metadata")
         )
-        await worker.call(lambda stub: stub.initialize_session(request))
+        await worker_call(worker, lambda stub: stub.initialize_session(request))
         worker.sessions.add(route.session_id)
 
     def session_ended(self, session_id: str, workers: list[WorkerHandle]) -> None:
@@ -94,6 +94,6 @@ class Router:
 async def _cleanup_on(handle: WorkerHandle, request: pb.CleanupSessionRequest) -> None:
     with trio.move_on_after(_CLEANUP_TIMEOUT):
         try:
-            await handle.call(lambda stub: stub.cleanup_session(request))
+            await worker_call(handle, lambda stub: stub.cleanup_session(request))
         except WorkerCrashedError:
             pass

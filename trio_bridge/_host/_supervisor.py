@@ -28,7 +28,7 @@ from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, Worker
 from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._tools import ToolRegistry
-from trio_bridge._host._worker import WorkerHandle, WorkerInfo
+from trio_bridge._host._worker import WorkerHandle, WorkerInfo, worker_call
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
@@ -160,15 +160,6 @@ class Supervisor:
     def knows(self, worker_id: str) -> bool:
         """A live worker of this pool has that id (workers ask with their heartbeat)."""
         return self._find_live(worker_id) is not None
-
-    def heartbeat(self, message: pb.HeartbeatRequest) -> bool:
-        """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerHandle.report`);
-        whether the pool knows it."""
-        handle = self._find_live(message.worker_id)
-        if handle is None:
-            return False
-        handle.report(rss=message.rss_bytes, cpu_seconds=message.cpu_seconds, calls_served=message.calls_served)
-        return True
 
     def _find_live(self, worker_id: str) -> WorkerHandle | None:
         return next((h for h in self._all() if h.id == worker_id and h.alive), None)
@@ -407,7 +398,7 @@ class Supervisor:
     async def _ping(self, handle: WorkerHandle) -> None:
         try:
             with trio.fail_after(self._health_check_interval):
-                await handle.call(lambda stub: stub.ping(pb.PingRequest()))
+                await worker_call(handle, lambda stub: stub.ping(pb.PingRequest()))
         except (trio.TooSlowError, WorkerCrashedError):
             handle.kill("it failed its health check")
 
@@ -424,6 +415,17 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for handle in self._all():
                 nursery.start_soon(handle.shutdown, self._shutdown_timeout)
+
+
+def heartbeat(supervisor: Supervisor, message: pb.HeartbeatRequest) -> bool:
+    """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerHandle.report`);
+    whether ``supervisor``'s pool knows it. (A function, not a method: the wire message stays
+    off Supervisor's public surface, which the public Pool reaches.)"""
+    handle = supervisor._find_live(message.worker_id)
+    if handle is None:
+        return False
+    handle.report(rss=message.rss_bytes, cpu_seconds=message.cpu_seconds, calls_served=message.calls_served)
+    return True
 
 
 async def _first_of(waits: list[Callable[[], Awaitable[object]]], timeout: float) -> None:

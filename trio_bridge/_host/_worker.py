@@ -273,7 +273,7 @@ class WorkerHandle:
         self.state = state
 
     # ---- calls ----
-    async def call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
+    async def _call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
         """Run one RPC on this worker (``method(stub)`` returns the asyncio coroutine).
 
         Raises:
@@ -288,7 +288,7 @@ class WorkerHandle:
         except CallFailed as failed:  # refused, with its ErrorInfo: the worker is fine
             raise exception_from(failed.info, "") from None
 
-    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+    async def _execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """Run one tool call on this worker's call stream (see :class:`CallStream`).
 
         Raises:
@@ -313,15 +313,15 @@ class WorkerHandle:
                 self._call_scopes.discard(scope)
         raise self.crashed_error()  # our scope was cancelled: the process died mid-call
 
-    def open_stream(self, request: pb.ExecuteToolRequest) -> Any:
+    def _open_stream(self, request: pb.ExecuteToolRequest) -> Any:
         """An async context manager yielding ``receive()`` for the tool's chunk batches."""
         if self._stub is None or not self.alive:
             raise self.crashed_error()
         stub = self._stub
         return self._wire().open_stream(lambda: stub.execute_streaming_tool(request))
 
-    async def receive_batch(self, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
-        """The next batch of a stream opened with :meth:`open_stream`; ``None`` at its end."""
+    async def _receive_batch(self, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
+        """The next batch of a stream opened with :meth:`_open_stream`; ``None`` at its end."""
         with trio.CancelScope() as scope:
             self._call_scopes.add(scope)
             try:
@@ -562,3 +562,26 @@ async def _drain(stream: Any) -> None:
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass
 
+
+# A worker's RPCs, as functions rather than WorkerHandle methods: their wire types (betterproto2's
+# messages, grpclib's stub), whose own typing is incomplete, stay off WorkerHandle's public
+# surface, which the public Pool and Session reach (``pyright --verifytypes``).
+async def worker_call(worker: WorkerHandle, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
+    """Run one RPC on ``worker`` (``method(stub)`` returns the asyncio coroutine); raises as
+    :meth:`WorkerHandle._call`."""
+    return await worker._call(method)
+
+
+async def worker_execute(worker: WorkerHandle, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+    """One tool call on ``worker``'s call stream; raises as :meth:`WorkerHandle._execute`."""
+    return await worker._execute(request)
+
+
+def worker_open_stream(worker: WorkerHandle, request: pb.ExecuteToolRequest) -> Any:
+    """An async context manager yielding ``receive()`` for the streaming tool's chunk batches."""
+    return worker._open_stream(request)
+
+
+async def worker_receive_batch(worker: WorkerHandle, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
+    """The next batch of a stream opened with :func:`worker_open_stream`; ``None`` at its end."""
+    return await worker._receive_batch(receive)

@@ -46,6 +46,8 @@ async def tail(n: int) -> AsyncIterator[dict[str, Any]]:
 
 
 class Researcher(Adapter):
+    """Worker tools that call back: ``research`` (host tools, another worker's ``score``) and ``score``."""
+
     @tool
     def research(self, ctx: SessionContext, topic: str) -> dict[str, Any]:
         """Research a topic with the host's index, another worker's scoring, and the host's log.

@@ -25,6 +25,8 @@ ADAPTER = "trio_bridge.examples.cluster:Clustered"
 
 
 class Clustered(Adapter):
+    """A remote worker's tools over variables shared through Redis: ``reply`` and ``read``."""
+
     @tool
     def reply(self, ctx: SessionContext, text: str) -> dict[str, Any]:
         """Read ``temperature`` (set by another host), write ``reply``; says who served it."""

@@ -21,12 +21,15 @@ _SEED = 0
 
 
 class Digits(Adapter):
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    """The digits tools: ``train`` (streaming), ``held_out`` and ``predict``; ``setup()`` loads the
+    data set and splits it (train, validation, test), the splits kept as private attributes."""
+
+    _x_train: np.ndarray
+    _y_train: np.ndarray
+    _x_val: np.ndarray
+    _y_val: np.ndarray
+    _x_test: np.ndarray
+    _y_test: np.ndarray
 
     def setup(self) -> None:
         from sklearn.datasets import load_digits
@@ -35,10 +38,10 @@ class Digits(Adapter):
         data: Any = load_digits()  # a Bunch
         images = data.images.astype(np.float32)  # (1797, 8, 8), pixel values 0..16
         labels = data.target.astype(np.int64)
-        x_train, self.x_test, y_train, self.y_test = cast("list[np.ndarray]", train_test_split(
+        x_train, self._x_test, y_train, self._y_test = cast("list[np.ndarray]", train_test_split(
             images, labels, test_size=0.2, random_state=_SEED, stratify=labels
         ))
-        self.x_train, self.x_val, self.y_train, self.y_val = cast("list[np.ndarray]", train_test_split(
+        self._x_train, self._x_val, self._y_train, self._y_val = cast("list[np.ndarray]", train_test_split(
             x_train, y_train, test_size=0.15, random_state=_SEED, stratify=y_train
         ))
 
@@ -59,7 +62,7 @@ class Digits(Adapter):
             with the weights as float32 arrays.
         """
         rng = np.random.default_rng(_SEED)
-        x = self.x_train.reshape(len(self.x_train), -1)
+        x = self._x_train.reshape(len(self._x_train), -1)
         mean, scale = x.mean(axis=0), x.std(axis=0) + 1.0
         x = (x - mean) / scale
         model = {
@@ -71,7 +74,7 @@ class Digits(Adapter):
             "scale": scale.astype(np.float32),
         }
         velocity = {k: np.zeros_like(model[k]) for k in ("w1", "b1", "w2", "b2")}
-        onehot = np.eye(10, dtype=np.float32)[self.y_train]
+        onehot = np.eye(10, dtype=np.float32)[self._y_train]
         for epoch in range(1, epochs + 1):
             order = rng.permutation(len(x))
             losses = []
@@ -82,7 +85,7 @@ class Digits(Adapter):
                 for k, g in grads.items():
                     velocity[k] = 0.9 * velocity[k] - learning_rate * g
                     model[k] += velocity[k]
-            val_accuracy = float((_predict(model, self.x_val) == self.y_val).mean())
+            val_accuracy = float((_predict(model, self._x_val) == self._y_val).mean())
             yield {"epoch": epoch, "epochs": epochs, "loss": float(np.mean(losses)), "val_accuracy": val_accuracy}
             if ctx.cancelled:
                 return
@@ -91,7 +94,7 @@ class Digits(Adapter):
     @tool
     def held_out(self) -> dict[str, np.ndarray]:
         """The test split, never used in training: ``{"images": (n, 8, 8) float32, "labels": (n,) int64}``."""
-        return {"images": self.x_test, "labels": self.y_test}
+        return {"images": self._x_test, "labels": self._y_test}
 
     @tool
     def predict(self, images: np.ndarray, model: dict[Any, Any]) -> np.ndarray:

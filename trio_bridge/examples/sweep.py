@@ -22,6 +22,9 @@ VOCABULARY = {"small": 32, "large": 256}
 
 
 class Sampler(Adapter):
+    """Token sampling at the session's ``temperature`` (``sample``), and a write that the host's
+    optimization lock refuses while it holds the variable (``try_to_set_temperature``)."""
+
     @tool
     def sample(self, ctx: SessionContext, prompt: str, tokens: int = 256) -> dict[str, Any]:
         """Sample ``tokens`` token ids for ``prompt`` at the session's temperature.

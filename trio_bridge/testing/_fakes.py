@@ -326,7 +326,7 @@ class FakeWorker(WorkerHandle):
         self._exit(0)
 
     # ---- calls ----
-    async def call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[Any]]) -> Any:
+    async def _call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[Any]]) -> Any:
         """Run ``method(stub)`` against the fake stub, in Trio.
 
         Raises:
@@ -342,11 +342,11 @@ class FakeWorker(WorkerHandle):
                 self._call_scopes.discard(scope)
         raise self.crashed_error()  # our scope was cancelled: it died mid-call
 
-    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+    async def _execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """One tool call (a real worker's goes on its call stream; here, like any RPC)."""
-        return await self.call(lambda stub: stub.execute_tool(request))
+        return await self._call(lambda stub: stub.execute_tool(request))
 
-    def open_stream(self, request: pb.ExecuteToolRequest) -> AbstractAsyncContextManager[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
+    def _open_stream(self, request: pb.ExecuteToolRequest) -> AbstractAsyncContextManager[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
         """An async context manager yielding ``receive()`` for the tool's chunk batches (one chunk
         each); ``receive()`` raises ``StopAsyncIteration`` at the end."""
         if not self.alive or self.state is WorkerState.STARTING:
@@ -418,7 +418,7 @@ class FakeWorker(WorkerHandle):
                 with trio.CancelScope(shield=True):
                     await self._close_chunks(definition, chunks)
 
-    async def _execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+    async def _execute_tool(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
             call, definition, arguments, request.timeout_seconds
         ))
@@ -553,13 +553,13 @@ class FakeWorker(WorkerHandle):
 
 
 class _FakeStub:
-    """The worker service's RPCs, as Trio coroutines (what ``FakeWorker.call`` hands to ``method``)."""
+    """The worker service's RPCs, as Trio coroutines (what ``FakeWorker._call`` hands to ``method``)."""
 
     def __init__(self, worker: FakeWorker) -> None:
         self._worker = worker
 
     async def execute_tool(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return await self._worker._execute(request)
+        return await self._worker._execute_tool(request)
 
     async def ping(self, request: pb.PingRequest) -> pb.PingResponse:
         worker = self._worker

@@ -46,6 +46,7 @@ from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._pool import Pool
+from trio_bridge._host._supervisor import heartbeat
 from trio_bridge._host._worker import WorkerSpec
 from trio_bridge._state.variables import VariableUpdate
 from trio_bridge._wire.codec import short_repr
@@ -62,7 +63,7 @@ from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._context import Optimization, SessionContext, end_call
-from trio_bridge.worker._host_client import HostClient, SessionLink, failure
+from trio_bridge.worker._host_client import HostClient, SessionLink, client_over, failure, host_stub
 
 if TYPE_CHECKING:
     from grpclib.client import Channel
@@ -212,13 +213,13 @@ class _AdapterWorker(FakeWorker):
         parts = workers.parts
         service = HostService(
             cast("Boundary", _TrioBoundary()), parts.state, calls=parts.calls, tools=parts.tools, plane=None,
-            heartbeat=parts.supervisor.heartbeat, route_for=parts.route_for,
+            heartbeat=functools.partial(heartbeat, parts.supervisor), route_for=parts.route_for,
             count_host_tool_call=parts.metrics.host_tool_call,
         )
         # The worker side's host client (session caches, host tool and routed calls) over the
         # service in this Trio run; no event loop: Trio.
         local = cast("Channel", _LocalChannel(service, self._running_nursery))
-        self._host = HostClient("in-process", "", self.id, cast(asyncio.AbstractEventLoop, None), channel=local)
+        self._host = client_over(local, "in-process", "", self.id, cast(asyncio.AbstractEventLoop, None))
         return None
 
     def _running_nursery(self) -> trio.Nursery:
@@ -514,7 +515,7 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
         # The host's watcher coalesces beyond ``buffer_size`` when this reader falls behind.
         request = pb.WatchVariablesRequest(session_id=self.session_id, names=list(names), include_initial=include_initial)
         metadata = {**link.client.metadata, WATCH_BUFFER_METADATA: str(buffer_size)}
-        batches = cast(AsyncGenerator[pb.WatchBatch, None], link.client.stub.watch_variables(request, metadata=metadata))
+        batches = cast(AsyncGenerator[pb.WatchBatch, None], host_stub(link.client).watch_variables(request, metadata=metadata))
         async with contextlib.aclosing(batches):
             try:
                 async for batch in batches:

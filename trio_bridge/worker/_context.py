@@ -20,7 +20,13 @@ from trio_bridge._util import NoPublicConstructor
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge.worker._host_client import DEFAULT_WATCH_BUFFER, SessionInfo
+from trio_bridge.worker._host_client import (
+    DEFAULT_WATCH_BUFFER,
+    SessionInfo,
+    client_call_tool,
+    client_list_host_tools,
+    client_stream_host_tool,
+)
 
 if TYPE_CHECKING:
     from trio_bridge.worker._host_client import HostClient, SessionLink
@@ -338,15 +344,15 @@ class SessionContext(metaclass=NoPublicConstructor):
             InvalidArgumentError: the arguments do not fit its parameters.
             ToolError: the host tool raised (with the host's traceback).
         """
-        return self._blocking(self._client().call(True, self._request(name, arguments)))
+        return self._blocking(client_call_tool(self._client(), True, self._request(name, arguments)))
 
     async def acall_host_tool(self, name: str, /, **arguments: Any) -> Any:
         """:meth:`call_host_tool` for async tools."""
-        return await self._client().call(True, self._request(name, arguments))
+        return await client_call_tool(self._client(), True, self._request(name, arguments))
 
     def stream_host_tool(self, name: str, /, **arguments: Any) -> Iterator[Any]:
         """Iterate over a streaming host tool's chunks (sync tools)."""
-        batches = self._client().stream_host_tool(self._request(name, arguments))
+        batches = client_stream_host_tool(self._client(), self._request(name, arguments))
         try:
             while True:
                 try:
@@ -363,7 +369,7 @@ class SessionContext(metaclass=NoPublicConstructor):
 
     async def astream_host_tool(self, name: str, /, **arguments: Any) -> AsyncIterator[Any]:
         """Iterate over a streaming host tool's chunks (async tools)."""
-        batches = self._client().stream_host_tool(self._request(name, arguments))
+        batches = client_stream_host_tool(self._client(), self._request(name, arguments))
         try:
             async for batch in batches:
                 for chunk in batch:
@@ -374,22 +380,22 @@ class SessionContext(metaclass=NoPublicConstructor):
     def call_tool(self, name: str, /, **arguments: Any) -> Any:
         """Call a tool of any worker of the pool (routed by the host, in this call's session).
         Sync tools only; async tools ``await ctx.acall_tool(...)``."""
-        return self._blocking(self._client().call(False, self._request(name, arguments)))
+        return self._blocking(client_call_tool(self._client(), False, self._request(name, arguments)))
 
     async def acall_tool(self, name: str, /, **arguments: Any) -> Any:
         """:meth:`call_tool` for async tools."""
-        return await self._client().call(False, self._request(name, arguments))
+        return await client_call_tool(self._client(), False, self._request(name, arguments))
 
     @property
     def host_tools(self) -> HostTools:
         """The host tools as functions: ``ctx.host_tools.lookup(word="cat")``, each with the
         tool's ``__doc__`` and ``__signature__``; ``ctx.host_tools["name.with.dots"]`` works too.
         Sync tools only (listing them is a round trip); async tools ``await ctx.ahost_tools()``."""
-        return HostTools._create(self, self._blocking(self._client().list_host_tools(self.session_id)), asynchronous=False)
+        return HostTools._create(self, self._blocking(client_list_host_tools(self._client(), self.session_id)), asynchronous=False)
 
     async def ahost_tools(self) -> HostTools:
         """:attr:`host_tools` for async tools: its functions are coroutine functions."""
-        return HostTools._create(self, await self._client().list_host_tools(self.session_id), asynchronous=True)
+        return HostTools._create(self, await client_list_host_tools(self._client(), self.session_id), asynchronous=True)
 
     def _request(self, name: str, arguments: dict[str, Any]) -> pb.ExecuteToolRequest:
         remaining = self.time_remaining()

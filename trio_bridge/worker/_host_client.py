@@ -79,21 +79,21 @@ class HostClient:
 
     def __init__(
         self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop, ssl: SSLContext | None = None,
-        *, channel: Channel | None = None,
     ) -> None:
-        """``channel``: one to use instead of dialing ``address`` (``trio_bridge.testing``'s
-        in-process host service)."""
+        self._init(address, secret, worker_id, loop, open_channel(address, ssl))
+
+    def _init(self, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
         self.address: str = address
-        self.channel: Channel = open_channel(address, ssl) if channel is None else channel
+        self._channel: Channel = channel
         self.metadata: dict[str, str] = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
-        self.stub: pb.HostServiceStub = pb.HostServiceStub(self.channel, metadata=self.metadata)
+        self._stub: pb.HostServiceStub = pb.HostServiceStub(self._channel, metadata=self.metadata)
         self.loop: asyncio.AbstractEventLoop = loop
         self.worker_id: str = worker_id
         self.caches: dict[str, SessionCache] = {}
         self.refreshes: int = 0  # round trips made to refresh caches (for tests and benchmarks)
 
     def close(self) -> None:
-        self.channel.close()
+        self._channel.close()
 
     async def refresh(self, session_id: str, at_least: int) -> None:
         """Make the session's cache reflect at least state version ``at_least`` (one round trip
@@ -101,37 +101,58 @@ class HostClient:
         cache = self.caches.setdefault(session_id, SessionCache())
         if cache.version >= at_least and cache.version >= 0:
             return
-        reply = await unary(self.stub.get_variables(pb.GetVariablesRequest(session_id=session_id, all=True)))
+        reply = await unary(self._stub.get_variables(pb.GetVariablesRequest(session_id=session_id, all=True)))
         self.refreshes += 1
         cache.variables = {v.name: v for v in map(variable_from_wire, reply.variables)}
         cache.version = reply.state_version
 
     # ---- tools ----
-    async def list_host_tools(self, session_id: str) -> list[pb.ToolSpec]:
-        reply = await unary(self.stub.list_host_tools(pb.ListHostToolsRequest(session_id=session_id)))
-        return list(reply.tools)
-
-    async def call(self, host_tool: bool, request: pb.ExecuteToolRequest) -> Any:
-        """A host tool (``host_tool``) or a tool of any worker, routed by the host."""
-        method = self.stub.execute_host_tool if host_tool else self.stub.execute_tool
-        reply = await unary(method(request), request.tool_name)
-        return decode(reply.result, owned=True)
-
-    async def stream_host_tool(self, request: pb.ExecuteToolRequest) -> AsyncGenerator[list[Any], None]:
-        """The host tool's chunks, a message's worth (a list) at a time."""
-        try:
-            async for batch in self.stub.execute_streaming_host_tool(request):
-                chunks = decode_batch(batch.chunks)
-                if chunks:
-                    yield chunks
-        except GRPCError as exc:
-            raise failure(exc, request.tool_name) from None
-
     def forget(self, session_id: str) -> None:
         self.caches.pop(session_id, None)
 
     def link(self, session_id: str) -> SessionLink:
         return SessionLink(self, session_id, self.caches.setdefault(session_id, SessionCache()))
+
+
+# What takes or gives wire types (betterproto2's messages, grpclib's channel and stub), whose own
+# typing is incomplete, is functions rather than HostClient methods or constructor parameters:
+# they stay off HostClient's public surface, which the public SessionContext reaches
+# (``pyright --verifytypes``).
+def client_over(channel: Channel, address: str, secret: str, worker_id: str, loop: asyncio.AbstractEventLoop) -> HostClient:
+    """A client on ``channel`` instead of one dialing ``address`` (``trio_bridge.testing``'s
+    in-process host service)."""
+    client = HostClient.__new__(HostClient)
+    client._init(address, secret, worker_id, loop, channel)
+    return client
+
+
+def host_stub(client: HostClient) -> pb.HostServiceStub:
+    """``client``'s stub of the host service (its metadata sent with every call)."""
+    return client._stub
+
+
+async def client_list_host_tools(client: HostClient, session_id: str) -> list[pb.ToolSpec]:
+    """The host tools the session's calls may use."""
+    reply = await unary(client._stub.list_host_tools(pb.ListHostToolsRequest(session_id=session_id)))
+    return list(reply.tools)
+
+
+async def client_call_tool(client: HostClient, host_tool: bool, request: pb.ExecuteToolRequest) -> Any:
+    """A host tool (``host_tool``) or a tool of any worker, routed by the host."""
+    method = client._stub.execute_host_tool if host_tool else client._stub.execute_tool
+    reply = await unary(method(request), request.tool_name)
+    return decode(reply.result, owned=True)
+
+
+async def client_stream_host_tool(client: HostClient, request: pb.ExecuteToolRequest) -> AsyncGenerator[list[Any], None]:
+    """The host tool's chunks, a message's worth (a list) at a time."""
+    try:
+        async for batch in client._stub.execute_streaming_host_tool(request):
+            chunks = decode_batch(batch.chunks)
+            if chunks:
+                yield chunks
+    except GRPCError as exc:
+        raise failure(exc, request.tool_name) from None
 
 
 class SessionLink:
@@ -163,20 +184,20 @@ class SessionLink:
         return variables.get(key) or next((v for v in variables.values() if v.id == key), None)
 
     async def session_info(self) -> SessionInfo:
-        reply = await unary(self.client.stub.get_session(pb.GetSessionRequest(session_id=self.session_id)))
+        reply = await unary(self.client._stub.get_session(pb.GetSessionRequest(session_id=self.session_id)))
         return SessionInfo(
             id=reply.id, ttl=reply.ttl or None, metadata=decode(reply.metadata) or {},
             variable_count=reply.variable_count, state_version=reply.state_version,
         )
 
     async def get_variable(self, name: str) -> Variable:
-        reply = await unary(self.client.stub.get_variable(pb.GetVariablesRequest(session_id=self.session_id, names=[name])))
+        reply = await unary(self.client._stub.get_variable(pb.GetVariablesRequest(session_id=self.session_id, names=[name])))
         variable = variable_from_wire(reply.variables[0])
         self.cache.variables[variable.name] = variable
         return variable
 
     async def list_variables(self, pattern: str) -> list[Variable]:
-        reply = await unary(self.client.stub.list_variables(pb.ListVariablesRequest(session_id=self.session_id, pattern=pattern)))
+        reply = await unary(self.client._stub.list_variables(pb.ListVariablesRequest(session_id=self.session_id, pattern=pattern)))
         variables = sorted((variable_from_wire(v) for v in reply.variables), key=lambda v: v.name)
         found = {v.name: v for v in variables}
         for name in [n for n in self.cache.variables if fnmatch.fnmatchcase(n, pattern) and n not in found]:
@@ -189,21 +210,21 @@ class SessionLink:
             session_id=self.session_id, name=name, value=encode(value, path=f"variable {name!r}"),
             expected_version=expected_version, optimizer_id=optimizer_id or "",
         )
-        return self._absorb(await unary(self.client.stub.set_variable(request)))[0]
+        return self._absorb(await unary(self.client._stub.set_variable(request)))[0]
 
     async def set_variables(self, updates: dict[str, Any]) -> list[Variable]:
         request = pb.SetVariablesRequest(session_id=self.session_id, updates=encode(updates, path="updates"), atomic=True)
-        return self._absorb(await unary(self.client.stub.set_variables(request)))
+        return self._absorb(await unary(self.client._stub.set_variables(request)))
 
     async def register_variable(self, name: str, type_name: str, value: Any, constraints: dict[str, Any] | None, metadata: dict[str, Any] | None) -> Variable:
         request = pb.RegisterVariableRequest(
             session_id=self.session_id, name=name, type=type_name, value=encode(value, path=f"variable {name!r}"),
             constraints=encode(constraints or {}, path="constraints"), metadata=encode(metadata or {}, path="metadata"),
         )
-        return self._absorb(await unary(self.client.stub.register_variable(request)))[0]
+        return self._absorb(await unary(self.client._stub.register_variable(request)))[0]
 
     async def delete_variable(self, name: str) -> None:
-        reply = await unary(self.client.stub.delete_variable(pb.VariableRequest(session_id=self.session_id, name=name)))
+        reply = await unary(self.client._stub.delete_variable(pb.VariableRequest(session_id=self.session_id, name=name)))
         gone = self._cached(name)
         if gone is not None:  # as the host did: the variable, and the edges to it
             del self.cache.variables[gone.name]
@@ -214,22 +235,22 @@ class SessionLink:
         self._advance(reply.state_version)
 
     async def variable_history(self, name: str) -> list[HistoryEntry]:
-        reply = await unary(self.client.stub.variable_history(pb.VariableRequest(session_id=self.session_id, name=name)))
+        reply = await unary(self.client._stub.variable_history(pb.VariableRequest(session_id=self.session_id, name=name)))
         return [history_from_wire(e) for e in reply.history]
 
     async def rollback_variable(self, name: str, version: int, optimizer_id: str | None = None) -> Variable:
         request = pb.RollbackVariableRequest(session_id=self.session_id, name=name, version=version, optimizer_id=optimizer_id or "")
-        return self._absorb(await unary(self.client.stub.rollback_variable(request)))[0]
+        return self._absorb(await unary(self.client._stub.rollback_variable(request)))[0]
 
     async def add_dependency(self, dependent: str, dependency: str) -> Variable:
         request = pb.AddDependencyRequest(session_id=self.session_id, dependent=dependent, dependency=dependency)
-        return self._absorb(await unary(self.client.stub.add_dependency(request)), versioned=False)[0]
+        return self._absorb(await unary(self.client._stub.add_dependency(request)), versioned=False)[0]
 
     async def set_optimization(self, name: str, optimizer_id: str, *, active: bool) -> tuple[Variable, float]:
         """Take (or renew) or release the lock; the variable, and the lease the host gives the
         lock in seconds (0: it lasts until released)."""
         request = pb.OptimizationRequest(session_id=self.session_id, name=name, optimizer_id=optimizer_id)
-        method = self.client.stub.start_optimization if active else self.client.stub.stop_optimization
+        method = self.client._stub.start_optimization if active else self.client._stub.stop_optimization
         reply = await unary(method(request))
         return self._absorb(reply, versioned=False)[0], reply.lock_lease_seconds
 
@@ -254,7 +275,7 @@ class SessionLink:
 
         async def receive() -> None:
             try:
-                async for batch in self.client.stub.watch_variables(request, metadata=metadata):
+                async for batch in self.client._stub.watch_variables(request, metadata=metadata):
                     if batch.updates:  # an empty batch is a heartbeat
                         buffer.add([update_from_wire(u) for u in batch.updates])
             except GRPCError as exc:

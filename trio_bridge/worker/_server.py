@@ -69,7 +69,7 @@ from trio_bridge._wire.transport import advertised_address, new_server, open_cha
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
 from trio_bridge.worker._call_stream import serve_calls
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
-from trio_bridge.worker._host_client import HostClient
+from trio_bridge.worker._host_client import HostClient, host_stub
 from trio_bridge.worker._lifeline import start_lifeline
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
@@ -468,7 +468,7 @@ async def _heartbeat(host: HostClient, service: WorkerService, interval: float, 
     """Tell the host we are alive; stop (exit code ``EXIT_HOST_GONE``) if it no longer knows us."""
     while True:
         try:
-            reply = await host.stub.heartbeat(
+            reply = await host_stub(host).heartbeat(
                 pb.HeartbeatRequest(
                     worker_id=host.worker_id, pid=os.getpid(), in_flight=len(service.active), rss_bytes=_rss_bytes(),
                     cpu_seconds=time.process_time(), calls_served=service.calls_served,
