@@ -56,7 +56,7 @@ def _find_python314() -> None:
     script = Path(__file__).resolve().parent.parent / "shared" / "tools" / "make-python314.sh"
     if not script.exists():
         return  # nox then says python3.14 is missing (an error, not a skip)
-    build = Path(tempfile.gettempdir()) / "trio-bridge-python3.14"
+    build = Path(tempfile.gettempdir()) / "python3.14-for-nox"  # (not trio-bridge-*: those are pools' leftovers)
     wrapper = subprocess.run(["bash", str(script), str(build)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     only = build / "only"
     only.mkdir(exist_ok=True)
