@@ -557,9 +557,14 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     secret, or over plain TCP there without ``--insecure`` (see :func:`listener_refusal`).
     """
     secret = env.get(SECRET_ENV, "")
-    refusal = listener_refusal(args, secret)
+    refusal = listener_refusal(args, secret)  # it also checks --listen's form
     if refusal is not None:
         print(f"trio-bridge worker: {refusal}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        allowed_uids = parse_allowed_uids(env.get(ALLOWED_UIDS_ENV, ""))
+    except ValueError as exc:
+        print(f"trio-bridge worker: {exc}", file=sys.stderr)
         return 2
     try:
         cls = load_adapter_class(args.adapter)
@@ -588,17 +593,8 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    try:
-        allowed_uids = parse_allowed_uids(env.get(ALLOWED_UIDS_ENV, ""))
-    except ValueError as exc:
-        print(f"trio-bridge worker: {exc}", file=sys.stderr)
-        return 2
     server, service.health = new_server([service], secret, coalesce_writes=True, allowed_uids=allowed_uids)
-    try:
-        scheme, where, port = parse_address(args.listen)
-    except ValueError as exc:
-        print(f"trio-bridge worker: --listen: {exc}", file=sys.stderr)
-        return 2
+    scheme, where, port = parse_address(args.listen)  # its form was checked before the adapter loaded
     if scheme == "unix":
         await server.start(path=where)
         address = args.listen
