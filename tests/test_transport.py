@@ -13,6 +13,7 @@ import socket
 from typing import Any
 
 import grpclib.client
+import grpclib.exceptions
 import grpclib.server
 import h2.config
 import h2.connection
@@ -343,6 +344,47 @@ def test_a_server_hangs_up_on_what_is_not_http2(tmp_path: Any) -> None:
     answer = _on_loop("asyncio", main)
     assert answer.startswith(b"\x00\x00")  # its SETTINGS frame, then nothing: closed
 
+
+
+@pytest.mark.parametrize("abstract", [True, False])
+def test_a_peer_that_closes_each_connection_at_once_fails_calls_with_a_transport_error(tmp_path: Any, abstract: bool) -> None:
+    # grpclib's Channel.__connect__ returned a connection already lost, and the call then failed
+    # with AttributeError (seen when a worker exited as the pool shut it down).
+    path = f"\0trio-bridge-test-{id(tmp_path)}" if abstract else str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(128)
+
+    async def main() -> list[type[BaseException]]:
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+
+        async def hang_up() -> None:
+            while True:
+                accepted, _ = await loop.sock_accept(listener)
+                accepted.close()
+
+        closer = asyncio.ensure_future(hang_up())
+        kinds = []
+        try:
+            for _ in range(100):
+                channel = transport.open_channel(f"unix:{path}")
+                try:
+                    await pb.WorkerServiceStub(channel).ping(pb.PingRequest())
+                except Exception as exc:  # noqa: BLE001 - the kind is what is checked
+                    kinds.append(type(exc))
+                finally:
+                    channel.close()
+        finally:
+            closer.cancel()
+        return kinds
+
+    try:
+        kinds = _on_loop("uvloop", main)
+    finally:
+        listener.close()
+    assert len(kinds) == 100
+    assert all(issubclass(kind, (OSError, grpclib.exceptions.StreamTerminatedError)) for kind in kinds), set(kinds)
 
 
 # ---- receiving: into buffers the frame buffer chooses (FastH2Protocol.get_buffer) ----

@@ -100,7 +100,21 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
-class _FastChannel(Channel):
+class _CheckedChannel(Channel):
+    """A grpclib channel that fails a call with ``ConnectionResetError`` when its connection is
+    lost as it opens. grpclib 0.4's ``Channel.__connect__`` (client.py) returns the protocol it
+    made without looking again, and a peer that closes at once (a worker exiting while the pool
+    shuts it down) has by then had ``connection_lost`` close it: the call then failed with
+    ``AttributeError: ... no attribute '_transport'`` instead of a transport error."""
+
+    async def __connect__(self) -> H2Protocol:
+        protocol = await super().__connect__()
+        if protocol.handler.connection_lost:
+            raise ConnectionResetError("the connection closed as it opened (the peer closed it at once)")
+        return protocol
+
+
+class _FastChannel(_CheckedChannel):
     """A grpclib channel whose connections are _FastH2Protocols. Overrides grpclib 0.4's private
     ``Channel._protocol_factory`` (client.py), which makes an ``H2Protocol`` the same way."""
 
@@ -110,7 +124,7 @@ class _FastChannel(Channel):
         return FastH2Protocol(grpclib.client.Handler(), self._config, self._h2_config)
 
 
-class _AbstractSocketChannel(Channel):
+class _AbstractSocketChannel(_CheckedChannel):
     """A channel to a Linux abstract-namespace Unix socket (a path that starts with NUL) that
     connects the socket itself: uvloop's ``create_unix_connection(path=...)`` hands the path to
     libuv's ``uv_pipe_connect``, which reads it as a NUL-terminated string, so an abstract name
@@ -141,7 +155,7 @@ def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
     """A grpclib client channel to ``address`` (connects lazily, on the first call); TCP over
     TLS with ``ssl`` (a client context: ``TLSConfig.client_context()``)."""
     scheme, where, port = parse_address(address)
-    plain: type[Channel] = _FastChannel if overrides.HTTP2 else Channel
+    plain: type[Channel] = _FastChannel if overrides.HTTP2 else _CheckedChannel
     if scheme == "unix":
         kind = plain
         if where.startswith("\0") and overrides.ABSTRACT:
