@@ -371,7 +371,7 @@ def test_a_peer_that_closes_each_connection_at_once_fails_calls_with_a_transport
                 channel = transport.open_channel(f"unix:{path}")
                 try:
                     await pb.WorkerServiceStub(channel).ping(pb.PingRequest())
-                except Exception as exc:  # noqa: BLE001 - the kind is what is checked
+                except Exception as exc:  # the kind is what is checked
                     kinds.append(type(exc))
                 finally:
                     channel.close()
