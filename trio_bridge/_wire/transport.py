@@ -109,7 +109,7 @@ class _CheckedChannel(Channel):
 
     async def __connect__(self) -> H2Protocol:
         protocol = await super().__connect__()
-        if protocol.handler.connection_lost:
+        if getattr(protocol.handler, "connection_lost", False):  # a client's Handler has it
             raise ConnectionResetError("the connection closed as it opened (the peer closed it at once)")
         return protocol
 
