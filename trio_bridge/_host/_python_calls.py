@@ -59,6 +59,7 @@ class PythonCalls:
         return await self._python("list_stored", {}, [])
 
     async def delete_stored(self, name: str) -> bool:
+        """Drop a stored object; ``False`` if there was none of that name."""
         self._route.pinned.pop(name, None)
         return await self._python("delete_stored", {"name": name}, [])
 
