@@ -103,7 +103,7 @@ class Variables(Adapter):
         ctx.delete_variable("model")
         seen["after_delete"] = [ctx.list_variables(), "model" in ctx.variables, list(ctx.get_variable("temperature").depends_on)]
         info = ctx.session_info()
-        seen["info"] = [info.id, info.ttl, info.metadata, info.variable_count, info.state_version]
+        seen["info"] = [info.id, info.ttl, info.metadata, info.variable_count, info.state_version, type(info).__qualname__, info.created_at]
         return seen
 
     @tool
@@ -120,7 +120,7 @@ class Variables(Adapter):
         await ctx.adelete_variable("model")
         seen["after_delete"] = [ctx.list_variables(), "model" in ctx.variables, list(ctx.get_variable("temperature").depends_on)]
         info = await ctx.asession_info()
-        seen["info"] = [info.id, info.ttl, info.metadata, info.variable_count, info.state_version]
+        seen["info"] = [info.id, info.ttl, info.metadata, info.variable_count, info.state_version, type(info).__qualname__, info.created_at]
         return seen
 
     @tool

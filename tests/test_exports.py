@@ -69,7 +69,7 @@ NO_PUBLIC_CONSTRUCTOR = {
     "trio_bridge.Session",
     "trio_bridge.Optimization",
     "trio_bridge.worker.SessionContext",
-    "trio_bridge.worker.Optimization",
+    "trio_bridge.worker.WorkerOptimization",
 }
 
 
@@ -85,7 +85,7 @@ def test_library_made_classes_have_no_public_constructor() -> None:
         trio_bridge.Session,
         trio_bridge.Optimization,
         trio_bridge.worker.SessionContext,
-        trio_bridge.worker.Optimization,
+        trio_bridge.worker.WorkerOptimization,
         importlib.import_module("trio_bridge.worker._context").Variables,
         importlib.import_module("trio_bridge.worker._context").HostTools,
     ],
@@ -104,3 +104,20 @@ def test_tool_returns_the_function() -> None:
 
     assert trio_bridge.worker.tool(f) is f
     assert trio_bridge.worker.tool(description="d")(f) is f
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("Optimization", "trio_bridge.worker.WorkerOptimization"), ("SessionInfo", "trio_bridge.SessionInfo")],
+)
+def test_the_worker_names_of_the_previous_release_still_import_with_a_deprecation_warning(old: str, new: str) -> None:
+    """``trio_bridge.worker.Optimization`` and ``.SessionInfo`` shared their names with the
+    host's classes; they stay one release, saying what to use."""
+    module, name = new.rsplit(".", 1)
+    with pytest.warns(DeprecationWarning, match=f"trio_bridge.worker.{old} is deprecated.*use {new}"):
+        assert getattr(trio_bridge.worker, old) is getattr(importlib.import_module(module), name)
+    with pytest.warns(DeprecationWarning):
+        exec(f"from trio_bridge.worker import {old}", {})  # the way users import it
+    assert old not in trio_bridge.worker.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        trio_bridge.worker.nope  # noqa: B018

@@ -309,3 +309,22 @@ async def test_requests_without_the_pool_secret_are_refused_and_logged(caplog):
             finally:
                 boundary.close_channel(channel)
         nursery.cancel_scope.cancel()
+
+
+def test_every_rpc_of_the_proto_is_served_by_exactly_one_area():
+    """The service is made of areas (members, tools, state): together they serve each RPC of
+    the .proto once, and the wire checks wrap every one of them (no generated UNIMPLEMENTED)."""
+    service = HostService(
+        object(), MemoryBackend(), calls=_Calls(), tools=ToolRegistry(), plane=None,  # type: ignore[arg-type]
+        heartbeat=lambda _: False, route_for=lambda s: Route(s, "affinity"),
+    )
+    generated = pb.HostServiceBase().__mapping__()
+    served = service.__mapping__()
+    assert set(served) == set(generated)
+    by_area = [set(area.__mapping__()) for area in service.areas]
+    assert sum(len(paths) for paths in by_area) == len(generated)  # none served twice
+    for path, handler in served.items():
+        assert handler.func.__qualname__ == "with_caller.<locals>.handler", path
+        assert (handler.cardinality, handler.request_type, handler.reply_type) == (
+            generated[path].cardinality, generated[path].request_type, generated[path].reply_type
+        )

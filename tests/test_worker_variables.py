@@ -30,7 +30,8 @@ async def test_a_worker_tool_lists_reads_history_rolls_back_adds_dependencies_an
             "depends_on": ["model"],
             "cached_depends_on": ["model"],
             "after_delete": [["temperature"], False, []],
-            "info": [session.id, 600.0, {"user": "ada"}, 1, info.state_version],
+            # The host's SessionInfo, without the host's Trio-clock times in a worker.
+            "info": [session.id, 600.0, {"user": "ada"}, 1, info.state_version, "SessionInfo", None],
         }
         assert await session.list_variables() == ["temperature"]
         variable = await session.get_variable("temperature")

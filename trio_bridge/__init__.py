@@ -43,8 +43,9 @@ if TYPE_CHECKING:
     from trio_bridge._host._session import Optimization, Session
     from trio_bridge._host._tools import ParameterInfo, ToolInfo
     from trio_bridge._host._worker import WorkerInfo
-    from trio_bridge._state.backend import MemoryBackend, SessionInfo, StateBackend
+    from trio_bridge._state.backend import MemoryBackend, StateBackend
     from trio_bridge._state.redis import RedisBackend
+    from trio_bridge._state.sessions import SessionInfo
     from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
     from trio_bridge._wire.tls import TLSConfig
 
@@ -106,7 +107,7 @@ _LAZY: dict[str, str] = {
     "Variable": "trio_bridge._state.variables",
     "VariableUpdate": "trio_bridge._state.variables",
     "HistoryEntry": "trio_bridge._state.variables",
-    "SessionInfo": "trio_bridge._state.backend",
+    "SessionInfo": "trio_bridge._state.sessions",
     "StateBackend": "trio_bridge._state.backend",
     "MemoryBackend": "trio_bridge._state.backend",
     "RedisBackend": "trio_bridge._state.redis",

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import trio
 
-from trio_bridge._errors import SessionNotFoundError, StoredObjectLostError, ToolError, TrioBridgeError, describe_exit
+from trio_bridge._errors import SessionNotFoundError, TrioBridgeError
 from trio_bridge._host._groups import UserErrorTracker
+from trio_bridge._host._python_calls import PythonCalls
 from trio_bridge._state.backend import DEFAULT_WATCH_BUFFER, SessionInfo, StateBackend, Watcher
 from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable
@@ -39,8 +39,10 @@ class SessionCalls(Protocol):
 
 @final
 @public_module
-class Session(metaclass=NoPublicConstructor):
-    """A session of a pool: typed variables shared with its workers, and calls with affinity.
+class Session(PythonCalls, metaclass=NoPublicConstructor):
+    """A session of a pool: typed variables shared with its workers, and calls with affinity
+    (the "call any Python" methods, ``call``, ``pipeline``, ``retrieve``, ``list_stored`` and
+    ``delete_stored``, for a pool of the ``PythonAdapter``).
 
     Made by :meth:`Pool.session`, not by users. Variable methods raise the errors of
     :class:`~trio_bridge._state.variables.VariableStore` (``InvalidVariableError``,
@@ -54,6 +56,8 @@ class Session(metaclass=NoPublicConstructor):
         worker_id: the id of the worker that serves it, once a call has run.
         moves: how many times it moved to another worker because its worker died.
     """
+
+    _calls: SessionCalls
 
     def __init__(
         self, calls: SessionCalls, tools: ToolRegistry, pool_tools: Callable[[], list[ToolInfo]], state: StateBackend,
@@ -96,65 +100,6 @@ class Session(metaclass=NoPublicConstructor):
     ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
         """:meth:`Pool.stream` in this session."""
         return self._calls.stream(tool, arguments, buffer_size, self._route)
-
-    # ---- "call any Python" (the PythonAdapter) ----
-    async def call(self, target: str, *args: Any, store_as: str | None = None, **kwargs: Any) -> Any:
-        """Call (or read) ``target`` in this session's worker: a dotted path in an allowed module,
-        or ``"stored.NAME[.method]"``. With ``store_as``, keep the result there under that name
-        and return ``{"stored": name, "type": ...}``. Calls go to the session's worker only
-        (affinity ``"strict"``), since that is where its objects live.
-
-        Raises:
-            StoredObjectLostError: a stored object it needs went away with its worker.
-            NotAllowedError: the call reaches a module outside the allowlist (the message names it).
-            ToolError: the call raised.
-        """
-        step = {"target": target, "args": list(args), "kwargs": kwargs, "store_as": store_as}
-        return await self._python("call", step, [store_as] if store_as else [])
-
-    async def pipeline(self, steps: list[dict[str, Any]]) -> list[Any]:
-        """Run several steps in one round trip: each ``{"call": target, "args": [...],
-        "kwargs": {...}, "store_as": name}``; later steps may use what earlier ones stored."""
-        return await self._python("pipeline", {"steps": steps}, [s["store_as"] for s in steps if s.get("store_as")])
-
-    async def retrieve(self, name: str) -> Any:
-        """A stored object's value (when it can be encoded)."""
-        return await self._python("retrieve", {"name": name}, [])
-
-    async def list_stored(self) -> dict[str, str]:
-        """This session's stored objects: name -> type."""
-        return await self._python("list_stored", {}, [])
-
-    async def delete_stored(self, name: str) -> bool:
-        self._route.pinned.pop(name, None)
-        return await self._python("delete_stored", {"name": name}, [])
-
-    async def _python(self, tool: str, arguments: dict[str, Any], storing: list[str]) -> Any:
-        try:
-            result = await self._calls.execute(tool, arguments, self._route, affinity="strict")
-        except ToolError as exc:
-            if exc.remote_type == "StoredObjectNotFoundError":
-                self._raise_if_lost(exc)
-            raise
-        for name in storing:
-            assert self._route.home is not None
-            self._route.pinned[name] = self._route.home
-        return result
-
-    def _raise_if_lost(self, exc: ToolError) -> None:
-        match = re.search(r"named '(\w+)'", exc.remote_message)
-        pinned = self._route.pinned
-        keeper = pinned.get(match.group(1)) if match else None
-        if keeper is not None and keeper is not self._route.home:
-            lost = sorted(n for n, w in pinned.items() if w is keeper)
-            for name in lost:
-                del pinned[name]
-            died = "stopped" if keeper.exit_code is None else describe_exit(keeper.exit_code)
-            raise StoredObjectLostError(
-                f"stored object(s) {', '.join(map(repr, lost))} of session {self.id} were kept by worker "
-                f"{keeper.id}, which is gone ({died}); objects stored in a worker do not survive it: "
-                "create them again"
-            ) from exc
 
     # ---- tools ----
     def register_host_tool(
@@ -256,7 +201,7 @@ class Session(metaclass=NoPublicConstructor):
                 async with trio.open_nursery() as renewal:
                     lease = self._state.lock_lease
                     if lease is not None:
-                        renewal.start_soon(self._keep_optimization, name, optimizer_id, lease)
+                        renewal.start_soon(_keep_optimization, self._state, self.id, name, optimizer_id, lease)
                     with tracker.user_block():
                         yield Optimization._create(self, name, optimizer_id)
                     renewal.cancel_scope.cancel()
@@ -266,12 +211,6 @@ class Session(metaclass=NoPublicConstructor):
                     await self._state.set_optimization(self.id, name, optimizer_id, active=False)
                 except SessionNotFoundError:
                     pass  # the session ended: its locks went with it
-
-    async def _keep_optimization(self, name: str, optimizer_id: str, lease: float) -> None:
-        while True:
-            await trio.sleep(lease / 3)
-            with contextlib.suppress(TrioBridgeError):  # tried again next time; a lost lock shows on the next write
-                await self._state.set_optimization(self.id, name, optimizer_id, active=True)
 
     @asynccontextmanager
     async def watch_variables(
@@ -290,6 +229,14 @@ class Session(metaclass=NoPublicConstructor):
         """
         async with self._state.watch(self.id, list(names), include_initial=include_initial, buffer_size=buffer_size) as watcher:
             yield watcher
+
+
+async def _keep_optimization(state: StateBackend, session_id: str, name: str, optimizer_id: str, lease: float) -> None:
+    """Renew a held optimization lock every third of its ``lease`` (seconds), until cancelled."""
+    while True:
+        await trio.sleep(lease / 3)
+        with contextlib.suppress(TrioBridgeError):  # tried again next time; a lost lock shows on the next write
+            await state.set_optimization(session_id, name, optimizer_id, active=True)
 
 
 @final

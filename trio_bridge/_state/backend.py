@@ -13,34 +13,17 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, final
 
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
-from trio_bridge._state.sessions import SessionRecord, SessionStore
+from trio_bridge._state.sessions import SessionInfo, SessionRecord, SessionStore
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._util import public_module
 from trio_bridge._wire.contract import DEFAULT_WATCH_BUFFER
 
 __all__ = ["DEFAULT_WATCH_BUFFER", "MemoryBackend", "MemoryWatcher", "SessionInfo", "StateBackend", "VariableUpdate", "Watcher"]
-
-
-@public_module
-@dataclass(frozen=True)
-class SessionInfo:
-    """A snapshot of a session. Times are on the Trio clock (seconds)."""
-
-    id: str
-    created_at: float
-    last_used: float
-    ttl: float | None
-    metadata: Mapping[str, Any]
-    variable_count: int
-    state_version: int
-
-
 
 
 class _Log:

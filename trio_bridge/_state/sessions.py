@@ -6,6 +6,7 @@ import heapq
 import math
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +17,36 @@ from trio_bridge._errors import (
     SessionNotFoundError,
 )
 from trio_bridge._state.variables import VariableStore, metadata_copy
+from trio_bridge._util import public_module
 from trio_bridge._wire.codec import short_repr as _r
 
 # A session id: 1-128 ASCII letters, digits, '_', '.', ':' or '-' (used with fullmatch).
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+
+@public_module
+@dataclass(frozen=True)
+class SessionInfo:
+    """A snapshot of a session: ``Session.info()`` on the host, ``ctx.session_info()`` in a tool.
+
+    Attributes:
+        id: the session id.
+        created_at, last_used: when it was made and last used, on the host's Trio clock
+            (seconds); ``None`` in a worker, whose clock is not the host's.
+        ttl: seconds without use before it expires, or ``None`` for never.
+        metadata: what it was opened with.
+        variable_count: how many variables it has.
+        state_version: counts the session's changes; a tool's cache reflects at least the
+            version there was when its call started.
+    """
+
+    id: str
+    created_at: float | None
+    last_used: float | None
+    ttl: float | None
+    metadata: Mapping[str, Any]
+    variable_count: int
+    state_version: int
 
 
 @dataclass

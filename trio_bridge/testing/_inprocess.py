@@ -62,7 +62,7 @@ from trio_bridge._wire.state import update_from_wire
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
 from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
-from trio_bridge.worker._context import Optimization, SessionContext, end_call
+from trio_bridge.worker._context import SessionContext, WorkerOptimization, end_call
 from trio_bridge.worker._host_client import HostClient, SessionLink, client_over, failure, host_stub
 
 if TYPE_CHECKING:
@@ -466,7 +466,7 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
         return lambda: trio.from_thread.run_sync(renewal.cancel, trio_token=self._token)
 
     @contextlib.asynccontextmanager
-    async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:
+    async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[WorkerOptimization]:
         link = self._session()
         if not optimizer_id:
             raise InvalidArgumentError("an optimizer_id is required")
@@ -474,7 +474,7 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
             _, lease = await link.set_optimization(name, optimizer_id, active=True)
         renewal = self._keep_lock(link, name, optimizer_id, lease)
         try:
-            yield Optimization._create(self, name, optimizer_id)
+            yield WorkerOptimization._create(self, name, optimizer_id)
         finally:
             renewal.cancel()
             with trio.CancelScope(shield=True):

@@ -31,7 +31,7 @@ from trio_bridge.worker._host_client import (
 if TYPE_CHECKING:
     from trio_bridge.worker._host_client import HostClient, SessionLink
 
-__all__ = ["Optimization", "SessionContext", "SessionInfo"]
+__all__ = ["SessionContext", "SessionInfo", "WorkerOptimization"]
 
 
 @final
@@ -229,7 +229,7 @@ class SessionContext(metaclass=NoPublicConstructor):
         return await self._session().add_dependency(dependent, dependency)
 
     @contextmanager
-    def optimizing(self, name: str, *, optimizer_id: str) -> Iterator[Optimization]:
+    def optimizing(self, name: str, *, optimizer_id: str) -> Iterator[WorkerOptimization]:
         """Hold the variable's optimization lock for the block: writes by anyone else (the host,
         other tools) are refused with ``VariableLockedError`` until it ends -- however it ends,
         the call's cancellation included. Write through the handle: ``opt.set(value)``. Sync
@@ -247,7 +247,7 @@ class SessionContext(metaclass=NoPublicConstructor):
         _, lease = self._blocking(link.set_optimization(name, optimizer_id, active=True), cancellable=False)
         stop_renewing = self._renew_lock(link, name, optimizer_id, lease)
         try:
-            yield Optimization._create(self, name, optimizer_id)
+            yield WorkerOptimization._create(self, name, optimizer_id)
         finally:
             stop_renewing()
             try:  # not cancelled with the call: the lock must not outlive the block
@@ -263,7 +263,7 @@ class SessionContext(metaclass=NoPublicConstructor):
         return asyncio.run_coroutine_threadsafe(link.keep_optimization(name, optimizer_id, lease), link.client.loop).cancel
 
     @asynccontextmanager
-    async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[Optimization]:
+    async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[WorkerOptimization]:
         """:meth:`optimizing` for async tools: ``async with ctx.aoptimizing(...) as opt:
         await opt.aset(value)``."""
         link = self._session()
@@ -279,7 +279,7 @@ class SessionContext(metaclass=NoPublicConstructor):
         _, lease = acquire.result()
         renewal = asyncio.ensure_future(link.keep_optimization(name, optimizer_id, lease)) if lease else None
         try:
-            yield Optimization._create(self, name, optimizer_id)
+            yield WorkerOptimization._create(self, name, optimizer_id)
         finally:
             if renewal is not None:
                 renewal.cancel()
@@ -447,9 +447,9 @@ class SessionContext(metaclass=NoPublicConstructor):
 
 
 @final
-class Optimization(metaclass=NoPublicConstructor):
-    """The holder's handle inside :meth:`SessionContext.optimizing` (or ``aoptimizing``): its
-    writes pass the lock.
+class WorkerOptimization(metaclass=NoPublicConstructor):
+    """A tool's handle on an optimization lock it holds, inside :meth:`SessionContext.optimizing`
+    (or ``aoptimizing``): its writes pass the lock (the host's handle is ``trio_bridge.Optimization``).
 
     Attributes:
         name: the variable.
@@ -464,7 +464,7 @@ class Optimization(metaclass=NoPublicConstructor):
         self.optimizer_id: Final[str] = optimizer_id
 
     def __repr__(self) -> str:
-        return f"<Optimization {self.name!r} by {self.optimizer_id!r}>"
+        return f"<WorkerOptimization {self.name!r} by {self.optimizer_id!r}>"
 
     def set(self, value: Any) -> Variable:
         """Set the variable (validated by the host). Sync tools only.

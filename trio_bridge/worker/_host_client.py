@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from grpclib.exceptions import GRPCError
 
 from trio_bridge._errors import TrioBridgeError
+from trio_bridge._state.sessions import SessionInfo
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
@@ -46,23 +47,6 @@ def failure(exc: GRPCError, tool: str = "") -> BaseException:
     """What a stream from the host that ended with ``exc`` raises (see :func:`unary`)."""
     info = info_of(exc)
     return exc if info is None else exception_from(info, tool)
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """A snapshot of a session, as a worker sees it (:meth:`SessionContext.session_info`).
-
-    Attributes:
-        ttl: seconds without use before it expires, or None for never.
-        state_version: counts the session's changes; a tool's cache reflects at least the
-            version there was when its call started.
-    """
-
-    id: str
-    ttl: float | None
-    metadata: dict[str, Any]
-    variable_count: int
-    state_version: int
 
 
 @dataclass
@@ -186,7 +170,7 @@ class SessionLink:
     async def session_info(self) -> SessionInfo:
         reply = await unary(self.client._stub.get_session(pb.GetSessionRequest(session_id=self.session_id)))
         return SessionInfo(
-            id=reply.id, ttl=reply.ttl or None, metadata=decode(reply.metadata) or {},
+            id=reply.id, created_at=None, last_used=None, ttl=reply.ttl or None, metadata=decode(reply.metadata) or {},
             variable_count=reply.variable_count, state_version=reply.state_version,
         )
 
