@@ -103,7 +103,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
-        self.health: Any = None  # its server's health status (grpclib ServiceStatus), once serving
+        self.health: Any = None  # its server's health status (standard_services.ServingStatus), once serving
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
