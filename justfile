@@ -19,8 +19,8 @@ test-real *args:
 proto:
     rm -rf trio_bridge/_wire/generated
     mkdir -p trio_bridge/_wire/generated
-    {{python}} -m grpc_tools.protoc -I proto --python_betterproto2_out=trio_bridge/_wire/generated --python_betterproto2_opt=client_generation=async,server_generation=async proto/trio_bridge/v1/bridge.proto proto/google/rpc/status.proto
-    {{python}} -m grpc_tools.protoc -I proto --include_imports --descriptor_set_out=trio_bridge/_wire/generated/bridge.desc proto/trio_bridge/v1/bridge.proto proto/google/rpc/status.proto
+    {{python}} -m grpc_tools.protoc -I proto --python_betterproto2_out=trio_bridge/_wire/generated --python_betterproto2_opt=client_generation=async,server_generation=async proto/trio_bridge/v1/bridge.proto proto/google/rpc/status.proto proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto proto/grpc/reflection/v1alpha/reflection.proto
+    {{python}} -m grpc_tools.protoc -I proto --include_imports --descriptor_set_out=trio_bridge/_wire/generated/bridge.desc proto/trio_bridge/v1/bridge.proto proto/google/rpc/status.proto proto/grpc/health/v1/health.proto proto/grpc/reflection/v1/reflection.proto proto/grpc/reflection/v1alpha/reflection.proto
 
 # The benchmark harness: prints a table and writes benchmarks/results.json.
 bench *args:

@@ -8,7 +8,7 @@ import pytest
 
 from trio_bridge import InvalidArgumentError
 from trio_bridge.worker import Adapter, SessionContext, tool
-from trio_bridge.worker._adapter import collect_tools, load_adapter_class
+from trio_bridge.worker._adapter import AdapterLoadError, collect_tools, load_adapter_class
 
 
 class Sample(Adapter):
@@ -156,10 +156,25 @@ def test_var_keyword_tools_accept_unknown_arguments():
 
 
 def test_load_adapter_class_errors_are_clear():
-    with pytest.raises(ValueError, match=r"package\.module:ClassName"):
+    with pytest.raises(AdapterLoadError, match=r"'no_colon_here' is not of the form package\.module:ClassName"):
         load_adapter_class("no_colon_here")
-    with pytest.raises(ModuleNotFoundError):
+    with pytest.raises(AdapterLoadError, match=r"^cannot import module 'no_such_module_xyz' for adapter .*PYTHONPATH") as info:
         load_adapter_class("no_such_module_xyz:Thing")
-    with pytest.raises(ValueError, match="not a subclass"):
+    assert not info.value.in_module_code and isinstance(info.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(AdapterLoadError, match=r"module 'tests.test_adapter' has no 'Nope' .*Sample"):
+        load_adapter_class("tests.test_adapter:Nope")
+    with pytest.raises(AdapterLoadError, match="not a subclass"):
         load_adapter_class("tests.test_adapter:tools")
     assert load_adapter_class("tests.test_adapter:Sample") is Sample
+
+
+def test_an_adapter_module_whose_own_code_fails_says_so_with_its_cause(tmp_path, monkeypatch):
+    (tmp_path / "needs_missing_dep.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('no config file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(AdapterLoadError, match=r"No module named 'no_such_dependency_xyz' \(a dependency") as info:
+        load_adapter_class("needs_missing_dep:Model")
+    assert info.value.in_module_code
+    with pytest.raises(AdapterLoadError, match=r"RuntimeError: no config file") as info:
+        load_adapter_class("raises_on_import:Model")
+    assert info.value.in_module_code and isinstance(info.value.__cause__, RuntimeError)

@@ -23,26 +23,71 @@ from trio_bridge.cli import _app as app
 runner = CliRunner()
 
 
-def test_tools_lists_parameters_types_defaults_and_streaming_flags():
+def test_tools_lists_parameters_types_defaults_descriptions_and_streaming_flags():
     result = runner.invoke(app, ["tools", "tests.adapters:Echo"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    rows: dict[str, list[str]] = {}
-    name = ""
-    for line in result.output.splitlines():
-        cells = [cell.strip() for cell in line.split("│")[1:-1]]
-        if len(cells) == 4:
-            name = cells[0] or name  # a parameter on a continuation line belongs to the row above
-            rows.setdefault(name, []).append(cells)
-    add = rows["add"]
-    assert [c[2] for c in add] == ["a: int", "b: int = 2"] and add[0][3] == "Add two integers."
-    assert rows["count"][0][1] == "yes" and add[0][1] == ""
-    assert rows["count"][0][2] == "n: int"
+    lines = [line.rstrip() for line in result.output.splitlines()]
+    at = lines.index("add(a, b)")
+    assert lines[at + 1:at + 4] == ["    Add two integers.", "    a  int      the first term.", "    b  int = 2  the second term."]
+    assert "count(n, delay)  streaming" in lines and "add(a, b)  streaming" not in lines
 
 
-def test_tools_with_a_bad_adapter_path_says_why():
+def test_tools_renders_docstrings_as_plain_text_and_wraps_them():
+    result = runner.invoke(app, ["tools", "trio_bridge.examples.digits:Digits"], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert "``" not in result.output and ":class:" not in result.output
+    words = " ".join(result.output.split())  # wrapped, not cut: every word of the docstrings is there
+    assert 'The test split, never used in training: {"images": (n, 8, 8) float32, "labels": (n,) int64}.' in words
+    assert "(n, 8, 8) or (n, 64) pixel values 0..16." in words
+    assert "…" not in result.output and all(len(line) <= 60 for line in result.output.splitlines())
+
+
+def test_plain_strips_rest_inline_markup():
+    from trio_bridge.cli import _plain
+
+    assert _plain("``x`` and :class:`~trio_bridge.Pool`, :func:`f`, `t`, **b**, *e*, a * b") == "x and Pool, f, t, b, e, a * b"
+
+
+def test_tools_with_a_bad_adapter_path_says_why_in_one_line():
     result = runner.invoke(app, ["tools", "no_such_module_xyz:Thing"])
     assert result.exit_code == 1
-    assert "No module named 'no_such_module_xyz'" in result.output
+    assert result.output.strip().splitlines() == [
+        "error: cannot import module 'no_such_module_xyz' for adapter 'no_such_module_xyz:Thing': No module named "
+        "'no_such_module_xyz'. The adapter must be importable from the current directory or PYTHONPATH "
+        "(package.module:ClassName)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "says"),
+    [
+        ("no.such:Adapter", "error: cannot import module 'no.such' for adapter 'no.such:Adapter': No module named 'no'. "
+         "The adapter must be importable from the current directory or PYTHONPATH (package.module:ClassName)"),
+        ("tests.adapters", "error: adapter 'tests.adapters' is not of the form package.module:ClassName"),
+        ("tests.no_such_module:Adapter", "error: cannot import module 'tests.no_such_module' for adapter"),
+    ],
+)
+@pytest.mark.parametrize("tool", [[], ["add"]], ids=["no tool", "a tool"])
+def test_run_with_a_bad_adapter_path_says_so_in_one_line_before_any_worker_starts(adapter, says, tool):
+    result = runner.invoke(app, ["run", adapter, *tool], terminal_width=300)
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(says)
+
+
+@pytest.mark.real_process
+def test_run_with_a_class_its_module_lacks_says_so_in_one_line_and_verbose_adds_the_worker_output():
+    result = runner.invoke(app, ["run", "tests.adapters:Nope", "add"], terminal_width=300)
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert re.match(r"error: WorkerStartError: worker w0: module 'tests.adapters' has no 'Nope' for adapter "
+                    r"'tests.adapters:Nope' \(its Adapter subclasses: .*Echo.*\)\. Give the name of an Adapter subclass", line)
+    result = runner.invoke(app, ["run", "tests.adapters:BrokenSetup", "add"], terminal_width=300)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "the worker's last line: RuntimeError: the model file is missing" in result.output
+    verbose = runner.invoke(app, ["run", "tests.adapters:BrokenSetup", "add", "--verbose"], terminal_width=300)
+    assert verbose.exit_code == 1 and "Traceback (most recent call last)" in verbose.output
 
 
 @pytest.mark.real_process
@@ -151,11 +196,24 @@ def test_version_is_the_packaged_one():
     assert trio_bridge.__version__ == importlib.metadata.version("trio-bridge")  # what hatch packaged
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["tools"], ["worker"], ["doctor"]], ids=lambda c: " ".join(c) or "top")
-def test_help_shows_no_raw_markup(command):
+COMMANDS = ["run", "tools", "mcp", "worker", "top", "doctor"]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=lambda c: " ".join(c) or "trio-bridge")
+def test_help_shows_no_raw_markup_and_flags_as_flags(command):
     result = runner.invoke(app, [*command, "--help"], terminal_width=100)
     assert result.exit_code == 0, result.output
     assert not re.search(r"`|\[/?(bold|red|green|yellow)|\[/\]|\*\*", result.stdout), result.stdout
+    assert "<bool>" not in result.stdout  # a flag takes no value
+    assert re.search(r"--help\s+Show this message", result.stdout)
+
+
+def test_top_level_help_lists_every_command():
+    result = runner.invoke(app, ["--help"], terminal_width=100)
+    listed = [m.group(1) for m in re.finditer(r"^│ (\w+) ", result.stdout, re.M)]
+    assert listed == COMMANDS
+    intro = " ".join(result.stdout.split("╭")[0].split())
+    assert all(re.search(rf"\b{c}\b", intro.removeprefix("Usage: root [OPTIONS] COMMAND [ARGS]...")) for c in COMMANDS), intro
 
 
 def test_tools_json_is_one_document_with_parameters_as_lists():

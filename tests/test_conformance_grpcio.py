@@ -143,7 +143,7 @@ def _check_worker(w: dict) -> None:
     # the process contract
     assert re.fullmatch(r"TRIO_BRIDGE_READY unix:/.+/worker\.sock", w["ready_line"])
     assert w["lifeline_exit"] == 5
-    assert w["bad_adapter_exit"] == 3 and "cannot load adapter 'no_such_module:Nothing'" in w["bad_adapter_stderr"]
+    assert w["bad_adapter_exit"] == 3 and "cannot import module 'no_such_module' for adapter 'no_such_module:Nothing'" in w["bad_adapter_stderr"]
     assert w["exit_code"] == 0
 
     # the handshake

@@ -11,15 +11,16 @@ import sys
 
 import pytest
 from grpclib.client import Channel
-from grpclib.health.v1.health_grpc import HealthStub
-from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from tests.helpers import require
 from tests.test_worker_service import _service
 from trio_bridge import open_pool
+from trio_bridge._wire.generated.grpc.health.v1 import HealthCheckRequest, HealthCheckResponseServingStatus, HealthStub
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import new_server
 
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standard_services_client.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def grpcio_target(address: str) -> str:
@@ -71,15 +72,32 @@ def test_a_draining_worker_says_not_serving(tmp_path):
         channel = Channel(path=path)
         try:
             health = HealthStub(channel)
-            before = await health.Check(HealthCheckRequest(service=""))
+            before = await health.check(HealthCheckRequest(service=""))
             await pb.WorkerServiceStub(channel).shutdown(pb.ShutdownRequest(grace_seconds=5))
-            after = await health.Check(HealthCheckRequest(service="trio_bridge.v1.WorkerService"))
+            after = await health.check(HealthCheckRequest(service="trio_bridge.v1.WorkerService"))
             return [before.status, after.status]
         finally:
             channel.close()
             server.close()
 
-    assert asyncio.run(scenario()) == [HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING]
+    assert asyncio.run(scenario()) == [HealthCheckResponseServingStatus.SERVING, HealthCheckResponseServingStatus.NOT_SERVING]
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("order", ["first", "last"])
+async def test_a_program_using_grpcios_standard_stubs_opens_a_pool_and_checks_its_health(order):
+    """grpcio's health and reflection stubs register the standard .protos in protobuf's default
+    descriptor pool; ours must not collide with them, whichever is imported first."""
+    import trio
+
+    require("grpc_health")
+    require("grpc_reflection")
+    result = await trio.run_process(
+        [sys.executable, "-m", "tests.grpcio_user_program", order], capture_stdout=True, capture_stderr=True,
+        check=False, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().split() == ["SERVING"]
 
 
 @pytest.mark.real_process

@@ -295,7 +295,7 @@ async def test_tool_errors_are_those_of_a_real_worker(autojump_clock):
 @pytest.mark.parametrize(
     ("adapter", "exit_code", "expected"),
     [
-        ("tests.inprocess_adapters:Nope", 3, "has no attribute 'Nope'"),
+        ("tests.inprocess_adapters:Nope", 3, "has no 'Nope' for adapter"),
         ("no_such_module_here:Adapter", 3, "No module named 'no_such_module_here'"),
         ("tests.inprocess_adapters:NotAnAdapter", 3, "is not a subclass of trio_bridge.worker.Adapter"),
         ("tests.inprocess_adapters:BrokenSetup", 4, "RuntimeError: no model file"),

@@ -1,4 +1,4 @@
-"""The `trio-bridge` command: `run` a tool (or the built-in example), list `tools`, serve them to an agent (`mcp`), serve a remote `worker`, check this machine (`doctor`).
+"""The `trio-bridge` command: `run` a tool (or the built-in example), list `tools`, serve them to an agent (`mcp`), serve a remote `worker`, watch a running pool (`top`), check this machine (`doctor`).
 
 Every option that configures a deployment can also come from a `TRIO_BRIDGE_*` environment
 variable (named in each command's help); an option given on the command line wins.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -18,20 +20,43 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.padding import Padding
 from rich.pretty import pprint
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from trio_bridge import _cli_signals
 from trio_bridge._errors import TrioBridgeError
 from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
 
+
+class _FlagsTakeNoValue:
+    """Show a flag (`--json`, `--help`) as a flag: typer's help gives every option a type
+    column, `<bool>` for flags, as if they took a value."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # typer shows the metavar, when set, instead of the type
+        return params
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
 # The interface is the `trio-bridge` command, so typer's app and rich's consoles are private here
 # (`__main__` runs `main()`; tests invoke `_app`). Help text is Markdown: `code` shows without its
 # backticks, paragraphs reflow to the terminal.
-_app: typer.Typer = typer.Typer(add_completion=False, no_args_is_help=False, rich_markup_mode="markdown", help=__doc__)
+_app: typer.Typer = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=False, rich_markup_mode="markdown", help=__doc__)
 _console: Console = Console()
 _err_console: Console = Console(stderr=True, soft_wrap=True)  # error text stays copy-pasteable
 
@@ -61,7 +86,7 @@ def _main(
     pass  # (the commands' options are their own; --version is handled by its callback)
 
 
-@_app.command()
+@_app.command(cls=_Command)
 def run(
     adapter: Annotated[str | None, typer.Argument(help=f"{ADAPTER_HELP} (default: the built-in examples)", show_default=False)] = None,
     tool: Annotated[str | None, typer.Argument(help="the tool to run", show_default=False)] = None,
@@ -73,6 +98,7 @@ def run(
     host_tools: Annotated[str | None, typer.Option("--host-tools", envvar="TRIO_BRIDGE_HOST_TOOLS", help="host tools for the workers: module:function,...", show_default=False)] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, envvar="TRIO_BRIDGE_SHUTDOWN_TIMEOUT", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
     top: Annotated[bool, typer.Option("--top", help="show the pool live on stderr while the tool runs (as `trio-bridge top`)")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="on an error, print the workers' stderr (a traceback) too")] = False,
 ) -> None:
     """Run a tool of an adapter and print its result (or its chunks as they arrive).
 
@@ -85,8 +111,12 @@ def run(
     `--example tools`: worker tools calling host tools and each other. `--example cluster`: two
     host processes sharing a session on Redis, one of them served by a remote worker over TLS.
 
-    Exit status: 0; 1 when the tool or the pool failed (the error on stderr); 2 for a usage
-    error; 130 after Ctrl-C, 143 after SIGTERM (once the pool has shut down).
+    ADAPTER is checked before any worker starts: a path that is not `package.module:ClassName`,
+    or whose module cannot be found from the current directory or PYTHONPATH, is a usage error.
+
+    Exit status: 0; 1 when the tool or the pool failed (the error on stderr: one line, and the
+    worker's own output with `--verbose`); 2 for a usage error; 130 after Ctrl-C, 143 after
+    SIGTERM (once the pool has shut down).
     """
 
     if adapter is None:
@@ -97,19 +127,49 @@ def run(
             raise typer.BadParameter(f"--example must be one of {', '.join(EXAMPLES)}, not {example!r}")
         main: Any = lambda: EXAMPLES[example](workers or os.cpu_count() or 1)  # noqa: E731
     else:
+        _check_adapter(adapter)
         if tool is None:
             raise typer.BadParameter("give the TOOL to run after the ADAPTER (see `trio-bridge tools ADAPTER`)")
         functions = _load_host_tools(host_tools)
         main = lambda: _run_tool(  # noqa: E731
             adapter, tool, arg or [], args_json, workers or 1, functions, shutdown_timeout, as_json=as_json, top=top,
         )
-    _run_pool_command(main)
+    _run_pool_command(main, verbose=verbose)
 
 
-def _run_pool_command(main: Any) -> None:
+def _check_adapter(adapter: str) -> None:
+    """Exit with status 2 and one line if ``adapter`` is not a path whose module can be found
+    (its module is not run here: the workers import it)."""
+    from trio_bridge.worker._adapter import AdapterLoadError, check_adapter_path
+
+    _import_from_cwd()
+    try:
+        check_adapter_path(adapter)
+    except AdapterLoadError as exc:
+        _err_console.print(f"[red]error[/]: {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _brief(exc: TrioBridgeError) -> str:
+    """A worker's error in brief: its first line, and the last line of the worker's stderr (the
+    exception, where a traceback ended) when the first does not say it already."""
+    from trio_bridge._errors import WorkerError
+
+    text = str(exc)
+    if not isinstance(exc, WorkerError) or not exc.stderr_tail.strip():
+        return text
+    first = text.splitlines()[0]
+    lines = exc.stderr_tail.strip().splitlines()
+    last = lines[-1].strip()
+    if last.removeprefix("trio-bridge worker: ") in first:
+        return first if len(lines) == 1 else f"{first}\n  (--verbose: the worker's stderr)"
+    return f"{first}\n  the worker's last line: {last}\n  (--verbose: the worker's stderr)"
+
+
+def _run_pool_command(main: Any, *, verbose: bool = True) -> None:
     """Run ``main`` (an async function that opens a pool) under Trio, and turn how it ended into
-    the exit status: 0; 1 for a trio-bridge error (said on stderr); 130 / 143 after SIGINT /
-    SIGTERM, once the pool has shut down."""
+    the exit status: 0; 1 for a trio-bridge error (said on stderr: in brief unless
+    ``verbose``); 130 / 143 after SIGINT / SIGTERM, once the pool has shut down."""
     received = _cli_signals.received  # those that came during start-up too (see trio_bridge.__main__)
     previous = _cli_signals.remember_signals()  # until the exit status is decided: see _run_until_signal
     try:
@@ -119,7 +179,7 @@ def _run_pool_command(main: Any) -> None:
             received.append(signal.SIGINT)
         except TrioBridgeError as exc:
             if not received:
-                _err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc}", markup=True, highlight=False)
+                _err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc if verbose else _brief(exc)}", markup=True, highlight=False)
                 raise typer.Exit(1) from None
         if received:
             interrupted = received[0] == signal.SIGINT
@@ -232,7 +292,7 @@ def _kill_workers() -> None:
             pass
 
 
-@_app.command()
+@_app.command(cls=_Command)
 def tools(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
@@ -246,13 +306,13 @@ def tools(
     """
     from trio_bridge._host._tools import tool_info
     from trio_bridge._wire.tool_spec import tool_spec
-    from trio_bridge.worker._adapter import collect_tools, load_adapter_class
+    from trio_bridge.worker._adapter import AdapterLoadError, collect_tools, load_adapter_class
 
     _import_from_cwd()
     try:
         cls = load_adapter_class(adapter)
-    except (ImportError, AttributeError, ValueError) as exc:
-        _err_console.print(f"[red]error[/]: cannot load adapter {adapter!r}: {type(exc).__name__}: {exc}")
+    except AdapterLoadError as exc:
+        _err_console.print(f"[red]error[/]: {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
     infos = [tool_info(tool_spec(d)) for d in sorted(collect_tools(cls()).values(), key=lambda d: d.name)]
     if as_json:
@@ -270,23 +330,39 @@ def tools(
             ],
         })
         return
-    table = Table(title=f"tools of {adapter}")
-    table.add_column("tool", style="bold")
-    table.add_column("streaming")
-    table.add_column("parameters")
-    table.add_column("description")
+    _console.print(Text(f"tools of {adapter}", style="bold"))
     for info in infos:
-        params = []
-        for p in info.parameters:
-            text = f"{p.name}: {p.type or 'any'}"
-            if not p.required:
-                text += f" = {p.default!r}"
-            params.append(text)
-        table.add_row(info.name, "yes" if info.streaming else "", "\n".join(params), info.description)
-    _console.print(table)
+        _console.print()
+        heading = Text(info.name, style="bold")
+        heading.append(f"({', '.join(p.name for p in info.parameters)})")
+        if info.streaming:
+            heading.append("  streaming", style="cyan")
+        _console.print(heading)
+        if info.description:
+            width = max(_console.width - 4, 20)
+            _console.print(textwrap.indent(textwrap.fill(_plain(info.description), width), "    "), highlight=False, markup=False, soft_wrap=True)
+        if info.parameters:
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column(no_wrap=True)
+            grid.add_column(ratio=1)  # the description wraps to the terminal's width, never cut
+            for p in info.parameters:
+                kind = p.type or "any"
+                grid.add_row(p.name, kind if p.required else f"{kind} = {p.default!r}", _plain(p.description))
+            _console.print(Padding(grid, (0, 0, 0, 4), expand=False))
 
 
-@_app.command()
+def _plain(text: str) -> str:
+    """A docstring's reST inline markup as plain text: ``code``, :role:`target` (its last
+    part where it starts with ~), `text`, **strong**, *emphasis*."""
+    text = re.sub(r":[\w.+-]+(?::[\w.+-]+)*:`(~?)([^`]*)`", lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    text = re.sub(r"`([^`]+)`_?", r"\1", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"\1", text)
+
+
+@_app.command(cls=_Command)
 def mcp(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, envvar="TRIO_BRIDGE_WORKERS", help="worker processes")] = 1,
@@ -324,7 +400,7 @@ def mcp(
     _run_pool_command(main)
 
 
-@_app.command()
+@_app.command(cls=_Command)
 def worker(
     adapter: Annotated[str, typer.Argument(help=ADAPTER_HELP, envvar="TRIO_BRIDGE_ADAPTER", show_default=False)],
     listen: Annotated[str, typer.Option("--listen", envvar="TRIO_BRIDGE_LISTEN", help="tcp://HOST:PORT to serve hosts on (port 0: any free port)", show_default=False)],
@@ -404,7 +480,7 @@ def worker(
     raise typer.Exit(code)
 
 
-@_app.command()
+@_app.command(cls=_Command)
 def top(
     address: Annotated[str, typer.Argument(help="where the pool serves its metrics: `open_pool(metrics_address=\"HOST:PORT\")`, as HOST:PORT or an http:// URL", show_default=False)],
     interval: Annotated[float, typer.Option("--interval", "-n", min=0.1, help="seconds between redraws")] = 1.0,
@@ -431,7 +507,7 @@ def top(
         raise typer.Exit(code)
 
 
-@_app.command()
+@_app.command(cls=_Command)
 def doctor(
     redis_url: Annotated[str | None, typer.Option("--redis", envvar="TRIO_BRIDGE_REDIS_URL", help="a Redis URL to reach (`redis://HOST:PORT/DB`, `rediss://` for TLS)", show_default=False)] = None,
     address: Annotated[str | None, typer.Option("--address", envvar="TRIO_BRIDGE_LISTEN", help="an address to bind, as a worker's `--listen` would: tcp://HOST:PORT, HOST:PORT or unix:PATH", show_default=False)] = None,

@@ -127,7 +127,7 @@ class Supervisor:
         self._shutdown_timeout = shutdown_timeout
         self.plane: SharedMemoryPlane | None = plane
         self._new_worker = new_worker
-        self._worker_ids = itertools.count()
+        self._worker_ids = itertools.count(size)  # w0..w{size-1} are the first workers of the slots
         self._nursery: trio.Nursery | None = None
         self._recycle = recycle or RecycleLimits()
         self.retiring: set[WorkerHandle] = set()
@@ -221,7 +221,9 @@ class Supervisor:
         failed_first: WorkerStartError | None = None
         async with trio.open_nursery() as lives:
             while not self.closing:
-                handle = self._new_worker(f"w{next(self._worker_ids)}", slot)
+                # the first worker of an initial slot is named after it (they start in any order)
+                worker_id = f"w{slot}" if first else f"w{next(self._worker_ids)}"
+                handle = self._new_worker(worker_id, slot)
                 self.handles[slot] = handle
                 lived_from = trio.current_time()
                 failed = await self._start(lives, handle)

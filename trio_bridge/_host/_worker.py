@@ -26,12 +26,14 @@ from trio_bridge._host._process import LaunchedWorker, launcher, read_lines
 from trio_bridge._util import public_module
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
+    EXIT_ADAPTER_IMPORT,
     HOST_ADDRESS_ENV,
     HOST_PID_ENV,
     READY_PREFIX,
     SECRET_ENV,
     WIRE_VERSION,
     WORKER_ID_ENV,
+    WORKER_MESSAGE_PREFIX,
     __version__,
     incompatibility,
 )
@@ -497,8 +499,12 @@ class WorkerHandle:
             await self.exited.wait()
         with trio.move_on_after(0.5):
             await self.stderr_closed.wait()
+        message = f"{message} (adapter {self.spec.adapter!r})"
+        if self.exit_code == EXIT_ADAPTER_IMPORT:  # the worker said what to fix, in one line: lead with it
+            said = next((line for line in self.stderr_tail if line.startswith(WORKER_MESSAGE_PREFIX)), "")
+            message = said.removeprefix(WORKER_MESSAGE_PREFIX) or message
         return WorkerStartError(
-            f"{message} (adapter {self.spec.adapter!r})", worker_id=self.id, pid=self.pid,
+            message, worker_id=self.id, pid=self.pid,
             exit_code=self.exit_code, stderr_tail="\n".join(self.stderr_tail),
         )
 

@@ -77,9 +77,10 @@ def timeout_from_wire(timeout_seconds: float) -> float | None:
 
 
 # Worker exit codes (besides 0, a clean exit after Shutdown, and 2, bad command-line usage).
-EXIT_ADAPTER_IMPORT = 3
+EXIT_ADAPTER_IMPORT = 3  # its stderr's first WORKER_MESSAGE_PREFIX line says why, in one line
 EXIT_ADAPTER_SETUP = 4
 EXIT_HOST_GONE = 5
+WORKER_MESSAGE_PREFIX = "trio-bridge worker: "  # how a worker's own messages on stderr begin
 
 
 def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_release: str, peer_wire: int) -> str | None:
@@ -99,7 +100,7 @@ def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_rele
 
 
 __all__ = [
-    "ADAPTER_OPTIONS_ENV", "ALLOWED_UIDS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE",
+    "ADAPTER_OPTIONS_ENV", "ALLOWED_UIDS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "WORKER_MESSAGE_PREFIX", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE",
     "MAX_NAMES", "MAX_NAME_BYTES", "MAX_STATUS_DETAILS_BYTES", "MAX_STATUS_MESSAGE_BYTES", "METRICS_PATH", "REFUSAL_LOG_INTERVAL",
     "READY_PREFIX", "SECRET_ENV", "SECRET_ON_STDIN_ENV", "STREAM_BUFFER", "SECRET_METADATA", "STATUS_PATH", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
     "__version__", "incompatibility", "timeout_from_wire", "timeout_to_wire",

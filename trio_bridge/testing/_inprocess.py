@@ -55,13 +55,14 @@ from trio_bridge._wire.contract import (
     EXIT_ADAPTER_IMPORT,
     EXIT_ADAPTER_SETUP,
     WATCH_BUFFER_METADATA,
+    WORKER_MESSAGE_PREFIX,
     timeout_from_wire,
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
-from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
+from trio_bridge.worker._adapter import Adapter, AdapterLoadError, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, WorkerOptimization, end_call
 from trio_bridge.worker._host_client import HostClient, SessionLink, client_over, failure, host_stub
 
@@ -196,8 +197,11 @@ class _AdapterWorker(FakeWorker):
         workers = self._adapter_workers
         try:
             adapter_class = workers.adapter_class or load_adapter_class(self.spec.adapter)
+        except AdapterLoadError as exc:  # as a worker process says it (worker/_server.py)
+            trace = "\n" + "".join(traceback.format_exception(exc.__cause__ or exc)) if exc.in_module_code else ""
+            return f"{WORKER_MESSAGE_PREFIX}{exc}{trace}", EXIT_ADAPTER_IMPORT
         except Exception:
-            return f"trio-bridge worker: cannot load adapter {self.spec.adapter!r}:\n{traceback.format_exc()}", EXIT_ADAPTER_IMPORT
+            return f"{WORKER_MESSAGE_PREFIX}cannot load adapter {self.spec.adapter!r}:\n{traceback.format_exc()}", EXIT_ADAPTER_IMPORT
         try:
             adapter = adapter_class()
             adapter.options = json.loads(workers.adapter_options_json)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from trio_bridge._core.tools import ToolDefinition, check_inline, define_tool, tool_kind
 from trio_bridge.worker._context import SessionContext
 
-__all__ = ["Adapter", "collect_tools", "load_adapter_class", "tool"]
+__all__ = ["Adapter", "AdapterLoadError", "check_adapter_path", "collect_tools", "load_adapter_class", "tool"]
 
 _MARKER = "__trio_bridge_tool__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -98,22 +99,114 @@ def tool(
     return mark(function) if function is not None else mark
 
 
+_PATH_HELP = "The adapter must be importable from the current directory or PYTHONPATH (package.module:ClassName)"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter path that names no loadable :class:`Adapter` subclass. ``str()`` is one line
+    that says what failed and how to fix it.
+
+    Attributes:
+        in_module_code: the adapter's module was found but its own code raised while it was
+            imported (a bug or a missing dependency there): its traceback (``__cause__``) helps.
+    """
+
+    def __init__(self, message: str, *, in_module_code: bool = False) -> None:
+        super().__init__(message)
+        self.in_module_code: bool = in_module_code
+
+
+def _split(path: str) -> tuple[str, str]:
+    module_name, sep, class_name = path.partition(":")
+    if not sep or not module_name or not class_name:
+        raise AdapterLoadError(
+            f"adapter {path!r} is not of the form package.module:ClassName (a ':' between the module and "
+            f"the class, e.g. 'my_package.models:Classifier'). {_PATH_HELP}"
+        )
+    return module_name, class_name
+
+
+def _not_found(path: str, module_name: str, exc: ModuleNotFoundError) -> AdapterLoadError | None:
+    """The error to raise if ``exc`` says the path's own module (or a package above it) is missing."""
+    missing = exc.name or ""
+    if module_name == missing or module_name.startswith(f"{missing}."):
+        return AdapterLoadError(f"cannot import module {module_name!r} for adapter {path!r}: {exc}. {_PATH_HELP}")
+    return None
+
+
+def check_adapter_path(path: str) -> None:
+    """Check, without running the adapter's module, that ``path`` has the form
+    ``"package.module:ClassName"`` and that its module can be found (its parent packages are
+    imported). For a command line that starts workers: it says what is wrong before any does.
+
+    Raises:
+        AdapterLoadError: the path is not of that form, or its module cannot be found.
+    """
+    module_name, _ = _split(path)
+    try:
+        found = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError as exc:
+        error = _not_found(path, module_name, exc)
+        if error is None:
+            raise AdapterLoadError(  # a parent package imports something missing
+                f"importing the packages of {module_name!r} for adapter {path!r} failed: {type(exc).__name__}: {exc}",
+                in_module_code=True,
+            ) from exc
+        raise error from exc
+    except Exception as exc:  # a parent package's own code raised: the worker will say it in full
+        raise AdapterLoadError(
+            f"importing the packages of {module_name!r} for adapter {path!r} failed: {type(exc).__name__}: {exc}",
+            in_module_code=True,
+        ) from exc
+    if found is None:
+        raise AdapterLoadError(
+            f"cannot import module {module_name!r} for adapter {path!r}: No module named {module_name!r}. {_PATH_HELP}"
+        )
+
+
 def load_adapter_class(path: str) -> type[Adapter]:
     """Import ``"package.module:ClassName"`` and return the class.
 
     Raises:
-        ValueError: the path is not of that form, or the attribute is not an Adapter subclass.
-        ImportError, AttributeError: from importing the module or finding the class.
+        AdapterLoadError: the path is not of that form, its module cannot be imported, the module
+            has no such name, or the name is not an Adapter subclass (the cause is chained).
     """
-    module_name, sep, class_name = path.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ValueError(f"adapter must be given as 'package.module:ClassName', got {path!r}")
-    module = importlib.import_module(module_name)
-    cls = module
+    module_name, class_name = _split(path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        error = _not_found(path, module_name, exc)
+        if error is not None:  # the path's own module is not there
+            raise error from exc
+        raise AdapterLoadError(  # the module imports something that is not installed
+            f"importing module {module_name!r} for adapter {path!r} failed: {type(exc).__name__}: {exc} "
+            "(a dependency of the adapter's module is missing: install it where the workers run)",
+            in_module_code=True,
+        ) from exc
+    except Exception as exc:
+        raise AdapterLoadError(
+            f"importing module {module_name!r} for adapter {path!r} failed: {type(exc).__name__}: {exc} "
+            "(its own code raised: see its traceback)",
+            in_module_code=True,
+        ) from exc
+    cls: Any = module
     for part in class_name.split("."):
+        if not hasattr(cls, part):
+            found = sorted(
+                name for name, value in vars(module).items()
+                if isinstance(value, type) and issubclass(value, Adapter) and value is not Adapter
+            )
+            has = f"its Adapter subclasses: {', '.join(found)}" if found else "it defines no Adapter subclass"
+            raise AdapterLoadError(
+                f"module {module_name!r} has no {class_name!r} for adapter {path!r} ({has}). "
+                "Give the name of an Adapter subclass in it (package.module:ClassName)"
+            )
         cls = getattr(cls, part)
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise ValueError(f"{path!r} is not a subclass of trio_bridge.worker.Adapter")
+        raise AdapterLoadError(
+            f"{path!r} is not a subclass of trio_bridge.worker.Adapter: give the name of an Adapter subclass "
+            "(package.module:ClassName)"
+        )
     return cls
 
 

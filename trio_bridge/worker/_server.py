@@ -56,6 +56,7 @@ from trio_bridge._wire.contract import (
     STREAM_BUFFER,
     WIRE_VERSION,
     WORKER_ID_ENV,
+    WORKER_MESSAGE_PREFIX,
     __version__,
     incompatibility,
     timeout_from_wire,
@@ -66,7 +67,7 @@ from trio_bridge._wire.shared_memory import SharedMemoryPlane
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge._wire.transport import advertised_address, new_server, open_channel, parse_address, tcp_listener
-from trio_bridge.worker._adapter import Adapter, collect_tools, load_adapter_class
+from trio_bridge.worker._adapter import Adapter, AdapterLoadError, collect_tools, load_adapter_class
 from trio_bridge.worker._call_stream import serve_calls
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient, host_stub
@@ -103,7 +104,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
-        self.health: Any = None  # its server's health status (grpclib ServiceStatus), once serving
+        self.health: Any = None  # its server's health status (standard_services.ServingStatus), once serving
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -568,8 +569,13 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         return 2
     try:
         cls = load_adapter_class(args.adapter)
+    except AdapterLoadError as exc:  # one line that says how to fix it; a traceback only where the module's code raised
+        print(f"{WORKER_MESSAGE_PREFIX}{exc}", file=sys.stderr, flush=True)
+        if exc.in_module_code:
+            traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
+        return EXIT_ADAPTER_IMPORT
     except BaseException:
-        print(f"trio-bridge worker: cannot load adapter {args.adapter!r}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        print(f"{WORKER_MESSAGE_PREFIX}cannot load adapter {args.adapter!r}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_IMPORT
     try:
         adapter = cls()
