@@ -278,7 +278,6 @@ class Calls:
 
     def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
         self._on_workers.discard(call_id)
-        worker.call_ended()
         if finished or not worker.alive:
             self._router.release(worker)
             return

@@ -174,13 +174,15 @@ class WorkerHandle:
         self._calls: CallStream | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
-        self.calls_ended: int = 0
-        """Calls it was given that have ended, whatever their outcome (what ``max_calls_per_worker`` counts)."""
+        self.calls_given: int = 0
+        """Calls the dispatcher handed it, whatever their outcome (what ``max_calls_per_worker`` counts)."""
         self.max_calls: int | None = None
+        self.replace_at: int | None = None
+        """``calls_given`` at which its replacement starts (the supervisor's estimate)."""
         self.calls_exhausted: trio.Event = trio.Event()
-        """Set once ``calls_ended`` reaches ``max_calls``."""
+        """Set once ``calls_given`` reaches ``max_calls`` (it takes no new call from then on)."""
         self.calls_nearly_exhausted: trio.Event = trio.Event()
-        """Set once ``calls_ended`` is within a tenth of ``max_calls`` (its replacement starts then)."""
+        """Set once ``calls_given`` reaches ``replace_at`` (its replacement starts then)."""
         self.last_recycle_reason: str | None = None
         self.latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         """Seconds its last answered unary calls took (slot to answer), for its percentiles."""
@@ -215,14 +217,17 @@ class WorkerHandle:
         ordered = sorted(self.latencies)
         return {"latency_p50": percentile(ordered, 0.5), "latency_p99": percentile(ordered, 0.99)}
 
-    def call_ended(self) -> None:
-        """A call it was given ended (any outcome): counted towards ``max_calls``."""
-        self.calls_ended += 1
+    def admit(self) -> None:
+        """The dispatcher handed it a call: counted towards ``max_calls`` at once, so that a
+        worker given its last call takes no other (it drains) while its replacement starts."""
+        self.calls_given += 1
         if self.max_calls is not None:
-            if self.calls_ended >= self.max_calls - max(1, self.max_calls // 10):
+            if self.calls_given >= (self.replace_at if self.replace_at is not None else self.max_calls):
                 self.calls_nearly_exhausted.set()
-            if self.calls_ended >= self.max_calls:
+            if self.calls_given >= self.max_calls:
                 self.calls_exhausted.set()
+                if self.state is WorkerState.READY:
+                    self._enter(WorkerState.DRAINING)
 
     def sample_memory(self) -> int | None:
         """Sample the resident set size (bytes) of its process with psutil, and keep it in
