@@ -20,7 +20,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -28,9 +28,8 @@ from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, Worker
 from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._tools import ToolRegistry
-from trio_bridge._host._worker import WorkerHandle, WorkerInfo, worker_call
+from trio_bridge._host._worker import WorkerHandle, WorkerInfo, active_calls
 from trio_bridge._wire.codec import short_repr
-from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
@@ -427,7 +426,7 @@ class Supervisor:
     async def _ping(self, handle: WorkerHandle) -> None:
         try:
             with trio.fail_after(self._health_check_interval):
-                await worker_call(handle, lambda stub: stub.ping(pb.PingRequest()))
+                await active_calls(handle)
         except (trio.TooSlowError, WorkerCrashedError):
             handle.kill("it failed its health check")
 
@@ -446,10 +445,19 @@ class Supervisor:
                 nursery.start_soon(handle.shutdown, self._shutdown_timeout)
 
 
-def heartbeat(supervisor: Supervisor, message: pb.HeartbeatRequest) -> bool:
+class HeartbeatReport(Protocol):
+    """What a worker's heartbeat says of it (the host service's message has these fields)."""
+
+    worker_id: str
+    rss_bytes: int
+    cpu_seconds: float
+    calls_served: int
+
+
+def heartbeat(supervisor: Supervisor, message: HeartbeatReport) -> bool:
     """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerHandle.report`);
-    whether ``supervisor``'s pool knows it. (A function, not a method: the wire message stays
-    off Supervisor's public surface, which the public Pool reaches.)"""
+    whether ``supervisor``'s pool knows it. (A function, not a method: it stays off Supervisor's
+    public surface, which the public Pool reaches.)"""
     handle = supervisor._find_live(message.worker_id)
     if handle is None:
         return False

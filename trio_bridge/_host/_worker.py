@@ -11,7 +11,8 @@ import enum
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any, Literal, TypeVar, final
@@ -568,25 +569,90 @@ async def _drain(stream: Any) -> None:
         pass
 
 
-# A worker's RPCs, as functions rather than WorkerHandle methods: their wire types (betterproto2's
-# messages, grpclib's stub), whose own typing is incomplete, stay off WorkerHandle's public
-# surface, which the public Pool and Session reach (``pyright --verifytypes``).
-async def worker_call(worker: WorkerHandle, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
-    """Run one RPC on ``worker`` (``method(stub)`` returns the asyncio coroutine); raises as
-    :meth:`WorkerHandle._call`."""
-    return await worker._call(method)
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call, in the host's terms (what the core hands a worker).
+
+    Attributes:
+        call_id: the pool's id for the call (``"c12"``).
+        tool: the tool's name.
+        arguments: the encoded arguments (``trio_bridge._wire.codec.encode``): opaque to the
+            core, encoded before any wait so that bad arguments fail at once.
+        session_id, state_version: the call's session (``""``: none) and its state version.
+        timeout_seconds: seconds left before the caller's deadline (0: none).
+        traceparent: the W3C trace context of the caller's span (``""``: traces off).
+    """
+
+    call_id: str
+    tool: str
+    arguments: Any
+    session_id: str = ""
+    state_version: int = 0
+    timeout_seconds: float = 0.0
+    traceparent: str = ""
 
 
-async def worker_execute(worker: WorkerHandle, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-    """One tool call on ``worker``'s call stream; raises as :meth:`WorkerHandle._execute`."""
-    return await worker._execute(request)
+def _request(call: ToolCall) -> pb.ExecuteToolRequest:
+    return pb.ExecuteToolRequest(
+        tool_name=call.tool, arguments=call.arguments, call_id=call.call_id, timeout_seconds=call.timeout_seconds,
+        session_id=call.session_id, session_state_version=call.state_version, traceparent=call.traceparent,
+    )
 
 
-def worker_open_stream(worker: WorkerHandle, request: pb.ExecuteToolRequest) -> Any:
-    """An async context manager yielding ``receive()`` for the streaming tool's chunk batches."""
-    return worker._open_stream(request)
+# A worker's verbs in the host's terms, as functions rather than WorkerHandle methods: the wire
+# types they translate (betterproto2's messages, grpclib's stub) stay in this module, off the
+# core (supervisor, calls, router) and off WorkerHandle's public surface (``pyright --verifytypes``).
+async def execute(worker: WorkerHandle, call: ToolCall) -> Any:
+    """Run one unary tool call on ``worker``; its encoded result (decoded by the caller, which
+    owns the shared-memory plane).
+
+    Raises:
+        WorkerCrashedError: the worker died, or its connection failed, during the call.
+        TrioBridgeError: the call failed (the tool raised: ``ToolError``; or it was refused).
+    """
+    reply = await worker._execute(_request(call))
+    if reply.error is not None:
+        raise exception_from(reply.error, call.tool)
+    return reply.result
 
 
-async def worker_receive_batch(worker: WorkerHandle, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
-    """The next batch of a stream opened with :func:`worker_open_stream`; ``None`` at its end."""
-    return await worker._receive_batch(receive)
+@asynccontextmanager
+async def open_stream(worker: WorkerHandle, call: ToolCall) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
+    """Run a streaming tool on ``worker``; the block gets ``receive()``, which returns the next
+    encoded batch of chunks (for ``decode_batch``), ``None`` at the end.
+
+    Raises:
+        WorkerCrashedError: as :func:`execute`; TrioBridgeError: the tool failed.
+    """
+    async with worker._open_stream(_request(call)) as receive:
+
+        async def next_batch() -> Any:
+            try:
+                batch = await worker._receive_batch(receive)
+            except CallFailed as failed:  # the stream ended with the tool's failure
+                raise exception_from(failed.info, call.tool) from None
+            return None if batch is None else batch.chunks
+
+        yield next_batch
+
+
+async def active_calls(worker: WorkerHandle) -> list[str]:
+    """The ids of the calls ``worker`` is running now (a ping: its health check too).
+
+    Raises:
+        WorkerCrashedError: it died, or does not answer.
+    """
+    reply = await worker._call(lambda stub: stub.ping(pb.PingRequest()))
+    return list(reply.active_calls)
+
+
+async def begin_session(worker: WorkerHandle, session_id: str, metadata: Any) -> None:
+    """Before a session's first call on ``worker`` (``metadata`` encoded)."""
+    request = pb.InitializeSessionRequest(session_id=session_id, metadata=metadata)
+    await worker._call(lambda stub: stub.initialize_session(request))
+
+
+async def end_session(worker: WorkerHandle, session_id: str) -> None:
+    """The session ended: ``worker`` drops its objects and caches."""
+    request = pb.CleanupSessionRequest(session_id=session_id)
+    await worker._call(lambda stub: stub.cleanup_session(request))
