@@ -182,3 +182,11 @@ class SlowSetup(Adapter):
 class BrokenSetup(Adapter):
     def setup(self) -> None:
         raise RuntimeError("the model file is missing")
+
+
+class Pid(Adapter):
+    @tool
+    def pid_after(self, seconds: float) -> int:
+        """Sleep ``seconds``, then return the worker's pid (which process served a call)."""
+        time.sleep(seconds)
+        return os.getpid()

@@ -17,6 +17,9 @@ class FakeWorker:
         self.busy = 0
         self.accepting = True
 
+    def admit(self) -> None:
+        pass
+
     def __repr__(self) -> str:
         return self.name
 

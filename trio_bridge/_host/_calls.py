@@ -32,19 +32,11 @@ from trio_bridge._host._metrics import UNKNOWN_TOOL, Metrics, Outcome
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
-from trio_bridge._host._worker import (
-    WorkerHandle,
-    worker_call,
-    worker_execute,
-    worker_open_stream,
-    worker_receive_batch,
-)
+from trio_bridge._host._worker import ToolCall, WorkerHandle, active_calls, execute, open_stream
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
-from trio_bridge._wire.errors import CallFailed, exception_from
-from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 
@@ -96,8 +88,7 @@ class Calls:
         queued: float | None = None
         label = tool
         try:
-            request = await self._request(tool, arguments, route)
-            request.traceparent = traceparent
+            request = await self._request(tool, arguments, route, traceparent)
             outcome = Outcome.CANCELLED_QUEUED
             queued_at = trio.current_time()
             worker = await self._acquire(route, affinity)
@@ -108,17 +99,24 @@ class Calls:
             finished = False
             try:
                 await self._router.enter_session(worker, route)
-                reply = await worker_execute(worker, request)
+                try:
+                    encoded = await execute(worker, request)
+                except WorkerCrashedError:
+                    raise
+                except TrioBridgeError:
+                    finished = True
+                    answered_in = trio.current_time() - started
+                    worker.calls_served += 1
+                    worker.latencies.append(answered_in)
+                    outcome = Outcome.FAILED
+                    worker.calls_failed += 1
+                    raise
                 finished = True
                 answered_in = trio.current_time() - started
                 worker.calls_served += 1
                 worker.latencies.append(answered_in)
-                if reply.error is not None:
-                    outcome = Outcome.FAILED
-                    worker.calls_failed += 1
-                    raise exception_from(reply.error, tool)
                 outcome = Outcome.FAILED  # until the result decodes
-                result = decode(reply.result, plane=self._plane, owned=True)
+                result = decode(encoded, plane=self._plane, owned=True)
                 outcome = Outcome.COMPLETED
                 return result
             except WorkerCrashedError:
@@ -188,19 +186,16 @@ class Calls:
             self._metrics.record(result.outcome, result.answered_in, tool=label, queued=queued)
 
     async def _pump_stream(
-        self, worker: WorkerHandle, request: pb.ExecuteToolRequest, send: trio.MemorySendChannel[Any], result: _StreamResult
+        self, worker: WorkerHandle, request: ToolCall, send: trio.MemorySendChannel[Any], result: _StreamResult
     ) -> None:
         async with send:
             try:
-                async with worker_open_stream(worker, request) as receive:
+                async with open_stream(worker, request) as receive:
                     while True:
-                        try:
-                            batch = await worker_receive_batch(worker, receive)
-                        except CallFailed as failed:  # the stream ended with the tool's failure
-                            raise exception_from(failed.info, request.tool_name) from None
+                        batch = await receive()
                         if batch is None:
                             break
-                        for item in decode_batch(batch.chunks, plane=self._plane):
+                        for item in decode_batch(batch, plane=self._plane):
                             try:
                                 send.send_nowait(item)  # no task switch while the buffer has room
                             except trio.WouldBlock:
@@ -216,7 +211,7 @@ class Calls:
                 await send.send(_Failure(exc))
 
     # ---- shared ----
-    async def _request(self, tool: str, arguments: dict[str, Any] | None, route: Route | None) -> pb.ExecuteToolRequest:
+    async def _request(self, tool: str, arguments: dict[str, Any] | None, route: Route | None, traceparent: str = "") -> ToolCall:
         if self._supervisor.closing:
             raise PoolClosedError("the pool is closed")
         payload = encode({} if arguments is None else arguments, path="arguments", plane=self._plane)  # fails before any wait
@@ -226,9 +221,9 @@ class Calls:
             session_id, state_version = info.id, info.state_version
         deadline = trio.current_effective_deadline()  # -inf once the caller's scope is cancelled: passed
         timeout = timeout_to_wire(None if deadline == math.inf else deadline - trio.current_time())
-        return pb.ExecuteToolRequest(
-            tool_name=tool, arguments=payload, call_id=f"c{next(self._call_ids)}", timeout_seconds=timeout,
-            session_id=session_id, session_state_version=state_version,
+        return ToolCall(
+            call_id=f"c{next(self._call_ids)}", tool=tool, arguments=payload, session_id=session_id,
+            state_version=state_version, timeout_seconds=timeout, traceparent=traceparent,
         )
 
     async def _acquire(self, route: Route | None, affinity: Affinity | None) -> WorkerHandle:
@@ -278,7 +273,6 @@ class Calls:
 
     def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
         self._on_workers.discard(call_id)
-        worker.call_ended()
         if finished or not worker.alive:
             self._router.release(worker)
             return
@@ -293,10 +287,10 @@ class Calls:
                 while worker.alive:
                     try:
                         with trio.fail_after(max(self._cancel_grace, 1)):
-                            reply = await worker_call(worker, lambda stub: stub.ping(pb.PingRequest()))
+                            active = await active_calls(worker)
                     except (WorkerCrashedError, trio.TooSlowError):
                         break
-                    if call_id not in reply.active_calls:
+                    if call_id not in active:
                         break
                     await trio.sleep(delay)
                     delay = min(delay * 2, 0.2)

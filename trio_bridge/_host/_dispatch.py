@@ -33,6 +33,10 @@ class Slotted(Protocol):
     concurrency: int
     busy: int
 
+    def admit(self) -> None:
+        """It was handed a call (what a limit on calls per worker counts); it may stop accepting."""
+        ...
+
     @property
     def accepting(self) -> bool:
         """False once the worker is being stopped: its free slots are not handed out."""
@@ -66,6 +70,8 @@ class Dispatcher(Generic[W]):
         self._waiters: collections.deque[_Waiter[W]] = collections.deque()
         self._ticks = itertools.count()
         self._closed: str | None = None
+        self.admitted: int = 0
+        """Calls handed to workers so far."""
 
     @property
     def queued(self) -> int:
@@ -161,6 +167,8 @@ class Dispatcher(Generic[W]):
 
     def _take(self, worker: W) -> None:
         worker.busy += 1
+        self.admitted += 1
+        worker.admit()
         self._workers[worker] = next(self._ticks)
 
     def _hand_over(self) -> None:

@@ -11,10 +11,9 @@ import trio
 
 from trio_bridge._errors import WorkerCrashedError
 from trio_bridge._host._dispatch import Affinity, Dispatcher
-from trio_bridge._host._worker import WorkerHandle, worker_call
+from trio_bridge._host._worker import WorkerHandle, begin_session, end_session
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import encode
-from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 _logger = logging.getLogger("trio_bridge")
 _CLEANUP_TIMEOUT = 5.0  # seconds a worker gets to run a session's cleanup
@@ -73,27 +72,23 @@ class Router:
         if route is None or route.session_id in worker.sessions:
             return
         info = await self._state.get_session(route.session_id)
-        request = pb.InitializeSessionRequest(
-            session_id=route.session_id, metadata=encode(dict(info.metadata), path="session metadata")
-        )
-        await worker_call(worker, lambda stub: stub.initialize_session(request))
+        await begin_session(worker, route.session_id, encode(dict(info.metadata), path="session metadata"))
         worker.sessions.add(route.session_id)
 
     def session_ended(self, session_id: str, workers: list[WorkerHandle]) -> None:
         """Tell the workers that served it, in the background (they drop its objects and caches)."""
         if self._nursery is None:
             return
-        request = pb.CleanupSessionRequest(session_id=session_id)
         for handle in workers:
             if session_id in handle.sessions:
                 handle.sessions.discard(session_id)
                 if handle.alive:
-                    self._nursery.start_soon(_cleanup_on, handle, request)
+                    self._nursery.start_soon(_cleanup_on, handle, session_id)
 
 
-async def _cleanup_on(handle: WorkerHandle, request: pb.CleanupSessionRequest) -> None:
+async def _cleanup_on(handle: WorkerHandle, session_id: str) -> None:
     with trio.move_on_after(_CLEANUP_TIMEOUT):
         try:
-            await worker_call(handle, lambda stub: stub.cleanup_session(request))
+            await end_session(handle, session_id)
         except WorkerCrashedError:
             pass

@@ -20,7 +20,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -28,9 +28,8 @@ from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, Worker
 from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._tools import ToolRegistry
-from trio_bridge._host._worker import WorkerHandle, WorkerInfo, worker_call
+from trio_bridge._host._worker import WorkerHandle, WorkerInfo, active_calls
 from trio_bridge._wire.codec import short_repr
-from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
@@ -81,8 +80,8 @@ class RecycleLimits:
     def passed(self, handle: WorkerHandle, now: float) -> tuple[str, str] | None:
         """``(kind, why)`` if ``handle`` is past a limit, kind being ``"calls"``, ``"age"`` or
         ``"memory"``; else ``None``. Samples its memory when there is a memory limit."""
-        if self.max_calls is not None and handle.calls_ended >= self.max_calls:
-            return "calls", f"it served {handle.calls_ended} calls (max_calls_per_worker={self.max_calls})"
+        if handle.calls_exhausted.is_set():  # given its own limit (see Supervisor._max_calls)
+            return "calls", f"it was given {handle.calls_given} calls (max_calls_per_worker={self.max_calls})"
         if self.max_age is not None and handle.started_at is not None and now - handle.started_at >= self.max_age:
             return "age", f"it ran {now - handle.started_at:.1f} s (max_worker_age={self.max_age:g})"
         if self.max_memory is not None:
@@ -133,6 +132,7 @@ class Supervisor:
         self.retiring: set[WorkerHandle] = set()
         """Recycled workers finishing their calls (no longer in :attr:`handles`)."""
         self._successors: set[WorkerHandle] = set()  # replacements of workers due for recycling, starting
+        self._start_lead = 0  # calls a slot was given while the latest replacement started
         self.recycles: collections.Counter[str] = collections.Counter()
         """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``)."""
 
@@ -146,7 +146,9 @@ class Supervisor:
 
     @property
     def ready(self) -> int:
-        return sum(h.accepting for h in self.handles.values())
+        """Slots with a worker taking calls (the slot's own, or a replacement started ahead of
+        a recycle that stands in for it while it drains)."""
+        return len({h.slot for h in (*self.handles.values(), *self._successors) if h.accepting})
 
     @property
     def capacity(self) -> int:
@@ -219,6 +221,7 @@ class Supervisor:
         first = must_start
         reported = False
         failed_first: WorkerStartError | None = None
+        first_of_slot = True
         async with trio.open_nursery() as lives:
             while not self.closing:
                 # the first worker of an initial slot is named after it (they start in any order)
@@ -226,7 +229,8 @@ class Supervisor:
                 handle = self._new_worker(worker_id, slot)
                 self.handles[slot] = handle
                 lived_from = trio.current_time()
-                failed = await self._start(lives, handle)
+                failed = await self._start(lives, handle, first_of_slot=first_of_slot)
+                first_of_slot = False
                 if failed is not None:
                     if first:
                         failed_first = failed  # raised out of the nursery, not in a group
@@ -255,14 +259,35 @@ class Supervisor:
         if failed_first is not None:
             raise failed_first
 
+    def _max_calls(self, slot: int, first_of_slot: bool) -> int | None:
+        """The calls a slot's new worker may be given (``max_calls_per_worker`` holds exactly:
+        calls are counted as the dispatcher hands them out, and a worker given its last call
+        takes no other while its replacement starts).
+
+        What it costs in capacity: the replacement starts ahead, when the worker is a tenth of
+        its calls from the limit, or earlier by twice the calls a slot was given while the
+        latest replacement started (so it is usually ready in time); if it is not, that slot
+        has no worker taking calls until it is. The first worker of slot ``i`` of ``n`` gets
+        ``i/n`` fewer calls, so that the slots (which the dispatcher loads evenly) reach their
+        limits one after the other, never all at once: capacity stays at ``size - 1`` or more
+        as long as a worker starts before the others have served ``max_calls / size`` calls.
+        The price of that stagger: ``(size - 1) / 2`` extra starts, once."""
+        limit = self._recycle.max_calls
+        if limit is None or not first_of_slot or slot >= self.size:
+            return limit
+        return max(1, limit - slot * limit // self.size)
+
     def _backoff(self, failures: int) -> float:
         low, high = self._restart_backoff
         return min(low * 2 ** (failures - 2), high)
 
-    async def _start(self, lives: trio.Nursery, handle: WorkerHandle) -> WorkerStartError | None:
+    async def _start(self, lives: trio.Nursery, handle: WorkerHandle, *, first_of_slot: bool = False) -> WorkerStartError | None:
         """Start ``handle`` in a task of ``lives``; once it is ready it takes calls. Returns why
         it could not start, if it could not."""
-        handle.max_calls = self._recycle.max_calls
+        handle.max_calls = limit = self._max_calls(handle.slot, first_of_slot)
+        if limit is not None:
+            handle.replace_at = max(0, limit - max(1, limit // 10, 2 * self._start_lead))
+        given_before = self._dispatcher.admitted
         failed: WorkerStartError | None = None
         try:
             await lives.start(self._live, handle)
@@ -270,6 +295,8 @@ class Supervisor:
             failed = _first(group)
         if failed is not None:
             return failed
+        if self._dispatcher.admitted > given_before:  # it started while the pool served: learn the lead
+            self._start_lead = (self._dispatcher.admitted - given_before) // max(1, self.size)
         self._tools.worker_tools = handle.tools
         self.last_start_error = None
         self._dispatcher.add(handle)
@@ -350,7 +377,8 @@ class Supervisor:
         limits = self._recycle
         while handle.alive:
             now = trio.current_time()
-            passed = limits.passed(handle, now) if limits and handle.accepting else None
+            # (a worker given its last call has stopped accepting: it is past its limit)
+            passed = limits.passed(handle, now) if limits and (handle.accepting or handle.calls_exhausted.is_set()) else None
             if passed is not None:
                 return passed
             if early and handle.calls_nearly_exhausted.is_set():
@@ -400,7 +428,7 @@ class Supervisor:
     async def _ping(self, handle: WorkerHandle) -> None:
         try:
             with trio.fail_after(self._health_check_interval):
-                await worker_call(handle, lambda stub: stub.ping(pb.PingRequest()))
+                await active_calls(handle)
         except (trio.TooSlowError, WorkerCrashedError):
             handle.kill("it failed its health check")
 
@@ -419,10 +447,19 @@ class Supervisor:
                 nursery.start_soon(handle.shutdown, self._shutdown_timeout)
 
 
-def heartbeat(supervisor: Supervisor, message: pb.HeartbeatRequest) -> bool:
+class HeartbeatReport(Protocol):
+    """What a worker's heartbeat says of it (the host service's message has these fields)."""
+
+    worker_id: str
+    rss_bytes: int
+    cpu_seconds: float
+    calls_served: int
+
+
+def heartbeat(supervisor: Supervisor, message: HeartbeatReport) -> bool:
     """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerHandle.report`);
-    whether ``supervisor``'s pool knows it. (A function, not a method: the wire message stays
-    off Supervisor's public surface, which the public Pool reaches.)"""
+    whether ``supervisor``'s pool knows it. (A function, not a method: it stays off Supervisor's
+    public surface, which the public Pool reaches.)"""
     handle = supervisor._find_live(message.worker_id)
     if handle is None:
         return False

@@ -11,7 +11,8 @@ import enum
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any, Literal, TypeVar, final
@@ -176,13 +177,15 @@ class WorkerHandle:
         self._calls: CallStream | None = None
         self._call_scopes: set[trio.CancelScope] = set()
         self._death_reason = ""
-        self.calls_ended: int = 0
-        """Calls it was given that have ended, whatever their outcome (what ``max_calls_per_worker`` counts)."""
+        self.calls_given: int = 0
+        """Calls the dispatcher handed it, whatever their outcome (what ``max_calls_per_worker`` counts)."""
         self.max_calls: int | None = None
+        self.replace_at: int | None = None
+        """``calls_given`` at which its replacement starts (the supervisor's estimate)."""
         self.calls_exhausted: trio.Event = trio.Event()
-        """Set once ``calls_ended`` reaches ``max_calls``."""
+        """Set once ``calls_given`` reaches ``max_calls`` (it takes no new call from then on)."""
         self.calls_nearly_exhausted: trio.Event = trio.Event()
-        """Set once ``calls_ended`` is within a tenth of ``max_calls`` (its replacement starts then)."""
+        """Set once ``calls_given`` reaches ``replace_at`` (its replacement starts then)."""
         self.last_recycle_reason: str | None = None
         self.latencies: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         """Seconds its last answered unary calls took (slot to answer), for its percentiles."""
@@ -217,14 +220,17 @@ class WorkerHandle:
         ordered = sorted(self.latencies)
         return {"latency_p50": percentile(ordered, 0.5), "latency_p99": percentile(ordered, 0.99)}
 
-    def call_ended(self) -> None:
-        """A call it was given ended (any outcome): counted towards ``max_calls``."""
-        self.calls_ended += 1
+    def admit(self) -> None:
+        """The dispatcher handed it a call: counted towards ``max_calls`` at once, so that a
+        worker given its last call takes no other (it drains) while its replacement starts."""
+        self.calls_given += 1
         if self.max_calls is not None:
-            if self.calls_ended >= self.max_calls - max(1, self.max_calls // 10):
+            if self.calls_given >= (self.replace_at if self.replace_at is not None else self.max_calls):
                 self.calls_nearly_exhausted.set()
-            if self.calls_ended >= self.max_calls:
+            if self.calls_given >= self.max_calls:
                 self.calls_exhausted.set()
+                if self.state is WorkerState.READY:
+                    self._enter(WorkerState.DRAINING)
 
     def sample_memory(self) -> int | None:
         """Sample the resident set size (bytes) of its process with psutil, and keep it in
@@ -569,25 +575,90 @@ async def _drain(stream: Any) -> None:
         pass
 
 
-# A worker's RPCs, as functions rather than WorkerHandle methods: their wire types (betterproto2's
-# messages, grpclib's stub), whose own typing is incomplete, stay off WorkerHandle's public
-# surface, which the public Pool and Session reach (``pyright --verifytypes``).
-async def worker_call(worker: WorkerHandle, method: Callable[[pb.WorkerServiceStub], Awaitable[T]]) -> T:
-    """Run one RPC on ``worker`` (``method(stub)`` returns the asyncio coroutine); raises as
-    :meth:`WorkerHandle._call`."""
-    return await worker._call(method)
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call, in the host's terms (what the core hands a worker).
+
+    Attributes:
+        call_id: the pool's id for the call (``"c12"``).
+        tool: the tool's name.
+        arguments: the encoded arguments (``trio_bridge._wire.codec.encode``): opaque to the
+            core, encoded before any wait so that bad arguments fail at once.
+        session_id, state_version: the call's session (``""``: none) and its state version.
+        timeout_seconds: seconds left before the caller's deadline (0: none).
+        traceparent: the W3C trace context of the caller's span (``""``: traces off).
+    """
+
+    call_id: str
+    tool: str
+    arguments: Any
+    session_id: str = ""
+    state_version: int = 0
+    timeout_seconds: float = 0.0
+    traceparent: str = ""
 
 
-async def worker_execute(worker: WorkerHandle, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-    """One tool call on ``worker``'s call stream; raises as :meth:`WorkerHandle._execute`."""
-    return await worker._execute(request)
+def _request(call: ToolCall) -> pb.ExecuteToolRequest:
+    return pb.ExecuteToolRequest(
+        tool_name=call.tool, arguments=call.arguments, call_id=call.call_id, timeout_seconds=call.timeout_seconds,
+        session_id=call.session_id, session_state_version=call.state_version, traceparent=call.traceparent,
+    )
 
 
-def worker_open_stream(worker: WorkerHandle, request: pb.ExecuteToolRequest) -> Any:
-    """An async context manager yielding ``receive()`` for the streaming tool's chunk batches."""
-    return worker._open_stream(request)
+# A worker's verbs in the host's terms, as functions rather than WorkerHandle methods: the wire
+# types they translate (betterproto2's messages, grpclib's stub) stay in this module, off the
+# core (supervisor, calls, router) and off WorkerHandle's public surface (``pyright --verifytypes``).
+async def execute(worker: WorkerHandle, call: ToolCall) -> Any:
+    """Run one unary tool call on ``worker``; its encoded result (decoded by the caller, which
+    owns the shared-memory plane).
+
+    Raises:
+        WorkerCrashedError: the worker died, or its connection failed, during the call.
+        TrioBridgeError: the call failed (the tool raised: ``ToolError``; or it was refused).
+    """
+    reply = await worker._execute(_request(call))
+    if reply.error is not None:
+        raise exception_from(reply.error, call.tool)
+    return reply.result
 
 
-async def worker_receive_batch(worker: WorkerHandle, receive: Callable[[], Awaitable[pb.ToolChunkBatch]]) -> pb.ToolChunkBatch | None:
-    """The next batch of a stream opened with :func:`worker_open_stream`; ``None`` at its end."""
-    return await worker._receive_batch(receive)
+@asynccontextmanager
+async def open_stream(worker: WorkerHandle, call: ToolCall) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
+    """Run a streaming tool on ``worker``; the block gets ``receive()``, which returns the next
+    encoded batch of chunks (for ``decode_batch``), ``None`` at the end.
+
+    Raises:
+        WorkerCrashedError: as :func:`execute`; TrioBridgeError: the tool failed.
+    """
+    async with worker._open_stream(_request(call)) as receive:
+
+        async def next_batch() -> Any:
+            try:
+                batch = await worker._receive_batch(receive)
+            except CallFailed as failed:  # the stream ended with the tool's failure
+                raise exception_from(failed.info, call.tool) from None
+            return None if batch is None else batch.chunks
+
+        yield next_batch
+
+
+async def active_calls(worker: WorkerHandle) -> list[str]:
+    """The ids of the calls ``worker`` is running now (a ping: its health check too).
+
+    Raises:
+        WorkerCrashedError: it died, or does not answer.
+    """
+    reply = await worker._call(lambda stub: stub.ping(pb.PingRequest()))
+    return list(reply.active_calls)
+
+
+async def begin_session(worker: WorkerHandle, session_id: str, metadata: Any) -> None:
+    """Before a session's first call on ``worker`` (``metadata`` encoded)."""
+    request = pb.InitializeSessionRequest(session_id=session_id, metadata=metadata)
+    await worker._call(lambda stub: stub.initialize_session(request))
+
+
+async def end_session(worker: WorkerHandle, session_id: str) -> None:
+    """The session ended: ``worker`` drops its objects and caches."""
+    request = pb.CleanupSessionRequest(session_id=session_id)
+    await worker._call(lambda stub: stub.cleanup_session(request))
