@@ -108,20 +108,6 @@ class PeerCheck:
         return True
 
 
-def checked_allowed_uids(allowed_uids: Any) -> frozenset[int]:
-    """``open_pool(allowed_uids=...)`` as a set of uids.
-
-    Raises:
-        InvalidArgumentError: not a collection of whole numbers >= 0.
-    """
-    if isinstance(allowed_uids, (str, bytes)) or not isinstance(allowed_uids, Collection):
-        raise InvalidArgumentError(f"allowed_uids must be a collection of uids (e.g. [1001]), not {allowed_uids!r:.100}")
-    for uid in allowed_uids:
-        if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
-            raise InvalidArgumentError(f"allowed_uids must hold uids, whole numbers >= 0, not {uid!r:.100}")
-    return frozenset(allowed_uids)
-
-
 def parse_allowed_uids(value: str) -> frozenset[int]:
     """:data:`ALLOWED_UIDS_ENV`'s value (``"1001,1002"``; empty: none) as uids.
 
