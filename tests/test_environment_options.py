@@ -85,7 +85,7 @@ def test_variables_and_groups_together_are_checked_once_complete():
     assert pool_options("a.b:C", {"monitoring": Monitoring(address="0.0.0.0:9464")}, environ=environ).monitoring.status_public
     # the variable gives the GPU count that LocalWorkers(gpus=...) needs
     assert pool_options("a.b:C", {"local": LocalWorkers(gpus=[0, 1])}, environ={"TRIO_BRIDGE_GPUS_PER_WORKER": "1"}).local.gpus == (0, 1)
-    with pytest.raises(InvalidArgumentError, match="without LocalWorkers.gpus_per_worker"):
+    with pytest.raises(InvalidArgumentError, match=r"without LocalWorkers\.gpus_per_worker"):
         pool_options("a.b:C", {"local": LocalWorkers(gpus=[0, 1])}, environ={})
 
 

@@ -261,7 +261,7 @@ async def test_start_method_spawn_starts_no_fork_server():
 
 
 async def test_an_unknown_start_method_is_refused():
-    with pytest.raises(InvalidArgumentError, match="start_method must be 'forkserver', 'spawn' or None"):
+    with pytest.raises(InvalidArgumentError, match=r"LocalWorkers\.start_method must be one of 'forkserver', 'spawn' or None"):
         async with trio_bridge.open_pool(FORKED, size=1, local=LocalWorkers(start_method="fork")):  # type: ignore[arg-type]
             pass
 

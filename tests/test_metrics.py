@@ -112,7 +112,7 @@ async def test_pools_of_one_adapter_are_told_apart_and_recycles_are_counted(auto
 
 @pytest.mark.parametrize("address", ["localhost", "127.0.0.1:port", ":99999", 9464])
 async def test_a_bad_metrics_address_is_refused_before_anything_starts(address):
-    with pytest.raises(InvalidArgumentError, match="metrics_address"):
+    with pytest.raises(InvalidArgumentError, match=r"Monitoring\.address"):
         async with open_pool("tests.adapters:Echo", size=1, monitoring=Monitoring(address=address)):
             pytest.fail("the pool opened")
 

@@ -152,7 +152,7 @@ def test_an_old_keyword_with_its_group_is_refused_and_an_unknown_keyword_is_a_ty
         open_pool("a.b:C", max_calls=10)
     with pytest.raises(TypeError, match="open_fake_pool\\(\\) got an unexpected keyword argument 'sizes'"):
         open_fake_pool({}, sizes=2)
-    with pytest.raises(InvalidArgumentError, match="recycling must be a trio_bridge.Recycling"):
+    with pytest.raises(InvalidArgumentError, match=r"recycling must be a trio_bridge\.Recycling"):
         open_pool("a.b:C", recycling={"max_calls": 3})  # type: ignore[arg-type]
 
 

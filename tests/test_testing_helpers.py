@@ -314,7 +314,7 @@ async def test_an_adapter_that_cannot_start_gives_a_clear_error(autojump_clock, 
 async def test_bad_arguments_are_refused_at_once():
     with pytest.raises(InvalidArgumentError, match=r"'package\.module:ClassName'"):
         open_adapter_pool(inprocess_adapters.NotAnAdapter)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="unexpected keyword argument .sizes."):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sizes'"):
         open_adapter_pool(CALCULATOR, sizes=2)
     with pytest.raises(InvalidArgumentError, match="adapter must be"):
         async with open_adapter_pool("no colon"):

@@ -103,10 +103,14 @@ def _optional(check: Check) -> Check:
     return lambda name, value: None if value is None else check(name, value)
 
 
-def _one_of(*allowed: str) -> Check:
-    def check(name: str, value: Any) -> str:
+def _one_of(*allowed: str, none: str | None = None) -> Check:
+    """One of ``allowed``; or ``None`` too, when ``none`` says what it means."""
+    def check(name: str, value: Any) -> str | None:
+        if value is None and none is not None:
+            return None
         if not isinstance(value, str) or value not in allowed:
-            raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {short_repr(value)}")
+            also = f" or None ({none})" if none is not None else ""
+            raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, allowed))}{also}, not {short_repr(value)}")
         return value
 
     return check
@@ -493,7 +497,7 @@ class LocalWorkers(_Group):
     gpus_per_worker: int | None = _option(None, _optional(_whole(1)), "TRIO_BRIDGE_GPUS_PER_WORKER", int)
     gpus: Sequence[int | str] | None = _option(None, _optional(_devices))
     start_method: StartMethod | None = _option(
-        None, _optional(_one_of(*START_METHODS)), "TRIO_BRIDGE_START_METHOD", choice(*START_METHODS)
+        None, _one_of(*START_METHODS, none="the safe one"), "TRIO_BRIDGE_START_METHOD", choice(*START_METHODS)
     )
     allowed_uids: Collection[int] = _option(frozenset(), _uids)
     shared_memory_threshold: int | None = _option(
