@@ -1,4 +1,4 @@
-"""A pool's HTTP endpoint (``open_pool(metrics_address=...)``), read-only: ``/metrics``, its
+"""A pool's HTTP endpoint (``Monitoring(address=...)``), read-only: ``/metrics``, its
 registry as Prometheus text, and ``/status``, a JSON snapshot of the pool for ``trio-bridge
 top`` -- workers, queue, calls, sessions, recent errors. Served by prometheus_client's own
 threaded WSGI server; its threads end with the pool.

@@ -1,4 +1,4 @@
-"""Per-worker environments: ``open_pool(worker_env=...)`` and ``gpus_per_worker=``.
+"""Per-worker environments: ``LocalWorkers(slot_env=...)`` and ``LocalWorkers(gpus_per_worker=...)``.
 
 A slot's environment is worked out once, when the pool opens, and every worker of that slot
 (its replacements too) gets it: a model replica stays on its GPUs across restarts.

@@ -111,7 +111,7 @@ class Pool(metaclass=NoPublicConstructor):
 
         The caller's cancel scope is the timeout: its deadline is sent to the worker, and
         cancelling the call cancels it in the worker (async tools are cancelled, sync tools see
-        ``ctx.cancelled``). A worker that does not free its slot within ``cancel_grace`` seconds
+        ``ctx.cancelled``). A worker that does not free its slot within ``Lifecycle.cancel_grace`` seconds
         after a cancellation is recycled.
 
         Args:
@@ -123,7 +123,7 @@ class Pool(metaclass=NoPublicConstructor):
             ToolNotFoundError, InvalidArgumentError, EncodeError: the call was wrong; nothing ran.
             ToolError: the tool raised; carries the remote type, message and traceback.
             WorkerCrashedError: the worker died during the call (exit code, signal, stderr tail).
-            WorkerStartError: no worker is running and none could start within ``no_worker_timeout``.
+            WorkerStartError: no worker is running and none could start within ``Lifecycle.no_worker_timeout``.
             PoolSaturatedError: the wait queue is full. PoolClosedError: the pool is closing.
         """
         return await self._calls.execute(tool, arguments)
@@ -179,7 +179,7 @@ class Pool(metaclass=NoPublicConstructor):
         Raises:
             InvalidArgumentError: a malformed id, ttl, metadata or affinity; or joining an
                 existing session with a ``ttl`` or ``metadata`` other than its own.
-            QuotaExceededError: the pool has ``max_sessions`` sessions.
+            QuotaExceededError: the pool has ``StateLimits.max_sessions`` sessions.
             PoolClosedError: the pool is closing.
         """
         if not isinstance(affinity, str) or affinity not in AFFINITIES:
@@ -232,7 +232,7 @@ class Pool(metaclass=NoPublicConstructor):
     @property
     def start_method(self) -> str:
         """How the pool starts its local workers now: ``"forkserver"`` (forked by its preloaded
-        fork server) or ``"spawn"`` (fresh interpreters); see ``open_pool(start_method=...)``.
+        fork server) or ``"spawn"`` (fresh interpreters); see ``LocalWorkers.start_method``.
         (``trio_bridge.testing``'s pools say ``"threads"`` or ``"custom"``.)"""
         return start_method_of(self._spec.launch)
 

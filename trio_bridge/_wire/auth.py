@@ -95,7 +95,7 @@ class PeerCheck:
             return None
         return (
             f"a Unix-socket peer of another user: pid {pid}, uid {uid} (this process runs as uid {os.getuid()}); "
-            f"allow it with open_pool(allowed_uids=[{uid}]) or {ALLOWED_UIDS_ENV}={uid} for a worker"
+            f"allow it with open_pool(local=LocalWorkers(allowed_uids=[{uid}])) or {ALLOWED_UIDS_ENV}={uid} for a worker"
         )
 
     def refused(self, transport: Any) -> bool:
