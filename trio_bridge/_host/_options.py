@@ -574,7 +574,7 @@ class PoolOptions(_Group):
     everyday ones, and the groups, each passed whole to the part of the pool that uses it."""
 
     adapter: str = _option("", _adapter)
-    size: int | None = _option(None, _optional(_whole(0)), "TRIO_BRIDGE_WORKERS", int)
+    size: int = _option(None, _optional(_whole(0)), "TRIO_BRIDGE_WORKERS", int)  # None: filled in when made
     concurrency: int = _option(1, _whole(1), "TRIO_BRIDGE_CONCURRENCY", int)
     max_queue: int = _option(1024, _whole(0), "TRIO_BRIDGE_MAX_QUEUE", int)
     transport: Transport = _option("unix", _one_of("unix", "tcp"), "TRIO_BRIDGE_TRANSPORT", choice("unix", "tcp"))
@@ -591,7 +591,7 @@ class PoolOptions(_Group):
         if self.size is None:  # one per core, or none beside remote workers
             object.__setattr__(self, "size", 0 if self.remote.addresses else os.cpu_count() or 1)
         least = 0 if self.remote.addresses else 1
-        if self.size < least:  # type: ignore[operator]  # (an int by now)
+        if self.size < least:
             raise InvalidArgumentError(f"size must be a whole number >= {least}, not {short_repr(self.size)}")
         if self.local.gpus is not None and self.local.gpus_per_worker is None:
             raise InvalidArgumentError("LocalWorkers.gpus is given without LocalWorkers.gpus_per_worker")
@@ -617,7 +617,6 @@ class PoolOptions(_Group):
     @property
     def slots(self) -> int:
         """Local slots and remote workers' slots."""
-        assert self.size is not None
         return self.size + len(self.remote.addresses)
 
     @property

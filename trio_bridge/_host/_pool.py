@@ -465,7 +465,7 @@ async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManag
 
 @asynccontextmanager
 async def _open_pool(options: PoolOptions, stop: SignalStop) -> AsyncIterator[Pool]:
-    adapter, size, concurrency, transport = options.adapter, options.slots - len(options.remote.addresses), options.concurrency, options.transport
+    adapter, size, concurrency, transport = options.adapter, options.size, options.concurrency, options.transport
     local, lifecycle = options.local, options.lifecycle
     python, env, start_method, shared_memory_threshold = local.python, local.env, local.start_method, local.shared_memory_threshold
     startup_timeout, heartbeat_interval, options_json = lifecycle.startup_timeout, lifecycle.heartbeat_interval, options.adapter_options_json
