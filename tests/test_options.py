@@ -156,6 +156,12 @@ def test_an_old_keyword_with_its_group_is_refused_and_an_unknown_keyword_is_a_ty
         open_pool("a.b:C", recycling={"max_calls": 3})  # type: ignore[arg-type]
 
 
+def test_an_everyday_option_is_refused_under_its_own_name():
+    for arguments, message in (({"max_queue": -1}, "^max_queue must be"), ({"transport": "udp"}, "^transport must be one of")):
+        with pytest.raises(InvalidArgumentError, match=message):
+            open_pool("a.b:C", **arguments)
+
+
 def test_options_that_only_fit_together_are_checked_when_the_pool_opens():
     with pytest.raises(InvalidArgumentError, match="size must be a whole number >= 1"):
         pool_options("a.b:C", {"size": 0}, environ={})

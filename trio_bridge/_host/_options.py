@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, Final, Literal, TypeVar, final
+from typing import Any, ClassVar, Final, Literal, TypeVar, final
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -260,15 +260,17 @@ class _Group:
     takes its default, and the group remembers which were set."""
 
     _set: frozenset[str]
+    _prefix: ClassVar[str | None] = None  # what its fields' names start with in messages (default: "Class.")
 
     def __post_init__(self) -> None:
         chosen = []
+        prefix = self._prefix if self._prefix is not None else f"{type(self).__name__}."
         for name, spec in _specs(type(self)).items():
             value = getattr(self, name)
             if value is DEFAULT:
                 value = spec.default
             else:
-                value = spec.check(f"{type(self).__name__}.{name}", value)
+                value = spec.check(f"{prefix}{name}", value)
                 chosen.append(name)
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_set", frozenset(chosen))
@@ -572,6 +574,8 @@ _GROUPS: dict[str, type[_Group]] = {
 class PoolOptions(_Group):
     """All of one pool's options, complete and checked (made by :func:`pool_options`): the
     everyday ones, and the groups, each passed whole to the part of the pool that uses it."""
+
+    _prefix = ""  # its fields are open_pool's arguments
 
     adapter: str = _option("", _adapter)
     size: int = _option(None, _optional(_whole(0)), "TRIO_BRIDGE_WORKERS", int)  # None: filled in when made
