@@ -142,7 +142,7 @@ UNARY_TOOLS = ("noop", "anoop", "inline_noop")  # sync (thread pool), async def,
 
 async def worker_event_loop() -> str:
     """The class of the event loop a pool's worker runs, as the worker itself reports it."""
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
         return await pool.execute("event_loop")
 
 
@@ -170,7 +170,7 @@ async def round_trips(floor: StockFloor, rounds: int, per_round: int) -> dict[st
     samples: dict[str, list[float]] = {}
     spawn = multiprocessing.get_context("spawn")
     async with (
-        trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool,
+        trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool,
         trio_parallel.open_worker_context() as context,
     ):
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as executor:
@@ -282,7 +282,7 @@ async def _pool_window(pool: Any, in_flight: int, seconds: float, tool: str) -> 
 
 async def pool_throughput(in_flight: int, seconds: float, concurrency: int, tool: str) -> float:
     async with trio_bridge.open_pool(
-        ADAPTER, size=2, concurrency=concurrency, max_queue=256, health_check_interval=0
+        ADAPTER, size=2, concurrency=concurrency, max_queue=256, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)
     ) as pool:
         done, elapsed = await _pool_window(pool, in_flight, seconds, tool)
         return done / elapsed
@@ -298,7 +298,7 @@ async def throughput_vs_floors(
     and with unary RPCs, in alternating windows of ``seconds`` after a short warm-up of each;
     each side's calls over its seconds."""
     async with trio_bridge.open_pool(
-        ADAPTER, size=2, concurrency=concurrency, max_queue=256, health_check_interval=0
+        ADAPTER, size=2, concurrency=concurrency, max_queue=256, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)
     ) as pool:
         await _pool_window(pool, in_flight, 0.3, tool)
         for kind in ("stream", "unary"):
@@ -322,7 +322,7 @@ async def throughput_vs_floors(
 
 
 async def stream_rate(tool: str, n: int) -> float:
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
         t0 = time.perf_counter()
         count = 0
         async with pool.stream(tool, {"n": n}) as chunks:
@@ -335,7 +335,7 @@ async def stream_rate(tool: str, n: int) -> float:
 async def stream_memory(n: int) -> dict[str, float]:
     """Host RSS while ``n`` chunks stream to a consumer slower than the generator."""
     process = psutil.Process()
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
         samples = []
         t0 = time.perf_counter()
         async with pool.stream("count", {"n": n}) as chunks:
@@ -358,7 +358,7 @@ async def stream_memory(n: int) -> dict[str, float]:
 
 async def state(n: int, watchers: int, rounds: int) -> dict[str, Any]:
     """Variables: reads in a worker tool (cached, fresh), writes from the host, watch fan-out."""
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool, pool.session() as session:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.5)
         cached = await session.execute("time_reads", {"name": "temperature", "n": n, "fresh": False})
         fresh = await session.execute("time_reads", {"name": "temperature", "n": n, "fresh": True})
@@ -454,15 +454,15 @@ async def remote_unary(n: int) -> dict[str, Any]:
         (d / "token").chmod(0o600)  # trio-bridge worker refuses a token file others may read
         for kind in ("unix_local", "tcp_tls_remote", "tcp_plain_remote"):
             worker = None
-            options: dict[str, Any] = {"size": 1, "health_check_interval": 0}
+            options: dict[str, Any] = {"size": 1, "lifecycle": trio_bridge.Lifecycle(health_check_interval=0)}
             if kind != "unix_local":
                 tls = kind == "tcp_tls_remote"
                 worker = RemoteWorkerProcess(
                     ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs if tls else None,
                 ).start()
-                options = {"size": 0, "remote_workers": [worker.address], "token": token, "listen": "tcp://127.0.0.1:0"}
-                if tls:
-                    options["tls"] = certs.tls("host")
+                options = {"size": 0, "remote": trio_bridge.RemoteWorkers(
+                    addresses=[worker.address], token=token, listen="tcp://127.0.0.1:0", tls=certs.tls("host") if tls else None,
+                )}
             try:
                 async with trio_bridge.open_pool(ADAPTER, **options) as pool:
                     for i in range(n // 5):
@@ -481,7 +481,7 @@ async def remote_unary(n: int) -> dict[str, Any]:
 
 async def tools(n: int) -> dict[str, Any]:
     """Calls from a worker tool: to a host tool, and to another worker's tool."""
-    async with trio_bridge.open_pool(ADAPTER, size=2, health_check_interval=0) as pool:
+    async with trio_bridge.open_pool(ADAPTER, size=2, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
 
         @pool.host_tool
         async def echo(x: int) -> int:
@@ -509,7 +509,7 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
     local_s: list[float] = []
     echo_s: list[float] = []
     warm: list[float] = []
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0, shared_memory_threshold=threshold) as pool:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0), local=trio_bridge.LocalWorkers(shared_memory_threshold=threshold)) as pool:
         await pool.execute("plus_one", {"a": pattern[:10], "sample_sum": sample_sum(pattern[:10])})
         for i in range(warm_ups + repeats):
             a = pattern + np.float32(i)
@@ -586,7 +586,7 @@ async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, dict[
             for label, (adapter, env) in READY_ADAPTERS.items():
                 for size in sizes:
                     t0 = time.perf_counter()
-                    async with trio_bridge.open_pool(adapter, size=size, env=env, health_check_interval=0) as pool:
+                    async with trio_bridge.open_pool(adapter, size=size, local=trio_bridge.LocalWorkers(env=env), lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
                         out[label]["seconds"][str(size)].append(time.perf_counter() - t0)
                         if pool.start_method not in out[label]["start_method"]:
                             out[label]["start_method"].append(pool.start_method)
@@ -685,7 +685,7 @@ def session_rss(sessions: int, variables: int) -> dict[str, Any]:
 async def watch_fan_out(watchers: int, rounds: int) -> dict[str, Any]:
     """Seconds from one ``set_variable`` until every one of ``watchers`` watchers has seen it,
     through the host Session API; one write at a time (watch_fanout.py times the writer instead)."""
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool, pool.session() as session:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.0)
         target = 0
         seen = 0

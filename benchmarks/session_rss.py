@@ -26,7 +26,7 @@ ADAPTER = "benchmarks.adapters:Bench"
 async def measure(sessions: int, variables: int) -> dict[str, Any]:
     process = psutil.Process()
     names = [f"v{i}" for i in range(variables)]
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool, AsyncExitStack() as stack:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool, AsyncExitStack() as stack:
         rss_before = process.memory_info().rss
         t0 = time.perf_counter()
         for _ in range(sessions):

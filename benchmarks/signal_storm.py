@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tests.adapters import Echo
+from trio_bridge import Lifecycle
 from trio_bridge.worker import SessionContext, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ async def _embedded_host(shutdown_timeout: float) -> None:
     import trio_bridge
 
     print(f"HOST {os.getpid()}", flush=True)
-    async with trio_bridge.open_pool(ADAPTER, size=POOL_SIZE, shutdown_timeout=shutdown_timeout) as pool:
+    async with trio_bridge.open_pool(ADAPTER, size=POOL_SIZE, lifecycle=Lifecycle(shutdown_timeout=shutdown_timeout)) as pool:
         pool.host_tool(host_nap)
         print("WORKERS " + " ".join(str(w.pid) for w in pool.workers()), flush=True)
 

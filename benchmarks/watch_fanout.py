@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 import trio_bridge
-from trio_bridge import MemoryBackend
+from trio_bridge import Lifecycle, MemoryBackend
 
 ADAPTER = "benchmarks.adapters:Bench"
 
@@ -108,7 +108,7 @@ async def through_backend(watchers: int, writes: int, burst: int) -> dict[str, A
 
 
 async def through_session(watchers: int, writes: int, burst: int) -> dict[str, Any]:
-    async with trio_bridge.open_pool(ADAPTER, size=1, health_check_interval=0) as pool, pool.session() as session:
+    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=Lifecycle(health_check_interval=0)) as pool, pool.session() as session:
         await session.register_variable("temperature", "float", 0.0)
         return await fan_out(
             lambda: session.watch_variables(["temperature"], include_initial=False),

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from tests.helpers import marks, wait_for
-from trio_bridge import EncodeError, InvalidArgumentError, ToolError, ToolNotFoundError
+from trio_bridge import EncodeError, InvalidArgumentError, Lifecycle, LocalWorkers, ToolError, ToolNotFoundError
 from trio_bridge._host._calls import Calls
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge.testing import open_pool_in_threads
@@ -179,7 +179,7 @@ async def test_a_call_made_in_an_already_cancelled_scope_carries_a_passed_deadli
     # Trio says -inf for the deadline of a cancelled scope: on the wire it must not read as "none".
     calls = Calls(
         supervisor=SimpleNamespace(closing=False), router=None, metrics=None, state=None,  # type: ignore[arg-type]
-        plane=None, cancel_grace=5, no_worker_timeout=5,
+        plane=None, lifecycle=Lifecycle(cancel_grace=5, no_worker_timeout=5),
     )
     with trio.CancelScope() as scope:
         scope.cancel()
@@ -225,13 +225,13 @@ async def test_tcp_pools_send_large_arrays_in_band():
 async def test_a_thread_worker_the_pool_recycles_is_replaced_and_options_threads_lack_are_refused():
     # A sync tool that ignores cancellation past cancel_grace gets its worker recycled: the
     # thread worker's server is cancelled (exit code -9, as SIGKILL), and a new one starts.
-    async with open_pool_in_threads(ECHO, size=1, cancel_grace=0.1, restart_backoff=(0.01, 0.01)) as pool:
+    async with open_pool_in_threads(ECHO, size=1, lifecycle=Lifecycle(cancel_grace=0.1, restart_backoff=(0.01, 0.01))) as pool:
         first = pool.workers()[0].id
         with trio.move_on_after(0.2):
             await pool.execute("sleep", {"seconds": 1})
         await wait_for(lambda: [w.id for w in pool.workers() if w.state == "ready"] not in ([], [first]))
         assert await pool.execute("add", {"a": 1}) == 3
         assert pool.statistics().calls_cancelled == 1
-    for option in ({"python": "python3"}, {"shared_memory_threshold": 1024}):
+    for option in ({"local": LocalWorkers(python="python3")}, {"local": LocalWorkers(shared_memory_threshold=1024)}):
         with pytest.raises(InvalidArgumentError, match="workers in threads take no"):
             open_pool_in_threads(ECHO, **option)

@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from trio_bridge import EncodeError
+from trio_bridge import EncodeError, LocalWorkers
 from trio_bridge._wire.codec import check, decode, encode
 from trio_bridge._wire.generated.trio_bridge.v1 import Payload
 
@@ -470,7 +470,7 @@ async def test_big_arrays_echo_in_band_intact_and_writable():
     import trio_bridge
 
     array = np.random.default_rng(1).standard_normal((1024, 700)).astype(np.float32)  # 2.7 MiB
-    async with trio_bridge.open_pool("tests.adapters:Echo", size=1, shared_memory_threshold=None) as pool:
+    async with trio_bridge.open_pool("tests.adapters:Echo", size=1, local=LocalWorkers(shared_memory_threshold=None)) as pool:
         echoed = await pool.execute("echo", {"value": array})
         assert echoed.dtype == array.dtype and np.array_equal(echoed, array) and echoed.flags.writeable
         echoed += 1

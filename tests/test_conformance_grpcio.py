@@ -94,8 +94,10 @@ async def test_a_grpcio_client_written_from_the_spec_drives_a_worker_and_the_hos
     # client stops within milliseconds of its dial-back).
     caplog.set_level(logging.INFO, logger="trio_bridge")
     port = free_port("127.0.0.1")
-    options = {"size": 2, "listen": f"tcp://127.0.0.1:{port}", "token": TOKEN, "restart_backoff": (0.1, 0.5)}
-    async with trio_bridge.open_pool(ADAPTER, **options) as pool:
+    async with trio_bridge.open_pool(
+        ADAPTER, size=2, remote=trio_bridge.RemoteWorkers(listen=f"tcp://127.0.0.1:{port}", token=TOKEN),
+        lifecycle=trio_bridge.Lifecycle(restart_backoff=(0.1, 0.5)),
+    ) as pool:
         for function in (shout, echo_host, explode, nap, countdown, countdown_then_fail):
             pool.host_tool(function)
         async with pool.session(ttl=600, metadata={"owner": "conformance", "big": 2**60}) as session:

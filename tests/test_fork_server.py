@@ -17,7 +17,7 @@ import trio
 
 import trio_bridge
 from tests.helpers import wait_for
-from trio_bridge import InvalidArgumentError, WorkerCrashedError, WorkerStartError
+from trio_bridge import InvalidArgumentError, Lifecycle, LocalWorkers, WorkerCrashedError, WorkerStartError
 
 FORKED = "tests.fork_adapters:Forked"
 THREADED = "tests.threaded_adapter:Threaded"
@@ -61,7 +61,7 @@ async def _replaced(pool: trio_bridge.Pool, old_id: str) -> trio_bridge.WorkerIn
 
 @pytest.mark.real_process
 async def test_workers_are_forked_by_the_fork_server_and_answer_calls():
-    async with trio_bridge.open_pool(FORKED, size=2, env={"TB_POOL_VAR": "pool"}) as pool:
+    async with trio_bridge.open_pool(FORKED, size=2, local=LocalWorkers(env={"TB_POOL_VAR": "pool"})) as pool:
         assert pool.start_method == "forkserver"
         (server,) = _fork_servers()
         for worker in pool.workers():
@@ -88,7 +88,7 @@ async def test_workers_are_forked_by_the_fork_server_and_answer_calls():
 
 @pytest.mark.real_process
 async def test_per_worker_environment_applies_in_each_fork():
-    async with trio_bridge.open_pool(FORKED, size=1, restart_backoff=(0.0, 0.0)) as pool:
+    async with trio_bridge.open_pool(FORKED, size=1, lifecycle=Lifecycle(restart_backoff=(0.0, 0.0))) as pool:
         first = pool.workers()[0]
         assert await pool.execute("env", {"name": "TRIO_BRIDGE_WORKER_ID"}) == first.id
         os.kill(first.pid, signal.SIGKILL)
@@ -99,7 +99,7 @@ async def test_per_worker_environment_applies_in_each_fork():
 @pytest.mark.real_process
 async def test_forked_workers_do_not_share_numpys_legacy_random_state():
     env = {"OPENBLAS_NUM_THREADS": "1"}  # OpenBLAS starts no thread at import: the module forks
-    async with trio_bridge.open_pool("tests.numpy_fork_adapter:NumpyForked", size=2, env=env, concurrency=1) as pool:
+    async with trio_bridge.open_pool("tests.numpy_fork_adapter:NumpyForked", size=2, local=LocalWorkers(env=env), concurrency=1) as pool:
         assert pool.start_method == "forkserver"
         draws: list[list] = []
 
@@ -116,7 +116,7 @@ async def test_forked_workers_do_not_share_numpys_legacy_random_state():
 @pytest.mark.real_process
 async def test_a_killed_worker_is_replaced_by_a_fork_quickly(caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with trio_bridge.open_pool(FORKED, size=1, restart_backoff=(0.0, 0.0)) as pool:
+    async with trio_bridge.open_pool(FORKED, size=1, lifecycle=Lifecycle(restart_backoff=(0.0, 0.0))) as pool:
         (server,) = _fork_servers()
         old = pool.workers()[0]
         sleeper = await pool.execute("spawn_sleeper")
@@ -142,7 +142,7 @@ async def wait_for_dead(pid: int, timeout: float = 5.0) -> bool:
 
 @pytest.mark.real_process
 async def test_a_crashed_forked_worker_reports_its_exit_code_signal_and_stderr_tail():
-    async with trio_bridge.open_pool(FORKED, size=1, restart_backoff=(0.01, 0.05)) as pool:
+    async with trio_bridge.open_pool(FORKED, size=1, lifecycle=Lifecycle(restart_backoff=(0.01, 0.05))) as pool:
         assert pool.start_method == "forkserver"
         with pytest.raises(WorkerCrashedError) as info:
             await pool.execute("crash", {"message": "out of cheese", "code": 7})
@@ -158,7 +158,7 @@ async def test_a_crashed_forked_worker_reports_its_exit_code_signal_and_stderr_t
 @pytest.mark.real_process
 async def test_a_forked_worker_that_fails_to_start_reports_why():
     with pytest.raises(WorkerStartError) as info:
-        async with trio_bridge.open_pool("tests.adapters:BrokenSetup", size=2, start_method="forkserver"):
+        async with trio_bridge.open_pool("tests.adapters:BrokenSetup", size=2, local=LocalWorkers(start_method="forkserver")):
             pass
     assert "the model file is missing" in info.value.stderr_tail
     assert info.value.exit_code == 4  # EXIT_ADAPTER_SETUP
@@ -208,7 +208,7 @@ def test_host_sigkill_leaves_no_fork_server_no_worker_no_tool_process_and_no_fil
 @pytest.mark.real_process
 async def test_a_dead_fork_server_takes_its_workers_with_it_and_the_pool_carries_on(caplog):
     caplog.set_level(logging.INFO, logger="trio_bridge")
-    async with trio_bridge.open_pool(FORKED, size=2, restart_backoff=(0.01, 0.05)) as pool:
+    async with trio_bridge.open_pool(FORKED, size=2, lifecycle=Lifecycle(restart_backoff=(0.01, 0.05))) as pool:
         (server,) = _fork_servers()
         sleeper = await pool.execute("spawn_sleeper")
         old = [w.pid for w in pool.workers()]
@@ -245,7 +245,7 @@ async def test_a_preloaded_parent_with_threads_falls_back_to_spawn(caplog):
     assert record.levelno == logging.INFO  # the default method: no warning
 
     caplog.clear()
-    async with trio_bridge.open_pool(THREADED, size=1, start_method="forkserver") as pool:
+    async with trio_bridge.open_pool(THREADED, size=1, local=LocalWorkers(start_method="forkserver")) as pool:
         assert pool.start_method == "spawn"
     (record,) = [r for r in caplog.records if "start by spawn" in r.getMessage()]
     assert record.levelno == logging.WARNING  # asked for, not given: said out loud
@@ -253,7 +253,7 @@ async def test_a_preloaded_parent_with_threads_falls_back_to_spawn(caplog):
 
 @pytest.mark.real_process
 async def test_start_method_spawn_starts_no_fork_server():
-    async with trio_bridge.open_pool(FORKED, size=1, start_method="spawn") as pool:
+    async with trio_bridge.open_pool(FORKED, size=1, local=LocalWorkers(start_method="spawn")) as pool:
         assert pool.start_method == "spawn"
         assert not _fork_servers()
         assert psutil.Process(pool.workers()[0].pid).ppid() == os.getpid()
@@ -261,8 +261,8 @@ async def test_start_method_spawn_starts_no_fork_server():
 
 
 async def test_an_unknown_start_method_is_refused():
-    with pytest.raises(InvalidArgumentError, match="start_method must be 'forkserver', 'spawn' or None"):
-        async with trio_bridge.open_pool(FORKED, size=1, start_method="fork"):  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"LocalWorkers\.start_method must be one of 'forkserver', 'spawn' or None"):
+        async with trio_bridge.open_pool(FORKED, size=1, local=LocalWorkers(start_method="fork")):  # type: ignore[arg-type]
             pass
 
 

@@ -13,7 +13,7 @@ import trio
 
 import trio_bridge
 from benchmarks.sigkill_storm import one_run
-from trio_bridge import WorkerCrashedError
+from trio_bridge import Lifecycle, LocalWorkers, WorkerCrashedError
 
 pytestmark = pytest.mark.real_process
 
@@ -46,7 +46,7 @@ def test_host_sigkill_leaves_no_worker_no_tool_process_and_no_file(tool):
 
 async def test_a_tools_processes_go_with_its_worker_on_crash_recycle_and_close(caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with trio_bridge.open_pool(ECHO, size=1, restart_backoff=(0.01, 0.01)) as pool:
+    async with trio_bridge.open_pool(ECHO, size=1, lifecycle=Lifecycle(restart_backoff=(0.01, 0.01))) as pool:
         crashed = await pool.execute("spawn_sleeper")
         with pytest.raises(WorkerCrashedError):
             await pool.execute("exit_now", {"code": 7})  # the worker crashes
@@ -73,7 +73,7 @@ async def test_a_worker_killed_while_a_big_request_is_sent_fails_that_call_witho
 
     caplog.set_level(logging.WARNING, logger="asyncio")
     big = np.ones(48 * 2**20 // 4, dtype=np.float32)
-    async with trio_bridge.open_pool(ECHO, size=1, shared_memory_threshold=None, restart_backoff=(0.01, 0.1)) as pool:
+    async with trio_bridge.open_pool(ECHO, size=1, local=LocalWorkers(shared_memory_threshold=None), lifecycle=Lifecycle(restart_backoff=(0.01, 0.1))) as pool:
         for _ in range(3):
             await pool.wait_for_workers(1)
             assert (await pool.execute("echo", {"value": big})).shape == big.shape  # the windows widen for good

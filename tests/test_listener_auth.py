@@ -21,7 +21,7 @@ from grpclib.exceptions import GRPCError
 from typer.testing import CliRunner
 
 import trio_bridge
-from trio_bridge import InvalidArgumentError
+from trio_bridge import InvalidArgumentError, LocalWorkers, RemoteWorkers
 from trio_bridge._host._process import WorkerProcess, launcher
 from trio_bridge._wire.contract import READY_PREFIX, SECRET_ENV, SECRET_METADATA
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -54,7 +54,7 @@ async def test_neither_the_adapter_nor_a_tools_subprocess_sees_the_pool_secret(s
     token = launcher.set(spawn_with_the_secret_in_the_environment) if start_method == "environment" else None
     try:
         async with trio_bridge.open_pool(
-            "tests.auth_adapters:Snoop", size=1, start_method=None if token else start_method,
+            "tests.auth_adapters:Snoop", size=1, local=LocalWorkers(start_method=None if token else start_method),
         ) as pool:
             assert pool.start_method == ("custom" if token else start_method)
             pool.host_tool(host_answer)
@@ -153,12 +153,12 @@ def test_the_worker_module_listens_locally_without_a_secret(listen):
         ({}, "need a token"),
         ({"insecure": True}, "need a token"),  # insecure=True allows plain TCP, never no token
         ({"token": "short", "insecure": True}, "at least 16 characters"),
-        ({"token": SECRET}, "plain TCP beyond this machine (tcp:0.0.0.0:0): give tls=TLSConfig(...), or insecure=True"),
+        ({"token": SECRET}, "plain TCP beyond this machine (tcp:0.0.0.0:0): give RemoteWorkers(tls=TLSConfig(...)), or RemoteWorkers(insecure=True)"),
     ],
 )
 async def test_a_pool_refuses_to_listen_beyond_loopback_unprotected(options, says):
     with pytest.raises(InvalidArgumentError, match=re.escape(says)):
-        async with trio_bridge.open_pool("tests.adapters:Echo", size=1, listen="tcp://0.0.0.0:0", **options):
+        async with trio_bridge.open_pool("tests.adapters:Echo", size=1, remote=RemoteWorkers(listen="tcp://0.0.0.0:0", **options)):
             pytest.fail("the pool opened")
 
 

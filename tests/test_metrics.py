@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import wait_for
-from trio_bridge import InvalidArgumentError, ToolError, ToolNotFoundError, open_pool
+from trio_bridge import InvalidArgumentError, Lifecycle, Monitoring, Recycling, ToolError, ToolNotFoundError, open_pool
 from trio_bridge._top import fetch_status
 from trio_bridge.testing import open_fake_pool
 
@@ -45,7 +45,7 @@ def add(a: int, b: int = 2) -> int:
 
 async def test_a_scrape_agrees_with_statistics(autojump_clock):
     registry = CollectorRegistry()
-    async with open_fake_pool({"add": add, "fail": fail}, size=2, metrics_registry=registry) as fake:
+    async with open_fake_pool({"add": add, "fail": fail}, size=2, monitoring=Monitoring(registry=registry)) as fake:
         pool = fake.pool
         for i in range(5):
             assert await pool.execute("add", {"a": i}) == i + 2
@@ -95,8 +95,8 @@ async def test_a_scrape_agrees_with_statistics(autojump_clock):
 async def test_pools_of_one_adapter_are_told_apart_and_recycles_are_counted(autojump_clock):
     registry = CollectorRegistry()
     async with (
-        open_fake_pool({"add": add}, metrics_registry=registry, max_calls_per_worker=2) as first,
-        open_fake_pool({"add": add}, metrics_registry=registry) as second,
+        open_fake_pool({"add": add}, monitoring=Monitoring(registry=registry), recycling=Recycling(max_calls=2)) as first,
+        open_fake_pool({"add": add}, monitoring=Monitoring(registry=registry)) as second,
     ):
         for _ in range(4):
             await first.pool.execute("add", {"a": 1})
@@ -112,8 +112,8 @@ async def test_pools_of_one_adapter_are_told_apart_and_recycles_are_counted(auto
 
 @pytest.mark.parametrize("address", ["localhost", "127.0.0.1:port", ":99999", 9464])
 async def test_a_bad_metrics_address_is_refused_before_anything_starts(address):
-    with pytest.raises(InvalidArgumentError, match="metrics_address"):
-        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address):
+    with pytest.raises(InvalidArgumentError, match=r"Monitoring\.address"):
+        async with open_pool("tests.adapters:Echo", size=1, monitoring=Monitoring(address=address)):
             pytest.fail("the pool opened")
 
 
@@ -123,7 +123,7 @@ async def test_a_metrics_address_in_use_is_refused_clearly(autojump_clock):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(InvalidArgumentError, match="cannot listen there"):
-            async with open_fake_pool({"add": add}, metrics_address=f"127.0.0.1:{port}", metrics_registry=CollectorRegistry()):
+            async with open_fake_pool({"add": add}, monitoring=Monitoring(address=f"127.0.0.1:{port}", registry=CollectorRegistry())):
                 pytest.fail("the pool opened")
 
 
@@ -137,8 +137,7 @@ def get(url: str) -> str:
 async def test_a_real_pool_serves_its_metrics_with_the_workers_own_figures():
     registry = CollectorRegistry()
     async with open_pool(
-        "tests.tool_adapters:Agent", size=2, heartbeat_interval=0.2, metrics_registry=registry,
-        metrics_address="127.0.0.1:0",
+        "tests.tool_adapters:Agent", size=2, lifecycle=Lifecycle(heartbeat_interval=0.2), monitoring=Monitoring(registry=registry, address="127.0.0.1:0"),
     ) as pool:
         assert pool.metrics_address is not None
         url = f"http://{pool.metrics_address}/metrics"
@@ -188,7 +187,7 @@ def ask(url: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]
 async def test_status_beyond_loopback_answers_only_the_pools_token():
     # bound on every interface, so not loopback, though the test reaches it through 127.0.0.1
     async with open_fake_pool(
-        {"add": add, "fail": fail}, metrics_address="0.0.0.0:0", token=TOKEN, metrics_registry=CollectorRegistry(),
+        {"add": add, "fail": fail}, monitoring=Monitoring(address="0.0.0.0:0", registry=CollectorRegistry(), token=TOKEN),
     ) as fake:
         with pytest.raises(ToolError):
             await fake.pool.execute("fail", {"message": "the password is hunter2"})
@@ -213,8 +212,8 @@ async def test_status_beyond_loopback_answers_only_the_pools_token():
 
 async def test_status_on_loopback_or_made_public_needs_no_token(monkeypatch):
     async with (
-        open_fake_pool({"add": add}, metrics_address="127.0.0.1:0", token=TOKEN, metrics_registry=CollectorRegistry()) as local,
-        open_fake_pool({"add": add}, metrics_address="0.0.0.0:0", status_public=True, metrics_registry=CollectorRegistry()) as public,
+        open_fake_pool({"add": add}, monitoring=Monitoring(address="127.0.0.1:0", registry=CollectorRegistry(), token=TOKEN)) as local,
+        open_fake_pool({"add": add}, monitoring=Monitoring(address="0.0.0.0:0", status_public=True, registry=CollectorRegistry())) as public,
     ):
         for fake in (local, public):
             assert fake.pool.metrics_address is not None
@@ -223,23 +222,23 @@ async def test_status_on_loopback_or_made_public_needs_no_token(monkeypatch):
             )
             assert code == 200 and json.loads(body)["workers"]
     monkeypatch.setenv("TRIO_BRIDGE_STATUS_PUBLIC", "1")  # a deployment opts out without touching the program
-    open_pool("tests.adapters:Echo", metrics_address="0.0.0.0:9464")  # checked at once; not entered
+    open_pool("tests.adapters:Echo", monitoring=Monitoring(address="0.0.0.0:9464"))  # checked at once; not entered
     monkeypatch.setenv("TRIO_BRIDGE_STATUS_PUBLIC", "maybe")
     with pytest.raises(InvalidArgumentError, match="TRIO_BRIDGE_STATUS_PUBLIC='maybe'"):
-        open_pool("tests.adapters:Echo", metrics_address="0.0.0.0:9464")
+        open_pool("tests.adapters:Echo", monitoring=Monitoring(address="0.0.0.0:9464"))
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0:9464", ":::9464", "192.0.2.7:9464", "metrics.example.com:9464"])
 async def test_status_beyond_loopback_without_a_token_is_refused_saying_how_to_fix_it(address, monkeypatch):
     monkeypatch.delenv("TRIO_BRIDGE_STATUS_PUBLIC", raising=False)
     with pytest.raises(InvalidArgumentError) as refused:
-        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address):
+        async with open_pool("tests.adapters:Echo", size=1, monitoring=Monitoring(address=address)):
             pytest.fail("the pool opened")
     message = str(refused.value)
     assert "not loopback" in message and "token=" in message and "127.0.0.1" in message and "status_public=True" in message
     with pytest.raises(InvalidArgumentError, match="at least 16 characters"):
-        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address, token="short"):
+        async with open_pool("tests.adapters:Echo", size=1, monitoring=Monitoring(address=address, token="short")):
             pytest.fail("the pool opened")
     with pytest.raises(InvalidArgumentError, match="status_public must be True or False"):
-        async with open_pool("tests.adapters:Echo", size=1, metrics_address=address, status_public="yes"):  # type: ignore[arg-type]
+        async with open_pool("tests.adapters:Echo", size=1, monitoring=Monitoring(address=address, status_public="yes")):  # type: ignore[arg-type]
             pytest.fail("the pool opened")

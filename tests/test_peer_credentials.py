@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from tests.test_standard_services import grpcio_target
-from trio_bridge import open_pool
+from trio_bridge import LocalWorkers, open_pool
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.auth import PeerCheck, parse_allowed_uids
 from trio_bridge._wire.transport import parse_address
@@ -105,7 +105,7 @@ async def test_our_own_uid_is_served():
 @pytest.mark.real_process
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 async def test_allowed_uids_lets_another_uid_in(start_method):
-    async with open_pool("tests.adapters:Echo", size=1, allowed_uids=[NOBODY], start_method=start_method) as pool:
+    async with open_pool("tests.adapters:Echo", size=1, local=LocalWorkers(allowed_uids=[NOBODY], start_method=start_method)) as pool:
         assert pool.start_method == start_method  # the variable reaches forked workers too
         (worker,) = pool.workers()
         at_host = await ask(pool._spec.host_address, uid=NOBODY)
@@ -125,7 +125,7 @@ async def test_tcp_is_not_checked_by_uid():
 async def test_allowed_uids_must_be_uids():
     for bad in (["1001"], [-1], [True], "1001", 1001):
         with pytest.raises(InvalidArgumentError, match="allowed_uids"):
-            async with open_pool("tests.adapters:Echo", size=1, allowed_uids=bad):  # type: ignore[arg-type]
+            async with open_pool("tests.adapters:Echo", size=1, local=LocalWorkers(allowed_uids=bad)):  # type: ignore[arg-type]
                 pass
 
 

@@ -13,6 +13,7 @@ import trio
 import trio_bridge
 from tests.helpers import wait_for
 from trio_bridge import (
+    Lifecycle,
     PoolClosedError,
     WorkerCrashedError,
     WorkerStartError,
@@ -44,14 +45,14 @@ async def test_failing_setup_fails_open_pool_with_its_traceback():
 
 async def test_worker_without_ready_line_in_time_fails_open_pool_and_is_killed():
     with pytest.raises(WorkerStartError, match=r"no ready line within 0\.5 s") as info:
-        async with trio_bridge.open_pool("tests.adapters:SlowSetup", size=1, startup_timeout=0.5):
+        async with trio_bridge.open_pool("tests.adapters:SlowSetup", size=1, lifecycle=Lifecycle(startup_timeout=0.5)):
             pass
     assert info.value.signal in ("SIGKILL", "SIGTERM")
     assert not _running(info.value.pid)
 
 
 async def test_killed_worker_fails_only_its_call_and_the_pool_refills():
-    async with trio_bridge.open_pool(ECHO, size=2, restart_backoff=(0.05, 0.5)) as pool:
+    async with trio_bridge.open_pool(ECHO, size=2, lifecycle=Lifecycle(restart_backoff=(0.05, 0.5))) as pool:
         results = {}
 
         async def doomed_call() -> None:
@@ -81,7 +82,7 @@ async def test_killed_worker_fails_only_its_call_and_the_pool_refills():
 
 
 async def test_worker_exit_code_and_stderr_tail_are_reported():
-    async with trio_bridge.open_pool(ECHO, size=1, restart_backoff=(0.05, 0.5)) as pool:
+    async with trio_bridge.open_pool(ECHO, size=1, lifecycle=Lifecycle(restart_backoff=(0.05, 0.5))) as pool:
         with pytest.raises(WorkerCrashedError) as info:
             await pool.execute("exit_now", {"code": 7})
         assert info.value.exit_code == 7 and info.value.signal is None
@@ -90,7 +91,7 @@ async def test_worker_exit_code_and_stderr_tail_are_reported():
 
 
 async def test_worker_failing_its_health_check_is_recycled():
-    async with trio_bridge.open_pool(ECHO, size=1, health_check_interval=0.3, restart_backoff=(0.05, 0.5)) as pool:
+    async with trio_bridge.open_pool(ECHO, size=1, lifecycle=Lifecycle(health_check_interval=0.3, restart_backoff=(0.05, 0.5))) as pool:
         pid = await pool.execute("pid")
         with pytest.raises(WorkerCrashedError, match="failed its health check"):
             await pool.execute("block_loop", {"seconds": 30})
@@ -122,7 +123,7 @@ async def test_closing_leaves_no_process_and_no_file():
 
 async def test_closing_a_pool_whose_worker_hangs_is_bounded():
     started = trio.current_time()
-    async with trio_bridge.open_pool(ECHO, size=1, shutdown_timeout=0.5, health_check_interval=0) as pool:
+    async with trio_bridge.open_pool(ECHO, size=1, lifecycle=Lifecycle(shutdown_timeout=0.5, health_check_interval=0)) as pool:
         pid = await pool.execute("pid")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.execute, "block_loop", {"seconds": 60})  # its event loop stops answering

@@ -15,6 +15,7 @@ from tests.helpers import wait_for
 from trio_bridge import (
     EncodeError,
     InvalidArgumentError,
+    Lifecycle,
     PoolSaturatedError,
     SessionNotFoundError,
     ToolError,
@@ -74,7 +75,7 @@ async def settle() -> None:
 
 async def test_restart_backoff_doubles_and_resets_after_a_stable_run(autojump_clock, caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, restart_backoff=(1.0, 4.0)) as (pool, workers):
+    async with open_fake_pool(TOOLS, lifecycle=Lifecycle(restart_backoff=(1.0, 4.0))) as (pool, workers):
         for started in range(2, 7):  # five deaths in a row, each right after the start
             workers.kill(0)
             await workers.wait_started(started)
@@ -98,7 +99,7 @@ async def test_restart_backoff_doubles_and_resets_after_a_stable_run(autojump_cl
 
 
 async def test_killed_worker_fails_only_its_call_and_the_pool_refills(autojump_clock):
-    async with open_fake_pool(TOOLS, size=2, restart_backoff=(0.5, 1.0)) as (pool, workers):
+    async with open_fake_pool(TOOLS, size=2, lifecycle=Lifecycle(restart_backoff=(0.5, 1.0))) as (pool, workers):
         results = {}
 
         async def doomed() -> None:
@@ -126,7 +127,7 @@ async def test_killed_worker_fails_only_its_call_and_the_pool_refills(autojump_c
 
 async def test_failing_starts_make_calls_fail_after_no_worker_timeout_then_the_pool_recovers(autojump_clock, caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, restart_backoff=(1.0, 1.0), no_worker_timeout=5.0) as (pool, workers):
+    async with open_fake_pool(TOOLS, lifecycle=Lifecycle(restart_backoff=(1.0, 1.0), no_worker_timeout=5.0)) as (pool, workers):
         workers.fail_starts(message="ImportError: no module named 'weights'", exit_code=3)
         workers.kill(0)
         await trio.sleep(1.5)  # the first replacement failed
@@ -152,13 +153,13 @@ async def test_a_pool_whose_workers_cannot_start_fails_to_open(autojump_clock):
     assert info.value.exit_code == 1 and "setup() failed" in info.value.stderr_tail
     assert "(2 of 2 workers failed to start)" in info.value.__notes__
     with pytest.raises(WorkerStartError, match=r"no ready line within 2 s"):
-        async with open_fake_pool(TOOLS, start_delay=3, startup_timeout=2):
+        async with open_fake_pool(TOOLS, start_delay=3, lifecycle=Lifecycle(startup_timeout=2)):
             pass
     assert trio.current_time() == 2
 
 
 async def test_health_check_recycles_a_worker_that_stops_answering(autojump_clock):
-    async with open_fake_pool(TOOLS, health_check_interval=3.0, restart_backoff=(0.5, 1.0)) as (pool, workers):
+    async with open_fake_pool(TOOLS, lifecycle=Lifecycle(health_check_interval=3.0, restart_backoff=(0.5, 1.0))) as (pool, workers):
         first = pool.workers()[0].id
         await trio.sleep(1)
         workers.hang(0)
@@ -174,7 +175,7 @@ async def test_health_check_recycles_a_worker_that_stops_answering(autojump_cloc
 # ---- cancellation ----
 
 async def test_a_cancelled_call_holds_its_slot_until_the_worker_lets_go(autojump_clock):
-    async with open_fake_pool(TOOLS, cancel_grace=5.0) as (pool, workers):
+    async with open_fake_pool(TOOLS, lifecycle=Lifecycle(cancel_grace=5.0)) as (pool, workers):
         with trio.move_on_after(1):
             await pool.execute("sleep", {"seconds": 60})  # an async tool: cancelled at once
         await trio.sleep(0.1)
@@ -191,7 +192,7 @@ async def test_a_cancelled_call_holds_its_slot_until_the_worker_lets_go(autojump
 
 async def test_a_worker_that_keeps_a_cancelled_call_is_recycled_after_cancel_grace(autojump_clock, caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, cancel_grace=2.0, restart_backoff=(0.5, 1.0)) as (pool, workers):
+    async with open_fake_pool(TOOLS, lifecycle=Lifecycle(cancel_grace=2.0, restart_backoff=(0.5, 1.0))) as (pool, workers):
         first = pool.workers()[0].id
         with trio.move_on_after(1):
             await pool.execute("ignore_cancel", {"seconds": 60})
@@ -378,7 +379,7 @@ async def test_bad_calls_are_refused_with_their_own_errors(autojump_clock):
 
 async def test_statistics_count_every_outcome_once_and_each_restart_is_logged_once(autojump_clock, caplog):
     caplog.set_level(logging.WARNING, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, max_queue=1, restart_backoff=(0.1, 0.1)) as (pool, workers):
+    async with open_fake_pool(TOOLS, max_queue=1, lifecycle=Lifecycle(restart_backoff=(0.1, 0.1))) as (pool, workers):
         made = 0
         for a in range(3):
             assert await pool.execute("add", {"a": a}) == a + 2

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 import trio_bridge
-from trio_bridge import EncodeError, InvalidArgumentError, StoredObjectLostError
+from trio_bridge import EncodeError, InvalidArgumentError, Lifecycle, StoredObjectLostError
 from trio_bridge.testing import open_pool_in_threads
 
 PYTHON = "trio_bridge.adapters:PythonAdapter"
@@ -73,7 +73,7 @@ async def test_a_fit_predict_pipeline_on_the_digits_data():
 
 @pytest.mark.real_process
 async def test_a_stored_object_lost_with_its_worker_is_reported_as_lost():
-    async with trio_bridge.open_pool(PYTHON, size=2, adapter_options=ALLOW, restart_backoff=(0.05, 0.5)) as pool:
+    async with trio_bridge.open_pool(PYTHON, size=2, adapter_options=ALLOW, lifecycle=Lifecycle(restart_backoff=(0.05, 0.5))) as pool:
         async with pool.session() as session:
             await session.call("numpy.arange", 5, store_as="numbers")
             keeper = next(w for w in pool.workers() if w.id == session.worker_id)

@@ -1,5 +1,5 @@
-"""Recycling: a worker past ``max_calls_per_worker``, ``max_worker_age`` or
-``max_worker_memory`` is replaced without failing a call and without lowering capacity (its
+"""Recycling: a worker past ``Recycling.max_calls``, ``max_age`` or
+``max_memory`` is replaced without failing a call and without lowering capacity (its
 replacement starts first, then it drains). Pool logic on fake workers and Trio's autojump
 clock; then the same promise with real processes."""
 
@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from tests.helpers import wait_for
-from trio_bridge import InvalidArgumentError, open_pool
+from trio_bridge import InvalidArgumentError, Lifecycle, Recycling, open_pool
 from trio_bridge.testing import FakeContext, open_fake_pool
 
 
@@ -66,7 +66,7 @@ async def run_load(
 
 async def test_max_calls_holds_without_failing_a_call_and_capacity_stays_at_size_minus_one(autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, size=2, concurrency=2, start_delay=0.05, max_calls_per_worker=100) as fake:
+    async with open_fake_pool(TOOLS, size=2, concurrency=2, start_delay=0.05, recycling=Recycling(max_calls=100)) as fake:
         pool = fake.pool
         result = await run_load(pool, callers=50, calls=1000, tool="sleep", arguments={"seconds": 0.01}, size=2)
         assert result["failures"] == []
@@ -86,14 +86,14 @@ async def test_max_calls_holds_without_failing_a_call_and_capacity_stays_at_size
         assert recycled and all(w.exit_code == 0 for w in recycled)  # drained and exited, not killed
         current = pool.workers()[:2]  # the slots' workers (a replacement started ahead may follow)
         assert [(w.slot, w.state) for w in current] == [(0, "ready"), (1, "ready")]
-        assert all("max_calls_per_worker=100" in (w.last_recycle_reason or "") for w in current)
+        assert all("Recycling.max_calls=100" in (w.last_recycle_reason or "") for w in current)
     said = [r.getMessage() for r in caplog.records if "recycled" in r.getMessage()]
     assert len(said) == stats.recycles["calls"]  # once per recycle
     assert not [r for r in caplog.records if "is gone" in r.getMessage()]
 
 
 async def test_a_replacement_started_ahead_is_listed_while_it_takes_calls(autojump_clock):
-    async with open_fake_pool(TOOLS, size=1, start_delay=0.05, max_calls_per_worker=10) as fake:
+    async with open_fake_pool(TOOLS, size=1, start_delay=0.05, recycling=Recycling(max_calls=10)) as fake:
         pool = fake.pool
         first = pool.workers()[0]
         for _ in range(9):  # 90 % of the limit: its replacement starts
@@ -107,7 +107,7 @@ async def test_a_replacement_started_ahead_is_listed_while_it_takes_calls(autoju
 
 
 async def test_a_recycled_worker_finishes_its_long_call_while_its_replacement_serves(autojump_clock):
-    async with open_fake_pool(TOOLS, size=1, max_worker_age=10.0) as fake:
+    async with open_fake_pool(TOOLS, size=1, recycling=Recycling(max_age=10.0)) as fake:
         pool = fake.pool
         first = pool.workers()[0]
         async with trio.open_nursery() as nursery:
@@ -120,7 +120,7 @@ async def test_a_recycled_worker_finishes_its_long_call_while_its_replacement_se
             await trio.sleep(12.0)  # past the age limit, mid-call
             workers = pool.workers()
             assert [(w.id, w.state) for w in workers] == [(workers[0].id, "ready"), (first.id, "draining")]
-            assert "max_worker_age=10" in (workers[1].last_recycle_reason or "")
+            assert "Recycling.max_age=10" in (workers[1].last_recycle_reason or "")
             # the replacement serves new calls while the old one finishes
             assert await pool.execute("whoami") == workers[0].id
             assert pool.statistics().workers_ready == 1
@@ -132,7 +132,7 @@ async def test_a_recycled_worker_finishes_its_long_call_while_its_replacement_se
 
 
 async def test_max_worker_memory_recycles_a_worker_whose_rss_grew(autojump_clock):
-    async with open_fake_pool(TOOLS, size=2, max_worker_memory=500 * 2**20) as fake:
+    async with open_fake_pool(TOOLS, size=2, recycling=Recycling(max_memory=500 * 2**20)) as fake:
         pool = fake.pool
         lean, fat = fake.workers.made
         fat.rss = 600 * 2**20
@@ -145,7 +145,7 @@ async def test_max_worker_memory_recycles_a_worker_whose_rss_grew(autojump_clock
 
 
 async def test_when_the_replacement_cannot_start_calls_wait_for_it_and_the_limit_holds(autojump_clock, caplog):
-    async with open_fake_pool(TOOLS, size=1, max_calls_per_worker=3, restart_backoff=(1.0, 1.0)) as fake:
+    async with open_fake_pool(TOOLS, size=1, recycling=Recycling(max_calls=3), lifecycle=Lifecycle(restart_backoff=(1.0, 1.0))) as fake:
         pool = fake.pool
         old = pool.workers()[0].id
         fake.workers.fail_starts(2)
@@ -164,21 +164,20 @@ async def test_when_the_replacement_cannot_start_calls_wait_for_it_and_the_limit
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("max_calls_per_worker", 0), ("max_calls_per_worker", -1), ("max_calls_per_worker", True),
-        ("max_calls_per_worker", 2.5), ("max_calls_per_worker", "10"), ("max_worker_age", 0),
-        ("max_worker_age", float("nan")), ("max_worker_age", float("inf")), ("max_worker_memory", -5),
+        ("max_calls", 0), ("max_calls", -1), ("max_calls", True), ("max_calls", 2.5), ("max_calls", "10"),
+        ("max_age", 0), ("max_age", float("nan")), ("max_age", float("inf")), ("max_memory", -5),
     ],
 )
 async def test_bad_recycling_limits_are_refused_before_anything_starts(option, value):
-    with pytest.raises(InvalidArgumentError, match=option):
-        async with open_pool("tests.adapters:Echo", size=1, **{option: value}):
+    with pytest.raises(InvalidArgumentError, match=f"Recycling.{option}"):
+        async with open_pool("tests.adapters:Echo", size=1, recycling=Recycling(**{option: value})):
             pytest.fail("the pool opened")
 
 
 @pytest.mark.real_process
 async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed_call():
     size = 2
-    async with open_pool("tests.adapters:Pid", size=size, concurrency=2, max_calls_per_worker=100) as pool:
+    async with open_pool("tests.adapters:Pid", size=size, concurrency=2, recycling=Recycling(max_calls=100)) as pool:
         first_pids = {w.pid for w in pool.workers()}
         pids: collections.Counter[int] = collections.Counter()
 
@@ -202,12 +201,12 @@ async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed
         assert not first_pids & {w.pid for w in pool.workers()}
         assert all(w.calls_served <= 100 for w in pool.workers())
 
-    async with open_pool("tests.adapters:Echo", size=1, max_worker_memory=200 * 2**20) as pool:
+    async with open_pool("tests.adapters:Echo", size=1, recycling=Recycling(max_memory=200 * 2**20)) as pool:
         pids = [await pool.execute("leak", {"mib": 64}) for _ in range(3)]  # RSS ~30 MiB + 192 MiB kept
         assert len(set(pids)) == 1  # under the limit until the third
         await wait_for(lambda: pool.statistics().recycles.get("memory") == 1 and len(pool.workers()) == 1, timeout=20)
         info = pool.workers()[0]
-        assert info.pid != pids[0] and "max_worker_memory=200 MiB" in (info.last_recycle_reason or "")
+        assert info.pid != pids[0] and "Recycling.max_memory=200 MiB" in (info.last_recycle_reason or "")
         assert await pool.execute("add", {"a": 1}) == 3
 
 
@@ -225,7 +224,7 @@ async def test_recycling_under_random_sigkills_fails_only_the_killed_workers_cal
     seen_pids: set[int] = set()
     killed: set[int] = set()
     outcomes = {"ok": 0, "crashed": 0}
-    async with open_pool("tests.adapters:Echo", size=2, concurrency=2, max_calls_per_worker=15) as pool:
+    async with open_pool("tests.adapters:Echo", size=2, concurrency=2, recycling=Recycling(max_calls=15)) as pool:
 
         async def caller() -> None:
             for _ in range(60):

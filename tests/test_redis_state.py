@@ -14,6 +14,7 @@ import trio
 import trio_bridge
 from tests.helpers import wait_for
 from trio_bridge import (
+    Lifecycle,
     RedisBackend,
     StateUnavailableError,
     VariableLockedError,
@@ -182,7 +183,7 @@ async def _locked(session) -> bool:
 async def test_a_lock_held_by_a_killed_optimizer_lapses(redis_server):
     backend = RedisBackend(redis_server.url, prefix=_prefix(), lock_lease=0.5)
     async with trio_bridge.open_pool("tests.state_adapters:Variables", size=1, state=backend,
-                                     restart_backoff=(0.05, 0.1)) as pool:
+                                     lifecycle=Lifecycle(restart_backoff=(0.05, 0.1))) as pool:
         async with pool.session() as session:
             await session.register_variable("t", "float", 0.0)
             async with trio.open_nursery() as nursery:

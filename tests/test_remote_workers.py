@@ -12,7 +12,7 @@ import trio
 
 import trio_bridge
 from tests.helpers import wait_for
-from trio_bridge import InvalidArgumentError, TLSConfig, WorkerCrashedError, WorkerStartError
+from trio_bridge import InvalidArgumentError, Lifecycle, RemoteWorkers, TLSConfig, WorkerCrashedError, WorkerStartError
 from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port
 
 ADAPTER = "benchmarks.signal_storm:StormEcho"  # tests.adapters:Echo plus a tool that calls a host tool
@@ -42,11 +42,15 @@ def remote(tmp_path, certs):
     worker.kill()
 
 
-def _options(certs: Certificates, remote: RemoteWorkerProcess, **overrides):
+def _options(certs: Certificates, remote: RemoteWorkerProcess, *, size: int = 1, startup_timeout: float = 60.0, **overrides):
+    """``open_pool``'s options for a pool of ``remote`` (``overrides``: of its ``RemoteWorkers``)."""
     return {
-        "size": 1, "remote_workers": [remote.address], "listen": "tcp://127.0.0.1:0", "token": TOKEN,
-        "tls": certs.tls("host"), "restart_backoff": (0.1, 0.5), "health_check_interval": 1.0,
-    } | overrides
+        "size": size,
+        "remote": RemoteWorkers(**{
+            "addresses": [remote.address], "listen": "tcp://127.0.0.1:0", "token": TOKEN, "tls": certs.tls("host"),
+        } | overrides),
+        "lifecycle": Lifecycle(restart_backoff=(0.1, 0.5), health_check_interval=1.0, startup_timeout=startup_timeout),
+    }
 
 
 async def nap(seconds: float) -> float:
@@ -133,8 +137,8 @@ async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused_and_cance
 @pytest.mark.real_process
 async def test_workers_that_join_are_dialed_back_and_one_of_another_adapter_is_refused(tmp_path, certs):
     listen = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
-    options = {"listen": listen, "token": TOKEN, "tls": certs.tls("host"), "health_check_interval": 1.0}
-    async with trio_bridge.open_pool(ADAPTER, size=1, **options) as pool:
+    remote = RemoteWorkers(listen=listen, token=TOKEN, tls=certs.tls("host"))
+    async with trio_bridge.open_pool(ADAPTER, size=1, remote=remote, lifecycle=Lifecycle(health_check_interval=1.0)) as pool:
         joining = _remote_worker(tmp_path, certs, join=listen).start()
         stranger = _remote_worker(tmp_path, certs, adapter="tests.adapters:Echo", join=listen).start()
         try:
@@ -157,18 +161,20 @@ async def test_workers_that_join_are_dialed_back_and_one_of_another_adapter_is_r
 
 async def test_remote_options_are_checked_before_anything_starts(tmp_path, certs):
     cases = [
-        ({"remote_workers": ["tcp://10.1.2.3:7000"], "token": TOKEN}, "plain TCP beyond this machine"),
-        ({"remote_workers": ["tcp://127.0.0.2:7000"]}, "need a token"),
-        ({"remote_workers": ["tcp://127.0.0.2:7000"], "token": "short"}, "need a token"),
-        ({"remote_workers": ["gpu-3:7000"], "token": TOKEN}, "tcp://HOST:PORT"),
-        ({"remote_workers": "tcp://127.0.0.2:7000", "token": TOKEN}, "a list of"),
-        ({"remote_workers": ["tcp://127.0.0.2:7000"], "token": TOKEN, "tls": "cert.pem"}, "TLSConfig"),
-        ({"size": 0}, "size must be"),
+        ({"addresses": ["tcp://10.1.2.3:7000"], "token": TOKEN}, "plain TCP beyond this machine"),
+        ({"addresses": ["tcp://127.0.0.2:7000"]}, "need a token"),
+        ({"addresses": ["tcp://127.0.0.2:7000"], "token": "short"}, "at least 16 characters"),
+        ({"addresses": ["gpu-3:7000"], "token": TOKEN}, "tcp://HOST:PORT"),
+        ({"addresses": "tcp://127.0.0.2:7000", "token": TOKEN}, "a list of"),
+        ({"addresses": ["tcp://127.0.0.2:7000"], "token": TOKEN, "tls": "cert.pem"}, "TLSConfig"),
     ]
     for options, message in cases:
         with pytest.raises(InvalidArgumentError, match=message):
-            async with trio_bridge.open_pool(ADAPTER, **options):
+            async with trio_bridge.open_pool(ADAPTER, remote=RemoteWorkers(**options)):
                 pass
+    with pytest.raises(InvalidArgumentError, match="size must be"):
+        async with trio_bridge.open_pool(ADAPTER, size=0):
+            pass
     with pytest.raises(InvalidArgumentError, match="cannot read"):
         TLSConfig(str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
 

@@ -21,6 +21,7 @@ from tests.inprocess_adapters import Calculator
 from trio_bridge import (
     EncodeError,
     InvalidArgumentError,
+    Lifecycle,
     MemoryBackend,
     ToolError,
     ToolNotFoundError,
@@ -86,7 +87,7 @@ async def test_async_setup_runs_on_the_trio_clock(autojump_clock):
     async with open_adapter_pool("tests.inprocess_adapters:AsyncSetup") as pool:
         assert await pool.execute("setup_took") == pytest.approx(30)
     with pytest.raises(WorkerStartError, match="no ready line within 20 s"):
-        async with open_adapter_pool("tests.inprocess_adapters:AsyncSetup", startup_timeout=20):
+        async with open_adapter_pool("tests.inprocess_adapters:AsyncSetup", lifecycle=Lifecycle(startup_timeout=20)):
             pass
 
 
@@ -313,7 +314,7 @@ async def test_an_adapter_that_cannot_start_gives_a_clear_error(autojump_clock, 
 async def test_bad_arguments_are_refused_at_once():
     with pytest.raises(InvalidArgumentError, match=r"'package\.module:ClassName'"):
         open_adapter_pool(inprocess_adapters.NotAnAdapter)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="unexpected options: sizes"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sizes'"):
         open_adapter_pool(CALCULATOR, sizes=2)
     with pytest.raises(InvalidArgumentError, match="adapter must be"):
         async with open_adapter_pool("no colon"):

@@ -15,7 +15,7 @@ import uuid
 import pytest
 import trio
 
-from trio_bridge import ToolError, open_pool
+from trio_bridge import Lifecycle, Monitoring, ToolError, open_pool
 from trio_bridge._top import fetch_status, render
 
 pytestmark = pytest.mark.real_process
@@ -67,7 +67,7 @@ async def wait_for_screen(terminal: Terminal, *texts: str, timeout: float = 30.0
 
 
 async def test_status_shows_workers_calls_and_recent_errors():
-    async with open_pool("tests.adapters:Echo", size=2, metrics_address="127.0.0.1:0", heartbeat_interval=0.2) as pool:
+    async with open_pool("tests.adapters:Echo", size=2, monitoring=Monitoring(address="127.0.0.1:0"), lifecycle=Lifecycle(heartbeat_interval=0.2)) as pool:
         assert pool.metrics_address is not None
         assert await pool.execute("add", {"a": 1}) == 3
         with pytest.raises(ToolError):
@@ -119,7 +119,7 @@ async def test_top_reads_a_pool_beyond_loopback_with_its_token(tmp_path):
         return result.returncode, (result.stdout + result.stderr).decode()
 
     # bound on every interface (not loopback), reached through 127.0.0.1
-    async with open_pool("tests.adapters:Echo", size=1, metrics_address="0.0.0.0:0", token=token) as pool:
+    async with open_pool("tests.adapters:Echo", size=1, monitoring=Monitoring(address="0.0.0.0:0", token=token)) as pool:
         assert pool.metrics_address is not None
         here = f"127.0.0.1:{pool.metrics_address.rpartition(':')[2]}"
         (worker,) = pool.workers()
@@ -138,7 +138,7 @@ async def test_top_reads_a_pool_beyond_loopback_with_its_token(tmp_path):
 
 
 async def test_top_draws_a_live_pool_in_a_terminal_and_quits_on_ctrl_c():
-    async with open_pool("tests.adapters:Echo", size=2, metrics_address="127.0.0.1:0") as pool:
+    async with open_pool("tests.adapters:Echo", size=2, monitoring=Monitoring(address="127.0.0.1:0")) as pool:
         assert pool.metrics_address is not None
         terminal = Terminal([sys.executable, "-m", "trio_bridge", "top", pool.metrics_address, "--interval", "0.2"])
         try:

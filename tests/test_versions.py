@@ -14,7 +14,7 @@ import trio
 from grpclib.exceptions import GRPCError
 
 import trio_bridge
-from trio_bridge import WorkerStartError
+from trio_bridge import LocalWorkers, WorkerStartError
 from trio_bridge._wire.contract import WIRE_VERSION, __version__, incompatibility
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
@@ -90,7 +90,7 @@ async def test_a_host_refuses_a_worker_of_another_wire_contract(tmp_path):
         "c.WIRE_VERSION = 99\nc.__version__ = v.__version__ = '9.9.9'\n"
     )
     with pytest.raises(WorkerStartError) as refused:
-        async with trio_bridge.open_pool(ECHO, size=1, env={"PYTHONPATH": str(tmp_path)}):
+        async with trio_bridge.open_pool(ECHO, size=1, local=LocalWorkers(env={"PYTHONPATH": str(tmp_path)})):
             pass
     message = str(refused.value)
     assert "trio-bridge 9.9.9, wire contract 99" in message, message

@@ -9,15 +9,14 @@ import signal
 import pytest
 
 from tests.helpers import wait_for
-from trio_bridge import InvalidArgumentError, open_pool
+from trio_bridge import InvalidArgumentError, LocalWorkers, open_pool
 from trio_bridge._host._gpus import slot_environments
 
 
 @pytest.mark.real_process
 async def test_each_slot_gets_its_gpus_and_keeps_them_across_a_restart():
     async with open_pool(
-        "tests.adapters:Echo", size=3, gpus_per_worker=2, gpus=["0", "1", "GPU-a", "3"],
-        worker_env=lambda slot: {"REPLICA": f"r{slot}"},
+        "tests.adapters:Echo", size=3, local=LocalWorkers(gpus_per_worker=2, gpus=["0", "1", "GPU-a", "3"], slot_env=lambda slot: {"REPLICA": f"r{slot}"}),
     ) as pool:
         seen = {
             w.slot: (await _ask(pool, w.pid, "CUDA_VISIBLE_DEVICES"), await _ask(pool, w.pid, "REPLICA"))
@@ -54,13 +53,13 @@ def test_gpus_are_shared_round_robin_and_worker_env_comes_after():
         ({"gpus_per_worker": 0, "gpus": ["0"]}, "gpus_per_worker must be"),
         ({"gpus_per_worker": 2, "gpus": ["0"]}, r"only 1 \(0\) GPUs"),
         ({"gpus_per_worker": 1, "gpus": []}, "none GPUs are visible"),
-        ({"gpus": ["0"]}, "without gpus_per_worker"),
-        ({"worker_env": {"A": "1"}}, "callable"),
-        ({"worker_env": lambda slot: {"A": 1}}, r"worker_env\(0\) must return a mapping of str to str"),
-        ({"worker_env": lambda slot: 1 / 0}, r"worker_env\(0\) raised ZeroDivisionError"),
+        ({"gpus": ["0"]}, "without LocalWorkers.gpus_per_worker"),
+        ({"slot_env": {"A": "1"}}, "callable"),
+        ({"slot_env": lambda slot: {"A": 1}}, r"slot_env\(0\) must return a mapping of str to str"),
+        ({"slot_env": lambda slot: 1 / 0}, r"slot_env\(0\) raised ZeroDivisionError"),
     ],
 )
 async def test_bad_per_worker_options_are_refused_before_anything_starts(options, message):
     with pytest.raises(InvalidArgumentError, match=message):
-        async with open_pool("tests.adapters:Echo", size=1, **options):
+        async with open_pool("tests.adapters:Echo", size=1, local=LocalWorkers(**options)):
             pytest.fail("the pool opened")

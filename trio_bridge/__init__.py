@@ -39,6 +39,7 @@ from trio_bridge._version import __version__ as __version__  # (the `as`: a re-e
 
 if TYPE_CHECKING:
     from trio_bridge._host._metrics import PoolStatistics
+    from trio_bridge._host._options import Lifecycle, LocalWorkers, Monitoring, Recycling, RemoteWorkers, StateLimits
     from trio_bridge._host._pool import Pool, open_pool
     from trio_bridge._host._session import Optimization, Session
     from trio_bridge._host._tools import ParameterInfo, ToolInfo
@@ -56,7 +57,10 @@ __all__ = [
     "HistoryEntry",
     "InvalidArgumentError",
     "InvalidVariableError",
+    "Lifecycle",
+    "LocalWorkers",
     "MemoryBackend",
+    "Monitoring",
     "NotAllowedError",
     "Optimization",
     "ParameterInfo",
@@ -66,12 +70,15 @@ __all__ = [
     "PoolSaturatedError",
     "PoolStatistics",
     "QuotaExceededError",
+    "Recycling",
     "RedisBackend",
+    "RemoteWorkers",
     "Session",
     "SessionExistsError",
     "SessionInfo",
     "SessionNotFoundError",
     "StateBackend",
+    "StateLimits",
     "StateUnavailableError",
     "StoredObjectLostError",
     "TLSConfig",
@@ -112,6 +119,12 @@ _LAZY: dict[str, str] = {
     "MemoryBackend": "trio_bridge._state.backend",
     "RedisBackend": "trio_bridge._state.redis",
     "TLSConfig": "trio_bridge._wire.tls",
+    "Lifecycle": "trio_bridge._host._options",
+    "Recycling": "trio_bridge._host._options",
+    "StateLimits": "trio_bridge._host._options",
+    "Monitoring": "trio_bridge._host._options",
+    "LocalWorkers": "trio_bridge._host._options",
+    "RemoteWorkers": "trio_bridge._host._options",
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
     "PoolStatistics": "trio_bridge._host._metrics",

@@ -1,5 +1,5 @@
 """``trio-bridge top``: a live view of a running pool, read from its HTTP endpoint's ``/status``
-(``open_pool(metrics_address=...)``; see ``trio_bridge/_host/_endpoint.py``), drawn with rich."""
+(``open_pool(monitoring=Monitoring(address=...))``; see ``trio_bridge/_host/_endpoint.py``), drawn with rich."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def status_url(address: str) -> str:
 
 def fetch_status(address: str, timeout: float = 2.0, token: str | None = None) -> dict[str, Any]:
     """The pool's ``/status`` document, asked with ``token`` as a bearer where given (a pool
-    beyond loopback asks for its ``open_pool(token=)``).
+    beyond loopback asks for its ``Monitoring(token=)``).
 
     Raises:
         PermissionError: the pool answered 401: it wants a token, or another one.
@@ -51,7 +51,7 @@ def fetch_status(address: str, timeout: float = 2.0, token: str | None = None) -
         exc.close()
         raise PermissionError(
             f"{url} answered 401 Unauthorized: "
-            + ("the pool refused this token (is it the pool's open_pool(token=...)?)" if token is not None else
+            + ("the pool refused this token (is it the pool's Monitoring(token=...)?)" if token is not None else
                "the pool wants its token: give --token-file FILE (owner-only) or set TRIO_BRIDGE_TOKEN")
         ) from None
     if not isinstance(document, dict) or "workers" not in document:

@@ -390,7 +390,9 @@ def mcp(
     async def main() -> None:
         import trio_bridge
 
-        async with trio_bridge.open_pool(adapter, size=workers, shutdown_timeout=shutdown_timeout) as pool:
+        async with trio_bridge.open_pool(
+            adapter, size=workers, lifecycle=trio_bridge.Lifecycle(shutdown_timeout=shutdown_timeout)
+        ) as pool:
             for function in functions:
                 pool.host_tool(function)
             _err_console.print(f"trio-bridge mcp: serving the tools of {adapter} on stdio ({workers} worker(s))")
@@ -415,8 +417,8 @@ def worker(
 ) -> None:
     """Serve ADAPTER to hosts on other machines.
 
-    Hosts list it in `open_pool(..., remote_workers=["tcp://THIS-MACHINE:PORT"], token=...,
-    tls=...)`. With `--join`, it also offers itself to that host (every few seconds: a restarted
+    Hosts list it in `open_pool(..., remote=RemoteWorkers(addresses=["tcp://THIS-MACHINE:PORT"],
+    token=..., tls=...))`. With `--join`, it also offers itself to that host (every few seconds: a restarted
     host finds it again), which dials it back at `--advertise` (default: the `--listen`
     address). Runs until Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next
     one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
@@ -425,7 +427,7 @@ def worker(
     """
     import asyncio
 
-    from trio_bridge._host._remote import remote_setup
+    from trio_bridge._host._options import tcp_address
     from trio_bridge._wire.auth import read_token_file
     from trio_bridge._wire.contract import SECRET_ENV
     from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
@@ -440,17 +442,15 @@ def worker(
     if len(token) < MIN_TOKEN:
         raise typer.BadParameter(
             f"the token in {token_file} has {len(token)} characters, fewer than {MIN_TOKEN}: write a longer one "
-            "there and give the hosts the same (open_pool(token=...)), e.g. secrets.token_urlsafe(32)",
+            "there and give the hosts the same (RemoteWorkers(token=...)), e.g. secrets.token_urlsafe(32)",
             param_hint="--token-file",
         )
     try:
         if (tls_cert is None) != (tls_key is None):
             raise TrioBridgeError("give both --tls-cert and --tls-key, or neither")
         tls = TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert is not None and tls_key is not None else None
-        # insecure=True: its plain-TCP refusal speaks open_pool's options; ours speaks this command's
-        setup = remote_setup([listen, *([join] if join else [])], listen=None, advertise=None, token=token, tls=tls, insecure=True)
-        assert setup is not None
-        exposed = [address for address in setup.addresses if beyond_loopback(address)]
+        addresses = [tcp_address("--listen", listen), *([tcp_address("--join", join)] if join else [])]
+        exposed = [address for address in addresses if beyond_loopback(address)]
         if tls is None and exposed and not insecure:
             raise TrioBridgeError(
                 f"plain TCP beyond this machine ({', '.join(exposed)}), where the token crosses the network in clear: "
@@ -461,8 +461,8 @@ def worker(
     options = ["--tls-cert", tls_cert, "--tls-key", tls_key] if tls is not None else []
     options += ["--tls-ca", tls_ca] if tls is not None and tls_ca else []
     args = parse_arguments([
-        "--adapter", adapter, "--listen", setup.addresses[0], "--concurrency", str(concurrency), "--no-lifeline",
-        "--standalone", *[str(o) for o in options], *(["--join", setup.addresses[1]] if join else []),
+        "--adapter", adapter, "--listen", addresses[0], "--concurrency", str(concurrency), "--no-lifeline",
+        "--standalone", *[str(o) for o in options], *(["--join", addresses[1]] if join else []),
         *(["--advertise", advertise] if advertise else []), *(["--insecure"] if insecure else []),
     ])
 
@@ -482,7 +482,7 @@ def worker(
 
 @_app.command(cls=_Command)
 def top(
-    address: Annotated[str, typer.Argument(help="where the pool serves its metrics: `open_pool(metrics_address=\"HOST:PORT\")`, as HOST:PORT or an http:// URL", show_default=False)],
+    address: Annotated[str, typer.Argument(help="where the pool serves its metrics: `Monitoring(address=\"HOST:PORT\")`, as HOST:PORT or an http:// URL", show_default=False)],
     interval: Annotated[float, typer.Option("--interval", "-n", min=0.1, help="seconds between redraws")] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit (1 if the pool cannot be read)")] = False,
     token_file: Annotated[str | None, typer.Option("--token-file", envvar="TRIO_BRIDGE_TOKEN_FILE", help="a file (owner-only) holding the pool's token, for a pool beyond loopback; default: the token in TRIO_BRIDGE_TOKEN", show_default=False)] = None,
@@ -491,7 +491,7 @@ def top(
     p50/p99, last recycle reason), its queue, calls, sessions and recent errors.
 
     It reads the pool's `/status` on its `metrics_address`; Ctrl-C quits. On an address beyond
-    loopback the pool asks for its token (`open_pool(token=...)`): give `--token-file` or set
+    loopback the pool asks for its token (`Monitoring(token=...)`): give `--token-file` or set
     TRIO_BRIDGE_TOKEN. `trio-bridge run ADAPTER TOOL --top` shows the same while a tool runs.
     """
     from trio_bridge._top import run_top
@@ -614,7 +614,8 @@ async def _run_tool(
     from trio_bridge._top import live_view
 
     async with trio_bridge.open_pool(
-        adapter, size=workers, shutdown_timeout=shutdown_timeout, metrics_address="127.0.0.1:0" if top else None,
+        adapter, size=workers, lifecycle=trio_bridge.Lifecycle(shutdown_timeout=shutdown_timeout),
+        monitoring=trio_bridge.Monitoring(address="127.0.0.1:0") if top else None,
     ) as pool:
         if pool.metrics_address is None:
             await _call_tool(pool, tool, pairs, args_json, host_tools, as_json=as_json)

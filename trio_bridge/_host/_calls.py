@@ -29,6 +29,7 @@ from trio_bridge._errors import (
 from trio_bridge._host._dispatch import Affinity
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._metrics import UNKNOWN_TOOL, Metrics, Outcome
+from trio_bridge._host._options import Lifecycle
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
@@ -51,16 +52,15 @@ class Calls:
         metrics: Metrics,
         state: StateBackend,
         plane: SharedMemoryPlane | None,
-        cancel_grace: float,
-        no_worker_timeout: float,
+        lifecycle: Lifecycle,
     ) -> None:
         self._supervisor = supervisor
         self._router = router
         self._metrics = metrics
         self._state = state
         self._plane = plane
-        self._cancel_grace = cancel_grace
-        self._no_worker_timeout = no_worker_timeout
+        self._cancel_grace = lifecycle.cancel_grace
+        self._no_worker_timeout = lifecycle.no_worker_timeout
         self._call_ids = itertools.count(1)
         self._parked_calls: collections.Counter[str] = collections.Counter()
         self._on_workers: set[str] = set()  # ids of the calls holding a worker's slot
@@ -236,7 +236,7 @@ class Calls:
             return await self._router.acquire(route, affinity)
         failure = self._supervisor.last_start_error or failure
         raise WorkerStartError(
-            f"no worker could start within {self._no_worker_timeout:g} s (no_worker_timeout); the last "
+            f"no worker could start within {self._no_worker_timeout:g} s (Lifecycle.no_worker_timeout); the last "
             f"attempt failed: {failure}", worker_id=failure.worker_id, pid=failure.pid,
             exit_code=failure.exit_code, stderr_tail=failure.stderr_tail,
         )

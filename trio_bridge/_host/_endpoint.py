@@ -1,4 +1,4 @@
-"""A pool's HTTP endpoint (``open_pool(metrics_address=...)``), read-only: ``/metrics``, its
+"""A pool's HTTP endpoint (``Monitoring(address=...)``), read-only: ``/metrics``, its
 registry as Prometheus text, and ``/status``, a JSON snapshot of the pool for ``trio-bridge
 top`` -- workers, queue, calls, sessions, recent errors. Served by prometheus_client's own
 threaded WSGI server; its threads end with the pool.
@@ -26,9 +26,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.auth import RateLimitedWarning
-from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import METRICS_PATH, STATUS_PATH
-from trio_bridge._wire.listeners import MIN_TOKEN, loopback
+from trio_bridge._wire.listeners import loopback
 from trio_bridge._wire.transport import parse_address
 
 
@@ -40,41 +39,15 @@ class Endpoint(NamedTuple):
     status_token: str | None
 
 
-def checked_metrics_address(address: Any, *, token: Any, status_public: Any) -> Endpoint | None:
-    """``open_pool(metrics_address=, token=, status_public=)``: ``None``, or ``"HOST:PORT"``
-    (``tcp:`` optional; port 0 picks a free one). On loopback ``/status`` is open; on any other
-    address (a wildcard such as ``0.0.0.0`` or ``::`` included, and any host name but
-    ``localhost``) it asks for ``token`` as a bearer, unless ``status_public`` is true.
-
-    Raises:
-        InvalidArgumentError: the address is not of that form; ``status_public`` is not a bool;
-            or the address is not loopback and there is neither a token (>= 16 characters) nor
-            ``status_public=True`` (the message says which to give).
-    """
+def metrics_endpoint(address: str | None, *, token: str | None, status_public: bool) -> Endpoint | None:
+    """Where ``Monitoring.address`` (``None``, or a ``"HOST:PORT"`` checked by
+    ``_options``; ``tcp:`` optional) serves, and the token ``/status`` asks for: none on
+    loopback or with ``status_public``; else ``token`` (the options refused such an address
+    without one)."""
     if address is None:
         return None
-    if not isinstance(address, str):
-        raise InvalidArgumentError(f"metrics_address must be 'HOST:PORT', not {short_repr(address)}")
-    try:
-        _, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
-    except ValueError as exc:
-        raise InvalidArgumentError(f"metrics_address: {exc}") from None
-    if status_public is not None and not isinstance(status_public, bool):
-        raise InvalidArgumentError(f"status_public must be True or False, not {short_repr(status_public)}")
-    if loopback(host) or status_public:
-        return Endpoint(host, port, None)
-    if token is None:
-        raise InvalidArgumentError(
-            f"metrics_address {host}:{port} is not loopback, and its /status shows the pool's pids, addresses "
-            "and recent error text to whoever reaches it: give token=... (a shared secret of at least "
-            f"{MIN_TOKEN} characters, which `trio-bridge top --token-file FILE` sends), bind 127.0.0.1, or "
-            "pass status_public=True (TRIO_BRIDGE_STATUS_PUBLIC=1) to show it to anyone; /metrics stays open either way"
-        )
-    if not isinstance(token, str) or len(token) < MIN_TOKEN:
-        raise InvalidArgumentError(
-            f"token must be a shared secret of at least {MIN_TOKEN} characters (it guards /status on {host}:{port})"
-        )
-    return Endpoint(host, port, token)
+    _, host, port = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
+    return Endpoint(host, port, None if loopback(host) or status_public else token)
 
 
 def pool_status(

@@ -78,10 +78,8 @@ from typing import Any, Literal
 
 import trio
 
-from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._host._process import LaunchedWorker, WorkerProcess, read_lines
 from trio_bridge._os import process_exists
-from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import HOST_PID_ENV, SECRET_ENV, SECRET_ON_STDIN_ENV
 
 StartMethod = Literal["forkserver", "spawn"]
@@ -596,11 +594,3 @@ async def settle(launch: Callable[..., Any]) -> None:
     if isinstance(launch, ForkServerLauncher):
         await launch.settle()
 
-
-def check_start_method(start_method: Any) -> None:
-    """Raises:
-    InvalidArgumentError: ``start_method`` is not ``None``, ``"forkserver"`` or ``"spawn"``."""
-    if start_method is not None and (not isinstance(start_method, str) or start_method not in START_METHODS):
-        raise InvalidArgumentError(
-            f"start_method must be 'forkserver', 'spawn' or None (the safe one), not {short_repr(start_method)}"
-        )

@@ -1,4 +1,4 @@
-"""Per-worker environments: ``open_pool(worker_env=...)`` and ``gpus_per_worker=``.
+"""Per-worker environments: ``LocalWorkers(slot_env=...)`` and ``LocalWorkers(gpus_per_worker=...)``.
 
 A slot's environment is worked out once, when the pool opens, and every worker of that slot
 (its replacements too) gets it: a model replica stays on its GPUs across restarts.
@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
@@ -39,7 +38,8 @@ def visible_gpus() -> list[str]:
 
 
 def slot_environments(
-    size: int, *, worker_env: Callable[[int], Mapping[str, str]] | None, gpus_per_worker: Any, gpus: Sequence[Any] | None,
+    size: int, *, worker_env: Callable[[int], Mapping[str, str]] | None, gpus_per_worker: int | None,
+    gpus: Sequence[int | str] | None,
 ) -> list[dict[str, str]]:
     """The extra environment of each local slot ``0 .. size-1``.
 
@@ -48,38 +48,34 @@ def slot_environments(
     GPUs, slots share them round-robin. ``worker_env(slot)`` is applied after, so it can
     override.
 
+    The options are checked (``_options``: ``LocalWorkers``); what is checked here is what
+    only running them shows.
+
     Raises:
-        InvalidArgumentError: ``gpus_per_worker`` is not a whole number >= 1, there are no GPUs
-            to give (or fewer than one worker needs), or ``worker_env`` is not callable, raised,
-            or returned anything but a mapping of ``str`` to ``str``.
+        InvalidArgumentError: there are no GPUs to give (or fewer than one worker needs), or
+            ``worker_env`` raised or returned anything but a mapping of ``str`` to ``str``.
     """
     environments: list[dict[str, str]] = [{} for _ in range(size)]
     if gpus_per_worker is not None:
-        if isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, int) or gpus_per_worker < 1:
-            raise InvalidArgumentError(f"gpus_per_worker must be a whole number >= 1, not {short_repr(gpus_per_worker)}")
         devices = [str(d) for d in (gpus if gpus is not None else visible_gpus())]
         if len(devices) < gpus_per_worker:
             found = f"only {len(devices)} ({', '.join(devices)})" if devices else "none"
             raise InvalidArgumentError(
-                f"gpus_per_worker={gpus_per_worker}, but {found} GPUs are visible "
-                "(CUDA_VISIBLE_DEVICES, nvidia-smi; or pass gpus=[...])"
+                f"LocalWorkers.gpus_per_worker={gpus_per_worker}, but {found} GPUs are visible "
+                "(CUDA_VISIBLE_DEVICES, nvidia-smi; or pass LocalWorkers(gpus=[...]))"
             )
         for slot, env in enumerate(environments):
             start = slot * gpus_per_worker
             env[CUDA_VISIBLE_DEVICES] = ",".join(devices[(start + k) % len(devices)] for k in range(gpus_per_worker))
-    elif gpus is not None:
-        raise InvalidArgumentError("gpus is given without gpus_per_worker")
     if worker_env is not None:
-        if not callable(worker_env):
-            raise InvalidArgumentError(f"worker_env must be a callable of the slot, not {short_repr(worker_env)}")
         for slot, env in enumerate(environments):
             try:
                 extra = worker_env(slot)
             except Exception as exc:
-                raise InvalidArgumentError(f"worker_env({slot}) raised {type(exc).__name__}: {exc}") from exc
+                raise InvalidArgumentError(f"LocalWorkers.slot_env({slot}) raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(extra, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
                 raise InvalidArgumentError(
-                    f"worker_env({slot}) must return a mapping of str to str, not {short_repr(extra)}"
+                    f"LocalWorkers.slot_env({slot}) must return a mapping of str to str, not {short_repr(extra)}"
                 )
             env.update(extra)
     return environments

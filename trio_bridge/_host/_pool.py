@@ -14,57 +14,62 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import os
 import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Literal, TypeVar, final, overload
 
 import trio
-from prometheus_client.registry import CollectorRegistry
 
 from trio_bridge import _aio
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge._host._calls import Calls
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
-from trio_bridge._host._endpoint import Endpoint, checked_metrics_address, pool_status, serving
-from trio_bridge._host._environment import default, with_environment
-from trio_bridge._host._forkserver import StartMethod, check_start_method, open_launcher, settle, start_method_of
+from trio_bridge._host._endpoint import metrics_endpoint, pool_status, serving
+from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
+from trio_bridge._host._options import (
+    DEFAULT,
+    Lifecycle,
+    LocalWorkers,
+    Monitoring,
+    PoolOptions,
+    Recycling,
+    RemoteWorkers,
+    StateLimits,
+    Transport,
+    pool_options,
+)
 from trio_bridge._host._process import launcher
 from trio_bridge._host._prometheus import PoolsCollector, PoolSource, default_registry
 from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
-from trio_bridge._host._supervisor import RecycleLimits, Supervisor, heartbeat
+from trio_bridge._host._supervisor import Supervisor, heartbeat
 from trio_bridge._host._tools import ToolInfo, ToolRegistry, call_host_tool_here, tool_dicts, tool_info
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
-from trio_bridge._wire.auth import checked_allowed_uids
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import ALLOWED_UIDS_ENV
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
-from trio_bridge._wire.tls import TLSConfig
 
 _logger = logging.getLogger("trio_bridge")
 _WORKER_POLL = 0.05  # seconds between looks while waiting for workers
 F = TypeVar("F", bound=Callable[..., Any])
-Transport = Literal["unix", "tcp"]
 
 
 @final
@@ -94,7 +99,7 @@ class Pool(metaclass=NoPublicConstructor):
         self._spec = spec  # for tests that speak the wire contract directly
         self._plane = supervisor.plane
         self.metrics_address: str | None = None
-        """``"HOST:PORT"`` where its Prometheus metrics are served (``open_pool(metrics_address=)``), once open."""
+        """``"HOST:PORT"`` where its Prometheus metrics are served (``Monitoring.address``), once open."""
 
     def __repr__(self) -> str:
         state = "closing" if self._supervisor.closing else "open"
@@ -106,7 +111,7 @@ class Pool(metaclass=NoPublicConstructor):
 
         The caller's cancel scope is the timeout: its deadline is sent to the worker, and
         cancelling the call cancels it in the worker (async tools are cancelled, sync tools see
-        ``ctx.cancelled``). A worker that does not free its slot within ``cancel_grace`` seconds
+        ``ctx.cancelled``). A worker that does not free its slot within ``Lifecycle.cancel_grace`` seconds
         after a cancellation is recycled.
 
         Args:
@@ -118,7 +123,7 @@ class Pool(metaclass=NoPublicConstructor):
             ToolNotFoundError, InvalidArgumentError, EncodeError: the call was wrong; nothing ran.
             ToolError: the tool raised; carries the remote type, message and traceback.
             WorkerCrashedError: the worker died during the call (exit code, signal, stderr tail).
-            WorkerStartError: no worker is running and none could start within ``no_worker_timeout``.
+            WorkerStartError: no worker is running and none could start within ``Lifecycle.no_worker_timeout``.
             PoolSaturatedError: the wait queue is full. PoolClosedError: the pool is closing.
         """
         return await self._calls.execute(tool, arguments)
@@ -174,7 +179,7 @@ class Pool(metaclass=NoPublicConstructor):
         Raises:
             InvalidArgumentError: a malformed id, ttl, metadata or affinity; or joining an
                 existing session with a ``ttl`` or ``metadata`` other than its own.
-            QuotaExceededError: the pool has ``max_sessions`` sessions.
+            QuotaExceededError: the pool has ``StateLimits.max_sessions`` sessions.
             PoolClosedError: the pool is closing.
         """
         if not isinstance(affinity, str) or affinity not in AFFINITIES:
@@ -227,7 +232,7 @@ class Pool(metaclass=NoPublicConstructor):
     @property
     def start_method(self) -> str:
         """How the pool starts its local workers now: ``"forkserver"`` (forked by its preloaded
-        fork server) or ``"spawn"`` (fresh interpreters); see ``open_pool(start_method=...)``.
+        fork server) or ``"spawn"`` (fresh interpreters); see ``LocalWorkers.start_method``.
         (``trio_bridge.testing``'s pools say ``"threads"`` or ``"custom"``.)"""
         return start_method_of(self._spec.launch)
 
@@ -359,44 +364,19 @@ class PoolParts:
 def open_pool(
     adapter: str,
     *,
-    size: int | None = None,
-    concurrency: int = default(1),
-    max_queue: int = default(1024),
-    startup_timeout: float = default(60.0),
-    shutdown_timeout: float = default(5.0),
-    cancel_grace: float = default(5.0),
-    health_check_interval: float = default(10.0),
-    heartbeat_interval: float = default(5.0),
-    restart_backoff: tuple[float, float] = (0.1, 5.0),
-    no_worker_timeout: float = default(30.0),
-    transport: Transport = default("unix"),
-    python: str | None = None,
-    env: dict[str, str] | None = None,
+    size: int | None = DEFAULT,
+    concurrency: int = DEFAULT,
+    max_queue: int = DEFAULT,
+    transport: Transport = DEFAULT,
     adapter_options: dict[str, Any] | None = None,
-    shared_memory_threshold: int | None = default(1 << 20),
-    state: StateBackend | str | None = None,
-    max_sessions: int = 10_000,
-    max_variables_per_session: int = 1000,
-    max_value_bytes: int = 64 * 2**20,
-    history_limit: int = 50,
-    handle_signals: bool = True,
-    remote_workers: Sequence[str] = (),
-    listen: str | None = None,
-    advertise: str | None = None,
-    token: str | None = None,
-    tls: TLSConfig | None = None,
-    insecure: bool = False,
-    start_method: StartMethod | None = None,
-    max_calls_per_worker: int | None = None,
-    max_worker_age: float | None = None,
-    max_worker_memory: int | None = None,
-    worker_env: Callable[[int], Mapping[str, str]] | None = None,
-    gpus_per_worker: int | None = None,
-    gpus: Sequence[int | str] | None = None,
-    metrics_registry: CollectorRegistry | None = None,
-    metrics_address: str | None = None,
-    allowed_uids: Collection[int] = (),
-    status_public: bool | None = None,
+    state: StateBackend | str | None = DEFAULT,
+    lifecycle: Lifecycle | None = None,
+    recycling: Recycling | None = None,
+    state_limits: StateLimits | None = None,
+    monitoring: Monitoring | None = None,
+    local: LocalWorkers | None = None,
+    remote: RemoteWorkers | None = None,
+    **deprecated: Any,
 ) -> AbstractAsyncContextManager[Pool]:
     """Start a pool of worker processes hosting ``adapter`` and yield it::
 
@@ -405,161 +385,63 @@ def open_pool(
 
     All workers start at once; the block runs when every one of them is ready. Leaving the block
     -- normally, by error, by cancellation or Ctrl-C -- drains the workers (up to
-    ``shutdown_timeout``), then terminates and kills what is left, with the processes their tools
-    started. An exception raised in the block leaves it as itself, never wrapped in a group.
+    ``Lifecycle.shutdown_timeout``), then terminates and kills what is left, with the processes
+    their tools started. An exception raised in the block leaves it as itself, never wrapped in
+    a group.
 
     Args:
         adapter: ``"package.module:ClassName"`` of an :class:`~trio_bridge.worker.Adapter`.
-        size: number of worker processes (default: one per CPU core).
+        size: number of local worker processes (default: one per CPU core; none beside
+            ``remote`` workers; ``TRIO_BRIDGE_WORKERS``).
         concurrency: calls each worker serves at once (its thread pool size); a remote worker
-            takes its own ``--concurrency``.
-        max_queue: calls that may wait for a free worker; beyond it, ``PoolSaturatedError``.
-        startup_timeout: seconds a worker may take to import its adapter, run ``setup()`` and
-            report ready.
-        shutdown_timeout: seconds workers get to finish their calls when the pool closes.
-        cancel_grace: seconds a worker gets to free its slot after a call was cancelled before
-            it is recycled.
-        health_check_interval: seconds between pings of each worker (0 disables them); a worker
-            that does not answer within that time is recycled.
-        heartbeat_interval: seconds between the workers' heartbeats to the host.
-        restart_backoff: (first, longest) delay in seconds before restarting a worker that
-            failed again within 10 s of its restart (or start); it doubles on each failure in a
-            row. A worker's first failure after a stable run is restarted at once.
-        no_worker_timeout: seconds a call waits while no worker runs and the last start failed;
-            then it raises ``WorkerStartError`` carrying that failure.
+            takes its own ``--concurrency`` (default 1; ``TRIO_BRIDGE_CONCURRENCY``).
+        max_queue: calls that may wait for a free worker; beyond it, ``PoolSaturatedError``
+            (default 1024; ``TRIO_BRIDGE_MAX_QUEUE``).
         transport: ``"unix"`` (Linux: an abstract-namespace socket, nothing on disk; elsewhere
-            a socket in a private 0700 directory) or ``"tcp"`` (loopback).
-        python: the interpreter for workers (default: the host's).
-        env: extra environment variables for the workers.
+            a socket in a private 0700 directory) or ``"tcp"`` (loopback) (default ``"unix"``;
+            ``TRIO_BRIDGE_TRANSPORT``).
         adapter_options: JSON-able options the adapter reads as ``self.options`` (set before
             ``setup()``), e.g. ``{"allow": ["numpy"]}`` for ``PythonAdapter``.
-        shared_memory_threshold: numpy arrays of at least this many bytes travel through
-            shared-memory segments on ``/dev/shm`` instead of the gRPC stream (Unix transport
-            only; ``None`` disables), and arrive as read-only views of them, not copies.
         state: where sessions and variables live: a backend, or a Redis URL
             (``"redis://host:6379/0"``: a :class:`RedisBackend`, shared by every host that uses
-            it); default: a new in-memory backend. Both get the quotas below.
-        max_sessions: sessions that may exist at once (a quota of the backend made from
-            ``state``, as are the next three).
-        max_variables_per_session: variables a session may hold.
-        max_value_bytes: the largest encoded value a variable may hold, in bytes.
-        history_limit: past values kept per variable.
-        handle_signals: while the pool is open, SIGINT and SIGTERM -- where the process still
-            has Python's default handlers for them and the pool runs in the main thread --
-            cancel the block and close the pool in order, then ``KeyboardInterrupt`` (SIGINT) or
-            ``SystemExit(143)`` (SIGTERM) leaves the ``async with``; a second signal skips the
-            drain. Without it (or with handlers of your own) SIGTERM ends the process at once,
-            and the workers die with it.
-        remote_workers: ``tcp://HOST:PORT`` of ``trio-bridge worker`` processes serving the
-            same adapter elsewhere, one slot each on top of the ``size`` local ones (``size``
-            may then be 0). Calls are dispatched over local and remote workers alike. A remote
-            worker the host loses (health checks every ``min(health_check_interval, 2)``
-            seconds, or a failed call) fails only its own calls, with ``WorkerCrashedError``
-            ("lost connection to worker at ADDR"); its slot dials it again, with backoff, so
-            it rejoins when it is back. Shared memory is off in such a pool (arrays travel
-            in-band).
-        listen: ``tcp://HOST:PORT`` where remote workers call the host back (host tools,
-            variables, worker-to-worker calls); port 0 picks a free port.
-        advertise: ``HOST`` or ``HOST:PORT`` remote workers use to reach ``listen`` (default:
-            its host, or this machine's name when it listens on all addresses).
-        token: the shared secret of the host and its remote workers (>= 16 characters), sent
-            as gRPC metadata both ways and compared in constant time.
-        tls: certificates for TLS both ways (mutual when it has a ``ca``).
-        insecure: allow plain TCP beyond loopback (without it, ``tls`` is required there).
-        start_method: how local workers start (multiprocessing's terms): ``"forkserver"`` --
-            one preloaded process per pool imports the worker and the adapter's module once,
-            and forks each worker and each replacement (milliseconds instead of an
-            interpreter's start-up); ``"spawn"`` -- each worker is a fresh interpreter. Default
-            (``None``): ``"forkserver"`` where it is safe, else ``"spawn"``: the pool spawns on
-            other platforms than Linux, and when the fork server has more than one thread after
-            importing the adapter's module (numpy's BLAS, torch), among other cases listed in
-            ``trio_bridge._host._forkserver``. ``Pool.start_method`` says which it uses; a
-            forked worker keeps every guarantee of a spawned one (own process group, dies with
-            the host, exit status and stderr reported).
-        max_calls_per_worker: recycle a worker once it has been given that many calls
-            (``None``, the default: no such limit; nor for the next two).
-        max_worker_age: recycle a worker once it has run that many seconds.
-        max_worker_memory: recycle a worker once its process's RSS reaches that many bytes
-            (sampled every second with psutil; local workers only). Recycling fails no call and never lowers
-            capacity: the replacement starts first and takes the worker's place (the old worker
-            serves on meanwhile, so it may pass the limit by the calls of one start-up), then
-            the old worker finishes its calls, however long they take, and exits. What the old
-            worker kept in memory (objects stored with ``store_as``) goes with it, as on a
-            restart. ``WorkerInfo.last_recycle_reason`` says why; the log says it once.
-        worker_env: ``worker_env(slot) -> {name: value}``, extra environment variables of each
-            local slot's workers (``slot``: 0 .. size-1), e.g. to pin each to a device. Called
-            once per slot when the pool opens; the slot's replacements get the same.
-        gpus_per_worker: give each local slot that many GPUs of ``gpus`` in
-            ``CUDA_VISIBLE_DEVICES`` (slot ``i`` gets the ``gpus_per_worker`` from
-            ``i * gpus_per_worker`` on; with more slots than GPUs, slots share them
-            round-robin), so a pool spreads model replicas over a machine's GPUs;
-            ``worker_env`` applies after it.
-        gpus: the GPUs ``gpus_per_worker`` shares out, as ``CUDA_VISIBLE_DEVICES`` names them
-            (indices or UUIDs); default: the host's own ``CUDA_VISIBLE_DEVICES`` if set, else
-            what ``nvidia-smi`` lists.
-        metrics_registry: the prometheus_client registry the pool's metrics are on while it is
-            open (default: prometheus_client's global ``REGISTRY``); see the README's
-            "Metrics" for the metrics, each labelled with ``pool`` (the adapter).
-        metrics_address: ``"HOST:PORT"`` where the pool serves ``metrics_registry`` as
-            Prometheus text (``http://HOST:PORT/metrics``) while it is open (port 0: a free
-            one; ``Pool.metrics_address`` says which); ``None``: not served. The same address
-            serves ``/status`` (what ``trio-bridge top`` shows: pids, addresses, recent error
-            text), open on loopback; on any other address (``0.0.0.0`` included) only to a
-            request bearing ``token`` (``Authorization: Bearer TOKEN``), so such an address
-            needs ``token`` or ``status_public``. ``/metrics`` is open to anyone who reaches it.
-        status_public: serve ``/status`` without a token on an address beyond loopback too
-            (``None``, the default: ``False``, unless ``TRIO_BRIDGE_STATUS_PUBLIC`` says otherwise).
-        allowed_uids: uids besides this process's (and root's) whose processes may connect to
-            the host's and the workers' Unix sockets (the pool's sockets are in Linux's abstract
-            namespace, which any local user can reach: a connection from another uid is closed
-            before its first byte, health checks included). TCP is not checked this way: the
-            ``token`` and TLS guard it. Workers get it in ``TRIO_BRIDGE_ALLOWED_UIDS`` (this
-            option wins over that variable in ``env`` or the host's environment).
+            it); default: a new in-memory backend (``TRIO_BRIDGE_STATE``). Both get the quotas
+            of ``state_limits``.
+        lifecycle: start-up, shutdown, cancellation grace, health checks, heartbeats, restart
+            backoff, signals: a :class:`Lifecycle`.
+        recycling: when a worker is replaced by a fresh one: a :class:`Recycling`.
+        state_limits: the quotas of the backend made from ``state``: a :class:`StateLimits`.
+        monitoring: the Prometheus metrics and ``/status``: a :class:`Monitoring`.
+        local: how local workers start (interpreter, environment, GPUs, start method, allowed
+            uids, shared memory): a :class:`LocalWorkers`.
+        remote: workers on other machines: a :class:`RemoteWorkers`.
+        deprecated: the keywords of before the groups (``max_calls_per_worker=``,
+            ``shutdown_timeout=``, ...), taken for one more release with a
+            ``DeprecationWarning`` that names the new spelling.
 
-    Every option marked in the README's "Configuration from the environment" that the call
-    leaves out (or at ``None``) takes its ``TRIO_BRIDGE_*`` variable's value where that is set,
-    e.g. ``TRIO_BRIDGE_WORKERS=8`` for ``size``: a deployment configures a program that way;
-    an argument the program passes wins.
+    An option left out (here or in a group) takes its ``TRIO_BRIDGE_*`` variable's value where
+    that is set (the README's "Configuration from the environment" lists them), e.g.
+    ``TRIO_BRIDGE_WORKERS=8`` for ``size``: a deployment configures a program that way; an
+    option the program passes wins, even one equal to its default.
 
     Raises:
-        InvalidArgumentError: an option is out of range, or the remote-worker options do not
-            fit together (raised when the block is entered); a ``TRIO_BRIDGE_*`` variable does
-            not parse (raised at once, naming it); ``metrics_address`` is beyond loopback
-            with neither ``token`` nor ``status_public=True`` (raised at once).
+        InvalidArgumentError: an option is out of range, options do not fit together (a
+            ``Monitoring.address`` beyond loopback with neither a token nor
+            ``status_public=True``, ``size=0`` without remote workers), a deprecated keyword is
+            given with its group, or a ``TRIO_BRIDGE_*`` variable does not parse (naming it);
+            all raised at once, before anything starts.
+        TypeError: a keyword ``open_pool`` does not have.
         WorkerStartError: a worker could not start (bad adapter path, ``setup()`` raised, no
             ready line in time, another trio-bridge wire contract); carries the worker's stderr
             tail, e.g. the ImportError.
         RuntimeError: not called under Trio.
     """
-    o = with_environment({
-        "size": size, "concurrency": concurrency, "max_queue": max_queue, "startup_timeout": startup_timeout,
-        "shutdown_timeout": shutdown_timeout, "cancel_grace": cancel_grace,
-        "health_check_interval": health_check_interval, "heartbeat_interval": heartbeat_interval,
-        "no_worker_timeout": no_worker_timeout, "transport": transport, "shared_memory_threshold": shared_memory_threshold,
-        "state": state, "start_method": start_method, "max_calls_per_worker": max_calls_per_worker,
-        "max_worker_age": max_worker_age, "max_worker_memory": max_worker_memory, "metrics_address": metrics_address,
-        "status_public": status_public,
-        "gpus_per_worker": gpus_per_worker,
+    options = pool_options(adapter, {
+        "size": size, "concurrency": concurrency, "max_queue": max_queue, "transport": transport,
+        "adapter_options": adapter_options, "state": state, "lifecycle": lifecycle, "recycling": recycling,
+        "state_limits": state_limits, "monitoring": monitoring, "local": local, "remote": remote, **deprecated,
     })
-    stop = SignalStop(handle_signals)
-    return _stopping_on_signals(stop, _open_pool(
-        adapter, size=o["size"], concurrency=o["concurrency"], max_queue=o["max_queue"],
-        startup_timeout=o["startup_timeout"], shutdown_timeout=o["shutdown_timeout"], cancel_grace=o["cancel_grace"],
-        health_check_interval=o["health_check_interval"], heartbeat_interval=o["heartbeat_interval"],
-        restart_backoff=restart_backoff, no_worker_timeout=o["no_worker_timeout"], transport=o["transport"],
-        python=python, env=env, adapter_options=adapter_options, shared_memory_threshold=o["shared_memory_threshold"],
-        state=o["state"], max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
-        max_value_bytes=max_value_bytes, history_limit=history_limit, stop=stop,
-        remote=(remote_workers, listen, advertise, token, tls, insecure), start_method=o["start_method"],
-        recycle=RecycleLimits.checked(
-            max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
-            max_worker_memory=o["max_worker_memory"],
-        ),
-        slot_env=(worker_env, o["gpus_per_worker"], gpus), allowed_uids=allowed_uids,
-        prometheus=(metrics_registry, checked_metrics_address(
-            o["metrics_address"], token=token, status_public=o["status_public"],
-        )),
-    ))
+    stop = SignalStop(options.lifecycle.handle_signals)
+    return _stopping_on_signals(stop, _open_pool(options, stop))
 
 
 @asynccontextmanager
@@ -581,69 +463,15 @@ async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManag
         stop.check()
 
 
-def check_options(
-    *, adapter: Any, size: int, concurrency: int, max_queue: int, transport: Any, adapter_options: Any,
-    timeouts: dict[str, Any], restart_backoff: Any, remote_workers: int = 0,
-) -> str:
-    """Refuse bad options with one clear error; return the adapter options as JSON. ``size``
-    may be 0 when there are ``remote_workers``."""
-    if not isinstance(adapter, str) or ":" not in adapter:
-        raise InvalidArgumentError(f"adapter must be 'package.module:ClassName', not {short_repr(adapter)}")
-    for name, value, least in (("size", size, 0 if remote_workers else 1), ("concurrency", concurrency, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InvalidArgumentError(f"{name} must be a whole number >= {least}, not {short_repr(value)}")
-    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-        raise InvalidArgumentError(f"max_queue must be a whole number >= 0, not {short_repr(max_queue)}")
-    if not isinstance(transport, str) or transport not in ("unix", "tcp"):
-        raise InvalidArgumentError(f"transport must be 'unix' or 'tcp', not {short_repr(transport)}")
-    for name, value in timeouts.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-            raise InvalidArgumentError(f"{name} must be a number of seconds >= 0, not {short_repr(value)}")
-    try:
-        low, high = restart_backoff
-        if not 0 <= low <= high or math.isinf(high):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"restart_backoff must be (first, longest) seconds, 0 <= first <= longest, not {short_repr(restart_backoff)}") from None
-    try:
-        return json.dumps(adapter_options or {}, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"adapter_options must be JSON-able: {exc}") from None
-
-
 @asynccontextmanager
-async def _open_pool(
-    adapter: str, *, size: int | None, concurrency: int, max_queue: int, startup_timeout: float,
-    shutdown_timeout: float, cancel_grace: float, health_check_interval: float, heartbeat_interval: float,
-    restart_backoff: tuple[float, float], no_worker_timeout: float, transport: Transport, python: str | None,
-    env: dict[str, str] | None, adapter_options: dict[str, Any] | None, shared_memory_threshold: int | None,
-    state: StateBackend | str | None, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
-    history_limit: int, stop: SignalStop, remote: tuple[Any, ...], start_method: StartMethod | None = None,
-    recycle: RecycleLimits | None = None, slot_env: tuple[Any, Any, Any] = (None, None, None),
-    allowed_uids: Collection[int] = (),
-    prometheus: tuple[CollectorRegistry | None, Endpoint | None] = (None, None),
-) -> AsyncIterator[Pool]:
-    remote_workers, listen, advertise, token, tls, insecure = remote
-    setup = remote_setup(remote_workers, listen=listen, advertise=advertise, token=token, tls=tls, insecure=insecure)
-    if setup is not None:
-        shared_memory_threshold = None  # remote workers cannot read this machine's /dev/shm
-        if health_check_interval > 2.0:
-            health_check_interval = 2.0  # a lost remote worker is noticed within seconds
-    size = size if size is not None else (0 if setup is not None and setup.addresses else os.cpu_count() or 1)
-    options_json = check_options(
-        adapter=adapter, size=size, concurrency=concurrency, max_queue=max_queue, transport=transport,
-        adapter_options=adapter_options, restart_backoff=restart_backoff,
-        remote_workers=len(setup.addresses) if setup is not None else 0,
-        timeouts={
-            "startup_timeout": startup_timeout, "shutdown_timeout": shutdown_timeout, "cancel_grace": cancel_grace,
-            "health_check_interval": health_check_interval, "heartbeat_interval": heartbeat_interval,
-            "no_worker_timeout": no_worker_timeout,
-        },
-    )
-    check_start_method(start_method)
-    peers = checked_allowed_uids(allowed_uids)
-    env_of_slot, gpus_per_worker, gpus = slot_env
-    slot_envs = slot_environments(size, worker_env=env_of_slot, gpus_per_worker=gpus_per_worker, gpus=gpus)
+async def _open_pool(options: PoolOptions, stop: SignalStop) -> AsyncIterator[Pool]:
+    adapter, size, concurrency, transport = options.adapter, options.size, options.concurrency, options.transport
+    local, lifecycle = options.local, options.lifecycle
+    python, env, start_method, shared_memory_threshold = local.python, local.env, local.start_method, local.shared_memory_threshold
+    startup_timeout, heartbeat_interval, options_json = lifecycle.startup_timeout, lifecycle.heartbeat_interval, options.adapter_options_json
+    setup = remote_setup(options.remote)
+    peers = frozenset(local.allowed_uids)
+    slot_envs = slot_environments(size, worker_env=local.slot_env, gpus_per_worker=local.gpus_per_worker, gpus=local.gpus)
     janitor = Janitor.start()
     plane = None
     tracker = UserErrorTracker()
@@ -717,14 +545,7 @@ async def _open_pool(
                         yield
 
                 async with compose(
-                    adapter=adapter, size=size + (len(setup.addresses) if setup else 0), spec=spec, new_worker=new_worker, serve=serve, plane=plane,
-                    state=default_state(
-                        state, max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
-                        max_value_bytes=max_value_bytes, history_limit=history_limit,
-                    ),
-                    max_queue=max_queue, cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
-                    health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-                    shutdown_timeout=shutdown_timeout, tracker=tracker, stop=stop, recycle=recycle, prometheus=prometheus,
+                    options, spec=spec, new_worker=new_worker, serve=serve, plane=plane, tracker=tracker, stop=stop,
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                 ) as pool:
                     yield pool
@@ -737,84 +558,69 @@ async def _open_pool(
         janitor.close()
 
 
-def default_state(
-    state: StateBackend | str | None, *, max_sessions: int, max_variables_per_session: int, max_value_bytes: int,
-    history_limit: int,
-) -> StateBackend:
+def default_state(state: StateBackend | str | None, limits: StateLimits) -> StateBackend:
     """The given backend; a :class:`RedisBackend` for a URL; or a new in-memory one. Made ones
-    get these quotas.
-
-    Raises:
-        InvalidArgumentError: ``state`` is neither a backend, a Redis URL nor None.
-    """
+    get the quotas of ``limits``."""
     if isinstance(state, StateBackend):
         return state
-    if isinstance(state, str):
+    if state is not None:
         from trio_bridge._state.redis import RedisBackend
 
         return RedisBackend(
-            state, max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
-            max_value_bytes=max_value_bytes, history_limit=history_limit,
+            state, max_sessions=limits.max_sessions, max_variables_per_session=limits.max_variables_per_session,
+            max_value_bytes=limits.max_value_bytes, history_limit=limits.history_limit,
         )
-    if state is not None:
-        raise InvalidArgumentError(f"state must be a StateBackend, a Redis URL or None, not {short_repr(state)}")
     return MemoryBackend(SessionStore(
-        max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
-        max_value_bytes=max_value_bytes, history_limit=history_limit,
+        max_sessions=limits.max_sessions, max_variables_per_session=limits.max_variables_per_session,
+        max_value_bytes=limits.max_value_bytes, history_limit=limits.history_limit,
     ))
 
 
 @asynccontextmanager
 async def compose(
-    *, adapter: str, size: int, spec: WorkerSpec, new_worker: Callable[[str, int], WorkerHandle],
-    state: StateBackend, max_queue: int, cancel_grace: float, no_worker_timeout: float,
-    health_check_interval: float, restart_backoff: tuple[float, float], shutdown_timeout: float,
+    options: PoolOptions, *, spec: WorkerSpec, new_worker: Callable[[str, int], WorkerHandle],
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
-    before_start: Callable[[], Awaitable[None]] | None = None, recycle: RecycleLimits | None = None,
-    prometheus: tuple[CollectorRegistry | None, Endpoint | None] = (None, None),
+    before_start: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[Pool]:
-    """Wire the pool's parts together, start ``size`` workers made by ``new_worker`` and yield
-    the pool; on the way out, shut the workers down.
+    """Wire the pool's parts together, start ``options.slots`` workers made by ``new_worker``
+    and yield the pool; on the way out, shut the workers down.
 
     The one composition of a pool, for real processes (`_open_pool`, which brings the
     asyncio boundary (its loop and thread), the shared-memory plane and, as ``serve``, the host service the workers
-    call) and for ``trio_bridge.testing``'s fake workers (no loop, no service). Options are
-    checked by the caller.
+    call) and for ``trio_bridge.testing``'s fake workers (no loop, no service). Each part gets
+    the group of ``options`` it uses, whole.
 
     Args:
+        options: the pool's options, complete and checked (:func:`pool_options`).
         spec: how workers start (the fakes' is nominal; kept as ``Pool._spec``).
         new_worker: ``new_worker(worker_id, slot)`` makes the handle of a slot's next worker.
         serve: given the pool's parts before any worker starts, runs what the workers call
             back while the pool runs (``None``: nothing).
         tracker: the exception-group policy of the caller's block (default: a new one).
-        stop: what SIGINT/SIGTERM do (default: nothing; see ``open_pool(handle_signals=...)``).
+        stop: what SIGINT/SIGTERM do (default: nothing; see ``Lifecycle.handle_signals``).
         before_start: awaited just before the workers start, where a signal cancels the
             start-up (the launcher learns whether its fork server forks).
     """
     tracker = tracker if tracker is not None else UserErrorTracker()
     stop = stop if stop is not None else SignalStop(enabled=False)
-    dispatcher: Dispatcher[WorkerHandle] = Dispatcher(max_queue)
+    adapter, size, lifecycle, monitoring = options.adapter, options.slots, options.lifecycle, options.monitoring
+    state = default_state(options.state, options.state_limits)
+    dispatcher: Dispatcher[WorkerHandle] = Dispatcher(options.max_queue)
     metrics = Metrics()
     tools = ToolRegistry()
     supervisor = Supervisor(
         new_worker=new_worker, size=size, dispatcher=dispatcher, metrics=metrics, tools=tools,
-        health_check_interval=health_check_interval, restart_backoff=restart_backoff,
-        shutdown_timeout=shutdown_timeout, plane=plane, recycle=recycle,
+        lifecycle=lifecycle, recycling=options.recycling, plane=plane,
     )
     router = Router(dispatcher, state)
-    calls = Calls(
-        supervisor=supervisor, router=router, metrics=metrics, state=state, plane=plane,
-        cancel_grace=cancel_grace, no_worker_timeout=no_worker_timeout,
-    )
+    calls = Calls(supervisor=supervisor, router=router, metrics=metrics, state=state, plane=plane, lifecycle=lifecycle)
     pool = Pool._create(
         adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
         dispatcher=dispatcher, tools=tools, state=state, spec=spec,
     )
-    registry, metrics_address = prometheus
-    registry = registry if registry is not None else default_registry()
-    if not isinstance(registry, CollectorRegistry):
-        raise InvalidArgumentError(f"metrics_registry must be a prometheus_client CollectorRegistry, not {short_repr(registry)}")
+    registry = monitoring.registry if monitoring.registry is not None else default_registry()
+    endpoint = metrics_endpoint(monitoring.address, token=options.status_token, status_public=monitoring.status_public)
     source = PoolSource(metrics=metrics, supervisor=supervisor, dispatcher=dispatcher, state=state, plane=plane)
     state.on_session_end.append(pool._session_ended)  # a shared backend outlives the pool
     try:
@@ -828,7 +634,7 @@ async def compose(
                 recent_errors=lambda: metrics.recent_errors, gauges=state.gauges,
             )
             async with (
-                serving(registry, metrics_address, status) if metrics_address is not None else contextlib.nullcontext(None)
+                serving(registry, endpoint, status) if endpoint is not None else contextlib.nullcontext(None)
             ) as bound, serve(parts) if serve is not None else contextlib.nullcontext():
                 pool.metrics_address = bound
                 async with trio.open_nursery() as nursery:
@@ -852,7 +658,7 @@ async def compose(
                                     yield pool
                     finally:
                         with stop.shutdown_scope:  # shielded; a second signal cancels the drain
-                            with trio.move_on_after(shutdown_timeout + 0.5):
+                            with trio.move_on_after(lifecycle.shutdown_timeout + 0.5):
                                 await supervisor.shutdown()
                             supervisor.kill_all("it was still running after the shutdown timeout")
                         nursery.cancel_scope.cancel()

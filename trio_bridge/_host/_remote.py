@@ -9,7 +9,7 @@ connection was lost (exit code ``-9``: the handle's death reason says why) -- th
 itself keeps running, and the slot's next worker dials it again (so a worker that comes back
 rejoins the pool).
 
-The ``trio-bridge worker`` command imports this module for its option checks, so it stays
+The ``trio-bridge worker`` command imports this module, so it stays
 import-light: it does not import the host's asyncio boundary (``trio_bridge._aio``, ``_worker``).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
@@ -25,11 +25,10 @@ from typing import Any
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
-from trio_bridge._wire.codec import short_repr
+from trio_bridge._host._options import RemoteWorkers, tcp_address
 from trio_bridge._wire.contract import READY_PREFIX
-from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
 from trio_bridge._wire.tls import TLSConfig
-from trio_bridge._wire.transport import advertised_address, parse_address
+from trio_bridge._wire.transport import advertised_address
 
 
 class RemoteWorker:
@@ -96,38 +95,13 @@ class RemoteSetup:
         return advertised_address(self.advertise, bound)
 
 
-def remote_setup(
-    remote_workers: Sequence[str], *, listen: str | None, advertise: str | None, token: str | None,
-    tls: TLSConfig | None, insecure: bool,
-) -> RemoteSetup | None:
-    """Check the remote-worker options of ``open_pool`` (and of ``trio-bridge worker``: its
-    ``--listen`` and ``--join``); ``None`` when it has none. A token is needed whatever the
-    addresses (``insecure`` never waives it: see :mod:`trio_bridge._wire.listeners`).
-
-    Raises:
-        InvalidArgumentError: an address is not ``tcp://HOST:PORT``; no ``token`` of at least
-            16 characters; ``tls`` is not a :class:`TLSConfig`; or plain TCP to a non-loopback
-            address without ``insecure=True``.
-    """
-    if isinstance(remote_workers, str) or not isinstance(remote_workers, Sequence):
-        raise InvalidArgumentError(f"remote_workers must be a list of tcp://HOST:PORT, not {short_repr(remote_workers)}")
-    if not remote_workers and listen is None:
+def remote_setup(remote: RemoteWorkers) -> RemoteSetup | None:
+    """How a pool reaches the remote workers of ``remote`` (checked when it was made); ``None``
+    when it has none and does not listen."""
+    if not remote.addresses and remote.listen is None:
         return None
-    addresses = tuple(_tcp(address, "remote_workers") for address in remote_workers)
-    bind = _tcp(listen, "listen") if listen is not None else None
-    if not isinstance(token, str) or len(token) < MIN_TOKEN:
-        raise InvalidArgumentError(
-            f"remote workers need a token: a shared secret of at least {MIN_TOKEN} characters (token=...)"
-        )
-    if tls is not None and not isinstance(tls, TLSConfig):
-        raise InvalidArgumentError(f"tls must be a trio_bridge.TLSConfig, not {short_repr(tls)}")
-    if tls is None and not insecure:
-        exposed = [a for a in (*addresses, *([bind] if bind else [])) if beyond_loopback(a)]
-        if exposed:
-            raise InvalidArgumentError(
-                f"plain TCP beyond this machine ({', '.join(exposed)}): give tls=TLSConfig(...), or insecure=True"
-            )
-    return RemoteSetup(addresses, token, tls, bind, advertise)
+    assert remote.token is not None  # RemoteWorkers refuses addresses or listen without one
+    return RemoteSetup(tuple(remote.addresses), remote.token, remote.tls, remote.listen, remote.advertise)
 
 
 def check_joining(address: str, adapter_path: str, tools: list[str], *, adapter: str, known: Mapping[str, Any]) -> str:
@@ -137,7 +111,7 @@ def check_joining(address: str, adapter_path: str, tools: list[str], *, adapter:
         InvalidArgumentError: the address is not ``tcp:HOST:PORT``; the worker serves another
             adapter; or its tools are not the ones the pool's workers have.
     """
-    address = _tcp(address, "address")
+    address = tcp_address("address", address)
     if adapter_path != adapter:
         raise InvalidArgumentError(f"this pool serves {adapter!r}, not {adapter_path!r}")
     if known and set(tools) != set(known):
@@ -145,16 +119,3 @@ def check_joining(address: str, adapter_path: str, tools: list[str], *, adapter:
             f"its tools ({', '.join(sorted(tools))}) are not the pool's ({', '.join(sorted(known))}): another version of {adapter!r}?"
         )
     return address
-
-
-def _tcp(address: object, what: str) -> str:
-    if isinstance(address, str):
-        try:
-            scheme, host, port = parse_address(address)
-        except ValueError:
-            scheme = ""
-        if scheme == "tcp":
-            return f"tcp:{host}:{port}"
-    raise InvalidArgumentError(f"{what}: an address is tcp://HOST:PORT, not {short_repr(address)}")
-
-

@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM as an orderly stop of an open pool (``open_pool(handle_signals=True)``).
+"""SIGINT and SIGTERM as an orderly stop of an open pool (``Lifecycle(handle_signals=True)``).
 
 Python's defaults are wrong for a process that holds a pool: SIGTERM kills it at once (no drain,
 no cleanup: the workers then die by the kernel's parent-death signal), and Trio raises

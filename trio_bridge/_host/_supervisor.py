@@ -5,7 +5,7 @@ Each slot is owned by one task (:meth:`Supervisor._supervise`) in the pool's nur
 the slot's :class:`WorkerHandle` and, when the worker dies, logs why (once) and starts a
 replacement after a backoff that doubles on each failure in a row (reset once a worker has
 lived ``_STABLE_AFTER`` seconds). A worker that fails its health check is killed (and so
-replaced). A worker past one of the :class:`RecycleLimits` is *recycled* without failing a call
+replaced). A worker past one of the limits of its :class:`Recycling` is *recycled* without failing a call
 or lowering capacity: its replacement starts first and takes its place, then the old worker
 finishes its calls (up to ``shutdown_timeout``) and exits -- as Gunicorn's ``max_requests`` and
 Celery's ``max_tasks_per_child`` / ``max_memory_per_child`` do, minus their gap in capacity.
@@ -18,77 +18,38 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
-from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, WorkerStartError
+from trio_bridge._errors import WorkerCrashedError, WorkerStartError
 from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
+from trio_bridge._host._options import Lifecycle, Recycling
 from trio_bridge._host._tools import ToolRegistry
 from trio_bridge._host._worker import WorkerHandle, WorkerInfo, active_calls
-from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
 _STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
 _SWEEP_INTERVAL = 60.0  # seconds between sweeps of shared-memory segments left by dead processes
-_MEMORY_POLL = 1.0      # seconds between RSS samples of each worker (max_worker_memory)
+_MEMORY_POLL = 1.0      # seconds between RSS samples of each worker (Recycling.max_memory)
 _DRAIN_POLL = 0.01      # seconds between looks at a recycled worker's calls
 
 
-@dataclass(frozen=True)
-class RecycleLimits:
-    """When a worker is recycled (``None``: no such limit).
-
-    Attributes:
-        max_calls: calls it was given (any outcome).
-        max_age: seconds since it became ready (Trio clock).
-        max_memory: bytes of resident set size (RSS), sampled every second with psutil; local
-            workers only (a remote worker's process is not visible to the host).
-    """
-
-    max_calls: int | None = None
-    max_age: float | None = None
-    max_memory: int | None = None
-
-    def __bool__(self) -> bool:
-        return (self.max_calls, self.max_age, self.max_memory) != (None, None, None)
-
-    @classmethod
-    def checked(cls, *, max_calls_per_worker: Any, max_worker_age: Any, max_worker_memory: Any) -> RecycleLimits:
-        """From ``open_pool``'s options.
-
-        Raises:
-            InvalidArgumentError: a limit is not ``None`` or a positive number (of calls, seconds, bytes).
-        """
-        for name, value, whole in (
-            ("max_calls_per_worker", max_calls_per_worker, True), ("max_worker_age", max_worker_age, False),
-            ("max_worker_memory", max_worker_memory, True),
-        ):
-            if value is None:
-                continue
-            kinds = (int,) if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
-                unit = {"max_calls_per_worker": "calls", "max_worker_age": "seconds", "max_worker_memory": "bytes"}[name]
-                what = "a whole number" if whole else "a number"
-                raise InvalidArgumentError(f"{name} must be None or {what} of {unit} > 0, not {short_repr(value)}")
-        return cls(max_calls_per_worker, max_worker_age, max_worker_memory)
-
-    def passed(self, handle: WorkerHandle, now: float) -> tuple[str, str] | None:
-        """``(kind, why)`` if ``handle`` is past a limit, kind being ``"calls"``, ``"age"`` or
-        ``"memory"``; else ``None``. Samples its memory when there is a memory limit."""
-        if handle.calls_exhausted.is_set():  # given its own limit (see Supervisor._max_calls)
-            return "calls", f"it was given {handle.calls_given} calls (max_calls_per_worker={self.max_calls})"
-        if self.max_age is not None and handle.started_at is not None and now - handle.started_at >= self.max_age:
-            return "age", f"it ran {now - handle.started_at:.1f} s (max_worker_age={self.max_age:g})"
-        if self.max_memory is not None:
-            rss = handle.sample_memory()
-            if rss is not None and rss >= self.max_memory:
-                return "memory", f"its RSS is {rss / 2**20:.0f} MiB (max_worker_memory={self.max_memory / 2**20:.0f} MiB)"
-        return None
+def _past_limit(limits: Recycling, handle: WorkerHandle, now: float) -> tuple[str, str] | None:
+    """``(kind, why)`` if ``handle`` is past a limit of ``limits``, kind being ``"calls"``,
+    ``"age"`` or ``"memory"``; else ``None``. Samples its memory when there is a memory limit."""
+    if handle.calls_exhausted.is_set():  # given its own limit (see Supervisor._max_calls)
+        return "calls", f"it was given {handle.calls_given} calls (Recycling.max_calls={limits.max_calls})"
+    if limits.max_age is not None and handle.started_at is not None and now - handle.started_at >= limits.max_age:
+        return "age", f"it ran {now - handle.started_at:.1f} s (Recycling.max_age={limits.max_age:g})"
+    if limits.max_memory is not None:
+        rss = handle.sample_memory()
+        if rss is not None and rss >= limits.max_memory:
+            return "memory", f"its RSS is {rss / 2**20:.0f} MiB (Recycling.max_memory={limits.max_memory / 2**20:.0f} MiB)"
+    return None
 
 
 class Supervisor:
@@ -107,11 +68,9 @@ class Supervisor:
         dispatcher: Dispatcher[WorkerHandle],
         metrics: Metrics,
         tools: ToolRegistry,
-        health_check_interval: float,
-        restart_backoff: tuple[float, float],
-        shutdown_timeout: float,
+        lifecycle: Lifecycle,
         plane: SharedMemoryPlane | None,
-        recycle: RecycleLimits | None = None,
+        recycling: Recycling | None = None,
     ) -> None:
         self.size: int = size
         self.handles: dict[int, WorkerHandle] = {}
@@ -121,14 +80,14 @@ class Supervisor:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._tools = tools
-        self._health_check_interval = health_check_interval
-        self._restart_backoff = restart_backoff
-        self._shutdown_timeout = shutdown_timeout
+        self._health_check_interval = lifecycle.health_check_interval
+        self._restart_backoff = lifecycle.restart_backoff
+        self._shutdown_timeout = lifecycle.shutdown_timeout
         self.plane: SharedMemoryPlane | None = plane
         self._new_worker = new_worker
         self._worker_ids = itertools.count(size)  # w0..w{size-1} are the first workers of the slots
         self._nursery: trio.Nursery | None = None
-        self._recycle = recycle or RecycleLimits()
+        self._recycle = recycling if recycling is not None else Recycling()
         self.retiring: set[WorkerHandle] = set()
         """Recycled workers finishing their calls (no longer in :attr:`handles`)."""
         self._successors: set[WorkerHandle] = set()  # replacements of workers due for recycling, starting
@@ -378,11 +337,11 @@ class Supervisor:
         while handle.alive:
             now = trio.current_time()
             # (a worker given its last call has stopped accepting: it is past its limit)
-            passed = limits.passed(handle, now) if limits and (handle.accepting or handle.calls_exhausted.is_set()) else None
+            passed = _past_limit(limits, handle, now) if limits and (handle.accepting or handle.calls_exhausted.is_set()) else None
             if passed is not None:
                 return passed
             if early and handle.calls_nearly_exhausted.is_set():
-                return "soon", "it nears max_calls_per_worker"
+                return "soon", "it nears Recycling.max_calls"
             timeout = float("inf")
             if limits.max_memory is not None:
                 timeout = _MEMORY_POLL

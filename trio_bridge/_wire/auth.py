@@ -95,7 +95,7 @@ class PeerCheck:
             return None
         return (
             f"a Unix-socket peer of another user: pid {pid}, uid {uid} (this process runs as uid {os.getuid()}); "
-            f"allow it with open_pool(allowed_uids=[{uid}]) or {ALLOWED_UIDS_ENV}={uid} for a worker"
+            f"allow it with open_pool(local=LocalWorkers(allowed_uids=[{uid}])) or {ALLOWED_UIDS_ENV}={uid} for a worker"
         )
 
     def refused(self, transport: Any) -> bool:
@@ -106,20 +106,6 @@ class PeerCheck:
         self._refusals.warn(f"refused {reason}")
         transport.abort()
         return True
-
-
-def checked_allowed_uids(allowed_uids: Any) -> frozenset[int]:
-    """``open_pool(allowed_uids=...)`` as a set of uids.
-
-    Raises:
-        InvalidArgumentError: not a collection of whole numbers >= 0.
-    """
-    if isinstance(allowed_uids, (str, bytes)) or not isinstance(allowed_uids, Collection):
-        raise InvalidArgumentError(f"allowed_uids must be a collection of uids (e.g. [1001]), not {allowed_uids!r:.100}")
-    for uid in allowed_uids:
-        if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
-            raise InvalidArgumentError(f"allowed_uids must hold uids, whole numbers >= 0, not {uid!r:.100}")
-    return frozenset(allowed_uids)
 
 
 def parse_allowed_uids(value: str) -> frozenset[int]:

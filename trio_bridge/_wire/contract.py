@@ -16,7 +16,7 @@ meaning, a new required behaviour). Peers of different releases interoperate whi
 
 READY_PREFIX = "TRIO_BRIDGE_READY "
 
-# A pool's HTTP endpoint (open_pool(metrics_address=)), as trio-bridge top reads it.
+# A pool's HTTP endpoint (open_pool(monitoring=Monitoring(address=))), as trio-bridge top reads it.
 METRICS_PATH = "/metrics"  # Prometheus text
 STATUS_PATH = "/status"  # the pool's status as JSON
 

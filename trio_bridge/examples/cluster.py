@@ -100,8 +100,9 @@ async def _host_b(arguments: dict[str, Any]) -> dict[str, Any]:
 
     tls = Certificates(pathlib.Path(arguments["certificates"])).tls("host")
     async with trio_bridge.open_pool(
-        ADAPTER, size=0, remote_workers=[arguments["remote"]], listen="tcp://127.0.0.1:0", token=arguments["token"],
-        tls=tls, state=arguments["redis"],
+        ADAPTER, size=0, state=arguments["redis"], remote=trio_bridge.RemoteWorkers(
+            addresses=[arguments["remote"]], listen="tcp://127.0.0.1:0", token=arguments["token"], tls=tls,
+        ),
     ) as pool:
         async with pool.session("demo") as session:
             served = await session.execute("reply", {"text": "hello"})

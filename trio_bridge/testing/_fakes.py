@@ -22,7 +22,6 @@ the worker side of sessions (tools get a :class:`FakeContext`, not a ``SessionCo
 
 from __future__ import annotations
 
-import inspect
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -34,9 +33,8 @@ import trio
 
 from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
-from trio_bridge._host._endpoint import checked_metrics_address
-from trio_bridge._host._pool import Pool, PoolParts, check_options, compose, default_state, open_pool
-from trio_bridge._host._supervisor import RecycleLimits
+from trio_bridge._host._options import PoolOptions, check_seconds, pool_options
+from trio_bridge._host._pool import Pool, PoolParts, compose
 from trio_bridge._host._tools import run_host_tool
 from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
 from trio_bridge._wire.chunks import encode_batch
@@ -622,11 +620,6 @@ class FakePool(NamedTuple):
     workers: FakeWorkers
 
 
-_OPEN_POOL_DEFAULTS: dict[str, Any] = {
-    name: p.default for name, p in inspect.signature(open_pool).parameters.items() if p.kind is p.KEYWORD_ONLY
-}
-
-
 def open_fake_pool(
     tools: Mapping[str, Callable[..., Any]],
     *,
@@ -651,12 +644,11 @@ def open_fake_pool(
         start_delay: seconds (Trio clock) each worker takes to become ready.
         start_failures: how many of the first starts fail (as :meth:`FakeWorkers.fail_starts`).
         open_pool_options: the other options of :func:`~trio_bridge.open_pool` (``max_queue``,
-            ``cancel_grace``, ``health_check_interval``, ``restart_backoff``,
-            ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state``, the
-            quotas, the recycling limits -- a fake's RSS is what the test sets as its ``rss`` --
-            and the metrics); those that only concern processes (``transport``, ``python``, ``env``,
-            ``adapter_options``, ``shared_memory_threshold``, ``heartbeat_interval``) are
-            accepted and have no effect.
+            ``state``, ``lifecycle``, ``recycling`` -- a fake's RSS is what the test sets as
+            its ``rss`` --, ``state_limits``, ``monitoring``); those that only concern
+            processes (``transport``, ``adapter_options``, ``local``, ``remote``,
+            ``Lifecycle.heartbeat_interval``) are checked and have no effect. The
+            ``TRIO_BRIDGE_*`` variables are not read.
 
     Raises:
         TypeError: an option ``open_pool`` does not have.
@@ -664,48 +656,39 @@ def open_fake_pool(
         WorkerStartError: a worker could not start (``start_failures``, or ``start_delay``
             over ``startup_timeout``).
     """
-    options = pool_options("open_fake_pool", open_pool_options)
+    options = fake_pool_options(
+        "open_fake_pool", FAKE_ADAPTER, {**open_pool_options, "size": size, "concurrency": concurrency}
+    )
+    check_seconds("start_delay", start_delay)
 
     def make_workers(adapter_options_json: str) -> FakeWorkers:
-        workers = FakeWorkers(tools, concurrency=concurrency, start_delay=start_delay, startup_timeout=options["startup_timeout"])
+        workers = FakeWorkers(
+            tools, concurrency=concurrency, start_delay=start_delay, startup_timeout=options.lifecycle.startup_timeout
+        )
         if start_failures:
             workers.fail_starts(start_failures)
         return workers
 
-    return open_pool_of_fakes(
-        make_workers, adapter=FAKE_ADAPTER, size=size, concurrency=concurrency, start_delay=start_delay, options=options
-    )
+    return open_pool_of_fakes(make_workers, options)
 
 
-def pool_options(caller: str, open_pool_options: dict[str, Any]) -> dict[str, Any]:
-    """``open_pool``'s keyword options with its defaults filled in.
+def fake_pool_options(caller: str, adapter: str, arguments: dict[str, Any]) -> PoolOptions:
+    """``open_pool``'s options from its keyword ``arguments``, as ``open_pool`` makes them,
+    except that the ``TRIO_BRIDGE_*`` variables are not read (a test's pool is the test's).
 
     Raises:
         TypeError: an option ``open_pool`` does not have (``caller`` names the function in the message).
+        InvalidArgumentError: an option is out of range, or options do not fit together.
     """
-    unknown = set(open_pool_options) - set(_OPEN_POOL_DEFAULTS) - {"size", "concurrency"}
-    if unknown:
-        raise TypeError(f"{caller}() got unexpected options: {', '.join(sorted(unknown))}")
-    return {**_OPEN_POOL_DEFAULTS, **open_pool_options}
+    return pool_options(adapter, arguments, caller=caller, environ={}, stacklevel=3)
 
 
 @asynccontextmanager
-async def open_pool_of_fakes(
-    make_workers: Callable[[str], FakeWorkers], *, adapter: str, size: int, concurrency: int, start_delay: float,
-    options: dict[str, Any],
-) -> AsyncIterator[FakePool]:
-    """A real pool of the workers ``make_workers(adapter_options_json)`` makes, once ``options``
-    (all of ``open_pool``'s, see :func:`pool_options`) are checked: :func:`open_fake_pool`'s
-    and ``trio_bridge.testing.open_adapter_pool``'s."""
-    o = options
-    adapter_options_json = check_options(
-        adapter=adapter, size=size, concurrency=concurrency, max_queue=o["max_queue"], transport=o["transport"],
-        adapter_options=o["adapter_options"], restart_backoff=o["restart_backoff"],
-        timeouts={name: o[name] for name in (
-            "startup_timeout", "shutdown_timeout", "cancel_grace", "health_check_interval", "no_worker_timeout",
-        )} | {"start_delay": start_delay},
-    )
-    workers = make_workers(adapter_options_json)
+async def open_pool_of_fakes(make_workers: Callable[[str], FakeWorkers], options: PoolOptions) -> AsyncIterator[FakePool]:
+    """A real pool of the workers ``make_workers(adapter_options_json)`` makes, with ``options``
+    (from :func:`fake_pool_options`): :func:`open_fake_pool`'s and
+    ``trio_bridge.testing.open_adapter_pool``'s."""
+    workers = make_workers(options.adapter_options_json)
 
     @asynccontextmanager
     async def serve(parts: PoolParts) -> AsyncIterator[None]:
@@ -715,21 +698,5 @@ async def open_pool_of_fakes(
         finally:
             workers._parts = None
 
-    state = default_state(
-        o["state"], max_sessions=o["max_sessions"], max_variables_per_session=o["max_variables_per_session"],
-        max_value_bytes=o["max_value_bytes"], history_limit=o["history_limit"],
-    )
-    async with compose(
-        adapter=adapter, size=size, spec=workers._spec, new_worker=workers._new_worker, state=state, serve=serve,
-        max_queue=o["max_queue"], cancel_grace=o["cancel_grace"], no_worker_timeout=o["no_worker_timeout"],
-        health_check_interval=o["health_check_interval"], restart_backoff=o["restart_backoff"],
-        shutdown_timeout=o["shutdown_timeout"],
-        recycle=RecycleLimits.checked(
-            max_calls_per_worker=o["max_calls_per_worker"], max_worker_age=o["max_worker_age"],
-            max_worker_memory=o["max_worker_memory"],
-        ),
-        prometheus=(o["metrics_registry"], checked_metrics_address(
-            o["metrics_address"], token=o["token"], status_public=o["status_public"],
-        )),
-    ) as pool:
+    async with compose(options, spec=workers._spec, new_worker=workers._new_worker, serve=serve) as pool:
         yield FakePool(pool, workers)

@@ -45,6 +45,7 @@ from grpclib.exceptions import GRPCError
 from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError
 from trio_bridge._host._host_service import HostService
+from trio_bridge._host._options import PoolOptions
 from trio_bridge._host._pool import Pool
 from trio_bridge._host._supervisor import heartbeat
 from trio_bridge._host._worker import WorkerSpec
@@ -61,7 +62,7 @@ from trio_bridge._wire.contract import (
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire
 from trio_bridge._wire.tool_spec import tool_spec
-from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, open_pool_of_fakes, pool_options
+from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, fake_pool_options, open_pool_of_fakes
 from trio_bridge.worker._adapter import Adapter, AdapterLoadError, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, WorkerOptimization, end_call
 from trio_bridge.worker._host_client import HostClient, SessionLink, client_over, failure, host_stub
@@ -123,11 +124,10 @@ def open_adapter_pool(
         adapter_options: JSON-able options the adapter reads as ``self.options`` (they go
             through JSON, as to a worker process).
         open_pool_options: the other options of :func:`~trio_bridge.open_pool` (``max_queue``,
-            ``cancel_grace``, ``health_check_interval``, ``restart_backoff``,
-            ``no_worker_timeout``, ``startup_timeout``, ``shutdown_timeout``, ``state``, the
-            quotas, the recycling limits, the metrics); those that only concern processes
-            (``transport``, ``python``, ``env``, ``shared_memory_threshold``,
-            ``heartbeat_interval``, ...) are accepted and have no effect.
+            ``state``, ``lifecycle``, ``recycling``, ``state_limits``, ``monitoring``); those
+            that only concern processes (``transport``, ``local``, ``remote``,
+            ``Lifecycle.heartbeat_interval``) are checked and have no effect. The
+            ``TRIO_BRIDGE_*`` variables are not read.
 
     Raises:
         TypeError: an option ``open_pool`` does not have.
@@ -144,22 +144,22 @@ def open_adapter_pool(
         raise InvalidArgumentError(
             f"adapter must be an Adapter subclass or 'package.module:ClassName', not {short_repr(adapter)}"
         )
-    options = pool_options("open_adapter_pool", {**open_pool_options, "adapter_options": adapter_options})
-    return _open_adapter_pool(adapter_class, path, size, concurrency, options)
+    options = fake_pool_options(
+        "open_adapter_pool", path,
+        {**open_pool_options, "size": size, "concurrency": concurrency, "adapter_options": adapter_options},
+    )
+    return _open_adapter_pool(adapter_class, options)
 
 
 @asynccontextmanager
-async def _open_adapter_pool(
-    adapter_class: type[Adapter] | None, path: str, size: int, concurrency: int, options: dict[str, Any]
-) -> AsyncIterator[Pool]:
+async def _open_adapter_pool(adapter_class: type[Adapter] | None, options: PoolOptions) -> AsyncIterator[Pool]:
     def make_workers(adapter_options_json: str) -> FakeWorkers:
         return _AdapterWorkers(
-            adapter_class, path, adapter_options_json, concurrency=concurrency, startup_timeout=options["startup_timeout"]
+            adapter_class, options.adapter, adapter_options_json, concurrency=options.concurrency,
+            startup_timeout=options.lifecycle.startup_timeout,
         )
 
-    async with open_pool_of_fakes(
-        make_workers, adapter=path, size=size, concurrency=concurrency, start_delay=0.0, options=options
-    ) as (pool, _):
+    async with open_pool_of_fakes(make_workers, options) as (pool, _):
         yield pool
 
 

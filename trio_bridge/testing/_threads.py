@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -35,6 +36,7 @@ from typing import Any
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._host._options import LocalWorkers
 from trio_bridge._host._pool import Pool, open_pool
 from trio_bridge._host._process import launcher
 from trio_bridge._wire.contract import READY_PREFIX, WORKER_ID_ENV
@@ -130,18 +132,24 @@ def open_pool_in_threads(adapter: str, **options: Any) -> AbstractAsyncContextMa
 
     Args:
         adapter: ``"package.module:ClassName"``, as for ``open_pool``.
-        options: any other option of ``open_pool`` except ``python`` and
-            ``shared_memory_threshold`` (threads run this interpreter, and share no memory
-            plane).
+        options: any other option of ``open_pool`` except ``LocalWorkers.python`` and
+            ``LocalWorkers.shared_memory_threshold`` (threads run this interpreter, and share
+            no memory plane).
 
     Raises:
         InvalidArgumentError: ``python`` or ``shared_memory_threshold`` was given; and as
             ``open_pool``.
     """
+    local = options.pop("local", None) or LocalWorkers()
     refused = sorted({"python", "shared_memory_threshold"} & set(options))
+    refused += ["LocalWorkers.python"] if isinstance(local, LocalWorkers) and local.python is not None else []
+    if isinstance(local, LocalWorkers) and local.shared_memory_threshold not in (None, LocalWorkers().shared_memory_threshold):
+        refused.append("LocalWorkers.shared_memory_threshold")
     if refused:
         raise InvalidArgumentError(f"workers in threads take no {' or '.join(refused)} option")
-    return _open_pool_in_threads(adapter, options)
+    if isinstance(local, LocalWorkers):  # (anything else: open_pool refuses it)
+        local = dataclasses.replace(local, shared_memory_threshold=None)
+    return _open_pool_in_threads(adapter, {**options, "local": local})
 
 
 @asynccontextmanager
@@ -149,7 +157,7 @@ async def _open_pool_in_threads(adapter: str, options: dict[str, Any]) -> AsyncI
     async with contextlib.AsyncExitStack() as stack:
         token = launcher.set(ThreadWorker)
         try:  # only this pool's workers: the launcher is read when the pool opens
-            pool = await stack.enter_async_context(open_pool(adapter, shared_memory_threshold=None, **options))
+            pool = await stack.enter_async_context(open_pool(adapter, **options))
         finally:
             launcher.reset(token)
         yield pool

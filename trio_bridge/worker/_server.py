@@ -647,7 +647,7 @@ def listener_refusal(args: argparse.Namespace, secret: str) -> str | None:
         found = f"{SECRET_ENV} has {len(secret)} characters" if secret else f"{SECRET_ENV} is not set"
         return (
             f"--listen {args.listen} is reachable from other machines and {found}, so anyone there could "
-            f"call its tools: set {SECRET_ENV} to the hosts' token (open_pool(token=...), at least {MIN_TOKEN} "
+            f"call its tools: set {SECRET_ENV} to the hosts' token (RemoteWorkers(token=...), at least {MIN_TOKEN} "
             "characters; `trio-bridge worker --token-file FILE` reads it from a file), or listen on loopback "
             "(tcp:127.0.0.1:PORT) or a Unix socket"
         )
