@@ -95,7 +95,7 @@ def test_unary_stream_arrays_and_cancellation_work_over_the_stock_wire():
                         await pool.execute(tool, {"seconds": 60})
                     assert scope.cancelled_caught, tool
                     assert await pool.execute("add", {"a": 2}) == 4  # the worker took the cancellation
-            async with trio_bridge.open_pool(ADAPTER, size=1, shared_memory_threshold=None) as pool:
+            async with trio_bridge.open_pool(ADAPTER, size=1, local=trio_bridge.LocalWorkers(shared_memory_threshold=None)) as pool:
                 for value in (big, big[::-1] + 1):  # in-band, both ways
                     echoed = await pool.execute("echo", {"value": value})
                     assert echoed.dtype == value.dtype and np.array_equal(echoed, value)

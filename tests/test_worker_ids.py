@@ -19,7 +19,7 @@ def add(a: int, b: int = 2) -> int:
 
 
 async def test_fake_workers_ids_follow_their_slots_and_a_replacement_gets_a_new_id(autojump_clock):
-    async with open_fake_pool({"add": add}, size=8, restart_backoff=(0.5, 1.0)) as (pool, workers):
+    async with open_fake_pool({"add": add}, size=8, lifecycle=trio_bridge.Lifecycle(restart_backoff=(0.5, 1.0))) as (pool, workers):
         assert [(w.id, w.slot) for w in pool.workers()] == [(f"w{slot}", slot) for slot in range(8)]
         victim = workers.kill(3)
         await wait_for(lambda: pool.statistics().workers_ready == 8)
@@ -30,7 +30,7 @@ async def test_fake_workers_ids_follow_their_slots_and_a_replacement_gets_a_new_
 
 @pytest.mark.real_process
 async def test_real_workers_ids_follow_their_slots_and_a_replacement_gets_a_new_id():
-    async with trio_bridge.open_pool("tests.adapters:Echo", size=3, restart_backoff=(0.05, 0.5)) as pool:
+    async with trio_bridge.open_pool("tests.adapters:Echo", size=3, lifecycle=trio_bridge.Lifecycle(restart_backoff=(0.05, 0.5))) as pool:
         assert [(w.id, w.slot) for w in pool.workers()] == [("w0", 0), ("w1", 1), ("w2", 2)]
         os.kill(pool.workers()[1].pid, signal.SIGKILL)
         await wait_for(lambda: [(w.id, w.slot, w.state) for w in pool.workers()] == [

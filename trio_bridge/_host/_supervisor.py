@@ -219,7 +219,7 @@ class Supervisor:
             raise failed_first
 
     def _max_calls(self, slot: int, first_of_slot: bool) -> int | None:
-        """The calls a slot's new worker may be given (``max_calls_per_worker`` holds exactly:
+        """The calls a slot's new worker may be given (``Recycling.max_calls`` holds exactly:
         calls are counted as the dispatcher hands them out, and a worker given its last call
         takes no other while its replacement starts).
 
