@@ -16,6 +16,7 @@ class FakeWorker:
         self.concurrency = concurrency
         self.busy = 0
         self.accepting = True
+        self.lifecycle = self  # its own slots (a pool's worker keeps them in its WorkerLifecycle)
 
     def admit(self) -> None:
         pass

@@ -22,7 +22,9 @@ from typer.testing import CliRunner
 
 import trio_bridge
 from trio_bridge import InvalidArgumentError, LocalWorkers, RemoteWorkers
-from trio_bridge._host._process import WorkerProcess, launcher
+from trio_bridge._host._options import pool_options
+from trio_bridge._host._pool import open_pool_of
+from trio_bridge._host._process import WorkerProcess
 from trio_bridge._wire.contract import READY_PREFIX, SECRET_ENV, SECRET_METADATA
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import open_channel
@@ -51,19 +53,15 @@ def spawn_with_the_secret_in_the_environment(command: list[str], env: dict[str, 
 @pytest.mark.real_process
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver", "environment"])
 async def test_neither_the_adapter_nor_a_tools_subprocess_sees_the_pool_secret(start_method):
-    token = launcher.set(spawn_with_the_secret_in_the_environment) if start_method == "environment" else None
-    try:
-        async with trio_bridge.open_pool(
-            "tests.auth_adapters:Snoop", size=1, local=LocalWorkers(start_method=None if token else start_method),
-        ) as pool:
-            assert pool.start_method == ("custom" if token else start_method)
-            pool.host_tool(host_answer)
-            seen = await pool.execute("snoop")
-            assert await pool.execute("ask_host") == "from the host"  # the worker still holds the secret
-            secret = pool._spec.secret
-    finally:
-        if token is not None:
-            launcher.reset(token)
+    custom = start_method == "environment"
+    options = pool_options("tests.auth_adapters:Snoop", {"size": 1, "local": LocalWorkers(start_method=None if custom else start_method)})
+    launch = spawn_with_the_secret_in_the_environment if custom else WorkerProcess.spawn
+    async with open_pool_of(options, launch) as pool:
+        assert pool.start_method == ("custom" if custom else start_method)
+        pool.host_tool(host_answer)
+        seen = await pool.execute("snoop")
+        assert await pool.execute("ask_host") == "from the host"  # the worker still holds the secret
+        secret = pool._spec.secret
     assert (seen["at_import"], seen["in_setup"], seen["in_tool"]) == (False, False, False)
     # `env` in a tool's subprocess; and what the worker started with (/proc/PID/environ), which
     # other processes of this user can read: clean unless the secret came in the environment.

@@ -1,1 +1,1 @@
-"""The host side (Trio): pool, worker handles, dispatch, host service."""
+"""The host side (Trio): pool, the worker seam and its workers, dispatch, host service."""

@@ -33,7 +33,7 @@ from trio_bridge._host._options import Lifecycle
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
-from trio_bridge._host._worker import ToolCall, WorkerHandle, active_calls, execute, open_stream
+from trio_bridge._host._worker import ToolCall, Worker
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
@@ -100,21 +100,18 @@ class Calls:
             try:
                 await self._router.enter_session(worker, route)
                 try:
-                    encoded = await execute(worker, request)
+                    encoded = await worker.execute(request)
                 except WorkerCrashedError:
                     raise
                 except TrioBridgeError:
                     finished = True
                     answered_in = trio.current_time() - started
-                    worker.calls_served += 1
-                    worker.latencies.append(answered_in)
+                    worker.figures.answered(failed=True, seconds=answered_in)
                     outcome = Outcome.FAILED
-                    worker.calls_failed += 1
                     raise
                 finished = True
                 answered_in = trio.current_time() - started
-                worker.calls_served += 1
-                worker.latencies.append(answered_in)
+                worker.figures.answered(failed=False, seconds=answered_in)
                 outcome = Outcome.FAILED  # until the result decodes
                 result = decode(encoded, plane=self._plane, owned=True)
                 outcome = Outcome.COMPLETED
@@ -122,7 +119,7 @@ class Calls:
             except WorkerCrashedError:
                 finished = True
                 outcome = Outcome.CRASHED
-                worker.calls_failed += 1
+                worker.figures.crashed()
                 raise
             finally:
                 self._finish_call(worker, request.call_id, finished)
@@ -186,11 +183,11 @@ class Calls:
             self._metrics.record(result.outcome, result.answered_in, tool=label, queued=queued)
 
     async def _pump_stream(
-        self, worker: WorkerHandle, request: ToolCall, send: trio.MemorySendChannel[Any], result: _StreamResult
+        self, worker: Worker, request: ToolCall, send: trio.MemorySendChannel[Any], result: _StreamResult
     ) -> None:
         async with send:
             try:
-                async with open_stream(worker, request) as receive:
+                async with worker.open_stream(request) as receive:
                     while True:
                         batch = await receive()
                         if batch is None:
@@ -201,13 +198,15 @@ class Calls:
                             except trio.WouldBlock:
                                 await send.send(item)
                 result.finish(Outcome.COMPLETED)
-                worker.calls_served += 1
+                worker.figures.answered(failed=False)
             except TrioBridgeError as exc:
                 crashed = isinstance(exc, WorkerCrashedError)
                 result.unknown_tool = isinstance(exc, ToolNotFoundError)
                 result.finish(Outcome.CRASHED if crashed else Outcome.FAILED)
-                worker.calls_served += not crashed
-                worker.calls_failed += 1
+                if crashed:
+                    worker.figures.crashed()
+                else:
+                    worker.figures.answered(failed=True)
                 await send.send(_Failure(exc))
 
     # ---- shared ----
@@ -226,7 +225,7 @@ class Calls:
             state_version=state_version, timeout_seconds=timeout, traceparent=traceparent,
         )
 
-    async def _acquire(self, route: Route | None, affinity: Affinity | None) -> WorkerHandle:
+    async def _acquire(self, route: Route | None, affinity: Affinity | None) -> Worker:
         self._check_reentrancy()
         failure = self._supervisor.last_start_error
         if self._supervisor.ready or failure is None:
@@ -271,23 +270,23 @@ class Calls:
                 "workers or a higher concurrency, or do not call the pool from this host tool."
             )
 
-    def _finish_call(self, worker: WorkerHandle, call_id: str, finished: bool) -> None:
+    def _finish_call(self, worker: Worker, call_id: str, finished: bool) -> None:
         self._on_workers.discard(call_id)
-        if finished or not worker.alive:
+        if finished or not worker.lifecycle.alive:
             self._router.release(worker)
             return
         # Cancelled mid-call: the slot stays taken until the worker really lets go of the call.
         assert self._nursery is not None
         self._nursery.start_soon(self._hold_until_released, worker, call_id)
 
-    async def _hold_until_released(self, worker: WorkerHandle, call_id: str) -> None:
+    async def _hold_until_released(self, worker: Worker, call_id: str) -> None:
         try:
             with trio.move_on_after(self._cancel_grace) as grace:
                 delay = 0.005
-                while worker.alive:
+                while worker.lifecycle.alive:
                     try:
                         with trio.fail_after(max(self._cancel_grace, 1)):
-                            active = await active_calls(worker)
+                            active = await worker.active_calls()
                     except (WorkerCrashedError, trio.TooSlowError):
                         break
                     if call_id not in active:

@@ -29,7 +29,9 @@ Affinity = Literal["prefer", "strict", "strict_fail_fast"]
 AFFINITIES: tuple[Affinity, ...] = ("prefer", "strict", "strict_fail_fast")
 
 
-class Slotted(Protocol):
+class Slots(Protocol):
+    """A worker's slots (``_worker.WorkerLifecycle`` is one)."""
+
     concurrency: int
     busy: int
 
@@ -41,6 +43,13 @@ class Slotted(Protocol):
     def accepting(self) -> bool:
         """False once the worker is being stopped: its free slots are not handed out."""
         ...
+
+
+class Slotted(Protocol):
+    """What the dispatcher hands out: a worker, whose ``lifecycle`` keeps its slots."""
+
+    @property
+    def lifecycle(self) -> Slots: ...
 
 
 W = TypeVar("W", bound=Slotted)
@@ -108,7 +117,7 @@ class Dispatcher(Generic[W]):
         """
         if self._closed is not None:
             raise PoolClosedError(self._closed)
-        if worker is not None and (worker not in self._workers or not worker.accepting):
+        if worker is not None and (worker not in self._workers or not worker.lifecycle.accepting):
             worker = None  # it left the pool, or is leaving it (it never accepts again): any worker will do
         if worker is not None and self._free(worker):
             self._take(worker)
@@ -143,7 +152,7 @@ class Dispatcher(Generic[W]):
 
     def release(self, worker: W) -> None:
         """Give back a slot taken by :meth:`acquire`."""
-        worker.busy -= 1
+        worker.lifecycle.busy -= 1
         self._hand_over()
 
     def close(self, reason: str) -> None:
@@ -156,19 +165,20 @@ class Dispatcher(Generic[W]):
 
     @staticmethod
     def _free(worker: W) -> bool:
-        return worker.busy < worker.concurrency and worker.accepting
+        slots = worker.lifecycle
+        return slots.busy < slots.concurrency and slots.accepting
 
     def _pick(self) -> W | None:
         best = None
         for worker, tick in self._workers.items():
-            if self._free(worker) and (best is None or (worker.busy, tick) < (best.busy, self._workers[best])):
+            if self._free(worker) and (best is None or (worker.lifecycle.busy, tick) < (best.lifecycle.busy, self._workers[best])):
                 best = worker
         return best
 
     def _take(self, worker: W) -> None:
-        worker.busy += 1
+        worker.lifecycle.busy += 1
         self.admitted += 1
-        worker.admit()
+        worker.lifecycle.admit()
         self._workers[worker] = next(self._ticks)
 
     def _hand_over(self) -> None:

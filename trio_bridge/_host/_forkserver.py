@@ -94,7 +94,7 @@ _RESTART_DELAY = 0.5  # seconds before a dead fork server is started again
 
 
 class ForkedWorker:
-    """A worker forked by the fork server, as a worker handle sees a worker process
+    """A worker forked by the fork server, as a local worker's connector sees a worker process
     (:class:`~trio_bridge._host._process.LaunchedWorker`).
 
     Attributes:
@@ -104,7 +104,6 @@ class ForkedWorker:
     """
 
     own_group = True
-    remote = False
 
     def __init__(self, pid: int, stdin: int, stdout: int, stderr: int, status: socket.socket) -> None:
         self.pid = pid

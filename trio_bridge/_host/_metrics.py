@@ -18,6 +18,7 @@ from typing import final
 from trio_bridge._util import public_module
 
 _LATENCY_WINDOW = 4096  # answered calls kept for the latency percentiles
+_WORKER_LATENCY_WINDOW = 1024  # answered calls kept per worker for its latency percentiles
 _RECENT_ERRORS = 20     # failed calls kept for the live view
 
 
@@ -172,9 +173,53 @@ class Metrics:
         )
 
 
-def percentile(ordered: list[float], q: float) -> float | None:
-    """The ``q`` quantile (0..1) of sorted ``ordered`` (nearest rank); ``None`` if empty."""
-    return _percentile(ordered, q)
+class WorkerFigures:
+    """One worker's statistics (what :class:`~trio_bridge.WorkerInfo` shows of them), kept by
+    the pool's calls (:meth:`answered`, :meth:`crashed`), its heartbeat (:meth:`report`) and
+    its supervisor (``last_recycle_reason``).
+
+    Attributes:
+        calls_served: calls it answered (a result or an error of the call's own).
+        calls_failed: calls that ended with an error (answered with one, or lost with it).
+        rss: its resident set size (bytes), as its heartbeat said or the pool sampled.
+        cpu_seconds: CPU seconds its process used so far, as its heartbeat said.
+        calls_reported: calls it served, as its heartbeat said (a remote worker counts every host's).
+        last_recycle_reason: why its slot's worker was last recycled (see ``WorkerInfo``).
+    """
+
+    def __init__(self) -> None:
+        self.calls_served: int = 0
+        self.calls_failed: int = 0
+        self.rss: int | None = None
+        self.cpu_seconds: float | None = None
+        self.calls_reported: int | None = None
+        self.last_recycle_reason: str | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=_WORKER_LATENCY_WINDOW)
+
+    def answered(self, *, failed: bool, seconds: float | None = None) -> None:
+        """It answered a call (``failed``: with an error); ``seconds`` from taking its slot to
+        the answer, for its percentiles (unary calls)."""
+        self.calls_served += 1
+        self.calls_failed += failed
+        if seconds is not None:
+            self._latencies.append(seconds)
+
+    def crashed(self) -> None:
+        """A call on it ended because it died (or its connection failed)."""
+        self.calls_failed += 1
+
+    def report(self, *, rss: int, cpu_seconds: float, calls_served: int) -> None:
+        """What the worker said of itself in its heartbeat (0: it did not say)."""
+        if rss:
+            self.rss = rss
+        if cpu_seconds:
+            self.cpu_seconds = cpu_seconds
+        self.calls_reported = calls_served
+
+    def latency_percentiles(self) -> tuple[float | None, float | None]:
+        """Its latencies' 50th and 99th percentiles (seconds; ``None`` before an answer)."""
+        ordered = sorted(self._latencies)
+        return _percentile(ordered, 0.5), _percentile(ordered, 0.99)
 
 
 def _percentile(ordered: list[float], q: float) -> float | None:

@@ -1,8 +1,10 @@
 """The pool: a thin facade over its parts, and :func:`open_pool`, which wires them together.
 
-The parts, each in its own module: ``_process`` (a worker's OS process), ``_forkserver`` (the
-pool's start method: workers forked by a preloaded fork server, or spawned), ``_worker`` (a worker
-as the host sees it: state, RPCs, life), ``_supervisor`` (start, restart, recycling, health,
+The parts, each in its own module: ``_worker`` (the worker seam: the ``Worker`` protocol the
+core knows workers by, their lifecycle, the worker factory), ``_grpc_worker`` (a worker reached
+over gRPC: channel, handshake, call stream, RPCs), its connectors ``_process`` (a worker process
+of this machine) and ``_remote`` (a worker on another machine, dialled), ``_forkserver`` (the
+pool's start method: workers forked by a preloaded fork server, or spawned), ``_supervisor`` (start, restart, recycling, health,
 shutdown), ``_gpus`` (each slot's own environment), ``_environment`` (options from ``TRIO_BRIDGE_*``),
 ``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
@@ -13,7 +15,6 @@ tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -36,6 +37,7 @@ from trio_bridge._host._endpoint import metrics_endpoint, pool_status, serving
 from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
+from trio_bridge._host._grpc_worker import GrpcWorker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
@@ -51,15 +53,15 @@ from trio_bridge._host._options import (
     Transport,
     pool_options,
 )
-from trio_bridge._host._process import launcher
+from trio_bridge._host._process import Launch, LocalProcess, WorkerProcess, WorkerSpec
 from trio_bridge._host._prometheus import PoolsCollector, PoolSource, default_registry
-from trio_bridge._host._remote import RemoteWorker, check_joining, remote_setup
+from trio_bridge._host._remote import RemoteDial, check_joining, remote_setup
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
 from trio_bridge._host._supervisor import Supervisor, heartbeat
-from trio_bridge._host._tools import ToolInfo, ToolRegistry, call_host_tool_here, tool_dicts, tool_info
-from trio_bridge._host._worker import WorkerHandle, WorkerInfo, WorkerSpec
+from trio_bridge._host._tools import ToolInfo, ToolRegistry, call_host_tool_here, tool_dicts
+from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
@@ -84,7 +86,7 @@ class Pool(metaclass=NoPublicConstructor):
 
     def __init__(
         self, *, adapter: str, size: int, supervisor: Supervisor, calls: Calls, router: Router, metrics: Metrics,
-        dispatcher: Dispatcher[WorkerHandle], tools: ToolRegistry, state: StateBackend, spec: WorkerSpec,
+        dispatcher: Dispatcher[Worker], tools: ToolRegistry, state: StateBackend, spec: WorkerSpec,
     ) -> None:
         self.adapter: Final[str] = adapter
         self.size: Final[int] = size
@@ -290,7 +292,7 @@ class Pool(metaclass=NoPublicConstructor):
         Raises:
             InvalidArgumentError: ``format`` is none of ``"openai"``, ``"anthropic"``, ``"mcp"``.
         """
-        tools = [tool_info(spec) for spec in self._tools.worker_tools.values()]
+        tools = list(self._tools.worker_tools.values())
         tools += [t.info() for t in self._tools.host_tools(None)]
         tools.sort(key=lambda t: t.name)
         return tools if format is None else tool_dicts(tools, format)
@@ -440,8 +442,15 @@ def open_pool(
         "adapter_options": adapter_options, "state": state, "lifecycle": lifecycle, "recycling": recycling,
         "state_limits": state_limits, "monitoring": monitoring, "local": local, "remote": remote, **deprecated,
     })
+    return open_pool_of(options)
+
+
+def open_pool_of(options: PoolOptions, launch: Launch = WorkerProcess.spawn) -> AbstractAsyncContextManager[Pool]:
+    """:func:`open_pool` of ``options`` (from :func:`pool_options`), whose local workers are
+    started by ``launch(command, env)`` (default: spawned, or forked by a fork server where it
+    is safe; ``trio_bridge.testing.open_pool_in_threads`` passes workers in threads)."""
     stop = SignalStop(options.lifecycle.handle_signals)
-    return _stopping_on_signals(stop, _open_pool(options, stop))
+    return _stopping_on_signals(stop, _open_pool(options, stop, launch))
 
 
 @asynccontextmanager
@@ -464,7 +473,7 @@ async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManag
 
 
 @asynccontextmanager
-async def _open_pool(options: PoolOptions, stop: SignalStop) -> AsyncIterator[Pool]:
+async def _open_pool(options: PoolOptions, stop: SignalStop, base_launch: Launch) -> AsyncIterator[Pool]:
     adapter, size, concurrency, transport = options.adapter, options.size, options.concurrency, options.transport
     local, lifecycle = options.local, options.lifecycle
     python, env, start_method, shared_memory_threshold = local.python, local.env, local.start_method, local.shared_memory_threshold
@@ -495,7 +504,7 @@ async def _open_pool(options: PoolOptions, stop: SignalStop) -> AsyncIterator[Po
         worker_env = {**(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers)))}
         with tracker.resolve_groups():
             async with open_launcher(
-                launcher.get(), requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
+                base_launch, requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
                 local_workers=size, startup_timeout=startup_timeout,
             ) as launch, _aio.open_boundary() as boundary:
                 secret = secrets.token_urlsafe(32)
@@ -509,14 +518,19 @@ async def _open_pool(options: PoolOptions, stop: SignalStop) -> AsyncIterator[Po
                 callback = [""]  # where remote workers call the host back, once it listens
                 remote_addresses = list(setup.addresses) if setup is not None else []  # slot size + i: the i-th
 
-                def new_worker(worker_id: str, slot: int) -> WorkerHandle:
+                def new_worker(worker_id: str, slot: int) -> Worker:
+                    """The pool's worker factory: a gRPC worker, whose far end is a local
+                    process (slots below ``size``) or a remote worker it dials."""
                     if setup is None or slot < size:
-                        return WorkerHandle(worker_id, slot, spec, boundary, janitor)
-                    remote_spec = dataclasses.replace(
-                        spec, transport="tcp", secret=setup.token, tls=setup.client_context, callback_address=callback[0],
-                        launch=RemoteWorker.launcher(remote_addresses[slot - size]),
+                        return GrpcWorker(
+                            worker_id, slot, LocalProcess(spec, slot, janitor=janitor, plane=plane), boundary,
+                            secret=secret, concurrency=concurrency, startup_timeout=startup_timeout,
+                        )
+                    return GrpcWorker(
+                        worker_id, slot, RemoteDial(remote_addresses[slot - size]), boundary, secret=setup.token,
+                        concurrency=concurrency, startup_timeout=startup_timeout, tls=setup.client_context,
+                        callback_address=callback[0],
                     )
-                    return WorkerHandle(worker_id, slot, remote_spec, boundary)
 
                 @asynccontextmanager
                 async def serve(parts: PoolParts) -> AsyncIterator[None]:
@@ -578,7 +592,7 @@ def default_state(state: StateBackend | str | None, limits: StateLimits) -> Stat
 
 @asynccontextmanager
 async def compose(
-    options: PoolOptions, *, spec: WorkerSpec, new_worker: Callable[[str, int], WorkerHandle],
+    options: PoolOptions, *, spec: WorkerSpec, new_worker: WorkerFactory,
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
     before_start: Callable[[], Awaitable[None]] | None = None,
@@ -594,7 +608,8 @@ async def compose(
     Args:
         options: the pool's options, complete and checked (:func:`pool_options`).
         spec: how workers start (the fakes' is nominal; kept as ``Pool._spec``).
-        new_worker: ``new_worker(worker_id, slot)`` makes the handle of a slot's next worker.
+        new_worker: ``new_worker(worker_id, slot)`` makes a slot's next worker (any
+            :class:`~trio_bridge._host._worker.Worker`: gRPC workers here, fakes in ``trio_bridge.testing``).
         serve: given the pool's parts before any worker starts, runs what the workers call
             back while the pool runs (``None``: nothing).
         tracker: the exception-group policy of the caller's block (default: a new one).
@@ -606,7 +621,7 @@ async def compose(
     stop = stop if stop is not None else SignalStop(enabled=False)
     adapter, size, lifecycle, monitoring = options.adapter, options.slots, options.lifecycle, options.monitoring
     state = default_state(options.state, options.state_limits)
-    dispatcher: Dispatcher[WorkerHandle] = Dispatcher(options.max_queue)
+    dispatcher: Dispatcher[Worker] = Dispatcher(options.max_queue)
     metrics = Metrics()
     tools = ToolRegistry()
     supervisor = Supervisor(

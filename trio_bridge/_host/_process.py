@@ -1,4 +1,6 @@
-"""One worker's operating-system process: spawn, pipes, exit, signals to its process group.
+"""One worker's operating-system process: spawn, pipes, exit, signals to its process group; and
+:class:`LocalProcess`, the connector of a gRPC worker that is a process of this machine (its
+command and environment, the ready line, the stderr tail, the janitor, the exit status).
 
 Spawned from the thread that runs Trio, not from Trio's thread cache (which is what
 ``trio.lowlevel.open_process`` uses): the worker asks the kernel for ``PR_SET_PDEATHSIG``,
@@ -13,21 +15,45 @@ own code can clean that up.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import contextvars
+import logging
 import os
 import signal
 import subprocess
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from trio_bridge._wire.contract import SECRET_ENV, SECRET_ON_STDIN_ENV
+from trio_bridge._errors import WorkerCrashedError, WorkerStartError
+from trio_bridge._wire.contract import (
+    ADAPTER_OPTIONS_ENV,
+    EXIT_ADAPTER_IMPORT,
+    HOST_ADDRESS_ENV,
+    HOST_PID_ENV,
+    READY_PREFIX,
+    SECRET_ENV,
+    SECRET_ON_STDIN_ENV,
+    WORKER_ID_ENV,
+    WORKER_MESSAGE_PREFIX,
+)
+
+if TYPE_CHECKING:
+    from trio_bridge._host._janitor import Janitor
+    from trio_bridge._host._worker import WorkerLifecycle
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane
+
+_STDERR_TAIL_LINES = 40
+_EXIT_REPORT_WAIT = 2.0  # seconds to wait for a dying worker's exit status
+_STDERR_WAIT = 0.5  # seconds to wait for the last lines of a dying worker's stderr
+# What workers write to stderr (tracebacks, tools' print()s): INFO records, "[w3] line".
+_worker_log = logging.getLogger("trio_bridge.worker")
 
 
 class LaunchedWorker(Protocol):
-    """What a worker handle needs of whatever runs its worker: a :class:`WorkerProcess`, or
+    """What a local worker's connector (:class:`LocalProcess`) needs of whatever runs it: a :class:`WorkerProcess`, or
     (``trio_bridge.testing.open_pool_in_threads``) a worker in a thread of this process."""
 
     pid: int
@@ -35,7 +61,6 @@ class LaunchedWorker(Protocol):
     stderr: Any  # a Trio receive stream: closed when the worker ends
     returncode: int | None
     own_group: bool  # it leads a process group of its own (signalled and watched as a whole)
-    remote: bool  # the host did not start it (a remote worker): it is detached from, not stopped
 
     async def wait(self) -> int: ...
 
@@ -46,7 +71,7 @@ class LaunchedWorker(Protocol):
 
 
 class WorkerProcess:
-    """A running worker process, owned by one :class:`~trio_bridge._host._worker.WorkerHandle`.
+    """A running worker process, owned by one :class:`LocalProcess`.
 
     Attributes:
         pid: the process id, also its process group id.
@@ -68,7 +93,6 @@ class WorkerProcess:
         self._watching = False
         self._pidfd: int | None = None
         self.own_group = True
-        self.remote = False
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
             self._pidfd = os.pidfd_open(self.pid)
 
@@ -165,8 +189,201 @@ async def read_lines(stream: Any, line: Callable[[str], None]) -> None:
             line(pending.decode(errors="replace"))
 
 
-#: How the workers of pools opened in this context are launched: ``launch(command, env)``, read
-#: once when a pool opens (``trio_bridge.testing.open_pool_in_threads`` sets it).
-launcher: contextvars.ContextVar[Callable[[list[str], dict[str, str]], LaunchedWorker]] = contextvars.ContextVar(
-    "trio_bridge_launcher", default=WorkerProcess.spawn
-)
+async def _drain(stream: Any) -> None:
+    """Read and drop a pipe so the writer can never block on it."""
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+
+
+Launch = Callable[[list[str], dict[str, str]], LaunchedWorker]
+"""Starts a worker: ``launch(command, env)`` (:meth:`WorkerProcess.spawn`, a fork server's
+launcher, or ``trio_bridge.testing``'s threads)."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How to start a pool's local workers; the same for every slot."""
+
+    adapter: str
+    python: str
+    concurrency: int
+    transport: str  # "unix" or "tcp"
+    socket_dir: str
+    secret: str
+    host_address: str
+    env: dict[str, str]
+    startup_timeout: float
+    heartbeat_interval: float
+    adapter_options: str = "{}"  # JSON
+    launch: Launch = WorkerProcess.spawn
+    slot_env: Sequence[Mapping[str, str]] = ()
+    """Each local slot's own extra environment (``worker_env``, ``gpus_per_worker``), by slot."""
+
+    def command(self, worker_id: str, slot: int) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of slot ``slot``'s worker ``worker_id``."""
+        if self.transport == "unix":
+            listen = f"unix:{os.path.join(self.socket_dir, worker_id + '.sock')}"
+            if self.socket_dir.startswith("@"):  # Linux abstract namespace: nothing on disk
+                listen = f"unix:{self.socket_dir}-{worker_id}"
+        else:
+            listen = "tcp:127.0.0.1:0"
+        env = dict(os.environ)
+        env.update(self.env)
+        if slot < len(self.slot_env):
+            env.update(self.slot_env[slot])
+        env[SECRET_ENV] = self.secret  # the launcher carries it: a spawn on stdin, a fork in its request
+        env[WORKER_ID_ENV] = worker_id
+        env[HOST_ADDRESS_ENV] = self.host_address
+        env[ADAPTER_OPTIONS_ENV] = self.adapter_options
+        env[HOST_PID_ENV] = str(os.getpid())
+        # The worker must import what the host can: the host's cwd first, then its PYTHONPATH.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+        command = [
+            self.python, "-m", "trio_bridge.worker", "--adapter", self.adapter, "--listen", listen,
+            "--concurrency", str(self.concurrency), "--heartbeat-interval", str(self.heartbeat_interval),
+        ]
+        return command, env
+
+
+class LocalProcess:
+    """The connector of a gRPC worker that is a process of this machine
+    (``_grpc_worker.Connector``): started by ``spec.launch``; its address is its ready line;
+    its stderr is logged and its tail kept; it is gone when the process exits; stopping it
+    signals its process group (SIGTERM, then SIGKILL). Its shared-memory files are removed
+    once it is gone (``plane``), and the ``janitor`` kills its group should the host die first.
+    """
+
+    remote = False
+
+    def __init__(
+        self, spec: WorkerSpec, slot: int, *, janitor: Janitor | None = None, plane: SharedMemoryPlane | None = None
+    ) -> None:
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._spec = spec
+        self._slot = slot
+        self._janitor = janitor
+        self._plane = plane
+        self._process: LaunchedWorker | None = None
+        self._stderr_closed = trio.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def open(self, worker_id: str, lifecycle: WorkerLifecycle, nursery: trio.Nursery) -> str:
+        command, env = self._spec.command(worker_id, self._slot)
+        try:
+            process = self._spec.launch(command, env)
+        except OSError as exc:
+            raise WorkerStartError(
+                f"cannot start {self._spec.python!r}: {exc} (adapter {self._spec.adapter!r})", worker_id=worker_id,
+            ) from None
+        self._process = process
+        if process.own_group and self._janitor is not None:
+            self._janitor.watch_group(process.pid)
+        nursery.start_soon(self._read_stderr, worker_id, process.stderr)
+        nursery.start_soon(self._wait_exit, process, lifecycle)
+        address = await self._read_ready_line(process.stdout, worker_id, lifecycle)
+        nursery.start_soon(_drain, process.stdout)
+        return address
+
+    async def _read_ready_line(self, stdout: Any, worker_id: str, lifecycle: WorkerLifecycle) -> str:
+        buffer = b""
+        while True:
+            data = await stdout.receive_some(4096)
+            if not data:
+                raise await self.start_error("exited before it was ready", worker_id, lifecycle)
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                text = line.decode(errors="replace").strip()
+                if text.startswith(READY_PREFIX):
+                    return text[len(READY_PREFIX):]
+                if text:
+                    self.stderr_tail.append(f"[stdout] {text}")
+
+    async def _read_stderr(self, worker_id: str, stderr: Any) -> None:
+        def line(text: str) -> None:
+            self.stderr_tail.append(text)
+            _worker_log.info("[%s] %s", worker_id, text)
+
+        try:
+            await read_lines(stderr, line)
+        finally:
+            self._stderr_closed.set()
+
+    async def _wait_exit(self, process: LaunchedWorker, lifecycle: WorkerLifecycle) -> None:
+        lifecycle.exit(await process.wait())
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.signal_group(signal.SIGKILL)
+
+    async def close(self) -> int | None:
+        """Terminate, then kill, its whole process group; close its pipes; forget it."""
+        process = self._process
+        if process is None:
+            return None
+        if process.returncode is None:
+            process.signal_group(signal.SIGTERM)
+            with trio.move_on_after(2):
+                await process.wait()
+        if process.returncode is None:
+            process.signal_group(signal.SIGKILL)
+            await process.wait()
+        await process.aclose()
+        if process.own_group and self._janitor is not None:
+            self._janitor.forget_group(process.pid)
+        if self._plane is not None and process.pid != os.getpid():
+            self._plane.remove_files_of(process.pid)
+        return process.returncode
+
+    async def shutdown(self, grace: float, lifecycle: WorkerLifecycle, ask: Callable[[float], Awaitable[None]]) -> None:
+        await ask(grace)
+
+    async def settle(self, lifecycle: WorkerLifecycle, kill: Callable[[], None]) -> None:
+        # Give the process a moment to be reaped so the error can carry its exit status.
+        with trio.move_on_after(_EXIT_REPORT_WAIT):
+            await lifecycle.exited.wait()
+        if lifecycle.alive:
+            kill()
+        with trio.move_on_after(_STDERR_WAIT):
+            await self._stderr_closed.wait()
+
+    def crashed_error(self, worker_id: str, pid: int | None, lifecycle: WorkerLifecycle) -> WorkerCrashedError:
+        message = "died during the call" if lifecycle.exited.is_set() else "is not running"
+        if lifecycle.death_reason:
+            message += f": the pool stopped it because {lifecycle.death_reason}"
+        return WorkerCrashedError(
+            message, worker_id=worker_id, pid=pid, exit_code=lifecycle.exit_code, stderr_tail="\n".join(self.stderr_tail),
+        )
+
+    async def start_error(self, message: str, worker_id: str, lifecycle: WorkerLifecycle, *, unreachable: bool = False) -> WorkerStartError:
+        with trio.move_on_after(_EXIT_REPORT_WAIT):
+            await lifecycle.exited.wait()
+        with trio.move_on_after(_STDERR_WAIT):
+            await self._stderr_closed.wait()
+        message = f"{message} (adapter {self._spec.adapter!r})"
+        if lifecycle.exit_code == EXIT_ADAPTER_IMPORT:  # the worker said what to fix, in one line: lead with it
+            said = next((line for line in self.stderr_tail if line.startswith(WORKER_MESSAGE_PREFIX)), "")
+            message = said.removeprefix(WORKER_MESSAGE_PREFIX) or message
+        return WorkerStartError(
+            message, worker_id=worker_id, pid=self.pid, exit_code=lifecycle.exit_code, stderr_tail="\n".join(self.stderr_tail),
+        )
+
+    def sample_memory(self) -> int | None:
+        if self._process is None:
+            return None
+        import psutil  # only pools with Recycling.max_memory get here
+
+        try:
+            return psutil.Process(self._process.pid).memory_info().rss
+        except psutil.Error:
+            return None

@@ -23,7 +23,7 @@ from trio_bridge._host._metrics import LATENCY_BUCKETS, Histogram, Metrics
 if TYPE_CHECKING:
     from trio_bridge._host._dispatch import Dispatcher
     from trio_bridge._host._supervisor import Supervisor
-    from trio_bridge._host._worker import WorkerHandle
+    from trio_bridge._host._worker import Worker
     from trio_bridge._state.backend import StateBackend
     from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
@@ -36,7 +36,7 @@ class PoolSource:
 
     metrics: Metrics
     supervisor: Supervisor
-    dispatcher: Dispatcher[WorkerHandle]
+    dispatcher: Dispatcher[Worker]
     state: StateBackend
     plane: SharedMemoryPlane | None
 
@@ -116,7 +116,7 @@ class _Families:
         self.in_flight.add_metric([label], supervisor.in_flight)
         handles = supervisor.live_handles()
         for state in _WORKER_STATES:
-            self.workers.add_metric([label, state], sum(h.state.value == state for h in handles))
+            self.workers.add_metric([label, state], sum(h.lifecycle.state.value == state for h in handles))
         self.restarts.add_metric([label], metrics.restarts)
         for reason, count in list(supervisor.recycles.items()):
             self.recycles.add_metric([label, reason], count)
@@ -129,12 +129,13 @@ class _Families:
         if source.plane is not None:
             self.shm.add_metric([label], source.plane.bytes_on_disk())
         for h in handles:
-            if h.rss is not None:
-                self.rss.add_metric([label, h.id], h.rss)
-            if h.cpu_seconds is not None:
-                self.cpu.add_metric([label, h.id], h.cpu_seconds)
-            if h.calls_reported is not None:
-                self.served.add_metric([label, h.id], h.calls_reported)
+            figures = h.figures
+            if figures.rss is not None:
+                self.rss.add_metric([label, h.id], figures.rss)
+            if figures.cpu_seconds is not None:
+                self.cpu.add_metric([label, h.id], figures.cpu_seconds)
+            if figures.calls_reported is not None:
+                self.served.add_metric([label, h.id], figures.calls_reported)
 
     def all(self) -> list[Metric]:
         return [

@@ -85,7 +85,8 @@ def _raise_if_lost(session_id: str, route: Route, exc: ToolError) -> None:
         lost = sorted(n for n, w in pinned.items() if w is keeper)
         for name in lost:
             del pinned[name]
-        died = "stopped" if keeper.exit_code is None else describe_exit(keeper.exit_code)
+        exit_code = keeper.lifecycle.exit_code
+        died = "stopped" if exit_code is None else describe_exit(exit_code)
         raise StoredObjectLostError(
             f"stored object(s) {', '.join(map(repr, lost))} of session {session_id} were kept by worker "
             f"{keeper.id}, which is gone ({died}); objects stored in a worker do not survive it: "

@@ -1,75 +1,98 @@
 """Remote workers: workers the host did not start, reached over TCP (and TLS) at an address.
 
 A remote worker is a ``trio-bridge worker ADAPTER --listen tcp://HOST:PORT`` process on another
-machine (or another loopback address standing for one). To a worker handle it looks like a
-worker process whose ready line is its address: :class:`RemoteWorker` is the
-:class:`~trio_bridge._host._process.LaunchedWorker` for it. It "exits" when the handle stops
-using it: the pool closes (it detaches, exit code 0), or the pool stops it because its
-connection was lost (exit code ``-9``: the handle's death reason says why) -- the remote process
-itself keeps running, and the slot's next worker dials it again (so a worker that comes back
-rejoins the pool).
+machine (or another loopback address standing for one). :class:`RemoteDial` is the connector
+(``_grpc_worker.Connector``) of the gRPC worker that reaches it: its address is known, nothing
+is started. It "exits" when the worker stops using it: the pool closes (it detaches, exit code
+0), or the pool drops it because its connection was lost (exit code ``-9``: the worker's death
+reason says why) -- the remote process itself keeps running, and the slot's next worker dials
+it again (so a worker that comes back rejoins the pool).
 
 The ``trio-bridge worker`` command imports this module, so it stays
-import-light: it does not import the host's asyncio boundary (``trio_bridge._aio``, ``_worker``).
+import-light: it does not import the host's asyncio boundary (``trio_bridge._aio``, ``_grpc_worker``).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, WorkerStartError
 from trio_bridge._host._options import RemoteWorkers, tcp_address
-from trio_bridge._wire.contract import READY_PREFIX
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.transport import advertised_address
 
+if TYPE_CHECKING:
+    from trio_bridge._host._worker import WorkerLifecycle
 
-class RemoteWorker:
-    """The :class:`~trio_bridge._host._process.LaunchedWorker` of a remote worker at ``address``."""
 
-    own_group = False  # nothing of it runs here: no process group, nothing for the janitor
+_DRAIN_POLL = 0.05  # seconds between looks at a remote worker's calls while the pool closes
+
+
+class RemoteDial:
+    """The connector of a gRPC worker on another machine, at ``address`` (``tcp:HOST:PORT``)."""
+
     remote = True
+    pid = None  # its process is another machine's: the worker learns its pid from Describe
 
     def __init__(self, address: str) -> None:
-        self.address = address
-        self.pid: int = 0  # not ours; the handle takes the real one from Describe
-        self.returncode: int | None = None
-        ready, write = os.pipe()
-        os.write(write, f"{READY_PREFIX}{address}\n".encode())
-        os.close(write)
-        self.stdout: trio.lowlevel.FdStream = trio.lowlevel.FdStream(ready)
-        stderr, self._stderr = os.pipe()  # closed at the end: nothing is ever written to it
-        self.stderr: trio.lowlevel.FdStream = trio.lowlevel.FdStream(stderr)
-        self._exited = trio.Event()
+        self.address: str = address
+        self._lifecycle: WorkerLifecycle | None = None
+        self._exit_code: int | None = None
 
-    @classmethod
-    def launcher(cls, address: str) -> Callable[[list[str], dict[str, str]], RemoteWorker]:
-        """A ``launch(command, env)`` that, instead of starting anything, reaches ``address``."""
-        return lambda command, env: cls(address)
+    @property
+    def running(self) -> bool:
+        return self._lifecycle is not None
 
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.returncode is not None
-        return self.returncode
+    async def open(self, worker_id: str, lifecycle: WorkerLifecycle, nursery: trio.Nursery) -> str:
+        self._lifecycle = lifecycle
+        await trio.lowlevel.checkpoint()
+        return self.address
 
-    def signal_group(self, signum: int) -> None:
-        """Stop using it: SIGTERM detaches (exit code 0), anything else drops it (``-signum``)."""
-        if self.returncode is not None:
+    def _end(self, exit_code: int) -> None:
+        """Stop using it: 0 (detached) or -9 (dropped)."""
+        if self._lifecycle is None or self._exit_code is not None:
             return
-        self.returncode = 0 if signum == signal.SIGTERM else -signum
-        os.close(self._stderr)
-        self._exited.set()
+        self._exit_code = exit_code
+        self._lifecycle.exit(exit_code)
 
-    async def aclose(self) -> None:
-        for stream in (self.stdout, self.stderr):
-            await stream.aclose()
+    def kill(self) -> None:
+        self._end(-signal.SIGKILL)
+
+    async def close(self) -> int | None:
+        self._end(0)
+        return self._exit_code
+
+    async def shutdown(self, grace: float, lifecycle: WorkerLifecycle, ask: Callable[[float], Awaitable[None]]) -> None:
+        """The remote worker keeps running: let this host's calls on it finish, then detach."""
+        with trio.move_on_after(grace):
+            while lifecycle.busy:
+                await trio.sleep(_DRAIN_POLL)
+        self._end(0)
+
+    async def settle(self, lifecycle: WorkerLifecycle, kill: Callable[[], None]) -> None:
+        await trio.lowlevel.checkpoint()  # no exit status to wait for: it is dropped at once
+        if lifecycle.alive:
+            kill()
+
+    def crashed_error(self, worker_id: str, pid: int | None, lifecycle: WorkerLifecycle) -> WorkerCrashedError:
+        message = f"lost connection to worker at {self.address}"
+        if lifecycle.death_reason:
+            message += f" ({lifecycle.death_reason})"
+        return WorkerCrashedError(message, worker_id=worker_id, pid=pid)
+
+    async def start_error(self, message: str, worker_id: str, lifecycle: WorkerLifecycle, *, unreachable: bool = False) -> WorkerStartError:
+        await trio.lowlevel.checkpoint()
+        where = f"cannot reach worker at {self.address}: " if unreachable else f"worker at {self.address} "
+        return WorkerStartError(f"{where}{message}", worker_id=worker_id)
+
+    def sample_memory(self) -> int | None:
+        return None  # the host cannot see its process
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import trio
 
 from trio_bridge._errors import WorkerCrashedError
 from trio_bridge._host._dispatch import Affinity, Dispatcher
-from trio_bridge._host._worker import WorkerHandle, begin_session, end_session
+from trio_bridge._host._worker import Worker
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import encode
 
@@ -25,15 +25,15 @@ class Route:
 
     session_id: str
     affinity: Affinity
-    home: WorkerHandle | None = None
+    home: Worker | None = None
     moves: int = 0
     """How many times it moved to another worker because its worker died."""
-    pinned: dict[str, WorkerHandle] = field(default_factory=dict)
+    pinned: dict[str, Worker] = field(default_factory=dict)
     """Objects a worker keeps for the session (``PythonAdapter``): name -> that worker."""
 
 
 class Router:
-    def __init__(self, dispatcher: Dispatcher[WorkerHandle], state: StateBackend) -> None:
+    def __init__(self, dispatcher: Dispatcher[Worker], state: StateBackend) -> None:
         self._dispatcher = dispatcher
         self._state = state
         self._nursery: trio.Nursery | None = None
@@ -42,28 +42,28 @@ class Router:
         """Where session cleanups run (the pool's nursery)."""
         self._nursery = nursery
 
-    async def acquire(self, route: Route | None, affinity: Affinity | None = None) -> WorkerHandle:
+    async def acquire(self, route: Route | None, affinity: Affinity | None = None) -> Worker:
         """A slot on the worker this call should use (see :meth:`Dispatcher.acquire` for errors)."""
         if route is None:
             return await self._dispatcher.acquire()
         home = route.home
         worker = await self._dispatcher.acquire(home, affinity or route.affinity)
         # Its worker is gone once it stops accepting (it died), even before the supervisor removed it.
-        if home is None or (home is not worker and not (self._dispatcher.has(home) and home.accepting)):
+        if home is None or (home is not worker and not (self._dispatcher.has(home) and home.lifecycle.accepting)):
             if home is not None:
                 route.moves += 1
                 _logger.warning(
                     "session %s moved from worker %s, which is gone (exit code %s), to worker %s",
-                    route.session_id, home.id, home.exit_code, worker.id,
+                    route.session_id, home.id, home.lifecycle.exit_code, worker.id,
                 )
             route.home = worker
         return worker
 
-    def release(self, worker: WorkerHandle) -> None:
+    def release(self, worker: Worker) -> None:
         """Give back the slot :meth:`acquire` took."""
         self._dispatcher.release(worker)
 
-    async def enter_session(self, worker: WorkerHandle, route: Route | None) -> None:
+    async def enter_session(self, worker: Worker, route: Route | None) -> None:
         """Before a session's first call on a worker: InitializeSession, with its metadata.
 
         Raises:
@@ -72,23 +72,23 @@ class Router:
         if route is None or route.session_id in worker.sessions:
             return
         info = await self._state.get_session(route.session_id)
-        await begin_session(worker, route.session_id, encode(dict(info.metadata), path="session metadata"))
+        await worker.begin_session(route.session_id, encode(dict(info.metadata), path="session metadata"))
         worker.sessions.add(route.session_id)
 
-    def session_ended(self, session_id: str, workers: list[WorkerHandle]) -> None:
+    def session_ended(self, session_id: str, workers: list[Worker]) -> None:
         """Tell the workers that served it, in the background (they drop its objects and caches)."""
         if self._nursery is None:
             return
         for handle in workers:
             if session_id in handle.sessions:
                 handle.sessions.discard(session_id)
-                if handle.alive:
+                if handle.lifecycle.alive:
                     self._nursery.start_soon(_cleanup_on, handle, session_id)
 
 
-async def _cleanup_on(handle: WorkerHandle, session_id: str) -> None:
+async def _cleanup_on(handle: Worker, session_id: str) -> None:
     with trio.move_on_after(_CLEANUP_TIMEOUT):
         try:
-            await end_session(handle, session_id)
+            await handle.end_session(session_id)
         except WorkerCrashedError:
             pass

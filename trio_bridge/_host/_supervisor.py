@@ -2,7 +2,8 @@
 worn, ping, shut down.
 
 Each slot is owned by one task (:meth:`Supervisor._supervise`) in the pool's nursery: it runs
-the slot's :class:`WorkerHandle` and, when the worker dies, logs why (once) and starts a
+the slot's :class:`~trio_bridge._host._worker.Worker` (any kind: it knows them only through that
+protocol) and, when the worker dies, logs why (once) and starts a
 replacement after a backoff that doubles on each failure in a row (reset once a worker has
 lived ``_STABLE_AFTER`` seconds). A worker that fails its health check is killed (and so
 replaced). A worker past one of the limits of its :class:`Recycling` is *recycled* without failing a call
@@ -16,7 +17,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Protocol
@@ -28,7 +28,7 @@ from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._options import Lifecycle, Recycling
 from trio_bridge._host._tools import ToolRegistry
-from trio_bridge._host._worker import WorkerHandle, WorkerInfo, active_calls
+from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
@@ -38,13 +38,14 @@ _MEMORY_POLL = 1.0      # seconds between RSS samples of each worker (Recycling.
 _DRAIN_POLL = 0.01      # seconds between looks at a recycled worker's calls
 
 
-def _past_limit(limits: Recycling, handle: WorkerHandle, now: float) -> tuple[str, str] | None:
+def _past_limit(limits: Recycling, handle: Worker, now: float) -> tuple[str, str] | None:
     """``(kind, why)`` if ``handle`` is past a limit of ``limits``, kind being ``"calls"``,
     ``"age"`` or ``"memory"``; else ``None``. Samples its memory when there is a memory limit."""
-    if handle.calls_exhausted.is_set():  # given its own limit (see Supervisor._max_calls)
-        return "calls", f"it was given {handle.calls_given} calls (Recycling.max_calls={limits.max_calls})"
-    if limits.max_age is not None and handle.started_at is not None and now - handle.started_at >= limits.max_age:
-        return "age", f"it ran {now - handle.started_at:.1f} s (Recycling.max_age={limits.max_age:g})"
+    life = handle.lifecycle
+    if life.calls_exhausted.is_set():  # given its own limit (see Supervisor._max_calls)
+        return "calls", f"it was given {life.calls_given} calls (Recycling.max_calls={limits.max_calls})"
+    if limits.max_age is not None and life.started_at is not None and now - life.started_at >= limits.max_age:
+        return "age", f"it ran {now - life.started_at:.1f} s (Recycling.max_age={limits.max_age:g})"
     if limits.max_memory is not None:
         rss = handle.sample_memory()
         if rss is not None and rss >= limits.max_memory:
@@ -53,19 +54,19 @@ def _past_limit(limits: Recycling, handle: WorkerHandle, now: float) -> tuple[st
 
 
 class Supervisor:
-    """Owns the pool's worker handles, one per slot.
+    """Owns the pool's workers, one per slot (and the replacements and recycled ones).
 
     Args:
-        new_worker: makes the handle of a slot's next worker, ``new_worker(worker_id, slot)``;
-            the composition root passes the real one (a process), ``trio_bridge.testing`` a fake.
+        new_worker: makes a slot's next worker, ``new_worker(worker_id, slot)``; the
+            composition root passes the real one (gRPC workers), ``trio_bridge.testing`` fakes.
     """
 
     def __init__(
         self,
         *,
-        new_worker: Callable[[str, int], WorkerHandle],
+        new_worker: WorkerFactory,
         size: int,
-        dispatcher: Dispatcher[WorkerHandle],
+        dispatcher: Dispatcher[Worker],
         metrics: Metrics,
         tools: ToolRegistry,
         lifecycle: Lifecycle,
@@ -73,7 +74,7 @@ class Supervisor:
         recycling: Recycling | None = None,
     ) -> None:
         self.size: int = size
-        self.handles: dict[int, WorkerHandle] = {}
+        self.handles: dict[int, Worker] = {}
         self.closing: bool = False
         self.last_start_error: WorkerStartError | None = None
         """The latest failure to start a replacement; cleared when a worker starts."""
@@ -88,9 +89,9 @@ class Supervisor:
         self._worker_ids = itertools.count(size)  # w0..w{size-1} are the first workers of the slots
         self._nursery: trio.Nursery | None = None
         self._recycle = recycling if recycling is not None else Recycling()
-        self.retiring: set[WorkerHandle] = set()
+        self.retiring: set[Worker] = set()
         """Recycled workers finishing their calls (no longer in :attr:`handles`)."""
-        self._successors: set[WorkerHandle] = set()  # replacements of workers due for recycling, starting
+        self._successors: set[Worker] = set()  # replacements of workers due for recycling, starting
         self._start_lead = 0  # calls a slot was given while the latest replacement started
         self.recycles: collections.Counter[str] = collections.Counter()
         """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``)."""
@@ -107,28 +108,28 @@ class Supervisor:
     def ready(self) -> int:
         """Slots with a worker taking calls (the slot's own, or a replacement started ahead of
         a recycle that stands in for it while it drains)."""
-        return len({h.slot for h in (*self.handles.values(), *self._successors) if h.accepting})
+        return len({h.slot for h in (*self.handles.values(), *self._successors) if h.lifecycle.accepting})
 
     @property
     def capacity(self) -> int:
         """Calls the ready workers can serve at once."""
-        return sum(h.concurrency for h in self.handles.values() if h.accepting)
+        return sum(h.lifecycle.concurrency for h in self.handles.values() if h.lifecycle.accepting)
 
     @property
     def in_flight(self) -> int:
-        return sum(h.busy for h in self._all())
+        return sum(h.lifecycle.busy for h in self._all())
 
     def knows(self, worker_id: str) -> bool:
         """A live worker of this pool has that id (workers ask with their heartbeat)."""
         return self._find_live(worker_id) is not None
 
-    def _find_live(self, worker_id: str) -> WorkerHandle | None:
-        return next((h for h in self._all() if h.id == worker_id and h.alive), None)
+    def _find_live(self, worker_id: str) -> Worker | None:
+        return next((h for h in self._all() if h.id == worker_id and h.lifecycle.alive), None)
 
-    def live_handles(self) -> list[WorkerHandle]:
-        return [h for h in self._all() if h.alive]
+    def live_handles(self) -> list[Worker]:
+        return [h for h in self._all() if h.lifecycle.alive]
 
-    def _all(self) -> list[WorkerHandle]:
+    def _all(self) -> list[Worker]:
         return [*self.handles.values(), *self.retiring, *self._successors]
 
     # ---- life cycle ----
@@ -206,9 +207,11 @@ class Supervisor:
                         return
                     _logger.warning(
                         "worker %s (slot %d, pid %s) is gone: %s (exit code %s); restarting the slot",
-                        handle.id, slot, handle.pid, handle.death_reason or "it exited by itself", handle.exit_code,
+                        handle.id, slot, handle.pid, handle.lifecycle.death_reason or "it exited by itself",
+                        handle.lifecycle.exit_code,
                     )
-                    lived_from = handle.started_at if handle.started_at is not None else lived_from
+                    started_at = handle.lifecycle.started_at
+                    lived_from = started_at if started_at is not None else lived_from
                 if self.closing:
                     return
                 self._metrics.restarts += 1
@@ -240,12 +243,12 @@ class Supervisor:
         low, high = self._restart_backoff
         return min(low * 2 ** (failures - 2), high)
 
-    async def _start(self, lives: trio.Nursery, handle: WorkerHandle, *, first_of_slot: bool = False) -> WorkerStartError | None:
+    async def _start(self, lives: trio.Nursery, handle: Worker, *, first_of_slot: bool = False) -> WorkerStartError | None:
         """Start ``handle`` in a task of ``lives``; once it is ready it takes calls. Returns why
         it could not start, if it could not."""
-        handle.max_calls = limit = self._max_calls(handle.slot, first_of_slot)
+        handle.lifecycle.max_calls = limit = self._max_calls(handle.slot, first_of_slot)
         if limit is not None:
-            handle.replace_at = max(0, limit - max(1, limit // 10, 2 * self._start_lead))
+            handle.lifecycle.replace_at = max(0, limit - max(1, limit // 10, 2 * self._start_lead))
         given_before = self._dispatcher.admitted
         failed: WorkerStartError | None = None
         try:
@@ -261,37 +264,36 @@ class Supervisor:
         self._dispatcher.add(handle)
         return None
 
-    async def _live(self, handle: WorkerHandle, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """One worker's life: ready (``task_status.started()``) to exit, then its leftovers."""
+    async def _live(self, handle: Worker, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One worker's life: ready (``task_status.started()``) to exit, then out of every list."""
         try:
             await handle.run(task_status=task_status)
         finally:
             self._dispatcher.remove(handle)
             self.retiring.discard(handle)
             self._successors.discard(handle)  # a replacement started ahead that died: no longer listed
-            if self.plane is not None and handle.pid not in (None, os.getpid()) and not handle.remote:
-                self.plane.remove_files_of(handle.pid)
 
-    async def _serve_and_recycle(self, lives: trio.Nursery, slot: int, handle: WorkerHandle) -> WorkerHandle:
+    async def _serve_and_recycle(self, lives: trio.Nursery, slot: int, handle: Worker) -> Worker:
         """Let the slot's worker serve; each time it passes a recycling limit, put a ready
         replacement in its place and let the old one drain. The replacement starts when the
         worker is within a tenth of ``max_calls`` (so the limit is kept to within the calls of
         one start-up even for fast calls), or when another limit is passed. Returns the slot's
         worker once it is gone (died, killed, or the pool closes)."""
         failures = 0
-        successor: WorkerHandle | None = None  # started ahead, taking calls, not yet in the slot
+        successor: Worker | None = None  # started ahead, taking calls, not yet in the slot
         while True:
             passed = await self._until_gone_or_past_a_limit(handle, early=successor is None)
             if self.closing:
                 return handle
-            if successor is not None and not successor.alive:
+            if successor is not None and not successor.lifecycle.alive:
                 successor = None
             if passed is None:  # it died: a replacement already running takes the slot
                 if successor is None:
                     return handle
                 _logger.warning(
                     "worker %s (slot %d, pid %s) is gone: %s (exit code %s); %s, started to replace it, took its place",
-                    handle.id, slot, handle.pid, handle.death_reason or "it exited by itself", handle.exit_code, successor.id,
+                    handle.id, slot, handle.pid, handle.lifecycle.death_reason or "it exited by itself", handle.lifecycle.exit_code,
+                    successor.id,
                 )
                 self._metrics.restarts += 1
                 self.handles[slot], handle, successor = successor, successor, None
@@ -316,12 +318,13 @@ class Supervisor:
                 if kind == "soon":
                     continue  # it takes calls too; it takes the slot once the limit is passed
             self._successors.discard(successor)
-            successor.last_recycle_reason = why
+            successor.figures.last_recycle_reason = why
             self.handles[slot] = successor
             self._dispatcher.remove(handle)
-            if handle.alive:  # (one that died meanwhile has had its leftovers done: nothing to list)
+            if handle.lifecycle.alive:  # (one that died meanwhile has had its leftovers done: nothing to list)
                 self.retiring.add(handle)
-                handle.retire(why)
+                handle.figures.last_recycle_reason = why
+                handle.lifecycle.retire()
                 self.recycles[kind] += 1
                 _logger.info(
                     "worker %s (slot %d, pid %s) recycled: %s; %s (pid %s) took its place",
@@ -330,41 +333,42 @@ class Supervisor:
                 lives.start_soon(self._drain, handle)
             handle, successor = successor, None
 
-    async def _until_gone_or_past_a_limit(self, handle: WorkerHandle, *, early: bool) -> tuple[str, str] | None:
+    async def _until_gone_or_past_a_limit(self, handle: Worker, *, early: bool) -> tuple[str, str] | None:
         """Wait until ``handle`` has exited (``None``) or is past a recycling limit (its kind
         and why); with ``early``, also until it is within a tenth of ``max_calls`` (``"soon"``)."""
         limits = self._recycle
-        while handle.alive:
+        life = handle.lifecycle
+        while life.alive:
             now = trio.current_time()
             # (a worker given its last call has stopped accepting: it is past its limit)
-            passed = _past_limit(limits, handle, now) if limits and (handle.accepting or handle.calls_exhausted.is_set()) else None
+            passed = _past_limit(limits, handle, now) if limits and (life.accepting or life.calls_exhausted.is_set()) else None
             if passed is not None:
                 return passed
-            if early and handle.calls_nearly_exhausted.is_set():
+            if early and life.calls_nearly_exhausted.is_set():
                 return "soon", "it nears Recycling.max_calls"
             timeout = float("inf")
             if limits.max_memory is not None:
                 timeout = _MEMORY_POLL
-            if limits.max_age is not None and handle.started_at is not None:
-                timeout = min(timeout, handle.started_at + limits.max_age - now)
-            waits: list[Callable[[], Awaitable[object]]] = [handle.exited.wait]
+            if limits.max_age is not None and life.started_at is not None:
+                timeout = min(timeout, life.started_at + limits.max_age - now)
+            waits: list[Callable[[], Awaitable[object]]] = [life.exited.wait]
             if limits.max_calls is not None:
-                waits.append(handle.calls_nearly_exhausted.wait if early else handle.calls_exhausted.wait)
+                waits.append(life.calls_nearly_exhausted.wait if early else life.calls_exhausted.wait)
             await _first_of(waits, timeout)
         return None
 
-    async def _wait_gone(self, handle: WorkerHandle, seconds: float) -> None:
+    async def _wait_gone(self, handle: Worker, seconds: float) -> None:
         with trio.move_on_after(seconds):
-            await handle.exited.wait()
+            await handle.lifecycle.exited.wait()
 
-    async def _drain(self, handle: WorkerHandle) -> None:
+    async def _drain(self, handle: Worker) -> None:
         """A recycled worker: let its calls end, however long they take (a hung worker is the
         health check's business; the pool's close bounds it by ``shutdown_timeout``), then stop it."""
-        while handle.busy and handle.alive:
+        while handle.lifecycle.busy and handle.lifecycle.alive:
             await trio.sleep(_DRAIN_POLL)
         await handle.shutdown(self._shutdown_timeout)
-        if handle.alive:
-            handle.kill(f"it was recycled ({handle.last_recycle_reason}) and did not exit in time")
+        if handle.lifecycle.alive:
+            handle.kill(f"it was recycled ({handle.figures.last_recycle_reason}) and did not exit in time")
 
     async def _sweep_shared_memory(self) -> None:
         """Segments of processes that are gone (a tool's child that wrote some) must not pile up;
@@ -381,13 +385,13 @@ class Supervisor:
         while True:
             await trio.sleep(self._health_check_interval)
             for handle in list(self.handles.values()):
-                if handle.accepting:
+                if handle.lifecycle.accepting:
                     self._nursery.start_soon(self._ping, handle)
 
-    async def _ping(self, handle: WorkerHandle) -> None:
+    async def _ping(self, handle: Worker) -> None:
         try:
             with trio.fail_after(self._health_check_interval):
-                await active_calls(handle)
+                await handle.active_calls()
         except (trio.TooSlowError, WorkerCrashedError):
             handle.kill("it failed its health check")
 
@@ -416,13 +420,13 @@ class HeartbeatReport(Protocol):
 
 
 def heartbeat(supervisor: Supervisor, message: HeartbeatReport) -> bool:
-    """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerHandle.report`);
+    """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerFigures.report`);
     whether ``supervisor``'s pool knows it. (A function, not a method: it stays off Supervisor's
     public surface, which the public Pool reaches.)"""
     handle = supervisor._find_live(message.worker_id)
     if handle is None:
         return False
-    handle.report(rss=message.rss_bytes, cpu_seconds=message.cpu_seconds, calls_served=message.calls_served)
+    handle.figures.report(rss=message.rss_bytes, cpu_seconds=message.cpu_seconds, calls_served=message.calls_served)
     return True
 
 

@@ -8,7 +8,7 @@ import contextlib
 import contextvars
 import json
 import re
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, final, get_args
@@ -198,7 +198,7 @@ class ToolRegistry:
     are a namespace of their own."""
 
     def __init__(self) -> None:
-        self.worker_tools: dict[str, pb.ToolSpec] = {}
+        self.worker_tools: Mapping[str, ToolInfo] = {}
         self._global: dict[str, HostTool] = {}
         self._sessions: dict[str, dict[str, HostTool]] = {}
 

@@ -124,6 +124,19 @@ def error_info(exc: BaseException, *, kind: str | None = None, available: list[s
     )
 
 
+
+def tool_failure(exc: BaseException) -> ErrorInfo:
+    """What a tool raised, for the wire: a tool error, unless it deliberately said the call
+    itself was wrong (``InvalidArgumentError``, ``EncodeError``)."""
+    if isinstance(exc, (InvalidArgumentError, EncodeError)):
+        return error_info(exc)
+    return error_info(exc, kind=TOOL_ERROR)
+
+
+def deadline_error() -> ErrorInfo:
+    """A call whose deadline passed in the worker."""
+    return ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
+
 def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
     """The exception an :class:`ErrorInfo` from a call of ``tool`` stands for."""
     kind = info.kind

@@ -22,36 +22,35 @@ the worker side of sessions (tools get a :class:`FakeContext`, not a ``SessionCo
 
 from __future__ import annotations
 
+import collections
 import math
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import trio
 
+from trio_bridge._core.admission import Draining, admit_call
 from trio_bridge._core.tools import ToolDefinition, define_tool
-from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, WorkerStartError
+from trio_bridge._errors import InvalidArgumentError, TrioBridgeError, WorkerCrashedError, WorkerStartError
+from trio_bridge._host._metrics import WorkerFigures
 from trio_bridge._host._options import PoolOptions, check_seconds, pool_options
 from trio_bridge._host._pool import Pool, PoolParts, compose
-from trio_bridge._host._tools import run_host_tool
-from trio_bridge._host._worker import WorkerHandle, WorkerSpec, WorkerState
+from trio_bridge._host._process import WorkerSpec
+from trio_bridge._host._tools import ToolInfo, run_host_tool, tool_info
+from trio_bridge._host._worker import Receive, ToolCall, WorkerInfo, WorkerLifecycle, WorkerState, worker_info
 from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
-from trio_bridge._wire.contract import DEADLINE_SLACK, WIRE_VERSION, __version__
-from trio_bridge._wire.errors import (
-    DEADLINE_EXCEEDED,
-    SHUTTING_DOWN,
-    TOOL_ERROR,
-    CallFailed,
-    error_info,
-    exception_from,
-)
+from trio_bridge._wire.contract import DEADLINE_SLACK
+from trio_bridge._wire.errors import SHUTTING_DOWN, TOOL_ERROR, deadline_error, error_info, exception_from, tool_failure
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import tool_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+_STDERR_TAIL_LINES = 40
 FAKE_ADAPTER = "trio_bridge.testing:FakeWorker"
 # open_pool options that only concern processes: accepted, and without effect on fakes.
 _PROCESS_OPTIONS = frozenset({
@@ -83,7 +82,7 @@ class FakeContext:
         self.call_id: str = call_id
         self.session_id: str = session_id
         self.cancelled: trio.Event = trio.Event()
-        self._workers = worker._workers
+        self._workers = worker.workers
 
     async def call_host_tool(self, name: str, /, **arguments: Any) -> Any:
         """Call a host tool registered on the pool, as a worker's ``ctx.acall_host_tool`` does:
@@ -133,13 +132,13 @@ class FakeWorkers:
 
     def __init__(
         self, tools: Mapping[str, Callable[..., Any]], *, concurrency: int, start_delay: float, startup_timeout: float,
-        adapter: str = FAKE_ADAPTER,
+        adapter: str = FAKE_ADAPTER, runner: Callable[[FakeWorker], ToolRunner] | None = None,
     ) -> None:
         self.start_delay: float = start_delay
         self.attempts: list[StartAttempt] = []
         self.made: list[FakeWorker] = []
         self._definitions = {name: _define(name, fn) for name, fn in tools.items()}
-        self._specs = [tool_spec(d) for d in self._definitions.values()]
+        self._runner = runner
         self._spec = WorkerSpec(
             adapter=adapter, python="", concurrency=concurrency, transport="fake", socket_dir="", secret="",
             host_address="", env={}, startup_timeout=startup_timeout, heartbeat_interval=0.0,
@@ -194,8 +193,9 @@ class FakeWorkers:
         return [w for w in self.made if w.started_at is not None][-1]
 
     # ---- for FakeWorker ----
-    def _new_worker(self, worker_id: str, slot: int) -> WorkerHandle:
-        worker = FakeWorker(worker_id, slot, self._spec, self)
+    def _new_worker(self, worker_id: str, slot: int) -> FakeWorker:
+        """The pool's worker factory (``compose``'s ``new_worker``)."""
+        worker = FakeWorker(worker_id, slot, self, self._runner)
         self.made.append(worker)
         return worker
 
@@ -218,53 +218,214 @@ class _Call:
     stubborn: bool
     scope: trio.CancelScope
     done: trio.Event
-    reply: pb.ExecuteToolResponse | None = None
+    result: Any = None  # the encoded result
+    error: pb.ErrorInfo | None = None  # or the error the call ended with
 
 
-class FakeWorker(WorkerHandle):
+class ToolRunner(Protocol):
+    """How a :class:`FakeWorker` runs its tools, one per worker: plain Python functions
+    (:class:`PlainTools`), or an adapter's tools (``open_adapter_pool``'s in-process workers).
+
+    Attributes:
+        definitions: its tools, by name (final once :meth:`prepare` returned).
+        tells_tools_on_exit: a tool still running when the worker dies is told its call was
+            cancelled (it runs in a thread that outlives its worker).
+    """
+
+    definitions: Mapping[str, ToolDefinition]
+    tells_tools_on_exit: bool
+
+    async def prepare(self) -> tuple[str, int] | None:
+        """Before the worker is ready (within ``startup_timeout``): ``(stderr, exit_code)`` if it fails."""
+        ...
+
+    def new_context(self, call: ToolCall) -> tuple[Any, Callable[[], None]]:
+        """The context a tool gets, and how to tell it its call was cancelled."""
+        ...
+
+    def stubborn(self, definition: ToolDefinition) -> bool:
+        """Whether cancelling the call leaves its tool running (see :func:`stubborn`)."""
+        ...
+
+    async def call_starting(self, call: ToolCall, definition: ToolDefinition) -> None:
+        """Before the tool runs; what it raises refuses the call."""
+        ...
+
+    async def call_finished(self, context: Any) -> None:
+        """After the tool ended, however it ended (shielded)."""
+        ...
+
+    async def invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
+        """Run a unary tool; its result."""
+        ...
+
+    async def next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
+        """``(True, chunk)``, or ``(False, None)`` at the end of a streaming tool."""
+        ...
+
+    async def close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
+        """Stop a streaming tool's generator (shielded)."""
+        ...
+
+    async def session_started(self, session_id: str, metadata: Any) -> None:
+        """A session's first call here is coming (InitializeSession)."""
+        ...
+
+    async def session_ended(self, session_id: str) -> None:
+        """The session ended (CleanupSession)."""
+        ...
+
+
+class PlainTools:
+    """Plain Python functions as a fake worker's tools, run in Trio (see :func:`open_fake_pool`)."""
+
+    tells_tools_on_exit = False
+
+    def __init__(self, worker: FakeWorker, definitions: Mapping[str, ToolDefinition]) -> None:
+        self.definitions: Mapping[str, ToolDefinition] = definitions
+        self._worker = worker
+
+    async def prepare(self) -> tuple[str, int] | None:
+        return None
+
+    def new_context(self, call: ToolCall) -> tuple[Any, Callable[[], None]]:
+        context = FakeContext(self._worker, call.call_id, call.session_id)
+        return context, context.cancelled.set
+
+    def stubborn(self, definition: ToolDefinition) -> bool:
+        return bool(getattr(definition.function, "__trio_bridge_stubborn__", False))
+
+    async def call_starting(self, call: ToolCall, definition: ToolDefinition) -> None:
+        pass
+
+    async def call_finished(self, context: Any) -> None:
+        pass
+
+    async def invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
+        result = definition.function(**arguments)
+        return await result if definition.kind == "async" else result
+
+    async def next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
+        try:
+            return True, (await anext(chunks) if definition.kind == "async_generator" else next(chunks))
+        except (StopIteration, StopAsyncIteration):
+            return False, None
+
+    async def close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
+        if definition.kind == "async_generator":
+            await chunks.aclose()
+        else:
+            chunks.close()
+
+    async def session_started(self, session_id: str, metadata: Any) -> None:
+        pass
+
+    async def session_ended(self, session_id: str) -> None:
+        pass
+
+
+class FakeWorker:
     """A worker with no process: its tools are the Python functions given to
     :func:`open_fake_pool`, run in the pool's Trio run. Made by the pool, not by users.
 
     Attributes:
+        id, slot: its id (``"w3"``) and its slot.
+        workers: the test's handle on the pool's workers.
         hung: it does not answer (see :meth:`FakeWorkers.hang`).
         started_sessions: ``(session_id, metadata)`` of each session initialized on it.
         ended_sessions: ids of the sessions it was told had ended.
+        stderr_tail: what it "printed" (a test adds lines with :meth:`FakeWorkers.kill`).
+        address: ``"fake:ID"`` once it started.
     """
 
-    # Set here as a real worker sets them (declared for type checkers: same types as the base's).
-    address: str
-    tools: dict[str, pb.ToolSpec]
-    started_at: float | None
-    exit_code: int | None
+    pid = None  # no process
 
-    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, workers: FakeWorkers) -> None:
-        super().__init__(worker_id, slot, spec, None)
-        self.hung = False
+    def __init__(
+        self, worker_id: str, slot: int, workers: FakeWorkers, runner: Callable[[FakeWorker], ToolRunner] | None = None
+    ) -> None:
+        self.id: str = worker_id
+        self.slot: int = slot
+        self.workers: FakeWorkers = workers
+        self.lifecycle: WorkerLifecycle = WorkerLifecycle(worker_id, workers._spec.concurrency)
+        self.figures: WorkerFigures = WorkerFigures()
+        self.sessions: set[str] = set()
+        self.tools: Mapping[str, ToolInfo] = {}
+        self.address: str = ""
+        self.hung: bool = False
         self.started_sessions: list[tuple[str, Any]] = []
         self.ended_sessions: list[str] = []
-        self._workers = workers
-        self._definitions: Mapping[str, ToolDefinition] = workers._definitions
-        self._specs: list[pb.ToolSpec] = workers._specs
-        self._fake_stub = cast(pb.WorkerServiceStub, _FakeStub(self))
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._runner: ToolRunner = runner(self) if runner is not None else PlainTools(self, workers._definitions)
         self._active: dict[str, _Call] = {}
         self._idle = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
-        self.stderr_closed.set()
+
+    def __repr__(self) -> str:
+        life = self.lifecycle
+        return f"<FakeWorker {self.id} {life.state.value} busy={life.busy}/{life.concurrency}>"
+
+    # ---- what tests read (and set) ----
+    @property
+    def calls_given(self) -> int:
+        """Calls the pool handed it (what ``Recycling.max_calls`` counts)."""
+        return self.lifecycle.calls_given
+
+    @property
+    def calls_served(self) -> int:
+        """Calls it answered (a result, or the call's own error)."""
+        return self.figures.calls_served
+
+    @property
+    def death_reason(self) -> str:
+        """Why the pool stopped it (``""``: it was not stopped by the pool)."""
+        return self.lifecycle.death_reason
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.lifecycle.exit_code
+
+    @property
+    def started_at(self) -> float | None:
+        return self.lifecycle.started_at
+
+    @property
+    def rss(self) -> int | None:
+        """Its resident set size (bytes): what a test sets (a fake has no process to measure)."""
+        return self.figures.rss
+
+    @rss.setter
+    def rss(self, value: int | None) -> None:
+        self.figures.rss = value
+
+    def info(self) -> WorkerInfo:
+        return worker_info(self, pid=None, address=self.address)
+
+    def running_nursery(self) -> trio.Nursery:
+        """Where its calls' tasks run, while it runs.
+
+        Raises:
+            TrioBridgeError: it is not running.
+        """
+        if self._nursery is None:
+            raise TrioBridgeError(f"worker {self.id} is not running")
+        return self._nursery
 
     # ---- life cycle ----
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Become ready after ``start_delay`` seconds (or fail to), then serve until it dies."""
-        failure = self._workers._next_start(self)
+        workers = self.workers
+        failure = workers._next_start(self)
         self.address = f"fake:{self.id}"
+        startup_timeout = workers._spec.startup_timeout
         try:
-            with trio.move_on_after(self.spec.startup_timeout) as timeout:
-                await trio.sleep(self._workers.start_delay)
+            with trio.move_on_after(startup_timeout) as timeout:
+                await trio.sleep(workers.start_delay)
                 if failure is None:
-                    failure = await self._prepare()
+                    failure = await self._runner.prepare()
             if timeout.cancelled_caught:
                 self.kill("it was not ready in time")
-                raise self._start_error(f"printed no ready line within {self.spec.startup_timeout:g} s")
+                raise self._start_error(f"printed no ready line within {startup_timeout:g} s")
             if failure is not None:
                 message, exit_code = failure
                 self.stderr_tail.extend(message.splitlines())
@@ -272,31 +433,38 @@ class FakeWorker(WorkerHandle):
                 raise self._start_error("exited before it was ready")
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.tools = {s.name: s for s in self._specs}
-                self._enter(WorkerState.READY)
-                self.started_at = trio.current_time()
-                self._workers._started_one()
+                self.tools = {name: tool_info(tool_spec(d)) for name, d in self._runner.definitions.items()}
+                self.lifecycle.ready()
+                workers._started_one()
                 task_status.started()
-                await self.exited.wait()
+                await self.lifecycle.exited.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._exit(-signal.SIGTERM)  # stopped with its owner (a no-op if it already died)
 
     def _start_error(self, message: str) -> WorkerStartError:
         return WorkerStartError(
-            f"{message} (adapter {self.spec.adapter!r})", worker_id=self.id, pid=self.pid,
-            exit_code=self.exit_code, stderr_tail="\n".join(self.stderr_tail),
+            f"{message} (adapter {self.workers._spec.adapter!r})", worker_id=self.id, pid=None,
+            exit_code=self.lifecycle.exit_code, stderr_tail="\n".join(self.stderr_tail),
+        )
+
+    def crashed_error(self) -> WorkerCrashedError:
+        life = self.lifecycle
+        message = "died during the call" if life.exited.is_set() else "is not running"
+        if life.death_reason:
+            message += f": the pool stopped it because {life.death_reason}"
+        return WorkerCrashedError(
+            message, worker_id=self.id, pid=None, exit_code=life.exit_code, stderr_tail="\n".join(self.stderr_tail),
         )
 
     def _exit(self, exit_code: int) -> None:
         """It is gone: calls on it fail with ``WorkerCrashedError``, its tools stop."""
-        if self.exited.is_set():
+        if self.lifecycle.exited.is_set():
             return
-        self.exit_code = exit_code
-        self._enter(WorkerState.DEAD)
-        self.exited.set()
-        for scope in list(self._call_scopes):
-            scope.cancel()
+        if self._runner.tells_tools_on_exit:
+            for call in list(self._active.values()):
+                call.cancel_context()  # a thread outlives its worker: tell its tool to stop
+        self.lifecycle.exit(exit_code)
         for call in self._active.values():
             call.scope.cancel()  # stubborn or not: the process is gone
         if self._nursery is not None:
@@ -304,19 +472,18 @@ class FakeWorker(WorkerHandle):
 
     def kill(self, reason: str) -> None:
         """The pool stops it (SIGKILL); calls on it fail with ``WorkerCrashedError``."""
-        if self.alive:
-            self._death_reason = self._death_reason or reason
+        if self.lifecycle.stopping(reason):
             self._exit(-signal.SIGKILL)
 
     def sample_memory(self) -> int | None:
         """What a test set as its :attr:`rss` (bytes): a fake has no process to measure."""
-        return self.rss if self.alive else None
+        return self.figures.rss if self.lifecycle.alive else None
 
     async def shutdown(self, grace: float) -> None:
         """Let its calls finish (at most ``grace`` seconds), then exit with status 0."""
-        if self.state not in (WorkerState.READY, WorkerState.DRAINING):
+        if self.lifecycle.state not in (WorkerState.READY, WorkerState.DRAINING):
             return
-        self._enter(WorkerState.DRAINING)
+        self.lifecycle.enter(WorkerState.DRAINING)
         self._shutting_down = True
         with trio.move_on_after(grace):
             while self._active:
@@ -324,37 +491,57 @@ class FakeWorker(WorkerHandle):
         self._exit(0)
 
     # ---- calls ----
-    async def _call(self, method: Callable[[pb.WorkerServiceStub], Awaitable[Any]]) -> Any:
-        """Run ``method(stub)`` against the fake stub, in Trio.
+    async def _answering(self, run: Callable[[], Awaitable[T]]) -> T:
+        """Run ``run()`` as an RPC to it would: it fails at once if it is not running, and with
+        it if it dies meanwhile.
 
         Raises:
-            WorkerCrashedError: it died during the call.
+            WorkerCrashedError: it is not running, or died during the call.
         """
-        if not self.alive or self.state is WorkerState.STARTING:
+        if not self.lifecycle.alive or self.lifecycle.state is WorkerState.STARTING:
             raise self.crashed_error()
-        with trio.CancelScope() as scope:
-            self._call_scopes.add(scope)
-            try:
-                return await method(self._fake_stub)
-            finally:
-                self._call_scopes.discard(scope)
-        raise self.crashed_error()  # our scope was cancelled: it died mid-call
+        with self.lifecycle.guarded():
+            return await run()
+        raise self.crashed_error()  # cancelled by its exit: it died mid-call
 
-    async def _execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        """One tool call (a real worker's goes on its call stream; here, like any RPC)."""
-        return await self._call(lambda stub: stub.execute_tool(request))
+    async def execute(self, call: ToolCall) -> Any:
+        """One tool call (a real worker's goes on its call stream; here, like any RPC).
 
-    def _open_stream(self, request: pb.ExecuteToolRequest) -> AbstractAsyncContextManager[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
-        """An async context manager yielding ``receive()`` for the tool's chunk batches (one chunk
-        each); ``receive()`` raises ``StopAsyncIteration`` at the end."""
-        if not self.alive or self.state is WorkerState.STARTING:
+        Raises:
+            WorkerCrashedError: it died during the call. TrioBridgeError: the call failed.
+        """
+        done = await self._answering(lambda: self._execute_tool(call))
+        if done.error is not None:
+            raise exception_from(done.error, call.tool)
+        return done.result
+
+    async def _execute_tool(self, request: ToolCall) -> _Call:
+        call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
+            call, definition, arguments, request.timeout_seconds
+        ))
+        if isinstance(call, pb.ErrorInfo):
+            return _Call(None, _nothing, False, trio.CancelScope(), trio.Event(), error=call)
+        try:
+            await call.done.wait()
+        except BaseException:
+            self._cancel(call)
+            raise
+        return call
+
+    def open_stream(self, call: ToolCall) -> AbstractAsyncContextManager[Receive]:
+        """Run a streaming tool: each batch is one chunk.
+
+        Raises:
+            WorkerCrashedError: it is not running, or died during the stream. TrioBridgeError: the tool failed.
+        """
+        if not self.lifecycle.alive or self.lifecycle.state is WorkerState.STARTING:
             raise self.crashed_error()
-        return self._stream(request)
+        return self._stream(call)
 
     @asynccontextmanager
-    async def _stream(self, request: pb.ExecuteToolRequest) -> AsyncIterator[Callable[[], Awaitable[pb.ToolChunkBatch]]]:
+    async def _stream(self, request: ToolCall) -> AsyncIterator[Receive]:
         # A batch, or the ErrorInfo the stream ends with (a real worker's is in its final status).
-        send, receive = trio.open_memory_channel[pb.ToolChunkBatch | pb.ErrorInfo](0)
+        send, receive = trio.open_memory_channel[pb.Payload | pb.ErrorInfo | None](0)
         finished = trio.Event()
         call = await self._begin(request, streaming=True, produce=lambda call, definition, arguments: self._produce(
             call, definition, arguments, request.timeout_seconds, send, finished
@@ -362,23 +549,25 @@ class FakeWorker(WorkerHandle):
         if isinstance(call, pb.ErrorInfo):
             refusal = call
 
-            async def refused() -> pb.ToolChunkBatch:
-                raise CallFailed(refusal)
+            async def refused() -> Any:
+                raise exception_from(refusal, request.tool)
 
             yield refused
             return
 
-        async def next_batch() -> pb.ToolChunkBatch:
-            await self._wait_while_hung()
-            try:
-                batch = await receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                if not finished.is_set():
-                    raise self.crashed_error() from None
-                raise StopAsyncIteration from None
-            if isinstance(batch, pb.ErrorInfo):
-                raise CallFailed(batch)
-            return batch
+        async def next_batch() -> Any:
+            with self.lifecycle.guarded():
+                await self._wait_while_hung()
+                try:
+                    batch = await receive.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    if not finished.is_set():
+                        raise self.crashed_error() from None
+                    return None
+                if isinstance(batch, pb.ErrorInfo):
+                    raise exception_from(batch, request.tool)
+                return batch
+            raise self.crashed_error()  # cancelled by its exit: it died mid-stream
 
         try:
             yield next_batch
@@ -388,8 +577,9 @@ class FakeWorker(WorkerHandle):
 
     async def _produce(
         self, call: _Call, definition: ToolDefinition, arguments: dict[str, Any], timeout: float,
-        send: trio.MemorySendChannel[pb.ToolChunkBatch | pb.ErrorInfo], finished: trio.Event,
+        send: trio.MemorySendChannel[pb.Payload | pb.ErrorInfo | None], finished: trio.Event,
     ) -> None:
+        runner = self._runner
         async with send:
             chunks = definition.function(**arguments)
             index = 0
@@ -397,78 +587,63 @@ class FakeWorker(WorkerHandle):
                 with trio.move_on_after(_deadline(call, timeout)) as deadline:
                     try:
                         while True:
-                            more, item = await self._next_chunk(definition, chunks)
+                            more, item = await runner.next_chunk(definition, chunks)
                             if not more:
                                 break
                             chunks_wire, failed = encode_batch([item], index)
                             if failed is not None:
                                 raise failed
-                            await send.send(pb.ToolChunkBatch(chunks=chunks_wire))
+                            await send.send(chunks_wire)
                             index += 1
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return  # the host left the stream
                     except Exception as exc:
-                        await send.send(_tool_failure(exc))
+                        await send.send(tool_failure(exc))
                 if deadline.cancelled_caught:
-                    await send.send(_deadline_error())
+                    await send.send(deadline_error())
                 finished.set()
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._close_chunks(definition, chunks)
-
-    async def _execute_tool(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
-            call, definition, arguments, request.timeout_seconds
-        ))
-        if isinstance(call, pb.ErrorInfo):
-            return pb.ExecuteToolResponse(error=call)
-        try:
-            await call.done.wait()
-        except BaseException:
-            self._cancel(call)
-            raise
-        assert call.reply is not None
-        return call.reply
+                    await runner.close_chunks(definition, chunks)
 
     async def _run_tool(self, call: _Call, definition: ToolDefinition, arguments: dict[str, Any], timeout: float) -> None:
         with trio.move_on_after(_deadline(call, timeout)) as deadline:
             try:
-                result = await self._invoke(definition, arguments)
+                result = await self._runner.invoke(definition, arguments)
             except Exception as exc:
-                call.reply = pb.ExecuteToolResponse(error=_tool_failure(exc))
+                call.error = tool_failure(exc)
                 return
         if deadline.cancelled_caught:
-            call.reply = pb.ExecuteToolResponse(error=_deadline_error())
+            call.error = deadline_error()
             return
         try:
-            call.reply = pb.ExecuteToolResponse(result=encode(result, path="result"))
+            call.result = encode(result, path="result")
         except Exception as exc:
-            call.reply = pb.ExecuteToolResponse(error=error_info(exc))
+            call.error = error_info(exc)
 
     async def _begin(
-        self, request: pb.ExecuteToolRequest, *, streaming: bool,
+        self, request: ToolCall, *, streaming: bool,
         produce: Callable[[_Call, ToolDefinition, dict[str, Any]], Awaitable[None]],
     ) -> Any:
         """Check the call and start its tool in the worker's nursery; or the ErrorInfo that refuses it."""
         await self._wait_while_hung()
+        runner = self._runner
         try:
             if self._shutting_down:  # told to shut down, as a real worker is by its Shutdown RPC
-                return error_info(RuntimeError("the worker is shutting down"), kind=SHUTTING_DOWN)
-            definition = self._definitions.get(request.tool_name)
-            if definition is None:
-                raise ToolNotFoundError(request.tool_name, list(self._definitions))
-            if definition.streaming != streaming:
-                hint = "pool.stream() (RPC ExecuteStreamingTool)" if definition.streaming else "pool.execute() (RPC ExecuteTool)"
-                kind = "a streaming" if definition.streaming else "not a streaming"
-                raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
+                raise Draining("the worker is shutting down")
+            definition = admit_call(
+                runner.definitions, request.tool, streaming=streaming, call_id=request.call_id, running=self._active,
+            )
             arguments = definition.check_arguments(decode(request.arguments))
-            await self._call_starting(request, definition)
+            await runner.call_starting(request, definition)
+        except Draining as exc:
+            return error_info(exc, kind=SHUTTING_DOWN)
         except Exception as exc:
             return error_info(exc)
-        context, cancel_context = self._new_context(request)
+        context, cancel_context = runner.new_context(request)
         if definition.context_parameter:
             arguments[definition.context_parameter] = context
-        call = _Call(context, cancel_context, self._stubborn(definition), trio.CancelScope(), trio.Event())
+        call = _Call(context, cancel_context, runner.stubborn(definition), trio.CancelScope(), trio.Event())
         self._active[request.call_id] = call
         self._idle = trio.Event()
 
@@ -478,14 +653,13 @@ class FakeWorker(WorkerHandle):
                     await produce(call, definition, arguments)
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._call_finished(context)
+                    await runner.call_finished(context)
                 call.done.set()
                 self._active.pop(request.call_id, None)
                 if not self._active:
                     self._idle.set()
 
-        assert self._nursery is not None
-        self._nursery.start_soon(task)
+        self.running_nursery().start_soon(task)
         return call
 
     @staticmethod
@@ -502,91 +676,33 @@ class FakeWorker(WorkerHandle):
         if self.hung:
             await trio.sleep_forever()
 
-    # ---- what a worker of another kind changes (trio_bridge.testing's in-process adapter workers) ----
-    async def _prepare(self) -> tuple[str, int] | None:
-        """Before it is ready (within ``startup_timeout``): ``(stderr, exit_code)`` if it fails."""
-        return None
+    async def active_calls(self) -> list[str]:
+        async def ping() -> list[str]:
+            await self._wait_while_hung()
+            return list(self._active)
 
-    def _new_context(self, request: pb.ExecuteToolRequest) -> tuple[Any, Callable[[], None]]:
-        """The context a tool gets, and how to tell it its call was cancelled."""
-        context = FakeContext(self, request.call_id, request.session_id)
-        return context, context.cancelled.set
+        return await self._answering(ping)
 
-    def _stubborn(self, definition: ToolDefinition) -> bool:
-        """Whether cancelling the call leaves its tool running (see :func:`stubborn`)."""
-        return bool(getattr(definition.function, "__trio_bridge_stubborn__", False))
+    async def begin_session(self, session_id: str, metadata: Any) -> None:
+        async def initialize() -> None:
+            await self._wait_while_hung()
+            decoded = decode(metadata)
+            self.started_sessions.append((session_id, decoded))
+            await self._runner.session_started(session_id, decoded)
 
-    async def _call_starting(self, request: pb.ExecuteToolRequest, definition: ToolDefinition) -> None:
-        """Before the tool runs; what it raises refuses the call."""
+        await self._answering(initialize)
 
-    async def _call_finished(self, context: Any) -> None:
-        """After the tool ended, however it ended (shielded)."""
+    async def end_session(self, session_id: str) -> None:
+        async def cleanup() -> None:
+            await self._wait_while_hung()
+            self.ended_sessions.append(session_id)
+            await self._runner.session_ended(session_id)
 
-    async def _invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
-        """Run a unary tool; its result."""
-        result = definition.function(**arguments)
-        return await result if definition.kind == "async" else result
-
-    async def _next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
-        """``(True, chunk)``, or ``(False, None)`` at the end of a streaming tool."""
-        try:
-            return True, (await anext(chunks) if definition.kind == "async_generator" else next(chunks))
-        except (StopIteration, StopAsyncIteration):
-            return False, None
-
-    async def _close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
-        """Stop a streaming tool's generator (shielded)."""
-        if definition.kind == "async_generator":
-            await chunks.aclose()
-        else:
-            chunks.close()
-
-    async def _session_started(self, session_id: str, metadata: Any) -> None:
-        """A session's first call here is coming (InitializeSession)."""
-        self.started_sessions.append((session_id, metadata))
-
-    async def _session_ended(self, session_id: str) -> None:
-        """The session ended (CleanupSession)."""
-        self.ended_sessions.append(session_id)
+        await self._answering(cleanup)
 
 
-class _FakeStub:
-    """The worker service's RPCs, as Trio coroutines (what ``FakeWorker._call`` hands to ``method``)."""
-
-    def __init__(self, worker: FakeWorker) -> None:
-        self._worker = worker
-
-    async def execute_tool(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return await self._worker._execute_tool(request)
-
-    async def ping(self, request: pb.PingRequest) -> pb.PingResponse:
-        worker = self._worker
-        await worker._wait_while_hung()
-        uptime = trio.current_time() - (worker.started_at or trio.current_time())
-        return pb.PingResponse(pid=0, uptime_seconds=uptime, active_calls=list(worker._active))
-
-    async def initialize_session(self, request: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
-        await self._worker._wait_while_hung()
-        await self._worker._session_started(request.session_id, decode(request.metadata))
-        return pb.InitializeSessionResponse()
-
-    async def cleanup_session(self, request: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
-        await self._worker._wait_while_hung()
-        await self._worker._session_ended(request.session_id)
-        return pb.CleanupSessionResponse()
-
-    async def describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
-        worker = self._worker
-        return pb.DescribeResponse(
-            adapter=worker.spec.adapter, tools=list(worker.tools.values()), pid=0, python_version="",
-            concurrency=worker.concurrency, trio_bridge_version=__version__, wire_version=WIRE_VERSION,
-        )
-
-    async def shutdown(self, request: pb.ShutdownRequest) -> pb.ShutdownResponse:
-        worker = self._worker
-        if worker._nursery is not None:
-            worker._nursery.start_soon(worker.shutdown, request.grace_seconds)
-        return pb.ShutdownResponse()
+def _nothing() -> None:
+    pass
 
 
 def _define(name: str, function: Callable[..., Any]) -> ToolDefinition:
@@ -600,17 +716,6 @@ def _deadline(call: _Call, timeout: float) -> float:
     """Seconds the worker gives the tool: the call's deadline, as a real worker would (with the
     same slack), except for a stubborn tool, which nothing stops (a thread cannot be stopped)."""
     return timeout + DEADLINE_SLACK if timeout > 0 and not call.stubborn else math.inf
-
-
-def _tool_failure(exc: Exception) -> pb.ErrorInfo:
-    """What a tool raised: a ToolError, unless it deliberately said the call itself was wrong."""
-    if isinstance(exc, (InvalidArgumentError, EncodeError)):
-        return error_info(exc)
-    return error_info(exc, kind=TOOL_ERROR)
-
-
-def _deadline_error() -> pb.ErrorInfo:
-    return pb.ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
 
 
 class FakePool(NamedTuple):

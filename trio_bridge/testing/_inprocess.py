@@ -34,7 +34,7 @@ import inspect
 import json
 import sys
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,7 +48,7 @@ from trio_bridge._host._host_service import HostService
 from trio_bridge._host._options import PoolOptions
 from trio_bridge._host._pool import Pool
 from trio_bridge._host._supervisor import heartbeat
-from trio_bridge._host._worker import WorkerSpec
+from trio_bridge._host._worker import ToolCall
 from trio_bridge._state.variables import VariableUpdate
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import (
@@ -61,7 +61,6 @@ from trio_bridge._wire.contract import (
 )
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire
-from trio_bridge._wire.tool_spec import tool_spec
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, fake_pool_options, open_pool_of_fakes
 from trio_bridge.worker._adapter import Adapter, AdapterLoadError, collect_tools, load_adapter_class
 from trio_bridge.worker._context import SessionContext, WorkerOptimization, end_call
@@ -154,67 +153,58 @@ def open_adapter_pool(
 @asynccontextmanager
 async def _open_adapter_pool(adapter_class: type[Adapter] | None, options: PoolOptions) -> AsyncIterator[Pool]:
     def make_workers(adapter_options_json: str) -> FakeWorkers:
-        return _AdapterWorkers(
-            adapter_class, options.adapter, adapter_options_json, concurrency=options.concurrency,
-            startup_timeout=options.lifecycle.startup_timeout,
+        return FakeWorkers(
+            {}, concurrency=options.concurrency, start_delay=0.0, startup_timeout=options.lifecycle.startup_timeout,
+            adapter=options.adapter,
+            runner=lambda worker: AdapterTools(worker, adapter_class, options.adapter, adapter_options_json, options.concurrency),
         )
 
     async with open_pool_of_fakes(make_workers, options) as (pool, _):
         yield pool
 
 
-class _AdapterWorkers(FakeWorkers):
-    """The in-process workers of one pool: what each needs to make its adapter."""
+class AdapterTools:
+    """An adapter's tools as an in-process worker's (a :class:`~trio_bridge.testing.FakeWorker`
+    composed with this :class:`~trio_bridge.testing._fakes.ToolRunner`), run as a worker
+    process would run them (see :func:`open_adapter_pool`)."""
+
+    tells_tools_on_exit = True  # a thread outlives its worker: tell its tool to stop
 
     def __init__(
-        self, adapter_class: type[Adapter] | None, path: str, adapter_options_json: str, *, concurrency: int,
-        startup_timeout: float,
+        self, worker: FakeWorker, adapter_class: type[Adapter] | None, path: str, adapter_options_json: str,
+        concurrency: int,
     ) -> None:
-        super().__init__({}, concurrency=concurrency, start_delay=0.0, startup_timeout=startup_timeout, adapter=path)
-        self.adapter_class = adapter_class
-        self.adapter_options_json = adapter_options_json
-
-    def _new_worker(self, worker_id: str, slot: int) -> FakeWorker:
-        worker = _AdapterWorker(worker_id, slot, self._spec, self)
-        self.made.append(worker)
-        return worker
-
-
-class _AdapterWorker(FakeWorker):
-    """A fake worker that runs an adapter's tools, as a worker process would (see
-    :func:`open_adapter_pool`)."""
-
-    def __init__(self, worker_id: str, slot: int, spec: WorkerSpec, workers: _AdapterWorkers) -> None:
-        super().__init__(worker_id, slot, spec, workers)
-        self._adapter_workers = workers
+        self.definitions: Mapping[str, ToolDefinition] = {}
         self.adapter: Adapter | None = None
+        self._worker = worker
+        self._adapter_class = adapter_class
+        self._path = path
+        self._options_json = adapter_options_json
         self._host: HostClient | None = None
         self._initialized: set[str] = set()  # sessions whose on_session_start ran here
-        self._threads = trio.CapacityLimiter(spec.concurrency)  # a worker's thread pool
+        self._threads = trio.CapacityLimiter(concurrency)  # a worker's thread pool
 
     # ---- start ----
-    async def _prepare(self) -> tuple[str, int] | None:
-        workers = self._adapter_workers
+    async def prepare(self) -> tuple[str, int] | None:
         try:
-            adapter_class = workers.adapter_class or load_adapter_class(self.spec.adapter)
+            adapter_class = self._adapter_class or load_adapter_class(self._path)
         except AdapterLoadError as exc:  # as a worker process says it (worker/_server.py)
             trace = "\n" + "".join(traceback.format_exception(exc.__cause__ or exc)) if exc.in_module_code else ""
             return f"{WORKER_MESSAGE_PREFIX}{exc}{trace}", EXIT_ADAPTER_IMPORT
         except Exception:
-            return f"{WORKER_MESSAGE_PREFIX}cannot load adapter {self.spec.adapter!r}:\n{traceback.format_exc()}", EXIT_ADAPTER_IMPORT
+            return f"{WORKER_MESSAGE_PREFIX}cannot load adapter {self._path!r}:\n{traceback.format_exc()}", EXIT_ADAPTER_IMPORT
         try:
             adapter = adapter_class()
-            adapter.options = json.loads(workers.adapter_options_json)
+            adapter.options = json.loads(self._options_json)
             started: Any = adapter.setup()  # may be async def
             if inspect.isawaitable(started):
                 await started
             definitions = collect_tools(adapter)
-            specs = [tool_spec(d) for d in definitions.values()]
         except Exception:
-            return f"trio-bridge worker: {self.spec.adapter}.setup() failed:\n{traceback.format_exc()}", EXIT_ADAPTER_SETUP
+            return f"trio-bridge worker: {self._path}.setup() failed:\n{traceback.format_exc()}", EXIT_ADAPTER_SETUP
         self.adapter = adapter
-        self._definitions, self._specs = definitions, specs
-        parts = workers.parts
+        self.definitions = definitions
+        parts = self._worker.workers.parts
         service = HostService(
             cast("Boundary", _TrioBoundary()), parts.state, calls=parts.calls, tools=parts.tools, plane=None,
             heartbeat=functools.partial(heartbeat, parts.supervisor), route_for=parts.route_for,
@@ -222,53 +212,43 @@ class _AdapterWorker(FakeWorker):
         )
         # The worker side's host client (session caches, host tool and routed calls) over the
         # service in this Trio run; no event loop: Trio.
-        local = cast("Channel", _LocalChannel(service, self._running_nursery))
-        self._host = client_over(local, "in-process", "", self.id, cast(asyncio.AbstractEventLoop, None))
+        local = cast("Channel", _LocalChannel(service, self._worker.running_nursery))
+        self._host = client_over(local, "in-process", "", self._worker.id, cast(asyncio.AbstractEventLoop, None))
         return None
 
-    def _running_nursery(self) -> trio.Nursery:
-        if self._nursery is None:
-            raise TrioBridgeError(f"worker {self.id} is not running")
-        return self._nursery
-
-    def _exit(self, exit_code: int) -> None:
-        for call in list(self._active.values()):
-            call.cancel_context()  # a thread outlives its worker: tell its tool to stop
-        super()._exit(exit_code)
-
     # ---- calls ----
-    def _new_context(self, request: pb.ExecuteToolRequest) -> tuple[Any, Callable[[], None]]:
+    def new_context(self, call: ToolCall) -> tuple[Any, Callable[[], None]]:
         assert self._host is not None
-        timeout = timeout_from_wire(request.timeout_seconds)
+        timeout = timeout_from_wire(call.timeout_seconds)
         clock = trio.lowlevel.current_clock()
         context = _InProcessContext._create(
-            request.session_id, request.call_id, None if timeout is None else clock.current_time() + timeout,
-            self._host.link(request.session_id) if request.session_id else None, self._host, clock,
-            trio.lowlevel.current_trio_token(), self._running_nursery,
+            call.session_id, call.call_id, None if timeout is None else clock.current_time() + timeout,
+            self._host.link(call.session_id) if call.session_id else None, self._host, clock,
+            trio.lowlevel.current_trio_token(), self._worker.running_nursery,
         )
         return context, context._cancel
 
-    def _stubborn(self, definition: ToolDefinition) -> bool:
+    def stubborn(self, definition: ToolDefinition) -> bool:
         # A thread cannot be interrupted: cancelling its call sets ctx.cancelled, and the call
         # holds its slot until the thread returns.
         return definition.kind in ("sync", "generator") and not definition.inline
 
-    async def _call_starting(self, request: pb.ExecuteToolRequest, definition: ToolDefinition) -> None:
-        if definition.context_parameter and request.session_id and self._host is not None:
-            await self._host.refresh(request.session_id, request.session_state_version)
+    async def call_starting(self, call: ToolCall, definition: ToolDefinition) -> None:
+        if definition.context_parameter and call.session_id and self._host is not None:
+            await self._host.refresh(call.session_id, call.state_version)
 
-    async def _call_finished(self, context: Any) -> None:
+    async def call_finished(self, context: Any) -> None:
         if isinstance(context, _InProcessContext):
             await end_call(context)  # the watches its tool left open
 
-    async def _invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
+    async def invoke(self, definition: ToolDefinition, arguments: dict[str, Any]) -> Any:
         if definition.kind == "async":
             return await definition.function(**arguments)
         if definition.inline:
             return definition.function(**arguments)
         return await self._in_thread(functools.partial(definition.function, **arguments), definition.name)
 
-    async def _next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
+    async def next_chunk(self, definition: ToolDefinition, chunks: Any) -> tuple[bool, Any]:
         if definition.kind == "async_generator":
             try:
                 return True, await anext(chunks)
@@ -277,7 +257,7 @@ class _AdapterWorker(FakeWorker):
         item = await self._in_thread(functools.partial(next, chunks, _END), definition.name)
         return (False, None) if item is _END else (True, item)
 
-    async def _close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
+    async def close_chunks(self, definition: ToolDefinition, chunks: Any) -> None:
         if definition.kind == "async_generator":
             await chunks.aclose()
             return
@@ -289,18 +269,16 @@ class _AdapterWorker(FakeWorker):
         # Abandoned only if the call's scope is cancelled, which for these stubborn tools
         # happens only when the worker dies (its "process" is gone; the thread runs on).
         return await trio.to_thread.run_sync(
-            function, abandon_on_cancel=True, limiter=self._threads, thread_name=f"trio-bridge {self.id} tool {name}"
+            function, abandon_on_cancel=True, limiter=self._threads, thread_name=f"trio-bridge {self._worker.id} tool {name}"
         )
 
     # ---- sessions ----
-    async def _session_started(self, session_id: str, metadata: Any) -> None:
-        await super()._session_started(session_id, metadata)
+    async def session_started(self, session_id: str, metadata: Any) -> None:
         if session_id not in self._initialized and self.adapter is not None:
             self._initialized.add(session_id)
             await self._adapter_hook(self.adapter.on_session_start, session_id, metadata or {})
 
-    async def _session_ended(self, session_id: str) -> None:
-        await super()._session_ended(session_id)
+    async def session_ended(self, session_id: str) -> None:
         self._initialized.discard(session_id)
         if self._host is not None:
             self._host.forget(session_id)
@@ -316,7 +294,7 @@ class _AdapterWorker(FakeWorker):
             # The adapter's bug: reported as a worker process reports it (stderr), and served on.
             text = traceback.format_exc()
             print(text, file=sys.stderr, end="")
-            self.stderr_tail.extend(text.splitlines())
+            self._worker.stderr_tail.extend(text.splitlines())
 
 
 # ---------------------------------------------------------------------------------------------

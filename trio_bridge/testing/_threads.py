@@ -29,30 +29,28 @@ import os
 import signal
 import threading
 import traceback
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
-from trio_bridge._host._options import LocalWorkers
-from trio_bridge._host._pool import Pool, open_pool
-from trio_bridge._host._process import launcher
+from trio_bridge._host._options import LocalWorkers, pool_options
+from trio_bridge._host._pool import Pool, open_pool_of
 from trio_bridge._wire.contract import READY_PREFIX, WORKER_ID_ENV
 from trio_bridge.worker._server import parse_arguments, serve
 
 
 class ThreadWorker:
-    """A worker in a thread of this process, as a worker handle sees a worker process: the
-    ready line on ``stdout``, ``stderr`` closed at the end, an exit code, signals (which cancel
-    its server: ``-N`` is the exit code, as for a process killed by signal N).
+    """A worker in a thread of this process, as a local worker's connector
+    (``_process.LocalProcess``) sees a worker process: the ready line on ``stdout`` (the real
+    worker's own), ``stderr`` closed at the end, an exit code, signals (which cancel its
+    server: ``-N`` is the exit code, as for a process killed by signal N).
 
-    Made by the pool (``launch(command, env)``), not by users.
+    Made by the pool (its launcher: ``launch(command, env)``), not by users.
     """
 
     own_group = False  # nothing to signal as a group, nothing for the janitor
-    remote = False
     start_method = "threads"  # Pool.start_method
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
@@ -149,15 +147,5 @@ def open_pool_in_threads(adapter: str, **options: Any) -> AbstractAsyncContextMa
         raise InvalidArgumentError(f"workers in threads take no {' or '.join(refused)} option")
     if isinstance(local, LocalWorkers):  # (anything else: open_pool refuses it)
         local = dataclasses.replace(local, shared_memory_threshold=None)
-    return _open_pool_in_threads(adapter, {**options, "local": local})
-
-
-@asynccontextmanager
-async def _open_pool_in_threads(adapter: str, options: dict[str, Any]) -> AsyncIterator[Pool]:
-    async with contextlib.AsyncExitStack() as stack:
-        token = launcher.set(ThreadWorker)
-        try:  # only this pool's workers: the launcher is read when the pool opens
-            pool = await stack.enter_async_context(open_pool(adapter, **options))
-        finally:
-            launcher.reset(token)
-        yield pool
+    # The pool's launcher starts its local workers in threads (a fork server is never used then).
+    return open_pool_of(pool_options(adapter, {**options, "local": local}), launch=ThreadWorker)

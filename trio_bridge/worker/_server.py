@@ -32,8 +32,9 @@ import grpclib.server
 from grpclib.exceptions import GRPCError
 
 from trio_bridge import _tracing as tracing
+from trio_bridge._core.admission import Draining, admit_call
 from trio_bridge._core.tools import ToolDefinition
-from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
+from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
 from trio_bridge._wire.auth import parse_allowed_uids
@@ -121,20 +122,10 @@ class WorkerService(pb.WorkerServiceBase):
             arguments = decode(request.arguments, owned=True)
         except ValueError as exc:
             raise self._malformed(f"tool {request.tool_name!r}: malformed arguments: {exc}") from None
-        if self.draining:
-            raise _ShuttingDown("the worker is shutting down")
-        # The id keys the call's cancellation, its slot and the drain: it must be unique.
-        if not request.call_id:
-            raise InvalidArgumentError("call_id is empty: every call needs an id unique among the running calls")
-        if request.call_id in self.active:
-            raise InvalidArgumentError(f"call_id {request.call_id!r} is already running on this worker")
-        definition = self.tools.get(request.tool_name)
-        if definition is None:
-            raise ToolNotFoundError(request.tool_name, list(self.tools))
-        if definition.streaming != streaming:
-            hint = "pool.stream() (RPC ExecuteStreamingTool)" if definition.streaming else "pool.execute() (RPC ExecuteTool)"
-            kind = "a streaming" if definition.streaming else "not a streaming"
-            raise InvalidArgumentError(f"tool {definition.name!r} is {kind} tool; call it with {hint}")
+        definition = admit_call(
+            self.tools, request.tool_name, streaming=streaming, call_id=request.call_id, running=self.active,
+            draining=self.draining,
+        )
         arguments = definition.check_arguments(arguments)
         timeout = timeout_from_wire(request.timeout_seconds)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -216,7 +207,7 @@ class WorkerService(pb.WorkerServiceBase):
     async def _execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         try:
             definition, arguments, ctx = self._begin(message, streaming=False)
-        except (TrioBridgeError, _ShuttingDown) as exc:
+        except (TrioBridgeError, Draining) as exc:
             return pb.ExecuteToolResponse(error=_error_info(exc))
         try:
             await self._refresh(definition, message)
@@ -243,10 +234,10 @@ class WorkerService(pb.WorkerServiceBase):
                 except Exception as exc:
                     if isinstance(exc, TimeoutError) and scope.expired():
                         raise
-                    return pb.ExecuteToolResponse(error=_tool_failure(exc))
+                    return pb.ExecuteToolResponse(error=wire_errors.tool_failure(exc))
         except TimeoutError:
             cancel_call(ctx)
-            return pb.ExecuteToolResponse(error=_deadline_error())
+            return pb.ExecuteToolResponse(error=wire_errors.deadline_error())
         finally:
             if timer is not None:
                 timer.cancel()
@@ -287,7 +278,7 @@ class WorkerService(pb.WorkerServiceBase):
         assert message is not None
         try:
             definition, arguments, ctx = self._begin(message, streaming=True)
-        except (TrioBridgeError, _ShuttingDown) as exc:
+        except (TrioBridgeError, Draining) as exc:
             raise wire_errors.status_error(_error_info(exc)) from None
         try:
             await self._refresh(definition, message)
@@ -313,7 +304,7 @@ class WorkerService(pb.WorkerServiceBase):
                     try:
                         items, finished = await source.next_batch(MAX_CHUNKS_PER_MESSAGE)
                     except Exception as exc:
-                        raise wire_errors.status_error(_tool_failure(exc)) from None
+                        raise wire_errors.status_error(wire_errors.tool_failure(exc)) from None
                     chunks, failed = encode_batch(items, index)
                     if failed is not None:
                         if chunks is not None:  # the chunks before the one that failed
@@ -325,7 +316,7 @@ class WorkerService(pb.WorkerServiceBase):
                         return
         except TimeoutError:
             cancel_call(ctx)
-            raise wire_errors.status_error(_deadline_error()) from None
+            raise wire_errors.status_error(wire_errors.deadline_error()) from None
         except asyncio.CancelledError:
             cancel_call(ctx)
             raise
@@ -431,25 +422,10 @@ class WorkerService(pb.WorkerServiceBase):
         return handlers
 
 
-class _ShuttingDown(Exception):
-    pass
-
-
 def _error_info(exc: BaseException) -> pb.ErrorInfo:
-    if isinstance(exc, _ShuttingDown):
+    if isinstance(exc, Draining):
         return wire_errors.error_info(exc, kind=wire_errors.SHUTTING_DOWN)
     return wire_errors.error_info(exc)
-
-
-def _tool_failure(exc: BaseException) -> pb.ErrorInfo:
-    """What a tool raised: a ToolError, unless it deliberately said the call itself was wrong."""
-    if isinstance(exc, (InvalidArgumentError, EncodeError)):
-        return wire_errors.error_info(exc)
-    return wire_errors.error_info(exc, kind=wire_errors.TOOL_ERROR)
-
-
-def _deadline_error() -> pb.ErrorInfo:
-    return pb.ErrorInfo(kind=wire_errors.DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
 
 
 # ---------------------------------------------------------------------------------------------
