@@ -40,8 +40,10 @@ class ServiceArea(pb.HostServiceBase):
     RPCS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, boundary: Boundary, plane: SharedMemoryPlane | None, refusals: Refusals) -> None:
-        self._boundary = boundary
-        self._plane = plane
+        self.boundary: Boundary = boundary
+        """What its handlers cross into Trio with."""
+        self.plane: SharedMemoryPlane | None = plane
+        """Where its handlers' large arrays go (``None``: in-band only)."""
         self._refusals = refusals
 
     def streams(self) -> Mapping[str, StreamHandler]:
@@ -58,9 +60,14 @@ class ServiceArea(pb.HostServiceBase):
             mapping[SERVICE + rpc] = grpclib.const.Handler(function, handler.cardinality, handler.request_type, handler.reply_type)
         return mapping
 
-    def _decode(self, payload: pb.Payload | None, what: str) -> Any:
+    def decode_payload(self, payload: pb.Payload | None, what: str) -> Any:
+        """For its handlers: a request's ``payload`` (``what`` names it in the error), decoded.
+
+        Raises:
+            InvalidArgumentError: it is malformed (logged with the service's refusals).
+        """
         try:
-            return decode(payload, plane=self._plane)
+            return decode(payload, plane=self.plane)
         except ValueError as exc:
             problem = f"malformed {what}: {exc}"
             self._refusals.log(MALFORMED_PAYLOAD, problem)

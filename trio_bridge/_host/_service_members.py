@@ -43,13 +43,13 @@ class MembershipService(ServiceArea):
         async def beat() -> pb.HeartbeatResponse:
             return pb.HeartbeatResponse(known=self._heartbeat(message))
 
-        return await self._boundary.call_trio(beat)
+        return await self.boundary.call_trio(beat)
 
     async def join(self, m: pb.JoinRequest) -> pb.JoinReply:
         if self._join is None:
             raise status_error(error_info(InvalidArgumentError("this pool takes no joining workers")))
         try:
-            await self._boundary.call_trio(self._join, m.address, m.adapter, list(m.tools))
+            await self.boundary.call_trio(self._join, m.address, m.adapter, list(m.tools))
         except TrioBridgeError as exc:
             raise status_error(error_info(exc)) from None
         return pb.JoinReply()

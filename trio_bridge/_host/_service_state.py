@@ -49,7 +49,7 @@ class StateService(ServiceArea):
     # ---- sessions ----
     async def get_session(self, message: pb.GetSessionRequest) -> pb.SessionReply:
         try:
-            info = await self._boundary.call_trio(self._state.get_session, message.session_id)
+            info = await self.boundary.call_trio(self._state.get_session, message.session_id)
         except TrioBridgeError as exc:
             raise status_error(error_info(exc)) from None
         return pb.SessionReply(
@@ -61,10 +61,10 @@ class StateService(ServiceArea):
     async def register_variable(self, m: pb.RegisterVariableRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             variable, version = await self._state.register_variable(
-                m.session_id, m.name, m.type, self._decode(m.value, "value"), constraints=self._decode(m.constraints, "constraints"),
-                metadata=self._decode(m.metadata, "metadata"), source=writer,
+                m.session_id, m.name, m.type, self.decode_payload(m.value, "value"), constraints=self.decode_payload(m.constraints, "constraints"),
+                metadata=self.decode_payload(m.metadata, "metadata"), source=writer,
             )
-            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self.plane)], state_version=version)
 
         writer = source()
         return await self._run(op)
@@ -77,31 +77,31 @@ class StateService(ServiceArea):
     async def get_variables(self, m: pb.GetVariablesRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             found, version = await self._state.get_variables(m.session_id, None if m.all else list(m.names))
-            return pb.VariableReply(variables=[variable_to_wire(v, self._plane) for v in found.values()], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(v, self.plane) for v in found.values()], state_version=version)
 
         return await self._run(op)
 
     async def set_variable(self, m: pb.SetVariableRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             variable, version = await self._state.set_variable(
-                m.session_id, m.name, self._decode(m.value, "value"), expected_version=m.expected_version,
-                source=writer, optimizer_id=m.optimizer_id or None, metadata=self._decode(m.metadata, "metadata"),
+                m.session_id, m.name, self.decode_payload(m.value, "value"), expected_version=m.expected_version,
+                source=writer, optimizer_id=m.optimizer_id or None, metadata=self.decode_payload(m.metadata, "metadata"),
             )
-            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self.plane)], state_version=version)
 
         writer = source()
         return await self._run(op)
 
     async def set_variables(self, m: pb.SetVariablesRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
-            updates = self._decode(m.updates, "updates")
+            updates = self.decode_payload(m.updates, "updates")
             if not isinstance(updates, dict):
                 raise InvalidArgumentError("updates must be a dict of name -> value")
             results, version = await self._state.set_variables(
                 m.session_id, updates, atomic=m.atomic, source=writer, optimizer_id=m.optimizer_id or None
             )
             return pb.VariableReply(
-                variables=[variable_to_wire(r, self._plane) for r in results.values() if not isinstance(r, Exception)],
+                variables=[variable_to_wire(r, self.plane) for r in results.values() if not isinstance(r, Exception)],
                 errors={k: error_info(r) for k, r in results.items() if isinstance(r, Exception)},
                 state_version=version,
             )
@@ -112,7 +112,7 @@ class StateService(ServiceArea):
     async def list_variables(self, m: pb.ListVariablesRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             found = await self._state.list_variables(m.session_id, m.pattern or "*")
-            return pb.VariableReply(variables=[variable_to_wire(v, self._plane) for v in found])
+            return pb.VariableReply(variables=[variable_to_wire(v, self.plane) for v in found])
 
         return await self._run(op)
 
@@ -126,7 +126,7 @@ class StateService(ServiceArea):
     async def variable_history(self, m: pb.VariableRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             entries = await self._state.variable_history(m.session_id, m.name)
-            return pb.VariableReply(history=[history_to_wire(e, self._plane) for e in entries])
+            return pb.VariableReply(history=[history_to_wire(e, self.plane) for e in entries])
 
         return await self._run(op)
 
@@ -135,7 +135,7 @@ class StateService(ServiceArea):
             variable, version = await self._state.rollback_variable(
                 m.session_id, m.name, m.version, source=writer, optimizer_id=m.optimizer_id or None
             )
-            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], state_version=version)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self.plane)], state_version=version)
 
         writer = source()
         return await self._run(op)
@@ -143,7 +143,7 @@ class StateService(ServiceArea):
     async def add_dependency(self, m: pb.AddDependencyRequest) -> pb.VariableReply:
         async def op() -> pb.VariableReply:
             variable = await self._state.add_dependency(m.session_id, m.dependent, m.dependency)
-            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)])
+            return pb.VariableReply(variables=[variable_to_wire(variable, self.plane)])
 
         return await self._run(op)
 
@@ -159,13 +159,13 @@ class StateService(ServiceArea):
                 raise InvalidArgumentError("an optimizer_id is required")
             variable = await self._state.set_optimization(m.session_id, m.name, m.optimizer_id, active=active)
             lease = (self._state.lock_lease or 0.0) if active else 0.0
-            return pb.VariableReply(variables=[variable_to_wire(variable, self._plane)], lock_lease_seconds=lease)
+            return pb.VariableReply(variables=[variable_to_wire(variable, self.plane)], lock_lease_seconds=lease)
 
         return await self._run(op)
 
     async def _run(self, op: Callable[[], Awaitable[pb.VariableReply]]) -> pb.VariableReply:
         try:
-            return await self._boundary.call_trio(op)
+            return await self.boundary.call_trio(op)
         except TrioBridgeError as exc:
             raise status_error(error_info(exc)) from None
 
@@ -174,7 +174,7 @@ class StateService(ServiceArea):
         message = await stream.recv_message()
         assert message is not None
         buffer_size = stream.metadata.get(WATCH_BUFFER_METADATA) if stream.metadata else None
-        await self._boundary.call_trio(self._watch, message, stream, buffer_size)
+        await self.boundary.call_trio(self._watch, message, stream, buffer_size)
 
     async def _watch(self, m: pb.WatchVariablesRequest, stream: grpclib.server.Stream, buffer_size: str | None) -> None:
         """Trio side of a watch: one message per batch of updates, a heartbeat (an empty batch)
@@ -187,7 +187,7 @@ class StateService(ServiceArea):
         coalesces beyond that many. Writers never wait.
         """
         heartbeat = m.heartbeat_seconds if m.heartbeat_seconds > 0 else _DEFAULT_WATCH_HEARTBEAT
-        send = self._boundary.run
+        send = self.boundary.run
         try:
             options = {} if buffer_size is None else {"buffer_size": _positive_int(buffer_size, WATCH_BUFFER_METADATA)}
             async with self._state.watch(m.session_id, list(m.names), include_initial=m.include_initial, **options) as watcher:
@@ -200,7 +200,7 @@ class StateService(ServiceArea):
                     elif not batch:
                         return  # the session ended
                     else:
-                        await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u, self._plane) for u in batch])))
+                        await send(stream.send_message(pb.WatchBatch(updates=[update_to_wire(u, self.plane) for u in batch])))
         except TrioBridgeError as exc:
             raise status_error(error_info(exc)) from None
 

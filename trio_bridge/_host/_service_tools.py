@@ -74,13 +74,13 @@ class ToolService(ServiceArea):
         async def listed() -> pb.ListHostToolsReply:
             return pb.ListHostToolsReply(tools=[tool_spec(t.definition) for t in self._tools.host_tools(m.session_id or None)])
 
-        return await self._boundary.call_trio(listed)
+        return await self.boundary.call_trio(listed)
 
     async def execute_host_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return _unary(await self._boundary.call_trio(self._traced, "host tool", self._execute_host_tool, m))
+        return _unary(await self.boundary.call_trio(self._traced, "host tool", self._execute_host_tool, m))
 
     async def execute_tool(self, m: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        return _unary(await self._boundary.call_trio(self._traced, "routed call", self._route, m))
+        return _unary(await self.boundary.call_trio(self._traced, "routed call", self._route, m))
 
     async def _traced(
         self, what: str, handle: Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]], m: pb.ExecuteToolRequest,
@@ -99,7 +99,7 @@ class ToolService(ServiceArea):
                 tool = self._tools.host_tool(m.tool_name, m.session_id)
                 if tool.definition.streaming:
                     raise InvalidArgumentError(f"host tool {m.tool_name!r} is a streaming tool; call it with stream_host_tool()")
-                arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
+                arguments = tool.definition.check_arguments(self.decode_payload(m.arguments, "arguments"))
             except TrioBridgeError as exc:
                 if isinstance(exc, ToolNotFoundError):
                     label = UNKNOWN_TOOL
@@ -124,7 +124,7 @@ class ToolService(ServiceArea):
         """A worker's call of another worker's tool, in the caller's session if it has one."""
         with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
             try:
-                arguments = self._decode(m.arguments, "arguments")
+                arguments = self.decode_payload(m.arguments, "arguments")
                 route = self._route_for(m.session_id) if m.session_id else None
                 result = await self._calls.execute(m.tool_name, arguments, route)
             except TrioBridgeError as exc:
@@ -136,7 +136,7 @@ class ToolService(ServiceArea):
     async def _serve_streaming_host_tool(self, stream: grpclib.server.Stream) -> None:
         message = await stream.recv_message()
         assert message is not None
-        await self._boundary.call_trio(self._stream_host_tool, message, stream)
+        await self.boundary.call_trio(self._stream_host_tool, message, stream)
 
     async def _stream_host_tool(self, m: pb.ExecuteToolRequest, stream: grpclib.server.Stream) -> None:
         """Trio side: chunks go through a bounded channel; each message carries every chunk
@@ -145,7 +145,7 @@ class ToolService(ServiceArea):
             tool = self._tools.host_tool(m.tool_name, m.session_id)
             if not tool.definition.streaming:
                 raise InvalidArgumentError(f"host tool {m.tool_name!r} is not a streaming tool; call it with call_host_tool()")
-            arguments = tool.definition.check_arguments(self._decode(m.arguments, "arguments"))
+            arguments = tool.definition.check_arguments(self.decode_payload(m.arguments, "arguments"))
         except TrioBridgeError as exc:
             self._count(UNKNOWN_TOOL if isinstance(exc, ToolNotFoundError) else m.tool_name, "refused")
             raise status_error(error_info(exc)) from None
@@ -158,7 +158,7 @@ class ToolService(ServiceArea):
     async def _stream_checked_host_tool(
         self, m: pb.ExecuteToolRequest, stream: grpclib.server.Stream, tool: HostTool, arguments: dict[str, Any], outcome: list[str],
     ) -> None:
-        send = self._boundary.run
+        send = self.boundary.run
         chunks_in, chunks_out = trio.open_memory_channel[Any](STREAM_BUFFER)
         failure: list[pb.ErrorInfo] = []
 
@@ -182,7 +182,7 @@ class ToolService(ServiceArea):
                                 batch.append(chunks_out.receive_nowait())
                             except (trio.WouldBlock, trio.EndOfChannel):
                                 break
-                        encoded, failed = encode_batch(batch, index, plane=self._plane)
+                        encoded, failed = encode_batch(batch, index, plane=self.plane)
                         if failed is not None:
                             nursery.cancel_scope.cancel()
                             if encoded is not None:
@@ -200,7 +200,7 @@ class ToolService(ServiceArea):
 
     def _result(self, value: Any) -> pb.ExecuteToolResponse:
         try:
-            return pb.ExecuteToolResponse(result=encode(value, path="result", plane=self._plane))
+            return pb.ExecuteToolResponse(result=encode(value, path="result", plane=self.plane))
         except EncodeError as exc:
             return pb.ExecuteToolResponse(error=error_info(exc))
 

@@ -63,7 +63,7 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.state import update_from_wire
 from trio_bridge.testing._fakes import FakeWorker, FakeWorkers, fake_pool_options, open_pool_of_fakes
 from trio_bridge.worker._adapter import Adapter, AdapterLoadError, collect_tools, load_adapter_class
-from trio_bridge.worker._context import SessionContext, WorkerOptimization, end_call
+from trio_bridge.worker._context import SessionContext, WorkerOptimization, end_call, keep_watch, session_link
 from trio_bridge.worker._host_client import HostClient, SessionLink, client_over, failure, host_stub
 
 if TYPE_CHECKING:
@@ -438,7 +438,7 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
         return None if self.deadline is None else self.deadline - self._clock.current_time()
 
     def _cancel(self) -> None:
-        self._cancelled.set()
+        super()._cancel()
         for scope in list(self._scopes):
             scope.cancel()
 
@@ -449,7 +449,7 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
 
     @contextlib.asynccontextmanager
     async def aoptimizing(self, name: str, *, optimizer_id: str) -> AsyncIterator[WorkerOptimization]:
-        link = self._session()
+        link = session_link(self)
         if not optimizer_id:
             raise InvalidArgumentError("an optimizer_id is required")
         with trio.CancelScope(shield=True):
@@ -487,8 +487,8 @@ class _InProcessContext(SessionContext):  # pyright: ignore[reportGeneralTypeIss
     ) -> AsyncIterator[VariableUpdate]:
         if not isinstance(buffer_size, int) or buffer_size < 1:
             raise InvalidArgumentError(f"buffer_size must be a positive number of updates, not {buffer_size!r}")
-        watch = self._watch(self._session(), names, include_initial, buffer_size)
-        self._watches.append(watch)
+        watch = self._watch(session_link(self), names, include_initial, buffer_size)
+        keep_watch(self, watch)
         return watch
 
     async def _watch(

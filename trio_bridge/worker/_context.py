@@ -586,6 +586,20 @@ def cancel_call(ctx: SessionContext) -> None:
     ctx._cancel()
 
 
+def session_link(ctx: SessionContext) -> SessionLink:
+    """For the worker runtimes: the link to the call's session.
+
+    Raises:
+        TrioBridgeError: the call is not in a session.
+    """
+    return ctx._session()
+
+
+def keep_watch(ctx: SessionContext, watch: Any) -> None:
+    """For the worker runtimes: a watch its tool opened, closed by :func:`end_call` at the latest."""
+    ctx._watches.append(watch)
+
+
 async def end_call(ctx: SessionContext) -> None:
     """For the worker runtime: the call is over; close the watches its tool left open."""
     await ctx._close_watches()
