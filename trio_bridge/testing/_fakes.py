@@ -399,6 +399,7 @@ class FakeWorker:
         self.figures.rss = value
 
     def info(self) -> WorkerInfo:
+        """Its snapshot, as :meth:`Pool.workers` shows it (``pid`` is ``None``)."""
         return worker_info(self, pid=None, address=self.address)
 
     def running_nursery(self) -> trio.Nursery:
@@ -449,6 +450,7 @@ class FakeWorker:
         )
 
     def crashed_error(self) -> WorkerCrashedError:
+        """The error a call on it gets once it is gone (exit code, stderr tail)."""
         life = self.lifecycle
         message = "died during the call" if life.exited.is_set() else "is not running"
         if life.death_reason:
@@ -677,6 +679,12 @@ class FakeWorker:
             await trio.sleep_forever()
 
     async def active_calls(self) -> list[str]:
+        """The ids of the calls it runs now (never returns while it is hung).
+
+        Raises:
+            WorkerCrashedError: it is not running, or died meanwhile.
+        """
+
         async def ping() -> list[str]:
             await self._wait_while_hung()
             return list(self._active)
@@ -684,6 +692,8 @@ class FakeWorker:
         return await self._answering(ping)
 
     async def begin_session(self, session_id: str, metadata: Any) -> None:
+        """A session's first call here is coming (kept in :attr:`started_sessions`, decoded)."""
+
         async def initialize() -> None:
             await self._wait_while_hung()
             decoded = decode(metadata)
@@ -693,6 +703,8 @@ class FakeWorker:
         await self._answering(initialize)
 
     async def end_session(self, session_id: str) -> None:
+        """The session ended (kept in :attr:`ended_sessions`)."""
+
         async def cleanup() -> None:
             await self._wait_while_hung()
             self.ended_sessions.append(session_id)
