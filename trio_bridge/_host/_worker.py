@@ -469,6 +469,10 @@ class WorkerHandle:
                 if timeout_scope.cancelled_caught:
                     raise await self._start_error("did not open its call stream in time")
                 self._calls = calls
+                if self.state is WorkerState.DEAD:  # killed (the pool closing) or exited meanwhile
+                    raise await self._start_error(
+                        f"was stopped as it started: {self._death_reason}" if self._death_reason else "exited as it started"
+                    )
                 self._enter(WorkerState.READY)
                 self.started_at = trio.current_time()
                 task_status.started()
