@@ -169,6 +169,9 @@ class GrpcWorker:
                     self.kill("it was not ready in time")
                     raise await self._start_error(f"printed no ready line within {self._startup_timeout:g} s")
                 channel = await self._handshake(nursery)
+                if self.lifecycle.state is WorkerState.DEAD:  # killed (the pool closing) or exited meanwhile
+                    reason = self.lifecycle.death_reason
+                    raise await self._start_error(f"was stopped as it started: {reason}" if reason else "exited as it started")
                 self.lifecycle.ready()
                 task_status.started()
                 await self.lifecycle.exited.wait()

@@ -92,7 +92,8 @@ class Supervisor:
         self.retiring: set[Worker] = set()
         """Recycled workers finishing their calls (no longer in :attr:`handles`)."""
         self._successors: set[Worker] = set()  # replacements of workers due for recycling, starting
-        self._start_lead = 0  # calls a slot was given while the latest replacement started
+        # calls a slot was given while the latest replacement started (None: none started under load yet)
+        self._start_lead: int | None = None
         self.recycles: collections.Counter[str] = collections.Counter()
         """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``)."""
 
@@ -248,7 +249,10 @@ class Supervisor:
         it could not start, if it could not."""
         handle.lifecycle.max_calls = limit = self._max_calls(handle.slot, first_of_slot)
         if limit is not None:
-            handle.lifecycle.replace_at = max(0, limit - max(1, limit // 10, 2 * self._start_lead))
+            # Not yet known how many calls a start takes: start at half the limit, so that a
+            # start slower than the calls (1,000 calls/s against 0.1 s) still finds a replacement ready.
+            lead = limit // 2 if self._start_lead is None else max(1, limit // 10, 2 * self._start_lead)
+            handle.lifecycle.replace_at = max(0, limit - lead)
         given_before = self._dispatcher.admitted
         failed: WorkerStartError | None = None
         try:
@@ -306,6 +310,8 @@ class Supervisor:
                 if failed is not None:  # the old worker keeps serving; try again after a backoff
                     self._successors.discard(successor)
                     successor = None
+                    if self.closing:  # stopped as it started, by the pool's close: nothing to say
+                        return handle
                     failures += 1
                     self.last_start_error = failed
                     _logger.warning(

@@ -432,6 +432,9 @@ class FakeWorker:
                 self.stderr_tail.extend(message.splitlines())
                 self._exit(exit_code)
                 raise self._start_error("exited before it was ready")
+            if self.lifecycle.state is WorkerState.DEAD:  # killed (the pool closing) or exited meanwhile
+                reason = self.lifecycle.death_reason
+                raise self._start_error(f"was stopped as it started: {reason}" if reason else "exited as it started")
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.tools = {name: tool_info(tool_spec(d)) for name, d in self._runner.definitions.items()}
