@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from trio_bridge._errors import WorkerCrashedError, WorkerStartError
+from trio_bridge._host._worker import process_crashed_error
 from trio_bridge._wire.contract import (
     ADAPTER_OPTIONS_ENV,
     EXIT_ADAPTER_IMPORT,
@@ -358,12 +359,7 @@ class LocalProcess:
             await self._stderr_closed.wait()
 
     def crashed_error(self, worker_id: str, pid: int | None, lifecycle: WorkerLifecycle) -> WorkerCrashedError:
-        message = "died during the call" if lifecycle.exited.is_set() else "is not running"
-        if lifecycle.death_reason:
-            message += f": the pool stopped it because {lifecycle.death_reason}"
-        return WorkerCrashedError(
-            message, worker_id=worker_id, pid=pid, exit_code=lifecycle.exit_code, stderr_tail="\n".join(self.stderr_tail),
-        )
+        return process_crashed_error(worker_id, pid, lifecycle, self.stderr_tail)
 
     async def start_error(self, message: str, worker_id: str, lifecycle: WorkerLifecycle, *, unreachable: bool = False) -> WorkerStartError:
         with trio.move_on_after(_EXIT_REPORT_WAIT):

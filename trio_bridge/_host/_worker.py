@@ -25,17 +25,17 @@ each implementation: they live in one :class:`WorkerLifecycle` (and one
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, final
 
 import trio
 
+from trio_bridge._errors import WorkerCrashedError
 from trio_bridge._util import public_module
 
 if TYPE_CHECKING:
-    from trio_bridge._errors import WorkerCrashedError
     from trio_bridge._host._metrics import WorkerFigures
     from trio_bridge._host._tools import ToolInfo
 
@@ -362,4 +362,15 @@ def worker_info(worker: Worker, *, pid: int | None, address: str, remote: bool =
         started_at=life.started_at, exit_code=life.exit_code, remote=remote,
         last_recycle_reason=figures.last_recycle_reason, rss=figures.rss, cpu_seconds=figures.cpu_seconds,
         latency_p50=p50, latency_p99=p99,
+    )
+
+
+def process_crashed_error(worker_id: str, pid: int | None, lifecycle: WorkerLifecycle, stderr_tail: Iterable[str]) -> WorkerCrashedError:
+    """The error of a call on a worker process that is gone or not running: whether it died
+    during the call, why the pool stopped it (if it did), its exit status and stderr tail."""
+    message = "died during the call" if lifecycle.exited.is_set() else "is not running"
+    if lifecycle.death_reason:
+        message += f": the pool stopped it because {lifecycle.death_reason}"
+    return WorkerCrashedError(
+        message, worker_id=worker_id, pid=pid, exit_code=lifecycle.exit_code, stderr_tail="\n".join(stderr_tail),
     )

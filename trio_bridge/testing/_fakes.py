@@ -40,7 +40,15 @@ from trio_bridge._host._options import PoolOptions, check_seconds, pool_options
 from trio_bridge._host._pool import Pool, PoolParts, compose
 from trio_bridge._host._process import WorkerSpec
 from trio_bridge._host._tools import ToolInfo, run_host_tool, tool_info
-from trio_bridge._host._worker import Receive, ToolCall, WorkerInfo, WorkerLifecycle, WorkerState, worker_info
+from trio_bridge._host._worker import (
+    Receive,
+    ToolCall,
+    WorkerInfo,
+    WorkerLifecycle,
+    WorkerState,
+    process_crashed_error,
+    worker_info,
+)
 from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK
@@ -356,10 +364,8 @@ class FakeWorker:
         self.ended_sessions: list[str] = []
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._runner: ToolRunner = runner(self) if runner is not None else PlainTools(self, workers._definitions)
-        self._active: dict[str, _Call] = {}
-        self._idle = trio.Event()
+        self._calls = _FakeCalls(self, self._runner)
         self._nursery: trio.Nursery | None = None
-        self._shutting_down = False
 
     def __repr__(self) -> str:
         life = self.lifecycle
@@ -454,24 +460,14 @@ class FakeWorker:
 
     def crashed_error(self) -> WorkerCrashedError:
         """The error a call on it gets once it is gone (exit code, stderr tail)."""
-        life = self.lifecycle
-        message = "died during the call" if life.exited.is_set() else "is not running"
-        if life.death_reason:
-            message += f": the pool stopped it because {life.death_reason}"
-        return WorkerCrashedError(
-            message, worker_id=self.id, pid=None, exit_code=life.exit_code, stderr_tail="\n".join(self.stderr_tail),
-        )
+        return process_crashed_error(self.id, None, self.lifecycle, self.stderr_tail)
 
     def _exit(self, exit_code: int) -> None:
         """It is gone: calls on it fail with ``WorkerCrashedError``, its tools stop."""
         if self.lifecycle.exited.is_set():
             return
-        if self._runner.tells_tools_on_exit:
-            for call in list(self._active.values()):
-                call.cancel_context()  # a thread outlives its worker: tell its tool to stop
         self.lifecycle.exit(exit_code)
-        for call in self._active.values():
-            call.scope.cancel()  # stubborn or not: the process is gone
+        self._calls.stop()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -489,10 +485,7 @@ class FakeWorker:
         if self.lifecycle.state not in (WorkerState.READY, WorkerState.DRAINING):
             return
         self.lifecycle.enter(WorkerState.DRAINING)
-        self._shutting_down = True
-        with trio.move_on_after(grace):
-            while self._active:
-                await self._idle.wait()
+        await self._calls.drain(grace)
         self._exit(0)
 
     # ---- calls ----
@@ -515,12 +508,80 @@ class FakeWorker:
         Raises:
             WorkerCrashedError: it died during the call. TrioBridgeError: the call failed.
         """
-        done = await self._answering(lambda: self._execute_tool(call))
+        done = await self._answering(lambda: self._calls.unary(call))
         if done.error is not None:
             raise exception_from(done.error, call.tool)
         return done.result
 
-    async def _execute_tool(self, request: ToolCall) -> _Call:
+    def open_stream(self, call: ToolCall) -> AbstractAsyncContextManager[Receive]:
+        """Run a streaming tool: each batch is one chunk.
+
+        Raises:
+            WorkerCrashedError: it is not running, or died during the stream. TrioBridgeError: the tool failed.
+        """
+        if not self.lifecycle.alive or self.lifecycle.state is WorkerState.STARTING:
+            raise self.crashed_error()
+        return self._calls.stream(call)
+
+    async def _wait_while_hung(self) -> None:
+        if self.hung:
+            await trio.sleep_forever()
+
+    async def active_calls(self) -> list[str]:
+        """The ids of the calls it runs now (never returns while it is hung).
+
+        Raises:
+            WorkerCrashedError: it is not running, or died meanwhile.
+        """
+
+        async def ping() -> list[str]:
+            await self._wait_while_hung()
+            return list(self._calls.active)
+
+        return await self._answering(ping)
+
+    async def begin_session(self, session_id: str, metadata: Any) -> None:
+        """A session's first call here is coming (kept in :attr:`started_sessions`, decoded)."""
+
+        async def initialize() -> None:
+            await self._wait_while_hung()
+            decoded = decode(metadata)
+            self.started_sessions.append((session_id, decoded))
+            await self._runner.session_started(session_id, decoded)
+
+        await self._answering(initialize)
+
+    async def end_session(self, session_id: str) -> None:
+        """The session ended (kept in :attr:`ended_sessions`)."""
+
+        async def cleanup() -> None:
+            await self._wait_while_hung()
+            self.ended_sessions.append(session_id)
+            await self._runner.session_ended(session_id)
+
+        await self._answering(cleanup)
+
+
+
+class _FakeCalls:
+    """The calls a :class:`FakeWorker` runs: each checked as a worker process checks it
+    (:func:`~trio_bridge._core.admission.admit_call`), its tool run by the worker's
+    :class:`ToolRunner` in a task of the worker's nursery, unary or streamed.
+
+    Attributes:
+        active: the running calls by id (what a ping lists).
+        draining: it takes no new call (the worker is shutting down).
+    """
+
+    def __init__(self, worker: FakeWorker, runner: ToolRunner) -> None:
+        self.active: dict[str, _Call] = {}
+        self.idle: trio.Event = trio.Event()
+        self.draining: bool = False
+        self._worker = worker
+        self._runner = runner
+
+    async def unary(self, request: ToolCall) -> _Call:
+        """Run a unary call to its end (cancelling it cancels its tool, unless that is stubborn)."""
         call = await self._begin(request, streaming=False, produce=lambda call, definition, arguments: self._run_tool(
             call, definition, arguments, request.timeout_seconds
         ))
@@ -533,19 +594,11 @@ class FakeWorker:
             raise
         return call
 
-    def open_stream(self, call: ToolCall) -> AbstractAsyncContextManager[Receive]:
-        """Run a streaming tool: each batch is one chunk.
-
-        Raises:
-            WorkerCrashedError: it is not running, or died during the stream. TrioBridgeError: the tool failed.
-        """
-        if not self.lifecycle.alive or self.lifecycle.state is WorkerState.STARTING:
-            raise self.crashed_error()
-        return self._stream(call)
-
     @asynccontextmanager
-    async def _stream(self, request: ToolCall) -> AsyncIterator[Receive]:
+    async def stream(self, request: ToolCall) -> AsyncIterator[Receive]:
+        """Run a streaming call; the block gets its ``receive()`` (leaving the block cancels it)."""
         # A batch, or the ErrorInfo the stream ends with (a real worker's is in its final status).
+        worker = self._worker
         send, receive = trio.open_memory_channel[pb.Payload | pb.ErrorInfo | None](0)
         finished = trio.Event()
         call = await self._begin(request, streaming=True, produce=lambda call, definition, arguments: self._produce(
@@ -561,18 +614,18 @@ class FakeWorker:
             return
 
         async def next_batch() -> Any:
-            with self.lifecycle.guarded():
-                await self._wait_while_hung()
+            with worker.lifecycle.guarded():
+                await worker._wait_while_hung()
                 try:
                     batch = await receive.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     if not finished.is_set():
-                        raise self.crashed_error() from None
+                        raise worker.crashed_error() from None
                     return None
                 if isinstance(batch, pb.ErrorInfo):
                     raise exception_from(batch, request.tool)
                 return batch
-            raise self.crashed_error()  # cancelled by its exit: it died mid-stream
+            raise worker.crashed_error()  # cancelled by its exit: it died mid-stream
 
         try:
             yield next_batch
@@ -631,13 +684,13 @@ class FakeWorker:
         produce: Callable[[_Call, ToolDefinition, dict[str, Any]], Awaitable[None]],
     ) -> Any:
         """Check the call and start its tool in the worker's nursery; or the ErrorInfo that refuses it."""
-        await self._wait_while_hung()
+        await self._worker._wait_while_hung()
         runner = self._runner
         try:
-            if self._shutting_down:  # told to shut down, as a real worker is by its Shutdown RPC
+            if self.draining:  # told to shut down, as a real worker is by its Shutdown RPC
                 raise Draining("the worker is shutting down")
             definition = admit_call(
-                runner.definitions, request.tool, streaming=streaming, call_id=request.call_id, running=self._active,
+                runner.definitions, request.tool, streaming=streaming, call_id=request.call_id, running=self.active,
             )
             arguments = definition.check_arguments(decode(request.arguments))
             await runner.call_starting(request, definition)
@@ -649,8 +702,8 @@ class FakeWorker:
         if definition.context_parameter:
             arguments[definition.context_parameter] = context
         call = _Call(context, cancel_context, runner.stubborn(definition), trio.CancelScope(), trio.Event())
-        self._active[request.call_id] = call
-        self._idle = trio.Event()
+        self.active[request.call_id] = call
+        self.idle = trio.Event()
 
         async def task() -> None:
             try:
@@ -660,11 +713,11 @@ class FakeWorker:
                 with trio.CancelScope(shield=True):
                     await runner.call_finished(context)
                 call.done.set()
-                self._active.pop(request.call_id, None)
-                if not self._active:
-                    self._idle.set()
+                self.active.pop(request.call_id, None)
+                if not self.active:
+                    self.idle.set()
 
-        self.running_nursery().start_soon(task)
+        self._worker.running_nursery().start_soon(task)
         return call
 
     @staticmethod
@@ -677,43 +730,20 @@ class FakeWorker:
         if not call.stubborn:
             call.scope.cancel()
 
-    async def _wait_while_hung(self) -> None:
-        if self.hung:
-            await trio.sleep_forever()
+    def stop(self) -> None:
+        """The worker is gone: its tools stop (stubborn or not: the process is gone)."""
+        if self._runner.tells_tools_on_exit:
+            for call in list(self.active.values()):
+                call.cancel_context()  # a thread outlives its worker: tell its tool to stop
+        for call in self.active.values():
+            call.scope.cancel()
 
-    async def active_calls(self) -> list[str]:
-        """The ids of the calls it runs now (never returns while it is hung).
-
-        Raises:
-            WorkerCrashedError: it is not running, or died meanwhile.
-        """
-
-        async def ping() -> list[str]:
-            await self._wait_while_hung()
-            return list(self._active)
-
-        return await self._answering(ping)
-
-    async def begin_session(self, session_id: str, metadata: Any) -> None:
-        """A session's first call here is coming (kept in :attr:`started_sessions`, decoded)."""
-
-        async def initialize() -> None:
-            await self._wait_while_hung()
-            decoded = decode(metadata)
-            self.started_sessions.append((session_id, decoded))
-            await self._runner.session_started(session_id, decoded)
-
-        await self._answering(initialize)
-
-    async def end_session(self, session_id: str) -> None:
-        """The session ended (kept in :attr:`ended_sessions`)."""
-
-        async def cleanup() -> None:
-            await self._wait_while_hung()
-            self.ended_sessions.append(session_id)
-            await self._runner.session_ended(session_id)
-
-        await self._answering(cleanup)
+    async def drain(self, grace: float) -> None:
+        """Take no new call; wait (at most ``grace`` seconds) until the running ones ended."""
+        self.draining = True
+        with trio.move_on_after(grace):
+            while self.active:
+                await self.idle.wait()
 
 
 def _nothing() -> None:
