@@ -282,7 +282,10 @@ class Worker(Protocol):
         ...
 
     async def execute(self, call: ToolCall) -> Any:
-        """Run one unary tool call; its encoded result (the caller decodes it).
+        """Run one unary tool call; its encoded result (the caller decodes it). Cancelling the
+        caller cancels the call in the worker (the verb "cancel" is Trio's cancellation, here and
+        for :meth:`open_stream`, whose block the caller leaves); whether the worker has let go of
+        it, :meth:`active_calls` says.
 
         Raises:
             WorkerCrashedError: it died, or its connection failed, during the call.
@@ -335,10 +338,6 @@ class Worker(Protocol):
     def sample_memory(self) -> int | None:
         """Its resident set size now (bytes), kept in ``figures.rss``; ``None`` if the host
         cannot measure it."""
-        ...
-
-    def crashed_error(self) -> WorkerCrashedError:
-        """The error a call on it gets now that it is gone."""
         ...
 
     def info(self) -> WorkerInfo:
