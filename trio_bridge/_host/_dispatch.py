@@ -81,6 +81,8 @@ class Dispatcher(Generic[W]):
         self._closed: str | None = None
         self.admitted: int = 0
         """Calls handed to workers so far."""
+        self._rate = 0.0
+        self._rate_mark: tuple[float, int] | None = None  # (when, admitted) of the rate's last look
 
     @property
     def queued(self) -> int:
@@ -174,6 +176,18 @@ class Dispatcher(Generic[W]):
             if self._free(worker) and (best is None or (worker.lifecycle.busy, tick) < (best.lifecycle.busy, self._workers[best])):
                 best = worker
         return best
+
+    def admission_rate(self) -> float:
+        """Calls handed out per second, over the time since the previous look (at least
+        0.05 s; the last figure until then). For the supervisor's recycling estimates."""
+        now = trio.current_time()
+        if self._rate_mark is None:
+            self._rate_mark = (now, self.admitted)
+        when, admitted = self._rate_mark
+        if now - when >= 0.05:
+            self._rate = (self.admitted - admitted) / (now - when)
+            self._rate_mark = (now, self.admitted)
+        return self._rate
 
     def _take(self, worker: W) -> None:
         worker.lifecycle.busy += 1

@@ -35,6 +35,8 @@ _logger = logging.getLogger("trio_bridge")
 _STABLE_AFTER = 10.0    # seconds a worker must live before its slot's restart backoff resets
 _SWEEP_INTERVAL = 60.0  # seconds between sweeps of shared-memory segments left by dead processes
 _MEMORY_POLL = 1.0      # seconds between RSS samples of each worker (Recycling.max_memory)
+_RATE_POLL = 0.02  # seconds between looks at the call rate, for a worker nearing max_calls
+_AHEAD = 2  # workers a slot may have started ahead of its own (calls faster than starts)
 _DRAIN_POLL = 0.01      # seconds between looks at a recycled worker's calls
 
 
@@ -51,6 +53,16 @@ def _past_limit(limits: Recycling, handle: Worker, now: float) -> tuple[str, str
         if rss is not None and rss >= limits.max_memory:
             return "memory", f"its RSS is {rss / 2**20:.0f} MiB (Recycling.max_memory={limits.max_memory / 2**20:.0f} MiB)"
     return None
+
+
+def _start_due(worker: Worker, calls_per_second: float, start_seconds: float | None) -> bool:
+    """Whether ``worker``, at the slot's present call rate, would be given its last call
+    before a replacement started now was ready (with a margin of two): calls faster than
+    the first estimate of :meth:`Supervisor._start` (a start under load is slower)."""
+    life = worker.lifecycle
+    if life.max_calls is None or start_seconds is None:
+        return False
+    return life.max_calls - life.calls_given <= 2 * calls_per_second * start_seconds
 
 
 class Supervisor:
@@ -94,6 +106,7 @@ class Supervisor:
         self._successors: set[Worker] = set()  # replacements of workers due for recycling, starting
         # calls a slot was given while the latest replacement started (None: none started under load yet)
         self._start_lead: int | None = None
+        self._start_seconds: float | None = None  # how long the latest start took
         self.recycles: collections.Counter[str] = collections.Counter()
         """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``)."""
 
@@ -227,14 +240,13 @@ class Supervisor:
         calls are counted as the dispatcher hands them out, and a worker given its last call
         takes no other while its replacement starts).
 
-        What it costs in capacity: the replacement starts ahead, when the worker is a tenth of
-        its calls from the limit, or earlier by twice the calls a slot was given while the
-        latest replacement started (so it is usually ready in time); if it is not, that slot
-        has no worker taking calls until it is. The first worker of slot ``i`` of ``n`` gets
-        ``i/n`` fewer calls, so that the slots (which the dispatcher loads evenly) reach their
-        limits one after the other, never all at once: capacity stays at ``size - 1`` or more
-        as long as a worker starts before the others have served ``max_calls / size`` calls.
-        The price of that stagger: ``(size - 1) / 2`` extra starts, once."""
+        What it costs in capacity: the replacement starts ahead (see :meth:`_start` and
+        :func:`_start_due`: at half the limit until a start under load has been timed, then
+        from the call rate and the latest start's duration, with a margin of two; up to
+        :data:`_AHEAD` of them when calls are faster than starts); if one is not ready in time,
+        that slot has no worker taking calls until it is. The first worker of slot ``i`` of
+        ``n`` gets ``i/n`` fewer calls, so that the slots (which the dispatcher loads evenly)
+        reach their limits one after the other, never all at once. The price of that stagger: ``(size - 1) / 2`` extra starts, once."""
         limit = self._recycle.max_calls
         if limit is None or not first_of_slot or slot >= self.size:
             return limit
@@ -255,12 +267,14 @@ class Supervisor:
             handle.lifecycle.replace_at = max(0, limit - lead)
         given_before = self._dispatcher.admitted
         failed: WorkerStartError | None = None
+        began = trio.current_time()
         try:
             await lives.start(self._live, handle)
         except* WorkerStartError as group:
             failed = _first(group)
         if failed is not None:
             return failed
+        self._start_seconds = trio.current_time() - began
         if self._dispatcher.admitted > given_before:  # it started while the pool served: learn the lead
             self._start_lead = (self._dispatcher.admitted - given_before) // max(1, self.size)
         self._tools.worker_tools = handle.tools
@@ -279,37 +293,43 @@ class Supervisor:
 
     async def _serve_and_recycle(self, lives: trio.Nursery, slot: int, handle: Worker) -> Worker:
         """Let the slot's worker serve; each time it passes a recycling limit, put a ready
-        replacement in its place and let the old one drain. The replacement starts when the
-        worker is within a tenth of ``max_calls`` (so the limit is kept to within the calls of
-        one start-up even for fast calls), or when another limit is passed. Returns the slot's
-        worker once it is gone (died, killed, or the pool closes)."""
+        replacement in its place and let the old one drain. A replacement starts ahead, when
+        the worker nears ``max_calls`` (see :meth:`_start`), or when another limit is passed;
+        it takes calls as soon as it is ready. When calls are faster than a start, the
+        replacement itself nears its limit before it takes the slot: then the next one starts
+        too (at most :data:`_AHEAD` ahead), so the slot is never left waiting for a start.
+        Returns the slot's worker once it is gone (died, killed, or the pool closes)."""
         failures = 0
-        successor: Worker | None = None  # started ahead, taking calls, not yet in the slot
+        ahead: list[Worker] = []  # started ahead, taking calls, not yet in the slot (in order)
         while True:
-            passed = await self._until_gone_or_past_a_limit(handle, early=successor is None)
+            last = ahead[-1] if ahead else handle
+            passed = await self._until_gone_or_past_a_limit(handle, nearing=last if len(ahead) < _AHEAD else None)
             if self.closing:
                 return handle
-            if successor is not None and not successor.lifecycle.alive:
-                successor = None
-            if passed is None:  # it died: a replacement already running takes the slot
-                if successor is None:
+            for gone in [w for w in ahead if not w.lifecycle.alive]:
+                ahead.remove(gone)
+            if passed is None and not handle.lifecycle.alive:  # it died: a replacement already running takes the slot
+                if not ahead:
                     return handle
+                successor = ahead.pop(0)
                 _logger.warning(
                     "worker %s (slot %d, pid %s) is gone: %s (exit code %s); %s, started to replace it, took its place",
                     handle.id, slot, handle.pid, handle.lifecycle.death_reason or "it exited by itself", handle.lifecycle.exit_code,
                     successor.id,
                 )
+                self._successors.discard(successor)
                 self._metrics.restarts += 1
-                self.handles[slot], handle, successor = successor, successor, None
+                self.handles[slot] = handle = successor
+                continue
+            if passed is None:  # one started ahead died: look again
                 continue
             kind, why = passed
-            if successor is None:
+            if kind == "soon" or not ahead:
                 successor = self._new_worker(f"w{next(self._worker_ids)}", slot)
                 self._successors.add(successor)  # known to the pool (its heartbeat asks) and killed with it
                 failed = await self._start(lives, successor)
                 if failed is not None:  # the old worker keeps serving; try again after a backoff
                     self._successors.discard(successor)
-                    successor = None
                     if self.closing:  # stopped as it started, by the pool's close: nothing to say
                         return handle
                     failures += 1
@@ -321,8 +341,10 @@ class Supervisor:
                     await self._wait_gone(handle, self._backoff(failures + 1))
                     continue
                 failures = 0
+                ahead.append(successor)
                 if kind == "soon":
                     continue  # it takes calls too; it takes the slot once the limit is passed
+            successor = ahead.pop(0)
             self._successors.discard(successor)
             successor.figures.last_recycle_reason = why
             self.handles[slot] = successor
@@ -337,11 +359,12 @@ class Supervisor:
                     handle.id, slot, handle.pid, why, successor.id, successor.pid,
                 )
                 lives.start_soon(self._drain, handle)
-            handle, successor = successor, None
+            handle = successor
 
-    async def _until_gone_or_past_a_limit(self, handle: Worker, *, early: bool) -> tuple[str, str] | None:
+    async def _until_gone_or_past_a_limit(self, handle: Worker, *, nearing: Worker | None) -> tuple[str, str] | None:
         """Wait until ``handle`` has exited (``None``) or is past a recycling limit (its kind
-        and why); with ``early``, also until it is within a tenth of ``max_calls`` (``"soon"``)."""
+        and why); with ``nearing`` (``handle`` or the last worker started ahead of it), also
+        until that one nears ``max_calls`` (``"soon"``) or dies (``None``)."""
         limits = self._recycle
         life = handle.lifecycle
         while life.alive:
@@ -350,16 +373,24 @@ class Supervisor:
             passed = _past_limit(limits, handle, now) if limits and (life.accepting or life.calls_exhausted.is_set()) else None
             if passed is not None:
                 return passed
-            if early and life.calls_nearly_exhausted.is_set():
+            if nearing is not None and not nearing.lifecycle.alive:
+                return None
+            if nearing is not None and (nearing.lifecycle.calls_nearly_exhausted.is_set() or _start_due(nearing, self._dispatcher.admission_rate() / max(1, self.size), self._start_seconds)):
                 return "soon", "it nears Recycling.max_calls"
             timeout = float("inf")
+            if nearing is not None and nearing.lifecycle.max_calls is not None and self._start_seconds is not None:
+                timeout = _RATE_POLL
             if limits.max_memory is not None:
                 timeout = _MEMORY_POLL
             if limits.max_age is not None and life.started_at is not None:
                 timeout = min(timeout, life.started_at + limits.max_age - now)
             waits: list[Callable[[], Awaitable[object]]] = [life.exited.wait]
             if limits.max_calls is not None:
-                waits.append(life.calls_nearly_exhausted.wait if early else life.calls_exhausted.wait)
+                waits.append(life.calls_exhausted.wait)
+                if nearing is not None:
+                    waits.append(nearing.lifecycle.calls_nearly_exhausted.wait)
+            if nearing is not None and nearing is not handle:
+                waits.append(nearing.lifecycle.exited.wait)
             await _first_of(waits, timeout)
         return None
 
