@@ -170,7 +170,7 @@ def test_run_stops_cleanly_on_a_signal_while_a_call_runs(signum, status, word):
         deadline = time.monotonic() + 30
         workers: list[psutil.Process] = []
         while not workers and time.monotonic() < deadline:
-            workers = [p for p in host.children() if "trio_bridge.worker" in " ".join(p.cmdline())]
+            workers = [p for p in host.children() if "trio_bridge.worker" in _command_line(p)]
             time.sleep(0.05)
         assert workers, "no worker started"
         time.sleep(1.5)  # the worker is ready and the call runs
@@ -184,6 +184,14 @@ def test_run_stops_cleanly_on_a_signal_while_a_call_runs(signum, status, word):
     assert process.returncode == status, err.decode()
     assert f"{word}: the pool was shut down" in err.decode() and "Traceback" not in err.decode()
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def _command_line(process: psutil.Process) -> str:
+    """Its command line; empty once it is gone (a child may exit between listing and reading)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 # --- --version, --json, doctor, environment variables, help text -------------------------------
