@@ -13,7 +13,15 @@ import pytest
 import trio
 
 from tests.helpers import marks, wait_for
-from trio_bridge import EncodeError, InvalidArgumentError, Lifecycle, LocalWorkers, ToolError, ToolNotFoundError, WorkerStartError
+from trio_bridge import (
+    EncodeError,
+    InvalidArgumentError,
+    Lifecycle,
+    LocalWorkers,
+    ToolError,
+    ToolNotFoundError,
+    WorkerStartError,
+)
 from trio_bridge._host._calls import Calls
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge.testing import open_pool_in_threads
