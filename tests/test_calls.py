@@ -4,6 +4,8 @@ worker processes is in ``test_pool.py``."""
 
 from __future__ import annotations
 
+import os
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +13,15 @@ import pytest
 import trio
 
 from tests.helpers import marks, wait_for
-from trio_bridge import EncodeError, InvalidArgumentError, Lifecycle, LocalWorkers, ToolError, ToolNotFoundError
+from trio_bridge import (
+    EncodeError,
+    InvalidArgumentError,
+    Lifecycle,
+    LocalWorkers,
+    ToolError,
+    ToolNotFoundError,
+    WorkerStartError,
+)
 from trio_bridge._host._calls import Calls
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge.testing import open_pool_in_threads
@@ -235,3 +245,19 @@ async def test_a_thread_worker_the_pool_recycles_is_replaced_and_options_threads
     for option in ({"local": LocalWorkers(python="python3")}, {"local": LocalWorkers(shared_memory_threshold=1024)}):
         with pytest.raises(InvalidArgumentError, match="workers in threads take no"):
             open_pool_in_threads(ECHO, **option)
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("trio-bridge worker ")]
+
+
+async def test_thread_workers_end_with_their_pool_and_one_that_fails_to_start_says_why():
+    async with open_pool_in_threads(ECHO, size=2) as pool:
+        assert [w.pid for w in pool.workers()] == [os.getpid()] * 2
+        assert len(worker_threads()) == 2
+    assert worker_threads() == []
+    with pytest.raises(WorkerStartError, match="exited before it was ready") as info:
+        async with open_pool_in_threads("tests.adapters:BrokenSetup", size=1):
+            pass
+    assert info.value.exit_code == 4  # EXIT_ADAPTER_SETUP
+    assert worker_threads() == []

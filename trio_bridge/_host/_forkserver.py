@@ -23,8 +23,8 @@ A pool spawns its workers instead of forking them when:
 - the user asks for ``"spawn"``;
 - the platform is not Linux (the fork server and its workers rely on ``PR_SET_PDEATHSIG``),
   or lacks ``os.fork``/``socket.send_fds``;
-- the pool's launcher is not the default one (``trio_bridge.testing.open_pool_in_threads``),
-  or the pool has no local workers;
+- the pool's launcher is not the default one, or the pool has no local workers (workers in
+  threads, ``trio_bridge.testing.open_pool_in_threads``, have no launcher at all);
 - the fork server has **more than one thread** once it has imported the worker's server module
   and the adapter's module (counted by the kernel, ``/proc/self/task``: native threads that
   numpy's BLAS, torch or a tool library start at import count too) -- forking a process with
@@ -102,8 +102,6 @@ class ForkedWorker:
         stdout, stderr: Trio streams of its output.
         returncode: ``None`` while it runs; then its exit status (``-N``: killed by signal N).
     """
-
-    own_group = True
 
     def __init__(self, pid: int, stdin: int, stdout: int, stderr: int, status: socket.socket) -> None:
         self.pid = pid
@@ -544,7 +542,7 @@ def unsafe_reason(requested: StartMethod | None, default_launcher: bool, local_w
     if requested == "spawn":
         return "start_method='spawn'"
     if not default_launcher:
-        return "a launcher of its own (e.g. workers in threads)"
+        return "a launcher of its own"
     if local_workers == 0:
         return "no local workers"
     if not sys.platform.startswith("linux"):
@@ -581,8 +579,8 @@ async def open_launcher(
 
 
 def start_method_of(launch: Callable[..., Any]) -> str:
-    """``"forkserver"`` or ``"spawn"`` for a pool's launcher; what it calls itself otherwise
-    (its ``start_method``; ``"custom"`` if nothing)."""
+    """``"forkserver"`` or ``"spawn"`` for a pool's launcher; what it (or a pool's local
+    connector factory) calls itself otherwise (its ``start_method``; ``"custom"`` if nothing)."""
     if launch == WorkerProcess.spawn:
         return "spawn"
     return str(getattr(launch, "start_method", "custom"))

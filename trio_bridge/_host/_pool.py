@@ -37,7 +37,7 @@ from trio_bridge._host._endpoint import metrics_endpoint, pool_status, serving
 from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
-from trio_bridge._host._grpc_worker import GrpcWorker
+from trio_bridge._host._grpc_worker import Connector, GrpcWorker
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
@@ -87,6 +87,7 @@ class Pool(metaclass=NoPublicConstructor):
     def __init__(
         self, *, adapter: str, size: int, supervisor: Supervisor, calls: Calls, router: Router, metrics: Metrics,
         dispatcher: Dispatcher[Worker], tools: ToolRegistry, state: StateBackend, spec: WorkerSpec,
+        start_method: Callable[[], str],
     ) -> None:
         self.adapter: Final[str] = adapter
         self.size: Final[int] = size
@@ -99,6 +100,7 @@ class Pool(metaclass=NoPublicConstructor):
         self._state = state
         self._routes: dict[str, Route] = {}  # open sessions' routes, for calls routed by workers
         self._spec = spec  # for tests that speak the wire contract directly
+        self._start_method = start_method
         self._plane = supervisor.plane
         self.metrics_address: str | None = None
         """``"HOST:PORT"`` where its Prometheus metrics are served (``Monitoring.address``), once open."""
@@ -236,7 +238,7 @@ class Pool(metaclass=NoPublicConstructor):
         """How the pool starts its local workers now: ``"forkserver"`` (forked by its preloaded
         fork server) or ``"spawn"`` (fresh interpreters); see ``LocalWorkers.start_method``.
         (``trio_bridge.testing``'s pools say ``"threads"`` or ``"custom"``.)"""
-        return start_method_of(self._spec.launch)
+        return self._start_method()
 
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of each slot's current worker, ordered by slot; then any worker started
@@ -445,12 +447,20 @@ def open_pool(
     return open_pool_of(options)
 
 
-def open_pool_of(options: PoolOptions, launch: Launch = WorkerProcess.spawn) -> AbstractAsyncContextManager[Pool]:
+LocalConnector = Callable[[WorkerSpec, int], Connector]
+"""Makes the connector of a local slot's worker: ``local_connector(spec, slot)``. Its
+``start_method`` attribute, if any, is what ``Pool.start_method`` says."""
+
+
+def open_pool_of(
+    options: PoolOptions, launch: Launch = WorkerProcess.spawn, *, local_connector: LocalConnector | None = None,
+) -> AbstractAsyncContextManager[Pool]:
     """:func:`open_pool` of ``options`` (from :func:`pool_options`), whose local workers are
-    started by ``launch(command, env)`` (default: spawned, or forked by a fork server where it
-    is safe; ``trio_bridge.testing.open_pool_in_threads`` passes workers in threads)."""
+    processes started by ``launch(command, env)`` (default: spawned, or forked by a fork server
+    where it is safe); or, given ``local_connector``, whatever it connects to (no launcher and
+    no fork server then: ``trio_bridge.testing.open_pool_in_threads`` runs workers in threads)."""
     stop = SignalStop(options.lifecycle.handle_signals)
-    return _stopping_on_signals(stop, _open_pool(options, stop, launch))
+    return _stopping_on_signals(stop, _open_pool(options, stop, launch, local_connector))
 
 
 @asynccontextmanager
@@ -473,7 +483,9 @@ async def _stopping_on_signals(stop: SignalStop, pool: AbstractAsyncContextManag
 
 
 @asynccontextmanager
-async def _open_pool(options: PoolOptions, stop: SignalStop, base_launch: Launch) -> AsyncIterator[Pool]:
+async def _open_pool(
+    options: PoolOptions, stop: SignalStop, base_launch: Launch, local_connector: LocalConnector | None,
+) -> AsyncIterator[Pool]:
     adapter, size, concurrency, transport = options.adapter, options.size, options.concurrency, options.transport
     local, lifecycle = options.local, options.lifecycle
     python, env, start_method, shared_memory_threshold = local.python, local.env, local.start_method, local.shared_memory_threshold
@@ -502,11 +514,13 @@ async def _open_pool(options: PoolOptions, stop: SignalStop, base_launch: Launch
         for path in on_disk:
             janitor.watch_path(path)
         worker_env = {**(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers)))}
+        launching = open_launcher(
+            base_launch, requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
+            local_workers=size, startup_timeout=startup_timeout,
+        ) if local_connector is None else contextlib.nullcontext(base_launch)  # its connectors start the workers
+        connect = local_connector if local_connector is not None else partial(LocalProcess, janitor=janitor, plane=plane)
         with tracker.resolve_groups():
-            async with open_launcher(
-                base_launch, requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
-                local_workers=size, startup_timeout=startup_timeout,
-            ) as launch, _aio.open_boundary() as boundary:
+            async with launching as launch, _aio.open_boundary() as boundary:
                 secret = secrets.token_urlsafe(32)
                 spec = WorkerSpec(
                     adapter=adapter, python=python or sys.executable, concurrency=concurrency,
@@ -523,7 +537,7 @@ async def _open_pool(options: PoolOptions, stop: SignalStop, base_launch: Launch
                     process (slots below ``size``) or a remote worker it dials."""
                     if setup is None or slot < size:
                         return GrpcWorker(
-                            worker_id, slot, LocalProcess(spec, slot, janitor=janitor, plane=plane), boundary,
+                            worker_id, slot, connect(spec, slot), boundary,
                             secret=secret, concurrency=concurrency, startup_timeout=startup_timeout,
                         )
                     return GrpcWorker(
@@ -561,6 +575,7 @@ async def _open_pool(options: PoolOptions, stop: SignalStop, base_launch: Launch
                 async with compose(
                     options, spec=spec, new_worker=new_worker, serve=serve, plane=plane, tracker=tracker, stop=stop,
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
+                    start_method=lambda: start_method_of(local_connector or launch),
                 ) as pool:
                     yield pool
     finally:
@@ -595,7 +610,7 @@ async def compose(
     options: PoolOptions, *, spec: WorkerSpec, new_worker: WorkerFactory,
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
-    before_start: Callable[[], Awaitable[None]] | None = None,
+    before_start: Callable[[], Awaitable[None]] | None = None, start_method: Callable[[], str] | None = None,
 ) -> AsyncIterator[Pool]:
     """Wire the pool's parts together, start ``options.slots`` workers made by ``new_worker``
     and yield the pool; on the way out, shut the workers down.
@@ -616,6 +631,7 @@ async def compose(
         stop: what SIGINT/SIGTERM do (default: nothing; see ``Lifecycle.handle_signals``).
         before_start: awaited just before the workers start, where a signal cancels the
             start-up (the launcher learns whether its fork server forks).
+        start_method: what ``Pool.start_method`` says, now (default: that of ``spec.launch``).
     """
     tracker = tracker if tracker is not None else UserErrorTracker()
     stop = stop if stop is not None else SignalStop(enabled=False)
@@ -633,6 +649,7 @@ async def compose(
     pool = Pool._create(
         adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
         dispatcher=dispatcher, tools=tools, state=state, spec=spec,
+        start_method=start_method if start_method is not None else lambda: start_method_of(spec.launch),
     )
     registry = monitoring.registry if monitoring.registry is not None else default_registry()
     endpoint = metrics_endpoint(monitoring.address, token=options.status_token, status_public=monitoring.status_public)

@@ -54,14 +54,14 @@ _worker_log = logging.getLogger("trio_bridge.worker")
 
 
 class LaunchedWorker(Protocol):
-    """What a local worker's connector (:class:`LocalProcess`) needs of whatever runs it: a :class:`WorkerProcess`, or
-    (``trio_bridge.testing.open_pool_in_threads``) a worker in a thread of this process."""
+    """What a local worker's connector (:class:`LocalProcess`) needs of the process it started:
+    a :class:`WorkerProcess`, or a fork server's ``ForkedWorker``. It leads a process group of
+    its own (signalled and watched as a whole)."""
 
     pid: int
     stdout: Any  # a Trio receive stream: the ready line
     stderr: Any  # a Trio receive stream: closed when the worker ends
     returncode: int | None
-    own_group: bool  # it leads a process group of its own (signalled and watched as a whole)
 
     async def wait(self) -> int: ...
 
@@ -93,7 +93,6 @@ class WorkerProcess:
         self._exited = trio.Event()
         self._watching = False
         self._pidfd: int | None = None
-        self.own_group = True
         with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
             self._pidfd = os.pidfd_open(self.pid)
 
@@ -200,8 +199,8 @@ async def _drain(stream: Any) -> None:
 
 
 Launch = Callable[[list[str], dict[str, str]], LaunchedWorker]
-"""Starts a worker: ``launch(command, env)`` (:meth:`WorkerProcess.spawn`, a fork server's
-launcher, or ``trio_bridge.testing``'s threads)."""
+"""Starts a worker process: ``launch(command, env)`` (:meth:`WorkerProcess.spawn`, or a fork
+server's launcher)."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +286,7 @@ class LocalProcess:
                 f"cannot start {self._spec.python!r}: {exc} (adapter {self._spec.adapter!r})", worker_id=worker_id,
             ) from None
         self._process = process
-        if process.own_group and self._janitor is not None:
+        if self._janitor is not None:
             self._janitor.watch_group(process.pid)
         nursery.start_soon(self._read_stderr, worker_id, process.stderr)
         nursery.start_soon(self._wait_exit, process, lifecycle)
@@ -340,9 +339,9 @@ class LocalProcess:
             process.signal_group(signal.SIGKILL)
             await process.wait()
         await process.aclose()
-        if process.own_group and self._janitor is not None:
+        if self._janitor is not None:
             self._janitor.forget_group(process.pid)
-        if self._plane is not None and process.pid != os.getpid():
+        if self._plane is not None:
             self._plane.remove_files_of(process.pid)
         return process.returncode
 
