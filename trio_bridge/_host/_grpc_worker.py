@@ -123,6 +123,7 @@ class GrpcWorker:
         self._callback_address = callback_address
         self._startup_timeout = startup_timeout
         self._stub: pb.WorkerServiceStub | None = None
+        self._channel: Any = None  # the grpclib channel, from the handshake on (closed by run)
         self._calls: CallStream | None = None
 
     def __repr__(self) -> str:
@@ -160,7 +161,6 @@ class GrpcWorker:
             WorkerStartError: it could not start, did not listen, answer ``Describe`` or open
                 its call stream within ``startup_timeout`` each, or speaks another wire contract.
         """
-        channel = None
         try:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self._startup_timeout) as timeout_scope:
@@ -168,7 +168,7 @@ class GrpcWorker:
                 if timeout_scope.cancelled_caught:
                     self.kill("it was not ready in time")
                     raise await self._start_error(f"printed no ready line within {self._startup_timeout:g} s")
-                channel = await self._handshake(nursery)
+                await self._handshake(nursery)
                 if self.lifecycle.state is WorkerState.DEAD:  # killed (the pool closing) or exited meanwhile
                     reason = self.lifecycle.death_reason
                     raise await self._start_error(f"was stopped as it started: {reason}" if reason else "exited as it started")
@@ -180,19 +180,20 @@ class GrpcWorker:
             with trio.CancelScope(shield=True):
                 self._stub = None  # no RPC starts on the channel from here on (grpclib fails oddly on a closed one)
                 self._calls = None
-                if channel is not None:
+                channel, self._channel = self._channel, None
+                if channel is not None:  # (also one whose handshake failed)
                     self._boundary.close_channel(channel)
                 exit_code = await self._connector.close()
                 if exit_code is not None:
                     self.lifecycle.exit(exit_code)
 
-    async def _handshake(self, nursery: trio.Nursery) -> Any:
-        """Dial it, ``Describe``, check its wire contract, open its call stream; the channel."""
+    async def _handshake(self, nursery: trio.Nursery) -> None:
+        """Dial it (the channel is kept for :meth:`run` to close, whatever happens next),
+        ``Describe``, check its wire contract, open its call stream."""
         timeout = self._startup_timeout
-        channel = None
         with trio.move_on_after(timeout) as timeout_scope:
             try:
-                channel, stub = await self._boundary.worker_stub(self.address, self._secret, self._tls)
+                self._channel, stub = await self._boundary.worker_stub(self.address, self._secret, self._tls)
                 self._stub = stub
                 described = await self._boundary.run(stub.describe(pb.DescribeRequest(
                     trio_bridge_version=__version__, wire_version=WIRE_VERSION,
@@ -224,7 +225,6 @@ class GrpcWorker:
         if timeout_scope.cancelled_caught:
             raise await self._start_error("did not open its call stream in time")
         self._calls = calls
-        return channel
 
     async def _start_error(self, message: str, *, unreachable: bool = False) -> WorkerStartError:
         return await self._connector.start_error(message, self.id, self.lifecycle, unreachable=unreachable)

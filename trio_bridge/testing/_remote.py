@@ -88,9 +88,14 @@ class RemoteWorkerProcess:
         return self
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        """SIGKILL its process group, reap it, and close its stderr pipe."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             os.killpg(self.process.pid, 9)
             self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
     @property
     def pid(self) -> int:
