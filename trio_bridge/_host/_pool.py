@@ -55,7 +55,7 @@ from trio_bridge._host._options import (
 )
 from trio_bridge._host._process import Launch, LocalProcess, WorkerProcess, WorkerSpec
 from trio_bridge._host._prometheus import PoolsCollector, PoolSource, default_registry
-from trio_bridge._host._remote import RemoteDial, check_joining, remote_setup
+from trio_bridge._host._remote import RemoteDial, check_joining
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
@@ -68,6 +68,7 @@ from trio_bridge._util import NoPublicConstructor, public_module
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import ALLOWED_UIDS_ENV
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
+from trio_bridge._wire.transport import advertised_address
 
 _logger = logging.getLogger("trio_bridge")
 _WORKER_POLL = 0.05  # seconds between looks while waiting for workers
@@ -490,7 +491,10 @@ async def _open_pool(
     local, lifecycle = options.local, options.lifecycle
     python, env, start_method, shared_memory_threshold = local.python, local.env, local.start_method, local.shared_memory_threshold
     startup_timeout, heartbeat_interval, options_json = lifecycle.startup_timeout, lifecycle.heartbeat_interval, options.adapter_options_json
-    setup = remote_setup(options.remote)
+    remote = options.remote
+    reaching = bool(remote.addresses) or remote.listen is not None  # remote workers, or workers that join
+    remote_tls = remote.tls.client_context() if reaching and remote.tls is not None else None  # once: it reads files
+    remote_token = remote.token or ""  # (RemoteWorkers refuses addresses or listen without one)
     peers = frozenset(local.allowed_uids)
     slot_envs = slot_environments(size, worker_env=local.slot_env, gpus_per_worker=local.gpus_per_worker, gpus=local.gpus)
     janitor = Janitor.start()
@@ -530,19 +534,19 @@ async def _open_pool(
                 )
 
                 callback = [""]  # where remote workers call the host back, once it listens
-                remote_addresses = list(setup.addresses) if setup is not None else []  # slot size + i: the i-th
+                remote_addresses = list(remote.addresses)  # slot size + i: the i-th
 
                 def new_worker(worker_id: str, slot: int) -> Worker:
                     """The pool's worker factory: a gRPC worker, whose far end is a local
                     process (slots below ``size``) or a remote worker it dials."""
-                    if setup is None or slot < size:
+                    if slot < size:
                         return GrpcWorker(
                             worker_id, slot, connect(spec, slot), boundary,
                             secret=secret, concurrency=concurrency, startup_timeout=startup_timeout,
                         )
                     return GrpcWorker(
-                        worker_id, slot, RemoteDial(remote_addresses[slot - size]), boundary, secret=setup.token,
-                        concurrency=concurrency, startup_timeout=startup_timeout, tls=setup.client_context,
+                        worker_id, slot, RemoteDial(remote_addresses[slot - size]), boundary, secret=remote_token,
+                        concurrency=concurrency, startup_timeout=startup_timeout, tls=remote_tls,
                         callback_address=callback[0],
                     )
 
@@ -551,7 +555,6 @@ async def _open_pool(
                     """What the workers call (host tools, variables, routed calls), while the pool runs."""
                     async def join(address: str, adapter_path: str, tools: list[str]) -> None:
                         """A remote worker offers itself (``trio-bridge worker --join``): dial it."""
-                        assert setup is not None
                         address = check_joining(address, adapter_path, tools, adapter=adapter, known=parts.tools.worker_tools)
                         if address not in remote_addresses:
                             remote_addresses.append(address)
@@ -562,14 +565,14 @@ async def _open_pool(
                         boundary, parts.state, calls=parts.calls, tools=parts.tools, plane=plane,
                         heartbeat=partial(heartbeat, parts.supervisor), route_for=parts.route_for,
                         count_host_tool_call=parts.metrics.host_tool_call,
-                        join=join if setup is not None and setup.listen is not None else None,
+                        join=join if remote.listen is not None else None,
                     )
                     async with boundary.serve([service], host_address, secret, allowed_uids=peers), contextlib.AsyncExitStack() as stack:
-                        if setup is not None and setup.listen is not None:
+                        if remote.listen is not None:
                             bound = await stack.enter_async_context(
-                                boundary.serve([service], setup.listen, setup.token, setup.server_context, peers)
+                                boundary.serve([service], remote.listen, remote_token, remote.tls.server_context() if remote.tls else None, peers)
                             )
-                            callback[0] = setup.callback_address(bound)
+                            callback[0] = advertised_address(remote.advertise, bound)  # where remote workers call the host
                         yield
 
                 async with compose(

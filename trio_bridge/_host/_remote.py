@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trio_bridge._errors import InvalidArgumentError, WorkerCrashedError, WorkerStartError
-from trio_bridge._host._options import RemoteWorkers, tcp_address
-from trio_bridge._wire.tls import TLSConfig
-from trio_bridge._wire.transport import advertised_address
+from trio_bridge._host._options import tcp_address
 
 if TYPE_CHECKING:
     from trio_bridge._host._worker import WorkerLifecycle
@@ -93,38 +89,6 @@ class RemoteDial:
 
     def sample_memory(self) -> int | None:
         return None  # the host cannot see its process
-
-
-@dataclass(frozen=True)
-class RemoteSetup:
-    """A pool's remote workers and how it reaches them (made by :func:`remote_setup`)."""
-
-    addresses: tuple[str, ...]  # "tcp:HOST:PORT" of each remote worker: one slot each
-    token: str
-    tls: TLSConfig | None
-    listen: str | None  # "tcp:HOST:PORT" where remote workers call the host back (port 0: any)
-    advertise: str | None  # "HOST" or "HOST:PORT" they use for it (default: the listen host)
-
-    @property
-    def client_context(self) -> SSLContext | None:
-        return self.tls.client_context() if self.tls is not None else None
-
-    @property
-    def server_context(self) -> SSLContext | None:
-        return self.tls.server_context() if self.tls is not None else None
-
-    def callback_address(self, bound: str) -> str:
-        """Where remote workers call the host: ``advertise``, with the bound port if it has none."""
-        return advertised_address(self.advertise, bound)
-
-
-def remote_setup(remote: RemoteWorkers) -> RemoteSetup | None:
-    """How a pool reaches the remote workers of ``remote`` (checked when it was made); ``None``
-    when it has none and does not listen."""
-    if not remote.addresses and remote.listen is None:
-        return None
-    assert remote.token is not None  # RemoteWorkers refuses addresses or listen without one
-    return RemoteSetup(tuple(remote.addresses), remote.token, remote.tls, remote.listen, remote.advertise)
 
 
 def check_joining(address: str, adapter_path: str, tools: list[str], *, adapter: str, known: Mapping[str, Any]) -> str:

@@ -133,10 +133,6 @@ class Supervisor:
     def in_flight(self) -> int:
         return sum(h.lifecycle.busy for h in self._all())
 
-    def knows(self, worker_id: str) -> bool:
-        """A live worker of this pool has that id (workers ask with their heartbeat)."""
-        return self._find_live(worker_id) is not None
-
     def _find_live(self, worker_id: str) -> Worker | None:
         return next((h for h in self._all() if h.id == worker_id and h.lifecycle.alive), None)
 
