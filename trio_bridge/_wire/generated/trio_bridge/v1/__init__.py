@@ -159,6 +159,13 @@ class DescribeRequest(betterproto2.Message):
 
     worker_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
 
+    cancel_calls: "list[str]" = betterproto2.field(5, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Calls this host sent over a connection it has since lost (a network partition, a failed
+    health check) that the worker may still run: it cancels them, as a cancel message would
+    have. Their ids are unique per host; ids the worker does not run are ignored.
+    """
+
 
 default_message_pool.register_message("trio_bridge.v1", "DescribeRequest", DescribeRequest)
 
