@@ -74,6 +74,15 @@ def test_a_group_is_frozen_comparable_and_picklable(group):
         (lambda: RemoteWorkers(addresses="tcp://h:1"), "RemoteWorkers.addresses"),
         (lambda: RemoteWorkers(listen="h:1"), "RemoteWorkers.listen"),
         (lambda: RemoteWorkers(tls="cert.pem"), "RemoteWorkers.tls"),
+        (lambda: RemoteWorkers(addresses=["dns://workers.test"]), "RemoteWorkers.addresses"),
+        (lambda: RemoteWorkers(addresses=["dns://:7000"]), "RemoteWorkers.addresses"),
+        (lambda: RemoteWorkers(addresses=["dns://workers.test:0"]), "RemoteWorkers.addresses"),
+        (lambda: RemoteWorkers(addresses=["dns://workers.test:70000"]), "RemoteWorkers.addresses"),
+        (lambda: RemoteWorkers(nameservers=["ns.example.com"]), "RemoteWorkers.nameservers"),
+        (lambda: RemoteWorkers(nameservers=["10.0.0.2:0"]), "RemoteWorkers.nameservers"),
+        (lambda: RemoteWorkers(nameservers="10.0.0.2"), "RemoteWorkers.nameservers"),
+        (lambda: RemoteWorkers(connect_timeout=0), "RemoteWorkers.connect_timeout"),
+        (lambda: RemoteWorkers(resolve_interval=math.inf), "RemoteWorkers.resolve_interval"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_field(make, field):
@@ -163,8 +172,16 @@ def test_an_everyday_option_is_refused_under_its_own_name():
 
 
 def test_options_that_only_fit_together_are_checked_when_the_pool_opens():
-    with pytest.raises(InvalidArgumentError, match="size must be a whole number >= 1"):
+    with pytest.raises(InvalidArgumentError, match=r"size must be a whole number >= 1, not 0 \(size=0, a head with no local workers, needs remote"):
         pool_options("a.b:C", {"size": 0}, environ={})
+    head = pool_options("a.b:C", {"size": 0, "remote": RemoteWorkers(listen="tcp://127.0.0.1:0", token=TOKEN)}, environ={})
+    assert head.size == 0 and head.slots == 0
+    found = RemoteWorkers(addresses=["dns://workers.ns.svc:7000", "tcp://127.0.0.2:1"], token=TOKEN, insecure=True)
+    assert found.names == ("dns://workers.ns.svc:7000",) and found.fixed == ("tcp:127.0.0.2:1",)
+    assert pool_options("a.b:C", {"remote": found}, environ={}).slots == 1  # a name's slots come as it resolves
+    with pytest.raises(InvalidArgumentError, match=r"plain TCP beyond this machine \(dns://workers.ns.svc:7000\)"):
+        RemoteWorkers(addresses=["dns://workers.ns.svc:7000"], token=TOKEN)
+    assert RemoteWorkers(addresses=["dns://localhost:7000"], token=TOKEN).names == ("dns://localhost:7000",)
     assert pool_options("a.b:C", {"remote": RemoteWorkers(addresses=["tcp://127.0.0.2:1"], token=TOKEN)}, environ={}).size == 0
     with pytest.raises(InvalidArgumentError, match=r"Monitoring.address 0.0.0.0:9 is not loopback.*Monitoring\(token=...\)"):
         pool_options("a.b:C", {"monitoring": Monitoring(address="0.0.0.0:9")}, environ={})

@@ -218,3 +218,25 @@ def test_a_worker_command_ends_on_sigterm(tmp_path, certs):
         assert worker.process.wait(10) == -signal.SIGTERM  # it used to ignore it (the CLI's start-up handlers)
     finally:
         worker.kill()
+
+
+@pytest.mark.real_process
+async def test_a_head_with_no_local_workers_waits_for_one_to_join_and_says_so_when_none_does(tmp_path, certs):
+    listen = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    remote = RemoteWorkers(listen=listen, token=TOKEN, tls=certs.tls("host"))
+    lifecycle = Lifecycle(health_check_interval=1.0, no_worker_timeout=0.5)
+    async with trio_bridge.open_pool(ADAPTER, size=0, remote=remote, lifecycle=lifecycle) as pool:
+        assert pool.size == 0 and pool.workers() == []
+        with pytest.raises(WorkerStartError, match=r"no worker was ready within 0.5 s \(Lifecycle.no_worker_timeout\).*joined"):
+            await pool.execute("echo", {"value": 1})
+    lifecycle = Lifecycle(health_check_interval=1.0, no_worker_timeout=30.0)
+    async with trio_bridge.open_pool(ADAPTER, size=0, remote=remote, lifecycle=lifecycle) as pool:
+        joining = _remote_worker(tmp_path, certs, join=listen)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, joining.start)  # a call made before any worker waits for one
+                with trio.fail_after(20):
+                    assert await pool.execute("echo", {"value": 7}) == 7
+            assert pool.size == 1 and [w.remote for w in pool.workers()] == [True]
+        finally:
+            joining.kill()

@@ -33,6 +33,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
+from functools import partial
 from ssl import SSLContext
 from typing import Any, Generic, Protocol, TypeVar, final
 
@@ -342,14 +343,15 @@ class Boundary:
         return True
 
     async def worker_stub(
-        self, address: str, secret: str, ssl: SSLContext | None = None
+        self, address: str, secret: str, ssl: SSLContext | None = None, *, server_name: str | None = None,
     ) -> tuple[grpclib.client.Channel, pb.WorkerServiceStub]:
-        """A channel to a worker and its stub, made in the loop's thread (a channel is the loop's).
+        """A channel to a worker and its stub, made in the loop's thread (a channel is the loop's);
+        over TLS, the worker's certificate must name ``server_name`` (default: the address's host).
 
         Raises:
             TransportError: the loop is shut down.
         """
-        channel = await self.run_sync(open_channel, address, ssl)
+        channel = await self.run_sync(partial(open_channel, address, ssl, server_name=server_name))
         return channel, pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: secret})
 
     def close_channel(self, channel: _Closable) -> None:

@@ -228,12 +228,19 @@ class Calls:
     async def _acquire(self, route: Route | None, affinity: Affinity | None) -> Worker:
         self._check_reentrancy()
         failure = self._supervisor.last_start_error
-        if self._supervisor.ready or failure is None:
+        if self._supervisor.ready or (failure is None and self._supervisor.size):
             return await self._router.acquire(route, affinity)
-        # No worker runs and the last start failed: wait a bounded time, then say why.
+        # No worker runs, and the last start failed or there is none to start (a head whose
+        # remote workers are yet to be found or to join): wait a bounded time, then say why.
         with trio.move_on_after(self._no_worker_timeout):
             return await self._router.acquire(route, affinity)
         failure = self._supervisor.last_start_error or failure
+        if failure is None:
+            raise WorkerStartError(
+                f"no worker was ready within {self._no_worker_timeout:g} s (Lifecycle.no_worker_timeout): the pool "
+                "has no local workers, and no remote worker was found (RemoteWorkers(addresses=['dns://...'])) or "
+                "joined (trio-bridge worker --join)", worker_id="",
+            )
         raise WorkerStartError(
             f"no worker could start within {self._no_worker_timeout:g} s (Lifecycle.no_worker_timeout); the last "
             f"attempt failed: {failure}", worker_id=failure.worker_id, pid=failure.pid,

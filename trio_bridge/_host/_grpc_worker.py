@@ -10,6 +10,7 @@ scheduler, say) is a new connector.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from ssl import SSLContext
@@ -27,6 +28,8 @@ from trio_bridge._wire.errors import CallFailed, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 T = TypeVar("T")
+_logger = logging.getLogger("trio_bridge")
+_ENDED_POLL = 0.05  # seconds between looks at the calls a rejoining worker was asked to cancel
 
 
 class Connector(Protocol):
@@ -35,9 +38,18 @@ class Connector(Protocol):
     Attributes:
         remote: it is on another machine (``WorkerInfo.remote``).
         running: there is something to stop (it was started, or is being reached).
+        server_name: the name its TLS certificate must carry (``None``: its address's host).
+        abandoned: ids of the calls the host sent the far end over a connection since lost
+            that it may still run (a remote worker outlives the connection: a process of this
+            machine does not, so its set is its own and goes with it); the next handshake
+            has them cancelled and waits until they have ended.
     """
 
     remote: bool
+    abandoned: set[str]
+
+    @property
+    def server_name(self) -> str | None: ...
 
     @property
     def running(self) -> bool: ...
@@ -125,6 +137,7 @@ class GrpcWorker:
         self._stub: pb.WorkerServiceStub | None = None
         self._channel: Any = None  # the grpclib channel, from the handshake on (closed by run)
         self._calls: CallStream | None = None
+        self._cancelled: set[str] = set()  # calls whose callers left unanswered; pruned by Ping
 
     def __repr__(self) -> str:
         life = self.lifecycle
@@ -178,6 +191,8 @@ class GrpcWorker:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                # cancelled calls whose cancel may not have reached it: its next dial has them cancelled
+                self._connector.abandoned.update(self._cancelled)
                 self._stub = None  # no RPC starts on the channel from here on (grpclib fails oddly on a closed one)
                 self._calls = None
                 channel, self._channel = self._channel, None
@@ -191,13 +206,16 @@ class GrpcWorker:
         """Dial it (the channel is kept for :meth:`run` to close, whatever happens next),
         ``Describe``, check its wire contract, open its call stream."""
         timeout = self._startup_timeout
+        abandoned = set(self._connector.abandoned)
         with trio.move_on_after(timeout) as timeout_scope:
             try:
-                self._channel, stub = await self._boundary.worker_stub(self.address, self._secret, self._tls)
+                self._channel, stub = await self._boundary.worker_stub(
+                    self.address, self._secret, self._tls, server_name=self._connector.server_name,
+                )
                 self._stub = stub
                 described = await self._boundary.run(stub.describe(pb.DescribeRequest(
                     trio_bridge_version=__version__, wire_version=WIRE_VERSION,
-                    host_address=self._callback_address, worker_id=self.id,
+                    host_address=self._callback_address, worker_id=self.id, cancel_calls=sorted(abandoned),
                 )))
             except TransportError as exc:
                 self.kill("it failed the handshake")
@@ -225,6 +243,26 @@ class GrpcWorker:
         if timeout_scope.cancelled_caught:
             raise await self._start_error("did not open its call stream in time")
         self._calls = calls
+        if abandoned:
+            await self._until_ended(abandoned)
+
+    async def _until_ended(self, abandoned: set[str]) -> None:
+        """Wait until the calls it was asked to cancel in ``Describe`` have ended (a sync tool
+        that ignores cancellation holds its thread until it returns), so that it is free when
+        the pool says it is; at most ``startup_timeout``, then it serves beside them (logged)."""
+        still: set[str] = abandoned
+        with trio.move_on_after(self._startup_timeout):
+            while True:
+                still = abandoned.intersection(await self.active_calls())
+                if not still:
+                    break
+                await trio.sleep(_ENDED_POLL)
+        self._connector.abandoned.difference_update(abandoned - still)
+        if still:
+            _logger.warning(
+                "worker %s at %s still runs %d calls this pool gave up on, %g s after it was asked to cancel them: "
+                "it takes calls beside them", self.id, self.address, len(still), self._startup_timeout,
+            )
 
     async def _start_error(self, message: str, *, unreachable: bool = False) -> WorkerStartError:
         return await self._connector.start_error(message, self.id, self.lifecycle, unreachable=unreachable)
@@ -255,7 +293,11 @@ class GrpcWorker:
         calls = self._calls
         if calls is None or not self.lifecycle.alive:
             raise self.crashed_error()
-        reply = await self._while_alive(lambda: calls.execute(_request(call)))
+        try:
+            reply = await self._while_alive(lambda: calls.execute(_request(call)))
+        except BaseException:
+            self._unanswered(call.call_id)
+            raise
         if reply.error is not None:
             raise exception_from(reply.error, call.tool)
         return reply.result
@@ -266,21 +308,40 @@ class GrpcWorker:
         if stub is None or not self.lifecycle.alive:
             raise self.crashed_error()
         request = _request(call)
-        async with self._boundary.open_stream(lambda: stub.execute_streaming_tool(request)) as receive:
+        ended = False
+        try:
+            async with self._boundary.open_stream(lambda: stub.execute_streaming_tool(request)) as receive:
 
-            async def next_batch() -> Any:
-                try:
-                    batch = await self._while_alive(receive)
-                except StopAsyncIteration:
-                    return None
-                except CallFailed as failed:  # the stream ended with the tool's failure
-                    raise exception_from(failed.info, call.tool) from None
-                return batch.chunks
+                async def next_batch() -> Any:
+                    nonlocal ended
+                    try:
+                        batch = await self._while_alive(receive)
+                    except StopAsyncIteration:
+                        ended = True
+                        return None
+                    except CallFailed as failed:  # the stream ended with the tool's failure
+                        ended = True
+                        raise exception_from(failed.info, call.tool) from None
+                    return batch.chunks
 
-            yield next_batch
+                yield next_batch
+        finally:
+            if not ended:  # left before the worker ended it: it may go on streaming
+                self._unanswered(call.call_id)
+
+    def _unanswered(self, call_id: str) -> None:
+        """A call's caller left before its answer (cancelled, or the worker was lost): listed
+        for cancelling on the next dial if the connection is lost before the worker has
+        dropped it (Ping prunes the list)."""
+        if self.lifecycle.alive:
+            self._cancelled.add(call_id)
+        else:
+            self._connector.abandoned.add(call_id)
 
     async def active_calls(self) -> list[str]:
+        cancelled = set(self._cancelled)
         reply = await self._rpc(lambda stub: stub.ping(pb.PingRequest()))
+        self._cancelled -= cancelled.difference(reply.active_calls)  # those it no longer runs are settled
         return list(reply.active_calls)
 
     async def begin_session(self, session_id: str, metadata: Any) -> None:

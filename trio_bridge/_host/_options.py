@@ -15,6 +15,7 @@ variable in its metadata.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -60,10 +61,17 @@ DEFAULT: Final[Any] = _Default()
 
 _SPEC = "trio_bridge.option"
 _HEALTH_CHECK_OF_REMOTE = 2.0  # seconds: a lost remote worker is noticed within seconds
+DNS_SCHEME = "dns://"
 
 
 # ---- the checks of one value: (qualified name, value) -> the value to keep ----
 Check = Callable[[str, Any], Any]
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise InvalidArgumentError(f"{name} must be a number of seconds > 0, not {short_repr(value)}")
+    return value
 
 
 def _whole(least: int) -> Check:
@@ -214,10 +222,49 @@ def tcp_address(name: str, value: Any) -> str:
     raise InvalidArgumentError(f"{name}: an address is tcp://HOST:PORT, not {short_repr(value)}")
 
 
+def _worker_address(name: str, value: Any) -> str:
+    """A remote worker's address: ``tcp:HOST:PORT``, or ``dns://NAME:PORT`` kept as it is
+    (a name whose every A/AAAA record is a worker: see :mod:`trio_bridge._host._discovery`)."""
+    if isinstance(value, str) and value.startswith(DNS_SCHEME):
+        host, _, port = value.removeprefix(DNS_SCHEME).rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536 and "/" not in host:
+            return f"{DNS_SCHEME}{host}:{int(port)}"
+        raise InvalidArgumentError(f"{name}: a DNS name of workers is dns://NAME:PORT, not {short_repr(value)}")
+    return tcp_address(name, value)
+
+
 def _addresses(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise InvalidArgumentError(f"{name} must be a list of tcp://HOST:PORT, not {short_repr(value)}")
-    return tuple(tcp_address(name, address) for address in value)
+        raise InvalidArgumentError(f"{name} must be a list of tcp://HOST:PORT or dns://NAME:PORT, not {short_repr(value)}")
+    return tuple(_worker_address(name, address) for address in value)
+
+
+def _nameservers(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise InvalidArgumentError(f"{name} must be a list of 'HOST' or 'HOST:PORT', not {short_repr(value)}")
+    for server in value:
+        host, _ = split_nameserver(server) if isinstance(server, str) else ("", 0)
+        if not host:
+            raise InvalidArgumentError(f"{name}: a name server is 'HOST' or 'HOST:PORT' (an IP address), not {short_repr(server)}")
+    return tuple(value)
+
+
+def split_nameserver(server: str) -> tuple[str, int]:
+    """``"10.0.0.2"`` -> ``("10.0.0.2", 53)``; ``"10.0.0.2:5353"`` and ``"[::1]:53"`` -> host and port;
+    ``("", 0)`` if it is not an IP address (with a port of 1..65535)."""
+    host, port = server, "53"
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif server.count(":") == 1:
+        host, _, port = server.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "", 0
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return "", 0
+    return host, int(port)
 
 
 def _metrics_address(name: str, value: Any) -> str:
@@ -324,7 +371,8 @@ class Lifecycle(_Group):
             a row. A worker's first failure after a stable run is restarted at once (default
             ``(0.1, 5.0)``).
         no_worker_timeout: seconds a call waits while no worker runs and the last start
-            failed; then it raises ``WorkerStartError`` carrying that failure (default 30;
+            failed, or while a pool with no local workers has no remote one yet (none found
+            or joined); then it raises ``WorkerStartError`` carrying that failure (default 30;
             ``TRIO_BRIDGE_NO_WORKER_TIMEOUT``).
         handle_signals: while the pool is open, SIGINT and SIGTERM -- where the process still
             has Python's default handlers for them and the pool runs in the main thread --
@@ -515,13 +563,22 @@ class RemoteWorkers(_Group):
     and how they reach the host: ``open_pool(remote=RemoteWorkers(addresses=[...], token=...))``.
 
     Attributes:
-        addresses: ``tcp://HOST:PORT`` of each remote worker, one slot each on top of the
-            ``size`` local ones (``size`` may then be 0). Calls are dispatched over local and
+        addresses: where the remote workers are, one slot each on top of the ``size`` local
+            ones (``size`` may then be 0: a head with no local workers). Each entry is
+            ``tcp://HOST:PORT``, one worker; or ``dns://NAME:PORT``, every A and AAAA record of
+            ``NAME`` (a Kubernetes headless Service answers one per ready pod), re-resolved every
+            ``resolve_interval`` seconds: a new address becomes a slot, a slot whose address is
+            gone drains (its calls finish) and leaves; while the name cannot be resolved (the
+            resolver does not answer), the last known set is kept; a name that does not exist
+            (NXDOMAIN) or has no address means no workers. A worker found by name must present a
+            certificate for ``NAME``. Calls are dispatched over local and
             remote workers alike. A remote worker the host loses (health checks every
             ``min(health_check_interval, 2)`` seconds, or a failed call) fails only its own
             calls, with ``WorkerCrashedError`` ("lost connection to worker at ADDR"); its slot
-            dials it again, with backoff, so it rejoins when it is back. Shared memory is off
-            in such a pool (arrays travel in-band).
+            dials it again, each dial bounded by ``connect_timeout``, after a backoff
+            (``Lifecycle.restart_backoff``), so it rejoins within seconds of being reachable; the
+            calls it may still run for this host are cancelled as it rejoins, and it takes calls
+            once they have ended. Shared memory is off in such a pool (arrays travel in-band).
         listen: ``tcp://HOST:PORT`` where remote workers call the host back (host tools,
             variables, worker-to-worker calls) and join (``trio-bridge worker --join``); port
             0 picks a free port.
@@ -532,11 +589,19 @@ class RemoteWorkers(_Group):
             ``/status`` beyond loopback (see :class:`Monitoring`).
         tls: certificates for TLS both ways (mutual when it has a ``ca``).
         insecure: allow plain TCP beyond loopback (without it, ``tls`` is required there).
+        connect_timeout: seconds a dial of a remote worker may take to open its TCP connection
+            (default 3): a worker behind a partition is given up on at once, and dialled
+            again after the backoff, instead of waiting out the kernel (minutes).
+        resolve_interval: seconds between resolutions of each ``dns://`` name (default 5).
+        nameservers: ``"HOST"`` or ``"HOST:PORT"`` (IP addresses) of the DNS servers that
+            resolve ``dns://`` names (default: those of ``/etc/resolv.conf``, with its search
+            domains).
 
     Raises:
-        InvalidArgumentError: an address is not ``tcp://HOST:PORT``; ``addresses`` or
-            ``listen`` without a ``token``; ``tls`` is not a :class:`TLSConfig`; plain TCP to
-            an address beyond loopback without ``insecure=True`` (on construction).
+        InvalidArgumentError: an address is neither ``tcp://HOST:PORT`` nor
+            ``dns://NAME:PORT``; ``addresses`` or ``listen`` without a ``token``; ``tls`` is not
+            a :class:`TLSConfig`; plain TCP to an address beyond loopback (any ``dns://`` name
+            but ``localhost``) without ``insecure=True`` (on construction).
     """
 
     addresses: Sequence[str] = _option((), _addresses)
@@ -545,6 +610,19 @@ class RemoteWorkers(_Group):
     token: str | None = _option(None, _optional(_token))
     tls: TLSConfig | None = _option(None, _optional(_instance(TLSConfig, "a trio_bridge.TLSConfig")))
     insecure: bool = _option(False, _bool)
+    connect_timeout: float = _option(3.0, _positive_seconds)
+    resolve_interval: float = _option(5.0, _positive_seconds)
+    nameservers: Sequence[str] = _option((), _nameservers)
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """The ``tcp:HOST:PORT`` addresses: one slot each from the start."""
+        return tuple(a for a in self.addresses if not a.startswith(DNS_SCHEME))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The ``dns://NAME:PORT`` entries: slots found by resolving them."""
+        return tuple(a for a in self.addresses if a.startswith(DNS_SCHEME))
 
     def _check_together(self) -> None:
         if not self.addresses and self.listen is None:
@@ -555,7 +633,8 @@ class RemoteWorkers(_Group):
                 "(RemoteWorkers(token=...))"
             )
         if self.tls is None and not self.insecure:
-            exposed = [a for a in (*self.addresses, *([self.listen] if self.listen else [])) if beyond_loopback(a)]
+            exposed = [a for a in (*self.fixed, *([self.listen] if self.listen else [])) if beyond_loopback(a)]
+            exposed += [n for n in self.names if n.removeprefix(DNS_SCHEME).rpartition(":")[0] != "localhost"]
             if exposed:
                 raise InvalidArgumentError(
                     f"plain TCP beyond this machine ({', '.join(exposed)}): give RemoteWorkers(tls=TLSConfig(...)), "
@@ -594,9 +673,11 @@ class PoolOptions(_Group):
     def _check_together(self) -> None:
         if self.size is None:  # one per core, or none beside remote workers
             object.__setattr__(self, "size", 0 if self.remote.addresses else os.cpu_count() or 1)
-        least = 0 if self.remote.addresses else 1
-        if self.size < least:
-            raise InvalidArgumentError(f"size must be a whole number >= {least}, not {short_repr(self.size)}")
+        if self.size < 1 and not self.remote.addresses and self.remote.listen is None:
+            raise InvalidArgumentError(
+                f"size must be a whole number >= 1, not {short_repr(self.size)} (size=0, a head with no local workers, "
+                "needs remote workers: RemoteWorkers(addresses=[...]) or RemoteWorkers(listen=...))"
+            )
         if self.local.gpus is not None and self.local.gpus_per_worker is None:
             raise InvalidArgumentError("LocalWorkers.gpus is given without LocalWorkers.gpus_per_worker")
         monitoring = self.monitoring
@@ -620,8 +701,9 @@ class PoolOptions(_Group):
 
     @property
     def slots(self) -> int:
-        """Local slots and remote workers' slots."""
-        return self.size + len(self.remote.addresses)
+        """The slots of the start: local ones and those of fixed remote addresses (a ``dns://``
+        name's slots, and joining workers', are added as they are found)."""
+        return self.size + len(self.remote.fixed)
 
     @property
     def adapter_options_json(self) -> str:

@@ -32,6 +32,7 @@ import trio
 from trio_bridge import _aio
 from trio_bridge._errors import InvalidArgumentError, PoolClosedError, SessionExistsError
 from trio_bridge._host._calls import Calls
+from trio_bridge._host._discovery import Discovery
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._endpoint import metrics_endpoint, pool_status, serving
 from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
@@ -55,7 +56,7 @@ from trio_bridge._host._options import (
 )
 from trio_bridge._host._process import Launch, LocalProcess, WorkerProcess, WorkerSpec
 from trio_bridge._host._prometheus import PoolsCollector, PoolSource, default_registry
-from trio_bridge._host._remote import RemoteDial, check_joining
+from trio_bridge._host._remote import RemoteDial, RemoteTarget, check_joining
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
 from trio_bridge._host._signals import SignalStop, StoppedBySignal
@@ -81,17 +82,15 @@ class Pool(metaclass=NoPublicConstructor):
     """A pool of worker processes hosting one adapter. Made by :func:`open_pool`.
 
     Attributes:
-        size: the number of worker slots it keeps filled.
         adapter: the adapter's ``"package.module:ClassName"``.
     """
 
     def __init__(
-        self, *, adapter: str, size: int, supervisor: Supervisor, calls: Calls, router: Router, metrics: Metrics,
+        self, *, adapter: str, supervisor: Supervisor, calls: Calls, router: Router, metrics: Metrics,
         dispatcher: Dispatcher[Worker], tools: ToolRegistry, state: StateBackend, spec: WorkerSpec,
         start_method: Callable[[], str],
     ) -> None:
         self.adapter: Final[str] = adapter
-        self.size: Final[int] = size
         self._supervisor = supervisor
         self._calls = calls
         self._router = router
@@ -241,6 +240,12 @@ class Pool(metaclass=NoPublicConstructor):
         (``trio_bridge.testing``'s pools say ``"threads"`` or ``"custom"``.)"""
         return self._start_method()
 
+    @property
+    def size(self) -> int:
+        """The number of worker slots it keeps filled: the local ones and one per remote worker
+        (fixed, found through DNS, or joined; a slot whose worker's address left DNS is gone)."""
+        return self._supervisor.size
+
     def workers(self) -> list[WorkerInfo]:
         """A snapshot of each slot's current worker, ordered by slot; then any worker started
         ahead to replace a slot's worker that is due for recycling (it takes calls already, and
@@ -249,7 +254,8 @@ class Pool(metaclass=NoPublicConstructor):
 
     async def wait_for_workers(self, count: int) -> None:
         """Wait until at least ``count`` workers are ready (remote ones come and go, and join:
-        a pool with ``listen`` grows by one slot per worker that joins). Bound it with the
+        a pool with ``listen`` grows by one slot per worker that joins, and one with a ``dns://``
+        name by one per address it finds). Bound it with the
         caller's cancel scope (``trio.fail_after``).
 
         Raises:
@@ -492,7 +498,7 @@ async def _open_pool(
     python, env, start_method, shared_memory_threshold = local.python, local.env, local.start_method, local.shared_memory_threshold
     startup_timeout, heartbeat_interval, options_json = lifecycle.startup_timeout, lifecycle.heartbeat_interval, options.adapter_options_json
     remote = options.remote
-    reaching = bool(remote.addresses) or remote.listen is not None  # remote workers, or workers that join
+    reaching = bool(remote.addresses) or remote.listen is not None  # remote workers (fixed or found), or workers that join
     remote_tls = remote.tls.client_context() if reaching and remote.tls is not None else None  # once: it reads files
     remote_token = remote.token or ""  # (RemoteWorkers refuses addresses or listen without one)
     peers = frozenset(local.allowed_uids)
@@ -534,31 +540,49 @@ async def _open_pool(
                 )
 
                 callback = [""]  # where remote workers call the host back, once it listens
-                remote_addresses = list(remote.addresses)  # slot size + i: the i-th
+                fixed = {size + i: RemoteTarget(address) for i, address in enumerate(remote.fixed)}
+                remote_slots = {target.address: slot for slot, target in fixed.items()}  # every remote slot, by address
+
+                def remote_worker(target: RemoteTarget) -> WorkerFactory:
+                    """The worker factory of a remote slot: a gRPC worker that dials ``target``."""
+                    def make(worker_id: str, slot: int) -> Worker:
+                        return GrpcWorker(
+                            worker_id, slot, RemoteDial(target, remote.connect_timeout), boundary, secret=remote_token,
+                            concurrency=concurrency, startup_timeout=startup_timeout, tls=remote_tls,
+                            callback_address=callback[0],
+                        )
+                    return make
 
                 def new_worker(worker_id: str, slot: int) -> Worker:
                     """The pool's worker factory: a gRPC worker, whose far end is a local
-                    process (slots below ``size``) or a remote worker it dials."""
+                    process (slots below ``size``) or a remote worker at a fixed address."""
                     if slot < size:
                         return GrpcWorker(
                             worker_id, slot, connect(spec, slot), boundary,
                             secret=secret, concurrency=concurrency, startup_timeout=startup_timeout,
                         )
-                    return GrpcWorker(
-                        worker_id, slot, RemoteDial(remote_addresses[slot - size]), boundary, secret=remote_token,
-                        concurrency=concurrency, startup_timeout=startup_timeout, tls=remote_tls,
-                        callback_address=callback[0],
-                    )
+                    return remote_worker(fixed[slot])(worker_id, slot)
 
                 @asynccontextmanager
                 async def serve(parts: PoolParts) -> AsyncIterator[None]:
                     """What the workers call (host tools, variables, routed calls), while the pool runs."""
+                    def add_remote(address: str, server_name: str | None) -> int | None:
+                        """A slot for the remote worker at ``address`` (``None``: it has one)."""
+                        if address in remote_slots:
+                            return None
+                        slot = remote_slots[address] = parts.supervisor.add_slot(remote_worker(RemoteTarget(address, server_name)))
+                        return slot
+
+                    def remove_remote(slot: int, why: str) -> None:
+                        for address in [a for a, s in remote_slots.items() if s == slot]:
+                            del remote_slots[address]
+                        parts.supervisor.remove_slot(slot, why)
+
                     async def join(address: str, adapter_path: str, tools: list[str]) -> None:
                         """A remote worker offers itself (``trio-bridge worker --join``): dial it."""
                         address = check_joining(address, adapter_path, tools, adapter=adapter, known=parts.tools.worker_tools)
-                        if address not in remote_addresses:
-                            remote_addresses.append(address)
-                            slot = parts.supervisor.add_slot()
+                        slot = add_remote(address, None)
+                        if slot is not None:
                             _logger.info("worker at %s joined the pool (slot %d)", address, slot)
 
                     service = HostService(
@@ -573,7 +597,15 @@ async def _open_pool(
                                 boundary.serve([service], remote.listen, remote_token, remote.tls.server_context() if remote.tls else None, peers)
                             )
                             callback[0] = advertised_address(remote.advertise, bound)  # where remote workers call the host
-                        yield
+                        async with trio.open_nursery() as discovering:
+                            for entry in remote.names:
+                                discovery = Discovery(
+                                    entry, add=add_remote, remove=remove_remote, interval=remote.resolve_interval,
+                                    nameservers=remote.nameservers,
+                                )
+                                discovering.start_soon(discovery.run)
+                            yield
+                            discovering.cancel_scope.cancel()
 
                 async with compose(
                     options, spec=spec, new_worker=new_worker, serve=serve, plane=plane, tracker=tracker, stop=stop,
@@ -650,7 +682,7 @@ async def compose(
     router = Router(dispatcher, state)
     calls = Calls(supervisor=supervisor, router=router, metrics=metrics, state=state, plane=plane, lifecycle=lifecycle)
     pool = Pool._create(
-        adapter=adapter, size=size, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
+        adapter=adapter, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
         dispatcher=dispatcher, tools=tools, state=state, spec=spec,
         start_method=start_method if start_method is not None else lambda: start_method_of(spec.launch),
     )

@@ -257,11 +257,13 @@ class LocalProcess:
     """
 
     remote = False
+    server_name = None
 
     def __init__(
         self, spec: WorkerSpec, slot: int, *, janitor: Janitor | None = None, plane: SharedMemoryPlane | None = None
     ) -> None:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self.abandoned: set[str] = set()  # (its calls end with it)
         self._spec = spec
         self._slot = slot
         self._janitor = janitor

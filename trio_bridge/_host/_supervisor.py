@@ -86,6 +86,7 @@ class Supervisor:
         recycling: Recycling | None = None,
     ) -> None:
         self.size: int = size
+        """Slots now: the start's, plus those added (remote workers found or joined), less those that left."""
         self.handles: dict[int, Worker] = {}
         self.closing: bool = False
         self.last_start_error: WorkerStartError | None = None
@@ -98,6 +99,11 @@ class Supervisor:
         self._shutdown_timeout = lifecycle.shutdown_timeout
         self.plane: SharedMemoryPlane | None = plane
         self._new_worker = new_worker
+        self._slot_workers: dict[int, WorkerFactory] = {}  # the factories of added slots
+        self._initial = size  # slots 0..size-1 start with the pool; their first workers are staggered
+        self._next_slot = size
+        self._pending: list[int] = []  # added before start()
+        self._leaving: set[int] = set()  # removed: their workers drain, then the slot ends
         self._worker_ids = itertools.count(size)  # w0..w{size-1} are the first workers of the slots
         self._nursery: trio.Nursery | None = None
         self._recycle = recycling if recycling is not None else Recycling()
@@ -165,18 +171,57 @@ class Supervisor:
             if len(errors) > 1:
                 errors[0].add_note(f"({len(errors)} of {self.size} workers failed to start)")
             raise errors[0]
+        for slot in self._pending:
+            nursery.start_soon(partial(self._supervise, slot, must_start=False))
+        self._pending.clear()
         nursery.start_soon(self._health_check)
         if self.plane is not None:
             nursery.start_soon(self._sweep_shared_memory)
 
-    def add_slot(self) -> int:
-        """One more slot (a remote worker that joined); its worker starts now, and a failed
-        start is retried like a restart. Returns the slot."""
-        assert self._nursery is not None, "add_slot() before start()"
-        slot = self.size
+    def add_slot(self, new_worker: WorkerFactory | None = None) -> int:
+        """One more slot (a remote worker found or joined), whose workers ``new_worker`` makes
+        (default: the pool's factory); its worker starts now (or with the pool, before
+        :meth:`start`), and a failed start is retried like a restart. Returns the slot."""
+        slot = self._next_slot
+        self._next_slot += 1
         self.size += 1
-        self._nursery.start_soon(partial(self._supervise, slot, must_start=False))
+        if new_worker is not None:
+            self._slot_workers[slot] = new_worker
+        if self._nursery is None:
+            self._pending.append(slot)
+        else:
+            self._nursery.start_soon(partial(self._supervise, slot, must_start=False))
         return slot
+
+    def remove_slot(self, slot: int, why: str) -> None:
+        """The slot leaves (``why``: its remote worker's address is gone): its worker takes no
+        new call, finishes those it has (up to ``shutdown_timeout``), and is not replaced."""
+        if slot in self._leaving or (slot not in self.handles and slot not in self._pending):
+            return
+        self._leaving.add(slot)
+        if slot in self._pending:
+            self._pending.remove(slot)
+            self._forget(slot)
+            return
+        assert self._nursery is not None
+        for handle in [self.handles[slot], *(h for h in self._successors if h.slot == slot)]:
+            _logger.info("worker %s (slot %d) leaves the pool: %s", handle.id, slot, why)
+            if handle.lifecycle.accepting:
+                handle.lifecycle.retire()
+                self._dispatcher.remove(handle)
+                handle.figures.last_recycle_reason = why
+                self._nursery.start_soon(self._drain, handle)
+            else:
+                handle.kill(why)  # still starting (or already gone)
+
+    def _forget(self, slot: int) -> None:
+        self.handles.pop(slot, None)
+        self._slot_workers.pop(slot, None)
+        self._leaving.discard(slot)
+        self.size -= 1
+
+    def _make(self, worker_id: str, slot: int) -> Worker:
+        return self._slot_workers.get(slot, self._new_worker)(worker_id, slot)
 
     async def _supervise(
         self, slot: int, *, must_start: bool = True, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -187,49 +232,63 @@ class Supervisor:
 
         Each worker runs in a task of its own in ``lives``, so that a recycled one can finish
         its calls while its replacement already serves."""
+        failed_first: WorkerStartError | None = None
+        try:
+            async with trio.open_nursery() as lives:
+                failed_first = await self._keep_filled(lives, slot, must_start, task_status)
+        finally:
+            if slot in self._leaving:
+                self._forget(slot)
+                _logger.info("slot %d left the pool", slot)
+        if failed_first is not None:
+            raise failed_first  # out of the nursery, not in a group
+
+    async def _keep_filled(
+        self, lives: trio.Nursery, slot: int, must_start: bool, task_status: trio.TaskStatus[None],
+    ) -> WorkerStartError | None:
+        """:meth:`_supervise`'s loop, until the pool closes or the slot leaves; returns why the
+        slot's first worker could not start, where that must fail the pool's start."""
         failures = 0
         first = must_start
         reported = False
-        failed_first: WorkerStartError | None = None
         first_of_slot = True
-        async with trio.open_nursery() as lives:
-            while not self.closing:
-                # the first worker of an initial slot is named after it (they start in any order)
-                worker_id = f"w{slot}" if first else f"w{next(self._worker_ids)}"
-                handle = self._new_worker(worker_id, slot)
-                self.handles[slot] = handle
-                lived_from = trio.current_time()
-                failed = await self._start(lives, handle, first_of_slot=first_of_slot)
-                first_of_slot = False
-                if failed is not None:
-                    if first:
-                        failed_first = failed  # raised out of the nursery, not in a group
-                        break
-                    self.last_start_error = failed
-                    _logger.warning("worker %s (slot %d) could not start: %s", handle.id, slot, failed)
-                else:
-                    if not reported:
-                        task_status.started()
-                        reported = True
-                    first = False
-                    handle = await self._serve_and_recycle(lives, slot, handle)
-                    if self.closing:
-                        return
-                    _logger.warning(
-                        "worker %s (slot %d, pid %s) is gone: %s (exit code %s); restarting the slot",
-                        handle.id, slot, handle.pid, handle.lifecycle.death_reason or "it exited by itself",
-                        handle.lifecycle.exit_code,
-                    )
-                    started_at = handle.lifecycle.started_at
-                    lived_from = started_at if started_at is not None else lived_from
-                if self.closing:
-                    return
-                self._metrics.restarts += 1
-                failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
-                if failures > 1:  # a slot that keeps failing backs off; a first crash restarts at once
-                    await trio.sleep(self._backoff(failures))
-        if failed_first is not None:
-            raise failed_first
+        while not self.closing and slot not in self._leaving:
+            # the first worker of an initial slot is named after it (they start in any order)
+            worker_id = f"w{slot}" if first else f"w{next(self._worker_ids)}"
+            handle = self._make(worker_id, slot)
+            self.handles[slot] = handle
+            lived_from = trio.current_time()
+            failed = await self._start(lives, handle, first_of_slot=first_of_slot)
+            first_of_slot = False
+            if failed is not None:
+                if first:
+                    return failed
+                if slot in self._leaving:
+                    return None
+                self.last_start_error = failed
+                _logger.warning("worker %s (slot %d) could not start: %s", handle.id, slot, failed)
+            else:
+                if not reported:
+                    task_status.started()
+                    reported = True
+                first = False
+                handle = await self._serve_and_recycle(lives, slot, handle)
+                if self.closing or slot in self._leaving:
+                    return None
+                _logger.warning(
+                    "worker %s (slot %d, pid %s) is gone: %s (exit code %s); restarting the slot",
+                    handle.id, slot, handle.pid, handle.lifecycle.death_reason or "it exited by itself",
+                    handle.lifecycle.exit_code,
+                )
+                started_at = handle.lifecycle.started_at
+                lived_from = started_at if started_at is not None else lived_from
+            if self.closing:
+                return None
+            self._metrics.restarts += 1
+            failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
+            if failures > 1:  # a slot that keeps failing backs off; a first crash restarts at once
+                await trio.sleep(self._backoff(failures))
+        return None
 
     def _max_calls(self, slot: int, first_of_slot: bool) -> int | None:
         """The calls a slot's new worker may be given (``Recycling.max_calls`` holds exactly:
@@ -244,9 +303,9 @@ class Supervisor:
         ``n`` gets ``i/n`` fewer calls, so that the slots (which the dispatcher loads evenly)
         reach their limits one after the other, never all at once. The price of that stagger: ``(size - 1) / 2`` extra starts, once."""
         limit = self._recycle.max_calls
-        if limit is None or not first_of_slot or slot >= self.size:
+        if limit is None or not first_of_slot or slot >= self._initial:
             return limit
-        return max(1, limit - slot * limit // self.size)
+        return max(1, limit - slot * limit // self._initial)
 
     def _backoff(self, failures: int) -> float:
         low, high = self._restart_backoff
@@ -321,7 +380,7 @@ class Supervisor:
                 continue
             kind, why = passed
             if kind == "soon" or not ahead:
-                successor = self._new_worker(f"w{next(self._worker_ids)}", slot)
+                successor = self._make(f"w{next(self._worker_ids)}", slot)
                 self._successors.add(successor)  # known to the pool (its heartbeat asks) and killed with it
                 failed = await self._start(lives, successor)
                 if failed is not None:  # the old worker keeps serving; try again after a backoff
@@ -395,13 +454,14 @@ class Supervisor:
             await handle.lifecycle.exited.wait()
 
     async def _drain(self, handle: Worker) -> None:
-        """A recycled worker: let its calls end, however long they take (a hung worker is the
-        health check's business; the pool's close bounds it by ``shutdown_timeout``), then stop it."""
+        """A recycled worker (or one whose slot leaves): let its calls end, however long they
+        take (a hung worker is the health check's business; the pool's close bounds it by
+        ``shutdown_timeout``), then stop it."""
         while handle.lifecycle.busy and handle.lifecycle.alive:
             await trio.sleep(_DRAIN_POLL)
         await handle.shutdown(self._shutdown_timeout)
         if handle.lifecycle.alive:
-            handle.kill(f"it was recycled ({handle.figures.last_recycle_reason}) and did not exit in time")
+            handle.kill(f"it was retired ({handle.figures.last_recycle_reason}) and did not exit in time")
 
     async def _sweep_shared_memory(self) -> None:
         """Segments of processes that are gone (a tool's child that wrote some) must not pile up;

@@ -20,6 +20,7 @@ hyperframe or betterproto2, and with ``TRIO_BRIDGE_STOCK_WIRE``: the stock ones)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import Collection
 from ssl import SSLContext
@@ -151,9 +152,11 @@ class _FastAbstractSocketChannel(_AbstractSocketChannel, _FastChannel):
     """An _AbstractSocketChannel whose connections are _FastH2Protocols."""
 
 
-def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
+def open_channel(address: str, ssl: SSLContext | None = None, *, server_name: str | None = None) -> Channel:
     """A grpclib client channel to ``address`` (connects lazily, on the first call); TCP over
-    TLS with ``ssl`` (a client context: ``TLSConfig.client_context()``)."""
+    TLS with ``ssl`` (a client context: ``TLSConfig.client_context()``), whose peer's
+    certificate must name ``server_name`` (default: the address's host; grpclib's
+    ``ssl_target_name_override``)."""
     scheme, where, port = parse_address(address)
     plain: type[Channel] = _FastChannel if overrides.HTTP2 else _CheckedChannel
     if scheme == "unix":
@@ -161,7 +164,8 @@ def open_channel(address: str, ssl: SSLContext | None = None) -> Channel:
         if where.startswith("\0") and overrides.ABSTRACT:
             kind = _FastAbstractSocketChannel if overrides.HTTP2 else _AbstractSocketChannel
         return kind(path=where, config=_CONFIG, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
-    return plain(host=where, port=port, config=_CONFIG, ssl=ssl, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
+    config = _CONFIG if server_name is None or ssl is None else dataclasses.replace(_CONFIG, ssl_target_name_override=server_name)
+    return plain(host=where, port=port, config=config, ssl=ssl, codec=_FastCodec(), status_details_codec=StatusDetailsCodec())
 
 
 def _parts_min() -> float:

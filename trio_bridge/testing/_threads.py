@@ -62,10 +62,12 @@ class ThreadConnector:
     """
 
     remote = False
+    server_name = None
     start_method = "threads"  # Pool.start_method
 
     def __init__(self, spec: WorkerSpec, slot: int) -> None:
         self.stderr_tail: list[str] = []  # the server's traceback, if it raised
+        self.abandoned: set[str] = set()  # (its calls end with it)
         self._spec = spec
         self._slot = slot
         self._thread: threading.Thread | None = None
