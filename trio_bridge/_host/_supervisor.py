@@ -176,7 +176,7 @@ class Supervisor:
         self._pending.clear()
         nursery.start_soon(self._health_check)
         if self.plane is not None:
-            nursery.start_soon(self._sweep_shared_memory)
+            nursery.start_soon(_sweep_shared_memory, self.plane)
 
     def add_slot(self, new_worker: WorkerFactory | None = None) -> int:
         """One more slot (a remote worker found or joined), whose workers ``new_worker`` makes
@@ -287,7 +287,7 @@ class Supervisor:
             self._metrics.restarts += 1
             failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
             if failures > 1:  # a slot that keeps failing backs off; a first crash restarts at once
-                await trio.sleep(self._backoff(failures))
+                await trio.sleep(_backoff(self._restart_backoff, failures))
         return None
 
     def _max_calls(self, slot: int, first_of_slot: bool) -> int | None:
@@ -306,10 +306,6 @@ class Supervisor:
         if limit is None or not first_of_slot or slot >= self._initial:
             return limit
         return max(1, limit - slot * limit // self._initial)
-
-    def _backoff(self, failures: int) -> float:
-        low, high = self._restart_backoff
-        return min(low * 2 ** (failures - 2), high)
 
     async def _start(self, lives: trio.Nursery, handle: Worker, *, first_of_slot: bool = False) -> WorkerStartError | None:
         """Start ``handle`` in a task of ``lives``; once it is ready it takes calls. Returns why
@@ -393,7 +389,7 @@ class Supervisor:
                         "worker %s (slot %d) is due for recycling (%s), but its replacement could not start: %s",
                         handle.id, slot, why, failed,
                     )
-                    await self._wait_gone(handle, self._backoff(failures + 1))
+                    await _wait_gone(handle, _backoff(self._restart_backoff, failures + 1))
                     continue
                 failures = 0
                 ahead.append(successor)
@@ -449,10 +445,6 @@ class Supervisor:
             await _first_of(waits, timeout)
         return None
 
-    async def _wait_gone(self, handle: Worker, seconds: float) -> None:
-        with trio.move_on_after(seconds):
-            await handle.lifecycle.exited.wait()
-
     async def _drain(self, handle: Worker) -> None:
         """A recycled worker (or one whose slot leaves): let its calls end, however long they
         take (a hung worker is the health check's business; the pool's close bounds it by
@@ -462,14 +454,6 @@ class Supervisor:
         await handle.shutdown(self._shutdown_timeout)
         if handle.lifecycle.alive:
             handle.kill(f"it was retired ({handle.figures.last_recycle_reason}) and did not exit in time")
-
-    async def _sweep_shared_memory(self) -> None:
-        """Segments of processes that are gone (a tool's child that wrote some) must not pile up;
-        a worker's own are removed as it exits."""
-        assert self.plane is not None
-        while True:
-            await trio.sleep(_SWEEP_INTERVAL)
-            self.plane.sweep()
 
     async def _health_check(self) -> None:
         if self._health_check_interval <= 0:
@@ -537,6 +521,25 @@ async def _first_of(waits: list[Callable[[], Awaitable[object]]], timeout: float
 
             for wait in waits:
                 nursery.start_soon(one, wait)
+
+
+def _backoff(restart_backoff: tuple[float, float], failures: int) -> float:
+    """Seconds to wait before a slot's next start after ``failures`` in a row (``Lifecycle.restart_backoff``)."""
+    low, high = restart_backoff
+    return min(low * 2 ** (failures - 2), high)
+
+
+async def _wait_gone(handle: Worker, seconds: float) -> None:
+    with trio.move_on_after(seconds):
+        await handle.lifecycle.exited.wait()
+
+
+async def _sweep_shared_memory(plane: SharedMemoryPlane) -> None:
+    """Segments of processes that are gone (a tool's child that wrote some) must not pile up;
+    a worker's own are removed as it exits."""
+    while True:
+        await trio.sleep(_SWEEP_INTERVAL)
+        plane.sweep()
 
 
 def _first(group: BaseExceptionGroup[WorkerStartError]) -> WorkerStartError:
