@@ -240,7 +240,8 @@ class DnsServer:
     @property
     def answering(self) -> bool:
         """False: the server receives queries and ignores them (a resolver that does not answer:
-        clients wait for their timeout). True by default."""
+        UDP clients wait for their timeout; TCP ones see the connection closed unanswered). True
+        by default."""
         return self._records.answering
 
     @answering.setter
@@ -249,6 +250,7 @@ class DnsServer:
 
     @property
     def running(self) -> bool:
+        """Whether it listens (between :meth:`start` and :meth:`stop`)."""
         return bool(self._servers)
 
     def start(self) -> None:
@@ -435,9 +437,10 @@ class NetBed:
         return self.hosts[host].address
 
     def cut(self, host: str) -> None:
-        """Cut ``host``'s link at the switch: from now on its packets, both ways, are dropped
-        without an answer (connects and sends wait for their timeouts). ``host`` keeps its
-        interface up and its routes."""
+        """Cut ``host``'s link at the switch (:data:`HEAD`: the head's, from every host): from now
+        on its packets, both ways, are dropped without an answer (connects and sends wait for
+        their timeouts). ``host`` keeps its interface up and its routes. Raises KeyError for an
+        unknown host."""
         _run(["ip", "-n", self.switch, "link", "set", self.hosts[host].port, "down"])
 
     def heal(self, host: str) -> None:
@@ -485,8 +488,9 @@ class NetBed:
         with the bed's token and a certificate from :meth:`tls` (``host``, ``names``), in the
         repository (so ``tests.`` adapters import); ``options``: more of its command-line
         options (e.g. ``["--concurrency", "2"]``). Returns once it listens; ``.address`` is
-        ``tcp://ADDRESS:PORT``. The bed kills it on close; ``kill()`` and ``start()`` it
-        meanwhile as you like.
+        ``tcp://ADDRESS:PORT``; its stderr goes to ``.log`` (``worker-HOST-PORT.log`` in
+        ``directory``). The bed kills it on close; ``kill()`` and ``start()`` it meanwhile as you
+        like.
 
         Raises:
             RuntimeError: the worker said something else than that it serves (in the message).
@@ -495,6 +499,7 @@ class NetBed:
         worker = RemoteWorkerProcess(
             adapter, f"tcp://{self.address(host)}:{port}", self.token_file, certificates=self.certificates,
             certificate=f"bed-{host}", options=tuple(options), cwd=str(ROOT), command_prefix=self.hosts[host].command_prefix,
+            log=self.directory / f"worker-{host}-{port}.log",
         )
         self._workers.append(worker)
         return worker.start()

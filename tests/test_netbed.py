@@ -186,6 +186,7 @@ async def test_a_worker_in_a_host_serves_the_head_over_tls_under_its_address_and
             pids = {await pool.execute("pid") for _ in range(6)}
             assert worker.pid in pids  # the remote one served calls too
     assert _gone(worker.pid)
+    assert worker.log is not None and "serving tests.adapters:Echo" in worker.log.read_text()
 
 
 @pytest.mark.real_process

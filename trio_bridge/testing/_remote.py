@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from trio_bridge._wire.tls import TLSConfig
 
@@ -81,13 +83,15 @@ class RemoteWorkerProcess:
     """A ``trio-bridge worker ADAPTER --listen ADDRESS`` process (its own session and process
     group), with the token in ``token_file`` and TLS when ``certificates`` are given (its
     certificate ``certificate``). ``command_prefix``: argv put before the worker's (e.g. ``ip netns
-    exec NS``). ``start()`` returns once it listens; ``kill()`` stops it (SIGKILL); it may be
-    started again, on the same address."""
+    exec NS``). ``log``: a file that a thread appends its stderr to, the ready line first (so a
+    worker that says much never blocks on a full pipe); without it, what follows the ready line
+    stays in ``process.stderr`` for the caller to read. ``start()`` returns once it listens;
+    ``kill()`` stops it (SIGKILL); it may be started again, on the same address."""
 
     def __init__(
         self, adapter: str, address: str, token_file: Path, *, certificates: Certificates | None = None,
         options: tuple[str, ...] = (), cwd: str | None = None, certificate: str = "worker",
-        command_prefix: Sequence[str] = (),
+        command_prefix: Sequence[str] = (), log: Path | None = None,
     ) -> None:
         self.address: str = address
         self.command: list[str] = [
@@ -96,8 +100,10 @@ class RemoteWorkerProcess:
             *(certificates.worker_options(certificate) if certificates is not None else []), *options,
         ]
         self.cwd = cwd
+        self.log: Path | None = log
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_line: str = ""
+        self._copier: threading.Thread | None = None
 
     def start(self) -> RemoteWorkerProcess:
         """Start it and wait for its first line ("serving ADAPTER on ADDRESS").
@@ -109,7 +115,13 @@ class RemoteWorkerProcess:
             self.command, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )
         assert self.process.stderr is not None
-        self.ready_line = self.process.stderr.readline().decode().strip()
+        first = self.process.stderr.readline()
+        self.ready_line = first.decode().strip()
+        if self.log is not None:
+            self._copier = threading.Thread(
+                target=_append, args=(first, self.process.stderr, self.log), daemon=True, name="worker-stderr",
+            )
+            self._copier.start()
         if "serving" not in self.ready_line:
             self.kill()
             raise RuntimeError(f"trio-bridge worker did not start: {self.ready_line!r}")
@@ -122,6 +134,9 @@ class RemoteWorkerProcess:
         if self.process.poll() is None:
             os.killpg(self.process.pid, 9)
             self.process.wait()
+        if self._copier is not None:  # it reads to the end of the pipe, which the kill closed
+            self._copier.join(5)
+            self._copier = None
         if self.process.stderr is not None:
             self.process.stderr.close()
 
@@ -129,3 +144,12 @@ class RemoteWorkerProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+
+def _append(first: bytes, stream: IO[bytes], path: Path) -> None:
+    """Append ``first`` and then all of ``stream`` to the file at ``path``, a line at a time."""
+    with open(path, "ab") as out:
+        out.write(first)
+        for line in stream:
+            out.write(line)
+            out.flush()
