@@ -382,7 +382,13 @@ class NetBed:
                   for other in self.hosts.values() if other is not host),
             ])
         self.dns = DnsServer(self.head.address)
-        self.dns.start()
+        try:
+            self.dns.start()
+        except OSError as exc:
+            raise NetBedError(
+                f"cannot serve DNS on {self.head.address}:{DNS_PORT} ({exc}): does another DNS server listen on port "
+                f"{DNS_PORT} of every address (0.0.0.0)? Make it listen on its own addresses only"
+            ) from None
         self.certificates = Certificates.create(self.directory)
         write_token_file(self.token_file, self.token)
 
@@ -390,18 +396,26 @@ class NetBed:
         return f"02:{self._id[0:2]}:{self._id[2:4]}:{self._id[4:6]}:00:{index:02x}"
 
     def close(self) -> None:
-        """Kill the bed's processes, stop its DNS server, delete its namespaces and links.
-        Idempotent; :meth:`__exit__` calls it."""
-        with contextlib.suppress(AttributeError):
-            self.dns.stop()
-        for worker in self._workers:
-            worker.kill()
-        self._workers.clear()
-        for server in self._redis.values():
-            server.stop()
-        self._redis.clear()
-        self._end_processes()
-        for namespace in self._made:
+        """Kill the bed's processes, stop its DNS server, delete its namespaces and links (each
+        step even when one before it failed). Idempotent; :meth:`__exit__` calls it."""
+        with contextlib.ExitStack() as steps:  # (run last first)
+            steps.callback(self._delete_links)
+            steps.callback(self._end_processes)
+            steps.callback(self._stop_servers)
+
+    def _stop_servers(self) -> None:
+        with contextlib.ExitStack() as steps:
+            with contextlib.suppress(AttributeError):  # (set up stopped before it)
+                steps.callback(self.dns.stop)
+            for worker in self._workers:
+                steps.callback(worker.kill)
+            for server in self._redis.values():
+                steps.callback(server.stop)
+            self._workers = []
+            self._redis = {}
+
+    def _delete_links(self) -> None:
+        for namespace in self._made:  # whatever runs there, however it got there
             _kill_all_in(namespace)
         links = _run(["ip", "-o", "link", "show"]) if self._head_link_made else ""
         lines = [f"link del {self.head.device}"] if f" {self.head.device}@" in links else []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import trio_bridge
-from tests.netbed import HEAD, NetBed, NetBedError, sweep
+from tests.netbed import HEAD, DnsServer, NetBed, NetBedError, sweep
 from trio_bridge import RemoteWorkers
 
 pytestmark = pytest.mark.netbed
@@ -82,6 +82,17 @@ def test_a_bed_whose_test_failed_leaves_no_namespace_link_or_process(tmp_path):
         raise RuntimeError("the test failed")
     assert _leftovers(bed) == []
     assert all(_gone(pid) for pid in (listener.pid, deaf.pid, escaped))
+
+
+def test_a_bed_whose_set_up_failed_midway_leaves_nothing(tmp_path, monkeypatch):
+    def taken(self):
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(DnsServer, "start", taken)
+    bed = NetBed(["w1", "w2"], tmp_path)
+    with pytest.raises(NetBedError, match=r"cannot serve DNS on .*:53 .*Address already in use"):
+        bed.__enter__()
+    assert bed.hosts["w1"].namespace is not None and _leftovers(bed) == []
 
 
 def test_a_bed_left_by_a_killed_run_is_swept_away(tmp_path):
