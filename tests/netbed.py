@@ -15,11 +15,11 @@ The layout: one /24 of 10.200-250.x.0 (random per bed, clear of this machine's r
 head (this namespace, where pytest and the pool under test run) is ``.1``, the hosts ``.2``,
 ``.3``, ... in the order given. Each host (the head too) has one veth link to a Linux bridge in a
 switch namespace; every host knows every other's MAC address (permanent ARP entries), so ARP never
-fails. :meth:`NetBed.cut` takes the switch's end of a host's link down: both hosts keep their own
-interface up and their routes, and packets are dropped without an answer.
+fails. :meth:`NetBed.cut` takes the switch's end of a host's link down: the host keeps its own
+interface up and its routes, and packets are dropped without an answer.
 
 Closing the bed (leaving the ``with``, whatever the body raised) kills every process it started
-(SIGTERM to each process group, SIGKILL after :data:`GRACE` seconds, then whatever is left in
+(SIGTERM to each process group, SIGKILL after ``grace`` seconds, then whatever is left in
 its namespaces), stops the DNS server, and deletes the namespaces, the switch and the head's
 veth. A bed of an earlier run that was killed (its namespaces are named ``tbnb-PID-...`` and
 process PID is gone) is swept away when a new bed starts.
