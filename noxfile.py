@@ -125,7 +125,7 @@ def _fast_part(session: nox.Session, *ignore: str, deselect: dict[str, str] | No
     for test, why in (deselect or {}).items():
         session.log(f"not run: {test} ({why})")
         left_out += ["--deselect", test]
-    session.run("python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not real_process", *left_out, *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not real_process and not netbed", *left_out, *session.posargs)
     session.run("python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SMOKE)
 
 

@@ -443,15 +443,14 @@ async def remote_unary(n: int) -> dict[str, Any]:
     import pathlib
     import secrets
 
-    from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port
+    from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as directory:
         d = pathlib.Path(directory)
         certs = Certificates.create(d)
         token = secrets.token_hex(16)
-        (d / "token").write_text(token)
-        (d / "token").chmod(0o600)  # trio-bridge worker refuses a token file others may read
+        write_token_file(d / "token", token)
         for kind in ("unix_local", "tcp_tls_remote", "tcp_plain_remote"):
             worker = None
             options: dict[str, Any] = {"size": 1, "lifecycle": trio_bridge.Lifecycle(health_check_interval=0)}

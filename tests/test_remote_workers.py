@@ -15,7 +15,7 @@ import trio
 import trio_bridge
 from tests.helpers import wait_for
 from trio_bridge import InvalidArgumentError, Lifecycle, RemoteWorkers, TLSConfig, WorkerCrashedError, WorkerStartError
-from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port
+from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
 
 ADAPTER = "benchmarks.signal_storm:StormEcho"  # tests.adapters:Echo plus a tool that calls a host tool
 TOKEN = "a-token-for-the-tests-0123456789"
@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _remote_worker(tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTER, join: str | None = None) -> RemoteWorkerProcess:
     """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell)."""
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)  # trio-bridge worker refuses a token file others may read
+    token_file = write_token_file(tmp_path / "token", TOKEN)
     address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
     options = ("--concurrency", "2", *(["--join", join] if join else []))
     return RemoteWorkerProcess(adapter, address, token_file, certificates=certs, options=options, cwd=str(ROOT))

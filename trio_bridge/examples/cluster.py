@@ -47,7 +47,7 @@ async def run(console: Any) -> bool:
     from rich.table import Table
 
     import trio_bridge
-    from trio_bridge.testing import Certificates, RedisServer, RemoteWorkerProcess, free_port
+    from trio_bridge.testing import Certificates, RedisServer, RemoteWorkerProcess, free_port, write_token_file
 
     with tempfile.TemporaryDirectory(prefix="trio-bridge-cluster-") as directory:
         d = pathlib.Path(directory)
@@ -56,8 +56,7 @@ async def run(console: Any) -> bool:
         try:
             certs = Certificates.create(d)
             token = secrets.token_hex(16)
-            (d / "token").write_text(token)
-            (d / "token").chmod(0o600)  # trio-bridge worker refuses a token file others may read
+            write_token_file(d / "token", token)
             worker = RemoteWorkerProcess(
                 ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs,
             ).start()

@@ -10,8 +10,8 @@
   side and the real wire, each in a thread of this process instead of a process (fast to start;
   no process isolation).
 - :class:`RedisServer`: a real Redis-protocol server (valkey) for tests of shared state.
-- :class:`Certificates` and :class:`RemoteWorkerProcess`: remote workers over TLS on loopback
-  addresses that stand for other machines.
+- :class:`Certificates`, :class:`RemoteWorkerProcess` and :func:`write_token_file`: remote
+  workers over TLS on loopback addresses that stand for other machines.
 
 For pytest, :mod:`trio_bridge.testing.pytest_plugin` offers a ``trio_bridge_pool`` fixture that
 opens real pools (worker processes) for a test and closes them after it.
@@ -28,12 +28,13 @@ from trio_bridge.testing._fakes import (
 )
 from trio_bridge.testing._inprocess import open_adapter_pool
 from trio_bridge.testing._redis import RedisServer, free_port
-from trio_bridge.testing._remote import Certificates, RemoteWorkerProcess
+from trio_bridge.testing._remote import Certificates, RemoteWorkerProcess, write_token_file
 from trio_bridge.testing._threads import open_pool_in_threads
 
 __all__ = [
     "Certificates", "FakeContext", "FakePool", "FakeWorker", "FakeWorkers", "RedisServer", "RemoteWorkerProcess",
     "StartAttempt", "free_port", "open_adapter_pool", "open_fake_pool", "open_pool_in_threads", "stubborn",
+    "write_token_file",
 ]
 
 for _name in __all__:  # shown as trio_bridge.testing.X

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 
 __all__ = ["RedisServer", "free_port"]
 
@@ -51,15 +52,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """One server process on ``host`` (a free port), its files in ``directory``.
-    ``durable``: every write is appended to disk first (AOF, fsync always), so a restart keeps
-    the data, as a production Redis would. ``start()`` (returns it) and ``stop()``; ``url``."""
+    """One server process on ``host``:``port`` (default: a port free now), its files in
+    ``directory``. ``durable``: every write is appended to disk first (AOF, fsync always), so a
+    restart keeps the data, as a production Redis would. ``command_prefix``: argv put before the
+    server's (e.g. ``ip netns exec NS`` to run it in another network namespace; give ``port``
+    then, as ``host`` may not be an address of this one). ``start()`` (returns it) and ``stop()``;
+    ``url``."""
 
-    def __init__(self, directory: pathlib.Path, *, host: str = "127.0.0.1", durable: bool = False) -> None:
+    def __init__(
+        self, directory: pathlib.Path, *, host: str = "127.0.0.1", durable: bool = False, port: int | None = None,
+        command_prefix: Sequence[str] = (),
+    ) -> None:
         self.directory: pathlib.Path = directory
         self.host: str = host
-        self.port: int = free_port(host)
+        self.port: int = free_port(host) if port is None else port
         self.durable: bool = durable
+        self.command_prefix: tuple[str, ...] = tuple(command_prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,7 +82,7 @@ class RedisServer:
         """
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            [server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.directory),
+            [*self.command_prefix, server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.directory),
              "--save", "", *persistence, "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
