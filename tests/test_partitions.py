@@ -154,7 +154,8 @@ async def test_a_partition_mid_stream_fails_it_and_a_watch_through_a_short_one_l
         bed.start_worker("w1", ADAPTER, names=[NAME])
         bed.dns.set(NAME, [bed.address("w1")])
         state = RedisBackend(bed.redis("db"), timeout=2.0)
-        async with trio_bridge.open_pool(ADAPTER, size=0, remote=_remote(bed), state=state) as pool:
+        remote = _remote(bed, listen=f"tcp://{bed.head.address}:0")  # where w1 calls the head back (its watch)
+        async with trio_bridge.open_pool(ADAPTER, size=0, remote=remote, state=state) as pool:
             await _until(lambda: _ready_at(pool, _address(bed, "w1")), 10)
             # a stream: it fails, clearly, within the detection bound
             chunks = 0
@@ -172,21 +173,22 @@ async def test_a_partition_mid_stream_fails_it_and_a_watch_through_a_short_one_l
             # a watch on w1 through a cut shorter than the health check: every update arrives, in order
             async with pool.session() as session:
                 await session.register_variable("x", "integer", 0)
-                async with trio.open_nursery() as nursery:
-                    seen: list = []
+                seen: list = []
 
-                    async def watch() -> None:
-                        seen.extend(await session.execute("watch", {"name": "x", "count": 41}))
+                async def watch() -> None:
+                    seen.extend(await session.execute("watch", {"name": "x", "count": 41}))
 
-                    nursery.start_soon(watch)
-                    await trio.sleep(0.5)
-                    for value in range(1, 41):
-                        await session.set_variable("x", value)
-                        if value == 10:
-                            bed.cut("w1")
-                        if value == 20:
-                            bed.heal("w1")
-                        await trio.sleep(0.05)
+                with trio.fail_after(20):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(watch)
+                        await trio.sleep(0.5)
+                        for value in range(1, 41):
+                            await session.set_variable("x", value)
+                            if value == 10:
+                                bed.cut("w1")
+                            if value == 20:
+                                bed.heal("w1")
+                            await trio.sleep(0.05)
                 assert seen == [["initial", 0], *(["set", v] for v in range(1, 41))]
         print(f"\nmid-stream: failed {detection:.2f} s after the cut; w1 ready {recovery:.2f} s after the heal; "
               f"a watch through a 1 s cut saw all 40 updates")
@@ -259,20 +261,27 @@ async def test_a_head_cut_off_from_its_workers_while_shutting_down_closes_within
             bed.start_worker(host, ADAPTER, names=[NAME])
         bed.dns.set(NAME, [bed.address("w1"), bed.address("w2")])
         lifecycle = Lifecycle(shutdown_timeout=2.0)
-        began = 0.0
-        with trio.CancelScope() as block:
+        failed: list[BaseException] = []
+
+        async def call_from_outside(pool: trio_bridge.Pool) -> None:  # made by a task the pool's block does not own
+            try:
+                await pool.execute("cooperative_sleep", {"seconds": 60})
+            except TrioBridgeError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as outside:
             async with trio_bridge.open_pool(ADAPTER, size=0, remote=_remote(bed), lifecycle=lifecycle) as pool:
                 await _until(lambda: pool.statistics().workers_ready == 2, 10)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pool.execute, "cooperative_sleep", {"seconds": 60})
-                    await _until(lambda: pool.statistics().in_flight == 1, 5)
-                    bed.cut(HEAD)
-                    began = trio.current_time()
-                    block.cancel()  # the call and the block: the pool closes with its workers out of reach
-                    await trio.sleep_forever()
+                outside.start_soon(call_from_outside, pool)
+                await _until(lambda: pool.statistics().in_flight == 1, 5)
+                bed.cut(HEAD)
+                began = trio.current_time()
+            # the pool closed (drained: the call runs on, unanswered) with its workers out of reach
         closed_in = trio.current_time() - began
         assert closed_in < lifecycle.shutdown_timeout + 3.0
-        print(f"\na head cut off from its workers closed in {closed_in:.2f} s (shutdown_timeout 2 s)")
+        assert len(failed) == 1 and isinstance(failed[0], TrioBridgeError)
+        print(f"\na head cut off from its workers closed in {closed_in:.2f} s (shutdown_timeout 2 s); the call in flight "
+              f"failed with {type(failed[0]).__name__}: {failed[0]}")
 
 
 async def test_a_head_with_no_local_workers_follows_its_workers_in_dns(tmp_path, caplog):
