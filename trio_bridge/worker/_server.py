@@ -48,6 +48,7 @@ from trio_bridge._wire.contract import (
     EXIT_ADAPTER_SETUP,
     EXIT_HOST_GONE,
     HOST_ADDRESS_ENV,
+    KEEPALIVE,
     MAX_CHUNKS_PER_MESSAGE,
     MAX_STATUS_MESSAGE_BYTES,
     READY_PREFIX,
@@ -532,6 +533,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="TCP over TLS: this worker's certificate (PEM)")
     parser.add_argument("--tls-key", help="its private key (PEM)")
     parser.add_argument("--tls-ca", help="the CA that signs hosts' certificates (mutual TLS)")
+    parser.add_argument(
+        "--keepalive", type=float, default=KEEPALIVE,
+        help=f"TCP: seconds between pings to each host with calls open; a host silent as long again is "
+        f"taken for gone and its calls are cancelled (default {KEEPALIVE:g})",
+    )
     parser.add_argument("--join", help="tcp://HOST:PORT of a host (its listen=) to offer this worker to")
     parser.add_argument("--advertise", help="HOST:PORT where hosts reach this worker (default: --listen's)")
     parser.add_argument(
@@ -555,6 +561,8 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     """
     secret = env.get(SECRET_ENV, "")
     refusal = listener_refusal(args, secret)  # it also checks --listen's form
+    if refusal is None and not args.keepalive > 0:
+        refusal = f"--keepalive must be a positive number of seconds, not {args.keepalive:g}"
     if refusal is not None:
         print(f"trio-bridge worker: {refusal}", file=sys.stderr, flush=True)
         return 2
@@ -595,8 +603,13 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server, service.health = new_server([service], secret, coalesce_writes=True, allowed_uids=allowed_uids)
     scheme, where, port = parse_address(args.listen)  # its form was checked before the adapter loaded
+    # Over TCP (a host elsewhere), pings find a host gone silently, and closing its connection
+    # cancels its calls; a Unix socket's peer is on this machine, and its loss is always seen.
+    server, service.health = new_server(
+        [service], secret, coalesce_writes=True, allowed_uids=allowed_uids,
+        keepalive=args.keepalive if scheme == "tcp" else None,
+    )
     if scheme == "unix":
         await server.start(path=where)
         address = args.listen
