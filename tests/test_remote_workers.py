@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import trio_bridge
-from tests.helpers import wait_for
+from tests.helpers import marks, wait_for
 from trio_bridge import InvalidArgumentError, Lifecycle, RemoteWorkers, TLSConfig, WorkerCrashedError, WorkerStartError
 from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
 
@@ -22,11 +22,14 @@ TOKEN = "a-token-for-the-tests-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _remote_worker(tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTER, join: str | None = None) -> RemoteWorkerProcess:
-    """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell)."""
+def _remote_worker(
+    tmp_path: Path, certs: Certificates, *, adapter: str = ADAPTER, join: str | None = None, options: tuple[str, ...] = (),
+) -> RemoteWorkerProcess:
+    """``trio-bridge worker`` on 127.0.0.2 (another machine, as far as the host can tell), with
+    ``options`` more."""
     token_file = write_token_file(tmp_path / "token", TOKEN)
     address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
-    options = ("--concurrency", "2", *(["--join", join] if join else []))
+    options = ("--concurrency", "2", *(["--join", join] if join else []), *options)
     return RemoteWorkerProcess(adapter, address, token_file, certificates=certs, options=options, cwd=str(ROOT))
 
 
@@ -238,3 +241,69 @@ async def test_a_head_with_no_local_workers_waits_for_one_to_join_and_says_so_wh
             assert pool.size == 1 and [w.remote for w in pool.workers()] == [True]
         finally:
             joining.kill()
+
+
+@pytest.mark.real_process
+async def test_a_worker_cancels_the_calls_of_a_host_gone_silent_within_twice_its_keepalive(tmp_path, certs, marker_dir):
+    """A host whose machine died, or whose link was cut, sends nothing more, not even a reset:
+    the worker pings each host with calls open every ``--keepalive`` seconds, and closes the
+    connection of one that answers none for as long again, which cancels its calls, so their
+    slots are free for the next host. A stopped process (SIGSTOP) is such a host: its kernel still
+    acknowledges TCP, but nothing answers the pings. A host that answers keeps its calls, however
+    long they run."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from trio_bridge._wire.contract import SECRET_METADATA
+    from trio_bridge._wire.generated.trio_bridge import v1 as pb
+    from trio_bridge._wire.transport import open_channel
+
+    keepalive = 1.5
+    worker = _remote_worker(tmp_path, certs, options=("--keepalive", str(keepalive))).start()
+    host = certs.tls("host")
+
+    def seconds_until_idle() -> float:
+        """Seconds until the worker's Ping (from another connection) lists no call (at most 60)."""
+
+        async def poll() -> float:
+            started = time.monotonic()
+            channel = open_channel(worker.address, host.client_context())
+            try:
+                stub = pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: TOKEN})
+                while (await stub.ping(pb.PingRequest())).active_calls and time.monotonic() - started < 60:
+                    await asyncio.sleep(0.02)
+            finally:
+                channel.close()
+            return time.monotonic() - started
+
+        return asyncio.run(poll())
+
+    silent = subprocess.Popen(
+        [sys.executable, "-m", "tests.silent_host", worker.address, TOKEN, host.cert, host.key, host.ca, "60",
+         "cooperative_sleep:sync", "async_sleep:async"],
+        cwd=str(ROOT), stdout=subprocess.PIPE,
+    )
+    try:
+        assert silent.stdout is not None
+        with trio.fail_after(30):
+            assert (await trio.to_thread.run_sync(silent.stdout.readline, abandon_on_cancel=True)) == b"started\n"
+        await trio.sleep(2 * keepalive)  # it answers pings: its calls run on
+        assert not marks(marker_dir, "cooperative_sleep") and not marks(marker_dir, "async_sleep")
+        silent.send_signal(signal.SIGSTOP)
+        idle_after = await trio.to_thread.run_sync(seconds_until_idle)
+        # Within 2 * keepalive: the slack is for a loaded machine. Before, the calls ran their 60 s
+        # (grpclib's server pinged every 2 hours); a graceful close of the TLS connection alone
+        # waited 30 s for the silent host's close_notify.
+        assert idle_after < 2 * keepalive + 8
+        assert marks(marker_dir, "cooperative_sleep") == ["cancelled"] and marks(marker_dir, "async_sleep") == ["cancelled"]
+
+        async with trio_bridge.open_pool(ADAPTER, **_options(certs, worker, size=0)) as pool:
+            assert await pool.execute("async_sleep", {"seconds": 2.5 * keepalive}) == 2.5 * keepalive  # this host answers
+    finally:
+        silent.kill()  # SIGKILL ends a stopped process too
+        silent.wait()
+        if silent.stdout is not None:
+            silent.stdout.close()
+        worker.kill()

@@ -18,6 +18,7 @@ from tests.adapters import Echo
 from tests.helpers import rpc_refusal
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire.codec import decode, encode
+from trio_bridge._wire.contract import WIRE_VERSION, __version__
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import new_server
 from trio_bridge.worker import tool
@@ -205,5 +206,65 @@ def test_a_sync_generator_cancelled_before_its_thread_started_never_runs():
                 await asyncio.sleep(0.001)
             await loop.run_in_executor(service.executor, lambda: None)  # every queued job has run
             assert adapter.ran is False
+
+    _run(scenario())
+
+
+def test_describe_cancels_the_calls_a_host_lost_the_connection_of_and_no_others(capfd):
+    """A host that lost the connection its calls came over names them in ``Describe``'s
+    ``cancel_calls`` when it reaches the worker again: each runs no more (a sync tool that checks
+    ``ctx.cancelled`` returns, an async tool is cancelled, whether it came on the call stream or
+    as a unary RPC), so its slot is free when the host sees it gone from ``Ping``. Unknown ids are
+    ignored; calls not named run on. A sync tool that ignores cancellation keeps its slot (and its
+    place in ``Ping``) until it returns."""
+
+    async def scenario() -> None:
+        adapter = _Gated()
+        adapter.setup()
+        service = WorkerService("tests.adapters:Echo", adapter, concurrency=8)
+
+        async def active() -> set[str]:
+            return set((await stub.ping(pb.PingRequest())).active_calls)
+
+        async def until_active(expected: set[str]) -> None:
+            async def poll() -> None:
+                while await active() != expected:
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(poll(), 10)
+
+        async with ChannelFor([service], status_details_codec=wire_errors.StatusDetailsCodec()) as channel:
+            stub = pb.WorkerServiceStub(channel)
+            async with channel.request(
+                "/trio_bridge.v1.WorkerService/Calls", Cardinality.STREAM_STREAM, pb.CallMessage, pb.CallResult,
+            ) as stream:
+                await stream.send_request()
+                for message in (
+                    _request("cooperative_sleep", "sync", seconds=30),
+                    _request("async_sleep", "async", seconds=30),
+                    _request("async_sleep", "kept", seconds=30),
+                    _request("gated", "stubborn"),
+                ):
+                    await stream.send_message(pb.CallMessage(execute=message))
+                unary = asyncio.create_task(stub.execute_tool(_request("async_sleep", "unary", seconds=30)))
+                await until_active({"sync", "async", "kept", "stubborn", "unary"})
+                await asyncio.wait_for(asyncio.to_thread(adapter.started.wait, 10), 15)
+
+                capfd.readouterr()
+                lost = ["sync", "async", "unary", "stubborn", "not-running"]
+                await stub.describe(pb.DescribeRequest(
+                    trio_bridge_version=__version__, wire_version=WIRE_VERSION, cancel_calls=lost,
+                ))
+                assert "cancelled 4 call(s) of the 5" in capfd.readouterr().err
+                await until_active({"kept", "stubborn"})  # the stubborn thread still holds its slot
+                adapter.gate.set()
+                await until_active({"kept"})
+                assert service.active.keys() == {"kept"}
+
+                # "kept" still runs and answers: a cancel of its own ends it as before.
+                await stream.send_message(pb.CallMessage(cancel="kept"))
+                await until_active(set())
+                await stream.end()
+            unary.cancel()  # its RPC ends with no answer: its host has given its connection up
+            await asyncio.gather(unary, return_exceptions=True)
 
     _run(scenario())

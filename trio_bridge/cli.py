@@ -31,6 +31,7 @@ from trio_bridge import _cli_signals
 from trio_bridge._errors import TrioBridgeError
 from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
+from trio_bridge._wire.contract import KEEPALIVE
 
 
 class _FlagsTakeNoValue:
@@ -414,14 +415,16 @@ def worker(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, envvar="TRIO_BRIDGE_CONCURRENCY", help="calls served at once")] = 1,
     join: Annotated[str | None, typer.Option("--join", envvar="TRIO_BRIDGE_JOIN", help="tcp://HOST:PORT of a host's `listen=` to offer this worker to", show_default=False)] = None,
     advertise: Annotated[str | None, typer.Option("--advertise", envvar="TRIO_BRIDGE_ADVERTISE", help="HOST:PORT where hosts reach this worker", show_default=False)] = None,
+    keepalive: Annotated[float, typer.Option("--keepalive", min=0.1, envvar="TRIO_BRIDGE_KEEPALIVE", help="seconds between pings to each host with calls open: a host that answers none for as long again (its machine died, a partition) is taken for gone, and its calls are cancelled")] = KEEPALIVE,
 ) -> None:
     """Serve ADAPTER to hosts on other machines.
 
     Hosts list it in `open_pool(..., remote=RemoteWorkers(addresses=["tcp://THIS-MACHINE:PORT"],
     token=..., tls=...))`. With `--join`, it also offers itself to that host (every few seconds: a restarted
     host finds it again), which dials it back at `--advertise` (default: the `--listen`
-    address). Runs until Ctrl-C or SIGTERM; a host that closes its pool detaches, and the next
-    one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
+    address). A host gone silently has its calls cancelled within twice `--keepalive`, so their
+    slots are free when it, or another host, comes back. Runs until Ctrl-C or SIGTERM; a host
+    that closes its pool detaches, and the next one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
     TLS (mutual with `--tls-ca`). The token file must be its owner's only (`chmod 600 FILE`),
     as ssh asks of a key; plain TCP beyond loopback needs `--insecure`.
     """
@@ -461,7 +464,8 @@ def worker(
     options = ["--tls-cert", tls_cert, "--tls-key", tls_key] if tls is not None else []
     options += ["--tls-ca", tls_ca] if tls is not None and tls_ca else []
     args = parse_arguments([
-        "--adapter", adapter, "--listen", addresses[0], "--concurrency", str(concurrency), "--no-lifeline",
+        "--adapter", adapter, "--listen", addresses[0], "--concurrency", str(concurrency), "--keepalive", str(keepalive),
+        "--no-lifeline",
         "--standalone", *[str(o) for o in options], *(["--join", addresses[1]] if join else []),
         *(["--advertise", advertise] if advertise else []), *(["--insecure"] if insecure else []),
     ])

@@ -64,6 +64,11 @@ how many were held back)."""
 DEADLINE_SLACK = 0.5
 """Seconds a worker lets a call run past its deadline: the host's own cancel normally arrives first."""
 
+KEEPALIVE = 10.0
+"""Seconds between a remote worker's pings to a host with calls open (``trio-bridge worker
+--keepalive``): a host silent as long again is taken for gone, its connection closed and its
+calls cancelled, within ``2 * KEEPALIVE`` of its going."""
+
 
 def timeout_to_wire(remaining: float | None) -> float:
     """A call's remaining time (seconds; ``None``: no deadline) as ``timeout_seconds`` on the
@@ -100,7 +105,7 @@ def incompatibility(*, local_release: str, local_wire: int, peer: str, peer_rele
 
 
 __all__ = [
-    "ADAPTER_OPTIONS_ENV", "ALLOWED_UIDS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "WORKER_MESSAGE_PREFIX", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "MAX_CHUNKS_PER_MESSAGE",
+    "ADAPTER_OPTIONS_ENV", "ALLOWED_UIDS_ENV", "DEADLINE_SLACK", "DEFAULT_WATCH_BUFFER", "EXIT_ADAPTER_IMPORT", "EXIT_ADAPTER_SETUP", "EXIT_HOST_GONE", "WORKER_MESSAGE_PREFIX", "HOST_ADDRESS_ENV", "HOST_PID_ENV", "KEEPALIVE", "MAX_CHUNKS_PER_MESSAGE",
     "MAX_NAMES", "MAX_NAME_BYTES", "MAX_STATUS_DETAILS_BYTES", "MAX_STATUS_MESSAGE_BYTES", "METRICS_PATH", "REFUSAL_LOG_INTERVAL",
     "READY_PREFIX", "SECRET_ENV", "SECRET_ON_STDIN_ENV", "STREAM_BUFFER", "SECRET_METADATA", "STATUS_PATH", "WATCH_BUFFER_METADATA", "WIRE_VERSION", "WORKER_ID_ENV", "WORKER_METADATA",
     "__version__", "incompatibility", "timeout_from_wire", "timeout_to_wire",

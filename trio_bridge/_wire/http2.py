@@ -219,6 +219,16 @@ class _FastConnection(Connection):
     def create_stream(self, *, stream_id: int | None = None, wrapper: Any = None) -> Stream:
         return FastStream(self, self._connection, self._transport, stream_id=stream_id, wrapper=wrapper)
 
+    def close(self) -> None:
+        # grpclib 0.4.9 calls close() too when a keepalive PING went unanswered (Connection._ping
+        # sets _close_by_ping_handler; an ACK clears it). A graceful close then waits for that
+        # silent peer: over TLS for its close_notify (30 s, asyncio's and uvloop's
+        # ssl_shutdown_timeout), with unsent data until TCP gives up (minutes); and only then
+        # do the connection's handlers learn of it. So with a PING outstanding, abort.
+        if self._close_by_ping_handler is not None and hasattr(self, "_transport"):
+            self._transport.abort()
+        super().close()
+
 
 if TYPE_CHECKING:
     _ProtocolBase = H2Protocol  # what grpclib (and transport.py) take it for

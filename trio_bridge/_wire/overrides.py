@@ -122,7 +122,7 @@ def _http2_needs() -> list[tuple[Any, str]]:
         (protocol, "AckedData"),
         (protocol, "EventsProcessor"),
         *[(protocol.H2Protocol, name) for name in ("data_received", "pause_writing", "resume_writing", "connection_lost")],
-        *[(protocol.Connection, name) for name in ("create_stream", "flush", "initialize", "ack")],
+        *[(protocol.Connection, name) for name in ("create_stream", "flush", "initialize", "ack", "_close_by_ping_handler")],
         *[(protocol.Stream, name) for name in ("init_stream", "send_data")],
         *[(buffer, name) for name in ("_eof", "_acked", "_acked_size", "_unacked", "_ack_callback")],
         *[(h2.connection.H2Connection, name) for name in ("_receive_frame", "_prepare_for_sending", "local_flow_control_window")],

@@ -47,6 +47,32 @@ CONNECTION_WINDOW = 4 * 1024 * 1024  # bytes: many streams share a connection
 _CONFIG = Configuration(http2_stream_window_size=STREAM_WINDOW, http2_connection_window_size=CONNECTION_WINDOW)
 
 
+def keepalive_config(seconds: float) -> Configuration:
+    """A server's configuration that sends each connection an HTTP/2 PING every ``seconds``
+    while it has a stream open, and closes a connection whose PING is unanswered ``seconds``
+    later (its RPCs' handlers are cancelled): a peer gone silently (its machine died, a partition)
+    is noticed within ``2 * seconds``. Every HTTP/2 client answers PINGs (h2 does it itself).
+
+    grpclib's defaults would send at most 2 PINGs until the server next sends data, and none
+    within 300 s of the last: a silent peer of an idle stream would never be noticed. Half the
+    interval as that minimum lets a timer that fires a little early still ping.
+
+    On our HTTP/2 protocol the close is an abort (``http2._FastConnection.close``); on grpclib's
+    stock one (:mod:`overrides`) it is graceful, which over TLS waits up to 30 s more for the
+    silent peer's close_notify before the handlers learn of it. On uvloop, timers run before I/O
+    is read: a loop blocked for longer than ``seconds`` just after a PING closes the connection
+    even if the ACK came (a host's health check fails such a worker sooner).
+
+    Raises:
+        ValueError: ``seconds`` is not positive.
+    """
+    if not seconds > 0:
+        raise ValueError(f"keepalive must be a positive number of seconds, not {seconds!r}")
+    return Configuration(
+        _keepalive_time=seconds, _keepalive_timeout=seconds, _keepalive_permit_without_calls=False,
+        _http2_max_pings_without_data=0, _http2_min_sent_ping_interval_without_data=seconds / 2,
+    )
+
 
 def parse_address(address: str) -> tuple[str, str, int]:
     """``"unix:/p"`` -> ``("unix", "/p", 0)``; ``"tcp:h:1"`` (or ``"tcp://h:1"``) -> ``("tcp", "h", 1)``.
@@ -286,7 +312,8 @@ class _FastCoalescingServer(_CoalescingServer, _FastServer):
 
 
 def new_server(
-    services: list[Any], secret: str, *, coalesce_writes: bool = False, allowed_uids: Collection[int] = ()
+    services: list[Any], secret: str, *, coalesce_writes: bool = False, allowed_uids: Collection[int] = (),
+    keepalive: float | None = None,
 ) -> tuple[grpclib.server.Server, Any]:
     """A grpclib server for ``services`` and the standard ones (health, reflection: see
     :mod:`standard_services`) that sends an RPC's ErrorInfo in its status details (see
@@ -295,7 +322,13 @@ def new_server(
     closes a connection from another uid than its own, root's and ``allowed_uids`` before any
     byte, health included (:class:`PeerCheck`); with
     ``coalesce_writes``, each connection sends what it writes in one loop iteration as one
-    write (a worker's replies). Returns it and its health status (``.set(False)``: draining)."""
+    write (a worker's replies); with ``keepalive`` (seconds), it closes a connection whose peer
+    stops answering PINGs (see :func:`keepalive_config`). Returns it and its health status
+    (``.set(False)``: draining).
+
+    Raises:
+        ValueError: ``keepalive`` is not positive.
+    """
     everything, health = with_standard_services(services)
     if not hasattr(grpclib.server.Server, "_protocol_factory"):  # where PeerCheck hooks in
         raise TrioBridgeError(
@@ -307,7 +340,8 @@ def new_server(
         kind: type[_CheckedServer] = _FastCoalescingServer if coalesce else _FastServer
     else:
         kind = _CoalescingServer if coalesce else _CheckedServer
-    server = kind(everything, codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec())
+    config = None if keepalive is None else keepalive_config(keepalive)
+    server = kind(everything, codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec(), config=config)
     server.peers = PeerCheck(allowed_uids)
     if secret:
         require_secret(server, secret)

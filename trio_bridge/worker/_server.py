@@ -48,6 +48,7 @@ from trio_bridge._wire.contract import (
     EXIT_ADAPTER_SETUP,
     EXIT_HOST_GONE,
     HOST_ADDRESS_ENV,
+    KEEPALIVE,
     MAX_CHUNKS_PER_MESSAGE,
     MAX_STATUS_MESSAGE_BYTES,
     READY_PREFIX,
@@ -102,6 +103,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.concurrency = concurrency
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tool")
         self.active: dict[str, SessionContext] = {}
+        self._tasks: dict[str, asyncio.Task[Any]] = {}  # each active call's task: cancelling it cancels the call
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
@@ -134,6 +136,9 @@ class WorkerService(pb.WorkerServiceBase):
         if definition.context_parameter:
             arguments[definition.context_parameter] = ctx
         self.active[request.call_id] = ctx
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks[request.call_id] = task
         self._idle.clear()
         return definition, arguments, ctx
 
@@ -143,6 +148,7 @@ class WorkerService(pb.WorkerServiceBase):
             await self.host.refresh(request.session_id, request.session_state_version)
 
     def _release(self, call_id: str) -> None:
+        self._tasks.pop(call_id, None)
         if self.active.pop(call_id, None) is not None:
             self.calls_served += 1
         if not self.active:
@@ -171,6 +177,8 @@ class WorkerService(pb.WorkerServiceBase):
             raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, wire_errors.clip(problem, MAX_STATUS_MESSAGE_BYTES))
         if self.standalone and message.host_address:
             self._attach(message.host_address, message.worker_id)
+        if message.cancel_calls:
+            self._cancel_lost_calls(message.cancel_calls)
         return pb.DescribeResponse(
             adapter=self.adapter_path,
             tools=[tool_spec(t) for t in self.tools.values()],
@@ -180,6 +188,19 @@ class WorkerService(pb.WorkerServiceBase):
             trio_bridge_version=__version__,
             wire_version=WIRE_VERSION,
         )
+
+    def _cancel_lost_calls(self, call_ids: list[str]) -> None:
+        """Cancel the calls of ``call_ids`` that run here, as the host's cancel would have (their
+        host lost the connection they came over); ids that run nowhere here are ignored. Returns
+        at once: a sync tool's thread keeps its slot until it returns (``Ping`` lists it till then)."""
+        cancelled = 0
+        for call_id in dict.fromkeys(call_ids):
+            task = self._tasks.get(call_id)
+            if task is not None and not task.done():
+                task.cancel()
+                cancelled += 1
+        print(f"trio-bridge worker: cancelled {cancelled} call(s) of the {len(call_ids)} the host lost "
+              "the connection of", file=sys.stderr, flush=True)
 
     def _attach(self, host_address: str, worker_id: str) -> None:
         """Serve the host at ``host_address`` from now on (a new pool: its sessions are new)."""
@@ -512,6 +533,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="TCP over TLS: this worker's certificate (PEM)")
     parser.add_argument("--tls-key", help="its private key (PEM)")
     parser.add_argument("--tls-ca", help="the CA that signs hosts' certificates (mutual TLS)")
+    parser.add_argument(
+        "--keepalive", type=float, default=KEEPALIVE,
+        help=f"TCP: seconds between pings to each host with calls open; a host silent as long again is "
+        f"taken for gone and its calls are cancelled (default {KEEPALIVE:g})",
+    )
     parser.add_argument("--join", help="tcp://HOST:PORT of a host (its listen=) to offer this worker to")
     parser.add_argument("--advertise", help="HOST:PORT where hosts reach this worker (default: --listen's)")
     parser.add_argument(
@@ -535,6 +561,8 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     """
     secret = env.get(SECRET_ENV, "")
     refusal = listener_refusal(args, secret)  # it also checks --listen's form
+    if refusal is None and not args.keepalive > 0:
+        refusal = f"--keepalive must be a positive number of seconds, not {args.keepalive:g}"
     if refusal is not None:
         print(f"trio-bridge worker: {refusal}", file=sys.stderr, flush=True)
         return 2
@@ -575,8 +603,13 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         print(f"trio-bridge worker: {args.adapter}.setup() failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         return EXIT_ADAPTER_SETUP
 
-    server, service.health = new_server([service], secret, coalesce_writes=True, allowed_uids=allowed_uids)
     scheme, where, port = parse_address(args.listen)  # its form was checked before the adapter loaded
+    # Over TCP (a host elsewhere), pings find a host gone silently, and closing its connection
+    # cancels its calls; a Unix socket's peer is on this machine, and its loss is always seen.
+    server, service.health = new_server(
+        [service], secret, coalesce_writes=True, allowed_uids=allowed_uids,
+        keepalive=args.keepalive if scheme == "tcp" else None,
+    )
     if scheme == "unix":
         await server.start(path=where)
         address = args.listen
