@@ -20,7 +20,7 @@ from grpclib.exceptions import GRPCError
 
 from tests.health_adapters import GATE_ENV
 from tests.helpers import require
-from trio_bridge import InvalidArgumentError, LocalWorkers, Monitoring, open_pool
+from trio_bridge import InvalidArgumentError, Lifecycle, LocalWorkers, Monitoring, open_pool
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.codec import encode
 from trio_bridge._wire.generated.grpc.health.v1 import HealthCheckRequest, HealthStub
@@ -94,6 +94,15 @@ async def _call(address: str, tool: str, arguments: dict, certs: Certificates) -
         channel.close()
 
 
+async def _active_calls(address: str, certs: Certificates) -> list[str]:
+    channel = Channel(*_split(address), ssl=certs.tls("host").client_context())
+    try:
+        stub = pb.WorkerServiceStub(channel, metadata={SECRET_METADATA: TOKEN})
+        return list((await stub.ping(pb.PingRequest(), timeout=WAIT)).active_calls)
+    finally:
+        channel.close()
+
+
 @pytest.mark.real_process
 def test_a_worker_s_health_port_says_alive_ready_and_draining_and_serves_nothing_else(tmp_path):
     certs = Certificates.create(tmp_path)
@@ -118,7 +127,10 @@ def test_a_worker_s_health_port_says_alive_ready_and_draining_and_serves_nothing
 
         async def drain() -> list[str]:
             call = asyncio.create_task(_call(listen, "wait_for_file", {"path": str(call_gate)}, certs))
-            await asyncio.sleep(0.5)  # (if the call were not in yet, the drain would refuse it: the end asserts it was)
+            deadline = time.monotonic() + WAIT
+            while not await _active_calls(listen, certs):  # running, before the SIGTERM
+                assert time.monotonic() < deadline and not call.done(), "the call never started"
+                await asyncio.sleep(0.02)
             process.send_signal(signal.SIGTERM)
             seen = []
             for service in ("", "ready"):
@@ -150,6 +162,7 @@ async def test_a_head_s_health_port_says_open_and_ready_while_a_worker_is_and_se
     gate.touch()
     options = {
         "size": 1, "local": LocalWorkers(env={GATE_ENV: str(gate)}),
+        "lifecycle": Lifecycle(shutdown_timeout=WAIT),  # the drain outlasts the look at it
         "monitoring": Monitoring(health_address="127.0.0.1:0"),
     }
 
