@@ -28,6 +28,7 @@ EVERY_VARIABLE = {
     "TRIO_BRIDGE_MAX_WORKER_MEMORY": ("1000000", lambda o: o.recycling.max_memory, 1_000_000),
     "TRIO_BRIDGE_METRICS_ADDRESS": ("127.0.0.1:0", lambda o: o.monitoring.address, "127.0.0.1:0"),
     "TRIO_BRIDGE_STATUS_PUBLIC": ("yes", lambda o: o.monitoring.status_public, True),
+    "TRIO_BRIDGE_HEALTH_ADDRESS": ("0.0.0.0:7001", lambda o: o.monitoring.health_address, "0.0.0.0:7001"),
     "TRIO_BRIDGE_GPUS_PER_WORKER": ("2", lambda o: o.local.gpus_per_worker, 2),
     "TRIO_BRIDGE_START_METHOD": ("spawn", lambda o: o.local.start_method, "spawn"),
     "TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD": ("none", lambda o: o.local.shared_memory_threshold, None),

@@ -66,7 +66,8 @@ async def test_the_host_service_answers_health_checks_and_reflection_from_grpcio
 def test_a_draining_worker_says_not_serving(tmp_path):
     async def scenario() -> list[int]:
         service = await _service()
-        server, service.health = new_server([service], "")
+        server, status = new_server([service], "")
+        service.health = [status]
         path = str(tmp_path / "w.sock")
         await server.start(path=path)
         channel = Channel(path=path)

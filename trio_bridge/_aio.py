@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from ssl import SSLContext
@@ -48,7 +48,8 @@ import trio
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.errors import CallFailed, info_of
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
-from trio_bridge._wire.transport import new_server, open_channel, parse_address, tcp_listener
+from trio_bridge._wire.standard_services import ServingStatus
+from trio_bridge._wire.transport import new_health_server, new_server, open_channel, parse_address, tcp_listener
 
 T = TypeVar("T")
 
@@ -437,6 +438,26 @@ class Boundary:
         duration; yields the address it listens on. On a Unix socket, peers of another uid
         than ours, root's and ``allowed_uids`` are refused (see ``new_server``)."""
         server, health = await self.run_sync(lambda: new_server(services, secret, allowed_uids=allowed_uids))
+        async with self._serving(server, [health], address, ssl) as bound:
+            yield bound
+
+    @asynccontextmanager
+    async def serve_health(self, address: str, statuses: Mapping[str, ServingStatus]) -> AsyncIterator[str]:
+        """Serve ``grpc.health.v1`` alone (see ``new_health_server``) on ``"tcp:HOST:PORT"``, in
+        plain TCP, for the block's duration; yields the address it listens on. Set ``statuses``
+        in the loop's thread (:meth:`post`); all turn NOT_SERVING as the block ends.
+
+        Raises:
+            OSError: it cannot listen there.
+        """
+        server = await self.run_sync(new_health_server, statuses)
+        async with self._serving(server, list(statuses.values()), address, None) as bound:
+            yield bound
+
+    @asynccontextmanager
+    async def _serving(
+        self, server: grpclib.server.Server, health: list[ServingStatus], address: str, ssl: SSLContext | None,
+    ) -> AsyncIterator[str]:
         scheme, where, port = parse_address(address)
         if scheme == "unix":
             await self.run(server.start(path=where))
@@ -450,7 +471,8 @@ class Boundary:
         finally:
 
             async def close() -> None:
-                health.set(False)
+                for status in health:
+                    status.set(False)
                 server.close()
                 await server.wait_closed()
 

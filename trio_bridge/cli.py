@@ -416,6 +416,8 @@ def worker(
     join: Annotated[str | None, typer.Option("--join", envvar="TRIO_BRIDGE_JOIN", help="tcp://HOST:PORT of a host's `listen=` to offer this worker to", show_default=False)] = None,
     advertise: Annotated[str | None, typer.Option("--advertise", envvar="TRIO_BRIDGE_ADVERTISE", help="HOST:PORT where hosts reach this worker", show_default=False)] = None,
     keepalive: Annotated[float, typer.Option("--keepalive", min=0.1, envvar="TRIO_BRIDGE_KEEPALIVE", help="seconds between pings to each host with calls open: a host that answers none for as long again (its machine died, a partition) is taken for gone, and its calls are cancelled")] = KEEPALIVE,
+    health: Annotated[str | None, typer.Option("--health", envvar="TRIO_BRIDGE_HEALTH", help="tcp://HOST:PORT to serve grpc.health.v1 alone on, in plain TCP without the token, for an orchestrator's probes (service '': alive; 'ready': set up); it reveals only those statuses (default: none)", show_default=False)] = None,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, envvar="TRIO_BRIDGE_DRAIN_TIMEOUT", help="seconds running calls get to finish after SIGTERM, which refuses new ones (0: no limit); a second SIGTERM ends it at once")] = 5.0,
 ) -> None:
     """Serve ADAPTER to hosts on other machines.
 
@@ -426,7 +428,8 @@ def worker(
     slots are free when it, or another host, comes back. Runs until Ctrl-C or SIGTERM; a host
     that closes its pool detaches, and the next one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
     TLS (mutual with `--tls-ca`). The token file must be its owner's only (`chmod 600 FILE`),
-    as ssh asks of a key; plain TCP beyond loopback needs `--insecure`.
+    as ssh asks of a key; plain TCP beyond loopback needs `--insecure`. `--health` serves the
+    Kubernetes `grpc:` probes (see deploy/ in the repository); SIGTERM drains (`--drain-timeout`).
     """
     import asyncio
 
@@ -453,6 +456,7 @@ def worker(
             raise TrioBridgeError("give both --tls-cert and --tls-key, or neither")
         tls = TLSConfig(tls_cert, tls_key, tls_ca) if tls_cert is not None and tls_key is not None else None
         addresses = [tcp_address("--listen", listen), *([tcp_address("--join", join)] if join else [])]
+        health_address = tcp_address("--health", health) if health else None
         exposed = [address for address in addresses if beyond_loopback(address)]
         if tls is None and exposed and not insecure:
             raise TrioBridgeError(
@@ -468,6 +472,7 @@ def worker(
         "--no-lifeline",
         "--standalone", *[str(o) for o in options], *(["--join", addresses[1]] if join else []),
         *(["--advertise", advertise] if advertise else []), *(["--insecure"] if insecure else []),
+        *(["--health", health_address] if health_address else []), "--drain-on-sigterm", str(drain_timeout),
     ])
 
     def announce(address: str) -> None:

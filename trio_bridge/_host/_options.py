@@ -267,7 +267,7 @@ def split_nameserver(server: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _metrics_address(name: str, value: Any) -> str:
+def _host_port(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{name} must be 'HOST:PORT', not {short_repr(value)}")
     try:
@@ -481,10 +481,17 @@ class Monitoring(_Group):
             (default ``None``: :class:`RemoteWorkers`' ``token``).
         status_public: serve ``/status`` without a token on an address beyond loopback too
             (default ``False``; ``TRIO_BRIDGE_STATUS_PUBLIC``).
+        health_address: ``"HOST:PORT"`` where the pool serves ``grpc.health.v1`` alone while
+            it is open, for an orchestrator's native probes (Kubernetes' ``grpc:`` probe): in
+            plain TCP and without a token, since such probes have neither, so on any address it
+            reveals only two statuses and serves no other RPC. Service ``""``: SERVING while the
+            pool is open, NOT_SERVING once it closes; ``"ready"``: SERVING while at least one
+            worker is ready. Port 0: a free one (``Pool.health_address`` says which). ``None``
+            (the default): not served (``TRIO_BRIDGE_HEALTH_ADDRESS``).
 
     Raises:
-        InvalidArgumentError: ``registry`` is not a ``CollectorRegistry``, ``address`` is not
-            ``HOST:PORT``, ``token`` is too short, ``status_public`` is not a bool (on
+        InvalidArgumentError: ``registry`` is not a ``CollectorRegistry``, ``address`` or
+            ``health_address`` is not ``HOST:PORT``, ``token`` is too short, ``status_public`` is not a bool (on
             construction); an address beyond loopback with neither a token nor
             ``status_public=True`` (when the pool opens).
     """
@@ -492,9 +499,10 @@ class Monitoring(_Group):
     registry: CollectorRegistry | None = _option(
         None, _optional(_instance(CollectorRegistry, "a prometheus_client CollectorRegistry"))
     )
-    address: str | None = _option(None, _optional(_metrics_address), "TRIO_BRIDGE_METRICS_ADDRESS")
+    address: str | None = _option(None, _optional(_host_port), "TRIO_BRIDGE_METRICS_ADDRESS")
     token: str | None = _option(None, _optional(_token))
     status_public: bool = _option(False, _bool, "TRIO_BRIDGE_STATUS_PUBLIC", flag)
+    health_address: str | None = _option(None, _optional(_host_port), "TRIO_BRIDGE_HEALTH_ADDRESS")
 
 
 @final

@@ -39,6 +39,7 @@ from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._grpc_worker import Connector, GrpcWorker
+from trio_bridge._host._health import serving_health
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
 from trio_bridge._host._metrics import Metrics, PoolStatistics
@@ -104,6 +105,8 @@ class Pool(metaclass=NoPublicConstructor):
         self._plane = supervisor.plane
         self.metrics_address: str | None = None
         """``"HOST:PORT"`` where its Prometheus metrics are served (``Monitoring.address``), once open."""
+        self.health_address: str | None = None
+        """``"tcp:HOST:PORT"`` where its health-only listener serves (``Monitoring.health_address``), once open."""
 
     def __repr__(self) -> str:
         state = "closing" if self._supervisor.closing else "open"
@@ -553,6 +556,8 @@ async def _open_pool(
                         )
                     return make
 
+                health_bound: list[str | None] = [None]  # where Monitoring.health_address serves, once it does
+
                 def new_worker(worker_id: str, slot: int) -> Worker:
                     """The pool's worker factory: a gRPC worker, whose far end is a local
                     process (slots below ``size``) or a remote worker at a fixed address."""
@@ -597,6 +602,10 @@ async def _open_pool(
                                 boundary.serve([service], remote.listen, remote_token, remote.tls.server_context() if remote.tls else None, peers)
                             )
                             callback[0] = advertised_address(remote.advertise, bound)  # where remote workers call the host
+                        if options.monitoring.health_address is not None:
+                            health_bound[0] = await stack.enter_async_context(
+                                serving_health(boundary, options.monitoring.health_address, parts.supervisor)
+                            )
                         async with trio.open_nursery() as discovering:
                             for entry in remote.names:
                                 discovery = Discovery(
@@ -612,6 +621,7 @@ async def _open_pool(
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                     start_method=lambda: start_method_of(local_connector or launch),
                 ) as pool:
+                    pool.health_address = health_bound[0]
                     yield pool
     finally:
         if plane is not None:

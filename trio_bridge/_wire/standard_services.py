@@ -7,6 +7,11 @@ Health answers for the whole server (service ``""``) and for each of its service
 pool). It needs no pool secret: an orchestrator's probe has none, and it tells nothing but that.
 Reflection, like every other RPC, does.
 
+A health-only listener (``trio-bridge worker --health``, ``Monitoring(health_address=...)``)
+serves this health service alone, in plain TCP and without the secret, for an orchestrator's
+native probe (Kubernetes' ``grpc:`` probe has neither TLS nor metadata): ``LIVENESS`` (``""``)
+and ``READINESS`` (``"ready"``), each with its own status; any other RPC there is UNIMPLEMENTED.
+
 Both are served with our own betterproto2 messages (generated from ``proto/grpc/``), and
 reflection answers from ``generated/bridge.desc`` (a FileDescriptorSet that ``just proto``
 writes), read into an index of our own. Nothing here registers a file in protobuf's default
@@ -21,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpclib.const
@@ -32,15 +37,17 @@ from trio_bridge._wire.generated.grpc.reflection import v1 as reflection_v1
 from trio_bridge._wire.generated.grpc.reflection import v1alpha as reflection_v1alpha
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+LIVENESS = ""        # a health-only listener's services: the process runs and is not draining,
+READINESS = "ready"  # and it can serve (a worker's adapter is set up; a head has a ready worker)
 _DESCRIPTORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated", "bridge.desc")
 
 
 class ServingStatus:
-    """A server's health: serving at first; ``set(False)`` when it drains. Lives on the
-    server's asyncio loop (set it there)."""
+    """A server's health: serving at first (or ``serving``); ``set(False)`` when it drains.
+    Lives on the server's asyncio loop (set it there)."""
 
-    def __init__(self) -> None:
-        self.serving = True
+    def __init__(self, serving: bool = True) -> None:
+        self.serving = serving
         self._changed = asyncio.Event()
 
     def set(self, serving: bool) -> None:
@@ -58,7 +65,7 @@ def with_standard_services(services: list[Any]) -> tuple[list[Any], ServingStatu
     """``services`` plus health and reflection; and the health status to flip
     (``status.set(False)`` when draining), serving at first."""
     status = ServingStatus()
-    health = _Health({_service_name(s) for s in services}, status)
+    health = _Health(dict.fromkeys({"", *(_service_name(s) for s in services)}, status))
     served = [*services, health]
     names = [_service_name(s) for s in served]
     index = _descriptor_index()
@@ -72,30 +79,40 @@ def _service_name(service: Any) -> str:
     return path.split("/")[1]
 
 
+def health_service(statuses: Mapping[str, ServingStatus]) -> Any:
+    """``grpc.health.v1.Health`` answering for each service name in ``statuses`` (``""``: the
+    whole server) with its status, and nothing else: what a health-only listener serves
+    (:func:`trio_bridge._wire.transport.new_health_server`)."""
+    return _Health(statuses)
+
+
 class _Health(health_pb.HealthBase):
-    """``grpc.health.v1.Health`` for a server's services (and ``""``: the whole server)."""
+    """``grpc.health.v1.Health``: each service name (``""``: the whole server) with its status."""
 
-    def __init__(self, services: Iterable[str], status: ServingStatus) -> None:
-        self._services = {"", *services}
-        self._status = status
+    def __init__(self, statuses: Mapping[str, ServingStatus]) -> None:
+        self._statuses = dict(statuses)
 
-    def _answer(self) -> health_pb.HealthCheckResponse:
+    @staticmethod
+    def _answer(status: ServingStatus) -> health_pb.HealthCheckResponse:
         serving = health_pb.HealthCheckResponseServingStatus.SERVING
         not_serving = health_pb.HealthCheckResponseServingStatus.NOT_SERVING
-        return health_pb.HealthCheckResponse(status=serving if self._status.serving else not_serving)
+        return health_pb.HealthCheckResponse(status=serving if status.serving else not_serving)
 
     async def check(self, message: health_pb.HealthCheckRequest) -> health_pb.HealthCheckResponse:
-        if message.service not in self._services:
+        status = self._statuses.get(message.service)
+        if status is None:
             raise GRPCError(grpclib.const.Status.NOT_FOUND, f"no service {message.service!r} here")
-        return self._answer()
+        return self._answer(status)
 
     async def watch(self, message: health_pb.HealthCheckRequest) -> AsyncIterator[health_pb.HealthCheckResponse]:
-        if message.service not in self._services:  # the protocol: say so, and keep the stream open
+        status = self._statuses.get(message.service)
+        if status is None:  # the protocol: say so, and keep the stream open
             yield health_pb.HealthCheckResponse(status=health_pb.HealthCheckResponseServingStatus.SERVICE_UNKNOWN)
             await asyncio.Event().wait()
+            return
         while True:
-            yield self._answer()
-            await self._status.changed()
+            yield self._answer(status)
+            await status.changed()
 
 
 class _DescriptorIndex:

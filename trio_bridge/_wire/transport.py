@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from ssl import SSLContext
 from typing import Any, cast
 
@@ -39,7 +39,7 @@ from trio_bridge._wire import fast_proto, overrides
 from trio_bridge._wire.auth import PeerCheck, require_secret
 from trio_bridge._wire.errors import Refusals, StatusDetailsCodec
 from trio_bridge._wire.limits import NOT_PROTOBUF, request_problem
-from trio_bridge._wire.standard_services import with_standard_services
+from trio_bridge._wire.standard_services import ServingStatus, health_service, with_standard_services
 
 STREAM_WINDOW = 256 * 1024  # bytes
 CONNECTION_WINDOW = 4 * 1024 * 1024  # bytes: many streams share a connection
@@ -346,3 +346,11 @@ def new_server(
     if secret:
         require_secret(server, secret)
     return server, health
+
+
+def new_health_server(statuses: Mapping[str, ServingStatus]) -> grpclib.server.Server:
+    """A grpclib server of ``grpc.health.v1.Health`` alone, answering for each service name in
+    ``statuses`` with its status: no secret, no reflection, no other RPC (UNIMPLEMENTED), so it
+    reveals nothing but those statuses. Serve it without TLS: an orchestrator's probe has none."""
+    kind = _FastServer if overrides.HTTP2 else _CheckedServer
+    return kind([health_service(statuses)], codec=_ValidatingCodec(), status_details_codec=StatusDetailsCodec())

@@ -19,10 +19,11 @@ import contextvars
 import functools
 import json
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from ssl import SSLContext
 from typing import Any
@@ -66,9 +67,17 @@ from trio_bridge._wire.contract import (
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
+from trio_bridge._wire.standard_services import LIVENESS, READINESS, ServingStatus
 from trio_bridge._wire.tls import TLSConfig
 from trio_bridge._wire.tool_spec import tool_spec
-from trio_bridge._wire.transport import advertised_address, new_server, open_channel, parse_address, tcp_listener
+from trio_bridge._wire.transport import (
+    advertised_address,
+    new_health_server,
+    new_server,
+    open_channel,
+    parse_address,
+    tcp_listener,
+)
 from trio_bridge.worker._adapter import Adapter, AdapterLoadError, collect_tools, load_adapter_class
 from trio_bridge.worker._call_stream import serve_calls
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
@@ -107,7 +116,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
-        self.health: Any = None  # its server's health status (standard_services.ServingStatus), once serving
+        self.health: list[ServingStatus] = []  # the health statuses a drain sets NOT_SERVING (its server's, --health's)
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -378,11 +387,18 @@ class WorkerService(pb.WorkerServiceBase):
         return pb.CleanupSessionResponse()
 
     async def shutdown(self, message: pb.ShutdownRequest) -> pb.ShutdownResponse:
-        self.draining = True
-        if self.health is not None:
-            self.health.set(False)  # grpc.health.v1: NOT_SERVING while it drains
-        self._loop.create_task(self._drain(message.grace_seconds))
+        self.begin_drain(message.grace_seconds)
         return pb.ShutdownResponse()
+
+    def begin_drain(self, grace: float) -> None:
+        """Refuse new calls, give running ones ``grace`` seconds (0: no limit), then stop
+        (``stopped``); health says NOT_SERVING meanwhile. Again while draining: nothing."""
+        if self.draining:
+            return
+        self.draining = True
+        for status in self.health:
+            status.set(False)  # grpc.health.v1: NOT_SERVING while it drains
+        self._loop.create_task(self._drain(grace))
 
     async def _drain(self, grace: float) -> None:
         try:
@@ -541,6 +557,13 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--join", help="tcp://HOST:PORT of a host (its listen=) to offer this worker to")
     parser.add_argument("--advertise", help="HOST:PORT where hosts reach this worker (default: --listen's)")
     parser.add_argument(
+        "--health", help="tcp:HOST:PORT: serve grpc.health.v1 alone there, in plain TCP (services '' and 'ready')",
+    )
+    parser.add_argument(
+        "--drain-on-sigterm", type=float, metavar="SECONDS",
+        help="on SIGTERM, refuse new calls, give running ones SECONDS (0: no limit), then exit with 143",
+    )
+    parser.add_argument(
         "--insecure", action="store_true",
         help=f"allow plain TCP (no TLS) beyond loopback; {SECRET_ENV} is needed there all the same",
     )
@@ -571,6 +594,31 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     except ValueError as exc:
         print(f"trio-bridge worker: {exc}", file=sys.stderr)
         return 2
+    # The health listener answers from the start: alive while setup() runs, ready after it.
+    alive, ready = ServingStatus(), ServingStatus(serving=False)
+    health_server = None
+    if args.health:
+        health_server = new_health_server({LIVENESS: alive, READINESS: ready})
+        _, where, port = parse_address(args.health)
+        try:
+            listener = tcp_listener(where, port)
+            await health_server.start(sock=listener)
+        except OSError as exc:
+            print(f"trio-bridge worker: --health {args.health}: cannot listen there: {exc.strerror or exc}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        return await _serve_adapter(args, env, announce, secret, allowed_uids, alive, ready)
+    finally:
+        if health_server is not None:
+            health_server.close()
+
+
+async def _serve_adapter(
+    args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None], secret: str,
+    allowed_uids: Collection[int], alive: ServingStatus, ready: ServingStatus,
+) -> int:
+    """:func:`serve`'s part from the adapter's import on; ``alive``, ``ready``: the health
+    listener's statuses: ``ready`` turns SERVING once it listens, both NOT_SERVING when it drains."""
     try:
         cls = load_adapter_class(args.adapter)
     except AdapterLoadError as exc:  # one line that says how to fix it; a traceback only where the module's code raised
@@ -606,10 +654,11 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
     scheme, where, port = parse_address(args.listen)  # its form was checked before the adapter loaded
     # Over TCP (a host elsewhere), pings find a host gone silently, and closing its connection
     # cancels its calls; a Unix socket's peer is on this machine, and its loss is always seen.
-    server, service.health = new_server(
+    server, status = new_server(
         [service], secret, coalesce_writes=True, allowed_uids=allowed_uids,
         keepalive=args.keepalive if scheme == "tcp" else None,
     )
+    service.health = [status, alive, ready]
     if scheme == "unix":
         await server.start(path=where)
         address = args.listen
@@ -618,7 +667,19 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         bound = listener.getsockname()
         await server.start(sock=listener, ssl=server_tls)
         address = f"tcp:{bound[0]}:{bound[1]}"
-    announce(address)
+    terminated: list[int] = []
+    if args.drain_on_sigterm is not None:
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm() -> None:
+            loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once
+            terminated.append(128 + signal.SIGTERM)  # the shell's code for it, once drained
+            print(f"trio-bridge worker: SIGTERM: draining (at most {args.drain_on_sigterm:g} s)", file=sys.stderr, flush=True)
+            service.begin_drain(args.drain_on_sigterm)
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    announce(address)  # after the SIGTERM handler: one sent on seeing this line drains
+    ready.set(True)
 
     tasks = []
     forgotten: list[int] = []
@@ -639,7 +700,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
         if host is not None:
             host.close()
         service.executor.shutdown(wait=False, cancel_futures=True)
-    return forgotten[0] if forgotten else 0
+    return forgotten[0] if forgotten else terminated[0] if terminated else 0
 
 
 def listener_refusal(args: argparse.Namespace, secret: str) -> str | None:
