@@ -165,11 +165,11 @@ class Supervisor:
                 errors.append(error)
 
         async with trio.open_nursery() as starters:
-            for slot in range(self.size):
+            for slot in range(self._initial):
                 starters.start_soon(start_one, slot)
         if errors:
             if len(errors) > 1:
-                errors[0].add_note(f"({len(errors)} of {self.size} workers failed to start)")
+                errors[0].add_note(f"({len(errors)} of {self._initial} workers failed to start)")
             raise errors[0]
         for slot in self._pending:
             nursery.start_soon(partial(self._supervise, slot, must_start=False))
