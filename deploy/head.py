@@ -9,6 +9,7 @@ and the process exits with 143.
 
 Configured by the environment (the manifests set it):
     TRIO_BRIDGE_WORKERS_DNS      dns://trio-bridge-workers.NAMESPACE.svc.cluster.local:7000
+    TRIO_BRIDGE_NAMESERVERS      DNS servers to ask, "HOST[:PORT],..." (default: /etc/resolv.conf's)
     TRIO_BRIDGE_TOKEN_FILE       the token shared with the workers (owner-only file)
     TRIO_BRIDGE_TLS_CERT/_KEY    this head's certificate and key (PEM)
     TRIO_BRIDGE_TLS_CA           the CA that signed the workers' certificates
@@ -65,7 +66,8 @@ async def main() -> None:
     tls = TLSConfig(env["TRIO_BRIDGE_TLS_CERT"], env["TRIO_BRIDGE_TLS_KEY"], env["TRIO_BRIDGE_TLS_CA"])
     with open(env["TRIO_BRIDGE_TOKEN_FILE"], encoding="utf-8") as f:
         token = f.read().strip()
-    remote = RemoteWorkers(addresses=[env["TRIO_BRIDGE_WORKERS_DNS"]], token=token, tls=tls)
+    nameservers = [s for s in env.get("TRIO_BRIDGE_NAMESERVERS", "").split(",") if s]
+    remote = RemoteWorkers(addresses=[env["TRIO_BRIDGE_WORKERS_DNS"]], token=token, tls=tls, nameservers=nameservers)
     pause = float(env.get("TRIO_BRIDGE_ROUND_PAUSE", "10"))
     monitoring = Monitoring(health_address=env.get("TRIO_BRIDGE_HEALTH_ADDRESS", "0.0.0.0:7001"))
     async with open_pool(ADAPTER, size=0, remote=remote, monitoring=monitoring) as pool:
