@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from trio_bridge import TLSConfig
+from trio_bridge._os import process_exists
 from trio_bridge.testing import Certificates, RedisServer, RemoteWorkerProcess, write_token_file
 
 __all__ = ["GRACE", "HEAD", "DnsServer", "Host", "NetBed", "NetBedError", "sweep"]
@@ -118,16 +119,6 @@ def _namespaces() -> list[str]:
     return [line.split()[0] for line in _run(["ip", "netns", "list"]).splitlines() if line.strip()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_all_in(namespace: str) -> None:
     """SIGKILL every process in ``namespace`` (processes a test started there, however they got there)."""
     with contextlib.suppress(NetBedError):
@@ -143,7 +134,7 @@ def sweep() -> list[str]:
     gone = []
     for name in _namespaces():
         parts = name.split("-")
-        if parts[0] == PREFIX and len(parts) >= 4 and parts[1].isdigit() and not _alive(int(parts[1])):
+        if parts[0] == PREFIX and len(parts) >= 4 and parts[1].isdigit() and not process_exists(int(parts[1])):
             gone.append(name)
     for name in gone:
         _kill_all_in(name)

@@ -249,7 +249,7 @@ async def test_redis_cut_off_from_one_head_of_two_fails_that_heads_state_calls_a
         print(
             f"\nRedis cut off from this head for {healed_at - cut_at:.1f} s: {len(errors)} writes failed with "
             f"StateUnavailableError, each within {max(s for s, _ in errors):.2f} s; the other head wrote "
-            f"{len(b_acked)} meanwhile and throughout; writes work again {recovered_at - healed_at:.2f} s after the heal; "
+            f"{len(b_during_cut)} meanwhile ({len(b_acked)} in all, none failed); writes work again {recovered_at - healed_at:.2f} s after the heal; "
             f"acknowledged writes lost: 0 of {len(acked) + len(b_acked)}"
         )
 
