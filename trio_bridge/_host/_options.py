@@ -603,7 +603,7 @@ class RemoteWorkers(_Group):
         resolve_interval: seconds between resolutions of each ``dns://`` name (default 5).
         nameservers: ``"HOST"`` or ``"HOST:PORT"`` (IP addresses) of the DNS servers that
             resolve ``dns://`` names (default: those of ``/etc/resolv.conf``, with its search
-            domains).
+            domains; ``/etc/hosts`` is not read).
 
     Raises:
         InvalidArgumentError: an address is neither ``tcp://HOST:PORT`` nor
