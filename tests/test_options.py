@@ -181,7 +181,9 @@ def test_options_that_only_fit_together_are_checked_when_the_pool_opens():
     assert pool_options("a.b:C", {"remote": found}, environ={}).slots == 1  # a name's slots come as it resolves
     with pytest.raises(InvalidArgumentError, match=r"plain TCP beyond this machine \(dns://workers.ns.svc:7000\)"):
         RemoteWorkers(addresses=["dns://workers.ns.svc:7000"], token=TOKEN)
-    assert RemoteWorkers(addresses=["dns://localhost:7000"], token=TOKEN).names == ("dns://localhost:7000",)
+    with pytest.raises(InvalidArgumentError, match="a name, not an IP address"):
+        RemoteWorkers(addresses=["dns://10.0.0.5:7000"], token=TOKEN, insecure=True)
+    assert RemoteWorkers(addresses=["tcp://[::1]:7000"], token=TOKEN).fixed == ("tcp:::1:7000",)
     assert pool_options("a.b:C", {"remote": RemoteWorkers(addresses=["tcp://127.0.0.2:1"], token=TOKEN)}, environ={}).size == 0
     with pytest.raises(InvalidArgumentError, match=r"Monitoring.address 0.0.0.0:9 is not loopback.*Monitoring\(token=...\)"):
         pool_options("a.b:C", {"monitoring": Monitoring(address="0.0.0.0:9")}, environ={})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
@@ -62,6 +63,8 @@ class Calls:
         self._cancel_grace = lifecycle.cancel_grace
         self._no_worker_timeout = lifecycle.no_worker_timeout
         self._call_ids = itertools.count(1)
+        # a worker may serve several pools (remote workers): ids unique across them (DescribeRequest.cancel_calls)
+        self._call_prefix = f"c{secrets.token_hex(4)}-"
         self._parked_calls: collections.Counter[str] = collections.Counter()
         self._on_workers: set[str] = set()  # ids of the calls holding a worker's slot
         self._nursery: trio.Nursery | None = None
@@ -221,26 +224,25 @@ class Calls:
         deadline = trio.current_effective_deadline()  # -inf once the caller's scope is cancelled: passed
         timeout = timeout_to_wire(None if deadline == math.inf else deadline - trio.current_time())
         return ToolCall(
-            call_id=f"c{next(self._call_ids)}", tool=tool, arguments=payload, session_id=session_id,
+            call_id=f"{self._call_prefix}{next(self._call_ids)}", tool=tool, arguments=payload, session_id=session_id,
             state_version=state_version, timeout_seconds=timeout, traceparent=traceparent,
         )
 
     async def _acquire(self, route: Route | None, affinity: Affinity | None) -> Worker:
         self._check_reentrancy()
-        failure = self._supervisor.last_start_error
-        if self._supervisor.ready or (failure is None and self._supervisor.size):
+        if self._supervisor.ready:
             return await self._router.acquire(route, affinity)
-        # No worker runs, and the last start failed or there is none to start (a head whose
+        # No worker is ready (they are starting, restarting, or out of reach; or a head's
         # remote workers are yet to be found or to join): wait a bounded time, then say why.
         with trio.move_on_after(self._no_worker_timeout):
             return await self._router.acquire(route, affinity)
-        failure = self._supervisor.last_start_error or failure
+        failure = self._supervisor.last_start_error
         if failure is None:
-            raise WorkerStartError(
-                f"no worker was ready within {self._no_worker_timeout:g} s (Lifecycle.no_worker_timeout): the pool "
-                "has no local workers, and no remote worker was found (RemoteWorkers(addresses=['dns://...'])) or "
-                "joined (trio-bridge worker --join)", worker_id="",
+            why = (
+                "the pool has no local workers, and no remote worker was found (RemoteWorkers(addresses=['dns://...'])) "
+                "or joined (trio-bridge worker --join)" if not self._supervisor.size else "none of its workers is ready (starting, restarting, or out of reach)"
             )
+            raise WorkerStartError(f"no worker was ready within {self._no_worker_timeout:g} s (Lifecycle.no_worker_timeout): {why}", worker_id="")
         raise WorkerStartError(
             f"no worker could start within {self._no_worker_timeout:g} s (Lifecycle.no_worker_timeout); the last "
             f"attempt failed: {failure}", worker_id=failure.worker_id, pid=failure.pid,

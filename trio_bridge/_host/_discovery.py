@@ -30,6 +30,7 @@ from trio_bridge._host._options import DNS_SCHEME, split_nameserver
 
 _logger = logging.getLogger("trio_bridge")
 _QUERY_TIMEOUT = 2.0  # seconds one name server has to answer one query
+_LIFETIME = 2.0  # seconds a resolution may take at least, however short the interval
 
 
 def parse_name(entry: str) -> tuple[str, int]:
@@ -94,6 +95,7 @@ class Discovery:
         self.name, self.port = parse_name(entry)
         self.slots: dict[str, int] = {}
         """The slots it made, by address."""
+        self._missed: set[str] = set()  # addresses of slots missing from the latest answer
         self._add = add
         self._remove = remove
         self._interval = interval
@@ -102,7 +104,7 @@ class Discovery:
     async def run(self) -> None:
         """Resolve every ``interval`` seconds, for ever (cancel it to stop)."""
         try:
-            resolver = new_resolver(self._nameservers, self._interval)
+            resolver = new_resolver(self._nameservers, max(self._interval, _LIFETIME))
         except dns.resolver.NoResolverConfiguration as exc:
             _logger.error(
                 "cannot resolve %s: no name servers (%s); give RemoteWorkers(nameservers=[...])", self.name, exc
@@ -121,9 +123,13 @@ class Discovery:
             await trio.sleep(self._interval)
 
     def follow(self, addresses: set[str]) -> None:
-        """Make the slots those of ``addresses``: new ones join, gone ones leave."""
-        for address in sorted(set(self.slots) - addresses):
+        """Make the slots those of ``addresses``: new ones join at once; a slot leaves once its
+        address is missing from two answers in a row (one answer without it may be a blip:
+        a DNS server reloading, a Service's endpoints being rewritten)."""
+        missing = set(self.slots) - addresses
+        for address in sorted(missing & self._missed):
             self._remove(self.slots.pop(address), f"{address} is no longer an address of {self.name}")
+        self._missed = missing - self._missed
         for address in sorted(addresses - set(self.slots)):
             slot = self._add(address, self.name)
             if slot is not None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from trio_bridge._aio import Boundary, CallStream, TransportError
-from trio_bridge._errors import WorkerCrashedError, WorkerStartError
+from trio_bridge._errors import TrioBridgeError, WorkerCrashedError, WorkerStartError
 from trio_bridge._host._metrics import WorkerFigures
 from trio_bridge._host._tools import ToolInfo, tool_info
 from trio_bridge._host._worker import Receive, ToolCall, WorkerInfo, WorkerLifecycle, WorkerState, worker_info
@@ -253,7 +253,11 @@ class GrpcWorker:
         still: set[str] = abandoned
         with trio.move_on_after(self._startup_timeout):
             while True:
-                still = abandoned.intersection(await self.active_calls())
+                try:
+                    still = abandoned.intersection(await self.active_calls())
+                except TrioBridgeError as exc:  # lost again (or stopped) as it rejoined
+                    self.kill(f"it failed as it rejoined ({exc})")
+                    raise await self._start_error(f"failed as it rejoined: {exc}") from None
                 if not still:
                     break
                 await trio.sleep(_ENDED_POLL)
@@ -333,6 +337,8 @@ class GrpcWorker:
         """A call's caller left before its answer (cancelled, or the worker was lost): listed
         for cancelling on the next dial if the connection is lost before the worker has
         dropped it (Ping prunes the list)."""
+        if not self._connector.remote:
+            return  # a process of this machine ends with its connection: nothing outlives it
         if self.lifecycle.alive:
             self._cancelled.add(call_id)
         else:

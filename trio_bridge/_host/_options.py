@@ -227,10 +227,21 @@ def _worker_address(name: str, value: Any) -> str:
     (a name whose every A/AAAA record is a worker: see :mod:`trio_bridge._host._discovery`)."""
     if isinstance(value, str) and value.startswith(DNS_SCHEME):
         host, _, port = value.removeprefix(DNS_SCHEME).rpartition(":")
-        if host and port.isdigit() and 0 < int(port) < 65536 and "/" not in host:
+        if host and port.isdigit() and 0 < int(port) < 65536 and "/" not in host and not _is_ip(host):
             return f"{DNS_SCHEME}{host}:{int(port)}"
-        raise InvalidArgumentError(f"{name}: a DNS name of workers is dns://NAME:PORT, not {short_repr(value)}")
+        raise InvalidArgumentError(
+            f"{name}: a DNS name of workers is dns://NAME:PORT (a name, not an IP address: give that as tcp://), "
+            f"not {short_repr(value)}"
+        )
     return tcp_address(name, value)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _addresses(name: str, value: Any) -> tuple[str, ...]:
@@ -608,8 +619,8 @@ class RemoteWorkers(_Group):
     Raises:
         InvalidArgumentError: an address is neither ``tcp://HOST:PORT`` nor
             ``dns://NAME:PORT``; ``addresses`` or ``listen`` without a ``token``; ``tls`` is not
-            a :class:`TLSConfig`; plain TCP to an address beyond loopback (any ``dns://`` name
-            but ``localhost``) without ``insecure=True`` (on construction).
+            a :class:`TLSConfig`; plain TCP to an address beyond loopback (or any ``dns://``
+            name) without ``insecure=True`` (on construction).
     """
 
     addresses: Sequence[str] = _option((), _addresses)
@@ -642,7 +653,7 @@ class RemoteWorkers(_Group):
             )
         if self.tls is None and not self.insecure:
             exposed = [a for a in (*self.fixed, *([self.listen] if self.listen else [])) if beyond_loopback(a)]
-            exposed += [n for n in self.names if n.removeprefix(DNS_SCHEME).rpartition(":")[0] != "localhost"]
+            exposed += list(self.names)  # whatever a DNS server answers
             if exposed:
                 raise InvalidArgumentError(
                     f"plain TCP beyond this machine ({', '.join(exposed)}): give RemoteWorkers(tls=TLSConfig(...)), "

@@ -545,6 +545,7 @@ async def _open_pool(
                 callback = [""]  # where remote workers call the host back, once it listens
                 fixed = {size + i: RemoteTarget(address) for i, address in enumerate(remote.fixed)}
                 remote_slots = {target.address: slot for slot, target in fixed.items()}  # every remote slot, by address
+                targets = {target.address: target for target in fixed.values()}  # every remote worker seen, by address
 
                 def remote_worker(target: RemoteTarget) -> WorkerFactory:
                     """The worker factory of a remote slot: a gRPC worker that dials ``target``."""
@@ -573,9 +574,10 @@ async def _open_pool(
                     """What the workers call (host tools, variables, routed calls), while the pool runs."""
                     def add_remote(address: str, server_name: str | None) -> int | None:
                         """A slot for the remote worker at ``address`` (``None``: it has one)."""
-                        if address in remote_slots:
+                        if address in remote_slots or parts.supervisor.closing:
                             return None
-                        slot = remote_slots[address] = parts.supervisor.add_slot(remote_worker(RemoteTarget(address, server_name)))
+                        target = targets.setdefault(address, RemoteTarget(address, server_name))  # its abandoned calls too
+                        slot = remote_slots[address] = parts.supervisor.add_slot(remote_worker(target))
                         return slot
 
                     def remove_remote(slot: int, why: str) -> None:

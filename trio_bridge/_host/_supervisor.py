@@ -28,7 +28,7 @@ from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._options import Lifecycle, Recycling
 from trio_bridge._host._tools import ToolRegistry
-from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo
+from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo, WorkerState
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
@@ -86,7 +86,8 @@ class Supervisor:
         recycling: Recycling | None = None,
     ) -> None:
         self.size: int = size
-        """Slots now: the start's, plus those added (remote workers found or joined), less those that left."""
+        """Slots now: the start's, plus those added (remote workers found or joined), less those
+        removed (whose workers may still be finishing their calls)."""
         self.handles: dict[int, Worker] = {}
         self.closing: bool = False
         self.last_start_error: WorkerStartError | None = None
@@ -103,7 +104,7 @@ class Supervisor:
         self._initial = size  # slots 0..size-1 start with the pool; their first workers are staggered
         self._next_slot = size
         self._pending: list[int] = []  # added before start()
-        self._leaving: set[int] = set()  # removed: their workers drain, then the slot ends
+        self._leaving: dict[int, str] = {}  # removed (and why): their workers drain, then the slot ends
         self._worker_ids = itertools.count(size)  # w0..w{size-1} are the first workers of the slots
         self._nursery: trio.Nursery | None = None
         self._recycle = recycling if recycling is not None else Recycling()
@@ -174,7 +175,7 @@ class Supervisor:
         for slot in self._pending:
             nursery.start_soon(partial(self._supervise, slot, must_start=False))
         self._pending.clear()
-        nursery.start_soon(self._health_check)
+        nursery.start_soon(HealthCheck(self._health_check_interval, lambda: [] if self.closing else self.live_handles()).run)
         if self.plane is not None:
             nursery.start_soon(_sweep_shared_memory, self.plane)
 
@@ -198,27 +199,32 @@ class Supervisor:
         new call, finishes those it has (up to ``shutdown_timeout``), and is not replaced."""
         if slot in self._leaving or (slot not in self.handles and slot not in self._pending):
             return
-        self._leaving.add(slot)
+        self._leaving[slot] = why
+        self.size -= 1
         if slot in self._pending:
             self._pending.remove(slot)
             self._forget(slot)
             return
-        assert self._nursery is not None
         for handle in [self.handles[slot], *(h for h in self._successors if h.slot == slot)]:
             _logger.info("worker %s (slot %d) leaves the pool: %s", handle.id, slot, why)
-            if handle.lifecycle.accepting:
-                handle.lifecycle.retire()
-                self._dispatcher.remove(handle)
-                handle.figures.last_recycle_reason = why
-                self._nursery.start_soon(self._drain, handle)
-            else:
-                handle.kill(why)  # still starting (or already gone)
+            self._leave(handle, why)
+
+    def _leave(self, handle: Worker, why: str) -> None:
+        """A worker of a slot that leaves: it takes no new call and drains; one still starting
+        is stopped (one that becomes ready all the same is retired by its slot's task)."""
+        assert self._nursery is not None
+        if handle.lifecycle.accepting:
+            handle.lifecycle.retire()
+            self._dispatcher.remove(handle)
+            handle.figures.last_recycle_reason = why
+            self._nursery.start_soon(self._drain, handle)
+        else:
+            handle.kill(why)
 
     def _forget(self, slot: int) -> None:
         self.handles.pop(slot, None)
         self._slot_workers.pop(slot, None)
-        self._leaving.discard(slot)
-        self.size -= 1
+        self._leaving.pop(slot, None)
 
     def _make(self, worker_id: str, slot: int) -> Worker:
         return self._slot_workers.get(slot, self._new_worker)(worker_id, slot)
@@ -353,10 +359,18 @@ class Supervisor:
         failures = 0
         ahead: list[Worker] = []  # started ahead, taking calls, not yet in the slot (in order)
         while True:
+            if slot in self._leaving:  # no replacement for it, nor for one that became ready meanwhile
+                for worker in (handle, *ahead):
+                    if worker.lifecycle.accepting:
+                        self._leave(worker, self._leaving[slot])
+                await handle.lifecycle.exited.wait()
+                return handle
             last = ahead[-1] if ahead else handle
             passed = await self._until_gone_or_past_a_limit(handle, nearing=last if len(ahead) < _AHEAD else None)
             if self.closing:
                 return handle
+            if slot in self._leaving:
+                continue
             for gone in [w for w in ahead if not w.lifecycle.alive]:
                 ahead.remove(gone)
             if passed is None and not handle.lifecycle.alive:  # it died: a replacement already running takes the slot
@@ -455,23 +469,6 @@ class Supervisor:
         if handle.lifecycle.alive:
             handle.kill(f"it was retired ({handle.figures.last_recycle_reason}) and did not exit in time")
 
-    async def _health_check(self) -> None:
-        if self._health_check_interval <= 0:
-            return
-        assert self._nursery is not None
-        while True:
-            await trio.sleep(self._health_check_interval)
-            for handle in list(self.handles.values()):
-                if handle.lifecycle.accepting:
-                    self._nursery.start_soon(self._ping, handle)
-
-    async def _ping(self, handle: Worker) -> None:
-        try:
-            with trio.fail_after(self._health_check_interval):
-                await handle.active_calls()
-        except (trio.TooSlowError, WorkerCrashedError):
-            handle.kill("it failed its health check")
-
     def kill_all(self, reason: str) -> None:
         """Kill every live worker at once (their process groups: SIGKILL)."""
         self.closing = True
@@ -485,6 +482,35 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for handle in self._all():
                 nursery.start_soon(handle.shutdown, self._shutdown_timeout)
+
+
+class HealthCheck:
+    """Every ``interval`` seconds, pings each of ``workers()`` that is ready, or draining with
+    calls left (retired, or its slot leaving: a hung drain would never end; one that has
+    finished them is being asked to exit); one that does not answer within ``interval`` is
+    killed (and so replaced). ``interval`` 0: none."""
+
+    def __init__(self, interval: float, workers: Callable[[], list[Worker]]) -> None:
+        self._interval = interval
+        self._workers = workers
+
+    async def run(self) -> None:
+        if self._interval <= 0:
+            return
+        async with trio.open_nursery() as pings:
+            while True:
+                await trio.sleep(self._interval)
+                for handle in self._workers():
+                    life = handle.lifecycle
+                    if life.state is WorkerState.READY or (life.state is WorkerState.DRAINING and life.busy):
+                        pings.start_soon(self._ping, handle)
+
+    async def _ping(self, handle: Worker) -> None:
+        try:
+            with trio.fail_after(self._interval):
+                await handle.active_calls()
+        except (trio.TooSlowError, WorkerCrashedError):
+            handle.kill("it failed its health check")
 
 
 class HeartbeatReport(Protocol):

@@ -87,6 +87,8 @@ def parse_address(address: str) -> tuple[str, str, int]:
         return scheme, ("\0" + rest[1:]) if rest.startswith("@") else rest, 0
     if scheme == "tcp":
         host, _, port = rest.removeprefix("//").rpartition(":")
+        if host.startswith("[") and host.endswith("]"):  # an IPv6 address, as URLs write it
+            host = host[1:-1]
         if host and port.isdigit():
             return scheme, host, int(port)
     raise ValueError(f"an address must be unix:PATH or tcp:HOST:PORT, not {address!r}")
