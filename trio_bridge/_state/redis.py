@@ -254,7 +254,7 @@ class RedisBackend(StateBackend):
         if self._boundary is None or self._redis is None:
             raise StateUnavailableError(f"{self!r} is not running: start RedisBackend.run() first (open_pool does)")
         try:
-            return await self._boundary.run(function(self._redis))
+            return await self._boundary.run(_on_the_loop(function, self._redis))
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
 
@@ -616,6 +616,13 @@ class RedisBackend(StateBackend):
             yield watcher
         finally:
             watcher.close()
+
+
+async def _on_the_loop(function: Callable[[Any], Awaitable[T]], client: Any) -> T:
+    """``await function(client)``, called only once this runs on the loop: redis-py's commands
+    make their inner coroutine at once, which a crossing dropped before it started (the loop
+    shutting down) would leave never awaited."""
+    return await function(client)
 
 
 @final
