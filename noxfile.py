@@ -93,7 +93,10 @@ LOWEST_DESELECT = {
     "tests/test_tool_schemas.py::test_the_mcp_shape_is_the_sdks_tool": "the MCP SDK is not installed",
 }
 #: What the fast part needs of [dev] beyond the package (linters and docs tools are not needed).
-TEST_TOOLS = {"pytest", "pytest-trio", "hypothesis", "trio-parallel", "grpcio", "grpcio-tools", "betterproto2-compiler"}
+TEST_TOOLS = {
+    "pytest", "pytest-trio", "hypothesis", "trio-parallel", "grpcio", "grpcio-tools", "betterproto2-compiler",
+    "kubernetes-validate", "dockerfile-parse", "dnslib",  # tests/test_deploy.py, tests/netbed.py
+}
 
 
 def _project() -> dict:
