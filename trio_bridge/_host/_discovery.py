@@ -83,18 +83,18 @@ class Discovery:
         add: ``add(address, server_name)`` makes a slot for a worker at ``address``
             (``tcp:IP:PORT``) and returns it; ``None`` if the pool has that address already
             (another entry, or a worker that joined).
-        remove: ``remove(slot, why)`` makes a slot leave.
+        remove: ``remove(address, why)`` makes the slot of ``address`` leave.
         interval: seconds between resolutions.
         nameservers: as :func:`new_resolver`'s.
     """
 
     def __init__(
-        self, entry: str, *, add: Callable[[str, str], int | None], remove: Callable[[int, str], None],
+        self, entry: str, *, add: Callable[[str, str], int | None], remove: Callable[[str, str], None],
         interval: float, nameservers: Sequence[str] = (),
     ) -> None:
         self.name, self.port = parse_name(entry)
-        self.slots: dict[str, int] = {}
-        """The slots it made, by address."""
+        self.addresses: set[str] = set()
+        """The addresses it made slots for."""
         self._missed: set[str] = set()  # addresses of slots missing from the latest answer
         self._add = add
         self._remove = remove
@@ -114,7 +114,7 @@ class Discovery:
         while True:
             found = await resolve(resolver, self.name)
             if found is None and answered:  # said once per outage
-                _logger.warning("could not resolve %s: keeping its %d known workers until it answers", self.name, len(self.slots))
+                _logger.warning("could not resolve %s: keeping its %d known workers until it answers", self.name, len(self.addresses))
             elif found is not None:
                 if not answered:
                     _logger.info("%s resolves again", self.name)
@@ -126,12 +126,13 @@ class Discovery:
         """Make the slots those of ``addresses``: new ones join at once; a slot leaves once its
         address is missing from two answers in a row (one answer without it may be a blip:
         a DNS server reloading, a Service's endpoints being rewritten)."""
-        missing = set(self.slots) - addresses
+        missing = self.addresses - addresses
         for address in sorted(missing & self._missed):
-            self._remove(self.slots.pop(address), f"{address} is no longer an address of {self.name}")
+            self.addresses.discard(address)
+            self._remove(address, f"{address} is no longer an address of {self.name}")
         self._missed = missing - self._missed
-        for address in sorted(addresses - set(self.slots)):
+        for address in sorted(addresses - self.addresses):
             slot = self._add(address, self.name)
             if slot is not None:
-                self.slots[address] = slot
+                self.addresses.add(address)
                 _logger.info("worker at %s (of %s) joins the pool (slot %d)", address, self.name, slot)

@@ -580,10 +580,10 @@ async def _open_pool(
                         slot = remote_slots[address] = parts.supervisor.add_slot(remote_worker(target))
                         return slot
 
-                    def remove_remote(slot: int, why: str) -> None:
-                        for address in [a for a, s in remote_slots.items() if s == slot]:
-                            del remote_slots[address]
-                        parts.supervisor.remove_slot(slot, why)
+                    def remove_remote(address: str, why: str) -> None:
+                        slot = remote_slots.pop(address, None)
+                        if slot is not None:
+                            parts.supervisor.remove_slot(slot, why)
 
                     async def join(address: str, adapter_path: str, tools: list[str]) -> None:
                         """A remote worker offers itself (``trio-bridge worker --join``): dial it."""
