@@ -6,6 +6,7 @@ Errors are grouped by what the caller can do about them (httpcore-style):
 * the call was wrong: :class:`ToolNotFoundError`, :class:`InvalidArgumentError`
   (:class:`NotAllowedError`: outside an allowlist), :class:`EncodeError` (fix the call);
 * the tool ran and failed: :class:`ToolError` (remote type, message and traceback);
+* an idempotency key was used for another call: :class:`IdempotencyConflictError`;
 * a worker went away: :class:`WorkerStartError`, :class:`WorkerCrashedError`.
 
 This module is import-light: worker processes import it too.
@@ -166,6 +167,20 @@ class DependencyCycleError(VariableError):
 
 class VariableLockedError(VariableError):
     """Another optimizer holds the variable's optimization lock."""
+
+
+class IdempotencyConflictError(TrioBridgeError):
+    """An idempotency key was used before for another call: another tool, other arguments, or
+    another session (the message names the key and what differs). Nothing ran: use another key
+    for another call.
+
+    Attributes:
+        key: the idempotency key.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key: str = key
+        super().__init__(message)
 
 
 class StoredObjectLostError(TrioBridgeError):

@@ -29,6 +29,7 @@ from trio_bridge._errors import (
 )
 from trio_bridge._host._dispatch import Affinity
 from trio_bridge._host._groups import UserErrorTracker
+from trio_bridge._host._idempotency import IdempotentCalls
 from trio_bridge._host._metrics import UNKNOWN_TOOL, Metrics, Outcome
 from trio_bridge._host._options import Lifecycle
 from trio_bridge._host._router import Route, Router
@@ -68,15 +69,30 @@ class Calls:
         self._parked_calls: collections.Counter[str] = collections.Counter()
         self._on_workers: set[str] = set()  # ids of the calls holding a worker's slot
         self._nursery: trio.Nursery | None = None
+        self._idempotent = IdempotentCalls(state, metrics)
 
     def attach(self, nursery: trio.Nursery) -> None:
-        """Where slots of cancelled calls are held until released (the pool's nursery)."""
+        """Where slots of cancelled calls are held until released, and idempotent calls' claims
+        renewed (the pool's nursery)."""
         self._nursery = nursery
+        self._idempotent.attach(nursery)
 
     # ---- unary ----
-    async def execute(self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None) -> Any:
+    async def execute(
+        self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None,
+        *, idempotency_key: str | None = None,
+    ) -> Any:
         """Run ``tool`` and return its result (the errors of ``Pool.execute``); a span of its
-        own when traces are on (:mod:`trio_bridge._tracing`)."""
+        own when traces are on (:mod:`trio_bridge._tracing`). With ``idempotency_key``, at most
+        once to completion for that key (:mod:`trio_bridge._host._idempotency`)."""
+        if idempotency_key is None:
+            return await self._traced(tool, arguments, route, affinity)
+        session_id = route.session_id if route is not None else ""
+        return await self._idempotent.execute(
+            idempotency_key, tool, arguments, session_id, lambda: self._traced(tool, arguments, route, affinity),
+        )
+
+    async def _traced(self, tool: str, arguments: dict[str, Any] | None, route: Route | None, affinity: Affinity | None) -> Any:
         if not tracing.enabled():  # the common case, kept off the generator-based span
             return await self._execute(tool, arguments, route, affinity, "")
         attributes = {"trio_bridge.tool": tool, "trio_bridge.session": route.session_id if route else ""}

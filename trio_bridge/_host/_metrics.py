@@ -1,8 +1,9 @@
 """Pool statistics, with one owner: every call's outcome is counted here, once.
 
 A call made through ``Pool.execute``/``Pool.stream``/``Session`` ends in exactly one outcome, so
-``calls_completed + calls_failed + calls_crashed + calls_cancelled + calls_refused`` is the number
-of calls made (see :class:`PoolStatistics` for what each one means).
+``calls_completed + calls_failed + calls_crashed + calls_cancelled + calls_cancelled_queued +
+calls_refused + calls_replayed`` is the number of calls made (see :class:`PoolStatistics` for what
+each one means).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Outcome(enum.Enum):
     CANCELLED = "cancelled"
     CANCELLED_QUEUED = "cancelled_queued"
     REFUSED = "refused"
+    REPLAYED = "replayed"
 
 
 @final
@@ -54,7 +56,11 @@ class PoolStatistics:
         calls_refused: calls refused before any worker ran them: the queue was full
             (``PoolSaturatedError``), the pool was closing, the session's worker was busy under
             ``strict_fail_fast``, no worker could start, or the host found the call itself
-            wrong (an unencodable argument, an ended session).
+            wrong (an unencodable argument, an ended session, a malformed idempotency key or one
+            used for another call: ``IdempotencyConflictError``).
+        calls_replayed: calls with an idempotency key answered from the record of an earlier
+            call with that key (its result, or its ``ToolError``), without running; such a call
+            is counted here only, not as completed or failed again.
         restarts: workers replaced after they died (or the pool killed them: a failed health
             check, a cancelled call not freed within ``cancel_grace``).
         recycles: workers replaced because they passed a recycling limit, by kind of limit
@@ -74,6 +80,7 @@ class PoolStatistics:
     calls_cancelled: int
     calls_cancelled_queued: int
     calls_refused: int
+    calls_replayed: int
     restarts: int
     recycles: Mapping[str, int]
     latency_p50: float | None
@@ -82,10 +89,10 @@ class PoolStatistics:
 
     @property
     def calls(self) -> int:
-        """Calls made: the sum of the six outcomes."""
+        """Calls made: the sum of the seven outcomes."""
         return (
             self.calls_completed + self.calls_failed + self.calls_crashed + self.calls_cancelled
-            + self.calls_cancelled_queued + self.calls_refused
+            + self.calls_cancelled_queued + self.calls_refused + self.calls_replayed
         )
 
 
@@ -167,7 +174,7 @@ class Metrics:
             size=size, workers_ready=workers_ready, queued=queued, in_flight=in_flight,
             calls_completed=c[Outcome.COMPLETED], calls_failed=c[Outcome.FAILED], calls_crashed=c[Outcome.CRASHED],
             calls_cancelled=c[Outcome.CANCELLED], calls_cancelled_queued=c[Outcome.CANCELLED_QUEUED],
-            calls_refused=c[Outcome.REFUSED], restarts=self.restarts, recycles=dict(recycles),
+            calls_refused=c[Outcome.REFUSED], calls_replayed=c[Outcome.REPLAYED], restarts=self.restarts, recycles=dict(recycles),
             latency_p50=_percentile(ordered, 0.50), latency_p90=_percentile(ordered, 0.90),
             latency_p99=_percentile(ordered, 0.99),
         )

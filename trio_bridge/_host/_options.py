@@ -457,16 +457,20 @@ class StateLimits(_Group):
         max_value_bytes: the largest encoded value a variable (or a session's metadata) may
             hold, in bytes (default 64 MiB).
         history_limit: past values kept per variable (default 50).
+        idempotency_ttl: seconds an idempotent call's record lives after its last write
+            (``Pool.execute(..., idempotency_key=...)``; default 3600).
 
     Raises:
-        InvalidArgumentError: a quota is not a whole number >= 1 (``history_limit``: >= 0)
-            (on construction; the message names the field).
+        InvalidArgumentError: a quota is not a whole number >= 1 (``history_limit``: >= 0),
+            or ``idempotency_ttl`` not a number of seconds > 0 (on construction; the message
+            names the field).
     """
 
     max_sessions: int = _option(10_000, _whole(1))
     max_variables_per_session: int = _option(1000, _whole(1))
     max_value_bytes: int = _option(64 * 2**20, _whole(1))
     history_limit: int = _option(50, _whole(0))
+    idempotency_ttl: float = _option(3600.0, _positive_seconds)
 
 
 @final

@@ -113,7 +113,7 @@ class Pool(metaclass=NoPublicConstructor):
         return f"<Pool {self.adapter} {state} ready={self._supervisor.ready}/{self.size} queued={self._dispatcher.queued}>"
 
     # ---- calls ----
-    async def execute(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(self, tool: str, arguments: dict[str, Any] | None = None, *, idempotency_key: str | None = None) -> Any:
         """Run ``tool`` on a free worker and return its result.
 
         The caller's cancel scope is the timeout: its deadline is sent to the worker, and
@@ -125,21 +125,33 @@ class Pool(metaclass=NoPublicConstructor):
             tool: the tool's name.
             arguments: keyword arguments, encodable values (``None``, ``bool``, ``int`` of any
                 size, ``float``, ``str``, ``bytes``, lists, tuples, ``str``-keyed dicts, numpy arrays).
+            idempotency_key: a str of 1-200 characters: for that key, at most one execution
+                completes. A call with a key in use waits for its first call, then returns the
+                same result, or raises the same ``ToolError``; a first call that ended any other
+                way (a crash, a cancellation, a refusal) recorded nothing, so the next one runs
+                the tool again (at-least-once after a crash). Keys are global to the state
+                backend (shared by every host on one Redis) and live ``idempotency_ttl`` seconds.
 
         Raises:
             ToolNotFoundError, InvalidArgumentError, EncodeError: the call was wrong; nothing ran.
+            IdempotencyConflictError: ``idempotency_key`` was used for another tool, other
+                arguments or another session; nothing ran.
+            QuotaExceededError: the first call with ``idempotency_key`` returned a result over
+                the state backend's ``max_value_bytes``, which was not recorded.
             ToolError: the tool raised; carries the remote type, message and traceback.
             WorkerCrashedError: the worker died during the call (exit code, signal, stderr tail).
             WorkerStartError: no worker is running and none could start within ``Lifecycle.no_worker_timeout``.
             PoolSaturatedError: the wait queue is full. PoolClosedError: the pool is closing.
         """
-        return await self._calls.execute(tool, arguments)
+        return await self._calls.execute(tool, arguments, idempotency_key=idempotency_key)
 
-    async def call(self, target: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, target: str, *args: Any, idempotency_key: str | None = None, **kwargs: Any) -> Any:
         """With the ``PythonAdapter``: call (or read) ``target``, a dotted path in an allowed
         module, and return the result: ``await pool.call("numpy.linalg.norm", [3, 4])``. To keep
-        objects in a worker, use :meth:`Session.call` with ``store_as``."""
-        return await self._calls.execute("call", {"target": target, "args": list(args), "kwargs": kwargs})
+        objects in a worker, use :meth:`Session.call` with ``store_as``. ``idempotency_key``
+        (keyword-only, not passed to the target): as for :meth:`execute`."""
+        arguments = {"target": target, "args": list(args), "kwargs": kwargs}
+        return await self._calls.execute("call", arguments, idempotency_key=idempotency_key)
 
     def stream(
         self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64
@@ -645,11 +657,12 @@ def default_state(state: StateBackend | str | None, limits: StateLimits) -> Stat
         return RedisBackend(
             state, max_sessions=limits.max_sessions, max_variables_per_session=limits.max_variables_per_session,
             max_value_bytes=limits.max_value_bytes, history_limit=limits.history_limit,
+            idempotency_ttl=limits.idempotency_ttl,
         )
     return MemoryBackend(SessionStore(
         max_sessions=limits.max_sessions, max_variables_per_session=limits.max_variables_per_session,
         max_value_bytes=limits.max_value_bytes, history_limit=limits.history_limit,
-    ))
+    ), idempotency_ttl=limits.idempotency_ttl)
 
 
 @asynccontextmanager

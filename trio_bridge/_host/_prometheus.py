@@ -88,7 +88,7 @@ class PoolsCollector(Collector):
 class _Families:
     def __init__(self) -> None:
         p = "trio_bridge_"
-        self.calls = CounterMetricFamily(p + "calls", "Calls by tool and outcome (as Pool.statistics() counts them)", labels=["pool", "tool", "outcome"])
+        self.calls = CounterMetricFamily(p + "calls", "Calls by tool and outcome (as Pool.statistics() counts them; replayed: answered from an idempotency key's record)", labels=["pool", "tool", "outcome"])
         self.queue_wait = HistogramMetricFamily(p + "call_queue_wait_seconds", "Seconds calls waited for a worker slot", labels=["pool"])
         self.service = HistogramMetricFamily(p + "call_service_seconds", "Seconds from taking a worker slot to the answer, answered calls", labels=["pool", "tool"])
         self.queued = GaugeMetricFamily(p + "queue_length", "Calls waiting for a worker slot", labels=["pool"])

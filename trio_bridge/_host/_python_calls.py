@@ -17,7 +17,8 @@ class PythonCallsOf(Protocol):
     """What these calls need of the pool: calls along a route."""
 
     async def execute(
-        self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None
+        self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None,
+        *, idempotency_key: str | None = None,
     ) -> Any: ...
 
 
@@ -31,19 +32,23 @@ class PythonCalls:
     _calls: PythonCallsOf
     _route: Route
 
-    async def call(self, target: str, *args: Any, store_as: str | None = None, **kwargs: Any) -> Any:
+    async def call(
+        self, target: str, *args: Any, store_as: str | None = None, idempotency_key: str | None = None, **kwargs: Any,
+    ) -> Any:
         """Call (or read) ``target`` in this session's worker: a dotted path in an allowed module,
         or ``"stored.NAME[.method]"``. With ``store_as``, keep the result there under that name
         and return ``{"stored": name, "type": ...}``. Calls go to the session's worker only
-        (affinity ``"strict"``), since that is where its objects live.
+        (affinity ``"strict"``), since that is where its objects live. With
+        ``idempotency_key``, at most once to completion for that key (see :meth:`Pool.execute`).
 
         Raises:
             StoredObjectLostError: a stored object it needs went away with its worker.
             NotAllowedError: the call reaches a module outside the allowlist (the message names it).
             ToolError: the call raised.
+            IdempotencyConflictError: ``idempotency_key`` was used for another call.
         """
         step = {"target": target, "args": list(args), "kwargs": kwargs, "store_as": store_as}
-        return await self._python("call", step, [store_as] if store_as else [])
+        return await self._python("call", step, [store_as] if store_as else [], idempotency_key)
 
     async def pipeline(self, steps: list[dict[str, Any]]) -> list[Any]:
         """Run several steps in one round trip: each ``{"call": target, "args": [...],
@@ -63,9 +68,9 @@ class PythonCalls:
         self._route.pinned.pop(name, None)
         return await self._python("delete_stored", {"name": name}, [])
 
-    async def _python(self, tool: str, arguments: dict[str, Any], storing: list[str]) -> Any:
+    async def _python(self, tool: str, arguments: dict[str, Any], storing: list[str], idempotency_key: str | None = None) -> Any:
         try:
-            result = await self._calls.execute(tool, arguments, self._route, affinity="strict")
+            result = await self._calls.execute(tool, arguments, self._route, affinity="strict", idempotency_key=idempotency_key)
         except ToolError as exc:
             if exc.remote_type == "StoredObjectNotFoundError":
                 _raise_if_lost(self.id, self._route, exc)

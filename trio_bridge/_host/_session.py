@@ -29,7 +29,8 @@ class SessionCalls(Protocol):
     """What a session needs of the pool: calls along its route."""
 
     async def execute(
-        self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None
+        self, tool: str, arguments: dict[str, Any] | None, route: Route | None = None, affinity: Affinity | None = None,
+        *, idempotency_key: str | None = None,
     ) -> Any: ...
 
     def stream(
@@ -90,10 +91,12 @@ class Session(PythonCalls, metaclass=NoPublicConstructor):
         return await self._state.get_session(self.id)
 
     # ---- calls ----
-    async def execute(self, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(self, tool: str, arguments: dict[str, Any] | None = None, *, idempotency_key: str | None = None) -> Any:
         """:meth:`Pool.execute` in this session: on its worker when the affinity allows, and with
-        its variables visible to the tool (a tool that starts after a write returned sees it)."""
-        return await self._calls.execute(tool, arguments, self._route)
+        its variables visible to the tool (a tool that starts after a write returned sees it).
+        An ``idempotency_key`` belongs to this session: the same key from another session (or
+        none) is an ``IdempotencyConflictError``."""
+        return await self._calls.execute(tool, arguments, self._route, idempotency_key=idempotency_key)
 
     def stream(
         self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64

@@ -18,6 +18,7 @@ from typing import Any, final
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, Claim, MemoryCalls
 from trio_bridge._state.sessions import SessionInfo, SessionRecord, SessionStore
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._util import public_module
@@ -333,15 +334,75 @@ class StateBackend(abc.ABC):
         from another thread."""
         return {}
 
+    # ---- idempotent calls (``Pool.execute(..., idempotency_key=...)``) ----
+    # Concrete, so that a backend written before them still works without them: these raise.
+
+    #: the largest record (bytes) :meth:`finish_call` keeps; ``None``: no limit.
+    max_value_bytes: int | None = None
+
+    async def claim_call(self, key: str, fingerprint: str, lease: float) -> Claim:
+        """Claim idempotency key ``key`` for a call whose ``fingerprint`` (an opaque str) says
+        what it runs, atomically: a free key (or one whose holder's lease of ``lease`` seconds
+        lapsed) is claimed for ``lease`` seconds; otherwise say who has it (see :class:`Claim`).
+        Keys are global to the backend.
+
+        Raises:
+            InvalidArgumentError: the backend does not keep idempotent calls.
+            StateUnavailableError: a shared backend cannot be reached.
+        """
+        raise self._no_idempotent_calls()
+
+    async def renew_call(self, key: str, token: str, lease: float) -> bool:
+        """Extend the holder's claim by ``lease`` seconds from now; ``False``: ``token`` no
+        longer holds it (its lease lapsed and another caller took it)."""
+        raise self._no_idempotent_calls()
+
+    async def finish_call(self, key: str, token: str, record: bytes) -> bool:
+        """Keep ``record`` as the call's outcome (``idempotency_ttl`` seconds) and wake its
+        waiters; ``False``: ``token`` no longer holds the key (nothing is written)."""
+        raise self._no_idempotent_calls()
+
+    async def release_call(self, key: str, token: str) -> bool:
+        """Free the key without a record (the call did not finish); ``False``: ``token`` no
+        longer held it."""
+        raise self._no_idempotent_calls()
+
+    async def wait_call(self, key: str, poll: float) -> None:
+        """Wait until the key's claim may have changed: it was finished or released, or its
+        lease lapsed; a backend that cannot be told polls, returning after about ``poll``
+        seconds. Callers claim again after it."""
+        raise self._no_idempotent_calls()
+
+    def _no_idempotent_calls(self) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"the state backend {type(self).__name__} does not keep idempotent calls (it implements no "
+            "StateBackend.claim_call): call without idempotency_key, or use MemoryBackend or RedisBackend"
+        )
+
 
 @public_module
 class MemoryBackend(StateBackend):
-    """Everything in this process's memory. Session TTLs run on the Trio clock, so tests can
-    use ``trio.testing.MockClock``."""
+    """Everything in this process's memory. Session TTLs, and idempotent calls' leases and
+    records, run on the Trio clock, so tests can use ``trio.testing.MockClock``.
 
-    def __init__(self, sessions: SessionStore | None = None, *, lock_lease: float | None = None) -> None:
+    Args:
+        sessions: the session store (its quotas); default: a new one with the default quotas.
+        lock_lease: seconds an optimization lock lasts unless renewed (``None``: until released).
+        idempotency_ttl: seconds an idempotent call's record lives after its last write
+            (default 3600).
+
+    Raises:
+        InvalidArgumentError: ``idempotency_ttl`` is not a positive number of seconds.
+    """
+
+    def __init__(
+        self, sessions: SessionStore | None = None, *, lock_lease: float | None = None,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+    ) -> None:
         self.sessions: SessionStore = sessions if sessions is not None else SessionStore()  # an empty store is falsy
         self.lock_lease = lock_lease
+        self.calls: MemoryCalls = MemoryCalls(idempotency_ttl)
+        self.max_value_bytes = self.sessions.max_value_bytes
         self.on_session_end: list[Callable[[str], None]] = []
         self._feeds: dict[str, _Feed] = {}  # sessions that have watchers
         self._reaper_wakeup = trio.Event()
@@ -500,6 +561,24 @@ class MemoryBackend(StateBackend):
                     del feed.logs[v.name]
             if not feed.watchers and self._feeds.get(session_id) is feed:
                 del self._feeds[session_id]
+
+    # ---- idempotent calls ----
+    async def claim_call(self, key: str, fingerprint: str, lease: float) -> Claim:
+        await trio.lowlevel.checkpoint()
+        return self.calls.claim(key, fingerprint, lease)
+
+    async def renew_call(self, key: str, token: str, lease: float) -> bool:
+        await trio.lowlevel.checkpoint()
+        return self.calls.renew(key, token, lease)
+
+    async def finish_call(self, key: str, token: str, record: bytes) -> bool:
+        return self.calls.finish(key, token, record)  # no checkpoint: callers finish when shielded
+
+    async def release_call(self, key: str, token: str) -> bool:
+        return self.calls.release(key, token)
+
+    async def wait_call(self, key: str, poll: float) -> None:
+        await self.calls.wait(key)
 
     def gauges(self) -> dict[str, int]:
         records = self.sessions.records()

@@ -8,6 +8,9 @@ Keys (``P`` is the prefix, ``"trio-bridge"`` by default)::
     P:s:ID:meta       hash: created_at, last_used, ttl, metadata, state_version, next_id, revision
     P:s:ID:vars       hash: variable name -> its record (value, history, lock lease...), encoded
     P:s:ID:log        stream: every change of the session's variables, in order (watches read it)
+    P:call:KEY        hash: an idempotent call's fingerprint f, holder's token t and lease end u
+                      (ms, Redis's clock), or its record r once done; expires idempotency_ttl
+                      seconds after its last write
 
 Atomicity comes from Redis: every write is optimistic -- read the session in one MULTI, apply
 the operation with the same pure :class:`VariableStore` the memory backend uses (so the rules,
@@ -50,6 +53,7 @@ import trio
 from trio_bridge._aio import Boundary, TransportError, open_boundary
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, StateUnavailableError
 from trio_bridge._state.backend import SessionInfo, StateBackend, Watcher
+from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, Claim, check_ttl, new_token
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._state.variables import HistoryEntry, UpdateKind, Variable, VariableStore, VariableUpdate
 from trio_bridge._util import public_module
@@ -126,13 +130,49 @@ redis.call('HSET', KEYS[1], 'revision', tonumber(rev) + 1, 'next_id', ARGV[6], '
 """ + _restart_ttl("KEYS[1]", "KEYS[4]", ("KEYS[2]", "KEYS[3]"), "ARGV[2]", "ARGV[3]", "ARGV[4]") + """return version
 """
 
+# Idempotent calls (P:call:KEY), on Redis's own clock (TIME), so hosts' clocks need not agree.
+# Claim: create, or take over a lapsed lease, or say who has it. KEYS: the hash; ARGV:
+# fingerprint, token, lease (ms), ttl (ms). Returns {state, fingerprint, record}.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = redis.call('HMGET', KEYS[1], 'f', 'u', 'r')
+if h[1] and h[1] ~= ARGV[1] then return {'conflict', h[1], ''} end
+if h[3] then return {'done', h[1], h[3]} end
+if h[1] and tonumber(h[2]) > now then return {'running', h[1], ''} end
+redis.call('HSET', KEYS[1], 'f', ARGV[1], 't', ARGV[2], 'u', now + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {'claimed', ARGV[1], ''}
+"""
+# Renew (ARGV: token, lease ms, ttl ms), finish (ARGV: token, record, ttl ms), release (ARGV:
+# token): only by the holder. Return 1, or 0 when the token no longer holds the key.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'u', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+_FINISH = """
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 't', 'u')
+redis.call('HSET', KEYS[1], 'r', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 _KEY_MARGIN = 60.0  # seconds Redis keeps an expired session's keys after its TTL if no host reaps it
 _LOG_GRACE_MS = 60_000  # an ended session's log stays this long, so its watchers read the end
 _REAP_INTERVAL = 1.0  # seconds between looks for expired sessions
 _BLOCK_MS = 1000  # longest blocking read
 
 
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_TOUCH, _WRITE)}
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_TOUCH, _WRITE, _CLAIM, _RENEW, _FINISH, _RELEASE)}
 
 
 def _load_scripts(client: Any) -> None:
@@ -170,6 +210,8 @@ class RedisBackend(StateBackend):
             renew theirs while their ``optimizing`` block runs); a holder that died loses it.
         log_length: changes kept per session for watchers (trimmed approximately).
         timeout: seconds any one Redis command may take before the call fails.
+        idempotency_ttl: seconds an idempotent call's record (``P:call:KEY``) lives after its
+            last write (default 3600).
 
     Raises (from its methods, on top of the memory backend's):
         StateUnavailableError: Redis cannot be reached, or did not answer within ``timeout``.
@@ -178,7 +220,7 @@ class RedisBackend(StateBackend):
     def __init__(
         self, url: str, *, prefix: str = "trio-bridge", max_sessions: int = 10_000, max_variables_per_session: int = 1000,
         max_value_bytes: int = 64 * 2**20, history_limit: int = 50, lock_lease: float = 30.0, log_length: int = 10_000,
-        timeout: float = 5.0,
+        timeout: float = 5.0, idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise InvalidArgumentError(f"a Redis URL starts with redis://, rediss:// or unix://, not {codec.short_repr(url)}")
@@ -192,6 +234,8 @@ class RedisBackend(StateBackend):
         self.lock_lease: float | None = float(lock_lease)
         self.log_length: int = log_length
         self.timeout: float = float(timeout)
+        self.idempotency_ttl: float = check_ttl("idempotency_ttl", idempotency_ttl)
+        self.max_value_bytes = max_value_bytes
         # The pure store checks ids, TTLs and metadata exactly as the memory backend does.
         self._limits = SessionStore(
             max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
@@ -584,6 +628,31 @@ class RedisBackend(StateBackend):
 
         return (await self._write(session_id, lock))[0]
 
+    # ---- idempotent calls ----
+    def _call_key(self, key: str) -> str:
+        return f"{self.prefix}:call:{key}"
+
+    async def _script(self, script: str, key: str, *args: Any) -> Any:
+        return await self._call(lambda r: r.evalsha(_SHA[script], 1, self._call_key(key), *args))
+
+    async def claim_call(self, key: str, fingerprint: str, lease: float) -> Claim:
+        token = new_token()
+        state, found, record = await self._script(_CLAIM, key, fingerprint, token, _ms(lease), _ms(self.idempotency_ttl))
+        state = state.decode()
+        return Claim(state, found.decode(), token if state == "claimed" else "", record)
+
+    async def renew_call(self, key: str, token: str, lease: float) -> bool:
+        return bool(await self._script(_RENEW, key, token, _ms(lease), _ms(self.idempotency_ttl)))
+
+    async def finish_call(self, key: str, token: str, record: bytes) -> bool:
+        return bool(await self._script(_FINISH, key, token, record, _ms(self.idempotency_ttl)))
+
+    async def release_call(self, key: str, token: str) -> bool:
+        return bool(await self._script(_RELEASE, key, token))
+
+    async def wait_call(self, key: str, poll: float) -> None:
+        await trio.sleep(poll)  # another host's holder cannot tell us: look again
+
     # ---- watching ----
     @asynccontextmanager
     async def watch(
@@ -724,6 +793,10 @@ class RedisWatcher(Watcher):
             self._seen[name] = (record["version"], record["value"])
         batch.sort(key=lambda u: u.timestamp)
         return batch
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _pack(value: Any) -> bytes:
