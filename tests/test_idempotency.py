@@ -32,7 +32,7 @@ from trio_bridge import (
     ToolError,
     WorkerCrashedError,
 )
-from trio_bridge.testing import open_fake_pool
+from trio_bridge.testing import open_fake_pool, open_pool_in_threads
 
 ONCE = "tests.idempotency_adapters:Once"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,6 +189,22 @@ async def test_cancelling_the_first_caller_releases_the_key_to_a_waiter(autojump
         assert waited.cancelled_caught and pool.statistics().calls_cancelled_queued == 1
 
 
+async def test_a_call_longer_than_its_lease_keeps_the_key_by_renewing_it(autojump_clock):
+    runs: list[int] = []
+    async with open_fake_pool({"work": _counted(runs)}, size=2) as fake:
+        pool = fake.pool
+        results = []
+        async with trio.open_nursery() as nursery:
+            for delay in (0, 15, 40):  # the lease is 10 s: the later callers come after several renewals
+                async def call(delay: float = delay) -> None:
+                    await trio.sleep(delay)
+                    results.append(await pool.execute("work", {"seconds": 60}, idempotency_key="long"))
+
+                nursery.start_soon(call)
+        assert len(runs) == 1 and [r["run"] for r in results] == [1, 1, 1]
+        assert trio.current_time() == pytest.approx(60, abs=1)
+
+
 async def test_a_result_over_max_value_bytes_is_returned_once_then_refused(autojump_clock):
     def big() -> bytes:
         return b"x" * 5000
@@ -230,6 +246,18 @@ async def test_a_lapsed_lease_is_taken_over_and_its_holder_cannot_finish(autojum
     done = await backend.claim_call("k", "f", 3.0)
     assert (done.state, done.record) == ("done", b"r")
     assert (await backend.claim_call("k", "g", 3.0)).state == "conflict"
+
+
+async def test_pool_call_and_session_call_take_the_key_keyword_only():
+    async with open_pool_in_threads("trio_bridge.adapters:PythonAdapter", size=1, adapter_options={"allow": ["numpy"]}) as pool:
+        first = await pool.call("numpy.random.rand", 3, idempotency_key="draw")
+        assert np.array_equal(await pool.call("numpy.random.rand", 3, idempotency_key="draw"), first)
+        with pytest.raises(IdempotencyConflictError, match="other arguments"):
+            await pool.call("numpy.random.rand", 4, idempotency_key="draw")
+        async with pool.session() as session:
+            drawn = await session.call("numpy.random.rand", 2, idempotency_key="in-session")
+            assert np.array_equal(await session.call("numpy.random.rand", 2, idempotency_key="in-session"), drawn)
+        assert pool.statistics().calls_replayed == 2
 
 
 def test_idempotency_ttl_is_checked():

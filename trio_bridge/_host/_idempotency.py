@@ -35,7 +35,7 @@ from trio_bridge._errors import (
 from trio_bridge._host._metrics import Metrics, Outcome
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import decode, encode, short_repr
-from trio_bridge._wire.errors import error_info, exception_from
+from trio_bridge._wire.errors import bounded, error_info, exception_from
 from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo, Payload
 
 _logger = logging.getLogger("trio_bridge")
@@ -100,13 +100,13 @@ class IdempotentCalls:
 
     async def _run(self, key: str, token: str, tool: str, run: Callable[[], Awaitable[Any]]) -> Any:
         renewing = trio.CancelScope()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._renew, key, token, renewing)
         try:
             try:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._renew, key, token, renewing)
                 result = await run()
             except ToolError as exc:
-                await self._finish(key, token, _ERROR + bytes(error_info(exc)))
+                await self._finish(key, token, _ERROR + bytes(bounded(error_info(exc))))  # bounded: a trailer's size
                 raise
             except BaseException:
                 with trio.CancelScope(shield=True), contextlib.suppress(TrioBridgeError):  # else its lease lapses
