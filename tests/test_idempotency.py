@@ -246,6 +246,13 @@ async def test_a_lapsed_lease_is_taken_over_and_its_holder_cannot_finish(autojum
     done = await backend.claim_call("k", "f", 3.0)
     assert (done.state, done.record) == ("done", b"r")
     assert (await backend.claim_call("k", "g", 3.0)).state == "conflict"
+    short = MemoryBackend(idempotency_ttl=1)  # a held claim lives as long as its lease, past the TTL
+    held = await short.claim_call("h", "f", 3.0)
+    await trio.sleep(2)
+    assert (await short.claim_call("h", "f", 3.0)).state == "running"
+    assert await short.finish_call("h", held.token, b"r")
+    await trio.sleep(1.5)
+    assert (await short.claim_call("h", "f", 3.0)).state == "claimed"  # the record lived 1 s
 
 
 async def test_pool_call_and_session_call_take_the_key_keyword_only():

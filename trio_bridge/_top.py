@@ -70,7 +70,7 @@ def render(status: dict[str, Any] | None, address: str, error: str | None = None
         f"workers {stats['workers_ready']}/{stats['size']} ready  queue {stats['queued']}  in flight {stats['in_flight']}  ",
         f"calls {stats['calls']:,} (ok {stats['calls_completed']:,}, failed {stats['calls_failed']:,}, "
         f"crashed {stats['calls_crashed']:,}, cancelled {stats['calls_cancelled'] + stats['calls_cancelled_queued']:,}, "
-        f"refused {stats['calls_refused']:,})  p50 {_ms(stats['latency_p50'])}  p99 {_ms(stats['latency_p99'])}  ",
+        f"refused {stats['calls_refused']:,}, replayed {stats.get('calls_replayed', 0):,})  p50 {_ms(stats['latency_p50'])}  p99 {_ms(stats['latency_p99'])}  ",
         f"restarts {stats['restarts']}  recycles {sum(stats.get('recycles', {}).values())}",
     )
     figures = Text(

@@ -70,8 +70,9 @@ class _Entry:
 class MemoryCalls:
     """The claims and records of one process's idempotent calls, on the Trio clock (so
     ``trio.testing.MockClock`` drives leases and TTLs). The TTL is the same for every entry and
-    every write moves its entry to the end, so insertion order is expiry order: expired entries
-    are dropped from the front, O(1) amortized per operation."""
+    every write moves its entry to the end, so insertion order is expiry order (but for a claim
+    whose lease is longer than the TTL: it lives as long as its lease, and a lookup checks): expired
+    entries are dropped from the front, O(1) amortized per operation."""
 
     def __init__(self, ttl: float = DEFAULT_IDEMPOTENCY_TTL) -> None:
         self.ttl: float = check_ttl("idempotency_ttl", ttl)
@@ -83,9 +84,13 @@ class MemoryCalls:
     def claim(self, key: str, fingerprint: str, lease: float) -> Claim:
         now = self._prune()
         entry = self._entries.get(key)
+        if entry is not None and entry.expires <= now:  # behind a later-expiring one (a lease over the TTL)
+            del self._entries[key]
+            entry.changed.set()
+            entry = None
         if entry is None:
             token = new_token()
-            self._entries[key] = _Entry(fingerprint, token, now + lease, now + self.ttl)
+            self._entries[key] = _Entry(fingerprint, token, now + lease, now + max(self.ttl, lease))
             return Claim("claimed", fingerprint, token)
         if entry.fingerprint != fingerprint:
             return Claim("conflict", entry.fingerprint)
@@ -139,7 +144,7 @@ class MemoryCalls:
 
     def _touch(self, key: str, entry: _Entry, now: float, lease: float) -> None:
         entry.leased_until = now + lease
-        entry.expires = now + self.ttl
+        entry.expires = now + max(self.ttl, lease)  # a held claim outlives a TTL shorter than its lease
         self._entries.move_to_end(key)
 
     def _prune(self) -> float:

@@ -130,7 +130,8 @@ redis.call('HSET', KEYS[1], 'revision', tonumber(rev) + 1, 'next_id', ARGV[6], '
 """ + _restart_ttl("KEYS[1]", "KEYS[4]", ("KEYS[2]", "KEYS[3]"), "ARGV[2]", "ARGV[3]", "ARGV[4]") + """return version
 """
 
-# Idempotent calls (P:call:KEY), on Redis's own clock (TIME), so hosts' clocks need not agree.
+# Idempotent calls (P:call:KEY), on Redis's own clock (TIME), so hosts' clocks need not agree;
+# a held claim's key lives at least as long as its lease.
 # Claim: create, or take over a lapsed lease, or say who has it. KEYS: the hash; ARGV:
 # fingerprint, token, lease (ms), ttl (ms). Returns {state, fingerprint, record}.
 _CLAIM = """
@@ -141,7 +142,7 @@ if h[1] and h[1] ~= ARGV[1] then return {'conflict', h[1], ''} end
 if h[3] then return {'done', h[1], h[3]} end
 if h[1] and tonumber(h[2]) > now then return {'running', h[1], ''} end
 redis.call('HSET', KEYS[1], 'f', ARGV[1], 't', ARGV[2], 'u', now + tonumber(ARGV[3]))
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[3]), tonumber(ARGV[4])))
 return {'claimed', ARGV[1], ''}
 """
 # Renew (ARGV: token, lease ms, ttl ms), finish (ARGV: token, record, ttl ms), release (ARGV:
@@ -150,7 +151,7 @@ _RENEW = """
 if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'u', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[2]), tonumber(ARGV[3])))
 return 1
 """
 _FINISH = """
