@@ -105,6 +105,7 @@ class IdempotentCalls:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._renew, key, token, renewing)
                 result = await run()
+                record = _RESULT + bytes(encode(result, path="result", plane=None))
             except ToolError as exc:
                 await self._finish(key, token, _ERROR + bytes(bounded(error_info(exc))))  # bounded: a trailer's size
                 raise
@@ -112,7 +113,6 @@ class IdempotentCalls:
                 with trio.CancelScope(shield=True), contextlib.suppress(TrioBridgeError):  # else its lease lapses
                     await self._state.release_call(key, token)
                 raise
-            record = _RESULT + bytes(encode(result, path="result", plane=None))
             limit = self._state.max_value_bytes
             if limit is not None and len(record) > limit:
                 record = _TOO_LARGE + str(len(record)).encode()
