@@ -52,7 +52,14 @@ from trio_bridge._host._worker import (
 from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK
-from trio_bridge._wire.errors import SHUTTING_DOWN, TOOL_ERROR, deadline_error, error_info, exception_from, tool_failure
+from trio_bridge._wire.errors import (
+    TOOL_ERROR,
+    deadline_error,
+    draining_notice,
+    error_info,
+    exception_from,
+    tool_failure,
+)
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import tool_spec
 
@@ -694,8 +701,8 @@ class _FakeCalls:
             )
             arguments = definition.check_arguments(decode(request.arguments))
             await runner.call_starting(request, definition)
-        except Draining as exc:
-            return error_info(exc, kind=SHUTTING_DOWN)
+        except Draining:
+            return draining_notice()
         except Exception as exc:
             return error_info(exc)
         context, cancel_context = runner.new_context(request)

@@ -86,6 +86,7 @@ from trio_bridge.worker._lifeline import start_lifeline
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
 _REPLY_FLUSH = 1.0          # seconds a drain waits for finished calls' replies to be sent
+_HOSTS_LEAVE = 5.0          # seconds a drain of its own (SIGTERM, SIGHUP) waits for hosts to close their call streams
 LOOP_ENV = "TRIO_BRIDGE_WORKER_LOOP"  # "asyncio": the worker does not use uvloop
 _STREAM_PATH = "/trio_bridge.v1.WorkerService/ExecuteStreamingTool"
 _CALLS_PATH = "/trio_bridge.v1.WorkerService/Calls"
@@ -116,6 +117,10 @@ class WorkerService(pb.WorkerServiceBase):
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
+        self._drain_notice = asyncio.Event()  # set as the drain begins: every call stream tells its host
+        self._call_streams = 0  # call streams open (one per host connection)
+        self._no_call_streams = asyncio.Event()
+        self._no_call_streams.set()
         self.health: list[ServingStatus] = []  # the health statuses a drain sets NOT_SERVING (its server's, --health's)
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
@@ -184,6 +189,8 @@ class WorkerService(pb.WorkerServiceBase):
         if problem is not None:
             self._refusals.log("incompatible host", problem)
             raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, wire_errors.clip(problem, MAX_STATUS_MESSAGE_BYTES))
+        if self.draining:  # a host dialing it again (it drains to stop, or to reload): not now
+            raise wire_errors.status_error(wire_errors.draining_notice())
         if self.standalone and message.host_address:
             self._attach(message.host_address, message.worker_id)
         if message.cancel_calls:
@@ -390,23 +397,35 @@ class WorkerService(pb.WorkerServiceBase):
         self.begin_drain(message.grace_seconds)
         return pb.ShutdownResponse()
 
-    def begin_drain(self, grace: float) -> None:
-        """Refuse new calls, give running ones ``grace`` seconds (0: no limit), then stop
-        (``stopped``); health says NOT_SERVING meanwhile. Again while draining: nothing."""
+    def begin_drain(self, grace: float, *, until_hosts_leave: bool = False) -> None:
+        """Refuse new calls (kind ``draining``: the host runs them elsewhere, and each call
+        stream tells its host at once), give running ones ``grace`` seconds (0: no limit), then
+        stop (``stopped``); health says NOT_SERVING meanwhile. Again while draining: nothing.
+
+        ``until_hosts_leave``: a drain of its own (SIGTERM, SIGHUP), not one a host asked for:
+        once its calls have ended, it also waits (at most ``_HOSTS_LEAVE`` seconds, within
+        ``grace``) until the hosts have closed their call streams, so that no call a host sent
+        before it read the notice is lost with the connection."""
         if self.draining:
             return
         self.draining = True
+        self._drain_notice.set()
         for status in self.health:
             status.set(False)  # grpc.health.v1: NOT_SERVING while it drains
-        self._loop.create_task(self._drain(grace))
+        self._loop.create_task(self._drain(grace, until_hosts_leave))
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self, grace: float, until_hosts_leave: bool) -> None:
+        ends = None if grace <= 0 else self._loop.time() + grace
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=max(grace, 0) or None)
         except TimeoutError:
             print(f"trio-bridge worker: {len(self.active)} call(s) still running after the "
                   f"{grace:.1f} s drain grace; exiting anyway", file=sys.stderr)
         else:
+            if until_hosts_leave:
+                left = _HOSTS_LEAVE if ends is None else min(_HOSTS_LEAVE, ends - self._loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._no_call_streams.wait(), timeout=max(left, 0))
             # Calls are over; let their replies (and the Shutdown reply) reach the host in full.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rpcs_done.wait(), timeout=_REPLY_FLUSH)
@@ -442,7 +461,16 @@ class WorkerService(pb.WorkerServiceBase):
         return counted
 
     async def _serve_calls(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await serve_calls(stream, self.run_call, self._reply_pending)
+        if self.draining:  # no new host connection while it drains: its calls would be lost as it exits
+            raise wire_errors.status_error(wire_errors.draining_notice())
+        self._call_streams += 1
+        self._no_call_streams.clear()
+        try:
+            await serve_calls(stream, self.run_call, self._reply_pending, self._drain_notice)
+        finally:
+            self._call_streams -= 1
+            if not self._call_streams:
+                self._no_call_streams.set()
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
@@ -460,8 +488,8 @@ class WorkerService(pb.WorkerServiceBase):
 
 
 def _error_info(exc: BaseException) -> pb.ErrorInfo:
-    if isinstance(exc, Draining):
-        return wire_errors.error_info(exc, kind=wire_errors.SHUTTING_DOWN)
+    if isinstance(exc, Draining):  # it did not start the call: the host runs it elsewhere
+        return wire_errors.draining_notice()
     return wire_errors.error_info(exc)
 
 
@@ -675,7 +703,7 @@ async def _serve_adapter(
             loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once
             terminated.append(128 + signal.SIGTERM)  # the shell's code for it, once drained
             print(f"trio-bridge worker: SIGTERM: draining (at most {args.drain_on_sigterm:g} s)", file=sys.stderr, flush=True)
-            service.begin_drain(args.drain_on_sigterm)
+            service.begin_drain(args.drain_on_sigterm, until_hosts_leave=True)
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     announce(address)  # after the SIGTERM handler: one sent on seeing this line drains

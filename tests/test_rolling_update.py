@@ -1,0 +1,128 @@
+"""Rolling updates of remote workers: a draining ``trio-bridge worker`` (SIGTERM with
+``--drain-timeout``) refuses calls it has not started, and the host gives them to another worker
+(the caller sees nothing); SIGHUP reloads a worker's code in place (same PID), or, when the new
+code does not import, says so once and keeps serving the old."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+import trio_bridge
+from trio_bridge import Lifecycle, RemoteWorkers
+from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
+
+TOKEN = "a-token-for-the-tests-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
+ADAPTER_CODE = '''
+import time
+
+from trio_bridge.worker import Adapter, tool
+
+
+class Versioned(Adapter):
+    @tool
+    def version(self, seconds: float = 0.0) -> str:
+        time.sleep(seconds)
+        return {version!r}
+'''
+
+
+def _write_adapter(directory: Path, version: str) -> None:
+    """The adapter module ``versioned_adapter`` in ``directory``, its tool answering ``version``;
+    its mtime moved on, so that a rewrite within the same second is seen as new."""
+    path = directory / "versioned_adapter.py"
+    path.write_text(textwrap.dedent(ADAPTER_CODE.format(version=version)))
+    later = time.time() + 2 * (1 + sum(1 for _ in directory.glob("versioned_adapter.py")))
+    os.utime(path, (later, later))
+
+
+def _worker(tmp_path: Path, certs: Certificates, directory: Path, log: Path) -> RemoteWorkerProcess:
+    token_file = write_token_file(tmp_path / "token", TOKEN)
+    address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
+    return RemoteWorkerProcess(
+        "versioned_adapter:Versioned", address, token_file, certificates=certs, cwd=str(directory), log=log,
+        options=("--concurrency", "2", "--drain-timeout", "30"),
+    ).start()
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return Certificates.create(tmp_path)
+
+
+@pytest.fixture
+def code_dir(tmp_path):
+    directory = tmp_path / "code"
+    directory.mkdir()
+    _write_adapter(directory, "v1")
+    return directory
+
+
+def _pool(certs: Certificates, *workers: RemoteWorkerProcess):
+    remote = RemoteWorkers(addresses=[w.address for w in workers], token=TOKEN, tls=certs.tls("host"))
+    lifecycle = Lifecycle(restart_backoff=(0.1, 0.5), health_check_interval=1.0, startup_timeout=60.0, no_worker_timeout=60.0)
+    return trio_bridge.open_pool("versioned_adapter:Versioned", size=0, remote=remote, lifecycle=lifecycle)
+
+
+class _Callers:
+    """Four tasks calling ``version`` in a loop: the answers and failures, with their times."""
+
+    def __init__(self, pool: trio_bridge.Pool) -> None:
+        self.pool = pool
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[BaseException] = []
+        self.stop = trio.Event()
+
+    async def _call(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.answers.append((trio.current_time(), await self.pool.execute("version", {"seconds": 0.02})))
+            except trio_bridge.TrioBridgeError as exc:
+                self.failures.append(exc)
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        for _ in range(4):
+            nursery.start_soon(self._call)
+        with trio.fail_after(60):
+            while len(self.answers) < 20:
+                await trio.sleep(0.05)
+
+
+def _lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.real_process
+async def test_a_worker_draining_on_sigterm_has_its_calls_served_by_another_and_no_call_fails(tmp_path, certs, code_dir):
+    a = _worker(tmp_path, certs, code_dir, tmp_path / "a.log")
+    b = _worker(tmp_path, certs, code_dir, tmp_path / "b.log")
+    try:
+        async with _pool(certs, a, b) as pool:
+            await pool.wait_for_workers(2)
+            callers = _Callers(pool)
+            async with trio.open_nursery() as nursery:
+                await callers.run(nursery)
+                before = len(callers.answers)
+                assert a.process is not None
+                a.process.send_signal(signal.SIGTERM)
+                with trio.fail_after(60):
+                    await trio.to_thread.run_sync(a.process.wait)
+                drained_at = trio.current_time()
+                while len(callers.answers) < before + 100:
+                    await trio.sleep(0.05)
+                callers.stop.set()
+            print(f"SIGTERM drain: {len(callers.answers) - before} calls during and after the drain, "
+                  f"{len(callers.failures)} failed; the worker exited with {a.process.returncode}")
+            assert callers.failures == []
+            assert a.process.returncode == 128 + signal.SIGTERM
+            assert any(at > drained_at for at, _ in callers.answers)
+    finally:
+        a.kill()
+        b.kill()
