@@ -118,11 +118,85 @@ async def test_a_worker_draining_on_sigterm_has_its_calls_served_by_another_and_
                 while len(callers.answers) < before + 100:
                     await trio.sleep(0.05)
                 callers.stop.set()
+            kinds = sorted({type(e).__name__ for e in callers.failures})
             print(f"SIGTERM drain: {len(callers.answers) - before} calls during and after the drain, "
-                  f"{len(callers.failures)} failed; the worker exited with {a.process.returncode}")
+                  f"{len(callers.failures)} failed {kinds}; the worker exited with {a.process.returncode}")
             assert callers.failures == []
             assert a.process.returncode == 128 + signal.SIGTERM
             assert any(at > drained_at for at, _ in callers.answers)
     finally:
         a.kill()
         b.kill()
+
+
+async def _until(predicate, timeout: float = 60.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.real_process
+async def test_sighup_reloads_a_worker_in_place_with_the_new_code_and_no_call_fails(tmp_path, certs, code_dir):
+    a = _worker(tmp_path, certs, code_dir, tmp_path / "a.log")
+    b = _worker(tmp_path, certs, code_dir, tmp_path / "b.log")
+    try:
+        async with _pool(certs, a, b) as pool:
+            await pool.wait_for_workers(2)
+            fds_before = _fds(a.pid)
+            callers = _Callers(pool)
+            async with trio.open_nursery() as nursery:
+                await callers.run(nursery)
+                before = len(callers.answers)
+                _write_adapter(code_dir, "v2")
+                assert a.process is not None
+                hup_at = trio.current_time()
+                a.process.send_signal(signal.SIGHUP)
+                await _until(lambda: any(answer == "v2" for _, answer in callers.answers))
+                served_again = min(at for at, answer in callers.answers if answer == "v2") - hup_at
+                after = len(callers.answers)
+                await _until(lambda: len(callers.answers) >= after + 50)
+                callers.stop.set()
+            lines = _lines(tmp_path / "a.log")
+            print(f"SIGHUP reload: {len(callers.answers) - before} calls during and after it, {len(callers.failures)} "
+                  f"failed; the reloaded worker answered with the new code {served_again:.2f} s after the SIGHUP; "
+                  f"its fds: {fds_before} before, {_fds(a.pid)} after")
+            assert callers.failures == []
+            assert a.process.poll() is None  # the same process, in place
+            assert [w.pid for w in pool.workers() if w.address == a.address.replace("tcp://", "tcp:")] == [a.pid]
+            assert sum("serving versioned_adapter:Versioned" in line for line in lines) == 2
+            assert any("the new code imports" in line for line in lines)
+            assert await pool.execute("version") in ("v1", "v2")  # b still runs the old code: it was not reloaded
+            assert _fds(a.pid) <= fds_before + 2  # nothing of the old image crossed the exec
+    finally:
+        a.kill()
+        b.kill()
+
+
+@pytest.mark.real_process
+async def test_sighup_with_code_that_does_not_import_says_so_once_and_keeps_serving_the_old(tmp_path, certs, code_dir):
+    a = _worker(tmp_path, certs, code_dir, tmp_path / "a.log")
+    try:
+        async with _pool(certs, a) as pool:
+            await pool.wait_for_workers(1)
+            (code_dir / "versioned_adapter.py").write_text("def broken(:\n")
+            later = time.time() + 10
+            os.utime(code_dir / "versioned_adapter.py", (later, later))
+            assert a.process is not None
+            a.process.send_signal(signal.SIGHUP)
+            await _until(lambda: any("does not import" in line for line in _lines(tmp_path / "a.log")))
+            a.process.send_signal(signal.SIGHUP)  # the same again: it checks again, and says so again, once
+            await _until(lambda: sum("does not import" in line for line in _lines(tmp_path / "a.log")) == 2)
+            for _ in range(10):
+                assert await pool.execute("version") == "v1"
+            lines = [line for line in _lines(tmp_path / "a.log") if "SIGHUP" in line]
+            print("SIGHUP with a broken module:", *lines, sep="\n  ")
+            assert lines[0].startswith("trio-bridge worker: SIGHUP: the new code does not import, still serving the old: ")
+            assert "SyntaxError" in lines[0] and len(lines) == 2
+            assert a.process.poll() is None
+            assert [w.pid for w in pool.workers()] == [a.pid] and [w.state for w in pool.workers()] == ["ready"]
+    finally:
+        a.kill()

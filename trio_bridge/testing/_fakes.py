@@ -41,6 +41,7 @@ from trio_bridge._host._pool import Pool, PoolParts, compose
 from trio_bridge._host._process import WorkerSpec
 from trio_bridge._host._tools import ToolInfo, run_host_tool, tool_info
 from trio_bridge._host._worker import (
+    CallNotStarted,
     Receive,
     ToolCall,
     WorkerInfo,
@@ -53,6 +54,7 @@ from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK
 from trio_bridge._wire.errors import (
+    DRAINING,
     TOOL_ERROR,
     deadline_error,
     draining_notice,
@@ -517,7 +519,7 @@ class FakeWorker:
         """
         done = await self._answering(lambda: self._calls.unary(call))
         if done.error is not None:
-            raise exception_from(done.error, call.tool)
+            raise _failure(done.error, call.tool, self.lifecycle)
         return done.result
 
     def open_stream(self, call: ToolCall) -> AbstractAsyncContextManager[Receive]:
@@ -615,7 +617,7 @@ class _FakeCalls:
             refusal = call
 
             async def refused() -> Any:
-                raise exception_from(refusal, request.tool)
+                raise _failure(refusal, request.tool, worker.lifecycle)
 
             yield refused
             return
@@ -857,3 +859,12 @@ async def open_pool_of_fakes(make_workers: Callable[[str], FakeWorkers], options
 
     async with compose(options, spec=workers._spec, new_worker=workers._new_worker, serve=serve) as pool:
         yield FakePool(pool, workers)
+
+
+def _failure(info: pb.ErrorInfo, tool: str, lifecycle: WorkerLifecycle) -> Exception:
+    """What a call of ``tool`` that failed with ``info`` raises, as a real worker's would: a
+    refusal because the worker drains is :class:`CallNotStarted` (the pool runs it elsewhere)."""
+    if info.kind == DRAINING:
+        lifecycle.drains()
+        return CallNotStarted(f"the worker drains: it did not start a call of {tool!r}")
+    return exception_from(info, tool)

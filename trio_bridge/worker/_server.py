@@ -83,6 +83,7 @@ from trio_bridge.worker._call_stream import serve_calls
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient, host_stub
 from trio_bridge.worker._lifeline import start_lifeline
+from trio_bridge.worker._reload import Reload
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
 _REPLY_FLUSH = 1.0          # seconds a drain waits for finished calls' replies to be sent
@@ -598,7 +599,9 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None]) -> int:
+async def serve(
+    args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None], *, reload: Reload | None = None,
+) -> int:
     """Load the adapter, run ``setup()``, serve until told to stop; return the exit code.
 
     ``env``: the worker's environment (the pool's secret, the host's address, the worker id,
@@ -609,6 +612,9 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
 
     Refuses (exit code 2, before the adapter is imported) to listen beyond loopback without a
     secret, or over plain TCP there without ``--insecure`` (see :func:`listener_refusal`).
+
+    ``reload``: SIGHUP reloads the adapter's code (``trio-bridge worker``): once it has drained,
+    this returns 0 with ``reload.due`` set, and the caller executes it again in place.
     """
     secret = env.get(SECRET_ENV, "")
     refusal = listener_refusal(args, secret)  # it also checks --listen's form
@@ -635,7 +641,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
             print(f"trio-bridge worker: --health {args.health}: cannot listen there: {exc.strerror or exc}", file=sys.stderr, flush=True)
             return 2
     try:
-        return await _serve_adapter(args, env, announce, secret, allowed_uids, alive, ready)
+        return await _serve_adapter(args, env, announce, secret, allowed_uids, alive, ready, reload)
     finally:
         if health_server is not None:
             health_server.close()
@@ -643,7 +649,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
 
 async def _serve_adapter(
     args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None], secret: str,
-    allowed_uids: Collection[int], alive: ServingStatus, ready: ServingStatus,
+    allowed_uids: Collection[int], alive: ServingStatus, ready: ServingStatus, reload: Reload | None,
 ) -> int:
     """:func:`serve`'s part from the adapter's import on; ``alive``, ``ready``: the health
     listener's statuses: ``ready`` turns SERVING once it listens, both NOT_SERVING when it drains."""
@@ -706,6 +712,8 @@ async def _serve_adapter(
             service.begin_drain(args.drain_on_sigterm, until_hosts_leave=True)
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    if reload is not None:
+        reload.install(service, args.drain_on_sigterm or 0.0)
     announce(address)  # after the SIGTERM handler: one sent on seeing this line drains
     ready.set(True)
 
