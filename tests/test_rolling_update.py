@@ -15,8 +15,15 @@ import pytest
 import trio
 
 import trio_bridge
-from trio_bridge import Lifecycle, RemoteWorkers
-from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
+from trio_bridge import Lifecycle, RemoteWorkers, WorkerStartError
+from trio_bridge.testing import (
+    Certificates,
+    FakeContext,
+    RemoteWorkerProcess,
+    free_port,
+    open_fake_pool,
+    write_token_file,
+)
 
 TOKEN = "a-token-for-the-tests-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +38,57 @@ class Versioned(Adapter):
     def version(self, seconds: float = 0.0) -> str:
         time.sleep(seconds)
         return {version!r}
+
+    @tool
+    def versions(self, n: int):
+        for _ in range(n):
+            time.sleep(0.005)
+            yield {version!r}
 '''
+
+
+def whoami(ctx: FakeContext) -> str:
+    return ctx.worker_id
+
+
+def whoami_stream(ctx: FakeContext, n: int):
+    for _ in range(n):
+        yield ctx.worker_id
+
+
+FAKE_TOOLS = {"whoami": whoami, "whoami_stream": whoami_stream}
+
+
+async def test_calls_a_draining_worker_refuses_run_on_another_and_the_caller_sees_nothing(autojump_clock):
+    async with open_fake_pool(FAKE_TOOLS, size=2) as (pool, workers):
+        draining = workers.drain(0)
+        served: list[str] = []
+
+        async def call() -> None:
+            served.append(await pool.execute("whoami"))
+
+        async def stream() -> None:
+            async with pool.stream("whoami_stream", {"n": 3}) as chunks:
+                served.extend([chunk async for chunk in chunks])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(call)
+                nursery.start_soon(stream)
+        assert len(served) == 40 and set(served) == {workers.worker(1).id}
+        # the first refusal took it out of the dispatch: it was offered one call at most per slot
+        assert draining.lifecycle.state.value == "draining" and 1 <= draining.calls_given <= 2
+        assert pool.statistics().calls_failed == 0
+
+
+async def test_a_call_every_worker_refuses_waits_no_worker_timeout_then_fails_as_when_none_is_ready(autojump_clock):
+    async with open_fake_pool(FAKE_TOOLS, size=2, lifecycle=Lifecycle(no_worker_timeout=5.0)) as (pool, workers):
+        workers.drain(0)
+        workers.drain(1)
+        started = trio.current_time()
+        with pytest.raises(WorkerStartError, match="no worker was ready within 5 s"):
+            await pool.execute("whoami")
+        assert trio.current_time() - started == pytest.approx(5.0)
 
 
 def _write_adapter(directory: Path, version: str) -> None:
@@ -72,12 +129,14 @@ def _pool(certs: Certificates, *workers: RemoteWorkerProcess):
 
 
 class _Callers:
-    """Four tasks calling ``version`` in a loop: the answers and failures, with their times."""
+    """Four tasks calling in a loop, three ``version``, one the stream ``versions``: the answers
+    (a stream's last chunk) and failures, with their times."""
 
     def __init__(self, pool: trio_bridge.Pool) -> None:
         self.pool = pool
         self.answers: list[tuple[float, str]] = []
         self.failures: list[BaseException] = []
+        self.streams = 0
         self.stop = trio.Event()
 
     async def _call(self) -> None:
@@ -87,9 +146,21 @@ class _Callers:
             except trio_bridge.TrioBridgeError as exc:
                 self.failures.append(exc)
 
+    async def _stream(self) -> None:
+        while not self.stop.is_set():
+            try:
+                async with self.pool.stream("versions", {"n": 4}) as chunks:
+                    got = [chunk async for chunk in chunks]
+                assert len(got) == 4 and len(set(got)) == 1
+                self.answers.append((trio.current_time(), got[-1]))
+                self.streams += 1
+            except trio_bridge.TrioBridgeError as exc:
+                self.failures.append(exc)
+
     async def run(self, nursery: trio.Nursery) -> None:
-        for _ in range(4):
+        for _ in range(3):
             nursery.start_soon(self._call)
+        nursery.start_soon(self._stream)
         with trio.fail_after(60):
             while len(self.answers) < 20:
                 await trio.sleep(0.05)
@@ -120,7 +191,7 @@ async def test_a_worker_draining_on_sigterm_has_its_calls_served_by_another_and_
                 callers.stop.set()
             kinds = sorted({type(e).__name__ for e in callers.failures})
             print(f"SIGTERM drain: {len(callers.answers) - before} calls during and after the drain, "
-                  f"{len(callers.failures)} failed {kinds}; the worker exited with {a.process.returncode}")
+                  f"{len(callers.failures)} failed {kinds} ({callers.streams} streams in all); the worker exited with {a.process.returncode}")
             assert callers.failures == []
             assert a.process.returncode == 128 + signal.SIGTERM
             assert any(at > drained_at for at, _ in callers.answers)
@@ -155,6 +226,8 @@ async def test_sighup_reloads_a_worker_in_place_with_the_new_code_and_no_call_fa
                 assert a.process is not None
                 hup_at = trio.current_time()
                 a.process.send_signal(signal.SIGHUP)
+                await trio.sleep(0.2)
+                a.process.send_signal(signal.SIGHUP)  # while the first is under way: ignored, with a line
                 await _until(lambda: any(answer == "v2" for _, answer in callers.answers))
                 served_again = min(at for at, answer in callers.answers if answer == "v2") - hup_at
                 after = len(callers.answers)
@@ -169,6 +242,7 @@ async def test_sighup_reloads_a_worker_in_place_with_the_new_code_and_no_call_fa
             assert [w.pid for w in pool.workers() if w.address == a.address.replace("tcp://", "tcp:")] == [a.pid]
             assert sum("serving versioned_adapter:Versioned" in line for line in lines) == 2
             assert any("the new code imports" in line for line in lines)
+            assert any(line.startswith("trio-bridge worker: SIGHUP: ") and "ignored" in line for line in lines)
             assert await pool.execute("version") in ("v1", "v2")  # b still runs the old code: it was not reloaded
             assert _fds(a.pid) <= fds_before + 2  # nothing of the old image crossed the exec
     finally:

@@ -195,6 +195,14 @@ class FakeWorkers:
         worker._exit(exit_code)
         return worker
 
+    def drain(self, slot: int) -> FakeWorker:
+        """The worker of ``slot`` drains by itself (a real one on SIGTERM or SIGHUP): it refuses
+        the calls it has not started, as a real one does, before the pool knows (the pool runs
+        them on other workers); its running calls go on. Returns it."""
+        worker = self.worker(slot)
+        worker._calls.draining = True
+        return worker
+
     def hang(self, slot: int) -> FakeWorker:
         """The worker of ``slot`` stops answering (pings and new calls never return), as a
         real worker whose event loop is blocked. Returns it."""

@@ -139,6 +139,9 @@ class Reload:
         _say("reloading in place")
         sys.stdout.flush()
         sys.stderr.flush()
+        # Ignored across the exec (a disposition of SIG_IGN survives it), so that a SIGHUP before
+        # the new image has its handler does not end it; ignore_while_starting() takes over.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.execve(sys.executable, self._argv, self._environ)
 
 
