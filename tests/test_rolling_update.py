@@ -100,12 +100,14 @@ def _write_adapter(directory: Path, version: str) -> None:
     os.utime(path, (later, later))
 
 
-def _worker(tmp_path: Path, certs: Certificates, directory: Path, log: Path) -> RemoteWorkerProcess:
+def _worker(
+    tmp_path: Path, certs: Certificates, directory: Path, log: Path, *, health: str | None = None,
+) -> RemoteWorkerProcess:
     token_file = write_token_file(tmp_path / "token", TOKEN)
     address = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"
     return RemoteWorkerProcess(
         "versioned_adapter:Versioned", address, token_file, certificates=certs, cwd=str(directory), log=log,
-        options=("--concurrency", "2", "--drain-timeout", "30"),
+        options=("--concurrency", "2", "--drain-timeout", "30", *(("--health", health) if health else ())),
     ).start()
 
 
@@ -206,13 +208,34 @@ async def _until(predicate, timeout: float = 60.0) -> None:
             await trio.sleep(0.05)
 
 
+def _health_status(address: str) -> str:
+    """The ``"ready"`` status of the grpc.health.v1 listener at ``HOST:PORT``."""
+    import asyncio
+
+    from grpclib.client import Channel
+
+    from trio_bridge._wire.generated.grpc.health.v1 import HealthCheckRequest, HealthStub
+
+    async def check() -> str:
+        host, port = address.rsplit(":", 1)
+        channel = Channel(host, int(port))
+        try:
+            reply = await HealthStub(channel).check(HealthCheckRequest(service="ready"), timeout=10)
+            return reply.status.name
+        finally:
+            channel.close()
+
+    return asyncio.run(check())
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 @pytest.mark.real_process
 async def test_sighup_reloads_a_worker_in_place_with_the_new_code_and_no_call_fails(tmp_path, certs, code_dir):
-    a = _worker(tmp_path, certs, code_dir, tmp_path / "a.log")
+    health = f"tcp://127.0.0.2:{free_port('127.0.0.2')}"  # bound again by the new image
+    a = _worker(tmp_path, certs, code_dir, tmp_path / "a.log", health=health)
     b = _worker(tmp_path, certs, code_dir, tmp_path / "b.log")
     try:
         async with _pool(certs, a, b) as pool:
@@ -245,6 +268,7 @@ async def test_sighup_reloads_a_worker_in_place_with_the_new_code_and_no_call_fa
             assert any(line.startswith("trio-bridge worker: SIGHUP: ") and "ignored" in line for line in lines)
             assert await pool.execute("version") in ("v1", "v2")  # b still runs the old code: it was not reloaded
             assert _fds(a.pid) <= fds_before + 2  # nothing of the old image crossed the exec
+            assert await trio.to_thread.run_sync(_health_status, health.removeprefix("tcp://")) == "SERVING"
     finally:
         a.kill()
         b.kill()
