@@ -417,7 +417,7 @@ def worker(
     advertise: Annotated[str | None, typer.Option("--advertise", envvar="TRIO_BRIDGE_ADVERTISE", help="HOST:PORT where hosts reach this worker", show_default=False)] = None,
     keepalive: Annotated[float, typer.Option("--keepalive", min=0.1, envvar="TRIO_BRIDGE_KEEPALIVE", help="seconds between pings to each host with calls open: a host that answers none for as long again (its machine died, a partition) is taken for gone, and its calls are cancelled")] = KEEPALIVE,
     health: Annotated[str | None, typer.Option("--health", envvar="TRIO_BRIDGE_HEALTH", help="tcp://HOST:PORT to serve grpc.health.v1 alone on, in plain TCP without the token, for an orchestrator's probes (service '': alive; 'ready': set up); it reveals only those statuses (default: none)", show_default=False)] = None,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, envvar="TRIO_BRIDGE_DRAIN_TIMEOUT", help="seconds running calls get to finish after SIGTERM, which refuses new ones (0: no limit); a second SIGTERM ends it at once")] = 5.0,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, envvar="TRIO_BRIDGE_DRAIN_TIMEOUT", help="seconds running calls get to finish after SIGTERM, or before a SIGHUP reload, which refuse new ones (0: no limit); a second SIGTERM ends it at once")] = 5.0,
 ) -> None:
     """Serve ADAPTER to hosts on other machines.
 

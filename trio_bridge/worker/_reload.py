@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NoReturn
 from trio_bridge._wire.contract import SECRET_ENV
 
 if TYPE_CHECKING:
+    from trio_bridge._wire.standard_services import ServingStatus
     from trio_bridge.worker._server import WorkerService
 
 CHECK_TIMEOUT = 120.0  # seconds the new code's import may take in the check
@@ -77,13 +78,14 @@ class Reload:
         on stderr (the code being loaded is the one on disk)."""
         signal.signal(signal.SIGHUP, lambda signum, frame: _say("ignored while the worker starts"))
 
-    def install(self, service: WorkerService, grace: float) -> None:
+    def install(self, service: WorkerService, grace: float, alive: ServingStatus) -> None:
         """Reload on SIGHUP from now on (on the running loop); ``grace``: the drain's seconds
-        for running calls (0: no limit)."""
+        for running calls (0: no limit); ``alive``: the liveness status, which stays SERVING
+        while it drains to reload (readiness does not)."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup, service, grace)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup, service, grace, alive)
 
-    def _on_sighup(self, service: WorkerService, grace: float) -> None:
+    def _on_sighup(self, service: WorkerService, grace: float, alive: ServingStatus) -> None:
         if self._busy or self.due:
             _say("a reload is under way already; ignored")
             return
@@ -91,9 +93,9 @@ class Reload:
             _say("the worker is stopping; ignored")
             return
         self._busy = True
-        self._task = asyncio.get_running_loop().create_task(self._reload(service, grace))
+        self._task = asyncio.get_running_loop().create_task(self._reload(service, grace, alive))
 
-    async def _reload(self, service: WorkerService, grace: float) -> None:
+    async def _reload(self, service: WorkerService, grace: float, alive: ServingStatus) -> None:
         try:
             started = time.monotonic()
             problem = await self.check()
@@ -105,7 +107,7 @@ class Reload:
             _say(f"the new code imports ({time.monotonic() - started:.1f} s); draining "
                  f"(at most {grace:g} s), then reloading in place")
             self.due = True
-            service.begin_drain(grace, until_hosts_leave=True)
+            service.begin_drain(grace, until_hosts_leave=True, alive=alive)
         finally:
             self._busy = False
 

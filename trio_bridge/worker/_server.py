@@ -398,7 +398,7 @@ class WorkerService(pb.WorkerServiceBase):
         self.begin_drain(message.grace_seconds)
         return pb.ShutdownResponse()
 
-    def begin_drain(self, grace: float, *, until_hosts_leave: bool = False) -> None:
+    def begin_drain(self, grace: float, *, until_hosts_leave: bool = False, alive: ServingStatus | None = None) -> None:
         """Refuse new calls (kind ``draining``: the host runs them elsewhere, and each call
         stream tells its host at once), give running ones ``grace`` seconds (0: no limit), then
         stop (``stopped``); health says NOT_SERVING meanwhile. Again while draining: nothing.
@@ -406,13 +406,15 @@ class WorkerService(pb.WorkerServiceBase):
         ``until_hosts_leave``: a drain of its own (SIGTERM, SIGHUP), not one a host asked for:
         once its calls have ended, it also waits (at most ``_HOSTS_LEAVE`` seconds, within
         ``grace``) until the hosts have closed their call streams, so that no call a host sent
-        before it read the notice is lost with the connection."""
+        before it read the notice is lost with the connection. ``alive``: a health status left
+        SERVING (a reload's liveness: the process is not dying, and must not be restarted)."""
         if self.draining:
             return
         self.draining = True
         self._drain_notice.set()
         for status in self.health:
-            status.set(False)  # grpc.health.v1: NOT_SERVING while it drains
+            if status is not alive:
+                status.set(False)  # grpc.health.v1: NOT_SERVING while it drains
         self._loop.create_task(self._drain(grace, until_hosts_leave))
 
     async def _drain(self, grace: float, until_hosts_leave: bool) -> None:
@@ -713,7 +715,7 @@ async def _serve_adapter(
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     if reload is not None:
-        reload.install(service, args.drain_on_sigterm or 0.0)
+        reload.install(service, args.drain_on_sigterm or 0.0, alive)
     announce(address)  # after the SIGTERM handler: one sent on seeing this line drains
     ready.set(True)
 
