@@ -28,6 +28,7 @@ from trio_bridge.testing import (
 TOKEN = "a-token-for-the-tests-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_CODE = '''
+import subprocess
 import time
 
 from trio_bridge.worker import Adapter, tool
@@ -38,6 +39,11 @@ class Versioned(Adapter):
     def version(self, seconds: float = 0.0) -> str:
         time.sleep(seconds)
         return {version!r}
+
+    @tool
+    def spawn(self) -> int:
+        """Start a process and leave it running (a tool's background helper)."""
+        return subprocess.Popen(["sleep", "600"]).pid
 
     @tool
     def versions(self, n: int):
@@ -296,5 +302,29 @@ async def test_sighup_with_code_that_does_not_import_says_so_once_and_keeps_serv
             assert "SyntaxError" in lines[0] and len(lines) == 2
             assert a.process.poll() is None
             assert [w.pid for w in pool.workers()] == [a.pid] and [w.state for w in pool.workers()] == ["ready"]
+    finally:
+        a.kill()
+
+
+@pytest.mark.real_process
+async def test_a_reload_of_the_only_worker_makes_calls_wait_and_stops_what_its_tools_left_running(tmp_path, certs, code_dir):
+    a = _worker(tmp_path, certs, code_dir, tmp_path / "a.log")
+    try:
+        async with _pool(certs, a) as pool:
+            await pool.wait_for_workers(1)
+            child = await pool.execute("spawn")
+            os.kill(child, 0)  # running, a child of the worker
+            _write_adapter(code_dir, "v2")
+            assert a.process is not None
+            hup_at = trio.current_time()
+            a.process.send_signal(signal.SIGHUP)
+            await _until(lambda: any("reloading in place" in line for line in _lines(tmp_path / "a.log")))
+            assert await pool.execute("version") == "v2"  # made while the only worker reloads: it waits for it
+            print(f"SIGHUP reload of the only worker: a call made during it answered "
+                  f"{trio.current_time() - hup_at:.2f} s after the SIGHUP")
+            with pytest.raises(ProcessLookupError):  # stopped and reaped before the exec
+                os.kill(child, 0)
+            assert any("stopping 1 process(es) the tools left running" in line for line in _lines(tmp_path / "a.log"))
+            assert a.process.poll() is None and [w.pid for w in pool.workers()] == [a.pid]
     finally:
         a.kill()
