@@ -214,7 +214,7 @@ def _check_worker(w: dict) -> None:
     # sessions and shutdown
     assert w["sessions"] == [0, 0]
     assert w["shutdown_reply"] == 0
-    _failed(w["after_shutdown"], "UNAVAILABLE", "shutting_down")
+    _failed(w["after_shutdown"], "UNAVAILABLE", "draining")
     assert w["drained_call"] == {"result": "1.0"}
 
 

@@ -46,7 +46,7 @@ import outcome
 import trio
 
 from trio_bridge._wire.auth import SECRET_METADATA
-from trio_bridge._wire.errors import CallFailed, info_of
+from trio_bridge._wire.errors import DRAINING, CallFailed, info_of
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.standard_services import ServingStatus
 from trio_bridge._wire.transport import new_health_server, new_server, open_channel, parse_address, tcp_listener
@@ -510,11 +510,15 @@ class CallStream:
 
     :meth:`run` is the stream's life (a Trio task of the worker's handle): its asyncio side reads
     replies and writes the outbox in order. When the stream fails or ends, every call waiting on
-    it fails with :class:`TransportError`, as do later ones.
+    it fails with :class:`TransportError`, as do later ones. ``on_draining()`` is called (Trio's
+    thread) when the worker says on the stream that it drains (a result with call id ``""``).
     """
 
-    def __init__(self, boundary: Boundary, stub: pb.WorkerServiceStub, max_in_flight: int) -> None:
+    def __init__(
+        self, boundary: Boundary, stub: pb.WorkerServiceStub, max_in_flight: int, on_draining: Callable[[], None] = lambda: None,
+    ) -> None:
         self._boundary = boundary
+        self._on_draining = on_draining
         self._stub = stub
         # Each call in flight puts at most an execute and a cancel, and a worker has at most
         # max_in_flight calls in flight (the pool's slots): never full.
@@ -585,6 +589,10 @@ class CallStream:
     def _deliver(self, replies: list[pb.CallResult]) -> None:
         """Trio's thread."""
         for result in replies:
+            if not result.call_id:  # a notice, not a reply
+                if result.response is not None and result.response.error is not None and result.response.error.kind == DRAINING:
+                    self._on_draining()
+                continue
             reply = self._waiting.pop(result.call_id, None)
             if reply is not None:  # None: a cancelled call's late answer
                 response = pb.ExecuteToolResponse() if result.response is None else result.response
@@ -617,6 +625,11 @@ class CallStream:
         waiting, self._waiting = self._waiting, {}
         for reply in waiting.values():
             reply.set(outcome.Error(TransportError(self._failure)))
+
+    @property
+    def ended(self) -> bool:
+        """The stream has failed or ended: a call sent from now on never reaches the worker."""
+        return self._failure is not None
 
     async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """Run one call; a cancelled caller cancels it on the worker.

@@ -417,7 +417,7 @@ def worker(
     advertise: Annotated[str | None, typer.Option("--advertise", envvar="TRIO_BRIDGE_ADVERTISE", help="HOST:PORT where hosts reach this worker", show_default=False)] = None,
     keepalive: Annotated[float, typer.Option("--keepalive", min=0.1, envvar="TRIO_BRIDGE_KEEPALIVE", help="seconds between pings to each host with calls open: a host that answers none for as long again (its machine died, a partition) is taken for gone, and its calls are cancelled")] = KEEPALIVE,
     health: Annotated[str | None, typer.Option("--health", envvar="TRIO_BRIDGE_HEALTH", help="tcp://HOST:PORT to serve grpc.health.v1 alone on, in plain TCP without the token, for an orchestrator's probes (service '': alive; 'ready': set up); it reveals only those statuses (default: none)", show_default=False)] = None,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, envvar="TRIO_BRIDGE_DRAIN_TIMEOUT", help="seconds running calls get to finish after SIGTERM, which refuses new ones (0: no limit); a second SIGTERM ends it at once")] = 5.0,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0.0, envvar="TRIO_BRIDGE_DRAIN_TIMEOUT", help="seconds running calls get to finish after SIGTERM, or before a SIGHUP reload, which refuse new ones (0: no limit); a second SIGTERM ends it at once")] = 5.0,
 ) -> None:
     """Serve ADAPTER to hosts on other machines.
 
@@ -429,7 +429,13 @@ def worker(
     that closes its pool detaches, and the next one may attach. Both directions check the token; with `--tls-cert` and `--tls-key` both are
     TLS (mutual with `--tls-ca`). The token file must be its owner's only (`chmod 600 FILE`),
     as ssh asks of a key; plain TCP beyond loopback needs `--insecure`. `--health` serves the
-    Kubernetes `grpc:` probes (see deploy/ in the repository); SIGTERM drains (`--drain-timeout`).
+    Kubernetes `grpc:` probes (see deploy/ in the repository); SIGTERM drains (`--drain-timeout`):
+    it refuses calls it has not started, and the hosts run them on other workers.
+
+    SIGHUP reloads the adapter's code without a new process: if the code on disk imports (checked
+    in a fresh interpreter first; if not, one line on stderr, and it keeps serving the old), it
+    drains as for SIGTERM and executes itself again in place (same PID: systemd's `ExecReload=kill
+    -HUP $MAINPID`); the hosts' slots dial it again. A caller sees nothing of either.
     """
     import asyncio
 
@@ -438,6 +444,7 @@ def worker(
     from trio_bridge._wire.contract import SECRET_ENV
     from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback
     from trio_bridge._wire.tls import TLSConfig
+    from trio_bridge.worker._reload import Reload
     from trio_bridge.worker._server import loop_factory, parse_arguments, serve
 
     _import_from_cwd()
@@ -479,13 +486,18 @@ def worker(
         _err_console.print(f"trio-bridge worker: serving {adapter} on {address}{' over TLS' if tls else ''}")
 
     _end_on_signals()
+    # SIGHUP: the new code in place; the new image starts from this environment again
+    reload = Reload(adapter, argv=sys.orig_argv, environ=os.environ, path=sys.path)
+    reload.ignore_while_starting()
     os.environ.pop(SECRET_ENV, None)  # one the user exported: the adapter's tools' children must not inherit it
 
     try:
         with asyncio.Runner(loop_factory=loop_factory(os.environ)) as runner:  # uvloop where installed
-            code = runner.run(serve(args, {SECRET_ENV: token}, announce))
+            code = runner.run(serve(args, {SECRET_ENV: token}, announce, reload=reload))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    if reload.due and code == 0:
+        reload.execute()
     raise typer.Exit(code)
 
 

@@ -11,8 +11,8 @@ from trio_bridge._errors import InvalidArgumentError, ToolNotFoundError
 
 
 class Draining(Exception):
-    """The worker is shutting down: it takes no new call (the wire says ``shutting_down``, and
-    the host raises :class:`~trio_bridge.PoolClosedError`)."""
+    """The worker is shutting down: it takes no new call (the wire says ``draining``: it did
+    not start the call, and the pool runs it on another worker)."""
 
 
 def admit_call(

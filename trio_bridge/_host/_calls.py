@@ -35,16 +35,26 @@ from trio_bridge._host._options import Lifecycle
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._supervisor import Supervisor
 from trio_bridge._host._tools import in_worker_callback
-from trio_bridge._host._worker import ToolCall, Worker
+from trio_bridge._host._worker import CallNotStarted, ToolCall, Worker
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.chunks import decode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
+_MAX_NOT_STARTED = 16  # workers a call is given to in turn while each refuses it (draining), before it fails
+
+
+def _no_worker_took_it() -> WorkerStartError:
+    return WorkerStartError(
+        f"{_MAX_NOT_STARTED} workers in a row refused the call because they drain (SIGTERM, or a SIGHUP "
+        "reload): none took it; try again once they serve again", worker_id="",
+    )
+
 
 class Calls:
-    """Runs calls on the pool's workers."""
+    """Runs calls on the pool's workers. A call a worker did not start because it drains runs
+    on another (up to ``_MAX_NOT_STARTED`` workers in turn): its caller sees nothing of it."""
 
     def __init__(
         self,
@@ -108,40 +118,46 @@ class Calls:
         label = tool
         try:
             request = await self._request(tool, arguments, route, traceparent)
-            outcome = Outcome.CANCELLED_QUEUED
             queued_at = trio.current_time()
-            worker = await self._acquire(route, affinity)
-            self._on_workers.add(request.call_id)
-            outcome = Outcome.CANCELLED
-            started = trio.current_time()
-            queued = started - queued_at
-            finished = False
-            try:
-                await self._router.enter_session(worker, route)
+            for _ in range(_MAX_NOT_STARTED):
+                outcome = Outcome.CANCELLED_QUEUED
+                worker = await self._acquire(route, affinity)
+                self._on_workers.add(request.call_id)
+                outcome = Outcome.CANCELLED
+                started = trio.current_time()
+                queued = started - queued_at
+                finished = False
                 try:
-                    encoded = await worker.execute(request)
-                except WorkerCrashedError:
-                    raise
-                except TrioBridgeError:
+                    await self._router.enter_session(worker, route)
+                    try:
+                        encoded = await worker.execute(request)
+                    except CallNotStarted:  # it drains: another worker runs the call
+                        finished = True
+                        continue
+                    except WorkerCrashedError:
+                        raise
+                    except TrioBridgeError:
+                        finished = True
+                        answered_in = trio.current_time() - started
+                        worker.figures.answered(failed=True, seconds=answered_in)
+                        outcome = Outcome.FAILED
+                        raise
                     finished = True
                     answered_in = trio.current_time() - started
-                    worker.figures.answered(failed=True, seconds=answered_in)
-                    outcome = Outcome.FAILED
+                    worker.figures.answered(failed=False, seconds=answered_in)
+                    outcome = Outcome.FAILED  # until the result decodes
+                    result = decode(encoded, plane=self._plane, owned=True)
+                    outcome = Outcome.COMPLETED
+                    return result
+                except WorkerCrashedError:
+                    finished = True
+                    outcome = Outcome.CRASHED
+                    worker.figures.crashed()
                     raise
-                finished = True
-                answered_in = trio.current_time() - started
-                worker.figures.answered(failed=False, seconds=answered_in)
-                outcome = Outcome.FAILED  # until the result decodes
-                result = decode(encoded, plane=self._plane, owned=True)
-                outcome = Outcome.COMPLETED
-                return result
-            except WorkerCrashedError:
-                finished = True
-                outcome = Outcome.CRASHED
-                worker.figures.crashed()
-                raise
-            finally:
-                self._finish_call(worker, request.call_id, finished)
+                finally:
+                    self._finish_call(worker, request.call_id, finished)
+            outcome = Outcome.REFUSED
+            raise _no_worker_took_it()
         except BaseException as exc:
             outcome = _refused_if_not_cancelled(outcome, exc)
             if isinstance(exc, ToolNotFoundError):
@@ -175,6 +191,7 @@ class Calls:
             self._metrics.record(_refused_if_not_cancelled(result.outcome, exc), tool=tool)
             raise
         self._on_workers.add(request.call_id)
+        result.worker = worker
         result.outcome = Outcome.CANCELLED
         result.started = trio.current_time()
         queued = result.started - queued_at
@@ -184,7 +201,7 @@ class Calls:
             await self._router.enter_session(worker, route)
             with tracker.resolve_groups():
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump_stream, worker, request, send, result)
+                    nursery.start_soon(self._pump_stream, request, route, send, result)
                     try:
                         with tracker.user_block():
                             yield _Chunks(receive)
@@ -197,25 +214,31 @@ class Calls:
             result.outcome = Outcome.CRASHED
             raise
         finally:
-            self._finish_call(worker, request.call_id, result.done)
+            if result.worker is not None:
+                self._finish_call(result.worker, request.call_id, result.done)
             label = UNKNOWN_TOOL if result.unknown_tool else tool
             self._metrics.record(result.outcome, result.answered_in, tool=label, queued=queued)
 
     async def _pump_stream(
-        self, worker: Worker, request: ToolCall, send: trio.MemorySendChannel[Any], result: _StreamResult
+        self, request: ToolCall, route: Route | None, send: trio.MemorySendChannel[Any], result: _StreamResult,
     ) -> None:
         async with send:
+            worker = result.worker
+            assert worker is not None
             try:
-                async with worker.open_stream(request) as receive:
-                    while True:
-                        batch = await receive()
-                        if batch is None:
-                            break
-                        for item in decode_batch(batch, plane=self._plane):
-                            try:
-                                send.send_nowait(item)  # no task switch while the buffer has room
-                            except trio.WouldBlock:
-                                await send.send(item)
+                for _ in range(_MAX_NOT_STARTED):
+                    try:
+                        await self._pump_from(worker, request, send)
+                        break
+                    except CallNotStarted:  # it drains (refused before the first chunk): another worker runs it
+                        result.worker = None
+                        self._finish_call(worker, request.call_id, True)
+                        worker = await self._acquire(route, None)
+                        self._on_workers.add(request.call_id)
+                        result.worker = worker
+                        await self._router.enter_session(worker, route)
+                else:
+                    raise _no_worker_took_it()
                 result.finish(Outcome.COMPLETED)
                 worker.figures.answered(failed=False)
             except TrioBridgeError as exc:
@@ -227,6 +250,19 @@ class Calls:
                 else:
                     worker.figures.answered(failed=True)
                 await send.send(_Failure(exc))
+
+    async def _pump_from(self, worker: Worker, request: ToolCall, send: trio.MemorySendChannel[Any]) -> None:
+        """Pass the stream of ``request`` on ``worker`` to ``send``, chunk by chunk."""
+        async with worker.open_stream(request) as receive:
+            while True:
+                batch = await receive()
+                if batch is None:
+                    return
+                for item in decode_batch(batch, plane=self._plane):
+                    try:
+                        send.send_nowait(item)  # no task switch while the buffer has room
+                    except trio.WouldBlock:
+                        await send.send(item)
 
     # ---- shared ----
     async def _request(self, tool: str, arguments: dict[str, Any] | None, route: Route | None, traceparent: str = "") -> ToolCall:
@@ -332,9 +368,10 @@ def _refused_if_not_cancelled(outcome: Outcome, exc: BaseException) -> Outcome:
 
 
 class _StreamResult:
-    __slots__ = ("answered_in", "done", "outcome", "started", "unknown_tool")
+    __slots__ = ("answered_in", "done", "outcome", "started", "unknown_tool", "worker")
 
     def __init__(self) -> None:
+        self.worker: Worker | None = None  # the worker whose slot the stream holds
         self.unknown_tool = False
         self.outcome = Outcome.REFUSED
         self.started = 0.0

@@ -11,6 +11,7 @@ scheduler, say) is a new connector.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from ssl import SSLContext
@@ -22,9 +23,17 @@ from trio_bridge._aio import Boundary, CallStream, TransportError
 from trio_bridge._errors import TrioBridgeError, WorkerCrashedError, WorkerStartError
 from trio_bridge._host._metrics import WorkerFigures
 from trio_bridge._host._tools import ToolInfo, tool_info
-from trio_bridge._host._worker import Receive, ToolCall, WorkerInfo, WorkerLifecycle, WorkerState, worker_info
+from trio_bridge._host._worker import (
+    CallNotStarted,
+    Receive,
+    ToolCall,
+    WorkerInfo,
+    WorkerLifecycle,
+    WorkerState,
+    worker_info,
+)
 from trio_bridge._wire.contract import WIRE_VERSION, __version__, incompatibility
-from trio_bridge._wire.errors import CallFailed, exception_from
+from trio_bridge._wire.errors import DRAINING, CallFailed, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 T = TypeVar("T")
@@ -185,9 +194,11 @@ class GrpcWorker:
                 if self.lifecycle.state is WorkerState.DEAD:  # killed (the pool closing) or exited meanwhile
                     reason = self.lifecycle.death_reason
                     raise await self._start_error(f"was stopped as it started: {reason}" if reason else "exited as it started")
+                if self.lifecycle.far_end_draining.is_set():  # (its slot tries again after a backoff)
+                    raise await self._start_error("drains (SIGTERM or SIGHUP): it takes no new call")
                 self.lifecycle.ready()
                 task_status.started()
-                await self.lifecycle.exited.wait()
+                await self._serve()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -201,6 +212,17 @@ class GrpcWorker:
                 exit_code = await self._connector.close()
                 if exit_code is not None:
                     self.lifecycle.exit(exit_code)
+
+    async def _serve(self) -> None:
+        """Until it is gone. A remote worker that says it drains is let go once this host's calls
+        on it have ended (its slot dials it again: it comes back once it serves again, after a
+        reload; or never, when it stopped)."""
+        if self._connector.remote:
+            with self.lifecycle.guarded():
+                await self.lifecycle.far_end_draining.wait()
+                self.lifecycle.death_reason = "it drains (SIGTERM or SIGHUP): let go once its calls ended"
+                await self._connector.shutdown(math.inf, self.lifecycle, self._ask_to_exit)
+        await self.lifecycle.exited.wait()
 
     async def _handshake(self, nursery: trio.Nursery) -> None:
         """Dial it (the channel is kept for :meth:`run` to close, whatever happens next),
@@ -220,6 +242,10 @@ class GrpcWorker:
             except TransportError as exc:
                 self.kill("it failed the handshake")
                 raise await self._start_error(f"Describe failed ({exc})", unreachable=True) from None
+            except CallFailed as failed:
+                if failed.info.kind != DRAINING:
+                    raise
+                raise await self._start_error("drains (SIGTERM or SIGHUP): it takes no new host") from None
         if timeout_scope.cancelled_caught:
             raise await self._start_error("did not answer Describe in time")
         problem = incompatibility(
@@ -233,7 +259,7 @@ class GrpcWorker:
         self._described_pid = described.pid or None
         if described.concurrency:  # its own --concurrency (a remote worker's need not be the pool's)
             self.lifecycle.concurrency = described.concurrency
-        calls = CallStream(self._boundary, stub, self.lifecycle.concurrency)
+        calls = CallStream(self._boundary, stub, self.lifecycle.concurrency, self.lifecycle.drains)
         with trio.move_on_after(timeout) as timeout_scope:
             try:
                 await nursery.start(calls.run)
@@ -297,14 +323,24 @@ class GrpcWorker:
         calls = self._calls
         if calls is None or not self.lifecycle.alive:
             raise self.crashed_error()
+        if calls.ended:  # its connection ended before this call: it never reaches the worker
+            self.kill("its call stream had ended")
+            raise CallNotStarted(f"worker {self.id}: its call stream had ended")
         try:
             reply = await self._while_alive(lambda: calls.execute(_request(call)))
         except BaseException:
             self._unanswered(call.call_id)
             raise
         if reply.error is not None:
+            if reply.error.kind == DRAINING:
+                raise self._refused(call)
             raise exception_from(reply.error, call.tool)
         return reply.result
+
+    def _refused(self, call: ToolCall) -> CallNotStarted:
+        """It drains and refused ``call`` (it never started it): it takes no other."""
+        self.lifecycle.drains()
+        return CallNotStarted(f"worker {self.id} drains: it refused call {call.call_id}")
 
     @asynccontextmanager
     async def open_stream(self, call: ToolCall) -> AsyncIterator[Receive]:
@@ -325,6 +361,8 @@ class GrpcWorker:
                         return None
                     except CallFailed as failed:  # the stream ended with the tool's failure
                         ended = True
+                        if failed.info.kind == DRAINING:
+                            raise self._refused(call) from None
                         raise exception_from(failed.info, call.tool) from None
                     return batch.chunks
 

@@ -111,6 +111,12 @@ class WorkerInfo:
     latency_p99: float | None = None
 
 
+class CallNotStarted(Exception):
+    """A worker did not start a call, and never will: it drains (it refused the call), or its
+    connection had ended before the call was sent. Not an error of the call: the pool runs it on
+    another worker (its callers never see this)."""
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One tool call, in the host's terms (what the core hands a worker).
@@ -150,6 +156,7 @@ class WorkerLifecycle:
         replace_at: ``calls_given`` at which its replacement starts (the supervisor's estimate).
         calls_exhausted: set once ``calls_given`` reaches ``max_calls`` (it takes no new call).
         calls_nearly_exhausted: set once ``calls_given`` reaches ``replace_at``.
+        far_end_draining: set once the worker itself said it drains (:meth:`drains`).
     """
 
     def __init__(self, worker_id: str, concurrency: int) -> None:
@@ -166,6 +173,7 @@ class WorkerLifecycle:
         self.replace_at: int | None = None
         self.calls_exhausted: trio.Event = trio.Event()
         self.calls_nearly_exhausted: trio.Event = trio.Event()
+        self.far_end_draining: trio.Event = trio.Event()
         self._guards: set[trio.CancelScope] = set()
 
     def __repr__(self) -> str:
@@ -212,6 +220,13 @@ class WorkerLifecycle:
     def retire(self) -> None:
         """Take no new calls: it is to be replaced once its calls have ended."""
         self.enter(WorkerState.DRAINING)
+
+    def drains(self) -> None:
+        """The worker itself drains (SIGTERM, SIGHUP: it refuses calls it has not started): it
+        takes no new call from now on, and is let go once its calls have ended."""
+        self.far_end_draining.set()
+        if self.state is WorkerState.READY:
+            self.enter(WorkerState.DRAINING)
 
     def stopping(self, reason: str) -> bool:
         """The pool stops it (``reason``: why); whether it was alive (``False``: nothing to stop)."""
@@ -290,6 +305,7 @@ class Worker(Protocol):
         Raises:
             WorkerCrashedError: it died, or its connection failed, during the call.
             TrioBridgeError: the call failed (the tool raised: ``ToolError``; or it was refused).
+            CallNotStarted: it did not start the call (it drains): the caller runs it elsewhere.
         """
         ...
 
@@ -298,6 +314,7 @@ class Worker(Protocol):
 
         Raises:
             WorkerCrashedError, TrioBridgeError: as :meth:`execute` (from ``receive()`` too).
+            CallNotStarted: as :meth:`execute`, from the first ``receive()`` only.
         """
         ...
 

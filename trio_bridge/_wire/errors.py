@@ -55,6 +55,9 @@ INVALID_ARGUMENT = "invalid_argument"
 ENCODE_ERROR = "encode_error"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 SHUTTING_DOWN = "shutting_down"
+# The worker drains (SIGTERM, SIGHUP, Shutdown): it did not start the call, another worker may
+# run it. With call_id "" on a call stream, a notice that it drains (docs/wire.md, 6.3).
+DRAINING = "draining"
 STATE = "state"  # a refused session or variable operation; ErrorInfo.type names the class
 INTERNAL = "internal"  # a fault of trio-bridge's own, not of the tool or the request
 
@@ -76,6 +79,7 @@ _STATUS_BY_KIND = {
     ENCODE_ERROR: Status.INTERNAL,  # a result (or chunk) the tool returned cannot be encoded
     DEADLINE_EXCEEDED: Status.DEADLINE_EXCEEDED,
     SHUTTING_DOWN: Status.UNAVAILABLE,
+    DRAINING: Status.UNAVAILABLE,
     INTERNAL: Status.INTERNAL,
 }
 _STATUS_BY_STATE_TYPE = {
@@ -137,6 +141,12 @@ def deadline_error() -> ErrorInfo:
     """A call whose deadline passed in the worker."""
     return ErrorInfo(kind=DEADLINE_EXCEEDED, type="TimeoutError", message="the call's deadline passed in the worker")
 
+def draining_notice() -> ErrorInfo:
+    """The ErrorInfo of a call a draining worker refuses (it did not start it), and of its notice
+    on a call stream that it drains."""
+    return ErrorInfo(kind=DRAINING, type="Draining", message="the worker drains: it takes no new call")
+
+
 def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
     """The exception an :class:`ErrorInfo` from a call of ``tool`` stands for."""
     kind = info.kind
@@ -150,7 +160,7 @@ def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
         return DeadlineExceededError(f"tool {tool!r}: {info.message}")
     if kind == STATE and info.type in _BY_NAME:
         return _BY_NAME[info.type](info.message)
-    if kind == SHUTTING_DOWN:
+    if kind in (SHUTTING_DOWN, DRAINING):  # (the pool's own workers turn DRAINING into a new dispatch first)
         return PoolClosedError(f"tool {tool!r}: {info.message}")
     return ToolError(tool, info.type, info.message, info.traceback)
 

@@ -41,6 +41,7 @@ from trio_bridge._host._pool import Pool, PoolParts, compose
 from trio_bridge._host._process import WorkerSpec
 from trio_bridge._host._tools import ToolInfo, run_host_tool, tool_info
 from trio_bridge._host._worker import (
+    CallNotStarted,
     Receive,
     ToolCall,
     WorkerInfo,
@@ -52,7 +53,15 @@ from trio_bridge._host._worker import (
 from trio_bridge._wire.chunks import encode_batch
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import DEADLINE_SLACK
-from trio_bridge._wire.errors import SHUTTING_DOWN, TOOL_ERROR, deadline_error, error_info, exception_from, tool_failure
+from trio_bridge._wire.errors import (
+    DRAINING,
+    TOOL_ERROR,
+    deadline_error,
+    draining_notice,
+    error_info,
+    exception_from,
+    tool_failure,
+)
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.tool_spec import tool_spec
 
@@ -184,6 +193,14 @@ class FakeWorkers:
         if stderr:
             worker.stderr_tail.extend(stderr.splitlines())
         worker._exit(exit_code)
+        return worker
+
+    def drain(self, slot: int) -> FakeWorker:
+        """The worker of ``slot`` drains by itself (a real one on SIGTERM or SIGHUP): it refuses
+        the calls it has not started, as a real one does, before the pool knows (the pool runs
+        them on other workers); its running calls go on. Returns it."""
+        worker = self.worker(slot)
+        worker._calls.draining = True
         return worker
 
     def hang(self, slot: int) -> FakeWorker:
@@ -510,7 +527,7 @@ class FakeWorker:
         """
         done = await self._answering(lambda: self._calls.unary(call))
         if done.error is not None:
-            raise exception_from(done.error, call.tool)
+            raise _failure(done.error, call.tool, self.lifecycle)
         return done.result
 
     def open_stream(self, call: ToolCall) -> AbstractAsyncContextManager[Receive]:
@@ -608,7 +625,7 @@ class _FakeCalls:
             refusal = call
 
             async def refused() -> Any:
-                raise exception_from(refusal, request.tool)
+                raise _failure(refusal, request.tool, worker.lifecycle)
 
             yield refused
             return
@@ -694,8 +711,8 @@ class _FakeCalls:
             )
             arguments = definition.check_arguments(decode(request.arguments))
             await runner.call_starting(request, definition)
-        except Draining as exc:
-            return error_info(exc, kind=SHUTTING_DOWN)
+        except Draining:
+            return draining_notice()
         except Exception as exc:
             return error_info(exc)
         context, cancel_context = runner.new_context(request)
@@ -850,3 +867,12 @@ async def open_pool_of_fakes(make_workers: Callable[[str], FakeWorkers], options
 
     async with compose(options, spec=workers._spec, new_worker=workers._new_worker, serve=serve) as pool:
         yield FakePool(pool, workers)
+
+
+def _failure(info: pb.ErrorInfo, tool: str, lifecycle: WorkerLifecycle) -> Exception:
+    """What a call of ``tool`` that failed with ``info`` raises, as a real worker's would: a
+    refusal because the worker drains is :class:`CallNotStarted` (the pool runs it elsewhere)."""
+    if info.kind == DRAINING:
+        lifecycle.drains()
+        return CallNotStarted(f"the worker drains: it did not start a call of {tool!r}")
+    return exception_from(info, tool)

@@ -5,11 +5,14 @@ failure comes back in-band, in the CallResult: the stream's own status is the co
 ``cancel`` message cancels that task (what resetting a unary call's HTTP/2 stream does). Results
 go back as calls finish, one message each. When the host ends its side, the calls still running
 finish and are answered; when the stream is reset or the connection lost, they are cancelled.
+Once the worker drains, the stream carries a notice (a CallResult with call id ``""`` and an error
+of kind ``draining``), so that the host sends it no more calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -22,12 +25,22 @@ from trio_bridge._wire.generated.trio_bridge import v1 as pb
 Execute = Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]]
 
 
-async def serve_calls(stream: Any, execute: Execute, reply_pending: Callable[[], AbstractContextManager[None]]) -> None:
+async def serve_calls(
+    stream: Any, execute: Execute, reply_pending: Callable[[], AbstractContextManager[None]], draining: asyncio.Event,
+) -> None:
     """Serve one call stream (a grpclib server stream of CallMessage -> CallResult) until the
     host ends it; cancelling this coroutine cancels every call it runs. Each call is inside
-    ``reply_pending()`` until its result is written (a drain waits for that)."""
+    ``reply_pending()`` until its result is written (a drain waits for that). Once ``draining``
+    is set, the host is sent the drain notice."""
     running: dict[str, asyncio.Task[None]] = {}
     sending = asyncio.Lock()  # one message at a time: concurrent writes would interleave frames
+
+    async def notify() -> None:
+        await draining.wait()
+        notice = wire_errors.draining_notice()
+        async with sending:
+            with contextlib.suppress(Exception):  # the stream is gone: nobody to tell
+                await stream.send_message(pb.CallResult(call_id="", response=pb.ExecuteToolResponse(error=notice)))
 
     async def run(request: pb.ExecuteToolRequest) -> None:
         with reply_pending():
@@ -42,6 +55,7 @@ async def serve_calls(stream: Any, execute: Execute, reply_pending: Callable[[],
             async with sending:
                 await stream.send_message(pb.CallResult(call_id=request.call_id, response=response))
 
+    notifier = asyncio.create_task(notify())
     try:
         async for message in stream:
             kind, value = betterproto2.which_one_of(message, "kind")
@@ -53,7 +67,7 @@ async def serve_calls(stream: Any, execute: Execute, reply_pending: Callable[[],
                     task.cancel()
         await asyncio.gather(*running.values(), return_exceptions=True)
     finally:
-        tasks = list(running.values())
+        tasks = [notifier, *running.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

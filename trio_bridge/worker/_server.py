@@ -83,9 +83,11 @@ from trio_bridge.worker._call_stream import serve_calls
 from trio_bridge.worker._context import SessionContext, cancel_call, end_call
 from trio_bridge.worker._host_client import HostClient, host_stub
 from trio_bridge.worker._lifeline import start_lifeline
+from trio_bridge.worker._reload import Reload
 from trio_bridge.worker._streaming import AsyncGeneratorSource, ThreadGeneratorSource
 
 _REPLY_FLUSH = 1.0          # seconds a drain waits for finished calls' replies to be sent
+_HOSTS_LEAVE = 5.0          # seconds a drain of its own (SIGTERM, SIGHUP) waits for hosts to close their call streams
 LOOP_ENV = "TRIO_BRIDGE_WORKER_LOOP"  # "asyncio": the worker does not use uvloop
 _STREAM_PATH = "/trio_bridge.v1.WorkerService/ExecuteStreamingTool"
 _CALLS_PATH = "/trio_bridge.v1.WorkerService/Calls"
@@ -116,6 +118,10 @@ class WorkerService(pb.WorkerServiceBase):
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self.draining = False
+        self._drain_notice = asyncio.Event()  # set as the drain begins: every call stream tells its host
+        self._call_streams = 0  # call streams open (one per host connection)
+        self._no_call_streams = asyncio.Event()
+        self._no_call_streams.set()
         self.health: list[ServingStatus] = []  # the health statuses a drain sets NOT_SERVING (its server's, --health's)
         self.stopped = asyncio.Event()
         self._idle = asyncio.Event()
@@ -184,6 +190,8 @@ class WorkerService(pb.WorkerServiceBase):
         if problem is not None:
             self._refusals.log("incompatible host", problem)
             raise GRPCError(grpclib.const.Status.FAILED_PRECONDITION, wire_errors.clip(problem, MAX_STATUS_MESSAGE_BYTES))
+        if self.draining:  # a host dialing it again (it drains to stop, or to reload): not now
+            raise wire_errors.status_error(wire_errors.draining_notice())
         if self.standalone and message.host_address:
             self._attach(message.host_address, message.worker_id)
         if message.cancel_calls:
@@ -390,23 +398,37 @@ class WorkerService(pb.WorkerServiceBase):
         self.begin_drain(message.grace_seconds)
         return pb.ShutdownResponse()
 
-    def begin_drain(self, grace: float) -> None:
-        """Refuse new calls, give running ones ``grace`` seconds (0: no limit), then stop
-        (``stopped``); health says NOT_SERVING meanwhile. Again while draining: nothing."""
+    def begin_drain(self, grace: float, *, until_hosts_leave: bool = False, alive: ServingStatus | None = None) -> None:
+        """Refuse new calls (kind ``draining``: the host runs them elsewhere, and each call
+        stream tells its host at once), give running ones ``grace`` seconds (0: no limit), then
+        stop (``stopped``); health says NOT_SERVING meanwhile. Again while draining: nothing.
+
+        ``until_hosts_leave``: a drain of its own (SIGTERM, SIGHUP), not one a host asked for:
+        once its calls have ended, it also waits (at most ``_HOSTS_LEAVE`` seconds, within
+        ``grace``) until the hosts have closed their call streams, so that no call a host sent
+        before it read the notice is lost with the connection. ``alive``: a health status left
+        SERVING (a reload's liveness: the process is not dying, and must not be restarted)."""
         if self.draining:
             return
         self.draining = True
+        self._drain_notice.set()
         for status in self.health:
-            status.set(False)  # grpc.health.v1: NOT_SERVING while it drains
-        self._loop.create_task(self._drain(grace))
+            if status is not alive:
+                status.set(False)  # grpc.health.v1: NOT_SERVING while it drains
+        self._loop.create_task(self._drain(grace, until_hosts_leave))
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self, grace: float, until_hosts_leave: bool) -> None:
+        ends = None if grace <= 0 else self._loop.time() + grace
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=max(grace, 0) or None)
         except TimeoutError:
             print(f"trio-bridge worker: {len(self.active)} call(s) still running after the "
                   f"{grace:.1f} s drain grace; exiting anyway", file=sys.stderr)
         else:
+            if until_hosts_leave:
+                left = _HOSTS_LEAVE if ends is None else min(_HOSTS_LEAVE, ends - self._loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._no_call_streams.wait(), timeout=max(left, 0))
             # Calls are over; let their replies (and the Shutdown reply) reach the host in full.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rpcs_done.wait(), timeout=_REPLY_FLUSH)
@@ -442,7 +464,16 @@ class WorkerService(pb.WorkerServiceBase):
         return counted
 
     async def _serve_calls(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await serve_calls(stream, self.run_call, self._reply_pending)
+        if self.draining:  # no new host connection while it drains: its calls would be lost as it exits
+            raise wire_errors.status_error(wire_errors.draining_notice())
+        self._call_streams += 1
+        self._no_call_streams.clear()
+        try:
+            await serve_calls(stream, self.run_call, self._reply_pending, self._drain_notice)
+        finally:
+            self._call_streams -= 1
+            if not self._call_streams:
+                self._no_call_streams.set()
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping = super().__mapping__()
@@ -460,8 +491,8 @@ class WorkerService(pb.WorkerServiceBase):
 
 
 def _error_info(exc: BaseException) -> pb.ErrorInfo:
-    if isinstance(exc, Draining):
-        return wire_errors.error_info(exc, kind=wire_errors.SHUTTING_DOWN)
+    if isinstance(exc, Draining):  # it did not start the call: the host runs it elsewhere
+        return wire_errors.draining_notice()
     return wire_errors.error_info(exc)
 
 
@@ -570,7 +601,9 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None]) -> int:
+async def serve(
+    args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None], *, reload: Reload | None = None,
+) -> int:
     """Load the adapter, run ``setup()``, serve until told to stop; return the exit code.
 
     ``env``: the worker's environment (the pool's secret, the host's address, the worker id,
@@ -581,6 +614,9 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
 
     Refuses (exit code 2, before the adapter is imported) to listen beyond loopback without a
     secret, or over plain TCP there without ``--insecure`` (see :func:`listener_refusal`).
+
+    ``reload``: SIGHUP reloads the adapter's code (``trio-bridge worker``): once it has drained,
+    this returns 0 with ``reload.due`` set, and the caller executes it again in place.
     """
     secret = env.get(SECRET_ENV, "")
     refusal = listener_refusal(args, secret)  # it also checks --listen's form
@@ -607,7 +643,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
             print(f"trio-bridge worker: --health {args.health}: cannot listen there: {exc.strerror or exc}", file=sys.stderr, flush=True)
             return 2
     try:
-        return await _serve_adapter(args, env, announce, secret, allowed_uids, alive, ready)
+        return await _serve_adapter(args, env, announce, secret, allowed_uids, alive, ready, reload)
     finally:
         if health_server is not None:
             health_server.close()
@@ -615,7 +651,7 @@ async def serve(args: argparse.Namespace, env: Mapping[str, str], announce: Call
 
 async def _serve_adapter(
     args: argparse.Namespace, env: Mapping[str, str], announce: Callable[[str], None], secret: str,
-    allowed_uids: Collection[int], alive: ServingStatus, ready: ServingStatus,
+    allowed_uids: Collection[int], alive: ServingStatus, ready: ServingStatus, reload: Reload | None,
 ) -> int:
     """:func:`serve`'s part from the adapter's import on; ``alive``, ``ready``: the health
     listener's statuses: ``ready`` turns SERVING once it listens, both NOT_SERVING when it drains."""
@@ -675,9 +711,11 @@ async def _serve_adapter(
             loop.remove_signal_handler(signal.SIGTERM)  # a second SIGTERM ends the process at once
             terminated.append(128 + signal.SIGTERM)  # the shell's code for it, once drained
             print(f"trio-bridge worker: SIGTERM: draining (at most {args.drain_on_sigterm:g} s)", file=sys.stderr, flush=True)
-            service.begin_drain(args.drain_on_sigterm)
+            service.begin_drain(args.drain_on_sigterm, until_hosts_leave=True)
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    if reload is not None:
+        reload.install(service, args.drain_on_sigterm or 0.0, alive)
     announce(address)  # after the SIGTERM handler: one sent on seeing this line drains
     ready.set(True)
 

@@ -210,7 +210,7 @@ class ErrorInfo(betterproto2.Message):
     kind: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     One of: "tool_error", "tool_not_found", "invalid_argument", "encode_error",
-    "deadline_exceeded", "shutting_down", "state" (`type` names the refusal), "internal".
+    "deadline_exceeded", "draining", "shutting_down", "state" (`type` names the refusal), "internal".
     """
 
     type: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
