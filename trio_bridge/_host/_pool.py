@@ -35,7 +35,7 @@ from trio_bridge._host._calls import Calls
 from trio_bridge._host._discovery import Discovery
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._endpoint import metrics_endpoint, pool_status, serving
-from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
+from trio_bridge._host._forkserver import fresh_code, open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._grpc_worker import Connector, GrpcWorker
@@ -653,6 +653,7 @@ async def _open_pool(
                     options, spec=spec, new_worker=new_worker, serve=serve, plane=plane, tracker=tracker, stop=stop,
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                     start_method=lambda: start_method_of(local_connector or launch),
+                    fresh_code=lambda: fresh_code(launch),  # a reload's new workers: a fresh preload
                 ) as pool:
                     pool.health_address = health_bound[0]
                     yield pool
