@@ -12,10 +12,12 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
 from tests.helpers import wait_for
+from tests.test_fork_server import _fork_servers
 from trio_bridge import LocalWorkers, PoolClosedError, Recycling, WorkerStartError, open_pool
 from trio_bridge.testing import FakeContext, open_fake_pool
 
@@ -161,6 +163,8 @@ async def _calls_through_a_reload(directory: Path, start_method: str) -> dict[st
         assert pool.start_method == start_method
         assert await pool.execute("answer") == 1
         first = {w.pid for w in pool.workers()}
+        servers = [s.pid for s in _fork_servers()]
+        assert len(servers) == (1 if start_method == "forkserver" else 0)
         calls: list[tuple[float, float, object]] = []  # (started, ended, answer or error)
         fewest = [2]
         reloading = trio.Event()
@@ -199,6 +203,9 @@ async def _calls_through_a_reload(directory: Path, start_method: str) -> dict[st
         during = [c for c in calls if c[0] >= began and c[1] <= returned]
         await wait_for(lambda: len(pool.workers()) == 2 and all(w.state == "ready" for w in pool.workers()), timeout=30)
         now = {w.pid for w in pool.workers()}
+        if start_method == "forkserver":  # the new workers' fork server took over; the old one is gone
+            await wait_for(lambda: len(_fork_servers()) == 1 and _fork_servers()[0].pid not in servers, timeout=30)
+            assert {psutil.Process(pid).ppid() for pid in now} == {_fork_servers()[0].pid}
         figures = {
             "start_method": start_method, "replaced": replaced, "calls": len(calls), "failed": len(failed),
             "served_during_reload": len(during), "reload_seconds": round(returned - began, 3),
@@ -241,6 +248,7 @@ async def test_a_broken_module_keeps_the_old_workers_serving(tmp_path, caplog, s
     write_module(tmp_path, 1)
     async with open_pool(ADAPTER, size=2, local=local(tmp_path, start_method)) as pool:
         before = [w.pid for w in pool.workers()]
+        servers = [s.pid for s in _fork_servers()]
         write_module(tmp_path, 2, broken=True)
         with pytest.raises(WorkerStartError) as raised:
             await pool.reload()
@@ -250,6 +258,7 @@ async def test_a_broken_module_keeps_the_old_workers_serving(tmp_path, caplog, s
         said = [r.getMessage() for r in caplog.records if r.name == "trio_bridge" and r.levelno >= logging.WARNING]
         assert len(said) == 1 and "pool.reload()" in said[0] and "SyntaxError" in said[0], said
         assert pool.statistics().recycles == {}
+        await wait_for(lambda: [s.pid for s in _fork_servers()] == servers, timeout=30)  # the new one is closed
         if start_method == "forkserver":  # the old fork server forks again: a crashed worker comes back with the old code
             os.kill(before[0], signal.SIGKILL)
             await wait_for(lambda: pool.statistics().workers_ready == 2 and before[0] not in {w.pid for w in pool.workers()}, timeout=30)
