@@ -18,7 +18,7 @@ import trio
 
 from tests.helpers import wait_for
 from tests.test_fork_server import _fork_servers
-from trio_bridge import LocalWorkers, PoolClosedError, Recycling, WorkerStartError, open_pool
+from trio_bridge import Lifecycle, LocalWorkers, PoolClosedError, Recycling, WorkerStartError, open_pool
 from trio_bridge.testing import FakeContext, open_fake_pool
 
 MODULE = "reload_target"
@@ -152,6 +152,19 @@ async def test_reloads_run_one_after_the_other_and_workers_started_ahead_are_rep
             assert not replaced & ids  # nothing made before the second reload serves, started ahead or not
         stats = pool.statistics()
         assert stats.recycles["reload"] == 4 and stats.calls_completed == 400 and stats.calls_failed == 0
+
+
+async def test_a_slot_restarting_during_a_reload_is_replaced_by_its_restart(autojump_clock):
+    async with open_fake_pool(TOOLS, size=2, lifecycle=Lifecycle(restart_backoff=(1.0, 1.0))) as fake:
+        pool = fake.pool
+        fake.workers.fail_starts(1)
+        crashed = fake.workers.kill(0)
+        await wait_for(lambda: len(fake.workers.made) == 3 and fake.workers.made[2].exit_code is not None)  # its restart failed: it backs off 1 s
+        began = trio.current_time()
+        assert await pool.reload() == 2
+        assert trio.current_time() - began >= 0.9  # slot 0 waited for its restart, which counts as its replacement
+        assert crashed.id not in {w.id for w in pool.workers()} and pool.statistics().workers_ready == 2
+        assert pool.statistics().recycles == {"reload": 1}  # (slot 0's restart is counted as a restart)
 
 
 # ---- real processes ----

@@ -247,8 +247,9 @@ class Pool(metaclass=NoPublicConstructor):
         the new workers from it; the old one exits once its last worker has.
 
         What does not survive: what a worker kept in its memory -- objects stored with
-        ``store_as`` (``PythonAdapter``), caches, the adapter's attributes. Sessions are
-        initialized again on the new workers, as after a recycle. Workers started ahead of a
+        ``store_as`` (``PythonAdapter``), caches, the adapter's attributes. As after a recycle,
+        a session's next call on a new worker initializes it there (``on_session_start``); the
+        old workers exit without ``on_session_end`` for sessions still open. Workers started ahead of a
         recycle and draining ones run old code until they exit (they take no new call once
         their slot is replaced). Remote workers are left alone: their code is on their machine
         (``trio-bridge worker`` reloads on SIGHUP there). Reloads run one at a time: a second
