@@ -477,12 +477,14 @@ class ForkServerLauncher:
                 server.kill()
         return WorkerProcess.spawn(command, env)
 
-    def _spawn_from_now_on(self, reason: str, *, explain: bool = True) -> None:
+    def _spawn_from_now_on(self, reason: str, *, answer: bool = False) -> None:
+        """Spawn workers from now on, because of ``reason``; said at INFO where nothing was
+        asked for and nothing broke (``answer``: a fork server's answer as it starts, the first
+        or a reload's), else as a warning."""
         self.start_method = "spawn"
         self.reason = reason
-        level = logging.WARNING if self._requested == "forkserver" or self._settled.is_set() else logging.INFO
-        if explain:
-            _logger.log(level, "workers of %s start by spawn: %s", self._adapter, reason)
+        surprise = self._requested == "forkserver" or (self._settled.is_set() and not answer)
+        _logger.log(logging.WARNING if surprise else logging.INFO, "workers of %s start by spawn: %s", self._adapter, reason)
 
     async def settle(self) -> None:
         """Wait until the first fork server has said whether it can fork (at most the pool's
@@ -511,12 +513,12 @@ class ForkServerLauncher:
             server = _Server.start(self._python, self._adapter, self._env, self._spares)
         except OSError as exc:
             self._server = None
-            self._spawn_from_now_on(f"the fork server could not start ({exc})")
+            self._spawn_from_now_on(f"the fork server could not start ({exc})", answer=True)
             return None
         said: dict[str, Any] = await self._nursery.start(self._keep, server)
         if not said.get("fork"):
             self._server = None
-            self._spawn_from_now_on(str(said.get("reason", "the fork server refused")))
+            self._spawn_from_now_on(str(said.get("reason", "the fork server refused")), answer=True)
             return None
         self._server = server
         self.start_method, self.reason = "forkserver", ""

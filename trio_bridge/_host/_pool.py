@@ -251,9 +251,11 @@ class Pool(metaclass=NoPublicConstructor):
         a session's next call on a new worker initializes it there (``on_session_start``); the
         old workers exit without ``on_session_end`` for sessions still open. Workers started ahead of a
         recycle and draining ones run old code until they exit (they take no new call once
-        their slot is replaced). Remote workers are left alone: their code is on their machine
-        (``trio-bridge worker`` reloads on SIGHUP there). Reloads run one at a time: a second
-        call waits for the first to end, then reloads again.
+        their slot is replaced); while a reload runs, old and new workers serve side by side (a
+        call may reach either). Remote workers are left alone: their code is on their machine
+        (``trio-bridge worker`` reloads on SIGHUP there); workers in threads
+        (``trio_bridge.testing``) are replaced, but share the host's imported modules. Reloads
+        run one at a time: a second call waits for the first to end, then reloads again.
 
         Returns:
             the number of workers replaced.
