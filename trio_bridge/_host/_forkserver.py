@@ -38,6 +38,12 @@ A pool spawns its workers instead of forking them when:
 An explicit ``"forkserver"`` that falls back logs a warning; the default logs at INFO. Either
 way ``Pool.start_method`` says how the pool starts its workers now.
 
+``Pool.reload`` (:func:`fresh_code`) starts a new fork server -- a fresh preload of the adapter's
+module, whose verdict decides the start method from then on, as the first one's did -- and the
+reload's workers fork from it. The old fork server stays up while any worker it forked runs (a
+fork server's workers die with it), and is closed once the host has let go of the last of them;
+a reload that fails makes the old one current again.
+
 What a forked worker keeps of a spawned one's guarantees: it leads its own session and process
 group (the host signals its whole tree); it dies with the host (``PR_SET_PDEATHSIG`` to the fork
 server, which dies with the host, and the worker's stdin lifeline: the host holds the only write
