@@ -146,3 +146,39 @@ def test_help_says_what_it_serves_without_raw_markup() -> None:
     assert result.exit_code == 0, result.output
     assert "Model Context Protocol" in result.stdout and "--host-tools" in result.stdout
     assert not re.search(r"`|\[/?(bold|red|green|yellow)|\[/\]|\*\*", result.stdout), result.stdout
+
+
+@pytest.mark.real_process
+async def test_sighup_reloads_the_adapters_code_and_a_broken_module_keeps_the_old_workers(tmp_path: Path) -> None:
+    import trio
+
+    from tests.helpers import wait_for
+    from tests.test_reload import ADAPTER, write_module
+
+    write_module(tmp_path, 1)
+    params = StdioServerParameters(
+        command=SERVER[0], args=["-m", "trio_bridge", "mcp", ADAPTER, "--workers", "2"],
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}, cwd=str(ROOT),
+    )
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as errlog:
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            assert json.loads(_text(await session.call_tool("answer", {}))) == 1
+            (server, *_) = _server_and_descendants()
+
+            write_module(tmp_path, 2)
+            server.send_signal(signal.SIGHUP)
+            await wait_for(lambda: "SIGHUP: reloaded reload_target:Versioned (2 worker(s) replaced)" in log.read_text(), timeout=60)
+            assert json.loads(_text(await session.call_tool("answer", {}))) == 2  # the next call: the new code
+
+            write_module(tmp_path, 3, broken=True)
+            server.send_signal(signal.SIGHUP)
+            await wait_for(lambda: "pool.reload() of reload_target:Versioned failed" in log.read_text(), timeout=60)
+            await trio.sleep(0.2)
+            answers = [json.loads(_text(await session.call_tool("answer", {}))) for _ in range(4)]
+            assert answers == [2] * 4  # the old workers serve on
+            assert server.is_running()
+    err = log.read_text()
+    assert err.count("pool.reload() of reload_target:Versioned failed") == 1 and "SyntaxError" in err, err
+    assert "the client closed stdin; the pool is closed" in err, err

@@ -185,7 +185,7 @@ async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed
 
         async def pid() -> int:
             # calls of 5 ms: a worker starts (~0.1 s forked) before the other slot has served
-            # 50 calls (what the capacity promise needs, see Supervisor._max_calls)
+            # 50 calls (what the capacity promise needs, see _supervisor._max_calls)
             answered = await pool.execute("pid_after", {"seconds": 0.005})
             pids[answered] += 1
             return answered
@@ -193,7 +193,7 @@ async def test_real_workers_are_recycled_by_calls_and_by_memory_without_a_failed
         result = await run_load(pool, callers=50, calls=1000, call=pid, size=size)
         assert result["failures"] == []
         # a worker given its 100th call takes no other while its replacement starts: one slot
-        # at a time (see Supervisor._max_calls), never both
+        # at a time (see _supervisor._max_calls), never both
         assert result["fewest_ready"] >= size - 1
         assert len(pids) >= 10 and max(pids.values()) <= 100 and sum(pids.values()) == 1000
         stats = pool.statistics()

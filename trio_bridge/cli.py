@@ -377,6 +377,9 @@ def mcp(
     JSON text, a tool's error as an error result. Needs `pip install 'trio-bridge[mcp]'`.
     stdout carries the protocol only; messages go to stderr.
 
+    SIGHUP reloads the adapter's code (`pool.reload()`: each worker replaced in turn, no call
+    fails); a reload whose code does not import is reported on stderr, and the old workers serve on.
+
     Exit status: 0 once the client closed stdin (the pool closed in order); 1 when the pool
     failed to start; 130 after Ctrl-C, 143 after SIGTERM (once the pool has shut down).
     """
@@ -389,6 +392,8 @@ def mcp(
     functions = _load_host_tools(",".join(host_tools or []))
 
     async def main() -> None:
+        import trio
+
         import trio_bridge
 
         async with trio_bridge.open_pool(
@@ -397,7 +402,10 @@ def mcp(
             for function in functions:
                 pool.host_tool(function)
             _err_console.print(f"trio-bridge mcp: serving the tools of {adapter} on stdio ({workers} worker(s))")
-            await serve_stdio(pool)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_reload_on_sighup, pool, "trio-bridge mcp")
+                await serve_stdio(pool)
+                nursery.cancel_scope.cancel()
         _err_console.print("trio-bridge mcp: the client closed stdin; the pool is closed")
 
     _run_pool_command(main)
@@ -675,6 +683,25 @@ async def _call_tool(
         _print_json(await pool.execute(tool, arguments))
     else:
         pprint(await pool.execute(tool, arguments), console=_console)
+
+
+async def _reload_on_sighup(pool: Any, command: str) -> None:
+    """Until cancelled: each SIGHUP reloads ``pool``'s code (``pool.reload()``; signals that come
+    during a reload make one more). A failed reload is logged by the pool (once, on stderr: the
+    import error) and the old workers serve on. Off the main thread (no signal handlers): nothing."""
+    import trio
+
+    from trio_bridge import TrioBridgeError
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                replaced = await pool.reload()
+            except TrioBridgeError:
+                continue  # said by the pool's log
+            _err_console.print(f"{command}: SIGHUP: reloaded {pool.adapter} ({replaced} worker(s) replaced)")
 
 
 def _end_on_signals() -> None:

@@ -38,6 +38,12 @@ A pool spawns its workers instead of forking them when:
 An explicit ``"forkserver"`` that falls back logs a warning; the default logs at INFO. Either
 way ``Pool.start_method`` says how the pool starts its workers now.
 
+``Pool.reload`` (:func:`fresh_code`) starts a new fork server -- a fresh preload of the adapter's
+module, whose verdict decides the start method from then on, as the first one's did -- and the
+reload's workers fork from it. The old fork server stays up while any worker it forked runs (a
+fork server's workers die with it), and is closed once the host has let go of the last of them;
+a reload that fails makes the old one current again.
+
 What a forked worker keeps of a spawned one's guarantees: it leads its own session and process
 group (the host signals its whole tree); it dies with the host (``PR_SET_PDEATHSIG`` to the fork
 server, which dies with the host, and the worker's stdin lifeline: the host holds the only write
@@ -74,6 +80,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import trio
@@ -112,6 +119,8 @@ class ForkedWorker:
         self._status: socket.socket | None = status
         status.setblocking(False)
         self._lock = trio.Lock()  # one task watches; the others wait their turn
+        self.released = trio.Event()
+        """Set once the host has let go of it (its fork server may then be closed)."""
         self._pidfd: int | None = None
         with contextlib.suppress(OSError, AttributeError):
             self._pidfd = os.pidfd_open(pid)
@@ -170,6 +179,7 @@ class ForkedWorker:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        self.released.set()
 
     def signal_group(self, signum: int) -> None:
         """Send ``signum`` to the worker's process group (the worker and what its tools started).
@@ -248,7 +258,15 @@ class _Server:
             self.pidfd = os.pidfd_open(self.pid)
         self.waiting = trio.Lock()
         self.spares: collections.deque[_Spare] = collections.deque()  # forked, waiting to be assigned
+        self.forked: list[ForkedWorker] = []  # its workers the host has not let go of (pruned as it forks)
+        self.retired = trio.Event()
+        """Set once no worker is to be forked by it any more (a reload started another): it is
+        closed once the host has let go of each of its workers."""
         self._spare_asked = False
+
+    @property
+    def running(self) -> bool:
+        return self.popen.poll() is None
 
     @classmethod
     def start(cls, python: str, adapter: str, env: dict[str, str], spares: int) -> _Server:
@@ -331,14 +349,19 @@ class _Server:
         """
         args = command[command.index("trio_bridge.worker") + 1:]
         request = json.dumps({"args": args, "env": env, "cwd": os.getcwd()}).encode()
+        self.forked = [worker for worker in self.forked if not worker.released.is_set()]
         try:
             while self.spares:
                 spare = self.spares.popleft()
                 try:
-                    return spare.assign(request)
+                    worker = spare.assign(request)
+                    break
                 except OSError:
                     spare.close()  # it died unassigned: the fork server reaps it
-            return self.fork(request)
+            else:
+                worker = self.fork(request)
+            self.forked.append(worker)
+            return worker
         finally:
             if not self.spares:
                 self._ask_for_spare()
@@ -415,6 +438,11 @@ class ForkServerLauncher:
     """A pool's launcher (``launch(command, env)``): forks workers from the pool's fork server
     while it can, spawns them otherwise. Made by :func:`open_launcher`.
 
+    A reload (:func:`fresh_code`) starts a new fork server -- a fresh preload of the adapter's
+    module -- from which the new workers fork; the old one runs on for the workers it forked,
+    and is closed once the host has let go of the last of them (a fork server's workers die
+    with it).
+
     Attributes:
         start_method: how workers start now: ``"forkserver"`` or ``"spawn"``.
         reason: why it spawns (``""`` while it forks).
@@ -428,9 +456,12 @@ class ForkServerLauncher:
         self._adapter = adapter
         self._env = env
         self._requested = requested
-        self._server: _Server | None = None
+        self._server: _Server | None = None  # the one new workers fork from
         self._settled = trio.Event()
         self._closing = False
+        self._restarts = 0
+        self._startup_timeout = 0.0
+        self._nursery: trio.Nursery | None = None  # each fork server's task (run's)
         self.start_method: str = "spawn"
         self.reason: str = "the fork server is starting"
 
@@ -452,12 +483,14 @@ class ForkServerLauncher:
                 server.kill()
         return WorkerProcess.spawn(command, env)
 
-    def _spawn_from_now_on(self, reason: str, *, explain: bool = True) -> None:
+    def _spawn_from_now_on(self, reason: str, *, answer: bool = False) -> None:
+        """Spawn workers from now on, because of ``reason``; said at INFO where nothing was
+        asked for and nothing broke (``answer``: a fork server's answer as it starts, the first
+        or a reload's), else as a warning."""
         self.start_method = "spawn"
         self.reason = reason
-        level = logging.WARNING if self._requested == "forkserver" or self._settled.is_set() else logging.INFO
-        if explain:
-            _logger.log(level, "workers of %s start by spawn: %s", self._adapter, reason)
+        surprise = self._requested == "forkserver" or (self._settled.is_set() and not answer)
+        _logger.log(logging.WARNING if surprise else logging.INFO, "workers of %s start by spawn: %s", self._adapter, reason)
 
     async def settle(self) -> None:
         """Wait until the first fork server has said whether it can fork (at most the pool's
@@ -467,60 +500,137 @@ class ForkServerLauncher:
 
     async def run(self, startup_timeout: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a fork server running for the pool: start it, learn whether it forks, and
-        start it again (up to ``_MAX_RESTARTS`` times) if it dies while it did."""
-        restarts = 0
-        task_status.started()
-        while True:
-            try:
-                server = _Server.start(self._python, self._adapter, self._env, self._spares)
-            except OSError as exc:
-                self._spawn_from_now_on(f"the fork server could not start ({exc})")
-                self._settled.set()
-                return
-            self._server = server
-            said: list[dict[str, Any]] = []
-            decided = trio.Event()
+        start it again (up to ``_MAX_RESTARTS`` times) if it dies while it does. Each fork
+        server runs in a task of this one's; cancelling it closes them all."""
+        self._startup_timeout = startup_timeout
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._start_server()
+            self._settled.set()
+            await trio.sleep_forever()
 
-            def verdict(message: dict[str, Any], said: list[dict[str, Any]] = said, decided: trio.Event = decided) -> None:
-                said.append(message)
-                decided.set()
+    async def _start_server(self) -> _Server | None:
+        """Start a fork server (it imports the adapter's module afresh) in a task of its own,
+        and wait for its verdict: if it forks, new workers fork from it (it is returned); else
+        they are spawned (``None``)."""
+        assert self._nursery is not None
+        try:
+            server = _Server.start(self._python, self._adapter, self._env, self._spares)
+        except OSError as exc:
+            self._server = None
+            self._spawn_from_now_on(f"the fork server could not start ({exc})", answer=True)
+            return None
+        said: dict[str, Any] = await self._nursery.start(self._keep, server)
+        if not said.get("fork"):
+            self._server = None
+            self._spawn_from_now_on(str(said.get("reason", "the fork server refused")), answer=True)
+            return None
+        self._server = server
+        self.start_method, self.reason = "forkserver", ""
+        _logger.info("workers of %s start by forkserver (pid %d)", self._adapter, server.pid)
+        return server
 
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(server.read_stderr)
-                    nursery.start_soon(server.read_control, verdict)
-                    with trio.move_on_after(startup_timeout):
-                        await decided.wait()
-                    if not said:
-                        self._spawn_from_now_on(f"the fork server did not report within {startup_timeout:g} s")
-                    elif said[0].get("fork"):
-                        self.start_method, self.reason = "forkserver", ""
-                        _logger.info("workers of %s start by forkserver (pid %d)", self._adapter, server.pid)
-                    else:
-                        self._spawn_from_now_on(str(said[0].get("reason", "the fork server refused")))
-                    self._settled.set()
-                    if self.start_method != "forkserver":
-                        server.kill()  # it exits by itself when it refuses; a hung one is killed
-                        nursery.cancel_scope.cancel()
-                        return
+    async def _keep(self, server: _Server, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
+        """One fork server's life: read what it says and report its verdict
+        (``task_status.started(verdict)``); one that forks runs until it dies (the one workers
+        fork from is then started again) or until it is retired and the host has let go of
+        each of its workers. Then it is closed."""
+        said: list[dict[str, Any]] = []
+        decided = trio.Event()
+
+        def verdict(message: dict[str, Any]) -> None:
+            said.append(message)
+            decided.set()
+
+        code: int | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.read_stderr)
+                nursery.start_soon(server.read_control, verdict)
+                with trio.move_on_after(self._startup_timeout):
+                    await decided.wait()
+                message = said[0] if said else {"fork": False, "reason": f"the fork server did not report within {self._startup_timeout:g} s"}
+                forks = bool(message.get("fork"))
+                if forks:
+                    nursery.start_soon(_close_when_idle, server, nursery.cancel_scope)
+                else:
+                    server.kill()  # it exits by itself when it refuses; a hung one is killed
+                task_status.started(message)
+                if forks:
                     code = await server.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
+                nursery.cancel_scope.cancel()
+        finally:
+            current = self._server is server
+            if current:
                 self._server = None
-                await server.aclose()
-            if self._closing:
-                return
-            if restarts >= _MAX_RESTARTS:
-                self._spawn_from_now_on(f"the fork server died ({code}) {restarts + 1} times")
-                return
-            restarts += 1
-            self._spawn_from_now_on(f"the fork server (pid {server.pid}) died ({code}); starting another")
-            await trio.sleep(_RESTART_DELAY)
+            await server.aclose()
+        if code is not None and current and not self._closing:
+            await self._restart(server, code)
+
+    async def _restart(self, server: _Server, code: int) -> None:
+        """The fork server new workers fork from died (``code``): start another, up to
+        ``_MAX_RESTARTS`` times per pool."""
+        if self._restarts >= _MAX_RESTARTS:
+            self._spawn_from_now_on(f"the fork server died ({code}) {self._restarts + 1} times")
+            return
+        self._restarts += 1
+        self._spawn_from_now_on(f"the fork server (pid {server.pid}) died ({code}); starting another")
+        await trio.sleep(_RESTART_DELAY)
+        if not self._closing and self._server is None:
+            await self._start_server()
+
+    async def preload_again(self) -> Renewal:
+        """For a reload: start a new fork server, which imports the adapter's module afresh,
+        and wait for its verdict (at most ``startup_timeout``); from then on new workers fork
+        from it (or are spawned, if it does not fork). The previous one runs on for its
+        workers. Pass what it returns to :meth:`keep` or :meth:`revert`."""
+        renewal = Renewal(self._server, self.start_method, self.reason)
+        renewal.fresh = await self._start_server()
+        return renewal
+
+    def keep(self, renewal: Renewal) -> None:
+        """The reload is done: the previous fork server is closed once the host has let go of
+        its last worker."""
+        if renewal.previous is not None and renewal.previous is not self._server:
+            renewal.previous.retired.set()
+
+    def revert(self, renewal: Renewal) -> None:
+        """The reload failed: workers fork from the previous fork server again (if it still
+        runs: it has the code that worked), and the new one is closed once the host has let go
+        of its workers."""
+        previous = renewal.previous
+        if previous is not None and not previous.running:
+            return  # gone meanwhile: the new one stays (there is no other)
+        self._server, self.start_method, self.reason = previous, renewal.start_method, renewal.reason
+        if renewal.fresh is not None and renewal.fresh is not previous:
+            renewal.fresh.retired.set()
 
     def close(self) -> None:
         """The pool is closing (its workers are stopped by then): a fork server that dies is not
-        replaced. The caller then cancels :meth:`run`, which closes the fork server."""
+        replaced. The caller then cancels :meth:`run`, which closes the fork servers."""
         self._closing = True
+
+
+@dataclass
+class Renewal:
+    """A reload's fork servers (:meth:`ForkServerLauncher.preload_again`): the one before
+    (``previous``, with its start method and reason) and the new one (``fresh``; ``None``
+    if it does not fork)."""
+
+    previous: _Server | None
+    start_method: str
+    reason: str
+    fresh: _Server | None = None
+
+
+async def _close_when_idle(server: _Server, scope: trio.CancelScope) -> None:
+    """Once ``server`` is retired and the host has let go of each of its workers, cancel
+    ``scope`` (its task then closes it)."""
+    await server.retired.wait()
+    for worker in list(server.forked):
+        await worker.released.wait()
+    scope.cancel()
 
 
 def fork_server_environment(env: dict[str, str]) -> dict[str, str]:
@@ -590,4 +700,23 @@ async def settle(launch: Callable[..., Any]) -> None:
     """Before a pool's workers start: wait until its launcher knows its start method."""
     if isinstance(launch, ForkServerLauncher):
         await launch.settle()
+
+
+@asynccontextmanager
+async def fresh_code(launch: Callable[..., Any]) -> AsyncIterator[None]:
+    """For a reload (``Pool.reload``): workers started in the block import the adapter's code
+    afresh. A pool with a fork server starts a new one first (a fresh preload) and forks them
+    from it; if the block ends normally, the previous one is closed once its last worker has
+    exited; if it raises, the previous one forks again (the new one is closed once its workers
+    have exited). Spawned workers are fresh interpreters: nothing to do."""
+    if not isinstance(launch, ForkServerLauncher):
+        yield
+        return
+    renewal = await launch.preload_again()
+    try:
+        yield
+    except BaseException:
+        launch.revert(renewal)
+        raise
+    launch.keep(renewal)
 

@@ -64,7 +64,8 @@ class PoolStatistics:
         restarts: workers replaced after they died (or the pool killed them: a failed health
             check, a cancelled call not freed within ``cancel_grace``).
         recycles: workers replaced because they passed a recycling limit, by kind of limit
-            (``"calls"``, ``"age"``, ``"memory"``; see :class:`~trio_bridge.Recycling`).
+            (``"calls"``, ``"age"``, ``"memory"``; see :class:`~trio_bridge.Recycling`), or by
+            :meth:`Pool.reload` (``"reload"``).
         latency_p50, latency_p90, latency_p99: seconds from taking a worker slot to the answer
             (a stream: to its end), over the last 4,096 completed or failed calls; ``None``
             before the first.

@@ -35,7 +35,7 @@ from trio_bridge._host._calls import Calls
 from trio_bridge._host._discovery import Discovery
 from trio_bridge._host._dispatch import AFFINITIES, Affinity, Dispatcher
 from trio_bridge._host._endpoint import metrics_endpoint, pool_status, serving
-from trio_bridge._host._forkserver import open_launcher, settle, start_method_of
+from trio_bridge._host._forkserver import fresh_code, open_launcher, settle, start_method_of
 from trio_bridge._host._gpus import slot_environments
 from trio_bridge._host._groups import UserErrorTracker
 from trio_bridge._host._grpc_worker import Connector, GrpcWorker
@@ -57,6 +57,7 @@ from trio_bridge._host._options import (
 )
 from trio_bridge._host._process import Launch, LocalProcess, WorkerProcess, WorkerSpec
 from trio_bridge._host._prometheus import PoolsCollector, PoolSource, default_registry
+from trio_bridge._host._reload import Reloader
 from trio_bridge._host._remote import RemoteDial, RemoteTarget, check_joining
 from trio_bridge._host._router import Route, Router
 from trio_bridge._host._session import Session
@@ -89,7 +90,7 @@ class Pool(metaclass=NoPublicConstructor):
     def __init__(
         self, *, adapter: str, supervisor: Supervisor, calls: Calls, router: Router, metrics: Metrics,
         dispatcher: Dispatcher[Worker], tools: ToolRegistry, state: StateBackend, spec: WorkerSpec,
-        start_method: Callable[[], str],
+        start_method: Callable[[], str], reloader: Reloader,
     ) -> None:
         self.adapter: Final[str] = adapter
         self._supervisor = supervisor
@@ -102,6 +103,7 @@ class Pool(metaclass=NoPublicConstructor):
         self._routes: dict[str, Route] = {}  # open sessions' routes, for calls routed by workers
         self._spec = spec  # for tests that speak the wire contract directly
         self._start_method = start_method
+        self._reloader = reloader
         self._plane = supervisor.plane
         self.metrics_address: str | None = None
         """``"HOST:PORT"`` where its Prometheus metrics are served (``Monitoring.address``), once open."""
@@ -246,6 +248,38 @@ class Pool(metaclass=NoPublicConstructor):
         """Drop its host tools, and tell the workers (so they drop per-session objects and caches)."""
         self._tools.drop_session(session_id)
         self._router.session_ended(session_id, self._supervisor.live_handles())
+
+    async def reload(self) -> int:
+        """Replace every local worker with one that imports the adapter's code afresh: new code
+        without a restart. One slot at a time, each as a recycle replaces its worker: the new
+        worker starts and becomes ready first, takes the slot, and the old one finishes its
+        calls and exits; then the next slot. So no call fails, capacity stays at ``size`` or
+        more, and sessions and their variables (kept by the host) are untouched. A pool with a
+        fork server first starts a new one (a fresh preload of the adapter's module) and forks
+        the new workers from it; the old one exits once its last worker has.
+
+        What does not survive: what a worker kept in its memory -- objects stored with
+        ``store_as`` (``PythonAdapter``), caches, the adapter's attributes. As after a recycle,
+        a session's next call on a new worker initializes it there (``on_session_start``); the
+        old workers exit without ``on_session_end`` for sessions still open. Workers started ahead of a
+        recycle and draining ones run old code until they exit (they take no new call once
+        their slot is replaced); while a reload runs, old and new workers serve side by side (a
+        call may reach either). Remote workers are left alone: their code is on their machine
+        (``trio-bridge worker`` reloads on SIGHUP there); workers in threads
+        (``trio_bridge.testing``) are replaced, but share the host's imported modules. Reloads
+        run one at a time: a second call waits for the first to end, then reloads again.
+
+        Returns:
+            the number of workers replaced.
+
+        Raises:
+            WorkerStartError: a new worker could not start (its stderr tail carries the
+                ``ImportError``/``SyntaxError``, or why ``setup()`` failed): that slot and the
+                next keep their workers, which serve on; slots replaced before it keep their new
+                workers. Logged once.
+            PoolClosedError: the pool is closing.
+        """
+        return await self._reloader.reload()
 
     # ---- state of the pool ----
     @property
@@ -634,6 +668,7 @@ async def _open_pool(
                     options, spec=spec, new_worker=new_worker, serve=serve, plane=plane, tracker=tracker, stop=stop,
                     before_start=lambda: settle(launch),  # the fork server has been importing meanwhile
                     start_method=lambda: start_method_of(local_connector or launch),
+                    fresh_code=lambda: fresh_code(launch),  # a reload's new workers: a fresh preload
                 ) as pool:
                     pool.health_address = health_bound[0]
                     yield pool
@@ -671,6 +706,7 @@ async def compose(
     plane: SharedMemoryPlane | None = None, serve: Callable[[PoolParts], AbstractAsyncContextManager[None]] | None = None,
     tracker: UserErrorTracker | None = None, stop: SignalStop | None = None,
     before_start: Callable[[], Awaitable[None]] | None = None, start_method: Callable[[], str] | None = None,
+    fresh_code: Callable[[], AbstractAsyncContextManager[None]] | None = None,
 ) -> AsyncIterator[Pool]:
     """Wire the pool's parts together, start ``options.slots`` workers made by ``new_worker``
     and yield the pool; on the way out, shut the workers down.
@@ -692,6 +728,8 @@ async def compose(
         before_start: awaited just before the workers start, where a signal cancels the
             start-up (the launcher learns whether its fork server forks).
         start_method: what ``Pool.start_method`` says, now (default: that of ``spec.launch``).
+        fresh_code: for ``Pool.reload``, the block in which new local workers import the
+            adapter's code afresh (default: nothing to do, as for spawned workers).
     """
     tracker = tracker if tracker is not None else UserErrorTracker()
     stop = stop if stop is not None else SignalStop(enabled=False)
@@ -706,10 +744,15 @@ async def compose(
     )
     router = Router(dispatcher, state)
     calls = Calls(supervisor=supervisor, router=router, metrics=metrics, state=state, plane=plane, lifecycle=lifecycle)
+    reloader = Reloader(
+        supervisor, adapter=adapter, local_slots=options.size,
+        fresh_code=fresh_code if fresh_code is not None else contextlib.nullcontext,
+    )
     pool = Pool._create(
         adapter=adapter, supervisor=supervisor, calls=calls, router=router, metrics=metrics,
         dispatcher=dispatcher, tools=tools, state=state, spec=spec,
         start_method=start_method if start_method is not None else lambda: start_method_of(spec.launch),
+        reloader=reloader,
     )
     registry = monitoring.registry if monitoring.registry is not None else default_registry()
     endpoint = metrics_endpoint(monitoring.address, token=options.status_token, status_public=monitoring.status_public)

@@ -95,7 +95,7 @@ class _Families:
         self.in_flight = GaugeMetricFamily(p + "calls_in_flight", "Worker slots taken", labels=["pool"])
         self.workers = GaugeMetricFamily(p + "workers", "Workers by state", labels=["pool", "state"])
         self.restarts = CounterMetricFamily(p + "worker_restarts", "Workers replaced after they died", labels=["pool"])
-        self.recycles = CounterMetricFamily(p + "worker_recycles", "Workers recycled, by limit", labels=["pool", "reason"])
+        self.recycles = CounterMetricFamily(p + "worker_recycles", "Workers recycled, by limit (or reload)", labels=["pool", "reason"])
         self.sessions = GaugeMetricFamily(p + "sessions", "Sessions in the pool's state backend", labels=["pool"])
         self.variables = GaugeMetricFamily(p + "variables", "Variables in the pool's state backend", labels=["pool"])
         self.watchers = GaugeMetricFamily(p + "watchers", "Variable watchers in this process", labels=["pool"])

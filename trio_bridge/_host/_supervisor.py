@@ -38,13 +38,14 @@ _MEMORY_POLL = 1.0      # seconds between RSS samples of each worker (Recycling.
 _RATE_POLL = 0.02  # seconds between looks at the call rate, for a worker nearing max_calls
 _AHEAD = 2  # workers a slot may have started ahead of its own (calls faster than starts)
 _DRAIN_POLL = 0.01      # seconds between looks at a recycled worker's calls
+_REQUESTED = "requested"  # a slot asked to replace its worker now (Supervisor.recycle_now)
 
 
 def _past_limit(limits: Recycling, handle: Worker, now: float) -> tuple[str, str] | None:
     """``(kind, why)`` if ``handle`` is past a limit of ``limits``, kind being ``"calls"``,
     ``"age"`` or ``"memory"``; else ``None``. Samples its memory when there is a memory limit."""
     life = handle.lifecycle
-    if life.calls_exhausted.is_set():  # given its own limit (see Supervisor._max_calls)
+    if life.calls_exhausted.is_set():  # given its own limit (see _max_calls)
         return "calls", f"it was given {life.calls_given} calls (Recycling.max_calls={limits.max_calls})"
     if limits.max_age is not None and life.started_at is not None and now - life.started_at >= limits.max_age:
         return "age", f"it ran {now - life.started_at:.1f} s (Recycling.max_age={limits.max_age:g})"
@@ -53,6 +54,24 @@ def _past_limit(limits: Recycling, handle: Worker, now: float) -> tuple[str, str
         if rss is not None and rss >= limits.max_memory:
             return "memory", f"its RSS is {rss / 2**20:.0f} MiB (Recycling.max_memory={limits.max_memory / 2**20:.0f} MiB)"
     return None
+
+
+def _max_calls(limits: Recycling, slot: int, initial: int, first_of_slot: bool) -> int | None:
+    """The calls a slot's new worker may be given (``Recycling.max_calls`` holds exactly:
+    calls are counted as the dispatcher hands them out, and a worker given its last call
+    takes no other while its replacement starts); ``initial``: the slots the pool started with.
+
+    What it costs in capacity: the replacement starts ahead (see :meth:`Supervisor._start` and
+    :func:`_start_due`: at half the limit until a start under load has been timed, then
+    from the call rate and the latest start's duration, with a margin of two; up to
+    :data:`_AHEAD` of them when calls are faster than starts); if one is not ready in time,
+    that slot has no worker taking calls until it is. The first worker of slot ``i`` of
+    ``n`` gets ``i/n`` fewer calls, so that the slots (which the dispatcher loads evenly)
+    reach their limits one after the other, never all at once. The price of that stagger: ``(size - 1) / 2`` extra starts, once."""
+    limit = limits.max_calls
+    if limit is None or not first_of_slot or slot >= initial:
+        return limit
+    return max(1, limit - slot * limit // initial)
 
 
 def _start_due(worker: Worker, calls_per_second: float, start_seconds: float | None) -> bool:
@@ -115,7 +134,10 @@ class Supervisor:
         self._start_lead: int | None = None
         self._start_seconds: float | None = None  # how long the latest start took
         self.recycles: collections.Counter[str] = collections.Counter()
-        """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``)."""
+        """Workers recycled, by kind of limit (``"calls"``, ``"age"``, ``"memory"``) or of
+        request (``"reload"``: :meth:`recycle_now`)."""
+        self._due: dict[int, _Due] = {}  # slots asked to replace their worker now (recycle_now)
+        self._wakes: dict[int, trio.Event] = {}  # set when a slot's worker is asked for (its task waits)
 
     # ---- what others read ----
     def workers(self) -> list[WorkerInfo]:
@@ -139,9 +161,6 @@ class Supervisor:
     @property
     def in_flight(self) -> int:
         return sum(h.lifecycle.busy for h in self._all())
-
-    def _find_live(self, worker_id: str) -> Worker | None:
-        return next((h for h in self._all() if h.id == worker_id and h.lifecycle.alive), None)
 
     def live_handles(self) -> list[Worker]:
         return [h for h in self._all() if h.lifecycle.alive]
@@ -217,7 +236,7 @@ class Supervisor:
             handle.lifecycle.retire()
             self._dispatcher.remove(handle)
             handle.figures.last_recycle_reason = why
-            self._nursery.start_soon(self._drain, handle)
+            self._nursery.start_soon(_drain, handle, self._shutdown_timeout)
         else:
             handle.kill(why)
 
@@ -243,6 +262,10 @@ class Supervisor:
             async with trio.open_nursery() as lives:
                 failed_first = await self._keep_filled(lives, slot, must_start, task_status)
         finally:
+            due = self._due.pop(slot, None)
+            if due is not None:  # nothing more to replace
+                due.settle()
+            self._wakes.pop(slot, None)
             if slot in self._leaving:
                 self._forget(slot)
                 _logger.info("slot %d left the pool", slot)
@@ -264,8 +287,12 @@ class Supervisor:
             handle = self._make(worker_id, slot)
             self.handles[slot] = handle
             lived_from = trio.current_time()
+            due = self._due.get(slot)  # asked for before this start: this worker answers it
             failed = await self._start(lives, handle, first_of_slot=first_of_slot)
             first_of_slot = False
+            if due is not None and self._due.get(slot) is due:
+                del self._due[slot]
+                due.settle(replaced=failed is None, error=failed)
             if failed is not None:
                 if first:
                     return failed
@@ -296,27 +323,10 @@ class Supervisor:
                 await trio.sleep(_backoff(self._restart_backoff, failures))
         return None
 
-    def _max_calls(self, slot: int, first_of_slot: bool) -> int | None:
-        """The calls a slot's new worker may be given (``Recycling.max_calls`` holds exactly:
-        calls are counted as the dispatcher hands them out, and a worker given its last call
-        takes no other while its replacement starts).
-
-        What it costs in capacity: the replacement starts ahead (see :meth:`_start` and
-        :func:`_start_due`: at half the limit until a start under load has been timed, then
-        from the call rate and the latest start's duration, with a margin of two; up to
-        :data:`_AHEAD` of them when calls are faster than starts); if one is not ready in time,
-        that slot has no worker taking calls until it is. The first worker of slot ``i`` of
-        ``n`` gets ``i/n`` fewer calls, so that the slots (which the dispatcher loads evenly)
-        reach their limits one after the other, never all at once. The price of that stagger: ``(size - 1) / 2`` extra starts, once."""
-        limit = self._recycle.max_calls
-        if limit is None or not first_of_slot or slot >= self._initial:
-            return limit
-        return max(1, limit - slot * limit // self._initial)
-
     async def _start(self, lives: trio.Nursery, handle: Worker, *, first_of_slot: bool = False) -> WorkerStartError | None:
         """Start ``handle`` in a task of ``lives``; once it is ready it takes calls. Returns why
         it could not start, if it could not."""
-        handle.lifecycle.max_calls = limit = self._max_calls(handle.slot, first_of_slot)
+        handle.lifecycle.max_calls = limit = _max_calls(self._recycle, handle.slot, self._initial, first_of_slot)
         if limit is not None:
             # Not yet known how many calls a start takes: start at half the limit, so that a
             # start slower than the calls (1,000 calls/s against 0.1 s) still finds a replacement ready.
@@ -389,6 +399,9 @@ class Supervisor:
             if passed is None:  # one started ahead died: look again
                 continue
             kind, why = passed
+            if kind == _REQUESTED:
+                handle = await self._replace_as_requested(lives, slot, handle, ahead)
+                continue
             if kind == "soon" or not ahead:
                 successor = self._make(f"w{next(self._worker_ids)}", slot)
                 self._successors.add(successor)  # known to the pool (its heartbeat asks) and killed with it
@@ -411,28 +424,89 @@ class Supervisor:
                     continue  # it takes calls too; it takes the slot once the limit is passed
             successor = ahead.pop(0)
             self._successors.discard(successor)
-            successor.figures.last_recycle_reason = why
-            self.handles[slot] = successor
-            self._dispatcher.remove(handle)
-            if handle.lifecycle.alive:  # (one that died meanwhile has had its leftovers done: nothing to list)
-                self.retiring.add(handle)
-                handle.figures.last_recycle_reason = why
-                handle.lifecycle.retire()
-                self.recycles[kind] += 1
-                _logger.info(
-                    "worker %s (slot %d, pid %s) recycled: %s; %s (pid %s) took its place",
-                    handle.id, slot, handle.pid, why, successor.id, successor.pid,
-                )
-                lives.start_soon(self._drain, handle)
+            self._take_slot(lives, successor, [handle], kind, why)
             handle = successor
 
+    def _take_slot(self, lives: trio.Nursery, successor: Worker, old: list[Worker], kind: str, why: str) -> None:
+        """``successor`` (ready) takes its slot; the ``old`` workers of the slot take no new call,
+        finish theirs and exit. Counted in :attr:`recycles` as ``kind``, once per slot."""
+        successor.figures.last_recycle_reason = why
+        self.handles[successor.slot] = successor
+        counted = False
+        for handle in old:
+            self._dispatcher.remove(handle)
+            self._successors.discard(handle)
+            if not handle.lifecycle.alive:  # (one that died meanwhile has had its leftovers done: nothing to list)
+                continue
+            self.retiring.add(handle)
+            handle.figures.last_recycle_reason = why
+            handle.lifecycle.retire()
+            if not counted:
+                self.recycles[kind] += 1
+                counted = True
+            _logger.info(
+                "worker %s (slot %d, pid %s) recycled: %s; %s (pid %s) took its place",
+                handle.id, handle.slot, handle.pid, why, successor.id, successor.pid,
+            )
+            lives.start_soon(_drain, handle, self._shutdown_timeout)
+
+    async def recycle_now(self, slot: int, kind: str, why: str) -> bool:
+        """Replace slot ``slot``'s worker now, as a recycle does: a new worker starts; once it is
+        ready it takes the slot, and the old one -- with any started ahead of it for
+        :class:`Recycling` -- finishes its calls and exits. A worker of the slot that starts
+        after this call (the slot's worker died meanwhile) is its replacement too.
+
+        Args:
+            kind: what :attr:`recycles` counts it as (``"reload"``).
+            why: the workers' ``last_recycle_reason``.
+
+        Returns:
+            ``True`` once the new worker serves; ``False`` when there was nothing to replace
+            (no such slot, it left, or the pool closes).
+
+        Raises:
+            WorkerStartError: the new worker could not start (the old one serves on).
+        """
+        if self.closing or slot in self._leaving or slot not in self.handles:
+            return False
+        due = self._due.get(slot)
+        if due is None:
+            due = self._due[slot] = _Due(kind, why)
+            wake = self._wakes.pop(slot, None)
+            if wake is not None:
+                wake.set()
+        await due.done.wait()
+        if due.error is not None:
+            raise due.error
+        return due.replaced
+
+    async def _replace_as_requested(self, lives: trio.Nursery, slot: int, handle: Worker, ahead: list[Worker]) -> Worker:
+        """Answer :meth:`recycle_now` for ``slot``, whose worker is ``handle`` (``ahead``: those
+        started ahead of it, which were made before the request: they drain too). Returns the
+        slot's worker."""
+        due = self._due.pop(slot)
+        successor = self._make(f"w{next(self._worker_ids)}", slot)
+        self._successors.add(successor)  # known to the pool (its heartbeat asks) and killed with it
+        failed = await self._start(lives, successor)
+        self._successors.discard(successor)
+        if failed is not None or self.closing:
+            due.settle(error=None if self.closing else failed)
+            return handle
+        self._take_slot(lives, successor, [handle, *ahead], due.kind, due.why)
+        ahead.clear()
+        due.settle(replaced=True)
+        return successor
+
     async def _until_gone_or_past_a_limit(self, handle: Worker, *, nearing: Worker | None) -> tuple[str, str] | None:
-        """Wait until ``handle`` has exited (``None``) or is past a recycling limit (its kind
-        and why); with ``nearing`` (``handle`` or the last worker started ahead of it), also
-        until that one nears ``max_calls`` (``"soon"``) or dies (``None``)."""
+        """Wait until ``handle`` has exited (``None``), its slot is due for :meth:`recycle_now`
+        (:data:`_REQUESTED`), or it is past a recycling limit (its kind and why); with
+        ``nearing`` (``handle`` or the last worker started ahead of it), also until that one
+        nears ``max_calls`` (``"soon"``) or dies (``None``)."""
         limits = self._recycle
         life = handle.lifecycle
         while life.alive:
+            if handle.slot in self._due:
+                return _REQUESTED, self._due[handle.slot].why
             now = trio.current_time()
             # (a worker given its last call has stopped accepting: it is past its limit)
             passed = _past_limit(limits, handle, now) if limits and (life.accepting or life.calls_exhausted.is_set()) else None
@@ -449,7 +523,7 @@ class Supervisor:
                 timeout = _MEMORY_POLL
             if limits.max_age is not None and life.started_at is not None:
                 timeout = min(timeout, life.started_at + limits.max_age - now)
-            waits: list[Callable[[], Awaitable[object]]] = [life.exited.wait]
+            waits: list[Callable[[], Awaitable[object]]] = [life.exited.wait, self._wakes.setdefault(handle.slot, trio.Event()).wait]
             if limits.max_calls is not None:
                 waits.append(life.calls_exhausted.wait)
                 if nearing is not None:
@@ -458,16 +532,6 @@ class Supervisor:
                 waits.append(nearing.lifecycle.exited.wait)
             await _first_of(waits, timeout)
         return None
-
-    async def _drain(self, handle: Worker) -> None:
-        """A recycled worker (or one whose slot leaves): let its calls end, however long they
-        take (a hung worker is the health check's business; the pool's close bounds it by
-        ``shutdown_timeout``), then stop it."""
-        while handle.lifecycle.busy and handle.lifecycle.alive:
-            await trio.sleep(_DRAIN_POLL)
-        await handle.shutdown(self._shutdown_timeout)
-        if handle.lifecycle.alive:
-            handle.kill(f"it was retired ({handle.figures.last_recycle_reason}) and did not exit in time")
 
     def kill_all(self, reason: str) -> None:
         """Kill every live worker at once (their process groups: SIGKILL)."""
@@ -482,6 +546,22 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for handle in self._all():
                 nursery.start_soon(handle.shutdown, self._shutdown_timeout)
+
+
+class _Due:
+    """A slot asked to replace its worker now (:meth:`Supervisor.recycle_now`), and how it ended."""
+
+    def __init__(self, kind: str, why: str) -> None:
+        self.kind = kind
+        self.why = why
+        self.done = trio.Event()
+        self.replaced = False
+        self.error: WorkerStartError | None = None
+
+    def settle(self, *, replaced: bool = False, error: WorkerStartError | None = None) -> None:
+        self.replaced = replaced
+        self.error = error
+        self.done.set()
 
 
 class HealthCheck:
@@ -526,7 +606,7 @@ def heartbeat(supervisor: Supervisor, message: HeartbeatReport) -> bool:
     """A worker's heartbeat: keep the figures it reports (see :meth:`WorkerFigures.report`);
     whether ``supervisor``'s pool knows it. (A function, not a method: it stays off Supervisor's
     public surface, which the public Pool reaches.)"""
-    handle = supervisor._find_live(message.worker_id)
+    handle = next((h for h in supervisor.live_handles() if h.id == message.worker_id), None)
     if handle is None:
         return False
     handle.figures.report(rss=message.rss_bytes, cpu_seconds=message.cpu_seconds, calls_served=message.calls_served)
@@ -553,6 +633,17 @@ def _backoff(restart_backoff: tuple[float, float], failures: int) -> float:
     """Seconds to wait before a slot's next start after ``failures`` in a row (``Lifecycle.restart_backoff``)."""
     low, high = restart_backoff
     return min(low * 2 ** (failures - 2), high)
+
+
+async def _drain(handle: Worker, shutdown_timeout: float) -> None:
+    """A recycled worker (or one whose slot leaves): let its calls end, however long they
+    take (a hung worker is the health check's business; the pool's close bounds it by
+    ``shutdown_timeout``), then stop it."""
+    while handle.lifecycle.busy and handle.lifecycle.alive:
+        await trio.sleep(_DRAIN_POLL)
+    await handle.shutdown(shutdown_timeout)
+    if handle.lifecycle.alive:
+        handle.kill(f"it was retired ({handle.figures.last_recycle_reason}) and did not exit in time")
 
 
 async def _wait_gone(handle: Worker, seconds: float) -> None:

@@ -82,7 +82,8 @@ class WorkerInfo:
         remote: a worker on another machine (``RemoteWorkers``, or one that joined); its
             ``pid`` is that machine's.
         last_recycle_reason: why its slot's worker was last recycled (see
-            :class:`~trio_bridge.Recycling`'s ``max_calls``, ``max_age`` and ``max_memory``): on
+            :class:`~trio_bridge.Recycling`'s ``max_calls``, ``max_age`` and ``max_memory``, and
+            :meth:`Pool.reload`): on
             a worker draining to be replaced, why; on its replacement, why its predecessor was;
             ``None`` if the slot's worker was never recycled.
         rss: the process's resident set size in bytes, as its last heartbeat said (or the

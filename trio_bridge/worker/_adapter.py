@@ -8,9 +8,12 @@ streaming flag are derived here and reported to the host at start.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -164,6 +167,44 @@ def check_adapter_path(path: str) -> None:
         )
 
 
+_CHECKED_HASH = 0b11  # a .pyc's flags: hash-based (bit 0), checked against the source (bit 1); PEP 552
+
+
+def hash_checked_bytecode(module_name: str) -> None:
+    """Make the cached bytecode of ``module_name`` (the adapter's module) checked against its
+    source's hash, not its mtime and size: a module rewritten within the same second, at the
+    same size, is then not served from stale bytecode (what ``Pool.reload`` relies on). Once
+    per module: Python keeps a hash-checked ``.pyc`` hash-checked when it rewrites it. With
+    ``PYTHONDONTWRITEBYTECODE`` the module's timestamp-checked ``.pyc``, if any, is removed
+    instead (it is compiled from source then). Other modules keep Python's usual check.
+    Anything in the way (no source, a read-only cache, a source that does not compile) is left
+    to the import, which says what is wrong."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except Exception:
+        return
+    if spec is None or not spec.has_location or not spec.cached or not (spec.origin or "").endswith(".py"):
+        return
+    try:
+        with open(spec.cached, "rb") as cached:
+            flags = int.from_bytes(cached.read(8)[4:8], "little")
+        if flags & _CHECKED_HASH == _CHECKED_HASH:
+            return
+    except OSError:
+        if sys.dont_write_bytecode:
+            return  # none to mistrust, none to write
+    if not sys.dont_write_bytecode:
+        import py_compile
+
+        with contextlib.suppress(Exception):
+            py_compile.compile(
+                str(spec.origin), cfile=spec.cached, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+            )
+            return
+    with contextlib.suppress(OSError):  # possibly stale: the import compiles the source
+        os.remove(spec.cached)
+
+
 def load_adapter_class(path: str) -> type[Adapter]:
     """Import ``"package.module:ClassName"`` and return the class.
 
@@ -172,6 +213,8 @@ def load_adapter_class(path: str) -> type[Adapter]:
             has no such name, or the name is not an Adapter subclass (the cause is chained).
     """
     module_name, class_name = _split(path)
+    if module_name not in sys.modules:
+        hash_checked_bytecode(module_name)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
