@@ -331,8 +331,9 @@ class Dispatcher(Generic[W]):
                     f"all workers are busy and {self._queued} call(s) are already queued "
                     f"(max_queue={self.max_queue}); retry later or enlarge the pool"
                 )
-        finally:
-            self._settle(queue)  # a class made for a call that did not queue goes again
+        except BaseException:
+            self._settle(queue)  # a class made for a refused call goes again
+            raise
         waiter: _Waiter[W] = _Waiter(next(self._arrivals), trio.current_time(), worker if affinity == "strict" else None)
         queue.push(waiter)
         self._queued += 1
