@@ -65,7 +65,7 @@ async def test_a_flooding_session_does_not_hold_up_another():
 async def test_max_in_flight_and_weight_of_a_session():
     registry = CollectorRegistry()
     async with trio_bridge.open_pool(ECHO, size=2, monitoring=Monitoring(registry=registry, session_metrics=1)) as pool:
-        with pytest.raises(InvalidArgumentError, match="weight must be a number from 0.01 to 100"):
+        with pytest.raises(InvalidArgumentError, match=r"weight must be a number from 0\.01 to 100"):
             pool.session(weight=float("nan"))
         with pytest.raises(InvalidArgumentError, match="max_in_flight must be a whole number >= 1"):
             pool.session(max_in_flight=0)
