@@ -14,10 +14,11 @@ class whose deficit is >= 1 is served one call (deficit - 1) and stays at the he
 less gets its quantum added and moves to the back. The quantum is the class's weight over the
 largest weight among the waiting classes, so the heaviest class is served every round, classes
 are served in proportion to their weights while they all wait, and a class that starts waiting
-is served after at most about two calls of each other waiting class -- however many calls those
+is served after at most about two calls of each other waiting class (with equal weights; a
+class of a tenth of the largest weight waits about ten rounds) -- however many calls those
 have queued. A class that runs out of waiting calls leaves the rotation and its deficit. Work
-per call is O(1) amortized with equal weights (O(ratio of the weights) visits at worst). The
-total of waiting calls over all classes is bounded by ``max_queue``.
+per call is O(1) amortized with equal weights; with unequal ones, at most one visit of each
+waiting class per call. The total of waiting calls over all classes is bounded by ``max_queue``.
 
 Session affinity (``acquire(worker=..., affinity=...)``):
 
