@@ -65,10 +65,14 @@ async def test_a_flooding_session_does_not_hold_up_another():
 async def test_max_in_flight_and_weight_of_a_session():
     registry = CollectorRegistry()
     async with trio_bridge.open_pool(ECHO, size=2, monitoring=Monitoring(registry=registry, session_metrics=1)) as pool:
-        with pytest.raises(InvalidArgumentError, match=r"weight must be a number from 0\.01 to 100"):
-            pool.session(weight=float("nan"))
-        with pytest.raises(InvalidArgumentError, match="max_in_flight must be a whole number >= 1"):
-            pool.session(max_in_flight=0)
+        for weight in (float("nan"), float("inf"), 0, 0.001, 101, "2", True, None):
+            with pytest.raises(InvalidArgumentError, match=r"weight must be a number from 0\.01 to 100"):
+                pool.session(weight=weight)  # type: ignore[arg-type]
+        for bound in (0, -1, 1.5, True, "3"):
+            with pytest.raises(InvalidArgumentError, match="max_in_flight must be a whole number >= 1"):
+                pool.session(max_in_flight=bound)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="session_metrics must be a whole number >= 0"):
+            Monitoring(session_metrics=-1)
         async with pool.session(weight=3, max_in_flight=1) as capped, pool.session() as other:
             async with trio.open_nursery() as nursery:
                 for _ in range(3):

@@ -6,7 +6,7 @@ over gRPC: channel, handshake, call stream, RPCs), its connectors ``_process`` (
 of this machine) and ``_remote`` (a worker on another machine, dialled), ``_forkserver`` (the
 pool's start method: workers forked by a preloaded fork server, or spawned), ``_supervisor`` (start, restart, recycling, health,
 shutdown), ``_gpus`` (each slot's own environment), ``_environment`` (options from ``TRIO_BRIDGE_*``),
-``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
+``_dispatch`` (slots and the wait queues, fair between sessions), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
 tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group policy),
 ``_janitor`` (cleanup after a host that died uncleanly); the asyncio boundary is ``trio_bridge/_aio.py``.
