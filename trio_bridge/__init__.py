@@ -39,7 +39,7 @@ from trio_bridge._errors import (
 from trio_bridge._version import __version__ as __version__  # (the `as`: a re-export for type checkers)
 
 if TYPE_CHECKING:
-    from trio_bridge._host._metrics import PoolStatistics
+    from trio_bridge._host._metrics import PoolStatistics, SessionQueueStatistics
     from trio_bridge._host._options import Lifecycle, LocalWorkers, Monitoring, Recycling, RemoteWorkers, StateLimits
     from trio_bridge._host._pool import Pool, open_pool
     from trio_bridge._host._session import Optimization, Session
@@ -79,6 +79,7 @@ __all__ = [
     "SessionExistsError",
     "SessionInfo",
     "SessionNotFoundError",
+    "SessionQueueStatistics",
     "StateBackend",
     "StateLimits",
     "StateUnavailableError",
@@ -130,6 +131,7 @@ _LAZY: dict[str, str] = {
     "open_pool": "trio_bridge._host._pool",
     "Pool": "trio_bridge._host._pool",
     "PoolStatistics": "trio_bridge._host._metrics",
+    "SessionQueueStatistics": "trio_bridge._host._metrics",
     "ToolInfo": "trio_bridge._host._tools",
     "ParameterInfo": "trio_bridge._host._tools",
     "WorkerInfo": "trio_bridge._host._worker",

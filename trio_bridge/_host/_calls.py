@@ -155,7 +155,7 @@ class Calls:
                     worker.figures.crashed()
                     raise
                 finally:
-                    self._finish_call(worker, request.call_id, finished)
+                    self._finish_call(worker, request.call_id, finished, route)
             outcome = Outcome.REFUSED
             raise _no_worker_took_it()
         except BaseException as exc:
@@ -215,7 +215,7 @@ class Calls:
             raise
         finally:
             if result.worker is not None:
-                self._finish_call(result.worker, request.call_id, result.done)
+                self._finish_call(result.worker, request.call_id, result.done, route)
             label = UNKNOWN_TOOL if result.unknown_tool else tool
             self._metrics.record(result.outcome, result.answered_in, tool=label, queued=queued)
 
@@ -232,7 +232,7 @@ class Calls:
                         break
                     except CallNotStarted:  # it drains (refused before the first chunk): another worker runs it
                         result.worker = None
-                        self._finish_call(worker, request.call_id, True)
+                        self._finish_call(worker, request.call_id, True, route)
                         worker = await self._acquire(route, None)
                         self._on_workers.add(request.call_id)
                         result.worker = worker
@@ -331,16 +331,16 @@ class Calls:
                 "workers or a higher concurrency, or do not call the pool from this host tool."
             )
 
-    def _finish_call(self, worker: Worker, call_id: str, finished: bool) -> None:
+    def _finish_call(self, worker: Worker, call_id: str, finished: bool, route: Route | None) -> None:
         self._on_workers.discard(call_id)
         if finished or not worker.lifecycle.alive:
-            self._router.release(worker)
+            self._router.release(worker, route)
             return
         # Cancelled mid-call: the slot stays taken until the worker really lets go of the call.
         assert self._nursery is not None
-        self._nursery.start_soon(self._hold_until_released, worker, call_id)
+        self._nursery.start_soon(self._hold_until_released, worker, call_id, route)
 
-    async def _hold_until_released(self, worker: Worker, call_id: str) -> None:
+    async def _hold_until_released(self, worker: Worker, call_id: str, route: Route | None) -> None:
         try:
             with trio.move_on_after(self._cancel_grace) as grace:
                 delay = 0.005
@@ -357,7 +357,7 @@ class Calls:
             if grace.cancelled_caught:
                 worker.kill(f"it did not free its slot within {self._cancel_grace:g} s after call {call_id} was cancelled")
         finally:
-            self._router.release(worker)
+            self._router.release(worker, route)
 
 
 def _refused_if_not_cancelled(outcome: Outcome, exc: BaseException) -> Outcome:

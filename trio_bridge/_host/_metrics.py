@@ -13,7 +13,7 @@ import collections
 import enum
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import final
 
 from trio_bridge._util import public_module
@@ -31,6 +31,33 @@ class Outcome(enum.Enum):
     CANCELLED_QUEUED = "cancelled_queued"
     REFUSED = "refused"
     REPLAYED = "replayed"
+
+
+@final
+@public_module
+@dataclass(frozen=True)
+class SessionQueueStatistics:
+    """One session's share of the pool's workers, in :attr:`PoolStatistics.sessions` (see the
+    README's "Fair sessions").
+
+    Attributes:
+        queued: its calls waiting for a worker slot now.
+        in_flight: its calls on workers now (slots it holds).
+        calls: its calls handed to a worker so far (while the dispatcher knew the session: the
+            figures start again once a session that ended is used again).
+        wait_mean, wait_max: seconds its calls waited for a slot, mean and longest, over
+            ``calls`` (0 before the first).
+        weight: its weight (``Pool.session(weight=)``; 1 for calls without a session).
+        max_in_flight: its bound on calls on workers at once, or ``None``.
+    """
+
+    queued: int
+    in_flight: int
+    calls: int
+    wait_mean: float
+    wait_max: float
+    weight: float
+    max_in_flight: int | None
 
 
 @final
@@ -69,6 +96,9 @@ class PoolStatistics:
         latency_p50, latency_p90, latency_p99: seconds from taking a worker slot to the answer
             (a stream: to its end), over the last 4,096 completed or failed calls; ``None``
             before the first.
+        sessions: the wait queue of each session known to the dispatcher, by session id: one
+            with a block open (``Pool.session``) or with calls waiting or on workers; ``""`` is
+            the calls made without a session (see :class:`SessionQueueStatistics`).
     """
 
     size: int
@@ -87,6 +117,7 @@ class PoolStatistics:
     latency_p50: float | None
     latency_p90: float | None
     latency_p99: float | None
+    sessions: Mapping[str, SessionQueueStatistics] = field(default_factory=dict)
 
     @property
     def calls(self) -> int:
@@ -168,7 +199,10 @@ class Metrics:
             self._latencies.append(latency)
             self.service_time[tool].observe(latency)
 
-    def snapshot(self, *, size: int, workers_ready: int, queued: int, in_flight: int, recycles: Mapping[str, int]) -> PoolStatistics:
+    def snapshot(
+        self, *, size: int, workers_ready: int, queued: int, in_flight: int, recycles: Mapping[str, int],
+        sessions: Mapping[str, SessionQueueStatistics] | None = None,
+    ) -> PoolStatistics:
         ordered = sorted(self._latencies)
         c = self.counts
         return PoolStatistics(
@@ -177,7 +211,7 @@ class Metrics:
             calls_cancelled=c[Outcome.CANCELLED], calls_cancelled_queued=c[Outcome.CANCELLED_QUEUED],
             calls_refused=c[Outcome.REFUSED], calls_replayed=c[Outcome.REPLAYED], restarts=self.restarts, recycles=dict(recycles),
             latency_p50=_percentile(ordered, 0.50), latency_p90=_percentile(ordered, 0.90),
-            latency_p99=_percentile(ordered, 0.99),
+            latency_p99=_percentile(ordered, 0.99), sessions=dict(sessions or {}),
         )
 
 

@@ -503,11 +503,16 @@ class Monitoring(_Group):
             pool is open, NOT_SERVING once it closes; ``"ready"``: SERVING while at least one
             worker is ready. Port 0: a free one (``Pool.health_address`` says which). ``None``
             (the default): not served (``TRIO_BRIDGE_HEALTH_ADDRESS``).
+        session_metrics: how many sessions get their own series in the per-session metrics
+            (``trio_bridge_session_queue_length``, ``..._session_calls_in_flight``,
+            ``..._session_queue_wait_seconds``, labelled ``session``): at each scrape, those
+            with the most calls queued, then in flight; so the series stay bounded however
+            many sessions there are. A whole number >= 0 (default 10; 0: none).
 
     Raises:
         InvalidArgumentError: ``registry`` is not a ``CollectorRegistry``, ``address`` or
-            ``health_address`` is not ``HOST:PORT``, ``token`` is too short, ``status_public`` is not a bool (on
-            construction); an address beyond loopback with neither a token nor
+            ``health_address`` is not ``HOST:PORT``, ``token`` is too short, ``status_public`` is not a bool,
+            ``session_metrics`` is not a whole number >= 0 (on construction); an address beyond loopback with neither a token nor
             ``status_public=True`` (when the pool opens).
     """
 
@@ -518,6 +523,7 @@ class Monitoring(_Group):
     token: str | None = _option(None, _optional(_token))
     status_public: bool = _option(False, _bool, "TRIO_BRIDGE_STATUS_PUBLIC", flag)
     health_address: str | None = _option(None, _optional(_host_port), "TRIO_BRIDGE_HEALTH_ADDRESS")
+    session_metrics: int = _option(10, _whole(0))
 
 
 @final

@@ -6,7 +6,7 @@ over gRPC: channel, handshake, call stream, RPCs), its connectors ``_process`` (
 of this machine) and ``_remote`` (a worker on another machine, dialled), ``_forkserver`` (the
 pool's start method: workers forked by a preloaded fork server, or spawned), ``_supervisor`` (start, restart, recycling, health,
 shutdown), ``_gpus`` (each slot's own environment), ``_environment`` (options from ``TRIO_BRIDGE_*``),
-``_dispatch`` (slots and the wait queue), ``_router`` (session affinity), ``_calls`` (unary and
+``_dispatch`` (slots and the wait queues, fair between sessions), ``_router`` (session affinity), ``_calls`` (unary and
 streaming calls, cancellation grace, re-entrancy), ``_metrics`` (statistics), ``_tools`` (host
 tools), ``_host_service`` (what workers call), ``_groups`` (the exception-group policy),
 ``_janitor`` (cleanup after a host that died uncleanly); the asyncio boundary is ``trio_bridge/_aio.py``.
@@ -75,6 +75,7 @@ from trio_bridge._wire.transport import advertised_address
 
 _logger = logging.getLogger("trio_bridge")
 _WORKER_POLL = 0.05  # seconds between looks while waiting for workers
+_MIN_WEIGHT, _MAX_WEIGHT = 0.01, 100.0  # a session's weight (fair queueing); the ratio bounds the dispatcher's work per call
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -183,6 +184,8 @@ class Pool(metaclass=NoPublicConstructor):
         ttl: float | None = None,
         affinity: Affinity = "prefer",
         metadata: dict[str, Any] | None = None,
+        weight: float = 1.0,
+        max_in_flight: int | None = None,
     ) -> AbstractAsyncContextManager[Session]:
         """Open a session for the block: typed variables shared with the workers, and calls
         that stick to one worker.
@@ -196,20 +199,34 @@ class Pool(metaclass=NoPublicConstructor):
             affinity: ``"prefer"`` (its worker when free, else any), ``"strict"`` (wait for its
                 worker) or ``"strict_fail_fast"`` (``WorkerBusyError`` when it is busy).
             metadata: a ``str``-keyed dict of encodable values, kept with the session.
+            weight: its share of the workers while calls wait for them, against other sessions
+                (and the calls without a session, which share weight 1): a session of weight 2
+                is handed twice as many freed slots as one of weight 1 while both have calls
+                waiting. A number from 0.01 to 100 (default 1). See the README's "Fair sessions".
+            max_in_flight: at most this many of its calls on workers at once (a whole number
+                >= 1); more wait in its queue, even while workers are free. Default ``None``:
+                no bound. A session joined again by id while another block has it open takes
+                the ``weight`` and ``max_in_flight`` of the latest block (on this pool).
 
         Raises:
-            InvalidArgumentError: a malformed id, ttl, metadata or affinity; or joining an
-                existing session with a ``ttl`` or ``metadata`` other than its own.
+            InvalidArgumentError: a malformed id, ttl, metadata, affinity, weight or
+                max_in_flight; or joining an existing session with a ``ttl`` or ``metadata``
+                other than its own.
             QuotaExceededError: the pool has ``StateLimits.max_sessions`` sessions.
             PoolClosedError: the pool is closing.
         """
         if not isinstance(affinity, str) or affinity not in AFFINITIES:
             raise InvalidArgumentError(f"affinity must be one of {', '.join(AFFINITIES)}, not {short_repr(affinity)}")
-        return self._session(session_id, ttl, affinity, metadata)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not _MIN_WEIGHT <= weight <= _MAX_WEIGHT:
+            raise InvalidArgumentError(f"weight must be a number from {_MIN_WEIGHT:g} to {_MAX_WEIGHT:g}, not {short_repr(weight)}")
+        if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1):
+            raise InvalidArgumentError(f"max_in_flight must be a whole number >= 1 or None, not {short_repr(max_in_flight)}")
+        return self._session(session_id, ttl, affinity, metadata, float(weight), max_in_flight)
 
     @asynccontextmanager
     async def _session(
-        self, session_id: str | None, ttl: float | None, affinity: Affinity, metadata: dict[str, Any] | None
+        self, session_id: str | None, ttl: float | None, affinity: Affinity, metadata: dict[str, Any] | None,
+        weight: float, max_in_flight: int | None,
     ) -> AsyncIterator[Session]:
         if self._supervisor.closing:
             raise PoolClosedError("the pool is closed")
@@ -231,9 +248,11 @@ class Pool(metaclass=NoPublicConstructor):
         route = Route(info.id, affinity)
         session = Session._create(self._calls, self._tools, self.tools, self._state, route)
         self._routes[session.id] = route
+        self._dispatcher.configure(session.id, weight=weight, max_in_flight=max_in_flight)
         try:
             yield session
         finally:
+            self._dispatcher.forget(session.id)
             self._routes.pop(session.id, None)
             if owned:
                 with trio.CancelScope(shield=True):
@@ -316,10 +335,12 @@ class Pool(metaclass=NoPublicConstructor):
             await trio.sleep(_WORKER_POLL)
 
     def statistics(self) -> PoolStatistics:
-        """Queue length, calls in flight, call outcomes, restarts and latency percentiles."""
+        """Queue length, calls in flight, call outcomes, restarts, latency percentiles, and each
+        session's queue (``PoolStatistics.sessions``)."""
         return self._metrics.snapshot(
             size=self.size, workers_ready=self._supervisor.ready, queued=self._dispatcher.queued,
             in_flight=self._supervisor.in_flight, recycles=self._supervisor.recycles,
+            sessions=self._dispatcher.sessions(),
         )
 
     # ---- tools ----
@@ -756,7 +777,10 @@ async def compose(
     )
     registry = monitoring.registry if monitoring.registry is not None else default_registry()
     endpoint = metrics_endpoint(monitoring.address, token=options.status_token, status_public=monitoring.status_public)
-    source = PoolSource(metrics=metrics, supervisor=supervisor, dispatcher=dispatcher, state=state, plane=plane)
+    source = PoolSource(
+        metrics=metrics, supervisor=supervisor, dispatcher=dispatcher, state=state, plane=plane,
+        session_metrics=monitoring.session_metrics,
+    )
     state.on_session_end.append(pool._session_ended)  # a shared backend outlives the pool
     try:
         with tracker.resolve_groups(), PoolsCollector.registered(registry, adapter, source):

@@ -5,17 +5,28 @@ scraped (nothing is counted twice: calls come from the same counters as ``Pool.s
 Every metric has a ``pool`` label (the adapter's ``module:Class``; ``#2``, ``#3`` ... for more
 pools of one adapter open at once on the same registry). A scrape runs in the HTTP server's
 thread: it reads counters the Trio thread writes, each read whole under the GIL.
+
+The per-session metrics (``session`` label: the session id, ``(none)`` for calls without one)
+cover only the ``Monitoring.session_metrics`` sessions with the most calls queued, then in
+flight, at that scrape: their series come and go with the ranking, and their number stays bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
 from trio_bridge._host._metrics import LATENCY_BUCKETS, Histogram, Metrics
@@ -28,6 +39,7 @@ if TYPE_CHECKING:
     from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _WORKER_STATES = ("starting", "ready", "draining", "dead")
+NO_SESSION_LABEL = "(none)"  # the ``session`` label of calls without a session (no session id has parentheses)
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class PoolSource:
     dispatcher: Dispatcher[Worker]
     state: StateBackend
     plane: SharedMemoryPlane | None
+    session_metrics: int = 10
+    """How many sessions get series of their own (``Monitoring.session_metrics``)."""
 
 
 class PoolsCollector(Collector):
@@ -104,6 +118,10 @@ class _Families:
         self.rss = GaugeMetricFamily(p + "worker_resident_memory_bytes", "Each worker's RSS, as its heartbeat said", labels=["pool", "worker"])
         self.cpu = CounterMetricFamily(p + "worker_cpu_seconds", "Each worker's CPU time, as its heartbeat said", labels=["pool", "worker"])
         self.served = CounterMetricFamily(p + "worker_calls", "Calls each worker served, as its heartbeat said", labels=["pool", "worker"])
+        top = "(the Monitoring.session_metrics sessions with most calls queued, then in flight)"
+        self.session_queued = GaugeMetricFamily(p + "session_queue_length", f"A session's calls waiting for a worker slot {top}", labels=["pool", "session"])
+        self.session_in_flight = GaugeMetricFamily(p + "session_calls_in_flight", f"A session's calls on workers {top}", labels=["pool", "session"])
+        self.session_wait = SummaryMetricFamily(p + "session_queue_wait_seconds", f"Seconds a session's calls waited for a worker slot {top}", labels=["pool", "session"])
 
     def add(self, label: str, source: PoolSource) -> None:
         metrics, supervisor = source.metrics, source.supervisor
@@ -136,12 +154,20 @@ class _Families:
                 self.cpu.add_metric([label, h.id], figures.cpu_seconds)
             if figures.calls_reported is not None:
                 self.served.add_metric([label, h.id], figures.calls_reported)
+        ranked = heapq.nlargest(
+            source.session_metrics, source.dispatcher.sessions().items(), key=lambda kv: (kv[1].queued, kv[1].in_flight)
+        )
+        for session, figures in ranked:
+            labels = [label, session or NO_SESSION_LABEL]
+            self.session_queued.add_metric(labels, figures.queued)
+            self.session_in_flight.add_metric(labels, figures.in_flight)
+            self.session_wait.add_metric(labels, figures.calls, figures.wait_mean * figures.calls)
 
     def all(self) -> list[Metric]:
         return [
             self.calls, self.queue_wait, self.service, self.queued, self.in_flight, self.workers, self.restarts,
             self.recycles, self.sessions, self.variables, self.watchers, self.host_tools, self.shm, self.rss, self.cpu,
-            self.served,
+            self.served, self.session_queued, self.session_in_flight, self.session_wait,
         ]
 
 

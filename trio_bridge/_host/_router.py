@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import trio
 
 from trio_bridge._errors import WorkerCrashedError
-from trio_bridge._host._dispatch import Affinity, Dispatcher
+from trio_bridge._host._dispatch import NO_SESSION, Affinity, Dispatcher
 from trio_bridge._host._worker import Worker
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import encode
@@ -47,7 +47,7 @@ class Router:
         if route is None:
             return await self._dispatcher.acquire()
         home = route.home
-        worker = await self._dispatcher.acquire(home, affinity or route.affinity)
+        worker = await self._dispatcher.acquire(home, affinity or route.affinity, key=route.session_id)
         # Its worker is gone once it stops accepting (it died), even before the supervisor removed it.
         if home is None or (home is not worker and not (self._dispatcher.has(home) and home.lifecycle.accepting)):
             if home is not None:
@@ -59,9 +59,9 @@ class Router:
             route.home = worker
         return worker
 
-    def release(self, worker: Worker) -> None:
-        """Give back the slot :meth:`acquire` took."""
-        self._dispatcher.release(worker)
+    def release(self, worker: Worker, route: Route | None) -> None:
+        """Give back the slot :meth:`acquire` took for a call along ``route``."""
+        self._dispatcher.release(worker, route.session_id if route is not None else NO_SESSION)
 
     async def enter_session(self, worker: Worker, route: Route | None) -> None:
         """Before a session's first call on a worker: InitializeSession, with its metadata.
