@@ -402,7 +402,7 @@ class MemoryBackend(StateBackend):
         self.sessions: SessionStore = sessions if sessions is not None else SessionStore()  # an empty store is falsy
         self.lock_lease = lock_lease
         self.calls: MemoryCalls = MemoryCalls(idempotency_ttl)
-        self.max_value_bytes = self.sessions.max_value_bytes
+        self.max_value_bytes: int | None = self.sessions.max_value_bytes
         self.on_session_end: list[Callable[[str], None]] = []
         self._feeds: dict[str, _Feed] = {}  # sessions that have watchers
         self._reaper_wakeup = trio.Event()

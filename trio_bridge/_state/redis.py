@@ -236,7 +236,7 @@ class RedisBackend(StateBackend):
         self.log_length: int = log_length
         self.timeout: float = float(timeout)
         self.idempotency_ttl: float = check_ttl("idempotency_ttl", idempotency_ttl)
-        self.max_value_bytes = max_value_bytes
+        self.max_value_bytes: int | None = max_value_bytes
         # The pure store checks ids, TTLs and metadata exactly as the memory backend does.
         self._limits = SessionStore(
             max_sessions=max_sessions, max_variables_per_session=max_variables_per_session,
