@@ -370,3 +370,19 @@ def test_the_readme_example_passes(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout
+
+
+def test_a_remote_worker_that_says_nothing_is_killed_after_the_start_timeout(tmp_path):
+    """``RemoteWorkerProcess.start`` is bounded: a process that never prints its ready line is
+    killed (its whole group) and the caller is told, instead of waiting forever."""
+    from trio_bridge.testing import RemoteWorkerProcess, write_token_file
+
+    silent = [sys.executable, "-c", "import time; time.sleep(60)"]  # the worker's argv follows, unread
+    worker = RemoteWorkerProcess(
+        "tests.adapters:Echo", "tcp:127.0.0.1:1", write_token_file(tmp_path / "token", "t" * 32), command_prefix=silent,
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"said nothing within 0\.5 s"):
+        worker.start(timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert worker.process is not None and worker.process.poll() is not None  # killed and reaped

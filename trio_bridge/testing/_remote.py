@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -105,16 +106,22 @@ class RemoteWorkerProcess:
         self.ready_line: str = ""
         self._copier: threading.Thread | None = None
 
-    def start(self) -> RemoteWorkerProcess:
-        """Start it and wait for its first line ("serving ADAPTER on ADDRESS").
+    def start(self, timeout: float = 60.0) -> RemoteWorkerProcess:
+        """Start it and wait for its first line ("serving ADAPTER on ADDRESS"), at most
+        ``timeout`` seconds.
 
         Raises:
-            RuntimeError: it said something else first (the line is in the message).
+            RuntimeError: it said something else first (the line is in the message), or
+                nothing within ``timeout`` (it is killed).
         """
         self.process = subprocess.Popen(
             self.command, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )
         assert self.process.stderr is not None
+        readable, _, _ = select.select([self.process.stderr], [], [], timeout)
+        if not readable:
+            self.kill()
+            raise RuntimeError(f"trio-bridge worker said nothing within {timeout:g} s: {' '.join(self.command)}")
         first = self.process.stderr.readline()
         self.ready_line = first.decode().strip()
         if self.log is not None:
