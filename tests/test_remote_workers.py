@@ -262,7 +262,9 @@ async def test_a_worker_cancels_the_calls_of_a_host_gone_silent_within_twice_its
     from trio_bridge._wire.transport import open_channel
 
     keepalive = 1.5
-    worker = _remote_worker(tmp_path, certs, options=("--keepalive", str(keepalive))).start()
+    worker = _remote_worker(tmp_path, certs, options=("--keepalive", str(keepalive)))
+    worker.log = tmp_path / "worker.log"
+    worker.start()
     host = certs.tls("host")
 
     def seconds_until_idle() -> float:
@@ -299,6 +301,9 @@ async def test_a_worker_cancels_the_calls_of_a_host_gone_silent_within_twice_its
         # waited 30 s for the silent host's close_notify.
         assert idle_after < 2 * keepalive + 8
         assert marks(marker_dir, "cooperative_sleep") == ["cancelled"] and marks(marker_dir, "async_sleep") == ["cancelled"]
+        with trio.fail_after(10):  # its log says which host it dropped (a thread copies its stderr there)
+            while "did not answer a keepalive PING in time: connection dropped" not in worker.log.read_text():
+                await trio.sleep(0.05)
 
         async with trio_bridge.open_pool(ADAPTER, **_options(certs, worker, size=0)) as pool:
             assert await pool.execute("async_sleep", {"seconds": 2.5 * keepalive}) == 2.5 * keepalive  # this host answers

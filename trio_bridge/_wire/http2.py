@@ -31,6 +31,8 @@ from hyperframe.frame import DataFrame, Frame
 
 from trio_bridge._wire import fast_proto
 
+_logger = logging.getLogger("trio_bridge")
+
 
 class _DeferredRepr:
     """``repr(obj)``, computed only if formatted (``str()``): what h2 logs, when it logs."""
@@ -226,8 +228,16 @@ class _FastConnection(Connection):
         # ssl_shutdown_timeout), with unsent data until TCP gives up (minutes); and only then
         # do the connection's handlers learn of it. So with a PING outstanding, abort.
         if self._close_by_ping_handler is not None and hasattr(self, "_transport"):
+            # said once per connection: a peer that went silent is otherwise invisible in the log
+            _logger.warning("the peer at %s did not answer a keepalive PING in time: connection dropped", _peer(self._transport))
             self._transport.abort()
         super().close()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    """The far end's address, as ``HOST:PORT`` where it has one."""
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else repr(peer)
 
 
 if TYPE_CHECKING:
