@@ -68,13 +68,13 @@ class IdempotentCalls:
         self._state = state
         self._metrics = metrics
         self._check_open = check_open
-        timeout = state.command_timeout
-        self._lease = lease if timeout is None else max(lease, _LEASE_PER_TIMEOUT * timeout)
+        self._shortest_lease = lease
 
     @property
     def lease(self) -> float:
         """Seconds a claim lasts unless its holder renews it."""
-        return self._lease
+        timeout = self._state.command_timeout
+        return self._shortest_lease if timeout is None else max(self._shortest_lease, _LEASE_PER_TIMEOUT * timeout)
 
     async def execute(
         self, key: Any, tool: str, arguments: dict[str, Any] | None, session_id: str, run: Callable[[], Awaitable[Any]],
@@ -96,7 +96,7 @@ class IdempotentCalls:
             fingerprint = _fingerprint(tool, arguments, session_id)
             poll = _POLL[0]
             while True:
-                claim = await self._state.claim_call(key, fingerprint, self._lease)
+                claim = await self._state.claim_call(key, fingerprint, self.lease)
                 if claim.state == "claimed":
                     break
                 if claim.state == "conflict":
@@ -148,7 +148,7 @@ class IdempotentCalls:
         with trio.CancelScope(shield=True):
             try:
                 if not await self._state.finish_call(key, token, record):
-                    _logger.warning("idempotent call %r finished after its claim lapsed (lease %g s): not recorded", key, self._lease)
+                    _logger.warning("idempotent call %r finished after its claim lapsed (lease %g s): not recorded", key, self.lease)
             except TrioBridgeError as exc:  # the caller has its answer; the claim lapses with its lease
                 _logger.warning("idempotent call %r: its outcome could not be recorded: %s", key, exc)
 
@@ -156,7 +156,7 @@ class IdempotentCalls:
         """Renew the claim a third of a lease after its last renewal. An attempt that fails, or
         takes over a sixth of the lease (a slow backend), is given up and tried again soon, so a
         slow command cannot let the claim lapse while there is time to retry."""
-        lease = self._lease
+        lease = self.lease
         renewed = trio.current_time()  # the claim was just made
         while True:
             await trio.sleep_until(renewed + lease / 3)
