@@ -123,6 +123,7 @@ class IdempotentCalls:
             renewals.start_soon(self._renew, key, token)
             try:
                 result = await run()
+                record = _RESULT + bytes(encode(result, path="result", plane=None))
             except BaseException as exc:
                 failure = exc
             finally:
@@ -137,7 +138,6 @@ class IdempotentCalls:
                 raise failure
             finally:
                 del failure  # no cycle through this frame
-        record = _RESULT + bytes(encode(result, path="result", plane=None))
         limit = self._state.max_value_bytes
         if limit is not None and len(record) > limit:
             record = _TOO_LARGE + str(len(record)).encode()
