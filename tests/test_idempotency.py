@@ -26,9 +26,11 @@ from trio_bridge import (
     Lifecycle,
     MemoryBackend,
     Monitoring,
+    PoolClosedError,
     QuotaExceededError,
     RedisBackend,
     StateLimits,
+    StateUnavailableError,
     ToolError,
     WorkerCrashedError,
 )
@@ -267,11 +269,150 @@ async def test_pool_call_and_session_call_take_the_key_keyword_only():
         assert pool.statistics().calls_replayed == 2
 
 
+class _SlowRenewals(MemoryBackend):
+    """Its second renewal is slow: it fails after ``seconds`` (a Redis command timing out), or,
+    with ``seconds=None``, never answers."""
+
+    def __init__(self, seconds: float | None, command_timeout: float | None = None) -> None:
+        super().__init__()
+        self.seconds, self._timeout = seconds, command_timeout
+        self.renewals = 0
+        self.leases: list[float] = []
+
+    @property
+    def command_timeout(self) -> float | None:
+        return self._timeout
+
+    async def claim_call(self, key, fingerprint, lease):
+        self.leases.append(lease)
+        return await super().claim_call(key, fingerprint, lease)
+
+    async def renew_call(self, key, token, lease):
+        self.renewals += 1
+        if self.renewals == 2:
+            if self.seconds is None:
+                await trio.sleep_forever()
+            await trio.sleep(self.seconds)
+            raise StateUnavailableError("Redis did not answer within 5 s")
+        return await super().renew_call(key, token, lease)
+
+
+@pytest.mark.parametrize("seconds", [5.0, None], ids=["times-out", "hangs"])
+async def test_a_slow_renewal_is_retried_before_the_claim_lapses(autojump_clock, seconds):
+    # The lease is 10 s: renewed at 3.3 s, the next renewal (6.7 s) is slow; a retry must come
+    # before 13.3 s, when the claim would lapse and a second caller would run the tool again.
+    runs: list[int] = []
+    state = _SlowRenewals(seconds)
+    async with open_fake_pool({"work": _counted(runs)}, size=2, state=state) as fake:
+        results = []
+        async with trio.open_nursery() as nursery:
+            for delay in (0, 14):
+                async def call(delay: float = delay) -> None:
+                    await trio.sleep(delay)
+                    results.append(await fake.pool.execute("work", {"seconds": 20}, idempotency_key="k"))
+
+                nursery.start_soon(call)
+        assert len(runs) == 1 and [r["run"] for r in results] == [1, 1] and state.renewals > 3
+    # a backend whose commands may take 5 s gets a lease of three of them
+    slow = _SlowRenewals(0.0, command_timeout=5.0)
+    async with open_fake_pool({"work": _counted(runs)}, state=slow) as fake:
+        await fake.pool.execute("work", idempotency_key="k")
+    assert slow.leases == [15.0]
+    assert RedisBackend("redis://localhost:1", timeout=7).command_timeout == 7 and MemoryBackend().command_timeout is None
+
+
+async def test_a_keyed_call_on_a_closed_pool_is_refused(autojump_clock):
+    runs: list[int] = []
+    async with open_fake_pool({"work": _counted(runs)}) as fake:
+        pool = fake.pool
+        await pool.execute("work", idempotency_key="a")
+    for key in (None, "a", "b"):
+        with pytest.raises(PoolClosedError, match="the pool is closed"):
+            await pool.execute("work", idempotency_key=key)
+    assert runs == [0] and pool.statistics().calls_refused == 3
+
+
+async def test_a_fault_of_trio_bridge_is_not_recorded_as_the_tools_error(autojump_clock):
+    from trio_bridge._wire.errors import exception_from
+    from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo
+
+    for kind, internal in (("tool_error", False), ("internal", True), ("state", True), ("a-later-kind", True)):
+        error = exception_from(ErrorInfo(kind=kind, type="FutureError", message="m"), "t")
+        assert isinstance(error, ToolError) and error.internal is internal
+    runs: list[int] = []
+
+    def broken(internal: bool = True) -> None:
+        runs.append(1)
+        raise ToolError("broken", "RuntimeError", "a fault in the worker", internal=internal)
+
+    async with open_fake_pool({"broken": broken}) as fake:
+        for _ in range(2):
+            with pytest.raises(ToolError, match="a fault in the worker") as raised:
+                await fake.pool.execute("broken", idempotency_key="k")
+            assert raised.value.internal
+        assert len(runs) == 2  # not recorded: the retry ran again
+        for _ in range(2):
+            with pytest.raises(ToolError) as raised:
+                await fake.pool.execute("broken", {"internal": False}, idempotency_key="j")
+            assert not raised.value.internal
+        assert len(runs) == 3  # the tool's own error is recorded
+
+
+async def test_the_memory_backend_keeps_at_most_max_idempotency_records_keys(autojump_clock):
+    backend = MemoryBackend(max_idempotency_records=3)
+    done = []
+    for key in ("a", "b"):
+        claim = await backend.claim_call(key, "f", 10)
+        assert await backend.finish_call(key, claim.token, key.encode())
+        done.append(claim)
+    running = await backend.claim_call("r", "f", 10)
+    assert (await backend.claim_call("c", "f", 10)).state == "claimed"  # "a", the oldest record, made room
+    assert (await backend.claim_call("b", "f", 10)).state == "done"
+    assert (await backend.claim_call("a", "f", 10)).state == "claimed"  # new again; "b" made room
+    assert len(backend.calls) == 3
+    with pytest.raises(QuotaExceededError, match=r"3 idempotent calls are running.*max_idempotency_records=3"):
+        await backend.claim_call("d", "f", 10)  # "r", "c" and "a": all running calls' claims
+    assert await backend.renew_call("r", running.token, 10)
+    await trio.sleep(5)
+    assert await backend.renew_call("r", running.token, 10)
+    await trio.sleep(6)  # the other claims lapsed, "r" did not
+    assert (await backend.claim_call("d", "f", 10)).state == "claimed"  # a lapsed claim made room
+    assert (await backend.claim_call("r", "f", 10)).state == "running"
+
+    runs: list[int] = []
+    async with open_fake_pool({"work": _counted(runs)}, size=2, state_limits=StateLimits(max_idempotency_records=2)) as fake:
+        pool = fake.pool
+        for key in ("a", "b", "c", "b", "a"):
+            await pool.execute("work", idempotency_key=key)
+        assert len(runs) == 4  # "a" was dropped for "c", and ran again
+        async with trio.open_nursery() as nursery:
+            for key in ("x", "y"):
+                nursery.start_soon(partial(pool.execute, "work", {"seconds": 5}, idempotency_key=key))
+            await trio.sleep(1)
+            with pytest.raises(QuotaExceededError, match=r"StateLimits\.max_idempotency_records"):
+                await pool.execute("work", idempotency_key="z")
+        assert len(runs) == 6
+
+
+async def test_session_call_refuses_an_idempotency_key_with_store_as():
+    async with open_pool_in_threads("trio_bridge.adapters:PythonAdapter", size=1, adapter_options={"allow": ["collections"]}) as pool:
+        async with pool.session() as session:
+            with pytest.raises(InvalidArgumentError, match=r"store_as='d'.*cannot take an idempotency_key.*one worker's memory"):
+                await session.call("collections.OrderedDict", store_as="d", idempotency_key="k")
+            assert await session.list_stored() == {}
+            assert pool.statistics().calls_completed == 1  # list_stored: the refused call ran nothing
+
+
 def test_idempotency_ttl_is_checked():
     with pytest.raises(InvalidArgumentError, match=r"StateLimits\.idempotency_ttl"):
         StateLimits(idempotency_ttl=0)
     with pytest.raises(InvalidArgumentError, match="idempotency_ttl"):
         MemoryBackend(idempotency_ttl=float("inf"))
+    with pytest.raises(InvalidArgumentError, match=r"StateLimits\.max_idempotency_records"):
+        StateLimits(max_idempotency_records=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(InvalidArgumentError, match="max_idempotency_records must be a whole number >= 1"):
+            MemoryBackend(max_idempotency_records=bad)  # type: ignore[arg-type]
 
 
 # ---- Redis: across hosts ----

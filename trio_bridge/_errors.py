@@ -96,13 +96,19 @@ class ToolError(TrioBridgeError):
         remote_type: the remote exception's type name, e.g. ``"ValueError"``.
         remote_message: ``str()`` of the remote exception.
         remote_traceback: the remote traceback as text (may be empty).
+        internal: ``True`` when it is not the tool's own exception but a fault of trio-bridge's
+            in the worker (or an error this version cannot name), reported as the call's
+            error; an idempotent call does not record it (a retry runs the tool again).
     """
 
-    def __init__(self, tool: str, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
+    def __init__(
+        self, tool: str, remote_type: str, remote_message: str, remote_traceback: str = "", *, internal: bool = False,
+    ) -> None:
         self.tool: str = tool
         self.remote_type: str = remote_type
         self.remote_message: str = remote_message
         self.remote_traceback: str = remote_traceback
+        self.internal: bool = internal
         super().__init__(f"tool {tool!r} raised {remote_type}: {remote_message}")
 
     def __str__(self) -> str:

@@ -79,13 +79,11 @@ class Calls:
         self._parked_calls: collections.Counter[str] = collections.Counter()
         self._on_workers: set[str] = set()  # ids of the calls holding a worker's slot
         self._nursery: trio.Nursery | None = None
-        self._idempotent = IdempotentCalls(state, metrics)
+        self._idempotent = IdempotentCalls(state, metrics, check_open=self._check_open)
 
     def attach(self, nursery: trio.Nursery) -> None:
-        """Where slots of cancelled calls are held until released, and idempotent calls' claims
-        renewed (the pool's nursery)."""
+        """Where slots of cancelled calls are held until released (the pool's nursery)."""
         self._nursery = nursery
-        self._idempotent.attach(nursery)
 
     # ---- unary ----
     async def execute(
@@ -266,8 +264,7 @@ class Calls:
 
     # ---- shared ----
     async def _request(self, tool: str, arguments: dict[str, Any] | None, route: Route | None, traceparent: str = "") -> ToolCall:
-        if self._supervisor.closing:
-            raise PoolClosedError("the pool is closed")
+        self._check_open()
         payload = encode({} if arguments is None else arguments, path="arguments", plane=self._plane)  # fails before any wait
         session_id, state_version = "", 0
         if route is not None:
@@ -279,6 +276,10 @@ class Calls:
             call_id=f"{self._call_prefix}{next(self._call_ids)}", tool=tool, arguments=payload, session_id=session_id,
             state_version=state_version, timeout_seconds=timeout, traceparent=traceparent,
         )
+
+    def _check_open(self) -> None:
+        if self._supervisor.closing:
+            raise PoolClosedError("the pool is closed")
 
     async def _acquire(self, route: Route | None, affinity: Affinity | None) -> Worker:
         self._check_reentrancy()

@@ -1,13 +1,16 @@
 """Idempotent calls: ``Pool.execute(..., idempotency_key=KEY)`` runs the call at most once to
 completion per key, and answers later calls with the same key from the record.
 
-A call claims its key in the state backend (a lease of :data:`LEASE` seconds, renewed every
-third of it while the call runs), runs, and then records its result, or the error if the tool
-raised (``ToolError``). Any other end (the worker crashed, the call was cancelled or timed out,
-the pool refused it) releases the key with no record, so a retry runs the call again: crashes
-make it at-least-once. A caller that finds the key held waits for its holder, then answers
-from the record, or claims the key itself if the holder released it (or stopped renewing:
-its host died). Records live ``idempotency_ttl`` seconds (the backend's).
+A call claims its key in the state backend (a lease of :data:`LEASE` seconds, or three of the
+backend's ``command_timeout`` if longer, renewed a third of it after the last renewal while the
+call runs; a failed or slow renewal is retried soon), runs, and then records its result, or
+the error if the tool raised (``ToolError``, not ``internal``). Any other end (the worker
+crashed, the call was cancelled or timed out, the pool refused it, trio-bridge failed) releases
+the key with no record, so a retry runs the call again: crashes make it at-least-once. A caller
+that finds the key held waits for its holder (within its own cancel scope; it is not one of the
+dispatcher's queued calls, so ``max_queue`` does not count it), then answers from the record,
+or claims the key itself if the holder released it (or stopped renewing: its host died).
+Records live ``idempotency_ttl`` seconds (the backend's).
 
 The key's fingerprint is the SHA-256 of the tool, the session id and the arguments in a
 canonical encoding (dict keys sorted at every level; numpy arrays by dtype, shape and bytes);
@@ -41,6 +44,8 @@ from trio_bridge._wire.generated.trio_bridge.v1 import ErrorInfo, Payload
 _logger = logging.getLogger("trio_bridge")
 
 LEASE = 10.0  # seconds a claim lasts unless its holder renews it (every third of it)
+_LEASE_PER_TIMEOUT = 3  # a lease is at least this many of the backend's command timeouts
+_RETRIES_PER_LEASE = 30  # a failed renewal is tried again after this fraction of the lease
 MAX_KEY_LENGTH = 200
 _POLL = (0.01, 0.2)  # seconds between looks at a key another host holds: first, longest
 
@@ -50,17 +55,26 @@ _RESULT, _ERROR, _TOO_LARGE = b"r", b"e", b"x"
 
 class IdempotentCalls:
     """Runs calls that carry an idempotency key through the state backend's claims and records
-    (see the module docstring); counts the calls it answers itself in ``metrics``."""
+    (see the module docstring); counts the calls it answers itself in ``metrics``.
 
-    def __init__(self, state: StateBackend, metrics: Metrics, *, lease: float = LEASE) -> None:
+    Args:
+        check_open: raises ``PoolClosedError`` once the pool closes (checked before claiming).
+        lease: seconds a claim lasts unless renewed; at least 3 times the backend's
+            ``command_timeout`` where it has one, so that a renewal may fail and be retried
+            before the claim lapses.
+    """
+
+    def __init__(self, state: StateBackend, metrics: Metrics, *, check_open: Callable[[], None], lease: float = LEASE) -> None:
         self._state = state
         self._metrics = metrics
-        self._lease = lease
-        self._nursery: trio.Nursery | None = None
+        self._check_open = check_open
+        self._shortest_lease = lease
 
-    def attach(self, nursery: trio.Nursery) -> None:
-        """Where the claims' renewals run (the pool's nursery)."""
-        self._nursery = nursery
+    @property
+    def lease(self) -> float:
+        """Seconds a claim lasts unless its holder renews it."""
+        timeout = self._state.command_timeout
+        return self._shortest_lease if timeout is None else max(self._shortest_lease, _LEASE_PER_TIMEOUT * timeout)
 
     async def execute(
         self, key: Any, tool: str, arguments: dict[str, Any] | None, session_id: str, run: Callable[[], Awaitable[Any]],
@@ -70,17 +84,19 @@ class IdempotentCalls:
 
         Raises:
             InvalidArgumentError: ``key`` is not a str of 1-200 characters; nothing ran.
+            PoolClosedError: the pool is closed; nothing ran.
             IdempotencyConflictError: ``key`` was used for another tool, arguments or session.
             QuotaExceededError: the first call's result was over the backend's ``max_value_bytes``,
-                so it was not recorded.
+                so it was not recorded; or the backend holds as many running claims as it may.
         """
         waiting = replayed = False
         try:
+            self._check_open()
             check_key(key)
             fingerprint = _fingerprint(tool, arguments, session_id)
             poll = _POLL[0]
             while True:
-                claim = await self._state.claim_call(key, fingerprint, self._lease)
+                claim = await self._state.claim_call(key, fingerprint, self.lease)
                 if claim.state == "claimed":
                     break
                 if claim.state == "conflict":
@@ -96,46 +112,64 @@ class IdempotentCalls:
             if not replayed:  # a replay is counted as one
                 self._metrics.record(Outcome.CANCELLED_QUEUED if cancelled and waiting else Outcome.REFUSED, tool=tool)
             raise
-        return await self._run(key, claim.token, tool, run)
+        return await self._run(key, claim.token, run)
 
-    async def _run(self, key: str, token: str, tool: str, run: Callable[[], Awaitable[Any]]) -> Any:
-        renewing = trio.CancelScope()
-        try:
+    async def _run(self, key: str, token: str, run: Callable[[], Awaitable[Any]]) -> Any:
+        failure: BaseException | None = None
+        # The renewals run in a nursery of the call's own, so they end with it (and need nothing
+        # of the pool's); the call's exception is taken out of the nursery so that it leaves as
+        # itself, not in a group.
+        async with trio.open_nursery() as renewals:
+            renewals.start_soon(self._renew, key, token)
             try:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._renew, key, token, renewing)
                 result = await run()
                 record = _RESULT + bytes(encode(result, path="result", plane=None))
-            except ToolError as exc:
-                await self._finish(key, token, _ERROR + bytes(bounded(error_info(exc))))  # bounded: a trailer's size
-                raise
-            except BaseException:
-                with trio.CancelScope(shield=True), contextlib.suppress(TrioBridgeError):  # else its lease lapses
-                    await self._state.release_call(key, token)
-                raise
-            limit = self._state.max_value_bytes
-            if limit is not None and len(record) > limit:
-                record = _TOO_LARGE + str(len(record)).encode()
-            await self._finish(key, token, record)
-            return result
-        finally:
-            renewing.cancel()
+            except BaseException as exc:
+                failure = exc
+            finally:
+                renewals.cancel_scope.cancel()
+        if failure is not None:
+            try:
+                if isinstance(failure, ToolError) and not failure.internal:  # the tool's own error: recorded
+                    await self._finish(key, token, _ERROR + bytes(bounded(error_info(failure))))  # bounded: a trailer's size
+                else:  # it did not finish (or trio-bridge failed): a retry runs it again
+                    with trio.CancelScope(shield=True), contextlib.suppress(TrioBridgeError):  # else its lease lapses
+                        await self._state.release_call(key, token)
+                raise failure
+            finally:
+                del failure  # no cycle through this frame
+        limit = self._state.max_value_bytes
+        if limit is not None and len(record) > limit:
+            record = _TOO_LARGE + str(len(record)).encode()
+        await self._finish(key, token, record)
+        return result
 
     async def _finish(self, key: str, token: str, record: bytes) -> None:
         with trio.CancelScope(shield=True):
             try:
                 if not await self._state.finish_call(key, token, record):
-                    _logger.warning("idempotent call %r finished after its claim lapsed (lease %g s): not recorded", key, self._lease)
+                    _logger.warning("idempotent call %r finished after its claim lapsed (lease %g s): not recorded", key, self.lease)
             except TrioBridgeError as exc:  # the caller has its answer; the claim lapses with its lease
                 _logger.warning("idempotent call %r: its outcome could not be recorded: %s", key, exc)
 
-    async def _renew(self, key: str, token: str, scope: trio.CancelScope) -> None:
-        with scope:
-            while True:
-                await trio.sleep(self._lease / 3)
-                with contextlib.suppress(TrioBridgeError):  # tried again next time; the lease may lapse
-                    if not await self._state.renew_call(key, token, self._lease):
-                        return  # another caller took it over
+    async def _renew(self, key: str, token: str) -> None:
+        """Renew the claim a third of a lease after its last renewal. An attempt that fails, or
+        takes over a sixth of the lease (a slow backend), is given up and tried again soon, so a
+        slow command cannot let the claim lapse while there is time to retry."""
+        lease = self.lease
+        renewed = trio.current_time()  # the claim was just made
+        while True:
+            await trio.sleep_until(renewed + lease / 3)
+            attempt = trio.current_time()
+            held: bool | None = None
+            with trio.move_on_after(lease / 6), contextlib.suppress(TrioBridgeError):
+                held = await self._state.renew_call(key, token, lease)
+            if held is None:  # failed or too slow: again soon
+                await trio.sleep(lease / _RETRIES_PER_LEASE)
+            elif held:
+                renewed = attempt  # the backend ran it no earlier: its new lease lasts at least this long
+            else:
+                return  # its lease lapsed and another caller took it over
 
     def _replay(self, key: str, tool: str, record: bytes) -> Any:
         self._metrics.record(Outcome.REPLAYED, tool=tool)

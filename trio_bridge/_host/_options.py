@@ -459,6 +459,11 @@ class StateLimits(_Group):
         history_limit: past values kept per variable (default 50).
         idempotency_ttl: seconds an idempotent call's record lives after its last write
             (``Pool.execute(..., idempotency_key=...)``; default 3600).
+        max_idempotency_records: idempotency keys an in-memory backend keeps at most
+            (default 100,000): beyond it the oldest records are dropped first (their keys are
+            new again, as when they expire); a new key is refused (``QuotaExceededError``)
+            while all are running calls'. Redis keys expire with their TTL: Redis's own
+            ``maxmemory`` bounds them there.
 
     Raises:
         InvalidArgumentError: a quota is not a whole number >= 1 (``history_limit``: >= 0),
@@ -471,6 +476,7 @@ class StateLimits(_Group):
     max_value_bytes: int = _option(64 * 2**20, _whole(1))
     history_limit: int = _option(50, _whole(0))
     idempotency_ttl: float = _option(3600.0, _positive_seconds)
+    max_idempotency_records: int = _option(100_000, _whole(1))
 
 
 @final

@@ -134,13 +134,16 @@ class Pool(metaclass=NoPublicConstructor):
                 way (a crash, a cancellation, a refusal) recorded nothing, so the next one runs
                 the tool again (at-least-once after a crash). Keys are global to the state
                 backend (shared by every host on one Redis) and live ``idempotency_ttl`` seconds.
+                A caller waiting for a key's first call waits within its own cancel scope and is
+                not counted in ``max_queue``.
 
         Raises:
             ToolNotFoundError, InvalidArgumentError, EncodeError: the call was wrong; nothing ran.
             IdempotencyConflictError: ``idempotency_key`` was used for another tool, other
                 arguments or another session; nothing ran.
             QuotaExceededError: the first call with ``idempotency_key`` returned a result over
-                the state backend's ``max_value_bytes``, which was not recorded.
+                the state backend's ``max_value_bytes``, which was not recorded; or the backend
+                keeps ``max_idempotency_records`` keys, all of running calls.
             ToolError: the tool raised; carries the remote type, message and traceback.
             WorkerCrashedError: the worker died during the call (exit code, signal, stderr tail).
             WorkerStartError: no worker is running and none could start within ``Lifecycle.no_worker_timeout``.
@@ -718,7 +721,7 @@ def default_state(state: StateBackend | str | None, limits: StateLimits) -> Stat
     return MemoryBackend(SessionStore(
         max_sessions=limits.max_sessions, max_variables_per_session=limits.max_variables_per_session,
         max_value_bytes=limits.max_value_bytes, history_limit=limits.history_limit,
-    ), idempotency_ttl=limits.idempotency_ttl)
+    ), idempotency_ttl=limits.idempotency_ttl, max_idempotency_records=limits.max_idempotency_records)
 
 
 @asynccontextmanager

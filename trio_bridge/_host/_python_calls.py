@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Protocol
 
-from trio_bridge._errors import StoredObjectLostError, ToolError, describe_exit
+from trio_bridge._errors import InvalidArgumentError, StoredObjectLostError, ToolError, describe_exit
 
 if TYPE_CHECKING:
     from trio_bridge._host._dispatch import Affinity
@@ -39,14 +39,22 @@ class PythonCalls:
         or ``"stored.NAME[.method]"``. With ``store_as``, keep the result there under that name
         and return ``{"stored": name, "type": ...}``. Calls go to the session's worker only
         (affinity ``"strict"``), since that is where its objects live. With
-        ``idempotency_key``, at most once to completion for that key (see :meth:`Pool.execute`).
+        ``idempotency_key``, at most once to completion for that key (see :meth:`Pool.execute`);
+        not with ``store_as``: the stored object lives in one worker's memory, and a record
+        could hold only its description, not the object.
 
         Raises:
+            InvalidArgumentError: ``idempotency_key`` with ``store_as``; nothing ran.
             StoredObjectLostError: a stored object it needs went away with its worker.
             NotAllowedError: the call reaches a module outside the allowlist (the message names it).
             ToolError: the call raised.
             IdempotencyConflictError: ``idempotency_key`` was used for another call.
         """
+        if store_as is not None and idempotency_key is not None:
+            raise InvalidArgumentError(
+                f"call({target!r}, store_as={store_as!r}) cannot take an idempotency_key: the stored object lives in "
+                "one worker's memory, and a record of the call could not hold it: call without idempotency_key"
+            )
         step = {"target": target, "args": list(args), "kwargs": kwargs, "store_as": store_as}
         return await self._python("call", step, [store_as] if store_as else [], idempotency_key)
 

@@ -18,7 +18,7 @@ from typing import Any, final
 import trio
 
 from trio_bridge._errors import InvalidArgumentError
-from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, Claim, MemoryCalls
+from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MAX_IDEMPOTENCY_RECORDS, Claim, MemoryCalls
 from trio_bridge._state.sessions import SessionInfo, SessionRecord, SessionStore
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._util import public_module
@@ -340,6 +340,13 @@ class StateBackend(abc.ABC):
     #: the largest record (bytes) :meth:`finish_call` keeps; ``None``: no limit.
     max_value_bytes: int | None = None
 
+    @property
+    def command_timeout(self) -> float | None:
+        """Seconds one command to the backend may take before it fails (a shared backend's);
+        ``None``: it has no such bound (in-memory). An idempotent call's claim lasts at least
+        three of them, so that a renewal that timed out can be tried again before it lapses."""
+        return None
+
     async def claim_call(self, key: str, fingerprint: str, lease: float) -> Claim:
         """Claim idempotency key ``key`` for a call whose ``fingerprint`` (an opaque str) says
         what it runs, atomically: a free key (or one whose holder's lease of ``lease`` seconds
@@ -348,6 +355,7 @@ class StateBackend(abc.ABC):
 
         Raises:
             InvalidArgumentError: the backend does not keep idempotent calls.
+            QuotaExceededError: the backend keeps as many keys as it may, all running calls'.
             StateUnavailableError: a shared backend cannot be reached.
         """
         raise self._no_idempotent_calls()
@@ -390,18 +398,23 @@ class MemoryBackend(StateBackend):
         lock_lease: seconds an optimization lock lasts unless renewed (``None``: until released).
         idempotency_ttl: seconds an idempotent call's record lives after its last write
             (default 3600).
+        max_idempotency_records: idempotency keys (running calls' claims and records) kept
+            at most (default 100,000); beyond it the oldest records are dropped first (their
+            keys are new again, as when they expire), and a new key is refused with
+            ``QuotaExceededError`` while every key kept is a running call's.
 
     Raises:
-        InvalidArgumentError: ``idempotency_ttl`` is not a positive number of seconds.
+        InvalidArgumentError: ``idempotency_ttl`` is not a positive number of seconds, or
+            ``max_idempotency_records`` not a whole number >= 1.
     """
 
     def __init__(
         self, sessions: SessionStore | None = None, *, lock_lease: float | None = None,
-        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL, max_idempotency_records: int = DEFAULT_MAX_IDEMPOTENCY_RECORDS,
     ) -> None:
         self.sessions: SessionStore = sessions if sessions is not None else SessionStore()  # an empty store is falsy
         self.lock_lease = lock_lease
-        self.calls: MemoryCalls = MemoryCalls(idempotency_ttl)
+        self.calls: MemoryCalls = MemoryCalls(idempotency_ttl, max_idempotency_records)
         self.max_value_bytes: int | None = self.sessions.max_value_bytes
         self.on_session_end: list[Callable[[str], None]] = []
         self._feeds: dict[str, _Feed] = {}  # sessions that have watchers

@@ -630,6 +630,10 @@ class RedisBackend(StateBackend):
         return (await self._write(session_id, lock))[0]
 
     # ---- idempotent calls ----
+    @property
+    def command_timeout(self) -> float | None:
+        return self.timeout
+
     def _call_key(self, key: str) -> str:
         return f"{self.prefix}:call:{key}"
 

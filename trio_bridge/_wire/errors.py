@@ -102,7 +102,7 @@ def error_info(exc: BaseException, *, kind: str | None = None, available: list[s
     """Describe ``exc`` for the wire. Without ``kind``, our own errors map to theirs and any other
     exception is a tool error carrying its traceback."""
     if isinstance(exc, ToolError):  # passing on another side's tool error: keep its origin
-        return ErrorInfo(kind=TOOL_ERROR, type=exc.remote_type, message=exc.remote_message, traceback=exc.remote_traceback)
+        return ErrorInfo(kind=INTERNAL if exc.internal else TOOL_ERROR, type=exc.remote_type, message=exc.remote_message, traceback=exc.remote_traceback)
     if kind is None:
         if type(exc).__name__ in _BY_NAME:
             kind = STATE
@@ -162,7 +162,9 @@ def exception_from(info: ErrorInfo, tool: str) -> TrioBridgeError:
         return _BY_NAME[info.type](info.message)
     if kind in (SHUTTING_DOWN, DRAINING):  # (the pool's own workers turn DRAINING into a new dispatch first)
         return PoolClosedError(f"tool {tool!r}: {info.message}")
-    return ToolError(tool, info.type, info.message, info.traceback)
+    # the tool's own error; anything else (INTERNAL, a kind or state error this version does
+    # not know) is still the call's error, marked as not the tool's
+    return ToolError(tool, info.type, info.message, info.traceback, internal=kind != TOOL_ERROR)
 
 
 def status_of(info: ErrorInfo) -> Status:
