@@ -545,3 +545,87 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         assert set(d.sessions()) == {"", "a", "b"}
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_nested_call_passes_its_session_s_max_in_flight_and_waits_first(autojump_clock):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=10)
+    d.configure("capped", max_in_flight=1)
+    w, x = FakeWorker("w"), FakeWorker("x")
+    d.add(w)
+    d.add(x)
+    assert await d.acquire(key="capped") is w  # the outer call: the session's one place
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        await q.start("c1", "capped")  # from outside: held back by max_in_flight
+        assert q.served == [] and d.queued == 1
+        # made from inside the outer call (it waits for this one): a free worker takes it at once
+        assert await d.acquire(key="capped", nested=True) is x
+        assert d.sessions()["capped"].in_flight == 2 and q.served == []
+        await q.release(x, "capped")
+        assert q.served == [] and await d.acquire() is x  # c1 still held back; another class takes x
+
+        async def nested() -> None:
+            q.served.append(("nested", await d.acquire(key="capped", nested=True)))
+
+        nursery.start_soon(nested)
+        await trio.testing.wait_all_tasks_blocked()
+        await q.release(x)
+        assert q.served == [("nested", x)]  # at the front of its session's queue, past the cap
+        await q.release(x, "capped")
+        assert q.names() == ["nested"]  # c1 waits until the session's outer call ends
+        await q.release(w, "capped")
+        assert q.names() == ["nested", "c1"]
+
+
+async def test_a_readmitted_call_is_not_refused_by_a_full_queue_and_waits_first(autojump_clock):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=1)
+    w = FakeWorker("w")
+    d.add(w)
+    await d.acquire()
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        await q.start("fresh")
+        with pytest.raises(PoolSaturatedError):
+            await d.acquire()
+
+        async def readmitted() -> None:  # a draining worker gave it back
+            q.served.append(("readmitted", await d.acquire(readmitted=True)))
+
+        nursery.start_soon(readmitted)
+        await trio.testing.wait_all_tasks_blocked()
+        assert d.queued == 2
+        with pytest.raises(PoolSaturatedError, match="1 call"):  # it took none of max_queue's places
+            await d.acquire()
+        await q.release(w)
+        assert q.names() == ["readmitted"]
+        await q.release(w)
+        assert q.names() == ["readmitted", "fresh"] and d.queued == 0
+        await q.start("again")  # its place is free again
+        assert d.queued == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_release_unparks_the_sessions_waiting_for_its_worker_one_at_a_time(autojump_clock, monkeypatch):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)  # free: the sessions' calls, all for home, park on it
+    await d.acquire(home)
+    unparked = collections.Counter[str]()
+    unpark = Dispatcher._unpark
+
+    def counting(self: Dispatcher[FakeWorker], queue: Any, *, front: bool = False) -> None:
+        unparked[queue.key] += 1
+        unpark(self, queue, front=front)
+
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        for i in range(30):
+            await q.start(f"s{i}", f"s{i}", home, "strict")
+        monkeypatch.setattr(Dispatcher, "_unpark", counting)
+        await q.release(home)
+        assert q.names() == ["s0"] and sum(unparked.values()) == 1  # not all 30 sessions parked on it
+        for i in range(1, 30):
+            await q.release(home, f"s{i - 1}")
+        assert q.names() == [f"s{i}" for i in range(30)]  # in the order they parked
+        assert sum(unparked.values()) == 30
