@@ -451,7 +451,10 @@ async def test_sessions_are_known_while_configured_or_busy():
 
 _KEYS = ("", "a", "b")
 _step = st.one_of(
-    st.tuples(st.just("acquire"), st.sampled_from(_KEYS), st.sampled_from([None, 0, 1]), st.sampled_from(["prefer", "strict"])),
+    st.tuples(
+        st.just("acquire"), st.sampled_from(_KEYS), st.sampled_from([None, 0, 1]), st.sampled_from(["prefer", "strict"]),
+        st.sampled_from(["", "", "nested", "readmitted"]),
+    ),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("release"), st.integers(0, 50)),
     st.tuples(st.just("cancel_and_release"), st.integers(0, 50)),
@@ -463,9 +466,10 @@ _step = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_step, max_size=60), st.integers(1, 2))
 def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrency: int) -> None:
-    """Random acquires (sessions, strict affinity), cancellations, releases and workers
-    replaced: slots taken match the calls holding them, no free slot stays unused while a call
-    it could take waits, max_in_flight holds, and every call left is served in the end."""
+    """Random acquires (sessions, strict affinity, nested and readmitted calls), cancellations,
+    releases and workers replaced: slots taken match the calls holding them, no free slot stays
+    unused while a call it could take waits, max_in_flight holds (for calls not nested), and
+    every call left is served in the end."""
 
     async def scenario() -> None:
         d: Dispatcher[FakeWorker] = Dispatcher(max_queue=20)
@@ -477,13 +481,14 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         for w in workers:
             d.add(w)
         held: list[tuple[FakeWorker, str]] = []
-        pending: dict[int, tuple[trio.CancelScope, str, FakeWorker | None]] = {}
+        pending: dict[int, tuple[trio.CancelScope, str, FakeWorker | None, str]] = {}
         ids = iter(range(10**6))
 
-        async def call(i: int, key: str, worker: FakeWorker | None, affinity: Any, scope: trio.CancelScope) -> None:
+        async def call(i: int, key: str, worker: FakeWorker | None, affinity: Any, kind: str, scope: trio.CancelScope) -> None:
             try:
                 with scope:
-                    held.append((await d.acquire(worker, affinity, key=key), key))
+                    got = await d.acquire(worker, affinity, key=key, nested=kind == "nested", readmitted=kind == "readmitted")
+                    held.append((got, key))
             except PoolSaturatedError:
                 pass
             finally:
@@ -492,13 +497,14 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         def check() -> None:
             assert sum(w.busy for w in everyone) == len(held)
             assert d.queued == len(pending)
+            assert sum(kind != "readmitted" for *_, kind in pending.values()) <= d.max_queue
             stats = d.sessions()
             for key in _KEYS:
                 in_flight = sum(k == key for _, k in held)
                 assert stats[key].in_flight == in_flight if key in stats else in_flight == 0
             capped = cap[0] is not None and stats["a"].in_flight >= cap[0]
-            for _, key, only in pending.values():  # a free slot that could take a waiting call: none
-                if key == "a" and capped:
+            for _, key, only, kind in pending.values():  # a free slot that could take a waiting call: none
+                if key == "a" and capped and kind != "nested":
                     continue
                 if only is not None and only in workers:
                     assert only.busy >= only.concurrency
@@ -508,12 +514,12 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         async with trio.open_nursery() as nursery:
             for step in steps:
                 if step[0] == "acquire":
-                    _, key, index, affinity = step
+                    _, key, index, affinity, kind = step
                     worker = None if index is None else workers[index]
                     i = next(ids)
                     scope = trio.CancelScope()
-                    pending[i] = (scope, key, worker if affinity == "strict" else None)
-                    nursery.start_soon(call, i, key, worker, affinity, scope)
+                    pending[i] = (scope, key, worker if affinity == "strict" else None, kind)
+                    nursery.start_soon(call, i, key, worker, affinity, kind, scope)
                 elif step[0] in ("cancel", "cancel_and_release") and pending:
                     victim = list(pending.values())[step[1] % len(pending)]
                     victim[0].cancel()

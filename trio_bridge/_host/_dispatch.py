@@ -5,20 +5,25 @@ has nobody queued; otherwise it joins its class's queue and is handed a slot tha
 free workers the least busy wins, ties going to the one idle longest, so a burst of calls fans
 out over all workers.
 
-Fair queueing: calls are grouped in classes, one per session (its id), and one (key ``""``)
-for calls without a session. Each class has a FIFO queue, a weight (``Pool.session(weight=)``,
-default 1) and optionally ``max_in_flight`` (calls of the class on workers at once; more wait
-in its queue even while workers are free). Freed slots go round the classes that have calls
-waiting, by deficit round robin with a cost of one per call: at the head of the rotation, a
-class whose deficit is >= 1 is served one call (deficit - 1) and stays at the head; one with
-less gets its quantum added and moves to the back. The quantum is the class's weight over the
-largest weight among the waiting classes, so the heaviest class is served every round, classes
-are served in proportion to their weights while they all wait, and a class that starts waiting
-is served after at most about two calls of each other waiting class (with equal weights; a
-class of a tenth of the largest weight waits about ten rounds) -- however many calls those
-have queued. A class that runs out of waiting calls leaves the rotation and its deficit. Work
-per call is O(1) amortized with equal weights; with unequal ones, at most one visit of each
-waiting class per call. The total of waiting calls over all classes is bounded by ``max_queue``.
+Fair queueing: calls are grouped in classes, one per session (its id), and one (key ``""``) for
+calls without a session. Each class has a FIFO queue, a weight (``Pool.session(weight=)``,
+default 1) and optionally ``max_in_flight`` (calls of the class on workers at once; more wait in
+its queue even while workers are free). A nested call (``acquire(nested=True)``: made from
+inside one of the class's calls, which holds its place until this one ends) is not held back by
+``max_in_flight`` -- waiting for that place would deadlock -- though it counts in it; like a
+readmitted call (``readmitted=True``: a draining worker gave it back), it waits at the front of
+its class's queue. Freed slots go round the classes that have calls waiting, by deficit round
+robin with a cost of one per call: at the head of the rotation, a class whose deficit is >= 1 is
+served one call (deficit - 1) and stays at the head; one with less gets its quantum added and
+moves to the back. The quantum is the class's weight over the largest weight among the waiting
+classes, so the heaviest class is served every round, classes are served in proportion to their
+weights while they all wait, and a class that starts waiting is served after at most about two
+calls of each other waiting class (with equal weights; a class of a tenth of the largest weight
+waits about ten rounds) -- however many calls those have queued. A class that runs out of
+waiting calls leaves the rotation and its deficit. Work per call is O(1) amortized with equal
+weights; with unequal ones, at most one visit of each waiting class per call. The total of
+waiting calls over all classes is bounded by ``max_queue`` (readmitted calls aside: each was
+admitted before, and gave back the slot it held).
 
 Session affinity (``acquire(worker=..., affinity=...)``):
 
@@ -28,9 +33,10 @@ Session affinity (``acquire(worker=..., affinity=...)``):
 * ``"strict_fail_fast"``: that worker now, or :class:`WorkerBusyError` at once.
 
 A class whose waiting calls all wait for busy workers is parked on those workers, out of the
-rotation, until one of them frees a slot (it then goes to the front of the rotation, and is
-served if its deficit allows). A call bound to a worker that leaves the pool (it died) is
-handed any worker instead.
+rotation, until one of them frees a slot: the classes parked on it then go to the front of the
+rotation, the longest parked first, one at a time until one takes the slot (O(1) amortized per
+release); a class at ``max_in_flight`` parks on the workers its nested calls wait for. A call
+bound to a worker that leaves the pool (it died) is handed any worker instead.
 """
 
 from __future__ import annotations
@@ -354,8 +360,8 @@ class Dispatcher(Generic[W]):
                 class's ``max_in_flight`` (it still counts in it), and waits at the front of
                 its class's queue.
             readmitted: the call was admitted before and a draining worker gave it back: it
-                is not refused by ``max_queue``, takes none of its places (at most one such
-                call per slot waits) and waits at the front of its class's queue.
+                is not refused by ``max_queue``, takes none of its places (it gave back the
+                slot it held) and waits at the front of its class's queue.
 
         Raises:
             PoolSaturatedError: the queue is full.
