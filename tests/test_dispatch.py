@@ -451,7 +451,10 @@ async def test_sessions_are_known_while_configured_or_busy():
 
 _KEYS = ("", "a", "b")
 _step = st.one_of(
-    st.tuples(st.just("acquire"), st.sampled_from(_KEYS), st.sampled_from([None, 0, 1]), st.sampled_from(["prefer", "strict"])),
+    st.tuples(
+        st.just("acquire"), st.sampled_from(_KEYS), st.sampled_from([None, 0, 1]), st.sampled_from(["prefer", "strict"]),
+        st.sampled_from(["", "", "nested", "readmitted"]),
+    ),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("release"), st.integers(0, 50)),
     st.tuples(st.just("cancel_and_release"), st.integers(0, 50)),
@@ -463,9 +466,10 @@ _step = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_step, max_size=60), st.integers(1, 2))
 def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrency: int) -> None:
-    """Random acquires (sessions, strict affinity), cancellations, releases and workers
-    replaced: slots taken match the calls holding them, no free slot stays unused while a call
-    it could take waits, max_in_flight holds, and every call left is served in the end."""
+    """Random acquires (sessions, strict affinity, nested and readmitted calls), cancellations,
+    releases and workers replaced: slots taken match the calls holding them, no free slot stays
+    unused while a call it could take waits, max_in_flight holds (for calls not nested), and
+    every call left is served in the end."""
 
     async def scenario() -> None:
         d: Dispatcher[FakeWorker] = Dispatcher(max_queue=20)
@@ -477,13 +481,14 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         for w in workers:
             d.add(w)
         held: list[tuple[FakeWorker, str]] = []
-        pending: dict[int, tuple[trio.CancelScope, str, FakeWorker | None]] = {}
+        pending: dict[int, tuple[trio.CancelScope, str, FakeWorker | None, str]] = {}
         ids = iter(range(10**6))
 
-        async def call(i: int, key: str, worker: FakeWorker | None, affinity: Any, scope: trio.CancelScope) -> None:
+        async def call(i: int, key: str, worker: FakeWorker | None, affinity: Any, kind: str, scope: trio.CancelScope) -> None:
             try:
                 with scope:
-                    held.append((await d.acquire(worker, affinity, key=key), key))
+                    got = await d.acquire(worker, affinity, key=key, nested=kind == "nested", readmitted=kind == "readmitted")
+                    held.append((got, key))
             except PoolSaturatedError:
                 pass
             finally:
@@ -492,13 +497,14 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         def check() -> None:
             assert sum(w.busy for w in everyone) == len(held)
             assert d.queued == len(pending)
+            assert sum(kind != "readmitted" for *_, kind in pending.values()) <= d.max_queue
             stats = d.sessions()
             for key in _KEYS:
                 in_flight = sum(k == key for _, k in held)
                 assert stats[key].in_flight == in_flight if key in stats else in_flight == 0
             capped = cap[0] is not None and stats["a"].in_flight >= cap[0]
-            for _, key, only in pending.values():  # a free slot that could take a waiting call: none
-                if key == "a" and capped:
+            for _, key, only, kind in pending.values():  # a free slot that could take a waiting call: none
+                if key == "a" and capped and kind != "nested":
                     continue
                 if only is not None and only in workers:
                     assert only.busy >= only.concurrency
@@ -508,12 +514,12 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         async with trio.open_nursery() as nursery:
             for step in steps:
                 if step[0] == "acquire":
-                    _, key, index, affinity = step
+                    _, key, index, affinity, kind = step
                     worker = None if index is None else workers[index]
                     i = next(ids)
                     scope = trio.CancelScope()
-                    pending[i] = (scope, key, worker if affinity == "strict" else None)
-                    nursery.start_soon(call, i, key, worker, affinity, scope)
+                    pending[i] = (scope, key, worker if affinity == "strict" else None, kind)
+                    nursery.start_soon(call, i, key, worker, affinity, kind, scope)
                 elif step[0] in ("cancel", "cancel_and_release") and pending:
                     victim = list(pending.values())[step[1] % len(pending)]
                     victim[0].cancel()
@@ -545,3 +551,87 @@ def test_no_slot_or_waiter_is_ever_lost(steps: list[tuple[Any, ...]], concurrenc
         assert set(d.sessions()) == {"", "a", "b"}
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_nested_call_passes_its_session_s_max_in_flight_and_waits_first(autojump_clock):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=10)
+    d.configure("capped", max_in_flight=1)
+    w, x = FakeWorker("w"), FakeWorker("x")
+    d.add(w)
+    d.add(x)
+    assert await d.acquire(key="capped") is w  # the outer call: the session's one place
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        await q.start("c1", "capped")  # from outside: held back by max_in_flight
+        assert q.served == [] and d.queued == 1
+        # made from inside the outer call (it waits for this one): a free worker takes it at once
+        assert await d.acquire(key="capped", nested=True) is x
+        assert d.sessions()["capped"].in_flight == 2 and q.served == []
+        await q.release(x, "capped")
+        assert q.served == [] and await d.acquire() is x  # c1 still held back; another class takes x
+
+        async def nested() -> None:
+            q.served.append(("nested", await d.acquire(key="capped", nested=True)))
+
+        nursery.start_soon(nested)
+        await trio.testing.wait_all_tasks_blocked()
+        await q.release(x)
+        assert q.served == [("nested", x)]  # at the front of its session's queue, past the cap
+        await q.release(x, "capped")
+        assert q.names() == ["nested"]  # c1 waits until the session's outer call ends
+        await q.release(w, "capped")
+        assert q.names() == ["nested", "c1"]
+
+
+async def test_a_readmitted_call_is_not_refused_by_a_full_queue_and_waits_first(autojump_clock):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=1)
+    w = FakeWorker("w")
+    d.add(w)
+    await d.acquire()
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        await q.start("fresh")
+        with pytest.raises(PoolSaturatedError):
+            await d.acquire()
+
+        async def readmitted() -> None:  # a draining worker gave it back
+            q.served.append(("readmitted", await d.acquire(readmitted=True)))
+
+        nursery.start_soon(readmitted)
+        await trio.testing.wait_all_tasks_blocked()
+        assert d.queued == 2
+        with pytest.raises(PoolSaturatedError, match="1 call"):  # it took none of max_queue's places
+            await d.acquire()
+        await q.release(w)
+        assert q.names() == ["readmitted"]
+        await q.release(w)
+        assert q.names() == ["readmitted", "fresh"] and d.queued == 0
+        await q.start("again")  # its place is free again
+        assert d.queued == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_release_unparks_the_sessions_waiting_for_its_worker_one_at_a_time(autojump_clock, monkeypatch):
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)  # free: the sessions' calls, all for home, park on it
+    await d.acquire(home)
+    unparked = collections.Counter[str]()
+    unpark = Dispatcher._unpark
+
+    def counting(self: Dispatcher[FakeWorker], queue: Any, *, front: bool = False) -> None:
+        unparked[queue.key] += 1
+        unpark(self, queue, front=front)
+
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        for i in range(30):
+            await q.start(f"s{i}", f"s{i}", home, "strict")
+        monkeypatch.setattr(Dispatcher, "_unpark", counting)
+        await q.release(home)
+        assert q.names() == ["s0"] and sum(unparked.values()) == 1  # not all 30 sessions parked on it
+        for i in range(1, 30):
+            await q.release(home, f"s{i - 1}")
+        assert q.names() == [f"s{i}" for i in range(30)]  # in the order they parked
+        assert sum(unparked.values()) == 30

@@ -89,3 +89,21 @@ async def test_max_in_flight_and_weight_of_a_session():
                 assert samples[("trio_bridge_session_queue_length", capped.id)] == 2  # the top 1 session only
                 assert {session for _, session in samples} == {capped.id}
             assert pool.statistics().sessions[capped.id].calls == 3
+
+
+async def test_calls_nested_in_a_call_of_a_session_at_max_in_flight_run_through():
+    async with trio_bridge.open_pool("tests.tool_adapters:Agent", size=2) as pool:
+        async with pool.session(max_in_flight=1) as capped:
+
+            @pool.host_tool
+            async def same_session(x: float) -> object:  # a host tool calling its caller's session
+                return await capped.execute("where", {"x": x})
+
+            with trio.fail_after(60):  # the point: no deadlock on the session's one place
+                # a worker's call of another worker's tool, routed by the host in the same session
+                assert (await capped.execute("relay", {"x": 2.0}))["other"]["x"] == 2.0
+                async with trio.open_nursery() as nursery:  # the second outer call waits for the first
+                    for x in (1.0, 3.0):
+                        nursery.start_soon(capped.execute, "ask_host", {"name": "same_session", "arguments": {"x": x}})
+            figures = pool.statistics().sessions[capped.id]
+            assert (figures.calls, figures.in_flight, figures.queued) == (6, 0, 0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import trio_bridge
 from trio_bridge import Lifecycle, RemoteWorkers, WorkerStartError
@@ -95,6 +96,41 @@ async def test_a_call_every_worker_refuses_waits_no_worker_timeout_then_fails_as
         with pytest.raises(WorkerStartError, match="no worker was ready within 5 s"):
             await pool.execute("whoami")
         assert trio.current_time() - started == pytest.approx(5.0)
+
+
+async def test_a_call_a_draining_worker_gives_back_is_not_refused_by_a_full_queue(autojump_clock):
+    async def slow(ctx: FakeContext) -> str:
+        await trio.sleep(1)
+        return ctx.worker_id
+
+    async with open_fake_pool({"slow": slow}, size=2, max_queue=1) as (pool, workers):
+        served: list[str] = []
+
+        async def call() -> None:
+            served.append(await pool.execute("slow"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)  # on one worker
+            await trio.testing.wait_all_tasks_blocked()
+            busy = next(slot for slot in (0, 1) if workers.worker(slot).lifecycle.busy)
+            workers.drain(1 - busy)
+            nursery.start_soon(call)  # the other worker refuses it: it waits again, at the front
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call)  # the queue's one place is still free for a new call
+        assert served == [workers.worker(busy).id] * 3
+        assert pool.statistics().calls_refused == 0
+
+
+async def test_a_stream_no_worker_takes_after_a_drain_is_refused_and_charged_to_no_worker(autojump_clock):
+    async with open_fake_pool(FAKE_TOOLS, size=2, lifecycle=Lifecycle(no_worker_timeout=5.0)) as (pool, workers):
+        workers.drain(0)
+        workers.drain(1)
+        with pytest.raises(WorkerStartError, match="no worker was ready within 5 s"):
+            async with pool.stream("whoami_stream", {"n": 3}) as chunks:
+                [chunk async for chunk in chunks]
+        figures = pool.statistics()
+        assert (figures.calls_refused, figures.calls_failed) == (1, 0)
+        assert [info.calls_failed for info in pool.workers()] == [0, 0]
 
 
 def _write_adapter(directory: Path, version: str) -> None:

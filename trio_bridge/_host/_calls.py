@@ -117,9 +117,9 @@ class Calls:
         try:
             request = await self._request(tool, arguments, route, traceparent)
             queued_at = trio.current_time()
-            for _ in range(_MAX_NOT_STARTED):
+            for attempt in range(_MAX_NOT_STARTED):
                 outcome = Outcome.CANCELLED_QUEUED
-                worker = await self._acquire(route, affinity)
+                worker = await self._acquire(route, affinity, readmitted=attempt > 0)
                 self._on_workers.add(request.call_id)
                 outcome = Outcome.CANCELLED
                 started = trio.current_time()
@@ -231,12 +231,19 @@ class Calls:
                     except CallNotStarted:  # it drains (refused before the first chunk): another worker runs it
                         result.worker = None
                         self._finish_call(worker, request.call_id, True, route)
-                        worker = await self._acquire(route, None)
+                        try:
+                            worker = await self._acquire(route, None, readmitted=True)
+                        except TrioBridgeError as exc:  # no worker ran it: a refusal, charged to none
+                            result.outcome, result.done = Outcome.REFUSED, True
+                            await send.send(_Failure(exc))
+                            return
                         self._on_workers.add(request.call_id)
                         result.worker = worker
                         await self._router.enter_session(worker, route)
                 else:
-                    raise _no_worker_took_it()
+                    result.outcome, result.done = Outcome.REFUSED, True
+                    await send.send(_Failure(_no_worker_took_it()))
+                    return
                 result.finish(Outcome.COMPLETED)
                 worker.figures.answered(failed=False)
             except TrioBridgeError as exc:
@@ -281,14 +288,17 @@ class Calls:
         if self._supervisor.closing:
             raise PoolClosedError("the pool is closed")
 
-    async def _acquire(self, route: Route | None, affinity: Affinity | None) -> Worker:
-        self._check_reentrancy()
+    async def _acquire(self, route: Route | None, affinity: Affinity | None, *, readmitted: bool = False) -> Worker:
+        """A slot for a call. ``readmitted``: a draining worker gave the call back (it was admitted
+        already: ``max_queue`` does not refuse it). A re-entrant call (made while its caller's
+        call waits on the host) passes its session's ``max_in_flight``: that call holds a place."""
+        nested = self._check_reentrancy()
         if self._supervisor.ready:
-            return await self._router.acquire(route, affinity)
+            return await self._router.acquire(route, affinity, nested=nested, readmitted=readmitted)
         # No worker is ready (they are starting, restarting, or out of reach; or a head's
         # remote workers are yet to be found or to join): wait a bounded time, then say why.
         with trio.move_on_after(self._no_worker_timeout):
-            return await self._router.acquire(route, affinity)
+            return await self._router.acquire(route, affinity, nested=nested, readmitted=readmitted)
         failure = self._supervisor.last_start_error
         if failure is None:
             why = (
@@ -321,9 +331,11 @@ class Calls:
             if not self._parked_calls[call_id]:
                 del self._parked_calls[call_id]
 
-    def _check_reentrancy(self) -> None:
+    def _check_reentrancy(self) -> bool:
+        """Whether the call is re-entrant; one that could only wait for ever raises
+        :class:`PoolSaturatedError`."""
         if not in_worker_callback.get():
-            return
+            return False
         capacity = self._supervisor.capacity
         if len(self._parked_calls) >= capacity:
             raise PoolSaturatedError(
@@ -331,6 +343,7 @@ class Calls:
                 "are held by calls waiting on the host: waiting would deadlock. Open the pool with more "
                 "workers or a higher concurrency, or do not call the pool from this host tool."
             )
+        return True
 
     def _finish_call(self, worker: Worker, call_id: str, finished: bool, route: Route | None) -> None:
         self._on_workers.discard(call_id)

@@ -5,20 +5,25 @@ has nobody queued; otherwise it joins its class's queue and is handed a slot tha
 free workers the least busy wins, ties going to the one idle longest, so a burst of calls fans
 out over all workers.
 
-Fair queueing: calls are grouped in classes, one per session (its id), and one (key ``""``)
-for calls without a session. Each class has a FIFO queue, a weight (``Pool.session(weight=)``,
-default 1) and optionally ``max_in_flight`` (calls of the class on workers at once; more wait
-in its queue even while workers are free). Freed slots go round the classes that have calls
-waiting, by deficit round robin with a cost of one per call: at the head of the rotation, a
-class whose deficit is >= 1 is served one call (deficit - 1) and stays at the head; one with
-less gets its quantum added and moves to the back. The quantum is the class's weight over the
-largest weight among the waiting classes, so the heaviest class is served every round, classes
-are served in proportion to their weights while they all wait, and a class that starts waiting
-is served after at most about two calls of each other waiting class (with equal weights; a
-class of a tenth of the largest weight waits about ten rounds) -- however many calls those
-have queued. A class that runs out of waiting calls leaves the rotation and its deficit. Work
-per call is O(1) amortized with equal weights; with unequal ones, at most one visit of each
-waiting class per call. The total of waiting calls over all classes is bounded by ``max_queue``.
+Fair queueing: calls are grouped in classes, one per session (its id), and one (key ``""``) for
+calls without a session. Each class has a FIFO queue, a weight (``Pool.session(weight=)``,
+default 1) and optionally ``max_in_flight`` (calls of the class on workers at once; more wait in
+its queue even while workers are free). A nested call (``acquire(nested=True)``: made from
+inside one of the class's calls, which holds its place until this one ends) is not held back by
+``max_in_flight`` -- waiting for that place would deadlock -- though it counts in it; like a
+readmitted call (``readmitted=True``: a draining worker gave it back), it waits at the front of
+its class's queue. Freed slots go round the classes that have calls waiting, by deficit round
+robin with a cost of one per call: at the head of the rotation, a class whose deficit is >= 1 is
+served one call (deficit - 1) and stays at the head; one with less gets its quantum added and
+moves to the back. The quantum is the class's weight over the largest weight among the waiting
+classes, so the heaviest class is served every round, classes are served in proportion to their
+weights while they all wait, and a class that starts waiting is served after at most about two
+calls of each other waiting class (with equal weights; a class of a tenth of the largest weight
+waits about ten rounds) -- however many calls those have queued. A class that runs out of
+waiting calls leaves the rotation and its deficit. Work per call is O(1) amortized with equal
+weights; with unequal ones, at most one visit of each waiting class per call. The total of
+waiting calls over all classes is bounded by ``max_queue`` (readmitted calls aside: each was
+admitted before, and gave back the slot it held).
 
 Session affinity (``acquire(worker=..., affinity=...)``):
 
@@ -28,9 +33,10 @@ Session affinity (``acquire(worker=..., affinity=...)``):
 * ``"strict_fail_fast"``: that worker now, or :class:`WorkerBusyError` at once.
 
 A class whose waiting calls all wait for busy workers is parked on those workers, out of the
-rotation, until one of them frees a slot (it then goes to the front of the rotation, and is
-served if its deficit allows). A call bound to a worker that leaves the pool (it died) is
-handed any worker instead.
+rotation, until one of them frees a slot: the classes parked on it then go to the front of the
+rotation, the longest parked first, one at a time until one takes the slot (O(1) amortized per
+release); a class at ``max_in_flight`` parks on the workers its nested calls wait for. A call
+bound to a worker that leaves the pool (it died) is handed any worker instead.
 """
 
 from __future__ import annotations
@@ -81,9 +87,11 @@ W = TypeVar("W", bound=Slotted)
 
 @dataclass(eq=False)
 class _Waiter(Generic[W]):
-    seq: int  # arrival order, within its class
+    seq: int  # arrival order, within its class (urgent calls' seqs come before all others)
     queued_at: float
     only: W | None = None  # strict affinity: this worker and no other
+    nested: bool = False  # made from inside one of the class's calls: not held back by max_in_flight
+    readmitted: bool = False  # given back by a draining worker: outside max_queue
     event: trio.Event = field(default_factory=trio.Event)
     worker: W | None = None
     error: BaseException | None = None
@@ -101,6 +109,7 @@ class _ClassQueue(Generic[W]):
         self.any: collections.deque[_Waiter[W]] = collections.deque()
         self.strict: dict[W, collections.deque[_Waiter[W]]] = {}
         self.count = 0  # waiting calls
+        self.nested = 0  # of which nested (see _Waiter.nested)
         self.in_flight = 0
         self.deficit = 0.0
         self.in_rotation = False
@@ -113,10 +122,24 @@ class _ClassQueue(Generic[W]):
     def capped(self) -> bool:
         return self.max_in_flight is not None and self.in_flight >= self.max_in_flight
 
+    @property
+    def servable(self) -> bool:
+        """It has waiting calls that ``max_in_flight`` lets through."""
+        return self.count > 0 and (not self.capped or self.nested > 0)
+
     def push(self, waiter: _Waiter[W]) -> None:
+        """Queue ``waiter`` in seq order: at the back, or an urgent one (negative seq) after
+        the urgent ones already at the front (O(those))."""
         queue = self.any if waiter.only is None else self.strict.setdefault(waiter.only, collections.deque())
-        queue.append(waiter)
+        if waiter.seq < 0:
+            at = 0
+            while at < len(queue) and queue[at].seq < waiter.seq:
+                at += 1
+            queue.insert(at, waiter)
+        else:
+            queue.append(waiter)
         self.count += 1
+        self.nested += waiter.nested
 
     def discard(self, waiter: _Waiter[W]) -> None:
         """Take out a waiter wherever it is (cancelled, or served): O(its queue)."""
@@ -131,9 +154,19 @@ class _ClassQueue(Generic[W]):
         if waiter.only is not None and not queue:
             del self.strict[waiter.only]
         self.count -= 1
+        self.nested -= waiter.nested
 
     def next_call(self, any_free: W, free: Callable[[W], bool]) -> tuple[_Waiter[W], W] | None:
-        """Its oldest waiting call that a free slot can take, and that slot's worker."""
+        """Its oldest waiting call that a free slot can take (only a nested one while the class
+        is at ``max_in_flight``), and that slot's worker."""
+        if self.capped:
+            best = _first_nested(self.any)
+            worker = any_free
+            for bound, queue in self.strict.items():
+                first = _first_nested(queue)
+                if first is not None and (best is None or first.seq < best.seq) and free(bound):
+                    best, worker = first, bound
+            return None if best is None else (best, worker)
         best = self.any[0] if self.any else None
         worker = any_free
         for bound, queue in self.strict.items():
@@ -162,6 +195,17 @@ class _ClassQueue(Generic[W]):
             wait_mean=self.wait_total / self.calls if self.calls else 0.0, wait_max=self.wait_max,
             weight=self.weight, max_in_flight=self.max_in_flight,
         )
+
+
+def _first_nested(queue: collections.deque[_Waiter[W]]) -> _Waiter[W] | None:
+    """The first nested call in ``queue``: nested calls are urgent, so among its first ones
+    (O(the urgent calls waiting))."""
+    for waiter in queue:
+        if waiter.seq >= 0:
+            return None
+        if waiter.nested:
+            return waiter
+    return None
 
 
 class _Rotation(Generic[W]):
@@ -244,7 +288,9 @@ class Dispatcher(Generic[W]):
         self._rotation: _Rotation[W] = _Rotation()
         self._parked: dict[W, dict[_ClassQueue[W], None]] = {}  # busy worker -> classes parked on it, in order
         self._queued = 0
+        self._readmitted = 0  # of which readmitted: they take none of max_queue's places
         self._arrivals = itertools.count()
+        self._urgent_arrivals = itertools.count(-(2**62))  # before every other arrival, in their order
         self._ticks = itertools.count()
         self._closed: str | None = None
         self.admitted: int = 0
@@ -270,7 +316,7 @@ class Dispatcher(Generic[W]):
         for queue in list(self._classes.values()):
             if queue.unbind(worker) and queue.parked_on:
                 self._unpark(queue)
-        self._wake(worker)
+        self._wake_all(worker)
         self._hand_over()
 
     def has(self, worker: W) -> bool:
@@ -283,6 +329,8 @@ class Dispatcher(Generic[W]):
         queue.opens += 1
         self._rotation.reweigh(queue, weight)
         queue.max_in_flight = max_in_flight
+        if queue.parked_on:  # it may have parked for its nested calls only, under the old cap
+            self._unpark(queue)
         self._settle(queue)
         self._hand_over()
 
@@ -297,13 +345,23 @@ class Dispatcher(Generic[W]):
         """Each known class's figures, by session id (``""``: calls without a session)."""
         return {key: queue.statistics() for key, queue in list(self._classes.items())}
 
-    async def acquire(self, worker: W | None = None, affinity: Affinity = "prefer", key: str = NO_SESSION) -> W:
+    async def acquire(
+        self, worker: W | None = None, affinity: Affinity = "prefer", key: str = NO_SESSION,
+        *, nested: bool = False, readmitted: bool = False,
+    ) -> W:
         """Take a slot, waiting in the queue of class ``key`` if none is free to it.
 
         Args:
             worker: the worker this call has affinity to (a session's worker), if any.
             affinity: ``"prefer"``, ``"strict"`` or ``"strict_fail_fast"`` (see the module doc).
             key: the call's class: its session's id, ``""`` for none.
+            nested: the call is made from inside a call on a worker (a host tool's, a routed
+                one), which holds its slot until this one ends: it is not held back by the
+                class's ``max_in_flight`` (it still counts in it), and waits at the front of
+                its class's queue.
+            readmitted: the call was admitted before and a draining worker gave it back: it
+                is not refused by ``max_queue``, takes none of its places (it gave back the
+                slot it held) and waits at the front of its class's queue.
 
         Raises:
             PoolSaturatedError: the queue is full.
@@ -316,28 +374,32 @@ class Dispatcher(Generic[W]):
         if worker is not None and (worker not in self._workers or not worker.lifecycle.accepting):
             worker = None  # it left the pool, or is leaving it (it never accepts again): any worker will do
         queue = self._class(key)
+        urgent = nested or readmitted
+        capped = queue.capped and not nested
         try:
-            if not queue.capped:
+            if not capped:
                 if worker is not None and self._free(worker):
                     return self._start(queue, worker, 0.0)
                 if worker is None or affinity == "prefer":
-                    free = None if queue.count else self._pick()
+                    free = None if queue.count and not urgent else self._pick()
                     if free is not None:
                         return self._start(queue, free, 0.0)
             if worker is not None and affinity == "strict_fail_fast":
-                why = f"its class has {queue.in_flight} call(s) in flight (max_in_flight)" if queue.capped else "it is busy"
+                why = f"its class has {queue.in_flight} call(s) in flight (max_in_flight)" if capped else "it is busy"
                 raise WorkerBusyError(f"the session's worker {worker!r} cannot take the call: {why} (affinity 'strict_fail_fast')")
-            if self._queued >= self.max_queue:
+            if self._queued - self._readmitted >= self.max_queue and not readmitted:
                 raise PoolSaturatedError(
-                    f"all workers are busy and {self._queued} call(s) are already queued "
+                    f"all workers are busy and {self._queued - self._readmitted} call(s) are already queued "
                     f"(max_queue={self.max_queue}); retry later or enlarge the pool"
                 )
         except BaseException:
             self._settle(queue)  # a class made for a refused call goes again
             raise
-        waiter: _Waiter[W] = _Waiter(next(self._arrivals), trio.current_time(), worker if affinity == "strict" else None)
+        seq = next(self._urgent_arrivals if urgent else self._arrivals)
+        waiter: _Waiter[W] = _Waiter(seq, trio.current_time(), worker if affinity == "strict" else None, nested, readmitted)
         queue.push(waiter)
         self._queued += 1
+        self._readmitted += readmitted
         if queue.parked_on:
             self._unpark(queue)  # a free slot may take this one: the rotation decides
         self._settle(queue)
@@ -348,8 +410,7 @@ class Dispatcher(Generic[W]):
             if waiter.worker is not None:  # handed a slot just as we were cancelled
                 self.release(waiter.worker, key)
             elif waiter.error is None:
-                queue.discard(waiter)
-                self._queued -= 1
+                self._dequeue(queue, waiter)
                 if queue.parked_on and not queue.strict:
                     self._unpark(queue)
                 self._settle(queue)
@@ -364,7 +425,10 @@ class Dispatcher(Generic[W]):
         worker.lifecycle.busy -= 1
         queue = self._classes.get(key)
         if queue is not None:
+            was_capped = queue.capped
             queue.in_flight -= 1
+            if was_capped and not queue.capped and queue.parked_on:  # it parked for its nested calls: all its calls may go now
+                self._unpark(queue)
             self._settle(queue)
         self._wake(worker)
         self._hand_over()
@@ -378,13 +442,13 @@ class Dispatcher(Generic[W]):
             waiters = [*queue.any, *(w for q in queue.strict.values() for w in q)]
             queue.any.clear()
             queue.strict.clear()
-            queue.count = 0
+            queue.count = queue.nested = 0
             queue.parked_on = []
             for waiter in waiters:
                 waiter.error = PoolClosedError(reason)
                 waiter.event.set()
             self._settle(queue)
-        self._queued = 0
+        self._queued = self._readmitted = 0
 
     @staticmethod
     def _free(worker: W) -> bool:
@@ -427,7 +491,7 @@ class Dispatcher(Generic[W]):
 
     def _settle(self, queue: _ClassQueue[W], *, front: bool = False) -> None:
         """Put ``queue`` in the rotation, or out of it, as its state says; drop it once idle and forgotten."""
-        active = queue.count > 0 and not queue.capped and not queue.parked_on
+        active = queue.servable and not queue.parked_on
         if active and not queue.in_rotation:
             self._rotation.add(queue, front=front)
         elif not active and queue.in_rotation:
@@ -437,8 +501,15 @@ class Dispatcher(Generic[W]):
             if not queue.in_flight and not queue.opens and self._classes.get(queue.key) is queue:
                 del self._classes[queue.key]
 
+    def _dequeue(self, queue: _ClassQueue[W], waiter: _Waiter[W]) -> None:
+        queue.discard(waiter)
+        self._queued -= 1
+        self._readmitted -= waiter.readmitted
+
     def _park(self, queue: _ClassQueue[W]) -> None:
-        queue.parked_on = list(queue.strict)
+        # At max_in_flight, only its nested calls can go: it waits for their workers.
+        capped = queue.capped
+        queue.parked_on = [worker for worker, calls in queue.strict.items() if not capped or _first_nested(calls)]
         for worker in queue.parked_on:
             self._parked.setdefault(worker, {})[queue] = None
         self._settle(queue)
@@ -454,8 +525,18 @@ class Dispatcher(Generic[W]):
         self._settle(queue, front=front)
 
     def _wake(self, worker: W) -> None:
-        """``worker`` freed a slot (or left): the classes parked on it go to the front of the
-        rotation, so that a stream of other calls cannot keep them waiting for ever."""
+        """``worker`` freed a slot: the classes parked on it go to the front of the rotation, the
+        longest parked first, so that a stream of other calls cannot keep them waiting for ever
+        -- one at a time, until one takes the slot (the others stay parked, in their order): O(1)
+        amortized per release, however many classes wait for ``worker``."""
+        parked = self._parked.get(worker)
+        while parked and self._free(worker):
+            self._unpark(next(iter(parked)), front=True)
+            self._hand_over()  # serves it, or another class takes the slot, or it parks elsewhere
+            parked = self._parked.get(worker)
+
+    def _wake_all(self, worker: W) -> None:
+        """``worker`` left: no class stays parked on it."""
         for queue in reversed(list(self._parked.get(worker, {}))):
             self._unpark(queue, front=True)
 
@@ -474,8 +555,7 @@ class Dispatcher(Generic[W]):
                 self._park(queue)  # all its calls wait for busy workers
                 continue
             waiter, worker = found
-            queue.discard(waiter)
-            self._queued -= 1
+            self._dequeue(queue, waiter)
             queue.deficit -= 1
             self._start(queue, worker, trio.current_time() - waiter.queued_at)
             waiter.worker = worker

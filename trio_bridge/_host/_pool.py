@@ -208,7 +208,9 @@ class Pool(metaclass=NoPublicConstructor):
                 waiting. A number from 0.01 to 100 (default 1). See the README's "Fair sessions".
             max_in_flight: at most this many of its calls on workers at once (a whole number
                 >= 1); more wait in its queue, even while workers are free. Default ``None``:
-                no bound. A session joined again by id while another block has it open takes
+                no bound. It bounds the calls made from outside: a call made from inside one
+                of them (a host tool, a routed worker-to-worker call) runs through, since its
+                caller holds a place until it ends (it counts in ``in_flight``). A session joined again by id while another block has it open takes
                 the ``weight`` and ``max_in_flight`` of the latest block (on this pool).
 
         Raises:

@@ -42,12 +42,17 @@ class Router:
         """Where session cleanups run (the pool's nursery)."""
         self._nursery = nursery
 
-    async def acquire(self, route: Route | None, affinity: Affinity | None = None) -> Worker:
-        """A slot on the worker this call should use (see :meth:`Dispatcher.acquire` for errors)."""
+    async def acquire(
+        self, route: Route | None, affinity: Affinity | None = None, *, nested: bool = False, readmitted: bool = False,
+    ) -> Worker:
+        """A slot on the worker this call should use (see :meth:`Dispatcher.acquire` for
+        ``nested``, ``readmitted`` and the errors)."""
         if route is None:
-            return await self._dispatcher.acquire()
+            return await self._dispatcher.acquire(nested=nested, readmitted=readmitted)
         home = route.home
-        worker = await self._dispatcher.acquire(home, affinity or route.affinity, key=route.session_id)
+        worker = await self._dispatcher.acquire(
+            home, affinity or route.affinity, key=route.session_id, nested=nested, readmitted=readmitted,
+        )
         # Its worker is gone once it stops accepting (it died), even before the supervisor removed it.
         if home is None or (home is not worker and not (self._dispatcher.has(home) and home.lifecycle.accepting)):
             if home is not None:
