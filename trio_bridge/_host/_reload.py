@@ -74,6 +74,8 @@ class Reloader:
                 )
                 error.add_note(f"pool.reload(): {replaced} of {self._local_slots} local worker(s) were replaced before it; the others serve on")
                 raise
+            except PoolClosedError:
+                raise PoolClosedError(f"the pool closed during pool.reload() ({replaced} worker(s) replaced)") from None
             if self._supervisor.closing:
                 raise PoolClosedError(f"the pool closed during pool.reload() ({replaced} worker(s) replaced)")
             _logger.info("pool.reload() of %s: %d worker(s) replaced", self._adapter, replaced)
