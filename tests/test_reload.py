@@ -346,3 +346,30 @@ async def test_sessions_and_their_variables_survive_a_reload(tmp_path):
             assert await session.execute("scaled") == 14  # the new code, the same session and variable
             await session.set_variable("factor", 5)
             assert await session.execute("scaled") == 10
+
+
+@pytest.mark.real_process
+async def test_a_fork_server_that_dies_during_a_reload_leaves_exactly_one_behind(tmp_path):
+    # The fork server dies while the reload's new one imports the new code (slowly): another is
+    # started in its place meanwhile. Once the reload is done, one fork server runs, not two.
+    write_module(tmp_path, 1)
+    async with open_pool(ADAPTER, size=1, local=local(tmp_path)) as pool:
+        [old] = _fork_servers()
+        write_module(tmp_path, 2)
+        path = tmp_path / f"{MODULE}.py"
+        path.write_text("import time\ntime.sleep(2.0)  # a slow import: a fork server's verdict takes a while\n" + path.read_text())
+        replaced: list[int] = []
+
+        async def reload() -> None:
+            replaced.append(await pool.reload())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reload)
+            await wait_for(lambda: len(_fork_servers()) == 2, timeout=30)  # the new one imports the new code
+            old.kill()
+        assert replaced == [1] and await pool.execute("answer") == 2
+        await wait_for(lambda: len(_fork_servers()) == 1, timeout=60)
+        await trio.sleep(3.0)  # (one started in the dead one's place has had time to answer)
+        servers = _fork_servers()
+        print(f"\nfork servers after the reload: {[s.pid for s in servers]} (the one killed: {old.pid})")
+        assert len(servers) == 1 and servers[0].pid != old.pid
