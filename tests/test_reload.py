@@ -167,6 +167,46 @@ async def test_a_slot_restarting_during_a_reload_is_replaced_by_its_restart(auto
         assert pool.statistics().recycles == {"reload": 1}  # (slot 0's restart is counted as a restart)
 
 
+async def test_a_cancelled_reload_leaves_no_replacement_behind(autojump_clock):
+    # The slot's worker is past Recycling.max_age and its replacement failed to start: its task
+    # backs off (5 s) before it tries again, so the reload's request waits for it, untaken.
+    lifecycle = Lifecycle(restart_backoff=(5.0, 5.0))
+    async with open_fake_pool(TOOLS, size=1, recycling=Recycling(max_age=10.0), lifecycle=lifecycle) as fake:
+        pool = fake.pool
+        first = pool.workers()[0].id
+        fake.workers.fail_starts(1)
+        await wait_for(lambda: len(fake.workers.made) == 2, timeout=20)  # (at 10 s: the age replacement failed)
+        with trio.move_on_after(1.0) as cancelled:
+            await pool.reload()
+        assert cancelled.cancelled_caught
+        await trio.sleep(6.0)  # the backoff ends (at 15 s): the slot is replaced for its age, not for the reload
+        assert pool.statistics().recycles == {"age": 1} and pool.statistics().restarts == 0
+        assert first not in {w.id for w in pool.workers()}
+        assert not any("pool.reload()" in (w.last_recycle_reason or "") for w in pool.workers())
+
+
+async def test_closing_the_pool_during_a_reload_makes_the_reload_raise_pool_closed_at_once(autojump_clock):
+    raised: list[tuple[float, BaseException]] = []
+    with trio.fail_after(300):
+        async with trio.open_nursery() as outside:  # reload() runs outside the pool's tasks
+            lifecycle = Lifecycle(shutdown_timeout=1.0, startup_timeout=1000.0)
+            async with open_fake_pool(TOOLS, size=2, lifecycle=lifecycle) as fake:
+                fake.workers.start_delay = 500.0  # the new worker is still starting when the pool closes
+
+                async def reload() -> None:
+                    try:
+                        await fake.pool.reload()
+                    except PoolClosedError as exc:
+                        raised.append((trio.current_time(), exc))
+
+                outside.start_soon(reload)
+                await trio.sleep(1.0)
+                closing_at = trio.current_time()
+            closed_at = trio.current_time()
+    assert len(raised) == 1 and closing_at <= raised[0][0] <= closed_at + 0.1
+    assert fake.pool.statistics().recycles == {}
+
+
 # ---- real processes ----
 async def _calls_through_a_reload(directory: Path, start_method: str) -> dict[str, object]:
     """A pool of 2, four tasks calling ``answer`` in a loop; the module rewritten, then
@@ -306,3 +346,30 @@ async def test_sessions_and_their_variables_survive_a_reload(tmp_path):
             assert await session.execute("scaled") == 14  # the new code, the same session and variable
             await session.set_variable("factor", 5)
             assert await session.execute("scaled") == 10
+
+
+@pytest.mark.real_process
+async def test_a_fork_server_that_dies_during_a_reload_leaves_exactly_one_behind(tmp_path):
+    # The fork server dies while the reload's new one imports the new code (slowly): another is
+    # started in its place meanwhile. Once the reload is done, one fork server runs, not two.
+    write_module(tmp_path, 1)
+    async with open_pool(ADAPTER, size=1, local=local(tmp_path)) as pool:
+        [old] = _fork_servers()
+        write_module(tmp_path, 2)
+        path = tmp_path / f"{MODULE}.py"
+        path.write_text("import time\ntime.sleep(2.0)  # a slow import: a fork server's verdict takes a while\n" + path.read_text())
+        replaced: list[int] = []
+
+        async def reload() -> None:
+            replaced.append(await pool.reload())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reload)
+            await wait_for(lambda: len(_fork_servers()) == 2, timeout=30)  # the new one imports the new code
+            old.kill()
+        assert replaced == [1] and await pool.execute("answer") == 2
+        await wait_for(lambda: len(_fork_servers()) == 1, timeout=60)
+        await trio.sleep(3.0)  # (one started in the dead one's place has had time to answer)
+        servers = _fork_servers()
+        print(f"\nfork servers after the reload: {[s.pid for s in servers]} (the one killed: {old.pid})")
+        assert len(servers) == 1 and servers[0].pid != old.pid

@@ -5,6 +5,7 @@ code does not import, says so once and keeps serving the old."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import textwrap
@@ -45,6 +46,11 @@ class Versioned(Adapter):
     def spawn(self) -> int:
         """Start a process and leave it running (a tool's background helper)."""
         return subprocess.Popen(["sleep", "600"]).pid
+
+    @tool
+    def stubborn(self) -> int:
+        """Start a process that ignores SIGTERM and leave it running."""
+        return subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 600"]).pid
 
     @tool
     def versions(self, n: int):
@@ -363,4 +369,43 @@ async def test_a_reload_of_the_only_worker_makes_calls_wait_and_stops_what_its_t
             assert any("stopping 1 process(es) the tools left running" in line for line in _lines(tmp_path / "a.log"))
             assert a.process.poll() is None and [w.pid for w in pool.workers()] == [a.pid]
     finally:
+        a.kill()
+
+
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.real_process
+async def test_a_sighup_while_a_worker_reloads_is_ignored_on_the_asyncio_loop_too(tmp_path, certs, code_dir, monkeypatch):
+    # Closing asyncio's loop sets SIGHUP back to its default (which ends the process). A SIGHUP
+    # after that and before the exec -- here while a tool's leftover that ignores SIGTERM has its
+    # second of grace -- must not end the worker: it reloads, in place.
+    monkeypatch.setenv("TRIO_BRIDGE_WORKER_LOOP", "asyncio")
+    log = tmp_path / "a.log"
+    a = _worker(tmp_path, certs, code_dir, log)
+    child = 0
+    try:
+        async with _pool(certs, a) as pool:
+            await pool.wait_for_workers(1)
+            child = await pool.execute("stubborn")
+            await _until(lambda: _command_name(child) == "sleep")  # (its SIGTERM ignored by then)
+            _write_adapter(code_dir, "v2")
+            assert a.process is not None
+            a.process.send_signal(signal.SIGHUP)
+            await _until(lambda: any("stopping 1 process(es) the tools left running" in line for line in _lines(log)))
+            a.process.send_signal(signal.SIGHUP)
+            await _until(lambda: sum("serving versioned_adapter:Versioned" in line for line in _lines(log)) == 2
+                         or a.process.poll() is not None)
+            print("a SIGHUP as the worker reloads, on the asyncio loop:", *_lines(log), sep="\n  ")
+            assert a.process.poll() is None  # (before: it died of it, -SIGHUP)
+            assert await pool.execute("version") == "v2"
+            assert [w.pid for w in pool.workers()] == [a.pid]
+    finally:
+        if child and a.process is not None and a.process.poll() is not None:  # (had it died, its leftover would run on)
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
         a.kill()

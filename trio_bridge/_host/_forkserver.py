@@ -457,6 +457,7 @@ class ForkServerLauncher:
         self._env = env
         self._requested = requested
         self._server: _Server | None = None  # the one new workers fork from
+        self._forking: set[_Server] = set()  # every fork server that forks, until it is closed
         self._settled = trio.Event()
         self._closing = False
         self._restarts = 0
@@ -510,10 +511,11 @@ class ForkServerLauncher:
             self._settled.set()
             await trio.sleep_forever()
 
-    async def _start_server(self) -> _Server | None:
+    async def _start_server(self, *, gap: bool = False) -> _Server | None:
         """Start a fork server (it imports the adapter's module afresh) in a task of its own,
         and wait for its verdict: if it forks, new workers fork from it (it is returned); else
-        they are spawned (``None``)."""
+        they are spawned (``None``). ``gap``: only to fill the place of one that died -- if
+        another has taken it meanwhile (a reload's), this one is retired at once."""
         assert self._nursery is not None
         try:
             server = _Server.start(self._python, self._adapter, self._env, self._spares)
@@ -522,6 +524,9 @@ class ForkServerLauncher:
             self._spawn_from_now_on(f"the fork server could not start ({exc})", answer=True)
             return None
         said: dict[str, Any] = await self._nursery.start(self._keep, server)
+        if gap and self._server is not None:
+            server.retired.set()
+            return None
         if not said.get("fork"):
             self._server = None
             self._spawn_from_now_on(str(said.get("reason", "the fork server refused")), answer=True)
@@ -553,6 +558,7 @@ class ForkServerLauncher:
                 message = said[0] if said else {"fork": False, "reason": f"the fork server did not report within {self._startup_timeout:g} s"}
                 forks = bool(message.get("fork"))
                 if forks:
+                    self._forking.add(server)
                     nursery.start_soon(_close_when_idle, server, nursery.cancel_scope)
                 else:
                     server.kill()  # it exits by itself when it refuses; a hung one is killed
@@ -561,6 +567,7 @@ class ForkServerLauncher:
                     code = await server.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._forking.discard(server)
             current = self._server is server
             if current:
                 self._server = None
@@ -578,7 +585,7 @@ class ForkServerLauncher:
         self._spawn_from_now_on(f"the fork server (pid {server.pid}) died ({code}); starting another")
         await trio.sleep(_RESTART_DELAY)
         if not self._closing and self._server is None:
-            await self._start_server()
+            await self._start_server(gap=True)
 
     async def preload_again(self) -> Renewal:
         """For a reload: start a new fork server, which imports the adapter's module afresh,
@@ -586,25 +593,28 @@ class ForkServerLauncher:
         from it (or are spawned, if it does not fork). The previous one runs on for its
         workers. Pass what it returns to :meth:`keep` or :meth:`revert`."""
         renewal = Renewal(self._server, self.start_method, self.reason)
-        renewal.fresh = await self._start_server()
+        await self._start_server()
         return renewal
 
     def keep(self, renewal: Renewal) -> None:
-        """The reload is done: the previous fork server is closed once the host has let go of
-        its last worker."""
-        if renewal.previous is not None and renewal.previous is not self._server:
-            renewal.previous.retired.set()
+        """The reload is done: every fork server but the one new workers fork from (the
+        previous one; one started meanwhile because the previous died) is closed once the host
+        has let go of its last worker."""
+        self._retire_all_but(self._server)
 
     def revert(self, renewal: Renewal) -> None:
         """The reload failed: workers fork from the previous fork server again (if it still
-        runs: it has the code that worked), and the new one is closed once the host has let go
-        of its workers."""
+        runs: it has the code that worked), and the others are closed once the host has let go
+        of their workers."""
         previous = renewal.previous
-        if previous is not None and not previous.running:
-            return  # gone meanwhile: the new one stays (there is no other)
-        self._server, self.start_method, self.reason = previous, renewal.start_method, renewal.reason
-        if renewal.fresh is not None and renewal.fresh is not previous:
-            renewal.fresh.retired.set()
+        if previous is None or previous.running:  # (gone meanwhile: the current one stays, there is no other)
+            self._server, self.start_method, self.reason = previous, renewal.start_method, renewal.reason
+        self._retire_all_but(self._server)
+
+    def _retire_all_but(self, current: _Server | None) -> None:
+        for server in self._forking:
+            if server is not current:
+                server.retired.set()
 
     def close(self) -> None:
         """The pool is closing (its workers are stopped by then): a fork server that dies is not
@@ -614,14 +624,12 @@ class ForkServerLauncher:
 
 @dataclass
 class Renewal:
-    """A reload's fork servers (:meth:`ForkServerLauncher.preload_again`): the one before
-    (``previous``, with its start method and reason) and the new one (``fresh``; ``None``
-    if it does not fork)."""
+    """What a reload's :meth:`ForkServerLauncher.preload_again` replaced: the fork server before
+    (``previous``), with its start method and reason."""
 
     previous: _Server | None
     start_method: str
     reason: str
-    fresh: _Server | None = None
 
 
 async def _close_when_idle(server: _Server, scope: trio.CancelScope) -> None:

@@ -292,6 +292,8 @@ class Pool(metaclass=NoPublicConstructor):
         (``trio-bridge worker`` reloads on SIGHUP there); workers in threads
         (``trio_bridge.testing``) are replaced, but share the host's imported modules. Reloads
         run one at a time: a second call waits for the first to end, then reloads again.
+        Cancelled, a reload replaces no more: the slots not reached keep their workers (a new
+        worker already starting still takes its slot once ready).
 
         Returns:
             the number of workers replaced.
@@ -301,7 +303,8 @@ class Pool(metaclass=NoPublicConstructor):
                 ``ImportError``/``SyntaxError``, or why ``setup()`` failed): that slot and the
                 next keep their workers, which serve on; slots replaced before it keep their new
                 workers. Logged once.
-            PoolClosedError: the pool is closing.
+            PoolClosedError: the pool is closing, or closed during the reload (raised as it
+                closes, whether or not the reload runs in the pool's block).
         """
         return await self._reloader.reload()
 

@@ -74,7 +74,11 @@ class Reloader:
                 )
                 error.add_note(f"pool.reload(): {replaced} of {self._local_slots} local worker(s) were replaced before it; the others serve on")
                 raise
-            if self._supervisor.closing:
+            except PoolClosedError:
+                closed = True
+            else:
+                closed = self._supervisor.closing
+            if closed:
                 raise PoolClosedError(f"the pool closed during pool.reload() ({replaced} worker(s) replaced)")
             _logger.info("pool.reload() of %s: %d worker(s) replaced", self._adapter, replaced)
             return replaced

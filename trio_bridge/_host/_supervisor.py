@@ -23,7 +23,7 @@ from typing import Protocol
 
 import trio
 
-from trio_bridge._errors import WorkerCrashedError, WorkerStartError
+from trio_bridge._errors import PoolClosedError, WorkerCrashedError, WorkerStartError
 from trio_bridge._host._dispatch import Dispatcher
 from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._options import Lifecycle, Recycling
@@ -263,8 +263,8 @@ class Supervisor:
                 failed_first = await self._keep_filled(lives, slot, must_start, task_status)
         finally:
             due = self._due.pop(slot, None)
-            if due is not None:  # nothing more to replace
-                due.settle()
+            if due is not None:  # nothing more to replace: it left (False), or the pool closes
+                due.settle(error=None if slot in self._leaving else _closed())
             self._wakes.pop(slot, None)
             if slot in self._leaving:
                 self._forget(slot)
@@ -292,7 +292,7 @@ class Supervisor:
             first_of_slot = False
             if due is not None and self._due.get(slot) is due:
                 del self._due[slot]
-                due.settle(replaced=failed is None, error=failed)
+                due.settle(replaced=failed is None, error=_closed() if failed is not None and self.closing else failed)
             if failed is not None:
                 if first:
                     return failed
@@ -460,14 +460,20 @@ class Supervisor:
             kind: what :attr:`recycles` counts it as (``"reload"``).
             why: the workers' ``last_recycle_reason``.
 
+        Cancelled before the slot's task has taken the request (it waits for a restart, say),
+        the request is withdrawn: nothing is replaced for it later.
+
         Returns:
             ``True`` once the new worker serves; ``False`` when there was nothing to replace
-            (no such slot, it left, or the pool closes).
+            (no such slot, or it left).
 
         Raises:
             WorkerStartError: the new worker could not start (the old one serves on).
+            PoolClosedError: the pool closes (before the new worker served).
         """
-        if self.closing or slot in self._leaving or slot not in self.handles:
+        if self.closing:
+            raise _closed()
+        if slot in self._leaving or slot not in self.handles:
             return False
         due = self._due.get(slot)
         if due is None:
@@ -475,7 +481,13 @@ class Supervisor:
             wake = self._wakes.pop(slot, None)
             if wake is not None:
                 wake.set()
-        await due.done.wait()
+        due.waiting += 1
+        try:
+            await due.done.wait()
+        finally:
+            due.waiting -= 1
+            if not due.waiting and self._due.get(slot) is due:  # cancelled, still untaken: withdrawn
+                del self._due[slot]
         if due.error is not None:
             raise due.error
         return due.replaced
@@ -483,14 +495,19 @@ class Supervisor:
     async def _replace_as_requested(self, lives: trio.Nursery, slot: int, handle: Worker, ahead: list[Worker]) -> Worker:
         """Answer :meth:`recycle_now` for ``slot``, whose worker is ``handle`` (``ahead``: those
         started ahead of it, which were made before the request: they drain too). Returns the
-        slot's worker."""
+        slot's worker. The request is answered however this ends (cancelled: the pool closes)."""
         due = self._due.pop(slot)
         successor = self._make(f"w{next(self._worker_ids)}", slot)
         self._successors.add(successor)  # known to the pool (its heartbeat asks) and killed with it
-        failed = await self._start(lives, successor)
-        self._successors.discard(successor)
+        try:
+            failed = await self._start(lives, successor)
+        except BaseException:
+            due.settle(error=_closed())
+            raise
+        finally:
+            self._successors.discard(successor)
         if failed is not None or self.closing:
-            due.settle(error=None if self.closing else failed)
+            due.settle(error=_closed() if self.closing else failed)
             return handle
         self._take_slot(lives, successor, [handle, *ahead], due.kind, due.why)
         ahead.clear()
@@ -555,13 +572,18 @@ class _Due:
         self.kind = kind
         self.why = why
         self.done = trio.Event()
+        self.waiting = 0  # recycle_now calls waiting for it (the last one cancelled withdraws it)
         self.replaced = False
-        self.error: WorkerStartError | None = None
+        self.error: WorkerStartError | PoolClosedError | None = None
 
-    def settle(self, *, replaced: bool = False, error: WorkerStartError | None = None) -> None:
+    def settle(self, *, replaced: bool = False, error: WorkerStartError | PoolClosedError | None = None) -> None:
         self.replaced = replaced
         self.error = error
         self.done.set()
+
+
+def _closed() -> PoolClosedError:
+    return PoolClosedError("the pool closed before the slot's new worker served")
 
 
 class HealthCheck:

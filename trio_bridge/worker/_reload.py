@@ -85,6 +85,15 @@ class Reload:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, service, grace, alive)
 
+    def uninstall(self) -> None:
+        """Before the loop closes (on the running loop): no reload on SIGHUP any more. With a
+        reload due, SIGHUP is ignored from now on, through the exec (the new image's
+        :meth:`ignore_while_starting` takes over): closing the loop would set it back to its
+        default, which ends the process -- with asyncio's loop, at least."""
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)  # (which sets the default)
+        if self.due:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     def _on_sighup(self, service: WorkerService, grace: float, alive: ServingStatus) -> None:
         if self._busy or self.due:
             _say("a reload is under way already; ignored")
@@ -137,13 +146,13 @@ class Reload:
     def execute(self) -> NoReturn:
         """Become the worker again, in place: stop and reap what the tools left running, then
         ``execve`` the same interpreter with the same arguments and starting environment."""
+        # Ignored through the exec (a disposition of SIG_IGN survives it), so that a SIGHUP before
+        # the new image has its handler does not end it; ignore_while_starting() takes over.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         _stop_children()
         _say("reloading in place")
         sys.stdout.flush()
         sys.stderr.flush()
-        # Ignored across the exec (a disposition of SIG_IGN survives it), so that a SIGHUP before
-        # the new image has its handler does not end it; ignore_while_starting() takes over.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         os.execve(sys.executable, self._argv, self._environ)
 
 

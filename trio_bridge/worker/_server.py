@@ -729,6 +729,8 @@ async def _serve_adapter(
     try:
         await service.stopped.wait()
     finally:
+        if reload is not None:
+            reload.uninstall()
         for task in tasks:
             task.cancel()
         # Not server.wait_closed(): from Python 3.12 it waits until every client has hung up,
