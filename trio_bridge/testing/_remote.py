@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -135,12 +137,14 @@ class RemoteWorkerProcess:
         return self
 
     def kill(self) -> None:
-        """SIGKILL its process group, reap it, and close its stderr pipe."""
+        """SIGKILL its process group (what is left of it), reap it, and close its stderr pipe."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 9)
-            self.process.wait()
+        # The whole group, even when the worker itself is gone: a process its tool left running
+        # would hold the stderr pipe open (and the copier thread with it).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         if self._copier is not None:  # it reads to the end of the pipe, which the kill closed
             self._copier.join(5)
             self._copier = None
