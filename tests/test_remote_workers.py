@@ -166,6 +166,34 @@ async def test_workers_that_join_are_dialed_back_and_one_of_another_adapter_is_r
             stranger.kill()
 
 
+async def test_a_joined_workers_slot_leaves_when_it_is_gone_and_comes_back_when_it_joins_again(tmp_path, certs):
+    """A worker that joined is not dialled for ever once it is gone (a rolling update replaces it
+    by one at another address: its slot would be redialled for the pool's life): its slot leaves,
+    and the worker, once back, offers itself again and gets a slot again."""
+    listen = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
+    remote = RemoteWorkers(listen=listen, token=TOKEN, tls=certs.tls("host"))
+    async with trio_bridge.open_pool(ADAPTER, size=1, remote=remote) as pool:
+        joining = _remote_worker(tmp_path, certs, join=listen).start()
+        try:
+            with trio.fail_after(20):
+                await pool.wait_for_workers(2)
+            assert pool.size == 2
+            joining.kill()
+            with trio.fail_after(20):
+                while pool.size != 1:
+                    await trio.sleep(0.05)
+            await trio.sleep(1.0)  # not redialled: the slot stays gone
+            assert pool.size == 1 and len(pool.workers()) == 1
+            assert await pool.execute("echo", {"value": 1}) == 1  # the local worker serves on
+            joining.start()  # back, at the same address: it joins again
+            with trio.fail_after(20):
+                await pool.wait_for_workers(2)
+            assert pool.size == 2
+            assert joining.pid in {w.pid for w in pool.workers()}
+        finally:
+            joining.kill()
+
+
 async def test_remote_options_are_checked_before_anything_starts(tmp_path, certs):
     cases = [
         ({"addresses": ["tcp://10.1.2.3:7000"], "token": TOKEN}, "plain TCP beyond this machine"),

@@ -319,7 +319,8 @@ class Pool(metaclass=NoPublicConstructor):
     @property
     def size(self) -> int:
         """The number of worker slots it keeps filled: the local ones and one per remote worker
-        (fixed, found through DNS, or joined; a slot whose worker's address left DNS is gone)."""
+        (fixed, found through DNS, or joined; a slot whose worker's address left DNS, or whose
+        joined worker is gone, is gone)."""
         return self._supervisor.size
 
     def workers(self) -> list[WorkerInfo]:
@@ -647,12 +648,19 @@ async def _open_pool(
                 @asynccontextmanager
                 async def serve(parts: PoolParts) -> AsyncIterator[None]:
                     """What the workers call (host tools, variables, routed calls), while the pool runs."""
-                    def add_remote(address: str, server_name: str | None) -> int | None:
-                        """A slot for the remote worker at ``address`` (``None``: it has one)."""
+                    def add_remote(address: str, server_name: str | None, *, joined: bool = False) -> int | None:
+                        """A slot for the remote worker at ``address`` (``None``: it has one). A
+                        joined one's slot leaves once its worker is gone: it offers itself again."""
                         if address in remote_slots or parts.supervisor.closing:
                             return None
                         target = targets.setdefault(address, RemoteTarget(address, server_name))  # its abandoned calls too
-                        slot = remote_slots[address] = parts.supervisor.add_slot(remote_worker(target))
+
+                        def gone(why: str) -> None:
+                            if remote_slots.get(address) == slot:
+                                del remote_slots[address]
+
+                        slot = parts.supervisor.add_slot(remote_worker(target), on_gone=gone if joined else None)
+                        remote_slots[address] = slot
                         return slot
 
                     def remove_remote(address: str, why: str) -> None:
@@ -663,7 +671,7 @@ async def _open_pool(
                     async def join(address: str, adapter_path: str, tools: list[str]) -> None:
                         """A remote worker offers itself (``trio-bridge worker --join``): dial it."""
                         address = check_joining(address, adapter_path, tools, adapter=adapter, known=parts.tools.worker_tools)
-                        slot = add_remote(address, None)
+                        slot = add_remote(address, None, joined=True)
                         if slot is not None:
                             _logger.info("worker at %s joined the pool (slot %d)", address, slot)
 

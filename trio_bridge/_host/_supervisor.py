@@ -120,6 +120,7 @@ class Supervisor:
         self.plane: SharedMemoryPlane | None = plane
         self._new_worker = new_worker
         self._slot_workers: dict[int, WorkerFactory] = {}  # the factories of added slots
+        self._gone: dict[int, Callable[[str], None]] = {}  # added slots that leave when their worker is gone
         self._initial = size  # slots 0..size-1 start with the pool; their first workers are staggered
         self._next_slot = size
         self._pending: list[int] = []  # added before start()
@@ -198,15 +199,20 @@ class Supervisor:
         if self.plane is not None:
             nursery.start_soon(_sweep_shared_memory, self.plane)
 
-    def add_slot(self, new_worker: WorkerFactory | None = None) -> int:
+    def add_slot(self, new_worker: WorkerFactory | None = None, *, on_gone: Callable[[str], None] | None = None) -> int:
         """One more slot (a remote worker found or joined), whose workers ``new_worker`` makes
         (default: the pool's factory); its worker starts now (or with the pool, before
-        :meth:`start`), and a failed start is retried like a restart. Returns the slot."""
+        :meth:`start`), and a failed start is retried like a restart. Returns the slot.
+
+        ``on_gone``: the slot is not restarted: once its worker is gone (or could not start),
+        the slot leaves and ``on_gone(why)`` is called (a joined worker joins again by itself)."""
         slot = self._next_slot
         self._next_slot += 1
         self.size += 1
         if new_worker is not None:
             self._slot_workers[slot] = new_worker
+        if on_gone is not None:
+            self._gone[slot] = on_gone
         if self._nursery is None:
             self._pending.append(slot)
         else:
@@ -243,6 +249,7 @@ class Supervisor:
     def _forget(self, slot: int) -> None:
         self.handles.pop(slot, None)
         self._slot_workers.pop(slot, None)
+        self._gone.pop(slot, None)
         self._leaving.pop(slot, None)
 
     def _make(self, worker_id: str, slot: int) -> Worker:
@@ -309,13 +316,21 @@ class Supervisor:
                 if self.closing or slot in self._leaving:
                     return None
                 _logger.warning(
-                    "worker %s (slot %d, pid %s) is gone: %s (exit code %s); restarting the slot",
+                    "worker %s (slot %d, pid %s) is gone: %s (exit code %s); %s",
                     handle.id, slot, handle.pid, handle.lifecycle.death_reason or "it exited by itself",
-                    handle.lifecycle.exit_code,
+                    handle.lifecycle.exit_code, "its slot leaves" if slot in self._gone else "restarting the slot",
                 )
                 started_at = handle.lifecycle.started_at
                 lived_from = started_at if started_at is not None else lived_from
             if self.closing:
+                return None
+            on_gone = self._gone.get(slot)
+            if on_gone is not None:  # not restarted: it leaves (its worker offers itself again once back)
+                why = f"its worker is gone ({failed})" if failed is not None else "its worker is gone"
+                self._leaving[slot] = why
+                self.size -= 1
+                _logger.info("slot %d leaves the pool: %s", slot, why)
+                on_gone(why)
                 return None
             self._metrics.restarts += 1
             failures = 1 if trio.current_time() - lived_from > _STABLE_AFTER else failures + 1
