@@ -9,6 +9,8 @@ from typing import Any
 
 import trio
 
+from trio_bridge.testing import FakeContext
+
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
     """Poll ``predicate()`` (sync or async) until it is true; ``trio.TooSlowError`` after ``timeout`` seconds."""
@@ -58,3 +60,16 @@ def require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         pytest.fail(f"{module} is missing ({exc}): install the test dependencies, pip install -e '.[dev]'")
+
+
+async def sleep(seconds: float) -> float:
+    await trio.sleep(seconds)
+    return seconds
+
+
+def whoami(ctx: FakeContext) -> str:
+    return ctx.worker_id
+
+
+FAKE_TOOLS = {"sleep": sleep, "whoami": whoami}
+"""Tools for ``trio_bridge.testing.open_fake_pool``: ``sleep(seconds)`` (on the Trio clock) and ``whoami``."""

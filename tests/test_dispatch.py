@@ -31,6 +31,16 @@ class FakeWorker:
         return self.name
 
 
+def home_and_other(max_queue: int) -> tuple[Dispatcher[FakeWorker], FakeWorker, FakeWorker]:
+    """A dispatcher with two free workers, ``home`` (a session's) and ``other``."""
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=max_queue)
+    home, other = FakeWorker("home"), FakeWorker("other")
+    d.add(home)
+    d.add(other)
+    return d, home, other
+
+
+
 async def test_free_slots_are_spread_over_workers():
     d: Dispatcher[FakeWorker] = Dispatcher(max_queue=10)
     a, b = FakeWorker("a", 2), FakeWorker("b", 2)
@@ -148,19 +158,13 @@ async def test_close_fails_queued_and_new_calls():
 
 
 async def test_prefer_takes_the_session_worker_when_free_else_any():
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(5)
     assert await d.acquire(home, "prefer") is home
     assert await d.acquire(home, "prefer") is other  # home is busy: any free worker
 
 
 async def test_strict_waits_for_its_worker_without_holding_up_others(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(5)
     await d.acquire(home, "strict")
     await d.acquire(other)
     got = []
@@ -181,20 +185,14 @@ async def test_strict_waits_for_its_worker_without_holding_up_others(autojump_cl
 
 
 async def test_strict_fail_fast_raises_when_its_worker_is_busy():
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, _ = home_and_other(5)
     await d.acquire(home, "strict_fail_fast")
     with pytest.raises(WorkerBusyError, match="busy"):
         await d.acquire(home, "strict_fail_fast")
 
 
 async def test_calls_bound_to_a_worker_that_left_go_to_another(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(5)
     await d.acquire(home)
     await d.acquire(other)
     got = []
@@ -324,10 +322,7 @@ async def test_max_in_flight_holds_even_with_free_workers(autojump_clock):
 
 
 async def test_strict_calls_park_their_session_and_get_their_worker_when_it_frees(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(100)
     await d.acquire(home)
     await d.acquire(other)
     async with trio.open_nursery() as nursery:
@@ -351,10 +346,7 @@ async def test_strict_calls_park_their_session_and_get_their_worker_when_it_free
 
 
 async def test_a_parked_session_s_next_call_for_any_worker_takes_a_free_one(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(100)
     await d.acquire(home)
     await d.acquire(other)
     async with trio.open_nursery() as nursery:
@@ -368,10 +360,7 @@ async def test_a_parked_session_s_next_call_for_any_worker_takes_a_free_one(auto
 
 
 async def test_strict_calls_of_a_worker_that_left_go_anywhere_in_order(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(100)
     await d.acquire(home)
     await d.acquire(other)
     async with trio.open_nursery() as nursery:
@@ -387,10 +376,7 @@ async def test_strict_calls_of_a_worker_that_left_go_anywhere_in_order(autojump_
 
 
 async def test_cancelled_waiters_of_several_sessions_leave_their_queues(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
-    home, other = FakeWorker("home"), FakeWorker("other")
-    d.add(home)
-    d.add(other)
+    d, home, other = home_and_other(100)
     await d.acquire(home)
     await d.acquire(other)
     async with trio.open_nursery() as nursery:

@@ -13,21 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from tests.helpers import wait_for
+from tests.helpers import FAKE_TOOLS, wait_for
 from trio_bridge import InvalidArgumentError, Lifecycle, Recycling, open_pool
-from trio_bridge.testing import FakeContext, open_fake_pool
-
-
-async def sleep(seconds: float) -> float:
-    await trio.sleep(seconds)
-    return seconds
-
-
-def whoami(ctx: FakeContext) -> str:
-    return ctx.worker_id
-
-
-TOOLS = {"sleep": sleep, "whoami": whoami}
+from trio_bridge.testing import open_fake_pool
 
 
 async def run_load(
@@ -66,7 +54,7 @@ async def run_load(
 
 async def test_max_calls_holds_without_failing_a_call_and_capacity_stays_at_size_minus_one(autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, size=2, concurrency=2, start_delay=0.05, recycling=Recycling(max_calls=100)) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=2, concurrency=2, start_delay=0.05, recycling=Recycling(max_calls=100)) as fake:
         pool = fake.pool
         result = await run_load(pool, callers=50, calls=1000, tool="sleep", arguments={"seconds": 0.01}, size=2)
         assert result["failures"] == []
@@ -93,7 +81,7 @@ async def test_max_calls_holds_without_failing_a_call_and_capacity_stays_at_size
 
 
 async def test_a_replacement_started_ahead_is_listed_while_it_takes_calls(autojump_clock):
-    async with open_fake_pool(TOOLS, size=1, start_delay=0.05, recycling=Recycling(max_calls=10)) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=1, start_delay=0.05, recycling=Recycling(max_calls=10)) as fake:
         pool = fake.pool
         first = pool.workers()[0]
         for _ in range(9):  # 90 % of the limit: its replacement starts
@@ -109,7 +97,7 @@ async def test_a_replacement_started_ahead_is_listed_while_it_takes_calls(autoju
 
 
 async def test_a_recycled_worker_finishes_its_long_call_while_its_replacement_serves(autojump_clock):
-    async with open_fake_pool(TOOLS, size=1, recycling=Recycling(max_age=10.0)) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=1, recycling=Recycling(max_age=10.0)) as fake:
         pool = fake.pool
         first = pool.workers()[0]
         async with trio.open_nursery() as nursery:
@@ -134,7 +122,7 @@ async def test_a_recycled_worker_finishes_its_long_call_while_its_replacement_se
 
 
 async def test_max_worker_memory_recycles_a_worker_whose_rss_grew(autojump_clock):
-    async with open_fake_pool(TOOLS, size=2, recycling=Recycling(max_memory=500 * 2**20)) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=2, recycling=Recycling(max_memory=500 * 2**20)) as fake:
         pool = fake.pool
         lean, fat = fake.workers.made
         fat.rss = 600 * 2**20
@@ -147,7 +135,7 @@ async def test_max_worker_memory_recycles_a_worker_whose_rss_grew(autojump_clock
 
 
 async def test_when_the_replacement_cannot_start_calls_wait_for_it_and_the_limit_holds(autojump_clock, caplog):
-    async with open_fake_pool(TOOLS, size=1, recycling=Recycling(max_calls=3), lifecycle=Lifecycle(restart_backoff=(1.0, 1.0))) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=1, recycling=Recycling(max_calls=3), lifecycle=Lifecycle(restart_backoff=(1.0, 1.0))) as fake:
         pool = fake.pool
         old = pool.workers()[0].id
         fake.workers.fail_starts(2)

@@ -16,10 +16,10 @@ import psutil
 import pytest
 import trio
 
-from tests.helpers import wait_for
+from tests.helpers import FAKE_TOOLS, wait_for
 from tests.test_fork_server import _fork_servers
 from trio_bridge import Lifecycle, LocalWorkers, PoolClosedError, Recycling, WorkerStartError, open_pool
-from trio_bridge.testing import FakeContext, open_fake_pool
+from trio_bridge.testing import open_fake_pool
 
 MODULE = "reload_target"
 ADAPTER = f"{MODULE}:Versioned"
@@ -63,21 +63,11 @@ def local(directory: Path, start_method: str = "forkserver") -> LocalWorkers:
 
 
 # ---- pool logic (fake workers) ----
-async def sleep(seconds: float) -> float:
-    await trio.sleep(seconds)
-    return seconds
-
-
-def whoami(ctx: FakeContext) -> str:
-    return ctx.worker_id
-
-
-TOOLS = {"sleep": sleep, "whoami": whoami}
 
 
 async def test_reload_replaces_each_worker_in_turn_without_a_failed_call_or_a_slot_less(autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, size=3, concurrency=2, start_delay=0.05) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=3, concurrency=2, start_delay=0.05) as fake:
         pool = fake.pool
         before = {w.id for w in pool.workers()}
         failures: list[BaseException] = []
@@ -115,7 +105,7 @@ async def test_reload_replaces_each_worker_in_turn_without_a_failed_call_or_a_sl
 
 async def test_a_failed_reload_keeps_the_old_workers_and_says_so_once(autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="trio_bridge")
-    async with open_fake_pool(TOOLS, size=2) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=2) as fake:
         pool = fake.pool
         before = [w.id for w in pool.workers()]
         fake.workers.fail_starts(1, message="SyntaxError: '(' was never closed")
@@ -133,7 +123,7 @@ async def test_a_failed_reload_keeps_the_old_workers_and_says_so_once(autojump_c
 
 
 async def test_reloads_run_one_after_the_other_and_workers_started_ahead_are_replaced_too(autojump_clock):
-    async with open_fake_pool(TOOLS, size=2, start_delay=0.05, recycling=Recycling(max_calls=10)) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=2, start_delay=0.05, recycling=Recycling(max_calls=10)) as fake:
         pool = fake.pool
 
         async def caller() -> None:
@@ -155,7 +145,7 @@ async def test_reloads_run_one_after_the_other_and_workers_started_ahead_are_rep
 
 
 async def test_a_slot_restarting_during_a_reload_is_replaced_by_its_restart(autojump_clock):
-    async with open_fake_pool(TOOLS, size=2, lifecycle=Lifecycle(restart_backoff=(1.0, 1.0))) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=2, lifecycle=Lifecycle(restart_backoff=(1.0, 1.0))) as fake:
         pool = fake.pool
         fake.workers.fail_starts(1)
         crashed = fake.workers.kill(0)
@@ -171,7 +161,7 @@ async def test_a_cancelled_reload_leaves_no_replacement_behind(autojump_clock):
     # The slot's worker is past Recycling.max_age and its replacement failed to start: its task
     # backs off (5 s) before it tries again, so the reload's request waits for it, untaken.
     lifecycle = Lifecycle(restart_backoff=(5.0, 5.0))
-    async with open_fake_pool(TOOLS, size=1, recycling=Recycling(max_age=10.0), lifecycle=lifecycle) as fake:
+    async with open_fake_pool(FAKE_TOOLS, size=1, recycling=Recycling(max_age=10.0), lifecycle=lifecycle) as fake:
         pool = fake.pool
         first = pool.workers()[0].id
         fake.workers.fail_starts(1)
@@ -190,7 +180,7 @@ async def test_closing_the_pool_during_a_reload_makes_the_reload_raise_pool_clos
     with trio.fail_after(300):
         async with trio.open_nursery() as outside:  # reload() runs outside the pool's tasks
             lifecycle = Lifecycle(shutdown_timeout=1.0, startup_timeout=1000.0)
-            async with open_fake_pool(TOOLS, size=2, lifecycle=lifecycle) as fake:
+            async with open_fake_pool(FAKE_TOOLS, size=2, lifecycle=lifecycle) as fake:
                 fake.workers.start_delay = 500.0  # the new worker is still starting when the pool closes
 
                 async def reload() -> None:
