@@ -40,6 +40,15 @@ def home_and_other(max_queue: int) -> tuple[Dispatcher[FakeWorker], FakeWorker, 
     return d, home, other
 
 
+async def one_busy_worker(max_queue: int) -> tuple[Dispatcher[FakeWorker], FakeWorker]:
+    """A dispatcher with one worker, ``w``, whose one slot is taken: calls queue."""
+    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=max_queue)
+    w = FakeWorker("w")
+    d.add(w)
+    await d.acquire()
+    return d, w
+
+
 
 async def test_free_slots_are_spread_over_workers():
     d: Dispatcher[FakeWorker] = Dispatcher(max_queue=10)
@@ -52,10 +61,7 @@ async def test_free_slots_are_spread_over_workers():
 
 
 async def test_waiters_are_served_in_fifo_order(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=10)
-    w = FakeWorker("w")
-    d.add(w)
-    await d.acquire()
+    d, w = await one_busy_worker(10)
     order = []
 
     async def call(i: int) -> None:
@@ -86,10 +92,7 @@ async def test_full_queue_refuses_at_once():
 
 
 async def test_cancelled_waiter_leaves_the_queue(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
-    w = FakeWorker("w")
-    d.add(w)
-    await d.acquire()
+    d, w = await one_busy_worker(5)
     with trio.move_on_after(1):
         await d.acquire()
     assert d.queued == 0
@@ -99,10 +102,7 @@ async def test_cancelled_waiter_leaves_the_queue(autojump_clock):
 
 
 async def test_slot_handed_to_a_just_cancelled_waiter_is_given_back():
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=5)
-    w = FakeWorker("w")
-    d.add(w)
-    await d.acquire()
+    d, w = await one_busy_worker(5)
     async with trio.open_nursery() as nursery:
         cancel_scope = trio.CancelScope()
 
@@ -239,10 +239,7 @@ class Queued:
 
 
 async def test_sessions_are_served_round_robin(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=100)
-    w = FakeWorker("w")
-    d.add(w)
-    await d.acquire()
+    d, w = await one_busy_worker(100)
     async with trio.open_nursery() as nursery:
         q = Queued(d, nursery)
         for i in range(6):
@@ -570,10 +567,7 @@ async def test_a_nested_call_passes_its_session_s_max_in_flight_and_waits_first(
 
 
 async def test_a_readmitted_call_is_not_refused_by_a_full_queue_and_waits_first(autojump_clock):
-    d: Dispatcher[FakeWorker] = Dispatcher(max_queue=1)
-    w = FakeWorker("w")
-    d.add(w)
-    await d.acquire()
+    d, w = await one_busy_worker(1)
     async with trio.open_nursery() as nursery:
         q = Queued(d, nursery)
         await q.start("fresh")
