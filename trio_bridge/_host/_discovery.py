@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import trio
 
 from trio_bridge._host._options import DNS_SCHEME, split_nameserver
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
 
 _logger = logging.getLogger("trio_bridge")
 _QUERY_TIMEOUT = 2.0  # seconds one name server has to answer one query
@@ -46,6 +46,11 @@ def new_resolver(nameservers: Sequence[str], lifetime: float) -> dns.asyncresolv
     Raises:
         dns.resolver.NoResolverConfiguration: no name servers given and none configured.
     """
+    # imported here, not with the module: dnspython's resolver takes ~0.1 s to import (its
+    # DNS-over-HTTPS client too), which every pool would pay, dns:// names or not
+    import dns.asyncresolver
+    import dns.nameserver
+
     resolver = dns.asyncresolver.Resolver(configure=not nameservers)
     if nameservers:
         resolver.nameservers = [dns.nameserver.Do53Nameserver(*split_nameserver(s)) for s in nameservers]
@@ -57,6 +62,9 @@ def new_resolver(nameservers: Sequence[str], lifetime: float) -> dns.asyncresolv
 async def resolve(resolver: dns.asyncresolver.Resolver, name: str) -> frozenset[str] | None:
     """Every A and AAAA address of ``name``: empty if it has none or does not exist; ``None``
     if the resolver gave no answer (the caller keeps what it knew)."""
+    import dns.exception
+    import dns.resolver
+
     found: set[str] = set()
     for kind in ("A", "AAAA"):
         try:
@@ -103,6 +111,8 @@ class Discovery:
 
     async def run(self) -> None:
         """Resolve every ``interval`` seconds, for ever (cancel it to stop)."""
+        import dns.resolver
+
         try:
             resolver = new_resolver(self._nameservers, max(self._interval, _LIFETIME))
         except dns.resolver.NoResolverConfiguration as exc:
