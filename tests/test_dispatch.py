@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_bridge import PoolClosedError, PoolSaturatedError, WorkerBusyError
+from trio_bridge._host import _dispatch as dispatch
 from trio_bridge._host._dispatch import Dispatcher
 
 
@@ -275,6 +276,38 @@ async def test_weights_share_the_slots_in_proportion(autojump_clock):
     stats = d.sessions()
     assert stats["heavy"].weight == 2 and stats["heavy"].calls == 40 and stats["light"].calls == 20
     assert stats["heavy"].queued == 0  # the cancelled calls left the queue
+
+
+async def test_every_turn_serves_a_call_however_light_the_waiting_sessions_are(autojump_clock, monkeypatch):
+    """O(1) work per call: a turn's quantum is a session's weight over the smallest waiting one,
+    so no turn passes without serving a call, even with many light sessions of unequal weights
+    (were the quanta below one call, turns would pass empty by the hundred)."""
+    turns = collections.Counter[str]()
+    pass_turn = dispatch._Rotation.pass_turn
+
+    def counted(self: Any) -> None:
+        turns["passed"] += 1
+        pass_turn(self)
+
+    monkeypatch.setattr(dispatch._Rotation, "pass_turn", counted)
+    d, w = await one_busy_worker(1000)
+    sessions = [(f"s{i}", 0.01 if i % 2 else 0.03) for i in range(40)]
+    for key, weight in sessions:
+        d.configure(key, weight=weight)
+    async with trio.open_nursery() as nursery:
+        q = Queued(d, nursery)
+        for key, _ in sessions:
+            for i in range(5):
+                await q.start(f"{key}-{i}", key)
+        await q.release(w)
+        for _ in range(119):
+            await q.release(w, q.served[-1][0].split("-")[0])
+        assert len(q.served) == 120
+        assert turns["passed"] <= len(q.served) + len(sessions)  # at most one turn per call served
+        # one round: each session's turn, 3 calls for weight 0.03, 1 for weight 0.01
+        heavy = sum(int(name.split("-")[0][1:]) % 2 == 0 for name in q.names()[:80])
+        assert heavy == 60
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_session_that_starts_waiting_is_served_within_a_round(autojump_clock):

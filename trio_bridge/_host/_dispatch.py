@@ -15,13 +15,13 @@ readmitted call (``readmitted=True``: a draining worker gave it back), it waits 
 its class's queue. Freed slots go round the classes that have calls waiting, by deficit round
 robin with a cost of one per call: at the head of the rotation, a class whose deficit is >= 1 is
 served one call (deficit - 1) and stays at the head; one with less gets its quantum added and
-moves to the back. The quantum is the class's weight over the largest weight among the waiting
-classes, so the heaviest class is served every round, classes are served in proportion to their
-weights while they all wait, and a class that starts waiting is served after at most about two
-calls of each other waiting class (with equal weights; a class of a tenth of the largest weight
-waits about ten rounds) -- however many calls those have queued. A class that runs out of
-waiting calls leaves the rotation and its deficit. Work per call is O(1) amortized with equal
-weights; with unequal ones, at most one visit of each waiting class per call. The total of
+moves to the back. The quantum is the class's weight over the smallest weight among the
+waiting classes (at least one call), so every turn serves at least one call -- O(1) work per call,
+amortized (the smallest weight is kept with a count per weight) -- and classes are served in
+proportion to their weights while they all wait: with weights 2 and 1, two calls a turn and one.
+A class that starts waiting is served after at most one turn of each other waiting class (one
+call each with equal weights; ``weight / smallest`` calls for a heavier one), however many calls
+those have queued. A class that runs out of waiting calls leaves the rotation and its deficit. The total of
 waiting calls over all classes is bounded by ``max_queue`` (readmitted calls aside: each was
 admitted before, and gave back the slot it held).
 
@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
@@ -210,12 +211,12 @@ def _first_nested(queue: collections.deque[_Waiter[W]]) -> _Waiter[W] | None:
 
 class _Rotation(Generic[W]):
     """The classes whose calls a free slot could take, in deficit round robin order; it keeps
-    the largest weight among them (a count per weight) for the quanta."""
+    the smallest weight among them (a count per weight) for the quanta."""
 
     def __init__(self) -> None:
         self._order: collections.deque[_ClassQueue[W]] = collections.deque()
         self._weights: collections.Counter[float] = collections.Counter()
-        self._heaviest = 0.0
+        self._lightest = math.inf
 
     def __bool__(self) -> bool:
         return bool(self._order)
@@ -240,9 +241,10 @@ class _Rotation(Generic[W]):
         self._unweigh(queue.weight)
 
     def pass_turn(self) -> None:
-        """The head's deficit is below one call: it gets its quantum and goes to the back."""
+        """The head's deficit is below one call: it gets its quantum (at least one call: its
+        weight over the smallest waiting one) and goes to the back."""
         queue = self._order[0]
-        queue.deficit += queue.weight / self._heaviest
+        queue.deficit += queue.weight / self._lightest
         self._order.rotate(-1)
 
     def reweigh(self, queue: _ClassQueue[W], weight: float) -> None:
@@ -256,18 +258,18 @@ class _Rotation(Generic[W]):
             queue.in_rotation = False
         self._order.clear()
         self._weights.clear()
-        self._heaviest = 0.0
+        self._lightest = math.inf
 
     def _weigh(self, weight: float) -> None:
         self._weights[weight] += 1
-        self._heaviest = max(self._heaviest, weight)
+        self._lightest = min(self._lightest, weight)
 
     def _unweigh(self, weight: float) -> None:
         self._weights[weight] -= 1
         if not self._weights[weight]:
             del self._weights[weight]
-            if weight == self._heaviest:
-                self._heaviest = max(self._weights, default=0.0)
+            if weight == self._lightest:
+                self._lightest = min(self._weights, default=math.inf)
 
 
 class Dispatcher(Generic[W]):
