@@ -46,12 +46,14 @@ if TYPE_CHECKING:
     from trio_bridge._host._tools import ParameterInfo, ToolInfo
     from trio_bridge._host._worker import WorkerInfo
     from trio_bridge._state.backend import MemoryBackend, StateBackend
+    from trio_bridge._state.calls import Claim
     from trio_bridge._state.redis import RedisBackend
     from trio_bridge._state.sessions import SessionInfo
     from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
     from trio_bridge._wire.tls import TLSConfig
 
 __all__ = [
+    "Claim",
     "DeadlineExceededError",
     "DependencyCycleError",
     "EncodeError",
@@ -120,6 +122,7 @@ _LAZY: dict[str, str] = {
     "SessionInfo": "trio_bridge._state.sessions",
     "StateBackend": "trio_bridge._state.backend",
     "MemoryBackend": "trio_bridge._state.backend",
+    "Claim": "trio_bridge._state.calls",
     "RedisBackend": "trio_bridge._state.redis",
     "TLSConfig": "trio_bridge._wire.tls",
     "Lifecycle": "trio_bridge._host._options",

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import trio
 
 from trio_bridge._errors import InvalidArgumentError, QuotaExceededError
+from trio_bridge._util import public_module
 from trio_bridge._wire.codec import short_repr
 
 ClaimState = Literal["claimed", "running", "done", "conflict"]
@@ -26,6 +27,7 @@ DEFAULT_IDEMPOTENCY_TTL = 3600.0  # seconds a key's record lives
 DEFAULT_MAX_IDEMPOTENCY_RECORDS = 100_000  # keys (claims and records) the memory backend keeps
 
 
+@public_module
 @dataclass(frozen=True)
 class Claim:
     """What :meth:`StateBackend.claim_call` found or did.
