@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -35,6 +36,7 @@ from trio_bridge._errors import (
     ToolError,
     TrioBridgeError,
 )
+from trio_bridge._host._leases import keep_renewed
 from trio_bridge._host._metrics import Metrics, Outcome
 from trio_bridge._state.backend import StateBackend
 from trio_bridge._wire.codec import decode, encode, short_repr
@@ -45,7 +47,6 @@ _logger = logging.getLogger("trio_bridge")
 
 LEASE = 10.0  # seconds a claim lasts unless its holder renews it (every third of it)
 _LEASE_PER_TIMEOUT = 3  # a lease is at least this many of the backend's command timeouts
-_RETRIES_PER_LEASE = 30  # a failed renewal is tried again after this fraction of the lease
 MAX_KEY_LENGTH = 200
 _POLL = (0.01, 0.2)  # seconds between looks at a key another host holds: first, longest
 
@@ -120,7 +121,7 @@ class IdempotentCalls:
         # of the pool's); the call's exception is taken out of the nursery so that it leaves as
         # itself, not in a group.
         async with trio.open_nursery() as renewals:
-            renewals.start_soon(self._renew, key, token)
+            renewals.start_soon(keep_renewed, partial(self._state.renew_call, key, token, self.lease), self.lease)
             try:
                 result = await run()
                 record = _RESULT + bytes(encode(result, path="result", plane=None))
@@ -151,25 +152,6 @@ class IdempotentCalls:
                     _logger.warning("idempotent call %r finished after its claim lapsed (lease %g s): not recorded", key, self.lease)
             except TrioBridgeError as exc:  # the caller has its answer; the claim lapses with its lease
                 _logger.warning("idempotent call %r: its outcome could not be recorded: %s", key, exc)
-
-    async def _renew(self, key: str, token: str) -> None:
-        """Renew the claim a third of a lease after its last renewal. An attempt that fails, or
-        takes over a sixth of the lease (a slow backend), is given up and tried again soon, so a
-        slow command cannot let the claim lapse while there is time to retry."""
-        lease = self.lease
-        renewed = trio.current_time()  # the claim was just made
-        while True:
-            await trio.sleep_until(renewed + lease / 3)
-            attempt = trio.current_time()
-            held: bool | None = None
-            with trio.move_on_after(lease / 6), contextlib.suppress(TrioBridgeError):
-                held = await self._state.renew_call(key, token, lease)
-            if held is None:  # failed or too slow: again soon
-                await trio.sleep(lease / _RETRIES_PER_LEASE)
-            elif held:
-                renewed = attempt  # the backend ran it no earlier: its new lease lasts at least this long
-            else:
-                return  # its lease lapsed and another caller took it over
 
     def _replay(self, key: str, tool: str, record: bytes) -> Any:
         self._metrics.record(Outcome.REPLAYED, tool=tool)

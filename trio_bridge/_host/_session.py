@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import trio
 
-from trio_bridge._errors import SessionNotFoundError, TrioBridgeError
+from trio_bridge._errors import SessionNotFoundError
 from trio_bridge._host._groups import UserErrorTracker
+from trio_bridge._host._leases import keep_renewed
 from trio_bridge._host._python_calls import PythonCalls
 from trio_bridge._state.backend import DEFAULT_WATCH_BUFFER, SessionInfo, StateBackend, Watcher
 from trio_bridge._state.types import VariableType
@@ -204,7 +205,7 @@ class Session(PythonCalls, metaclass=NoPublicConstructor):
                 async with trio.open_nursery() as renewal:
                     lease = self._state.lock_lease
                     if lease is not None:
-                        renewal.start_soon(_keep_optimization, self._state, self.id, name, optimizer_id, lease)
+                        renewal.start_soon(keep_renewed, partial(_renew_optimization, self._state, self.id, name, optimizer_id), lease)
                     with tracker.user_block():
                         yield Optimization._create(self, name, optimizer_id)
                     renewal.cancel_scope.cancel()
@@ -234,12 +235,11 @@ class Session(PythonCalls, metaclass=NoPublicConstructor):
             yield watcher
 
 
-async def _keep_optimization(state: StateBackend, session_id: str, name: str, optimizer_id: str, lease: float) -> None:
-    """Renew a held optimization lock every third of its ``lease`` (seconds), until cancelled."""
-    while True:
-        await trio.sleep(lease / 3)
-        with contextlib.suppress(TrioBridgeError):  # tried again next time; a lost lock shows on the next write
-            await state.set_optimization(session_id, name, optimizer_id, active=True)
+async def _renew_optimization(state: StateBackend, session_id: str, name: str, optimizer_id: str) -> bool:
+    """Take the held optimization lock again (its lease restarts); a lost lock shows on the
+    holder's next write, so renewing goes on."""
+    await state.set_optimization(session_id, name, optimizer_id, active=True)
+    return True
 
 
 @final
