@@ -596,7 +596,7 @@ class ForkServerLauncher:
         await self._start_server()
         return renewal
 
-    def keep(self, renewal: Renewal) -> None:
+    def keep(self) -> None:
         """The reload is done: every fork server but the one new workers fork from (the
         previous one; one started meanwhile because the previous died) is closed once the host
         has let go of its last worker."""
@@ -726,5 +726,5 @@ async def fresh_code(launch: Callable[..., Any]) -> AsyncIterator[None]:
     except BaseException:
         launch.revert(renewal)
         raise
-    launch.keep(renewal)
+    launch.keep()
 

@@ -117,7 +117,6 @@ class WorkerService(pb.WorkerServiceBase):
         self._tasks: dict[str, asyncio.Task[Any]] = {}  # each active call's task: cancelling it cancels the call
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
-        self.draining = False
         self._drain_notice = asyncio.Event()  # set as the drain begins: every call stream tells its host
         self._call_streams = 0  # call streams open (one per host connection)
         self._no_call_streams = asyncio.Event()
@@ -132,6 +131,12 @@ class WorkerService(pb.WorkerServiceBase):
         self._started = time.monotonic()
         self._loop = asyncio.get_running_loop()
         self._refusals = wire_errors.Refusals()  # malformed payloads, refused handshakes: logged rate-limited
+
+    @property
+    def draining(self) -> bool:
+        """Whether it drains (SIGTERM, a SIGHUP reload, or the host's Shutdown): it refuses new
+        calls and hosts."""
+        return self._drain_notice.is_set()
 
     # ---- bookkeeping ----
     def _begin(self, request: pb.ExecuteToolRequest, *, streaming: bool) -> tuple[ToolDefinition, dict[str, Any], SessionContext]:
@@ -410,7 +415,6 @@ class WorkerService(pb.WorkerServiceBase):
         SERVING (a reload's liveness: the process is not dying, and must not be restarted)."""
         if self.draining:
             return
-        self.draining = True
         self._drain_notice.set()
         for status in self.health:
             if status is not alive:
