@@ -27,10 +27,12 @@ from typing import Any, ClassVar, Final, Literal, TypeVar, final
 
 from prometheus_client.registry import CollectorRegistry
 
+from trio_bridge._checks import positive_seconds, whole
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._host._environment import choice, flag, optional_whole, read_variable
 from trio_bridge._host._forkserver import START_METHODS, StartMethod
 from trio_bridge._state.backend import StateBackend
+from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MAX_IDEMPOTENCY_RECORDS
 from trio_bridge._util import public_module
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.listeners import MIN_TOKEN, beyond_loopback, loopback
@@ -66,21 +68,6 @@ DNS_SCHEME = "dns://"
 
 # ---- the checks of one value: (qualified name, value) -> the value to keep ----
 Check = Callable[[str, Any], Any]
-
-
-def _positive_seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise InvalidArgumentError(f"{name} must be a number of seconds > 0, not {short_repr(value)}")
-    return value
-
-
-def _whole(least: int) -> Check:
-    def check(name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InvalidArgumentError(f"{name} must be a whole number >= {least}, not {short_repr(value)}")
-        return value
-
-    return check
 
 
 def check_seconds(name: str, value: Any) -> float:
@@ -471,12 +458,12 @@ class StateLimits(_Group):
             names the field).
     """
 
-    max_sessions: int = _option(10_000, _whole(1))
-    max_variables_per_session: int = _option(1000, _whole(1))
-    max_value_bytes: int = _option(64 * 2**20, _whole(1))
-    history_limit: int = _option(50, _whole(0))
-    idempotency_ttl: float = _option(3600.0, _positive_seconds)
-    max_idempotency_records: int = _option(100_000, _whole(1))
+    max_sessions: int = _option(10_000, whole(1))
+    max_variables_per_session: int = _option(1000, whole(1))
+    max_value_bytes: int = _option(64 * 2**20, whole(1))
+    history_limit: int = _option(50, whole(0))
+    idempotency_ttl: float = _option(DEFAULT_IDEMPOTENCY_TTL, positive_seconds)
+    max_idempotency_records: int = _option(DEFAULT_MAX_IDEMPOTENCY_RECORDS, whole(1))
 
 
 @final
@@ -529,7 +516,7 @@ class Monitoring(_Group):
     token: str | None = _option(None, _optional(_token))
     status_public: bool = _option(False, _bool, "TRIO_BRIDGE_STATUS_PUBLIC", flag)
     health_address: str | None = _option(None, _optional(_host_port), "TRIO_BRIDGE_HEALTH_ADDRESS")
-    session_metrics: int = _option(10, _whole(0))
+    session_metrics: int = _option(10, whole(0))
 
 
 @final
@@ -579,14 +566,14 @@ class LocalWorkers(_Group):
     python: str | None = _option(None, _optional(_text))
     env: Mapping[str, str] | None = _option(None, _optional(_environment))
     slot_env: Callable[[int], Mapping[str, str]] | None = _option(None, _optional(_callable))
-    gpus_per_worker: int | None = _option(None, _optional(_whole(1)), "TRIO_BRIDGE_GPUS_PER_WORKER", int)
+    gpus_per_worker: int | None = _option(None, _optional(whole(1)), "TRIO_BRIDGE_GPUS_PER_WORKER", int)
     gpus: Sequence[int | str] | None = _option(None, _optional(_devices))
     start_method: StartMethod | None = _option(
         None, _one_of(*START_METHODS, none="the safe one"), "TRIO_BRIDGE_START_METHOD", choice(*START_METHODS)
     )
     allowed_uids: Collection[int] = _option(frozenset(), _uids)
     shared_memory_threshold: int | None = _option(
-        1 << 20, _optional(_whole(0)), "TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD", optional_whole
+        1 << 20, _optional(whole(0)), "TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD", optional_whole
     )
 
 
@@ -645,8 +632,8 @@ class RemoteWorkers(_Group):
     token: str | None = _option(None, _optional(_token))
     tls: TLSConfig | None = _option(None, _optional(_instance(TLSConfig, "a trio_bridge.TLSConfig")))
     insecure: bool = _option(False, _bool)
-    connect_timeout: float = _option(3.0, _positive_seconds)
-    resolve_interval: float = _option(5.0, _positive_seconds)
+    connect_timeout: float = _option(3.0, positive_seconds)
+    resolve_interval: float = _option(5.0, positive_seconds)
     nameservers: Sequence[str] = _option((), _nameservers)
 
     @property
@@ -692,9 +679,9 @@ class PoolOptions(_Group):
     _prefix = ""  # its fields are open_pool's arguments
 
     adapter: str = _option("", _adapter)
-    size: int = _option(None, _optional(_whole(0)), "TRIO_BRIDGE_WORKERS", int)  # None: filled in when made
-    concurrency: int = _option(1, _whole(1), "TRIO_BRIDGE_CONCURRENCY", int)
-    max_queue: int = _option(1024, _whole(0), "TRIO_BRIDGE_MAX_QUEUE", int)
+    size: int = _option(None, _optional(whole(0)), "TRIO_BRIDGE_WORKERS", int)  # None: filled in when made
+    concurrency: int = _option(1, whole(1), "TRIO_BRIDGE_CONCURRENCY", int)
+    max_queue: int = _option(1024, whole(0), "TRIO_BRIDGE_MAX_QUEUE", int)
     transport: Transport = _option("unix", _one_of("unix", "tcp"), "TRIO_BRIDGE_TRANSPORT", choice("unix", "tcp"))
     adapter_options: dict[str, Any] | None = _option(None, _json)
     state: StateBackend | str | None = _option(None, _state, "TRIO_BRIDGE_STATE")

@@ -11,16 +11,15 @@ the memory backend also frees the oldest records first when it keeps ``max_recor
 from __future__ import annotations
 
 import collections
-import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import trio
 
-from trio_bridge._errors import InvalidArgumentError, QuotaExceededError
+from trio_bridge._checks import positive_seconds, whole
+from trio_bridge._errors import QuotaExceededError
 from trio_bridge._util import public_module
-from trio_bridge._wire.codec import short_repr
 
 ClaimState = Literal["claimed", "running", "done", "conflict"]
 DEFAULT_IDEMPOTENCY_TTL = 3600.0  # seconds a key's record lives
@@ -46,13 +45,6 @@ class Claim:
     fingerprint: str
     token: str = ""
     record: bytes = b""
-
-
-def check_ttl(name: str, value: Any) -> float:
-    """``value``, a positive finite number of seconds (``name`` names it in the error)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise InvalidArgumentError(f"{name} must be a positive number of seconds, not {short_repr(value)}")
-    return float(value)
 
 
 def new_token() -> str:
@@ -83,10 +75,8 @@ class MemoryCalls:
     renewed claim if its lease lapsed; if every key is a running call's claim, it is refused."""
 
     def __init__(self, ttl: float = DEFAULT_IDEMPOTENCY_TTL, max_records: int = DEFAULT_MAX_IDEMPOTENCY_RECORDS) -> None:
-        self.ttl: float = check_ttl("idempotency_ttl", ttl)
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise InvalidArgumentError(f"max_idempotency_records must be a whole number >= 1, not {short_repr(max_records)}")
-        self.max_records: int = max_records
+        self.ttl: float = float(positive_seconds("idempotency_ttl", ttl))
+        self.max_records: int = whole(1)("max_idempotency_records", max_records)
         self._claims: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # claimed, not finished
         self._records: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # finished
 

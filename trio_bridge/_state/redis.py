@@ -51,9 +51,10 @@ import redis.exceptions
 import trio
 
 from trio_bridge._aio import Boundary, TransportError, open_boundary
+from trio_bridge._checks import positive_seconds, whole
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, StateUnavailableError
 from trio_bridge._state.backend import SessionInfo, StateBackend, Watcher
-from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, Claim, check_ttl, new_token
+from trio_bridge._state.calls import DEFAULT_IDEMPOTENCY_TTL, Claim, new_token
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._state.variables import HistoryEntry, UpdateKind, Variable, VariableStore, VariableUpdate
 from trio_bridge._util import public_module
@@ -225,17 +226,15 @@ class RedisBackend(StateBackend):
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise InvalidArgumentError(f"a Redis URL starts with redis://, rediss:// or unix://, not {codec.short_repr(url)}")
-        for name, value in (("lock_lease", lock_lease), ("timeout", timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise InvalidArgumentError(f"{name} must be a positive number of seconds, not {codec.short_repr(value)}")
-        if isinstance(log_length, bool) or not isinstance(log_length, int) or log_length < 2:
-            raise InvalidArgumentError(f"log_length must be a whole number >= 2, not {codec.short_repr(log_length)}")
+        for name, value in (("lock_lease", lock_lease), ("timeout", timeout), ("idempotency_ttl", idempotency_ttl)):
+            positive_seconds(name, value)
+        whole(2)("log_length", log_length)
         self.url: str = url
         self.prefix: str = prefix
         self.lock_lease: float | None = float(lock_lease)
         self.log_length: int = log_length
         self.timeout: float = float(timeout)
-        self.idempotency_ttl: float = check_ttl("idempotency_ttl", idempotency_ttl)
+        self.idempotency_ttl: float = float(idempotency_ttl)
         self.max_value_bytes: int | None = max_value_bytes
         # The pure store checks ids, TTLs and metadata exactly as the memory backend does.
         self._limits = SessionStore(
