@@ -332,13 +332,14 @@ class GrpcWorker:
             self._unanswered(call.call_id)
             raise
         if reply.error is not None:
-            if reply.error.kind == DRAINING:
-                raise self._refused(call)
-            raise exception_from(reply.error, call.tool)
+            raise self._call_error(reply.error, call)
         return reply.result
 
-    def _refused(self, call: ToolCall) -> CallNotStarted:
-        """It drains and refused ``call`` (it never started it): it takes no other."""
+    def _call_error(self, info: pb.ErrorInfo, call: ToolCall) -> Exception:
+        """What the worker's refusal or failure of ``call`` raises: :class:`CallNotStarted` if
+        it drains (it never started the call, and takes no other), else the call's error."""
+        if info.kind != DRAINING:
+            return exception_from(info, call.tool)
         self.lifecycle.drains()
         return CallNotStarted(f"worker {self.id} drains: it refused call {call.call_id}")
 
@@ -361,9 +362,7 @@ class GrpcWorker:
                         return None
                     except CallFailed as failed:  # the stream ended with the tool's failure
                         ended = True
-                        if failed.info.kind == DRAINING:
-                            raise self._refused(call) from None
-                        raise exception_from(failed.info, call.tool) from None
+                        raise self._call_error(failed.info, call) from None
                     return batch.chunks
 
                 yield next_batch
