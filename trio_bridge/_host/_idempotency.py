@@ -192,7 +192,7 @@ def _fingerprint(tool: str, arguments: dict[str, Any] | None, session_id: str) -
 def _canonical(value: Any) -> Any:
     """``value`` with every dict's keys sorted (the codec keeps their order); a non-str key is
     left for the codec to refuse."""
-    if type(value) is dict or isinstance(value, dict):
+    if isinstance(value, dict):
         items = list(value.items())
         if all(isinstance(k, str) for k, _ in items):
             items.sort(key=lambda item: item[0])
