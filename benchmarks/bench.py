@@ -116,6 +116,15 @@ from rich.table import Table
 import trio_bridge
 from benchmarks.adapters import plus_one, sample_sum
 from benchmarks.floor import StockFloor, noop
+from benchmarks.regression import (
+    BASELINE_REV,
+    percentiles,
+    pool_throughput,
+    pool_window,
+    session_rss,
+    stream_rate,
+    watch_fan_out,
+)
 
 ADAPTER = "benchmarks.adapters:Bench"
 NUMPY_ADAPTER = "benchmarks.adapters_numpy:BenchNumpy"
@@ -125,15 +134,6 @@ console = Console(width=140)
 # The baseline of the throughput target: calls/s with 64 in flight (async tool, concurrency 16,
 # 2 workers), as benchmarks/results.json recorded it at commit 7070995.
 THROUGHPUT_64_MEASURED_AT_7070995 = 1280.0
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_us": ordered[len(ordered) // 2] * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6,
-        "n": len(ordered),
-    }
 
 
 # ---- one call at a time: the pool, the stock floors and the peers, in interleaved rounds ----
@@ -233,6 +233,8 @@ def unary_figures(trips: dict[str, dict[str, float]]) -> dict[str, float]:
         "unary_pool_over_trio_parallel": pool / p50["trio_parallel"],
         "unary_pool_over_process_pool_executor": pool / p50["process_pool_executor"],
         "unary_pool_over_raw_socket": pool / p50["raw_socket"],
+        "unary_pool_async_over_trio_parallel": p50["pool_anoop"] / p50["trio_parallel"],
+        "unary_pool_async_over_raw_socket": p50["pool_anoop"] / p50["raw_socket"],
     }
 
 
@@ -262,34 +264,6 @@ def unary_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None
     r["throughput_64_over_grpclib_unary"] = t["pool_calls_per_s"] / t["floor_unary_calls_per_s"]
 
 
-async def _pool_window(pool: Any, in_flight: int, seconds: float, tool: str) -> tuple[int, float]:
-    """Calls completed by ``in_flight`` callers in about ``seconds``, and the seconds it took."""
-    done = 0
-    deadline = trio.current_time() + seconds
-
-    async def caller() -> None:
-        nonlocal done
-        while trio.current_time() < deadline:
-            await pool.execute(tool, {"x": 1})
-            done += 1
-
-    t0 = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(in_flight):
-            nursery.start_soon(caller)
-    return done, time.perf_counter() - t0
-
-
-async def pool_throughput(in_flight: int, seconds: float, concurrency: int, tool: str) -> float:
-    async with trio_bridge.open_pool(
-        ADAPTER, size=2, concurrency=concurrency, max_queue=256, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)
-    ) as pool:
-        done, elapsed = await _pool_window(pool, in_flight, seconds, tool)
-        return done / elapsed
-
-
-
-
 async def throughput_vs_floors(
     floor: StockFloor, in_flight: int, concurrency: int, tool: str, rounds: int, seconds: float
 ) -> dict[str, Any]:
@@ -300,12 +274,12 @@ async def throughput_vs_floors(
     async with trio_bridge.open_pool(
         ADAPTER, size=2, concurrency=concurrency, max_queue=256, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)
     ) as pool:
-        await _pool_window(pool, in_flight, 0.3, tool)
+        await pool_window(pool, in_flight, 0.3, tool)
         for kind in ("stream", "unary"):
             await trio.to_thread.run_sync(floor.throughput, kind, tool, in_flight, 0.3)
         windows: dict[str, list[tuple[int, float]]] = {"pool": [], "floor_stream": [], "floor_unary": []}
         for _ in range(rounds):
-            windows["pool"].append(await _pool_window(pool, in_flight, seconds, tool))
+            windows["pool"].append(await pool_window(pool, in_flight, seconds, tool))
             for kind in ("stream", "unary"):
                 f = await trio.to_thread.run_sync(floor.throughput, kind, tool, in_flight, seconds)
                 windows[f"floor_{kind}"].append((f["calls"], f["seconds"]))
@@ -319,17 +293,6 @@ async def throughput_vs_floors(
         **{f"{side}_calls_per_s": rate(w) for side, w in windows.items()},
         **{f"{side}_windows_calls_per_s": [c / t for c, t in w] for side, w in windows.items()},
     }
-
-
-async def stream_rate(tool: str, n: int) -> float:
-    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
-        t0 = time.perf_counter()
-        count = 0
-        async with pool.stream(tool, {"n": n}) as chunks:
-            async for _ in chunks:
-                count += 1
-        assert count == n
-        return n / (time.perf_counter() - t0)
 
 
 async def stream_memory(n: int) -> dict[str, float]:
@@ -672,49 +635,6 @@ def worker_import(repeats: int) -> dict[str, Any]:
 STACK_IMPORTS = "import asyncio, grpclib.server, grpclib.client, uvloop"
 
 
-def session_rss(sessions: int, variables: int) -> dict[str, Any]:
-    """``benchmarks/session_rss.py`` in a fresh process: earlier benchmarks' memory must not count."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.session_rss", "--sessions", str(sessions), "--variables", str(variables)],
-        check=True, cwd=ROOT, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-async def watch_fan_out(watchers: int, rounds: int) -> dict[str, Any]:
-    """Seconds from one ``set_variable`` until every one of ``watchers`` watchers has seen it,
-    through the host Session API; one write at a time (watch_fanout.py times the writer instead)."""
-    async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool, pool.session() as session:
-        await session.register_variable("temperature", "float", 0.0)
-        target = 0
-        seen = 0
-        all_seen = trio.Event()
-
-        async def watcher(task_status: trio.TaskStatus[None]) -> None:
-            nonlocal seen
-            async with session.watch_variables(["temperature"], include_initial=False) as updates:
-                task_status.started()
-                async for update in updates:
-                    if update.version >= target:
-                        seen += 1
-                        if seen == watchers:
-                            all_seen.set()
-
-        samples = []
-        async with trio.open_nursery() as nursery:
-            for _ in range(watchers):
-                await nursery.start(watcher)
-            for version in range(1, rounds + 1):
-                target, seen, all_seen = version, 0, trio.Event()
-                t0 = time.perf_counter()
-                await session.set_variable("temperature", float(version))
-                with trio.fail_after(60):
-                    await all_seen.wait()
-                samples.append(time.perf_counter() - t0)
-            nursery.cancel_scope.cancel()
-    return {"watchers": watchers, **percentiles(samples)}
-
-
 # ---- the targets of issue 9 that still measure what they say: (key, what, unit, comparison, target) ----
 LE, GE = operator.le, operator.ge
 TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], float]] = [
@@ -729,6 +649,31 @@ TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], float]] = [
     ("worker_import_seconds", "python -m trio_bridge.worker --help, minus bare python", "s", LE, 0.1),
     ("host_rss_mib_10k_sessions", "host RSS, 10,000 sessions x 10 variables", "MiB", LE, 200.0),
     ("watch_fanout_1000_p50_ms", "write until all 1,000 watchers saw it, p50", "ms", LE, 10.0),
+]
+
+# ---- issue 24: each target a ratio to its floor or peer measured in the same run (or, for the
+# remote transfer rates, a rate); (key, what, unit, comparison, target) ----
+PERFORMANCE_TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], float]] = [
+    ("unary_pool_over_trio_parallel", "one call p50, sync tool / trio_parallel.run_sync", "x", LE, 1.0),
+    ("unary_pool_async_over_trio_parallel", "one call p50, async tool / trio_parallel.run_sync", "x", LE, 1.0),
+    ("unary_pool_over_grpclib_stream", "one call p50, sync tool / stock grpclib, one bidi stream", "x", LE, 0.8),
+    ("unary_pool_over_grpclib_stream_async", "one call p50, async tool / stock grpclib, one bidi stream", "x", LE, 0.8),
+    ("array_100mb_plus_one_over_in_process", "100 MB float32 round trip, worker returns a + 1 / numpy in-process", "x", LE, 1.3),
+    ("ready_8_over_1_numpy", "time to ready, 8 workers / 1, numpy adapter with BLAS in setup(), pool defaults", "x", LE, 1.5),
+    ("ready_8_over_1_digits", "time to ready, 8 workers / 1, the main job's adapter (digits), pool defaults", "x", LE, 1.5),
+    ("worker_import_seconds", "spawned worker's import (python -m trio_bridge.worker --help, minus bare python)", "s", LE, 0.1),
+    ("remote_inband_100mb_tcp_gb_per_s", "100 MB in-band to a remote worker, plain TCP (1e8 B / round trip)", "GB/s", GE, 1.0),
+    ("remote_inband_100mb_tls_gb_per_s", "100 MB in-band to a remote worker, mutual TLS (1e8 B / round trip)", "GB/s", GE, 0.5),
+    ("stream_chunks_per_s_over_baseline", "no regression: stream chunks/s / the baseline commit's", "x", GE, 0.9),
+    ("throughput_64_in_flight_calls_per_s_over_baseline", "no regression: 64-in-flight calls/s / the baseline's", "x", GE, 0.9),
+    ("host_rss_mib_10k_sessions_over_baseline", "no regression: host RSS, 10,000 sessions / the baseline's", "x", LE, 1.1),
+    ("watch_fanout_1000_p50_ms_over_baseline", "no regression: 1,000-watcher fan-out p50 / the baseline's", "x", LE, 1.1),
+]
+#: reported beside the targets, without a target of their own
+PERFORMANCE_REPORTED = [
+    ("unary_pool_over_raw_socket", "one call p50, sync tool / raw Unix-socket ping-pong", "x"),
+    ("unary_pool_async_over_raw_socket", "one call p50, async tool / raw Unix-socket ping-pong", "x"),
+    ("worker_import_stack_floor_seconds", "the stack's own import (asyncio, grpclib, uvloop), minus bare python", "s"),
 ]
 
 #: the one-call-at-a-time table: (round_trips key, what, the pool's path it is compared with)
@@ -753,12 +698,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, no detail sections (about 1 minute)")
     parser.add_argument("--json", help="where to write the results (default: benchmarks/results.json; with --only, nowhere)")
     parser.add_argument("--only", choices=list(PARTS), help="run this part alone and print its figures")
+    parser.add_argument("--baseline", default=BASELINE_REV, help=f"the commit the no-regression figures are compared with (default {BASELINE_REV})")
     args = parser.parse_args()
     quick = args.quick
     started = time.perf_counter()
     r: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "quick": quick,
+        "quick": quick, "baseline": args.baseline,
     }
     if args.only:
         r["only"] = args.only
@@ -807,9 +753,17 @@ def main() -> None:
     _finish(r, started, args.json or os.path.join(os.path.dirname(__file__), "results.json"))
 
 
+def regression_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
+    """This tree against the baseline commit (``--baseline``), alternating rounds, into ``r``."""
+    from benchmarks.regression import FIGURES, compare
+
+    r["regression"] = step(f"no regression: this tree and {r['baseline']}, alternating", compare, r["baseline"], 1 if quick else 3)
+    r.update({f"{f}_over_baseline": r["regression"][f"{f}_over_baseline"] for f in FIGURES if "skipped" not in r["regression"]})
+
+
 #: the parts ``--only`` runs alone; the full run runs them first, in this order
 PARTS: dict[str, Callable[[dict[str, Any], bool, Callable[..., Any]], None]] = {
-    "unary": unary_part, "arrays": arrays_part, "ready": ready_part,
+    "unary": unary_part, "arrays": arrays_part, "ready": ready_part, "regression": regression_part,
 }
 
 
@@ -821,16 +775,38 @@ def _step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _finish(r: dict[str, Any], started: float, json_path: str | None) -> None:
-    r["targets"] = {
-        key: {"comparison": "<=" if cmp is LE else ">=", "target": target, "met": cmp(r[key], target)}
-        for key, _, _, cmp, target in TARGETS if key in r
-    }
+    r["targets"] = _targets(r, TARGETS)
+    r["performance_targets"] = _targets(r, PERFORMANCE_TARGETS)
     r["elapsed_s"] = time.perf_counter() - started
     show(r)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(r, f, indent=2)
         console.print(f"written to {json_path} ({r['elapsed_s']:.0f} s)")
+
+
+def _targets(r: dict[str, Any], targets: list[tuple[str, str, str, Callable[[float, float], bool], float]]) -> dict[str, Any]:
+    return {
+        key: {"value": r[key], "comparison": "<=" if cmp is LE else ">=", "target": target, "met": cmp(r[key], target)}
+        for key, _, _, cmp, target in targets if key in r
+    }
+
+
+def _targets_table(r: dict[str, Any], title: str, key: str, targets: list[tuple[str, str, str, Callable[[float, float], bool], float]],
+                   reported: list[tuple[str, str, str]] = []) -> None:  # noqa: B006 (never mutated)
+    table = Table(title=title)
+    for column in ("key", "measure", "value", "target", ""):
+        table.add_column(column, justify="right" if column in ("value", "target") else "left", no_wrap=column != "measure")
+    for name, what, unit, cmp, target in targets:
+        if name in r:
+            table.add_row(
+                name, what, f"{_number(r[name])} {unit}", f"{'≤' if cmp is LE else '≥'} {_number(target)} {unit}",
+                "[green]met[/]" if r[key][name]["met"] else "[red]missed[/]",
+            )
+    for name, what, unit in reported:
+        if name in r:
+            table.add_row(name, what, f"{_number(r[name])} {unit}", "", "[dim]reported[/]")
+    console.print(table)
 
 
 def show(r: dict[str, Any]) -> None:
@@ -885,16 +861,10 @@ def show(r: dict[str, Any]) -> None:
                           f"{m['8'] / m['1']:.2f} x")
         console.print(table)
     if r["targets"]:
-        targets = Table(title="issue 9 targets")
-        for column in ("key", "measure", "value", "target", ""):
-            targets.add_column(column, justify="right" if column in ("value", "target") else "left", no_wrap=column != "measure")
-        for key, what, unit, cmp, target in TARGETS:
-            if key in r:
-                targets.add_row(
-                    key, what, f"{_number(r[key])} {unit}", f"{'≤' if cmp is LE else '≥'} {_number(target)} {unit}",
-                    "[green]met[/]" if r["targets"][key]["met"] else "[red]missed[/]",
-                )
-        console.print(targets)
+        _targets_table(r, "issue 9 targets", "targets", TARGETS)
+    if r["performance_targets"]:
+        _targets_table(r, "performance targets (issue 24): ratios from this run", "performance_targets",
+                       PERFORMANCE_TARGETS, PERFORMANCE_REPORTED)
     if "session_rss" in r:
         show_detail(r)
 
