@@ -1,6 +1,6 @@
 """The benchmark harness: trio-bridge against stock parts and peers doing the same work, in one run.
 
-    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays|ready]
+    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays|ready|regression] [--baseline REV]
 
 It measures through the public API only (``open_pool``, ``pool.execute``, ``pool.stream``,
 sessions, ``pool.workers()``, ``pool.start_method``); the stock floors are processes of their
@@ -75,9 +75,17 @@ grpclib.client, uvloop``); ``host_rss_mib_10k_sessions`` (RSS of a fresh host pr
 10,000 sessions of 10 variables, ``benchmarks/session_rss.py``); ``watch_fanout_1000_p50_ms``
 (one ``set_variable`` until all of 1,000 watchers have seen it).
 
-``--only unary|arrays|ready`` runs that part alone (the same code and keys) and prints its
-figures; it writes JSON only to a ``--json`` given. ``targets`` holds each issue 9 target's
-value and whether it was met; the samples behind the figures stay in nested sections
+**No regression** (``benchmarks/regression.py``): stream chunks/s, 64-in-flight calls/s, the
+10,000-session host RSS and the 1,000-watcher fan-out of this tree and of the baseline commit
+(``--baseline``, default the commit before issue 24), each measured in fresh processes in
+alternating rounds of the same run: ``<figure>_over_baseline`` is this tree's median over the
+baseline's (``regression`` holds the samples; without git it says it was skipped).
+
+``--only unary|arrays|ready|regression`` runs that part alone (the same code and keys) and
+prints its figures; it writes JSON only to a ``--json`` given. ``performance_targets`` holds each
+issue 24 target (every one a ratio to its floor or peer in the same run, but the remote transfer
+rates and the spawned import, which are absolute) with its value, target and whether it was met;
+``targets`` holds each issue 9 target's value and whether it was met; the samples behind the figures stay in nested sections
 (``round_trips``, ``stock_floor``, ``throughput_64_vs_floors``, ``throughput_calls_per_s``,
 ``arrays``, ``time_to_ready``, ``stream_chunks_per_s_by_generator``, ``restart_s``,
 ``worker_import``, ``session_rss``, ``watch_fan_out``). The full run (about 5 minutes on 2
