@@ -62,16 +62,21 @@ turns). ``ready_1_s`` / ``ready_8_s`` / ``ready_8_over_1`` (an issue 9 target): 
 adapter ``benchmarks.adapters:Bench`` (its module imports nothing beyond trio_bridge; empty
 ``setup()``). ``ready_numpy_1_s`` / ``ready_numpy_8_s`` / ``ready_8_over_1_numpy``:
 ``benchmarks.adapters_numpy:BenchNumpy``, whose module imports numpy and whose ``setup()`` runs a
-256x256 matmul (BLAS), pool defaults: the pool spawns these workers when numpy's BLAS threads make
-its fork server unsafe (``time_to_ready.<adapter>.start_method``: ``pool.start_method``).
-``ready_8_over_1_numpy_openblas_1``: the numpy adapter with ``env={"OPENBLAS_NUM_THREADS": "1"}``.
+256x256 matmul (BLAS), pool defaults (the fork server holds OpenBLAS at one thread while it
+imports; each worker then gets a spawned worker's BLAS threads; the pool spawns these workers if
+its fork server is unsafe all the same: ``time_to_ready.<adapter>.start_method``:
+``pool.start_method``). ``ready_8_over_1_numpy_openblas_1``: the numpy adapter with
+``env={"OPENBLAS_NUM_THREADS": "1"}``. ``ready_digits_1_s`` / ``ready_digits_8_s`` /
+``ready_8_over_1_digits``: ``trio_bridge.examples.digits:Digits``, the adapter ``trio-bridge run``
+starts (numpy and scikit-learn; ``setup()`` loads the data set), pool defaults. The same part
+measures the worker's import: ``worker_import_seconds`` (a fresh ``python -m trio_bridge.worker
+--help``: what a spawned worker imports before its adapter, minus ``python -c pass``, median) and
+``worker_import_stack_floor_seconds`` (the same for ``import asyncio, grpclib.server,
+grpclib.client, uvloop``).
 
 **Other** (issue 9 targets): ``stream_chunks_per_s`` (chunks/s into a Trio consumer, the better
 of a sync and an async generator); ``restart_seconds`` (SIGKILL of one worker of a ready pool of
-2 until 2 are ready again, median); ``worker_import_seconds`` (a fresh ``python -m
-trio_bridge.worker --help``: what a worker imports before its adapter, minus ``python -c pass``,
-median) and ``worker_import_stack_floor_seconds`` (the same for ``import asyncio, grpclib.server,
-grpclib.client, uvloop``); ``host_rss_mib_10k_sessions`` (RSS of a fresh host process with
+2 until 2 are ready again, median); ``host_rss_mib_10k_sessions`` (RSS of a fresh host process with
 10,000 sessions of 10 variables, ``benchmarks/session_rss.py``); ``watch_fanout_1000_p50_ms``
 (one ``set_variable`` until all of 1,000 watchers have seen it).
 
@@ -119,6 +124,7 @@ from benchmarks.floor import StockFloor, noop
 
 ADAPTER = "benchmarks.adapters:Bench"
 NUMPY_ADAPTER = "benchmarks.adapters_numpy:BenchNumpy"
+DIGITS_ADAPTER = "trio_bridge.examples.digits:Digits"  # what `trio-bridge run` starts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 console = Console(width=140)
 
@@ -567,6 +573,7 @@ READY_ADAPTERS: dict[str, tuple[str, dict[str, str] | None]] = {
     "trivial": (ADAPTER, None),
     "numpy": (NUMPY_ADAPTER, None),
     "numpy_openblas_1": (NUMPY_ADAPTER, {"OPENBLAS_NUM_THREADS": "1"}),
+    "digits": (DIGITS_ADAPTER, None),
 }
 
 
@@ -597,7 +604,9 @@ async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, dict[
 
 
 def ready_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
-    ready = r["time_to_ready"] = step("time to ready, 1 and 8 workers, 3 adapters", time_to_ready, (1, 8), 2 if quick else 4)
+    ready = r["time_to_ready"] = step(
+        f"time to ready, 1 and 8 workers, {len(READY_ADAPTERS)} adapters", time_to_ready, (1, 8), 2 if quick else 4
+    )
     r.update({
         "ready_1_s": ready["trivial"]["median_s"]["1"],
         "ready_8_s": ready["trivial"]["median_s"]["8"],
@@ -607,7 +616,17 @@ def ready_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None
         "ready_8_over_1_numpy": ready["numpy"]["median_s"]["8"] / ready["numpy"]["median_s"]["1"],
         "ready_8_over_1_numpy_openblas_1":
             ready["numpy_openblas_1"]["median_s"]["8"] / ready["numpy_openblas_1"]["median_s"]["1"],
+        "ready_digits_1_s": ready["digits"]["median_s"]["1"],
+        "ready_digits_8_s": ready["digits"]["median_s"]["8"],
+        "ready_8_over_1_digits": ready["digits"]["median_s"]["8"] / ready["digits"]["median_s"]["1"],
     })
+    imports = r["worker_import"] = step("worker import", worker_import, 3 if quick else 7)
+    r["worker_import_seconds"] = imports["median_difference_s"]
+    r["worker_import_stack_floor_seconds"] = imports["stack_median_difference_s"]
+    console.print(
+        f"worker import (python -m trio_bridge.worker --help, minus bare python): {r['worker_import_seconds']:.3f} s; "
+        f"the stack alone ({STACK_IMPORTS}): {r['worker_import_stack_floor_seconds']:.3f} s"
+    )
 
 
 async def restart(pools: int) -> list[float]:
@@ -784,7 +803,6 @@ def main() -> None:
         "async_generator": _step("stream, async generator", stream_rate, "acount", chunks),
     }
     r["restart_s"] = _step("restart", restart, 2 if quick else 4)
-    r["worker_import"] = _step("worker import", worker_import, 3 if quick else 7)
     r["session_rss"] = _step("host RSS, sessions", session_rss, 10_000, 10)
     r["watch_fan_out"] = _step("watch fan-out", watch_fan_out, 1000, 30 if quick else 200)
     if not quick:
@@ -799,8 +817,6 @@ def main() -> None:
     r.update({
         "stream_chunks_per_s": max(r["stream_chunks_per_s_by_generator"].values()),
         "restart_seconds": statistics.median(r["restart_s"]),
-        "worker_import_seconds": r["worker_import"]["median_difference_s"],
-        "worker_import_stack_floor_seconds": r["worker_import"]["stack_median_difference_s"],
         "host_rss_mib_10k_sessions": r["session_rss"]["rss_mib"],
         "watch_fanout_1000_p50_ms": r["watch_fan_out"]["p50_us"] / 1000,
     })
