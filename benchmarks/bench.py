@@ -72,7 +72,9 @@ starts (numpy and scikit-learn; ``setup()`` loads the data set), pool defaults. 
 measures the worker's import: ``worker_import_seconds`` (a fresh ``python -m trio_bridge.worker
 --help``: what a spawned worker imports before its adapter, minus ``python -c pass``, median) and
 ``worker_import_stack_floor_seconds`` (the same for ``import asyncio, grpclib.server,
-grpclib.client, uvloop``).
+grpclib.client, uvloop``). The processes this part starts keep their compiled bytecode in a
+temporary cache of their own (``bytecode_cache``), as an installed package has it, and each
+adapter starts one untimed pool first.
 
 **Other** (issue 9 targets): ``stream_chunks_per_s`` (chunks/s into a Trio consumer, the better
 of a sync and an async generator); ``restart_seconds`` (SIGKILL of one worker of a ready pool of
@@ -96,6 +98,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -109,7 +112,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -579,15 +582,19 @@ READY_ADAPTERS: dict[str, tuple[str, dict[str, str] | None]] = {
 
 async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, dict[str, Any]]:
     """Seconds from ``open_pool`` until its block runs, for each of ``READY_ADAPTERS`` and
-    ``sizes``, all taking turns in each repeat (drift); and ``pool.start_method`` as it was."""
+    ``sizes``, all taking turns in each repeat (drift), after one untimed pool of each adapter
+    (its files read, its bytecode written); and ``pool.start_method`` as it was."""
     out: dict[str, dict[str, Any]] = {
         label: {"adapter": adapter, "env": env, "start_method": [], "seconds": {str(s): [] for s in sizes}}
         for label, (adapter, env) in READY_ADAPTERS.items()
     }
     quiet = logging.getLogger("trio_bridge")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)  # "workers start by spawn" (INFO), expected for numpy
+    quiet.setLevel(logging.WARNING)  # "workers start by spawn" (INFO), should a fork server refuse
     try:
+        for adapter, env in READY_ADAPTERS.values():
+            async with trio_bridge.open_pool(adapter, size=1, local=trio_bridge.LocalWorkers(env=env)):
+                pass
         for _ in range(repeats):
             for label, (adapter, env) in READY_ADAPTERS.items():
                 for size in sizes:
@@ -603,7 +610,33 @@ async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, dict[
     return out
 
 
+@contextlib.contextmanager
+def bytecode_cache() -> Iterator[None]:
+    """For the block, the processes this one starts read and write compiled bytecode in a cache of
+    their own (``PYTHONPYCACHEPREFIX``, a temporary folder removed afterwards), as an installed
+    package has it: this tree may have none (``PYTHONDONTWRITEBYTECODE``, or stale files), and a
+    process that compiles trio_bridge's modules first measures the compiler, not the start-up."""
+    names = ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench-bytecode-") as cache:
+        os.environ["PYTHONPYCACHEPREFIX"] = cache
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def ready_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
+    with bytecode_cache():
+        _ready_figures(r, quick, step)
+
+
+def _ready_figures(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
     ready = r["time_to_ready"] = step(
         f"time to ready, 1 and 8 workers, {len(READY_ADAPTERS)} adapters", time_to_ready, (1, 8), 2 if quick else 4
     )
@@ -673,8 +706,8 @@ def worker_import(repeats: int) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     worker = ("-m", "trio_bridge.worker", "--help")
-    wall(*worker)  # the first run reads the files from disk: not what a worker start pays
-    wall("-c", STACK_IMPORTS)
+    for warm_up in (worker, ("-c", STACK_IMPORTS), ("-c", "pass")):  # reads the files, writes their bytecode
+        wall(*warm_up)
     imports, stack, bare = [], [], []
     for _ in range(repeats):
         imports.append(wall(*worker))
