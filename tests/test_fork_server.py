@@ -131,6 +131,17 @@ async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_thr
     assert answers["forkserver"] == answers["spawn"] == [[expected], [expected]]
 
 
+@pytest.mark.real_process
+async def test_the_digits_example_forks_with_scikit_learn_preloaded():
+    """`trio-bridge run`'s adapter imports numpy and scikit-learn (two OpenBLAS, OpenMP) at module
+    level: its fork server stays single-threaded, so its workers fork."""
+    pytest.importorskip("sklearn")
+    async with trio_bridge.open_pool("trio_bridge.examples.digits:Digits", size=1) as pool:
+        assert pool.start_method == "forkserver"
+        held_out = await pool.execute("held_out")
+        assert held_out["images"].shape[1:] == (8, 8) and len(held_out["images"]) == len(held_out["labels"])
+
+
 def test_openblas_threads_wanted_follow_its_own_rules():
     from trio_bridge.worker._threads import hold_at_one, wanted_threads
 
