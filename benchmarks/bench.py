@@ -62,16 +62,23 @@ turns). ``ready_1_s`` / ``ready_8_s`` / ``ready_8_over_1`` (an issue 9 target): 
 adapter ``benchmarks.adapters:Bench`` (its module imports nothing beyond trio_bridge; empty
 ``setup()``). ``ready_numpy_1_s`` / ``ready_numpy_8_s`` / ``ready_8_over_1_numpy``:
 ``benchmarks.adapters_numpy:BenchNumpy``, whose module imports numpy and whose ``setup()`` runs a
-256x256 matmul (BLAS), pool defaults: the pool spawns these workers when numpy's BLAS threads make
-its fork server unsafe (``time_to_ready.<adapter>.start_method``: ``pool.start_method``).
-``ready_8_over_1_numpy_openblas_1``: the numpy adapter with ``env={"OPENBLAS_NUM_THREADS": "1"}``.
+256x256 matmul (BLAS), pool defaults (the fork server holds OpenBLAS at one thread while it
+imports; each worker then gets a spawned worker's BLAS threads; the pool spawns these workers if
+its fork server is unsafe all the same: ``time_to_ready.<adapter>.start_method``:
+``pool.start_method``). ``ready_8_over_1_numpy_openblas_1``: the numpy adapter with
+``env={"OPENBLAS_NUM_THREADS": "1"}``. ``ready_digits_1_s`` / ``ready_digits_8_s`` /
+``ready_8_over_1_digits``: ``trio_bridge.examples.digits:Digits``, the adapter ``trio-bridge run``
+starts (numpy and scikit-learn; ``setup()`` loads the data set), pool defaults. The same part
+measures the worker's import: ``worker_import_seconds`` (a fresh ``python -m trio_bridge.worker
+--help``: what a spawned worker imports before its adapter, minus ``python -c pass``, median) and
+``worker_import_stack_floor_seconds`` (the same for ``import asyncio, grpclib.server,
+grpclib.client, uvloop``). The processes this part starts keep their compiled bytecode in a
+temporary cache of their own (``bytecode_cache``), as an installed package has it, and each
+adapter starts one untimed pool first.
 
 **Other** (issue 9 targets): ``stream_chunks_per_s`` (chunks/s into a Trio consumer, the better
 of a sync and an async generator); ``restart_seconds`` (SIGKILL of one worker of a ready pool of
-2 until 2 are ready again, median); ``worker_import_seconds`` (a fresh ``python -m
-trio_bridge.worker --help``: what a worker imports before its adapter, minus ``python -c pass``,
-median) and ``worker_import_stack_floor_seconds`` (the same for ``import asyncio, grpclib.server,
-grpclib.client, uvloop``); ``host_rss_mib_10k_sessions`` (RSS of a fresh host process with
+2 until 2 are ready again, median); ``host_rss_mib_10k_sessions`` (RSS of a fresh host process with
 10,000 sessions of 10 variables, ``benchmarks/session_rss.py``); ``watch_fanout_1000_p50_ms``
 (one ``set_variable`` until all of 1,000 watchers have seen it).
 
@@ -99,6 +106,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -112,7 +120,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -136,6 +144,7 @@ from benchmarks.regression import (
 
 ADAPTER = "benchmarks.adapters:Bench"
 NUMPY_ADAPTER = "benchmarks.adapters_numpy:BenchNumpy"
+DIGITS_ADAPTER = "trio_bridge.examples.digits:Digits"  # what `trio-bridge run` starts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 console = Console(width=140)
 
@@ -538,20 +547,25 @@ READY_ADAPTERS: dict[str, tuple[str, dict[str, str] | None]] = {
     "trivial": (ADAPTER, None),
     "numpy": (NUMPY_ADAPTER, None),
     "numpy_openblas_1": (NUMPY_ADAPTER, {"OPENBLAS_NUM_THREADS": "1"}),
+    "digits": (DIGITS_ADAPTER, None),
 }
 
 
 async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, dict[str, Any]]:
     """Seconds from ``open_pool`` until its block runs, for each of ``READY_ADAPTERS`` and
-    ``sizes``, all taking turns in each repeat (drift); and ``pool.start_method`` as it was."""
+    ``sizes``, all taking turns in each repeat (drift), after one untimed pool of each adapter
+    (its files read, its bytecode written); and ``pool.start_method`` as it was."""
     out: dict[str, dict[str, Any]] = {
         label: {"adapter": adapter, "env": env, "start_method": [], "seconds": {str(s): [] for s in sizes}}
         for label, (adapter, env) in READY_ADAPTERS.items()
     }
     quiet = logging.getLogger("trio_bridge")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)  # "workers start by spawn" (INFO), expected for numpy
+    quiet.setLevel(logging.WARNING)  # "workers start by spawn" (INFO), should a fork server refuse
     try:
+        for adapter, env in READY_ADAPTERS.values():
+            async with trio_bridge.open_pool(adapter, size=1, local=trio_bridge.LocalWorkers(env=env)):
+                pass
         for _ in range(repeats):
             for label, (adapter, env) in READY_ADAPTERS.items():
                 for size in sizes:
@@ -567,8 +581,36 @@ async def time_to_ready(sizes: tuple[int, ...], repeats: int) -> dict[str, dict[
     return out
 
 
+@contextlib.contextmanager
+def bytecode_cache() -> Iterator[None]:
+    """For the block, the processes this one starts read and write compiled bytecode in a cache of
+    their own (``PYTHONPYCACHEPREFIX``, a temporary folder removed afterwards), as an installed
+    package has it: this tree may have none (``PYTHONDONTWRITEBYTECODE``, or stale files), and a
+    process that compiles trio_bridge's modules first measures the compiler, not the start-up."""
+    names = ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench-bytecode-") as cache:
+        os.environ["PYTHONPYCACHEPREFIX"] = cache
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def ready_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
-    ready = r["time_to_ready"] = step("time to ready, 1 and 8 workers, 3 adapters", time_to_ready, (1, 8), 2 if quick else 4)
+    with bytecode_cache():
+        _ready_figures(r, quick, step)
+
+
+def _ready_figures(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
+    ready = r["time_to_ready"] = step(
+        f"time to ready, 1 and 8 workers, {len(READY_ADAPTERS)} adapters", time_to_ready, (1, 8), 2 if quick else 4
+    )
     r.update({
         "ready_1_s": ready["trivial"]["median_s"]["1"],
         "ready_8_s": ready["trivial"]["median_s"]["8"],
@@ -578,7 +620,17 @@ def ready_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None
         "ready_8_over_1_numpy": ready["numpy"]["median_s"]["8"] / ready["numpy"]["median_s"]["1"],
         "ready_8_over_1_numpy_openblas_1":
             ready["numpy_openblas_1"]["median_s"]["8"] / ready["numpy_openblas_1"]["median_s"]["1"],
+        "ready_digits_1_s": ready["digits"]["median_s"]["1"],
+        "ready_digits_8_s": ready["digits"]["median_s"]["8"],
+        "ready_8_over_1_digits": ready["digits"]["median_s"]["8"] / ready["digits"]["median_s"]["1"],
     })
+    imports = r["worker_import"] = step("worker import", worker_import, 3 if quick else 7)
+    r["worker_import_seconds"] = imports["median_difference_s"]
+    r["worker_import_stack_floor_seconds"] = imports["stack_median_difference_s"]
+    console.print(
+        f"worker import (python -m trio_bridge.worker --help, minus bare python): {r['worker_import_seconds']:.3f} s; "
+        f"the stack alone ({STACK_IMPORTS}): {r['worker_import_stack_floor_seconds']:.3f} s"
+    )
 
 
 async def restart(pools: int) -> list[float]:
@@ -625,8 +677,8 @@ def worker_import(repeats: int) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     worker = ("-m", "trio_bridge.worker", "--help")
-    wall(*worker)  # the first run reads the files from disk: not what a worker start pays
-    wall("-c", STACK_IMPORTS)
+    for warm_up in (worker, ("-c", STACK_IMPORTS), ("-c", "pass")):  # reads the files, writes their bytecode
+        wall(*warm_up)
     imports, stack, bare = [], [], []
     for _ in range(repeats):
         imports.append(wall(*worker))
@@ -738,7 +790,6 @@ def main() -> None:
         "async_generator": _step("stream, async generator", stream_rate, "acount", chunks),
     }
     r["restart_s"] = _step("restart", restart, 2 if quick else 4)
-    r["worker_import"] = _step("worker import", worker_import, 3 if quick else 7)
     r["session_rss"] = _step("host RSS, sessions", session_rss, 10_000, 10)
     r["watch_fan_out"] = _step("watch fan-out", watch_fan_out, 1000, 30 if quick else 200)
     if not quick:
@@ -753,8 +804,6 @@ def main() -> None:
     r.update({
         "stream_chunks_per_s": max(r["stream_chunks_per_s_by_generator"].values()),
         "restart_seconds": statistics.median(r["restart_s"]),
-        "worker_import_seconds": r["worker_import"]["median_difference_s"],
-        "worker_import_stack_floor_seconds": r["worker_import"]["stack_median_difference_s"],
         "host_rss_mib_10k_sessions": r["session_rss"]["rss_mib"],
         "watch_fanout_1000_p50_ms": r["watch_fan_out"]["p50_us"] / 1000,
     })

@@ -21,6 +21,7 @@ from trio_bridge import InvalidArgumentError, Lifecycle, LocalWorkers, WorkerCra
 
 FORKED = "tests.fork_adapters:Forked"
 THREADED = "tests.threaded_adapter:Threaded"
+NUMPY_FORKED = "tests.numpy_fork_adapter:NumpyForked"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_MODULE = "trio_bridge.worker._forkserver"
 
@@ -98,8 +99,7 @@ async def test_per_worker_environment_applies_in_each_fork():
 
 @pytest.mark.real_process
 async def test_forked_workers_do_not_share_numpys_legacy_random_state():
-    env = {"OPENBLAS_NUM_THREADS": "1"}  # OpenBLAS starts no thread at import: the module forks
-    async with trio_bridge.open_pool("tests.numpy_fork_adapter:NumpyForked", size=2, local=LocalWorkers(env=env), concurrency=1) as pool:
+    async with trio_bridge.open_pool(NUMPY_FORKED, size=2, concurrency=1) as pool:
         assert pool.start_method == "forkserver"
         draws: list[list] = []
 
@@ -111,6 +111,50 @@ async def test_forked_workers_do_not_share_numpys_legacy_random_state():
             nursery.start_soon(draw)
         (pid_a, value_a), (pid_b, value_b) = draws
         assert pid_a != pid_b and value_a != value_b
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("env", [None, {"OMP_NUM_THREADS": "1"}], ids=["default", "omp_num_threads_1"])
+async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_threads_of_spawned_ones(env):
+    """numpy's OpenBLAS starts threads as it loads: the fork server holds it at one thread while it
+    imports, and each forked worker then has the BLAS threads a spawned worker has (its env's, or
+    OpenBLAS's default: one per CPU it may run on)."""
+    answers = {}
+    for method in ("forkserver", "spawn"):
+        local = LocalWorkers(env=env, start_method=method)  # type: ignore[arg-type]
+        async with trio_bridge.open_pool(NUMPY_FORKED, size=2, local=local) as pool:
+            assert pool.start_method == method
+            answers[method] = [await pool.execute("blas_threads") for _ in range(2)]
+            held = await pool.execute("env", {"name": "OPENBLAS_NUM_THREADS"})  # in the fork server only
+            assert held == os.environ.get("OPENBLAS_NUM_THREADS")
+    expected = 1 if env else len(os.sched_getaffinity(0))
+    assert answers["forkserver"] == answers["spawn"] == [[expected], [expected]]
+
+
+@pytest.mark.real_process
+async def test_the_digits_example_forks_with_scikit_learn_preloaded():
+    """`trio-bridge run`'s adapter imports numpy and scikit-learn (two OpenBLAS, OpenMP) at module
+    level: its fork server stays single-threaded, so its workers fork."""
+    pytest.importorskip("sklearn")
+    async with trio_bridge.open_pool("trio_bridge.examples.digits:Digits", size=1) as pool:
+        assert pool.start_method == "forkserver"
+        held_out = await pool.execute("held_out")
+        assert held_out["images"].shape[1:] == (8, 8) and len(held_out["images"]) == len(held_out["labels"])
+
+
+def test_openblas_threads_wanted_follow_its_own_rules():
+    from trio_bridge.worker._threads import hold_at_one, wanted_threads
+
+    assert wanted_threads({}, 8) == 8
+    assert wanted_threads({"OMP_NUM_THREADS": "4,2"}, 8) == 4
+    assert wanted_threads({"OPENBLAS_NUM_THREADS": "3", "OMP_NUM_THREADS": "2"}, 8) == 3
+    assert wanted_threads({"OPENBLAS_NUM_THREADS": "0", "GOTO_NUM_THREADS": "2"}, 8) == 2  # 0: unset
+    assert wanted_threads({"OMP_NUM_THREADS": "16"}, 8) == 8  # never more than the CPUs
+    assert wanted_threads({"OPENBLAS_NUM_THREADS": "many"}, 8) == 8
+    environ = {"OPENBLAS_NUM_THREADS": "2"}
+    assert not hold_at_one(environ) and environ == {"OPENBLAS_NUM_THREADS": "2"}  # the user's stays
+    environ = {}
+    assert hold_at_one(environ) and environ == {"OPENBLAS_NUM_THREADS": "1"}
 
 
 @pytest.mark.real_process

@@ -15,6 +15,11 @@ from typing import Any, cast
 
 import numpy as np
 
+# At module level, not in setup(): a pool's fork server imports this module once (~1 s for
+# scikit-learn), and each worker forked from it starts with it imported.
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
 from trio_bridge.worker import Adapter, SessionContext, tool
 
 _SEED = 0
@@ -32,9 +37,6 @@ class Digits(Adapter):
     _y_test: np.ndarray
 
     def setup(self) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         data: Any = load_digits()  # a Bunch
         images = data.images.astype(np.float32)  # (1797, 8, 8), pixel values 0..16
         labels = data.target.astype(np.int64)

@@ -73,6 +73,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from trio_bridge.worker._threads import ThreadPools, hold_at_one
+
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _MAX_REQUEST = 1 << 20  # bytes: a request carries the worker's whole environment
 _FDS_PER_REQUEST = 4  # stdin (read end), stdout, stderr (write ends), status socket
@@ -103,10 +105,13 @@ class _Worker:
 class ForkServer:
     """The server loop (in the fork server process) and the fork (in the child)."""
 
-    def __init__(self, control: socket.socket, run_worker: Callable[[list[str]], Any], prctl: Callable[..., int]) -> None:
+    def __init__(
+        self, control: socket.socket, run_worker: Callable[[list[str]], Any], prctl: Callable[..., int], pools: ThreadPools
+    ) -> None:
         self.control = control
         self.run_worker = run_worker
         self.prctl = prctl
+        self.pools = pools
         self.pid = os.getpid()
         self.workers: dict[int, _Worker] = {}
         self.by_fd: dict[int, _Worker] = {}
@@ -324,6 +329,7 @@ class ForkServer:
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in request["env"].items()})
         _reseed()
+        self.pools.set_for(os.environ)  # OpenBLAS's threads, held at one in the fork server: as spawned
         args = [str(a) for a in request["args"]]
         sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py"), *args]  # as -m sets it
         self.run_worker(args)  # calls os._exit
@@ -411,6 +417,7 @@ def main() -> None:
     parser.add_argument("--adapter", required=True, help="package.module:ClassName (its module is preloaded)")
     parser.add_argument("--spares", type=int, default=0, help="workers to fork ahead of the first requests")
     args = parser.parse_args()
+    hold_at_one(os.environ)  # before anything loads OpenBLAS: it starts no thread (each worker gets its own)
     control = socket.socket(fileno=os.dup(0))  # the host's control socket is our stdin
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -420,12 +427,17 @@ def main() -> None:
         return
     prctl = _die_with_host()
     run_worker = _preload(args.adapter)
+    try:
+        pools = ThreadPools()
+    except Exception as exc:
+        _send(control, {"fork": False, "reason": f"threadpoolctl could not find the BLAS thread pools ({exc!r})"})
+        return
     threads = thread_count()
     if threads > 1:
         _send(control, {"fork": False, "reason": f"{threads} threads after importing {args.adapter.partition(':')[0]}"})
         return
     gc.freeze()  # what is here now stays put (the collector leaves it alone): fewer pages copied into each worker
-    ForkServer(control, run_worker, prctl).serve(max(0, args.spares))
+    ForkServer(control, run_worker, prctl, pools).serve(max(0, args.spares))
 
 
 if __name__ == "__main__":
