@@ -478,6 +478,88 @@ async def remote_unary(n: int) -> dict[str, Any]:
     return out
 
 
+async def remote_inband(n_bytes: int, repeats: int, warm_ups: int) -> dict[str, Any]:
+    """Seconds per in-band round trip of an ``n_bytes`` float32 array to a remote worker
+    (``trio-bridge worker`` on 127.0.0.2, the host listening on 127.0.0.1), over plain TCP and
+    over TCP with mutual TLS: ``pool.execute("echo", {"value": a})``, median of ``repeats``
+    after ``warm_ups``.
+
+    ``echo`` is the headline because it measures the transport alone: the array crosses the
+    wire both ways (host → worker, worker → host: 2 × ``n_bytes``), the worker decodes and
+    encodes it but computes nothing. ``plus_one`` (its worker also checks a sample and
+    computes ``a + 1``, a new array) is timed on the same connection for comparison: the
+    difference is the worker's numpy work. Each call's array is new (a pattern plus the call's
+    number); outside the timing, the host checks that the echo equals what it sent and that
+    plus_one's result equals ``a + 1``. Remote pools move arrays in-band (no shared memory).
+    ``*_gb_per_s`` is ``n_bytes`` / 1e9 over the median round trip (one direction's bytes per
+    round trip, as the issue states it).
+    """
+    import pathlib
+    import secrets
+
+    import numpy as np
+
+    from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
+
+    pattern = (np.arange(n_bytes // 4, dtype=np.int64) % 1021).astype(np.float32)
+    out: dict[str, Any] = {"bytes": n_bytes}
+    with tempfile.TemporaryDirectory() as directory:
+        d = pathlib.Path(directory)
+        certs = Certificates.create(d)
+        token = secrets.token_hex(16)
+        write_token_file(d / "token", token)
+        for kind in ("tcp", "tls"):
+            tls = kind == "tls"
+            worker = RemoteWorkerProcess(
+                ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs if tls else None,
+            ).start()
+            remote = trio_bridge.RemoteWorkers(
+                addresses=[worker.address], token=token, listen="tcp://127.0.0.1:0", tls=certs.tls("host") if tls else None,
+            )
+            echo_s: list[float] = []
+            plus_one_s: list[float] = []
+            try:
+                async with trio_bridge.open_pool(
+                    ADAPTER, size=0, remote=remote, lifecycle=trio_bridge.Lifecycle(health_check_interval=0),
+                ) as pool:
+                    for i in range(warm_ups + repeats):
+                        a = pattern + np.float32(i)
+                        t0 = time.perf_counter()
+                        result = await pool.execute("echo", {"value": a})
+                        elapsed = time.perf_counter() - t0
+                        if result.shape != a.shape or result.dtype != a.dtype or not np.array_equal(result, a):
+                            raise RuntimeError(f"echo over {kind} returned other contents than it was sent")
+                        del result
+                        expected = sample_sum(a)
+                        t0 = time.perf_counter()
+                        result = await pool.execute("plus_one", {"a": a, "sample_sum": expected})
+                        plus_elapsed = time.perf_counter() - t0
+                        if result.shape != a.shape or not np.array_equal(result, a + np.float32(1)):
+                            raise RuntimeError(f"plus_one over {kind} returned other contents than a + 1")
+                        del result
+                        if i >= warm_ups:
+                            echo_s.append(elapsed)
+                            plus_one_s.append(plus_elapsed)
+            finally:
+                worker.kill()
+            out[kind] = {
+                "echo_s": echo_s, "plus_one_s": plus_one_s,
+                "echo_median_s": statistics.median(echo_s), "plus_one_median_s": statistics.median(plus_one_s),
+            }
+    return out
+
+
+def remote_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
+    inband = step("remote worker, in-band 100 MB: echo and plus_one over TCP and TLS",
+                  remote_inband, 100_000_000, 3 if quick else 5, 1)
+    r["remote_inband"] = inband
+    for kind in ("tcp", "tls"):
+        v = inband[kind]
+        r[f"remote_inband_100mb_{kind}_gb_per_s"] = inband["bytes"] / 1e9 / v["echo_median_s"]
+        r[f"remote_inband_100mb_{kind}_plus_one_gb_per_s"] = inband["bytes"] / 1e9 / v["plus_one_median_s"]
+        r[f"remote_inband_100mb_{kind}_echo_ms"] = v["echo_median_s"] * 1e3
+
+
 async def tools(n: int) -> dict[str, Any]:
     """Calls from a worker tool: to a host tool, and to another worker's tool."""
     async with trio_bridge.open_pool(ADAPTER, size=2, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
@@ -766,8 +848,9 @@ def main() -> None:
         _finish(r, started, args.json)
         return
     console.print(f"[bold]trio-bridge benchmarks[/]{' (quick)' if quick else ''}: about {1 if quick else 5} minutes")
-    for part in PARTS.values():
-        part(r, quick, _step)
+    for name, part in PARTS.items():
+        if not (quick and name in NOT_QUICK):
+            part(r, quick, _step)
     seconds = 1.0 if quick else 3.0
     configs = [(64, 1, "noop"), (64, 16, "noop")]
     if not quick:
@@ -809,8 +892,10 @@ def main() -> None:
 
 #: the parts ``--only`` runs alone; the full run runs them first, in this order
 PARTS: dict[str, Callable[[dict[str, Any], bool, Callable[..., Any]], None]] = {
-    "unary": unary_part, "arrays": arrays_part, "ready": ready_part,
+    "unary": unary_part, "arrays": arrays_part, "ready": ready_part, "remote": remote_part,
 }
+#: parts the full run runs and ``--quick`` skips (``--only`` runs them either way)
+NOT_QUICK = ("remote",)
 
 
 def _step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -873,6 +958,15 @@ def show(r: dict[str, Any]) -> None:
                     f"[dim]extra: echo, {label}: the host copies the argument in, the worker returns it "
                     "unread, the result is the host's own segment[/]", f"{v['echo_median_s'] * 1e3:,.1f} ms", "",
                 )
+        console.print(table)
+    if "remote_inband" in r:
+        v = r["remote_inband"]
+        table = Table(title=f"remote worker on 127.0.0.2, {v['bytes'] / 1e6:.0f} MB float32 in-band, round trip (median)")
+        for column in ("transport", "echo", "echo GB/s", "plus_one", "plus_one GB/s"):
+            table.add_column(column, justify="left" if column == "transport" else "right")
+        for kind, label in (("tcp", "plain TCP"), ("tls", "TCP + mutual TLS")):
+            e, p = v[kind]["echo_median_s"], v[kind]["plus_one_median_s"]
+            table.add_row(label, f"{e * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / e:.2f}", f"{p * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / p:.2f}")
         console.print(table)
     if "time_to_ready" in r:
         table = Table(title="time to ready (median)")
