@@ -115,6 +115,7 @@ from rich.table import Table
 
 import trio_bridge
 from benchmarks.adapters import plus_one, sample_sum
+from benchmarks.bulk_floor import bulk_round_trips
 from benchmarks.floor import StockFloor, noop
 
 ADAPTER = "benchmarks.adapters:Bench"
@@ -485,14 +486,17 @@ async def remote_inband(n_bytes: int, repeats: int, warm_ups: int) -> dict[str, 
     after ``warm_ups``.
 
     ``echo`` is the headline because it measures the transport alone: the array crosses the
-    wire both ways (host → worker, worker → host: 2 × ``n_bytes``), the worker decodes and
+    wire both ways (host → worker, worker → host: 2 x ``n_bytes``), the worker decodes and
     encodes it but computes nothing. ``plus_one`` (its worker also checks a sample and
     computes ``a + 1``, a new array) is timed on the same connection for comparison: the
     difference is the worker's numpy work. Each call's array is new (a pattern plus the call's
     number); outside the timing, the host checks that the echo equals what it sent and that
     plus_one's result equals ``a + 1``. Remote pools move arrays in-band (no shared memory).
     ``*_gb_per_s`` is ``n_bytes`` / 1e9 over the median round trip (one direction's bytes per
-    round trip, as the issue states it).
+    round trip, as the issue states it). The floor, right after each transport's calls: the same
+    ``n_bytes`` sent to an echo process on 127.0.0.2 that receives them all and sends them back,
+    blocking sockets, over plain TCP and over Python's ``ssl`` with the same certificates
+    (``benchmarks/bulk_floor.py``).
     """
     import pathlib
     import secrets
@@ -542,9 +546,15 @@ async def remote_inband(n_bytes: int, repeats: int, warm_ups: int) -> dict[str, 
                             plus_one_s.append(plus_elapsed)
             finally:
                 worker.kill()
+            worker_tls, host_tls = certs.tls("worker"), certs.tls("host")
+            floor_s = bulk_round_trips(
+                "127.0.0.2", n_bytes, repeats, server_tls=(worker_tls.cert, worker_tls.key, certs.ca) if tls else None,
+                client_tls=(host_tls.cert, host_tls.key, certs.ca) if tls else None,
+            )
             out[kind] = {
-                "echo_s": echo_s, "plus_one_s": plus_one_s,
+                "echo_s": echo_s, "plus_one_s": plus_one_s, "floor_s": floor_s,
                 "echo_median_s": statistics.median(echo_s), "plus_one_median_s": statistics.median(plus_one_s),
+                "floor_median_s": statistics.median(floor_s),
             }
     return out
 
@@ -558,6 +568,8 @@ def remote_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> Non
         r[f"remote_inband_100mb_{kind}_gb_per_s"] = inband["bytes"] / 1e9 / v["echo_median_s"]
         r[f"remote_inband_100mb_{kind}_plus_one_gb_per_s"] = inband["bytes"] / 1e9 / v["plus_one_median_s"]
         r[f"remote_inband_100mb_{kind}_echo_ms"] = v["echo_median_s"] * 1e3
+        r[f"remote_inband_100mb_{kind}_floor_gb_per_s"] = inband["bytes"] / 1e9 / v["floor_median_s"]
+        r[f"remote_inband_100mb_{kind}_over_floor"] = v["echo_median_s"] / v["floor_median_s"]
 
 
 async def tools(n: int) -> dict[str, Any]:
@@ -962,11 +974,12 @@ def show(r: dict[str, Any]) -> None:
     if "remote_inband" in r:
         v = r["remote_inband"]
         table = Table(title=f"remote worker on 127.0.0.2, {v['bytes'] / 1e6:.0f} MB float32 in-band, round trip (median)")
-        for column in ("transport", "echo", "echo GB/s", "plus_one", "plus_one GB/s"):
+        for column in ("transport", "echo", "echo GB/s", "plus_one", "plus_one GB/s", "raw socket floor", "floor GB/s", "echo / floor"):
             table.add_column(column, justify="left" if column == "transport" else "right")
         for kind, label in (("tcp", "plain TCP"), ("tls", "TCP + mutual TLS")):
-            e, p = v[kind]["echo_median_s"], v[kind]["plus_one_median_s"]
-            table.add_row(label, f"{e * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / e:.2f}", f"{p * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / p:.2f}")
+            e, p, f = v[kind]["echo_median_s"], v[kind]["plus_one_median_s"], v[kind]["floor_median_s"]
+            table.add_row(label, f"{e * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / e:.2f}", f"{p * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / p:.2f}",
+                          f"{f * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / f:.2f}", f"{e / f:.2f} x")
         console.print(table)
     if "time_to_ready" in r:
         table = Table(title="time to ready (median)")

@@ -75,7 +75,7 @@ def bulk_round_trips(
 ) -> list[float]:
     """Seconds per round trip of ``n`` bytes to an echo process on ``host`` (after one warm-up);
     with TLS when given (``(cert, key, ca)`` for each side), checked on the last one."""
-    data = memoryview(bytearray((i % 251 for i in range(256))) * (n // 256 + 1))[:n]
+    data = memoryview(bytearray(i % 251 for i in range(256)) * (n // 256 + 1))[:n]
     back = memoryview(bytearray(n))
     samples = []
     with echo_server(host, n, server_tls) as port:
