@@ -1,6 +1,6 @@
 """The benchmark harness: trio-bridge against stock parts and peers doing the same work, in one run.
 
-    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays|ready]
+    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays|ready|remote]
 
 It measures through the public API only (``open_pool``, ``pool.execute``, ``pool.stream``,
 sessions, ``pool.workers()``, ``pool.start_method``); the stock floors are processes of their
@@ -57,6 +57,15 @@ the timing, that the result equals ``a + 1`` computed itself. Medians after warm
   for 50 MiB in the gRPC stream (``shared_memory_threshold=None``);
   ``array_inband_mib_per_s``: 50 MiB over that median round trip (an issue 9 target).
 
+**Remote workers, in-band** (full run and ``--only remote``; not ``--quick``): a 100 MB float32
+array to a ``trio-bridge worker`` on 127.0.0.2 and back (``echo``; ``plus_one`` beside it), the
+host listening on 127.0.0.1, over plain TCP and over TCP with mutual TLS; contents checked
+outside the timing. ``remote_inband_100mb_tcp_gb_per_s`` / ``remote_inband_100mb_tls_gb_per_s``:
+1e8 bytes over the median ``echo`` round trip (an issue 24 target: >= 1 and >= 0.5);
+``..._plus_one_gb_per_s`` the same for ``plus_one``; ``..._echo_ms``; ``..._floor_gb_per_s``: a raw
+socket echo of the same bytes between two processes (blocking sockets, Python's ``ssl`` for TLS,
+``benchmarks/bulk_floor.py``) and ``..._over_floor``: the echo's median over the floor's.
+
 **Start-up** (median seconds from ``open_pool`` until its block runs; sizes and adapters take
 turns). ``ready_1_s`` / ``ready_8_s`` / ``ready_8_over_1`` (an issue 9 target): the trivial
 adapter ``benchmarks.adapters:Bench`` (its module imports nothing beyond trio_bridge; empty
@@ -75,7 +84,7 @@ grpclib.client, uvloop``); ``host_rss_mib_10k_sessions`` (RSS of a fresh host pr
 10,000 sessions of 10 variables, ``benchmarks/session_rss.py``); ``watch_fanout_1000_p50_ms``
 (one ``set_variable`` until all of 1,000 watchers have seen it).
 
-``--only unary|arrays|ready`` runs that part alone (the same code and keys) and prints its
+``--only unary|arrays|ready|remote`` runs that part alone (the same code and keys) and prints its
 figures; it writes JSON only to a ``--json`` given. ``targets`` holds each issue 9 target's
 value and whether it was met; the samples behind the figures stay in nested sections
 (``round_trips``, ``stock_floor``, ``throughput_64_vs_floors``, ``throughput_calls_per_s``,
