@@ -74,3 +74,21 @@ def test_an_argument_changed_after_encoding_is_sent_as_it_was_when_its_buffer_is
         assert numpy.array_equal(codec.decode(message), numpy.arange(MIB, dtype=numpy.float32) + i)
         del message
     assert buffers.kept_bytes()[0] > 0
+
+
+def test_idle_buffers_are_released_by_the_loop_that_received_them(monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(buffers, "IDLE_S", 0.05)
+
+    async def receive_then_idle() -> None:
+        held = buffers.empty(4 * MIB)
+        buffers.empty(8 * MIB)
+        assert buffers.kept_bytes() == (12 * MIB, 8 * MIB)
+        await asyncio.sleep(0.3)  # nothing else happens: the free one goes, the held one stays
+        assert buffers.kept_bytes() == (4 * MIB, 0)
+        del held
+        await asyncio.sleep(0.3)
+        assert buffers.kept_bytes() == (0, 0)
+
+    asyncio.run(receive_then_idle())

@@ -16,12 +16,14 @@ change under it. On builds without the GIL (or without ``sys.getrefcount``) noth
 
 What is kept: at most :data:`KEEP_BYTES` in all (the least recently used free buffer goes
 first; buffers still in use are forgotten, not freed, when more is needed); a free buffer
-unused for :data:`IDLE_S` seconds is released at the next :func:`empty` of this process.
-:data:`KEEP_ENV` sets the first (bytes; ``0``: keep none).
+unused for :data:`IDLE_S` seconds is released, by a timer on the asyncio loop that last
+received a big message (each side's transport runs on one), or else at the next
+:func:`empty`. :data:`KEEP_ENV` sets the first (bytes; ``0``: keep none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -69,12 +71,14 @@ class _Kept:
 
 _lock = threading.Lock()
 _kept: list[_Kept] = []
+_timer: asyncio.TimerHandle | None = None  # the pending _timed_trim, on _timer_loop
+_timer_loop: asyncio.AbstractEventLoop | None = None
 
 
 def empty(size: int) -> Any:
-    """A writable numpy ``uint8`` array of ``size`` bytes (contents undefined; 64-byte aligned):
-    a kept buffer's start when one of at least ``size`` and at most twice that is free, else new
-    memory (kept for later when it is big enough)."""
+    """A writable numpy ``uint8`` array of ``size`` bytes (contents undefined; aligned as
+    numpy's own): a kept buffer's start when one of at least ``size`` and at most about twice
+    that is free, else new memory (kept for later when it is big enough)."""
     import numpy
 
     if size < MIN_BYTES or not _REUSE or KEEP_BYTES < size:
@@ -93,7 +97,30 @@ def empty(size: int) -> Any:
         best.used = now
         view = best.buffer[:size]
         _trim(now)
+        _arm_timer()
         return view
+
+
+def _arm_timer() -> None:
+    """Have the running asyncio loop, if any, release idle buffers in ``IDLE_S`` (one timer at
+    a time; a new one when the loop it was on has closed). Called with the lock held."""
+    global _timer, _timer_loop
+    if _timer is not None and _timer_loop is not None and not _timer_loop.is_closed():
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # a thread without a loop (Trio's, a tool's): the next receive arms it
+        return
+    _timer, _timer_loop = loop.call_later(IDLE_S, _timed_trim), loop
+
+
+def _timed_trim() -> None:
+    global _timer
+    with _lock:
+        _timer = None
+        _trim(time.monotonic())
+        if _kept:
+            _arm_timer()
 
 
 def _trim(now: float) -> None:
