@@ -4,7 +4,7 @@ and then sends them back, blocking sockets, nothing of ours.
 
     python -m benchmarks.bulk_floor serve HOST N [CERT KEY CA]   # prints its port, then echoes
 
-:func:`bulk_round_trips` runs the client side.
+:class:`BulkEcho` is the client side.
 """
 
 from __future__ import annotations
@@ -69,31 +69,45 @@ def echo_server(host: str, n: int, tls: tuple[str, str, str] | None) -> Iterator
         process.wait()
 
 
-def bulk_round_trips(
-    host: str, n: int, repeats: int, *, server_tls: tuple[str, str, str] | None = None,
-    client_tls: tuple[str, str, str] | None = None, server_name: str | None = None,
-) -> list[float]:
-    """Seconds per round trip of ``n`` bytes to an echo process on ``host`` (after one warm-up);
-    with TLS when given (``(cert, key, ca)`` for each side), checked on the last one."""
-    data = memoryview(bytearray(i % 251 for i in range(256)) * (n // 256 + 1))[:n]
-    back = memoryview(bytearray(n))
-    samples = []
-    with echo_server(host, n, server_tls) as port:
-        sock = socket.create_connection((host, port))
+class BulkEcho:
+    """A connection to a ``serve`` process on ``host`` for ``n``-byte round trips (TLS when given:
+    ``(cert, key, ca)`` for each side); use it as a context manager."""
+
+    def __init__(
+        self, host: str, n: int, *, server_tls: tuple[str, str, str] | None = None,
+        client_tls: tuple[str, str, str] | None = None, server_name: str | None = None,
+    ) -> None:
+        self.host, self.n, self.server_tls, self.client_tls, self.server_name = host, n, server_tls, client_tls, server_name
+        self.data = memoryview(bytearray(i % 251 for i in range(256)) * (n // 256 + 1))[:n]
+        self.back = memoryview(bytearray(n))
+        self._stack = contextlib.ExitStack()
+        self._sock: socket.socket | None = None
+
+    def __enter__(self) -> BulkEcho:
+        port = self._stack.enter_context(echo_server(self.host, self.n, self.server_tls))
+        sock = socket.create_connection((self.host, port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if client_tls is not None:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=client_tls[2])
-            context.load_cert_chain(client_tls[0], client_tls[1])
-            sock = context.wrap_socket(sock, server_hostname=server_name or host)
-        with sock:
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                _send(sock, data)
-                _receive(sock, back)
-                samples.append(time.perf_counter() - t0)
-    if back != data:
-        raise RuntimeError("the bulk echo came back changed")
-    return samples[1:]
+        if self.client_tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.client_tls[2])
+            context.load_cert_chain(self.client_tls[0], self.client_tls[1])
+            sock = context.wrap_socket(sock, server_hostname=self.server_name or self.host)
+        self._sock = self._stack.enter_context(sock)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def round_trip(self) -> float:
+        """Seconds to send the ``n`` bytes and receive them back; raises if they came back changed."""
+        assert self._sock is not None
+        self.back[:1] = b"\xff"  # the first byte sent is 0
+        t0 = time.perf_counter()
+        _send(self._sock, self.data)
+        _receive(self._sock, self.back)
+        elapsed = time.perf_counter() - t0
+        if self.back[:4096] != self.data[:4096] or self.back[-4096:] != self.data[-4096:]:
+            raise RuntimeError("the bulk echo came back changed")
+        return elapsed
 
 
 if __name__ == "__main__":
