@@ -1,10 +1,10 @@
 """Big buffers of in-band messages, reused once nothing refers to them any more.
 
-A 100 MB array sent in-band lands in fresh memory three times per round trip on each side's
-account (the sender's snapshot of the argument, the receiver's buffer for the message, the
-result's snapshot and buffer on the way back), and the kernel zeroes every fresh page on first
-touch: as much CPU as copying it (perf: ``clear_page_erms`` was ~20 % of each side's time at
-100 MB over TCP, more over TLS). :func:`empty` hands out such buffers from a few kept ones
+A 100 MB array sent in-band to a worker and returned lands in fresh memory four times: the
+host's snapshot of the argument (the codec's), the worker's buffer for the request, the
+worker's snapshot of the result, the host's buffer for the reply; and the kernel zeroes every
+fresh page on first touch, as much CPU as copying it (perf: ``clear_page_erms`` was ~20 % of
+each side's CPU time for a 100 MB round trip over TCP to a remote worker, more over TLS). :func:`empty` hands out such buffers from a few kept ones
 (numpy's memory: huge pages) whenever one is free, and new ones otherwise.
 
 Free means that nothing but this module refers to the buffer: everything made of one (the
@@ -103,9 +103,9 @@ def empty(size: int) -> Any:
 
 def _arm_timer() -> None:
     """Have the running asyncio loop, if any, release idle buffers in ``IDLE_S`` (one timer at
-    a time; a new one when the loop it was on has closed). Called with the lock held."""
+    a time; a new one when the loop it was on no longer runs). Called with the lock held."""
     global _timer, _timer_loop
-    if _timer is not None and _timer_loop is not None and not _timer_loop.is_closed():
+    if _timer is not None and _timer_loop is not None and _timer_loop.is_running():
         return
     try:
         loop = asyncio.get_running_loop()
