@@ -64,7 +64,8 @@ outside the timing. ``remote_inband_100mb_tcp_gb_per_s`` / ``remote_inband_100mb
 1e8 bytes over the median ``echo`` round trip (an issue 24 target: >= 1 and >= 0.5);
 ``..._plus_one_gb_per_s`` the same for ``plus_one``; ``..._echo_ms``; ``..._floor_gb_per_s``: a raw
 socket echo of the same bytes between two processes (blocking sockets, Python's ``ssl`` for TLS,
-``benchmarks/bulk_floor.py``) and ``..._over_floor``: the echo's median over the floor's.
+``benchmarks/bulk_floor.py``), run in the same rounds, and ``..._over_floor``: the median of each
+round's echo over its floor (above 1: the pool is slower).
 
 **Start-up** (median seconds from ``open_pool`` until its block runs; sizes and adapters take
 turns). ``ready_1_s`` / ``ready_8_s`` / ``ready_8_over_1`` (an issue 9 target): the trivial
