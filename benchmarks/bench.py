@@ -1,6 +1,6 @@
 """The benchmark harness: trio-bridge against stock parts and peers doing the same work, in one run.
 
-    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays|ready|regression] [--baseline REV]
+    python -m benchmarks.bench [--quick] [--json PATH] [--only unary|arrays|ready|remote|regression] [--baseline REV]
 
 It measures through the public API only (``open_pool``, ``pool.execute``, ``pool.stream``,
 sessions, ``pool.workers()``, ``pool.start_method``); the stock floors are processes of their
@@ -57,6 +57,16 @@ the timing, that the result equals ``a + 1`` computed itself. Medians after warm
   for 50 MiB in the gRPC stream (``shared_memory_threshold=None``);
   ``array_inband_mib_per_s``: 50 MiB over that median round trip (an issue 9 target).
 
+**Remote workers, in-band** (full run and ``--only remote``; not ``--quick``): a 100 MB float32
+array to a ``trio-bridge worker`` on 127.0.0.2 and back (``echo``; ``plus_one`` beside it), the
+host listening on 127.0.0.1, over plain TCP and over TCP with mutual TLS; contents checked
+outside the timing. ``remote_inband_100mb_tcp_gb_per_s`` / ``remote_inband_100mb_tls_gb_per_s``:
+1e8 bytes over the median ``echo`` round trip (an issue 24 target: >= 1 and >= 0.5);
+``..._plus_one_gb_per_s`` the same for ``plus_one``; ``..._echo_ms``; ``..._floor_gb_per_s``: a raw
+socket echo of the same bytes between two processes (blocking sockets, Python's ``ssl`` for TLS,
+``benchmarks/bulk_floor.py``), run in the same rounds, and ``..._over_floor``: the median of each
+round's echo over its floor (above 1: the pool is slower).
+
 **Start-up** (median seconds from ``open_pool`` until its block runs; sizes and adapters take
 turns). ``ready_1_s`` / ``ready_8_s`` / ``ready_8_over_1`` (an issue 9 target): the trivial
 adapter ``benchmarks.adapters:Bench`` (its module imports nothing beyond trio_bridge; empty
@@ -88,7 +98,7 @@ of a sync and an async generator); ``restart_seconds`` (SIGKILL of one worker of
 alternating rounds of the same run: ``<figure>_over_baseline`` is this tree's median over the
 baseline's (``regression`` holds the samples; without git it says it was skipped).
 
-``--only unary|arrays|ready|regression`` runs that part alone (the same code and keys) and
+``--only unary|arrays|ready|remote|regression`` runs that part alone (the same code and keys) and
 prints its figures; it writes JSON only to a ``--json`` given. ``performance_targets`` holds each
 issue 24 target (every one a ratio to its floor or peer in the same run, but the remote transfer
 rates and the spawned import, which are absolute) with its value, target and whether it was met;
@@ -131,6 +141,7 @@ from rich.table import Table
 
 import trio_bridge
 from benchmarks.adapters import plus_one, sample_sum
+from benchmarks.bulk_floor import BulkEcho
 from benchmarks.floor import StockFloor, noop
 from benchmarks.regression import (
     BASELINE_REV,
@@ -458,6 +469,106 @@ async def remote_unary(n: int) -> dict[str, Any]:
     return out
 
 
+async def remote_inband(n_bytes: int, repeats: int, warm_ups: int) -> dict[str, Any]:
+    """Seconds per in-band round trip of an ``n_bytes`` float32 array to a remote worker
+    (``trio-bridge worker`` on 127.0.0.2, the host listening on 127.0.0.1), over plain TCP and
+    over TCP with mutual TLS: ``pool.execute("echo", {"value": a})``, median of ``repeats``
+    after ``warm_ups``.
+
+    ``echo`` is the headline because it measures the transport alone: the array crosses the
+    wire both ways (host → worker, worker → host: 2 x ``n_bytes``), the worker decodes and
+    encodes it but computes nothing. ``plus_one`` (its worker also checks a sample and
+    computes ``a + 1``, a new array) is timed on the same connection for comparison: the
+    difference is the worker's numpy work. Each call's array is new (a pattern plus the call's
+    number); outside the timing, the host checks that the echo equals what it sent and that
+    plus_one's result equals ``a + 1``. Remote pools move arrays in-band (no shared memory).
+    ``*_gb_per_s`` is ``n_bytes`` / 1e9 over the median round trip (one direction's bytes per
+    round trip, as the issue states it). The floor, in the same rounds (each round: echo,
+    plus_one, the floor's round trip, so that the machine's drift falls on all alike): the same
+    ``n_bytes`` sent to an echo process on 127.0.0.2 that receives them all and sends them back,
+    blocking sockets (the host's Trio thread blocks meanwhile: nothing else runs), over plain TCP
+    and over Python's ``ssl`` with the same certificates (``benchmarks/bulk_floor.py``);
+    ``echo_over_floor_median``: the median of each round's echo over its floor.
+    """
+    import pathlib
+    import secrets
+
+    import numpy as np
+
+    from trio_bridge.testing import Certificates, RemoteWorkerProcess, free_port, write_token_file
+
+    pattern = (np.arange(n_bytes // 4, dtype=np.int64) % 1021).astype(np.float32)
+    out: dict[str, Any] = {"bytes": n_bytes}
+    with tempfile.TemporaryDirectory() as directory:
+        d = pathlib.Path(directory)
+        certs = Certificates.create(d)
+        token = secrets.token_hex(16)
+        write_token_file(d / "token", token)
+        worker_tls, host_tls = certs.tls("worker"), certs.tls("host")
+        for kind in ("tcp", "tls"):
+            tls = kind == "tls"
+            worker = RemoteWorkerProcess(
+                ADAPTER, f"tcp://127.0.0.2:{free_port('127.0.0.2')}", d / "token", certificates=certs if tls else None,
+            ).start()
+            remote = trio_bridge.RemoteWorkers(
+                addresses=[worker.address], token=token, listen="tcp://127.0.0.1:0", tls=host_tls if tls else None,
+            )
+            floor = BulkEcho(
+                "127.0.0.2", n_bytes, server_tls=(worker_tls.cert, worker_tls.key, certs.ca) if tls else None,
+                client_tls=(host_tls.cert, host_tls.key, certs.ca) if tls else None,
+            )
+            echo_s: list[float] = []
+            plus_one_s: list[float] = []
+            floor_s: list[float] = []
+            try:
+                with floor:
+                    async with trio_bridge.open_pool(
+                        ADAPTER, size=0, remote=remote, lifecycle=trio_bridge.Lifecycle(health_check_interval=0),
+                    ) as pool:
+                        for i in range(warm_ups + repeats):  # each round: the pool's calls, then the floor's
+                            a = pattern + np.float32(i)
+                            t0 = time.perf_counter()
+                            result = await pool.execute("echo", {"value": a})
+                            elapsed = time.perf_counter() - t0
+                            if result.shape != a.shape or result.dtype != a.dtype or not np.array_equal(result, a):
+                                raise RuntimeError(f"echo over {kind} returned other contents than it was sent")
+                            del result
+                            expected = sample_sum(a)
+                            t0 = time.perf_counter()
+                            result = await pool.execute("plus_one", {"a": a, "sample_sum": expected})
+                            plus_elapsed = time.perf_counter() - t0
+                            if result.shape != a.shape or not np.array_equal(result, a + np.float32(1)):
+                                raise RuntimeError(f"plus_one over {kind} returned other contents than a + 1")
+                            del result
+                            floor_elapsed = floor.round_trip()
+                            if i >= warm_ups:
+                                echo_s.append(elapsed)
+                                plus_one_s.append(plus_elapsed)
+                                floor_s.append(floor_elapsed)
+            finally:
+                worker.kill()
+            out[kind] = {
+                "echo_s": echo_s, "plus_one_s": plus_one_s, "floor_s": floor_s,
+                "echo_median_s": statistics.median(echo_s), "plus_one_median_s": statistics.median(plus_one_s),
+                "floor_median_s": statistics.median(floor_s),
+                "echo_over_floor_median": statistics.median(e / f for e, f in zip(echo_s, floor_s, strict=True)),
+            }
+    return out
+
+
+def remote_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
+    inband = step("remote worker, in-band 100 MB: echo and plus_one over TCP and TLS",
+                  remote_inband, 100_000_000, 3 if quick else 5, 1)
+    r["remote_inband"] = inband
+    for kind in ("tcp", "tls"):
+        v = inband[kind]
+        r[f"remote_inband_100mb_{kind}_gb_per_s"] = inband["bytes"] / 1e9 / v["echo_median_s"]
+        r[f"remote_inband_100mb_{kind}_plus_one_gb_per_s"] = inband["bytes"] / 1e9 / v["plus_one_median_s"]
+        r[f"remote_inband_100mb_{kind}_echo_ms"] = v["echo_median_s"] * 1e3
+        r[f"remote_inband_100mb_{kind}_floor_gb_per_s"] = inband["bytes"] / 1e9 / v["floor_median_s"]
+        r[f"remote_inband_100mb_{kind}_over_floor"] = v["echo_over_floor_median"]
+
+
 async def tools(n: int) -> dict[str, Any]:
     """Calls from a worker tool: to a host tool, and to another worker's tool."""
     async with trio_bridge.open_pool(ADAPTER, size=2, lifecycle=trio_bridge.Lifecycle(health_check_interval=0)) as pool:
@@ -772,8 +883,9 @@ def main() -> None:
         _finish(r, started, args.json)
         return
     console.print(f"[bold]trio-bridge benchmarks[/]{' (quick)' if quick else ''}: about {1 if quick else 5} minutes")
-    for part in PARTS.values():
-        part(r, quick, _step)
+    for name, part in PARTS.items():
+        if not (quick and name in NOT_QUICK):
+            part(r, quick, _step)
     seconds = 1.0 if quick else 3.0
     configs = [(64, 1, "noop"), (64, 16, "noop")]
     if not quick:
@@ -820,8 +932,10 @@ def regression_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) ->
 
 #: the parts ``--only`` runs alone; the full run runs them first, in this order
 PARTS: dict[str, Callable[[dict[str, Any], bool, Callable[..., Any]], None]] = {
-    "unary": unary_part, "arrays": arrays_part, "ready": ready_part, "regression": regression_part,
+    "unary": unary_part, "arrays": arrays_part, "ready": ready_part, "remote": remote_part, "regression": regression_part,
 }
+#: parts the full run runs and ``--quick`` skips (``--only`` runs them either way)
+NOT_QUICK = ("remote",)
 
 
 def _step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -906,6 +1020,16 @@ def show(r: dict[str, Any]) -> None:
                     f"[dim]extra: echo, {label}: the host copies the argument in, the worker returns it "
                     "unread, the result is the host's own segment[/]", f"{v['echo_median_s'] * 1e3:,.1f} ms", "",
                 )
+        console.print(table)
+    if "remote_inband" in r:
+        v = r["remote_inband"]
+        table = Table(title=f"remote worker on 127.0.0.2, {v['bytes'] / 1e6:.0f} MB float32 in-band, round trip (median)")
+        for column in ("transport", "echo", "echo GB/s", "plus_one", "plus_one GB/s", "raw socket floor", "floor GB/s", "echo / floor"):
+            table.add_column(column, justify="left" if column == "transport" else "right")
+        for kind, label in (("tcp", "plain TCP"), ("tls", "TCP + mutual TLS")):
+            e, p, f = v[kind]["echo_median_s"], v[kind]["plus_one_median_s"], v[kind]["floor_median_s"]
+            table.add_row(label, f"{e * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / e:.2f}", f"{p * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / p:.2f}",
+                          f"{f * 1e3:,.1f} ms", f"{v['bytes'] / 1e9 / f:.2f}", f"{v[kind]['echo_over_floor_median']:.2f} x")
         console.print(table)
     if "time_to_ready" in r:
         table = Table(title="time to ready (median)")

@@ -117,6 +117,27 @@ async def test_a_remote_worker_over_tls_serves_calls_streams_host_tools_and_vari
 
 
 @pytest.mark.real_process
+async def test_big_in_band_arrays_cross_tls_intact_and_a_kept_result_survives_the_calls_after_it(certs, remote):
+    """Arrays of tens of MB travel in-band over mutual TLS (their receive buffers are reused once
+    dropped, see _wire/buffers.py): each arrives intact, a result the caller keeps is not changed
+    by the calls after it, and changing an argument after its call does not change the result."""
+    async with trio_bridge.open_pool(ADAPTER, **_options(certs, remote, size=0)) as pool:
+        pattern = np.arange(6_000_000, dtype=np.float32)  # 24 MB
+        kept = []
+        for i in range(5):
+            value = pattern + i
+            result = await pool.execute("echo", {"value": value})
+            value += 1000
+            assert result.dtype == np.float32 and np.array_equal(result, pattern + i)
+            result[:10] = -1  # a result is the caller's to write
+            if i % 2 == 0:
+                kept.append((i, result))
+            del result
+        for i, result in kept:
+            assert np.array_equal(result[10:], pattern[10:] + i) and (result[:10] == -1).all()
+
+
+@pytest.mark.real_process
 async def test_a_wrong_token_or_a_certificate_of_another_ca_is_refused_and_cancellation_reaches_it(tmp_path, certs, remote):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)

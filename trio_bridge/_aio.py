@@ -574,6 +574,7 @@ class CallStream:
                     if not self._replies:
                         loop.call_soon(self._hand_over)
                     self._replies.append(result)
+                    del result  # not held while the next one arrives: its big buffer may be reused then (buffers.py)
             finally:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, *_TRANSPORT_ERRORS):

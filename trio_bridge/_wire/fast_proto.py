@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import betterproto2
 from betterproto2 import Message
 
+from trio_bridge._wire import buffers
+
 if TYPE_CHECKING:
     from betterproto2 import FieldMetadata
 
@@ -271,9 +273,7 @@ def _writable_copy(slices: list[memoryview], size: int) -> Any:
     ``bytes``). Its memory is numpy's, which asks the kernel for huge pages for big buffers:
     50 MiB took 18 ms against ``bytes``' 35-48 ms (page faults), and a caller that wants an
     array of it needs no second copy to have a writable one."""
-    import numpy
-
-    buffer: Any = numpy.empty(size, dtype=numpy.uint8)  # numpy's stubs do not say it is a buffer
+    buffer: Any = buffers.empty(size)  # numpy's stubs do not say it is a buffer
     out = memoryview(buffer).cast("B")
     pos = 0
     for piece in slices:
@@ -292,9 +292,7 @@ def owned_buffer(size: int, head: Any) -> Owned:
     placed so that the big value :func:`_big_value_offset` finds in ``head`` starts
     ``_PLACE``-aligned, then :func:`parse` needs no copy of it. The caller fills the buffer
     (``buffers[0]``) before parsing it."""
-    import numpy
-
-    raw: Any = numpy.empty(size + _PLACE, dtype=numpy.uint8)
+    raw: Any = buffers.empty(size + _PLACE)
     start = raw.__array_interface__["data"][0]
     offset = _big_value_offset(memoryview(head).cast("B"), size) or 0
     shift = -(start + offset) % _PLACE
