@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import itertools
 import math
 import mmap
@@ -81,9 +82,6 @@ MAPPINGS_KEPT = 512 << 20
 #: holds a file descriptor).
 MAX_HELD = 512
 _counter = itertools.count()
-#: sys.getrefcount(root) in _hand_over while the caller's array is root's only view: the array's
-#: ``base``, the local name ``base`` and getrefcount's own argument.
-_ROOT_REFERENCES = 3
 
 
 def _capacity(nbytes: int) -> int:
@@ -293,16 +291,15 @@ class SharedMemoryPlane:
         """Send an array of :meth:`empty` as it is, made read-only (with its root, so that no
         view made later can write either); ``None`` for any other array, or for one of which
         other writable views are alive (the caller copies it)."""
-        base = array.base
-        if base is None or not array.flags.c_contiguous:
+        if array.base is None or not array.flags.c_contiguous:
             return None
-        for segment in self._segments:
-            if segment.root() is not base:
+        for segment in self._segments:  # (no name is bound to the root here: it would count as a view)
+            if segment.root() is not array.base:
                 continue
-            if base.flags.writeable:
-                if sys.getrefcount(base) > _ROOT_REFERENCES:  # other views of it: they could write it
+            if array.base.flags.writeable:
+                if _base_references(array) > _alone():  # other views of it: they could write it
                     return None
-                base.flags.writeable = False
+                array.base.flags.writeable = False
                 array.flags.writeable = False
             generation = _FIELDS.unpack_from(segment.map, 0)[1]
             _FIELDS.pack_into(segment.map, 0, _SENT, generation, time.time())
@@ -503,6 +500,21 @@ class SharedMemoryPlane:
 
 #: The plane used when a codec call is not given one: set once by a worker process at start-up.
 default_plane: SharedMemoryPlane | None = None
+
+
+def _base_references(array: Any) -> int:
+    """References to ``array.base`` (a root array: every view of it holds one)."""
+    base = array.base
+    return sys.getrefcount(base)
+
+
+@functools.cache
+def _alone() -> int:
+    """What :func:`_base_references` counts for an array that is its root's only view: measured,
+    not assumed, as interpreters count a call's own references differently (3.14 borrows some)."""
+    import numpy
+
+    return _base_references(numpy.frombuffer(bytearray(8), numpy.uint8).reshape(8))
 
 
 def empty(plane: SharedMemoryPlane | None, shape: Any, dtype: Any = float) -> Any:
