@@ -47,6 +47,7 @@ import functools
 import itertools
 import math
 import mmap
+import operator
 import os
 import re
 import secrets
@@ -517,6 +518,27 @@ def _alone() -> int:
     return _base_references(numpy.frombuffer(bytearray(8), numpy.uint8).reshape(8))
 
 
+def _extents(shape: Any) -> tuple[int, ...] | None:
+    """``shape`` as a tuple of ints >= 0 (numpy's integers count, bools do not), or ``None``."""
+    if isinstance(shape, (str, bytes)):
+        return None
+    try:
+        operator.index(shape)
+        items = [shape]
+    except TypeError:
+        try:
+            items = list(shape)
+        except TypeError:
+            return None
+    try:
+        extents = tuple(operator.index(n) for n in items)
+    except TypeError:
+        return None
+    if any(isinstance(n, bool) for n in items) or any(n < 0 for n in extents):
+        return None
+    return extents
+
+
 def empty(plane: SharedMemoryPlane | None, shape: Any, dtype: Any = float) -> Any:
     """A new writable numpy array to fill and send without a copy (``pool.empty``, ``ctx.empty``):
     on a segment of ``plane`` when it has one and the array reaches its threshold, else a plain
@@ -532,13 +554,8 @@ def empty(plane: SharedMemoryPlane | None, shape: Any, dtype: Any = float) -> An
     """
     import numpy
 
-    extents: tuple[Any, ...] | None = None
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        extents = (shape,)
-    elif not isinstance(shape, (bool, str, bytes)):
-        with contextlib.suppress(TypeError):
-            extents = tuple(shape)
-    if extents is None or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in extents):
+    extents = _extents(shape)
+    if extents is None:
         raise InvalidArgumentError(f"shape must be an int or a sequence of ints >= 0, not {shape!r:.80}")
     try:
         kind = numpy.dtype(dtype)
@@ -547,6 +564,8 @@ def empty(plane: SharedMemoryPlane | None, shape: Any, dtype: Any = float) -> An
     if kind.hasobject or kind.fields is not None or kind.subdtype is not None:
         raise InvalidArgumentError(f"dtype {kind} cannot travel (object or structured); use a plain numeric, bool, str or datetime dtype")
     nbytes = math.prod(extents) * kind.itemsize
+    if nbytes > sys.maxsize:
+        raise InvalidArgumentError(f"an array of shape {extents} and dtype {kind} would take {nbytes} bytes: more than any machine has")
     if plane is None or nbytes < max(plane.threshold, 1):
         return numpy.empty(extents, kind)
     return plane.empty(extents, kind)
