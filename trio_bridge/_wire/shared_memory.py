@@ -335,7 +335,7 @@ class SharedMemoryPlane:
                 break
         if chosen is None:
             chosen = self._new_segment(_capacity(nbytes))
-        if sum(s.capacity for s in self._segments) > FREE_BYTES_KEPT:
+        if self._unlent_bytes() > FREE_BYTES_KEPT:
             self._trim(chosen, now)
         return chosen
 
@@ -360,14 +360,18 @@ class SharedMemoryPlane:
         return segment
 
     def _trim(self, keep: _Segment, now: float) -> None:
-        """Remove reusable segments, largest first, until at most FREE_BYTES_KEPT are left."""
-        total = sum(s.capacity for s in self._segments)
+        """Remove reusable segments, largest first, until at most FREE_BYTES_KEPT are left
+        (buffers the program holds, from :meth:`empty`, do not count: they are not free)."""
+        total = self._unlent_bytes()
         for segment in sorted(self._segments, key=lambda s: s.capacity, reverse=True):
             if total <= FREE_BYTES_KEPT:
                 break
             if segment is not keep and segment.root() is None and segment.lock_if_reusable(now, self.max_age):
                 self._drop(segment)
                 total -= segment.capacity
+
+    def _unlent_bytes(self) -> int:
+        return sum(s.capacity for s in self._segments if s.root() is None)
 
     def _drop(self, segment: _Segment) -> None:
         self._segments.remove(segment)
