@@ -171,7 +171,9 @@ class Pool(metaclass=NoPublicConstructor):
         call changes what the worker read; ``numpy.array(a)`` gives a writable copy. Send the
         array ``empty`` returned (or, once it is read-only, any contiguous view of it): an array of
         which another view is alive when it is first sent is copied instead, as that view could
-        still write it. Its memory is reused once it and every worker's view of it are gone.
+        still write it (a raw pointer, ``memoryview`` or ctypes object over it is not a view numpy
+        knows of: do not write through one once it is sent). Its memory is reused once it and
+        every worker's view of it are gone.
 
         Args:
             shape: an int or a sequence of ints >= 0 (elements).

@@ -31,7 +31,8 @@ copy. Sending it *hands it over*: the array becomes read-only for good (numpy re
 ``ValueError: assignment destination is read-only``), so nothing its sender does later changes
 what its reader got (the receiver's guarantee, kept without a copy, as Arrow's plasma seals an
 object). Only while no other view of the array is alive: a view made before the send could still
-write, so such an array is copied like any other. The segment is reused once the sender's array
+write, so such an array is copied like any other (raw buffer exports, a ``memoryview`` or a
+pointer, are not tracked: the docstrings tell users not to write through them). The segment is reused once the sender's array
 and every reader's are gone. (Copy-on-write instead, by remapping the sender's pages private,
 measured 3.5 ms per 100 MB to remap, and the sender's next fill of the buffer then faults every
 page: slower than the copy it saves.)

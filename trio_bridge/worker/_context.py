@@ -103,7 +103,8 @@ class SessionContext(metaclass=NoPublicConstructor):
 
         Returning it makes it read-only for good (later writes raise ``ValueError: assignment
         destination is read-only``), so the caller's result never changes after the call; an
-        array of which another view is alive when it is returned is copied instead.
+        array of which another view is alive when it is returned is copied instead (a raw
+        pointer or ``memoryview`` over it is not such a view: do not write through one later).
 
         Args:
             shape: an int or a sequence of ints >= 0 (elements).
