@@ -49,6 +49,13 @@ the timing, that the result equals ``a + 1`` computed itself. Medians after warm
   memory (pool default: arrays of 1 MiB and more), argument and result;
 - ``array_100mb_plus_one_in_process_ms``: the same function (the sample check and ``a + 1``) in
   the host process, on the same arrays; ``array_100mb_plus_one_over_in_process``: the ratio;
+- ``array_100mb_plus_one_buffers_ms``: the same computation with the zero-copy buffers: the
+  argument (same contents) in a ``pool.empty`` array, filled before the timing (as the in-process
+  argument is made before its timing), and ``plus_one_into``, which writes ``a + 1`` into a
+  ``ctx.empty`` array that travels back without a copy; timed from the call until the result
+  array is in hand; ``array_100mb_plus_one_buffers_over_in_process``: its ratio to the in-process
+  figure (issue 24, target 2). ``array_100mb_plus_one_ms`` stays the plain ``return a + 1`` of an
+  ordinary array (one copy each way);
 - ``array_100mb_echo_ms`` (extra row, not a transfer figure): ``echo`` of the same array: the
   host copies the argument into its shared-memory segment, the worker returns it unread, and the
   result is that same segment of the host's handed back (the worker reads, computes and copies
@@ -585,7 +592,8 @@ async def tools(n: int) -> dict[str, Any]:
 # ---- arrays: a new array computed from the argument, checked on both sides, next to numpy in-process ----
 async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: int | None, echo: bool) -> dict[str, Any]:
     """Seconds per ``pool.execute("plus_one", ...)`` of an ``n_bytes`` float32 array (and per
-    in-process ``plus_one`` of the same array; with ``echo``, per ``echo`` of it too).
+    in-process ``plus_one`` of the same array; with ``echo``, per ``echo`` of it too, and per
+    ``plus_one_into`` of the same contents in a ``pool.empty`` buffer).
 
     Each call's array is new (a pattern plus the call's number, exact in float32), so a stale or
     echoed result cannot pass the host's check. ``warm_ups`` full-size calls come first: fresh
@@ -598,6 +606,7 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
     pool_s: list[float] = []
     local_s: list[float] = []
     echo_s: list[float] = []
+    buffers_s: list[float] = []
     warm: list[float] = []
     async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0), local=trio_bridge.LocalWorkers(shared_memory_threshold=threshold)) as pool:
         await pool.execute("plus_one", {"a": pattern[:10], "sample_sum": sample_sum(pattern[:10])})
@@ -612,12 +621,17 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
             local_elapsed = time.perf_counter() - t0
             if result.shape != a.shape or result.dtype != a.dtype or not np.array_equal(result, local):
                 raise RuntimeError(f"plus_one returned {result.dtype}{result.shape}, not the {a.dtype}{a.shape} a + 1")
-            del result, local
+            del result
             if i < warm_ups:
                 warm.append(elapsed)
+                if echo:
+                    await _plus_one_buffers(pool, pattern, i, expected, local)
                 continue
             pool_s.append(elapsed)
             local_s.append(local_elapsed)
+            if echo:
+                buffers_s.append(await _plus_one_buffers(pool, pattern, i, expected, local))
+            del local
             if echo:
                 t0 = time.perf_counter()
                 result = await pool.execute("echo", {"value": a})
@@ -631,8 +645,28 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
         "median_s": statistics.median(pool_s), "in_process_median_s": statistics.median(local_s),
     }
     if echo:
-        out |= {"echo_s": echo_s, "echo_median_s": statistics.median(echo_s)}
+        out |= {"echo_s": echo_s, "echo_median_s": statistics.median(echo_s),
+                "buffers_s": buffers_s, "buffers_median_s": statistics.median(buffers_s)}
     return out
+
+
+async def _plus_one_buffers(pool: Any, pattern: Any, i: int, expected: float, local: Any) -> float:
+    """Seconds per ``pool.execute("plus_one_into", ...)``: the argument (the same contents as
+    ``plus_one``'s) filled into a ``pool.empty`` buffer beforehand, as a program builds its
+    array; the worker writes ``a + 1`` into a ``ctx.empty`` array. The result is checked
+    against ``local`` outside the timing."""
+    import numpy as np
+
+    buffer = pool.empty(pattern.shape, pattern.dtype)
+    np.add(pattern, np.float32(i), out=buffer)
+    t0 = time.perf_counter()
+    result = await pool.execute("plus_one_into", {"a": buffer, "sample_sum": expected})
+    elapsed = time.perf_counter() - t0
+    if result.shape != local.shape or result.dtype != local.dtype or not np.array_equal(result, local):
+        raise RuntimeError(f"plus_one_into returned {result.dtype}{result.shape}, not the {local.dtype}{local.shape} a + 1")
+    if buffer.flags.writeable:
+        raise RuntimeError("a pool.empty buffer stayed writable after it was sent")
+    return elapsed
 
 
 def arrays_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> None:
@@ -646,6 +680,8 @@ def arrays_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> Non
         "array_100mb_plus_one_in_process_ms": shared["in_process_median_s"] * 1e3,
         "array_100mb_plus_one_over_in_process": shared["median_s"] / shared["in_process_median_s"],
         "array_100mb_echo_ms": shared["echo_median_s"] * 1e3,
+        "array_100mb_plus_one_buffers_ms": shared["buffers_median_s"] * 1e3,
+        "array_100mb_plus_one_buffers_over_in_process": shared["buffers_median_s"] / shared["in_process_median_s"],
         "array_inband_50mib_plus_one_ms": inband["median_s"] * 1e3,
         "array_inband_50mib_plus_one_in_process_ms": inband["in_process_median_s"] * 1e3,
         "array_inband_mib_per_s": 50 / inband["median_s"],
@@ -1015,6 +1051,9 @@ def show(r: dict[str, Any]) -> None:
             ratio = v["median_s"] / v["in_process_median_s"]
             table.add_row(f"pool.execute plus_one, {label}", f"{v['median_s'] * 1e3:,.1f} ms", f"{ratio:.2f} x")
             table.add_row(f"numpy in-process plus_one, {label}", f"{v['in_process_median_s'] * 1e3:,.1f} ms", "")
+            if "buffers_median_s" in v:
+                table.add_row(f"pool.execute plus_one_into, {label}: pool.empty argument, ctx.empty result",
+                              f"{v['buffers_median_s'] * 1e3:,.1f} ms", f"{v['buffers_median_s'] / v['in_process_median_s']:.2f} x")
             if "echo_median_s" in v:
                 table.add_row(
                     f"[dim]extra: echo, {label}: the host copies the argument in, the worker returns it "

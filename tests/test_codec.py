@@ -363,6 +363,47 @@ def test_a_received_array_sent_on_passes_its_segment_along_without_a_copy(tmp_pa
     assert host.segment_count() == 2
 
 
+def test_an_empty_buffer_is_handed_over_without_a_copy_and_is_read_only_from_then_on(tmp_path):
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane, empty
+
+    host, worker = SharedMemoryPlane(str(tmp_path), 1024), SharedMemoryPlane(str(tmp_path), 1024)
+    a = empty(host, (100, 10), np.float32)
+    a[...] = np.arange(1000, dtype=np.float32).reshape(100, 10)
+    received = decode(encode({"a": a}, plane=host), plane=worker)
+    received["part"] = decode(encode(a[50:], plane=host), plane=worker)  # read-only now: any view goes as it is
+    assert host.segment_count() == 1  # the buffer's own segment: nothing was copied
+    assert np.array_equal(received["a"], a) and np.array_equal(received["part"], a[50:])
+    with pytest.raises(ValueError, match="read-only"):
+        a[0, 0] = -1.0
+    with pytest.raises(ValueError, match="read-only"):
+        a.reshape(-1)[0] = -1.0  # views made later cannot write either
+    b = empty(host, 1000, np.float64)
+    view = b[::2]  # alive when `b` is sent: it could still write, so `b` is copied
+    b[:] = 1.0
+    received_b = decode(encode(b, plane=host), plane=worker)
+    view[:] = 2.0
+    assert host.segment_count() == 3 and b.flags.writeable and (received_b == 1.0).all()
+    del received, received_b
+    gc.collect()
+    c = empty(host, (100, 10), np.float32)  # takes the copy's segment, read and let go
+    d = empty(host, (100, 10), np.float32)  # a new one: `a`, `b` and `c` hold the others
+    assert host.segment_count() == 4
+    del a, c, d
+    gc.collect()
+    kept = [empty(host, (100, 10), np.float32) for _ in range(3)]
+    assert host.segment_count() == 4 and len(kept) == 3  # reused, now that senders and readers let go
+
+
+def test_empty_below_the_threshold_or_without_a_plane_is_numpy_empty(plane):
+    from trio_bridge._wire.shared_memory import empty
+
+    for small in [empty(plane, 3, "int8"), empty(None, (1000, 1000), np.float32)]:
+        assert small.flags.owndata and small.flags.writeable
+    assert plane.segment_count() == 0
+    encode(empty(plane, 16, "<i8"), plane=plane)  # 128 bytes: in-band
+    assert plane.segment_count() == 0
+
+
 def test_shared_memory_references_are_refused_without_a_plane_or_outside_it(plane):
     payload = encode(np.zeros(1000), plane=plane)
     with pytest.raises(ValueError, match="this side has none"):

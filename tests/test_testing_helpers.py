@@ -386,3 +386,14 @@ def test_a_remote_worker_that_says_nothing_is_killed_after_the_start_timeout(tmp
         worker.start(timeout=0.5)
     assert time.monotonic() - started < 10
     assert worker.process is not None and worker.process.poll() is not None  # killed and reaped
+
+
+async def test_buffers_are_plain_arrays_in_an_adapter_pool():
+    """``pool.empty`` and ``ctx.empty`` work without shared memory: plain numpy arrays, copied."""
+    import numpy as np
+
+    async with open_adapter_pool("tests.buffer_adapters:Buffers") as pool:
+        a = pool.empty((4, 3), "float32")
+        a[...] = 2.0
+        result = await pool.execute("plus_one_into", {"a": a})
+        assert result.dtype == np.float32 and (result == 3.0).all() and a.flags.writeable

@@ -68,6 +68,7 @@ from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
+from trio_bridge._wire import shared_memory
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import ALLOWED_UIDS_ENV
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
@@ -158,6 +159,34 @@ class Pool(metaclass=NoPublicConstructor):
         (keyword-only, not passed to the target): as for :meth:`execute`."""
         arguments = {"target": target, "args": list(args), "kwargs": kwargs}
         return await self._calls.execute("call", arguments, idempotency_key=idempotency_key)
+
+    def empty(self, shape: int | tuple[int, ...], dtype: Any = float) -> Any:
+        """A new writable numpy array (like ``numpy.empty``; contents arbitrary: fill all of it)
+        that a call takes as an argument **without a copy**: it lives in the pool's shared memory
+        (at least ``shared_memory_threshold`` bytes; smaller, or in a pool without shared memory,
+        it is a plain ``numpy.empty`` array, copied when sent like any other).
+
+        **Sending it makes it read-only for good** (numpy then refuses writes with ``ValueError:
+        assignment destination is read-only``), so nothing the program does during or after the
+        call changes what the worker read; ``numpy.array(a)`` gives a writable copy. Send the
+        array ``empty`` returned (or, once it is read-only, any contiguous view of it): an array of
+        which another view is alive when it is first sent is copied instead, as that view could
+        still write it (a raw pointer, ``memoryview`` or ctypes object over it is not a view numpy
+        knows of: do not write through one once it is sent). Its memory is reused once it and
+        every worker's view of it are gone.
+
+        Args:
+            shape: an int or a sequence of ints >= 0 (elements).
+            dtype: a numpy dtype (or what ``numpy.dtype`` takes), neither object nor structured.
+
+        Raises:
+            InvalidArgumentError: ``shape`` or ``dtype`` is not one of those.
+            PoolClosedError: the pool is closing.
+            OSError: ``/dev/shm`` is full (``ENOSPC``).
+        """
+        if self._supervisor.closing:
+            raise PoolClosedError("the pool is closed: its shared memory is gone")
+        return shared_memory.empty(self._plane, shape, dtype)
 
     def stream(
         self, tool: str, arguments: dict[str, Any] | None = None, *, buffer_size: int = 64

@@ -17,6 +17,7 @@ from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, Trio
 from trio_bridge._state.types import VariableType
 from trio_bridge._state.variables import HistoryEntry, Variable, VariableUpdate
 from trio_bridge._util import NoPublicConstructor
+from trio_bridge._wire import shared_memory
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -91,6 +92,29 @@ class SessionContext(metaclass=NoPublicConstructor):
     def time_remaining(self) -> float | None:
         """Seconds left until :attr:`deadline` (may be negative), or ``None`` without one."""
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    # ---- arrays ----
+    def empty(self, shape: int | tuple[int, ...], dtype: Any = float) -> Any:
+        """A new writable numpy array (like ``numpy.empty``; contents arbitrary: fill all of it)
+        that the tool returns **without a copy**: it lives in the pool's shared memory (at least
+        the pool's ``shared_memory_threshold`` bytes; smaller, or without shared memory, e.g. a
+        remote worker, it is a plain ``numpy.empty`` array, copied like any other). Write the
+        result into it (``numpy.add(a, 1, out=out)``) and return it, or a contiguous view of it.
+
+        Returning it makes it read-only for good (later writes raise ``ValueError: assignment
+        destination is read-only``), so the caller's result never changes after the call; an
+        array of which another view is alive when it is returned is copied instead (a raw
+        pointer or ``memoryview`` over it is not such a view: do not write through one later).
+
+        Args:
+            shape: an int or a sequence of ints >= 0 (elements).
+            dtype: a numpy dtype (or what ``numpy.dtype`` takes), neither object nor structured.
+
+        Raises:
+            InvalidArgumentError: ``shape`` or ``dtype`` is not one of those.
+            OSError: ``/dev/shm`` is full (``ENOSPC``).
+        """
+        return shared_memory.empty(shared_memory.default_plane, shape, dtype)
 
     def _cancel(self) -> None:
         self._cancelled.set()
