@@ -865,7 +865,8 @@ PERFORMANCE_TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], f
     ("unary_pool_async_over_trio_parallel", "one call p50, async tool / trio_parallel.run_sync", "x", LE, 1.0),
     ("unary_pool_over_grpclib_stream", "one call p50, sync tool / stock grpclib, one bidi stream", "x", LE, 0.8),
     ("unary_pool_over_grpclib_stream_async", "one call p50, async tool / stock grpclib, one bidi stream", "x", LE, 0.8),
-    ("array_100mb_plus_one_over_in_process", "100 MB float32 round trip, worker returns a + 1 / numpy in-process", "x", LE, 1.3),
+    ("array_100mb_plus_one_buffers_over_in_process",
+     "100 MB float32 round trip, a + 1 in pool.empty / ctx.empty buffers / numpy in-process", "x", LE, 1.3),
     ("ready_8_over_1_numpy", "time to ready, 8 workers / 1, numpy adapter with BLAS in setup(), pool defaults", "x", LE, 1.5),
     ("ready_8_over_1_digits", "time to ready, 8 workers / 1, the main job's adapter (digits), pool defaults", "x", LE, 1.5),
     ("worker_import_seconds", "spawned worker's import (python -m trio_bridge.worker --help, minus bare python)", "s", LE, 0.1),
@@ -880,6 +881,9 @@ PERFORMANCE_TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], f
 PERFORMANCE_REPORTED = [
     ("unary_pool_over_raw_socket", "one call p50, sync tool / raw Unix-socket ping-pong", "x"),
     ("unary_pool_async_over_raw_socket", "one call p50, async tool / raw Unix-socket ping-pong", "x"),
+    ("array_100mb_plus_one_over_in_process", "100 MB float32 round trip, ordinary arrays, return a + 1 / numpy in-process", "x"),
+    ("remote_inband_100mb_tcp_over_floor", "100 MB in-band echo, plain TCP / raw-socket echo of the same bytes", "x"),
+    ("remote_inband_100mb_tls_over_floor", "100 MB in-band echo, TLS / blocking ssl-socket echo of the same bytes", "x"),
     ("worker_import_stack_floor_seconds", "the stack's own import (asyncio, grpclib, uvloop), minus bare python", "s"),
 ]
 
