@@ -15,9 +15,10 @@ as it is read; our sends wait for the worker's windows), its PINGs answered (h2 
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import os
 import socket
-import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,12 +41,16 @@ from trio_bridge._wire.transport import parse_address
 
 CALLS_PATH = "/trio_bridge.v1.WorkerService/Calls"
 _FRAME_SIZE = 1 << 20  # SETTINGS_MAX_FRAME_SIZE we advertise (the worker's FastH2Protocol sends up to it)
+_DIRECT_MIN = 64 * 1024  # a DATA frame at least this big is written without copying its body
+_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1,024)
+_OWNED_MIN = 256 * 1024  # a message at least this big is received into a buffer of its own ...
+_HEAD = 4096  # ... once this much of it is here
+_GUESS = 64 * 1024  # the most of its start owned_buffer looks at
 _WINDOW = 16 << 20  # bytes the worker may send ahead (stream and connection): what calls in flight return
 _RECEIVE = 256 * 1024  # bytes read from the socket at once
 _UNIX_SNDBUF = 1 << 20  # a Unix socket's send buffer holds a big frame (as the grpclib connections ask)
 _PREFIX = struct.Struct(">?I")  # gRPC's message header: compressed flag, length
-_CLOSE_TIMEOUT = 1.0  # seconds to close the connection gracefully (TLS close_notify), then it is dropped
-_CONNECTION_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, h2.exceptions.ProtocolError)
+_CONNECTION_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError)
 _GRPC_STATUS = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
                 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION", 12: "UNIMPLEMENTED",
                 13: "INTERNAL", 14: "UNAVAILABLE", 16: "UNAUTHENTICATED"}
@@ -63,15 +68,48 @@ class _Reply:
         self.event.set()
 
 
+class _OwnedMessage:
+    """A big message being received into a buffer of its own (``fast_proto.owned_buffer``, placed
+    so that parsing does not copy its big value), where the frame buffer places the stream's DATA
+    as it arrives (its reservation): the kernel's copy is then the only one. What came before it
+    was reserved is copied in."""
+
+    __slots__ = ("message", "pos", "reservation", "view")
+
+    def __init__(self, size: int, received: collections.deque[memoryview], reserve: Callable[[memoryview], Any]) -> None:
+        head = b"".join(received)  # (at least _HEAD bytes, less than size)
+        self.message = fast_proto.owned_buffer(size, memoryview(head)[:_GUESS])
+        self.view = self.message.buffers[0]
+        self.view[: len(head)] = head
+        self.pos = len(head)
+        self.reservation = reserve(self.view[self.pos :])
+
+    @property
+    def full(self) -> bool:
+        return self.pos == len(self.view)
+
+    def fill(self, data: memoryview) -> memoryview:
+        """Take the start of ``data`` (a DATA frame's); returns what is left of it."""
+        if data.obj is self.view.obj:  # placed by the frame buffer, right after what came before
+            self.pos += len(data)
+            return data[len(data) :]
+        used = min(len(data), len(self.view) - self.pos)
+        self.view[self.pos : self.pos + used] = data[:used]
+        self.pos += used
+        return data[used:]
+
+    def close(self) -> None:
+        self.reservation.close()
+
+
 class H2CallStream:
     """The calls of one worker, on one bidirectional gRPC stream of a connection of their own,
     driven from Trio (see the module doc). The same interface as ``_aio.CallStream``.
 
     Args:
-        address: the worker's address (``"unix:..."``, ``"tcp:HOST:PORT"``).
+        address: the worker's address (``"unix:..."``, ``"tcp:HOST:PORT"``: plain TCP; a worker
+            reached over TLS keeps ``_aio.CallStream``, see docs/boundary.md).
         secret: the pool secret (or a remote worker's token), sent as gRPC metadata.
-        tls: the client context of a TCP worker reached over TLS (``None``: plain).
-        server_name: the name the worker's certificate must carry (``None``: the address's host).
         on_draining: called when the worker says on the stream that it drains.
 
     :meth:`run` is the stream's life (a Trio task of the worker's handle). When the stream or
@@ -80,25 +118,28 @@ class H2CallStream:
     """
 
     def __init__(
-        self, address: str, secret: str, *, tls: ssl.SSLContext | None = None, server_name: str | None = None,
-        on_draining: Callable[[], None] = lambda: None,
+        self, address: str, secret: str, *, on_draining: Callable[[], None] = lambda: None,
     ) -> None:
         self._address = address
         self._secret = secret
-        self._tls = tls
-        self._server_name = server_name
         self._on_draining = on_draining
         self._waiting: dict[str, _Reply] = {}
         self._failure: str | None = None
-        self._stream: trio.abc.Stream | None = None
+        self._stream: trio.SocketStream | None = None
         self._h2: h2.connection.H2Connection | None = None
+        self._fast: Any = None  # the same, where it is an http2.FastH2Connection
         self._stream_id = 0
-        self._outbox: collections.deque[memoryview] = collections.deque()  # gRPC-framed messages h2 has not taken yet
+        self._outbox: collections.deque[memoryview] = collections.deque()  # gRPC-framed messages, not yet in frames
+        self._queued = 0  # bytes in the outbox
+        self._out: collections.deque[bytes | memoryview] = collections.deque()  # frames, to be written in order
         self._wake = trio.Event()  # the writer has something to do
-        self._received = bytearray()  # the stream's DATA not yet parsed into messages
-        self._raw: socket.socket | None = None  # the plain socket (a duplicate), for writes that need no wait
+        self._received: collections.deque[memoryview] = collections.deque()  # DATA not yet parsed into messages
+        self._have = 0  # bytes in _received
+        self._need = -1  # the size of the message being received (-1: its prefix is still to come)
+        self._owned: _OwnedMessage | None = None  # a big message being received into its own buffer
+        self._frames: Any = None  # our frame buffer (an http2.FastH2Connection's), once receiving
+        self._raw: socket.socket | None = None  # the socket (a duplicate), for writes that need no wait
         self._idle = False  # the writer waits for work, with nothing of its own to write
-        self._unsent = b""  # taken from h2, not yet written
 
     @property
     def ended(self) -> bool:
@@ -115,11 +156,11 @@ class H2CallStream:
         try:
             try:
                 self._stream = await self._connect()
-                if isinstance(self._stream, trio.SocketStream):  # (not TLS): the same connection, written without waiting
-                    self._raw = socket.socket(fileno=os.dup(self._stream.socket.fileno()))
-                    self._raw.setblocking(False)
+                # the same connection, for writes that need no wait (the writer task's are Trio's)
+                self._raw = socket.socket(fileno=os.dup(self._stream.socket.fileno()))
+                self._raw.setblocking(False)
                 self._open()
-                await self._stream.send_all(self._take_output())
+                await self._stream.send_all(self._h2.data_to_send() if self._h2 is not None else b"")
             except _CONNECTION_ERRORS as exc:
                 raise TransportError(f"cannot open the call stream: {_describe(exc)}") from None
             task_status.started()
@@ -133,11 +174,8 @@ class H2CallStream:
             if raw is not None:
                 raw.close()
             if stream is not None:
-                with trio.move_on_after(_CLOSE_TIMEOUT) as scope:
-                    scope.shield = True
+                with trio.CancelScope(shield=True):  # (a socket closes at once)
                     await stream.aclose()
-                if scope.cancelled_caught:
-                    await trio.aclose_forcefully(stream)
 
     async def _until_failed(self, loop: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
         """Run the reader's or the writer's ``loop``; when it ends, the connection is over (both end)."""
@@ -148,24 +186,15 @@ class H2CallStream:
         finally:
             scope.cancel()
 
-    async def _connect(self) -> trio.abc.Stream:
+    async def _connect(self) -> trio.SocketStream:
         scheme, where, port = parse_address(self._address)
-        if scheme == "unix":
-            stream: trio.abc.Stream = await trio.open_unix_socket(where)
-            sock = stream.socket  # type: ignore[attr-defined]
-            if sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF) < _UNIX_SNDBUF:
-                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, _UNIX_SNDBUF)
-            return stream
-        stream = await trio.open_tcp_stream(where, port)  # (TCP_NODELAY on)
-        if self._tls is None:
-            return stream
-        secure = trio.SSLStream(stream, self._tls, server_hostname=self._server_name or where)
-        try:
-            await secure.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(secure)
-            raise
-        return secure
+        if scheme != "unix":
+            return await trio.open_tcp_stream(where, port)  # (TCP_NODELAY on)
+        stream = await trio.open_unix_socket(where)
+        sock = stream.socket
+        if sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF) < _UNIX_SNDBUF:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, _UNIX_SNDBUF)
+        return stream
 
     def _open(self) -> None:
         """The connection's preface, our settings and the stream's request headers, into h2."""
@@ -173,101 +202,126 @@ class H2CallStream:
             client_side=True, header_encoding="ascii", validate_inbound_headers=False, validate_outbound_headers=False,
             normalize_inbound_headers=False, normalize_outbound_headers=False,
         )
-        conn = self._h2 = h2.connection.H2Connection(config=config)
+        if overrides.HTTP2:  # receives big DATA bodies, and sends them, without copies
+            from trio_bridge._wire.http2 import FastH2Connection
+
+            conn = self._h2 = self._fast = FastH2Connection(config)
+        else:
+            conn = self._h2 = h2.connection.H2Connection(config=config)
         conn.initiate_connection()
         conn.update_settings({
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW, h2.settings.SettingCodes.MAX_FRAME_SIZE: _FRAME_SIZE,
         })
         conn.increment_flow_control_window(_WINDOW - conn.local_settings.initial_window_size)
         scheme, where, port = parse_address(self._address)
-        authority = "localhost" if scheme == "unix" else f"{self._server_name or where}:{port}"
+        authority = "localhost" if scheme == "unix" else f"{where}:{port}"
         self._stream_id = conn.get_next_available_stream_id()
         conn.send_headers(self._stream_id, [
-            (":method", "POST"), (":scheme", "https" if self._tls is not None else "http"), (":path", CALLS_PATH),
+            (":method", "POST"), (":scheme", "http"), (":path", CALLS_PATH),
             (":authority", authority), ("te", "trailers"), ("content-type", "application/grpc"),
             ("user-agent", f"trio-bridge/{__version__}"), (SECRET_METADATA, self._secret),
         ])
-
-    def _take_output(self) -> bytes:
-        assert self._h2 is not None
-        return self._h2.data_to_send()
 
     # ---- sending ----
     def _send(self, message: pb.CallMessage) -> None:
         """Send ``message`` after those before it (never waits: what cannot go now, the writer sends)."""
         if overrides.CODEC:
             parts = fast_proto.serialize(message)
-            body, size = parts.buffers, len(parts)
+            size = len(parts)
+            body = parts.buffers if size >= _DIRECT_MIN else [parts.tobytes()]
         else:
-            encoded = bytes(message)
-            body, size = [encoded], len(encoded)
-        self._outbox.append(memoryview(b"".join([_PREFIX.pack(False, size), *body])))
+            body = [bytes(message)]
+            size = len(body[0])
+        self._outbox.append(memoryview(_PREFIX.pack(False, size)))
+        self._outbox.extend(memoryview(b).cast("B") for b in body)
+        self._queued += _PREFIX.size + size
         self._flush()
 
     def _flush(self) -> None:
-        """Send what h2 and the outbox hold: at once, without waiting, when the writer is idle
-        and the socket takes it all (a plain socket); else by waking the writer."""
+        """Send what is queued: at once, without waiting, when the writer is idle and the socket
+        takes it all; else by waking the writer."""
         raw = self._raw
         if raw is None or not self._idle:
             self._idle = False
             self._wake.set()
             return
-        data = self._take()
-        if not data:
+        self._frame()
+        out = self._out
+        if not out:
             return
         try:
-            sent = raw.send(data)
+            sent = raw.send(out[0]) if len(out) == 1 else raw.sendmsg(list(itertools.islice(out, _IOV_MAX)))
         except BlockingIOError:
             sent = 0
         except OSError:  # the connection is gone: the reader sees it
             return
-        if sent < len(data) or self._outbox:
-            self._unsent = data[sent:]
+        _consume(out, sent)
+        if out or self._queued:
             self._idle = False
             self._wake.set()
 
-    def _take(self) -> bytes:
-        """What is to be written next, in order: what the socket did not take, then the outbox's
-        messages as far as the worker's window allows (h2 frames them), then h2's own frames."""
-        conn, sid, outbox = self._h2, self._stream_id, self._outbox
+    def _frame(self) -> None:
+        """The outbox's messages into DATA frames, as far as the worker's windows allow, after
+        whatever h2 queued (acknowledgements, PING and SETTINGS answers), onto ``_out``. A big
+        frame's body is not copied: h2 does its bookkeeping, its header and body are written as
+        they are (``http2.FastH2Connection.data_frame_header``)."""
+        conn, sid, out = self._h2, self._stream_id, self._out
         assert conn is not None
-        while outbox:
-            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if room <= 0:
+        while self._queued:
+            size = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, self._queued)
+            if size <= 0:
                 break  # until a WINDOW_UPDATE (the reader wakes the writer)
-            message = outbox[0]
-            if len(message) <= room:
-                outbox.popleft()
-                conn.send_data(sid, message.tobytes())
-            else:
-                outbox[0] = message[room:]
-                conn.send_data(sid, message[:room].tobytes())
-        data = conn.data_to_send()
-        if self._unsent:
-            data, self._unsent = self._unsent + data, b""
-        return data
+            body = _take(self._outbox, size)
+            self._queued -= size
+            if size < _DIRECT_MIN or self._fast is None:
+                conn.send_data(sid, b"".join(body))
+                continue
+            queued = conn.data_to_send()
+            if queued:
+                out.append(queued)
+            out.append(self._fast.data_frame_header(sid, size, False))
+            out.extend(body)
+        queued = conn.data_to_send()
+        if queued:
+            out.append(queued)
 
     async def _write_loop(self) -> None:
         """The task that writes what could not be written at once (a partial write, a wait for
-        the worker's window, a TLS connection: all of it)."""
-        stream = self._stream
+        the worker's window)."""
+        stream, out = self._stream, self._out
         assert stream is not None
         while True:
-            data = self._take()
-            if data:
+            self._frame()
+            if out:
+                data = out.popleft()
+                if len(data) < _DIRECT_MIN and out and len(out[0]) < _DIRECT_MIN:  # small pieces: one write
+                    pieces = [data]
+                    while out and len(out[0]) < _DIRECT_MIN and len(pieces) < _IOV_MAX:
+                        pieces.append(out.popleft())
+                    data = b"".join(pieces)
                 await stream.send_all(data)
                 continue
             self._wake = trio.Event()
-            self._idle = not self._outbox  # messages waiting for a window keep the writer in charge
+            self._idle = not self._queued  # messages waiting for a window keep the writer in charge
             await self._wake.wait()
 
     # ---- receiving ----
     async def _read_loop(self) -> None:
         conn, stream = self._h2, self._stream
         assert conn is not None and stream is not None
+        # With our frame buffer, the buffer says where each read goes (a reused arena between big
+        # DATA bodies, a big message's own buffer, fresh memory): no fresh 256 KiB per read.
+        frames = self._frames = self._fast.incoming_buffer if self._fast is not None else None
         while self._failure is None:
-            data = await stream.receive_some(_RECEIVE)
-            if not data:
+            if frames is not None:
+                size = await stream.socket.recv_into(frames.receive_buffer())
+                if size:
+                    frames.received(size)
+                data = b""
+            else:
+                data = await stream.receive_some(_RECEIVE)
+                size = len(data)
+            if not size:
                 self._fail("the worker closed the call stream's connection")
                 return
             for event in conn.receive_data(data):
@@ -279,7 +333,12 @@ class H2CallStream:
             if event.stream_id != self._stream_id:
                 return
             conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            self._received += event.data
+            data = memoryview(event.data).cast("B")
+            if self._owned is not None:
+                data = self._owned.fill(data)  # what is left belongs to the next message
+            if len(data):
+                self._received.append(data)
+                self._have += len(data)
             self._deliver_messages()
         elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
             self._check_headers(event.headers, trailers=isinstance(event, h2.events.TrailersReceived))
@@ -309,20 +368,42 @@ class H2CallStream:
             self._fail("the call stream ended without a gRPC status")
 
     def _deliver_messages(self) -> None:
-        received = self._received
-        while len(received) >= 5:
-            compressed, size = _PREFIX.unpack_from(received)
-            if len(received) < 5 + size:
+        """Each whole gRPC message received to its caller (its frames are not joined first). A
+        big one, once its first bytes are here, is received into a buffer of its own instead
+        (:class:`_OwnedMessage`)."""
+        while True:
+            owned = self._owned
+            if owned is not None:
+                if not owned.full:
+                    return
+                self._owned = None
+                owned.close()
+                self._deliver(fast_proto.parse(pb.CallResult, owned.message))
+                continue
+            if self._need < 0:
+                if self._have < _PREFIX.size:
+                    return
+                compressed, size = _PREFIX.unpack(b"".join(_take(self._received, _PREFIX.size)))
+                self._have -= _PREFIX.size
+                if compressed:
+                    self._fail("the worker sent a compressed message on the call stream (none was asked for)")
+                    return
+                self._need = size
+            size = self._need
+            if self._have < size:
+                if size >= _OWNED_MIN and self._have >= _HEAD and self._frames is not None and overrides.CODEC:
+                    self._need, self._have = -1, 0
+                    self._owned = _OwnedMessage(size, self._received, functools.partial(self._frames.reserve, self._stream_id))
+                    self._received = collections.deque()
+                    continue
                 return
-            if compressed:
-                self._fail("the worker sent a compressed message on the call stream (none was asked for)")
-                return
-            body = memoryview(received)[5 : 5 + size]
-            try:
-                result = fast_proto.parse(pb.CallResult, body) if overrides.CODEC else pb.CallResult.parse(bytes(body))
-            finally:
-                body.release()
-            del received[: 5 + size]
+            self._need = -1
+            self._have -= size
+            body = _take(self._received, size)
+            if overrides.CODEC:
+                result = fast_proto.parse(pb.CallResult, fast_proto.Chunks(body, size))
+            else:
+                result = pb.CallResult.parse(b"".join(body))
             self._deliver(result)
 
     def _deliver(self, result: pb.CallResult) -> None:
@@ -365,6 +446,33 @@ class H2CallStream:
 
 def _text(value: Any) -> str:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _take(pieces: collections.deque[memoryview], size: int) -> list[memoryview]:
+    """The first ``size`` bytes of ``pieces`` (which holds at least that many), removed from it, as views."""
+    taken = []
+    while size:
+        piece = pieces[0]
+        if len(piece) <= size:
+            taken.append(pieces.popleft())
+            size -= len(piece)
+        else:
+            taken.append(piece[:size])
+            pieces[0] = piece[size:]
+            size = 0
+    return taken
+
+
+def _consume(out: collections.deque[bytes | memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``out`` (written)."""
+    while sent:
+        first = out[0]
+        if len(first) <= sent:
+            out.popleft()
+            sent -= len(first)
+        else:
+            out[0] = memoryview(first)[sent:]
+            sent = 0
 
 
 def _describe(exc: BaseException) -> str:

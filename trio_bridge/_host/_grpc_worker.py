@@ -262,10 +262,8 @@ class GrpcWorker:
         if described.concurrency:  # its own --concurrency (a remote worker's need not be the pool's)
             self.lifecycle.concurrency = described.concurrency
         calls: CallStream | H2CallStream
-        if overrides.CALLS:  # spoken from Trio on a connection of its own (docs/boundary.md)
-            calls = H2CallStream(
-                self.address, self._secret, tls=self._tls, server_name=self._connector.server_name, on_draining=self.lifecycle.drains,
-            )
+        if overrides.CALLS and self._tls is None:  # spoken from Trio on a connection of its own (docs/boundary.md)
+            calls = H2CallStream(self.address, self._secret, on_draining=self.lifecycle.drains)
         else:
             calls = CallStream(self._boundary, stub, self.lifecycle.concurrency, self.lifecycle.drains)
         with trio.move_on_after(timeout) as timeout_scope:
