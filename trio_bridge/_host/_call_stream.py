@@ -312,15 +312,23 @@ class H2CallStream:
         # With our frame buffer, the buffer says where each read goes (a reused arena between big
         # DATA bodies, a big message's own buffer, fresh memory): no fresh 256 KiB per read.
         frames = self._frames = self._fast.incoming_buffer if self._fast is not None else None
+        raw = self._raw
+        assert raw is not None
         while self._failure is None:
-            if frames is not None:
-                size = await stream.socket.recv_into(frames.receive_buffer())
-                if size:
-                    frames.received(size)
-                data = b""
-            else:
-                data = await stream.receive_some(_RECEIVE)
-                size = len(data)
+            # Wait first, then read: a reply is never there yet when the reader comes back (a
+            # read would fail with EAGAIN first, one more system call per call).
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                if frames is not None:
+                    size = raw.recv_into(frames.receive_buffer())
+                    if size:
+                        frames.received(size)
+                    data = b""
+                else:
+                    data = raw.recv(_RECEIVE)
+                    size = len(data)
+            except BlockingIOError:
+                continue
             if not size:
                 self._fail("the worker closed the call stream's connection")
                 return
