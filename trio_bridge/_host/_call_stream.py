@@ -240,25 +240,34 @@ class H2CallStream:
     def _flush(self) -> None:
         """Send what is queued: at once, without waiting, when the writer is idle and the socket
         takes it all; else by waking the writer."""
-        raw = self._raw
-        if raw is None or not self._idle:
+        if self._raw is None or not self._idle:
             self._idle = False
             self._wake.set()
             return
         self._frame()
-        out = self._out
+        if not self._write_now() or self._queued:
+            self._idle = False
+            self._wake.set()
+
+    def _write_now(self) -> bool:
+        """Write as much of ``_out`` as the socket takes without waiting (one system call,
+        gathering the pieces); whether all of it went. A failed connection drops it (the reader
+        sees the failure)."""
+        out, raw = self._out, self._raw
+        assert raw is not None
         if not out:
-            return
+            return True
         try:
             sent = raw.send(out[0]) if len(out) == 1 else raw.sendmsg(list(itertools.islice(out, _IOV_MAX)))
         except BlockingIOError:
-            sent = 0
-        except OSError:  # the connection is gone: the reader sees it
-            return
+            return False
+        except OSError:
+            out.clear()
+            self._outbox.clear()
+            self._queued = 0
+            return True
         _consume(out, sent)
-        if out or self._queued:
-            self._idle = False
-            self._wake.set()
+        return not out
 
     def _frame(self) -> None:
         """The outbox's messages into DATA frames, as far as the worker's windows allow, after
@@ -288,18 +297,13 @@ class H2CallStream:
     async def _write_loop(self) -> None:
         """The task that writes what could not be written at once (a partial write, a wait for
         the worker's window)."""
-        stream, out = self._stream, self._out
-        assert stream is not None
+        raw = self._raw
+        assert raw is not None
         while True:
             self._frame()
-            if out:
-                data = out.popleft()
-                if len(data) < _DIRECT_MIN and out and len(out[0]) < _DIRECT_MIN:  # small pieces: one write
-                    pieces = [data]
-                    while out and len(out[0]) < _DIRECT_MIN and len(pieces) < _IOV_MAX:
-                        pieces.append(out.popleft())
-                    data = b"".join(pieces)
-                await stream.send_all(data)
+            if self._out:
+                if not self._write_now():
+                    await trio.lowlevel.wait_writable(raw)
                 continue
             self._wake = trio.Event()
             self._idle = not self._queued  # messages waiting for a window keep the writer in charge
@@ -314,10 +318,15 @@ class H2CallStream:
         frames = self._frames = self._fast.incoming_buffer if self._fast is not None else None
         raw = self._raw
         assert raw is not None
+        more = False  # a big message is coming in: read on without waiting (a checkpoint only)
         while self._failure is None:
-            # Wait first, then read: a reply is never there yet when the reader comes back (a
-            # read would fail with EAGAIN first, one more system call per call).
-            await trio.lowlevel.wait_readable(raw)
+            # Otherwise wait first, then read: a reply is never there yet when the reader comes
+            # back (a read would fail with EAGAIN first, one more system call per call).
+            if more:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(raw)
+            more = False
             try:
                 if frames is not None:
                     size = raw.recv_into(frames.receive_buffer())
@@ -335,6 +344,7 @@ class H2CallStream:
             for event in conn.receive_data(data):
                 self._handle(conn, event)
             self._flush()  # what h2 queued in answer (PING and SETTINGS acknowledgements, WINDOW_UPDATEs)
+            more = self._owned is not None
 
     def _handle(self, conn: h2.connection.H2Connection, event: Any) -> None:
         if isinstance(event, h2.events.DataReceived):
