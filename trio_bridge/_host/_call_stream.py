@@ -223,8 +223,10 @@ class H2CallStream:
         ])
 
     # ---- sending ----
+    @trio.lowlevel.enable_ki_protection  # h2's state and what was written stay in step
     def _send(self, message: pb.CallMessage) -> None:
-        """Send ``message`` after those before it (never waits: what cannot go now, the writer sends)."""
+        """Send ``message`` after those before it (never waits: what cannot go now, the writer
+        sends). A stream h2 finds closed fails (the waiting calls get :class:`TransportError`)."""
         if overrides.CODEC:
             parts = fast_proto.serialize(message)
             size = len(parts)
@@ -235,8 +237,12 @@ class H2CallStream:
         self._outbox.append(memoryview(_PREFIX.pack(False, size)))
         self._outbox.extend(memoryview(b).cast("B") for b in body)
         self._queued += _PREFIX.size + size
-        self._flush()
+        try:
+            self._flush()
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(f"the call stream failed: {_describe(exc)}")
 
+    @trio.lowlevel.enable_ki_protection
     def _flush(self) -> None:
         """Send what is queued: at once, without waiting, when the writer is idle and the socket
         takes it all; else by waking the writer."""
