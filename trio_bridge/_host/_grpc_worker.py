@@ -21,6 +21,7 @@ import trio
 
 from trio_bridge._aio import Boundary, CallStream, TransportError
 from trio_bridge._errors import TrioBridgeError, WorkerCrashedError, WorkerStartError
+from trio_bridge._host._call_stream import H2CallStream
 from trio_bridge._host._metrics import WorkerFigures
 from trio_bridge._host._tools import ToolInfo, tool_info
 from trio_bridge._host._worker import (
@@ -32,6 +33,7 @@ from trio_bridge._host._worker import (
     WorkerState,
     worker_info,
 )
+from trio_bridge._wire import overrides
 from trio_bridge._wire.contract import WIRE_VERSION, __version__, incompatibility
 from trio_bridge._wire.errors import DRAINING, CallFailed, exception_from
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -145,7 +147,7 @@ class GrpcWorker:
         self._startup_timeout = startup_timeout
         self._stub: pb.WorkerServiceStub | None = None
         self._channel: Any = None  # the grpclib channel, from the handshake on (closed by run)
-        self._calls: CallStream | None = None
+        self._calls: CallStream | H2CallStream | None = None
         self._cancelled: set[str] = set()  # calls whose callers left unanswered; pruned by Ping
 
     def __repr__(self) -> str:
@@ -259,7 +261,11 @@ class GrpcWorker:
         self._described_pid = described.pid or None
         if described.concurrency:  # its own --concurrency (a remote worker's need not be the pool's)
             self.lifecycle.concurrency = described.concurrency
-        calls = CallStream(self._boundary, stub, self.lifecycle.concurrency, self.lifecycle.drains)
+        calls: CallStream | H2CallStream
+        if overrides.CALLS and self._tls is None:  # spoken from Trio on a connection of its own (docs/boundary.md)
+            calls = H2CallStream(self.address, self._secret, on_draining=self.lifecycle.drains)
+        else:
+            calls = CallStream(self._boundary, stub, self.lifecycle.concurrency, self.lifecycle.drains)
         with trio.move_on_after(timeout) as timeout_scope:
             try:
                 await nursery.start(calls.run)

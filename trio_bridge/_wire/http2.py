@@ -210,6 +210,10 @@ class _FastH2Connection(h2.connection.H2Connection):
         return _FRAME_HEADER.pack((size >> 8) & 0xFFFF, size & 0xFF, 0x0, flags, stream_id & 0x7FFFFFFF)
 
 
+#: The same, for the host's call streams, which speak h2 from Trio (``_host/_call_stream.py``).
+FastH2Connection = _FastH2Connection
+
+
 class _FastConnection(Connection):
     """grpclib's connection (writability, transport), making _FastStreams."""
 

@@ -298,23 +298,25 @@ class WorkerService(pb.WorkerServiceBase):
         return InvalidArgumentError(problem)
 
     async def _in_thread(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
-        """A sync tool's call in a pool thread, which frees the call's slot when the tool returns."""
-        context = contextvars.copy_context()  # this task's (its span), in the thread
-        work = self.executor.submit(context.run, self._run_sync, definition, arguments, call_id)
-        try:
-            return await asyncio.wrap_future(work)
-        except BaseException:
-            # Cancelled before a thread took it, the tool never runs, nor does the release in
-            # _run_sync: free the slot here (cancel() is False once a thread has started it).
-            if work.cancel():
-                self._release(call_id)
-            raise
+        """A sync tool's call in a pool thread; the call's slot is free once the tool has returned.
 
-    def _run_sync(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
+        The slot is freed here, on the loop, as the result arrives (one wake-up of the loop per
+        call, not a second one for the release); only a call whose caller left while the thread
+        runs it is freed from the thread's end (its future's callback)."""
+        context = contextvars.copy_context()  # this task's (its span), in the thread
+        work = self.executor.submit(context.run, _call_with, definition.function, arguments)
         try:
-            return definition.function(**arguments)
-        finally:
-            self._release_threadsafe(call_id)
+            result = await asyncio.wrap_future(work)
+        except BaseException:
+            # Cancelled before a thread took it, the tool never runs: free the slot now
+            # (cancel() is False once a thread has started it); still running: when it returns.
+            if work.cancel() or work.done():
+                self._release(call_id)
+            else:
+                work.add_done_callback(lambda _: self._release_threadsafe(call_id))
+            raise
+        self._release(call_id)
+        return result
 
     async def _serve_stream(self, stream: grpclib.server.Stream) -> None:
         message = await stream.recv_message()
@@ -848,3 +850,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.flush()
     # Sync tools still running in threads after the drain grace must not keep the process alive.
     os._exit(code)
+
+
+def _call_with(function: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+    """A pool thread's work: a sync tool's call."""
+    return function(**arguments)
