@@ -4,9 +4,16 @@ cancellation reaching the worker, a refused secret, and the worker's death."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 
+import h2.config
+import h2.connection
+import h2.events
 import numpy as np
 import pytest
 import trio
@@ -99,3 +106,61 @@ async def test_an_unreachable_worker_fails_the_start():
     async with trio.open_nursery() as nursery:
         with pytest.raises(TransportError, match="cannot open the call stream"):
             await nursery.start(calls.run)
+
+
+def _serve_one_big_reply(listener: socket.socket, value: np.ndarray, first_frame: int) -> None:
+    """A fake worker (h2, blocking, in a thread): takes one call, answers it with ``value``, the
+    reply's first DATA frame ``first_frame`` bytes and 1 MiB frames after it, all in ONE write,
+    so that the host reads them together."""
+    sock, _ = listener.accept()
+    with sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="ascii"))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        stream_id, received = 0, b""
+        while len(received) < 5 or len(received) < 5 + struct.unpack(">?I", received[:5])[1]:
+            data = sock.recv(1 << 20)
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    stream_id = event.stream_id
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    received += event.data
+            sock.sendall(conn.data_to_send())
+        request = pb.CallMessage.parse(received[5:])
+        result = pb.CallResult(
+            call_id=request.execute.call_id,
+            response=pb.ExecuteToolResponse(result=encode({"v": value}, path="result", plane=None)),
+        )
+        body = bytes(result)
+        message = struct.pack(">?I", False, len(body)) + body
+        conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        for start in [0, first_frame, *range(first_frame + (1 << 20), len(message), 1 << 20)]:
+            conn.send_data(stream_id, message[start : start + (first_frame if start == 0 else 1 << 20)])
+        sock.sendall(conn.data_to_send())
+        with contextlib.suppress(OSError):
+            while sock.recv(1 << 16):
+                pass
+
+
+@pytest.mark.parametrize("first_frame", [5000, 70_000, 300_000])
+async def test_a_big_reply_whose_frames_arrive_together_is_received_intact(first_frame):
+    # A small first frame and big ones after it, read in one go: the big message's own buffer is
+    # made while frames already read still wait to be placed (a reviewer found them misplaced).
+    value = (np.arange(1 << 19, dtype=np.int64) % 1021).astype(np.float32)  # 2 MiB
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        server = threading.Thread(target=_serve_one_big_reply, args=(listener, value, first_frame), daemon=True)
+        server.start()
+        calls = H2CallStream(f"tcp:127.0.0.1:{port}", "secret")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            with trio.fail_after(30):
+                reply = await calls.execute(_request("echo", "c1"))
+            got = decode(reply.result, plane=None)["v"]
+            assert got.dtype == value.dtype and np.array_equal(got, value)
+            nursery.cancel_scope.cancel()
+        await trio.to_thread.run_sync(server.join, 10)
+        assert not server.is_alive()

@@ -96,6 +96,9 @@ class _OwnedMessage:
         used = min(len(data), len(self.view) - self.pos)
         self.view[self.pos : self.pos + used] = data[:used]
         self.pos += used
+        # Read before the reservation was made (in the same batch): the frame buffer places what
+        # comes next after it, not over it.
+        self.reservation.pos += used
         return data[used:]
 
     def close(self) -> None:
