@@ -9,7 +9,8 @@ import secrets
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import h2.config
 import h2.connection
@@ -108,10 +109,10 @@ async def test_an_unreachable_worker_fails_the_start():
             await nursery.start(calls.run)
 
 
-def _serve_one_big_reply(listener: socket.socket, value: np.ndarray, first_frame: int) -> None:
-    """A fake worker (h2, blocking, in a thread): takes one call, answers it with ``value``, the
-    reply's first DATA frame ``first_frame`` bytes and 1 MiB frames after it, all in ONE write,
-    so that the host reads them together."""
+def _serve_one_reply(listener: socket.socket, answer: Callable[[pb.CallMessage], bytes], first_frame: int) -> None:
+    """A fake worker (h2, blocking, in a thread): takes one call, answers it with the message
+    ``answer(request)``, the reply's first DATA frame ``first_frame`` bytes and 1 MiB frames
+    after it, all in ONE write, so that the host reads them together."""
     sock, _ = listener.accept()
     with sock:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="ascii"))
@@ -129,12 +130,7 @@ def _serve_one_big_reply(listener: socket.socket, value: np.ndarray, first_frame
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                     received += event.data
             sock.sendall(conn.data_to_send())
-        request = pb.CallMessage.parse(received[5:])
-        result = pb.CallResult(
-            call_id=request.execute.call_id,
-            response=pb.ExecuteToolResponse(result=encode({"v": value}, path="result", plane=None)),
-        )
-        body = bytes(result)
+        body = answer(pb.CallMessage.parse(received[5:]))
         message = struct.pack(">?I", False, len(body)) + body
         conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
         for start in [0, first_frame, *range(first_frame + (1 << 20), len(message), 1 << 20)]:
@@ -145,6 +141,12 @@ def _serve_one_big_reply(listener: socket.socket, value: np.ndarray, first_frame
                 pass
 
 
+def _reply_with(value: np.ndarray, request: pb.CallMessage) -> bytes:
+    return bytes(pb.CallResult(
+        call_id=request.execute.call_id, response=pb.ExecuteToolResponse(result=encode({"v": value}, path="result", plane=None)),
+    ))
+
+
 @pytest.mark.parametrize("first_frame", [5000, 70_000, 300_000])
 async def test_a_big_reply_whose_frames_arrive_together_is_received_intact(first_frame):
     # A small first frame and big ones after it, read in one go: the big message's own buffer is
@@ -152,7 +154,7 @@ async def test_a_big_reply_whose_frames_arrive_together_is_received_intact(first
     value = (np.arange(1 << 19, dtype=np.int64) % 1021).astype(np.float32)  # 2 MiB
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        server = threading.Thread(target=_serve_one_big_reply, args=(listener, value, first_frame), daemon=True)
+        server = threading.Thread(target=_serve_one_reply, args=(listener, partial(_reply_with, value), first_frame), daemon=True)
         server.start()
         calls = H2CallStream(f"tcp:127.0.0.1:{port}", "secret")
         async with trio.open_nursery() as nursery:
@@ -162,5 +164,21 @@ async def test_a_big_reply_whose_frames_arrive_together_is_received_intact(first
             got = decode(reply.result, plane=None)["v"]
             assert got.dtype == value.dtype and np.array_equal(got, value)
             nursery.cancel_scope.cancel()
+        await trio.to_thread.run_sync(server.join, 10)
+        assert not server.is_alive()
+
+
+async def test_a_reply_that_does_not_parse_fails_the_calls_with_a_transport_error():
+    # field 1 (call_id), a string of 2 bytes that are not UTF-8
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        server = threading.Thread(target=_serve_one_reply, args=(listener, lambda _: b"\x0a\x02\xff\xfe", 4), daemon=True)
+        server.start()
+        calls = H2CallStream(f"tcp:127.0.0.1:{port}", "secret")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(calls.run)
+            with trio.fail_after(30), pytest.raises(TransportError, match="the call stream failed"):
+                await calls.execute(_request("echo", "c1"))
+        assert calls.ended
         await trio.to_thread.run_sync(server.join, 10)
         assert not server.is_alive()

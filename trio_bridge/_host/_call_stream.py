@@ -15,8 +15,10 @@ as it is read; our sends wait for the worker's windows), its PINGs answered (h2 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -39,6 +41,7 @@ from trio_bridge._wire.errors import DRAINING
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import parse_address
 
+_logger = logging.getLogger("trio_bridge")
 CALLS_PATH = "/trio_bridge.v1.WorkerService/Calls"
 _FRAME_SIZE = 1 << 20  # SETTINGS_MAX_FRAME_SIZE we advertise (the worker's FastH2Protocol sends up to it)
 _DIRECT_MIN = 64 * 1024  # a DATA frame at least this big is written without copying its body
@@ -186,6 +189,9 @@ class H2CallStream:
             await loop()
         except _CONNECTION_ERRORS as exc:
             self._fail(f"the call stream's connection failed: {_describe(exc)}")
+        except Exception as exc:  # e.g. a reply that does not parse: the peer's fault or ours, never the caller's
+            _logger.warning("the call stream to %s failed", self._address, exc_info=True)
+            self._fail(f"the call stream failed: {_describe(exc)}")
         finally:
             scope.cancel()
 
@@ -270,10 +276,13 @@ class H2CallStream:
             sent = raw.send(out[0]) if len(out) == 1 else raw.sendmsg(list(itertools.islice(out, _IOV_MAX)))
         except BlockingIOError:
             return False
-        except OSError:
+        except OSError as exc:  # part of a frame may have gone: h2's state and the wire disagree
             out.clear()
             self._outbox.clear()
             self._queued = 0
+            self._fail(f"the call stream's connection failed: {_describe(exc)}")
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_RDWR)  # the reader ends too
             return True
         _consume(out, sent)
         return not out
