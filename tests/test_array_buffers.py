@@ -40,6 +40,9 @@ async def test_buffers_travel_without_a_copy_and_results_stay_valid_after_later_
             assert not a.flags.writeable and not result.flags.writeable
             with pytest.raises(ValueError, match="read-only"):
                 a[0, 0] = 7.0
+            for array in (a, a[1:], a.base, result):  # sealed: numpy cannot make them writable again
+                with pytest.raises(ValueError, match="WRITEABLE"):
+                    array.flags.writeable = True
             if i == 0:  # one segment each way, none written by a copy
                 assert _files(directory) == {str(os.getpid()): 1, str(pid): 1}
             kept.append((a, result))
@@ -84,6 +87,7 @@ async def test_a_tool_cannot_change_a_result_it_returned():
         n = 300_000  # 2.4 MB of float64
         result = await pool.execute("filled", {"n": n, "value": 3.0, "keep": "array"})
         assert (await pool.execute("write_kept", {"value": 9.0})).startswith("refused: ")
+        assert (await pool.execute("write_kept", {"value": 9.0, "unseal": True})).startswith("refused: ")
         # A view of it alive when it was returned: copied, so the tool's later writes stay its own.
         copied = await pool.execute("filled", {"n": n, "value": 4.0, "keep": "view"})
         assert await pool.execute("write_kept", {"value": 9.0}) == "written"

@@ -167,7 +167,8 @@ class Pool(metaclass=NoPublicConstructor):
         it is a plain ``numpy.empty`` array, copied when sent like any other).
 
         **Sending it makes it read-only for good** (numpy then refuses writes with ``ValueError:
-        assignment destination is read-only``), so nothing the program does during or after the
+        assignment destination is read-only``, and ``a.flags.writeable = True`` with
+        ``ValueError``), so nothing the program does during or after the
         call changes what the worker read; ``numpy.array(a)`` gives a writable copy. Send the
         array ``empty`` returned (or, once it is read-only, any contiguous view of it): an array of
         which another view is alive when it is first sent is copied instead, as that view could

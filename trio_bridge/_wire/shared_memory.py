@@ -28,7 +28,9 @@ the host itself die).
 **Buffers** (:meth:`SharedMemoryPlane.empty`: ``pool.empty`` on the host, ``ctx.empty`` in a
 worker): a writable array on a segment of this process, filled in place and sent without a
 copy. Sending it *hands it over*: the array becomes read-only for good (numpy refuses writes with
-``ValueError: assignment destination is read-only``), so nothing its sender does later changes
+``ValueError: assignment destination is read-only``, and ``flags.writeable = True`` with
+``ValueError``: the array's memory comes from a :class:`_Seal`, which exports no writable buffer
+once sealed), so nothing its sender does later changes
 what its reader got (the receiver's guarantee, kept without a copy, as Arrow's plasma seals an
 object). Only while no other view of the array is alive: a view made before the send could still
 write, so such an array is copied like any other (raw buffer exports, a ``memoryview`` or a
@@ -131,6 +133,29 @@ class _Segment:
         with contextlib.suppress(BufferError):  # an export still alive: unmapped when it dies
             self.map.close()
         os.close(self.fd)
+
+
+class _Seal:
+    """The memory of a root array of :meth:`SharedMemoryPlane.empty`, lent by its segment.
+
+    numpy lets ``flags.writeable = True`` back on an array only if the object at the end of its
+    base chain exports a writable buffer; this one exports none (numpy takes the memory from
+    ``__array_interface__``), so once the hand-over has made the root array read-only, neither it
+    nor any view of it can be made writable again. :meth:`seal` also marks the interface
+    read-only, so that no new array made from this object can write either.
+    """
+
+    __slots__ = ("__array_interface__", "_mapped")
+
+    def __init__(self, segment: _Segment, dtype: Any, count: int) -> None:
+        # Holds an export of the segment's map: it stays mapped while any array on it lives.
+        self._mapped = memoryview(segment.map).toreadonly()
+        self.__array_interface__: dict[str, Any] = {
+            "version": 3, "shape": (count,), "typestr": dtype.str, "data": (segment.address + _HEADER, False),
+        }
+
+    def seal(self) -> None:
+        self.__array_interface__ = {**self.__array_interface__, "data": (self.__array_interface__["data"][0], True)}
 
 
 class _Mapping:
@@ -282,7 +307,7 @@ class SharedMemoryPlane:
                 _FIELDS.pack_into(segment.map, 0, 0, generation, 0.0)
             finally:
                 fcntl.flock(segment.fd, fcntl.LOCK_UN)
-            root = numpy.frombuffer(segment.map, dtype=dtype, count=count, offset=_HEADER)
+            root = numpy.asarray(_Seal(segment, dtype, count))
             segment.lent = weakref.ref(root)
         weakref.finalize(root, self._returned, segment).atexit = False
         # The caller gets a view: every later view's base is ``root`` too (numpy collapses bases),
@@ -303,6 +328,7 @@ class SharedMemoryPlane:
                     return None
                 array.base.flags.writeable = False
                 array.flags.writeable = False
+                array.base.base.seal()
             generation = _FIELDS.unpack_from(segment.map, 0)[1]
             _FIELDS.pack_into(segment.map, 0, _SENT, generation, time.time())
             start = array.__array_interface__["data"][0]
