@@ -92,3 +92,18 @@ def test_idle_buffers_are_released_by_the_loop_that_received_them(monkeypatch):
         assert buffers.kept_bytes() == (0, 0)
 
     asyncio.run(receive_then_idle())
+
+
+def test_where_reference_counts_cannot_be_trusted_no_buffer_is_reused(monkeypatch):
+    from trio_bridge._wire import holders
+
+    kept = buffers.empty(4 * MIB)
+    del kept
+    monkeypatch.setattr(holders, "TRUSTED", False)  # a free-threaded build, or one without sys.getrefcount
+    first = buffers.empty(4 * MIB)
+    first[:] = 5
+    second = buffers.empty(4 * MIB)
+    assert not _same_memory(first, second) and buffers.kept_bytes()[1] == 0  # none counts as free
+    del first, second
+    gc.collect()
+    assert buffers.kept_bytes()[1] == 0

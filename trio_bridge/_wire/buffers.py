@@ -9,10 +9,11 @@ each side's CPU time for a 100 MB round trip over TCP to a remote worker, more o
 
 Free means that nothing but this module refers to the buffer: everything made of one (the
 ``empty`` result, a slice, a memoryview, an array over a memoryview, a numpy view) holds a
-reference to it, so ``sys.getrefcount`` of the kept buffer is back at what it was when nobody
+reference to it, so the reference count of the kept buffer is back at what it was when nobody
 else had it exactly when no such thing is left, and then nothing can reach its bytes any more
 (only ``bytes`` copies of it, which are other memory). A caller therefore never sees a buffer
-change under it. On builds without the GIL (or without ``sys.getrefcount``) nothing is reused.
+change under it. Where counts cannot be trusted (:mod:`holders`: no GIL, no
+``sys.getrefcount``) nothing is reused.
 
 What is kept: at most :data:`KEEP_BYTES` in all (the least recently used free buffer goes
 first; buffers still in use are forgotten, not freed, when more is needed); a free buffer
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 import time
 from typing import Any
+
+from trio_bridge._wire import holders
 
 __all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes"]
 
@@ -48,11 +50,10 @@ def _keep_bytes() -> int:
 
 #: the most bytes kept (free or in use) by this process; read from :data:`KEEP_ENV` at import
 KEEP_BYTES = _keep_bytes()
-_REUSE = hasattr(sys, "getrefcount") and getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Kept:
-    """One kept buffer: ``refs`` is ``sys.getrefcount(kept.buffer)`` while only the cache holds it."""
+    """One kept buffer: ``refs`` is ``holders.count(kept.buffer)`` while only the cache holds it."""
 
     __slots__ = ("buffer", "refs", "used")
 
@@ -63,10 +64,10 @@ class _Kept:
 
     def settle(self) -> None:
         """Count the references now, when only the cache holds the buffer (its maker's are gone)."""
-        self.refs = sys.getrefcount(self.buffer)  # the same expression as in free()
+        self.refs = holders.count(self.buffer)  # the same expression as in free()
 
     def free(self) -> bool:
-        return sys.getrefcount(self.buffer) == self.refs
+        return holders.TRUSTED and holders.count(self.buffer) == self.refs
 
 
 _lock = threading.Lock()
@@ -81,7 +82,7 @@ def empty(size: int) -> Any:
     that is free, else new memory (kept for later when it is big enough)."""
     import numpy
 
-    if size < MIN_BYTES or not _REUSE or KEEP_BYTES < size:
+    if size < MIN_BYTES or not holders.TRUSTED or KEEP_BYTES < size:
         return numpy.empty(size, dtype=numpy.uint8)
     now = time.monotonic()
     with _lock:

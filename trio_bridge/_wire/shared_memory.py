@@ -32,7 +32,8 @@ copy. Sending it *hands it over*: the array becomes read-only for good (numpy re
 ``ValueError``: the array's memory comes from a :class:`_Seal`, which exports no writable buffer
 once sealed), so nothing its sender does later changes
 what its reader got (the receiver's guarantee, kept without a copy, as Arrow's plasma seals an
-object). Only while no other view of the array is alive: a view made before the send could still
+object). Only while no other view of the array is alive (told by reference counts,
+:mod:`holders`; where they cannot be trusted, every such array is copied): a view made before the send could still
 write, so such an array is copied like any other (raw buffer exports, a ``memoryview`` or a
 pointer, are not tracked: the docstrings tell users not to write through them). The segment is reused once the sender's array
 and every reader's are gone. (Copy-on-write instead, by remapping the sender's pages private,
@@ -66,6 +67,7 @@ from typing import Any
 
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._os import process_exists
+from trio_bridge._wire import holders
 
 SHM_ROOT = "/dev/shm"
 DEFAULT_THRESHOLD = 1 << 20  # bytes
@@ -324,7 +326,8 @@ class SharedMemoryPlane:
             if segment.root() is not array.base:
                 continue
             if array.base.flags.writeable:
-                if _base_references(array) > _alone():  # other views of it: they could write it
+                # Other views of it could write it later (and where counts cannot tell, assume so).
+                if not holders.TRUSTED or _base_references(array) > _alone():
                     return None
                 array.base.flags.writeable = False
                 array.flags.writeable = False
@@ -535,9 +538,9 @@ default_plane: SharedMemoryPlane | None = None
 
 
 def _base_references(array: Any) -> int:
-    """References to ``array.base`` (a root array: every view of it holds one)."""
-    base = array.base
-    return sys.getrefcount(base)
+    """References to ``array.base`` (a root array: every view of it holds one); only where
+    ``holders.TRUSTED``."""
+    return holders.count(array.base)
 
 
 @functools.cache
