@@ -107,3 +107,17 @@ def test_where_reference_counts_cannot_be_trusted_no_buffer_is_reused(monkeypatc
     del first, second
     gc.collect()
     assert buffers.kept_bytes()[1] == 0
+
+
+def test_a_buffer_pins_little_more_than_its_message():
+    """A kept result's memory is its buffer: a big buffer may not serve a much smaller message."""
+    big = buffers.empty(8 * MIB)
+    del big  # free, kept
+    result = buffers.empty(3 * MIB)
+    assert result.base.nbytes <= 3 * MIB * 1.125  # not the 8 MiB one
+    odd = buffers.empty(2 * MIB + 1)  # a fresh one is not rounded up to the next 2 MiB
+    assert odd.base.nbytes <= (2 * MIB + 1) * 1.0625
+    assert buffers.kept_bytes()[0] - 8 * MIB <= (3 * MIB + 2 * MIB + 1) * 1.125
+    address = result.ctypes.data
+    del result
+    assert buffers.empty(3 * MIB - 4096).ctypes.data == address  # a close fit is reused

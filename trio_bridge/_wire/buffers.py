@@ -37,7 +37,16 @@ __all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "
 KEEP_ENV = "TRIO_BRIDGE_BUFFER_CACHE"
 MIN_BYTES = 1 << 20  # a smaller buffer is not worth keeping: malloc reuses its memory itself
 IDLE_S = 30.0
-_HUGE = 2 << 20  # sizes round up to a huge page, so that a buffer fits messages of nearby sizes
+# A buffer the caller keeps (a big reply's buffer becomes the result array's memory) pins all
+# of it: so a new one is rounded up by at most 1/16 of its size (a fit for messages of nearby
+# sizes), and a kept one serves a message only if at most 1/8 of it is left over.
+_FIT_SHIFT = 3
+
+
+def _allocation(size: int) -> int:
+    """Bytes to allocate for a message of ``size``: rounded up to 1/16 of its power of two."""
+    step = max(1 << 16, (1 << (size.bit_length() - 1)) >> 4)
+    return -(-size // step) * step
 
 
 def _keep_bytes() -> int:
@@ -78,8 +87,9 @@ _timer_loop: asyncio.AbstractEventLoop | None = None
 
 def empty(size: int) -> Any:
     """A writable numpy ``uint8`` array of ``size`` bytes (contents undefined; aligned as
-    numpy's own): a kept buffer's start when one of at least ``size`` and at most about twice
-    that is free, else new memory (kept for later when it is big enough)."""
+    numpy's own): a kept buffer's start when one of at least ``size`` and at most ``size``
+    plus an eighth is free, else new memory of at most ``size`` plus a sixteenth (kept for
+    later when it is big enough). Either way its memory is at most 1.125 times ``size``."""
     import numpy
 
     if size < MIN_BYTES or not holders.TRUSTED or KEEP_BYTES < size:
@@ -89,10 +99,11 @@ def empty(size: int) -> Any:
         best = None
         for kept in _kept:
             capacity = len(kept.buffer)
-            if size <= capacity <= 2 * size + _HUGE and kept.free() and (best is None or capacity < len(best.buffer)):
+            close_fit = size <= capacity <= size + (size >> _FIT_SHIFT)
+            if close_fit and kept.free() and (best is None or capacity < len(best.buffer)):
                 best = kept
         if best is None:
-            _kept.append(_Kept(numpy.empty(-(-size // _HUGE) * _HUGE, dtype=numpy.uint8)))
+            _kept.append(_Kept(numpy.empty(_allocation(size), dtype=numpy.uint8)))
             best = _kept[-1]
             best.settle()
         best.used = now
