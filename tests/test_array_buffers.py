@@ -109,6 +109,25 @@ async def test_small_buffers_and_pools_without_shared_memory_give_plain_arrays()
         assert small.flags.writeable
 
 
+async def test_the_hosts_free_receive_buffers_are_released_when_idle_and_when_the_pool_closes(monkeypatch):
+    from trio_bridge._wire import buffers
+
+    buffers.forget()
+    monkeypatch.setattr(buffers, "IDLE_S", 0.5)  # no asyncio loop on the host: the pool releases them
+    in_band = trio_bridge.LocalWorkers(shared_memory_threshold=None)  # big replies land in the host's buffers
+    async with trio_bridge.open_pool(BUFFERS, size=1, local=in_band) as pool:
+        a = np.ones(SHAPE, np.float32)
+        held = await pool.execute("plus_one_into", {"a": a})
+        await pool.execute("plus_one_into", {"a": a})  # dropped: its buffer is free
+        await wait_for(lambda: buffers.kept_bytes()[1] == 0)
+        assert buffers.kept_bytes()[0] >= held.nbytes  # the one `held` is on stays
+        monkeypatch.setattr(buffers, "IDLE_S", 30.0)
+        await pool.execute("plus_one_into", {"a": a})
+        assert buffers.kept_bytes()[1] > 0
+    assert buffers.kept_bytes() == (0, 0)  # the pool closed: nothing kept, free or held
+    assert (held == 2.0).all()
+
+
 async def test_bad_shapes_and_dtypes_are_refused_naming_the_problem():
     async with trio_bridge.open_pool(BUFFERS, size=1) as pool:
         with pytest.raises(InvalidArgumentError, match="more than any machine has"):

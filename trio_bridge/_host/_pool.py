@@ -68,7 +68,7 @@ from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
-from trio_bridge._wire import shared_memory
+from trio_bridge._wire import buffers, shared_memory
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import ALLOWED_UIDS_ENV
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
@@ -742,6 +742,7 @@ async def _open_pool(
     finally:
         if plane is not None:
             plane.close()  # unmapped now; arrays the program still holds keep their pages
+        buffers.forget()  # the free receive buffers go now (results the program holds stay its own)
         for path in on_disk:
             shutil.rmtree(path, ignore_errors=True)
             janitor.forget_path(path)

@@ -17,9 +17,11 @@ change under it. Where counts cannot be trusted (:mod:`holders`: no GIL, no
 
 What is kept: at most :data:`KEEP_BYTES` in all (the least recently used free buffer goes
 first; buffers still in use are forgotten, not freed, when more is needed); a free buffer
-unused for :data:`IDLE_S` seconds is released, by a timer on the asyncio loop that last
-received a big message (each side's transport runs on one), or else at the next
-:func:`empty`. :data:`KEEP_ENV` sets the first (bytes; ``0``: keep none).
+unused for :data:`IDLE_S` seconds is released at the next :func:`empty` or :func:`trim_idle`:
+a worker's asyncio loop that received a big message calls it by a timer, and the host's pool
+(whose call streams run in Trio's thread, without an asyncio loop) every ``IDLE_S / 2``
+seconds; a closing pool lets go of all of them (:func:`forget`). :data:`KEEP_ENV` sets the
+first (bytes; ``0``: keep none).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 from trio_bridge._wire import holders
 
-__all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes"]
+__all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes", "trim_idle"]
 
 KEEP_ENV = "TRIO_BRIDGE_BUFFER_CACHE"
 MIN_BYTES = 1 << 20  # a smaller buffer is not worth keeping: malloc reuses its memory itself
@@ -135,6 +137,13 @@ def _timed_trim() -> None:
             _arm_timer()
 
 
+def trim_idle() -> None:
+    """Release the free buffers unused for :data:`IDLE_S` seconds (and the least recently used
+    past :data:`KEEP_BYTES`): for a thread without an asyncio loop to call now and then."""
+    with _lock:
+        _trim(time.monotonic())
+
+
 def _trim(now: float) -> None:
     """Forget free buffers idle for ``IDLE_S``, then the least recently used ones (free first)
     while more than ``KEEP_BYTES`` are kept. Called with the lock held."""
@@ -154,6 +163,7 @@ def kept_bytes() -> tuple[int, int]:
 
 
 def forget() -> None:
-    """Keep nothing any more (buffers in use stay valid: their users hold them)."""
+    """Keep nothing any more, free or not (buffers in use stay valid: their users hold them, and
+    their memory goes when they let go)."""
     with _lock:
         _kept.clear()
