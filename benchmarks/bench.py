@@ -48,13 +48,22 @@ the timing, that the result equals ``a + 1`` computed itself. Medians after warm
 - ``array_100mb_plus_one_ms``: ``pool.execute("plus_one", ...)`` of 1e8 bytes, through shared
   memory (pool default: arrays of 1 MiB and more), argument and result;
 - ``array_100mb_plus_one_in_process_ms``: the same function (the sample check and ``a + 1``) in
-  the host process, on the same arrays; ``array_100mb_plus_one_over_in_process``: the ratio;
+  the host process, on the same arrays: ``a + 1`` allocates a NEW array each time, whose fresh
+  pages fault (and the kernel zeroes them) as numpy writes them;
+  ``array_100mb_plus_one_over_in_process``: the ratio;
+- ``array_100mb_plus_one_in_process_out_ms``: the same sample check and ``numpy.add(a, 1,
+  out=reused)`` in the host process, into one array allocated and written (pre-faulted) before
+  the timing and reused by every round: what the buffers path's worker does into its reused
+  ``ctx.empty`` segment, without the page faults of a new array;
 - ``array_100mb_plus_one_buffers_ms``: the same computation with the zero-copy buffers: the
   argument (same contents) in a ``pool.empty`` array, filled before the timing (as the in-process
   argument is made before its timing), and ``plus_one_into``, which writes ``a + 1`` into a
   ``ctx.empty`` array that travels back without a copy; timed from the call until the result
   array is in hand; ``array_100mb_plus_one_buffers_over_in_process``: its ratio to the in-process
-  figure (issue 24, target 2). ``array_100mb_plus_one_ms`` stays the plain ``return a + 1`` of an
+  ``a + 1`` figure (issue 24, target 2: a new array in-process against a reused segment in the
+  worker), and ``array_100mb_plus_one_buffers_over_in_process_out``: its ratio to the in-process
+  ``out=reused`` figure (like for like: both write into memory already faulted in; the rest is
+  the call's own cost). ``array_100mb_plus_one_ms`` stays the plain ``return a + 1`` of an
   ordinary array (one copy each way);
 - ``array_100mb_echo_ms`` (extra row, not a transfer figure): ``echo`` of the same array: the
   host copies the argument into its shared-memory segment, the worker returns it unread, and the
@@ -592,8 +601,9 @@ async def tools(n: int) -> dict[str, Any]:
 # ---- arrays: a new array computed from the argument, checked on both sides, next to numpy in-process ----
 async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: int | None, echo: bool) -> dict[str, Any]:
     """Seconds per ``pool.execute("plus_one", ...)`` of an ``n_bytes`` float32 array (and per
-    in-process ``plus_one`` of the same array; with ``echo``, per ``echo`` of it too, and per
-    ``plus_one_into`` of the same contents in a ``pool.empty`` buffer).
+    in-process ``plus_one`` of the same array; with ``echo``, per ``echo`` of it too, per
+    ``plus_one_into`` of the same contents in a ``pool.empty`` buffer, and per in-process
+    ``plus_one`` into a reused, pre-faulted array, ``out=``).
 
     Each call's array is new (a pattern plus the call's number, exact in float32), so a stale or
     echoed result cannot pass the host's check. ``warm_ups`` full-size calls come first: fresh
@@ -607,6 +617,8 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
     local_s: list[float] = []
     echo_s: list[float] = []
     buffers_s: list[float] = []
+    local_out_s: list[float] = []
+    reused = np.zeros_like(pattern) if echo else None  # written now: its pages are faulted in before any timing
     warm: list[float] = []
     async with trio_bridge.open_pool(ADAPTER, size=1, lifecycle=trio_bridge.Lifecycle(health_check_interval=0), local=trio_bridge.LocalWorkers(shared_memory_threshold=threshold)) as pool:
         await pool.execute("plus_one", {"a": pattern[:10], "sample_sum": sample_sum(pattern[:10])})
@@ -631,6 +643,11 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
             local_s.append(local_elapsed)
             if echo:
                 buffers_s.append(await _plus_one_buffers(pool, pattern, i, expected, local))
+                t0 = time.perf_counter()
+                plus_one(a, expected, out=reused)
+                local_out_s.append(time.perf_counter() - t0)
+                if not np.array_equal(reused, local):
+                    raise RuntimeError("plus_one into a reused array differs from a + 1")
             del local
             if echo:
                 t0 = time.perf_counter()
@@ -646,7 +663,8 @@ async def array_plus_one(n_bytes: int, repeats: int, warm_ups: int, threshold: i
     }
     if echo:
         out |= {"echo_s": echo_s, "echo_median_s": statistics.median(echo_s),
-                "buffers_s": buffers_s, "buffers_median_s": statistics.median(buffers_s)}
+                "buffers_s": buffers_s, "buffers_median_s": statistics.median(buffers_s),
+                "in_process_out_s": local_out_s, "in_process_out_median_s": statistics.median(local_out_s)}
     return out
 
 
@@ -682,6 +700,8 @@ def arrays_part(r: dict[str, Any], quick: bool, step: Callable[..., Any]) -> Non
         "array_100mb_echo_ms": shared["echo_median_s"] * 1e3,
         "array_100mb_plus_one_buffers_ms": shared["buffers_median_s"] * 1e3,
         "array_100mb_plus_one_buffers_over_in_process": shared["buffers_median_s"] / shared["in_process_median_s"],
+        "array_100mb_plus_one_in_process_out_ms": shared["in_process_out_median_s"] * 1e3,
+        "array_100mb_plus_one_buffers_over_in_process_out": shared["buffers_median_s"] / shared["in_process_out_median_s"],
         "array_inband_50mib_plus_one_ms": inband["median_s"] * 1e3,
         "array_inband_50mib_plus_one_in_process_ms": inband["in_process_median_s"] * 1e3,
         "array_inband_mib_per_s": 50 / inband["median_s"],
@@ -1058,6 +1078,9 @@ def show(r: dict[str, Any]) -> None:
             if "buffers_median_s" in v:
                 table.add_row(f"pool.execute plus_one_into, {label}: pool.empty argument, ctx.empty result",
                               f"{v['buffers_median_s'] * 1e3:,.1f} ms", f"{v['buffers_median_s'] / v['in_process_median_s']:.2f} x")
+                table.add_row(f"numpy in-process plus_one into a reused, pre-faulted array (out=), {label}",
+                              f"{v['in_process_out_median_s'] * 1e3:,.1f} ms",
+                              f"plus_one_into / this: {v['buffers_median_s'] / v['in_process_out_median_s']:.2f} x")
             if "echo_median_s" in v:
                 table.add_row(
                     f"[dim]extra: echo, {label}: the host copies the argument in, the worker returns it "

@@ -35,9 +35,12 @@ class Buffers(Adapter):
         return out
 
     @tool
-    def write_kept(self, value: float) -> str:
-        """Write ``value`` over what ``filled`` kept; ``"refused: ..."`` if numpy refuses."""
+    def write_kept(self, value: float, unseal: bool = False) -> str:
+        """Write ``value`` over what ``filled`` kept (``unseal``: after setting its
+        ``flags.writeable = True``); ``"refused: ..."`` if numpy refuses."""
         try:
+            if unseal:
+                self.kept.flags.writeable = True
             self.kept[:] = value
         except ValueError as exc:
             return f"refused: {exc}"

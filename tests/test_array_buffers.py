@@ -40,6 +40,9 @@ async def test_buffers_travel_without_a_copy_and_results_stay_valid_after_later_
             assert not a.flags.writeable and not result.flags.writeable
             with pytest.raises(ValueError, match="read-only"):
                 a[0, 0] = 7.0
+            for array in (a, a[1:], a.base, result):  # sealed: numpy cannot make them writable again
+                with pytest.raises(ValueError, match="WRITEABLE"):
+                    array.flags.writeable = True
             if i == 0:  # one segment each way, none written by a copy
                 assert _files(directory) == {str(os.getpid()): 1, str(pid): 1}
             kept.append((a, result))
@@ -84,6 +87,7 @@ async def test_a_tool_cannot_change_a_result_it_returned():
         n = 300_000  # 2.4 MB of float64
         result = await pool.execute("filled", {"n": n, "value": 3.0, "keep": "array"})
         assert (await pool.execute("write_kept", {"value": 9.0})).startswith("refused: ")
+        assert (await pool.execute("write_kept", {"value": 9.0, "unseal": True})).startswith("refused: ")
         # A view of it alive when it was returned: copied, so the tool's later writes stay its own.
         copied = await pool.execute("filled", {"n": n, "value": 4.0, "keep": "view"})
         assert await pool.execute("write_kept", {"value": 9.0}) == "written"
@@ -103,6 +107,25 @@ async def test_small_buffers_and_pools_without_shared_memory_give_plain_arrays()
         small[:] = 1
         await pool.execute("sum_after", {"a": small, "seconds": 0})
         assert small.flags.writeable
+
+
+async def test_the_hosts_free_receive_buffers_are_released_when_idle_and_when_the_pool_closes(monkeypatch):
+    from trio_bridge._wire import buffers
+
+    buffers.forget()
+    monkeypatch.setattr(buffers, "IDLE_S", 0.5)  # no asyncio loop on the host: the pool releases them
+    in_band = trio_bridge.LocalWorkers(shared_memory_threshold=None)  # big replies land in the host's buffers
+    async with trio_bridge.open_pool(BUFFERS, size=1, local=in_band) as pool:
+        a = np.ones(SHAPE, np.float32)
+        held = await pool.execute("plus_one_into", {"a": a})
+        await pool.execute("plus_one_into", {"a": a})  # dropped: its buffer is free
+        await wait_for(lambda: buffers.kept_bytes()[1] == 0)
+        assert buffers.kept_bytes()[0] >= held.nbytes  # the one `held` is on stays
+        monkeypatch.setattr(buffers, "IDLE_S", 30.0)
+        await pool.execute("plus_one_into", {"a": a})
+        assert buffers.kept_bytes()[1] > 0
+    assert buffers.kept_bytes() == (0, 0)  # the pool closed: nothing kept, free or held
+    assert (held == 2.0).all()
 
 
 async def test_bad_shapes_and_dtypes_are_refused_naming_the_problem():

@@ -92,3 +92,32 @@ def test_idle_buffers_are_released_by_the_loop_that_received_them(monkeypatch):
         assert buffers.kept_bytes() == (0, 0)
 
     asyncio.run(receive_then_idle())
+
+
+def test_where_reference_counts_cannot_be_trusted_no_buffer_is_reused(monkeypatch):
+    from trio_bridge._wire import holders
+
+    kept = buffers.empty(4 * MIB)
+    del kept
+    monkeypatch.setattr(holders, "TRUSTED", False)  # a free-threaded build, or one without sys.getrefcount
+    first = buffers.empty(4 * MIB)
+    first[:] = 5
+    second = buffers.empty(4 * MIB)
+    assert not _same_memory(first, second) and buffers.kept_bytes()[1] == 0  # none counts as free
+    del first, second
+    gc.collect()
+    assert buffers.kept_bytes()[1] == 0
+
+
+def test_a_buffer_pins_little_more_than_its_message():
+    """A kept result's memory is its buffer: a big buffer may not serve a much smaller message."""
+    big = buffers.empty(8 * MIB)
+    del big  # free, kept
+    result = buffers.empty(3 * MIB)
+    assert result.base.nbytes <= 3 * MIB * 1.125  # not the 8 MiB one
+    odd = buffers.empty(2 * MIB + 1)  # a fresh one is not rounded up to the next 2 MiB
+    assert odd.base.nbytes <= (2 * MIB + 1) * 1.0625
+    assert buffers.kept_bytes()[0] - 8 * MIB <= (3 * MIB + 2 * MIB + 1) * 1.125
+    address = result.ctypes.data
+    del result
+    assert buffers.empty(3 * MIB - 4096).ctypes.data == address  # a close fit is reused

@@ -388,3 +388,14 @@ def test_an_error_of_the_command_itself_reaches_the_user_as_itself():
 
     with pytest.raises(RuntimeError, match=r"^no Redis server here$"):
         _run_until_signal(main, [])
+
+
+def test_the_built_in_example_without_scikit_learn_names_the_extra_to_install():
+    hide = "import sys; sys.modules['sklearn'] = None; sys.argv = ['trio-bridge', 'tools', 'trio_bridge.examples.digits:Digits']"
+    result = subprocess.run(
+        [sys.executable, "-c", f"{hide}; from trio_bridge.__main__ import main; main()"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "the digits example needs scikit-learn" in result.stderr and "pip install 'trio-bridge[examples]'" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -394,6 +394,19 @@ def test_an_empty_buffer_is_handed_over_without_a_copy_and_is_read_only_from_the
     assert host.segment_count() == 4 and len(kept) == 3  # reused, now that senders and readers let go
 
 
+def test_where_reference_counts_cannot_be_trusted_an_empty_buffer_is_copied_when_sent(tmp_path, monkeypatch):
+    from trio_bridge._wire import holders
+    from trio_bridge._wire.shared_memory import SharedMemoryPlane, empty
+
+    monkeypatch.setattr(holders, "TRUSTED", False)  # a free-threaded build, or one without sys.getrefcount
+    host, worker = SharedMemoryPlane(str(tmp_path), 1024), SharedMemoryPlane(str(tmp_path), 1024)
+    a = empty(host, 1000, np.float64)
+    a[:] = 1.0
+    received = decode(encode(a, plane=host), plane=worker)
+    a[:] = 2.0  # still the program's own: what was sent is a copy
+    assert host.segment_count() == 2 and a.flags.writeable and (received == 1.0).all()
+
+
 def test_empty_below_the_threshold_or_without_a_plane_is_numpy_empty(plane):
     from trio_bridge._wire.shared_memory import empty
 

@@ -114,11 +114,18 @@ async def test_forked_workers_do_not_share_numpys_legacy_random_state():
 
 
 @pytest.mark.real_process
-@pytest.mark.parametrize("env", [None, {"OMP_NUM_THREADS": "1"}], ids=["default", "omp_num_threads_1"])
-async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_threads_of_spawned_ones(env):
+@pytest.mark.parametrize(("env", "host_env"), [
+    (None, None), ({"OMP_NUM_THREADS": "1"}, None), ({"OPENBLAS_NUM_THREADS": "2"}, None), (None, "2"),
+], ids=["default", "omp_num_threads_1", "openblas_num_threads_2", "host_openblas_num_threads_2"])
+async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_threads_of_spawned_ones(
+    env, host_env, monkeypatch,
+):
     """numpy's OpenBLAS starts threads as it loads: the fork server holds it at one thread while it
-    imports, and each forked worker then has the BLAS threads a spawned worker has (its env's, or
-    OpenBLAS's default: one per CPU it may run on)."""
+    imports (even where the pool's env or the host's environment sets OPENBLAS_NUM_THREADS), and
+    each forked worker then has the BLAS threads a spawned worker has (its env's, or OpenBLAS's
+    default: one per CPU it may run on)."""
+    if host_env is not None:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", host_env)
     answers = {}
     for method in ("forkserver", "spawn"):
         local = LocalWorkers(env=env, start_method=method)  # type: ignore[arg-type]
@@ -126,8 +133,10 @@ async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_thr
             assert pool.start_method == method
             answers[method] = [await pool.execute("blas_threads") for _ in range(2)]
             held = await pool.execute("env", {"name": "OPENBLAS_NUM_THREADS"})  # in the fork server only
-            assert held == os.environ.get("OPENBLAS_NUM_THREADS")
-    expected = 1 if env else len(os.sched_getaffinity(0))
+            assert held == (env or {}).get("OPENBLAS_NUM_THREADS", os.environ.get("OPENBLAS_NUM_THREADS"))
+    cpus = len(os.sched_getaffinity(0))
+    wanted = (env or {}).get("OPENBLAS_NUM_THREADS") or host_env or (env or {}).get("OMP_NUM_THREADS")
+    expected = min(int(wanted), cpus) if wanted else cpus
     assert answers["forkserver"] == answers["spawn"] == [[expected], [expected]]
 
 
@@ -151,10 +160,30 @@ def test_openblas_threads_wanted_follow_its_own_rules():
     assert wanted_threads({"OPENBLAS_NUM_THREADS": "0", "GOTO_NUM_THREADS": "2"}, 8) == 2  # 0: unset
     assert wanted_threads({"OMP_NUM_THREADS": "16"}, 8) == 8  # never more than the CPUs
     assert wanted_threads({"OPENBLAS_NUM_THREADS": "many"}, 8) == 8
-    environ = {"OPENBLAS_NUM_THREADS": "2"}
-    assert not hold_at_one(environ) and environ == {"OPENBLAS_NUM_THREADS": "2"}  # the user's stays
-    environ = {}
-    assert hold_at_one(environ) and environ == {"OPENBLAS_NUM_THREADS": "1"}
+    for environ in ({"OPENBLAS_NUM_THREADS": "2"}, {}):  # the user's too: a worker sets its own after the fork
+        hold_at_one(environ)
+        assert environ == {"OPENBLAS_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("failure", ["missing", "raises"])
+def test_without_a_working_threadpoolctl_only_a_loaded_openblas_stops_forking(monkeypatch, failure):
+    from trio_bridge.worker import _threads
+
+    if failure == "missing":
+        monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
+    else:
+        import threadpoolctl
+
+        def broken(self):
+            raise OSError("cannot inspect this process")
+
+        monkeypatch.setattr(threadpoolctl.ThreadpoolController, "__init__", broken)
+    monkeypatch.setattr(_threads, "_mapped", lambda name: False)  # an adapter without OpenBLAS: it forks
+    pools = _threads.ThreadPools()
+    pools.set_for({"OPENBLAS_NUM_THREADS": "2"})  # nothing to set
+    monkeypatch.setattr(_threads, "_mapped", lambda name: name == "openblas")
+    with pytest.raises(RuntimeError, match="OpenBLAS is loaded"):
+        _threads.ThreadPools()
 
 
 @pytest.mark.real_process

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.padding import Padding
 from rich.pretty import pprint
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -147,7 +148,7 @@ def _check_adapter(adapter: str) -> None:
     try:
         check_adapter_path(adapter)
     except AdapterLoadError as exc:
-        _err_console.print(f"[red]error[/]: {exc}", markup=True, highlight=False)
+        _err_console.print(f"[red]error[/]: {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -180,7 +181,9 @@ def _run_pool_command(main: Any, *, verbose: bool = True) -> None:
             received.append(signal.SIGINT)
         except TrioBridgeError as exc:
             if not received:
-                _err_console.print(f"[red]error[/]: {type(exc).__name__}: {exc if verbose else _brief(exc)}", markup=True, highlight=False)
+                # (escaped: an error's text may hold brackets, such as "pip install 'trio-bridge[mcp]'")
+                message = f"{type(exc).__name__}: {exc if verbose else _brief(exc)}"
+                _err_console.print(f"[red]error[/]: {escape(message)}", markup=True, highlight=False)
                 raise typer.Exit(1) from None
         if received:
             interrupted = received[0] == signal.SIGINT
@@ -313,7 +316,7 @@ def tools(
     try:
         cls = load_adapter_class(adapter)
     except AdapterLoadError as exc:
-        _err_console.print(f"[red]error[/]: {exc}", markup=True, highlight=False)
+        _err_console.print(f"[red]error[/]: {escape(str(exc))}", markup=True, highlight=False)
         raise typer.Exit(1) from None
     infos = [tool_info(tool_spec(d)) for d in sorted(collect_tools(cls()).values(), key=lambda d: d.name)]
     if as_json:
@@ -386,7 +389,7 @@ def mcp(
     try:
         from trio_bridge.mcp import serve_stdio
     except ImportError as exc:
-        _err_console.print(f"[red]error[/]: {exc}")
+        _err_console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     _import_from_cwd()
     functions = _load_host_tools(",".join(host_tools or []))

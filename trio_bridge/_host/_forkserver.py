@@ -30,10 +30,10 @@ A pool spawns its workers instead of forking them when:
   torch or a tool library start at import count too) -- forking a process with other threads
   can copy a lock some thread held, and the child then hangs on it. It checks again before each
   fork. (OpenBLAS, numpy's and scipy's BLAS, would start such threads as it loads: the fork server
-  holds it at one thread while it imports, unless the pool's ``env`` sets
-  ``OPENBLAS_NUM_THREADS``, and each forked worker then sets its BLAS threads to what a spawned
-  worker would have: ``trio_bridge/worker/_threads.py``; where threadpoolctl does not find a
-  loaded OpenBLAS, it does not fork.);
+  holds it at one thread while it imports, whatever ``OPENBLAS_NUM_THREADS`` the host's
+  environment or the pool's ``env`` sets, and each forked worker then sets its BLAS threads to
+  what a spawned worker would have: ``trio_bridge/worker/_threads.py``; where an OpenBLAS is
+  loaded and threadpoolctl cannot set its threads, it does not fork.);
 - the fork server did not report within ``startup_timeout`` (its imports hung);
 - while the pool runs, the fork server died or could not fork (it is killed and started again,
   up to ``_MAX_RESTARTS`` times per pool; workers are spawned meanwhile, and after that).
@@ -60,8 +60,8 @@ status died with the fork server).
 What differs: the worker's environment is applied when it starts, so a variable that the
 interpreter reads at start-up (``PYTHONHASHSEED``, ``PYTHONMALLOC``...) or that the adapter's
 module reads at import time is the pool's, not the worker's (and the workers share the fork
-server's ``str`` hash seed; ``OPENBLAS_NUM_THREADS`` reads ``"1"`` during that import unless the
-pool's ``env`` sets it); modules imported by the adapter's module are shared copy-on-write.
+server's ``str`` hash seed; ``OPENBLAS_NUM_THREADS`` reads ``"1"`` during that import, whatever
+the environment says, and the worker's own value applies after the fork); modules imported by the adapter's module are shared copy-on-write.
 Random state is not shared: Python reseeds ``random`` after ``fork()``, and each worker reseeds
 numpy's legacy global ``RandomState`` from the OS (other libraries that keep a random state
 without reseeding after ``fork()`` would start with the same state in every worker).

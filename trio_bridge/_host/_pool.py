@@ -68,7 +68,7 @@ from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo
 from trio_bridge._state.backend import MemoryBackend, StateBackend
 from trio_bridge._state.sessions import SessionStore
 from trio_bridge._util import NoPublicConstructor, public_module
-from trio_bridge._wire import shared_memory
+from trio_bridge._wire import buffers, shared_memory
 from trio_bridge._wire.codec import short_repr
 from trio_bridge._wire.contract import ALLOWED_UIDS_ENV
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
@@ -167,7 +167,8 @@ class Pool(metaclass=NoPublicConstructor):
         it is a plain ``numpy.empty`` array, copied when sent like any other).
 
         **Sending it makes it read-only for good** (numpy then refuses writes with ``ValueError:
-        assignment destination is read-only``), so nothing the program does during or after the
+        assignment destination is read-only``, and ``a.flags.writeable = True`` with
+        ``ValueError``), so nothing the program does during or after the
         call changes what the worker read; ``numpy.array(a)`` gives a writable copy. Send the
         array ``empty`` returned (or, once it is read-only, any contiguous view of it): an array of
         which another view is alive when it is first sent is copied instead, as that view could
@@ -741,6 +742,7 @@ async def _open_pool(
     finally:
         if plane is not None:
             plane.close()  # unmapped now; arrays the program still holds keep their pages
+        buffers.forget()  # the free receive buffers go now (results the program holds stay its own)
         for path in on_disk:
             shutil.rmtree(path, ignore_errors=True)
             janitor.forget_path(path)

@@ -29,6 +29,7 @@ from trio_bridge._host._metrics import Metrics
 from trio_bridge._host._options import Lifecycle, Recycling
 from trio_bridge._host._tools import ToolRegistry
 from trio_bridge._host._worker import Worker, WorkerFactory, WorkerInfo, WorkerState
+from trio_bridge._wire import buffers
 from trio_bridge._wire.shared_memory import SharedMemoryPlane
 
 _logger = logging.getLogger("trio_bridge")
@@ -198,6 +199,7 @@ class Supervisor:
         nursery.start_soon(HealthCheck(self._health_check_interval, lambda: [] if self.closing else self.live_handles()).run)
         if self.plane is not None:
             nursery.start_soon(_sweep_shared_memory, self.plane)
+        nursery.start_soon(_release_idle_buffers)
 
     def add_slot(self, new_worker: WorkerFactory | None = None, *, on_gone: Callable[[str], None] | None = None) -> int:
         """One more slot (a remote worker found or joined), whose workers ``new_worker`` makes
@@ -694,6 +696,14 @@ async def _sweep_shared_memory(plane: SharedMemoryPlane) -> None:
     while True:
         await trio.sleep(_SWEEP_INTERVAL)
         plane.sweep()
+
+
+async def _release_idle_buffers() -> None:
+    """Big messages the host receives land in reused buffers (buffers.py); its call streams run
+    in Trio's thread, where no asyncio timer releases the idle ones: this does."""
+    while True:
+        await trio.sleep(max(buffers.IDLE_S / 2, 0.01))
+        buffers.trim_idle()
 
 
 def _first(group: BaseExceptionGroup[WorkerStartError]) -> WorkerStartError:

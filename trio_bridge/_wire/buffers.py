@@ -9,33 +9,46 @@ each side's CPU time for a 100 MB round trip over TCP to a remote worker, more o
 
 Free means that nothing but this module refers to the buffer: everything made of one (the
 ``empty`` result, a slice, a memoryview, an array over a memoryview, a numpy view) holds a
-reference to it, so ``sys.getrefcount`` of the kept buffer is back at what it was when nobody
+reference to it, so the reference count of the kept buffer is back at what it was when nobody
 else had it exactly when no such thing is left, and then nothing can reach its bytes any more
 (only ``bytes`` copies of it, which are other memory). A caller therefore never sees a buffer
-change under it. On builds without the GIL (or without ``sys.getrefcount``) nothing is reused.
+change under it. Where counts cannot be trusted (:mod:`holders`: no GIL, no
+``sys.getrefcount``) nothing is reused.
 
 What is kept: at most :data:`KEEP_BYTES` in all (the least recently used free buffer goes
 first; buffers still in use are forgotten, not freed, when more is needed); a free buffer
-unused for :data:`IDLE_S` seconds is released, by a timer on the asyncio loop that last
-received a big message (each side's transport runs on one), or else at the next
-:func:`empty`. :data:`KEEP_ENV` sets the first (bytes; ``0``: keep none).
+unused for :data:`IDLE_S` seconds is released at the next :func:`empty` or :func:`trim_idle`:
+a worker's asyncio loop that received a big message calls it by a timer, and the host's pool
+(whose call streams run in Trio's thread, without an asyncio loop) every ``IDLE_S / 2``
+seconds; a closing pool lets go of all of them (:func:`forget`). :data:`KEEP_ENV` sets the
+first (bytes; ``0``: keep none).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 import time
 from typing import Any
 
-__all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes"]
+from trio_bridge._wire import holders
+
+__all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes", "trim_idle"]
 
 KEEP_ENV = "TRIO_BRIDGE_BUFFER_CACHE"
 MIN_BYTES = 1 << 20  # a smaller buffer is not worth keeping: malloc reuses its memory itself
 IDLE_S = 30.0
-_HUGE = 2 << 20  # sizes round up to a huge page, so that a buffer fits messages of nearby sizes
+# A buffer the caller keeps (a big reply's buffer becomes the result array's memory) pins all
+# of it: so a new one is rounded up by at most 1/16 of its size (a fit for messages of nearby
+# sizes), and a kept one serves a message only if at most 1/8 of it is left over.
+_FIT_SHIFT = 3
+
+
+def _allocation(size: int) -> int:
+    """Bytes to allocate for a message of ``size``: rounded up to 1/16 of its power of two."""
+    step = max(1 << 16, (1 << (size.bit_length() - 1)) >> 4)
+    return -(-size // step) * step
 
 
 def _keep_bytes() -> int:
@@ -48,11 +61,10 @@ def _keep_bytes() -> int:
 
 #: the most bytes kept (free or in use) by this process; read from :data:`KEEP_ENV` at import
 KEEP_BYTES = _keep_bytes()
-_REUSE = hasattr(sys, "getrefcount") and getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Kept:
-    """One kept buffer: ``refs`` is ``sys.getrefcount(kept.buffer)`` while only the cache holds it."""
+    """One kept buffer: ``refs`` is ``holders.count(kept.buffer)`` while only the cache holds it."""
 
     __slots__ = ("buffer", "refs", "used")
 
@@ -63,10 +75,10 @@ class _Kept:
 
     def settle(self) -> None:
         """Count the references now, when only the cache holds the buffer (its maker's are gone)."""
-        self.refs = sys.getrefcount(self.buffer)  # the same expression as in free()
+        self.refs = holders.count(self.buffer)  # the same expression as in free()
 
     def free(self) -> bool:
-        return sys.getrefcount(self.buffer) == self.refs
+        return holders.TRUSTED and holders.count(self.buffer) == self.refs
 
 
 _lock = threading.Lock()
@@ -77,21 +89,23 @@ _timer_loop: asyncio.AbstractEventLoop | None = None
 
 def empty(size: int) -> Any:
     """A writable numpy ``uint8`` array of ``size`` bytes (contents undefined; aligned as
-    numpy's own): a kept buffer's start when one of at least ``size`` and at most about twice
-    that is free, else new memory (kept for later when it is big enough)."""
+    numpy's own): a kept buffer's start when one of at least ``size`` and at most ``size``
+    plus an eighth is free, else new memory of at most ``size`` plus a sixteenth (kept for
+    later when it is big enough). Either way its memory is at most 1.125 times ``size``."""
     import numpy
 
-    if size < MIN_BYTES or not _REUSE or KEEP_BYTES < size:
+    if size < MIN_BYTES or not holders.TRUSTED or KEEP_BYTES < size:
         return numpy.empty(size, dtype=numpy.uint8)
     now = time.monotonic()
     with _lock:
         best = None
         for kept in _kept:
             capacity = len(kept.buffer)
-            if size <= capacity <= 2 * size + _HUGE and kept.free() and (best is None or capacity < len(best.buffer)):
+            close_fit = size <= capacity <= size + (size >> _FIT_SHIFT)
+            if close_fit and kept.free() and (best is None or capacity < len(best.buffer)):
                 best = kept
         if best is None:
-            _kept.append(_Kept(numpy.empty(-(-size // _HUGE) * _HUGE, dtype=numpy.uint8)))
+            _kept.append(_Kept(numpy.empty(_allocation(size), dtype=numpy.uint8)))
             best = _kept[-1]
             best.settle()
         best.used = now
@@ -123,6 +137,13 @@ def _timed_trim() -> None:
             _arm_timer()
 
 
+def trim_idle() -> None:
+    """Release the free buffers unused for :data:`IDLE_S` seconds (and the least recently used
+    past :data:`KEEP_BYTES`): for a thread without an asyncio loop to call now and then."""
+    with _lock:
+        _trim(time.monotonic())
+
+
 def _trim(now: float) -> None:
     """Forget free buffers idle for ``IDLE_S``, then the least recently used ones (free first)
     while more than ``KEEP_BYTES`` are kept. Called with the lock held."""
@@ -142,6 +163,7 @@ def kept_bytes() -> tuple[int, int]:
 
 
 def forget() -> None:
-    """Keep nothing any more (buffers in use stay valid: their users hold them)."""
+    """Keep nothing any more, free or not (buffers in use stay valid: their users hold them, and
+    their memory goes when they let go)."""
     with _lock:
         _kept.clear()

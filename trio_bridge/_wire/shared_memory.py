@@ -28,9 +28,12 @@ the host itself die).
 **Buffers** (:meth:`SharedMemoryPlane.empty`: ``pool.empty`` on the host, ``ctx.empty`` in a
 worker): a writable array on a segment of this process, filled in place and sent without a
 copy. Sending it *hands it over*: the array becomes read-only for good (numpy refuses writes with
-``ValueError: assignment destination is read-only``), so nothing its sender does later changes
+``ValueError: assignment destination is read-only``, and ``flags.writeable = True`` with
+``ValueError``: the array's memory comes from a :class:`_Seal`, which exports no writable buffer
+once sealed), so nothing its sender does later changes
 what its reader got (the receiver's guarantee, kept without a copy, as Arrow's plasma seals an
-object). Only while no other view of the array is alive: a view made before the send could still
+object). Only while no other view of the array is alive (told by reference counts,
+:mod:`holders`; where they cannot be trusted, every such array is copied): a view made before the send could still
 write, so such an array is copied like any other (raw buffer exports, a ``memoryview`` or a
 pointer, are not tracked: the docstrings tell users not to write through them). The segment is reused once the sender's array
 and every reader's are gone. (Copy-on-write instead, by remapping the sender's pages private,
@@ -64,6 +67,7 @@ from typing import Any
 
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._os import process_exists
+from trio_bridge._wire import holders
 
 SHM_ROOT = "/dev/shm"
 DEFAULT_THRESHOLD = 1 << 20  # bytes
@@ -131,6 +135,29 @@ class _Segment:
         with contextlib.suppress(BufferError):  # an export still alive: unmapped when it dies
             self.map.close()
         os.close(self.fd)
+
+
+class _Seal:
+    """The memory of a root array of :meth:`SharedMemoryPlane.empty`, lent by its segment.
+
+    numpy lets ``flags.writeable = True`` back on an array only if the object at the end of its
+    base chain exports a writable buffer; this one exports none (numpy takes the memory from
+    ``__array_interface__``), so once the hand-over has made the root array read-only, neither it
+    nor any view of it can be made writable again. :meth:`seal` also marks the interface
+    read-only, so that no new array made from this object can write either.
+    """
+
+    __slots__ = ("__array_interface__", "_mapped")
+
+    def __init__(self, segment: _Segment, dtype: Any, count: int) -> None:
+        # Holds an export of the segment's map: it stays mapped while any array on it lives.
+        self._mapped = memoryview(segment.map).toreadonly()
+        self.__array_interface__: dict[str, Any] = {
+            "version": 3, "shape": (count,), "typestr": dtype.str, "data": (segment.address + _HEADER, False),
+        }
+
+    def seal(self) -> None:
+        self.__array_interface__ = {**self.__array_interface__, "data": (self.__array_interface__["data"][0], True)}
 
 
 class _Mapping:
@@ -282,7 +309,7 @@ class SharedMemoryPlane:
                 _FIELDS.pack_into(segment.map, 0, 0, generation, 0.0)
             finally:
                 fcntl.flock(segment.fd, fcntl.LOCK_UN)
-            root = numpy.frombuffer(segment.map, dtype=dtype, count=count, offset=_HEADER)
+            root = numpy.asarray(_Seal(segment, dtype, count))
             segment.lent = weakref.ref(root)
         weakref.finalize(root, self._returned, segment).atexit = False
         # The caller gets a view: every later view's base is ``root`` too (numpy collapses bases),
@@ -299,10 +326,12 @@ class SharedMemoryPlane:
             if segment.root() is not array.base:
                 continue
             if array.base.flags.writeable:
-                if _base_references(array) > _alone():  # other views of it: they could write it
+                # Other views of it could write it later (and where counts cannot tell, assume so).
+                if not holders.TRUSTED or _base_references(array) > _alone():
                     return None
                 array.base.flags.writeable = False
                 array.flags.writeable = False
+                array.base.base.seal()
             generation = _FIELDS.unpack_from(segment.map, 0)[1]
             _FIELDS.pack_into(segment.map, 0, _SENT, generation, time.time())
             start = array.__array_interface__["data"][0]
@@ -509,9 +538,9 @@ default_plane: SharedMemoryPlane | None = None
 
 
 def _base_references(array: Any) -> int:
-    """References to ``array.base`` (a root array: every view of it holds one)."""
-    base = array.base
-    return sys.getrefcount(base)
+    """References to ``array.base`` (a root array: every view of it holds one); only where
+    ``holders.TRUSTED``."""
+    return holders.count(array.base)
 
 
 @functools.cache

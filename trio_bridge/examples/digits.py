@@ -17,8 +17,13 @@ import numpy as np
 
 # At module level, not in setup(): a pool's fork server imports this module once (~1 s for
 # scikit-learn), and each worker forked from it starts with it imported.
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+try:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+except ImportError as exc:  # an optional dependency: say which extra brings it
+    raise ModuleNotFoundError(
+        f"the digits example needs scikit-learn ({exc}): pip install 'trio-bridge[examples]'", name="sklearn",
+    ) from exc
 
 from trio_bridge.worker import Adapter, SessionContext, tool
 

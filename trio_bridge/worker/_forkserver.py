@@ -417,7 +417,7 @@ def main() -> None:
     parser.add_argument("--adapter", required=True, help="package.module:ClassName (its module is preloaded)")
     parser.add_argument("--spares", type=int, default=0, help="workers to fork ahead of the first requests")
     args = parser.parse_args()
-    hold_at_one(os.environ)  # before anything loads OpenBLAS: it starts no thread (each worker gets its own)
+    hold_at_one(os.environ)  # before anything loads OpenBLAS (the user's value too): each worker sets its own
     control = socket.socket(fileno=os.dup(0))  # the host's control socket is our stdin
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -430,7 +430,7 @@ def main() -> None:
     try:
         pools = ThreadPools()
     except Exception as exc:
-        _send(control, {"fork": False, "reason": f"threadpoolctl could not find the BLAS thread pools ({exc!r})"})
+        _send(control, {"fork": False, "reason": f"the BLAS thread pools cannot be set after a fork ({exc})"})
         return
     threads = thread_count()
     if threads > 1:

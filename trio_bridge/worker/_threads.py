@@ -2,10 +2,10 @@
 after the fork to what a spawned worker would have had.
 
 OpenBLAS (numpy's and scipy's BLAS in their wheels) starts its thread pool when it is loaded; a
-fork server with those threads cannot fork safely (:mod:`trio_bridge.worker._forkserver`). So,
-unless the pool's environment sets ``OPENBLAS_NUM_THREADS``, the fork server sets it to ``"1"``
-before it imports anything (:func:`hold_at_one`): each OpenBLAS its imports load starts no
-thread. Each forked worker then sets every such OpenBLAS's threads, with threadpoolctl's public
+fork server with those threads cannot fork safely (:mod:`trio_bridge.worker._forkserver`). So
+the fork server sets ``OPENBLAS_NUM_THREADS`` to ``"1"`` before it imports anything
+(:func:`hold_at_one`), whatever its environment (the host's, and the pool's ``env``) said: each
+OpenBLAS its imports load starts no thread. Each forked worker then sets every such OpenBLAS's threads, with threadpoolctl's public
 API (:class:`ThreadPools`), to what OpenBLAS would have taken from the worker's own environment
 had the worker been spawned (:func:`wanted_threads`): ``OPENBLAS_NUM_THREADS``, else
 ``GOTO_NUM_THREADS``, else ``OMP_NUM_THREADS``, else -- and at most -- the CPUs the worker may
@@ -27,19 +27,18 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-#: the variable the fork server holds at "1" while it imports (unless the pool's env sets it)
+#: the variable the fork server holds at "1" while it imports (each worker's own value applies after the fork)
 HELD = "OPENBLAS_NUM_THREADS"
 #: what OpenBLAS reads for its thread count, the first one set (a positive whole number) wins
 SOURCES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
-def hold_at_one(environ: MutableMapping[str, str]) -> bool:
-    """Set ``OPENBLAS_NUM_THREADS`` to ``"1"`` in ``environ`` unless it is set; return whether it
-    was. Called by the fork server before it imports anything (OpenBLAS reads it as it loads)."""
-    if HELD in environ:
-        return False
+def hold_at_one(environ: MutableMapping[str, str]) -> None:
+    """Set ``OPENBLAS_NUM_THREADS`` to ``"1"`` in ``environ``, whatever it was. Called by the fork
+    server before it imports anything (OpenBLAS reads it as it loads); each forked worker then
+    sets its threads from its own environment (:meth:`ThreadPools.set_for`), the user's value
+    included."""
     environ[HELD] = "1"
-    return True
 
 
 def wanted_threads(env: Mapping[str, str], cpus: int) -> int:
@@ -59,15 +58,22 @@ class ThreadPools:
     forked worker sets (:meth:`set_for`).
 
     Raises:
-        RuntimeError: an OpenBLAS is loaded that threadpoolctl does not find (an older
-            threadpoolctl), or whatever threadpoolctl raises where it cannot inspect this process:
-            the fork server then does not fork (its workers would keep one BLAS thread).
+        RuntimeError: an OpenBLAS is loaded and threadpoolctl cannot set its threads (it does not
+            find it: an older threadpoolctl; it is missing; it raised where it cannot inspect this
+            process): the fork server then does not fork (its workers would keep one BLAS thread).
+            Without a loaded OpenBLAS, there is nothing to set, so nothing is raised.
     """
 
     def __init__(self) -> None:
-        import threadpoolctl
+        try:
+            import threadpoolctl
 
-        self._openblas: Any = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+            self._openblas: Any = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+        except Exception as exc:
+            if _mapped("openblas"):
+                raise RuntimeError(f"an OpenBLAS is loaded, and threadpoolctl cannot set its threads: {exc!r}") from exc
+            self._openblas = ()  # nothing held at one that a worker must set
+            return
         if not len(self._openblas) and _mapped("openblas"):
             raise RuntimeError(f"an OpenBLAS is loaded that threadpoolctl {threadpoolctl.__version__} does not find")
 
