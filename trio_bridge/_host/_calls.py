@@ -126,7 +126,8 @@ class Calls:
                 queued = started - queued_at
                 finished = False
                 try:
-                    await self._router.enter_session(worker, route)
+                    if route is not None:  # (no coroutine for calls without a session)
+                        await self._router.enter_session(worker, route)
                     try:
                         encoded = await worker.execute(request)
                     except CallNotStarted:  # it drains: another worker runs the call
