@@ -33,7 +33,7 @@ import trio
 
 from trio_bridge._aio import TransportError
 from trio_bridge._version import __version__
-from trio_bridge._wire import fast_proto, overrides
+from trio_bridge._wire import call_messages, fast_proto, overrides
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.errors import DRAINING
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -244,11 +244,17 @@ class H2CallStream:
 
     # ---- sending ----
     @trio.lowlevel.enable_ki_protection  # h2's state and what was written stay in step
-    def _send(self, message: pb.CallMessage) -> None:
-        """Send ``message`` after those before it (never waits: what cannot go now, the writer
-        sends). A stream h2 finds closed fails (the waiting calls get :class:`TransportError`)."""
+    def _send(self, message: pb.CallMessage | bytes) -> None:
+        """Send ``message`` (or its encoding) after those before it (never waits: what cannot go
+        now, the writer sends). A stream h2 finds closed fails (the waiting calls get
+        :class:`TransportError`)."""
         try:
-            if overrides.CODEC:
+            if isinstance(message, bytes):
+                size = len(message)
+                if size < _DIRECT_MIN and self._send_small(size, [message]):
+                    return
+                body = [message]
+            elif overrides.CODEC:
                 parts = fast_proto.serialize(message)
                 size = len(parts)
                 if size < _DIRECT_MIN and self._send_small(size, parts.buffers):
@@ -480,7 +486,9 @@ class H2CallStream:
             self._have -= size
             body = _take(self._received, size)
             if overrides.CODEC:
-                result = fast_proto.parse(pb.CallResult, fast_proto.Chunks(body, size))
+                # the common answer by hand (call_messages), any other by fast_proto
+                common = call_messages.parse_result(body[0]) if len(body) == 1 else None
+                result = common if common is not None else fast_proto.parse(pb.CallResult, fast_proto.Chunks(body, size))
             else:
                 result = pb.CallResult.parse(b"".join(body))
             self._deliver(result)
@@ -512,7 +520,8 @@ class H2CallStream:
             raise TransportError(self._failure)
         reply = _Reply()
         self._waiting[request.call_id] = reply
-        self._send(pb.CallMessage(execute=request))
+        encoded = call_messages.encode_execute(request) if overrides.CODEC else None
+        self._send(pb.CallMessage(execute=request) if encoded is None else encoded)
         try:
             return await reply.wait()
         except BaseException:
