@@ -9,7 +9,8 @@ sessions, streams, ``Shutdown``) stay on grpclib, on the connection the handshak
 
 What the worker sees is what grpclib's client sent: the same request headers and metadata (the
 pool secret), gRPC's length-prefixed messages, HTTP/2 flow control (received data acknowledged
-as it is read; our sends wait for the worker's windows), its PINGs answered (h2 does it).
+to h2 as it is read, in batches of up to 64 KiB; our sends wait for the worker's windows), its
+PINGs answered (h2 does it).
 """
 
 from __future__ import annotations
