@@ -280,9 +280,9 @@ class H2CallStream:
             h2.exceptions.ProtocolError: the stream is closed.
         """
         fast, raw = self._fast, self._raw
-        if self._queued or not self._idle or fast is None or raw is None:
-            return False
         framed = _PREFIX.size + size
+        if self._queued or not self._idle or fast is None or raw is None or framed > fast.max_outbound_frame_size:
+            return False  # (a frame bigger than the worker takes, 16 KiB until its SETTINGS came: several)
         try:
             header = fast.data_frame_header(self._stream_id, framed, False)
         except h2.exceptions.FlowControlError:
