@@ -182,3 +182,26 @@ async def test_a_reply_that_does_not_parse_fails_the_calls_with_a_transport_erro
         assert calls.ended
         await trio.to_thread.run_sync(server.join, 10)
         assert not server.is_alive()
+
+
+async def test_many_answers_under_the_batch_size_keep_the_window_open(worker):
+    """Requests and answers of 40 KiB, smaller than the acknowledgement batch, 24 MiB in all
+    (more than the stream's 16 MiB window): the worker's sends never stall, calls in flight
+    together come back, and the first requests, sent before the worker's SETTINGS raise the
+    frame size from HTTP/2's 16 KiB, go in several frames."""
+    process, token = worker
+    value = "x" * (40 * 1024)
+    async with trio.open_nursery() as nursery:
+        calls = H2CallStream(process.address, token)
+        await nursery.start(calls.run)
+
+        async def echo(i: int) -> None:
+            reply = await calls.execute(_request("echo", f"w{i}", value=value))
+            assert decode(reply.result, plane=None) == value
+
+        with trio.fail_after(60):
+            for batch in range(0, 600, 4):
+                async with trio.open_nursery() as inner:
+                    for i in range(batch, batch + 4):
+                        inner.start_soon(echo, i)
+        nursery.cancel_scope.cancel()

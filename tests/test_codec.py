@@ -529,3 +529,44 @@ async def test_big_arrays_echo_in_band_intact_and_writable():
         assert echoed.dtype == array.dtype and np.array_equal(echoed, array) and echoed.flags.writeable
         echoed += 1
         assert np.array_equal(await pool.execute("echo", {"value": array}), array)
+
+
+_plain_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5).filter(lambda k: k != "\x00tb"), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_plain_json)
+def test_plain_values_are_compact_ascii_json(value):
+    assert encode(value, plane=None).json == json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _refuse(name):
+    raise ValueError(f"refused {name}")
+
+
+@given(st.one_of(st.text(max_size=30), _plain_json.map(json.dumps), _plain_json.map(lambda v: f" {json.dumps(v)}\n")))
+@example("NaN")
+@example("[1, Infinity]")
+@example("1 2")
+def test_decode_reads_a_document_as_a_strict_json_parser(text):
+    if "\\u0000tb" in text or "\x00tb" in text:
+        return  # tags: decoded by their own rules (other tests)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return
+    try:
+        expected = ("value", json.JSONDecoder(parse_constant=_refuse).decode(text))
+    except ValueError as exc:
+        expected = ("error", type(exc))
+    if not data:
+        expected = ("value", None)  # an empty document is None
+    try:
+        got = ("value", decode(Payload(json=data), plane=None))
+    except ValueError as exc:
+        got = ("error", type(exc))
+    assert got == expected

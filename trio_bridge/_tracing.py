@@ -21,15 +21,22 @@ _INSTALLED = importlib.util.find_spec("opentelemetry") is not None
 _TRACER_NAME = "trio_bridge"
 
 
+_api: Any = None  # (opentelemetry.trace, its no-op provider classes), once imported: off, a call pays no import
+
+
 def _provider() -> Any:
     """The program's tracer provider, or ``None`` when traces are off."""
+    global _api
     if not _INSTALLED:
         return None  # no import statement run: the cheapest way off
-    from opentelemetry import trace
-    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
+    if _api is None:
+        from opentelemetry import trace
+        from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
 
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
+        _api = (trace, (ProxyTracerProvider, NoOpTracerProvider))
+    trace, unset = _api
+    provider = trace.get_tracer_provider()  # asked each time: a program may set one later
+    if isinstance(provider, unset):
         return None  # the program set none: nothing would record
     return provider
 

@@ -9,7 +9,8 @@ sessions, streams, ``Shutdown``) stay on grpclib, on the connection the handshak
 
 What the worker sees is what grpclib's client sent: the same request headers and metadata (the
 pool secret), gRPC's length-prefixed messages, HTTP/2 flow control (received data acknowledged
-as it is read; our sends wait for the worker's windows), its PINGs answered (h2 does it).
+to h2 as it is read, in batches of up to 64 KiB; our sends wait for the worker's windows), its
+PINGs answered (h2 does it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import trio
 
 from trio_bridge._aio import TransportError
 from trio_bridge._version import __version__
-from trio_bridge._wire import fast_proto, overrides
+from trio_bridge._wire import call_messages, fast_proto, overrides
 from trio_bridge._wire.auth import SECRET_METADATA
 from trio_bridge._wire.errors import DRAINING
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -50,6 +51,8 @@ _OWNED_MIN = 256 * 1024  # a message at least this big is received into a buffer
 _HEAD = 4096  # ... once this much of it is here
 _GUESS = 64 * 1024  # the most of its start owned_buffer looks at
 _WINDOW = 16 << 20  # bytes the worker may send ahead (stream and connection): what calls in flight return
+_ACK_BATCH = 64 * 1024  # received bytes handed back to h2's window accounting at once (h2 itself
+# sends a WINDOW_UPDATE once half the window is processed, so this delays none by more than it)
 _RECEIVE = 256 * 1024  # bytes read from the socket at once
 _UNIX_SNDBUF = 1 << 20  # a Unix socket's send buffer holds a big frame (as the grpclib connections ask)
 _PREFIX = struct.Struct(">?I")  # gRPC's message header: compressed flag, length
@@ -60,15 +63,32 @@ _GRPC_STATUS = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4:
 
 
 class _Reply:
-    __slots__ = ("event", "result")
+    """One call's wait for its answer: the caller's task parked until the reader (or a failure)
+    reschedules it with the outcome; no Event, no parking lot (one call, one waiter)."""
+
+    __slots__ = ("result", "task")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
         self.result: outcome.Outcome[pb.ExecuteToolResponse] | None = None
+        self.task: trio.lowlevel.Task | None = None  # the caller, while it waits
 
     def set(self, result: outcome.Outcome[pb.ExecuteToolResponse]) -> None:
         self.result = result
-        self.event.set()
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task, result)
+
+    async def wait(self) -> pb.ExecuteToolResponse:
+        """The answer (a checkpoint, as ``Event.wait`` is); a cancellation leaves it unanswered."""
+        if self.result is not None:  # answered (or failed) before the caller parked
+            await trio.lowlevel.checkpoint()
+            return self.result.unwrap()
+        self.task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _OwnedMessage:
@@ -146,6 +166,7 @@ class H2CallStream:
         self._frames: Any = None  # our frame buffer (an http2.FastH2Connection's), once receiving
         self._raw: socket.socket | None = None  # the socket (a duplicate), for writes that need no wait
         self._idle = False  # the writer waits for work, with nothing of its own to write
+        self._unacknowledged = 0  # received DATA bytes not yet acknowledged to h2 (< _ACK_BATCH)
 
     @property
     def ended(self) -> bool:
@@ -233,23 +254,61 @@ class H2CallStream:
 
     # ---- sending ----
     @trio.lowlevel.enable_ki_protection  # h2's state and what was written stay in step
-    def _send(self, message: pb.CallMessage) -> None:
-        """Send ``message`` after those before it (never waits: what cannot go now, the writer
-        sends). A stream h2 finds closed fails (the waiting calls get :class:`TransportError`)."""
-        if overrides.CODEC:
-            parts = fast_proto.serialize(message)
-            size = len(parts)
-            body = parts.buffers if size >= _DIRECT_MIN else [parts.tobytes()]
-        else:
-            body = [bytes(message)]
-            size = len(body[0])
-        self._outbox.append(memoryview(_PREFIX.pack(False, size)))
-        self._outbox.extend(memoryview(b).cast("B") for b in body)
-        self._queued += _PREFIX.size + size
+    def _send(self, message: pb.CallMessage | bytes) -> None:
+        """Send ``message`` (or its encoding) after those before it (never waits: what cannot go
+        now, the writer sends). A stream h2 finds closed fails (the waiting calls get
+        :class:`TransportError`)."""
         try:
+            if isinstance(message, bytes):
+                size = len(message)
+                if size < _DIRECT_MIN and self._send_small(size, [message]):
+                    return
+                body = [message]
+            elif overrides.CODEC:
+                parts = fast_proto.serialize(message)
+                size = len(parts)
+                if size < _DIRECT_MIN and self._send_small(size, parts.buffers):
+                    return
+                body = parts.buffers if size >= _DIRECT_MIN else [parts.tobytes()]
+            else:
+                body = [bytes(message)]
+                size = len(body[0])
+            self._outbox.append(memoryview(_PREFIX.pack(False, size)))
+            self._outbox.extend(memoryview(b).cast("B") for b in body)
+            self._queued += _PREFIX.size + size
             self._flush()
         except h2.exceptions.ProtocolError as exc:
             self._fail(f"the call stream failed: {_describe(exc)}")
+
+    def _send_small(self, size: int, body: list[Any]) -> bool:
+        """The common case of :meth:`_send`: a small message (``size`` bytes in the pieces
+        ``body``), nothing queued before it and the writer idle: framed and written at once (one
+        h2 call, one system call). Whether it went that way (else it is queued as any other).
+
+        Raises:
+            h2.exceptions.ProtocolError: the stream is closed.
+        """
+        fast, raw = self._fast, self._raw
+        framed = _PREFIX.size + size
+        if self._queued or not self._idle or fast is None or raw is None or framed > fast.max_outbound_frame_size:
+            return False  # (a frame bigger than the worker takes, 16 KiB until its SETTINGS came: several)
+        try:
+            header = fast.data_frame_header(self._stream_id, framed, False)
+        except h2.exceptions.FlowControlError:
+            return False  # the worker's window is short: the writer sends it once it opens
+        # what h2 queued before (acknowledgements, PING answers) goes first
+        data = b"".join([fast.data_to_send(), header, _PREFIX.pack(False, size), *body])
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return True  # the connection failed: the reader sees it (as _write_now)
+        if sent < len(data):
+            self._out.append(memoryview(data)[sent:])
+            self._idle = False
+            self._wake.set()
+        return True
 
     @trio.lowlevel.enable_ki_protection
     def _flush(self) -> None:
@@ -368,7 +427,10 @@ class H2CallStream:
         if isinstance(event, h2.events.DataReceived):
             if event.stream_id != self._stream_id:
                 return
-            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self._unacknowledged += event.flow_controlled_length
+            if self._unacknowledged >= _ACK_BATCH:
+                conn.acknowledge_received_data(self._unacknowledged, event.stream_id)
+                self._unacknowledged = 0
             data = memoryview(event.data).cast("B")
             if self._owned is not None:
                 data = self._owned.fill(data)  # what is left belongs to the next message
@@ -437,7 +499,9 @@ class H2CallStream:
             self._have -= size
             body = _take(self._received, size)
             if overrides.CODEC:
-                result = fast_proto.parse(pb.CallResult, fast_proto.Chunks(body, size))
+                # the common answer by hand (call_messages), any other by fast_proto
+                common = call_messages.parse_result(body[0]) if len(body) == 1 else None
+                result = common if common is not None else fast_proto.parse(pb.CallResult, fast_proto.Chunks(body, size))
             else:
                 result = pb.CallResult.parse(b"".join(body))
             self._deliver(result)
@@ -469,15 +533,14 @@ class H2CallStream:
             raise TransportError(self._failure)
         reply = _Reply()
         self._waiting[request.call_id] = reply
-        self._send(pb.CallMessage(execute=request))
+        encoded = call_messages.encode_execute(request) if overrides.CODEC else None
+        self._send(pb.CallMessage(execute=request) if encoded is None else encoded)
         try:
-            await reply.event.wait()
+            return await reply.wait()
         except BaseException:
             if self._waiting.pop(request.call_id, None) is not None and self._failure is None:
                 self._send(pb.CallMessage(cancel=request.call_id))
             raise
-        assert reply.result is not None
-        return reply.result.unwrap()
 
 
 def _text(value: Any) -> str:

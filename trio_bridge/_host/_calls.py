@@ -126,7 +126,8 @@ class Calls:
                 queued = started - queued_at
                 finished = False
                 try:
-                    await self._router.enter_session(worker, route)
+                    if route is not None:  # (no coroutine for calls without a session)
+                        await self._router.enter_session(worker, route)
                     try:
                         encoded = await worker.execute(request)
                     except CallNotStarted:  # it drains: another worker runs the call
@@ -293,7 +294,7 @@ class Calls:
         already: ``max_queue`` does not refuse it). A re-entrant call (made while its caller's
         call waits on the host) passes its session's ``max_in_flight``: that call holds a place."""
         nested = self._check_reentrancy()
-        if self._supervisor.ready:
+        if self._supervisor.any_ready:
             return await self._router.acquire(route, affinity, nested=nested, readmitted=readmitted)
         # No worker is ready (they are starting, restarting, or out of reach; or a head's
         # remote workers are yet to be found or to join): wait a bounded time, then say why.

@@ -426,6 +426,12 @@ class Dispatcher(Generic[W]):
         """Give back a slot that :meth:`acquire` took for class ``key``."""
         worker.lifecycle.busy -= 1
         queue = self._classes.get(key)
+        if not self._queued:  # nobody waits (so no class is in the rotation or parked): nothing to hand over
+            if queue is not None:
+                queue.in_flight -= 1
+                if not queue.in_flight and not queue.opens:
+                    self._settle(queue)  # an idle, forgotten class goes
+            return
         if queue is not None:
             was_capped = queue.capped
             queue.in_flight -= 1

@@ -333,7 +333,15 @@ class GrpcWorker:
             self.kill("its call stream had ended")
             raise CallNotStarted(f"worker {self.id}: its call stream had ended")
         try:
-            reply = await self._while_alive(lambda: calls.execute(_request(call)))
+            if isinstance(calls, H2CallStream):
+                # No guard scope (a CancelScope per call costs ~4 us): the worker's exit ends
+                # run(), which cancels the call stream's task, which fails the calls waiting on it.
+                try:
+                    reply = await calls.execute(_request(call))
+                except TransportError as exc:
+                    raise await self._lost(exc) from exc
+            else:
+                reply = await self._while_alive(lambda: calls.execute(_request(call)))
         except BaseException:
             self._unanswered(call.call_id)
             raise
@@ -422,10 +430,15 @@ class GrpcWorker:
             try:
                 return await run()
             except TransportError as exc:
-                reason = f"its connection failed ({exc})"
-                await self._connector.settle(self.lifecycle, lambda: self.kill(reason))
-                raise self.crashed_error() from exc
+                raise await self._lost(exc) from exc
         raise self.crashed_error()  # cancelled by its exit: it died mid-call
+
+    async def _lost(self, exc: TransportError) -> WorkerCrashedError:
+        """What a call gets when its connection failed (``exc``): once the far end is known to
+        be gone (killed if it is not yet), its :meth:`crashed_error`."""
+        reason = f"its connection failed ({exc})"
+        await self._connector.settle(self.lifecycle, lambda: self.kill(reason))
+        return self.crashed_error()
 
 
 def _request(call: ToolCall) -> pb.ExecuteToolRequest:

@@ -24,6 +24,10 @@ _RECENT_ERRORS = 20     # failed calls kept for the live view
 
 
 class Outcome(enum.Enum):
+    # Members are singletons: hashed by identity (in C) rather than Enum's hash of the name in
+    # Python, as they key the per-call counters.
+    __hash__ = object.__hash__
+
     COMPLETED = "completed"
     FAILED = "failed"
     CRASHED = "crashed"

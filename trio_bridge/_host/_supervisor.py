@@ -156,6 +156,14 @@ class Supervisor:
         return len({h.slot for h in (*self.handles.values(), *self._successors) if h.lifecycle.accepting})
 
     @property
+    def any_ready(self) -> bool:
+        """Some worker takes calls (``ready > 0``), found without counting (asked per call)."""
+        for handle in self.handles.values():
+            if handle.lifecycle.accepting:
+                return True
+        return any(h.lifecycle.accepting for h in self._successors)
+
+    @property
     def capacity(self) -> int:
         """Calls the ready workers can serve at once."""
         return sum(h.lifecycle.concurrency for h in self.handles.values() if h.lifecycle.accepting)

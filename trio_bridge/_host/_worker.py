@@ -25,8 +25,8 @@ each implementation: they live in one :class:`WorkerLifecycle` (and one
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, final
 
@@ -247,16 +247,30 @@ class WorkerLifecycle:
         for scope in list(self._guards):
             scope.cancel()
 
-    @contextmanager
-    def guarded(self) -> Iterator[trio.CancelScope]:
+    def guarded(self) -> _Guard:
         """A cancel scope that its exit cancels (check ``cancelled_caught`` after the block:
         the worker died meanwhile)."""
-        with trio.CancelScope() as scope:
-            self._guards.add(scope)
-            try:
-                yield scope
-            finally:
-                self._guards.discard(scope)
+        return _Guard(self._guards)
+
+
+class _Guard:
+    """:meth:`WorkerLifecycle.guarded`'s block: a cancel scope, in its lifecycle's guards while
+    the block runs (a class rather than a generator-based context manager: one per call)."""
+
+    __slots__ = ("_guards", "_scope")
+
+    def __init__(self, guards: set[trio.CancelScope]) -> None:
+        self._guards = guards
+        self._scope = trio.CancelScope()
+
+    def __enter__(self) -> trio.CancelScope:
+        scope = self._scope.__enter__()
+        self._guards.add(scope)
+        return scope
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        self._guards.discard(self._scope)
+        return self._scope.__exit__(*exc_info)
 
 
 #: A stream's ``receive()``: the next encoded batch of chunks (for ``decode_batch``), ``None`` at its end.
