@@ -496,7 +496,101 @@ async def _call(fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-class CallStream:
+class CallStreamBase:
+    """What every call stream does with its calls, in Trio's thread: the callers waiting by call
+    id, a reply delivered to its caller (the drain notice, call id ``""``, to ``on_draining``), a
+    failure failing every caller now and later with :class:`TransportError`, and a cancelled
+    caller's ``cancel`` message. A subclass moves the messages (:meth:`_send`) and calls
+    :meth:`_deliver` and :meth:`_fail`."""
+
+    def __init__(self, on_draining: Callable[[], None]) -> None:
+        self._on_draining = on_draining
+        self._waiting: dict[str, _Reply] = {}
+        self._failure: str | None = None
+
+    def _send(self, message: pb.CallMessage) -> None:
+        """Send ``message`` after those sent before it, without waiting (Trio's thread).
+
+        Raises:
+            TransportError: the stream is gone (it has failed, or fails now).
+        """
+        raise NotImplementedError
+
+    def _send_execute(self, request: pb.ExecuteToolRequest) -> None:
+        self._send(pb.CallMessage(execute=request))
+
+    def _deliver(self, result: pb.CallResult) -> None:
+        if not result.call_id:  # a notice, not a reply
+            if result.response is not None and result.response.error is not None and result.response.error.kind == DRAINING:
+                self._on_draining()
+            return
+        reply = self._waiting.pop(result.call_id, None)
+        if reply is not None:  # None: a cancelled call's late answer
+            reply.set(outcome.Value(pb.ExecuteToolResponse() if result.response is None else result.response))
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+        waiting, self._waiting = self._waiting, {}
+        for reply in waiting.values():
+            reply.set(outcome.Error(TransportError(self._failure)))
+
+    @property
+    def ended(self) -> bool:
+        """The stream has failed or ended: a call sent from now on never reaches the worker."""
+        return self._failure is not None
+
+    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
+        """Run one call; a cancelled caller cancels it on the worker.
+
+        Raises:
+            TransportError: the stream failed (or had already), before the reply came.
+        """
+        if self._failure is not None:
+            raise TransportError(self._failure)
+        reply = _Reply()
+        self._waiting[request.call_id] = reply
+        self._send_execute(request)
+        try:
+            return await reply.wait()
+        except BaseException:
+            if self._waiting.pop(request.call_id, None) is not None and self._failure is None:
+                with contextlib.suppress(TransportError):
+                    self._send(pb.CallMessage(cancel=request.call_id))
+            raise
+
+
+class _Reply:
+    """One call's wait for its answer: the caller's task parked until the stream (its reader, or
+    a failure) reschedules it with the outcome, in Trio's thread; no Event, no parking lot (one
+    call, one waiter)."""
+
+    __slots__ = ("result", "task")
+
+    def __init__(self) -> None:
+        self.result: outcome.Outcome[pb.ExecuteToolResponse] | None = None
+        self.task: trio.lowlevel.Task | None = None  # the caller, while it waits
+
+    def set(self, result: outcome.Outcome[pb.ExecuteToolResponse]) -> None:
+        self.result = result
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task, result)
+
+    async def wait(self) -> pb.ExecuteToolResponse:
+        """The answer (a checkpoint, as ``Event.wait`` is); a cancellation leaves it unanswered."""
+        if self.result is not None:  # answered (or failed) before the caller parked
+            await trio.lowlevel.checkpoint()
+            return self.result.unwrap()
+        self.task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class CallStream(CallStreamBase):
     """A worker connection's calls, multiplexed on one long-lived bidirectional gRPC stream
     (``WorkerService.Calls``), driven from Trio.
 
@@ -517,16 +611,14 @@ class CallStream:
     def __init__(
         self, boundary: Boundary, stub: pb.WorkerServiceStub, max_in_flight: int, on_draining: Callable[[], None] = lambda: None,
     ) -> None:
+        super().__init__(on_draining)
         self._boundary = boundary
-        self._on_draining = on_draining
         self._stub = stub
         # Each call in flight puts at most an execute and a cancel, and a worker has at most
         # max_in_flight calls in flight (the pool's slots): never full.
         self._outbox_size = 2 * max_in_flight + 2
         self._outbox: asyncio.Queue[pb.CallMessage] | None = None  # the loop's, once open
         self._replies: list[pb.CallResult] = []  # the loop's: read this tick, not yet handed over
-        self._waiting: dict[str, _Reply] = {}
-        self._failure: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the stream (``task_status.started()`` once it is open) and serve it until it
@@ -585,19 +677,12 @@ class CallStream:
         Trio's from then on)."""
         replies, self._replies = self._replies, []
         with contextlib.suppress(trio.RunFinishedError):
-            self._boundary._token.run_sync_soon(self._deliver, replies)
+            self._boundary._token.run_sync_soon(self._deliver_all, replies)
 
-    def _deliver(self, replies: list[pb.CallResult]) -> None:
+    def _deliver_all(self, replies: list[pb.CallResult]) -> None:
         """Trio's thread."""
         for result in replies:
-            if not result.call_id:  # a notice, not a reply
-                if result.response is not None and result.response.error is not None and result.response.error.kind == DRAINING:
-                    self._on_draining()
-                continue
-            reply = self._waiting.pop(result.call_id, None)
-            if reply is not None:  # None: a cancelled call's late answer
-                response = pb.ExecuteToolResponse() if result.response is None else result.response
-                reply.set(outcome.Value(response))
+            self._deliver(result)
 
     async def _write(self, stream: Any) -> None:
         assert self._outbox is not None
@@ -618,52 +703,6 @@ class CallStream:
         if not self._boundary.post(self._enqueue, message):
             self._fail("the host's asyncio loop is shut down")
             raise TransportError(self._failure or "the call stream ended")
-
-    def _fail(self, reason: str) -> None:
-        """Trio's thread."""
-        if self._failure is None:
-            self._failure = reason
-        waiting, self._waiting = self._waiting, {}
-        for reply in waiting.values():
-            reply.set(outcome.Error(TransportError(self._failure)))
-
-    @property
-    def ended(self) -> bool:
-        """The stream has failed or ended: a call sent from now on never reaches the worker."""
-        return self._failure is not None
-
-    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        """Run one call; a cancelled caller cancels it on the worker.
-
-        Raises:
-            TransportError: the stream failed (or had already), before the reply came.
-        """
-        if self._failure is not None:
-            raise TransportError(self._failure)
-        reply = _Reply()
-        self._waiting[request.call_id] = reply
-        self._send(pb.CallMessage(execute=request))
-        try:
-            await reply.event.wait()
-        except BaseException:
-            if self._waiting.pop(request.call_id, None) is not None and self._failure is None:
-                with contextlib.suppress(TransportError):
-                    self._send(pb.CallMessage(cancel=request.call_id))
-            raise
-        assert reply.result is not None
-        return reply.result.unwrap()
-
-
-class _Reply:
-    __slots__ = ("event", "result")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.result: outcome.Outcome[pb.ExecuteToolResponse] | None = None
-
-    def set(self, result: outcome.Outcome[pb.ExecuteToolResponse]) -> None:
-        self.result = result
-        self.event.set()  # Trio's thread (CallStream._deliver, _fail)
 
 
 def _close(coro: Awaitable[Any]) -> None:

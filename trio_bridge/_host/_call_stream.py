@@ -26,23 +26,23 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpclib.const
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import outcome
 import trio
 
-from trio_bridge._aio import TransportError
+from trio_bridge._aio import CallStreamBase, TransportError
 from trio_bridge._version import __version__
 from trio_bridge._wire import call_messages, fast_proto, overrides
 from trio_bridge._wire.auth import SECRET_METADATA
-from trio_bridge._wire.errors import DRAINING
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 from trio_bridge._wire.transport import parse_address
 
 _logger = logging.getLogger("trio_bridge")
+_STATUS_CODES = frozenset(status.value for status in grpclib.const.Status)
 CALLS_PATH = "/trio_bridge.v1.WorkerService/Calls"
 _FRAME_SIZE = 1 << 20  # SETTINGS_MAX_FRAME_SIZE we advertise (the worker's FastH2Protocol sends up to it)
 _DIRECT_MIN = 64 * 1024  # a DATA frame at least this big is written without copying its body
@@ -57,38 +57,6 @@ _RECEIVE = 256 * 1024  # bytes read from the socket at once
 _UNIX_SNDBUF = 1 << 20  # a Unix socket's send buffer holds a big frame (as the grpclib connections ask)
 _PREFIX = struct.Struct(">?I")  # gRPC's message header: compressed flag, length
 _CONNECTION_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError)
-_GRPC_STATUS = {0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
-                7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION", 12: "UNIMPLEMENTED",
-                13: "INTERNAL", 14: "UNAVAILABLE", 16: "UNAUTHENTICATED"}
-
-
-class _Reply:
-    """One call's wait for its answer: the caller's task parked until the reader (or a failure)
-    reschedules it with the outcome; no Event, no parking lot (one call, one waiter)."""
-
-    __slots__ = ("result", "task")
-
-    def __init__(self) -> None:
-        self.result: outcome.Outcome[pb.ExecuteToolResponse] | None = None
-        self.task: trio.lowlevel.Task | None = None  # the caller, while it waits
-
-    def set(self, result: outcome.Outcome[pb.ExecuteToolResponse]) -> None:
-        self.result = result
-        task, self.task = self.task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task, result)
-
-    async def wait(self) -> pb.ExecuteToolResponse:
-        """The answer (a checkpoint, as ``Event.wait`` is); a cancellation leaves it unanswered."""
-        if self.result is not None:  # answered (or failed) before the caller parked
-            await trio.lowlevel.checkpoint()
-            return self.result.unwrap()
-        self.task = trio.lowlevel.current_task()
-        return await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def _abort(self, _: Any) -> trio.lowlevel.Abort:
-        self.task = None
-        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class _OwnedMessage:
@@ -128,9 +96,10 @@ class _OwnedMessage:
         self.reservation.close()
 
 
-class H2CallStream:
+class H2CallStream(CallStreamBase):
     """The calls of one worker, on one bidirectional gRPC stream of a connection of their own,
-    driven from Trio (see the module doc). The same interface as ``_aio.CallStream``.
+    driven from Trio (see the module doc). Its calls are kept as every call stream keeps them
+    (``_aio.CallStreamBase``); this class moves their messages.
 
     Args:
         address: the worker's address (``"unix:..."``, ``"tcp:HOST:PORT"``: plain TCP; a worker
@@ -146,11 +115,9 @@ class H2CallStream:
     def __init__(
         self, address: str, secret: str, *, on_draining: Callable[[], None] = lambda: None,
     ) -> None:
+        super().__init__(on_draining)
         self._address = address
         self._secret = secret
-        self._on_draining = on_draining
-        self._waiting: dict[str, _Reply] = {}
-        self._failure: str | None = None
         self._stream: trio.SocketStream | None = None
         self._h2: h2.connection.H2Connection | None = None
         self._fast: Any = None  # the same, where it is an http2.FastH2Connection
@@ -167,11 +134,6 @@ class H2CallStream:
         self._raw: socket.socket | None = None  # the socket (a duplicate), for writes that need no wait
         self._idle = False  # the writer waits for work, with nothing of its own to write
         self._unacknowledged = 0  # received DATA bytes not yet acknowledged to h2 (< _ACK_BATCH)
-
-    @property
-    def ended(self) -> bool:
-        """The stream has failed or ended: a call sent from now on never reaches the worker."""
-        return self._failure is not None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, open the stream (``task_status.started()`` once its request is sent) and serve
@@ -458,7 +420,7 @@ class H2CallStream:
         elif "grpc-status" in fields:  # the stream's end (trailers, or a trailers-only refusal)
             code = int(fields["grpc-status"]) if fields["grpc-status"].isdigit() else 2
             if code:
-                name = _GRPC_STATUS.get(code, str(code))
+                name = grpclib.const.Status(code).name if code in _STATUS_CODES else str(code)
                 self._fail(f"the worker refused the call stream: gRPC {name}: {fields.get('grpc-message', '')}")
             else:
                 self._fail("the call stream ended")
@@ -506,41 +468,9 @@ class H2CallStream:
                 result = pb.CallResult.parse(b"".join(body))
             self._deliver(result)
 
-    def _deliver(self, result: pb.CallResult) -> None:
-        if not result.call_id:  # a notice, not a reply
-            if result.response is not None and result.response.error is not None and result.response.error.kind == DRAINING:
-                self._on_draining()
-            return
-        reply = self._waiting.pop(result.call_id, None)
-        if reply is not None:  # None: a cancelled call's late answer
-            reply.set(outcome.Value(pb.ExecuteToolResponse() if result.response is None else result.response))
-
-    def _fail(self, reason: str) -> None:
-        if self._failure is None:
-            self._failure = reason
-        waiting, self._waiting = self._waiting, {}
-        for reply in waiting.values():
-            reply.set(outcome.Error(TransportError(self._failure)))
-
-    # ---- calls ----
-    async def execute(self, request: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
-        """Run one call; a cancelled caller cancels it on the worker.
-
-        Raises:
-            TransportError: the stream failed (or had already), before the reply came.
-        """
-        if self._failure is not None:
-            raise TransportError(self._failure)
-        reply = _Reply()
-        self._waiting[request.call_id] = reply
+    def _send_execute(self, request: pb.ExecuteToolRequest) -> None:
         encoded = call_messages.encode_execute(request) if overrides.CODEC else None
         self._send(pb.CallMessage(execute=request) if encoded is None else encoded)
-        try:
-            return await reply.wait()
-        except BaseException:
-            if self._waiting.pop(request.call_id, None) is not None and self._failure is None:
-                self._send(pb.CallMessage(cancel=request.call_id))
-            raise
 
 
 def _text(value: Any) -> str:
