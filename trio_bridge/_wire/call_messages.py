@@ -15,27 +15,16 @@ import struct
 from typing import Any
 
 from trio_bridge._wire import fast_proto
+from trio_bridge._wire.fast_proto import varint
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 __all__ = ["encode_execute", "parse_result"]
 
 _DOUBLE = struct.Struct("<d")
-_SMALL = [bytes([n]) for n in range(128)]
 # ExecuteToolRequest's keys: (field number << 3) | wire type
 _TOOL, _ARGUMENTS, _SESSION, _CALL_ID, _TIMEOUT, _VERSION, _TRACEPARENT = b"\x0a", b"\x12", b"\x1a", b"\x22", b"\x29", b"\x30", b"\x3a"
 _EXECUTE = b"\x0a"  # CallMessage.execute
 _JSON = b"\x0a"  # Payload.json
-
-
-def _varint(value: int) -> bytes:
-    if value < 128:
-        return _SMALL[value]
-    out = bytearray()
-    while value > 127:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def encode_execute(request: pb.ExecuteToolRequest) -> bytes | None:
@@ -54,10 +43,10 @@ def encode_execute(request: pb.ExecuteToolRequest) -> bytes | None:
         )
     except (TypeError, UnicodeEncodeError):
         return None
-    payload = _JSON + _varint(len(json)) + json if json else b""
+    payload = _JSON + varint(len(json)) + json if json else b""
     parts = [
-        _TOOL, _varint(len(tool)), tool, _ARGUMENTS, _varint(len(payload)), payload,
-        _SESSION, _varint(len(session_id)), session_id, _CALL_ID, _varint(len(call_id)), call_id,
+        _TOOL, varint(len(tool)), tool, _ARGUMENTS, varint(len(payload)), payload,
+        _SESSION, varint(len(session_id)), session_id, _CALL_ID, varint(len(call_id)), call_id,
     ]
     if not tool:  # betterproto2 leaves out a value equal to its default
         parts[0:3] = []
@@ -68,11 +57,11 @@ def encode_execute(request: pb.ExecuteToolRequest) -> bytes | None:
     if timeout != 0.0:
         parts += (_TIMEOUT, _DOUBLE.pack(timeout))
     if version:
-        parts += (_VERSION, _varint(version))
+        parts += (_VERSION, varint(version))
     if traceparent:
-        parts += (_TRACEPARENT, _varint(len(traceparent)), traceparent)
+        parts += (_TRACEPARENT, varint(len(traceparent)), traceparent)
     body = b"".join(parts)
-    return _EXECUTE + _varint(len(body)) + body
+    return _EXECUTE + varint(len(body)) + body
 
 
 def _string(text: Any) -> bytes:

@@ -126,7 +126,7 @@ class _Field:
                 kind = _STRING
         self.kind = kind
         self.cls = cls
-        self.key = _varint((meta.number << 3) | 2)
+        self.key = varint((meta.number << 3) | 2)
 
 
 class _Plan:
@@ -169,7 +169,7 @@ def _is_pydantic(cls: type) -> bool:
 _SMALL_VARINTS = [bytes([n]) for n in range(128)]
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     """A non-negative int as a protobuf varint."""
     if value < 128:
         return _SMALL_VARINTS[value]
@@ -206,7 +206,7 @@ def _encode(message: Message, out: list[Any]) -> int:
                     index = len(out)
                     out.append(b"")
                     n = _encode(item, out)
-                    head = f.key + _varint(n)
+                    head = f.key + varint(n)
                     out[index] = head
                     size += len(head) + n
                 else:  # not a message: betterproto2 says what that gives (an error, most likely)
@@ -221,7 +221,7 @@ def _encode(message: Message, out: list[Any]) -> int:
                 if type(item) is bytearray:
                     item = bytes(item)  # referenced until sent: only immutable bytes are
                 if type(item) is bytes or (type(item) is memoryview and item.readonly and item.format == "B"):
-                    head = f.key + _varint(len(item))
+                    head = f.key + varint(len(item))
                     out.append(head)
                     out.append(item)
                     size += len(head) + len(item)
