@@ -501,7 +501,7 @@ class CallStreamBase:
     id, a reply delivered to its caller (the drain notice, call id ``""``, to ``on_draining``), a
     failure failing every caller now and later with :class:`TransportError`, and a cancelled
     caller's ``cancel`` message. A subclass moves the messages (:meth:`_send`) and calls
-    :meth:`_deliver` and :meth:`_fail`."""
+    :meth:`deliver` with each reply and :meth:`fail` when the stream fails or ends."""
 
     def __init__(self, on_draining: Callable[[], None]) -> None:
         self._on_draining = on_draining
@@ -519,7 +519,8 @@ class CallStreamBase:
     def _send_execute(self, request: pb.ExecuteToolRequest) -> None:
         self._send(pb.CallMessage(execute=request))
 
-    def _deliver(self, result: pb.CallResult) -> None:
+    def deliver(self, result: pb.CallResult) -> None:
+        """A reply (Trio's thread): to its caller, if it still waits."""
         if not result.call_id:  # a notice, not a reply
             if result.response is not None and result.response.error is not None and result.response.error.kind == DRAINING:
                 self._on_draining()
@@ -528,7 +529,9 @@ class CallStreamBase:
         if reply is not None:  # None: a cancelled call's late answer
             reply.set(outcome.Value(pb.ExecuteToolResponse() if result.response is None else result.response))
 
-    def _fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> None:
+        """The stream failed or ended (Trio's thread): every caller, now and later, gets
+        :class:`TransportError` (the first reason given)."""
         if self._failure is None:
             self._failure = reason
         waiting, self._waiting = self._waiting, {}
@@ -642,11 +645,11 @@ class CallStream(CallStreamBase):
         try:
             await self._boundary.run(self._serve(opened))
         except TransportError as exc:
-            self._fail(str(exc))
+            self.fail(str(exc))
         except CallFailed as exc:  # the worker refused the stream itself (a request it cannot read)
-            self._fail(f"the worker refused the call stream: {exc.info.message}")
+            self.fail(f"the worker refused the call stream: {exc.info.message}")
         finally:
-            self._fail("the call stream ended")
+            self.fail("the call stream ended")
             opened.set()
 
     async def _serve(self, opened: trio.Event) -> None:
@@ -682,7 +685,7 @@ class CallStream(CallStreamBase):
     def _deliver_all(self, replies: list[pb.CallResult]) -> None:
         """Trio's thread."""
         for result in replies:
-            self._deliver(result)
+            self.deliver(result)
 
     async def _write(self, stream: Any) -> None:
         assert self._outbox is not None
@@ -697,11 +700,11 @@ class CallStream(CallStreamBase):
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:  # a bug: more than two messages per slot
             with contextlib.suppress(trio.RunFinishedError):
-                self._boundary._token.run_sync_soon(self._fail, "the call stream's outbox is full")
+                self._boundary._token.run_sync_soon(self.fail, "the call stream's outbox is full")
 
     def _send(self, message: pb.CallMessage) -> None:
         if not self._boundary.post(self._enqueue, message):
-            self._fail("the host's asyncio loop is shut down")
+            self.fail("the host's asyncio loop is shut down")
             raise TransportError(self._failure or "the call stream ended")
 
 

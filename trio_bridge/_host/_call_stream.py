@@ -157,7 +157,7 @@ class H2CallStream(CallStreamBase):
                 nursery.start_soon(self._until_failed, self._write_loop, nursery.cancel_scope)
                 await self._until_failed(self._read_loop, nursery.cancel_scope)
         finally:
-            self._fail("the call stream ended")
+            self.fail("the call stream ended")
             stream, self._stream = self._stream, None
             raw, self._raw = self._raw, None
             if raw is not None:
@@ -171,10 +171,10 @@ class H2CallStream(CallStreamBase):
         try:
             await loop()
         except _CONNECTION_ERRORS as exc:
-            self._fail(f"the call stream's connection failed: {_describe(exc)}")
+            self.fail(f"the call stream's connection failed: {_describe(exc)}")
         except Exception as exc:  # e.g. a reply that does not parse: the peer's fault or ours, never the caller's
             _logger.warning("the call stream to %s failed", self._address, exc_info=True)
-            self._fail(f"the call stream failed: {_describe(exc)}")
+            self.fail(f"the call stream failed: {_describe(exc)}")
         finally:
             scope.cancel()
 
@@ -240,7 +240,7 @@ class H2CallStream(CallStreamBase):
             self._queued += _PREFIX.size + size
             self._flush()
         except h2.exceptions.ProtocolError as exc:
-            self._fail(f"the call stream failed: {_describe(exc)}")
+            self.fail(f"the call stream failed: {_describe(exc)}")
 
     def _send_small(self, size: int, body: list[Any]) -> bool:
         """The common case of :meth:`_send`: a small message (``size`` bytes in the pieces
@@ -301,7 +301,7 @@ class H2CallStream(CallStreamBase):
             out.clear()
             self._outbox.clear()
             self._queued = 0
-            self._fail(f"the call stream's connection failed: {_describe(exc)}")
+            self.fail(f"the call stream's connection failed: {_describe(exc)}")
             with contextlib.suppress(OSError):
                 raw.shutdown(socket.SHUT_RDWR)  # the reader ends too
             return True
@@ -358,7 +358,7 @@ class H2CallStream(CallStreamBase):
         raw = self._raw
         assert raw is not None
         more = False  # a big message is coming in: read on without waiting (a checkpoint only)
-        while self._failure is None:
+        while not self.ended:
             # Otherwise wait first, then read: a reply is never there yet when the reader comes
             # back (a read would fail with EAGAIN first, one more system call per call).
             if more:
@@ -378,7 +378,7 @@ class H2CallStream(CallStreamBase):
             except BlockingIOError:
                 continue
             if not size:
-                self._fail("the worker closed the call stream's connection")
+                self.fail("the worker closed the call stream's connection")
                 return
             for event in conn.receive_data(data):
                 self._handle(conn, event)
@@ -406,26 +406,26 @@ class H2CallStream(CallStreamBase):
             if self._outbox:
                 self._idle = False
         elif isinstance(event, h2.events.StreamReset):
-            self._fail(f"the worker reset the call stream (HTTP/2 error code {event.error_code})")
+            self.fail(f"the worker reset the call stream (HTTP/2 error code {event.error_code})")
         elif isinstance(event, h2.events.StreamEnded):
-            self._fail("the call stream ended")
+            self.fail("the call stream ended")
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._fail(f"the worker closed the call stream's connection (GOAWAY, HTTP/2 error code {event.error_code})")
+            self.fail(f"the worker closed the call stream's connection (GOAWAY, HTTP/2 error code {event.error_code})")
 
     def _check_headers(self, headers: Any, *, trailers: bool) -> None:
         fields = {_text(name): _text(value) for name, value in headers}
         status = fields.get(":status")
         if status is not None and status != "200":
-            self._fail(f"the worker answered the call stream with HTTP status {status}")
+            self.fail(f"the worker answered the call stream with HTTP status {status}")
         elif "grpc-status" in fields:  # the stream's end (trailers, or a trailers-only refusal)
             code = int(fields["grpc-status"]) if fields["grpc-status"].isdigit() else 2
             if code:
                 name = grpclib.const.Status(code).name if code in _STATUS_CODES else str(code)
-                self._fail(f"the worker refused the call stream: gRPC {name}: {fields.get('grpc-message', '')}")
+                self.fail(f"the worker refused the call stream: gRPC {name}: {fields.get('grpc-message', '')}")
             else:
-                self._fail("the call stream ended")
+                self.fail("the call stream ended")
         elif trailers:
-            self._fail("the call stream ended without a gRPC status")
+            self.fail("the call stream ended without a gRPC status")
 
     def _deliver_messages(self) -> None:
         """Each whole gRPC message received to its caller (its frames are not joined first). A
@@ -438,7 +438,7 @@ class H2CallStream(CallStreamBase):
                     return
                 self._owned = None
                 owned.close()
-                self._deliver(fast_proto.parse(pb.CallResult, owned.message))
+                self.deliver(fast_proto.parse(pb.CallResult, owned.message))
                 continue
             if self._need < 0:
                 if self._have < _PREFIX.size:
@@ -446,7 +446,7 @@ class H2CallStream(CallStreamBase):
                 compressed, size = _PREFIX.unpack(b"".join(_take(self._received, _PREFIX.size)))
                 self._have -= _PREFIX.size
                 if compressed:
-                    self._fail("the worker sent a compressed message on the call stream (none was asked for)")
+                    self.fail("the worker sent a compressed message on the call stream (none was asked for)")
                     return
                 self._need = size
             size = self._need
@@ -466,7 +466,7 @@ class H2CallStream(CallStreamBase):
                 result = common if common is not None else fast_proto.parse(pb.CallResult, fast_proto.Chunks(body, size))
             else:
                 result = pb.CallResult.parse(b"".join(body))
-            self._deliver(result)
+            self.deliver(result)
 
     def _send_execute(self, request: pb.ExecuteToolRequest) -> None:
         encoded = call_messages.encode_execute(request) if overrides.CODEC else None
