@@ -542,6 +542,52 @@ class _FastBuffer(Buffer):
         super().__init__(ack_callback)
         self._widen = widen
         self._reserve = reserve
+        self._sink: Any = None  # while set, what arrives goes there at once (divert), not to _unacked
+
+    def add(self, data: Any, ack_size: int) -> None:
+        sink = self._sink
+        if sink is None:
+            super().add(data, ack_size)
+            return
+        self._ack_callback(ack_size)  # acknowledged as it is taken, as read() does
+        if data:
+            sink(data)
+
+    def eof(self) -> None:
+        sink = self._sink
+        if sink is None:
+            super().eof()
+            return
+        self._eof = True
+        sink(None)
+
+    def divert(self, sink: Any) -> None:
+        """See :meth:`FastStream.divert`."""
+        self._sink = sink
+        if sink is None:
+            return
+        acked, self._acked = self._acked, collections.deque()
+        self._acked_size = 0
+        while acked:
+            if self._sink is not sink:  # it went back to queueing: the rest stays to be read
+                self._acked.extend(acked)
+                self._acked_size += sum(size for _, size in acked)
+                return
+            sink(acked.popleft().data)
+        while self._sink is sink and not self._unacked.empty():
+            data, _, ack_size = self._unacked.get_nowait()
+            if data or ack_size:
+                self._ack_callback(ack_size)
+                if data:
+                    sink(data)
+            elif self._eof and self._unacked.empty():  # the end's mark (eof() queues it last)
+                sink(None)
+
+    def unread(self, data: Any) -> None:
+        """Put ``data`` (acknowledged already) back before what is still to be read."""
+        if len(data):
+            self._acked.appendleft(AckedData(memoryview(data), len(data)))
+            self._acked_size += len(data)
 
     async def read(self, size: int) -> Any:
         if size < _CHUNKS_MIN:
@@ -634,6 +680,24 @@ class FastStream(Stream):
         # the receive window this side has given the stream
         self._window = connection.stream_window if isinstance(connection, _FastConnection) else MAX_WINDOW
 
+    def divert(self, sink: Any) -> None:
+        """Hand what this stream receives to ``sink`` instead of queueing it for
+        :meth:`recv_data`: each DATA frame's data (``bytes`` or a ``memoryview`` of it, valid
+        after the call), acknowledged for flow control as it is handed over, and ``None`` once
+        the peer ended the stream; first what came and was not read yet, in order. ``None``
+        instead of a sink: back to queueing. A sink may divert back to queueing (and
+        :meth:`unread` what it took and did not use) while it is called."""
+        buffer = self.buffer
+        assert isinstance(buffer, _FastBuffer)
+        buffer.divert(sink)
+
+    def unread(self, data: Any) -> None:
+        """Put ``data`` back before what :meth:`recv_data` reads next (it was received and
+        acknowledged: a diverted stream's sink took it and did not use it)."""
+        buffer = self.buffer
+        assert isinstance(buffer, _FastBuffer)
+        buffer.unread(data)
+
     def _widen(self, size: int) -> None:
         """Before reading a message of ``size`` bytes: widen the stream's receive window (and the
         connection's) to fit it, up to ``MAX_WINDOW``, for good (h2 keeps a window's widest size)."""
@@ -693,6 +757,26 @@ class FastStream(Stream):
             self.connection.data_send_process()
             if sent == total:
                 break
+
+    def send_now(self, data: bytes) -> bool:
+        """``data`` as one DATA frame, written now, if nothing would make :meth:`send_data`
+        wait: the connection writable and open, the windows and the frame size big enough;
+        True if so, else False (nothing sent)."""
+        assert self.id is not None
+        h2_conn = self._h2_connection
+        transport = self._transport
+        size = len(data)
+        if (
+            not self.connection.write_ready.is_set() or transport.is_closing()
+            or size > h2_conn.max_outbound_frame_size or size > h2_conn.local_flow_control_window(self.id)
+        ):
+            return False
+        h2_conn.send_data(self.id, data)
+        transport.write(h2_conn.data_to_send())
+        self.data_sent += size
+        self.connection.data_sent += size
+        self.connection.data_send_process()
+        return True
 
     def _send_frame(self, body: list[Any], size: int, end_stream: bool) -> None:
         assert self.id is not None
