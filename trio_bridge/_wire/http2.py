@@ -543,15 +543,25 @@ class _FastBuffer(Buffer):
         self._widen = widen
         self._reserve = reserve
         self._sink: Any = None  # while set, what arrives goes there at once (divert), not to _unacked
+        self._owed = 0  # bytes a sink took and h2 was not yet told of (acknowledged in batches)
+        self.ack_batch = 0  # bytes: see FastStream.divert
 
     def add(self, data: Any, ack_size: int) -> None:
         sink = self._sink
         if sink is None:
             super().add(data, ack_size)
             return
-        self._ack_callback(ack_size)  # acknowledged as it is taken, as read() does
+        self._owe(ack_size)
         if data:
             sink(data)
+
+    def _owe(self, size: int) -> None:
+        """``size`` bytes taken by a sink: acknowledged once ``ack_batch`` of them are (each
+        acknowledgement costs h2 its bookkeeping; the peer's window stays open meanwhile)."""
+        self._owed += size
+        if self._owed >= self.ack_batch:
+            self._ack_callback(self._owed)
+            self._owed = 0
 
     def eof(self) -> None:
         sink = self._sink
@@ -565,6 +575,9 @@ class _FastBuffer(Buffer):
         """See :meth:`FastStream.divert`."""
         self._sink = sink
         if sink is None:
+            if self._owed:
+                self._ack_callback(self._owed)
+                self._owed = 0
             return
         acked, self._acked = self._acked, collections.deque()
         self._acked_size = 0
@@ -577,7 +590,7 @@ class _FastBuffer(Buffer):
         while self._sink is sink and not self._unacked.empty():
             data, _, ack_size = self._unacked.get_nowait()
             if data or ack_size:
-                self._ack_callback(ack_size)
+                self._owe(ack_size)
                 if data:
                     sink(data)
             elif self._eof and self._unacked.empty():  # the end's mark (eof() queues it last)
@@ -683,12 +696,15 @@ class FastStream(Stream):
     def divert(self, sink: Any) -> None:
         """Hand what this stream receives to ``sink`` instead of queueing it for
         :meth:`recv_data`: each DATA frame's data (``bytes`` or a ``memoryview`` of it, valid
-        after the call), acknowledged for flow control as it is handed over, and ``None`` once
-        the peer ended the stream; first what came and was not read yet, in order. ``None``
-        instead of a sink: back to queueing. A sink may divert back to queueing (and
-        :meth:`unread` what it took and did not use) while it is called."""
+        after the call), and ``None`` once the peer ended the stream; first what came and was
+        not read yet, in order. What it is handed is acknowledged for flow control in batches
+        of up to a quarter of the stream's receive window (the peer can always send on).
+        ``None`` instead of a sink: back to queueing (what was handed over is acknowledged
+        then). A sink may divert back to queueing (and :meth:`unread` what it took and did not
+        use) while it is called."""
         buffer = self.buffer
         assert isinstance(buffer, _FastBuffer)
+        buffer.ack_batch = self._window // 4
         buffer.divert(sink)
 
     def unread(self, data: Any) -> None:
@@ -771,8 +787,12 @@ class FastStream(Stream):
             or size > h2_conn.max_outbound_frame_size or size > h2_conn.local_flow_control_window(self.id)
         ):
             return False
-        h2_conn.send_data(self.id, data)
-        transport.write(h2_conn.data_to_send())
+        if isinstance(h2_conn, _FastH2Connection):  # h2's bookkeeping without its serializing and copies
+            pending = h2_conn.data_to_send()  # what h2 queued before (window updates...) goes first
+            transport.write(b"".join((pending, h2_conn.data_frame_header(self.id, size, False), data)))
+        else:
+            h2_conn.send_data(self.id, data)
+            transport.write(h2_conn.data_to_send())
         self.data_sent += size
         self.connection.data_sent += size
         self.connection.data_send_process()
