@@ -154,6 +154,39 @@ def test_a_malformed_message_ends_the_stream_with_invalid_argument(tmp_path, dir
     assert raised.value.status is Status.INVALID_ARGUMENT and "malformed CallMessage" in str(raised.value.message)
 
 
+def test_a_lost_connection_cancels_the_calls_and_logs_no_error(tmp_path, direct, caplog):
+    caplog.set_level(logging.DEBUG)
+
+    async def main():
+        adapter = Echo()
+        adapter.setup()
+        adapter.marker_dir = str(tmp_path)
+        service = WorkerService("tests.adapters:Echo", adapter, concurrency=4)
+        server, _ = new_server([service], "", coalesce_writes=True)
+        await server.start(path=str(tmp_path / "w.sock"))
+        channel = Channel(path=str(tmp_path / "w.sock"))
+        try:
+            async with channel.request(_CALLS, Cardinality.STREAM_STREAM, pb.CallMessage, pb.CallResult) as stream:
+                await stream.send_request()
+                await stream.send_message(pb.CallMessage(execute=_request("async_sleep", "s1", seconds=60)))
+                await stream.send_message(pb.CallMessage(execute=_request("add", "a", a=1)))
+                assert (await stream.recv_message()).call_id == "a"
+                assert "s1" in service.active
+                channel.close()  # the host is gone
+                async with asyncio.timeout(10):
+                    while service.active:
+                        await asyncio.sleep(0.005)
+                await asyncio.sleep(0.05)  # whatever the handler would log, it has
+        finally:
+            server.close()
+            service.executor.shutdown(wait=False)
+
+    with asyncio.Runner() as runner:
+        runner.run(main())
+    assert (tmp_path / next(p.name for p in tmp_path.glob("async_sleep.*"))).read_text() == "cancelled"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 def test_the_stock_switch_turns_the_direct_path_off():
     paths = overrides._decide("worker_calls")
     assert [name for name, path in paths.items() if not path.on] == ["worker_calls"]

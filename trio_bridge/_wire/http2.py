@@ -571,13 +571,14 @@ class _FastBuffer(Buffer):
         self._eof = True
         sink(None)
 
-    def divert(self, sink: Any) -> None:
-        """See :meth:`FastStream.divert`."""
+    def divert(self, sink: Any, *, acknowledge: bool = True) -> None:
+        """See :meth:`FastStream.divert`; ``acknowledge``: back to queueing, tell h2 of what
+        the sink took (not on a connection that is gone)."""
         self._sink = sink
         if sink is None:
-            if self._owed:
+            if self._owed and acknowledge:
                 self._ack_callback(self._owed)
-                self._owed = 0
+            self._owed = 0
             return
         acked, self._acked = self._acked, collections.deque()
         self._acked_size = 0
@@ -705,7 +706,7 @@ class FastStream(Stream):
         buffer = self.buffer
         assert isinstance(buffer, _FastBuffer)
         buffer.ack_batch = self._window // 4
-        buffer.divert(sink)
+        buffer.divert(sink, acknowledge=not self.connection.is_closing())
 
     def unread(self, data: Any) -> None:
         """Put ``data`` back before what :meth:`recv_data` reads next (it was received and
