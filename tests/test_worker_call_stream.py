@@ -109,13 +109,19 @@ def test_calls_run_and_a_cancel_by_call_id_reaches_the_tool(tmp_path, direct):
 
 
 def test_a_call_still_running_when_the_host_ends_its_side_is_answered(tmp_path, direct):
-    async def scenario(service, stream):
-        await stream.send_message(pb.CallMessage(execute=_request("async_sleep", "s1", seconds=0.2)), end=True)
-        result = await stream.recv_message()
-        assert await stream.recv_message() is None
-        return result.call_id, decode(result.response.result, plane=None)
+    big = b"x" * 300_000  # its message is read by grpclib's path, the end comes right after it
 
-    assert _serve(tmp_path, scenario) == ("s1", 0.2)
+    async def scenario(service, stream):
+        await stream.send_message(pb.CallMessage(execute=_request("async_sleep", "s1", seconds=0.2)))
+        await stream.send_message(pb.CallMessage(execute=_request("echo", "e1", value=big)), end=True)
+        results = {}
+        for _ in range(2):
+            result = await stream.recv_message()
+            results[result.call_id] = decode(result.response.result, plane=None)
+        assert await stream.recv_message() is None
+        return results
+
+    assert _serve(tmp_path, scenario) == {"s1": 0.2, "e1": big}
 
 
 @pytest.mark.parametrize("size", [200_000, 3_000_000])  # bytes: split over frames, then one grpclib reads

@@ -589,13 +589,12 @@ class _FastBuffer(Buffer):
                 return
             sink(acked.popleft().data)
         while self._sink is sink and not self._unacked.empty():
-            data, _, ack_size = self._unacked.get_nowait()
-            if data or ack_size:
-                self._owe(ack_size)
-                if data:
-                    sink(data)
-            elif self._eof and self._unacked.empty():  # the end's mark (eof() queues it last)
-                sink(None)
+            data, _, ack_size = self._unacked.get_nowait()  # (b"", 0, 0): the end's mark, or an empty frame
+            self._owe(ack_size)
+            if data:
+                sink(data)
+        if self._sink is sink and self._eof and self._unacked.empty():
+            sink(None)
 
     def unread(self, data: Any) -> None:
         """Put ``data`` (acknowledged already) back before what is still to be read."""
