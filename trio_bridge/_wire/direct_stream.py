@@ -18,7 +18,9 @@ headers and trailers, the status a failed handler ends with, ``RST_STREAM`` and 
 handler is cancelled), keepalive. A message of at least ``BIG`` bytes is read by grpclib's path
 (``recv_message``: our fast buffers receive it without copies). Our servers register no
 ``RecvMessage`` or ``SendMessage`` listeners (only ``RecvRequest``: ``auth.py``), so skipping those
-events changes nothing. Used where :data:`overrides.WORKER_CALLS` is on.
+events changes nothing; the connection's message counts are kept as grpclib keeps them (the
+server stream's own private ones, which nothing reads, are not). Used where
+:data:`overrides.WORKER_CALLS` is on.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class DirectStream:
         self._send_type = stream._send_type
         self._on_message = on_message
         self._pending = b""  # the start of a message whose rest is still to come
+        self._headers_sent = False  # every message of the stream is sent here (grpclib sends none)
         self._wake: asyncio.Future[Any] | None = None
 
     @classmethod
@@ -61,8 +64,7 @@ class DirectStream:
             return None
         from trio_bridge._wire.http2 import FastStream
 
-        names = ("_stream", "_codec", "_recv_type", "_send_type", "_send_initial_metadata_done", "_messages_sent",
-                 "_messages_received")
+        names = ("_stream", "_codec", "_recv_type", "_send_type")
         if not all(hasattr(stream, name) for name in names) or not isinstance(stream._stream, FastStream):
             return None
         return cls(stream, on_message)
@@ -117,7 +119,7 @@ class DirectStream:
                 body = bytes(data[pos + 5 : pos + 5 + size])
                 pos += 5 + size
                 message = self._codec.decode(body, self._recv_type)
-                self._count_received()
+                self._count(received=True)
                 self._on_message(message)
         except Exception as exc:
             self._h2.divert(None)
@@ -126,27 +128,25 @@ class DirectStream:
         if pos < end:
             self._pending = bytes(data[pos:])
 
-    def _count_received(self) -> None:
-        # grpclib's Stream.recv_message's counts (its statistics)
-        stream = self._stream
-        stream._messages_received += 1
+    def _count(self, *, received: bool) -> None:
+        """The connection's statistics, as grpclib's ``recv_message`` and ``send_message`` keep them."""
         connection = self._h2.connection
-        connection.messages_received += 1
-        connection.last_message_received = time.monotonic()
+        if received:
+            connection.messages_received += 1
+            connection.last_message_received = time.monotonic()
+        else:
+            connection.messages_sent += 1
+            connection.last_message_sent = time.monotonic()
 
     async def send_message(self, message: Any) -> None:
         """grpclib's ``Stream.send_message(message)``: the reply's headers first if not sent yet,
         then the message, written at once where nothing makes it wait. Raises as grpclib's would
         (the connection lost: ``StreamTerminatedError``)."""
-        stream = self._stream
-        if not stream._send_initial_metadata_done:
-            await stream.send_initial_metadata()
+        if not self._headers_sent:
+            await self._stream.send_initial_metadata()
+            self._headers_sent = True
         encoded = self._codec.encode(message, self._send_type)
         data = _PREFIX.pack(False, len(encoded)) + encoded  # a big encoding's Parts prepends it without a copy
         if type(data) is not bytes or not self._h2.send_now(data):
             await self._h2.send_data(data)
-        stream._send_message_done = True
-        stream._messages_sent += 1
-        connection = self._h2.connection
-        connection.messages_sent += 1
-        connection.last_message_sent = time.monotonic()
+        self._count(received=False)

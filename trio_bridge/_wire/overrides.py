@@ -164,7 +164,7 @@ def _decide(env: str) -> dict[str, FastPath]:
         import grpclib.server
 
         needs = imports_http2()  # it reads and writes through our FastStream
-        return needs + [(grpclib.server.Stream, name) for name in ("_send_initial_metadata_done", "_messages_sent", "_messages_received")]
+        return needs + [(grpclib.server.Stream, name) for name in ("send_initial_metadata", "recv_message")]
 
     def channel_hook() -> list[tuple[Any, str]]:
         import grpclib.client
