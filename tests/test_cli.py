@@ -309,7 +309,7 @@ def test_doctor_passes_here_with_a_verdict_for_each_check():
             "trio", "grpclib", "h2", "hyperframe", "betterproto2", "numpy", "pydantic", "protobuf", "psutil",
             "prometheus-client", "uvloop",
         )
-    } | {f"wire {path}" for path in ("codec", "http2", "coalesce", "calls", "abstract")}
+    } | {f"wire {path}" for path in ("codec", "http2", "coalesce", "calls", "worker_calls", "abstract")}
     assert set(checks) == expected
     assert all(c["status"] in ("ok", "warn") and c["detail"] for c in checks.values())
     assert checks["dependency trio"]["detail"].startswith(importlib.metadata.version("trio"))
@@ -323,7 +323,7 @@ def test_doctor_says_which_fast_path_of_the_wire_is_off_and_why(monkeypatch):
     monkeypatch.setattr(overrides, "FAST_PATHS", overrides._decide("1"))  # as TRIO_BRIDGE_STOCK_WIRE=1 at import
     code, checks = _doctor()
     assert code == 0  # slower, not broken
-    for path in ("codec", "http2", "coalesce", "calls"):
+    for path in ("codec", "http2", "coalesce", "calls", "worker_calls"):
         assert checks[f"wire {path}"]["status"] == "warn", checks
         assert checks[f"wire {path}"]["detail"].startswith("off (TRIO_BRIDGE_STOCK_WIRE=1): the stock code path is used")
     assert checks["wire abstract"]["status"] == "ok"

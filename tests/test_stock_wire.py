@@ -43,7 +43,8 @@ def test_an_untested_release_or_a_missing_name_turns_its_fast_paths_off(monkeypa
     monkeypatch.setattr(overrides, "installed_versions", lambda: {**installed, "h2": "5.0.0"})
     paths = overrides._decide("")
     assert not paths["http2"].on and paths["http2"].why == f"h2 5.0.0 is not a tested release ({overrides.TESTED['h2']})"
-    assert not paths["coalesce"].on and not paths["calls"].on and paths["codec"].on and paths["abstract"].on
+    assert not paths["coalesce"].on and not paths["worker_calls"].on and not paths["calls"].on
+    assert paths["codec"].on and paths["abstract"].on
     monkeypatch.undo()
 
     monkeypatch.delattr(betterproto2, "_serialize_single")
@@ -76,7 +77,8 @@ def test_unary_stream_arrays_and_cancellation_work_over_the_stock_wire():
             big = np.arange(3 << 20, dtype=np.float32) * 0.5  # 12 MiB: many HTTP/2 frames, a big protobuf field
             async with trio_bridge.open_pool(ADAPTER, size=1) as pool:
                 assert await pool.execute("wire") == {
-                    "codec": False, "http2": False, "coalesce": False, "calls": False, "abstract": True, "http2_loaded": False,
+                    "codec": False, "http2": False, "coalesce": False, "calls": False, "worker_calls": False, "abstract": True,
+                    "http2_loaded": False,
                 }
                 assert await pool.execute("add", {"a": 1}) == 3
 

@@ -542,6 +542,65 @@ class _FastBuffer(Buffer):
         super().__init__(ack_callback)
         self._widen = widen
         self._reserve = reserve
+        self._sink: Any = None  # while set, what arrives goes there at once (divert), not to _unacked
+        self._owed = 0  # bytes a sink took and h2 was not yet told of (acknowledged in batches)
+        self.ack_batch = 0  # bytes: see FastStream.divert
+
+    def add(self, data: Any, ack_size: int) -> None:
+        sink = self._sink
+        if sink is None:
+            super().add(data, ack_size)
+            return
+        self._owe(ack_size)
+        if data:
+            sink(data)
+
+    def _owe(self, size: int) -> None:
+        """``size`` bytes taken by a sink: acknowledged once ``ack_batch`` of them are (each
+        acknowledgement costs h2 its bookkeeping; the peer's window stays open meanwhile)."""
+        self._owed += size
+        if self._owed >= self.ack_batch:
+            self._ack_callback(self._owed)
+            self._owed = 0
+
+    def eof(self) -> None:
+        sink = self._sink
+        if sink is None:
+            super().eof()
+            return
+        self._eof = True
+        sink(None)
+
+    def divert(self, sink: Any, *, acknowledge: bool = True) -> None:
+        """See :meth:`FastStream.divert`; ``acknowledge``: back to queueing, tell h2 of what
+        the sink took (not on a connection that is gone)."""
+        self._sink = sink
+        if sink is None:
+            if self._owed and acknowledge:
+                self._ack_callback(self._owed)
+            self._owed = 0
+            return
+        acked, self._acked = self._acked, collections.deque()
+        self._acked_size = 0
+        while acked:
+            if self._sink is not sink:  # it went back to queueing: the rest stays to be read
+                self._acked.extend(acked)
+                self._acked_size += sum(size for _, size in acked)
+                return
+            sink(acked.popleft().data)
+        while self._sink is sink and not self._unacked.empty():
+            data, _, ack_size = self._unacked.get_nowait()  # (b"", 0, 0): the end's mark, or an empty frame
+            self._owe(ack_size)
+            if data:
+                sink(data)
+        if self._sink is sink and self._eof and self._unacked.empty():
+            sink(None)
+
+    def unread(self, data: Any) -> None:
+        """Put ``data`` (acknowledged already) back before what is still to be read."""
+        if len(data):
+            self._acked.appendleft(AckedData(memoryview(data), len(data)))
+            self._acked_size += len(data)
 
     async def read(self, size: int) -> Any:
         if size < _CHUNKS_MIN:
@@ -634,6 +693,27 @@ class FastStream(Stream):
         # the receive window this side has given the stream
         self._window = connection.stream_window if isinstance(connection, _FastConnection) else MAX_WINDOW
 
+    def divert(self, sink: Any) -> None:
+        """Hand what this stream receives to ``sink`` instead of queueing it for
+        :meth:`recv_data`: each DATA frame's data (``bytes`` or a ``memoryview`` of it, valid
+        after the call), and ``None`` once the peer ended the stream; first what came and was
+        not read yet, in order. What it is handed is acknowledged for flow control in batches
+        of up to a quarter of the stream's receive window (the peer can always send on).
+        ``None`` instead of a sink: back to queueing (what was handed over is acknowledged
+        then). A sink may divert back to queueing (and :meth:`unread` what it took and did not
+        use) while it is called."""
+        buffer = self.buffer
+        assert isinstance(buffer, _FastBuffer)
+        buffer.ack_batch = self._window // 4
+        buffer.divert(sink, acknowledge=not self.connection.is_closing())
+
+    def unread(self, data: Any) -> None:
+        """Put ``data`` back before what :meth:`recv_data` reads next (it was received and
+        acknowledged: a diverted stream's sink took it and did not use it)."""
+        buffer = self.buffer
+        assert isinstance(buffer, _FastBuffer)
+        buffer.unread(data)
+
     def _widen(self, size: int) -> None:
         """Before reading a message of ``size`` bytes: widen the stream's receive window (and the
         connection's) to fit it, up to ``MAX_WINDOW``, for good (h2 keeps a window's widest size)."""
@@ -693,6 +773,30 @@ class FastStream(Stream):
             self.connection.data_send_process()
             if sent == total:
                 break
+
+    def send_now(self, data: bytes) -> bool:
+        """``data`` as one DATA frame, written now, if nothing would make :meth:`send_data`
+        wait: the connection writable and open, the windows and the frame size big enough;
+        True if so, else False (nothing sent)."""
+        assert self.id is not None
+        h2_conn = self._h2_connection
+        transport = self._transport
+        size = len(data)
+        if (
+            not self.connection.write_ready.is_set() or transport.is_closing()
+            or size > h2_conn.max_outbound_frame_size or size > h2_conn.local_flow_control_window(self.id)
+        ):
+            return False
+        if isinstance(h2_conn, _FastH2Connection):  # h2's bookkeeping without its serializing and copies
+            pending = h2_conn.data_to_send()  # what h2 queued before (window updates...) goes first
+            transport.write(b"".join((pending, h2_conn.data_frame_header(self.id, size, False), data)))
+        else:
+            h2_conn.send_data(self.id, data)
+            transport.write(h2_conn.data_to_send())
+        self.data_sent += size
+        self.connection.data_sent += size
+        self.connection.data_send_process()
+        return True
 
     def _send_frame(self, body: list[Any], size: int, end_stream: bool) -> None:
         assert self.id is not None

@@ -9,7 +9,8 @@ is off and the stock one is used: grpclib's own ``Channel``, ``Server``, ``H2Pro
 line (logger ``trio_bridge.wire``, WARNING) says which and why. ``trio-bridge doctor`` reports it.
 
 :data:`STOCK_WIRE_ENV` forces the stock paths, for debugging (is a problem in our fast paths or in
-the libraries?): ``1`` turns off every fast path (``codec``, ``http2``, ``coalesce``, ``calls``); a comma
+the libraries?): ``1`` turns off every fast path (``codec``, ``http2``, ``coalesce``, ``calls``,
+``worker_calls``); a comma
 list names some of them. ``abstract``, the channel that connects to Linux abstract-namespace
 sockets itself, is not a speed-up but what makes ``unix:@name`` work on uvloop (its
 ``create_unix_connection`` rejects such names): it stays on with ``1`` and goes off only by name
@@ -30,7 +31,9 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["ABSTRACT", "CALLS", "CODEC", "COALESCE", "FAST_PATHS", "HTTP2", "STOCK_WIRE_ENV", "TESTED", "FastPath"]
+__all__ = [
+    "ABSTRACT", "CALLS", "CODEC", "COALESCE", "FAST_PATHS", "HTTP2", "STOCK_WIRE_ENV", "TESTED", "WORKER_CALLS", "FastPath",
+]
 
 #: The releases the fast paths were tested with (the nox sessions ``lowest`` and ``newest`` test
 #: both ends). pyproject.toml requires the same ranges (a test checks that they agree).
@@ -41,7 +44,7 @@ TESTED: dict[str, str] = {
     "betterproto2": ">=0.10,<0.11",
 }
 STOCK_WIRE_ENV = "TRIO_BRIDGE_STOCK_WIRE"
-_NAMES = ("codec", "http2", "coalesce", "calls", "abstract")
+_NAMES = ("codec", "http2", "coalesce", "calls", "worker_calls", "abstract")
 
 logger = logging.getLogger("trio_bridge.wire")
 
@@ -51,7 +54,7 @@ class FastPath:
     """One fast path and whether this process uses it.
 
     Attributes:
-        name: ``"codec"``, ``"http2"``, ``"coalesce"``, ``"calls"`` or ``"abstract"``.
+        name: ``"codec"``, ``"http2"``, ``"coalesce"``, ``"calls"``, ``"worker_calls"`` or ``"abstract"``.
         what: what it replaces, in a few words.
         on: used; otherwise the stock path is.
         why: why not (empty when on).
@@ -135,7 +138,7 @@ def _decide(env: str) -> dict[str, FastPath]:
     versions = installed_versions()
     forced = {n.strip() for n in env.split(",") if n.strip()} if env not in ("", "0") else set()
     if forced & {"1", "all", "true", "yes"}:
-        forced = {"codec", "http2", "coalesce", "calls"}
+        forced = {"codec", "http2", "coalesce", "calls", "worker_calls"}
     unknown = forced - set(_NAMES)
     if unknown:
         logger.warning("%s: ignored unknown name(s) %s (known: 1, %s)", STOCK_WIRE_ENV, ", ".join(sorted(unknown)), ", ".join(_NAMES))
@@ -157,20 +160,31 @@ def _decide(env: str) -> dict[str, FastPath]:
             importlib.import_module("trio_bridge._wire.http2")  # subclasses those names at import
         return needs
 
+    def worker_calls_needs() -> list[tuple[Any, str]]:
+        import grpclib.server
+
+        needs = imports_http2()  # it reads and writes through our FastStream
+        return needs + [(grpclib.server.Stream, name) for name in ("send_initial_metadata", "recv_message")]
+
     def channel_hook() -> list[tuple[Any, str]]:
         import grpclib.client
 
         return [(grpclib.client.Channel, "_create_connection")]
 
+    http2 = why_not("http2", ("grpclib", "h2", "hyperframe"), imports_http2)
     paths = [
         FastPath("codec", "fast_proto's betterproto2 encoding and parsing",
                  *_state(why_not("codec", ("betterproto2",), _codec_needs))),
         FastPath("http2", "FastH2Protocol: 1 MiB frames, fewer copies, h2's deferred frame repr",
-                 *_state(why_not("http2", ("grpclib", "h2", "hyperframe"), imports_http2))),
+                 *_state(http2)),
         FastPath("coalesce", "a worker's writes in one loop iteration as one write",
                  *_state(why_not("coalesce", ("grpclib", "h2", "hyperframe"), imports_http2))),
         FastPath("calls", "the host's call stream spoken from Trio with h2, without crossing to the asyncio loop",
                  *_state(why_not("calls", ("h2",), list))),
+        FastPath("worker_calls", "the worker's call stream: messages taken from h2's events and written at once, "
+                 "without grpclib's per-message machinery",
+                 *_state(why_not("worker_calls", ("grpclib", "h2", "hyperframe"), worker_calls_needs)
+                         or (http2 and f"it needs the http2 fast path ({http2})"))),
         # correctness on uvloop, not speed: needs the hook, whatever grpclib's release
         FastPath("abstract", "the channel that connects to unix:@name sockets itself (uvloop)",
                  *_state(f"{STOCK_WIRE_ENV}={env}" if "abstract" in forced else _missing(channel_hook()))),
@@ -187,6 +201,7 @@ CODEC = FAST_PATHS["codec"].on
 HTTP2 = FAST_PATHS["http2"].on
 COALESCE = FAST_PATHS["coalesce"].on
 CALLS = FAST_PATHS["calls"].on
+WORKER_CALLS = FAST_PATHS["worker_calls"].on
 ABSTRACT = FAST_PATHS["abstract"].on
 
 if HTTP2:

@@ -7,6 +7,10 @@ go back as calls finish, one message each. When the host ends its side, the call
 finish and are answered; when the stream is reset or the connection lost, they are cancelled.
 Once the worker drains, the stream carries a notice (a CallResult with call id ``""`` and an error
 of kind ``draining``), so that the host sends it no more calls.
+
+Where the wire's ``worker_calls`` fast path is on, the messages go through a
+:class:`~trio_bridge._wire.direct_stream.DirectStream`: each call starts as its message is parsed,
+and a result is written at once, without grpclib's per-message machinery.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import betterproto2
 
 from trio_bridge._wire import errors as wire_errors
+from trio_bridge._wire.direct_stream import DirectStream
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 Execute = Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]]
@@ -35,12 +40,24 @@ async def serve_calls(
     running: dict[str, asyncio.Task[None]] = {}
     sending = asyncio.Lock()  # one message at a time: concurrent writes would interleave frames
 
+    def received(message: pb.CallMessage) -> None:
+        kind, value = betterproto2.which_one_of(message, "kind")
+        if kind == "execute" and isinstance(value, pb.ExecuteToolRequest):
+            running[value.call_id] = asyncio.create_task(run(value))
+        elif kind == "cancel" and isinstance(value, str):
+            task = running.get(value)
+            if task is not None:
+                task.cancel()
+
+    direct = DirectStream.of(stream, received)
+    send = stream.send_message if direct is None else direct.send_message
+
     async def notify() -> None:
         await draining.wait()
         notice = wire_errors.draining_notice()
         async with sending:
             with contextlib.suppress(Exception):  # the stream is gone: nobody to tell
-                await stream.send_message(pb.CallResult(call_id="", response=pb.ExecuteToolResponse(error=notice)))
+                await send(pb.CallResult(call_id="", response=pb.ExecuteToolResponse(error=notice)))
 
     async def run(request: pb.ExecuteToolRequest) -> None:
         with reply_pending():
@@ -53,18 +70,15 @@ async def serve_calls(
             finally:
                 running.pop(request.call_id, None)
             async with sending:
-                await stream.send_message(pb.CallResult(call_id=request.call_id, response=response))
+                await send(pb.CallResult(call_id=request.call_id, response=response))
 
     notifier = asyncio.create_task(notify())
     try:
-        async for message in stream:
-            kind, value = betterproto2.which_one_of(message, "kind")
-            if kind == "execute" and isinstance(value, pb.ExecuteToolRequest):
-                running[value.call_id] = asyncio.create_task(run(value))
-            elif kind == "cancel" and isinstance(value, str):
-                task = running.get(value)
-                if task is not None:
-                    task.cancel()
+        if direct is not None:
+            await direct.receive()
+        else:
+            async for message in stream:
+                received(message)
         await asyncio.gather(*running.values(), return_exceptions=True)
     finally:
         tasks = [notifier, *running.values()]

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["SessionContext", "SessionInfo", "WorkerOptimization"]
 
 
+_CANCEL_EVENTS = threading.Lock()  # makes and sets SessionContext's cancel events in step
+
+
 @final
 class SessionContext(metaclass=NoPublicConstructor):
     """Per-call context handed to a tool (made by the worker, not by users).
@@ -56,7 +59,7 @@ class SessionContext(metaclass=NoPublicConstructor):
     generators are closed, so they need no such check.
     """
 
-    __slots__ = ("_cancelled", "_host", "_link", "_pending", "_watches", "call_id", "deadline", "session_id")
+    __slots__ = ("_cancel_event", "_cancelled", "_host", "_link", "_pending", "_watches", "call_id", "deadline", "session_id")
 
     def __init__(
         self,
@@ -69,7 +72,8 @@ class SessionContext(metaclass=NoPublicConstructor):
         self.session_id: Final[str] = session_id
         self.call_id: Final[str] = call_id
         self.deadline: Final[float | None] = deadline
-        self._cancelled = threading.Event()
+        self._cancelled = False
+        self._cancel_event: threading.Event | None = None  # made when a thread first waits for it (most calls never do)
         self._link = link
         self._host = host
         self._watches: list[Any] = []  # closed when the call ends
@@ -79,7 +83,7 @@ class SessionContext(metaclass=NoPublicConstructor):
     @property
     def cancelled(self) -> bool:
         """True once the caller cancelled the call (or its deadline passed)."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Block a sync tool's thread up to ``timeout`` seconds until the call is cancelled.
@@ -87,7 +91,15 @@ class SessionContext(metaclass=NoPublicConstructor):
         Returns:
             True if the call was cancelled. Useful as an interruptible ``time.sleep``.
         """
-        return self._cancelled.wait(timeout)
+        event = self._cancel_event
+        if event is None:
+            with _CANCEL_EVENTS:
+                event = self._cancel_event
+                if event is None:
+                    event = self._cancel_event = threading.Event()
+                    if self._cancelled:
+                        event.set()
+        return event.wait(timeout)
 
     def time_remaining(self) -> float | None:
         """Seconds left until :attr:`deadline` (may be negative), or ``None`` without one."""
@@ -117,7 +129,11 @@ class SessionContext(metaclass=NoPublicConstructor):
         return shared_memory.empty(shared_memory.default_plane, shape, dtype)
 
     def _cancel(self) -> None:
-        self._cancelled.set()
+        with _CANCEL_EVENTS:  # in step with wait_cancelled making the event
+            self._cancelled = True
+            event = self._cancel_event
+        if event is not None:
+            event.set()
         for future in list(self._pending):
             future.cancel()  # cancels the host call (and so the host tool) a sync tool waits on
 
