@@ -901,6 +901,8 @@ PERFORMANCE_TARGETS: list[tuple[str, str, str, Callable[[float, float], bool], f
 PERFORMANCE_REPORTED = [
     ("unary_pool_over_raw_socket", "one call p50, sync tool / raw Unix-socket ping-pong", "x"),
     ("unary_pool_async_over_raw_socket", "one call p50, async tool / raw Unix-socket ping-pong", "x"),
+    ("array_100mb_plus_one_buffers_over_in_process_out",
+     "the same buffers round trip / numpy.add(a, 1, out=) into a reused, pre-faulted array in-process", "x"),
     ("array_100mb_plus_one_over_in_process", "100 MB float32 round trip, ordinary arrays, return a + 1 / numpy in-process", "x"),
     ("remote_inband_100mb_tcp_over_floor", "100 MB in-band echo, plain TCP / raw-socket echo of the same bytes", "x"),
     ("remote_inband_100mb_tls_over_floor", "100 MB in-band echo, TLS / blocking ssl-socket echo of the same bytes", "x"),

@@ -121,3 +121,15 @@ def test_a_buffer_pins_little_more_than_its_message():
     address = result.ctypes.data
     del result
     assert buffers.empty(3 * MIB - 4096).ctypes.data == address  # a close fit is reused
+
+
+def test_the_last_pool_to_close_lets_go_of_the_kept_buffers():
+    buffers.pool_opened()
+    buffers.pool_opened()
+    try:
+        buffers.empty(4 * MIB)  # dropped at once: kept, free
+        buffers.pool_closed()  # another pool is still open: it goes on reusing them
+        assert buffers.kept_bytes()[1] >= 4 * MIB
+    finally:
+        buffers.pool_closed()
+    assert buffers.kept_bytes() == (0, 0)

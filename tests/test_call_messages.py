@@ -38,6 +38,13 @@ def test_encode_execute_is_betterproto2s_encoding(request: pb.ExecuteToolRequest
         assert not request.arguments.blobs
 
 
+def test_big_json_arguments_are_left_to_fast_proto_which_does_not_copy_them() -> None:
+    request = pb.ExecuteToolRequest(tool_name="t", call_id="c", arguments=pb.Payload(json=b'"' + b"x" * (1 << 20) + b'"'))
+    assert call_messages.encode_execute(request) is None
+    small = pb.ExecuteToolRequest(tool_name="t", call_id="c", arguments=pb.Payload(json=b'"x"'))
+    assert call_messages.encode_execute(small) == bytes(pb.CallMessage(execute=small))
+
+
 @st.composite
 def results(draw: st.DrawFn) -> pb.CallResult:
     response = draw(st.sampled_from(["result", "error", "none"]))

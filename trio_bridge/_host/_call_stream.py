@@ -264,8 +264,9 @@ class H2CallStream(CallStreamBase):
             sent = raw.send(data)
         except BlockingIOError:
             sent = 0
-        except OSError:
-            return True  # the connection failed: the reader sees it (as _write_now)
+        except OSError as exc:
+            self._lose(exc, raw)
+            return True
         if sent < len(data):
             self._out.append(memoryview(data)[sent:])
             self._idle = False
@@ -287,8 +288,7 @@ class H2CallStream(CallStreamBase):
 
     def _write_now(self) -> bool:
         """Write as much of ``_out`` as the socket takes without waiting (one system call,
-        gathering the pieces); whether all of it went. A failed connection drops it (the reader
-        sees the failure)."""
+        gathering the pieces); whether all of it went. A failed write fails the stream (:meth:`_lose`)."""
         out, raw = self._out, self._raw
         assert raw is not None
         if not out:
@@ -297,16 +297,22 @@ class H2CallStream(CallStreamBase):
             sent = raw.send(out[0]) if len(out) == 1 else raw.sendmsg(list(itertools.islice(out, _IOV_MAX)))
         except BlockingIOError:
             return False
-        except OSError as exc:  # part of a frame may have gone: h2's state and the wire disagree
-            out.clear()
-            self._outbox.clear()
-            self._queued = 0
-            self.fail(f"the call stream's connection failed: {_describe(exc)}")
-            with contextlib.suppress(OSError):
-                raw.shutdown(socket.SHUT_RDWR)  # the reader ends too
+        except OSError as exc:
+            self._lose(exc, raw)
             return True
         _consume(out, sent)
         return not out
+
+    def _lose(self, exc: OSError, raw: socket.socket) -> None:
+        """A write failed: part of a frame may have gone, so h2's state and the wire disagree. The
+        stream fails (its calls get :class:`TransportError`) and the socket is shut, so that the
+        reader ends too; nothing more is written."""
+        self._out.clear()
+        self._outbox.clear()
+        self._queued = 0
+        self.fail(f"the call stream's connection failed: {_describe(exc)}")
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
 
     def _frame(self) -> None:
         """The outbox's messages into DATA frames, as far as the worker's windows allow, after

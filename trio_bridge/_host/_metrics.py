@@ -12,7 +12,7 @@ import bisect
 import collections
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import final
 
@@ -26,7 +26,7 @@ _RECENT_ERRORS = 20     # failed calls kept for the live view
 class Outcome(enum.Enum):
     # Members are singletons: hashed by identity (in C) rather than Enum's hash of the name in
     # Python, as they key the per-call counters.
-    __hash__ = object.__hash__
+    __hash__: Callable[[object], int] = object.__hash__
 
     COMPLETED = "completed"
     FAILED = "failed"

@@ -616,6 +616,7 @@ async def _open_pool(
     plane = None
     tracker = UserErrorTracker()
     on_disk: list[str] = []  # what the janitor removes should this host die uncleanly
+    buffers.pool_opened()
     try:
         if sys.platform.startswith("linux"):
             # Abstract-namespace sockets: nothing on disk to leave behind (the pool secret guards them).
@@ -742,7 +743,7 @@ async def _open_pool(
     finally:
         if plane is not None:
             plane.close()  # unmapped now; arrays the program still holds keep their pages
-        buffers.forget()  # the free receive buffers go now (results the program holds stay its own)
+        buffers.pool_closed()  # the last pool's free receive buffers go now (results the program holds stay its own)
         for path in on_disk:
             shutil.rmtree(path, ignore_errors=True)
             janitor.forget_path(path)

@@ -20,7 +20,7 @@ first; buffers still in use are forgotten, not freed, when more is needed); a fr
 unused for :data:`IDLE_S` seconds is released at the next :func:`empty` or :func:`trim_idle`:
 a worker's asyncio loop that received a big message calls it by a timer, and the host's pool
 (whose call streams run in Trio's thread, without an asyncio loop) every ``IDLE_S / 2``
-seconds; a closing pool lets go of all of them (:func:`forget`). :data:`KEEP_ENV` sets the
+seconds; the last pool of the process to close lets go of all of them (:func:`pool_closed`). :data:`KEEP_ENV` sets the
 first (bytes; ``0``: keep none).
 """
 
@@ -34,7 +34,9 @@ from typing import Any
 
 from trio_bridge._wire import holders
 
-__all__ = ["IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes", "trim_idle"]
+__all__ = [
+    "IDLE_S", "KEEP_BYTES", "KEEP_ENV", "MIN_BYTES", "empty", "forget", "kept_bytes", "pool_closed", "pool_opened", "trim_idle",
+]
 
 KEEP_ENV = "TRIO_BRIDGE_BUFFER_CACHE"
 MIN_BYTES = 1 << 20  # a smaller buffer is not worth keeping: malloc reuses its memory itself
@@ -167,3 +169,24 @@ def forget() -> None:
     their memory goes when they let go)."""
     with _lock:
         _kept.clear()
+
+
+_pools_open = 0  # pools of this process not yet closed (pool_opened / pool_closed)
+
+
+def pool_opened() -> None:
+    """A pool of this process opened (its receive buffers come from here)."""
+    global _pools_open
+    with _lock:
+        _pools_open += 1
+
+
+def pool_closed() -> None:
+    """A pool of this process closed: the last one to close lets go of every kept buffer
+    (:func:`forget`); while others are open, they keep reusing them."""
+    global _pools_open
+    with _lock:
+        _pools_open -= 1
+        if _pools_open <= 0:
+            _pools_open = 0
+            _kept.clear()

@@ -25,17 +25,20 @@ _DOUBLE = struct.Struct("<d")
 _TOOL, _ARGUMENTS, _SESSION, _CALL_ID, _TIMEOUT, _VERSION, _TRACEPARENT = b"\x0a", b"\x12", b"\x1a", b"\x22", b"\x29", b"\x30", b"\x3a"
 _EXECUTE = b"\x0a"  # CallMessage.execute
 _JSON = b"\x0a"  # Payload.json
+_MOST_JSON = 64 * 1024  # bytes of JSON arguments this module encodes (more: fast_proto's parts, no copy)
 
 
 def encode_execute(request: pb.ExecuteToolRequest) -> bytes | None:
     """``bytes(pb.CallMessage(execute=request))``, for a request whose fields have their own
-    types, whose arguments are JSON only, and that has no unknown fields; else ``None``."""
+    types, whose arguments are JSON only (under 64 KiB), and that has no unknown fields; else ``None``."""
     arguments = request.arguments
     if arguments is None or arguments.blobs or arguments._unknown_fields or request._unknown_fields:
         return None
     json = arguments.json
     timeout, version = request.timeout_seconds, request.session_state_version
     if type(json) is not bytes or type(timeout) is not float or type(version) is not int or version < 0:
+        return None
+    if len(json) >= _MOST_JSON:  # fast_proto sends it without copying it; joined here, it would be copied
         return None
     try:
         tool, session_id, call_id, traceparent = (

@@ -10,6 +10,7 @@ host can fan batches out across all workers.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -17,13 +18,11 @@ import numpy as np
 
 # At module level, not in setup(): a pool's fork server imports this module once (~1 s for
 # scikit-learn), and each worker forked from it starts with it imported.
-try:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-except ImportError as exc:  # an optional dependency: say which extra brings it
-    raise ModuleNotFoundError(
-        f"the digits example needs scikit-learn ({exc}): pip install 'trio-bridge[examples]'", name="sklearn",
-    ) from exc
+if importlib.util.find_spec("sklearn") is None:  # an optional dependency: say which extra brings it
+    raise ModuleNotFoundError("the digits example needs scikit-learn: pip install 'trio-bridge[examples]'", name="sklearn")
+
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from trio_bridge.worker import Adapter, SessionContext, tool
 
