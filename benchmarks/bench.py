@@ -168,6 +168,7 @@ from benchmarks.regression import (
     stream_rate,
     watch_fan_out,
 )
+from benchmarks.timing import timed, timed_calls
 
 ADAPTER = "benchmarks.adapters:Bench"
 NUMPY_ADAPTER = "benchmarks.adapters_numpy:BenchNumpy"
@@ -220,20 +221,10 @@ async def round_trips(floor: StockFloor, rounds: int, per_round: int) -> dict[st
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as executor:
 
             async def pool_calls(tool: str, n: int) -> list[float]:
-                out = []
-                for i in range(n):
-                    t0 = time.perf_counter()
-                    await pool.execute(tool, {"x": i})
-                    out.append(time.perf_counter() - t0)
-                return out
+                return await timed_calls(pool, tool, n)
 
             async def trio_parallel_calls(n: int) -> list[float]:
-                out = []
-                for i in range(n):
-                    t0 = time.perf_counter()
-                    await context.run_sync(noop, i)
-                    out.append(time.perf_counter() - t0)
-                return out
+                return await timed(partial(context.run_sync, noop), n)
 
             async def floor_calls(kind: str, tool: str, n: int) -> list[float]:
                 return await trio.to_thread.run_sync(floor.measure, kind, tool, n)

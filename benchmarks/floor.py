@@ -352,6 +352,8 @@ def _result(response: Any) -> Any:
 
 async def run_client(paths: list[str], echo_path: str, loop_kind: str) -> None:
     """Answer the commands on standard input, one at a time, in this one task."""
+    from grpclib.exceptions import StreamTerminatedError
+
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         client = _Client(paths, echo_path, stack)
@@ -368,7 +370,9 @@ async def run_client(paths: list[str], echo_path: str, loop_kind: str) -> None:
                 else:
                     _reply({"error": f"unknown command {line.strip()!r}"})
             for stream in client.streams:
-                await stream.end()
+                # the harness may be closing the servers already: the measurements are done
+                with contextlib.suppress(RuntimeError, OSError, StreamTerminatedError):
+                    await stream.end()
         finally:
             client.close()
 

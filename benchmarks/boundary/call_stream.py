@@ -14,8 +14,8 @@ from __future__ import annotations
 import statistics
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import psutil
 import trio
@@ -23,29 +23,12 @@ import trio_parallel
 
 import trio_bridge
 from benchmarks.floor import noop
+from benchmarks.timing import timed, timed_calls
 from trio_bridge._wire import overrides
 
 ADAPTER = "benchmarks.adapters:Bench"
 TOOLS = ("anoop", "noop", "inline_noop")
 PER_ROUND = 300
-
-
-async def _calls(pool: trio_bridge.Pool, tool: str, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        await pool.execute(tool, {"x": i})
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-async def _trio_parallel(context: trio_parallel.WorkerContext, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        await context.run_sync(noop, i)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def _thread_cpu() -> dict[str, float]:
@@ -56,9 +39,9 @@ def _thread_cpu() -> dict[str, float]:
 async def _cpu_split(pool: trio_bridge.Pool, n: int) -> dict[str, float]:
     """CPU µs per call of ``anoop``: each host thread's and the worker's."""
     worker = psutil.Process(pool.workers()[0].pid)
-    await _calls(pool, "anoop", 200)
+    await timed_calls(pool, "anoop", 200)
     host0, worker0 = _thread_cpu(), worker.cpu_times()
-    await _calls(pool, "anoop", n)
+    await timed_calls(pool, "anoop", n)
     host1, worker1 = _thread_cpu(), worker.cpu_times()
     split = {f"host {name}": (host1[name] - host0.get(name, 0.0)) / n * 1e6 for name in host1}
     split = {k: v for k, v in split.items() if v >= 1}
@@ -78,9 +61,9 @@ async def main(rounds: int) -> None:
             overrides.CALLS = True
             paths: dict[str, Callable[[int], Awaitable[list[float]]]] = {}
             for tool in TOOLS:
-                paths[f"trio   {tool}"] = lambda n, tool=tool: _calls(trio_side, tool, n)
-                paths[f"loop   {tool}"] = lambda n, tool=tool: _calls(loop_side, tool, n)
-            paths["trio_parallel"] = lambda n: _trio_parallel(context, n)
+                paths[f"trio   {tool}"] = lambda n, tool=tool: timed_calls(trio_side, tool, n)
+                paths[f"loop   {tool}"] = lambda n, tool=tool: timed_calls(loop_side, tool, n)
+            paths["trio_parallel"] = lambda n: timed(partial(context.run_sync, noop), n)
             for measure in paths.values():
                 await measure(100)
             samples: dict[str, list[float]] = {}

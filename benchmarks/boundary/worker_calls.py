@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import psutil
 import trio
 
 import trio_bridge
+from benchmarks.timing import timed_calls
 from trio_bridge._wire import overrides
 
 ADAPTER = "benchmarks.adapters:Bench"
 TOOLS = ("anoop", "noop")
 PER_ROUND = 300
-
-
-async def _calls(pool: trio_bridge.Pool, tool: str, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        await pool.execute(tool, {"x": i})
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 async def main(rounds: int) -> None:
@@ -51,14 +42,14 @@ async def main(rounds: int) -> None:
         workers = {name: psutil.Process(pool.workers()[0].pid) for name, pool in pools.items()}
         for tool in TOOLS:
             for pool in pools.values():
-                await _calls(pool, tool, 200)
+                await timed_calls(pool, tool, 200)
         samples: dict[tuple[str, str], list[float]] = {}
         cpu: dict[tuple[str, str], float] = {}
         for _ in range(rounds):
             for tool in TOOLS:
                 for name, pool in pools.items():
                     before = workers[name].cpu_times()
-                    samples.setdefault((name, tool), []).extend(await _calls(pool, tool, PER_ROUND))
+                    samples.setdefault((name, tool), []).extend(await timed_calls(pool, tool, PER_ROUND))
                     after = workers[name].cpu_times()
                     used = (after.user + after.system) - (before.user + before.system)
                     cpu[name, tool] = cpu.get((name, tool), 0.0) + used / (PER_ROUND * rounds)
