@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trio
 
-from trio_bridge._aio import TransportError
+from trio_bridge._aio import CallStream, TransportError, open_boundary
 from trio_bridge._host._call_stream import H2CallStream
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
@@ -205,3 +205,24 @@ async def test_many_answers_under_the_batch_size_keep_the_window_open(worker):
                     for i in range(batch, batch + 4):
                         inner.start_soon(echo, i)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_loops_call_stream_also_fails_its_calls_on_a_reply_that_does_not_parse():
+    # the call stream of workers reached over TLS (and of TRIO_BRIDGE_STOCK_WIRE=calls), on the asyncio loop
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        server = threading.Thread(target=_serve_one_reply, args=(listener, lambda _: b"\x0a\x02\xff\xfe", 4), daemon=True)
+        server.start()
+        async with open_boundary() as boundary:
+            channel, stub = await boundary.worker_stub(f"tcp:127.0.0.1:{port}", "secret")
+            calls = CallStream(boundary, stub, 4)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(calls.run)
+                    with trio.fail_after(30), pytest.raises(TransportError, match="the call stream failed"):
+                        await calls.execute(_request("echo", "c1"))
+            finally:
+                boundary.close_channel(channel)
+        assert calls.ended
+        await trio.to_thread.run_sync(server.join, 10)
+        assert not server.is_alive()

@@ -648,6 +648,9 @@ class CallStream(CallStreamBase):
             self.fail(str(exc))
         except CallFailed as exc:  # the worker refused the stream itself (a request it cannot read)
             self.fail(f"the worker refused the call stream: {exc.info.message}")
+        except Exception as exc:  # e.g. a reply that does not parse: the peer's fault or ours, never the caller's
+            _logger.warning("a call stream failed", exc_info=True)
+            self.fail(f"the call stream failed: {_describe(exc)}")
         finally:
             self.fail("the call stream ended")
             opened.set()
