@@ -65,16 +65,16 @@ class ThreadPools:
     """
 
     def __init__(self) -> None:
+        self._openblas: Any = ()
+        if not _mapped("openblas"):
+            return  # nothing held at one that a worker must set: threadpoolctl (~30 ms) is not needed
         try:
             import threadpoolctl
 
-            self._openblas: Any = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+            self._openblas = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
         except Exception as exc:
-            if _mapped("openblas"):
-                raise RuntimeError(f"an OpenBLAS is loaded, and threadpoolctl cannot set its threads: {exc!r}") from exc
-            self._openblas = ()  # nothing held at one that a worker must set
-            return
-        if not len(self._openblas) and _mapped("openblas"):
+            raise RuntimeError(f"an OpenBLAS is loaded, and threadpoolctl cannot set its threads: {exc!r}") from exc
+        if not len(self._openblas):
             raise RuntimeError(f"an OpenBLAS is loaded that threadpoolctl {threadpoolctl.__version__} does not find")
 
     def set_for(self, env: Mapping[str, str]) -> None:
