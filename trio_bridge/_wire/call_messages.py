@@ -15,7 +15,7 @@ import struct
 from typing import Any
 
 from trio_bridge._wire import fast_proto
-from trio_bridge._wire.fast_proto import varint
+from trio_bridge._wire.fast_proto import read_varint, varint
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
 __all__ = ["encode_execute", "parse_result"]
@@ -73,19 +73,6 @@ def _string(text: Any) -> bytes:
     return text.encode()
 
 
-def _length(view: Any, pos: int, end: int) -> tuple[int, int]:
-    """The varint at ``pos`` and where it ends; ``(-1, pos)`` if it does not end before ``end``."""
-    value = shift = 0
-    while pos < end and shift < 64:
-        byte = view[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    return -1, pos
-
-
 def parse_result(view: memoryview) -> pb.CallResult | None:
     """``pb.CallResult.parse(view)`` for the common answer, ``call_id`` then a result of JSON
     only (``view``: a byte memoryview); ``None`` for any other (see the module doc)."""
@@ -93,7 +80,7 @@ def parse_result(view: memoryview) -> pb.CallResult | None:
     # call_id (field 1); a big message's values come as fast_proto makes them
     if end < 2 or end >= fast_proto.BIG or view[0] != 0x0A:
         return None
-    size, pos = _length(view, 1, end)
+    size, pos = read_varint(view, 1)
     stop = pos + size
     if size < 0 or stop > end:
         return None
@@ -104,20 +91,20 @@ def parse_result(view: memoryview) -> pb.CallResult | None:
     # response (field 2): an ExecuteToolResponse that is all of the rest
     if stop >= end or view[stop] != 0x12:
         return None
-    size, pos = _length(view, stop + 1, end)
+    size, pos = read_varint(view, stop + 1)
     if size < 0 or pos + size != end:
         return None
     # its result (field 1): a Payload that is all of the response
     if pos >= end or view[pos] != 0x0A:
         return None
-    size, pos = _length(view, pos + 1, end)
+    size, pos = read_varint(view, pos + 1)
     if size < 0 or pos + size != end:
         return None
     json = b""
     if pos < end:  # Payload.json (field 1), all of the payload
         if view[pos] != 0x0A:
             return None
-        size, pos = _length(view, pos + 1, end)
+        size, pos = read_varint(view, pos + 1)
         if size < 0 or pos + size != end:
             return None
         json = view[pos:end].tobytes()
