@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import statistics
 import sys
-import threading
 from collections.abc import Awaitable, Callable
-from functools import partial
 
-import psutil
 import trio
 import trio_parallel
 
 import trio_bridge
 from benchmarks.floor import noop
-from benchmarks.timing import timed, timed_calls
+from benchmarks.timing import cpu_split, timed, timed_calls
 from trio_bridge._wire import overrides
 
 ADAPTER = "benchmarks.adapters:Bench"
@@ -31,22 +28,11 @@ TOOLS = ("anoop", "noop", "inline_noop")
 PER_ROUND = 300
 
 
-def _thread_cpu() -> dict[str, float]:
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    return {names.get(t.id, str(t.id)): t.user_time + t.system_time for t in psutil.Process().threads()}
-
-
 async def _cpu_split(pool: trio_bridge.Pool, n: int) -> dict[str, float]:
     """CPU µs per call of ``anoop``: each host thread's and the worker's."""
-    worker = psutil.Process(pool.workers()[0].pid)
-    await timed_calls(pool, "anoop", 200)
-    host0, worker0 = _thread_cpu(), worker.cpu_times()
-    await timed_calls(pool, "anoop", n)
-    host1, worker1 = _thread_cpu(), worker.cpu_times()
-    split = {f"host {name}": (host1[name] - host0.get(name, 0.0)) / n * 1e6 for name in host1}
-    split = {k: v for k, v in split.items() if v >= 1}
-    split["worker"] = ((worker1.user + worker1.system) - (worker0.user + worker0.system)) / n * 1e6
-    return split
+    pid = pool.workers()[0].pid
+    assert pid is not None
+    return await cpu_split(lambda n: timed_calls(pool, "anoop", n), pid, n)
 
 
 async def main(rounds: int) -> None:
@@ -63,7 +49,7 @@ async def main(rounds: int) -> None:
             for tool in TOOLS:
                 paths[f"trio   {tool}"] = lambda n, tool=tool: timed_calls(trio_side, tool, n)
                 paths[f"loop   {tool}"] = lambda n, tool=tool: timed_calls(loop_side, tool, n)
-            paths["trio_parallel"] = lambda n: timed(partial(context.run_sync, noop), n)
+            paths["trio_parallel"] = lambda n: timed(lambda i: context.run_sync(noop, i), n)
             for measure in paths.values():
                 await measure(100)
             samples: dict[str, list[float]] = {}

@@ -1,45 +1,41 @@
-"""One call at a time: the pool's call over gRPC (HTTP/2, h2 on both sides) against a prototype of
-the same call stream with a plain framing, beside ``trio_parallel.run_sync`` and a raw socket
-ping-pong, in one process, interleaved rounds; then the CPU each side spends per call.
+"""How fast would a call be over a plain framing instead of HTTP/2, all else alike? The pool's
+call (gRPC's ``WorkerService.Calls`` stream, h2 on both sides) against a prototype call stream
+whose frames are a 4-byte little-endian length and exactly the bytes of one of that stream's gRPC
+messages; beside ``trio_parallel.run_sync`` and a raw Unix-socket ping-pong (``floor.py``'s), in
+one process, interleaved rounds; then each side's CPU per call.
 
-    python -m benchmarks.boundary.plain_frames [ROUNDS]       # the table
-    python -m benchmarks.boundary.plain_frames profile [N]    # cProfile of the prototype, both sides
+    python -m benchmarks.boundary.plain_frames [ROUNDS]
+    python -m benchmarks.boundary.plain_frames profile [N [bare|service]]   # cProfile, both sides
 
-The prototype (``plain``) is a worker process connected by a Unix socket pair; each message is a
-frame: 4-byte little-endian length, then exactly the bytes the pool puts in one gRPC message of
-``WorkerService.Calls``. Like for like with the pool's call:
+The prototype: a worker process on a Unix socket pair, closed (and waited for) on exit.
 
-- the host's call: arguments encoded by ``codec.encode``, the request the pool's ``_request``
-  builds (a ``c<hex>-N`` call id, ``timeout_seconds`` of no deadline, no session, no trace),
-  encoded by ``call_messages.encode_execute``; the caller parked by ``_aio.CallStreamBase``, the
-  base of the pool's own ``H2CallStream`` (``wait_task_rescheduled``; the reader task
-  reschedules it by call id; a cancelled caller sends ``cancel``); the answer parsed by
-  ``call_messages.parse_result`` (``fast_proto`` for any other), its result decoded by
-  ``codec.decode``. A request is written by the caller itself (a non-blocking ``send``); a reader
-  task, in a nursery an async context manager owns, waits for the socket (Trio's epoll), reads and
-  delivers; a writer task sends what a full socket did not take.
-- the worker: uvloop (as the pool's worker; ``plain asyncio``: asyncio's default loop), an
-  ``asyncio.Protocol`` whose ``data_received`` splits the frames and decodes each request as the
-  worker's server codec does (``fast_proto.parse`` and ``limits.request_problem``), runs each call
-  as a task (``cancel`` cancels it) and writes its encoded ``CallResult`` (``fast_proto``).
-  ``plain bare``: the call is the arguments' ``codec.decode``, the tool (``async def``: awaited;
-  sync: a thread of the worker's kind of executor, ``submit`` + ``wrap_future`` in a copied
-  context, as ``WorkerService._in_thread``), ``codec.encode`` of the result. ``plain service``: the
-  call is the worker's own ``WorkerService.run_call`` on ``benchmarks.adapters:Bench`` (admission,
-  ``SessionContext``, deadline timer and ``asyncio.timeout``, slot release, error mapping): only
-  the transport differs from the pool's worker.
+- Host (Trio), as the pool's ``H2CallStream``: the arguments' ``codec.encode``; the request the
+  pool's ``Calls._request`` makes (``c<hex>-N`` call id, no deadline, session or trace) encoded by
+  ``call_messages.encode_execute`` and written by the caller (a non-blocking ``send``; a writer
+  task takes what the socket does not); the caller parked by ``_aio.CallStreamBase`` (the pool's
+  stream's base: ``wait_task_rescheduled``, rescheduled by call id; a cancelled caller sends
+  ``cancel``); a reader task (Trio's epoll, in a nursery an async context manager owns) splits
+  the frames, parses each answer with ``call_messages.parse_result`` and delivers it; the
+  result's ``codec.decode``.
+- Worker, on uvloop as the pool's (``plain asyncio``: asyncio's loop): an ``asyncio.Protocol``
+  whose ``data_received`` splits the frames and decodes each request as the worker's server
+  codec does (``fast_proto.parse``, ``limits.request_problem``), runs it as a task (``cancel``
+  cancels it) and writes the answer (``fast_proto``). ``plain bare``: the call is ``codec.decode``,
+  the tool (``async def`` awaited; sync: ``executor.submit`` + ``wrap_future`` in a copied context,
+  as ``WorkerService._in_thread``), ``codec.encode``. ``plain service``: the worker's own
+  ``WorkerService.run_call`` (admission, ``SessionContext``, deadline timer, ``asyncio.timeout``,
+  slot release): only the transport differs from the pool's worker.
+- ``fake pool``: ``trio_bridge.testing.open_fake_pool`` (the pool's host path, fake in-Trio
+  workers, no transport): what the pool's own layers cost above a call stream, plus the fake's.
 
-What the prototype leaves out, per call (the rest of the pool's path is per connection): on the
-host, the pool's own path above its call stream (``Calls``: open check, router and dispatcher
-slot, ``ToolCall``, deadline read, metrics and outcome, ``GrpcWorker.execute``'s checks and
-error mapping: ~25 % of the host's busy time in earlier profiles, ~30 µs), HTTP/2 (h2's
-``data_frame_header`` and frame bookkeeping to send, ``receive_data`` and its events to receive,
-window acknowledgements, gRPC's 5-byte prefix); on the worker, HTTP/2 (``FastH2Protocol`` and
-h2 parsing, ``DirectStream``'s divert and connection statistics, h2 framing of the reply, the
-``sending`` lock, ``reply_pending``); ``plain bare`` also leaves out ``WorkerService``'s
-bookkeeping (``plain service`` has it). No secret or peer check (per connection on the real path),
-no flow control, no keepalive, no drain notice, no big-message paths (shared memory, owned
-buffers).
+Not in the prototype, per call: on the host, the pool above its call stream (``Calls``: open
+check, router and dispatcher slot, ``ToolCall``, deadline, metrics, outcome; ``GrpcWorker.execute``
+and its error mapping) and HTTP/2 (h2's frame header and state to send; ``receive_data``, its
+events and window acknowledgements to receive; gRPC's 5-byte prefix); on the worker, HTTP/2
+(``FastH2Protocol`` and h2's parsing, ``DirectStream``'s divert, statistics and framing, the
+``sending`` lock, ``reply_pending``), and in ``plain bare`` ``WorkerService``'s bookkeeping. Per
+connection, not per call: the secret and peer checks, flow control, keepalive, the drain notice;
+and no big-message paths (shared memory, owned buffers).
 """
 
 from __future__ import annotations
@@ -58,25 +54,24 @@ import statistics
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import betterproto2
-import psutil
 import trio
 import trio_parallel
 
 import trio_bridge
 from benchmarks.floor import StockFloor, noop
-from benchmarks.timing import timed, timed_calls
+from benchmarks.timing import cpu_split, timed, timed_calls
 from trio_bridge._aio import CallStreamBase, TransportError
 from trio_bridge._wire import call_messages, fast_proto
 from trio_bridge._wire.codec import decode, encode
 from trio_bridge._wire.contract import timeout_to_wire
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
+from trio_bridge._wire.limits import request_problem
 from trio_bridge.testing import open_fake_pool
 
 ADAPTER = "benchmarks.adapters:Bench"
@@ -88,11 +83,8 @@ PROTOTYPES = {"plain bare": ("bare", "uvloop"), "plain service": ("service", "uv
 _PROFILE_ENV = "PLAIN_FRAMES_PROFILE"  # the worker profiles its connection's life into this file
 
 
-def _frame(message: pb.CallMessage | pb.CallResult) -> bytes:
-    return _frame_bytes(fast_proto.serialize(message).tobytes())
-
-
-def _frame_bytes(body: bytes) -> bytes:
+def _frame(message: pb.CallMessage | pb.CallResult | bytes) -> bytes:
+    body = message if isinstance(message, bytes) else fast_proto.serialize(message).tobytes()
     return _LENGTH.pack(len(body)) + body
 
 
@@ -109,7 +101,7 @@ class PlainCallStream(CallStreamBase):
 
     def _send_execute(self, request: pb.ExecuteToolRequest) -> None:
         encoded = call_messages.encode_execute(request)
-        self._write(_frame(pb.CallMessage(execute=request)) if encoded is None else _frame_bytes(encoded))
+        self._write(_frame(pb.CallMessage(execute=request) if encoded is None else encoded))
 
     def _send(self, message: pb.CallMessage) -> None:
         if self.ended:
@@ -257,11 +249,8 @@ class _Frames(asyncio.Protocol):
     """The worker's end of the connection: each request a task, each answer written when it ends."""
 
     def __init__(self, execute: Execute, closed: asyncio.Future[None]) -> None:
-        from trio_bridge._wire.limits import request_problem
-
         self._execute = execute
         self._closed = closed
-        self._problem = request_problem
         self._pending = b""
         self._running: dict[str, asyncio.Task[None]] = {}
         self._transport: Any = None
@@ -279,7 +268,7 @@ class _Frames(asyncio.Protocol):
                 break
             message = fast_proto.parse(pb.CallMessage, data[pos + 4 : pos + 4 + size])
             pos += 4 + size
-            problem = self._problem(message)
+            problem = request_problem(message)
             if problem is not None:
                 raise ValueError(f"a request the worker's codec refuses: {problem}")
             kind, value = betterproto2.which_one_of(message, "kind")
@@ -339,26 +328,8 @@ def worker_main(fd: int, mode: str, loop: str) -> None:
 
 
 # ---- the measurements ----
-def _thread_cpu() -> dict[str, float]:
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    return {names.get(t.id, str(t.id)): t.user_time + t.system_time for t in psutil.Process().threads()}
-
-
-async def _cpu_split(measure: Callable[[int], Awaitable[Any]], pid: int, n: int) -> dict[str, float]:
-    """CPU µs per call of ``measure``'s calls: each host thread's (over 1 µs) and the worker's."""
-    worker = psutil.Process(pid)
-    await measure(200)
-    host0, worker0 = _thread_cpu(), worker.cpu_times()
-    await measure(n)
-    host1, worker1 = _thread_cpu(), worker.cpu_times()
-    split = {f"host {name}": (host1[name] - host0.get(name, 0.0)) / n * 1e6 for name in host1}
-    split = {k: v for k, v in split.items() if v >= 1}
-    split["worker"] = ((worker1.user + worker1.system) - (worker0.user + worker0.system)) / n * 1e6
-    return split
-
-
 async def self_check(worker: PlainWorker, label: str) -> None:
-    """16 calls of each tool in flight at once, each answer checked."""
+    """16 calls of each tool in flight at once, each answer checked; then a cancelled call."""
     for tool in TOOLS:
         results: dict[int, Any] = {}
 
@@ -370,6 +341,10 @@ async def self_check(worker: PlainWorker, label: str) -> None:
                 nursery.start_soon(one, i)
         if results != {i: i for i in range(16)}:
             raise AssertionError(f"{label} {tool}: 16 calls in flight answered {results}")
+        with trio.move_on_after(0):  # cancelled as it waits: it sends ``cancel``; the stream goes on
+            await worker.call(tool, {"x": -1})
+        if await worker.call(tool, {"x": 16}) != 16:
+            raise AssertionError(f"{label} {tool}: the call after a cancelled one answered wrong")
 
 
 async def main(rounds: int) -> None:
@@ -410,17 +385,20 @@ async def main(rounds: int) -> None:
             for label, worker in plain.items():
                 splits[label] = (lambda n, w=worker: timed(lambda i: w.call("anoop", {"x": i}), n), worker.pid)
             for label, (measure, pid) in splits.items():
-                split = await _cpu_split(measure, pid, 2000)
+                split = await cpu_split(measure, pid, 2000)
                 print(f"  {label:14} " + ", ".join(f"{k} {v:.0f} µs" for k, v in split.items()))
     finally:
         await trio.to_thread.run_sync(floor.close)
 
 
+def _rows(source: cProfile.Profile | str) -> Any:
+    return pstats.Stats(source).stats.items()  # pyright: ignore[reportAttributeAccessIssue]  # (not in typeshed)
+
+
 def _top(source: cProfile.Profile | str, title: str, n: int) -> None:
     """The 15 functions with most time of their own, per call (µs), under cProfile; the
     thread's busy time leaves out epoll's wait."""
-    rows = pstats.Stats(source).stats.items()  # pyright: ignore[reportAttributeAccessIssue]  # (not in typeshed)
-    table = {k: v for k, v in rows if k[2] != "<method 'poll' of 'select.epoll' objects>"}  # epoll's wait: idle
+    table = {k: v for k, v in _rows(source) if k[2] != "<method 'poll' of 'select.epoll' objects>"}  # epoll's wait: idle
     busy = sum(row[2] for row in table.values())
     print(f"{title}: busy {busy / n * 1e6:.0f} µs per call; top 15 by own time: own µs, cumulative µs, calls, per call")
     for (path, line, name), (_, calls, own, cumulative, _) in sorted(table.items(), key=lambda kv: -kv[1][2])[:15]:
@@ -428,19 +406,21 @@ def _top(source: cProfile.Profile | str, title: str, n: int) -> None:
         print(f"  {own / n * 1e6:6.1f} {cumulative / n * 1e6:7.1f} {calls / n:5.1f}  {where}")
 
 
-async def profile(n: int) -> None:
-    """cProfile of ``n`` calls of ``anoop`` on ``plain bare``: the host's thread and the worker."""
+async def profile(n: int, mode: str) -> None:
+    """cProfile of ``n`` calls of ``anoop`` on the prototype worker of ``mode``: the host's thread
+    (those ``n`` calls) and the worker (every call it served, warm-up included)."""
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"plain-frames-{os.getpid()}.prof")
     try:
-        async with open_plain_worker("bare", "uvloop", {_PROFILE_ENV: path}) as worker:
-            await self_check(worker, "plain bare")
+        async with open_plain_worker(mode, "uvloop", {_PROFILE_ENV: path}) as worker:
+            await self_check(worker, f"plain {mode}")
             await timed(lambda i: worker.call("anoop", {"x": i}), 500)
             profiler = cProfile.Profile()
             profiler.enable()
             await timed(lambda i: worker.call("anoop", {"x": i}), n)
             profiler.disable()
-        _top(profiler, "host (Trio's thread)", n)
-        _top(path, f"worker (all of its connection's life: {n + 532} calls)", n + 532)
+        _top(profiler, f"host (Trio's thread), plain {mode}", n)
+        served = next(row[1] for key, row in _rows(path) if key[2] == "_run" and key[0] == __file__)
+        _top(path, f"worker, plain {mode} ({served} calls)", served)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -450,6 +430,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         worker_main(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     elif sys.argv[1:2] == ["profile"]:
-        trio.run(profile, int(sys.argv[2]) if len(sys.argv) > 2 else 5000)
+        trio.run(profile, int(sys.argv[2]) if len(sys.argv) > 2 else 5000, sys.argv[3] if len(sys.argv) > 3 else "bare")
     else:
         trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 5)
