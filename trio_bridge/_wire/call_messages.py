@@ -1,12 +1,15 @@
 """The call stream's two messages of every call, encoded and parsed by hand for their common
 shape: a ``CallMessage`` carrying an ``ExecuteToolRequest`` whose arguments are JSON only, and a
 ``CallResult`` whose answer is a JSON-only result. That is most calls, and :mod:`fast_proto`'s
-generic walk of betterproto2's field metadata cost each of them several microseconds.
+generic walk of betterproto2's field metadata cost each of them several microseconds (on the
+worker, with :func:`trio_bridge._wire.limits.request_problem`'s walk, ~20 µs a call).
 
-Exact: :func:`encode_execute` gives ``bytes(pb.CallMessage(execute=request))`` byte for byte, and
-:func:`parse_result` a message equal to ``pb.CallResult.parse(data)``; any other shape (blobs,
-an error, unknown fields, a field twice, bad UTF-8) gets ``None``, and the caller uses
-:mod:`fast_proto` (tests compare both with hypothesis).
+Exact, both ways: the host's :func:`encode_execute` and the worker's :func:`encode_result` give
+betterproto2's encoding byte for byte; the worker's :func:`parse_execute` and the host's
+:func:`parse_result` a message equal to betterproto2's ``parse``. Any other shape (blobs, an error,
+unknown fields, a field twice or out of order, bad UTF-8, a request over a limit) gets ``None``,
+and the caller uses :mod:`fast_proto` (and, on the worker, the limits' checks and their
+refusals); tests compare both with hypothesis.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ import struct
 from typing import Any
 
 from trio_bridge._wire import fast_proto
+from trio_bridge._wire.contract import MAX_NAME_BYTES
 from trio_bridge._wire.fast_proto import read_varint, varint
 from trio_bridge._wire.generated.trio_bridge import v1 as pb
 
-__all__ = ["encode_execute", "parse_result"]
+__all__ = ["encode_execute", "encode_result", "parse_execute", "parse_result"]
 
 _DOUBLE = struct.Struct("<d")
 # ExecuteToolRequest's keys: (field number << 3) | wire type
 _TOOL, _ARGUMENTS, _SESSION, _CALL_ID, _TIMEOUT, _VERSION, _TRACEPARENT = b"\x0a", b"\x12", b"\x1a", b"\x22", b"\x29", b"\x30", b"\x3a"
 _EXECUTE = b"\x0a"  # CallMessage.execute
+_CALL_ID_OF_RESULT, _RESPONSE, _RESULT = b"\x0a", b"\x12", b"\x0a"  # CallResult.call_id, .response; ExecuteToolResponse.result
 _JSON = b"\x0a"  # Payload.json
 _MOST_JSON = 64 * 1024  # bytes of JSON arguments this module encodes (more: fast_proto's parts, no copy)
 
@@ -109,3 +114,103 @@ def parse_result(view: memoryview) -> pb.CallResult | None:
             return None
         json = view[pos:end].tobytes()
     return pb.CallResult(call_id=call_id, response=pb.ExecuteToolResponse(result=pb.Payload(json=json)))
+
+
+# parse_execute: each key ExecuteToolRequest's fields may come with (one byte each), by field number
+_REQUEST_KEYS = {key[0]: key[0] >> 3 for key in (_TOOL, _ARGUMENTS, _SESSION, _CALL_ID, _TIMEOUT, _VERSION, _TRACEPARENT)}
+_UINT64_END = 1 << 64
+
+
+def parse_execute(data: bytes | memoryview) -> pb.CallMessage | None:
+    """``pb.CallMessage.parse(data)`` for the common request, a ``CallMessage`` whose ``execute``
+    has its fields in order, each once, arguments of JSON only, and nothing over the limits that
+    :func:`trio_bridge._wire.limits.request_problem` checks (so a message this returns passes
+    them); ``None`` for any other (see the module doc)."""
+    if type(data) is not bytes and type(data) is not memoryview:
+        return None
+    end = len(data)
+    if end < 2 or end >= fast_proto.BIG or data[0] != 0x0A:
+        return None
+    size, pos = read_varint(data, 1)
+    if size < 0 or pos + size != end:
+        return None
+    tool = session_id = call_id = traceparent = ""
+    arguments: pb.Payload | None = None
+    timeout, version, last = 0.0, 0, 0
+    while pos < end:
+        number = _REQUEST_KEYS.get(data[pos], 0)
+        if number <= last:  # unknown, another wire type, out of order or twice: betterproto2's
+            return None
+        last = number
+        pos += 1
+        if number == 5:  # timeout_seconds, a double
+            if pos + 8 > end:
+                return None
+            (timeout,) = _DOUBLE.unpack_from(data, pos)
+            if not timeout >= 0.0:  # NaN or negative: the limits' refusal
+                return None
+            pos += 8
+            continue
+        if number == 6:  # session_state_version, a varint
+            version, pos = read_varint(data, pos)
+            if not 0 <= version < _UINT64_END:
+                return None
+            continue
+        size, pos = read_varint(data, pos)
+        stop = pos + size
+        if size < 0 or stop > end:
+            return None
+        if number == 2:  # arguments: a Payload of json alone
+            json = b""
+            if size:
+                if data[pos] != 0x0A:
+                    return None
+                size, pos = read_varint(data, pos + 1)
+                if size < 0 or pos + size != stop:
+                    return None
+                json = bytes(data[pos:stop])
+            arguments = pb.Payload(json=json)
+        else:
+            if size > MAX_NAME_BYTES:  # the limits' refusal
+                return None
+            try:
+                text = str(data[pos:stop], "utf-8")
+            except UnicodeDecodeError:
+                return None
+            if number == 1:
+                tool = text
+            elif number == 3:
+                session_id = text
+            elif number == 4:
+                call_id = text
+            else:
+                traceparent = text
+        pos = stop
+    return pb.CallMessage(
+        execute=pb.ExecuteToolRequest(
+            tool_name=tool, arguments=arguments, session_id=session_id, call_id=call_id, timeout_seconds=timeout,
+            session_state_version=version, traceparent=traceparent,
+        )
+    )
+
+
+def encode_result(result: pb.CallResult) -> bytes | None:
+    """``bytes(result)`` for the common answer: a result of JSON only (under 64 KiB), with no
+    unknown fields; else ``None``."""
+    response = result.response
+    if response is None or result._unknown_fields or response._unknown_fields:
+        return None
+    payload = response.result
+    if payload is None or payload.blobs or payload._unknown_fields:
+        return None
+    json = payload.json
+    if type(json) is not bytes or len(json) >= _MOST_JSON:
+        return None
+    try:
+        call_id = _string(result.call_id)
+    except (TypeError, UnicodeEncodeError):
+        return None
+    inner = _JSON + varint(len(json)) + json if json else b""
+    answer = _RESULT + varint(len(inner)) + inner  # a oneof's member is sent even when empty
+    body = _RESPONSE + varint(len(answer)) + answer
+    return _CALL_ID_OF_RESULT + varint(len(call_id)) + call_id + body if call_id else body
