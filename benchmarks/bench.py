@@ -88,11 +88,13 @@ turns). ``ready_1_s`` / ``ready_8_s`` / ``ready_8_over_1`` (an issue 9 target): 
 adapter ``benchmarks.adapters:Bench`` (its module imports nothing beyond trio_bridge; empty
 ``setup()``). ``ready_numpy_1_s`` / ``ready_numpy_8_s`` / ``ready_8_over_1_numpy``:
 ``benchmarks.adapters_numpy:BenchNumpy``, whose module imports numpy and whose ``setup()`` runs a
-256x256 matmul (BLAS), pool defaults (the fork server holds OpenBLAS at one thread while it
-imports; each worker then gets a spawned worker's BLAS threads; the pool spawns these workers if
+256x256 matmul (BLAS), pool defaults (each worker's BLAS gets ``max(1, CPUs // size)`` threads,
+``LocalWorkers.library_threads``: on 2 CPUs, 2 for one worker, 1 each for eight; the fork server
+holds OpenBLAS at one thread while it imports, and each forked worker then sets it to what a
+spawned one starts with; the pool spawns these workers if
 its fork server is unsafe all the same: ``time_to_ready.<adapter>.start_method``:
 ``pool.start_method``). ``ready_8_over_1_numpy_openblas_1``: the numpy adapter with
-``env={"OPENBLAS_NUM_THREADS": "1"}``. ``ready_digits_1_s`` / ``ready_digits_8_s`` /
+``env={"OPENBLAS_NUM_THREADS": "1"}`` (one BLAS thread for one worker too). ``ready_digits_1_s`` / ``ready_digits_8_s`` /
 ``ready_8_over_1_digits``: ``trio_bridge.examples.digits:Digits``, the adapter ``trio-bridge run``
 starts (numpy and scikit-learn; ``setup()`` loads the data set), pool defaults. The same part
 measures the worker's import: ``worker_import_seconds`` (a fresh ``python -m trio_bridge.worker

@@ -32,6 +32,7 @@ EVERY_VARIABLE = {
     "TRIO_BRIDGE_GPUS_PER_WORKER": ("2", lambda o: o.local.gpus_per_worker, 2),
     "TRIO_BRIDGE_START_METHOD": ("spawn", lambda o: o.local.start_method, "spawn"),
     "TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD": ("none", lambda o: o.local.shared_memory_threshold, None),
+    "TRIO_BRIDGE_LIBRARY_THREADS": ("0", lambda o: o.local.library_threads, 0),
 }
 
 
@@ -69,6 +70,7 @@ def test_variables_replace_only_what_the_call_left_out():
         ("TRIO_BRIDGE_CANCEL_GRACE", "nan", "does not set Lifecycle.cancel_grace: .* seconds >= 0"),
         ("TRIO_BRIDGE_STATUS_PUBLIC", "maybe", "TRIO_BRIDGE_STATUS_PUBLIC='maybe' does not set Monitoring.status_public"),
         ("TRIO_BRIDGE_METRICS_ADDRESS", "nowhere", "does not set Monitoring.address"),
+        ("TRIO_BRIDGE_LIBRARY_THREADS", "-2", "does not set LocalWorkers.library_threads: .* whole number >= 0"),
     ],
 )
 def test_a_variable_that_does_not_parse_or_is_out_of_range_is_refused_by_name(variable, value, message):

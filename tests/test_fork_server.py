@@ -122,22 +122,23 @@ async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_thr
 ):
     """numpy's OpenBLAS starts threads as it loads: the fork server holds it at one thread while it
     imports (even where the pool's env or the host's environment sets OPENBLAS_NUM_THREADS), and
-    each forked worker then has the BLAS threads a spawned worker has (its env's, or OpenBLAS's
-    default: one per CPU it may run on)."""
+    each forked worker then has the BLAS threads a spawned worker has (its env's, the host's, or
+    the pool's default: its share of the CPUs, LocalWorkers.library_threads)."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS", "TRIO_BRIDGE_LIBRARY_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     if host_env is not None:
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", host_env)
+    cpus = len(os.sched_getaffinity(0))
+    wanted = (env or {}).get("OPENBLAS_NUM_THREADS") or host_env or str(max(1, cpus // 2))  # the user's, else the pool's
     answers = {}
     for method in ("forkserver", "spawn"):
         local = LocalWorkers(env=env, start_method=method)  # type: ignore[arg-type]
         async with trio_bridge.open_pool(NUMPY_FORKED, size=2, local=local) as pool:
             assert pool.start_method == method
             answers[method] = [await pool.execute("blas_threads") for _ in range(2)]
-            held = await pool.execute("env", {"name": "OPENBLAS_NUM_THREADS"})  # in the fork server only
-            assert held == (env or {}).get("OPENBLAS_NUM_THREADS", os.environ.get("OPENBLAS_NUM_THREADS"))
-    cpus = len(os.sched_getaffinity(0))
-    wanted = (env or {}).get("OPENBLAS_NUM_THREADS") or host_env or (env or {}).get("OMP_NUM_THREADS")
-    expected = min(int(wanted), cpus) if wanted else cpus
-    assert answers["forkserver"] == answers["spawn"] == [[expected], [expected]]
+            held = await pool.execute("env", {"name": "OPENBLAS_NUM_THREADS"})  # "1" in the fork server only
+            assert held == wanted
+    assert answers["forkserver"] == answers["spawn"] == [[min(int(wanted), cpus)]] * 2
 
 
 @pytest.mark.real_process

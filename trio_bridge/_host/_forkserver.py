@@ -32,8 +32,9 @@ A pool spawns its workers instead of forking them when:
   fork. (OpenBLAS, numpy's and scipy's BLAS, would start such threads as it loads: the fork server
   holds it at one thread while it imports, whatever ``OPENBLAS_NUM_THREADS`` the host's
   environment or the pool's ``env`` sets, and each forked worker then sets its BLAS threads to
-  what a spawned worker would have: ``trio_bridge/worker/_threads.py``; where an OpenBLAS is
-  loaded and threadpoolctl cannot set its threads, it does not fork.);
+  what a spawned worker would have, from its own environment -- by default the pool's share of
+  the CPUs, ``LocalWorkers(library_threads=...)``: ``trio_bridge/worker/_threads.py``; where an
+  OpenBLAS is loaded and threadpoolctl cannot set its threads, it does not fork.);
 - the fork server did not report within ``startup_timeout`` (its imports hung);
 - while the pool runs, the fork server died or could not fork (it is killed and started again,
   up to ``_MAX_RESTARTS`` times per pool; workers are spawned meanwhile, and after that).
@@ -646,7 +647,9 @@ async def _close_when_idle(server: _Server, scope: trio.CancelScope) -> None:
 
 
 def fork_server_environment(env: dict[str, str]) -> dict[str, str]:
-    """The fork server's environment: the host's with the pool's ``env`` on top, the host's cwd
+    """The fork server's environment: the host's with the pool's ``env`` on top (the native
+    libraries' thread counts included, ``_library_threads``: what the adapter's module loads reads
+    a spawned worker's), the host's cwd
     first on ``PYTHONPATH`` (as a spawned worker gets it), and the host's pid (its death signal).
     Never a pool secret (a host's own environment might hold one): the fork server imports the
     adapter's module, and every forked worker's ``/proc/PID/environ`` shows this environment."""

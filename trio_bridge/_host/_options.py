@@ -557,6 +557,18 @@ class LocalWorkers(_Group):
             shared-memory segments on ``/dev/shm`` instead of the gRPC stream, and arrive as
             read-only views of them, not copies (Unix transport only; ``None`` disables;
             default 1 MiB; ``TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD``, ``none`` to disable).
+        library_threads: threads each local worker's native libraries start (BLAS, OpenMP, MKL,
+            BLIS, numba, numexpr), given to each worker in the variables they read as they load
+            (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``,
+            ``BLIS_NUM_THREADS``, ``VECLIB_MAXIMUM_THREADS``, ``NUMBA_NUM_THREADS``,
+            ``NUMEXPR_NUM_THREADS``). A whole number >= 1: that many; 0: none of them is set (each
+            library's own default: a thread per CPU); default ``None``: ``max(1, usable CPUs //
+            size)`` (the CPUs the host may run on, ``os.sched_getaffinity``), so that ``size``
+            workers computing at once do not share each CPU between several threads each -- as
+            joblib's loky backend (``max(cpu_count() // n_jobs, 1)``) and Dask's nanny (1) do.
+            A variable the host's environment, ``env`` or ``slot_env`` sets wins over it, one by
+            one; forked and spawned workers start the same threads; remote workers are not
+            touched (``TRIO_BRIDGE_LIBRARY_THREADS``).
 
     Raises:
         InvalidArgumentError: a field is of the wrong type or out of range (on construction;
@@ -575,6 +587,7 @@ class LocalWorkers(_Group):
     shared_memory_threshold: int | None = _option(
         1 << 20, _optional(whole(0)), "TRIO_BRIDGE_SHARED_MEMORY_THRESHOLD", optional_whole
     )
+    library_threads: int | None = _option(None, _optional(whole(0)), "TRIO_BRIDGE_LIBRARY_THREADS", int)
 
 
 @final

@@ -42,6 +42,7 @@ from trio_bridge._host._grpc_worker import Connector, GrpcWorker
 from trio_bridge._host._health import serving_health
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
+from trio_bridge._host._library_threads import library_thread_environment
 from trio_bridge._host._metrics import Metrics, PoolStatistics
 from trio_bridge._host._options import (
     DEFAULT,
@@ -633,7 +634,10 @@ async def _open_pool(
                 on_disk.append(plane.directory)
         for path in on_disk:
             janitor.watch_path(path)
-        worker_env = {**(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers)))}
+        threads = library_thread_environment(local.library_threads, size, given=(os.environ, env or {}))  # beneath the user's
+        worker_env = {
+            **threads, **(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers))),
+        }
         launching = open_launcher(
             base_launch, requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
             local_workers=size, startup_timeout=startup_timeout,

@@ -9,9 +9,10 @@ OpenBLAS its imports load starts no thread. Each forked worker then sets every s
 API (:class:`ThreadPools`), to what OpenBLAS would have taken from the worker's own environment
 had the worker been spawned (:func:`wanted_threads`): ``OPENBLAS_NUM_THREADS``, else
 ``GOTO_NUM_THREADS``, else ``OMP_NUM_THREADS``, else -- and at most -- the CPUs the worker may
-run on (``os.sched_getaffinity``). That is N workers x M threads on M cores, as spawned workers
-have it; a pool whose workers all run BLAS at once sets ``OMP_NUM_THREADS`` (or
-``OPENBLAS_NUM_THREADS``) in ``LocalWorkers(env=...)``.
+run on (``os.sched_getaffinity``). A worker's environment holds ``OPENBLAS_NUM_THREADS`` unless
+the pool was told otherwise: the pool's share of the CPUs, ``max(1, CPUs // size)``, or the
+user's value (``LocalWorkers(library_threads=...)``, :mod:`trio_bridge._host._library_threads`);
+forked and spawned workers read the same one.
 
 Nothing else is held. An OpenMP runtime (and MKL or BLIS on it) starts no thread before its first
 parallel region, and OpenMP's limit, set after the fork, would reach only the thread that set it

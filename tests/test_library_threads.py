@@ -1,0 +1,92 @@
+"""Native libraries' threads in local workers (``LocalWorkers(library_threads=...)``): each worker
+gets the pool's share of the CPUs in the variables BLAS, OpenMP and the like read, unless the
+user set them (variable by variable); forked and spawned workers start the same threads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import trio_bridge
+from trio_bridge import InvalidArgumentError, LocalWorkers
+from trio_bridge._host import _library_threads
+from trio_bridge._host._library_threads import VARIABLES, library_thread_environment
+
+FORKED = "tests.fork_adapters:Forked"
+NUMPY_FORKED = "tests.numpy_fork_adapter:NumpyForked"
+CPUS = len(os.sched_getaffinity(0))
+METHODS = ["forkserver", "spawn"]
+
+
+@pytest.fixture(autouse=True)
+def _no_user_values(monkeypatch):
+    """The host's environment sets none of the variables (unless a test does)."""
+    for name in (*VARIABLES, "TRIO_BRIDGE_LIBRARY_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def _variables(pool: trio_bridge.Pool) -> dict[str, str | None]:
+    return {name: await pool.execute("env", {"name": name}) for name in VARIABLES}
+
+
+def test_each_worker_gets_the_pools_share_of_the_cpus_unless_the_user_set_the_variable(monkeypatch):
+    monkeypatch.setattr(_library_threads, "usable_cpus", lambda: 8)
+    assert library_thread_environment(None, 3, given=()) == dict.fromkeys(VARIABLES, "2")  # 8 // 3
+    assert library_thread_environment(None, 16, given=()) == dict.fromkeys(VARIABLES, "1")  # at least one
+    assert library_thread_environment(5, 3, given=()) == dict.fromkeys(VARIABLES, "5")
+    assert library_thread_environment(0, 3, given=()) == {}  # each library's own default
+    assert library_thread_environment(None, 0, given=()) == {}  # no local workers
+    chosen = library_thread_environment(None, 4, given=({"OMP_NUM_THREADS": "4"}, {"MKL_NUM_THREADS": "3"}))
+    assert chosen == {name: "2" for name in VARIABLES if name not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
+def test_a_bad_library_threads_is_refused(value):
+    with pytest.raises(InvalidArgumentError, match=r"LocalWorkers\.library_threads must be a whole number >= 0"):
+        LocalWorkers(library_threads=value)
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("size", [1, 2])
+async def test_a_workers_environment_holds_its_share_of_the_cpus(method, size):
+    async with trio_bridge.open_pool(FORKED, size=size, local=LocalWorkers(start_method=method)) as pool:
+        assert pool.start_method == method
+        assert await _variables(pool) == dict.fromkeys(VARIABLES, str(max(1, CPUS // size)))
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("method", METHODS)
+async def test_the_users_values_win_variable_by_variable(method, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # the host's environment
+    local = LocalWorkers(
+        start_method=method, library_threads=3, env={"OMP_NUM_THREADS": "5"}, slot_env=lambda slot: {"MKL_NUM_THREADS": "4"},
+    )
+    async with trio_bridge.open_pool(FORKED, size=2, local=local) as pool:
+        assert await _variables(pool) == {
+            **dict.fromkeys(VARIABLES, "3"), "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "4",
+        }
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("method", METHODS)
+async def test_library_threads_0_sets_nothing(method, monkeypatch):
+    monkeypatch.setenv("TRIO_BRIDGE_LIBRARY_THREADS", "0")
+    async with trio_bridge.open_pool(FORKED, size=2, local=LocalWorkers(start_method=method)) as pool:
+        assert await _variables(pool) == dict.fromkeys(VARIABLES)
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize(("size", "library_threads"), [(1, None), (2, None), (2, 0)], ids=["size_1", "size_2", "unset"])
+async def test_a_forked_worker_with_numpy_preloaded_starts_the_blas_threads_of_a_spawned_one(size, library_threads):
+    """numpy's OpenBLAS was loaded by the fork server, held at one thread: each forked worker sets
+    it from its own environment (the pool's share of the CPUs), as a spawned one starts with it."""
+    answers = {}
+    for method in METHODS:
+        local = LocalWorkers(start_method=method, library_threads=library_threads)  # type: ignore[arg-type]
+        async with trio_bridge.open_pool(NUMPY_FORKED, size=size, local=local) as pool:
+            assert pool.start_method == method
+            answers[method] = [await pool.execute("blas_threads") for _ in range(size)]
+    expected = CPUS if library_threads == 0 else max(1, CPUS // size)  # 0: OpenBLAS's own default, one per CPU
+    assert answers["forkserver"] == answers["spawn"] == [[expected]] * size
