@@ -64,9 +64,12 @@ async def test_the_users_values_win_variable_by_variable(method, monkeypatch):
         start_method=method, library_threads=3, env={"OMP_NUM_THREADS": "5"}, slot_env=lambda slot: {"MKL_NUM_THREADS": "4"},
     )
     async with trio_bridge.open_pool(FORKED, size=2, local=local) as pool:
-        assert await _variables(pool) == {
-            **dict.fromkeys(VARIABLES, "3"), "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "4",
-        }
+        # library_threads given: over the host's value, not over env's or slot_env's
+        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, "3"), "OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "4"}
+    async with trio_bridge.open_pool(FORKED, size=2, local=LocalWorkers(start_method=method, env={"OMP_NUM_THREADS": "5"})) as pool:
+        # left out: the host's value wins too
+        share = str(max(1, CPUS // 2))
+        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, share), "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "5"}
 
 
 @pytest.mark.real_process

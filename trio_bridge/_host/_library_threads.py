@@ -12,8 +12,10 @@ the parent's environment sets the variable) and Dask's nanny does (its
 ``max(1, usable CPUs // the pool's local size)`` threads, through the variables those libraries
 read as they load (:data:`VARIABLES`), unless the user set them.
 
-The user's value wins, variable by variable: a variable of :data:`VARIABLES` set in the host's
-environment, in ``LocalWorkers(env=...)`` or in a slot's ``slot_env`` is left as it is. A spawned
+The user's value wins, variable by variable: a variable of :data:`VARIABLES` set in
+``LocalWorkers(env=...)`` or in a slot's ``slot_env`` is left as it is, and so is one the host's
+environment sets, unless ``library_threads`` was given (the explicit value wins over the ambient
+one, as joblib's explicit ``inner_max_num_threads`` does). A spawned
 worker reads them as it starts; a forked one has them in its ``os.environ`` before its adapter's
 ``setup()``, and its OpenBLAS (held at one thread while the fork server imported) is set from them
 after the fork (:mod:`trio_bridge.worker._threads`), so both start the same threads. The fork

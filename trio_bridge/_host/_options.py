@@ -566,9 +566,11 @@ class LocalWorkers(_Group):
             size)`` (the CPUs the host may run on, ``os.sched_getaffinity``), so that ``size``
             workers computing at once do not share each CPU between several threads each -- as
             joblib's loky backend (``max(cpu_count() // n_jobs, 1)``) and Dask's nanny (1) do.
-            A variable the host's environment, ``env`` or ``slot_env`` sets wins over it, one by
-            one; forked and spawned workers start the same threads; remote workers are not
-            touched (``TRIO_BRIDGE_LIBRARY_THREADS``).
+            A variable that ``env`` or ``slot_env`` sets wins over it, one by one, and so does
+            one the host's environment sets while ``library_threads`` is left out (a value given
+            here wins over the host's, as joblib's ``inner_max_num_threads`` does); forked and
+            spawned workers start the same threads; remote workers are not touched
+            (``TRIO_BRIDGE_LIBRARY_THREADS``).
 
     Raises:
         InvalidArgumentError: a field is of the wrong type or out of range (on construction;

@@ -634,7 +634,9 @@ async def _open_pool(
                 on_disk.append(plane.directory)
         for path in on_disk:
             janitor.watch_path(path)
-        threads = library_thread_environment(local.library_threads, size, given=(os.environ, env or {}))  # beneath the user's
+        # beneath the user's: env (and slot_env) always; the host's environment unless library_threads was given
+        given = (env or {},) if local.library_threads is not None else (os.environ, env or {})
+        threads = library_thread_environment(local.library_threads, size, given=given)
         worker_env = {
             **threads, **(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers))),
         }
