@@ -17,6 +17,9 @@ ALLOWED_PRIVATE = {
     ("_wire/limits.py", "message._unknown_fields"),  # checked to be well-formed protobuf
     ("_wire/call_messages.py", "request._unknown_fields"),  # a request with any is left to fast_proto
     ("_wire/call_messages.py", "arguments._unknown_fields"),
+    ("_wire/call_messages.py", "result._unknown_fields"),  # an answer with any is left to fast_proto
+    ("_wire/call_messages.py", "response._unknown_fields"),
+    ("_wire/call_messages.py", "payload._unknown_fields"),
     # betterproto2's field metadata of a message class: the fast codec and the limits read it
     ("_wire/fast_proto.py", "cls._betterproto"),
     ("_wire/limits.py", "cls._betterproto"),

@@ -37,8 +37,46 @@ def test_each_worker_gets_the_pools_share_of_the_cpus_unless_the_user_set_the_va
     assert library_thread_environment(5, 3, given=()) == dict.fromkeys(VARIABLES, "5")
     assert library_thread_environment(0, 3, given=()) == {}  # each library's own default
     assert library_thread_environment(None, 0, given=()) == {}  # no local workers
-    chosen = library_thread_environment(None, 4, given=({"OMP_NUM_THREADS": "4"}, {"MKL_NUM_THREADS": "3"}))
-    assert chosen == {name: "2" for name in VARIABLES if name not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    chosen = library_thread_environment(None, 4, given=({"NUMBA_NUM_THREADS": "4"}, {"MKL_NUM_THREADS": "3"}))
+    assert chosen == {name: "2" for name in VARIABLES if name not in ("NUMBA_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def test_a_variable_the_users_variable_stands_in_for_is_not_set(monkeypatch):
+    """OpenBLAS, MKL, BLIS and numexpr read OMP_NUM_THREADS when their own variable is not set
+    (OpenBLAS GOTO_NUM_THREADS first): the user's OMP_NUM_THREADS=1 gives them one thread."""
+    monkeypatch.setattr(_library_threads, "usable_cpus", lambda: 8)
+    assert library_thread_environment(None, 2, given=({"OMP_NUM_THREADS": "1"},)) == {
+        "VECLIB_MAXIMUM_THREADS": "4", "NUMBA_NUM_THREADS": "4",
+    }
+    chosen = library_thread_environment(None, 2, given=({"GOTO_NUM_THREADS": "1"},))
+    assert chosen == {name: "4" for name in VARIABLES if name != "OPENBLAS_NUM_THREADS"}
+
+
+def _cgroup(root, **files: str) -> str:
+    for name, text in files.items():
+        path = root / name.replace("__", "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "200000 100000"}, 2),  # v2: docker --cpus=2
+        ({"cpu.max": "150000 100000"}, 2),  # rounded up, as loky does
+        ({"cpu.max": "max 100000"}, None),
+        ({"cpu__cpu.cfs_quota_us": "50000", "cpu__cpu.cfs_period_us": "100000"}, 1),  # v1
+        ({"cpu__cpu.cfs_quota_us": "-1", "cpu__cpu.cfs_period_us": "100000"}, None),
+        ({}, None),
+    ],
+    ids=["v2", "v2_rounded_up", "v2_max", "v1", "v1_none", "no_cgroup"],
+)
+def test_a_containers_cpu_quota_bounds_the_usable_cpus(tmp_path, files, cpus):
+    root = _cgroup(tmp_path, **files)
+    assert _library_threads.cgroup_cpus(root) == cpus
+    affinity = len(os.sched_getaffinity(0))
+    assert _library_threads.usable_cpus(root) == (affinity if cpus is None else min(affinity, cpus))
 
 
 @pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
@@ -61,15 +99,35 @@ async def test_a_workers_environment_holds_its_share_of_the_cpus(method, size):
 async def test_the_users_values_win_variable_by_variable(method, monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # the host's environment
     local = LocalWorkers(
-        start_method=method, library_threads=3, env={"OMP_NUM_THREADS": "5"}, slot_env=lambda slot: {"MKL_NUM_THREADS": "4"},
+        start_method=method, library_threads=3, env={"NUMBA_NUM_THREADS": "5"}, slot_env=lambda slot: {"MKL_NUM_THREADS": "4"},
     )
     async with trio_bridge.open_pool(FORKED, size=2, local=local) as pool:
         # library_threads given: over the host's value, not over env's or slot_env's
-        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, "3"), "OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "4"}
-    async with trio_bridge.open_pool(FORKED, size=2, local=LocalWorkers(start_method=method, env={"OMP_NUM_THREADS": "5"})) as pool:
+        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, "3"), "NUMBA_NUM_THREADS": "5", "MKL_NUM_THREADS": "4"}
+    async with trio_bridge.open_pool(FORKED, size=2, local=LocalWorkers(start_method=method, env={"NUMBA_NUM_THREADS": "5"})) as pool:
         # left out: the host's value wins too
         share = str(max(1, CPUS // 2))
-        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, share), "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "5"}
+        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, share), "OPENBLAS_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "5"}
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_slots_omp_num_threads_stands_for_the_libraries_that_read_it(method):
+    local = LocalWorkers(start_method=method, library_threads=2, slot_env=lambda slot: {"OMP_NUM_THREADS": "1"})
+    async with trio_bridge.open_pool(FORKED, size=1, local=local) as pool:
+        stands_in = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, "2"), **dict.fromkeys(stands_in), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("method", METHODS)
+async def test_the_users_omp_num_threads_gives_openblas_its_threads(method):
+    """The README's advice: ``env={"OMP_NUM_THREADS": "1"}`` gives a worker's OpenBLAS one thread,
+    forked (numpy loaded in the fork server) or spawned."""
+    local = LocalWorkers(start_method=method, env={"OMP_NUM_THREADS": "1"})
+    async with trio_bridge.open_pool(NUMPY_FORKED, size=1, local=local) as pool:
+        assert pool.start_method == method
+        assert await pool.execute("blas_threads") == [1]
 
 
 @pytest.mark.real_process

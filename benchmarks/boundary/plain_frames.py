@@ -19,8 +19,9 @@ The prototype: a worker process on a Unix socket pair, closed (and waited for) o
   result's ``codec.decode``.
 - Worker, on uvloop as the pool's (``plain asyncio``: asyncio's loop): an ``asyncio.Protocol``
   whose ``data_received`` splits the frames and decodes each request as the worker's server
-  codec does (``fast_proto.parse``, ``limits.request_problem``), runs it as a task (``cancel``
-  cancels it) and writes the answer (``fast_proto``). ``plain bare``: the call is ``codec.decode``,
+  codec does (``call_messages.parse_execute``, else ``fast_proto.parse``; ``limits.request_problem``),
+  runs it as a task (``cancel`` cancels it) and writes the answer (``call_messages.encode_result``,
+  else ``fast_proto``). ``plain bare``: the call is ``codec.decode``,
   the tool (``async def`` awaited; sync: ``executor.submit`` + ``wrap_future`` in a copied context,
   as ``WorkerService._in_thread``), ``codec.encode``. ``plain service``: the worker's own
   ``WorkerService.run_call`` (admission, ``SessionContext``, deadline timer, ``asyncio.timeout``,
@@ -266,11 +267,14 @@ class _Frames(asyncio.Protocol):
             (size,) = _LENGTH.unpack_from(data, pos)
             if end - pos - 4 < size:
                 break
-            message = fast_proto.parse(pb.CallMessage, data[pos + 4 : pos + 4 + size])
+            body = data[pos + 4 : pos + 4 + size]
             pos += 4 + size
-            problem = request_problem(message)
-            if problem is not None:
-                raise ValueError(f"a request the worker's codec refuses: {problem}")
+            # as the worker's server codec: the common request by hand (within the limits), any other checked
+            message = call_messages.parse_execute(body)
+            if message is None:
+                message = fast_proto.parse(pb.CallMessage, body)
+                if (problem := request_problem(message)) is not None:
+                    raise ValueError(f"a request the worker's codec refuses: {problem}")
             kind, value = betterproto2.which_one_of(message, "kind")
             if kind == "execute" and isinstance(value, pb.ExecuteToolRequest):
                 self._running[value.call_id] = asyncio.get_running_loop().create_task(self._run(value))
@@ -285,7 +289,8 @@ class _Frames(asyncio.Protocol):
             return
         finally:
             self._running.pop(request.call_id, None)
-        self._transport.write(_frame(pb.CallResult(call_id=request.call_id, response=response)))
+        answer = pb.CallResult(call_id=request.call_id, response=response)
+        self._transport.write(_frame(call_messages.encode_result(answer) or answer))  # by hand where the worker's is
 
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self._running.values():

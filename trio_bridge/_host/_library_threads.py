@@ -15,19 +15,27 @@ read as they load (:data:`VARIABLES`), unless the user set them.
 The user's value wins, variable by variable: a variable of :data:`VARIABLES` set in
 ``LocalWorkers(env=...)`` or in a slot's ``slot_env`` is left as it is, and so is one the host's
 environment sets, unless ``library_threads`` was given (the explicit value wins over the ambient
-one, as joblib's explicit ``inner_max_num_threads`` does). A spawned
-worker reads them as it starts; a forked one has them in its ``os.environ`` before its adapter's
-``setup()``, and its OpenBLAS (held at one thread while the fork server imported) is set from them
-after the fork (:mod:`trio_bridge.worker._threads`), so both start the same threads. The fork
-server imports with them too, so that a library it loads (an OpenMP runtime reads
-``OMP_NUM_THREADS`` as it loads) has a spawned worker's settings. Remote workers are not touched:
-their own machine's environment applies.
+one, as joblib's explicit ``inner_max_num_threads`` does). So is a variable whose library falls
+back on one the user set (:data:`FALLBACKS`): ``OMP_NUM_THREADS=1`` alone still gives OpenBLAS,
+MKL, BLIS and numexpr one thread. A spawned worker reads them as it starts; a forked one has them
+in its ``os.environ`` before its adapter's ``setup()``, and its OpenBLAS (held at one thread while
+the fork server imported) is set from them after the fork (:mod:`trio_bridge.worker._threads`).
+The fork server imports with the pool's values (a slot's ``slot_env`` is not in it), so that a
+library it loads (an OpenMP runtime reads ``OMP_NUM_THREADS`` as it loads) has a spawned worker's
+settings; what a library read as the fork server loaded it, a worker's ``slot_env`` does not
+change (OpenBLAS's threads excepted). Remote workers are not touched: their own machine's
+environment applies.
+
+Usable CPUs are those the host may run on (``os.sched_getaffinity``) and, in a container, no more
+than its CPU quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``,
+rounded up), as loky's ``cpu_count()`` (``loky/backend/context.py``) counts them.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 #: the variables that set native libraries' thread counts, as joblib lists them
 #: (``ParallelBackendBase.MAX_NUM_THREADS_VARS``): OpenMP (and MKL, BLIS on it), OpenBLAS, MKL,
@@ -38,13 +46,47 @@ VARIABLES = (
 )
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where
-    that is missing), at least 1."""
+#: what a library reads when its own variable is not set: OpenBLAS ``GOTO_NUM_THREADS``, then
+#: ``OMP_NUM_THREADS``; MKL, BLIS and numexpr ``OMP_NUM_THREADS``
+FALLBACKS: dict[str, tuple[str, ...]] = {
+    "OPENBLAS_NUM_THREADS": ("GOTO_NUM_THREADS", "OMP_NUM_THREADS"), "MKL_NUM_THREADS": ("OMP_NUM_THREADS",),
+    "BLIS_NUM_THREADS": ("OMP_NUM_THREADS",), "NUMEXPR_NUM_THREADS": ("OMP_NUM_THREADS",),
+}
+CGROUP = "/sys/fs/cgroup"
+
+
+def usable_cpus(cgroup: str = CGROUP) -> int:
+    """The CPUs this process may use, at least 1: those it may run on (``os.sched_getaffinity``;
+    ``os.cpu_count()`` where that is missing), at most its cgroup's CPU quota
+    (:func:`cgroup_cpus`, read under ``cgroup``)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpus(cgroup)
+    return max(1, cpus if quota is None else min(cpus, quota))
+
+
+def cgroup_cpus(cgroup: str = CGROUP) -> int | None:
+    """The CPU quota of this process's cgroup in CPUs, rounded up (a container's ``--cpus``):
+    cgroup v2's ``cpu.max``, else v1's ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us``,
+    under ``cgroup``; ``None`` without one (``max``, a negative quota, no such files)."""
+    parts = _read(os.path.join(cgroup, "cpu.max")).split()
+    if len(parts) != 2:
+        parts = [_read(os.path.join(cgroup, "cpu", name)) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:  # "max": no quota
+        return None
+    return math.ceil(quota / period) if quota > 0 and period > 0 else None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as file:
+            return file.read().strip()
+    except OSError:
+        return ""
 
 
 def threads_per_worker(library_threads: int | None, local_workers: int) -> int:
@@ -60,10 +102,26 @@ def library_thread_environment(
 ) -> dict[str, str]:
     """The variables of :data:`VARIABLES` that the local workers get, each set to
     :func:`threads_per_worker`, except those that a mapping of ``given`` sets (the host's
-    environment, the pool's ``env``): the user's value wins. ``{}`` for ``library_threads=0``
-    or a pool without local workers."""
+    environment, the pool's ``env``, a slot's ``slot_env``), and those whose library falls back on
+    one it sets (:data:`FALLBACKS`): the user's value wins. ``{}`` for ``library_threads=0`` or a
+    pool without local workers."""
     threads = threads_per_worker(library_threads, local_workers)
     if threads == 0 or local_workers == 0:
         return {}
-    taken = {name for env in given for name in VARIABLES if name in env}
+    given = list(given)
+    taken = {name for name in VARIABLES if any(name in env or any(f in env for f in FALLBACKS.get(name, ())) for env in given)}
     return {name: str(threads) for name in VARIABLES if name not in taken}
+
+
+def with_library_threads(
+    library_threads: int | None, local_workers: int, *, host: Mapping[str, str], env: Mapping[str, str],
+    slot_envs: Sequence[Mapping[str, str]],
+) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The pool's variables (:func:`library_thread_environment`; for the fork server's imports),
+    and each slot's ``slot_envs`` with its own variables beneath it (its ``slot_env`` counted as
+    the user's). The host's environment ``host`` counts as the user's only when
+    ``library_threads`` is ``None``."""
+    given = (env,) if library_threads is not None else (host, env)
+    pool = library_thread_environment(library_threads, local_workers, given=given)
+    slots = [{**library_thread_environment(library_threads, local_workers, given=(*given, own)), **own} for own in slot_envs]
+    return pool, slots

@@ -563,14 +563,17 @@ class LocalWorkers(_Group):
             ``BLIS_NUM_THREADS``, ``VECLIB_MAXIMUM_THREADS``, ``NUMBA_NUM_THREADS``,
             ``NUMEXPR_NUM_THREADS``). A whole number >= 1: that many; 0: none of them is set (each
             library's own default: a thread per CPU); default ``None``: ``max(1, usable CPUs //
-            size)`` (the CPUs the host may run on, ``os.sched_getaffinity``), so that ``size``
+            size)`` (the CPUs the host may run on, ``os.sched_getaffinity``, at most a
+            container's CPU quota, as loky's ``cpu_count()`` counts them), so that ``size``
             workers computing at once do not share each CPU between several threads each -- as
             joblib's loky backend (``max(cpu_count() // n_jobs, 1)``) and Dask's nanny (1) do.
             A variable that ``env`` or ``slot_env`` sets wins over it, one by one, and so does
             one the host's environment sets while ``library_threads`` is left out (a value given
-            here wins over the host's, as joblib's ``inner_max_num_threads`` does); forked and
-            spawned workers start the same threads; remote workers are not touched
-            (``TRIO_BRIDGE_LIBRARY_THREADS``).
+            here wins over the host's, as joblib's ``inner_max_num_threads`` does); a variable
+            whose library reads one the user set in its place is not set either (OpenBLAS, MKL,
+            BLIS and numexpr read ``OMP_NUM_THREADS``). Forked and spawned workers start the same
+            BLAS threads (``slot_env`` reaches other libraries the fork server loaded only as
+            they read it later); remote workers are not touched (``TRIO_BRIDGE_LIBRARY_THREADS``).
 
     Raises:
         InvalidArgumentError: a field is of the wrong type or out of range (on construction;

@@ -42,7 +42,7 @@ from trio_bridge._host._grpc_worker import Connector, GrpcWorker
 from trio_bridge._host._health import serving_health
 from trio_bridge._host._host_service import HostService
 from trio_bridge._host._janitor import Janitor
-from trio_bridge._host._library_threads import library_thread_environment
+from trio_bridge._host._library_threads import with_library_threads
 from trio_bridge._host._metrics import Metrics, PoolStatistics
 from trio_bridge._host._options import (
     DEFAULT,
@@ -634,14 +634,10 @@ async def _open_pool(
                 on_disk.append(plane.directory)
         for path in on_disk:
             janitor.watch_path(path)
-        # beneath the user's: env (and slot_env) always; the host's environment unless library_threads was given
-        given = (env or {},) if local.library_threads is not None else (os.environ, env or {})
-        threads = library_thread_environment(local.library_threads, size, given=given)
-        worker_env = {
-            **threads, **(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers))),
-        }
+        threads, slot_envs = with_library_threads(local.library_threads, size, host=os.environ, env=env or {}, slot_envs=slot_envs)
+        worker_env = {**(env or {}), **(plane.environment() if plane else {}), ALLOWED_UIDS_ENV: ",".join(map(str, sorted(peers)))}
         launching = open_launcher(
-            base_launch, requested=start_method, python=python or sys.executable, adapter=adapter, env=worker_env,
+            base_launch, requested=start_method, python=python or sys.executable, adapter=adapter, env={**threads, **worker_env},
             local_workers=size, startup_timeout=startup_timeout,
         ) if local_connector is None else contextlib.nullcontext(base_launch)  # its connectors start the workers
         connect = local_connector if local_connector is not None else partial(LocalProcess, janitor=janitor, plane=plane)
