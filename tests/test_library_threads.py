@@ -10,7 +10,7 @@ import pytest
 
 import trio_bridge
 from trio_bridge import InvalidArgumentError, LocalWorkers
-from trio_bridge._host import _library_threads
+from trio_bridge._host import _cpus, _library_threads
 from trio_bridge._host._library_threads import VARIABLES, library_thread_environment
 
 FORKED = "tests.fork_adapters:Forked"
@@ -74,9 +74,9 @@ def _cgroup(root, **files: str) -> str:
 )
 def test_a_containers_cpu_quota_bounds_the_usable_cpus(tmp_path, files, cpus):
     root = _cgroup(tmp_path, **files)
-    assert _library_threads.cgroup_cpus(root) == cpus
+    assert _cpus.cgroup_cpus(root) == cpus
     affinity = len(os.sched_getaffinity(0))
-    assert _library_threads.usable_cpus(root) == (affinity if cpus is None else min(affinity, cpus))
+    assert _cpus.usable_cpus(root) == (affinity if cpus is None else min(affinity, cpus))
 
 
 @pytest.mark.parametrize("value", [-1, True, 1.5, "2"])

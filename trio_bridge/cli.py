@@ -30,6 +30,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from trio_bridge import _cli_signals
 from trio_bridge._errors import TrioBridgeError
+from trio_bridge._host._cpus import usable_cpus
 from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
 from trio_bridge._wire.contract import KEEPALIVE
@@ -95,7 +96,7 @@ def run(
     arg: Annotated[list[str] | None, typer.Option("--arg", "-a", help="an argument as key=value (repeatable); the value is read as JSON where it parses (`3`, `true`, `[1, 2]`), else as text", show_default=False)] = None,
     args_json: Annotated[str | None, typer.Option("--args", help="arguments as one JSON object, e.g. `'{\"b\": 2}'` (`--arg` overrides its keys)", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help=f"{JSON_HELP}: the result (a streaming tool's chunks as a list, at its end); arrays as lists, bytes as base64 text, NaN and infinities as the strings `NaN`, `Infinity`, `-Infinity`")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", "-w", min=1, envvar="TRIO_BRIDGE_WORKERS", help="worker processes (default: one per core for the examples, else 1)", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-w", min=1, envvar="TRIO_BRIDGE_WORKERS", help="worker processes (default: one per usable CPU for the examples, else 1)", show_default=False)] = None,
     example: Annotated[str, typer.Option("--example", "-e", help="the built-in example to run without ADAPTER: digits, sweep, tools or cluster")] = "digits",
     host_tools: Annotated[str | None, typer.Option("--host-tools", envvar="TRIO_BRIDGE_HOST_TOOLS", help="host tools for the workers: module:function,...", show_default=False)] = None,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0.0, envvar="TRIO_BRIDGE_SHUTDOWN_TIMEOUT", help="seconds workers get to finish their calls on exit or Ctrl-C")] = 5.0,
@@ -127,7 +128,7 @@ def run(
             raise typer.BadParameter(f"{option}: give ADAPTER and TOOL (the examples print rich output only)")
         if example not in EXAMPLES:
             raise typer.BadParameter(f"--example must be one of {', '.join(EXAMPLES)}, not {example!r}")
-        main: Any = lambda: EXAMPLES[example](workers or os.cpu_count() or 1)  # noqa: E731
+        main: Any = lambda: EXAMPLES[example](workers or usable_cpus())  # noqa: E731
     else:
         _check_adapter(adapter)
         if tool is None:

@@ -26,16 +26,14 @@ settings; what a library read as the fork server loaded it, a worker's ``slot_en
 change (OpenBLAS's threads excepted). Remote workers are not touched: their own machine's
 environment applies.
 
-Usable CPUs are those the host may run on (``os.sched_getaffinity``) and, in a container, no more
-than its CPU quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``,
-rounded up), as loky's ``cpu_count()`` (``loky/backend/context.py``) counts them.
+Usable CPUs: :func:`trio_bridge._host._cpus.usable_cpus` (at most a container's CPU quota).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
+
+from trio_bridge._host._cpus import usable_cpus
 
 #: the variables that set native libraries' thread counts, as joblib lists them
 #: (``ParallelBackendBase.MAX_NUM_THREADS_VARS``): OpenMP (and MKL, BLIS on it), OpenBLAS, MKL,
@@ -52,43 +50,6 @@ FALLBACKS: dict[str, tuple[str, ...]] = {
     "OPENBLAS_NUM_THREADS": ("GOTO_NUM_THREADS", "OMP_NUM_THREADS"), "MKL_NUM_THREADS": ("OMP_NUM_THREADS",),
     "BLIS_NUM_THREADS": ("OMP_NUM_THREADS",), "NUMEXPR_NUM_THREADS": ("OMP_NUM_THREADS",),
 }
-CGROUP = "/sys/fs/cgroup"
-
-
-def usable_cpus(cgroup: str = CGROUP) -> int:
-    """The CPUs this process may use, at least 1: those it may run on (``os.sched_getaffinity``;
-    ``os.cpu_count()`` where that is missing), at most its cgroup's CPU quota
-    (:func:`cgroup_cpus`, read under ``cgroup``)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpus(cgroup)
-    return max(1, cpus if quota is None else min(cpus, quota))
-
-
-def cgroup_cpus(cgroup: str = CGROUP) -> int | None:
-    """The CPU quota of this process's cgroup in CPUs, rounded up (a container's ``--cpus``):
-    cgroup v2's ``cpu.max``, else v1's ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us``,
-    under ``cgroup``; ``None`` without one (``max``, a negative quota, no such files)."""
-    parts = _read(os.path.join(cgroup, "cpu.max")).split()
-    if len(parts) != 2:
-        parts = [_read(os.path.join(cgroup, "cpu", name)) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
-    try:
-        quota, period = int(parts[0]), int(parts[1])
-    except ValueError:  # "max": no quota
-        return None
-    return math.ceil(quota / period) if quota > 0 and period > 0 else None
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as file:
-            return file.read().strip()
-    except OSError:
-        return ""
-
-
 def threads_per_worker(library_threads: int | None, local_workers: int) -> int:
     """Threads each local worker's libraries get: ``library_threads`` where it is given (0: the
     libraries' own default, nothing set), else ``max(1, usable CPUs // local_workers)``."""

@@ -29,6 +29,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from trio_bridge._checks import positive_seconds, whole
 from trio_bridge._errors import InvalidArgumentError
+from trio_bridge._host._cpus import usable_cpus
 from trio_bridge._host._environment import choice, flag, optional_whole, read_variable
 from trio_bridge._host._forkserver import START_METHODS, StartMethod
 from trio_bridge._state.backend import StateBackend
@@ -711,8 +712,8 @@ class PoolOptions(_Group):
     remote: RemoteWorkers = _option(RemoteWorkers(), _instance(RemoteWorkers, "a trio_bridge.RemoteWorkers"))
 
     def _check_together(self) -> None:
-        if self.size is None:  # one per core, or none beside remote workers
-            object.__setattr__(self, "size", 0 if self.remote.addresses else os.cpu_count() or 1)
+        if self.size is None:  # one per usable CPU, or none beside remote workers
+            object.__setattr__(self, "size", 0 if self.remote.addresses else usable_cpus())
         if self.size < 1 and not self.remote.addresses and self.remote.listen is None:
             raise InvalidArgumentError(
                 f"size must be a whole number >= 1, not {short_repr(self.size)} (size=0, a head with no local workers, "

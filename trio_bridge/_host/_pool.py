@@ -512,8 +512,9 @@ def open_pool(
 
     Args:
         adapter: ``"package.module:ClassName"`` of an :class:`~trio_bridge.worker.Adapter`.
-        size: number of local worker processes (default: one per CPU core; none beside
-            ``remote`` workers; ``TRIO_BRIDGE_WORKERS``).
+        size: number of local worker processes (default: one per CPU the host may use: its
+            affinity, at most a container's CPU quota; none beside ``remote`` workers;
+            ``TRIO_BRIDGE_WORKERS``).
         concurrency: calls each worker serves at once (its thread pool size); a remote worker
             takes its own ``--concurrency`` (default 1; ``TRIO_BRIDGE_CONCURRENCY``).
         max_queue: calls that may wait for a free worker; beyond it, ``PoolSaturatedError``
