@@ -50,6 +50,8 @@ FALLBACKS: dict[str, tuple[str, ...]] = {
     "OPENBLAS_NUM_THREADS": ("GOTO_NUM_THREADS", "OMP_NUM_THREADS"), "MKL_NUM_THREADS": ("OMP_NUM_THREADS",),
     "BLIS_NUM_THREADS": ("OMP_NUM_THREADS",), "NUMEXPR_NUM_THREADS": ("OMP_NUM_THREADS",),
 }
+
+
 def threads_per_worker(library_threads: int | None, local_workers: int) -> int:
     """Threads each local worker's libraries get: ``library_threads`` where it is given (0: the
     libraries' own default, nothing set), else ``max(1, usable CPUs // local_workers)``."""
