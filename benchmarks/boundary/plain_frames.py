@@ -84,6 +84,19 @@ PROTOTYPES = {"plain bare": ("bare", "uvloop"), "plain service": ("service", "uv
 _PROFILE_ENV = "PLAIN_FRAMES_PROFILE"  # the worker profiles its connection's life into this file
 
 
+def _split(data: bytes) -> tuple[list[memoryview], bytes]:
+    """The bodies of the whole frames ``data`` holds, and what is left of a frame still arriving."""
+    view, pos, end = memoryview(data), 0, len(data)
+    bodies = []
+    while end - pos >= 4:
+        (size,) = _LENGTH.unpack_from(data, pos)
+        if end - pos - 4 < size:
+            break
+        bodies.append(view[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    return bodies, data[pos:]
+
+
 def _frame(message: pb.CallMessage | pb.CallResult | bytes) -> bytes:
     body = message if isinstance(message, bytes) else fast_proto.serialize(message).tobytes()
     return _LENGTH.pack(len(body)) + body
@@ -157,16 +170,10 @@ class PlainCallStream(CallStreamBase):
                 return
             if pending:
                 data, pending = pending + data, b""
-            view, pos, end = memoryview(data), 0, len(data)
-            while end - pos >= 4:
-                (size,) = _LENGTH.unpack_from(data, pos)
-                if end - pos - 4 < size:
-                    break
-                body = view[pos + 4 : pos + 4 + size]
-                pos += 4 + size
+            bodies, pending = _split(data)
+            for body in bodies:
                 result = call_messages.parse_result(body)
                 self.deliver(result if result is not None else fast_proto.parse(pb.CallResult, body.tobytes()))
-            pending = data[pos:]
 
 
 class PlainWorker:
@@ -262,17 +269,12 @@ class _Frames(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._pending:
             data, self._pending = self._pending + data, b""
-        pos, end = 0, len(data)
-        while end - pos >= 4:
-            (size,) = _LENGTH.unpack_from(data, pos)
-            if end - pos - 4 < size:
-                break
-            body = data[pos + 4 : pos + 4 + size]
-            pos += 4 + size
+        bodies, self._pending = _split(data)
+        for body in bodies:
             # as the worker's server codec: the common request by hand (within the limits), any other checked
             message = call_messages.parse_execute(body)
             if message is None:
-                message = fast_proto.parse(pb.CallMessage, body)
+                message = fast_proto.parse(pb.CallMessage, body.tobytes())
                 if (problem := request_problem(message)) is not None:
                     raise ValueError(f"a request the worker's codec refuses: {problem}")
             kind, value = betterproto2.which_one_of(message, "kind")
@@ -280,7 +282,6 @@ class _Frames(asyncio.Protocol):
                 self._running[value.call_id] = asyncio.get_running_loop().create_task(self._run(value))
             elif kind == "cancel" and isinstance(value, str) and (task := self._running.get(value)) is not None:
                 task.cancel()
-        self._pending = data[pos:]
 
     async def _run(self, request: pb.ExecuteToolRequest) -> None:
         try:
