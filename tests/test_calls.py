@@ -261,3 +261,19 @@ async def test_thread_workers_end_with_their_pool_and_one_that_fails_to_start_sa
             pass
     assert info.value.exit_code == 4  # EXIT_ADAPTER_SETUP
     assert worker_threads() == []
+
+
+async def test_a_sync_tool_that_outlives_its_closed_worker_thread_ends_quietly(caplog):
+    """A worker in a thread stops without waiting for a sync tool still running (a thread cannot
+    be killed); when the tool returns, freeing its slot on the closed loop is a no-op, not an
+    "exception calling callback" traceback."""
+    lifecycle = Lifecycle(shutdown_timeout=0.1)
+    async with open_pool_in_threads(ECHO, size=1, lifecycle=lifecycle) as pool:
+        with trio.move_on_after(0.3):
+            await pool.execute("sleep", {"seconds": 1.0})
+    tool_threads = [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor") or "tool" in t.name]
+    with trio.fail_after(10):
+        while any(t.is_alive() for t in tool_threads):
+            await trio.sleep(0.05)
+    assert "exception calling callback" not in caplog.text
+    assert "Event loop is closed" not in caplog.text

@@ -175,7 +175,10 @@ class WorkerService(pb.WorkerServiceBase):
             self._idle.set()
 
     def _release_threadsafe(self, call_id: str) -> None:
-        self._loop.call_soon_threadsafe(self._release, call_id)
+        """From a tool's thread: free the call's slot on the loop (nothing to free once the loop
+        has closed: the server is gone; a sync tool may outlive it in a worker run in a thread)."""
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+            self._loop.call_soon_threadsafe(self._release, call_id)
 
     def _watch_deadline(self, ctx: SessionContext) -> asyncio.TimerHandle | None:
         remaining = ctx.time_remaining()
