@@ -18,6 +18,7 @@ import trio
 import trio_bridge
 from tests.helpers import wait_for
 from trio_bridge import InvalidArgumentError, Lifecycle, LocalWorkers, WorkerCrashedError, WorkerStartError
+from trio_bridge._host._cpus import usable_cpus
 
 FORKED = "tests.fork_adapters:Forked"
 THREADED = "tests.threaded_adapter:Threaded"
@@ -128,11 +129,11 @@ async def test_an_adapter_importing_numpy_forks_and_its_workers_get_the_blas_thr
         monkeypatch.delenv(name, raising=False)
     if host_env is not None:
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", host_env)
-    cpus = len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0))  # OpenBLAS's own cap
     users = (env or {}).get("OPENBLAS_NUM_THREADS") or host_env
     omp = (env or {}).get("OMP_NUM_THREADS")
-    variable = users or (None if omp else str(max(1, cpus // 2)))  # the user's, else the pool's unless OMP's stands in
-    wanted = variable or omp
+    variable = users or omp or str(max(1, usable_cpus() // 2))  # the user's, else what it reads in its place, else the pool's
+    wanted = variable
     answers = {}
     for method in ("forkserver", "spawn"):
         local = LocalWorkers(env=env, start_method=method)  # type: ignore[arg-type]

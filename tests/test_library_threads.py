@@ -15,7 +15,8 @@ from trio_bridge._host._library_threads import VARIABLES, library_thread_environ
 
 FORKED = "tests.fork_adapters:Forked"
 NUMPY_FORKED = "tests.numpy_fork_adapter:NumpyForked"
-CPUS = len(os.sched_getaffinity(0))
+CPUS = _cpus.usable_cpus()  # the pool's (affinity, at most a CPU quota)
+AFFINITY = len(os.sched_getaffinity(0))  # OpenBLAS's own cap
 METHODS = ["forkserver", "spawn"]
 
 
@@ -41,15 +42,36 @@ def test_each_worker_gets_the_pools_share_of_the_cpus_unless_the_user_set_the_va
     assert chosen == {name: "2" for name in VARIABLES if name not in ("NUMBA_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def test_a_variable_the_users_variable_stands_in_for_is_not_set(monkeypatch):
+def test_a_variable_the_users_variable_stands_in_for_gets_the_users_value(monkeypatch):
     """OpenBLAS, MKL, BLIS and numexpr read OMP_NUM_THREADS when their own variable is not set
-    (OpenBLAS GOTO_NUM_THREADS first): the user's OMP_NUM_THREADS=1 gives them one thread."""
+    (OpenBLAS GOTO_NUM_THREADS first): the user's OMP_NUM_THREADS=1 gives them one thread, and
+    sets their own variable to it, so that no other value of the host's comes first."""
     monkeypatch.setattr(_library_threads, "usable_cpus", lambda: 8)
+    stands_in = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
     assert library_thread_environment(None, 2, given=({"OMP_NUM_THREADS": "1"},)) == {
-        "VECLIB_MAXIMUM_THREADS": "4", "NUMBA_NUM_THREADS": "4",
+        **dict.fromkeys(stands_in, "1"), "VECLIB_MAXIMUM_THREADS": "4", "NUMBA_NUM_THREADS": "4",
     }
-    chosen = library_thread_environment(None, 2, given=({"GOTO_NUM_THREADS": "1"},))
-    assert chosen == {name: "4" for name in VARIABLES if name != "OPENBLAS_NUM_THREADS"}
+    chosen = library_thread_environment(None, 2, given=({"GOTO_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"},))
+    assert chosen["OPENBLAS_NUM_THREADS"] == "3"  # OpenBLAS reads GOTO_NUM_THREADS before OMP_NUM_THREADS
+    # applied in order: the slot's over the pool's env; an empty value is unset, as the libraries read it
+    chosen = library_thread_environment(5, 2, given=({"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": ""}))
+    assert chosen == {**dict.fromkeys(stands_in, "2"), "VECLIB_MAXIMUM_THREADS": "5", "NUMBA_NUM_THREADS": "5"}
+
+
+def test_an_explicit_library_threads_and_the_users_omp_come_before_the_hosts_values(monkeypatch):
+    """library_threads given: the host's OPENBLAS_NUM_THREADS does not count as the user's, so a
+    worker's OpenBLAS reads the env's OMP_NUM_THREADS value, not the host's."""
+    from trio_bridge.worker._threads import wanted_threads
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "16")
+    monkeypatch.setenv("MKL_NUM_THREADS", "16")
+    env = {"OMP_NUM_THREADS": "1"}
+    _, (slot,) = _library_threads.with_library_threads(2, 2, host=os.environ, env=env, slot_envs=[{}])
+    worker = {**os.environ, **env, **slot}  # as WorkerSpec.command merges them
+    assert worker["OPENBLAS_NUM_THREADS"] == worker["MKL_NUM_THREADS"] == "1"
+    assert wanted_threads(worker, 64) == 1
+    _, (slot,) = _library_threads.with_library_threads(2, 2, host=os.environ, env={}, slot_envs=[{}])
+    assert {**os.environ, **slot}["OPENBLAS_NUM_THREADS"] == "2"  # the explicit value over the host's
 
 
 def _cgroup(root, **files: str) -> str:
@@ -116,7 +138,7 @@ async def test_a_slots_omp_num_threads_stands_for_the_libraries_that_read_it(met
     local = LocalWorkers(start_method=method, library_threads=2, slot_env=lambda slot: {"OMP_NUM_THREADS": "1"})
     async with trio_bridge.open_pool(FORKED, size=1, local=local) as pool:
         stands_in = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, "2"), **dict.fromkeys(stands_in), "OMP_NUM_THREADS": "1"}
+        assert await _variables(pool) == {**dict.fromkeys(VARIABLES, "2"), **dict.fromkeys(stands_in, "1"), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.real_process
@@ -149,5 +171,5 @@ async def test_a_forked_worker_with_numpy_preloaded_starts_the_blas_threads_of_a
         async with trio_bridge.open_pool(NUMPY_FORKED, size=size, local=local) as pool:
             assert pool.start_method == method
             answers[method] = [await pool.execute("blas_threads") for _ in range(size)]
-    expected = CPUS if library_threads == 0 else max(1, CPUS // size)  # 0: OpenBLAS's own default, one per CPU
+    expected = AFFINITY if library_threads == 0 else min(AFFINITY, max(1, CPUS // size))  # 0: OpenBLAS's own default, one per CPU
     assert answers["forkserver"] == answers["spawn"] == [[expected]] * size

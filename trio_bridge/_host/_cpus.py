@@ -29,9 +29,11 @@ def usable_cpus(cgroup: str = CGROUP) -> int:
 
 
 def cgroup_cpus(cgroup: str = CGROUP) -> int | None:
-    """The CPU quota of this process's cgroup in CPUs, rounded up (a container's ``--cpus``):
-    cgroup v2's ``cpu.max``, else v1's ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us``,
-    under ``cgroup``; ``None`` without one (``max``, a negative quota, no such files)."""
+    """The CPU quota in CPUs, rounded up (a container's ``--cpus``), of the cgroup mounted at
+    ``cgroup``: v2's ``cpu.max``, else v1's ``cpu/cpu.cfs_quota_us`` over ``cpu/cpu.cfs_period_us``;
+    ``None`` without one (``max``, a negative quota, no such files, anything else). That is the
+    container's own cgroup where it has a cgroup namespace (Docker's and Kubernetes' default),
+    as loky assumes; a quota set on a cgroup above the mount (systemd's ``CPUQuota``) is not seen."""
     parts = _read(os.path.join(cgroup, "cpu.max")).split()
     if len(parts) != 2:
         parts = [_read(os.path.join(cgroup, "cpu", name)) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
@@ -46,5 +48,5 @@ def _read(path: str) -> str:
     try:
         with open(path) as file:
             return file.read().strip()
-    except OSError:
+    except (OSError, ValueError):  # none, or not text
         return ""

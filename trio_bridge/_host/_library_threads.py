@@ -15,9 +15,9 @@ read as they load (:data:`VARIABLES`), unless the user set them.
 The user's value wins, variable by variable: a variable of :data:`VARIABLES` set in
 ``LocalWorkers(env=...)`` or in a slot's ``slot_env`` is left as it is, and so is one the host's
 environment sets, unless ``library_threads`` was given (the explicit value wins over the ambient
-one, as joblib's explicit ``inner_max_num_threads`` does). So is a variable whose library falls
-back on one the user set (:data:`FALLBACKS`): ``OMP_NUM_THREADS=1`` alone still gives OpenBLAS,
-MKL, BLIS and numexpr one thread. A spawned worker reads them as it starts; a forked one has them
+one, as joblib's explicit ``inner_max_num_threads`` does). A variable whose library would read
+one the user set in its place (:data:`FALLBACKS`) gets that value: ``OMP_NUM_THREADS=1`` alone
+still gives OpenBLAS, MKL, BLIS and numexpr one thread. A spawned worker reads them as it starts; a forked one has them
 in its ``os.environ`` before its adapter's ``setup()``, and its OpenBLAS (held at one thread while
 the fork server imported) is set from them after the fork (:mod:`trio_bridge.worker._threads`).
 The fork server imports with the pool's values (a slot's ``slot_env`` is not in it), so that a
@@ -63,17 +63,26 @@ def threads_per_worker(library_threads: int | None, local_workers: int) -> int:
 def library_thread_environment(
     library_threads: int | None, local_workers: int, *, given: Iterable[Mapping[str, str]],
 ) -> dict[str, str]:
-    """The variables of :data:`VARIABLES` that the local workers get, each set to
-    :func:`threads_per_worker`, except those that a mapping of ``given`` sets (the host's
-    environment, the pool's ``env``, a slot's ``slot_env``), and those whose library falls back on
-    one it sets (:data:`FALLBACKS`): the user's value wins. ``{}`` for ``library_threads=0`` or a
-    pool without local workers."""
+    """The variables of :data:`VARIABLES` that the local workers get: none that the user's
+    mappings ``given`` set (the host's environment, the pool's ``env``, a slot's ``slot_env``, in
+    the order they apply); one whose library would read a variable the user set in its place
+    (:data:`FALLBACKS`) set to that value, so that no other value of the host's environment
+    comes first; every other one set to :func:`threads_per_worker`. An empty value counts as
+    unset, as the libraries read it. ``{}`` for ``library_threads=0`` or a pool without local
+    workers."""
     threads = threads_per_worker(library_threads, local_workers)
     if threads == 0 or local_workers == 0:
         return {}
-    given = list(given)
-    taken = {name for name in VARIABLES if any(name in env or any(f in env for f in FALLBACKS.get(name, ())) for env in given)}
-    return {name: str(threads) for name in VARIABLES if name not in taken}
+    users: dict[str, str] = {}
+    for env in given:
+        users.update(env)
+    chosen: dict[str, str] = {}
+    for name in VARIABLES:
+        if users.get(name):
+            continue  # the user's own
+        stand_in = next((users[other] for other in FALLBACKS.get(name, ()) if users.get(other)), None)
+        chosen[name] = stand_in if stand_in is not None else str(threads)
+    return chosen
 
 
 def with_library_threads(

@@ -571,9 +571,9 @@ class LocalWorkers(_Group):
             A variable that ``env`` or ``slot_env`` sets wins over it, one by one, and so does
             one the host's environment sets while ``library_threads`` is left out (a value given
             here wins over the host's, as joblib's ``inner_max_num_threads`` does); a variable
-            whose library reads one the user set in its place is not set either (OpenBLAS, MKL,
+            whose library reads one the user set in its place gets that value (OpenBLAS, MKL,
             BLIS and numexpr read ``OMP_NUM_THREADS``). Forked and spawned workers start the same
-            BLAS threads (``slot_env`` reaches other libraries the fork server loaded only as
+            OpenBLAS threads (``slot_env`` reaches other libraries the fork server loaded only as
             they read it later); remote workers are not touched (``TRIO_BRIDGE_LIBRARY_THREADS``).
 
     Raises:
