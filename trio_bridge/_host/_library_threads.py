@@ -17,9 +17,10 @@ The user's value wins, variable by variable: a variable of :data:`VARIABLES` set
 environment sets, unless ``library_threads`` was given (the explicit value wins over the ambient
 one, as joblib's explicit ``inner_max_num_threads`` does). A variable whose library would read
 one the user set in its place (:data:`FALLBACKS`) gets that value: ``OMP_NUM_THREADS=1`` alone
-still gives OpenBLAS, MKL, BLIS and numexpr one thread. A spawned worker reads them as it starts; a forked one has them
-in its ``os.environ`` before its adapter's ``setup()``, and its OpenBLAS (held at one thread while
-the fork server imported) is set from them after the fork (:mod:`trio_bridge.worker._threads`).
+still gives OpenBLAS, MKL, BLIS and numexpr one thread. A spawned worker reads them as it
+starts; a forked one has them in its ``os.environ`` before its adapter's ``setup()``, and its
+OpenBLAS (held at one thread while the fork server imported) is set from them after the fork
+(:mod:`trio_bridge.worker._threads`).
 The fork server imports with the pool's values (a slot's ``slot_env`` is not in it), so that a
 library it loads (an OpenMP runtime reads ``OMP_NUM_THREADS`` as it loads) has a spawned worker's
 settings; what a library read as the fork server loaded it, a worker's ``slot_env`` does not
