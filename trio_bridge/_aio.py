@@ -243,7 +243,7 @@ class Boundary:
             info = info_of(exc) if isinstance(exc, grpclib.exceptions.GRPCError) else None
             if info is not None:
                 raise CallFailed(info) from None
-            raise TransportError(_describe(exc)) from exc
+            raise TransportError(describe(exc)) from exc
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)`` in the loop's thread (to make or change asyncio objects there).
@@ -650,7 +650,7 @@ class CallStream(CallStreamBase):
             self.fail(f"the worker refused the call stream: {exc.info.message}")
         except Exception as exc:  # e.g. a reply that does not parse: the peer's fault or ours, never the caller's
             _logger.warning("a call stream failed", exc_info=True)
-            self.fail(f"the call stream failed: {_describe(exc)}")
+            self.fail(f"the call stream failed: {describe(exc)}")
         finally:
             self.fail("the call stream ended")
             opened.set()
@@ -717,7 +717,8 @@ def _close(coro: Awaitable[Any]) -> None:
         close()  # no "coroutine was never awaited" warning
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """``exc`` in a few words for an error message: its type and text (a gRPC status by name)."""
     if isinstance(exc, grpclib.exceptions.GRPCError):
         return f"gRPC {exc.status.name}: {exc.message}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -140,6 +140,12 @@ def run(
     _run_pool_command(main, verbose=verbose)
 
 
+def _print_error(text: str) -> None:
+    """``error: text`` on stderr, ``text`` escaped: an error may hold brackets, such as
+    ``pip install 'trio-bridge[mcp]'``, which rich would read as markup."""
+    _err_console.print(f"[red]error[/]: {escape(text)}", markup=True, highlight=False)
+
+
 def _check_adapter(adapter: str) -> None:
     """Exit with status 2 and one line if ``adapter`` is not a path whose module can be found
     (its module is not run here: the workers import it)."""
@@ -149,7 +155,7 @@ def _check_adapter(adapter: str) -> None:
     try:
         check_adapter_path(adapter)
     except AdapterLoadError as exc:
-        _err_console.print(f"[red]error[/]: {escape(str(exc))}", markup=True, highlight=False)
+        _print_error(str(exc))
         raise typer.Exit(2) from None
 
 
@@ -182,9 +188,7 @@ def _run_pool_command(main: Any, *, verbose: bool = True) -> None:
             received.append(signal.SIGINT)
         except TrioBridgeError as exc:
             if not received:
-                # (escaped: an error's text may hold brackets, such as "pip install 'trio-bridge[mcp]'")
-                message = f"{type(exc).__name__}: {exc if verbose else _brief(exc)}"
-                _err_console.print(f"[red]error[/]: {escape(message)}", markup=True, highlight=False)
+                _print_error(f"{type(exc).__name__}: {exc if verbose else _brief(exc)}")
                 raise typer.Exit(1) from None
         if received:
             interrupted = received[0] == signal.SIGINT
@@ -317,7 +321,7 @@ def tools(
     try:
         cls = load_adapter_class(adapter)
     except AdapterLoadError as exc:
-        _err_console.print(f"[red]error[/]: {escape(str(exc))}", markup=True, highlight=False)
+        _print_error(str(exc))
         raise typer.Exit(1) from None
     infos = [tool_info(tool_spec(d)) for d in sorted(collect_tools(cls()).values(), key=lambda d: d.name)]
     if as_json:
@@ -390,7 +394,7 @@ def mcp(
     try:
         from trio_bridge.mcp import serve_stdio
     except ImportError as exc:
-        _err_console.print(f"[red]error[/]: {escape(str(exc))}", highlight=False)
+        _print_error(str(exc))
         raise typer.Exit(1) from None
     _import_from_cwd()
     functions = _load_host_tools(",".join(host_tools or []))

@@ -34,7 +34,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from trio_bridge._aio import CallStreamBase, TransportError
+from trio_bridge._aio import CallStreamBase, TransportError, describe
 from trio_bridge._version import __version__
 from trio_bridge._wire import call_messages, fast_proto, overrides
 from trio_bridge._wire.auth import SECRET_METADATA
@@ -117,6 +117,7 @@ class H2CallStream(CallStreamBase):
     ) -> None:
         super().__init__(on_draining)
         self._address = address
+        self._where = parse_address(address)  # (scheme, host or path, port)
         self._secret = secret
         self._stream: trio.SocketStream | None = None
         self._h2: h2.connection.H2Connection | None = None
@@ -151,7 +152,7 @@ class H2CallStream(CallStreamBase):
                 self._open()
                 await self._stream.send_all(self._h2.data_to_send() if self._h2 is not None else b"")
             except _CONNECTION_ERRORS as exc:
-                raise TransportError(f"cannot open the call stream: {_describe(exc)}") from None
+                raise TransportError(f"cannot open the call stream: {describe(exc)}") from None
             task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_failed, self._write_loop, nursery.cancel_scope)
@@ -171,15 +172,15 @@ class H2CallStream(CallStreamBase):
         try:
             await loop()
         except _CONNECTION_ERRORS as exc:
-            self.fail(f"the call stream's connection failed: {_describe(exc)}")
+            self.fail(f"the call stream's connection failed: {describe(exc)}")
         except Exception as exc:  # e.g. a reply that does not parse: the peer's fault or ours, never the caller's
             _logger.warning("the call stream to %s failed", self._address, exc_info=True)
-            self.fail(f"the call stream failed: {_describe(exc)}")
+            self.fail(f"the call stream failed: {describe(exc)}")
         finally:
             scope.cancel()
 
     async def _connect(self) -> trio.SocketStream:
-        scheme, where, port = parse_address(self._address)
+        scheme, where, port = self._where
         if scheme != "unix":
             return await trio.open_tcp_stream(where, port)  # (TCP_NODELAY on)
         stream = await trio.open_unix_socket(where)
@@ -205,7 +206,7 @@ class H2CallStream(CallStreamBase):
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW, h2.settings.SettingCodes.MAX_FRAME_SIZE: _FRAME_SIZE,
         })
         conn.increment_flow_control_window(_WINDOW - conn.local_settings.initial_window_size)
-        scheme, where, port = parse_address(self._address)
+        scheme, where, port = self._where
         authority = "localhost" if scheme == "unix" else f"{where}:{port}"
         self._stream_id = conn.get_next_available_stream_id()
         conn.send_headers(self._stream_id, [
@@ -240,7 +241,7 @@ class H2CallStream(CallStreamBase):
             self._queued += _PREFIX.size + size
             self._flush()
         except h2.exceptions.ProtocolError as exc:
-            self.fail(f"the call stream failed: {_describe(exc)}")
+            self.fail(f"the call stream failed: {describe(exc)}")
 
     def _send_small(self, size: int, body: list[Any]) -> bool:
         """The common case of :meth:`_send`: a small message (``size`` bytes in the pieces
@@ -310,7 +311,7 @@ class H2CallStream(CallStreamBase):
         self._out.clear()
         self._outbox.clear()
         self._queued = 0
-        self.fail(f"the call stream's connection failed: {_describe(exc)}")
+        self.fail(f"the call stream's connection failed: {describe(exc)}")
         with contextlib.suppress(OSError):
             raw.shutdown(socket.SHUT_RDWR)
 
@@ -508,8 +509,4 @@ def _consume(out: collections.deque[bytes | memoryview], sent: int) -> None:
         else:
             out[0] = memoryview(first)[sent:]
             sent = 0
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 

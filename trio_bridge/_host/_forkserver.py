@@ -62,7 +62,8 @@ What differs: the worker's environment is applied when it starts, so a variable 
 interpreter reads at start-up (``PYTHONHASHSEED``, ``PYTHONMALLOC``...) or that the adapter's
 module reads at import time is the pool's, not the worker's (and the workers share the fork
 server's ``str`` hash seed; ``OPENBLAS_NUM_THREADS`` reads ``"1"`` during that import, whatever
-the environment says, and the worker's own value applies after the fork); modules imported by the adapter's module are shared copy-on-write.
+the environment says, and the worker's own value applies after the fork); modules imported by
+the adapter's module are shared copy-on-write.
 Random state is not shared: Python reseeds ``random`` after ``fork()``, and each worker reseeds
 numpy's legacy global ``RandomState`` from the OS (other libraries that keep a random state
 without reseeding after ``fork()`` would start with the same state in every worker).

@@ -4,8 +4,9 @@ A 100 MB array sent in-band to a worker and returned lands in fresh memory four 
 host's snapshot of the argument (the codec's), the worker's buffer for the request, the
 worker's snapshot of the result, the host's buffer for the reply; and the kernel zeroes every
 fresh page on first touch, as much CPU as copying it (perf: ``clear_page_erms`` was ~20 % of
-each side's CPU time for a 100 MB round trip over TCP to a remote worker, more over TLS). :func:`empty` hands out such buffers from a few kept ones
-(numpy's memory: huge pages) whenever one is free, and new ones otherwise.
+each side's CPU time for a 100 MB round trip over TCP to a remote worker, more over TLS).
+:func:`empty` hands out such buffers from a few kept ones (numpy's memory: huge pages) whenever
+one is free, and new ones otherwise.
 
 Free means that nothing but this module refers to the buffer: everything made of one (the
 ``empty`` result, a slice, a memoryview, an array over a memoryview, a numpy view) holds a
@@ -20,8 +21,8 @@ first; buffers still in use are forgotten, not freed, when more is needed); a fr
 unused for :data:`IDLE_S` seconds is released at the next :func:`empty` or :func:`trim_idle`:
 a worker's asyncio loop that received a big message calls it by a timer, and the host's pool
 (whose call streams run in Trio's thread, without an asyncio loop) every ``IDLE_S / 2``
-seconds; the last pool of the process to close lets go of all of them (:func:`pool_closed`). :data:`KEEP_ENV` sets the
-first (bytes; ``0``: keep none).
+seconds; the last pool of the process to close lets go of all of them (:func:`pool_closed`).
+:data:`KEEP_ENV` sets the first (bytes; ``0``: keep none).
 """
 
 from __future__ import annotations

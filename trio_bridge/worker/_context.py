@@ -114,9 +114,10 @@ class SessionContext(metaclass=NoPublicConstructor):
         result into it (``numpy.add(a, 1, out=out)``) and return it, or a contiguous view of it.
 
         Returning it makes it read-only for good (later writes raise ``ValueError: assignment
-        destination is read-only``, and so does ``out.flags.writeable = True``), so the caller's result never changes after the call; an
-        array of which another view is alive when it is returned is copied instead (a raw
-        pointer or ``memoryview`` over it is not such a view: do not write through one later).
+        destination is read-only``, and so does ``out.flags.writeable = True``), so the caller's
+        result never changes after the call; an array of which another view is alive when it
+        is returned is copied instead (a raw pointer or ``memoryview`` over it is not such a
+        view: do not write through one later).
 
         Args:
             shape: an int or a sequence of ints >= 0 (elements).

@@ -5,13 +5,14 @@ OpenBLAS (numpy's and scipy's BLAS in their wheels) starts its thread pool when 
 fork server with those threads cannot fork safely (:mod:`trio_bridge.worker._forkserver`). So
 the fork server sets ``OPENBLAS_NUM_THREADS`` to ``"1"`` before it imports anything
 (:func:`hold_at_one`), whatever its environment (the host's, and the pool's ``env``) said: each
-OpenBLAS its imports load starts no thread. Each forked worker then sets every such OpenBLAS's threads, with threadpoolctl's public
-API (:class:`ThreadPools`), to what OpenBLAS would have taken from the worker's own environment
-had the worker been spawned (:func:`wanted_threads`): ``OPENBLAS_NUM_THREADS``, else
-``GOTO_NUM_THREADS``, else ``OMP_NUM_THREADS``, else -- and at most -- the CPUs the worker may
-run on (``os.sched_getaffinity``). A worker's environment holds ``OPENBLAS_NUM_THREADS`` unless
-the pool was told otherwise: the pool's share of the CPUs, ``max(1, CPUs // size)``, or the
-user's value (``LocalWorkers(library_threads=...)``, :mod:`trio_bridge._host._library_threads`);
+OpenBLAS its imports load starts no thread. Each forked worker then sets every such OpenBLAS's
+threads, with threadpoolctl's public API (:class:`ThreadPools`), to what OpenBLAS would have
+taken from the worker's own environment had the worker been spawned (:func:`wanted_threads`):
+``OPENBLAS_NUM_THREADS``, else ``GOTO_NUM_THREADS``, else ``OMP_NUM_THREADS``, else -- and at
+most -- the CPUs the worker may run on (``os.sched_getaffinity``). The pool puts
+``OPENBLAS_NUM_THREADS`` in a worker's environment unless the user set it or
+``library_threads=0`` (:mod:`trio_bridge._host._library_threads`: the pool's share of the CPUs,
+``LocalWorkers(library_threads=...)``, or the value of a variable OpenBLAS reads in its place);
 forked and spawned workers read the same one.
 
 Nothing else is held. An OpenMP runtime (and MKL or BLIS on it) starts no thread before its first
