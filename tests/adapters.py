@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 
@@ -12,6 +13,21 @@ from trio_bridge.worker import Adapter, SessionContext, tool
 
 class Unencodable:
     pass
+
+
+class LibraryStop(BaseException):
+    """A library's own ``BaseException`` (as pytest's ``Failed`` and ``Skipped`` are)."""
+
+
+#: what the ``raise_*`` tools raise, by name
+RAISED = {
+    "StopIteration": lambda: StopIteration("stop"),
+    "GeneratorExit": lambda: GeneratorExit("exit"),
+    "BaseException": lambda: BaseException("base"),
+    "LibraryStop": lambda: LibraryStop("library"),
+    "CancelledError": lambda: asyncio.CancelledError("not a cancel of the call"),
+    "BaseExceptionGroup": lambda: BaseExceptionGroup("group", [BaseException("in a group")]),
+}
 
 
 class Echo(Adapter):
@@ -118,6 +134,42 @@ class Echo(Adapter):
         raise RuntimeError(f"broke after {n}")
 
     @tool
+    async def async_fail_midway(self, n: int):
+        for i in range(n):
+            yield i
+        raise RuntimeError(f"broke after {n}")
+
+    @tool
+    def raise_sync(self, name: str) -> None:
+        raise RAISED[name]()
+
+    @tool(inline=True)
+    def raise_inline(self, name: str) -> None:
+        raise RAISED[name]()
+
+    @tool
+    async def raise_async(self, name: str) -> None:
+        raise RAISED[name]()
+
+    @tool
+    def raise_generator(self, name: str):
+        yield 1
+        raise RAISED[name]()
+
+    @tool
+    async def raise_async_generator(self, name: str):
+        yield 1
+        raise RAISED[name]()
+
+    @tool
+    def call_host_tool(self, ctx: SessionContext, name: str) -> object:
+        return ctx.call_host_tool(name)
+
+    @tool
+    def stream_host_tool(self, ctx: SessionContext, name: str) -> list:
+        return list(ctx.stream_host_tool(name))
+
+    @tool
     def where(self, x: int) -> dict:
         """Where a sync tool runs: ``x``, the thread's name, and whether it is the worker's loop's."""
         return _where(x)
@@ -139,6 +191,14 @@ class Echo(Adapter):
     @tool
     def exit_now(self, code: int) -> None:
         os._exit(code)
+
+    @tool
+    def sys_exit(self, code: int) -> None:
+        sys.exit(code)
+
+    @tool
+    async def async_sys_exit(self, code: int) -> None:
+        sys.exit(code)
 
     @tool
     def hold_gil(self, seconds: float) -> int:
@@ -182,6 +242,11 @@ class SlowSetup(Adapter):
 class BrokenSetup(Adapter):
     def setup(self) -> None:
         raise RuntimeError("the model file is missing")
+
+
+class StopInSetup(Adapter):
+    def setup(self) -> None:
+        next(iter(()))  # a StopIteration: setup's failure
 
 
 class Pid(Adapter):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import trio
 
+from tests.adapters import RAISED, LibraryStop
 from tests.helpers import marks, wait_for
 from trio_bridge import (
     EncodeError,
@@ -79,6 +80,78 @@ async def test_stream_error_arrives_after_the_chunks_before_it():
                 async for chunk in chunks:
                     got.append(chunk)
         assert got == [0, 1, 2, 3, 4]
+
+
+async def test_an_async_generators_error_right_after_its_chunks_still_ends_the_stream():
+    # its chunks and its end come in one batch: the error is raised by the next one (this hung)
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        for n in (1, 5, 300):
+            got = []
+            with trio.fail_after(10), pytest.raises(ToolError, match=f"broke after {n}"):
+                async with pool.stream("async_fail_midway", {"n": n}) as chunks:
+                    async for chunk in chunks:
+                        got.append(chunk)
+            assert got == list(range(n))
+
+
+#: tools of each kind that raise RAISED[name]: whether each streams
+_RAISING_TOOLS = {
+    "raise_sync": False, "raise_inline": False, "raise_async": False, "raise_generator": True,
+    "raise_async_generator": True,
+}
+
+
+async def _raised_by(pool, tool: str, name: str) -> ToolError:
+    with trio.fail_after(10), pytest.raises(ToolError) as raised:
+        if _RAISING_TOOLS[tool]:
+            async with pool.stream(tool, {"name": name}) as chunks:
+                async for chunk in chunks:
+                    assert chunk == 1
+        else:
+            await pool.execute(tool, {"name": name})
+    return raised.value
+
+
+async def test_a_tool_raising_any_exception_fails_only_its_call_in_every_kind_of_tool():
+    """StopIteration, GeneratorExit, a bare or a library's own BaseException, a CancelledError
+    that is no cancel of the call and exception groups fail the call with a ToolError naming
+    them, as an Exception does (they hung the call: a sync tool's StopIteration cannot cross
+    asyncio.wrap_future, the rest escaped `except Exception`). The worker serves on, its slot free."""
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        for tool in _RAISING_TOOLS:
+            for name in RAISED:
+                error = await _raised_by(pool, tool, name)
+                # Python itself turns a StopIteration leaving a coroutine or a generator into a RuntimeError
+                converted = name == "StopIteration" and tool not in ("raise_sync", "raise_inline")
+                assert error.remote_type == ("RuntimeError" if converted else name), (tool, name, error)
+        assert await pool.execute("add", {"a": 1}) == 3
+        assert pool.statistics().restarts == 0
+        assert [w.in_flight for w in pool.workers()] == [0]
+
+
+async def test_a_host_tool_raising_any_exception_fails_only_the_call_of_it():
+    """The same for host tools: a BaseException there failed the whole pool (PoolInternalError)."""
+    def host_raise() -> None:
+        raise LibraryStop("library")
+
+    async def async_host_raise() -> None:
+        raise GeneratorExit("exit")
+
+    def host_stream_raise():
+        yield 1
+        raise BaseException("base")
+
+    async with open_pool_in_threads(ECHO, size=1) as pool:
+        for function in (host_raise, async_host_raise, host_stream_raise):
+            pool.host_tool(function)
+        for tool, host_tool, name in [
+            ("call_host_tool", "host_raise", "LibraryStop"), ("call_host_tool", "async_host_raise", "GeneratorExit"),
+            ("stream_host_tool", "host_stream_raise", "BaseException"),
+        ]:
+            with trio.fail_after(10), pytest.raises(ToolError) as raised:
+                await pool.execute(tool, {"name": host_tool})
+            assert raised.value.remote_type == name, raised.value
+        assert await pool.execute("add", {"a": 1}) == 3
 
 
 async def test_a_chunk_the_codec_refuses_ends_the_stream_after_the_chunks_before_it_naming_it():

@@ -90,6 +90,26 @@ async def test_worker_exit_code_and_stderr_tail_are_reported():
         assert await pool.execute("add", {"a": 1}) == 3
 
 
+async def test_a_tool_raising_system_exit_ends_its_worker_as_it_ends_any_program_and_others_do_not():
+    async with trio_bridge.open_pool(ECHO, size=1, lifecycle=Lifecycle(restart_backoff=(0.05, 0.5))) as pool:
+        pid = await pool.execute("pid")
+        with trio.fail_after(20), pytest.raises(trio_bridge.ToolError, match="raised StopIteration"):
+            await pool.execute("raise_sync", {"name": "StopIteration"})  # (it hung: see test_calls.py)
+        assert await pool.execute("pid") == pid
+        for tool, code in (("sys_exit", 3), ("async_sys_exit", 4)):
+            with pytest.raises(WorkerCrashedError) as info:
+                await pool.execute(tool, {"code": code})
+            assert info.value.exit_code == code
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_setup_raising_stop_iteration_fails_open_pool_at_once():
+    # it crossed asyncio.wrap_future as a TypeError, and the worker waited for its startup timeout
+    with trio.fail_after(20), pytest.raises(WorkerStartError, match="StopIteration"):
+        async with trio_bridge.open_pool("tests.adapters:StopInSetup", size=1, lifecycle=Lifecycle(startup_timeout=60)):
+            pass
+
+
 async def test_worker_failing_its_health_check_is_recycled():
     async with trio_bridge.open_pool(ECHO, size=1, lifecycle=Lifecycle(health_check_interval=0.3, restart_backoff=(0.05, 0.5))) as pool:
         pid = await pool.execute("pid")

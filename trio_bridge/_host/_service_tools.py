@@ -17,6 +17,7 @@ import grpclib.server
 import trio
 
 from trio_bridge import _tracing as tracing
+from trio_bridge._core.tools import is_failure
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._host._metrics import UNKNOWN_TOOL
 from trio_bridge._host._service_area import ServiceArea, StreamHandler
@@ -108,7 +109,9 @@ class ToolService(ServiceArea):
             with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:
                 try:
                     result = await run_host_tool(tool, arguments)
-                except Exception as exc:
+                except BaseException as exc:
+                    if not is_failure(exc, (trio.Cancelled,)):
+                        raise
                     outcome = "failed"
                     return pb.ExecuteToolResponse(error=error_info(exc, kind=TOOL_ERROR))
                 reply = self._result(result)
@@ -167,7 +170,9 @@ class ToolService(ServiceArea):
                 try:
                     async for chunk in iterate_host_tool(tool, arguments):
                         await chunks_in.send(chunk)
-                except Exception as exc:
+                except BaseException as exc:
+                    if not is_failure(exc, (trio.Cancelled,)):
+                        raise
                     failure.append(error_info(exc, kind=TOOL_ERROR))
 
         with self._calls.parked(m.call_id), trio.move_on_after(_timeout(m)) as deadline:

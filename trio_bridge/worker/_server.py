@@ -34,7 +34,7 @@ from grpclib.exceptions import GRPCError
 
 from trio_bridge import _tracing as tracing
 from trio_bridge._core.admission import Draining, admit_call
-from trio_bridge._core.tools import ToolDefinition
+from trio_bridge._core.tools import ToolDefinition, failed_in_task
 from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
@@ -271,14 +271,17 @@ class WorkerService(pb.WorkerServiceBase):
                     if definition.inline:  # blocks the loop until it returns: see @tool(inline=)
                         result = definition.function(**arguments)
                     elif released_by_thread:
-                        result = await self._in_thread(definition, arguments, message.call_id)
+                        returned, result = await self._in_thread(definition, arguments, message.call_id)
+                        if not returned:
+                            raise result  # here: a StopIteration leaving a coroutine would become a RuntimeError
                     else:
                         result = await definition.function(**arguments)
-                except asyncio.CancelledError:
-                    cancel_call(ctx)
-                    raise
-                except Exception as exc:
+                except BaseException as exc:
                     if isinstance(exc, TimeoutError) and scope.expired():
+                        raise
+                    if not failed_in_task(exc):  # cancelled (by the host, or the deadline), or the program stops
+                        if isinstance(exc, asyncio.CancelledError):
+                            cancel_call(ctx)
                         raise
                     return pb.ExecuteToolResponse(error=wire_errors.tool_failure(exc))
         except TimeoutError:
@@ -300,16 +303,22 @@ class WorkerService(pb.WorkerServiceBase):
         self._refusals.log(wire_errors.MALFORMED_PAYLOAD, problem)
         return InvalidArgumentError(problem)
 
-    async def _in_thread(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> Any:
-        """A sync tool's call in a pool thread; the call's slot is free once the tool has returned.
+    async def _in_thread(self, definition: ToolDefinition, arguments: dict[str, Any], call_id: str) -> tuple[bool, Any]:
+        """A sync tool's call in a pool thread: ``(True, what it returned)`` or ``(False, what it
+        raised)``, any exception (``StopIteration`` included: ``asyncio.wrap_future`` cannot pass
+        that one on, and the call would never end). The call's slot is free once the tool has
+        returned.
 
-        The slot is freed here, on the loop, as the result arrives (one wake-up of the loop per
-        call, not a second one for the release); only a call whose caller left while the thread
-        runs it is freed from the thread's end (its future's callback)."""
+        The outcome comes back as one callback on the loop (``_run_sync_tool``), without
+        ``wrap_future``'s chained futures. The slot is freed here, on the loop, as the outcome
+        arrives (one wake-up of the loop per call, not a second one for the release); only a call
+        whose caller left while the thread runs it is freed from the thread's end (its work's
+        callback)."""
         context = contextvars.copy_context()  # this task's (its span), in the thread
-        work = self.executor.submit(context.run, _call_with, definition.function, arguments)
+        outcome: asyncio.Future[tuple[bool, Any]] = self._loop.create_future()
+        work = self.executor.submit(_run_sync_tool, self._loop, outcome, context, definition.function, arguments)
         try:
-            result = await asyncio.wrap_future(work)
+            result = await outcome
         except BaseException:
             # Cancelled before a thread took it, the tool never runs: free the slot now
             # (cancel() is False once a thread has started it); still running: when it returns.
@@ -351,7 +360,9 @@ class WorkerService(pb.WorkerServiceBase):
                 while True:
                     try:
                         items, finished = await source.next_batch(MAX_CHUNKS_PER_MESSAGE)
-                    except Exception as exc:
+                    except BaseException as exc:
+                        if not failed_in_task(exc):
+                            raise
                         raise wire_errors.status_error(wire_errors.tool_failure(exc)) from None
                     chunks, failed = encode_batch(items, index)
                     if failed is not None:
@@ -394,7 +405,9 @@ class WorkerService(pb.WorkerServiceBase):
             result = hook(*args)
             if asyncio.iscoroutine(result):
                 await result
-        except Exception:
+        except BaseException as exc:
+            if not failed_in_task(exc):
+                raise
             traceback.print_exc()  # the adapter's bug: report it (stderr reaches the host's log), keep serving
 
     async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
@@ -677,8 +690,10 @@ async def _serve_adapter(
     try:
         adapter = cls()
         adapter.options = json.loads(env.get(ADAPTER_OPTIONS_ENV) or "{}")
-        result: Any = await asyncio.get_running_loop().run_in_executor(None, adapter.setup)  # setup may be async def
-        if asyncio.iscoroutine(result):
+        returned, result = await asyncio.get_running_loop().run_in_executor(None, _outcome_of, adapter.setup, {})
+        if not returned:
+            raise result
+        if asyncio.iscoroutine(result):  # setup may be async def
             await result
         server_tls = client_tls = None
         if args.tls_cert:
@@ -855,6 +870,26 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(code)
 
 
-def _call_with(function: Callable[..., Any], arguments: dict[str, Any]) -> Any:
-    """A pool thread's work: a sync tool's call."""
-    return function(**arguments)
+def _outcome_of(function: Callable[..., Any], arguments: dict[str, Any]) -> tuple[bool, Any]:
+    """``(True, function(**arguments))``, or ``(False, what it raised)``: never raises, so that no
+    exception has to cross futures (``StopIteration`` cannot)."""
+    try:
+        return True, function(**arguments)
+    except BaseException as exc:  # every one: the loop's side decides what it means (is_failure)
+        return False, exc
+
+
+def _run_sync_tool(
+    loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[tuple[bool, Any]], context: contextvars.Context,
+    function: Callable[..., Any], arguments: dict[str, Any],
+) -> None:
+    """A pool thread's work: a sync tool's call, in ``context``; its outcome to ``outcome``, on
+    ``loop`` (nobody waits for it once the loop has closed)."""
+    settled = context.run(_outcome_of, function, arguments)
+    with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+        loop.call_soon_threadsafe(_settle, outcome, settled)
+
+
+def _settle(outcome: asyncio.Future[tuple[bool, Any]], settled: tuple[bool, Any]) -> None:
+    if not outcome.done():  # (cancelled: its caller left)
+        outcome.set_result(settled)

@@ -16,6 +16,8 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import Executor
 from typing import Any
 
+from trio_bridge._core.tools import failed_in_task
+
 _END = object()
 
 
@@ -26,15 +28,16 @@ class AsyncGeneratorSource:
         self._agen = agen
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=buffer_size)
         self._error: BaseException | None = None
+        self._ended = False  # the end (_END) was taken from the queue
         self._task = asyncio.get_running_loop().create_task(self._produce())
 
     async def _produce(self) -> None:
         try:
             async for item in self._agen:
                 await self._queue.put(item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if not failed_in_task(exc):  # closed (this task cancelled), or the program stops
+                raise
             self._error = exc
         finally:
             await self._agen.aclose()
@@ -42,12 +45,18 @@ class AsyncGeneratorSource:
 
     async def next_batch(self, max_items: int) -> tuple[list[Any], bool]:
         """Wait for at least one chunk; return ``(chunks, finished)``. Raises the generator's error
-        once its earlier chunks were taken."""
+        once its earlier chunks were taken (by the next call, where they came in the same batch
+        as its end)."""
+        if self._ended:  # the end was taken with the last chunks: what follows them is the error
+            if self._error is not None:
+                raise self._error
+            return [], True
         items = [await self._queue.get()]
         while len(items) < max_items and not self._queue.empty():
             items.append(self._queue.get_nowait())
         if items[-1] is _END:
             items.pop()
+            self._ended = True
             if self._error is not None and not items:
                 raise self._error
             return items, self._error is None
