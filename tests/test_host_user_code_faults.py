@@ -1,0 +1,128 @@
+"""User code the host runs misbehaving -- host tools, the values they return and raise, the
+values callers pass -- fails only what it was part of: the caller gets a clear error, the pool
+serves on and its state is unchanged. Workers in threads (``open_pool_in_threads``)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from tests.helpers import wait_for
+from trio_bridge import EncodeError, InvalidVariableError, ToolError
+from trio_bridge.testing import open_pool_in_threads
+
+CALLER = "tests.host_fault_adapters:HostCaller"
+
+
+class BaseIterList(list):
+    """A list whose ``__iter__`` raises a bare BaseException (as a library's own may)."""
+
+    def __iter__(self):
+        raise BaseException("iter broke")
+
+
+class StrFails(Exception):
+    def __str__(self) -> str:
+        raise BaseException("str broke")
+
+
+class StrRaises(str):
+    def __str__(self) -> str:
+        raise RuntimeError("str broke")
+
+
+async def test_a_host_tool_value_whose_encoding_raises_a_base_exception_fails_only_its_call():
+    """The codec turned an Exception raised in a value's methods into an EncodeError, but a
+    BaseException escaped the host service and failed the whole pool (PoolInternalError)."""
+    async with open_pool_in_threads(CALLER, size=1) as pool:
+        @pool.host_tool
+        def host_result() -> object:
+            return BaseIterList([1])
+
+        @pool.host_tool
+        async def host_chunk():
+            yield 1
+            yield BaseIterList([2])
+
+        with trio.fail_after(10):
+            with pytest.raises(EncodeError, match="result: cannot be encoded: BaseException: iter broke"):
+                await pool.execute("call_host_tool", {"name": "host_result"})
+            got = await pool.execute("host_chunks_and_error", {"name": "host_chunk"})
+            assert got == {"chunks": [1], "error": "EncodeError"}
+            # the caller's own argument: an EncodeError too, not the bare BaseException
+            with pytest.raises(EncodeError, match="arguments"):
+                await pool.execute("add", {"a": BaseIterList([1])})
+            assert await pool.execute("add", {"a": 1}) == 3
+        assert pool.statistics().restarts == 0
+
+
+async def test_a_host_tool_error_whose_str_raises_reaches_the_worker_as_a_tool_error_naming_it():
+    """An error whose own __str__ raised ended the host tool's RPC with 'Internal Server Error'
+    (a BaseException there failed the pool): now a ToolError naming its type."""
+    async with open_pool_in_threads(CALLER, size=1) as pool:
+        @pool.host_tool
+        def host_raise() -> None:
+            raise StrFails()
+
+        with trio.fail_after(10), pytest.raises(ToolError) as raised:
+            await pool.execute("call_host_tool", {"name": "host_raise"})
+        assert "raised StrFails: <exception str() failed>" in str(raised.value)
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_the_chunks_before_a_streaming_host_tools_unencodable_chunk_reach_the_worker_with_the_error():
+    """Taken in one batch with the chunks before it, a chunk the codec refused ended the stream
+    as if complete, with none of them and no error: their send was cancelled with the producer."""
+    async with open_pool_in_threads(CALLER, size=1) as pool:
+        @pool.host_tool
+        async def host_chunks():
+            for i in range(5):
+                yield i
+            yield object()
+
+        for _ in range(20):
+            with trio.fail_after(10):
+                got = await pool.execute("host_chunks_and_error", {"name": "host_chunks"})
+            assert got == {"chunks": [0, 1, 2, 3, 4], "error": "EncodeError"}
+
+
+async def test_a_sync_generator_host_tools_cleanup_runs_in_a_thread_not_on_the_hosts_loop():
+    """Its chunks came from a thread, but closing it (a worker that stops reading) ran its
+    ``finally`` on the Trio loop, stalling the whole host for as long as it took."""
+    closed_on: list[threading.Thread] = []
+
+    async with open_pool_in_threads(CALLER, size=1) as pool:
+        @pool.host_tool
+        def host_chunks():
+            try:
+                yield from range(1000)
+            finally:
+                closed_on.append(threading.current_thread())
+
+        with trio.fail_after(10):
+            assert await pool.execute("take_host_chunks", {"name": "host_chunks", "n": 3}) == [0, 1, 2]
+            await wait_for(lambda: closed_on)
+        assert closed_on[0] is not threading.current_thread()
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_a_variable_value_whose_methods_raise_is_refused_as_invalid_and_the_others_are_written():
+    """A value's own __str__ raising escaped the type check bare: set_variables(atomic=False)
+    had written the variables before it without notifying anyone, and raised."""
+    async with open_pool_in_threads(CALLER, size=1) as pool, pool.session() as session:
+        await session.register_variable("a", "integer", 0)
+        await session.register_variable("b", "string", "x")
+        async with session.watch_variables(["a"], include_initial=False) as updates:
+            with trio.fail_after(10):
+                with pytest.raises(InvalidVariableError, match="could not be checked: RuntimeError"):
+                    await session.set_variable("b", StrRaises("y"))
+                with pytest.raises(InvalidVariableError):
+                    await session.set_variables({"a": 1, "b": StrRaises("y")})
+                assert await session.get_variables(["a", "b"]) == {"a": 0, "b": "x"}
+                results = await session.set_variables({"a": 2, "b": StrRaises("y")}, atomic=False)
+                assert isinstance(results["b"], InvalidVariableError) and results["a"].value == 2
+                update = await updates.__anext__()
+        assert (update.name, update.new_value) == ("a", 2)
+        assert await session.get_variables(["a", "b"]) == {"a": 2, "b": "x"}
