@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from tests.helpers import wait_for
-from trio_bridge import EncodeError, InvalidVariableError, ToolError
+from trio_bridge import EncodeError, InvalidVariableError, Lifecycle, ToolError
 from trio_bridge.testing import open_pool_in_threads
 
 CALLER = "tests.host_fault_adapters:HostCaller"
@@ -126,3 +126,22 @@ async def test_a_variable_value_whose_methods_raise_is_refused_as_invalid_and_th
                 update = await updates.__anext__()
         assert (update.name, update.new_value) == ("a", 2)
         assert await session.get_variables(["a", "b"]) == {"a": 2, "b": "x"}
+
+
+async def test_leaving_an_async_generator_tools_stream_early_frees_its_worker_without_a_recycle():
+    """A caller leaving the stream (``break``, or its cancel scope) while the generator awaited
+    something had its worker killed and restarted every time: closing the generator re-raised
+    its task's CancelledError in the worker's cancelled handler, which then never freed the slot."""
+    async with open_pool_in_threads("tests.adapters:Echo", size=1, lifecycle=Lifecycle(cancel_grace=0.5)) as pool:
+        with trio.fail_after(20):
+            for stop in range(3):
+                async with pool.stream("async_count", {"n": 1000, "delay": 0.001}) as chunks:
+                    async for chunk in chunks:
+                        if chunk["i"] == stop:
+                            break
+                with trio.move_on_after(0.05):
+                    async with pool.stream("async_count", {"n": 1000, "delay": 0.001}) as chunks:
+                        async for _ in chunks:
+                            pass
+                assert await pool.execute("add", {"a": 1}) == 3
+        assert pool.statistics().restarts == 0
