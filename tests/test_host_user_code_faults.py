@@ -9,7 +9,7 @@ import threading
 import pytest
 import trio
 
-from tests.helpers import wait_for
+from tests.helpers import require, wait_for
 from trio_bridge import EncodeError, InvalidVariableError, Lifecycle, ToolError
 from trio_bridge.testing import open_pool_in_threads
 
@@ -145,3 +145,27 @@ async def test_leaving_an_async_generator_tools_stream_early_frees_its_worker_wi
                             pass
                 assert await pool.execute("add", {"a": 1}) == 3
         assert pool.statistics().restarts == 0
+
+
+async def test_the_mcp_server_answers_a_host_tools_base_exception_as_an_error_result():
+    """A host tool's BaseException escaped the MCP server's tools/call (it caught Exceptions), and
+    an error whose __str__ raised became the SDK's 'Internal server error': now both are results
+    with isError, naming the error, and the server goes on."""
+    client_type = require("mcp").Client
+    from trio_bridge.mcp import create_server
+
+    async with open_pool_in_threads(CALLER, size=1) as pool:
+        @pool.host_tool
+        def host_stop() -> None:
+            raise GeneratorExit("stopped")
+
+        @pool.host_tool
+        def host_str_fails() -> None:
+            raise StrFails()
+
+        with trio.fail_after(20):
+            async with client_type(create_server(pool)) as client:
+                for name, text in [("host_stop", "GeneratorExit: stopped"), ("host_str_fails", "StrFails: <exception str() failed>")]:
+                    result = await client.call_tool(name, {})
+                    assert result.is_error and result.content[0].text == text
+                assert (await client.call_tool("add", {"a": 1})).content[0].text == "3"

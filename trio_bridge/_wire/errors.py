@@ -123,7 +123,7 @@ def error_info(exc: BaseException, *, kind: str | None = None, available: list[s
     return ErrorInfo(
         kind=kind,
         type=type(exc).__name__,
-        message=_message(exc),
+        message=error_message(exc),
         traceback=text,
         available=list(available or []),
     )
@@ -344,8 +344,9 @@ def _user_traceback(exc: BaseException) -> str:
 _STR_FAILED = "<exception str() failed>"  # as traceback prints it
 
 
-def _message(exc: BaseException) -> str:
-    """``str(exc)``, or :data:`_STR_FAILED` when the error's own ``__str__`` (user code) raises."""
+def error_message(exc: BaseException) -> str:
+    """``str(exc)``, or ``"<exception str() failed>"`` (as traceback prints it) when the error's
+    own ``__str__`` (user code) raises one of its failures (``is_failure``)."""
     try:
         return str(exc)
     except BaseException as failed:
