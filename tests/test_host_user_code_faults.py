@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from tests.helpers import require, wait_for
-from trio_bridge import EncodeError, InvalidVariableError, Lifecycle, ToolError
+from trio_bridge import EncodeError, InvalidArgumentError, InvalidVariableError, Lifecycle, LocalWorkers, ToolError
 from trio_bridge.testing import open_pool_in_threads
 
 CALLER = "tests.host_fault_adapters:HostCaller"
@@ -169,3 +169,12 @@ async def test_the_mcp_server_answers_a_host_tools_base_exception_as_an_error_re
                     result = await client.call_tool(name, {})
                     assert result.is_error and result.content[0].text == text
                 assert (await client.call_tool("add", {"a": 1})).content[0].text == "3"
+
+
+async def test_a_slot_env_raising_a_base_exception_is_refused_as_an_invalid_option():
+    def slot_env(slot: int) -> dict[str, str]:
+        raise GeneratorExit("no environment")
+
+    with trio.fail_after(10), pytest.raises(InvalidArgumentError, match=r"slot_env\(0\) raised GeneratorExit: no environment"):
+        async with open_pool_in_threads(CALLER, size=1, local=LocalWorkers(slot_env=slot_env)):
+            pytest.fail("the pool opened")
