@@ -9,8 +9,8 @@ from trio_bridge.worker import Adapter, SessionContext, tool
 
 class HostCaller(Adapter):
     @tool
-    def call_host_tool(self, ctx: SessionContext, name: str) -> object:
-        return ctx.call_host_tool(name)
+    def call_host_tool(self, ctx: SessionContext, name: str, arguments: dict | None = None) -> object:
+        return ctx.call_host_tool(name, **(arguments or {}))
 
     @tool
     async def acall_host_tool(self, ctx: SessionContext, name: str) -> object:

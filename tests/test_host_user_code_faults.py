@@ -5,9 +5,11 @@ serves on and its state is unchanged. Workers in threads (``open_pool_in_threads
 from __future__ import annotations
 
 import threading
+from typing import Annotated
 
 import pytest
 import trio
+from pydantic import AfterValidator
 
 from tests.helpers import require, wait_for
 from trio_bridge import EncodeError, InvalidArgumentError, InvalidVariableError, Lifecycle, LocalWorkers, ToolError
@@ -178,3 +180,23 @@ async def test_a_slot_env_raising_a_base_exception_is_refused_as_an_invalid_opti
     with trio.fail_after(10), pytest.raises(InvalidArgumentError, match=r"slot_env\(0\) raised GeneratorExit: no environment"):
         async with open_pool_in_threads(CALLER, size=1, local=LocalWorkers(slot_env=slot_env)):
             pytest.fail("the pool opened")
+
+
+def _refuse(value: int) -> int:
+    raise GeneratorExit("refused")
+
+
+async def test_a_host_tools_argument_validator_raising_a_base_exception_refuses_the_arguments():
+    """A user's pydantic validator raising a BaseException escaped the argument check: from a
+    worker's call it failed the whole pool. Now the arguments are refused, as for an Exception."""
+    async with open_pool_in_threads(CALLER, size=1) as pool:
+        @pool.host_tool
+        def host_checked(x: Annotated[int, AfterValidator(_refuse)]) -> int:
+            return x
+
+        with trio.fail_after(10):
+            for call in (lambda: pool.execute("call_host_tool", {"name": "host_checked", "arguments": {"x": 1}}),
+                         lambda: pool.call_host_tool("host_checked", {"x": 1})):
+                with pytest.raises(InvalidArgumentError, match="argument 'x': could not be checked: GeneratorExit"):
+                    await call()
+            assert await pool.execute("add", {"a": 1}) == 3
