@@ -200,3 +200,27 @@ async def test_a_host_tools_argument_validator_raising_a_base_exception_refuses_
                 with pytest.raises(InvalidArgumentError, match="argument 'x': could not be checked: GeneratorExit"):
                     await call()
             assert await pool.execute("add", {"a": 1}) == 3
+
+
+class ItemsRaise(dict):
+    def items(self):
+        raise RuntimeError("items broke")
+
+
+async def test_an_idempotency_key_does_not_change_what_bad_arguments_give():
+    """With a key, the arguments' canonical form was made before the codec saw them: a value's
+    own __iter__ or items() raising, or nesting too deep, escaped bare instead of the EncodeError
+    (or the result) the same call gives without a key."""
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]
+    async with open_pool_in_threads("tests.adapters:Echo", size=1) as pool:
+        with trio.fail_after(10):
+            for value in (BaseIterList([1]), deep):
+                for key in (None, "bad-arguments"):
+                    with pytest.raises(EncodeError, match="arguments"):
+                        await pool.execute("echo", {"value": value}, idempotency_key=key)
+            for key in (None, "items"):
+                assert await pool.execute("echo", ItemsRaise(value=1), idempotency_key=key) == 1
