@@ -224,3 +224,17 @@ async def test_an_idempotency_key_does_not_change_what_bad_arguments_give():
                         await pool.execute("echo", {"value": value}, idempotency_key=key)
             for key in (None, "items"):
                 assert await pool.execute("echo", ItemsRaise(value=1), idempotency_key=key) == 1
+
+
+async def test_a_host_tools_sys_exit_stops_the_program_as_itself():
+    """SystemExit stops the program it runs in (as in a worker): from a host tool, that is the
+    host's, so it leaves open_pool as itself, as KeyboardInterrupt does (it was a
+    PoolInternalError, so the program exited 1 with a traceback instead of the code given)."""
+    with trio.fail_after(20), pytest.raises(SystemExit) as raised:
+        async with open_pool_in_threads(CALLER, size=1) as pool:
+            @pool.host_tool
+            def host_exit() -> None:
+                raise SystemExit(3)
+
+            await pool.execute("call_host_tool", {"name": "host_exit"})
+    assert raised.value.code == 3
