@@ -238,3 +238,28 @@ async def test_a_host_tools_sys_exit_stops_the_program_as_itself():
 
             await pool.execute("call_host_tool", {"name": "host_exit"})
     assert raised.value.code == 3
+
+
+async def test_a_joined_session_block_ending_gives_the_block_still_open_its_settings_back():
+    """The latest block's weight and max_in_flight apply; once it ended, the session kept them
+    (and lost its route), though the block that had it open first still ran: its
+    max_in_flight=1 let three calls run at once."""
+    async with open_pool_in_threads("tests.adapters:Echo", size=3) as pool:
+        async with pool.session("shared", weight=2, max_in_flight=1) as outer:
+            async with pool.session("shared"):
+                assert pool.statistics().sessions["shared"].max_in_flight is None
+            figures = pool.statistics().sessions["shared"]
+            assert (figures.weight, figures.max_in_flight) == (2.0, 1)
+            peak = 0
+
+            async def call() -> None:
+                nonlocal peak
+                await outer.execute("async_sleep", {"seconds": 0.1})
+                peak = max(peak, pool.statistics().sessions["shared"].in_flight)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(call)
+            assert peak == 1
+        assert "shared" not in pool.statistics().sessions
