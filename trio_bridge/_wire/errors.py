@@ -338,7 +338,7 @@ def _user_traceback(exc: BaseException) -> str:
     except BaseException as failed:  # its __str__ raised what traceback lets through (it catches Exceptions)
         if not is_failure(failed, ()):
             raise
-        return "".join(_traceback.format_tb(tb)) + f"{type(exc).__name__}: {_STR_FAILED}\n"
+        return "".join(["Traceback (most recent call last):\n", *_traceback.format_tb(tb), f"{type(exc).__name__}: {_STR_FAILED}\n"])
 
 
 _STR_FAILED = "<exception str() failed>"  # as traceback prints it
