@@ -308,7 +308,9 @@ def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
             adapter.validate_python(value)
         except ValidationError as exc:
             return _explain(exc, value)
-        except Exception as exc:  # a user validator or a pathological value: still a clean error
+        except BaseException as exc:  # a user validator or a pathological value: still a clean error
+            if not is_failure(exc, ()):
+                raise
             return f": could not be checked: {type(exc).__name__}: {short_repr(str(exc))}"
         return None
 

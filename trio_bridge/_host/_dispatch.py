@@ -324,11 +324,13 @@ class Dispatcher(Generic[W]):
     def has(self, worker: W) -> bool:
         return worker in self._workers
 
-    def configure(self, key: str, *, weight: float = 1.0, max_in_flight: int | None = None) -> None:
+    def configure(self, key: str, *, weight: float = 1.0, max_in_flight: int | None = None, opened: bool = True) -> None:
         """A session block opened: its class's weight and ``max_in_flight`` (the latest block's
-        win); the class is kept until as many :meth:`forget` calls and it is idle."""
+        win); the class is kept until as many :meth:`forget` calls and it is idle. ``opened=False``:
+        no block opened, a block still open has them again (a later one ended)."""
         queue = self._class(key)
-        queue.opens += 1
+        if opened:
+            queue.opens += 1
         self._rotation.reweigh(queue, weight)
         queue.max_in_flight = max_in_flight
         if queue.parked_on:  # it may have parked for its nested calls only, under the old cap

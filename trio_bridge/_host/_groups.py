@@ -9,8 +9,10 @@ So each of those blocks is run under :class:`UserErrorTracker`: the exception le
 block is remembered; if a group arrives, the user's exception is raised, with whatever else the
 group held attached as its ``__context__`` (shown as "During handling of the above exception").
 A group without the user's exception holds only internal failures: if it is exactly one
-:class:`TrioBridgeError` that the pool raises on purpose (a worker that could not start), that
-error is raised; anything else is raised as :class:`PoolInternalError` with the group as cause.
+:class:`TrioBridgeError` that the pool raises on purpose (a worker that could not start), or a
+``SystemExit`` or ``KeyboardInterrupt`` (user code the host ran, a host tool, stops the
+program), that error is raised; anything else is raised as :class:`PoolInternalError` with the
+group as cause.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 
 import trio
 
+from trio_bridge._core.tools import STOPS_PROGRAM
 from trio_bridge._errors import PoolInternalError, TrioBridgeError
 
 
@@ -70,7 +73,7 @@ class UserErrorTracker:
         failures = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
         if not failures:
             return leaves[0], leaves[0].__context__  # only Cancelled: let it reach its scope
-        if len(failures) == 1 and isinstance(failures[0], (TrioBridgeError, KeyboardInterrupt)):
+        if len(failures) == 1 and isinstance(failures[0], (TrioBridgeError, *STOPS_PROGRAM)):  # (a host tool's sys.exit())
             return failures[0], failures[0].__context__
         internal = PoolInternalError(
             f"{len(failures)} of the pool's background tasks failed; see the attached group"

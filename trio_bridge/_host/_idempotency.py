@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from trio_bridge._core.tools import is_failure
 from trio_bridge._errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
@@ -181,7 +182,14 @@ def check_key(key: Any) -> str:
 def _fingerprint(tool: str, arguments: dict[str, Any] | None, session_id: str) -> str:
     """The call's fingerprint: its tool and session as they are (for the conflict's message),
     and the SHA-256 of all three with the canonical encoding of its arguments."""
-    payload = encode(_canonical({} if arguments is None else arguments), path="arguments", plane=None)
+    arguments = {} if arguments is None else arguments
+    try:
+        canonical = _canonical(arguments)
+    except BaseException as exc:  # a value's own methods raised, or it nests too deeply:
+        if not is_failure(exc, ()):
+            raise
+        canonical = arguments  # the codec says what is wrong with it, as in a call without a key
+    payload = encode(canonical, path="arguments", plane=None)
     digest = hashlib.sha256()
     for part in (tool.encode("utf-8", "surrogatepass"), session_id.encode(), payload.json, *payload.blobs):
         digest.update(len(part).to_bytes(8, "big"))
@@ -193,7 +201,7 @@ def _canonical(value: Any) -> Any:
     """``value`` with every dict's keys sorted (the codec keeps their order); a non-str key is
     left for the codec to refuse."""
     if isinstance(value, dict):
-        items = list(value.items())
+        items = list(dict(value).items())  # (as the codec reads a subclass)
         if all(isinstance(k, str) for k, _ in items):
             items.sort(key=lambda item: item[0])
         return {k: _canonical(v) for k, v in items}

@@ -103,7 +103,9 @@ class Pool(metaclass=NoPublicConstructor):
         self._dispatcher = dispatcher
         self._tools = tools
         self._state = state
-        self._routes: dict[str, Route] = {}  # open sessions' routes, for calls routed by workers
+        # The session blocks open on this pool, by session id, in the order they opened: the
+        # latest one's route (for calls routed by workers), weight and max_in_flight apply.
+        self._blocks: dict[str, list[tuple[Route, float, int | None]]] = {}
         self._spec = spec  # for tests that speak the wire contract directly
         self._start_method = start_method
         self._reloader = reloader
@@ -242,7 +244,8 @@ class Pool(metaclass=NoPublicConstructor):
                 no bound. It bounds the calls made from outside: a call made from inside one
                 of them (a host tool, a routed worker-to-worker call) runs through, since its
                 caller holds a place until it ends (it counts in ``in_flight``). A session joined again by id while another block has it open takes
-                the ``weight`` and ``max_in_flight`` of the latest block (on this pool).
+                the ``weight`` and ``max_in_flight`` of the latest block (on this pool) until it
+                ends.
 
         Raises:
             InvalidArgumentError: a malformed id, ttl, metadata, affinity, weight or
@@ -283,21 +286,28 @@ class Pool(metaclass=NoPublicConstructor):
                 ) from None
         route = Route(info.id, affinity)
         session = Session._create(self._calls, self._tools, self.tools, self._state, route)
-        self._routes[session.id] = route
+        block = (route, weight, max_in_flight)
+        blocks = self._blocks.setdefault(session.id, [])
+        blocks.append(block)
         self._dispatcher.configure(session.id, weight=weight, max_in_flight=max_in_flight)
         try:
             yield session
         finally:
+            blocks.remove(block)
             self._dispatcher.forget(session.id)
-            self._routes.pop(session.id, None)
+            if blocks:  # another block has it open (joined it by id): its settings apply again
+                _, weight, max_in_flight = blocks[-1]
+                self._dispatcher.configure(session.id, weight=weight, max_in_flight=max_in_flight, opened=False)
+            elif self._blocks.get(session.id) is blocks:
+                del self._blocks[session.id]
             if owned:
                 with trio.CancelScope(shield=True):
                     await self._state.cleanup_session(session.id)
 
     def _route_for(self, session_id: str) -> Route:
         """The route of an open session, or a fresh one (a session joined by a worker's routed call)."""
-        route = self._routes.get(session_id)
-        return route if route is not None else Route(session_id, "prefer")
+        blocks = self._blocks.get(session_id)
+        return blocks[-1][0] if blocks else Route(session_id, "prefer")
 
     def _session_ended(self, session_id: str) -> None:
         """Drop its host tools, and tell the workers (so they drop per-session objects and caches)."""

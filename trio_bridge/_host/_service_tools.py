@@ -8,6 +8,7 @@ caller's deadline; a tool's failure, a refused call or a missed deadline ends th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
@@ -168,8 +169,9 @@ class ToolService(ServiceArea):
         async def produce() -> None:
             async with chunks_in:
                 try:
-                    async for chunk in iterate_host_tool(tool, arguments):
-                        await chunks_in.send(chunk)
+                    async with contextlib.aclosing(iterate_host_tool(tool, arguments)) as chunks:
+                        async for chunk in chunks:  # (closed here: the tool's cleanup ends with the call)
+                            await chunks_in.send(chunk)
                 except BaseException as exc:
                     if not is_failure(exc, (trio.Cancelled,)):
                         raise
@@ -189,10 +191,11 @@ class ToolService(ServiceArea):
                                 break
                         encoded, failed = encode_batch(batch, index, plane=self.plane)
                         if failed is not None:
-                            nursery.cancel_scope.cancel()
+                            # the chunks before it first: a cancelled nursery would cancel their send
+                            failure.append(error_info(failed))
                             if encoded is not None:
                                 await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))
-                            failure.append(error_info(failed))
+                            nursery.cancel_scope.cancel()
                             break
                         index += len(batch)
                         await send(stream.send_message(pb.ToolChunkBatch(chunks=encoded)))

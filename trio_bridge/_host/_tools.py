@@ -293,7 +293,9 @@ async def run_host_tool(tool: HostTool, arguments: dict[str, Any]) -> Any:
 
 
 async def iterate_host_tool(tool: HostTool, arguments: dict[str, Any]) -> AsyncGenerator[Any, None]:
-    """Chunks of a streaming host tool. A sync generator advances in a thread, one item at a time."""
+    """Chunks of a streaming host tool. A sync generator advances in a thread, one item at a
+    time, and is closed there (its ``finally`` blocks are its code too: they cannot stall the
+    host); closing the iterator waits for that close, even when cancelled."""
     generator = tool.definition.function(**arguments)
     if tool.definition.kind == "async_generator":
         try:
@@ -307,4 +309,5 @@ async def iterate_host_tool(tool: HostTool, arguments: dict[str, Any]) -> AsyncG
         while (item := await trio.to_thread.run_sync(next, generator, done)) is not done:
             yield item
     finally:
-        generator.close()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(generator.close)

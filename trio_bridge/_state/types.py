@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+from trio_bridge._core.tools import is_failure
 from trio_bridge._errors import InvalidVariableError
 from trio_bridge._wire.codec import short_repr as _r
 
@@ -302,7 +303,9 @@ def check_constraints(type_name: str, constraints: dict[str, Any] | None) -> dic
         checker(normalized)
     except InvalidVariableError:
         raise
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # a safety net: never bare
+    except BaseException as exc:  # a safety net: never bare (the user's objects' methods run here too)
+        if not is_failure(exc, ()):
+            raise
         raise _fail(f"invalid {type_name} constraints: {type(exc).__name__}: {exc}") from None
     return normalized
 
@@ -323,7 +326,9 @@ def check_value(type_name: str, value: Any, constraints: dict[str, Any]) -> Any:
         return TYPES[type_name][2](value, constraints)
     except InvalidVariableError:
         raise
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # a safety net: never bare
+    except BaseException as exc:  # a safety net: never bare (a value's own __str__, __eq__, ... raising)
+        if not is_failure(exc, ()):
+            raise
         raise _fail(f"{type_name} value {_r(value)} could not be checked: {type(exc).__name__}: {exc}") from None
 
 

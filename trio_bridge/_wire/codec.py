@@ -112,7 +112,11 @@ def _walk(value: Any, out: _Out, path: str) -> bytes:
         raise EncodeError(f"{path}{''.join(reversed(exc.segments))}: {exc.message}") from None
     except RecursionError:
         raise EncodeError(f"{path}: nested too deeply (or contains itself)") from None
-    except Exception as exc:  # a broken __iter__/__float__, a released memoryview, ...: never bare
+    except BaseException as exc:  # a broken __iter__/__float__, a released memoryview, ...: never bare
+        from trio_bridge._core.tools import is_failure  # (lazily: that module uses this one)
+
+        if not is_failure(exc, ()):  # SystemExit, KeyboardInterrupt: not the value's failure
+            raise
         raise EncodeError(f"{path}: cannot be encoded: {_describe(exc)}") from None
 
 

@@ -63,13 +63,12 @@ class AsyncGeneratorSource:
         return items, False
 
     async def aclose(self) -> None:
+        """Stop the generator and wait for it to end. Its task's ``CancelledError`` is not raised
+        here: a caller closing it while cancelled itself (the host left the stream) would lose
+        what it does after (freeing the call's slot)."""
         if not self._task.done():
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
+            await asyncio.wait([self._task])
 
 
 class ThreadGeneratorSource:
