@@ -23,6 +23,7 @@ from grpclib.const import Status
 from grpclib.encoding.base import StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError
 
+from trio_bridge._core.failures import exception_text
 from trio_bridge._errors import (
     DeadlineExceededError,
     DependencyCycleError,
@@ -122,7 +123,7 @@ def error_info(exc: BaseException, *, kind: str | None = None, available: list[s
     return ErrorInfo(
         kind=kind,
         type=type(exc).__name__,
-        message=str(exc),
+        message=exception_text(exc),
         traceback=text,
         available=list(available or []),
     )

@@ -1,0 +1,181 @@
+"""Adapters whose user code misbehaves on the worker side (tests/test_user_code_faults.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, field_validator
+
+from trio_bridge.worker import Adapter, tool
+
+
+class Boom(BaseException):
+    """A library's own BaseException."""
+
+
+#: what user code here raises, by name
+RAISED = {
+    "Exception": lambda: ValueError("bad"),
+    "BaseException": lambda: Boom("boom"),
+    "StopIteration": lambda: StopIteration("stop"),
+    "GeneratorExit": lambda: GeneratorExit("exit"),
+}
+
+
+def _list(name: str) -> list:
+    class Broken(list):
+        def __iter__(self):
+            raise RAISED[name]()
+    return Broken([object()])
+
+
+def _dict(name: str) -> dict:
+    class Broken(dict):
+        def items(self):
+            raise RAISED[name]()
+
+        def keys(self):
+            raise RAISED[name]()
+
+        def __iter__(self):
+            raise RAISED[name]()
+    return Broken(a=object())
+
+
+def _str(name: str) -> str:
+    class Broken(str):
+        def __str__(self):
+            raise RAISED[name]()
+    return Broken("x")
+
+
+def _int(name: str) -> int:
+    class Broken(int):
+        def __int__(self):
+            raise RAISED[name]()
+    return Broken(1 << 60)
+
+
+def _float(name: str) -> float:
+    class Broken(float):
+        def __float__(self):
+            raise RAISED[name]()
+    return Broken(1.5)
+
+
+#: values whose own method that the codec calls raises RAISED[name], by kind
+BROKEN_VALUES = {"list": _list, "dict": _dict, "str": _str, "int": _int, "float": _float}
+
+
+class StrRaises(Exception):
+    """An exception whose own ``__str__`` raises."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __str__(self):
+        raise RAISED[self.name]()
+
+
+def _refuse(value: int) -> int:
+    raise RAISED[value]()
+
+
+class Point(BaseModel):
+    x: str
+
+    @field_validator("x")
+    @classmethod
+    def _x(cls, value: str) -> str:
+        raise RAISED[value]()
+
+
+class Faults(Adapter):
+    @tool
+    def add(self, a: int) -> int:
+        return a + 2
+
+    # --- results and chunks the codec cannot walk
+    @tool
+    def result(self, kind: str, name: str) -> object:
+        return {"r": BROKEN_VALUES[kind](name)}
+
+    @tool
+    async def async_result(self, kind: str, name: str) -> object:
+        return BROKEN_VALUES[kind](name)
+
+    @tool
+    def chunks(self, kind: str, name: str):
+        yield 1
+        yield BROKEN_VALUES[kind](name)
+
+    @tool
+    async def async_chunks(self, kind: str, name: str):
+        yield 1
+        yield [BROKEN_VALUES[kind](name)]
+
+    # --- an error that cannot say what it is
+    @tool
+    def str_raises(self, name: str) -> None:
+        raise StrRaises(name)
+
+    @tool
+    async def async_str_raises(self, name: str) -> None:
+        raise StrRaises(name)
+
+    # --- argument checks that raise
+    @tool
+    def annotated(self, v: Annotated[str, AfterValidator(_refuse)]) -> str:
+        return v
+
+    @tool
+    def model(self, p: Point) -> str:
+        return p.x
+
+    @tool
+    def checked_chunks(self, v: Annotated[str, AfterValidator(_refuse)]):
+        yield v
+
+    # --- generators that misbehave when closed
+    @tool
+    def yields_again(self, n: int):
+        for i in range(n):
+            try:
+                yield i
+            except GeneratorExit:
+                yield -1
+
+    @tool
+    async def async_yields_again(self, n: int):
+        for i in range(n):
+            try:
+                yield i
+            except GeneratorExit:
+                yield -1
+
+    @tool
+    def raises_when_closed(self, n: int):
+        try:
+            yield from range(n)
+        finally:
+            raise Boom("in finally")
+
+    @tool
+    async def async_raises_when_closed(self, n: int):
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            raise Boom("in finally")
+
+    @tool
+    async def async_goes_on_after_cancel(self, n: int):
+        for i in range(n):
+            try:
+                yield i
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                pass

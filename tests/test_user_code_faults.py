@@ -1,0 +1,126 @@
+"""User code misbehaving on the worker side -- a result whose own methods raise, an error that
+cannot say what it is, an argument check that raises, a generator that raises or yields again
+when it is closed: each fails only its call (or the call ends as asked), within a bound; the
+worker serves on and frees the call's slot."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.fault_adapters import BROKEN_VALUES, RAISED, Boom
+from tests.helpers import wait_for
+from trio_bridge import EncodeError, InvalidArgumentError, Lifecycle, ToolError
+from trio_bridge._wire.codec import encode
+from trio_bridge.testing import open_pool_in_threads
+
+FAULTS = "tests.fault_adapters:Faults"
+#: a leaked slot shows as in_flight, not as the pool killing the worker (cancel_grace)
+PATIENT = Lifecycle(cancel_grace=120)
+
+
+async def _served_on(pool) -> None:
+    """The worker serves on: its slots free, no restart, a later call runs."""
+    await wait_for(lambda: [w.in_flight for w in pool.workers()] == [0])
+    with trio.fail_after(10):
+        assert await pool.execute("add", {"a": 1}) == 3
+    assert pool.statistics().restarts == 0
+
+
+def test_encoding_a_value_whose_own_method_raises_anything_is_an_encode_error():
+    # a BaseException, StopIteration or GeneratorExit escaped encode() bare (the call hung)
+    for value in BROKEN_VALUES.values():
+        for name in RAISED:
+            with pytest.raises(EncodeError, match=r'result\["r"\]: cannot be encoded: '):
+                encode({"r": value(name)}, path="result")
+
+
+def test_encoding_lets_what_stops_the_program_through():
+    class Stop(list):
+        def __iter__(self):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        encode([Stop([1])])
+
+
+async def test_a_result_or_chunk_whose_own_method_raises_anything_fails_only_its_call():
+    async with open_pool_in_threads(FAULTS, size=1, lifecycle=PATIENT) as pool:
+        for kind in BROKEN_VALUES:
+            for name in RAISED:
+                arguments = {"kind": kind, "name": name}
+                for tool in ("result", "async_result"):
+                    with trio.fail_after(10), pytest.raises(EncodeError, match=f"{tool!r}: result.*: cannot be encoded"):
+                        await pool.execute(tool, arguments)
+                for tool in ("chunks", "async_chunks"):
+                    got = []
+                    with trio.fail_after(10), pytest.raises(EncodeError, match=r"chunk\[1\].*: cannot be encoded"):
+                        async with pool.stream(tool, arguments) as chunks:
+                            async for chunk in chunks:
+                                got.append(chunk)
+                    assert got == [1]
+        await _served_on(pool)
+
+
+async def test_an_error_whose_str_raises_fails_its_call_naming_its_type():
+    # str(exc) raising a BaseException hung the call; raising an Exception named that one instead
+    async with open_pool_in_threads(FAULTS, size=1, lifecycle=PATIENT) as pool:
+        for tool in ("str_raises", "async_str_raises"):
+            for name in RAISED:
+                with trio.fail_after(10), pytest.raises(ToolError) as raised:
+                    await pool.execute(tool, {"name": name})
+                assert raised.value.remote_type == "StrRaises", raised.value
+                assert raised.value.remote_message == "<exception str() failed>"
+        await _served_on(pool)
+
+
+async def test_an_argument_check_raising_anything_refuses_the_call():
+    # a validator's BaseException or GeneratorExit escaped the check: the call hung
+    async with open_pool_in_threads(FAULTS, size=1, lifecycle=PATIENT) as pool:
+        for name in RAISED:
+            for tool, arguments in (("annotated", {"v": name}), ("model", {"p": {"x": name}})):
+                with trio.fail_after(10), pytest.raises(InvalidArgumentError, match=f"tool {tool!r}: argument"):
+                    await pool.execute(tool, arguments)
+            with trio.fail_after(10), pytest.raises(InvalidArgumentError, match="tool 'checked_chunks': argument 'v'"):
+                async with pool.stream("checked_chunks", {"v": name}) as chunks:
+                    async for _ in chunks:
+                        pass
+        await _served_on(pool)
+
+
+_CLOSE_FAULTS = [
+    "yields_again", "async_yields_again", "raises_when_closed", "async_raises_when_closed", "async_goes_on_after_cancel",
+]
+
+
+@pytest.mark.parametrize("tool", _CLOSE_FAULTS)
+async def test_a_generator_misbehaving_as_it_is_closed_still_frees_its_slot(tool, capfd):
+    """A generator that yields again or raises when its caller leaves (or cancels) is stopped and
+    its slot freed (the call's slot stayed taken until cancel_grace killed the worker); what it
+    raised goes to stderr, as asyncio reports an async generator's."""
+    async with open_pool_in_threads(FAULTS, size=1, lifecycle=PATIENT) as pool:
+        async with pool.stream(tool, {"n": 10**6}) as chunks:  # the caller leaves early
+            async for chunk in chunks:
+                if chunk == 2:
+                    break
+        await _served_on(pool)
+        with trio.move_on_after(0.5) as scope:  # the caller's cancel
+            async with pool.stream(tool, {"n": 10**6}) as chunks:
+                async for _ in chunks:
+                    await trio.sleep(0.01)
+        assert scope.cancelled_caught
+        await _served_on(pool)
+    if tool != "async_goes_on_after_cancel":
+        assert "a streaming tool's generator raised as it was closed" in capfd.readouterr().err
+
+
+async def test_a_generator_raising_a_base_exception_as_it_ends_fails_its_call():
+    async with open_pool_in_threads(FAULTS, size=1, lifecycle=PATIENT) as pool:
+        for tool in ("raises_when_closed", "async_raises_when_closed"):
+            got = []
+            with trio.fail_after(10), pytest.raises(ToolError) as raised:
+                async with pool.stream(tool, {"n": 3}) as chunks:
+                    async for chunk in chunks:
+                        got.append(chunk)
+            assert got == [0, 1, 2]
+            assert raised.value.remote_type == Boom.__name__
+        await _served_on(pool)
