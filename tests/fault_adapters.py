@@ -179,3 +179,24 @@ class Faults(Adapter):
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
                 pass
+
+
+class Tasks(Adapter):
+    """Tools that play with asyncio tasks."""
+
+    @tool
+    def add(self, a: int) -> int:
+        return a + 2
+
+    @tool
+    async def cancel_itself(self) -> None:
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+
+    @tool
+    async def cancel_itself_in_chunks(self):
+        yield 1
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+        yield 2
+

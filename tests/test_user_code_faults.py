@@ -15,6 +15,7 @@ from trio_bridge._wire.codec import encode
 from trio_bridge.testing import open_pool_in_threads
 
 FAULTS = "tests.fault_adapters:Faults"
+TASKS = "tests.fault_adapters:Tasks"
 #: a leaked slot shows as in_flight, not as the pool killing the worker (cancel_grace)
 PATIENT = Lifecycle(cancel_grace=120)
 
@@ -123,4 +124,22 @@ async def test_a_generator_raising_a_base_exception_as_it_ends_fails_its_call():
                         got.append(chunk)
             assert got == [0, 1, 2]
             assert raised.value.remote_type == Boom.__name__
+        await _served_on(pool)
+
+
+async def test_a_tool_cancelling_its_own_task_fails_its_call():
+    """A CancelledError that no cancel of the call caused is the tool's failure (the rule of
+    test_calls.py): a tool cancelling its own task -- a home-made timeout, say -- hung its call,
+    the call stream (or the stream's producer) taking it for the host's cancel."""
+    async with open_pool_in_threads(TASKS, size=1, lifecycle=PATIENT) as pool:
+        with trio.fail_after(10), pytest.raises(ToolError) as raised:
+            await pool.execute("cancel_itself")
+        assert raised.value.remote_type == "CancelledError"
+        got = []
+        with trio.fail_after(10), pytest.raises(ToolError) as raised:
+            async with pool.stream("cancel_itself_in_chunks") as chunks:
+                async for chunk in chunks:
+                    got.append(chunk)
+        assert got == [1]
+        assert raised.value.remote_type == "CancelledError"
         await _served_on(pool)

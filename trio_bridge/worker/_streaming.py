@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import Executor
 from typing import Any
 
-from trio_bridge._core.failures import failed_in_task, is_failure
+from trio_bridge._core.failures import is_failure
 
 _END = object()
 
@@ -44,7 +44,8 @@ class AsyncGeneratorSource:
             finally:
                 await self._agen.aclose()
         except BaseException as exc:
-            if not failed_in_task(exc):  # closed (this task cancelled), or the program stops
+            # Only aclose() cancels this task: a cancel of its own code's is its failure.
+            if not is_failure(exc, (asyncio.CancelledError,) if self._closing else ()):  # closed, or the program stops
                 raise
             if self._closing:  # raised as it was closed (a RuntimeError if it yielded again)
                 _report_closing_error()
