@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, field_validator
@@ -200,3 +203,51 @@ class Tasks(Adapter):
         await asyncio.sleep(0)
         yield 2
 
+
+
+class Process(Adapter):
+    """Tools that change their worker process's streams and signals."""
+
+    @tool
+    def add(self, a: int) -> int:
+        return a + 2
+
+    @tool
+    def pid(self) -> int:
+        return os.getpid()
+
+    @tool
+    def close_stream(self, fd: int) -> None:
+        os.close(fd)
+
+    @tool
+    def drop_stream(self, name: str) -> None:
+        setattr(sys, name, None)
+
+    @tool
+    def close_sys_stream(self, name: str) -> None:
+        getattr(sys, name).close()
+
+    @tool
+    def ignore_signal(self, name: str) -> None:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+    @tool
+    def raises_when_closed(self, n: int):
+        try:
+            yield from range(n)
+        finally:
+            raise Boom("in finally")
+
+    @tool
+    async def async_raises_when_closed(self, n: int):
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            raise Boom("in finally")
+
+    @tool
+    def fail(self) -> None:
+        raise ValueError("failed")

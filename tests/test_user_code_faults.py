@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+import trio_bridge
 from tests.fault_adapters import BROKEN_VALUES, RAISED, Boom
 from tests.helpers import wait_for
 from trio_bridge import EncodeError, InvalidArgumentError, Lifecycle, ToolError
@@ -16,6 +17,7 @@ from trio_bridge.testing import open_pool_in_threads
 
 FAULTS = "tests.fault_adapters:Faults"
 TASKS = "tests.fault_adapters:Tasks"
+PROCESS = "tests.fault_adapters:Process"
 #: a leaked slot shows as in_flight, not as the pool killing the worker (cancel_grace)
 PATIENT = Lifecycle(cancel_grace=120)
 
@@ -143,3 +145,20 @@ async def test_a_tool_cancelling_its_own_task_fails_its_call():
         assert got == [1]
         assert raised.value.remote_type == "CancelledError"
         await _served_on(pool)
+
+
+@pytest.mark.real_process
+@pytest.mark.parametrize("closes", [("close_stream", {"fd": 2}), ("close_sys_stream", {"name": "stderr"})])
+async def test_a_generator_raising_as_it_is_closed_after_its_tool_closed_stderr_still_frees_its_slot(closes):
+    # the report of what it raised failed on the closed stream, and that failure kept the slot
+    async with trio_bridge.open_pool(PROCESS, size=1, lifecycle=PATIENT) as pool:
+        pid = await pool.execute("pid")
+        await pool.execute(*closes)
+        for tool in ("raises_when_closed", "async_raises_when_closed"):
+            with trio.fail_after(20):
+                async with pool.stream(tool, {"n": 10**6}) as chunks:
+                    async for chunk in chunks:
+                        if chunk == 2:
+                            break
+            await _served_on(pool)
+        assert await pool.execute("pid") == pid

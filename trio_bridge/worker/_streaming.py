@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import sys
 import threading
 import traceback
@@ -181,9 +182,10 @@ class ThreadGeneratorSource:
 def _report_closing_error() -> None:
     """Report what a streaming tool's generator raised as it was closed (its caller had left, so
     nobody else hears of it), as asyncio reports an async generator's, on stderr (the host's log);
-    the call has ended all the same."""
-    print("trio-bridge worker: a streaming tool's generator raised as it was closed:", file=sys.stderr)
-    traceback.print_exc()
+    the call has ended all the same. A stderr the tool closed or dropped takes no report."""
+    with contextlib.suppress(Exception):
+        print("trio-bridge worker: a streaming tool's generator raised as it was closed:", file=sys.stderr)
+        traceback.print_exc()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
