@@ -141,6 +141,14 @@ class Faults(Adapter):
     def checked_chunks(self, v: Annotated[str, AfterValidator(_refuse)]):
         yield v
 
+    # --- generators, well-behaved or that misbehave when closed
+    @tool
+    async def async_count(self, n: int, pause: float):
+        for i in range(n):
+            yield i
+            if pause:
+                await asyncio.sleep(pause)
+
     # --- generators that misbehave when closed
     @tool
     def yields_again(self, n: int):
@@ -251,3 +259,16 @@ class Process(Adapter):
     @tool
     def fail(self) -> None:
         raise ValueError("failed")
+
+
+class _Odd:
+    """A default value that cannot be encoded, whose own ``__repr__`` raises."""
+
+    def __repr__(self) -> str:
+        raise Boom("repr")
+
+
+class OddDefault(Adapter):
+    @tool
+    def add(self, a: int, odd: object = _Odd()) -> int:
+        return a + 2

@@ -18,6 +18,7 @@ from trio_bridge.testing import open_pool_in_threads
 FAULTS = "tests.fault_adapters:Faults"
 TASKS = "tests.fault_adapters:Tasks"
 PROCESS = "tests.fault_adapters:Process"
+ODD_DEFAULT = "tests.fault_adapters:OddDefault"
 #: a leaked slot shows as in_flight, not as the pool killing the worker (cancel_grace)
 PATIENT = Lifecycle(cancel_grace=120)
 
@@ -88,6 +89,24 @@ async def test_an_argument_check_raising_anything_refuses_the_call():
                     async for _ in chunks:
                         pass
         await _served_on(pool)
+
+
+async def test_a_cancelled_async_generator_frees_its_slot_at_once():
+    """Its stream's handler, cancelled, took the producer's end for its own cancel and left before
+    freeing the slot: every async generator whose caller left or cancelled kept its slot until
+    cancel_grace killed the worker."""
+    async with open_pool_in_threads(FAULTS, size=1, lifecycle=PATIENT) as pool:
+        for pause in (0.01, 0):  # awaiting between chunks, or never
+            async with pool.stream("async_count", {"n": 10**8, "pause": pause}) as chunks:
+                async for chunk in chunks:
+                    if chunk == 2:
+                        break
+            await _served_on(pool)
+            with trio.move_on_after(0.3):
+                async with pool.stream("async_count", {"n": 10**8, "pause": pause}) as chunks:
+                    async for _ in chunks:
+                        pass
+            await _served_on(pool)
 
 
 _CLOSE_FAULTS = [
@@ -162,3 +181,13 @@ async def test_a_generator_raising_as_it_is_closed_after_its_tool_closed_stderr_
                             break
             await _served_on(pool)
         assert await pool.execute("pid") == pid
+
+
+async def test_a_default_whose_repr_raises_is_described_by_its_type():
+    # the worker's Describe failed with it (a BaseException: no answer until the startup timeout)
+    with trio.fail_after(30):
+        async with open_pool_in_threads(ODD_DEFAULT, size=1, lifecycle=Lifecycle(startup_timeout=60)) as pool:
+            assert await pool.execute("add", {"a": 1}) == 3
+            (add,) = [t for t in pool.tools() if t.name == "add"]
+            (parameter,) = [p for p in add.parameters if p.name == "odd"]
+            assert parameter.default == "<_Odd object>"
