@@ -6,11 +6,11 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, BaseModel, field_validator
 
-from trio_bridge.worker import Adapter, tool
+from trio_bridge.worker import Adapter, SessionContext, tool
 
 
 class Boom(BaseException):
@@ -237,7 +237,7 @@ class Process(Adapter):
         getattr(sys, name).close()
 
     @tool
-    def ignore_signal(self, name: str) -> None:
+    async def ignore_signal(self, name: str) -> None:  # (on the loop: the main thread)
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     @tool
@@ -272,3 +272,24 @@ class OddDefault(Adapter):
     @tool
     def add(self, a: int, odd: object = _Odd()) -> int:
         return a + 2
+
+
+
+
+class Watcher(Adapter):
+    """A tool whose task, outliving its call, still reads the call's watch."""
+
+    @tool
+    def add(self, a: int) -> int:
+        return a + 2
+
+    @tool
+    async def watch_in_a_task(self, ctx: SessionContext) -> int:
+        async def read() -> None:
+            async for _ in ctx.watch_variables(["v"]):
+                pass
+        Watcher.tasks.add(asyncio.get_running_loop().create_task(read()))
+        await asyncio.sleep(0.1)  # it waits in the watch for the next update
+        return 1
+
+    tasks: ClassVar[set] = set()  # (kept: a task nobody refers to may be collected)

@@ -19,6 +19,7 @@ FAULTS = "tests.fault_adapters:Faults"
 TASKS = "tests.fault_adapters:Tasks"
 PROCESS = "tests.fault_adapters:Process"
 ODD_DEFAULT = "tests.fault_adapters:OddDefault"
+WATCHER = "tests.fault_adapters:Watcher"
 #: a leaked slot shows as in_flight, not as the pool killing the worker (cancel_grace)
 PATIENT = Lifecycle(cancel_grace=120)
 
@@ -191,3 +192,18 @@ async def test_a_default_whose_repr_raises_is_described_by_its_type():
             (add,) = [t for t in pool.tools() if t.name == "add"]
             (parameter,) = [p for p in add.parameters if p.name == "odd"]
             assert parameter.default == "<_Odd object>"
+
+
+async def test_a_watch_that_a_task_of_the_tool_still_reads_as_its_call_ends_leaves_the_call_alone():
+    """Closing the call's watches raised (aclose() of a generator another task runs): the call
+    failed although its tool had returned, and the worker never freed its slot (Ping listed the
+    call, a drain waited its whole grace). The watch is left to the task; it ends with the session."""
+    async with open_pool_in_threads(WATCHER, size=1, lifecycle=PATIENT) as pool:
+        async with pool.session() as session:
+            await session.register_variable("v", "integer", 1)
+            with trio.fail_after(10):
+                assert await session.execute("watch_in_a_task") == 1
+            await session.set_variable("v", 2)
+            with trio.fail_after(10):
+                assert await session.execute("add", {"a": 1}) == 3
+        await _served_on(pool)

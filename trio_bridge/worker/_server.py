@@ -290,9 +290,11 @@ class WorkerService(pb.WorkerServiceBase):
         finally:
             if timer is not None:
                 timer.cancel()
-            await end_call(ctx)
-            if not released_by_thread:
-                self._release(message.call_id)
+            try:
+                await end_call(ctx)
+            finally:
+                if not released_by_thread:
+                    self._release(message.call_id)
         try:
             return pb.ExecuteToolResponse(result=encode(result, path="result"))
         except EncodeError as exc:
@@ -383,9 +385,11 @@ class WorkerService(pb.WorkerServiceBase):
             if timer is not None:
                 timer.cancel()
             await source.aclose()
-            await end_call(ctx)
-            if definition.kind == "async_generator":
-                self._release(call_id)
+            try:
+                await end_call(ctx)
+            finally:
+                if definition.kind == "async_generator":
+                    self._release(call_id)
 
     async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
         if message.session_id not in self.sessions:
