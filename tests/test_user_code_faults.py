@@ -207,3 +207,15 @@ async def test_a_watch_that_a_task_of_the_tool_still_reads_as_its_call_ends_leav
             with trio.fail_after(10):
                 assert await session.execute("add", {"a": 1}) == 3
         await _served_on(pool)
+
+
+async def test_a_host_tools_result_whose_own_method_raises_anything_fails_only_the_call_of_it():
+    # the codec let the BaseException out on the host too: it failed the whole pool (PoolInternalError)
+    def broken_host() -> object:
+        return BROKEN_VALUES["list"]("BaseException")
+
+    async with open_pool_in_threads("tests.adapters:Echo", size=1) as pool:
+        pool.host_tool(broken_host)
+        with trio.fail_after(10), pytest.raises(EncodeError, match="tool 'broken_host': result: cannot be encoded: Boom"):
+            await pool.execute("call_host_tool", {"name": "broken_host"})
+        assert await pool.execute("add", {"a": 1}) == 3
