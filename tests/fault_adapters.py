@@ -293,3 +293,17 @@ class Watcher(Adapter):
         return 1
 
     tasks: ClassVar[set] = set()  # (kept: a task nobody refers to may be collected)
+
+
+class Misuse(Adapter):
+    @tool
+    def add(self, a: int) -> int:
+        return a + 2
+
+    @tool
+    def own_loop(self, ctx: SessionContext) -> object:
+        return asyncio.run(ctx.acall_host_tool("double", x=2))
+
+    @tool
+    def own_loop_variable(self, ctx: SessionContext) -> object:
+        return asyncio.run(ctx.aget_variable("v")).value

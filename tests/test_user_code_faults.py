@@ -20,6 +20,7 @@ TASKS = "tests.fault_adapters:Tasks"
 PROCESS = "tests.fault_adapters:Process"
 ODD_DEFAULT = "tests.fault_adapters:OddDefault"
 WATCHER = "tests.fault_adapters:Watcher"
+MISUSE = "tests.fault_adapters:Misuse"
 #: a leaked slot shows as in_flight, not as the pool killing the worker (cancel_grace)
 PATIENT = Lifecycle(cancel_grace=120)
 
@@ -219,3 +220,19 @@ async def test_a_host_tools_result_whose_own_method_raises_anything_fails_only_t
         with trio.fail_after(10), pytest.raises(EncodeError, match="tool 'broken_host': result: cannot be encoded: Boom"):
             await pool.execute("call_host_tool", {"name": "broken_host"})
         assert await pool.execute("add", {"a": 1}) == 3
+
+
+async def test_an_awaitable_context_method_run_in_another_event_loop_is_a_clear_error():
+    # asyncio.run(ctx.acall_host_tool(...)) in a sync tool's thread waited forever (the channel
+    # belongs to the worker's loop); the call's slot stayed taken until cancel_grace killed it
+    def double(x: int) -> int:
+        return 2 * x
+
+    async with open_pool_in_threads(MISUSE, size=1, lifecycle=PATIENT) as pool:
+        pool.host_tool(double)
+        async with pool.session() as session:
+            await session.register_variable("v", "integer", 1)
+            for tool in ("own_loop", "own_loop_variable"):
+                with trio.fail_after(10), pytest.raises(ToolError, match="awaitable methods run on the worker's event loop"):
+                    await session.execute(tool)
+        await _served_on(pool)
