@@ -58,6 +58,13 @@ class SessionCache:
     variables: dict[str, Variable] = field(default_factory=dict)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class HostClient:
     """Calls to the host, from the worker's event loop."""
 
@@ -85,7 +92,7 @@ class HostClient:
         Raises:
             RuntimeError: called from another event loop's coroutine.
         """
-        if asyncio.get_running_loop() is not self.loop:
+        if self.loop is not None and _running_loop() is not self.loop:  # (None: in-process, under Trio)
             raise RuntimeError(
                 "SessionContext's awaitable methods run on the worker's event loop (async tools), not in another "
                 "event loop (asyncio.run in a sync tool, say): a sync tool calls their blocking forms "
