@@ -1,7 +1,8 @@
 """User code misbehaving on the worker side -- a result whose own methods raise, an error that
-cannot say what it is, an argument check that raises, a generator that raises or yields again
-when it is closed: each fails only its call (or the call ends as asked), within a bound; the
-worker serves on and frees the call's slot."""
+cannot say what it is, an argument check or a default's repr that raises, a generator that raises
+or yields again when it is closed, a tool that cancels its own task, leaves a task reading its
+watch, or awaits the context in a loop of its own: each fails only its call (or the call ends as
+asked), within a bound; the worker serves on and frees the call's slot."""
 
 from __future__ import annotations
 
