@@ -32,11 +32,10 @@ try:
 except ImportError as _missing:  # an optional extra
     raise ImportError(f"trio_bridge.mcp needs the MCP SDK 2.x: pip install 'trio-bridge[mcp]' ({_missing})") from _missing
 
-from trio_bridge._core.tools import is_failure
+from trio_bridge._core.failures import exception_text, is_failure
 from trio_bridge._errors import ToolError, ToolNotFoundError
 from trio_bridge._strict_json import strict_json
 from trio_bridge._version import __version__
-from trio_bridge._wire.errors import error_message
 
 if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -81,7 +80,7 @@ def create_server(pool: Pool, *, name: str = "trio-bridge") -> Server[Any]:
             if not is_failure(exc, (trio.Cancelled,)):  # (a host tool's own BaseException is its failure)
                 raise
             # (a worker's traceback is for the program's author, not for the model)
-            message = exc.args[0] if isinstance(exc, ToolError) and exc.args else error_message(exc)
+            message = exc.args[0] if isinstance(exc, ToolError) and exc.args else exception_text(exc)
             return types.CallToolResult(content=[types.TextContent(text=f"{type(exc).__name__}: {message}")], is_error=True)
         return types.CallToolResult(content=[types.TextContent(text=text)])
 

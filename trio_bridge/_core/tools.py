@@ -16,7 +16,6 @@ The same adapters describe the arguments as one JSON Schema object (draft 2020-1
 
 from __future__ import annotations
 
-import asyncio
 import collections.abc
 import copy
 import inspect
@@ -29,12 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar, cast
 
+from trio_bridge._core.failures import exception_text, is_failure
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
 
 __all__ = [
-    "NUMERIC_ARRAY_REF", "STOPS_PROGRAM", "ParameterDefinition", "ToolDefinition", "arguments_schema", "check_inline",
-    "define_tool", "failed_in_task", "is_failure", "tool_kind",
+    "NUMERIC_ARRAY_REF", "ParameterDefinition", "ToolDefinition", "arguments_schema", "check_inline", "define_tool", "tool_kind",
 ]
 
 _NO_DEFAULT = inspect.Parameter.empty
@@ -139,35 +138,6 @@ def tool_kind(method: Callable[..., Any]) -> str:
     if inspect.iscoroutinefunction(function):
         return "async"
     return "sync"
-
-
-#: What user code (a tool, an adapter's hook) may raise that stops the program it runs in instead
-#: of failing what it was doing: these two propagate, as asyncio's tasks re-raise them
-#: (``Task.__step``) and Trio lets them through.
-STOPS_PROGRAM: tuple[type[BaseException], ...] = (SystemExit, KeyboardInterrupt)
-
-
-def is_failure(exc: BaseException, cancellation: tuple[type[BaseException], ...]) -> bool:
-    """Whether ``exc``, raised out of user code, is that code's failure -- answered to the caller
-    (a tool's: :class:`~trio_bridge.ToolError` naming it) -- rather than a stop: one of
-    :data:`STOPS_PROGRAM`, one of ``cancellation`` (the runtime's cancellation, where it is one),
-    or an exception group that holds one. So ``GeneratorExit``, ``StopIteration``, a bare
-    ``BaseException`` and a test framework's ``BaseException`` subclasses fail the call as any
-    ``Exception`` does, as ``concurrent.futures`` keeps them as a call's outcome."""
-    stops = (*STOPS_PROGRAM, *cancellation)
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(stops) is None
-    return not isinstance(exc, stops)
-
-
-def failed_in_task(exc: BaseException) -> bool:
-    """:func:`is_failure` for code run in the current asyncio task: its ``CancelledError`` is a
-    stop while the task is being cancelled (``Task.cancelling()``: the caller's cancel, a
-    deadline's timeout); raised otherwise (a future the code awaited was cancelled by someone
-    else), it is the code's failure."""
-    task = asyncio.current_task()
-    cancelling = task is None or task.cancelling() > 0
-    return is_failure(exc, (asyncio.CancelledError,) if cancelling else ())
 
 
 def check_inline(name: str, kind: str) -> None:
@@ -311,7 +281,7 @@ def _validator(annotation: Any) -> Callable[[Any], str | None] | None:
         except BaseException as exc:  # a user validator or a pathological value: still a clean error
             if not is_failure(exc, ()):
                 raise
-            return f": could not be checked: {type(exc).__name__}: {short_repr(str(exc))}"
+            return f": could not be checked: {type(exc).__name__}: {short_repr(exception_text(exc))}"
         return None
 
     return check

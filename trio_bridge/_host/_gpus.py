@@ -11,10 +11,9 @@ import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
-from trio_bridge._core.tools import is_failure
+from trio_bridge._core.failures import exception_text, is_failure
 from trio_bridge._errors import InvalidArgumentError
 from trio_bridge._wire.codec import short_repr
-from trio_bridge._wire.errors import error_message
 
 #: the variable CUDA (and PyTorch, JAX, TensorFlow on NVIDIA GPUs) reads: which devices a process sees
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
@@ -76,7 +75,7 @@ def slot_environments(
             except BaseException as exc:
                 if not is_failure(exc, ()):
                     raise
-                raise InvalidArgumentError(f"LocalWorkers.slot_env({slot}) raised {type(exc).__name__}: {error_message(exc)}") from exc
+                raise InvalidArgumentError(f"LocalWorkers.slot_env({slot}) raised {type(exc).__name__}: {exception_text(exc)}") from exc
             if not isinstance(extra, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
                 raise InvalidArgumentError(
                     f"LocalWorkers.slot_env({slot}) must return a mapping of str to str, not {short_repr(extra)}"

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import trio
 
-from trio_bridge._core.tools import STOPS_PROGRAM
+from trio_bridge._core.failures import STOPS_PROGRAM
 from trio_bridge._errors import PoolInternalError, TrioBridgeError
 
 

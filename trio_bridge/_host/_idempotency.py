@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from trio_bridge._core.tools import is_failure
+from trio_bridge._core.failures import is_failure
 from trio_bridge._errors import (
     IdempotencyConflictError,
     InvalidArgumentError,

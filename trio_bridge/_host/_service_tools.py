@@ -18,7 +18,7 @@ import grpclib.server
 import trio
 
 from trio_bridge import _tracing as tracing
-from trio_bridge._core.tools import is_failure
+from trio_bridge._core.failures import is_failure
 from trio_bridge._errors import EncodeError, InvalidArgumentError, ToolNotFoundError, TrioBridgeError
 from trio_bridge._host._metrics import UNKNOWN_TOOL
 from trio_bridge._host._service_area import ServiceArea, StreamHandler

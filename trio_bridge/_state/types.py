@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
-from trio_bridge._core.tools import is_failure
+from trio_bridge._core.failures import is_failure
 from trio_bridge._errors import InvalidVariableError
 from trio_bridge._wire.codec import short_repr as _r
 

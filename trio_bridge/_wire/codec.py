@@ -42,6 +42,7 @@ import reprlib
 import sys
 from typing import Any
 
+from trio_bridge._core.failures import exception_text, is_failure
 from trio_bridge._errors import EncodeError
 from trio_bridge._wire import buffers, fast_proto, shared_memory
 from trio_bridge._wire.generated.trio_bridge.v1 import Payload
@@ -113,9 +114,7 @@ def _walk(value: Any, out: _Out, path: str) -> bytes:
     except RecursionError:
         raise EncodeError(f"{path}: nested too deeply (or contains itself)") from None
     except BaseException as exc:  # a broken __iter__/__float__, a released memoryview, ...: never bare
-        from trio_bridge._core.tools import is_failure  # (lazily: that module uses this one)
-
-        if not is_failure(exc, ()):  # SystemExit, KeyboardInterrupt: not the value's failure
+        if not is_failure(exc, ()):  # (a value's method raising StopIteration, a BaseException: its failure)
             raise
         raise EncodeError(f"{path}: cannot be encoded: {_describe(exc)}") from None
 
@@ -326,7 +325,7 @@ def _prepare(value: Any, out: _Out) -> Any:
         for index, item in enumerate(value):
             try:
                 items.append(_prepare(item, out))
-            except Exception as exc:
+            except BaseException as exc:
                 raise _at(exc, f"[{index}]") from None
         return items
     if kind is dict:
@@ -369,7 +368,7 @@ def _prepare_dict(value: dict[Any, Any], out: _Out) -> Any:
             continue
         try:
             items[key] = _prepare(item, out)
-        except Exception as exc:
+        except BaseException as exc:
             raise _at(exc, f"[{json.dumps(key, ensure_ascii=False)}]") from None
     if _TAG in items:
         return {_TAG: "d", "v": [[key, item] for key, item in items.items()]}
@@ -403,9 +402,10 @@ def _prepare_array(array: Any, out: _Out) -> dict[str, Any] | None:
     return {_TAG: "a", "i": len(out.blobs) - 1, "d": dtype.str, "s": list(array.shape)}
 
 
-def _at(exc: Exception, segment: str) -> Exception:
-    """``exc`` (raised inside the item at ``segment``) as a :class:`_PathError` that names it."""
-    if isinstance(exc, RecursionError):
+def _at(exc: BaseException, segment: str) -> BaseException:
+    """``exc`` (raised inside the item at ``segment``) as a :class:`_PathError` that names it;
+    a stop (``is_failure``) and a ``RecursionError`` as they are."""
+    if isinstance(exc, RecursionError) or not is_failure(exc, ()):
         return exc
     if not isinstance(exc, _PathError):
         exc = _PathError(f"cannot be encoded: {_describe(exc)}")
@@ -414,10 +414,7 @@ def _at(exc: Exception, segment: str) -> Exception:
 
 
 def _describe(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:
-        text = ""
+    text = exception_text(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -435,7 +432,9 @@ class _ShortRepr(reprlib.Repr):
     def repr_instance(self, x: Any, level: int) -> str:
         try:
             return super().repr_instance(x, level)
-        except Exception:
+        except BaseException as failed:
+            if not is_failure(failed, ()):
+                raise
             return f"<{type(x).__name__} object>"
 
 
@@ -448,5 +447,7 @@ def short_repr(value: Any) -> str:
     gives ``<Type object>``."""
     try:
         return _short_repr.repr(value)
-    except Exception:
+    except BaseException as failed:
+        if not is_failure(failed, ()):
+            raise
         return f"<{type(value).__name__} object>"

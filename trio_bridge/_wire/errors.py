@@ -23,7 +23,7 @@ from grpclib.const import Status
 from grpclib.encoding.base import StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError
 
-from trio_bridge._core.tools import is_failure
+from trio_bridge._core.failures import exception_text, is_failure
 from trio_bridge._errors import (
     DeadlineExceededError,
     DependencyCycleError,
@@ -123,7 +123,7 @@ def error_info(exc: BaseException, *, kind: str | None = None, available: list[s
     return ErrorInfo(
         kind=kind,
         type=type(exc).__name__,
-        message=error_message(exc),
+        message=exception_text(exc),
         traceback=text,
         available=list(available or []),
     )
@@ -338,18 +338,4 @@ def _user_traceback(exc: BaseException) -> str:
     except BaseException as failed:  # its __str__ raised what traceback lets through (it catches Exceptions)
         if not is_failure(failed, ()):
             raise
-        return "".join(["Traceback (most recent call last):\n", *_traceback.format_tb(tb), f"{type(exc).__name__}: {_STR_FAILED}\n"])
-
-
-_STR_FAILED = "<exception str() failed>"  # as traceback prints it
-
-
-def error_message(exc: BaseException) -> str:
-    """``str(exc)``, or ``"<exception str() failed>"`` (as traceback prints it) when the error's
-    own ``__str__`` (user code) raises one of its failures (``is_failure``)."""
-    try:
-        return str(exc)
-    except BaseException as failed:
-        if not is_failure(failed, ()):
-            raise
-        return _STR_FAILED
+        return "".join(["Traceback (most recent call last):\n", *_traceback.format_tb(tb), f"{type(exc).__name__}: {exception_text(exc)}\n"])

@@ -38,6 +38,8 @@ async def serve_calls(
     ``reply_pending()`` until its result is written (a drain waits for that). Once ``draining``
     is set, the host is sent the drain notice."""
     running: dict[str, asyncio.Task[None]] = {}
+    asked: set[str] = set()  # the calls the host cancelled
+    closing = False  # the stream ends: its calls are cancelled
     sending = asyncio.Lock()  # one message at a time: concurrent writes would interleave frames
 
     def received(message: pb.CallMessage) -> None:
@@ -47,6 +49,7 @@ async def serve_calls(
         elif kind == "cancel" and isinstance(value, str):
             task = running.get(value)
             if task is not None:
+                asked.add(value)
                 task.cancel()
 
     direct = DirectStream.of(stream, received)
@@ -63,12 +66,17 @@ async def serve_calls(
         with reply_pending():
             try:
                 response = await execute(request)
-            except asyncio.CancelledError:
-                return  # cancelled by the host (or the stream is gone): nobody waits for an answer
+            except asyncio.CancelledError as exc:
+                if closing or request.call_id in asked:
+                    return  # cancelled by the host (or the stream is gone): nobody waits for an answer
+                # by no cancel of the host's (its tool cancelled its own task): the caller must still hear
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                response = pb.ExecuteToolResponse(error=wire_errors.tool_failure(exc))
             except Exception as exc:  # a fault of ours, not the tool's: the caller must still hear
                 response = pb.ExecuteToolResponse(error=wire_errors.error_info(exc, kind=wire_errors.INTERNAL))
             finally:
                 running.pop(request.call_id, None)
+                asked.discard(request.call_id)
             async with sending:
                 await send(pb.CallResult(call_id=request.call_id, response=response))
 
@@ -81,6 +89,7 @@ async def serve_calls(
                 received(message)
         await asyncio.gather(*running.values(), return_exceptions=True)
     finally:
+        closing = True
         tasks = [notifier, *running.values()]
         for task in tasks:
             task.cancel()

@@ -358,7 +358,8 @@ class SessionContext(metaclass=NoPublicConstructor):
         ``include_initial``, then every change, in order. Writers never wait for this watcher:
         once it is more than ``buffer_size`` updates behind, it gets only the latest value of
         each variable that changed, with ``.coalesced`` counting the updates it skipped. Ends
-        when the session ends; stops when the tool's call ends.
+        when the session ends; stops when the tool's call ends (unless a task the tool leaves
+        running still reads it: then it ends with the session, or when that task stops reading).
 
         Raises:
             InvalidArgumentError: ``buffer_size`` is below 1.
@@ -370,9 +371,11 @@ class SessionContext(metaclass=NoPublicConstructor):
         return watch
 
     async def _close_watches(self) -> None:
-        for watch in self._watches:
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            if getattr(watch, "ag_running", False):  # a task the tool left behind reads it: that task's
+                continue  # (aclose() would raise; it ends with the session)
             await watch.aclose()
-        self._watches.clear()
 
     # ---- tools in both directions ----
     def call_host_tool(self, name: str, /, **arguments: Any) -> Any:

@@ -58,6 +58,13 @@ class SessionCache:
     variables: dict[str, Variable] = field(default_factory=dict)
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class HostClient:
     """Calls to the host, from the worker's event loop."""
 
@@ -70,11 +77,28 @@ class HostClient:
         self.address: str = address
         self._channel: Channel = channel
         self.metadata: dict[str, str] = {SECRET_METADATA: secret, WORKER_METADATA: worker_id}  # sent with every call
-        self._stub: pb.HostServiceStub = pb.HostServiceStub(self._channel, metadata=self.metadata)
+        self._loop_stub: pb.HostServiceStub = pb.HostServiceStub(self._channel, metadata=self.metadata)
         self.loop: asyncio.AbstractEventLoop = loop
         self.worker_id: str = worker_id
         self.caches: dict[str, SessionCache] = {}
         self.refreshes: int = 0  # round trips made to refresh caches (for tests and benchmarks)
+
+    @property
+    def _stub(self) -> pb.HostServiceStub:
+        """The stub, from a coroutine on the worker's event loop (``loop``). Awaited in another
+        loop -- ``asyncio.run(ctx.acall_host_tool(...))`` in a sync tool's thread -- its call
+        would wait forever (the channel belongs to this loop): a clear error instead.
+
+        Raises:
+            RuntimeError: called from another event loop's coroutine.
+        """
+        if self.loop is not None and _running_loop() is not self.loop:  # (None: in-process, under Trio)
+            raise RuntimeError(
+                "SessionContext's awaitable methods run on the worker's event loop (async tools), not in another "
+                "event loop (asyncio.run in a sync tool, say): a sync tool calls their blocking forms "
+                "(e.g. `ctx.call_host_tool(...)`, `ctx.get_variable(...)`)"
+            )
+        return self._loop_stub
 
     def close(self) -> None:
         self._channel.close()

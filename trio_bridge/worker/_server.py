@@ -34,7 +34,8 @@ from grpclib.exceptions import GRPCError
 
 from trio_bridge import _tracing as tracing
 from trio_bridge._core.admission import Draining, admit_call
-from trio_bridge._core.tools import ToolDefinition, failed_in_task
+from trio_bridge._core.failures import failed_in_task
+from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
 from trio_bridge._wire import shared_memory
@@ -290,9 +291,11 @@ class WorkerService(pb.WorkerServiceBase):
         finally:
             if timer is not None:
                 timer.cancel()
-            await end_call(ctx)
-            if not released_by_thread:
-                self._release(message.call_id)
+            try:
+                await end_call(ctx)
+            finally:
+                if not released_by_thread:
+                    self._release(message.call_id)
         try:
             return pb.ExecuteToolResponse(result=encode(result, path="result"))
         except EncodeError as exc:
@@ -383,9 +386,11 @@ class WorkerService(pb.WorkerServiceBase):
             if timer is not None:
                 timer.cancel()
             await source.aclose()
-            await end_call(ctx)
-            if definition.kind == "async_generator":
-                self._release(call_id)
+            try:
+                await end_call(ctx)
+            finally:
+                if definition.kind == "async_generator":
+                    self._release(call_id)
 
     async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
         if message.session_id not in self.sessions:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import sys
 import threading
+import traceback
 from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import Executor
 from typing import Any
 
-from trio_bridge._core.tools import failed_in_task
+from trio_bridge._core.failures import is_failure
 
 _END = object()
 
@@ -29,19 +32,28 @@ class AsyncGeneratorSource:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=buffer_size)
         self._error: BaseException | None = None
         self._ended = False  # the end (_END) was taken from the queue
+        self._closing = False  # aclose() was called: nobody takes chunks any more
         self._task = asyncio.get_running_loop().create_task(self._produce())
 
     async def _produce(self) -> None:
         try:
-            async for item in self._agen:
-                await self._queue.put(item)
+            try:
+                async for item in self._agen:
+                    if self._closing:  # (it went on after its cancel)
+                        break
+                    await self._queue.put(item)
+            finally:
+                await self._agen.aclose()
         except BaseException as exc:
-            if not failed_in_task(exc):  # closed (this task cancelled), or the program stops
+            # Only aclose() cancels this task: a cancel of its own code's is its failure.
+            if not is_failure(exc, (asyncio.CancelledError,) if self._closing else ()):  # closed, or the program stops
                 raise
+            if self._closing:  # raised as it was closed (a RuntimeError if it yielded again)
+                _report_closing_error()
+                return
             self._error = exc
-        finally:
-            await self._agen.aclose()
-        await self._queue.put(_END)
+        if not self._closing:  # (a full queue would never take the end)
+            await self._queue.put(_END)
 
     async def next_batch(self, max_items: int) -> tuple[list[Any], bool]:
         """Wait for at least one chunk; return ``(chunks, finished)``. Raises the generator's error
@@ -63,12 +75,20 @@ class AsyncGeneratorSource:
         return items, False
 
     async def aclose(self) -> None:
-        """Stop the generator and wait for it to end. Its task's ``CancelledError`` is not raised
-        here: a caller closing it while cancelled itself (the host left the stream) would lose
-        what it does after (freeing the call's slot)."""
+        """Stop the generator and wait for its task to end. That task's ``CancelledError`` is
+        not raised here: a caller closing it while cancelled itself (the host left the stream)
+        would lose what it does after (freeing the call's slot)."""
+        self._closing = True
         if not self._task.done():
             self._task.cancel()
-            await asyncio.wait([self._task])
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                # The producer's end, as asked; or a cancel of this task while it waits (the
+                # generator still runs): that one goes on. (Not cancelling(): the caller that
+                # closes it here is mostly being cancelled already.)
+                if not self._task.done():
+                    raise
 
 
 class ThreadGeneratorSource:
@@ -114,8 +134,14 @@ class ThreadGeneratorSource:
         else:
             self._finish(None)
         finally:
-            self._gen.close()  # stops the generator at its yield if we left early
-            self._on_exit()
+            try:
+                self._gen.close()  # stops the generator at its yield if we left early
+            except BaseException as exc:  # only where we left early (a finished one closes quietly)
+                if not is_failure(exc, ()):
+                    raise
+                _report_closing_error()
+            finally:
+                self._on_exit()
 
     def _put(self, item: Any) -> bool:
         with self._not_full:
@@ -157,6 +183,15 @@ class ThreadGeneratorSource:
         with self._lock:
             self._closed = True
             self._not_full.notify_all()
+
+
+def _report_closing_error() -> None:
+    """Report what a streaming tool's generator raised as it was closed (its caller had left, so
+    nobody else hears of it), as asyncio reports an async generator's, on stderr (the host's log);
+    the call has ended all the same. A stderr the tool closed or dropped takes no report."""
+    with contextlib.suppress(Exception):
+        print("trio-bridge worker: a streaming tool's generator raised as it was closed:", file=sys.stderr)
+        traceback.print_exc()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
