@@ -193,11 +193,15 @@ class Echo(Adapter):
         os._exit(code)
 
     @tool
-    def sys_exit(self, code: int) -> None:
+    def sys_exit(self, code: int, grouped: bool = False) -> None:
+        if grouped:  # (as a Trio nursery in the tool would raise it)
+            raise BaseExceptionGroup("grouped", [SystemExit(code)])
         sys.exit(code)
 
     @tool
-    async def async_sys_exit(self, code: int) -> None:
+    async def async_sys_exit(self, code: int, grouped: bool = False) -> None:
+        if grouped:
+            raise BaseExceptionGroup("grouped", [SystemExit(code)])
         sys.exit(code)
 
     @tool

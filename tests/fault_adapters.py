@@ -285,11 +285,15 @@ class Watcher(Adapter):
 
     @tool
     async def watch_in_a_task(self, ctx: SessionContext) -> int:
+        first = asyncio.Event()
+
         async def read() -> None:
             async for _ in ctx.watch_variables(["v"]):
-                pass
-        Watcher.tasks.add(asyncio.get_running_loop().create_task(read()))
-        await asyncio.sleep(0.1)  # it waits in the watch for the next update
+                first.set()  # (it goes on into the watch before this tool resumes)
+        task = asyncio.get_running_loop().create_task(read())
+        Watcher.tasks.add(task)
+        task.add_done_callback(Watcher.tasks.discard)
+        await first.wait()  # it has the initial value: it waits in the watch for the next update
         return 1
 
     tasks: ClassVar[set] = set()  # (kept: a task nobody refers to may be collected)

@@ -134,8 +134,8 @@ async def test_leaving_an_async_generator_tools_stream_early_frees_its_worker_wi
     """A caller leaving the stream (``break``, or its cancel scope) while the generator awaited
     something had its worker killed and restarted every time: closing the generator re-raised
     its task's CancelledError in the worker's cancelled handler, which then never freed the slot."""
-    async with open_pool_in_threads("tests.adapters:Echo", size=1, lifecycle=Lifecycle(cancel_grace=0.5)) as pool:
-        with trio.fail_after(20):
+    async with open_pool_in_threads("tests.adapters:Echo", size=1, lifecycle=Lifecycle(cancel_grace=600)) as pool:
+        with trio.fail_after(30):  # (without the fix, the slot stays taken until the grace's kill)
             for stop in range(3):
                 async with pool.stream("async_count", {"n": 1000, "delay": 0.001}) as chunks:
                     async for chunk in chunks:
@@ -145,6 +145,7 @@ async def test_leaving_an_async_generator_tools_stream_early_frees_its_worker_wi
                     async with pool.stream("async_count", {"n": 1000, "delay": 0.001}) as chunks:
                         async for _ in chunks:
                             pass
+                await wait_for(lambda: [w.in_flight for w in pool.workers()] == [0], timeout=25)
                 assert await pool.execute("add", {"a": 1}) == 3
         assert pool.statistics().restarts == 0
 

@@ -96,9 +96,11 @@ async def test_a_tool_raising_system_exit_ends_its_worker_as_it_ends_any_program
         with trio.fail_after(20), pytest.raises(trio_bridge.ToolError, match="raised StopIteration"):
             await pool.execute("raise_sync", {"name": "StopIteration"})  # (it hung: see test_calls.py)
         assert await pool.execute("pid") == pid
-        for tool, code in (("sys_exit", 3), ("async_sys_exit", 4)):
-            with pytest.raises(WorkerCrashedError) as info:
-                await pool.execute(tool, {"code": code})
+        # as a bare one ends it, in an exception group too (asyncio kept a group on the task: the call hung)
+        for tool, code, grouped in (("sys_exit", 3, False), ("async_sys_exit", 4, False), ("sys_exit", 5, True),
+                                    ("async_sys_exit", 6, True)):
+            with trio.fail_after(20), pytest.raises(WorkerCrashedError) as info:
+                await pool.execute(tool, {"code": code, "grouped": grouped})
             assert info.value.exit_code == code
         assert await pool.execute("add", {"a": 1}) == 3
 

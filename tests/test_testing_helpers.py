@@ -293,6 +293,20 @@ async def test_tool_errors_are_those_of_a_real_worker(autojump_clock):
         assert await pool.execute("multiply", {"x": 2.0}) == 2.0
 
 
+async def test_a_tools_non_exception_fails_only_its_call_as_in_a_real_worker(autojump_clock):
+    # a BaseException (pytest.fail()'s Failed is one) returned None, then failed the pool
+    async with open_adapter_pool("tests.adapters:Echo") as pool:
+        for tool in ("raise_sync", "raise_async"):
+            for name in ("LibraryStop", "GeneratorExit", "BaseExceptionGroup"):
+                with pytest.raises(ToolError) as failed:
+                    await pool.execute(tool, {"name": name})
+                assert failed.value.remote_type == name
+        with pytest.raises(ToolError, match="raised BaseException"):
+            async with pool.stream("raise_async_generator", {"name": "BaseException"}) as chunks:
+                assert [chunk async for chunk in chunks] == [1]
+        assert await pool.execute("add", {"a": 1}) == 3
+
+
 @pytest.mark.parametrize(
     ("adapter", "exit_code", "expected"),
     [

@@ -8,8 +8,9 @@ uses it).
 from __future__ import annotations
 
 import asyncio
+from typing import NoReturn
 
-__all__ = ["STOPS_PROGRAM", "exception_text", "failed_in_task", "is_failure"]
+__all__ = ["STOPS_PROGRAM", "exception_text", "failed_in_task", "is_failure", "raise_stop"]
 
 
 #: What user code (a tool, an adapter's hook) may raise that stops the program it runs in instead
@@ -39,6 +40,21 @@ def failed_in_task(exc: BaseException) -> bool:
     task = asyncio.current_task()
     cancelling = task is None or task.cancelling() > 0
     return is_failure(exc, (asyncio.CancelledError,) if cancelling else ())
+
+
+def raise_stop(exc: BaseException) -> NoReturn:
+    """Raise ``exc``, a stop (not :func:`is_failure`), so that it stops what it should: an
+    exception group's first ``SystemExit`` or ``KeyboardInterrupt`` bare, from the group (asyncio
+    stops its loop for a bare one only; a group would end just the task, and its call would never
+    be answered); anything else as it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        stops = exc.subgroup(STOPS_PROGRAM)
+        if stops is not None:
+            leaf: BaseException = stops
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from exc
+    raise exc
 
 
 def exception_text(exc: BaseException) -> str:

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
-from trio_bridge._core.failures import is_failure
+from trio_bridge._core.failures import exception_text, is_failure
 from trio_bridge._errors import InvalidVariableError
 from trio_bridge._wire.codec import short_repr as _r
 
@@ -306,7 +306,7 @@ def check_constraints(type_name: str, constraints: dict[str, Any] | None) -> dic
     except BaseException as exc:  # a safety net: never bare (the user's objects' methods run here too)
         if not is_failure(exc, ()):
             raise
-        raise _fail(f"invalid {type_name} constraints: {type(exc).__name__}: {exc}") from None
+        raise _fail(f"invalid {type_name} constraints: {type(exc).__name__}: {exception_text(exc)}") from None
     return normalized
 
 
@@ -329,7 +329,7 @@ def check_value(type_name: str, value: Any, constraints: dict[str, Any]) -> Any:
     except BaseException as exc:  # a safety net: never bare (a value's own __str__, __eq__, ... raising)
         if not is_failure(exc, ()):
             raise
-        raise _fail(f"{type_name} value {_r(value)} could not be checked: {type(exc).__name__}: {exc}") from None
+        raise _fail(f"{type_name} value {_r(value)} could not be checked: {type(exc).__name__}: {exception_text(exc)}") from None
 
 
 def values_equal(a: Any, b: Any) -> bool:

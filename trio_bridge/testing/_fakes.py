@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar, cast
 import trio
 
 from trio_bridge._core.admission import Draining, admit_call
+from trio_bridge._core.failures import is_failure
 from trio_bridge._core.tools import ToolDefinition, define_tool
 from trio_bridge._errors import InvalidArgumentError, TrioBridgeError, WorkerCrashedError, WorkerStartError
 from trio_bridge._host._metrics import WorkerFigures
@@ -672,7 +673,9 @@ class _FakeCalls:
                             index += 1
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         return  # the host left the stream
-                    except Exception as exc:
+                    except BaseException as exc:
+                        if not is_failure(exc, (trio.Cancelled,)):
+                            raise
                         await send.send(tool_failure(exc))
                 if deadline.cancelled_caught:
                     await send.send(deadline_error())
@@ -685,7 +688,9 @@ class _FakeCalls:
         with trio.move_on_after(_deadline(call, timeout)) as deadline:
             try:
                 result = await self._runner.invoke(definition, arguments)
-            except Exception as exc:
+            except BaseException as exc:
+                if not is_failure(exc, (trio.Cancelled,)):
+                    raise
                 call.error = tool_failure(exc)
                 return
         if deadline.cancelled_caught:

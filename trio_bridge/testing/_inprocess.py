@@ -42,6 +42,7 @@ import grpclib.const
 import trio
 from grpclib.exceptions import GRPCError
 
+from trio_bridge._core.failures import is_failure
 from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import InvalidArgumentError, SessionNotFoundError, TrioBridgeError
 from trio_bridge._host._host_service import HostService
@@ -200,7 +201,9 @@ class AdapterTools:
             if inspect.isawaitable(started):
                 await started
             definitions = collect_tools(adapter)
-        except Exception:
+        except BaseException as exc:
+            if not is_failure(exc, (trio.Cancelled,)):
+                raise
             return f"trio-bridge worker: {self._path}.setup() failed:\n{traceback.format_exc()}", EXIT_ADAPTER_SETUP
         self.adapter = adapter
         self.definitions = definitions
@@ -290,7 +293,9 @@ class AdapterTools:
             result = hook(*args)
             if inspect.isawaitable(result):
                 await result
-        except Exception:
+        except BaseException as exc:
+            if not is_failure(exc, (trio.Cancelled,)):
+                raise
             # The adapter's bug: reported as a worker process reports it (stderr), and served on.
             text = traceback.format_exc()
             print(text, file=sys.stderr, end="")

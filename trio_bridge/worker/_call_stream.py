@@ -32,13 +32,16 @@ Execute = Callable[[pb.ExecuteToolRequest], Awaitable[pb.ExecuteToolResponse]]
 
 async def serve_calls(
     stream: Any, execute: Execute, reply_pending: Callable[[], AbstractContextManager[None]], draining: asyncio.Event,
+    asked: set[str], stopped: asyncio.Event,
 ) -> None:
     """Serve one call stream (a grpclib server stream of CallMessage -> CallResult) until the
     host ends it; cancelling this coroutine cancels every call it runs. Each call is inside
     ``reply_pending()`` until its result is written (a drain waits for that). Once ``draining``
-    is set, the host is sent the drain notice."""
+    is set, the host is sent the drain notice. ``asked``: the ids of the calls the worker
+    cancelled on purpose (a ``cancel`` message adds its call's): they get no answer, nor do the
+    calls cancelled as the stream ends or the worker stops (``stopped``); a call cancelled
+    otherwise (its tool cancelled its own task) is answered with that failure."""
     running: dict[str, asyncio.Task[None]] = {}
-    asked: set[str] = set()  # the calls the host cancelled
     closing = False  # the stream ends: its calls are cancelled
     sending = asyncio.Lock()  # one message at a time: concurrent writes would interleave frames
 
@@ -67,7 +70,7 @@ async def serve_calls(
             try:
                 response = await execute(request)
             except asyncio.CancelledError as exc:
-                if closing or request.call_id in asked:
+                if closing or stopped.is_set() or request.call_id in asked:
                     return  # cancelled by the host (or the stream is gone): nobody waits for an answer
                 # by no cancel of the host's (its tool cancelled its own task): the caller must still hear
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]

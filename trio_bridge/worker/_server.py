@@ -34,7 +34,7 @@ from grpclib.exceptions import GRPCError
 
 from trio_bridge import _tracing as tracing
 from trio_bridge._core.admission import Draining, admit_call
-from trio_bridge._core.failures import failed_in_task
+from trio_bridge._core.failures import failed_in_task, raise_stop
 from trio_bridge._core.tools import ToolDefinition
 from trio_bridge._errors import EncodeError, InvalidArgumentError, TrioBridgeError
 from trio_bridge._wire import errors as wire_errors
@@ -116,6 +116,9 @@ class WorkerService(pb.WorkerServiceBase):
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tool")
         self.active: dict[str, SessionContext] = {}
         self._tasks: dict[str, asyncio.Task[Any]] = {}  # each active call's task: cancelling it cancels the call
+        # Calls whose task this worker cancelled on purpose (the host's cancel, a lost connection's):
+        # nobody waits for their answer. Any other cancel of a call is its tool's own doing (its failure).
+        self.cancels_asked: set[str] = set()
         self.calls_served = 0  # calls that ended, whatever their outcome (the heartbeat reports it)
         self.sessions: dict[str, dict[str, Any]] = {}  # initialized sessions -> metadata
         self._drain_notice = asyncio.Event()  # set as the drain begins: every call stream tells its host
@@ -223,6 +226,7 @@ class WorkerService(pb.WorkerServiceBase):
         for call_id in dict.fromkeys(call_ids):
             task = self._tasks.get(call_id)
             if task is not None and not task.done():
+                self.cancels_asked.add(call_id)
                 task.cancel()
                 cancelled += 1
         print(f"trio-bridge worker: cancelled {cancelled} call(s) of the {len(call_ids)} the host lost "
@@ -238,7 +242,10 @@ class WorkerService(pb.WorkerServiceBase):
 
     async def execute_tool(self, message: pb.ExecuteToolRequest) -> pb.ExecuteToolResponse:
         """The unary RPC: a failed call ends with its status (see ``_wire/errors.py``)."""
-        reply = await self.run_call(message)
+        try:
+            reply = await self.run_call(message)
+        finally:
+            self.cancels_asked.discard(message.call_id)
         if reply.error is not None:
             raise wire_errors.status_error(reply.error)
         return reply
@@ -283,7 +290,7 @@ class WorkerService(pb.WorkerServiceBase):
                     if not failed_in_task(exc):  # cancelled (by the host, or the deadline), or the program stops
                         if isinstance(exc, asyncio.CancelledError):
                             cancel_call(ctx)
-                        raise
+                        raise_stop(exc)
                     return pb.ExecuteToolResponse(error=wire_errors.tool_failure(exc))
         except TimeoutError:
             cancel_call(ctx)
@@ -365,7 +372,7 @@ class WorkerService(pb.WorkerServiceBase):
                         items, finished = await source.next_batch(MAX_CHUNKS_PER_MESSAGE)
                     except BaseException as exc:
                         if not failed_in_task(exc):
-                            raise
+                            raise_stop(exc)
                         raise wire_errors.status_error(wire_errors.tool_failure(exc)) from None
                     chunks, failed = encode_batch(items, index)
                     if failed is not None:
@@ -385,12 +392,14 @@ class WorkerService(pb.WorkerServiceBase):
         finally:
             if timer is not None:
                 timer.cancel()
-            await source.aclose()
             try:
-                await end_call(ctx)
+                await source.aclose()
             finally:
-                if definition.kind == "async_generator":
-                    self._release(call_id)
+                try:
+                    await end_call(ctx)
+                finally:
+                    if definition.kind == "async_generator":
+                        self._release(call_id)
 
     async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
         if message.session_id not in self.sessions:
@@ -412,7 +421,7 @@ class WorkerService(pb.WorkerServiceBase):
                 await result
         except BaseException as exc:
             if not failed_in_task(exc):
-                raise
+                raise_stop(exc)
             traceback.print_exc()  # the adapter's bug: report it (stderr reaches the host's log), keep serving
 
     async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
@@ -496,7 +505,7 @@ class WorkerService(pb.WorkerServiceBase):
         self._call_streams += 1
         self._no_call_streams.clear()
         try:
-            await serve_calls(stream, self.run_call, self._reply_pending, self._drain_notice)
+            await serve_calls(stream, self.run_call, self._reply_pending, self._drain_notice, self.cancels_asked, self.stopped)
         finally:
             self._call_streams -= 1
             if not self._call_streams:

@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from concurrent.futures import Executor
 from typing import Any
 
-from trio_bridge._core.failures import is_failure
+from trio_bridge._core.failures import is_failure, raise_stop
 
 _END = object()
 
@@ -47,7 +47,7 @@ class AsyncGeneratorSource:
         except BaseException as exc:
             # Only aclose() cancels this task: a cancel of its own code's is its failure.
             if not is_failure(exc, (asyncio.CancelledError,) if self._closing else ()):  # closed, or the program stops
-                raise
+                raise_stop(exc)
             if self._closing:  # raised as it was closed (a RuntimeError if it yielded again)
                 _report_closing_error()
                 return
@@ -77,16 +77,17 @@ class AsyncGeneratorSource:
     async def aclose(self) -> None:
         """Stop the generator and wait for its task to end. That task's ``CancelledError`` is
         not raised here: a caller closing it while cancelled itself (the host left the stream)
-        would lose what it does after (freeing the call's slot)."""
+        would lose what it does after. A cancel of the caller while it waits goes on into the
+        generator's cleanup, as awaiting a task passes it on; the caller goes on once the
+        generator has ended (its call's slot is freed after this in any case)."""
         self._closing = True
         if not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
-                # The producer's end, as asked; or a cancel of this task while it waits (the
-                # generator still runs): that one goes on. (Not cancelling(): the caller that
-                # closes it here is mostly being cancelled already.)
+                # The producer's end, as asked (not cancelling(): the caller that closes it here
+                # is mostly being cancelled already); the task is done by then.
                 if not self._task.done():
                     raise
 
