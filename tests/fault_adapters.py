@@ -95,7 +95,27 @@ class Point(BaseModel):
         raise RAISED[value]()
 
 
-class Faults(Adapter):
+class ClosingFaults(Adapter):
+    """Generators that raise as they are closed (their caller left, or cancelled)."""
+
+    @tool
+    def raises_when_closed(self, n: int):
+        try:
+            yield from range(n)
+        finally:
+            raise Boom("in finally")
+
+    @tool
+    async def async_raises_when_closed(self, n: int):
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            raise Boom("in finally")
+
+
+class Faults(ClosingFaults):
     @tool
     def add(self, a: int) -> int:
         return a + 2
@@ -167,22 +187,6 @@ class Faults(Adapter):
                 yield -1
 
     @tool
-    def raises_when_closed(self, n: int):
-        try:
-            yield from range(n)
-        finally:
-            raise Boom("in finally")
-
-    @tool
-    async def async_raises_when_closed(self, n: int):
-        try:
-            for i in range(n):
-                yield i
-                await asyncio.sleep(0)
-        finally:
-            raise Boom("in finally")
-
-    @tool
     async def async_goes_on_after_cancel(self, n: int):
         for i in range(n):
             try:
@@ -213,7 +217,7 @@ class Tasks(Adapter):
 
 
 
-class Process(Adapter):
+class Process(ClosingFaults):
     """Tools that change their worker process's streams and signals."""
 
     @tool
@@ -239,22 +243,6 @@ class Process(Adapter):
     @tool
     async def ignore_signal(self, name: str) -> None:  # (on the loop: the main thread)
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-    @tool
-    def raises_when_closed(self, n: int):
-        try:
-            yield from range(n)
-        finally:
-            raise Boom("in finally")
-
-    @tool
-    async def async_raises_when_closed(self, n: int):
-        try:
-            for i in range(n):
-                yield i
-                await asyncio.sleep(0)
-        finally:
-            raise Boom("in finally")
 
     @tool
     def fail(self) -> None:
