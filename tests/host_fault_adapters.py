@@ -7,6 +7,13 @@ import asyncio
 from trio_bridge.worker import Adapter, SessionContext, tool
 
 
+class StrFails(Exception):
+    """An error whose own ``__str__`` raises a BaseException."""
+
+    def __str__(self) -> str:
+        raise BaseException("str broke")
+
+
 class HostCaller(Adapter):
     @tool
     def call_host_tool(self, ctx: SessionContext, name: str, arguments: dict | None = None) -> object:

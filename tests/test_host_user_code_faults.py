@@ -4,6 +4,7 @@ serves on and its state is unchanged. Workers in threads (``open_pool_in_threads
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Annotated
 
@@ -11,7 +12,8 @@ import pytest
 import trio
 from pydantic import AfterValidator
 
-from tests.helpers import require, wait_for
+from tests.helpers import wait_for
+from tests.host_fault_adapters import StrFails
 from trio_bridge import EncodeError, InvalidArgumentError, InvalidVariableError, Lifecycle, LocalWorkers, ToolError
 from trio_bridge.testing import open_pool_in_threads
 
@@ -23,11 +25,6 @@ class BaseIterList(list):
 
     def __iter__(self):
         raise BaseException("iter broke")
-
-
-class StrFails(Exception):
-    def __str__(self) -> str:
-        raise BaseException("str broke")
 
 
 class StrRaises(str):
@@ -150,30 +147,6 @@ async def test_leaving_an_async_generator_tools_stream_early_frees_its_worker_wi
         assert pool.statistics().restarts == 0
 
 
-async def test_the_mcp_server_answers_a_host_tools_base_exception_as_an_error_result():
-    """A host tool's BaseException escaped the MCP server's tools/call (it caught Exceptions), and
-    an error whose __str__ raised became the SDK's 'Internal server error': now both are results
-    with isError, naming the error, and the server goes on."""
-    client_type = require("mcp").Client
-    from trio_bridge.mcp import create_server
-
-    async with open_pool_in_threads(CALLER, size=1) as pool:
-        @pool.host_tool
-        def host_stop() -> None:
-            raise GeneratorExit("stopped")
-
-        @pool.host_tool
-        def host_str_fails() -> None:
-            raise StrFails()
-
-        with trio.fail_after(20):
-            async with client_type(create_server(pool)) as client:
-                for name, text in [("host_stop", "GeneratorExit: stopped"), ("host_str_fails", "StrFails: <exception str() failed>")]:
-                    result = await client.call_tool(name, {})
-                    assert result.is_error and result.content[0].text == text
-                assert (await client.call_tool("add", {"a": 1})).content[0].text == "3"
-
-
 async def test_a_slot_env_raising_a_base_exception_is_refused_as_an_invalid_option():
     def slot_env(slot: int) -> dict[str, str]:
         raise GeneratorExit("no environment")
@@ -227,18 +200,31 @@ async def test_an_idempotency_key_does_not_change_what_bad_arguments_give():
                 assert await pool.execute("echo", ItemsRaise(value=1), idempotency_key=key) == 1
 
 
+_EXITING_HOST = """
+import sys, trio, trio_bridge
+
+async def main():
+    async with trio_bridge.open_pool("tests.host_fault_adapters:HostCaller", size=1) as pool:
+        @pool.host_tool
+        def host_exit() -> None:
+            raise SystemExit(3)
+
+        await pool.execute("call_host_tool", {"name": "host_exit"})
+
+trio.run(main)
+"""
+
+
+@pytest.mark.real_process
 async def test_a_host_tools_sys_exit_stops_the_program_as_itself():
     """SystemExit stops the program it runs in (as in a worker): from a host tool, that is the
     host's, so it leaves open_pool as itself, as KeyboardInterrupt does (it was a
-    PoolInternalError, so the program exited 1 with a traceback instead of the code given)."""
-    with trio.fail_after(20), pytest.raises(SystemExit) as raised:
-        async with open_pool_in_threads(CALLER, size=1) as pool:
-            @pool.host_tool
-            def host_exit() -> None:
-                raise SystemExit(3)
-
-            await pool.execute("call_host_tool", {"name": "host_exit"})
-    assert raised.value.code == 3
+    PoolInternalError, so the program exited 1 with a traceback instead of the code given). A
+    program of its own: the pool it stops is torn down as a program's is, workers and all."""
+    with trio.fail_after(60):
+        done = await trio.run_process([sys.executable, "-c", _EXITING_HOST], capture_stderr=True, check=False)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]
+    assert b"PoolInternalError" not in done.stderr
 
 
 async def test_a_joined_session_block_ending_gives_the_block_still_open_its_settings_back():

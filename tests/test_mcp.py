@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+import trio
 
 from tests.helpers import require
+from tests.host_fault_adapters import StrFails
 from tests.test_tool_schemas import ADD_SCHEMA
+from trio_bridge.testing import open_pool_in_threads
 
 mcp = require("mcp")
 from mcp import ClientSession, StdioServerParameters  # noqa: E402
@@ -182,3 +185,26 @@ async def test_sighup_reloads_the_adapters_code_and_a_broken_module_keeps_the_ol
     err = log.read_text()
     assert err.count("pool.reload() of reload_target:Versioned failed") == 1 and "SyntaxError" in err, err
     assert "the client closed stdin; the pool is closed" in err, err
+
+
+async def test_the_mcp_server_answers_a_host_tools_base_exception_as_an_error_result():
+    """A host tool's BaseException escaped the MCP server's tools/call (it caught Exceptions), and
+    an error whose __str__ raised became the SDK's 'Internal server error': now both are results
+    with isError, naming the error, and the server goes on."""
+    from trio_bridge.mcp import create_server
+
+    async with open_pool_in_threads("tests.host_fault_adapters:HostCaller", size=1) as pool:
+        @pool.host_tool
+        def host_stop() -> None:
+            raise GeneratorExit("stopped")
+
+        @pool.host_tool
+        def host_str_fails() -> None:
+            raise StrFails()
+
+        with trio.fail_after(20):
+            async with mcp.Client(create_server(pool)) as client:
+                for name, text in [("host_stop", "GeneratorExit: stopped"), ("host_str_fails", "StrFails: <exception str() failed>")]:
+                    result = await client.call_tool(name, {})
+                    assert result.is_error and result.content[0].text == text
+                assert (await client.call_tool("add", {"a": 1})).content[0].text == "3"
