@@ -10,20 +10,14 @@ from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, BaseModel, field_validator
 
+from tests.adapters import RAISED as RAISED_BY_TOOLS
+from tests.adapters import LibraryStop as Boom
 from trio_bridge.worker import Adapter, SessionContext, tool
 
-
-class Boom(BaseException):
-    """A library's own BaseException."""
-
-
-#: what user code here raises, by name
-RAISED = {
-    "Exception": lambda: ValueError("bad"),
-    "BaseException": lambda: Boom("boom"),
-    "StopIteration": lambda: StopIteration("stop"),
-    "GeneratorExit": lambda: GeneratorExit("exit"),
-}
+#: what user code here raises, by name: an Exception, and some of what tests/adapters.py's
+#: ``raise_*`` tools raise (``Boom``: a library's own BaseException)
+RAISED = {"Exception": lambda: ValueError("bad"), **{name: RAISED_BY_TOOLS[name] for name in ("StopIteration", "GeneratorExit")},
+          "BaseException": lambda: Boom("boom")}
 
 
 def _list(name: str) -> list:
