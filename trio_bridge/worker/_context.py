@@ -27,6 +27,7 @@ from trio_bridge.worker._host_client import (
     client_call_tool,
     client_list_host_tools,
     client_stream_host_tool,
+    running_loop,
 )
 
 if TYPE_CHECKING:
@@ -465,11 +466,7 @@ class SessionContext(metaclass=NoPublicConstructor):
 
     def _blocking(self, coro: Any, *, cancellable: bool = True) -> Any:
         loop = self._client().loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if running_loop() is loop:
             coro.close()
             raise RuntimeError(
                 "this SessionContext method blocks, and async and inline tools run on the worker's event loop: "

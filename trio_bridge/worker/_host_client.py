@@ -58,7 +58,8 @@ class SessionCache:
     variables: dict[str, Variable] = field(default_factory=dict)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -92,7 +93,7 @@ class HostClient:
         Raises:
             RuntimeError: called from another event loop's coroutine.
         """
-        if self.loop is not None and _running_loop() is not self.loop:  # (None: in-process, under Trio)
+        if self.loop is not None and running_loop() is not self.loop:  # (None: in-process, under Trio)
             raise RuntimeError(
                 "SessionContext's awaitable methods run on the worker's event loop (async tools), not in another "
                 "event loop (asyncio.run in a sync tool, say): a sync tool calls their blocking forms "

@@ -392,14 +392,11 @@ class WorkerService(pb.WorkerServiceBase):
         finally:
             if timer is not None:
                 timer.cancel()
-            try:
+            async with contextlib.AsyncExitStack() as cleanup:  # each step runs whatever the one before raised
+                if definition.kind == "async_generator":
+                    cleanup.callback(self._release, call_id)
+                cleanup.push_async_callback(end_call, ctx)
                 await source.aclose()
-            finally:
-                try:
-                    await end_call(ctx)
-                finally:
-                    if definition.kind == "async_generator":
-                        self._release(call_id)
 
     async def initialize_session(self, message: pb.InitializeSessionRequest) -> pb.InitializeSessionResponse:
         if message.session_id not in self.sessions:

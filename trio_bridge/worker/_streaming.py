@@ -83,13 +83,10 @@ class AsyncGeneratorSource:
         self._closing = True
         if not self._task.done():
             self._task.cancel()
-            try:
+            # The producer's end, as asked (awaiting the task resumes only once it is done, even
+            # for a cancel of the caller: nothing else to tell apart).
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                # The producer's end, as asked (not cancelling(): the caller that closes it here
-                # is mostly being cancelled already); the task is done by then.
-                if not self._task.done():
-                    raise
 
 
 class ThreadGeneratorSource:
